@@ -1,0 +1,1 @@
+"""Shared-memory structures: segments, the load board and the bootstrap table."""

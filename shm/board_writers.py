@@ -1,0 +1,99 @@
+"""Single-writer handles onto the load board (layout in ``shm.board``).
+
+A ``RankWriter`` lives in the scheduler of one rank; a ``DispatcherWriter`` in one
+dispatcher. Each keeps a private copy of what it last wrote, so it never reads its
+own cells back, and no other process ever writes them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Sequence
+
+from shm.board import (ACKED, BASE_REQS, BASE_TOKENS, HEARTBEAT, MAX_RUNNING, MAX_TOTAL_TOKENS,
+                       NUM_REQS, NUM_TOKENS, NUM_WAITING, PID, SEQ, STATUS, RankStatus)
+
+if TYPE_CHECKING:
+    from shm.board import LoadBoard
+
+
+class RankWriter:
+    """Writes rank ``rank``'s row. Called by that rank's scheduler after every batch."""
+
+    def __init__(self, board: "LoadBoard", rank: int):
+        self.board = board
+        self.rank = rank
+        self._base = board.layout.row(rank)
+        self._seq = board._mv[self._base + SEQ]  # a restarted writer continues the sequence
+        if self._seq & 1:
+            self._seq += 1  # the previous writer died mid-publish
+        self._d = board.num_dispatchers
+
+    def publish(self, num_reqs: int, num_waiting_reqs: int, num_tokens: int,
+                acked_reqs: Sequence[int], acked_tokens: Sequence[int]) -> None:
+        """Store the load and the per-dispatcher acknowledged totals, atomically to readers.
+
+        ``acked_reqs[d]``/``acked_tokens[d]``: how many requests (and their dispatched
+        token counts) from dispatcher d this rank has received so far, all of which
+        are already inside ``num_reqs``/``num_tokens`` or finished. They only grow.
+        """
+        d = self._d
+        if len(acked_reqs) != d or len(acked_tokens) != d:
+            raise ValueError(f"expected {d} acked counters per kind")
+        mv, b = self.board._mv, self._base
+        seq = self._seq
+        mv[b + SEQ] = seq + 1
+        mv[b + BASE_REQS] = num_reqs - sum(acked_reqs)
+        mv[b + BASE_TOKENS] = num_tokens - sum(acked_tokens)
+        mv[b + NUM_REQS] = num_reqs
+        mv[b + NUM_WAITING] = num_waiting_reqs
+        mv[b + NUM_TOKENS] = num_tokens
+        for i in range(d):
+            mv[b + ACKED + i] = acked_reqs[i]
+            mv[b + ACKED + d + i] = acked_tokens[i]
+        mv[b + SEQ] = seq + 2
+        self._seq = seq + 2
+
+    def set_capacity(self, max_total_num_tokens: int, max_running_requests: int) -> None:
+        mv, b = self.board._mv, self._base
+        seq = self._seq
+        mv[b + SEQ] = seq + 1
+        mv[b + MAX_TOTAL_TOKENS] = max_total_num_tokens
+        mv[b + MAX_RUNNING] = max_running_requests
+        mv[b + PID] = os.getpid()
+        mv[b + SEQ] = seq + 2
+        self._seq = seq + 2
+
+    def heartbeat(self, now_ns: int | None = None) -> None:
+        self.board._mv[self._base + HEARTBEAT] = time.monotonic_ns() if now_ns is None else now_ns
+
+    def set_status(self, status: RankStatus) -> None:
+        self.board._mv[self._base + STATUS] = int(status)
+
+
+class DispatcherWriter:
+    """Bumps dispatcher ``dispatcher``'s counters: one request (and its tokens) to a rank."""
+
+    def __init__(self, board: "LoadBoard", dispatcher: int):
+        self.board = board
+        self.dispatcher = dispatcher
+        layout = board.layout
+        self._off = layout.disp_off + dispatcher * layout.disp_len
+        n = board.num_ranks
+        self._n = n
+        mv = board._mv
+        # A restarted dispatcher continues from the counters it left: the schedulers'
+        # acked counts for it keep growing from there.
+        self.dispatched_reqs = [mv[self._off + r] for r in range(n)]
+        self.dispatched_tokens = [mv[self._off + n + r] for r in range(n)]
+
+    def bump(self, rank: int, num_tokens: int) -> None:
+        """Count one request of ``num_tokens`` tokens as sent to ``rank``. Call before sending."""
+        reqs = self.dispatched_reqs[rank] + 1
+        toks = self.dispatched_tokens[rank] + num_tokens
+        self.dispatched_reqs[rank] = reqs
+        self.dispatched_tokens[rank] = toks
+        mv = self.board._mv
+        mv[self._off + self._n + rank] = toks
+        mv[self._off + rank] = reqs

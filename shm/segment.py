@@ -1,0 +1,190 @@
+"""POSIX shared-memory segments with explicit ownership.
+
+Ownership contract:
+- the *creator* makes a segment under a name that carries a per-launch id and its own
+  pid (``/dpserve.<pid>.<launch_id>.<kind>``), and is the only one that unlinks it
+  (``SharedSegment.create`` used as a context manager unlinks in ``__exit__``);
+- *attachers* open an existing segment by name and never unlink it;
+- a segment whose creator pid is dead was left by a crashed run and is reclaimed by
+  ``reclaim_stale_segments`` (run at start-up and by ``python -m shm.cleanup``).
+
+Why ``posix_ipc`` and not ``multiprocessing.shared_memory``: on Python 3.11 the
+latter registers attached segments with the resource tracker, which unlinks them when
+an attaching process exits.
+
+Why ``posix_fallocate``: ``ftruncate`` on tmpfs reserves nothing, so an oversized
+segment only fails with SIGBUS on first touch. Allocating up front turns that into an
+``ShmSpaceError`` at creation.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import secrets
+
+import posix_ipc
+
+SHM_DIR = "/dev/shm"
+NAME_PREFIX = "dpserve."
+
+
+class ShmError(RuntimeError):
+    """Base class of shared-memory errors."""
+
+
+class ShmSpaceError(ShmError):
+    """/dev/shm has no room for the segment asked for."""
+
+
+class ShmLayoutError(ShmError):
+    """An attached segment does not have the layout this code expects."""
+
+
+def new_launch_id() -> str:
+    """A short random id shared by every segment of one launch."""
+    return secrets.token_hex(4)
+
+
+def segment_name(kind: str, launch_id: str, pid: int | None = None) -> str:
+    """The POSIX name (leading slash) of a segment of this launch."""
+    if not kind.replace("_", "").replace("-", "").isalnum():
+        raise ValueError(f"segment kind must be alphanumeric, got {kind!r}")
+    return f"/{NAME_PREFIX}{pid or os.getpid()}.{launch_id}.{kind}"
+
+
+def owner_pid(name: str) -> int | None:
+    """The creator pid encoded in a segment name, or None if the name is not ours."""
+    base = name.lstrip("/")
+    if not base.startswith(NAME_PREFIX):
+        return None
+    pid_text = base[len(NAME_PREFIX):].split(".", 1)[0]
+    return int(pid_text) if pid_text.isdigit() else None
+
+
+class SharedSegment:
+    """One mapped POSIX shared-memory segment.
+
+    ``buf`` is the mmap. Any numpy array or memoryview made over it must be dropped
+    before ``close()``: reading an array over a closed mapping segfaults, so ``close``
+    refuses (BufferError from mmap) while views exist.
+    """
+
+    def __init__(self, name: str, buf: mmap.mmap, is_owner: bool):
+        self.name = name
+        self.buf = buf
+        self.size = len(buf)
+        self.is_owner = is_owner
+        self._unlinked = False
+
+    @classmethod
+    def create(cls, name: str, size: int) -> "SharedSegment":
+        """Create, size, zero-fill and map a new segment. Fails if it exists."""
+        if size <= 0:
+            raise ValueError(f"segment size must be positive, got {size}")
+        check_shm_space(size)
+        shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=0)
+        try:
+            try:
+                os.posix_fallocate(shm.fd, 0, size)
+            except OSError as exc:
+                raise ShmSpaceError(
+                    f"cannot reserve {size} bytes in {SHM_DIR} for {name}: {exc}. "
+                    f"Free space there or run `python -m shm.cleanup`."
+                ) from exc
+            buf = mmap.mmap(shm.fd, size)
+        except BaseException:
+            shm.close_fd()
+            posix_ipc.unlink_shared_memory(name)
+            raise
+        shm.close_fd()
+        return cls(name, buf, is_owner=True)
+
+    @classmethod
+    def attach(cls, name: str) -> "SharedSegment":
+        """Map an existing segment. Attachers never unlink."""
+        try:
+            shm = posix_ipc.SharedMemory(name)
+        except posix_ipc.ExistentialError as exc:
+            raise ShmError(f"shared-memory segment {name} does not exist") from exc
+        try:
+            buf = mmap.mmap(shm.fd, shm.size)
+        finally:
+            shm.close_fd()
+        return cls(name, buf, is_owner=False)
+
+    def close(self) -> None:
+        """Unmap. Raises BufferError if views over ``buf`` are still alive."""
+        if not self.buf.closed:
+            self.buf.close()
+
+    def unlink(self) -> None:
+        """Remove the name (owner only). Idempotent."""
+        if not self.is_owner:
+            raise ShmError(f"{self.name}: only the creator unlinks a segment")
+        if not self._unlinked:
+            self._unlinked = True
+            try:
+                posix_ipc.unlink_shared_memory(self.name)
+            except posix_ipc.ExistentialError:
+                pass
+
+    def __enter__(self) -> "SharedSegment":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.close()
+        except BufferError:
+            pass  # a view outlives the block; the mapping stays until it goes
+        finally:
+            if self.is_owner:
+                self.unlink()
+
+
+def check_shm_space(size: int) -> None:
+    """Raise ShmSpaceError if /dev/shm cannot hold ``size`` more bytes."""
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:
+        return  # no /dev/shm to inspect (non-Linux); posix_fallocate still guards
+    free = st.f_bavail * st.f_frsize
+    if size > free:
+        raise ShmSpaceError(
+            f"{SHM_DIR} has {free} bytes free, {size} needed. Free space there, "
+            f"enlarge it (docker --shm-size) or run `python -m shm.cleanup`."
+        )
+
+
+def list_segments(prefix: str = NAME_PREFIX) -> list[str]:
+    """POSIX names of every segment in /dev/shm whose name starts with ``prefix``."""
+    try:
+        entries = os.listdir(SHM_DIR)
+    except FileNotFoundError:
+        return []
+    return sorted("/" + e for e in entries if e.startswith(prefix))
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reclaim_stale_segments(prefix: str = NAME_PREFIX) -> list[str]:
+    """Unlink our segments whose creator pid is dead. Returns the names removed."""
+    removed = []
+    for name in list_segments(prefix):
+        pid = owner_pid(name)
+        if pid is None or pid_alive(pid):
+            continue
+        try:
+            posix_ipc.unlink_shared_memory(name)
+            removed.append(name)
+        except posix_ipc.ExistentialError:
+            pass
+    return removed

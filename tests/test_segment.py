@@ -1,0 +1,85 @@
+"""Segment ownership, space checks and reclamation of crashed runs' segments."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from shm.board import LoadBoard
+from shm.segment import (ShmError, ShmSpaceError, SharedSegment, list_segments, new_launch_id,
+                         segment_name)
+
+
+def test_creator_unlinks_attacher_does_not():
+    name = segment_name("t", new_launch_id())
+    with SharedSegment.create(name, 4096) as owner:
+        owner.buf[0:3] = b"abc"
+        other = SharedSegment.attach(name)
+        assert bytes(other.buf[0:3]) == b"abc"
+        with pytest.raises(ShmError):
+            other.unlink()
+        other.close()
+        assert name in list_segments()
+    assert name not in list_segments()
+
+
+def test_attach_missing_segment_is_a_named_error():
+    with pytest.raises(ShmError, match="does not exist"):
+        SharedSegment.attach(segment_name("missing", new_launch_id()))
+
+
+def test_oversized_segment_fails_cleanly_not_with_sigbus():
+    free = os.statvfs("/dev/shm").f_bavail * os.statvfs("/dev/shm").f_frsize
+    name = segment_name("huge", new_launch_id())
+    with pytest.raises(ShmSpaceError, match="shm.cleanup"):
+        SharedSegment.create(name, free + (1 << 30))
+    assert name not in list_segments()
+
+
+def test_board_views_keep_the_mapping_alive_until_closed():
+    board = LoadBoard.create(2, 1, launch_id=new_launch_id())
+    name = board.name
+    snap = board.snapshot()
+    board.close()
+    # The snapshot is a copy: reading it after close must not touch the unmapped segment.
+    assert int(snap.num_reqs.sum()) == 0
+    assert name not in list_segments()
+
+
+def _create_and_hang(launch_id: str, ready) -> None:
+    LoadBoard.create(4, 1, launch_id=launch_id)
+    ready.set()
+    signal.pause()
+
+
+def test_segments_of_a_sigkilled_creator_are_reclaimed_by_cleanup():
+    ctx = mp.get_context("spawn")
+    ready = ctx.Event()
+    launch_id = new_launch_id()
+    child = ctx.Process(target=_create_and_hang, args=(launch_id, ready), daemon=True)
+    child.start()
+    try:
+        assert ready.wait(30), "child never created its board"
+        name = segment_name("board", launch_id, pid=child.pid)
+        assert name in list_segments()
+        # A live creator's segment is never reclaimed.
+        out = subprocess.run([sys.executable, "-m", "shm.cleanup"], capture_output=True, text=True, timeout=60)
+        assert name not in out.stdout and name in list_segments()
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(10)
+        assert name in list_segments(), "SIGKILL leaves the segment behind"
+        out = subprocess.run([sys.executable, "-m", "shm.cleanup"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert f"removed {name}" in out.stdout
+        assert name not in list_segments()
+    finally:
+        if child.is_alive():
+            child.kill()
+            child.join(10)
+        from shm.segment import reclaim_stale_segments
+        reclaim_stale_segments()
