@@ -1,0 +1,38 @@
+"""Per-rank scheduler configuration.
+
+One frozen dataclass; the launcher builds one per rank with ``dataclasses.replace``.
+``None`` means "derive at start-up" (from the model and the KV memory available); the
+rank reports the resolved values in its ``RankReady`` message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ROLES = ("mixed", "prefill", "decode")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    dp_rank: int
+    board_name: str
+    num_dispatchers: int = 1
+    role: str = "mixed"
+    model_path: str = "tiny"
+    device: str = "auto"
+    max_running_requests: int | None = None
+    max_total_tokens: int | None = None
+    chunked_prefill_size: int = 512
+    context_length: int | None = None
+    random_seed: int = 0
+    # How often an idle rank wakes to refresh its heartbeat; the dispatcher treats a
+    # rank as dead after ``stale_after_s`` without one (several intervals).
+    heartbeat_interval_s: float = 0.05
+    executor: str = "real"
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
+        if self.chunked_prefill_size < 1:
+            raise ValueError("chunked_prefill_size must be >= 1")

@@ -1,0 +1,115 @@
+"""Messages between the API process and the per-rank schedulers.
+
+One ``msgspec.Struct`` per kind, tagged, encoded as msgpack; no pickle on the hot path.
+Grouped by destination: ``ToScheduler`` travels API -> rank over the rank's request
+pipe; ``ToServer`` travels rank -> API over the rank's output pipe. Load never travels
+here: it is on the board (``shm.board``).
+
+The transport is a ``multiprocessing`` pipe per direction per rank, carrying one
+encoded message per ``send_bytes``; ``encode``/``decode_*`` below are the only codec.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from engine.sampling import SamplingParams
+
+
+# ---- API -> scheduler ------------------------------------------------------------------
+class GenerateReq(msgspec.Struct, tag="generate", kw_only=True):
+    """A new request. The dispatcher already counted it on the board as
+    ``counted_tokens`` tokens from dispatcher ``dispatcher_id``: the scheduler must ack
+    exactly that (``acked_tokens[dispatcher_id] += counted_tokens``) when it starts
+    counting the request in its own load."""
+
+    rid: str
+    input_ids: list[int]
+    sampling_params: SamplingParams
+    dispatcher_id: int
+    counted_tokens: int
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    arrival_time: float = 0.0
+    bootstrap_room: int | None = None
+    disagg_prefill_dp_rank: int | None = None
+
+
+class AbortReq(msgspec.Struct, tag="abort", kw_only=True):
+    """Drop a request (client gone): free its KV and its load at once."""
+
+    rid: str
+    message: str = "aborted by client"
+
+
+class FlushCacheReq(msgspec.Struct, tag="flush_cache"):
+    """Drop every cached (not in use) KV entry."""
+
+
+class ShutdownReq(msgspec.Struct, tag="shutdown"):
+    """Finish nothing more; exit the loop, mark the row DEAD and return."""
+
+
+ToScheduler = GenerateReq | AbortReq | FlushCacheReq | ShutdownReq
+
+
+# ---- scheduler -> API ------------------------------------------------------------------
+class ReqOutput(msgspec.Struct, kw_only=True, array_like=True):
+    """What one request gained in one batch.
+
+    ``finish_reason`` is None while running, else SGLang's shape:
+    ``{"type": "length", "length": N}``, ``{"type": "stop", "matched": id or str}`` or
+    ``{"type": "abort", "message": ...}``.
+    """
+
+    rid: str
+    new_token_ids: list[int]
+    finish_reason: dict | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    output_logprobs: list[float] | None = None
+
+
+class BatchOutput(msgspec.Struct, tag="batch", kw_only=True):
+    """One message per scheduler batch: every request that advanced or finished."""
+
+    dp_rank: int
+    outputs: list[ReqOutput]
+
+
+class RankReady(msgspec.Struct, tag="ready", kw_only=True):
+    """Sent once, after the model is loaded and the board row says READY."""
+
+    dp_rank: int
+    pid: int
+    max_total_num_tokens: int
+    max_running_requests: int
+    context_len: int
+    device: str
+
+
+class RankError(msgspec.Struct, tag="rank_error", kw_only=True):
+    """A fatal error in the rank (at start-up or in its loop); the rank then exits."""
+
+    dp_rank: int
+    message: str
+
+
+ToServer = BatchOutput | RankReady | RankError
+
+_encoder = msgspec.msgpack.Encoder()
+_to_scheduler = msgspec.msgpack.Decoder(ToScheduler)
+_to_server = msgspec.msgpack.Decoder(ToServer)
+
+
+def encode(msg: msgspec.Struct) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode_to_scheduler(data: bytes) -> ToScheduler:
+    return _to_scheduler.decode(data)
+
+
+def decode_to_server(data: bytes) -> ToServer:
+    return _to_server.decode(data)

@@ -1,0 +1,96 @@
+"""Entry point of one rank's process: ``run_scheduler(cfg, req_conn, out_conn)``.
+
+Start-up: attach the board, mark the row STARTING, build the executor (loads the
+model), publish capacity and an empty load, mark READY, send ``RankReady``. Any
+exception before that is sent as ``RankError`` and the process exits non-zero.
+Then loop: wait for messages (blocking with a timeout while idle, so an idle rank
+burns no core but still refreshes its heartbeat), run a scheduler step.
+On ``ShutdownReq`` or a closed request pipe the row is marked DEAD and the process
+returns; requests still held get an abort output first.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+
+from scheduler.config import SchedulerConfig
+from scheduler.messages import RankError, RankReady, decode_to_scheduler, encode
+from shm.board import LoadBoard, RankStatus
+
+logger = logging.getLogger(__name__)
+
+
+def run_scheduler(cfg: SchedulerConfig, req_conn, out_conn) -> None:
+    logging.basicConfig(level=cfg.log_level.upper(),
+                        format=f"[rank {cfg.dp_rank}] %(levelname)s %(message)s")
+    board = LoadBoard.attach(cfg.board_name)
+    row = board.rank_writer(cfg.dp_rank)
+    row.heartbeat()
+    row.set_status(RankStatus.STARTING)
+    try:
+        scheduler = _start(cfg, row, out_conn)
+    except BaseException as exc:  # report any start-up failure, then exit non-zero
+        row.set_status(RankStatus.DEAD)
+        _try_send(out_conn, RankError(dp_rank=cfg.dp_rank, message=_describe(exc)))
+        board.close()
+        sys.exit(1)
+    try:
+        _loop(scheduler, req_conn, cfg.heartbeat_interval_s)
+    except BaseException as exc:
+        _try_send(out_conn, RankError(dp_rank=cfg.dp_rank, message=_describe(exc)))
+        raise
+    finally:
+        row.set_status(RankStatus.DEAD)
+        del scheduler, row
+        board.close()
+
+
+def _start(cfg: SchedulerConfig, row, out_conn):
+    from scheduler.executor import make_executor
+    from scheduler.scheduler import Scheduler
+
+    executor = make_executor(cfg)
+    tokenizer = getattr(executor, "tokenizer", None)
+    send = lambda msg: out_conn.send_bytes(encode(msg))  # noqa: E731
+    scheduler = Scheduler(cfg, executor, row, send, tokenizer)
+    row.set_capacity(executor.max_total_num_tokens, scheduler.max_running_requests)
+    scheduler.publish_load()
+    row.set_status(RankStatus.READY)
+    send(RankReady(dp_rank=cfg.dp_rank, pid=os.getpid(),
+                   max_total_num_tokens=executor.max_total_num_tokens,
+                   max_running_requests=scheduler.max_running_requests,
+                   context_len=executor.context_len, device=executor.device))
+    logger.info("ready on %s: %d KV tokens, %d max running requests", executor.device,
+                executor.max_total_num_tokens, scheduler.max_running_requests)
+    return scheduler
+
+
+def _loop(scheduler, req_conn, idle_wait_s: float) -> None:
+    while not scheduler.stopped:
+        messages = []
+        try:
+            # Busy ranks only peek; idle ones block until a message or the heartbeat is due.
+            if req_conn.poll(0 if scheduler.has_work else idle_wait_s):
+                while True:
+                    messages.append(decode_to_scheduler(req_conn.recv_bytes()))
+                    if not req_conn.poll(0):
+                        break
+        except (EOFError, OSError):
+            logger.info("request pipe closed: shutting down")
+            scheduler.stopped = True
+        scheduler.step(messages)
+    scheduler.abort_all("the rank is shutting down")
+
+
+def _try_send(conn, msg) -> None:
+    try:
+        conn.send_bytes(encode(msg))
+    except (OSError, ValueError):
+        pass
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}\n" + "".join(traceback.format_exception(exc)[-3:])

@@ -1,0 +1,66 @@
+"""A request as one rank's scheduler holds it. Plain Python: no torch, no shm.
+
+Token bookkeeping: ``all_ids = input_ids + output_ids``; the first ``num_computed`` of
+them have their KV in ``slots``. A prefilling request has ``num_computed <
+prompt_len``; a decoding one has every token but the newest sampled one computed, so
+each decode step computes exactly one token and samples the next.
+
+KV is reserved at admission for the whole request (prompt + max_new_tokens, capped by
+the context length), so a running request never waits for memory and nothing is ever
+preempted; the slots go back to the pool the moment the request finishes or aborts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.sampling import SamplingParams
+
+
+@dataclass(slots=True, eq=False)
+class Req:
+    rid: str
+    input_ids: list[int]
+    params: SamplingParams
+    dispatcher_id: int
+    counted_tokens: int
+    arrival_time: float = 0.0
+    return_logprob: bool = False
+    output_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    finish_reason: dict | None = None
+    # Decoded output text so far, kept only when stop strings need it.
+    output_text: str = ""
+    # Outputs produced since the last BatchOutput was sent.
+    num_sent: int = 0
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def seq_len(self) -> int:
+        return len(self.input_ids) + len(self.output_ids)
+
+    @property
+    def is_prefilling(self) -> bool:
+        return self.num_computed < len(self.input_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def reserve_len(self, context_len: int) -> int:
+        """KV slots this request may ever need: prompt + all its new tokens, capped by
+        the context (the newest sampled token never needs a slot of its own)."""
+        return min(self.prompt_len + self.params.max_new_tokens, context_len)
+
+    def tokens_to_compute(self, limit: int) -> list[int]:
+        """The next at most ``limit`` tokens whose KV is not computed yet."""
+        start = self.num_computed
+        prompt_len = len(self.input_ids)
+        if start < prompt_len:
+            return self.input_ids[start:min(prompt_len, start + limit)]
+        return self.output_ids[start - prompt_len:start - prompt_len + limit]

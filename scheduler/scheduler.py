@@ -1,0 +1,212 @@
+"""One rank's continuous-batching scheduler.
+
+The loop is six named steps (``step``): receive messages, schedule (admit + pick the
+batch), forward, finish what finished, publish load to the board, send outputs.
+
+Load accounting (what the board row says, see ``shm.board``):
+- ``num_reqs`` = running + waiting; ``num_waiting_reqs`` = waiting;
+- ``num_tokens`` = KV tokens computed for running requests + prompt tokens of requests
+  not computed yet (queued or mid-prefill);
+- ``acked[d]`` grows the moment a request from dispatcher d is taken off the pipe, and
+  reaches the board in the same publish that first counts the request, so the board's
+  in-flight term (dispatched - acked) hands over to the reported term exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable
+
+from engine.finish import check_finish
+from engine.sampling import InvalidSamplingParams
+from scheduler.batching import ForwardItem, select_batch
+from scheduler.config import SchedulerConfig
+from scheduler.executor import Executor
+from scheduler.messages import (AbortReq, BatchOutput, FlushCacheReq, GenerateReq, ReqOutput,
+                                ShutdownReq)
+from scheduler.request import Req
+from shm.board_writers import RankWriter
+
+logger = logging.getLogger(__name__)
+
+
+class Scheduler:
+    def __init__(self, cfg: SchedulerConfig, executor: Executor, board_row: RankWriter,
+                 send: Callable[[BatchOutput], None], tokenizer=None):
+        self.cfg = cfg
+        self.executor = executor
+        self.board_row = board_row
+        self.send = send
+        self.tokenizer = tokenizer  # only needed for stop strings
+        self.max_running_requests = cfg.max_running_requests or 256
+        self.waiting: deque[Req] = deque()
+        self.running: list[Req] = []
+        self.reqs: dict[str, Req] = {}
+        num_d = cfg.num_dispatchers
+        self.acked_reqs = [0] * num_d
+        self.acked_tokens = [0] * num_d
+        self.outbox: dict[str, Req] = {}  # requests with something to send this step
+        self.stopped = False
+        self._decoders: dict[str, object] = {}
+        self._handlers = {
+            GenerateReq: self.on_generate,
+            AbortReq: self.on_abort,
+            FlushCacheReq: self.on_flush_cache,
+            ShutdownReq: self.on_shutdown,
+        }
+
+    # ---- the loop --------------------------------------------------------------------
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def step(self, messages: list) -> None:
+        """One iteration; ``messages`` are what ``receive`` took off the pipe."""
+        self.receive(messages)
+        batch = self.schedule()
+        if batch:
+            results = self.executor.forward(batch)
+            self.process_results(batch, results)
+        self.publish_load()
+        self.send_outputs()
+
+    def receive(self, messages: list) -> None:
+        for msg in messages:
+            self._handlers[type(msg)](msg)
+
+    def schedule(self) -> list[ForwardItem]:
+        return select_batch(self.running, self.waiting, self.cfg.chunked_prefill_size,
+                            self.max_running_requests, self._try_reserve)
+
+    def process_results(self, batch: list[ForwardItem], results: list[tuple[int, float]]) -> None:
+        sampled = iter(results)
+        for item in batch:
+            req = item.req
+            req.num_computed += len(item.token_ids)
+            if not item.sample:
+                continue
+            token, logprob = next(sampled)
+            req.output_ids.append(token)
+            if req.return_logprob:
+                req.output_logprobs.append(logprob)
+            self.outbox[req.rid] = req
+            req.finish_reason = self._check_finish(req)
+            if req.finish_reason is not None:
+                self._release(req)
+
+    def publish_load(self) -> None:
+        computed = sum(r.num_computed for r in self.running)
+        uncomputed = sum(r.prompt_len - r.num_computed for r in self.running if r.is_prefilling)
+        queued = sum(r.prompt_len for r in self.waiting)
+        self.board_row.publish(len(self.running) + len(self.waiting), len(self.waiting),
+                               computed + uncomputed + queued, self.acked_reqs, self.acked_tokens)
+        self.board_row.heartbeat()
+
+    def send_outputs(self) -> None:
+        if not self.outbox:
+            return
+        outputs = []
+        for req in self.outbox.values():
+            new = req.output_ids[req.num_sent:]
+            outputs.append(ReqOutput(
+                rid=req.rid, new_token_ids=new, finish_reason=req.finish_reason,
+                prompt_tokens=req.prompt_len, completion_tokens=len(req.output_ids),
+                output_logprobs=req.output_logprobs[req.num_sent:] if req.return_logprob else None))
+            req.num_sent = len(req.output_ids)
+        self.outbox.clear()
+        self.send(BatchOutput(dp_rank=self.cfg.dp_rank, outputs=outputs))
+
+    def abort_all(self, message: str) -> None:
+        """End every request this rank holds (at shutdown) and tell the API."""
+        for rid in list(self.reqs):
+            self.on_abort(AbortReq(rid=rid, message=message))
+        self.publish_load()
+        try:
+            self.send_outputs()
+        except (OSError, ValueError):
+            pass  # the API side is already gone
+
+    # ---- message handlers --------------------------------------------------------------
+    def on_generate(self, msg: GenerateReq) -> None:
+        d = msg.dispatcher_id
+        self.acked_reqs[d] += 1
+        self.acked_tokens[d] += msg.counted_tokens
+        req = Req(rid=msg.rid, input_ids=msg.input_ids, params=msg.sampling_params,
+                  dispatcher_id=d, counted_tokens=msg.counted_tokens,
+                  arrival_time=msg.arrival_time, return_logprob=msg.return_logprob)
+        error = self._admission_error(req)
+        if error is not None or msg.rid in self.reqs:
+            req.finish_reason = {"type": "abort", "message": error or f"duplicate rid {msg.rid!r}"}
+            self.outbox[req.rid] = req
+            return
+        self.reqs[req.rid] = req
+        self.waiting.append(req)
+
+    def on_abort(self, msg: AbortReq) -> None:
+        req = self.reqs.get(msg.rid)
+        if req is None:
+            return  # already finished: nothing to free
+        if req in self.running:
+            self.running.remove(req)
+        else:
+            self.waiting.remove(req)
+        req.finish_reason = {"type": "abort", "message": msg.message}
+        self._release(req)
+        self.outbox[req.rid] = req
+
+    def on_flush_cache(self, msg: FlushCacheReq) -> None:
+        """No prefix cache is kept, so there is nothing unused to drop."""
+
+    def on_shutdown(self, msg: ShutdownReq) -> None:
+        self.stopped = True
+
+    # ---- helpers -----------------------------------------------------------------------
+    def _admission_error(self, req: Req) -> str | None:
+        ctx = self.executor.context_len
+        if req.prompt_len == 0:
+            return "the prompt is empty"
+        if req.prompt_len >= ctx:
+            return f"prompt of {req.prompt_len} tokens does not fit the context length {ctx}"
+        try:
+            req.params.validate(self.executor.vocab_size, ctx)
+        except InvalidSamplingParams as exc:
+            return str(exc)
+        need, pool = req.reserve_len(ctx), self.executor.max_total_num_tokens
+        if need > pool:
+            return (f"request needs {need} KV tokens (prompt + max_new_tokens) but this rank's "
+                    f"pool holds {pool}; lower max_new_tokens or raise --max-total-tokens")
+        return None
+
+    def _try_reserve(self, req: Req) -> bool:
+        need = req.reserve_len(self.executor.context_len)
+        if not self.executor.kv.can_alloc(need):
+            return False
+        req.slots = self.executor.kv.alloc(need)
+        return True
+
+    def _release(self, req: Req) -> None:
+        """Free the request's KV and forget it (it stays in the outbox until sent)."""
+        if req.slots:
+            self.executor.kv.free(req.slots)
+            req.slots = []
+        if req in self.running:
+            self.running.remove(req)
+        self.reqs.pop(req.rid, None)
+        self._decoders.pop(req.rid, None)
+
+    def _check_finish(self, req: Req):
+        text, new_chars = "", None
+        params = req.params
+        if params.stop_strs and self.tokenizer is not None:
+            dec = self._decoders.get(req.rid)
+            if dec is None:
+                dec = self._decoders[req.rid] = self.tokenizer.incremental_decoder()
+            piece = dec.step(req.output_ids[-1:])
+            req.output_text += piece
+            text, new_chars = req.output_text, len(piece)
+        reason = check_finish(params, req.output_ids, self.executor.eos_token_ids, text, new_chars)
+        if reason is None and req.seq_len >= self.executor.context_len:
+            reason = {"type": "length", "length": len(req.output_ids)}
+        return reason
+
