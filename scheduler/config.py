@@ -29,6 +29,7 @@ class SchedulerConfig:
     # rank as dead after ``stale_after_s`` without one (several intervals).
     heartbeat_interval_s: float = 0.05
     executor: str = "real"
+    sim_profile: str = "tiny-cpu"
     log_level: str = "info"
 
     def __post_init__(self) -> None:

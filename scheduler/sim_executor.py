@@ -1,0 +1,109 @@
+"""The simulated accelerator: the scheduler's real path with a cost model for the forward.
+
+Everything else stays real (scheduler, board, dispatcher, KV slot accounting, HTTP
+path); only ``forward`` is replaced: it sleeps for the time the profile predicts and
+returns deterministic pseudo-random tokens. It exists to benchmark balancing with 8-64
+ranks on a 2-core machine, never as a stand-in for the model in correctness tests.
+Every report built on it must say "simulated".
+
+Cost model of one step (seconds), from the batch's plain data::
+
+    base_s
+    + prefill_token_s * (prefill tokens in the batch)
+    + prefill_attn_s  * sum over prefill chunks of chunk_len * (start_pos + chunk_len / 2)
+    + decode_seq_s    * (decoding requests in the batch)
+    + decode_kv_s     * sum over decoding requests of their KV length
+
+Sleeping (not spinning) lets dozens of simulated ranks share two cores.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from engine.kv_slots import KVSlotAllocator
+from scheduler.batching import ForwardItem
+
+PROFILE_DIR = Path(__file__).resolve().parent / "sim_profiles"
+
+
+@dataclass(frozen=True)
+class SimProfile:
+    name: str
+    base_s: float
+    prefill_token_s: float
+    prefill_attn_s: float
+    decode_seq_s: float
+    decode_kv_s: float
+    max_total_num_tokens: int = 1 << 20
+    context_len: int = 32768
+    vocab_size: int = 32000
+    source: str = ""
+
+    def step_time(self, items: list[ForwardItem]) -> float:
+        t = self.base_s
+        for item in items:
+            n = len(item.token_ids)
+            if item.req.is_prefilling:
+                t += self.prefill_token_s * n + self.prefill_attn_s * n * (item.start_pos + n / 2)
+            else:
+                t += self.decode_seq_s + self.decode_kv_s * (item.start_pos + 1)
+        return t
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+
+def load_profile(name: str) -> SimProfile:
+    """A named profile from ``scheduler/sim_profiles/<name>.json``, or a path to one."""
+    path = Path(name)
+    if not path.suffix:
+        path = PROFILE_DIR / f"{name}.json"
+    if not path.exists():
+        known = sorted(p.stem for p in PROFILE_DIR.glob("*.json"))
+        raise ValueError(f"unknown simulation profile {name!r}; known: {known}")
+    return SimProfile(**json.loads(path.read_text()))
+
+
+class SimExecutor:
+    """``Executor`` whose forward pass is a calibrated sleep (see the module docstring)."""
+
+    device = "sim"
+
+    def __init__(self, profile: SimProfile, max_total_num_tokens: int | None = None):
+        self.profile = profile
+        self.context_len = profile.context_len
+        self.vocab_size = profile.vocab_size
+        # No eos: simulated requests run to max_new_tokens, like ignore_eos benchmarks.
+        self.eos_token_ids: frozenset[int] = frozenset()
+        self.kv = KVSlotAllocator(max_total_num_tokens or profile.max_total_num_tokens)
+        self.tokenizer = None
+        self.busy_s = 0.0  # total simulated forward time, for reports
+
+    @classmethod
+    def from_config(cls, cfg) -> "SimExecutor":
+        return cls(load_profile(cfg.sim_profile), cfg.max_total_tokens)
+
+    @property
+    def max_total_num_tokens(self) -> int:
+        return self.kv.max_total_num_tokens
+
+    def forward(self, items: list[ForwardItem]) -> list[tuple[int, float]]:
+        cost = self.profile.step_time(items)
+        start = time.perf_counter()
+        out = [(self._token(item), 0.0) for item in items if item.sample]
+        remaining = cost - (time.perf_counter() - start)
+        if remaining > 0:
+            time.sleep(remaining)
+        self.busy_s += cost
+        return out
+
+    def _token(self, item: ForwardItem) -> int:
+        """Deterministic per (request, position): the same request gives the same output
+        on any rank and in any batch."""
+        key = f"{item.req.rid}:{item.start_pos + len(item.token_ids)}".encode()
+        return zlib.crc32(key) % self.vocab_size

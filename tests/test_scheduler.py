@@ -1,0 +1,149 @@
+"""The rank scheduler: board truth after every batch, aborts, admission errors.
+
+These run the real ``Scheduler`` in-process over a real board with the zero-cost
+simulated executor (``instant`` profile), so they test scheduling and accounting,
+not the model (tests/test_engine_scheduler.py runs the same with the real model).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from engine.sampling import SamplingParams
+from scheduler.config import SchedulerConfig
+from scheduler.messages import AbortReq, GenerateReq, ShutdownReq
+from scheduler.scheduler import Scheduler
+from scheduler.sim_executor import SimExecutor, load_profile
+from shm.board import LoadBoard, RankStatus
+from shm.segment import new_launch_id
+
+FOREVER = 1 << 62
+
+
+@pytest.fixture
+def board():
+    b = LoadBoard.create(1, 2, launch_id=new_launch_id())
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+def make_scheduler(board, pool_tokens=4096, **cfg_kw):
+    cfg = SchedulerConfig(dp_rank=0, board_name=board.name, num_dispatchers=2, executor="sim",
+                          sim_profile="instant", **cfg_kw)
+    row = board.rank_writer(0)
+    row.set_status(RankStatus.READY)
+    sent = []
+    sched = Scheduler(cfg, SimExecutor(load_profile("instant"), pool_tokens), row, sent.append)
+    writers = [board.dispatcher_writer(d) for d in range(2)]
+    real_step = sched.step
+
+    def step(messages):
+        """Dispatch first, as the API does: bump the board, then deliver."""
+        for m in messages:
+            if isinstance(m, GenerateReq):
+                writers[m.dispatcher_id].bump(0, m.counted_tokens)
+        real_step(messages)
+
+    sched.step = step
+    return sched, sent
+
+
+def gen(rid, prompt_len, max_new, dispatcher=0, **params):
+    return GenerateReq(rid=rid, input_ids=list(range(1, prompt_len + 1)),
+                       sampling_params=SamplingParams(max_new_tokens=max_new, temperature=0.0, **params),
+                       dispatcher_id=dispatcher, counted_tokens=prompt_len)
+
+
+def assert_board_matches(board, sched):
+    snap = board.snapshot()
+    held = sched.running + list(sched.waiting)
+    assert snap.num_reqs[0] == len(held)
+    assert snap.num_waiting_reqs[0] == len(sched.waiting)
+    expected_tokens = sum(r.num_computed + (r.prompt_len - r.num_computed if r.is_prefilling else 0)
+                          for r in sched.running) + sum(r.prompt_len for r in sched.waiting)
+    assert snap.num_tokens[0] == expected_tokens
+    assert sched.executor.kv.num_used == sum(len(r.slots) for r in sched.running)
+    # Everything received is acknowledged, so the in-flight term is exactly zero.
+    assert snap.in_flight_reqs[0] == 0
+
+
+def test_board_row_equals_scheduler_state_after_every_batch(board):
+    sched, sent = make_scheduler(board, chunked_prefill_size=64, max_running_requests=8)
+    rng = random.Random(0)
+    msgs = [gen(f"r{i}", rng.randint(1, 200), rng.randint(1, 30), dispatcher=i % 2) for i in range(40)]
+    steps = 0
+    while msgs or sched.has_work:
+        batch_in = [msgs.pop(0) for _ in range(min(len(msgs), rng.randint(0, 5)))]
+        sched.step(batch_in)
+        assert_board_matches(board, sched)
+        steps += 1
+        assert steps < 10_000
+    finished = {o.rid: o for b in sent for o in b.outputs if o.finish_reason}
+    assert len(finished) == 40
+    assert all(o.finish_reason["type"] == "length" for o in finished.values())
+    reqs, toks, _ = board.read_effective(FOREVER)
+    assert (reqs, toks) == ([0], [0])
+    assert sched.executor.kv.num_used == 0
+
+
+def test_outputs_are_cumulative_per_request_and_one_message_per_batch(board):
+    sched, sent = make_scheduler(board)
+    sched.step([gen("a", 5, 4), gen("b", 3, 2)])
+    while sched.has_work:
+        sched.step([])
+    tokens = {}
+    for batch in sent:
+        assert len({o.rid for o in batch.outputs}) == len(batch.outputs)
+        for o in batch.outputs:
+            tokens.setdefault(o.rid, []).extend(o.new_token_ids)
+            assert o.completion_tokens == len(tokens[o.rid])
+    assert len(tokens["a"]) == 4 and len(tokens["b"]) == 2
+
+
+def test_abort_frees_kv_and_load_at_once(board):
+    sched, sent = make_scheduler(board, chunked_prefill_size=8)
+    sched.step([gen("long", 100, 50), gen("queued", 10, 5)])
+    assert sched.executor.kv.num_used > 0
+    sched.step([AbortReq(rid="long"), AbortReq(rid="queued")])
+    assert sched.executor.kv.num_used == 0
+    assert not sched.has_work
+    assert_board_matches(board, sched)
+    aborted = [o for b in sent for o in b.outputs if o.finish_reason and o.finish_reason["type"] == "abort"]
+    assert {o.rid for o in aborted} == {"long", "queued"}
+    sched.step([AbortReq(rid="long")])  # aborting twice is harmless
+
+
+def test_request_that_can_never_fit_gets_a_clear_error_and_leaves_no_load(board):
+    sched, sent = make_scheduler(board, pool_tokens=256)
+    sched.step([gen("big", 200, 100), gen("ok", 10, 3)])
+    errors = {o.rid: o.finish_reason for b in sent for o in b.outputs if o.finish_reason}
+    assert errors["big"]["type"] == "abort"
+    assert "KV tokens" in errors["big"]["message"]
+    while sched.has_work:
+        sched.step([])
+    reqs, toks, _ = board.read_effective(FOREVER)
+    assert (reqs, toks) == ([0], [0])
+
+
+def test_full_pool_queues_instead_of_failing(board):
+    sched, sent = make_scheduler(board, pool_tokens=100)
+    sched.step([gen(f"q{i}", 40, 10) for i in range(4)])
+    assert len(sched.running) == 2 and len(sched.waiting) == 2
+    while sched.has_work:
+        sched.step([])
+    done = [o for b in sent for o in b.outputs if o.finish_reason]
+    assert sorted(o.rid for o in done) == ["q0", "q1", "q2", "q3"]
+
+
+def test_shutdown_aborts_what_is_held(board):
+    sched, sent = make_scheduler(board)
+    sched.step([gen("x", 10, 100)])
+    sched.step([ShutdownReq()])
+    assert sched.stopped
+    sched.abort_all("shutting down")
+    assert sched.executor.kv.num_used == 0
+    assert any(o.rid == "x" and o.finish_reason and o.finish_reason["type"] == "abort" for b in sent for o in b.outputs)
