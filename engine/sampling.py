@@ -1,0 +1,118 @@
+"""Sampling parameters: SGLang's names and defaults, validated once at the API.
+
+A `msgspec.Struct` because it travels inside request messages. No torch here: the API
+process validates with it, the scheduler reads it, only `engine.sampler` turns it into
+tensor ops. Unknown keys are ignored on decode (gateways add keys such as `model`).
+
+Conventions:
+- greedy when `temperature` is 0 (below 1e-5) or `top_k == 1`;
+- `top_k` -1 disables top-k; 0 is accepted as "disabled" too, since some OpenAI-style
+  clients send 0 for "unset";
+- `stop` (strings) and `stop_token_ids` end generation; eos ends it unless `ignore_eos`;
+  neither can end it before `min_new_tokens` (the sampler also masks eos and stop
+  tokens until then);
+- `sampling_seed` makes a request's tokens reproducible regardless of which requests
+  share its batch (see `engine.sampler`); None draws from the runner's own generator;
+- `n` > 1 is accepted here; fanning a request out into n copies is the server's job.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+GREEDY_EPS = 1e-5
+MAX_SEED = 2**64
+
+
+class InvalidSamplingParams(ValueError):
+    """A sampling parameter is out of range; the message says which and why."""
+
+
+class SamplingParams(msgspec.Struct, kw_only=True, frozen=True):
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    min_new_tokens: int = 0
+    n: int = 1
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    skip_special_tokens: bool = True
+    no_stop_trim: bool = False
+    sampling_seed: int | None = None
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature < GREEDY_EPS or self.top_k == 1
+
+    @property
+    def stop_strs(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    @property
+    def stop_token_id_set(self) -> frozenset[int]:
+        return frozenset(self.stop_token_ids or ())
+
+    @property
+    def has_top_k(self) -> bool:
+        return self.top_k > 1
+
+    @property
+    def has_penalties(self) -> bool:
+        return (
+            self.frequency_penalty != 0.0
+            or self.presence_penalty != 0.0
+            or self.repetition_penalty != 1.0
+        )
+
+    def validate(self, vocab_size: int, context_len: int, prompt_len: int = 0) -> None:
+        """Raise `InvalidSamplingParams` for anything the engine cannot honour.
+        `prompt_len` (when known) also checks prompt + max_new_tokens fits the context."""
+        _check(self.max_new_tokens >= 0, f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        _check(
+            0 <= self.min_new_tokens <= self.max_new_tokens,
+            f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], "
+            f"got {self.min_new_tokens}",
+        )
+        _check(self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature}")
+        _check(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
+        _check(self.top_k >= -1, f"top_k must be -1 (disabled) or >= 1, got {self.top_k}")
+        _check(0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}")
+        _check(self.n >= 1, f"n must be >= 1, got {self.n}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            _check(-2.0 <= value <= 2.0, f"{name} must be in [-2, 2], got {value}")
+        _check(
+            0.0 < self.repetition_penalty <= 2.0,
+            f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}",
+        )
+        for s in self.stop_strs:
+            _check(bool(s), "stop strings must be non-empty")
+        for token_id in self.stop_token_ids or ():
+            _check(
+                0 <= token_id < vocab_size,
+                f"stop_token_ids entry {token_id} is outside the vocabulary [0, {vocab_size})",
+            )
+        if self.sampling_seed is not None:
+            _check(
+                -MAX_SEED < self.sampling_seed < MAX_SEED,
+                f"sampling_seed must fit in 64 bits, got {self.sampling_seed}",
+            )
+        total = prompt_len + self.max_new_tokens
+        _check(
+            total <= context_len,
+            f"prompt ({prompt_len} tokens) + max_new_tokens ({self.max_new_tokens}) = {total} "
+            f"exceeds the model's context length {context_len}",
+        )
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise InvalidSamplingParams(message)

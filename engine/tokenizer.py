@@ -1,0 +1,201 @@
+"""Tokenizer wrapper over the `tokenizers` library (no torch, no transformers).
+
+Loads a folder's `tokenizer.json` (+ `tokenizer_config.json` for special tokens and the
+chat template). The built-in tiny model's byte-level tokenizer is the committed folder
+`engine/data/tiny/`, loaded the same way, so HF clients reading that folder count
+exactly the tokens we do.
+
+Chat: the folder's jinja `chat_template` is used when there is one (rendered in a
+sandbox); otherwise a documented fallback, one block per message then the assistant
+cue:  "<|system|>\\n...\\n<|user|>\\n...\\n<|assistant|>\\n".
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer as HFTokenizer
+
+from engine.config import ModelLoadError
+
+REPLACEMENT_CHAR = "\ufffd"
+
+
+class Tokenizer:
+    def __init__(
+        self,
+        backend: HFTokenizer,
+        eos_token_ids: tuple[int, ...] = (),
+        bos_token_id: int | None = None,
+        chat_template: str | None = None,
+        special_tokens: dict[str, str] | None = None,
+    ) -> None:
+        self.backend = backend
+        self.eos_token_ids = eos_token_ids
+        self.bos_token_id = bos_token_id
+        self.chat_template = chat_template
+        self.special_tokens = special_tokens or {}
+
+    @classmethod
+    def load(cls, model_path: str) -> Tokenizer:
+        """`tiny` means the built-in byte-level tokenizer; anything else is a folder."""
+        if model_path == "tiny":
+            return cls.byte_level()
+        return cls.from_folder(model_path)
+
+    @classmethod
+    def byte_level(cls) -> Tokenizer:
+        from engine.tiny import tiny_model_path
+
+        return cls.from_folder(tiny_model_path())
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> Tokenizer:
+        folder = Path(folder)
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            raise ModelLoadError(f"{path} not found (only tokenizer.json tokenizers are supported)")
+        try:
+            backend = HFTokenizer.from_file(str(path))
+        except Exception as e:  # the library raises a bare Exception on malformed files
+            raise ModelLoadError(f"cannot parse {path}: {e}") from e
+        config = _read_json(folder / "tokenizer_config.json")
+        special = {
+            key: _token_text(config.get(key)) for key in ("bos_token", "eos_token", "pad_token")
+        }
+        special = {k: v for k, v in special.items() if v is not None}
+        eos_id = backend.token_to_id(special["eos_token"]) if "eos_token" in special else None
+        bos_id = backend.token_to_id(special["bos_token"]) if "bos_token" in special else None
+        template = config.get("chat_template")
+        return cls(
+            backend,
+            eos_token_ids=() if eos_id is None else (eos_id,),
+            bos_token_id=bos_id,
+            chat_template=template if isinstance(template, str) else None,
+            special_tokens=special,
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Ids as `AutoTokenizer(...).encode(text)` gives (its post-processor may add BOS)."""
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def incremental_decoder(self, skip_special_tokens: bool = True) -> IncrementalDecoder:
+        return IncrementalDecoder(self, skip_special_tokens)
+
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> str:
+        messages = [{**m, "content": _content_text(m.get("content"))} for m in messages]
+        if self.chat_template is None:
+            return fallback_chat_prompt(messages, add_generation_prompt)
+        return _render_jinja(
+            self.chat_template,
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            **self.special_tokens,
+        )
+
+    def encode_chat(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> list[int]:
+        """Prompt ids for /v1/chat/completions. A checkpoint's template writes its own
+        BOS, so its rendering is encoded without adding special tokens again."""
+        text = self.apply_chat_template(messages, add_generation_prompt)
+        return self.encode(text, add_special_tokens=self.chat_template is None)
+
+
+class IncrementalDecoder:
+    """Turns a stream of ids into a stream of text deltas for streaming responses.
+
+    Decodes a short window of recent ids (some tokenizers' text depends on the token
+    before) and emits only what is new. While the window's text ends in U+FFFD the
+    last tokens are a partial UTF-8 sequence (e.g. the first bytes of a CJK character
+    or an emoji), so nothing is emitted until the sequence completes. `flush()` at
+    the end releases whatever is still held back.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
+        self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
+        self._ids: list[int] = []
+        self._prefix_offset = 0  # window start: context for the next delta
+        self._read_offset = 0  # ids before this are already emitted as text
+        self.text = ""  # everything emitted so far
+
+    def step(self, new_ids: list[int]) -> str:
+        self._ids.extend(new_ids)
+        prefix = self._decode(self._prefix_offset, self._read_offset)
+        full = self._decode(self._prefix_offset, len(self._ids))
+        if len(full) <= len(prefix) or full.endswith(REPLACEMENT_CHAR):
+            return ""
+        delta = full[len(prefix) :]
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self._ids)
+        self.text += delta
+        return delta
+
+    def flush(self) -> str:
+        prefix = self._decode(self._prefix_offset, self._read_offset)
+        full = self._decode(self._prefix_offset, len(self._ids))
+        delta = full[len(prefix) :]
+        self._prefix_offset = self._read_offset = len(self._ids)
+        self.text += delta
+        return delta
+
+    def _decode(self, start: int, end: int) -> str:
+        if start >= end:
+            return ""
+        return self._tokenizer.decode(self._ids[start:end], skip_special_tokens=self._skip)
+
+
+def fallback_chat_prompt(messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    parts = [f"<|{m.get('role', 'user')}|>\n{_content_text(m.get('content'))}\n" for m in messages]
+    if add_generation_prompt:
+        parts.append("<|assistant|>\n")
+    return "".join(parts)
+
+
+def _content_text(content: Any) -> str:
+    # OpenAI content may be a list of parts; only text parts mean anything here.
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+
+
+def _render_jinja(template: str, **context: Any) -> str:
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template).render(**context)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{path} is not valid JSON: {e}") from e
+
+
+def _token_text(value: Any) -> str | None:
+    # tokenizer_config.json stores a token either as text or as an AddedToken dict.
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None

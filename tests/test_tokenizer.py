@@ -1,0 +1,120 @@
+"""The tokenizer wrapper and the committed tiny tokenizer folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.config import ModelLoadError
+from engine.tiny import BOS_ID, EOS_ID, PAD_ID, tiny_folder_files, tiny_model_path
+from engine.tokenizer import Tokenizer, fallback_chat_prompt
+
+transformers = pytest.importorskip("transformers")
+
+SAMPLES = [
+    "",
+    "hello world",
+    "  leading spaces\n\ttabs and newlines\r\n",
+    "héllo wörld, naïve café",
+    "你好，世界",
+    "emoji 🎉👩‍👩‍👧 mixed",
+    "Ünïcödé ∑ ≠ ∞ and Ελληνικά and русский",
+    "special <|eos|> inside",
+]
+
+
+@pytest.fixture(scope="module")
+def ours() -> Tokenizer:
+    return Tokenizer.load("tiny")
+
+
+@pytest.fixture(scope="module")
+def hf():
+    return transformers.AutoTokenizer.from_pretrained(tiny_model_path())
+
+
+def test_committed_folder_matches_the_generator():
+    folder = Path(tiny_model_path())
+    for name, text in tiny_folder_files().items():
+        assert (folder / name).read_text(encoding="utf-8") == text, (
+            f"{name} is stale: run python -m engine.tiny --write-tokenizer"
+        )
+
+
+@pytest.mark.parametrize("text", SAMPLES)
+def test_same_ids_as_transformers(ours, hf, text):
+    assert ours.encode(text) == hf.encode(text)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(max_size=40))
+def test_same_ids_as_transformers_for_any_text(ours, hf, text):
+    assert ours.encode(text) == hf.encode(text)
+
+
+def test_ids_are_the_utf8_bytes(ours):
+    text = "aé你🎉"
+    assert ours.encode(text) == list(text.encode("utf-8"))
+    assert ours.decode(list(text.encode("utf-8"))) == text
+    assert ours.vocab_size == 259 and ours.eos_token_ids == (EOS_ID,)
+    assert ours.bos_token_id == BOS_ID and hf_special_ids_agree(ours)
+
+
+def hf_special_ids_agree(ours: Tokenizer) -> bool:
+    backend = ours.backend
+    return [backend.token_to_id(t) for t in ("<|bos|>", "<|eos|>", "<|pad|>")] == [BOS_ID, EOS_ID, PAD_ID]
+
+
+def test_decode_skips_special_tokens_unless_asked(ours):
+    ids = ours.encode("a") + [EOS_ID]
+    assert ours.decode(ids) == "a"
+    assert ours.decode(ids, skip_special_tokens=False) == "a<|eos|>"
+
+
+@pytest.mark.parametrize("text", SAMPLES)
+def test_incremental_decoding_streams_complete_text(ours, text):
+    decoder = ours.incremental_decoder()
+    deltas = [decoder.step([i]) for i in ours.encode(text)]
+    deltas.append(decoder.flush())
+    assert "".join(deltas) == ours.decode(ours.encode(text)) == decoder.text
+    assert not any("\ufffd" in d for d in deltas)
+
+
+def test_incremental_decoding_holds_back_partial_characters(ours):
+    decoder = ours.incremental_decoder()
+    emoji = list("🎉".encode("utf-8"))
+    assert [decoder.step([b]) for b in emoji[:-1]] == ["", "", ""]
+    assert decoder.step(emoji[-1:]) == "🎉"
+    # An unfinished sequence at the end comes out on flush, as a replacement char.
+    assert decoder.step([0xE4]) == ""
+    assert decoder.flush() == "\ufffd"
+
+
+def test_chat_template_matches_transformers(ours, hf):
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "again"},
+    ]
+    expected = "<|system|>\nbe brief\n<|user|>\nhi\n<|assistant|>\nhello\n<|user|>\nagain\n<|assistant|>\n"
+    assert ours.apply_chat_template(messages) == expected
+    assert hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == expected
+    assert fallback_chat_prompt(messages) == expected
+    assert ours.encode_chat(messages) == list(expected.encode())
+
+
+def test_chat_accepts_openai_content_parts(ours):
+    messages = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
+    assert ours.apply_chat_template(messages, add_generation_prompt=False) == "<|user|>\nab\n"
+
+
+def test_folder_without_tokenizer_json_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="tokenizer.json"):
+        Tokenizer.from_folder(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="cannot parse"):
+        Tokenizer.from_folder(tmp_path)
