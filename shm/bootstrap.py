@@ -1,0 +1,364 @@
+"""The bootstrap table: ``bootstrap_room -> prefill rank (and KV hand-off)`` in shared memory.
+
+Decode finds the prefill rank holding a request's KV here with zero network hops,
+replacing SGLang's HTTP bootstrap server. One POSIX segment of int64 cells (native
+little-endian), laid out as::
+
+    cell 0                                                                    HEADER_LEN
+    +-------+---------+-------------+-------+-----------+-------------+-----------+...+
+    | magic | version | num_regions | slots | entry_len | num_decode  | owner_pid |pad|
+    +-------+---------+-------------+-------+-----------+-------------+-----------+...+
+    region headers, region r at HEADER_LEN + r * REGION_HDR_LEN:
+    +------------+----------+----------+----------------+-----+
+    | writer_pid | num_live | next_gen | num_tombstones | pad |
+    +------------+----------+----------+----------------+-----+
+    entries, slot s of region r at entries_off + (r * slots + s) * ENTRY_LEN (128 B):
+    +-----+-------+------+-----+--------------+-------------+-------------+--------+
+    | seq | state | room | gen | prefill_rank | decode_rank | kv_location | kv_len | ...
+    +-----+-------+------+-----+--------------+-------------+-------------+--------+
+      ... | first_token | deadline_ns | created_ns | region | slot | reserved x3 |
+    decode claims, cell claims_off + (r * slots + s) * num_decode + d:
+    +--------------------+--------------------+-----+------------------------+
+    | claim[r][s][0]     | claim[r][s][1]     | ... | claim[r][s][num_dec-1] |
+    +--------------------+--------------------+-----+------------------------+
+
+Who writes what (exactly one writer per cell; ``+=`` on shared memory is not atomic):
+- header: the creator, once, before anyone attaches.
+- region header r and every entry of region r: the region's writer (the prefill-side
+  dispatcher that owns region r, through ``table.region_writer(r)``), and nobody else.
+  It fills an entry on ``insert``; later it may change ``state`` (PLACED -> KV_READY or
+  FAILED), ``decode_rank``, ``kv_location``, ``kv_len``, ``first_token`` and
+  ``deadline_ns`` (``update``), and frees the slot (``remove``/``expire``). ``room``,
+  ``gen``, ``prefill_rank``, ``created_ns``, ``region`` and ``slot`` never change while
+  the entry is live.
+- ``claim[r][s][d]``: decode rank d only (``table.decode_claimer(d)``). It holds
+  ``gen`` while d copies the KV of the entry in slot s ("do not free it yet") and
+  ``-gen`` once d is done ("free it"); 0 or any other value means no claim. ``gen``
+  numbers occupancies of a slot, so a late write about an old occupancy is ignored.
+  Decode needs no other cell: everything else it learns, it reads.
+
+Entries are keyed by the 64-bit ``bootstrap_room`` (0 <= room < 2**64, stored as an
+unsigned cell) with linear probing from ``home_slot(room)`` (Fibonacci hashing, see
+``shm.bootstrap_layout``) within a region. ``writer_pid`` in a region header names the
+process holding that region (0: none), so a second writer is refused. Readers
+(decode, any process) probe every region; writers insert only into their own. Free
+slots are EMPTY (a probe stops) or TOMBSTONE (a probe continues; an insert may reuse
+it). ``remove`` writes EMPTY instead of TOMBSTONE when the next slot is EMPTY, and turns
+the tombstones right before it into EMPTY too, so chains stay short; this is safe for
+concurrent readers because entries never move: a live entry's chain from its home
+slot is non-EMPTY for as long as it lives.
+
+Each entry is written under its own seqlock: the writer stores ``seq+1`` (odd), the
+fields, then ``seq+2``; a reader retries while seq is odd or changed. As with the load
+board this relies on x86-64 store/load ordering (see ``shm.board.check_memory_order``).
+Times (``deadline_ns``, ``created_ns``) are CLOCK_MONOTONIC (``time.monotonic_ns()``),
+which every process on the node shares.
+
+Ownership: ``BootstrapTable.create`` makes the segment and unlinks it on ``close``;
+``BootstrapTable.attach`` never unlinks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+import time
+from typing import TYPE_CHECKING, Iterator
+
+from shm.board import check_memory_order
+from shm.bootstrap_layout import (  # noqa: F401  (some only re-exported, see __all__)
+    EMPTY, ENTRY_LEN, ENTRY_STRUCT, FAILED, H_ENTRY_LEN, H_MAGIC, H_NUM_DECODE, H_NUM_REGIONS,
+    H_SLOTS, H_VERSION, HEADER_LEN, KV_READY, LAYOUT_VERSION, LIVE_STATES, MAGIC, MAX_ROOM,
+    PLACED, R_NEXT_GEN, R_NUM_LIVE, R_WRITER_PID, TOMBSTONE, MASK64, BootstrapEntry,
+    BootstrapLayout, BootstrapTableError, BootstrapTableFullError, BootstrapTimeoutError,
+    DuplicateRoomError, EntryState, home_slot)
+from shm.segment import SharedSegment, ShmLayoutError, pid_alive, segment_name
+
+if TYPE_CHECKING:
+    from shm.bootstrap_writers import DecodeClaimer, RegionWriter
+
+__all__ = ["BootstrapTable", "BootstrapEntry", "EntryState", "BootstrapTableError",
+           "BootstrapTableFullError", "DuplicateRoomError", "BootstrapTimeoutError", "home_slot",
+           "EMPTY", "PLACED", "KV_READY", "FAILED", "TOMBSTONE", "LIVE_STATES", "MAX_ROOM"]
+
+MAX_READ_STALL_S = 1.0  # an entry odd this long was left mid-write by a dead writer
+WAIT_FIRST_SLEEP_S = 20e-6
+WAIT_MAX_SLEEP_S = 1e-3
+
+
+class BootstrapTable:
+    """A mapped bootstrap table. ``create`` (owner, unlinks on close) or ``attach``.
+
+    Reader API (any process): ``lookup``, ``wait_for``, ``async_wait_for``,
+    ``entry_at``, ``entries``, ``num_live``. Writers get single-writer handles:
+    ``region_writer(r)`` in the prefill dispatcher owning region r, and
+    ``decode_claimer(d)`` in decode rank d.
+    """
+
+    def __init__(self, segment: SharedSegment, layout: BootstrapLayout):
+        self.segment = segment
+        self.layout = layout
+        self.name = segment.name
+        self.num_regions = layout.num_regions
+        self.slots_per_region = layout.slots_per_region
+        self.num_decode_ranks = layout.num_decode_ranks
+        self._mv = memoryview(segment.buf).cast("q")
+        self._rooms = memoryview(segment.buf).cast("Q")  # the room cells are unsigned
+        self._buf = segment.buf
+        self._region_bases = tuple(layout.entry(r, 0) for r in range(layout.num_regions))
+        self._writers: dict[int, RegionWriter] = {}
+        self._lookup = self.lookup = self._make_lookup()
+
+    # ---- lifetime -------------------------------------------------------------------
+    @classmethod
+    def create(cls, num_regions: int, slots_per_region: int, launch_id: str,
+               kind: str = "bootstrap", num_decode_ranks: int = 1) -> "BootstrapTable":
+        """Make a zeroed table (every slot EMPTY). ``num_regions``: one per prefill dispatcher."""
+        check_memory_order()
+        if not 1 <= num_regions <= 1024:
+            raise ValueError(f"num_regions must be in [1, 1024], got {num_regions}")
+        if not 1 <= slots_per_region <= 2**24:
+            raise ValueError(f"slots_per_region must be in [1, 2**24], got {slots_per_region}")
+        if not 0 <= num_decode_ranks <= 4096:
+            raise ValueError(f"num_decode_ranks must be in [0, 4096], got {num_decode_ranks}")
+        layout = BootstrapLayout(num_regions, slots_per_region, num_decode_ranks)
+        seg = SharedSegment.create(segment_name(kind, launch_id), layout.num_cells * 8)
+        header = (MAGIC, LAYOUT_VERSION, num_regions, slots_per_region, ENTRY_LEN,
+                  num_decode_ranks, os.getpid())
+        struct.pack_into(f"<{len(header)}q", seg.buf, 0, *header)
+        for r in range(num_regions):
+            struct.pack_into("<q", seg.buf, (layout.region_hdr(r) + R_NEXT_GEN) * 8, 1)
+        return cls(seg, layout)
+
+    @classmethod
+    def attach(cls, name: str) -> "BootstrapTable":
+        check_memory_order()
+        seg = SharedSegment.attach(name)
+        if seg.size < HEADER_LEN * 8:
+            seg.close()
+            raise ShmLayoutError(f"{name} is too small to be a bootstrap table")
+        header = struct.unpack_from(f"<{HEADER_LEN}q", seg.buf, 0)
+        if header[H_MAGIC] != MAGIC or header[H_VERSION] != LAYOUT_VERSION or \
+                header[H_ENTRY_LEN] != ENTRY_LEN:
+            seg.close()
+            raise ShmLayoutError(
+                f"{name} is not a bootstrap table of layout version {LAYOUT_VERSION}")
+        layout = BootstrapLayout(header[H_NUM_REGIONS], header[H_SLOTS], header[H_NUM_DECODE])
+        if layout.num_cells * 8 > seg.size:
+            seg.close()
+            raise ShmLayoutError(
+                f"{name}: {seg.size} bytes, layout {layout} needs {layout.num_cells * 8}")
+        return cls(seg, layout)
+
+    def close(self) -> None:
+        """Give up this process's regions, drop the views, unmap (and unlink if owner)."""
+        for writer in list(self._writers.values()):
+            writer.close()
+        self._mv.release()
+        self._rooms.release()
+        if self.segment.is_owner:
+            self.segment.__exit__(None, None, None)
+        else:
+            self.segment.close()
+
+    def __enter__(self) -> "BootstrapTable":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- single-writer handles ------------------------------------------------------
+    def region_writer(self, region: int) -> "RegionWriter":
+        """The writer of ``region``, for the prefill dispatcher that owns it.
+
+        Refuses a region another live process writes. A region left by a dead writer
+        is taken over: entries it left mid-write are dropped, the rest kept.
+        """
+        from shm.bootstrap_writers import RegionWriter
+        if not 0 <= region < self.num_regions:
+            raise ValueError(f"region {region} out of range [0, {self.num_regions})")
+        if region not in self._writers:
+            holder = self._mv[self.layout.region_hdr(region) + R_WRITER_PID]
+            if holder not in (0, os.getpid()) and pid_alive(holder):
+                raise BootstrapTableError(
+                    f"{self.name}: region {region} is written by live pid {holder}; "
+                    f"give each prefill dispatcher its own region")
+            self._writers[region] = RegionWriter(self, region)
+        return self._writers[region]
+
+    def decode_claimer(self, decode_rank: int) -> "DecodeClaimer":
+        from shm.bootstrap_writers import DecodeClaimer
+        if not 0 <= decode_rank < self.num_decode_ranks:
+            raise ValueError(f"decode rank {decode_rank} out of range [0, {self.num_decode_ranks})")
+        return DecodeClaimer(self, decode_rank)
+
+    # ---- readers --------------------------------------------------------------------
+    def lookup(self, room: int) -> BootstrapEntry | None:
+        """The live entry for ``room`` (first region that has it), or None. Hot path.
+
+        Replaced per instance by the closure ``_make_lookup`` builds; this stub only
+        carries the signature and docstring.
+        """
+        return self._lookup(room)
+
+    def _make_lookup(self):
+        """Build ``lookup`` as a closure over the mapping and constants.
+
+        Why a closure: at ~25 ns per attribute load and ~1 us of budget, fetching
+        ``self._mv`` and friends on every call would cost a tenth of it; a table with
+        one region (one prefill dispatcher, the common case) also skips the region
+        loop (~100 ns). A probe compares the room cell first (one read); only a match
+        is unpacked whole, seq included, and its seq re-read once. No numpy: one
+        numpy call costs ~1 us here.
+        """
+        # Cell offsets are literals below (off + 1 == E_STATE, off + 2 == E_ROOM) and
+        # states too (0 EMPTY, 1-3 live): a global lookup costs as much as a cell read.
+        num_slots = self.slots_per_region
+        mv, rooms, buf = self._mv, self._rooms, self._buf
+        unpack, entry_cls, read_cells = ENTRY_STRUCT.unpack_from, BootstrapEntry, self._read_cells
+
+        def probe(room: int, home: int, base: int) -> BootstrapEntry | None:
+            # home == home_slot(room, num_slots), computed once for every region
+            slot = home
+            while True:
+                off = base + slot * ENTRY_LEN
+                if rooms[off + 2] == room:  # maybe ours: copy it whole
+                    cells = unpack(buf, off * 8)
+                    if cells[0] & 1 or mv[off] != cells[0]:
+                        cells = read_cells(off)
+                    if cells[2] == room and 0 < cells[1] < 4:  # live, same room
+                        return entry_cls(*cells)
+                    if cells[1] == 0:  # EMPTY: the chain ends
+                        return None
+                elif mv[off + 1] == 0:  # EMPTY: the chain ends
+                    return None
+                slot += 1
+                if slot == num_slots:
+                    slot = 0
+                if slot == home:  # a region without EMPTY slots, all probed
+                    return None
+
+        if self.num_regions == 1:  # probe() inlined: a call costs ~70 ns
+            base0 = self._region_bases[0]
+
+            def lookup(room: int) -> BootstrapEntry | None:
+                home = (((room ^ (room >> 32)) * 0x9E3779B97F4A7C15 & MASK64) * num_slots) >> 64
+                slot = home
+                while True:
+                    off = base0 + slot * ENTRY_LEN
+                    if rooms[off + 2] == room:
+                        cells = unpack(buf, off * 8)
+                        if cells[0] & 1 or mv[off] != cells[0]:
+                            cells = read_cells(off)
+                        if cells[2] == room and 0 < cells[1] < 4:
+                            return entry_cls(*cells)
+                        if cells[1] == 0:
+                            return None
+                    elif mv[off + 1] == 0:
+                        return None
+                    slot += 1
+                    if slot == num_slots:
+                        slot = 0
+                    if slot == home:
+                        return None
+            return lookup
+
+        bases = self._region_bases
+
+        def lookup_regions(room: int) -> BootstrapEntry | None:
+            home = (((room ^ (room >> 32)) * 0x9E3779B97F4A7C15 & MASK64) * num_slots) >> 64
+            for base in bases:
+                entry = probe(room, home, base)
+                if entry is not None:
+                    return entry
+            return None
+        return lookup_regions
+
+    def wait_for(self, room: int, timeout_s: float,
+                 states: tuple[int, ...] = LIVE_STATES) -> BootstrapEntry:
+        """Block until ``room`` has an entry whose state is in ``states`` (or FAILED).
+
+        For decode, which may see a request before prefill placed it. Sleeps with
+        exponential backoff (20 us doubling to 1 ms) instead of spinning a core.
+        FAILED always returns, so a caller never waits out a failed prefill; check
+        ``entry.state``. Raises ``BootstrapTimeoutError`` after ``timeout_s``.
+        """
+        deadline = time.monotonic() + timeout_s
+        sleep_s = WAIT_FIRST_SLEEP_S
+        while True:
+            entry = self.lookup(room)
+            if entry is not None and (entry.state in states or entry.state == FAILED):
+                return entry
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise self._timeout_error(room, timeout_s, entry, states)
+            time.sleep(min(sleep_s, left))
+            sleep_s = min(sleep_s * 2, WAIT_MAX_SLEEP_S)
+
+    async def async_wait_for(self, room: int, timeout_s: float,
+                             states: tuple[int, ...] = LIVE_STATES) -> BootstrapEntry:
+        """``wait_for`` for an event loop: the same backoff through ``asyncio.sleep``.
+
+        The loop's timer granularity (about 1 ms with epoll) stretches the short sleeps.
+        """
+        deadline = time.monotonic() + timeout_s
+        sleep_s = WAIT_FIRST_SLEEP_S
+        while True:
+            entry = self.lookup(room)
+            if entry is not None and (entry.state in states or entry.state == FAILED):
+                return entry
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise self._timeout_error(room, timeout_s, entry, states)
+            await asyncio.sleep(min(sleep_s, left))
+            sleep_s = min(sleep_s * 2, WAIT_MAX_SLEEP_S)
+
+    def entry_at(self, region: int, slot: int) -> BootstrapEntry | None:
+        """The live entry in ``(region, slot)``, or None if that slot is free."""
+        cells = self._read_cells(self.layout.entry(region, slot))
+        return BootstrapEntry(*cells) if cells[1] in LIVE_STATES else None
+
+    def entries(self) -> Iterator[BootstrapEntry]:
+        """Every live entry, region by region (a scan: for leak checks and metrics)."""
+        for region in range(self.num_regions):
+            for slot in range(self.slots_per_region):
+                entry = self.entry_at(region, slot)
+                if entry is not None:
+                    yield entry
+
+    def num_live(self) -> int:
+        """Live entries over all regions, from the writers' counters (exact when idle)."""
+        mv = self._mv
+        return sum(mv[self.layout.region_hdr(r) + R_NUM_LIVE] for r in range(self.num_regions))
+
+    def _read_cells(self, off: int) -> tuple[int, ...]:
+        """Cells seq..slot of the entry at cell ``off``, consistent (seqlock)."""
+        mv, buf = self._mv, self._buf
+        spins = 0
+        give_up = None
+        while True:
+            cells = ENTRY_STRUCT.unpack_from(buf, off * 8)
+            if not cells[0] & 1 and mv[off] == cells[0]:
+                return cells
+            spins += 1
+            if spins > 64:  # the writer was probably descheduled mid-write: let it run
+                os.sched_yield()
+                now = time.monotonic()
+                give_up = give_up or now + MAX_READ_STALL_S
+                if now > give_up:
+                    raise BootstrapTableError(
+                        f"{self.name}: entry at cell {off} stayed mid-write for "
+                        f"{MAX_READ_STALL_S} s; its region writer died. Restart that "
+                        f"dispatcher (region_writer() repairs the region).")
+
+    def _timeout_error(self, room: int, timeout_s: float, entry: BootstrapEntry | None,
+                       states: tuple[int, ...]) -> BootstrapTimeoutError:
+        wanted = "/".join(EntryState(s).name for s in states)
+        if entry is None:
+            return BootstrapTimeoutError(
+                f"bootstrap_room {room}: no prefill placed it within {timeout_s} s "
+                f"(prefill never came, or the gateway retried with a new room)")
+        return BootstrapTimeoutError(
+            f"bootstrap_room {room}: still {EntryState(entry.state).name} on prefill rank "
+            f"{entry.prefill_rank} after {timeout_s} s (waited for {wanted})")
