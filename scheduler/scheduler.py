@@ -43,9 +43,7 @@ class Scheduler:
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
         self.reqs: dict[str, Req] = {}
-        num_d = cfg.num_dispatchers
-        self.acked_reqs = [0] * num_d
-        self.acked_tokens = [0] * num_d
+        self.acked_reqs, self.acked_tokens = board_row.acked_counts()
         self.outbox: dict[str, Req] = {}  # requests with something to send this step
         self.stopped = False
         self._decoders: dict[str, object] = {}

@@ -55,6 +55,12 @@ class RankWriter:
         mv[b + SEQ] = seq + 2
         self._seq = seq + 2
 
+    def acked_counts(self) -> tuple[list[int], list[int]]:
+        """The acked totals this row holds now. A scheduler that takes over a row (a
+        restarted rank) continues from them: the dispatchers' counters never reset."""
+        mv, b, d = self.board._mv, self._base, self._d
+        return ([mv[b + ACKED + i] for i in range(d)], [mv[b + ACKED + d + i] for i in range(d)])
+
     def set_capacity(self, max_total_num_tokens: int, max_running_requests: int) -> None:
         mv, b = self.board._mv, self._base
         seq = self._seq

@@ -1,0 +1,137 @@
+"""The real model under the real rank scheduler: batching correctness, board truth,
+and the rank process's start-up/shutdown handshake."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import random
+
+import pytest
+
+from engine.sampling import SamplingParams
+from scheduler.config import SchedulerConfig
+from scheduler.messages import (BatchOutput, GenerateReq, RankReady, ShutdownReq,
+                                decode_to_server, encode)
+from scheduler.scheduler import Scheduler
+from shm.board import LoadBoard, RankStatus
+from shm.segment import new_launch_id
+
+FOREVER = 1 << 62
+
+
+@pytest.fixture(scope="module")
+def executor():
+    from engine.executor import ModelExecutor
+    cfg = SchedulerConfig(dp_rank=0, board_name="unused", max_total_tokens=8192, device="cpu")
+    return ModelExecutor.from_config(cfg)
+
+
+@pytest.fixture
+def board():
+    b = LoadBoard.create(1, 1, launch_id=new_launch_id())
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+def run_all(board, executor, msgs_by_step, **cfg_kw):
+    """Deliver ``msgs_by_step[i]`` at step i (dispatching each first), step until idle.
+    Returns {rid: output ids}, checking the board row after every batch."""
+    cfg = SchedulerConfig(dp_rank=0, board_name=board.name, **cfg_kw)
+    sent: list[BatchOutput] = []
+    sched = Scheduler(cfg, executor, board.rank_writer(0), sent.append, executor.tokenizer)
+    dispatcher = board.dispatcher_writer(0)
+    step = 0
+    while step < len(msgs_by_step) or sched.has_work:
+        msgs = msgs_by_step[step] if step < len(msgs_by_step) else []
+        for m in msgs:
+            dispatcher.bump(0, m.counted_tokens)
+        sched.step(msgs)
+        snap = board.snapshot()
+        held = sched.running + list(sched.waiting)
+        assert snap.num_reqs[0] == len(held)
+        assert snap.num_tokens[0] == sum(r.num_computed for r in sched.running) + sum(
+            r.prompt_len - r.num_computed for r in held if r.is_prefilling)
+        step += 1
+        assert step < 5000
+    assert executor.kv.num_used == 0
+    assert board.read_effective(FOREVER)[:2] == ([0], [0])
+    outputs: dict[str, list[int]] = {}
+    for batch in sent:
+        for o in batch.outputs:
+            outputs.setdefault(o.rid, []).extend(o.new_token_ids)
+    return outputs
+
+
+def make_req(rid, prompt, max_new, **params):
+    params.setdefault("temperature", 0.0)
+    return GenerateReq(rid=rid, input_ids=prompt, dispatcher_id=0, counted_tokens=len(prompt),
+                       sampling_params=SamplingParams(max_new_tokens=max_new, ignore_eos=True, **params))
+
+
+def test_sixteen_requests_together_equal_each_alone(board, executor):
+    """Greedy (and seeded sampling) outputs do not depend on what shares the batch."""
+    rng = random.Random(7)
+    reqs = []
+    for i in range(16):
+        prompt = [rng.randrange(3, 259) for _ in range(rng.randint(1, 150))]
+        params = {} if i % 4 else {"temperature": 0.8, "top_p": 0.9, "sampling_seed": i}
+        reqs.append((f"r{i}", prompt, rng.randint(1, 24), params))
+    alone = {}
+    for rid, prompt, max_new, params in reqs:
+        alone.update(run_all(board, executor, [[make_req(rid, prompt, max_new, **params)]]))
+    # Together: staggered arrivals, small prefill budget, so prefill chunks, decodes and
+    # new admissions share batches.
+    by_step = [[make_req(rid, p, m, **kw) for rid, p, m, kw in reqs[i:i + 3]] for i in range(0, 16, 3)]
+    together = run_all(board, executor, by_step, chunked_prefill_size=48, max_running_requests=10)
+    assert together == alone
+    assert all(len(alone[rid]) == m for rid, _, m, _ in reqs)
+
+
+def test_stop_strings_and_eos_finish_requests(board, executor):
+    prompt = list(b"Once upon a time")
+    free_run = run_all(board, executor, [[make_req("free", prompt, 40)]])["free"]
+    text = executor.tokenizer.decode(free_run)
+    stop = text[10:12]
+    assert stop
+    cut = run_all(board, executor, [[make_req("stop", prompt, 40, stop=[stop])]])["stop"]
+    assert len(cut) < 40
+    assert stop in executor.tokenizer.decode(cut)
+
+
+# ---- the rank process ----------------------------------------------------------------
+
+def test_rank_process_reports_ready_serves_and_shuts_down(board):
+    from scheduler.process import run_scheduler
+    ctx = mp.get_context("spawn")
+    req_recv, req_send = ctx.Pipe(duplex=False)
+    out_recv, out_send = ctx.Pipe(duplex=False)
+    cfg = SchedulerConfig(dp_rank=0, board_name=board.name, max_total_tokens=4096, device="cpu")
+    proc = ctx.Process(target=run_scheduler, args=(cfg, req_recv, out_send), daemon=True)
+    proc.start()
+    try:
+        assert out_recv.poll(60), "rank never reported"
+        ready = decode_to_server(out_recv.recv_bytes())
+        assert isinstance(ready, RankReady), ready
+        assert ready.max_total_num_tokens == 4096 and ready.device == "cpu"
+        assert board.snapshot().status[0] == RankStatus.READY
+        assert board.snapshot().max_total_num_tokens[0] == 4096
+        board.dispatcher_writer(0).bump(0, 5)
+        req_send.send_bytes(encode(make_req("p", [10, 20, 30, 40, 50], 6)))
+        tokens, finish = [], None
+        while finish is None:
+            assert out_recv.poll(30), "no output"
+            msg = decode_to_server(out_recv.recv_bytes())
+            for o in msg.outputs:
+                tokens.extend(o.new_token_ids)
+                finish = o.finish_reason
+        assert finish == {"type": "length", "length": 6} and len(tokens) == 6
+        req_send.send_bytes(encode(ShutdownReq()))
+        proc.join(30)
+        assert proc.exitcode == 0
+        assert board.snapshot().status[0] == RankStatus.DEAD
+    finally:
+        if proc.is_alive():
+            proc.kill()
+            proc.join(10)
