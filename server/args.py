@@ -1,0 +1,192 @@
+"""Server arguments: SGLang's flag names, one frozen dataclass, the CLI built from it.
+
+``ServerArgs`` holds what the user asked for; every field is a flag (``dp_size`` ->
+``--dp-size``) whose default is the field's default. ``resolve_args`` turns the
+``auto``/``None`` values into concrete ones once, at start-up, before any process is
+spawned, so the launcher, the ranks and ``/server_info`` all see the same values:
+
+- ``load_balance_method auto``: by role (``scheduler.policy.resolve_method``);
+- ``served_model_name``: ``model_path`` (SGLang's default);
+- ``tokenizer_path``: the local folder holding the tokenizer (the built-in ``tiny``
+  model's committed folder), so a gateway reading ``/model_info`` finds it on disk;
+- ``context_length``: the model's own (``config.json``), read without torch.
+
+``device auto`` is the exception: only the ranks import torch, so each rank resolves
+it and reports the result in its ready message. Per-rank limits left at ``None``
+(``max_running_requests``, ``max_total_tokens``) are derived by the ranks, likewise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import types
+import typing
+import warnings
+from dataclasses import dataclass, field
+
+logger = logging.getLogger(__name__)
+
+DISAGGREGATION_MODES = ("null", "prefill", "decode", "pd")
+ROLE_BY_DISAGGREGATION_MODE = {"null": "mixed", "prefill": "prefill", "decode": "decode"}
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+EXECUTORS = ("real", "sim")
+
+
+class InvalidServerArgs(ValueError):
+    """A flag value the server cannot run with; the message names the flag."""
+
+
+def _flag(help_text: str, **extra) -> dict:
+    return {"metadata": {"help": help_text, **extra}}
+
+
+@dataclass(frozen=True)
+class ServerArgs:
+    host: str = field(default="127.0.0.1", **_flag("address to listen on"))
+    port: int = field(default=30000, **_flag("HTTP port"))
+    model_path: str = field(default="tiny", **_flag(
+        "checkpoint folder, or 'tiny' for the built-in test model (nothing to download)"))
+    served_model_name: str | None = field(default=None, **_flag(
+        "model id in OpenAI responses (default: --model-path)"))
+    tokenizer_path: str | None = field(default=None, **_flag(
+        "tokenizer folder (default: the model's)"))
+    dp_size: int = field(default=1, **_flag("number of data-parallel ranks (one process each)"))
+    load_balance_method: str = field(default="auto", **_flag(
+        "round_robin, follow_bootstrap_room, total_requests, total_tokens or auto"))
+    max_running_requests: int | None = field(default=None, **_flag(
+        "per rank (default: derived by the rank)"))
+    max_total_tokens: int | None = field(default=None, **_flag(
+        "KV pool size in tokens per rank (default: derived from memory)"))
+    chunked_prefill_size: int = field(default=512, **_flag("prefill tokens per batch"))
+    context_length: int | None = field(default=None, **_flag(
+        "max prompt + output tokens (default: the model's)"))
+    device: str = field(default="auto", **_flag("auto, cpu, cuda or cuda:N"))
+    log_level: str = field(default="info", **_flag("logging level", choices=LOG_LEVELS))
+    disaggregation_mode: str = field(default="null", **_flag(
+        "null (mixed ranks); prefill, decode and pd are reserved for PD disaggregation",
+        choices=DISAGGREGATION_MODES))
+    executor: str = field(default="real", **_flag(
+        "real (the torch model) or sim (simulated accelerator, for benchmarks)",
+        choices=EXECUTORS))
+    sim_profile: str = field(default="tiny-cpu", **_flag(
+        "with --executor sim: a profile name in scheduler/sim_profiles or a .json path"))
+    random_seed: int = field(default=0, **_flag("seed of the ranks' sampling generators"))
+    heartbeat_interval_s: float = field(default=0.05, **_flag(
+        "how often an idle rank refreshes its heartbeat"))
+    stale_after_s: float = field(default=10.0, **_flag(
+        "a rank silent this long is not picked; must exceed the longest forward pass"))
+    startup_timeout_s: float = field(default=600.0, **_flag(
+        "give up if a rank is not ready after this long"))
+    shutdown_timeout_s: float = field(default=5.0, **_flag(
+        "at exit, how long ranks get to stop before they are terminated"))
+    max_queued_requests: int | None = field(default=None, **_flag(
+        "per rank: past running + this many queued, new requests get 503 (default: no bound)"))
+
+    @property
+    def role(self) -> str:
+        return ROLE_BY_DISAGGREGATION_MODE[self.disaggregation_mode]
+
+    @property
+    def stale_ns(self) -> int:
+        return int(self.stale_after_s * 1e9)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+
+def validate_args(args: ServerArgs) -> None:
+    """Raise ``InvalidServerArgs`` for values no launch can use."""
+    if not 0 <= args.port <= 65535:
+        raise InvalidServerArgs(f"--port must be in [0, 65535], got {args.port}")
+    if not 1 <= args.dp_size <= 1024:
+        raise InvalidServerArgs(f"--dp-size must be in [1, 1024], got {args.dp_size}")
+    if args.disaggregation_mode != "null":
+        raise InvalidServerArgs(
+            f"--disaggregation-mode {args.disaggregation_mode} is not supported yet; use null")
+    for name in ("max_running_requests", "max_total_tokens", "context_length"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise InvalidServerArgs(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.max_queued_requests is not None and args.max_queued_requests < 0:
+        raise InvalidServerArgs(f"--max-queued-requests must be >= 0, got {args.max_queued_requests}")
+    if args.chunked_prefill_size < 1:
+        raise InvalidServerArgs("--chunked-prefill-size must be >= 1")
+    if args.heartbeat_interval_s <= 0 or args.stale_after_s <= 4 * args.heartbeat_interval_s:
+        raise InvalidServerArgs("--stale-after-s must exceed several --heartbeat-interval-s (> 0)")
+
+
+def resolve_args(args: ServerArgs) -> ServerArgs:
+    """The same arguments with every ``auto``/``None`` the API can settle made concrete."""
+    from engine.config import ModelLoadError, load_model_config
+    from scheduler.policy import InvalidLoadBalanceMethod, resolve_method
+
+    validate_args(args)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", DeprecationWarning)
+            method = resolve_method(args.load_balance_method, args.role).value
+    except InvalidLoadBalanceMethod as exc:
+        raise InvalidServerArgs(f"--load-balance-method: {exc}") from None
+    for w in caught:  # a deprecated alias: say so where a server user looks, the log
+        logger.warning("--load-balance-method: %s", w.message)
+    try:
+        model_ctx = load_model_config(args.model_path).context_len
+    except ModelLoadError as exc:
+        raise InvalidServerArgs(f"--model-path: {exc}") from None
+    if args.context_length is not None and args.context_length > model_ctx:
+        raise InvalidServerArgs(
+            f"--context-length {args.context_length} exceeds the model's {model_ctx}")
+    return dataclasses.replace(
+        args,
+        load_balance_method=method,
+        served_model_name=args.served_model_name or args.model_path,
+        tokenizer_path=args.tokenizer_path or local_model_path(args.model_path),
+        context_length=args.context_length or model_ctx,
+    )
+
+
+def local_model_path(model_path: str) -> str:
+    """The folder on disk that holds the model's config and tokenizer files."""
+    if model_path == "tiny":
+        from engine.tiny import tiny_model_path
+        return tiny_model_path()
+    return model_path
+
+
+# ---- CLI ---------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m engine.serve",
+        description="Serve a model over N data-parallel ranks balanced through a shared-memory "
+                    "load board (SGLang- and OpenAI-compatible HTTP API).")
+    hints = typing.get_type_hints(ServerArgs)
+    for f in dataclasses.fields(ServerArgs):
+        kind, optional = _scalar_type(hints[f.name])
+        kwargs = {"dest": f.name, "default": f.default, "help": f.metadata.get("help", "")}
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = kind
+            kwargs["metavar"] = f.name.upper()
+        kwargs["help"] += " (default: %(default)s)"
+        parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> ServerArgs:
+    namespace = build_parser().parse_args(argv)
+    return ServerArgs(**vars(namespace))
+
+
+def _scalar_type(hint) -> tuple[type, bool]:
+    """``int | None`` -> (int, True); ``str`` -> (str, False)."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0], True
+    return hint, False

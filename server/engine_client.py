@@ -1,0 +1,215 @@
+"""The API process's handle on the ranks: dispatch requests, stream their outputs back.
+
+One ``EngineClient`` per API process, used from its event loop only (like the
+``Dispatcher`` inside it, it is not thread-safe). It owns no process: the launch's
+``EngineProcesses`` does; the client uses the ranks' pipes and the board.
+
+Request life cycle:
+1. ``submit`` checks that some rank can take the request (503 otherwise), asks the
+   dispatcher for a rank (which counts it on the board), queues ``GenerateReq`` on
+   that rank's request pipe (``server.rank_pipe``: never blocks the loop, even if the
+   rank stopped reading) and returns a ``RequestHandle``;
+2. the ``RankMonitor`` reads every rank's outputs and puts each ``ReqOutput`` into its
+   request's queue (``server.inflight``); it also fails the requests of a rank that
+   dies or stalls;
+3. the route consumes ``outputs(handle)`` until a finish reason; leaving early (the
+   client went away) sends ``AbortReq``, so the rank frees the KV and its load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+from engine.config import ModelConfig, load_model_config
+from engine.sampling import SamplingParams
+from engine.tokenizer import Tokenizer
+from scheduler.dispatcher import Dispatcher
+from scheduler.messages import AbortReq, FlushCacheReq, GenerateReq, ReqOutput, encode
+from scheduler.policy import (InvalidDpRankError, MissingBootstrapRoomError,
+                              RankUnavailableError)
+from server.args import ServerArgs
+from server.errors import BadRequest, RequestFailed, ServiceUnavailable
+from server.inflight import InFlight, MetricsObserver, RequestHandle
+from server.rank_monitor import RankMonitor
+from server.rank_pipe import PipeBackedUp, RequestPipe
+from server.ranks import API_DISPATCHER_ID, EngineProcesses, RankHandle
+from shm.board import RankStatus
+
+__all__ = ["EngineClient", "MetricsObserver", "RequestHandle"]
+
+
+class EngineClient:
+    def __init__(self, args: ServerArgs, processes: EngineProcesses, tokenizer: Tokenizer,
+                 model_config: ModelConfig):
+        if any(r.ready is None for r in processes.ranks):
+            raise ValueError("every rank must be ready before the API serves")
+        self.args = args
+        self.board = processes.board
+        self.ranks: list[RankHandle] = processes.ranks
+        self.tokenizer = tokenizer
+        self.model_config = model_config
+        self.context_len = min(args.context_length or 1 << 62,
+                               *(r.ready.context_len for r in self.ranks))
+        self.max_total_num_tokens = min(r.ready.max_total_num_tokens for r in self.ranks)
+        self.dispatcher = Dispatcher(self.board, API_DISPATCHER_ID, args.load_balance_method,
+                                     stale_ns=args.stale_ns)
+        self.inflight = InFlight()
+        self.monitor = RankMonitor(processes, self.inflight, args.stale_ns, self.abort)
+        self.is_serving = False
+        self.started_at = time.time()
+        self._pipes: dict[int, RequestPipe] = {}
+
+    @classmethod
+    def from_processes(cls, args: ServerArgs, processes: EngineProcesses) -> "EngineClient":
+        """Load what the API needs of the model: tokenizer and config (no torch)."""
+        tokenizer = Tokenizer.from_folder(args.tokenizer_path)
+        return cls(args, processes, tokenizer, load_model_config(args.model_path))
+
+    @property
+    def observer(self) -> MetricsObserver:
+        return self.inflight.observer
+
+    @observer.setter
+    def observer(self, observer: MetricsObserver) -> None:
+        self.inflight.observer = observer
+
+    # ---- lifetime (called by the app's lifespan, inside the serving loop) ---------------
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for rank in self.ranks:
+            self._pipes[rank.dp_rank] = RequestPipe(rank.req_conn, loop)
+        self.monitor.start(loop)
+        self.is_serving = True
+
+    async def stop(self) -> None:
+        self.is_serving = False
+        self.monitor.stop()
+        self.inflight.fail_all("the server is shutting down")
+        for rank in self.ranks:
+            pipe = self._pipes.pop(rank.dp_rank, None)
+            if pipe is not None and not pipe.detach() and rank.lost_reason is None:
+                # A half-written frame: the launcher must not send ShutdownReq after it.
+                rank.lost_reason = "its request pipe is stuck"
+
+    # ---- requests ----------------------------------------------------------------------
+    def submit(self, rid: str, input_ids: list[int], params: SamplingParams, *,
+               return_logprob: bool = False, top_logprobs_num: int = 0,
+               routed_dp_rank: int | None = None, bootstrap_room: int | None = None,
+               disagg_prefill_dp_rank: int | None = None) -> RequestHandle:
+        """Dispatch one checked request. Raises ``BadRequest`` or ``ServiceUnavailable``."""
+        if not self.is_serving:
+            raise ServiceUnavailable("the server is not serving (starting or stopping)")
+        if rid in self.inflight:
+            raise BadRequest(f"rid {rid!r} is already in use by a running request")
+        self._check_capacity(routed_dp_rank)
+        try:
+            dp_rank = self.dispatcher.pick(len(input_ids), routed_dp_rank, bootstrap_room)
+        except (InvalidDpRankError, MissingBootstrapRoomError) as exc:
+            raise BadRequest(str(exc)) from None
+        except RankUnavailableError as exc:
+            raise ServiceUnavailable(str(exc)) from None
+        rank = self.ranks[dp_rank]
+        if not rank.is_usable:  # lost a moment ago; its board row is not DEAD yet
+            raise ServiceUnavailable(f"rank {dp_rank} is unavailable: {rank.lost_reason}")
+        self._send(rank, GenerateReq(
+            rid=rid, input_ids=input_ids, sampling_params=params,
+            dispatcher_id=API_DISPATCHER_ID, counted_tokens=len(input_ids),
+            return_logprob=return_logprob, top_logprobs_num=top_logprobs_num,
+            arrival_time=time.time(), bootstrap_room=bootstrap_room,
+            disagg_prefill_dp_rank=disagg_prefill_dp_rank))
+        handle = RequestHandle(rid, dp_rank, len(input_ids))
+        self.inflight.add(handle)
+        return handle
+
+    async def outputs(self, handle: RequestHandle) -> AsyncIterator[ReqOutput]:
+        """The request's outputs up to and including the one with a finish reason.
+
+        Raises ``RequestFailed`` if its rank fails. Closing the iterator before the end
+        (the client disconnected) aborts the request on its rank; use it under
+        ``contextlib.aclosing`` so that happens at once.
+        """
+        try:
+            while True:
+                item = await handle.queue.get()
+                if isinstance(item, RequestFailed):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            if not handle.is_finished:
+                self.abort(handle, "the client disconnected")
+
+    def abort(self, handle: RequestHandle, message: str) -> None:
+        """Stop a request: forget it here and tell its rank to free it."""
+        self.inflight.remove(handle)
+        rank = self.ranks[handle.dp_rank]
+        if rank.lost_reason is None and self.is_serving:
+            try:
+                self._send(rank, AbortReq(rid=handle.rid, message=message))
+            except ServiceUnavailable:
+                pass  # the rank is gone or not reading: nothing to free there now
+
+    def flush_cache(self) -> int:
+        """Ask every usable rank to drop its unused cache; returns how many were asked."""
+        asked = 0
+        for rank in self.ranks:
+            if rank.is_usable:
+                try:
+                    self._send(rank, FlushCacheReq())
+                    asked += 1
+                except ServiceUnavailable:
+                    pass
+        return asked
+
+    def _send(self, rank: RankHandle, msg) -> None:
+        """Queue a message on the rank's request pipe (never blocks the loop)."""
+        try:
+            self._pipes[rank.dp_rank].send(encode(msg))
+        except PipeBackedUp as exc:
+            raise ServiceUnavailable(f"rank {rank.dp_rank} is not reading requests: {exc}") from None
+        except (OSError, ValueError, KeyError) as exc:
+            self.monitor.rank_lost(rank, f"its request pipe failed ({exc!r})")
+            raise ServiceUnavailable(f"rank {rank.dp_rank} is unavailable") from None
+
+    def _check_capacity(self, routed_dp_rank: int | None) -> None:
+        """503 unless some live rank (or the routed one) has room in its queue."""
+        eff_reqs, _, alive = self.board.read_effective(self.args.stale_ns)
+        alive = [a and r.lost_reason is None for a, r in zip(alive, self.ranks)]
+        if not any(alive):
+            raise ServiceUnavailable("no rank is alive")
+        max_queued = self.args.max_queued_requests
+        if max_queued is None:
+            return
+        candidates = range(len(self.ranks))
+        if isinstance(routed_dp_rank, int) and 0 <= routed_dp_rank < len(self.ranks):
+            candidates = [routed_dp_rank]
+        if not any(alive[r] and eff_reqs[r] < self.ranks[r].ready.max_running_requests + max_queued
+                   for r in candidates):
+            raise ServiceUnavailable("every rank is full (running + queued requests at the "
+                                     "limit); retry later")
+
+    # ---- state for /health, /server_info -------------------------------------------------
+    def live_ranks(self) -> list[int]:
+        """Ranks a request can go to now: not lost, READY on the board, heartbeat fresh."""
+        _, _, alive = self.board.read_effective(self.args.stale_ns)
+        return [r.dp_rank for r, a in zip(self.ranks, alive) if a and r.lost_reason is None]
+
+    @property
+    def status(self) -> str:
+        """``ok``, ``degraded`` (some ranks dead or stalled), ``unavailable`` (none
+        live) or ``not_serving`` (starting or stopping)."""
+        if not self.is_serving:
+            return "not_serving"
+        num_live = len(self.live_ranks())
+        return "ok" if num_live == len(self.ranks) else "degraded" if num_live else "unavailable"
+
+    def rank_summaries(self) -> list[dict]:
+        snap = self.board.snapshot()
+        return [{
+            "dp_rank": r.dp_rank, "pid": r.ready.pid, "device": r.ready.device,
+            "status": RankStatus(int(snap.status[r.dp_rank])).name.lower(),
+            "lost_reason": r.lost_reason,
+        } for r in self.ranks]

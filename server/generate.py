@@ -1,0 +1,130 @@
+"""SGLang's ``POST /generate`` (also PUT): one prompt or a batch, streamed or not.
+
+Response, per prompt: ``{"text", "output_ids", "meta_info"}`` (a list for a batch).
+Streaming sends one event per rank output, each *cumulative* (the whole text and all
+``output_ids`` so far, cumulative ``completion_tokens``), as SGLang's benchmark
+client expects; batch events carry ``"index"``. A batch of B prompts with
+``sampling_params.n = k`` becomes B*k requests, prompt-major.
+"""
+
+from __future__ import annotations
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from server.engine_client import EngineClient
+from server.errors import ApiError, BadRequest
+from server.protocol import GenerateRequest, decode_body, to_sampling_params
+from server.request_flow import (PreparedRequest, Progress, RunningRequest, check_request,
+                                 new_rid, release, run_all, start_all)
+from server.sse import DONE, SSEResponse, error_event, event, merged, unless_disconnected
+
+
+async def generate(request: Request) -> Response:
+    engine: EngineClient = request.state.engine
+    body = decode_body(await request.body(), GenerateRequest)
+    prepared, is_batch = prepare_generate(engine, body)
+    running = start_all(engine, prepared)
+    if body.stream:
+        return SSEResponse(stream_generate(running, is_batch))
+    try:
+        results = await unless_disconnected(request, run_all(running))
+    finally:
+        release(running)
+    out = [generate_result(p, r.prepared.return_logprob) for p, r in zip(results, running)]
+    return JSONResponse(out if is_batch else out[0])
+
+
+async def stream_generate(running: list[RunningRequest], is_batch: bool):
+    try:
+        async for index, progress in merged([r.progress() for r in running]):
+            chunk = generate_result(progress, running[index].prepared.return_logprob)
+            if is_batch:
+                chunk["index"] = index
+            yield event(chunk)
+    except ApiError as exc:
+        yield error_event(exc)
+    finally:
+        release(running)
+    yield DONE
+
+
+def generate_result(p: Progress, return_logprob: bool = False) -> dict:
+    meta = {
+        "id": p.rid, "finish_reason": p.finish_reason, "prompt_tokens": p.prompt_tokens,
+        "completion_tokens": p.completion_tokens, "cached_tokens": p.cached_tokens,
+        "e2e_latency": p.e2e_latency, "dp_rank": p.dp_rank,
+    }
+    if return_logprob:
+        meta["output_token_logprobs"] = [[lp, tid, None]
+                                         for lp, tid in zip(p.output_logprobs, p.output_ids)]
+    return {"text": p.text, "output_ids": list(p.output_ids), "meta_info": meta}
+
+
+# ---- request -> prepared requests ---------------------------------------------------------
+def prepare_generate(engine: EngineClient, body: GenerateRequest) -> tuple[list[PreparedRequest], bool]:
+    """Validate and tokenize; returns one ``PreparedRequest`` per (prompt, n) and
+    whether the body was a batch. Raises ``BadRequest``."""
+    prompts, is_batch = _prompts(engine, body)
+    size = len(prompts)
+    params_list = _per_item(body.sampling_params, size, "sampling_params")
+    rids = _per_item(body.rid, size, "rid")
+    logprob = _per_item(body.return_logprob, size, "return_logprob")
+    top_n = _per_item(body.top_logprobs_num, size, "top_logprobs_num")
+    routed = body.routed_dp_rank if body.routed_dp_rank is not None else body.data_parallel_rank
+    routed_list = _per_item(routed, size, "routed_dp_rank")
+    prefill_rank = _per_item(body.disagg_prefill_dp_rank, size, "disagg_prefill_dp_rank")
+    rooms = _rooms(body.bootstrap_room, size)
+    prepared = []
+    for i, ids in enumerate(prompts):
+        params = to_sampling_params(params_list[i])
+        check_request(engine, ids, params)
+        copies = params.n
+        rid = rids[i] or new_rid()
+        if copies > 1:
+            params = msgspec.structs.replace(params, n=1)
+        for j in range(copies):
+            prepared.append(PreparedRequest(
+                rid=rid if copies == 1 else f"{rid}_{j}", input_ids=ids, params=params,
+                return_logprob=bool(logprob[i]), top_logprobs_num=top_n[i] or 0,
+                routed_dp_rank=routed_list[i], bootstrap_room=rooms[i],
+                disagg_prefill_dp_rank=prefill_rank[i]))
+    return prepared, is_batch or len(prepared) > 1
+
+
+def _prompts(engine: EngineClient, body: GenerateRequest) -> tuple[list[list[int]], bool]:
+    if (body.text is None) == (body.input_ids is None):
+        raise BadRequest("give exactly one of text or input_ids")
+    if body.text is not None:
+        texts = [body.text] if isinstance(body.text, str) else body.text
+        if not texts:
+            raise BadRequest("text is an empty batch")
+        return [engine.tokenizer.encode(t) for t in texts], not isinstance(body.text, str)
+    ids = body.input_ids
+    if ids and all(isinstance(x, list) for x in ids):
+        return [list(x) for x in ids], True
+    if any(isinstance(x, list) for x in ids):
+        raise BadRequest("input_ids must be a list of token ids or a list of such lists")
+    return [ids], False
+
+
+def _per_item(value, size: int, name: str) -> list:
+    """A scalar applies to every item; a list must have one entry per item."""
+    if isinstance(value, list):
+        if len(value) != size:
+            raise BadRequest(f"{name} has {len(value)} entries for a batch of {size}")
+        return value
+    return [value] * size
+
+
+def _rooms(room, size: int) -> list[int | None]:
+    """A scalar ``bootstrap_room`` in a batch means room + i (SGLang's rule)."""
+    if isinstance(room, list):
+        return _per_item(room, size, "bootstrap_room")
+    return [None if room is None else room + i for i in range(size)]
+
+
+def generate_routes() -> list[Route]:
+    return [Route("/generate", generate, methods=["POST", "PUT"])]

@@ -1,0 +1,89 @@
+"""The requests the API has dispatched and not yet seen finish, keyed by rid.
+
+Each ``RequestHandle`` has an asyncio queue that receives, in order, the request's
+``ReqOutput``s and at most one ``RequestFailed`` (then nothing more). A handle leaves
+the registry when its finish output arrives, when it fails, or when the route aborts
+it; later outputs for its rid are dropped. Event-loop thread only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from scheduler.messages import ReqOutput
+from server.errors import RequestFailed
+
+
+@dataclass(eq=False)
+class RequestHandle:
+    rid: str
+    dp_rank: int
+    prompt_len: int
+    arrival_time: float = field(default_factory=time.monotonic)
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    is_finished: bool = False
+
+
+class MetricsObserver:
+    """Told about every output as it arrives; ``server.metrics`` implements it."""
+
+    def on_first_token(self, ttft_s: float) -> None: ...
+    def on_tokens(self, num_tokens: int, interval_s: float) -> None: ...
+    def on_finish(self, e2e_s: float, prompt_tokens: int, completion_tokens: int) -> None: ...
+
+
+class InFlight:
+    def __init__(self) -> None:
+        self._reqs: dict[str, RequestHandle] = {}
+        self.observer = MetricsObserver()
+
+    def __len__(self) -> int:
+        return len(self._reqs)
+
+    def __contains__(self, rid: str) -> bool:
+        return rid in self._reqs
+
+    def add(self, handle: RequestHandle) -> None:
+        self._reqs[handle.rid] = handle
+
+    def remove(self, handle: RequestHandle) -> None:
+        handle.is_finished = True
+        self._reqs.pop(handle.rid, None)
+
+    def on_rank(self, dp_rank: int) -> list[RequestHandle]:
+        return [h for h in self._reqs.values() if h.dp_rank == dp_rank]
+
+    def deliver(self, dp_rank: int, out: ReqOutput, now: float) -> None:
+        handle = self._reqs.get(out.rid)
+        if handle is None or handle.dp_rank != dp_rank:
+            return  # aborted or failed already
+        if out.new_token_ids:
+            if handle.first_token_time is None:
+                handle.first_token_time = now
+                self.observer.on_first_token(now - handle.arrival_time)
+            else:
+                self.observer.on_tokens(len(out.new_token_ids), now - handle.last_token_time)
+            handle.last_token_time = now
+        if out.finish_reason is not None:
+            self.remove(handle)
+            self.observer.on_finish(now - handle.arrival_time, out.prompt_tokens,
+                                    out.completion_tokens)
+        handle.queue.put_nowait(out)
+
+    def fail(self, handle: RequestHandle, message: str) -> None:
+        self.remove(handle)
+        handle.queue.put_nowait(RequestFailed(message))
+
+    def fail_rank(self, dp_rank: int, message: str) -> list[RequestHandle]:
+        failed = self.on_rank(dp_rank)
+        for handle in failed:
+            self.fail(handle, message)
+        return failed
+
+    def fail_all(self, message: str) -> None:
+        for handle in list(self._reqs.values()):
+            self.fail(handle, message)

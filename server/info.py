@@ -1,0 +1,178 @@
+"""Health, information and load routes (what gateways poll), and ``/flush_cache``.
+
+- ``/health``: 200 while at least one rank can serve (body ``{"status": "ok"}`` or
+  ``"degraded"`` with the dead ranks), 503 when none can or the server is not serving:
+  gateways mark a worker unhealthy on non-2xx, and a degraded engine still serves.
+- ``/health_generate``: one greedy token through every live rank.
+- ``/server_info`` (``/get_server_info``), ``/model_info`` (``/get_model_info``): the
+  resolved arguments and model facts; paths are local folders so a gateway never
+  tries to fetch a tokenizer from a hub.
+- ``/get_load``: a JSON list, one object per rank (sglang-router sums ``num_tokens``);
+  ``/v1/loads`` (alias ``/loads``): SGLang's richer shape, as smg polls it. Loads are
+  the *effective* ones the dispatcher balances on: what the rank reported plus what
+  was dispatched to it and not yet received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from datetime import datetime, timezone
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from engine.sampling import SamplingParams
+from server import __version__
+from server.args import local_model_path
+from server.engine_client import EngineClient
+from server.errors import ApiError, BadRequest, ServiceUnavailable
+from server.request_flow import PreparedRequest, new_rid, release, run_all, start
+from shm.board import RankStatus
+
+HEALTH_GENERATE_TIMEOUT_S = 20.0
+
+
+async def health(request: Request) -> Response:
+    engine: EngineClient = request.state.engine
+    status = engine.status
+    body = {"status": status, "dead_ranks": _down_ranks(engine)}
+    return JSONResponse(body, status_code=200 if status in ("ok", "degraded") else 503)
+
+
+async def health_generate(request: Request) -> Response:
+    engine: EngineClient = request.state.engine
+    live = engine.live_ranks()
+    if not engine.is_serving or not live:
+        raise ServiceUnavailable(f"no rank can serve (status {engine.status})")
+    params = SamplingParams(max_new_tokens=1, temperature=0.0)
+    ids = engine.tokenizer.encode("ping") or [0]
+    running = []
+    try:
+        for rank in live:
+            prepared = PreparedRequest(rid=f"health_generate_{new_rid()}", input_ids=ids,
+                                       params=params, routed_dp_rank=rank)
+            running.append(start(engine, prepared))
+        await asyncio.wait_for(run_all(running), HEALTH_GENERATE_TIMEOUT_S)
+    except (ApiError, asyncio.TimeoutError) as exc:
+        raise ServiceUnavailable(f"health_generate failed: {exc or 'timed out'}") from None
+    finally:
+        release(running, "health check ended")
+    return JSONResponse({"status": engine.status, "ranks": live})
+
+
+async def server_info(request: Request) -> Response:
+    engine: EngineClient = request.state.engine
+    args = engine.args
+    ready = [r.ready for r in engine.ranks]
+    return JSONResponse({
+        **dataclasses.asdict(args),
+        "model_path": local_model_path(args.model_path),
+        "tp_size": 1,
+        "context_length": engine.context_len,
+        "max_total_num_tokens": engine.max_total_num_tokens,
+        "max_running_requests": min(r.max_running_requests for r in ready),
+        "device": ready[0].device,
+        "version": __version__,
+        "status": engine.status,
+        "dead_ranks": _down_ranks(engine),
+        "ranks": engine.rank_summaries(),
+        "is_simulated": args.executor == "sim",
+    })
+
+
+async def model_info(request: Request) -> Response:
+    engine: EngineClient = request.state.engine
+    args = engine.args
+    return JSONResponse({
+        "model_path": local_model_path(args.model_path),
+        "tokenizer_path": args.tokenizer_path,
+        "served_model_name": args.served_model_name,
+        "is_generation": True,
+        "architectures": list(engine.model_config.architectures),
+        "model_type": engine.model_config.model_type,
+        "disaggregation_mode": args.disaggregation_mode,
+        "context_length": engine.context_len,
+        "vocab_size": engine.model_config.vocab_size,
+    })
+
+
+async def get_load(request: Request) -> Response:
+    engine: EngineClient = request.state.engine
+    return JSONResponse([{k: row[k] for k in ("dp_rank", "num_reqs", "num_waiting_reqs",
+                                              "num_tokens")} for row in _loads(engine)])
+
+
+async def v1_loads(request: Request) -> Response:
+    engine: EngineClient = request.state.engine
+    rows = _loads(engine)
+    dp_rank = request.query_params.get("dp_rank")
+    if dp_rank is not None:
+        if not dp_rank.isdigit() or int(dp_rank) >= len(rows):
+            raise BadRequest(f"dp_rank must be an integer in [0, {len(rows)})")
+        rows = [rows[int(dp_rank)]]
+    n = max(len(rows), 1)
+    return JSONResponse({
+        "timestamp": datetime.now(timezone.utc).isoformat(),
+        "version": __version__,
+        "dp_rank_count": len(rows),
+        "loads": rows,
+        "aggregate": {
+            "total_running_reqs": sum(r["num_running_reqs"] for r in rows),
+            "total_waiting_reqs": sum(r["num_waiting_reqs"] for r in rows),
+            "total_reqs": sum(r["num_total_reqs"] for r in rows),
+            "avg_token_usage": round(sum(r["token_usage"] for r in rows) / n, 4),
+        },
+    })
+
+
+async def flush_cache(request: Request) -> Response:
+    engine: EngineClient = request.state.engine
+    engine.flush_cache()
+    return PlainTextResponse("Cache flushed.\n")
+
+
+def _loads(engine: EngineClient) -> list[dict]:
+    snap = engine.board.snapshot()
+    eff_reqs, eff_tokens, in_flight = snap.effective_reqs, snap.effective_tokens, snap.in_flight_reqs
+    rows = []
+    for r in range(engine.board.num_ranks):
+        waiting = int(snap.num_waiting_reqs[r]) + max(int(in_flight[r]), 0)
+        running = max(int(eff_reqs[r]) - waiting, 0)
+        tokens = int(eff_tokens[r])
+        capacity = int(snap.max_total_num_tokens[r])
+        rows.append({
+            "dp_rank": r,
+            "num_reqs": int(eff_reqs[r]),
+            "num_running_reqs": running,
+            "num_waiting_reqs": waiting,
+            "num_total_reqs": running + waiting,
+            "num_tokens": tokens,
+            "num_used_tokens": tokens,
+            "max_total_num_tokens": capacity,
+            "max_running_requests": int(snap.max_running_requests[r]),
+            "token_usage": round(tokens / capacity, 4) if capacity > 0 else 0.0,
+            "status": RankStatus(int(snap.status[r])).name.lower(),
+        })
+    return rows
+
+
+def _down_ranks(engine: EngineClient) -> list[int]:
+    live = set(engine.live_ranks())
+    return [r.dp_rank for r in engine.ranks if r.dp_rank not in live]
+
+
+def info_routes() -> list[Route]:
+    return [
+        Route("/health", health, methods=["GET"]),
+        Route("/health_generate", health_generate, methods=["GET"]),
+        Route("/server_info", server_info, methods=["GET"]),
+        Route("/get_server_info", server_info, methods=["GET"]),
+        Route("/model_info", model_info, methods=["GET"]),
+        Route("/get_model_info", model_info, methods=["GET"]),
+        Route("/get_load", get_load, methods=["GET"]),
+        Route("/v1/loads", v1_loads, methods=["GET"]),
+        Route("/loads", v1_loads, methods=["GET"]),
+        Route("/flush_cache", flush_cache, methods=["GET", "POST"]),
+    ]

@@ -1,0 +1,133 @@
+"""``python -m engine.serve``: start the ranks, wait until all are ready, serve HTTP.
+
+Order, and why:
+1. parse and resolve the arguments (bad flags fail before anything starts);
+2. bind the listening socket (a busy port fails before minutes of model loading; the
+   socket does not accept until uvicorn serves, so nobody's request hangs meanwhile);
+3. ``EngineProcesses``: reclaim stale segments, create the board, spawn the ranks,
+   wait for every ``RankReady`` (a rank failing stops the launch with its message and
+   exit code 1);
+4. serve with uvicorn; log the "ready" line with the URL once it accepts.
+Exit: SIGINT/SIGTERM stop uvicorn (it handles them while serving; before that our
+handler turns them into ``SystemExit``), then ``finally`` stops the ranks and unlinks
+every segment, whatever happened before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import sys
+
+import uvicorn
+
+from server.app import create_app
+from server.args import InvalidServerArgs, ServerArgs, parse_args, resolve_args
+from server.engine_client import EngineClient
+from server.ranks import EngineProcesses, RankMain, RankStartupError
+
+logger = logging.getLogger("dpserve")
+
+EXIT_STARTUP_FAILED = 1
+EXIT_BAD_ARGS = 2
+GRACEFUL_SHUTDOWN_S = 5
+
+
+def main(argv: list[str] | None = None, rank_main: RankMain | None = None) -> int:
+    """Run the server until SIGINT/SIGTERM; returns the exit code (0 after a signal).
+
+    ``rank_main`` replaces ``scheduler.process.run_scheduler`` as the body of every rank
+    process (tests use it to run the API over stand-in ranks)."""
+    args = parse_args(argv)
+    _configure_logging(args.log_level)
+    _stop_on_signals()
+    try:
+        try:
+            args = resolve_args(args)
+        except InvalidServerArgs as exc:
+            logger.error("%s", exc)
+            return EXIT_BAD_ARGS
+        try:
+            sock = bind_socket(args.host, args.port)
+        except OSError as exc:
+            logger.error("cannot listen on %s:%d: %s", args.host, args.port, exc)
+            return EXIT_STARTUP_FAILED
+        with sock:
+            return serve(args, sock, rank_main)
+    except StopSignal as stop:
+        logger.info("received %s: stopped", signal.Signals(stop.signum).name)
+        return 0
+
+
+def serve(args: ServerArgs, sock: socket.socket, rank_main: RankMain | None = None) -> int:
+    processes = EngineProcesses(args, rank_main)
+    try:
+        processes.start()
+        logger.info("started %d rank(s) on board %s; waiting until they are ready",
+                    args.dp_size, processes.board.name)
+        processes.wait_ready(args.startup_timeout_s)
+        engine = EngineClient.from_processes(args, processes)
+        config = uvicorn.Config(create_app(engine), log_level=args.log_level, access_log=False,
+                                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, lifespan="on")
+        started = asyncio.run(_serve(uvicorn.Server(config), sock, args))
+        return 0 if started else EXIT_STARTUP_FAILED
+    except RankStartupError as exc:
+        logger.error("%s", exc)
+        return EXIT_STARTUP_FAILED
+    finally:
+        # Cleanup is bounded (shutdown_timeout_s, then terminate, then kill); a second
+        # Ctrl-C must not cut it short and leave ranks or segments behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        processes.close()
+        logger.info("stopped: every rank exited and every segment is unlinked")
+
+
+async def _serve(server: uvicorn.Server, sock: socket.socket, args: ServerArgs) -> bool:
+    """Serve until uvicorn exits; True if it ever accepted connections."""
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started and not task.done():
+        await asyncio.sleep(0.02)
+    if server.started:
+        url = args.url.rsplit(":", 1)[0] + f":{sock.getsockname()[1]}"
+        logger.info("ready: %s serving %s with %d rank(s), load balance method %s",
+                    url, args.served_model_name, args.dp_size, args.load_balance_method)
+    await task
+    return server.started
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(False)  # ranks must not keep the port open
+    return sock
+
+
+class StopSignal(BaseException):
+    """SIGINT/SIGTERM arrived outside uvicorn's own handling (start-up, or re-raised by
+    uvicorn after its graceful exit). A BaseException so that only ``main`` catches it
+    and every ``finally`` on the way cleans up."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop_on_signals() -> None:
+    def handler(signum, frame):
+        raise StopSignal(signum)
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")

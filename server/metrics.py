@@ -1,0 +1,115 @@
+"""``GET /metrics``: Prometheus text with SGLang's metric names.
+
+Each app has its own ``CollectorRegistry`` (never the process-global one), so two apps
+in one process (tests) do not share or collide.
+- Gauges per ``dp_rank`` are read from the load board at scrape time, so they are as
+  fresh as the ranks' last batch and cost nothing between scrapes:
+  ``sglang:num_running_reqs``, ``sglang:num_queue_reqs`` (waiting in the rank plus
+  dispatched but not yet received), ``sglang:num_used_tokens`` (the rank's
+  ``num_tokens``: KV tokens in use plus prompt tokens still to prefill) and
+  ``sglang:token_usage`` (that over the rank's KV pool size).
+- Histograms are observed by the engine client as outputs arrive:
+  ``sglang:time_to_first_token_seconds``, ``sglang:inter_token_latency_seconds``
+  (a batch output carrying k tokens after an interval t counts k intervals of t/k),
+  ``sglang:e2e_request_latency_seconds``; plus token and request counters.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from server.engine_client import EngineClient
+from server.inflight import MetricsObserver
+
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1, 2, 4, 6, 8, 10,
+                20, 40, 60, 80, 120, 160)
+ITL_BUCKETS = (0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.025, 0.03, 0.035, 0.04,
+               0.06, 0.08, 0.1, 0.2, 0.4, 0.6, 0.8, 1, 2, 4, 6, 8)
+E2E_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1, 2, 4, 6, 8, 10, 20, 40, 60, 80, 100, 150,
+               200, 250, 300, 350, 500, 1000)
+MAX_ITL_OBSERVATIONS = 64  # per output message; a huge batch output is rare
+
+
+class BoardCollector:
+    """Per-rank gauges straight from the board, on every scrape."""
+
+    def __init__(self, engine: EngineClient):
+        self.engine = engine
+
+    def describe(self):
+        return []  # nothing to check at registration; values exist only at scrape time
+
+    def collect(self):
+        engine = self.engine
+        snap = engine.board.snapshot()
+        labels = ["model_name", "dp_rank"]
+        families = {
+            "running": GaugeMetricFamily("sglang:num_running_reqs",
+                                         "Requests running in the rank's batch", labels=labels),
+            "queue": GaugeMetricFamily("sglang:num_queue_reqs",
+                                       "Requests waiting for the rank (queued or in transit)",
+                                       labels=labels),
+            "used": GaugeMetricFamily("sglang:num_used_tokens",
+                                      "KV tokens in use plus prompt tokens still to prefill",
+                                      labels=labels),
+            "usage": GaugeMetricFamily("sglang:token_usage", "num_used_tokens / KV pool size",
+                                       labels=labels),
+        }
+        in_flight = snap.in_flight_reqs
+        for r in range(engine.board.num_ranks):
+            values = [engine.args.served_model_name, str(r)]
+            waiting = int(snap.num_waiting_reqs[r])
+            used = int(snap.num_tokens[r])
+            capacity = int(snap.max_total_num_tokens[r])
+            families["running"].add_metric(values, int(snap.num_reqs[r]) - waiting)
+            families["queue"].add_metric(values, waiting + max(int(in_flight[r]), 0))
+            families["used"].add_metric(values, used)
+            families["usage"].add_metric(values, used / capacity if capacity > 0 else 0.0)
+        return list(families.values())
+
+
+class ServerMetrics(MetricsObserver):
+    def __init__(self, engine: EngineClient):
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(BoardCollector(engine))
+        name = engine.args.served_model_name
+        kw = {"labelnames": ["model_name"], "registry": self.registry}
+        self._ttft = Histogram("sglang:time_to_first_token_seconds", "Time to first token",
+                               buckets=TTFT_BUCKETS, **kw).labels(name)
+        self._itl = Histogram("sglang:inter_token_latency_seconds", "Time between tokens",
+                              buckets=ITL_BUCKETS, **kw).labels(name)
+        self._e2e = Histogram("sglang:e2e_request_latency_seconds", "Request latency, end to end",
+                              buckets=E2E_BUCKETS, **kw).labels(name)
+        self._prompt = Counter("sglang:prompt_tokens", "Prompt tokens of finished requests",
+                               **kw).labels(name)
+        self._generation = Counter("sglang:generation_tokens", "Generated tokens of finished "
+                                   "requests", **kw).labels(name)
+        self._requests = Counter("sglang:num_requests", "Finished requests", **kw).labels(name)
+
+    def on_first_token(self, ttft_s: float) -> None:
+        self._ttft.observe(ttft_s)
+
+    def on_tokens(self, num_tokens: int, interval_s: float) -> None:
+        per_token = interval_s / num_tokens
+        for _ in range(min(num_tokens, MAX_ITL_OBSERVATIONS)):
+            self._itl.observe(per_token)
+
+    def on_finish(self, e2e_s: float, prompt_tokens: int, completion_tokens: int) -> None:
+        self._e2e.observe(e2e_s)
+        self._prompt.inc(prompt_tokens)
+        self._generation.inc(completion_tokens)
+        self._requests.inc()
+
+
+async def metrics(request: Request) -> Response:
+    registry = request.state.metrics.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def metrics_routes() -> list[Route]:
+    return [Route("/metrics", metrics, methods=["GET"])]

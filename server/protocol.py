@@ -1,0 +1,150 @@
+"""Request bodies: SGLang's ``/generate`` and OpenAI's completions and chat, as msgspec.
+
+Decoding rules, the same for every route (``decode_body``):
+- the body must be a JSON object; unknown top-level keys are accepted and ignored
+  (gateways add ``model``, ``log_metrics``, ``lora_path`` ...);
+- a key whose value is ``null`` means "not given" and takes the default;
+- wrong types are a 400 naming the path (``$.sampling_params.max_new_tokens``).
+``sampling_params`` is stricter (``to_sampling_params``): an unknown key is a 400 that
+lists the valid ones, because a misspelt parameter silently ignored gives output the
+client did not ask for.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import msgspec
+
+from engine.sampling import SamplingParams
+from server.errors import BadRequest
+
+T = TypeVar("T")
+SAMPLING_KEYS = frozenset(SamplingParams.__struct_fields__)
+
+
+class GenerateRequest(msgspec.Struct, kw_only=True):
+    """SGLang ``POST /generate``: one prompt or a batch (lists)."""
+
+    text: str | list[str] | None = None
+    input_ids: list[Any] | None = None  # list[int] or list[list[int]], checked later
+    sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None
+    stream: bool = False
+    rid: str | list[str] | None = None
+    return_logprob: bool | list[bool] = False
+    logprob_start_len: int | list[int] = -1
+    top_logprobs_num: int | list[int] = 0
+    return_text_in_logprobs: bool = False
+    bootstrap_host: str | list[str] | None = None
+    bootstrap_port: int | list[int] | None = None
+    bootstrap_room: int | list[int] | None = None
+    routed_dp_rank: int | list[int] | None = None
+    data_parallel_rank: int | list[int] | None = None  # older name of routed_dp_rank
+    disagg_prefill_dp_rank: int | list[int] | None = None
+
+
+class StreamOptions(msgspec.Struct, kw_only=True):
+    include_usage: bool = False
+
+
+class OpenAISampling(msgspec.Struct, kw_only=True):
+    """Fields shared by completions and chat (OpenAI names, plus SGLang's extras)."""
+
+    model: str | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    skip_special_tokens: bool = True
+    no_stop_trim: bool = False
+    user: str | None = None
+    rid: str | None = None
+    routed_dp_rank: int | None = None
+    data_parallel_rank: int | None = None
+
+    def sampling_params(self, max_new_tokens: int) -> SamplingParams:
+        return to_struct(SamplingParams, dict(
+            max_new_tokens=max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+            top_k=self.top_k, min_p=self.min_p, stop=self.stop,
+            stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
+            min_new_tokens=self.min_tokens, frequency_penalty=self.frequency_penalty,
+            presence_penalty=self.presence_penalty,
+            repetition_penalty=self.repetition_penalty,
+            skip_special_tokens=self.skip_special_tokens, no_stop_trim=self.no_stop_trim,
+            sampling_seed=self.seed))
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(OpenAISampling, kw_only=True):
+    """OpenAI ``POST /v1/completions``. ``prompt``: str, [str], [int] or [[int]]."""
+
+    prompt: str | list[Any]
+    max_tokens: int = 16  # OpenAI's default for completions
+    logprobs: int | None = None
+    echo: bool = False
+
+
+class ChatMessage(msgspec.Struct, kw_only=True):
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(OpenAISampling, kw_only=True):
+    """OpenAI ``POST /v1/chat/completions``. ``max_completion_tokens`` (newer, what
+    sglang-router sends) and ``max_tokens`` (older, what smg sends) mean the same;
+    neither means "up to the context length"."""
+
+    messages: list[ChatMessage]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+def decode_body(body: bytes, kind: type[T]) -> T:
+    """Parse a JSON object body into ``kind`` (rules in the module docstring)."""
+    try:
+        data = msgspec.json.decode(body) if body else None
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"the body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise BadRequest("the body must be a JSON object")
+    return to_struct(kind, data)
+
+
+def to_struct(kind: type[T], data: dict) -> T:
+    try:
+        return msgspec.convert({k: v for k, v in data.items() if v is not None}, kind)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(f"invalid request: {exc}") from None
+
+
+def to_sampling_params(data: dict[str, Any] | None) -> SamplingParams:
+    """SGLang ``sampling_params`` -> ``SamplingParams``; unknown keys are a 400."""
+    data = data or {}
+    unknown = sorted(set(data) - SAMPLING_KEYS)
+    if unknown:
+        raise BadRequest(f"unknown sampling_params key(s) {unknown}; valid keys: "
+                         f"{', '.join(sorted(SAMPLING_KEYS))}")
+    try:
+        return msgspec.convert({k: v for k, v in data.items() if v is not None}, SamplingParams)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(f"invalid sampling_params: {exc}") from None

@@ -1,0 +1,152 @@
+"""Watches the ranks from the API's event loop: their outputs and their liveness.
+
+- ``loop.add_reader`` on each rank's output pipe: ``BatchOutput``s are decoded and
+  each ``ReqOutput`` delivered to its request (``InFlight``).
+- ``loop.add_reader`` on each rank's process sentinel: it becomes readable the moment
+  the process exits, however it died.
+- a task every ``MONITOR_INTERVAL_S`` re-checks both and looks for stalled ranks.
+
+A rank whose process exits, whose output pipe reaches EOF or that sends ``RankError``
+is *lost*: every request in flight on it fails at once (so a client learns within
+well under 2 s), it is never sent anything again, an alive-but-lost rank is
+terminated (killed after ``KILL_AFTER_S``), and once its process has exited its board
+row is set DEAD so no dispatcher picks it. A rank whose heartbeat is older than the
+stale bound fails its in-flight requests too (they might never end) and is asked to
+abort them, but is kept: the dispatcher skips it while stale and picks it again if
+its heartbeat comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+import msgspec
+
+from scheduler.messages import BatchOutput, RankError, decode_to_server
+from server.inflight import InFlight, RequestHandle
+from server.ranks import EngineProcesses, RankHandle
+
+logger = logging.getLogger(__name__)
+
+MONITOR_INTERVAL_S = 0.25
+KILL_AFTER_S = 2.0
+MAX_MESSAGES_PER_WAKEUP = 64  # let other callbacks run between bursts of one rank
+
+
+class RankMonitor:
+    def __init__(self, processes: EngineProcesses, inflight: InFlight, stale_ns: int,
+                 abort: Callable[[RequestHandle, str], None]):
+        self.processes = processes
+        self.ranks: list[RankHandle] = processes.ranks
+        self.inflight = inflight
+        self.stale_ns = stale_ns
+        self.abort = abort  # asks a rank to free a request (the engine client's)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        for rank in self.ranks:
+            loop.add_reader(rank.out_conn.fileno(), self._on_readable, rank)
+            loop.add_reader(rank.process.sentinel, self._on_process_exit, rank)
+        self._task = loop.create_task(self._run())
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        for rank in self.ranks:
+            self._stop_watching(rank)
+        self._loop = None
+
+    def rank_lost(self, rank: RankHandle, reason: str) -> None:
+        if rank.lost_reason is None:
+            rank.lost_reason = reason
+            rank.lost_at = time.monotonic()
+            logger.error("rank %d lost: %s; its requests fail, the others keep serving",
+                         rank.dp_rank, reason)
+            self.inflight.fail_rank(rank.dp_rank, f"rank {rank.dp_rank} failed: {reason}")
+        if rank.process.is_alive():
+            # Nobody listens to it any more, so stop it; its exit then marks it DEAD.
+            if time.monotonic() - rank.lost_at < KILL_AFTER_S:
+                rank.process.terminate()
+            else:
+                rank.process.kill()
+        else:
+            self._stop_watching(rank)
+            self.processes.mark_dead(rank)
+
+    # ---- event-loop callbacks -----------------------------------------------------------
+    def _on_readable(self, rank: RankHandle) -> None:
+        if not self._drain(rank):
+            self._on_rank_gone(rank)
+
+    def _drain(self, rank: RankHandle) -> bool:
+        """Handle what the rank's output pipe holds; False once it reaches EOF."""
+        conn = rank.out_conn
+        try:
+            for _ in range(MAX_MESSAGES_PER_WAKEUP):
+                if not conn.poll(0):
+                    return True
+                data = conn.recv_bytes()
+                try:
+                    msg = decode_to_server(data)
+                except msgspec.DecodeError as exc:
+                    logger.error("rank %d sent an undecodable message: %s", rank.dp_rank, exc)
+                    continue
+                self._on_message(rank, msg)
+        except (EOFError, OSError):
+            return False
+        return True
+
+    def _on_message(self, rank: RankHandle, msg) -> None:
+        if isinstance(msg, BatchOutput):
+            now = time.monotonic()
+            for out in msg.outputs:
+                self.inflight.deliver(rank.dp_rank, out, now)
+        elif isinstance(msg, RankError):
+            logger.error("rank %d reported a fatal error: %s", rank.dp_rank, msg.message)
+            self.rank_lost(rank, msg.message.splitlines()[0] if msg.message else "fatal error")
+
+    def _on_process_exit(self, rank: RankHandle) -> None:
+        if rank.lost_reason is None:
+            self._drain(rank)  # its last outputs, and a RankError saying why
+        self._on_rank_gone(rank)
+
+    def _on_rank_gone(self, rank: RankHandle) -> None:
+        rank.process.join(0.1)  # the pipe closes a moment before the exit status exists
+        code = rank.process.exitcode
+        self.rank_lost(rank, "its output pipe closed" if code is None
+                       else f"its process exited with code {code}")
+
+    def _stop_watching(self, rank: RankHandle) -> None:
+        if self._loop is None:
+            return
+        for fd_of in (rank.out_conn.fileno, lambda: rank.process.sentinel):
+            try:
+                self._loop.remove_reader(fd_of())
+            except (OSError, ValueError):
+                pass  # already closed
+
+    # ---- periodic backstop ------------------------------------------------------------
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(MONITOR_INTERVAL_S)
+            for rank in self.ranks:
+                if rank.lost_reason is None and not rank.process.is_alive():
+                    self._on_process_exit(rank)
+                elif rank.lost_reason is not None and not rank.is_marked_dead:
+                    self.rank_lost(rank, rank.lost_reason)  # terminate/kill, then mark
+            self._fail_stalled()
+
+    def _fail_stalled(self) -> None:
+        snap = self.processes.board.snapshot()
+        oldest = time.monotonic_ns() - self.stale_ns
+        for rank in self.ranks:
+            if rank.lost_reason is None and snap.heartbeat_ns[rank.dp_rank] < oldest:
+                message = (f"rank {rank.dp_rank} stopped responding (no heartbeat for "
+                           f"{self.stale_ns / 1e9:.1f} s)")
+                for handle in self.inflight.fail_rank(rank.dp_rank, message):
+                    self.abort(handle, "rank stalled")

@@ -1,0 +1,92 @@
+"""A non-blocking sender for a rank's request pipe, on the API's event loop.
+
+``Connection.send_bytes`` blocks while the pipe is full (64 KiB on Linux), and a rank
+that is stopped or stuck in a long forward pass does not drain it: one such rank
+would freeze the whole API. ``RequestPipe`` writes the same frames without ever
+blocking: what the pipe does not take now is buffered and written by a
+``loop.add_writer`` callback as the rank reads. The rank keeps reading with
+``Connection.recv_bytes``.
+
+Frame format (``multiprocessing.connection.Connection``'s, CPython 3.8+): a 4-byte
+big-endian signed length, then the payload (payloads of 2 GiB or more use -1 and an
+8-byte length; messages here are far smaller and are refused above ``MAX_FRAME``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import select
+import struct
+import time
+from multiprocessing.connection import Connection
+
+MAX_FRAME = 0x7FFFFFFF
+DEFAULT_MAX_BUFFERED = 64 << 20
+
+
+class PipeBackedUp(RuntimeError):
+    """More than ``max_buffered`` bytes wait for a rank that does not read."""
+
+
+class RequestPipe:
+    def __init__(self, conn: Connection, loop: asyncio.AbstractEventLoop,
+                 max_buffered: int = DEFAULT_MAX_BUFFERED):
+        self.conn = conn
+        self.fd = conn.fileno()
+        self.loop = loop
+        self.max_buffered = max_buffered
+        self._pending = bytearray()
+        os.set_blocking(self.fd, False)
+
+    @property
+    def num_buffered(self) -> int:
+        return len(self._pending)
+
+    def send(self, payload: bytes) -> None:
+        """Queue one message; raises ``BrokenPipeError`` if the rank is gone and
+        ``PipeBackedUp`` if it has stopped reading for long."""
+        if len(payload) > MAX_FRAME:
+            raise ValueError(f"message of {len(payload)} bytes is too large for a pipe frame")
+        if len(self._pending) + len(payload) > self.max_buffered:
+            raise PipeBackedUp(f"{len(self._pending)} bytes already wait for this rank")
+        frame = struct.pack("!i", len(payload)) + payload
+        if self._pending:
+            self._pending += frame
+            return
+        written = self._write(frame)
+        if written < len(frame):
+            self._pending += frame[written:]
+            self.loop.add_writer(self.fd, self._flush)
+
+    def _write(self, data) -> int:
+        try:
+            return os.write(self.fd, data)
+        except BlockingIOError:
+            return 0
+
+    def _flush(self) -> None:
+        try:
+            written = self._write(self._pending)
+        except OSError:  # the rank is gone; its exit is handled through its sentinel
+            written = len(self._pending)
+        del self._pending[:written]
+        if not self._pending:
+            self.loop.remove_writer(self.fd)
+
+    def detach(self, timeout_s: float = 1.0) -> bool:
+        """Stop using the loop; write what is still buffered within ``timeout_s`` and
+        make the pipe blocking again for the launcher's ``ShutdownReq``. Returns False
+        if a frame is left half-written (the pipe must then not be used again)."""
+        if self._pending:
+            self.loop.remove_writer(self.fd)
+        deadline = time.monotonic() + timeout_s
+        while self._pending and (left := deadline - time.monotonic()) > 0:
+            try:
+                _, writable, _ = select.select([], [self.fd], [], left)
+                if writable:
+                    del self._pending[:self._write(self._pending)]
+            except OSError:
+                break
+        os.set_blocking(self.fd, True)
+        return not self._pending

@@ -1,0 +1,215 @@
+"""The rank processes and the shared memory they use, owned by the API process.
+
+``EngineProcesses`` is the ownership boundary of one launch:
+- it reclaims segments of crashed runs, then *creates* the load board (the API
+  process is the board's owner and dispatcher 0) and unlinks it in ``close``;
+- it spawns one process per DP rank (``multiprocessing`` spawn context) running
+  ``rank_main(cfg, req_conn, out_conn)`` (``scheduler.process.run_scheduler``), with
+  one one-way pipe API -> rank for requests and one rank -> API for outputs;
+- ``wait_ready`` blocks until every rank sent ``RankReady``; a ``RankError``, a rank
+  exiting or the timeout raises ``RankStartupError``;
+- ``close`` sends ``ShutdownReq`` to every rank, waits a bound, then terminates and
+  finally kills what is left, and only then unlinks the board. Ranks exit by
+  themselves if the API process dies, since their request pipe then reads EOF.
+
+Ranks ignore SIGINT: Ctrl-C in a terminal reaches the whole process group, and the
+API process is the one that stops them, in order, with ``ShutdownReq``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing
+import select
+import signal
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from typing import Callable
+
+from scheduler.config import SchedulerConfig
+from scheduler.messages import RankError, RankReady, ShutdownReq, decode_to_server, encode
+from server.args import ServerArgs
+from shm.board import LoadBoard, RankStatus
+from shm.segment import new_launch_id, reclaim_stale_segments
+
+logger = logging.getLogger(__name__)
+
+API_DISPATCHER_ID = 0
+NUM_DISPATCHERS = 1
+
+RankMain = Callable[[SchedulerConfig, Connection, Connection], None]
+
+
+class RankStartupError(RuntimeError):
+    """A rank could not start: its error message, or how it exited."""
+
+    def __init__(self, dp_rank: int, message: str):
+        super().__init__(f"rank {dp_rank} failed to start: {message}")
+        self.dp_rank = dp_rank
+
+
+@dataclass(eq=False)
+class RankHandle:
+    """The API's side of one rank: its process and the API ends of its two pipes."""
+
+    dp_rank: int
+    process: multiprocessing.process.BaseProcess
+    req_conn: Connection  # API -> rank, send only
+    out_conn: Connection  # rank -> API, receive only
+    ready: RankReady | None = None
+    # Set once the API stopped using the rank (it died, its pipe broke, it stalled).
+    lost_reason: str | None = None
+    lost_at: float = 0.0  # time.monotonic() when it was lost
+    is_marked_dead: bool = False
+
+    @property
+    def is_usable(self) -> bool:
+        return self.ready is not None and self.lost_reason is None
+
+
+def default_rank_main() -> RankMain:
+    from scheduler.process import run_scheduler
+    return run_scheduler
+
+
+def rank_entry(rank_main: RankMain, cfg: SchedulerConfig, req_conn: Connection,
+               out_conn: Connection) -> None:
+    """What each rank process runs (module level, so spawn can pickle it)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    rank_main(cfg, req_conn, out_conn)
+
+
+def scheduler_configs(args: ServerArgs, board_name: str) -> list[SchedulerConfig]:
+    base = SchedulerConfig(
+        dp_rank=0, board_name=board_name, num_dispatchers=NUM_DISPATCHERS, role=args.role,
+        model_path=args.model_path, device=args.device,
+        max_running_requests=args.max_running_requests, max_total_tokens=args.max_total_tokens,
+        chunked_prefill_size=args.chunked_prefill_size, context_length=args.context_length,
+        random_seed=args.random_seed, heartbeat_interval_s=args.heartbeat_interval_s,
+        executor=args.executor, sim_profile=args.sim_profile, log_level=args.log_level)
+    return [dataclasses.replace(base, dp_rank=r) for r in range(args.dp_size)]
+
+
+class EngineProcesses:
+    """The board plus the rank processes of one launch; ``close`` releases everything."""
+
+    def __init__(self, args: ServerArgs, rank_main: RankMain | None = None):
+        self.args = args
+        self.rank_main = rank_main or default_rank_main()
+        self.launch_id = new_launch_id()
+        self.board: LoadBoard | None = None
+        self.ranks: list[RankHandle] = []
+
+    def start(self) -> "EngineProcesses":
+        """Create the board and spawn every rank (does not wait for them)."""
+        removed = reclaim_stale_segments()
+        if removed:
+            logger.info("reclaimed %d stale shared-memory segment(s): %s", len(removed), removed)
+        self.board = LoadBoard.create(self.args.dp_size, NUM_DISPATCHERS, launch_id=self.launch_id)
+        ctx = multiprocessing.get_context("spawn")
+        for cfg in scheduler_configs(self.args, self.board.name):
+            req_recv, req_send = ctx.Pipe(duplex=False)
+            out_recv, out_send = ctx.Pipe(duplex=False)
+            process = ctx.Process(target=rank_entry, name=f"dpserve-rank-{cfg.dp_rank}",
+                                  args=(self.rank_main, cfg, req_recv, out_send), daemon=True)
+            process.start()
+            # Drop our copies of the rank's ends: EOF then tells each side the other is gone.
+            req_recv.close()
+            out_send.close()
+            self.ranks.append(RankHandle(cfg.dp_rank, process, req_send, out_recv))
+        return self
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Block until every rank sent ``RankReady``; raise ``RankStartupError`` if one
+        reports an error, exits, or the timeout passes."""
+        deadline = time.monotonic() + timeout_s
+        by_handle = {r.out_conn: r for r in self.ranks} | {r.process.sentinel: r for r in self.ranks}
+        while starting := [r for r in self.ranks if r.ready is None]:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                names = [r.dp_rank for r in starting]
+                raise RankStartupError(names[0], f"not ready after {timeout_s:.0f} s "
+                                                 f"(ranks still starting: {names})")
+            watched = [r.out_conn for r in starting] + [r.process.sentinel for r in self.ranks]
+            for obj in wait(watched, timeout=left):
+                self._read_startup_message(by_handle[obj])
+
+    def _read_startup_message(self, rank: RankHandle) -> None:
+        msg, eof = None, False
+        if rank.out_conn.poll(0):
+            try:
+                msg = decode_to_server(rank.out_conn.recv_bytes())
+            except (EOFError, OSError):
+                eof = True
+        if isinstance(msg, RankReady):
+            rank.ready = msg
+            logger.info("rank %d ready (pid %d, %s, %d KV tokens)", rank.dp_rank, msg.pid,
+                        msg.device, msg.max_total_num_tokens)
+        elif isinstance(msg, RankError):
+            raise RankStartupError(rank.dp_rank, msg.message)
+        elif msg is not None:
+            raise RankStartupError(rank.dp_rank, f"unexpected message {type(msg).__name__}")
+        elif eof or not rank.process.is_alive():
+            rank.process.join(2.0)
+            raise RankStartupError(rank.dp_rank, f"exited with code {rank.process.exitcode} "
+                                                 "during start-up (see its log above)")
+
+    def mark_dead(self, rank: RankHandle) -> None:
+        """Write DEAD into the rank's board row; only once its process has exited, so
+        the rank's own writer can never race this store."""
+        if rank.is_marked_dead or rank.process.is_alive() or self.board is None:
+            return
+        self.board.rank_writer(rank.dp_rank).set_status(RankStatus.DEAD)
+        rank.is_marked_dead = True
+
+    def close(self) -> None:
+        """Stop every rank (ShutdownReq, then terminate, then kill) and unlink the board."""
+        try:
+            self._stop_ranks(self.args.shutdown_timeout_s)
+        finally:
+            if self.board is not None:
+                self.board.close()
+                self.board = None
+
+    def _stop_ranks(self, timeout_s: float) -> None:
+        for rank in self.ranks:
+            if not rank.process.is_alive():
+                continue
+            try:
+                if rank.lost_reason is not None:
+                    raise OSError(rank.lost_reason)  # not listening to it: no clean stop
+                # A pipe that cannot take a small frame now belongs to a rank that does
+                # not read: do not block on it.
+                if not select.select([], [rank.req_conn], [], 0.2)[1]:
+                    raise OSError("request pipe full")
+                rank.req_conn.send_bytes(encode(ShutdownReq()))
+            except (OSError, ValueError):
+                rank.process.terminate()
+        deadline = time.monotonic() + timeout_s
+        for rank in self.ranks:
+            rank.process.join(max(0.0, deadline - time.monotonic()))
+        for stop in ("terminate", "kill"):
+            alive = [r for r in self.ranks if r.process.is_alive()]
+            if not alive:
+                break
+            logger.warning("%s ranks %s", stop, [r.dp_rank for r in alive])
+            for rank in alive:
+                getattr(rank.process, stop)()
+            for rank in alive:
+                rank.process.join(2.0)
+        for rank in self.ranks:
+            self.mark_dead(rank)
+            rank.req_conn.close()
+            rank.out_conn.close()
+
+    def __enter__(self) -> "EngineProcesses":
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,187 @@
+"""One request from validated ids to text, shared by ``/generate`` and the OpenAI routes.
+
+``check_request`` turns everything the engine would refuse into a 400 before anything
+is dispatched (so a bad request never costs a rank a thing). ``start`` dispatches;
+``progress`` then yields one ``Progress`` per output the rank sent: the new token ids,
+the text so far and the new text (incremental detokenization, holding back partial
+UTF-8), and at the end the finish reason with the text trimmed as SGLang does: a
+matched stop string and what follows it is cut, and so is a matched stop token's
+text, unless ``no_stop_trim``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+
+from engine.finish import trim_stop_str
+from engine.sampling import InvalidSamplingParams, SamplingParams
+from server.engine_client import EngineClient, RequestHandle
+from server.errors import BadRequest
+
+
+@dataclass
+class PreparedRequest:
+    rid: str
+    input_ids: list[int]
+    params: SamplingParams
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    routed_dp_rank: int | None = None
+    bootstrap_room: int | None = None
+    disagg_prefill_dp_rank: int | None = None
+
+
+@dataclass
+class Progress:
+    """A request's state after one output; cumulative fields plus this step's deltas."""
+
+    rid: str
+    dp_rank: int
+    text: str
+    delta: str
+    output_ids: list[int]
+    num_new_ids: int
+    finish_reason: dict | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    e2e_latency: float
+    output_logprobs: list[float] = field(default_factory=list)
+
+
+def new_rid() -> str:
+    return uuid.uuid4().hex
+
+
+def check_request(engine: EngineClient, input_ids: list[int], params: SamplingParams) -> None:
+    """Raise ``BadRequest`` for a prompt or parameters the engine cannot serve."""
+    if not input_ids:
+        raise BadRequest("the prompt is empty")
+    vocab = engine.model_config.vocab_size
+    for token_id in input_ids:
+        if type(token_id) is not int or not 0 <= token_id < vocab:
+            raise BadRequest(f"input_ids entry {token_id!r} is not a token id in [0, {vocab})")
+    ctx = engine.context_len
+    if len(input_ids) >= ctx:
+        raise BadRequest(f"the prompt has {len(input_ids)} tokens; the model's context length "
+                         f"is {ctx}, which must also hold at least one new token")
+    try:
+        params.validate(vocab, ctx, len(input_ids))
+    except InvalidSamplingParams as exc:
+        raise BadRequest(str(exc)) from None
+    need = min(len(input_ids) + params.max_new_tokens, ctx)
+    if need > engine.max_total_num_tokens:
+        raise BadRequest(f"the request needs {need} KV tokens (prompt + max_new_tokens) but a "
+                         f"rank's KV pool holds {engine.max_total_num_tokens}; lower "
+                         "max_new_tokens or start the server with a larger --max-total-tokens")
+
+
+class RunningRequest:
+    """A dispatched request; iterate ``progress()`` once, to the end or until closed."""
+
+    def __init__(self, engine: EngineClient, prepared: PreparedRequest, handle: RequestHandle):
+        self.engine = engine
+        self.prepared = prepared
+        self.handle = handle
+        self.start_time = time.perf_counter()
+        params = prepared.params
+        self._decoder = engine.tokenizer.incremental_decoder(params.skip_special_tokens)
+        self._emitted = ""
+
+    @property
+    def dp_rank(self) -> int:
+        return self.handle.dp_rank
+
+    async def progress(self) -> AsyncIterator[Progress]:
+        output_ids: list[int] = []
+        logprobs: list[float] = []
+        async with aclosing(self.engine.outputs(self.handle)) as outputs:
+            async for out in outputs:
+                output_ids.extend(out.new_token_ids)
+                if out.output_logprobs:
+                    logprobs.extend(out.output_logprobs)
+                self._decoder.step(out.new_token_ids)
+                if out.finish_reason is None:
+                    text = self._decoder.text
+                else:
+                    text = self._final_text(output_ids, out.finish_reason)
+                if text.startswith(self._emitted):
+                    delta, self._emitted = text[len(self._emitted):], text
+                else:  # trimming cut text already streamed: it cannot be taken back
+                    delta = ""
+                yield Progress(
+                    rid=self.prepared.rid, dp_rank=self.handle.dp_rank, text=text, delta=delta,
+                    # Copies: a consumer may hold this step while the next one arrives.
+                    output_ids=list(output_ids), num_new_ids=len(out.new_token_ids),
+                    finish_reason=out.finish_reason, prompt_tokens=out.prompt_tokens,
+                    completion_tokens=out.completion_tokens, cached_tokens=out.cached_tokens,
+                    e2e_latency=time.perf_counter() - self.start_time,
+                    output_logprobs=list(logprobs))
+
+    def _final_text(self, output_ids: list[int], finish_reason: dict) -> str:
+        params = self.prepared.params
+        ids = output_ids
+        matched = finish_reason.get("matched")
+        trim = finish_reason.get("type") == "stop" and not params.no_stop_trim
+        if trim and isinstance(matched, int) and ids and ids[-1] == matched:
+            ids = ids[:-1]
+        text = self.engine.tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)
+        if trim and isinstance(matched, str):
+            text = trim_stop_str(text, matched)
+        return text
+
+
+def release(running: list[RunningRequest], message: str = "the client disconnected") -> None:
+    """Abort every request of ``running`` that has not finished. Routes call this in a
+    ``finally``: whatever way a response ends, nothing stays allocated on a rank."""
+    for r in running:
+        if not r.handle.is_finished:
+            r.engine.abort(r.handle, message)
+
+
+def start(engine: EngineClient, prepared: PreparedRequest) -> RunningRequest:
+    """Dispatch a checked request; raises ``BadRequest``/``ServiceUnavailable``."""
+    handle = engine.submit(
+        prepared.rid, prepared.input_ids, prepared.params,
+        return_logprob=prepared.return_logprob, top_logprobs_num=prepared.top_logprobs_num,
+        routed_dp_rank=prepared.routed_dp_rank, bootstrap_room=prepared.bootstrap_room,
+        disagg_prefill_dp_rank=prepared.disagg_prefill_dp_rank)
+    return RunningRequest(engine, prepared, handle)
+
+
+def start_all(engine: EngineClient, prepared: list[PreparedRequest]) -> list[RunningRequest]:
+    """Dispatch a batch; if one fails, the ones already dispatched are aborted."""
+    running: list[RunningRequest] = []
+    try:
+        for p in prepared:
+            running.append(start(engine, p))
+    except BaseException:
+        release(running, "another request of its batch was refused")
+        raise
+    return running
+
+
+async def run_to_end(running: RunningRequest) -> Progress:
+    """Consume a request and return its last progress (the finished state)."""
+    last = None
+    async with aclosing(running.progress()) as steps:
+        async for last in steps:
+            pass
+    assert last is not None and last.finish_reason is not None  # outputs() ends on a finish
+    return last
+
+
+async def run_all(running: list[RunningRequest]) -> list[Progress]:
+    """Run a batch to the end; the first failure ends the others (cancelled here, then
+    aborted by the caller's ``release``)."""
+    tasks = [asyncio.ensure_future(run_to_end(r)) for r in running]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()

@@ -1,0 +1,451 @@
+"""The HTTP API through ``TestClient(create_app(...))`` over real rank processes.
+
+The ranks run the real ``scheduler.process.run_scheduler`` with the simulated
+executor (a fixed-cost forward, tiny's vocabulary), so these test the API, the
+dispatcher, the pipes and the board, not the model (tests/test_server_e2e.py runs the
+real command). Start-up costs about a second, so ranks are shared per module where a
+test does not break them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from starlette.testclient import TestClient
+
+from server.app import create_app
+from server.args import ServerArgs, resolve_args
+from server.engine_client import EngineClient
+from server.ranks import EngineProcesses, RankStartupError
+from shm.board import RankStatus
+from shm.segment import list_segments
+from tests.server_helpers import write_sim_profile
+
+GREEDY = {"temperature": 0.0}
+
+
+def make_args(tmp_path, step_s=0.0, **kw) -> ServerArgs:
+    profile = write_sim_profile(tmp_path / "sim.json", step_s=step_s)
+    return resolve_args(ServerArgs(executor="sim", sim_profile=profile, port=0,
+                                   **{"dp_size": 2, **kw}))
+
+
+def serve(args: ServerArgs):
+    """(processes, TestClient) context; everything is stopped and unlinked after."""
+    class _Ctx:
+        def __enter__(self):
+            self.procs = EngineProcesses(args).start()
+            try:
+                self.procs.wait_ready(60)
+                self.client = TestClient(create_app(EngineClient.from_processes(args, self.procs)))
+                self.client.__enter__()
+            except BaseException:
+                self.procs.close()
+                raise
+            return self.procs, self.client
+
+        def __exit__(self, *exc):
+            try:
+                self.client.__exit__(*exc)
+            finally:
+                self.procs.close()
+    return _Ctx()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    with serve(make_args(tmp_path_factory.mktemp("app"), step_s=0.001)) as (procs, client):
+        yield procs, client
+
+
+@pytest.fixture
+def client(served):
+    return served[1]
+
+
+def sse_events(text: str) -> list:
+    """Parse an SSE body strictly: every event is ``data: ...\\n\\n``, the last [DONE]."""
+    assert text.endswith("data: [DONE]\n\n"), text[-200:]
+    parts = text.split("\n\n")
+    assert parts[-1] == ""
+    events = []
+    for part in parts[:-1]:
+        assert part.startswith("data: "), part
+        payload = part[len("data: "):]
+        events.append(payload if payload == "[DONE]" else json.loads(payload))
+    assert events[-1] == "[DONE]" and "[DONE]" not in events[:-1]
+    return events[:-1]
+
+
+# ---- /generate --------------------------------------------------------------------------
+def test_generate_text(client):
+    r = client.post("/generate", json={"text": "Hello", "sampling_params": {
+        "max_new_tokens": 7, **GREEDY}})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"text", "output_ids", "meta_info"}
+    meta = body["meta_info"]
+    assert meta["finish_reason"] == {"type": "length", "length": 7}
+    assert meta["prompt_tokens"] == 5 and meta["completion_tokens"] == 7
+    assert len(body["output_ids"]) == 7 and meta["cached_tokens"] == 0
+    assert meta["dp_rank"] in (0, 1) and meta["e2e_latency"] > 0 and meta["id"]
+    assert isinstance(body["text"], str)
+
+
+def test_generate_input_ids_batch_and_n(client):
+    r = client.post("/generate", json={"input_ids": [[1, 2, 3], [4, 5]], "rid": ["a", "b"],
+                                       "sampling_params": {"max_new_tokens": 3}})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert [o["meta_info"]["id"] for o in out] == ["a", "b"]
+    assert [o["meta_info"]["prompt_tokens"] for o in out] == [3, 2]
+    r = client.post("/generate", json={"text": "x", "sampling_params": {"max_new_tokens": 2, "n": 3}})
+    assert r.status_code == 200 and len(r.json()) == 3
+    single = client.post("/generate", json={"input_ids": [1, 2, 3], "sampling_params": {
+        "max_new_tokens": 2}}).json()
+    assert isinstance(single, dict) and single["meta_info"]["prompt_tokens"] == 3
+
+
+def test_generate_stream_is_cumulative(client):
+    r = client.post("/generate", json={"text": "Hi there", "stream": True,
+                                       "sampling_params": {"max_new_tokens": 12, **GREEDY}})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    chunks = sse_events(r.text)
+    assert chunks
+    prev_ids, prev_n = [], 0
+    for c in chunks:
+        ids = c["output_ids"]
+        assert ids[:len(prev_ids)] == prev_ids  # cumulative, never a delta
+        assert c["meta_info"]["completion_tokens"] == len(ids) >= prev_n
+        prev_ids, prev_n = ids, len(ids)
+    assert all(c["meta_info"]["finish_reason"] is None for c in chunks[:-1])
+    assert chunks[-1]["meta_info"]["finish_reason"] == {"type": "length", "length": 12}
+    assert len(prev_ids) == 12
+
+
+def test_generate_stream_batch_has_index(client):
+    r = client.post("/generate", json={"text": ["a", "b"], "stream": True,
+                                       "sampling_params": {"max_new_tokens": 3}})
+    chunks = sse_events(r.text)
+    assert {c["index"] for c in chunks} == {0, 1}
+    finals = [c for c in chunks if c["meta_info"]["finish_reason"]]
+    assert sorted(c["index"] for c in finals) == [0, 1]
+
+
+def test_routed_dp_rank_and_alias(client):
+    for key in ("routed_dp_rank", "data_parallel_rank"):
+        for rank in (0, 1):
+            r = client.post("/generate", json={"text": "x", key: rank,
+                                               "sampling_params": {"max_new_tokens": 1}})
+            assert r.status_code == 200, r.text
+            assert r.json()["meta_info"]["dp_rank"] == rank
+
+
+def test_gateway_keys_are_accepted(client):
+    r = client.post("/generate", json={
+        "text": "x", "sampling_params": {"max_new_tokens": 2, "stop": None},
+        "model": None, "return_text_in_logprobs": True, "log_metrics": True,
+        "return_hidden_states": False, "background": False, "no_logs": True,
+        "return_bytes": False, "return_entropy": False, "lora_path": None,
+        "bootstrap_host": "127.0.0.1", "bootstrap_port": 8998, "bootstrap_room": 12345,
+        "some_future_key": {"a": 1}})
+    assert r.status_code == 200, r.text
+
+
+def test_return_logprob(client):
+    r = client.post("/generate", json={"text": "x", "return_logprob": True,
+                                       "sampling_params": {"max_new_tokens": 3}})
+    lps = r.json()["meta_info"]["output_token_logprobs"]
+    assert len(lps) == 3 and all(len(e) == 3 for e in lps)
+
+
+BAD_BODIES = {
+    "wrong type": {"text": "x", "sampling_params": {"max_new_tokens": "ten"}},
+    "bool as int": {"text": "x", "sampling_params": {"max_new_tokens": True}},
+    "negative max_new_tokens": {"text": "x", "sampling_params": {"max_new_tokens": -1}},
+    "absurd max_new_tokens": {"text": "x", "sampling_params": {"max_new_tokens": 10**12}},
+    "prompt longer than context": {"input_ids": [1] * 5000},
+    "empty text": {"text": ""},
+    "empty input_ids": {"input_ids": []},
+    "unknown sampling key": {"text": "x", "sampling_params": {"max_new_tokenz": 3}},
+    "bad dp rank": {"text": "x", "routed_dp_rank": 7},
+    "negative dp rank": {"text": "x", "data_parallel_rank": -1},
+    "no prompt": {"sampling_params": {}},
+    "text and input_ids": {"text": "x", "input_ids": [1]},
+    "token id outside vocab": {"input_ids": [1, 100000]},
+    "bad temperature": {"text": "x", "sampling_params": {"temperature": -1}},
+    "text of wrong type": {"text": 5},
+    "batch size mismatch": {"text": ["a", "b"], "rid": ["only-one"]},
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_BODIES))
+def test_bad_generate_bodies_are_400_then_still_serving(client, case):
+    r = client.post("/generate", json=BAD_BODIES[case])
+    assert r.status_code == 400, (case, r.status_code, r.text)
+    assert isinstance(r.json()["error"]["message"], str) and r.json()["error"]["message"]
+    ok = client.post("/generate", json={"text": "x", "sampling_params": {"max_new_tokens": 1}})
+    assert ok.status_code == 200
+
+
+def test_not_json_and_not_object_are_400(client):
+    assert client.post("/generate", content=b"{nope").status_code == 400
+    assert client.post("/generate", json=[1, 2]).status_code == 400
+    assert client.post("/v1/completions", json={"prompt": "x", "max_tokens": -2}).status_code == 400
+
+
+def test_unknown_route_is_json_404(client):
+    r = client.get("/nope")
+    assert r.status_code == 404 and "error" in r.json()
+
+
+# ---- OpenAI -----------------------------------------------------------------------------
+def test_completions(client):
+    r = client.post("/v1/completions", json={"model": "tiny", "prompt": "Once", "max_tokens": 5,
+                                             "temperature": 0})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "text_completion" and body["model"] == "tiny"
+    (choice,) = body["choices"]
+    assert choice["index"] == 0 and choice["finish_reason"] == "length"
+    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 5, "total_tokens": 9}
+    r = client.post("/v1/completions", json={"prompt": ["a", "b"], "max_tokens": 2, "n": 2})
+    assert [c["index"] for c in r.json()["choices"]] == [0, 1, 2, 3]
+    assert r.json()["usage"]["prompt_tokens"] == 2
+
+
+def test_completions_stream_with_usage(client):
+    r = client.post("/v1/completions", json={"prompt": "Once", "max_tokens": 6, "stream": True,
+                                             "stream_options": {"include_usage": True}})
+    events = sse_events(r.text)
+    assert all(e["object"] == "text_completion" for e in events)
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 6
+    finals = [e for e in events[:-1] if e["choices"][0]["finish_reason"]]
+    assert len(finals) == 1 and finals[0]["choices"][0]["finish_reason"] == "length"
+
+
+def test_chat_max_tokens_and_max_completion_tokens(client):
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    for key in ("max_tokens", "max_completion_tokens"):
+        r = client.post("/v1/chat/completions", json={"model": "tiny", "messages": msgs, key: 4})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["object"] == "chat.completion"
+        assert body["choices"][0]["message"]["role"] == "assistant"
+        assert body["usage"]["completion_tokens"] == 4
+
+
+def test_chat_stream(client):
+    r = client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": True})
+    events = sse_events(r.text)
+    assert all(e["object"] == "chat.completion.chunk" for e in events)
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events)
+    assert isinstance(text, str)
+
+
+def test_models(client):
+    body = client.get("/v1/models").json()
+    assert body["object"] == "list" and body["data"][0]["id"] == "tiny"
+
+
+# ---- info, load, metrics ------------------------------------------------------------------
+def test_health_and_info(client):
+    assert client.get("/health").status_code == 200
+    assert client.get("/health").json()["status"] == "ok"
+    assert client.get("/health_generate").status_code == 200
+    for path in ("/server_info", "/get_server_info"):
+        info = client.get(path).json()
+        for key in ("model_path", "served_model_name", "tp_size", "dp_size",
+                    "load_balance_method", "disaggregation_mode", "max_total_num_tokens",
+                    "version"):
+            assert key in info, key
+        assert info["dp_size"] == 2 and info["load_balance_method"] == "total_requests"
+        assert info["status"] == "ok" and os.path.isdir(info["model_path"])
+    for path in ("/model_info", "/get_model_info"):
+        info = client.get(path).json()
+        assert os.path.isdir(info["model_path"]) and os.path.isdir(info["tokenizer_path"])
+        assert info["is_generation"] is True and info["architectures"] == ["LlamaForCausalLM"]
+        assert info["served_model_name"] == "tiny" and info["disaggregation_mode"] == "null"
+
+
+def test_loads(client):
+    rows = client.get("/get_load").json()
+    assert [r["dp_rank"] for r in rows] == [0, 1]
+    assert all(set(r) == {"dp_rank", "num_reqs", "num_waiting_reqs", "num_tokens"} for r in rows)
+    for path in ("/v1/loads?include=core,disagg,queues,memory", "/loads?model=tiny"):
+        body = client.get(path).json()
+        assert body["timestamp"] and len(body["loads"]) == 2
+        assert {"num_running_reqs", "num_waiting_reqs", "token_usage"} <= set(body["loads"][0])
+    assert client.get("/v1/loads?dp_rank=1").json()["loads"][0]["dp_rank"] == 1
+
+
+def test_flush_cache(client):
+    assert client.get("/flush_cache").status_code == 200
+    assert client.post("/flush_cache").status_code == 200
+
+
+def test_metrics(client):
+    client.post("/generate", json={"text": "abc", "sampling_params": {"max_new_tokens": 4}})
+    r = client.get("/metrics")
+    assert r.status_code == 200
+    families = {f.name: f for f in text_string_to_metric_families(r.text)}
+    for name in ("sglang:num_running_reqs", "sglang:num_queue_reqs", "sglang:num_used_tokens",
+                 "sglang:token_usage"):
+        ranks = {s.labels["dp_rank"] for s in families[name].samples}
+        assert ranks == {"0", "1"}, name
+    for name in ("sglang:time_to_first_token_seconds", "sglang:inter_token_latency_seconds",
+                 "sglang:e2e_request_latency_seconds"):
+        assert families[name].type == "histogram"
+        count = [s.value for s in families[name].samples if s.name.endswith("_count")]
+        assert count and count[0] >= 1, name
+
+
+def test_metrics_registries_are_per_app(served, tmp_path):
+    procs, _ = served
+    a = create_app(EngineClient.from_processes(procs.args, procs))
+    b = create_app(EngineClient.from_processes(procs.args, procs))
+    assert a is not b  # two apps, two registries: no "Duplicated timeseries" error
+
+
+def test_loads_return_to_zero_when_idle(client):
+    for _ in range(3):
+        client.post("/generate", json={"text": ["a", "b", "c"], "sampling_params": {"max_new_tokens": 5}})
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        rows = client.get("/get_load").json()
+        if all(r["num_reqs"] == 0 and r["num_tokens"] == 0 for r in rows):
+            break
+        time.sleep(0.05)
+    assert all(r["num_reqs"] == 0 and r["num_tokens"] == 0 for r in rows), rows
+
+
+# ---- capacity, failures -------------------------------------------------------------------
+def test_full_engine_gets_503_with_retry_after(tmp_path):
+    args = make_args(tmp_path, step_s=0.01, dp_size=1, max_running_requests=1,
+                     max_queued_requests=0)
+    with serve(args) as (procs, client):
+        import threading
+        long = threading.Thread(target=client.post, args=("/generate",), kwargs={"json": {
+            "text": "x", "sampling_params": {"max_new_tokens": 150}}})
+        long.start()
+        try:
+            deadline = time.monotonic() + 5
+            while client.get("/get_load").json()[0]["num_reqs"] < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            r = client.post("/generate", json={"text": "y", "sampling_params": {"max_new_tokens": 1}})
+            assert r.status_code == 503 and r.headers["retry-after"] == "1"
+            assert "full" in r.json()["error"]["message"]
+        finally:
+            long.join(10)
+        assert client.post("/generate", json={"text": "y", "sampling_params": {
+            "max_new_tokens": 1}}).status_code == 200
+
+
+def test_rank_killed_mid_request_fails_fast_and_others_serve(tmp_path):
+    args = make_args(tmp_path, step_s=0.01, dp_size=2)
+    with serve(args) as (procs, client):
+        import threading
+        results = {}
+
+        def slow(rank, stream):
+            t0 = time.monotonic()
+            r = client.post("/generate", json={"text": "x", "routed_dp_rank": rank, "stream": stream,
+                                               "sampling_params": {"max_new_tokens": 1000}})
+            results[(rank, stream)] = (r, time.monotonic() - t0)
+
+        threads = [threading.Thread(target=slow, args=(1, s)) for s in (False, True)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 5
+        while client.get("/get_load").json()[1]["num_reqs"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        killed_at = time.monotonic()
+        os.kill(procs.ranks[1].ready.pid, signal.SIGKILL)
+        for t in threads:
+            t.join(5)
+        assert time.monotonic() - killed_at < 2.0
+        r, _ = results[(1, False)]
+        assert r.status_code == 503 and "rank 1" in r.json()["error"]["message"]
+        r, _ = results[(1, True)]
+        events = sse_events(r.text)
+        assert "error" in events[-1] and "rank 1" in events[-1]["error"]["message"]
+
+        health = client.get("/health")
+        assert health.status_code == 200 and health.json() == {"status": "degraded", "dead_ranks": [1]}
+        assert client.get("/server_info").json()["status"] == "degraded"
+        assert RankStatus(int(procs.board.snapshot().status[1])) is RankStatus.DEAD
+        for _ in range(4):
+            r = client.post("/generate", json={"text": "x", "sampling_params": {"max_new_tokens": 2}})
+            assert r.status_code == 200 and r.json()["meta_info"]["dp_rank"] == 0
+        r = client.post("/generate", json={"text": "x", "routed_dp_rank": 1})
+        assert r.status_code == 503 and r.headers["retry-after"]
+        os.kill(procs.ranks[0].ready.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 2
+        while client.get("/health").status_code != 503 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert client.get("/health").status_code == 503
+        assert client.post("/generate", json={"text": "x"}).status_code == 503
+
+
+def test_rank_startup_error_stops_the_launch(tmp_path):
+    args = resolve_args(ServerArgs(executor="sim", sim_profile=str(tmp_path / "missing.json"),
+                                   dp_size=2, port=0))
+    procs = EngineProcesses(args).start()
+    name = procs.board.name
+    try:
+        with pytest.raises(RankStartupError, match="missing.json"):
+            procs.wait_ready(60)
+    finally:
+        procs.close()
+    assert name.lstrip("/") not in [s.lstrip("/") for s in list_segments()]
+    assert all(not r.process.is_alive() for r in procs.ranks)
+
+
+def test_stopped_rank_never_blocks_the_api(tmp_path):
+    """SIGSTOP a rank and flood its request pipe past 64 KiB: the API keeps answering,
+    the requests on it fail once its heartbeat is stale, and after SIGCONT it drains
+    what was queued (and the aborts) back to zero load."""
+    import threading
+    args = make_args(tmp_path, step_s=0.001, dp_size=2, stale_after_s=0.5)
+    with serve(args) as (procs, client):
+        pid = procs.ranks[1].ready.pid
+        codes = []
+        body = {"input_ids": [200] * 1500, "routed_dp_rank": 1,  # ~3 KB each on the pipe
+                "sampling_params": {"max_new_tokens": 1}}
+        threads = [threading.Thread(target=lambda: codes.append(
+            client.post("/generate", json=body).status_code)) for _ in range(40)]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            for t in threads:
+                t.start()
+            t0 = time.monotonic()
+            assert client.get("/get_load").status_code == 200
+            assert time.monotonic() - t0 < 1.0
+            for t in threads:
+                t.join(5)
+            assert codes == [503] * 40
+            assert client.get("/health").json() == {"status": "degraded", "dead_ranks": [1]}
+            ok = client.post("/generate", json={"text": "x", "sampling_params": {"max_new_tokens": 1}})
+            assert ok.status_code == 200 and ok.json()["meta_info"]["dp_rank"] == 0
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            rows = client.get("/get_load").json()
+            if client.get("/health").json()["status"] == "ok" and all(
+                    r["num_reqs"] == 0 and r["num_tokens"] == 0 for r in rows):
+                break
+            time.sleep(0.05)
+        assert client.get("/health").json()["status"] == "ok"
+        assert all(r["num_reqs"] == 0 and r["num_tokens"] == 0 for r in rows), rows
+        r = client.post("/generate", json={"text": "x", "routed_dp_rank": 1,
+                                           "sampling_params": {"max_new_tokens": 1}})
+        assert r.status_code == 200

@@ -1,0 +1,50 @@
+"""Server arguments: SGLang flag names and defaults from the dataclass, resolved once."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+
+from server.args import (InvalidServerArgs, ServerArgs, build_parser, parse_args,
+                         resolve_args)
+
+
+def test_cli_defaults_come_from_the_dataclass():
+    assert parse_args([]) == ServerArgs()
+    flags = {a.option_strings[0] for a in build_parser()._actions if a.option_strings}
+    for f in dataclasses.fields(ServerArgs):
+        assert "--" + f.name.replace("_", "-") in flags
+
+
+def test_sglang_flag_names_parse():
+    args = parse_args(["--host", "0.0.0.0", "--port", "31000", "--model-path", "tiny",
+                       "--dp-size", "4", "--load-balance-method", "total_tokens",
+                       "--max-running-requests", "8", "--max-total-tokens", "4096",
+                       "--chunked-prefill-size", "256", "--device", "cpu", "--log-level", "warning",
+                       "--context-length", "1024", "--disaggregation-mode", "null"])
+    assert (args.dp_size, args.port, args.max_running_requests, args.context_length) == (4, 31000, 8, 1024)
+    assert args.load_balance_method == "total_tokens" and args.device == "cpu"
+    with pytest.raises(SystemExit):
+        parse_args(["--log-level", "loud"])
+
+
+def test_resolve_fills_auto_values_once():
+    args = resolve_args(ServerArgs())
+    assert args.load_balance_method == "total_requests"  # auto for mixed ranks
+    assert args.served_model_name == "tiny" and args.context_length == 2048
+    assert os.path.isfile(os.path.join(args.tokenizer_path, "tokenizer.json"))
+    assert resolve_args(args) == args
+    assert resolve_args(ServerArgs(load_balance_method="shortest_queue")).load_balance_method \
+        == "total_requests"
+
+
+@pytest.mark.parametrize("bad", [
+    {"dp_size": 0}, {"port": 70000}, {"load_balance_method": "fastest"},
+    {"model_path": "/nonexistent"}, {"context_length": 10**6}, {"max_total_tokens": 0},
+    {"disaggregation_mode": "pd"}, {"max_queued_requests": -1}, {"stale_after_s": 0.01},
+])
+def test_invalid_args_name_the_flag(bad):
+    with pytest.raises(InvalidServerArgs, match="--"):
+        resolve_args(ServerArgs(**bad))
