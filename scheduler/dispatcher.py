@@ -111,6 +111,11 @@ class Dispatcher:
         self._writer.bump(rank, num_tokens)
         return rank
 
+    def cancel(self, rank: int, num_tokens: int) -> None:
+        """Undo a ``pick`` whose request could not be sent to ``rank``; without this the
+        rank would stay over-counted by one request for good."""
+        self._writer.unbump(rank, num_tokens)
+
     # ---- one adapter per method: same signature, so ``pick`` has no branching ----------
     def _round_robin(self, eff_reqs, eff_tokens, alive, bootstrap_room) -> int:
         return round_robin(alive, self.rotation)

@@ -111,14 +111,19 @@ class EngineClient:
         except RankUnavailableError as exc:
             raise ServiceUnavailable(str(exc)) from None
         rank = self.ranks[dp_rank]
-        if not rank.is_usable:  # lost a moment ago; its board row is not DEAD yet
-            raise ServiceUnavailable(f"rank {dp_rank} is unavailable: {rank.lost_reason}")
-        self._send(rank, GenerateReq(
-            rid=rid, input_ids=input_ids, sampling_params=params,
-            dispatcher_id=API_DISPATCHER_ID, counted_tokens=len(input_ids),
-            return_logprob=return_logprob, top_logprobs_num=top_logprobs_num,
-            arrival_time=time.time(), bootstrap_room=bootstrap_room,
-            disagg_prefill_dp_rank=disagg_prefill_dp_rank))
+        try:
+            if not rank.is_usable:  # lost a moment ago; its board row is not DEAD yet
+                raise ServiceUnavailable(f"rank {dp_rank} is unavailable: {rank.lost_reason}")
+            self._send(rank, GenerateReq(
+                rid=rid, input_ids=input_ids, sampling_params=params,
+                dispatcher_id=API_DISPATCHER_ID, counted_tokens=len(input_ids),
+                return_logprob=return_logprob, top_logprobs_num=top_logprobs_num,
+                arrival_time=time.time(), bootstrap_room=bootstrap_room,
+                disagg_prefill_dp_rank=disagg_prefill_dp_rank))
+        except ServiceUnavailable:
+            # Never delivered, so never acked: take the board count back.
+            self.dispatcher.cancel(dp_rank, len(input_ids))
+            raise
         handle = RequestHandle(rid, dp_rank, len(input_ids))
         self.inflight.add(handle)
         return handle

@@ -103,3 +103,19 @@ class DispatcherWriter:
         mv = self.board._mv
         mv[self._off + self._n + rank] = toks
         mv[self._off + rank] = reqs
+
+    def unbump(self, rank: int, num_tokens: int) -> None:
+        """Take back a ``bump`` whose request was never delivered (the send failed).
+
+        Safe only then: a request that never reached the scheduler is never acked, so
+        lowering ``dispatched`` keeps ``acked <= dispatched`` for every reader.
+        """
+        reqs = self.dispatched_reqs[rank] - 1
+        toks = self.dispatched_tokens[rank] - num_tokens
+        if reqs < 0 or toks < 0:
+            raise ValueError(f"unbump of rank {rank} below zero")
+        self.dispatched_reqs[rank] = reqs
+        self.dispatched_tokens[rank] = toks
+        mv = self.board._mv
+        mv[self._off + rank] = reqs
+        mv[self._off + self._n + rank] = toks

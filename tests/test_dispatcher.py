@@ -319,6 +319,22 @@ def test_construction_and_request_errors(new_board):
             disp.pick(5)
 
 
+
+def test_cancel_takes_back_a_pick_that_was_never_sent(new_board):
+    """A request counted by ``pick`` whose send failed leaves no load behind."""
+    with new_board(3) as board:
+        disp = Dispatcher(board, 0, "total_requests")
+        for r in range(3):
+            SimRank(board, r)
+        rank = disp.pick(40)
+        assert effective(board) == ([1 if r == rank else 0 for r in range(3)],
+                                    [40 if r == rank else 0 for r in range(3)])
+        disp.cancel(rank, 40)
+        assert effective(board) == ([0, 0, 0], [0, 0, 0])
+        with pytest.raises(ValueError):
+            disp.cancel(rank, 40)  # nothing left to take back
+
+
 # ---- invariant 6 -----------------------------------------------------------------------
 @PROPS
 @given(n=st.integers(1, 5), methods=st.lists(st.sampled_from(METHODS), min_size=1, max_size=3),
