@@ -86,6 +86,8 @@ class Dispatcher:
             LoadBalanceMethod.TOTAL_REQUESTS: self._total_requests,
             LoadBalanceMethod.TOTAL_TOKENS: self._total_tokens,
         }[method]
+        # Only total_tokens looks at tokens; the others skip summing them.
+        self._with_tokens = method is LoadBalanceMethod.TOTAL_TOKENS
 
     def pick(self, num_tokens: int, routed_dp_rank: int | None = None,
              bootstrap_room: int | None = None) -> int:
@@ -95,15 +97,14 @@ class Dispatcher:
         rank's scheduler reports it. ``routed_dp_rank`` (the API maps the
         ``data_parallel_rank`` alias onto it) wins over the method. The bump happens
         here, before the caller sends, so a concurrent reader never misses the request;
-        if the send then fails the count stays (the caller must fail the request loudly,
-        the rank is then over-counted by one until restart).
+        if the send then fails the caller takes it back with ``cancel``.
 
         Raises ``InvalidDpRankError``/``MissingBootstrapRoomError`` (400) or
         ``RankUnavailableError``/``NoLiveRankError`` (503); nothing is counted then.
         """
         if num_tokens < 0:
             raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
-        eff_reqs, eff_tokens, alive = self._read(self.stale_ns)
+        eff_reqs, eff_tokens, alive = self._read(self.stale_ns, None, self._with_tokens)
         if routed_dp_rank is not None:
             rank = routed_rank(routed_dp_rank, alive)
         else:
@@ -129,7 +130,7 @@ class Dispatcher:
     def _total_tokens(self, eff_reqs, eff_tokens, alive, bootstrap_room) -> int:
         return total_tokens(eff_tokens, eff_reqs, alive, self.rotation)
 
-    def _read_np(self, stale_ns: int):
+    def _read_np(self, stale_ns: int, now_ns: int | None = None, with_tokens: bool = True):
         """``read_effective_np`` as plain lists, for the list-based methods."""
         reqs, tokens, alive = self.board.read_effective_np(stale_ns)
         return reqs.tolist(), tokens.tolist(), alive.tolist()

@@ -39,8 +39,11 @@ A dispatcher bumps ``dispatched`` *before* it sends the request; the scheduler b
 reported load. A reader reads the row first and the dispatched cells after, so it
 never sees an ack without its dispatch: every request is counted exactly once.
 
-Seqlock: the writer stores ``seq+1`` (odd), the fields, then ``seq+2``; a reader
-retries a row whose seq was odd or changed. Pure Python gives no fences, so this is
+Seqlock: the writer stores ``-(seq+1)`` (negative: "writing"), the fields, then
+``seq+2``; a reader retries a row whose seq was negative or changed. Negative rather
+than the textbook odd value because one C-level ``min()`` over all rows' seqs tells
+the hot path whether any row was mid-write, where an odd test costs a Python-level
+loop (0.6 us of a 2 us budget at N=8 here). Pure Python gives no fences, so this is
 correct only where the hardware keeps stores in order and loads in order (x86-64's
 TSO). ``LoadBoard`` refuses to open elsewhere unless ``DPSERVE_ALLOW_WEAK_MEMORY=1``,
 in which case reads may rarely be torn (and are still bounded and self-healing, since
@@ -50,9 +53,10 @@ every value is rewritten after each batch).
 from __future__ import annotations
 
 import os
+from os import sched_yield
 import platform
 import struct
-import time
+from time import monotonic_ns
 from dataclasses import dataclass
 from enum import IntEnum
 from operator import add
@@ -79,6 +83,9 @@ class RankStatus(IntEnum):
     READY = 1
     DRAINING = 2
     DEAD = 3
+
+
+_READY = int(RankStatus.READY)  # a plain int: enum attribute access is slow on the hot path
 
 
 def _round8(n: int) -> int:
@@ -172,13 +179,16 @@ class LoadBoard:
         self._rows = self._cells[HEADER_LEN:layout.disp_off].reshape(n, layout.row_len)
         self._disp = self._cells[layout.disp_off:].reshape(d, layout.disp_len)[:, : 2 * n].reshape(d, 2, n)
         self._row_starts = [layout.row(r) for r in range(n)]
-        # Formats for the hot path: seq, base_reqs, base_toks, heartbeat, status per row.
+        # The hot path's one struct: per row seq, base_reqs, base_toks, heartbeat,
+        # status; then per dispatcher its 2N counters (padding skipped).
         row_len = layout.row_len
         row_fmt = "qqq" + "x" * 8 * (HEARTBEAT - 3) + "qq" + "x" * 8 * (row_len - STATUS - 1)
-        self._row_struct = struct.Struct("<" + row_fmt * n)
-        self._seq_struct = struct.Struct("<" + ("q" + "x" * 8 * (row_len - 1)) * n)
         disp_fmt = "q" * (2 * n) + "x" * 8 * (layout.disp_len - 2 * n)
-        self._disp_struct = struct.Struct("<" + disp_fmt * d)
+        self._hot_unpack = struct.Struct("<" + row_fmt * n + disp_fmt * d).unpack_from
+        self._seq_unpack = struct.Struct("<" + ("q" + "x" * 8 * (row_len - 1)) * n).unpack_from
+        self._hot_off = HEADER_LEN * 8
+        self._n5 = 5 * n
+        self._buf = segment.buf
         self._all_ready = (int(RankStatus.READY),) * n
         self._all_alive = (True,) * n
 
@@ -249,7 +259,8 @@ class LoadBoard:
             src = self._rows[r]
             while True:
                 seq = int(src[SEQ])
-                if seq & 1:
+                if seq < 0:
+                    sched_yield()  # the writer is mid-publish, maybe preempted
                     continue
                 rows[r] = src
                 if int(src[SEQ]) == seq:
@@ -270,60 +281,69 @@ class LoadBoard:
         sum counts the publishes, which benchmarks use to measure a writer's rate."""
         return self._rows[:, SEQ].copy()
 
-    def read_effective(self, stale_ns: int, now_ns: int | None = None):
+    def read_effective(self, stale_ns: int, now_ns: int | None = None, with_tokens: bool = True):
         """Hot path: (eff_reqs, eff_tokens, alive) as three lists, one entry per rank.
 
-        ``alive[r]`` is False when rank r's status is not READY or its heartbeat is
-        older than ``stale_ns``. Each row's base cells are read under its seqlock, then
-        the dispatched cells (the module docstring says why in that order).
+        ``with_tokens=False`` skips the token sums (``eff_tokens`` is then None) for
+        methods that balance by requests only.
 
-        Why struct and not numpy: one ``unpack_from`` pulls every needed cell of every
-        row in one C call (about 0.3 us for 8 rows here), where each numpy call costs
-        about 1 us on these machines; see ``python -m bench.board``.
+        ``alive[r]`` is False when rank r's status is not READY or its heartbeat is
+        older than ``stale_ns``. When every rank is alive, ``alive`` is one shared
+        tuple of True: callers must not mutate it.
+
+        One ``struct.unpack_from`` pulls every row's seq, base cells, heartbeat and
+        status and then every dispatched counter, in address order: rows before the
+        dispatcher blocks, so acks are read before dispatches (see the module
+        docstring). A second unpack re-reads the seqs. Why struct and not numpy: one
+        C call for everything, where each numpy call costs about 1 us on these
+        machines; ``bench.board`` measures the result.
         """
-        buf = self.segment.buf
-        n = self.num_ranks
+        buf = self._buf
+        unpack, unpack_seqs, off, n5 = self._hot_unpack, self._seq_unpack, self._hot_off, self._n5
+        tries = 0
         while True:
-            cells = self._row_struct.unpack_from(buf, HEADER_LEN * 8)
-            seqs = cells[0::5]
-            if seqs == self._seq_struct.unpack_from(buf, HEADER_LEN * 8) and not any(
-                    [s & 1 for s in seqs]):
+            cells = unpack(buf, off)
+            seqs = cells[0:n5:5]
+            if min(seqs) >= 0 and seqs == unpack_seqs(buf, off):
                 break
-        disp = self._disp_struct.unpack_from(buf, self.layout.disp_off * 8)
+            tries += 1
+            if tries & 7 == 0:
+                # A writer preempted mid-publish holds its row negative until it runs
+                # again: give up the core rather than spin through its time slice.
+                sched_yield()
+        n = self.num_ranks
         if self.num_dispatchers == 1:
-            reqs = list(map(add, cells[1::5], disp[:n]))
-            toks = list(map(add, cells[2::5], disp[n:2 * n]))
+            reqs = list(map(add, cells[1:n5:5], cells[n5:n5 + n]))
+            toks = list(map(add, cells[2:n5:5], cells[n5 + n:n5 + 2 * n])) if with_tokens else None
         else:
-            stride = 2 * n  # unpack_from skips the padding: 2n values per dispatcher
-            # A chain of lazy map(add), one link per dispatcher, sums at C speed without
-            # zip(*...)'s per-rank tuples: 25-35% faster at D=2, 10-20% at D=4 (N=4..64).
-            reqs, toks = cells[1::5], cells[2::5]
-            for o in range(0, len(disp), stride):
-                reqs = map(add, reqs, disp[o:o + n])
-                toks = map(add, toks, disp[o + n:o + 2 * n])
-            reqs, toks = list(reqs), list(toks)
+            # A chain of lazy map(add), one link per dispatcher, sums at C speed.
+            reqs, toks = cells[1:n5:5], cells[2:n5:5]
+            for o in range(n5, len(cells), 2 * n):
+                reqs = map(add, reqs, cells[o:o + n])
+                toks = map(add, toks, cells[o + n:o + 2 * n])
+            reqs, toks = list(reqs), (list(toks) if with_tokens else None)
         if now_ns is None:
-            now_ns = time.monotonic_ns()
-        heartbeats = cells[3::5]
-        statuses = cells[4::5]
+            now_ns = monotonic_ns()
+        heartbeats = cells[3:n5:5]
+        statuses = cells[4:n5:5]
         if statuses == self._all_ready and min(heartbeats) >= now_ns - stale_ns:
             return reqs, toks, self._all_alive
         oldest = now_ns - stale_ns
-        ready = RankStatus.READY.value
-        alive = tuple([st == ready and hb >= oldest for st, hb in zip(statuses, heartbeats)])
+        alive = tuple([st == _READY and hb >= oldest for st, hb in zip(statuses, heartbeats)])
         return reqs, toks, alive
 
     def read_effective_np(self, stale_ns: int, now_ns: int | None = None):
         """Vectorised ``read_effective`` for large boards: three numpy arrays."""
         rows = self._rows
         if now_ns is None:
-            now_ns = time.monotonic_ns()
+            now_ns = monotonic_ns()
         while True:
             snap = rows[:, :PID].copy()
             seq_after = rows[:, SEQ]
             seq = snap[:, SEQ]
-            # Seqs only grow, so equal sums mean every row's seq is unchanged.
-            if not np.bitwise_or.reduce(seq) & 1 and seq.sum() == seq_after.sum():
+            # Committed seqs only grow, so when neither read saw a row mid-write
+            # (negative), equal sums mean every row's seq is unchanged.
+            if seq.min() >= 0 and seq_after.min() >= 0 and seq.sum() == seq_after.sum():
                 break
         disp = self._disp.sum(axis=0) if self.num_dispatchers > 1 else self._disp[0]
         eff = snap[:, BASE_REQS:BASE_TOKENS + 1].T + disp

@@ -25,9 +25,9 @@ class RankWriter:
         self.board = board
         self.rank = rank
         self._base = board.layout.row(rank)
-        self._seq = board._mv[self._base + SEQ]  # a restarted writer continues the sequence
-        if self._seq & 1:
-            self._seq += 1  # the previous writer died mid-publish
+        seq = board._mv[self._base + SEQ]  # a restarted writer continues the sequence
+        # Negative: the previous writer died mid-publish of -(s+1); continue at s+2.
+        self._seq = -seq + 1 if seq < 0 else seq
         self._d = board.num_dispatchers
 
     def publish(self, num_reqs: int, num_waiting_reqs: int, num_tokens: int,
@@ -43,7 +43,7 @@ class RankWriter:
             raise ValueError(f"expected {d} acked counters per kind")
         mv, b = self.board._mv, self._base
         seq = self._seq
-        mv[b + SEQ] = seq + 1
+        mv[b + SEQ] = -(seq + 1)  # negative = writing (see shm.board)
         mv[b + BASE_REQS] = num_reqs - sum(acked_reqs)
         mv[b + BASE_TOKENS] = num_tokens - sum(acked_tokens)
         mv[b + NUM_REQS] = num_reqs
@@ -64,7 +64,7 @@ class RankWriter:
     def set_capacity(self, max_total_num_tokens: int, max_running_requests: int) -> None:
         mv, b = self.board._mv, self._base
         seq = self._seq
-        mv[b + SEQ] = seq + 1
+        mv[b + SEQ] = -(seq + 1)  # negative = writing (see shm.board)
         mv[b + MAX_TOTAL_TOKENS] = max_total_num_tokens
         mv[b + MAX_RUNNING] = max_running_requests
         mv[b + PID] = os.getpid()
