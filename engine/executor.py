@@ -35,6 +35,10 @@ class ModelExecutor:
         self.device = str(runner.device)
         self.kv: KVSlotAllocator = runner.kv_pool.allocator
         self.tokenizer = tokenizer
+        # PD: a prefill rank's pool lives in this shared segment (owned, unlinked by
+        # close()); a decode rank copies peers' KV in through the importer.
+        self.kv_segment = None
+        self._importer = None
 
     @classmethod
     def from_config(cls, cfg: Any) -> ModelExecutor:
@@ -48,10 +52,19 @@ class ModelExecutor:
         max_total_tokens = cfg.max_total_tokens or default_max_total_tokens(
             config, context_len, dtype_bytes
         )
-        runner = ModelRunner.from_model_path(
-            cfg.model_path, device, max_total_tokens, random_seed=cfg.random_seed
-        )
-        return cls(runner, context_len, _optional_tokenizer(cfg.model_path))
+        kv_segment = _pd_kv_segment(cfg, config, max_total_tokens, device)
+        try:
+            runner = ModelRunner.from_model_path(
+                cfg.model_path, device, max_total_tokens, random_seed=cfg.random_seed,
+                kv_buffer=kv_segment.kv_buf if kv_segment is not None else None,
+            )
+        except BaseException:
+            if kv_segment is not None:
+                kv_segment.close()
+            raise
+        executor = cls(runner, context_len, _optional_tokenizer(cfg.model_path))
+        executor.kv_segment = kv_segment
+        return executor
 
     @property
     def max_total_num_tokens(self) -> int:
@@ -79,6 +92,30 @@ class ModelExecutor:
             for token, logprob in zip(out.next_token_ids, out.logprobs)
             if token is not None
         ]
+
+
+    def import_kv(self, peer, src_slots, dst_slots: list[int]) -> None:
+        """PD decode: copy a peer pool's ``src_slots`` into this pool's ``dst_slots``."""
+        if self._importer is None:
+            from engine.kv_transfer import KVImporter
+            self._importer = KVImporter(self.runner.model_config, self.runner.kv_pool.kv_buffer)
+        self._importer.import_kv(peer, src_slots, dst_slots)
+
+    def close(self) -> None:
+        """Unlink the shared KV segment, if any (the mapping lives until exit)."""
+        if self.kv_segment is not None:
+            self.kv_segment.close()
+
+
+def _pd_kv_segment(cfg: Any, config: ModelConfig, capacity: int, device: str):
+    """A PD prefill rank's pool goes in shared memory, so decode ranks can map it."""
+    if getattr(cfg, "pd", None) is None or cfg.role != "prefill":
+        return None
+    from engine.kv_transfer import create_kv_segment
+    from scheduler.pd import kv_segment_kind
+    from shm.segment import segment_name
+    name = segment_name(kv_segment_kind(cfg.dp_rank), cfg.pd.launch_id)
+    return create_kv_segment(name, config, capacity, resolve_dtype(device, config.dtype), device)
 
 
 def _optional_tokenizer(model_path: str) -> Tokenizer | None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from scheduler.pd import PDConfig
+
 ROLES = ("mixed", "prefill", "decode")
 
 
@@ -30,7 +32,12 @@ class SchedulerConfig:
     heartbeat_interval_s: float = 0.05
     executor: str = "real"
     sim_profile: str = "tiny-cpu"
+    # With --sim-lockstep: the lockstep segment the launcher created (scheduler.lockstep);
+    # None lets every simulated rank step on its own.
+    sim_lockstep_name: str | None = None
     log_level: str = "info"
+    # PD disaggregation (role prefill/decode): where the shared tables and peers are.
+    pd: PDConfig | None = None
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:

@@ -25,6 +25,17 @@ class Executor(Protocol):
     @property
     def max_total_num_tokens(self) -> int: ...
 
+    # Optional (read with getattr, default False): True while the executor needs a
+    # forward pass even with an empty batch; the simulated executor sets it while its
+    # lockstep peers wait for this rank (scheduler.lockstep). The rank loop then does
+    # not block waiting for requests, and the scheduler runs the empty batch.
+    # wants_idle_steps: bool
+
+    # PD (scheduler.pd), optional: ``kv_segment`` (a prefill rank's shared pool and
+    # hand-off arena, None elsewhere), ``import_kv(peer_segment, src_slots, dst_slots)``
+    # (a decode rank copies a prefill peer's KV into its own slots) and ``close()``
+    # (unlinks the segment at exit).
+
     def forward(self, items: list[ForwardItem]) -> list[tuple[int, float]]:
         """Run one pass. Returns (token id, logprob) for each item with ``sample`` set,
         in order. KV for every item's ``token_ids`` is written to

@@ -44,6 +44,10 @@ def run_scheduler(cfg: SchedulerConfig, req_conn, out_conn) -> None:
         raise
     finally:
         row.set_status(RankStatus.DEAD)
+        try:
+            scheduler.close()  # PD: drop hand-off entries, unlink the shared KV segment
+        except Exception:
+            logger.exception("closing the scheduler failed")  # the launcher reclaims by pid
         del scheduler, row
         board.close()
 
@@ -55,7 +59,12 @@ def _start(cfg: SchedulerConfig, row, out_conn):
     executor = make_executor(cfg)
     tokenizer = getattr(executor, "tokenizer", None)
     send = lambda msg: out_conn.send_bytes(encode(msg))  # noqa: E731
-    scheduler = Scheduler(cfg, executor, row, send, tokenizer)
+    try:
+        scheduler = Scheduler(cfg, executor, row, send, tokenizer)
+    except BaseException:
+        if hasattr(executor, "close"):
+            executor.close()  # a PD prefill rank's shared KV segment
+        raise
     row.set_capacity(executor.max_total_num_tokens, scheduler.max_running_requests)
     scheduler.publish_load()
     row.set_status(RankStatus.READY)
@@ -73,7 +82,9 @@ def _loop(scheduler, req_conn, idle_wait_s: float) -> None:
         messages = []
         try:
             # Busy ranks only peek; idle ones block until a message or the heartbeat is due.
-            if req_conn.poll(0 if scheduler.has_work else idle_wait_s):
+            # A rank whose executor wants idle steps (lockstep peers wait on it) is busy.
+            busy = getattr(scheduler.executor, "wants_idle_steps", False)
+            if req_conn.poll(0 if busy else scheduler.poll_timeout(idle_wait_s)):
                 while True:
                     messages.append(decode_to_scheduler(req_conn.recv_bytes()))
                     if not req_conn.poll(0):

@@ -35,6 +35,10 @@ class Req:
     output_text: str = ""
     # Outputs produced since the last BatchOutput was sent.
     num_sent: int = 0
+    # PD: the room that pairs this request's prefill and decode halves, and (decode)
+    # the prefill rank holding its KV when the client named it.
+    bootstrap_room: int | None = None
+    disagg_prefill_dp_rank: int | None = None
 
     @property
     def prompt_len(self) -> int:

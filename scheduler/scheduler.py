@@ -1,7 +1,9 @@
 """One rank's continuous-batching scheduler.
 
 The loop is six named steps (``step``): receive messages, schedule (admit + pick the
-batch), forward, finish what finished, publish load to the board, send outputs.
+batch), forward, finish what finished, publish load to the board, send outputs. A PD
+rank adds one after receive, ``poll_transfers`` (``scheduler.pd``): a decode rank takes
+in requests whose KV arrived from prefill, a prefill rank frees KV decode released.
 
 Load accounting (what the board row says, see ``shm.board``):
 - ``num_reqs`` = running + waiting; ``num_waiting_reqs`` = waiting;
@@ -25,6 +27,7 @@ from scheduler.config import SchedulerConfig
 from scheduler.executor import Executor
 from scheduler.messages import (AbortReq, BatchOutput, FlushCacheReq, GenerateReq, ReqOutput,
                                 ShutdownReq)
+from scheduler.pd import make_role
 from scheduler.request import Req
 from shm.board_writers import RankWriter
 
@@ -53,17 +56,31 @@ class Scheduler:
             FlushCacheReq: self.on_flush_cache,
             ShutdownReq: self.on_shutdown,
         }
+        # PD roles (scheduler.pd): a prefill rank hands each request off after its first
+        # token; a decode rank parks requests until their KV arrives from prefill.
+        self.pd = make_role(cfg, executor)
+        self.hands_off = self.pd is not None and cfg.role == "prefill"
 
     # ---- the loop --------------------------------------------------------------------
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running) or (self.pd is not None and self.pd.has_work)
+
+    def poll_timeout(self, idle_wait_s: float) -> float:
+        """How long the rank loop may block on its pipe before the next step: 0 with a
+        batch to run; short, backing off, while PD requests wait on shared memory."""
+        if self.waiting or self.running:
+            return 0.0
+        return idle_wait_s if self.pd is None else self.pd.poll_timeout(idle_wait_s)
 
     def step(self, messages: list) -> None:
         """One iteration; ``messages`` are what ``receive`` took off the pipe."""
         self.receive(messages)
+        if self.pd is not None:
+            self.poll_transfers()
         batch = self.schedule()
-        if batch:
+        # An empty batch still runs when the executor asks (simulated lockstep peers).
+        if batch or getattr(self.executor, "wants_idle_steps", False):
             results = self.executor.forward(batch)
             self.process_results(batch, results)
         self.publish_load()
@@ -84,21 +101,31 @@ class Scheduler:
             req.num_computed += len(item.token_ids)
             if not item.sample:
                 continue
-            token, logprob = next(sampled)
-            req.output_ids.append(token)
-            if req.return_logprob:
-                req.output_logprobs.append(logprob)
+            self._append_token(req, *next(sampled))
+
+    def poll_transfers(self) -> None:
+        """PD: start decoding requests whose KV arrived, fail orphans (decode rank);
+        free KV that decode released or nobody claimed in time (prefill rank)."""
+        ready, failed = self.pd.poll(self._admit_transferred)
+        for req, message in failed:
+            req.finish_reason = {"type": "abort", "message": message}
+            self._release(req)
             self.outbox[req.rid] = req
-            req.finish_reason = self._check_finish(req)
-            if req.finish_reason is not None:
-                self._release(req)
+        for r in ready:
+            r.req.num_computed = r.req.prompt_len
+            self._append_token(r.req, r.first_token, r.logprob)
+        if ready or failed:
+            self.send_outputs()  # the first token goes out now, not after this step's batch
 
     def publish_load(self) -> None:
         computed = sum(r.num_computed for r in self.running)
         uncomputed = sum(r.prompt_len - r.num_computed for r in self.running if r.is_prefilling)
         queued = sum(r.prompt_len for r in self.waiting)
-        self.board_row.publish(len(self.running) + len(self.waiting), len(self.waiting),
-                               computed + uncomputed + queued, self.acked_reqs, self.acked_tokens)
+        # PD decode: parked requests (KV not here yet) count as waiting, prompt included.
+        parked, parked_tokens = self.pd.pending_load() if self.pd is not None else (0, 0)
+        self.board_row.publish(len(self.running) + len(self.waiting) + parked,
+                               len(self.waiting) + parked, computed + uncomputed + queued
+                               + parked_tokens, self.acked_reqs, self.acked_tokens)
         self.board_row.heartbeat()
 
     def send_outputs(self) -> None:
@@ -132,14 +159,21 @@ class Scheduler:
         self.acked_tokens[d] += msg.counted_tokens
         req = Req(rid=msg.rid, input_ids=msg.input_ids, params=msg.sampling_params,
                   dispatcher_id=d, counted_tokens=msg.counted_tokens,
-                  arrival_time=msg.arrival_time, return_logprob=msg.return_logprob)
+                  arrival_time=msg.arrival_time, return_logprob=msg.return_logprob,
+                  bootstrap_room=msg.bootstrap_room,
+                  disagg_prefill_dp_rank=msg.disagg_prefill_dp_rank)
         error = self._admission_error(req)
         if error is not None or msg.rid in self.reqs:
             req.finish_reason = {"type": "abort", "message": error or f"duplicate rid {msg.rid!r}"}
             self.outbox[req.rid] = req
+            if self.pd is not None:
+                self.pd.on_refused(req, req.finish_reason["message"])
             return
         self.reqs[req.rid] = req
-        self.waiting.append(req)
+        if self.pd is not None and self.cfg.role == "decode":
+            self.pd.park(req)
+        else:
+            self.waiting.append(req)
 
     def on_abort(self, msg: AbortReq) -> None:
         req = self.reqs.get(msg.rid)
@@ -147,9 +181,11 @@ class Scheduler:
             return  # already finished: nothing to free
         if req in self.running:
             self.running.remove(req)
-        else:
+        elif self.pd is None or not self.pd.discard(req):
             self.waiting.remove(req)
         req.finish_reason = {"type": "abort", "message": msg.message}
+        if self.pd is not None:
+            self.pd.on_abort(req, msg.message)
         self._release(req)
         self.outbox[req.rid] = req
 
@@ -170,14 +206,51 @@ class Scheduler:
             req.params.validate(self.executor.vocab_size, ctx)
         except InvalidSamplingParams as exc:
             return str(exc)
-        need, pool = req.reserve_len(ctx), self.executor.max_total_num_tokens
+        if self.pd is not None and (error := self.pd.admission_error(req)) is not None:
+            return error
+        need, pool = self._reserve_len(req), self.executor.max_total_num_tokens
         if need > pool:
             return (f"request needs {need} KV tokens (prompt + max_new_tokens) but this rank's "
                     f"pool holds {pool}; lower max_new_tokens or raise --max-total-tokens")
         return None
 
+    def _reserve_len(self, req: Req) -> int:
+        ctx = self.executor.context_len
+        return req.reserve_len(ctx) if self.pd is None else self.pd.reserve_len(req, ctx)
+
+    def _admit_transferred(self, req: Req) -> bool:
+        """PD decode: reserve KV for a request whose prompt KV is ready to copy in."""
+        if len(self.running) >= self.max_running_requests or not self._try_reserve(req):
+            return False
+        self.running.append(req)
+        return True
+
+    def _append_token(self, req: Req, token: int, logprob: float) -> None:
+        req.output_ids.append(token)
+        if req.return_logprob:
+            req.output_logprobs.append(logprob)
+        self.outbox[req.rid] = req
+        req.finish_reason = self._check_finish(req)
+        if self.hands_off:  # PD prefill: the first token ends the request on this rank
+            error = self.pd.hand_off(req, logprob)
+            if error is not None:
+                req.finish_reason = {"type": "abort", "message": error}
+                self.pd.on_refused(req, error)
+            elif req.finish_reason is None:
+                req.finish_reason = {"type": "length", "length": len(req.output_ids)}
+        if req.finish_reason is not None:
+            self._release(req)
+
+    def close(self) -> None:
+        """At exit: free what PD holds in shared memory, unlink the executor's segment."""
+        if self.pd is not None:
+            self.pd.close()
+        close = getattr(self.executor, "close", None)
+        if close is not None:
+            close()
+
     def _try_reserve(self, req: Req) -> bool:
-        need = req.reserve_len(self.executor.context_len)
+        need = self._reserve_len(req)
         if not self.executor.kv.can_alloc(need):
             return False
         req.slots = self.executor.kv.alloc(need)

@@ -15,6 +15,12 @@ Cost model of one step (seconds), from the batch's plain data::
     + decode_kv_s     * sum over decoding requests of their KV length
 
 Sleeping (not spinning) lets dozens of simulated ranks share two cores.
+
+With ``--sim-lockstep`` (``cfg.sim_lockstep_name`` names the segment the launcher
+created) every rank's step lasts as long as the slowest rank's, as with DP attention
+and expert parallelism; see ``scheduler.lockstep``. The executor then sets
+``wants_idle_steps`` while its peers need it to step, and the scheduler runs an empty
+batch (cost ``base_s``) for it.
 """
 
 from __future__ import annotations
@@ -74,8 +80,10 @@ class SimExecutor:
 
     device = "sim"
 
-    def __init__(self, profile: SimProfile, max_total_num_tokens: int | None = None):
+    def __init__(self, profile: SimProfile, max_total_num_tokens: int | None = None,
+                 lockstep=None):
         self.profile = profile
+        self.lockstep = lockstep  # a scheduler.lockstep.LockstepMember, or None
         self.context_len = profile.context_len
         self.vocab_size = profile.vocab_size
         # No eos: simulated requests run to max_new_tokens, like ignore_eos benchmarks.
@@ -83,22 +91,60 @@ class SimExecutor:
         self.kv = KVSlotAllocator(max_total_num_tokens or profile.max_total_num_tokens)
         self.tokenizer = None
         self.busy_s = 0.0  # total simulated forward time, for reports
+        self.lockstep_wait_s = 0.0  # time spent waiting for slower lockstep peers
+        self.kv_segment = None  # PD prefill: the shared hand-off arena (scheduler.pd)
 
     @classmethod
     def from_config(cls, cfg) -> "SimExecutor":
-        return cls(load_profile(cfg.sim_profile), cfg.max_total_tokens)
+        lockstep = None
+        if getattr(cfg, "sim_lockstep_name", None):
+            from scheduler.lockstep import LockstepMember
+            lockstep = LockstepMember.attach(cfg.sim_lockstep_name, cfg.dp_rank)
+        executor = cls(load_profile(cfg.sim_profile), cfg.max_total_tokens, lockstep)
+        if getattr(cfg, "pd", None) is not None and cfg.role == "prefill":
+            # No KV data, but the same hand-off arena and protocol as the real pool.
+            from scheduler.pd import kv_segment_kind
+            from shm.kv_segment import KVSegment
+            from shm.segment import segment_name
+            executor.kv_segment = KVSegment.create(
+                segment_name(kv_segment_kind(cfg.dp_rank), cfg.pd.launch_id),
+                executor.max_total_num_tokens, token_bytes=0)
+        return executor
+
+    def import_kv(self, peer, src_slots, dst_slots: list[int]) -> None:
+        """PD decode: there is no KV data to copy; slot counts must still agree."""
+        if len(src_slots) != len(dst_slots):
+            raise ValueError(f"copying {len(src_slots)} slots into {len(dst_slots)}")
+
+    def close(self) -> None:
+        """At rank exit: unlink the PD arena; leave the lockstep so peers stop waiting."""
+        if self.kv_segment is not None:
+            self.kv_segment.close()
+        if self.lockstep is not None:
+            self.lockstep.close()
+            self.lockstep = None
+
+    @property
+    def wants_idle_steps(self) -> bool:
+        """Run a forward pass even with an empty batch: lockstep peers wait for this rank."""
+        return self.lockstep is not None and self.lockstep.wants_idle_steps
 
     @property
     def max_total_num_tokens(self) -> int:
         return self.kv.max_total_num_tokens
 
     def forward(self, items: list[ForwardItem]) -> list[tuple[int, float]]:
+        """Sleep for the step's cost (with lockstep: until the slowest rank's step
+        ends); an empty batch is a lockstep idle step and costs ``base_s``."""
+        start_ns = time.monotonic_ns()
         cost = self.profile.step_time(items)
-        start = time.perf_counter()
         out = [(self._token(item), 0.0) for item in items if item.sample]
-        remaining = cost - (time.perf_counter() - start)
-        if remaining > 0:
-            time.sleep(remaining)
+        if self.lockstep is not None:
+            self.lockstep_wait_s += self.lockstep.step(cost, bool(items), start_ns)
+        else:
+            remaining = cost - (time.monotonic_ns() - start_ns) / 1e9
+            if remaining > 0:
+                time.sleep(remaining)
         self.busy_s += cost
         return out
 

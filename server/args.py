@@ -29,7 +29,11 @@ from dataclasses import dataclass, field
 logger = logging.getLogger(__name__)
 
 DISAGGREGATION_MODES = ("null", "prefill", "decode", "pd")
-ROLE_BY_DISAGGREGATION_MODE = {"null": "mixed", "prefill": "prefill", "decode": "decode"}
+ROLE_BY_DISAGGREGATION_MODE = {"null": "mixed", "prefill": "prefill", "decode": "decode",
+                               "pd": "pd"}
+# The rank roles each mode runs (pd: both, behind one front door).
+ROLES_OF_MODE = {"null": ("mixed",), "prefill": ("prefill",), "decode": ("decode",),
+                 "pd": ("prefill", "decode")}
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 EXECUTORS = ("real", "sim")
 
@@ -65,8 +69,27 @@ class ServerArgs:
     device: str = field(default="auto", **_flag("auto, cpu, cuda or cuda:N"))
     log_level: str = field(default="info", **_flag("logging level", choices=LOG_LEVELS))
     disaggregation_mode: str = field(default="null", **_flag(
-        "null (mixed ranks); prefill, decode and pd are reserved for PD disaggregation",
+        "null (mixed ranks); pd (prefill and decode ranks behind this one server); prefill "
+        "or decode (one half each, two servers on one node for an external PD gateway)",
         choices=DISAGGREGATION_MODES))
+    prefill_dp_size: int | None = field(default=None, **_flag(
+        "pd mode: prefill ranks (default: --dp-size)"))
+    decode_dp_size: int | None = field(default=None, **_flag(
+        "pd mode: decode ranks (default: --dp-size); routed_dp_rank addresses these"))
+    prefill_load_balance_method: str | None = field(default=None, **_flag(
+        "PD: method for prefill ranks (default: --load-balance-method; auto = total_tokens)"))
+    decode_load_balance_method: str | None = field(default=None, **_flag(
+        "PD: method for decode ranks (default: --load-balance-method; auto = total_requests)"))
+    disaggregation_bootstrap_port: int = field(default=8998, **_flag(
+        "prefill/decode servers: the pair on one node shares its tables under this number "
+        "(SGLang's flag; no socket is opened: the bootstrap is shared memory)"))
+    disaggregation_decode_dp: int | None = field(default=None, **_flag(
+        "prefill server: at most this many decode ranks claim its KV (default: 32)"))
+    disaggregation_bootstrap_timeout: float = field(default=300.0, **_flag(
+        "PD: seconds a room may wait for its prefill (decode side) or its decode (prefill "
+        "side, then its KV is freed)"))
+    disaggregation_waiting_timeout: float = field(default=300.0, **_flag(
+        "PD decode: seconds a placed request may wait for its KV"))
     executor: str = field(default="real", **_flag(
         "real (the torch model) or sim (simulated accelerator, for benchmarks)",
         choices=EXECUTORS))
@@ -104,9 +127,15 @@ def validate_args(args: ServerArgs) -> None:
         raise InvalidServerArgs(f"--port must be in [0, 65535], got {args.port}")
     if not 1 <= args.dp_size <= 1024:
         raise InvalidServerArgs(f"--dp-size must be in [1, 1024], got {args.dp_size}")
-    if args.disaggregation_mode != "null":
-        raise InvalidServerArgs(
-            f"--disaggregation-mode {args.disaggregation_mode} is not supported yet; use null")
+    for name in ("prefill_dp_size", "decode_dp_size", "disaggregation_decode_dp"):
+        value = getattr(args, name)
+        if value is not None and not 1 <= value <= 1024:
+            raise InvalidServerArgs(f"--{name.replace('_', '-')} must be in [1, 1024], got {value}")
+    if args.disaggregation_bootstrap_timeout <= 0 or args.disaggregation_waiting_timeout <= 0:
+        raise InvalidServerArgs("--disaggregation-bootstrap-timeout and "
+                                "--disaggregation-waiting-timeout must be > 0")
+    if not 1 <= args.disaggregation_bootstrap_port <= 65535:
+        raise InvalidServerArgs("--disaggregation-bootstrap-port must be in [1, 65535]")
     for name in ("max_running_requests", "max_total_tokens", "context_length"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -125,14 +154,26 @@ def resolve_args(args: ServerArgs) -> ServerArgs:
     from scheduler.policy import InvalidLoadBalanceMethod, resolve_method
 
     validate_args(args)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", DeprecationWarning)
-            method = resolve_method(args.load_balance_method, args.role).value
-    except InvalidLoadBalanceMethod as exc:
-        raise InvalidServerArgs(f"--load-balance-method: {exc}") from None
-    for w in caught:  # a deprecated alias: say so where a server user looks, the log
-        logger.warning("--load-balance-method: %s", w.message)
+    methods = {}
+    for role in ROLES_OF_MODE[args.disaggregation_mode]:
+        flag = f"{role}_load_balance_method"
+        name = getattr(args, flag, None) or args.load_balance_method
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", DeprecationWarning)
+                methods[role] = resolve_method(name, role).value
+        except InvalidLoadBalanceMethod as exc:
+            raise InvalidServerArgs(f"--{flag.replace('_', '-')}: {exc}") from None
+        for w in caught:  # a deprecated alias: say so where a server user looks, the log
+            logger.warning("--load-balance-method: %s", w.message)
+    # The method this server's own dispatch uses (pd: the decode one, which routed_dp_rank
+    # and /server_info's dp_size refer to); per-role ones only where roles exist.
+    method = methods.get("mixed") or methods.get("decode") or methods["prefill"]
+    pd_sizes = {}
+    if args.disaggregation_mode == "pd":
+        pd_sizes = {"prefill_dp_size": args.prefill_dp_size or args.dp_size,
+                    "decode_dp_size": args.decode_dp_size or args.dp_size}
+        pd_sizes["dp_size"] = pd_sizes["decode_dp_size"]
     try:
         model_ctx = load_model_config(args.model_path).context_len
     except ModelLoadError as exc:
@@ -143,6 +184,9 @@ def resolve_args(args: ServerArgs) -> ServerArgs:
     return dataclasses.replace(
         args,
         load_balance_method=method,
+        prefill_load_balance_method=methods.get("prefill"),
+        decode_load_balance_method=methods.get("decode"),
+        **pd_sizes,
         served_model_name=args.served_model_name or args.model_path,
         tokenizer_path=args.tokenizer_path or local_model_path(args.model_path),
         context_length=args.context_length or model_ctx,

@@ -19,6 +19,7 @@ Request life cycle:
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator
 
@@ -27,6 +28,7 @@ from engine.sampling import SamplingParams
 from engine.tokenizer import Tokenizer
 from scheduler.dispatcher import Dispatcher
 from scheduler.messages import AbortReq, FlushCacheReq, GenerateReq, ReqOutput, encode
+from scheduler.pd_router import PDRouter
 from scheduler.policy import (InvalidDpRankError, MissingBootstrapRoomError,
                               RankUnavailableError)
 from server.args import ServerArgs
@@ -36,16 +38,20 @@ from server.rank_monitor import RankMonitor
 from server.rank_pipe import PipeBackedUp, RequestPipe
 from server.ranks import API_DISPATCHER_ID, EngineProcesses, RankHandle
 from shm.board import RankStatus
+from shm.bootstrap_layout import BootstrapTableFullError, DuplicateRoomError
 
 __all__ = ["EngineClient", "MetricsObserver", "RequestHandle"]
 
 
 class EngineClient:
     def __init__(self, args: ServerArgs, processes: EngineProcesses, tokenizer: Tokenizer,
-                 model_config: ModelConfig):
+                 model_config: ModelConfig, route_writer=None, num_prefill_ranks: int = 0):
+        """``route_writer`` (PD prefill ranks): this process's region of the route table;
+        ``num_prefill_ranks`` (PD decode ranks): the range of ``disagg_prefill_dp_rank``."""
         if any(r.ready is None for r in processes.ranks):
             raise ValueError("every rank must be ready before the API serves")
         self.args = args
+        self.role = processes.role
         self.board = processes.board
         self.ranks: list[RankHandle] = processes.ranks
         self.tokenizer = tokenizer
@@ -53,8 +59,14 @@ class EngineClient:
         self.context_len = min(args.context_length or 1 << 62,
                                *(r.ready.context_len for r in self.ranks))
         self.max_total_num_tokens = min(r.ready.max_total_num_tokens for r in self.ranks)
-        self.dispatcher = Dispatcher(self.board, API_DISPATCHER_ID, args.load_balance_method,
-                                     stale_ns=args.stale_ns)
+        method = {"prefill": args.prefill_load_balance_method,
+                  "decode": args.decode_load_balance_method}.get(self.role)
+        self.dispatcher = Dispatcher(self.board, API_DISPATCHER_ID,
+                                     method or args.load_balance_method, stale_ns=args.stale_ns)
+        # PD (scheduler.pd_router): prefill dispatch also publishes the room's route.
+        self.router = PDRouter(self.dispatcher, None, route_writer,
+                               args.disaggregation_bootstrap_timeout) if route_writer else None
+        self.num_prefill_ranks = num_prefill_ranks
         self.inflight = InFlight()
         self.monitor = RankMonitor(processes, self.inflight, args.stale_ns, self.abort)
         self.is_serving = False
@@ -62,10 +74,10 @@ class EngineClient:
         self._pipes: dict[int, RequestPipe] = {}
 
     @classmethod
-    def from_processes(cls, args: ServerArgs, processes: EngineProcesses) -> "EngineClient":
+    def from_processes(cls, args: ServerArgs, processes: EngineProcesses, **pd) -> "EngineClient":
         """Load what the API needs of the model: tokenizer and config (no torch)."""
         tokenizer = Tokenizer.from_folder(args.tokenizer_path)
-        return cls(args, processes, tokenizer, load_model_config(args.model_path))
+        return cls(args, processes, tokenizer, load_model_config(args.model_path), **pd)
 
     @property
     def observer(self) -> MetricsObserver:
@@ -103,12 +115,16 @@ class EngineClient:
             raise ServiceUnavailable("the server is not serving (starting or stopping)")
         if rid in self.inflight:
             raise BadRequest(f"rid {rid!r} is already in use by a running request")
+        self._check_pd(bootstrap_room, disagg_prefill_dp_rank)
         self._check_capacity(routed_dp_rank)
         try:
-            dp_rank = self.dispatcher.pick(len(input_ids), routed_dp_rank, bootstrap_room)
-        except (InvalidDpRankError, MissingBootstrapRoomError) as exc:
+            if self.router is not None:
+                dp_rank = self.router.dispatch_prefill(bootstrap_room, len(input_ids), routed_dp_rank)
+            else:
+                dp_rank = self.dispatcher.pick(len(input_ids), routed_dp_rank, bootstrap_room)
+        except (InvalidDpRankError, MissingBootstrapRoomError, DuplicateRoomError) as exc:
             raise BadRequest(str(exc)) from None
-        except RankUnavailableError as exc:
+        except (RankUnavailableError, BootstrapTableFullError) as exc:
             raise ServiceUnavailable(str(exc)) from None
         rank = self.ranks[dp_rank]
         try:
@@ -123,8 +139,12 @@ class EngineClient:
         except ServiceUnavailable:
             # Never delivered, so never acked: take the board count back.
             self.dispatcher.cancel(dp_rank, len(input_ids))
+            if self.router is not None:
+                self.router.prefill_finished(bootstrap_room)
             raise
         handle = RequestHandle(rid, dp_rank, len(input_ids))
+        if self.router is not None:  # the route lives as long as the prefill request
+            handle.on_exit = functools.partial(self.router.prefill_finished, bootstrap_room)
         self.inflight.add(handle)
         return handle
 
@@ -179,6 +199,19 @@ class EngineClient:
             self.monitor.rank_lost(rank, f"its request pipe failed ({exc!r})")
             raise ServiceUnavailable(f"rank {rank.dp_rank} is unavailable") from None
 
+    def _check_pd(self, room: int | None, prefill_rank: int | None) -> None:
+        if self.role not in ("prefill", "decode"):
+            return
+        if room is None:
+            raise BadRequest(f"a PD {self.role} server needs bootstrap_room in every request "
+                             "(the gateway adds it; the same room goes to prefill and decode)")
+        if not 0 <= room < 2**64:
+            raise BadRequest(f"bootstrap_room must be in [0, 2**64), got {room}")
+        if self.role == "decode" and prefill_rank is not None and \
+                not 0 <= prefill_rank < self.num_prefill_ranks:
+            raise BadRequest(f"disagg_prefill_dp_rank {prefill_rank} is not a prefill rank "
+                             f"(there are {self.num_prefill_ranks})")
+
     def _check_capacity(self, routed_dp_rank: int | None) -> None:
         """503 unless some live rank (or the routed one) has room in its queue."""
         eff_reqs, _, alive = self.board.read_effective(self.args.stale_ns)
@@ -197,6 +230,10 @@ class EngineClient:
                                      "limit); retry later")
 
     # ---- state for /health, /server_info -------------------------------------------------
+    def load_groups(self) -> list[tuple[str, "LoadBoard"]]:
+        """(role, board) of every rank group this API serves: one, or two in PD mode."""
+        return [(self.role, self.board)]
+
     def live_ranks(self) -> list[int]:
         """Ranks a request can go to now: not lost, READY on the board, heartbeat fresh."""
         _, _, alive = self.board.read_effective(self.args.stale_ns)
@@ -214,7 +251,7 @@ class EngineClient:
     def rank_summaries(self) -> list[dict]:
         snap = self.board.snapshot()
         return [{
-            "dp_rank": r.dp_rank, "pid": r.ready.pid, "device": r.ready.device,
+            "dp_rank": r.dp_rank, "role": self.role, "pid": r.ready.pid, "device": r.ready.device,
             "status": RankStatus(int(snap.status[r.dp_rank])).name.lower(),
             "lost_reason": r.lost_reason,
         } for r in self.ranks]

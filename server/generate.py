@@ -89,7 +89,8 @@ def prepare_generate(engine: EngineClient, body: GenerateRequest) -> tuple[list[
             prepared.append(PreparedRequest(
                 rid=rid if copies == 1 else f"{rid}_{j}", input_ids=ids, params=params,
                 return_logprob=bool(logprob[i]), top_logprobs_num=top_n[i] or 0,
-                routed_dp_rank=routed_list[i], bootstrap_room=rooms[i],
+                routed_dp_rank=routed_list[i],
+                bootstrap_room=_copy_room(body.bootstrap_room, rooms[i], j, len(prepared)),
                 disagg_prefill_dp_rank=prefill_rank[i]))
     return prepared, is_batch or len(prepared) > 1
 
@@ -124,6 +125,16 @@ def _rooms(room, size: int) -> list[int | None]:
     if isinstance(room, list):
         return _per_item(room, size, "bootstrap_room")
     return [None if room is None else room + i for i in range(size)]
+
+
+def _copy_room(room, prompt_room: int | None, copy: int, index: int) -> int | None:
+    """Every request of the body needs its own room (PD: one room pairs one prefill with
+    one decode), derived identically on the prefill and the decode server: a scalar
+    means room + request index over the expanded batch (prompts times ``n``; with n=1
+    SGLang's room + i); a list gives each prompt's, + the copy's index under ``n``."""
+    if prompt_room is None:
+        return None
+    return room + index if isinstance(room, int) else prompt_room + copy
 
 
 def generate_routes() -> list[Route]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from scheduler.messages import ReqOutput
@@ -26,6 +27,10 @@ class RequestHandle:
     first_token_time: float | None = None
     last_token_time: float | None = None
     is_finished: bool = False
+    # Called once when the handle leaves the registry: True if the rank ended it (a
+    # finish output, or the route aborted it), False if it failed (its rank was lost).
+    # PD prefill uses it to retire the room's route entry (scheduler.pd_router).
+    on_exit: Callable[[bool], None] | None = None
 
 
 class MetricsObserver:
@@ -50,9 +55,13 @@ class InFlight:
     def add(self, handle: RequestHandle) -> None:
         self._reqs[handle.rid] = handle
 
-    def remove(self, handle: RequestHandle) -> None:
+    def remove(self, handle: RequestHandle, ok: bool = True) -> None:
         handle.is_finished = True
-        self._reqs.pop(handle.rid, None)
+        if self._reqs.get(handle.rid) is handle:
+            del self._reqs[handle.rid]
+        if handle.on_exit is not None:
+            on_exit, handle.on_exit = handle.on_exit, None
+            on_exit(ok)
 
     def on_rank(self, dp_rank: int) -> list[RequestHandle]:
         return [h for h in self._reqs.values() if h.dp_rank == dp_rank]
@@ -75,7 +84,7 @@ class InFlight:
         handle.queue.put_nowait(out)
 
     def fail(self, handle: RequestHandle, message: str) -> None:
-        self.remove(handle)
+        self.remove(handle, ok=False)
         handle.queue.put_nowait(RequestFailed(message))
 
     def fail_rank(self, dp_rank: int, message: str) -> list[RequestHandle]:

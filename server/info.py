@@ -75,6 +75,8 @@ async def server_info(request: Request) -> Response:
         "max_running_requests": min(r.max_running_requests for r in ready),
         "device": ready[0].device,
         "version": __version__,
+        # PD: which rank roles this server runs and the method each one's dispatch uses.
+        "disaggregation_roles": {role: _method_of(args, role) for role, _ in engine.load_groups()},
         "status": engine.status,
         "dead_ranks": _down_ranks(engine),
         "ranks": engine.rank_summaries(),
@@ -133,11 +135,26 @@ async def flush_cache(request: Request) -> Response:
     return PlainTextResponse("Cache flushed.\n")
 
 
+def _method_of(args, role: str) -> str:
+    per_role = {"prefill": args.prefill_load_balance_method,
+                "decode": args.decode_load_balance_method}.get(role)
+    return per_role or args.load_balance_method
+
+
 def _loads(engine: EngineClient) -> list[dict]:
-    snap = engine.board.snapshot()
+    """One row per rank; a PD front door lists its prefill ranks, then its decode ranks
+    (each row says its ``role``)."""
+    rows = []
+    for role, board in engine.load_groups():
+        rows += _board_loads(board, role)
+    return rows
+
+
+def _board_loads(board, role: str) -> list[dict]:
+    snap = board.snapshot()
     eff_reqs, eff_tokens, in_flight = snap.effective_reqs, snap.effective_tokens, snap.in_flight_reqs
     rows = []
-    for r in range(engine.board.num_ranks):
+    for r in range(board.num_ranks):
         waiting = int(snap.num_waiting_reqs[r]) + max(int(in_flight[r]), 0)
         running = max(int(eff_reqs[r]) - waiting, 0)
         tokens = int(eff_tokens[r])
@@ -154,6 +171,7 @@ def _loads(engine: EngineClient) -> list[dict]:
             "max_running_requests": int(snap.max_running_requests[r]),
             "token_usage": round(tokens / capacity, 4) if capacity > 0 else 0.0,
             "status": RankStatus(int(snap.status[r])).name.lower(),
+            "role": role,
         })
     return rows
 

@@ -132,6 +132,7 @@ def _prepare(engine: EngineClient, body: OpenAISampling, prompts: list[list[int]
     if body.n < 1:
         raise BadRequest(f"n must be >= 1, got {body.n}")
     routed = body.routed_dp_rank if body.routed_dp_rank is not None else body.data_parallel_rank
+    num = len(prompts)
     prepared = []
     for i, ids in enumerate(prompts):
         params = body.sampling_params(max_tokens_for(ids))
@@ -139,9 +140,31 @@ def _prepare(engine: EngineClient, body: OpenAISampling, prompts: list[list[int]
         for j in range(body.n):
             index = i * body.n + j
             prepared.append(PreparedRequest(
-                rid=rid if len(prompts) * body.n == 1 else f"{rid}_{index}", input_ids=ids,
-                params=params, return_logprob=return_logprob, routed_dp_rank=routed))
+                rid=rid if num * body.n == 1 else f"{rid}_{index}", input_ids=ids,
+                params=params, return_logprob=return_logprob,
+                routed_dp_rank=_of_prompt(routed, i, num, "routed_dp_rank"),
+                disagg_prefill_dp_rank=_of_prompt(body.disagg_prefill_dp_rank, i, num,
+                                                  "disagg_prefill_dp_rank"),
+                bootstrap_room=_room(body.bootstrap_room, i, j, index, num)))
     return prepared
+
+
+def _of_prompt(value, i: int, num_prompts: int, name: str):
+    """A scalar applies to every prompt; a list has one entry per prompt."""
+    if not isinstance(value, list):
+        return value
+    if len(value) != num_prompts:
+        raise BadRequest(f"{name} has {len(value)} entries for {num_prompts} prompt(s)")
+    return value[i]
+
+
+def _room(room, i: int, j: int, index: int, num_prompts: int) -> int | None:
+    """Each request of the body gets its own room, the same on the prefill and the decode
+    server (both apply this to the identical body): a scalar means room + request index
+    (SGLang's rule for a batch); a list gives each prompt's, + copy index under ``n``."""
+    if isinstance(room, list):
+        return _of_prompt(room, i, num_prompts, "bootstrap_room") + j
+    return None if room is None else room + index
 
 
 async def _respond(request: Request, engine: EngineClient, body: OpenAISampling,

@@ -70,8 +70,12 @@ class OpenAISampling(msgspec.Struct, kw_only=True):
     no_stop_trim: bool = False
     user: str | None = None
     rid: str | None = None
-    routed_dp_rank: int | None = None
-    data_parallel_rank: int | None = None
+    # Routing keys a gateway adds here as on /generate: smg and sglang-router send the PD
+    # keys on the OpenAI routes too, a list (one per prompt) when ``prompt`` is a list.
+    routed_dp_rank: int | list[int] | None = None
+    data_parallel_rank: int | list[int] | None = None
+    disagg_prefill_dp_rank: int | list[int] | None = None
+    bootstrap_room: int | list[int] | None = None
 
     def sampling_params(self, max_new_tokens: int) -> SamplingParams:
         return to_struct(SamplingParams, dict(

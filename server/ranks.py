@@ -9,7 +9,13 @@
 - ``wait_ready`` blocks until every rank sent ``RankReady``; a ``RankError``, a rank
   exiting or the timeout raises ``RankStartupError``;
 - ``close`` sends ``ShutdownReq`` to every rank, waits a bound, then terminates and
-  finally kills what is left, and only then unlinks the board. Ranks exit by
+  finally kills what is left, unlinks any segment a rank created and could not
+  unlink itself (a PD prefill rank's KV pool, if it was killed), and only then
+  unlinks the board.
+
+In PD modes one launch has a group per role (``server.pd``): each group is one
+``EngineProcesses`` with its ``role``, ``dp_size``, its own board (kind
+``board-<role>``) and the shared ``PDConfig``. Ranks exit by
   themselves if the API process dies, since their request pipe then reads EOF.
 
 Ranks ignore SIGINT: Ctrl-C in a terminal reaches the whole process group, and the
@@ -28,11 +34,13 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Callable
 
+import posix_ipc
+
 from scheduler.config import SchedulerConfig
 from scheduler.messages import RankError, RankReady, ShutdownReq, decode_to_server, encode
 from server.args import ServerArgs
 from shm.board import LoadBoard, RankStatus
-from shm.segment import new_launch_id, reclaim_stale_segments
+from shm.segment import list_segments, new_launch_id, owner_pid, reclaim_stale_segments
 
 logger = logging.getLogger(__name__)
 
@@ -81,24 +89,31 @@ def rank_entry(rank_main: RankMain, cfg: SchedulerConfig, req_conn: Connection,
     rank_main(cfg, req_conn, out_conn)
 
 
-def scheduler_configs(args: ServerArgs, board_name: str) -> list[SchedulerConfig]:
+def scheduler_configs(args: ServerArgs, board_name: str, role: str | None = None,
+                      dp_size: int | None = None, pd=None) -> list[SchedulerConfig]:
     base = SchedulerConfig(
-        dp_rank=0, board_name=board_name, num_dispatchers=NUM_DISPATCHERS, role=args.role,
+        dp_rank=0, board_name=board_name, num_dispatchers=NUM_DISPATCHERS,
+        role=role or args.role, pd=pd,
         model_path=args.model_path, device=args.device,
         max_running_requests=args.max_running_requests, max_total_tokens=args.max_total_tokens,
         chunked_prefill_size=args.chunked_prefill_size, context_length=args.context_length,
         random_seed=args.random_seed, heartbeat_interval_s=args.heartbeat_interval_s,
         executor=args.executor, sim_profile=args.sim_profile, log_level=args.log_level)
-    return [dataclasses.replace(base, dp_rank=r) for r in range(args.dp_size)]
+    return [dataclasses.replace(base, dp_rank=r) for r in range(dp_size or args.dp_size)]
 
 
 class EngineProcesses:
     """The board plus the rank processes of one launch; ``close`` releases everything."""
 
-    def __init__(self, args: ServerArgs, rank_main: RankMain | None = None):
+    def __init__(self, args: ServerArgs, rank_main: RankMain | None = None, *,
+                 role: str | None = None, dp_size: int | None = None,
+                 launch_id: str | None = None, pd=None):
         self.args = args
         self.rank_main = rank_main or default_rank_main()
-        self.launch_id = new_launch_id()
+        self.role = role or args.role
+        self.dp_size = dp_size or args.dp_size
+        self.pd = pd  # scheduler.pd.PDConfig for prefill/decode groups
+        self.launch_id = launch_id or new_launch_id()
         self.board: LoadBoard | None = None
         self.ranks: list[RankHandle] = []
 
@@ -107,9 +122,11 @@ class EngineProcesses:
         removed = reclaim_stale_segments()
         if removed:
             logger.info("reclaimed %d stale shared-memory segment(s): %s", len(removed), removed)
-        self.board = LoadBoard.create(self.args.dp_size, NUM_DISPATCHERS, launch_id=self.launch_id)
+        kind = "board" if self.role == "mixed" else f"board-{self.role}"
+        self.board = LoadBoard.create(self.dp_size, NUM_DISPATCHERS, launch_id=self.launch_id,
+                                      kind=kind)
         ctx = multiprocessing.get_context("spawn")
-        for cfg in scheduler_configs(self.args, self.board.name):
+        for cfg in scheduler_configs(self.args, self.board.name, self.role, self.dp_size, self.pd):
             req_recv, req_send = ctx.Pipe(duplex=False)
             out_recv, out_send = ctx.Pipe(duplex=False)
             process = ctx.Process(target=rank_entry, name=f"dpserve-rank-{cfg.dp_rank}",
@@ -169,9 +186,21 @@ class EngineProcesses:
         try:
             self._stop_ranks(self.args.shutdown_timeout_s)
         finally:
+            self._reclaim_rank_segments()
             if self.board is not None:
                 self.board.close()
                 self.board = None
+
+    def _reclaim_rank_segments(self) -> None:
+        """Unlink segments our ranks created and left (killed before their cleanup)."""
+        pids = {r.process.pid for r in self.ranks if not r.process.is_alive()}
+        for name in list_segments():
+            if owner_pid(name) in pids:
+                try:
+                    posix_ipc.unlink_shared_memory(name)
+                    logger.info("unlinked %s, left by a stopped rank", name)
+                except posix_ipc.ExistentialError:
+                    pass
 
     def _stop_ranks(self, timeout_s: float) -> None:
         for rank in self.ranks:

@@ -90,10 +90,15 @@ WAIT_MAX_SLEEP_S = 1e-3
 class BootstrapTable:
     """A mapped bootstrap table. ``create`` (owner, unlinks on close) or ``attach``.
 
-    Reader API (any process): ``lookup``, ``wait_for``, ``async_wait_for``,
-    ``entry_at``, ``entries``, ``num_live``. Writers get single-writer handles:
-    ``region_writer(r)`` in the prefill dispatcher owning region r, and
-    ``decode_claimer(d)`` in decode rank d.
+    Reader API (any process): ``lookup``, ``lookup_in``, ``wait_for``,
+    ``async_wait_for``, ``entry_at``, ``entries``, ``num_live``, ``region_writer_pid``.
+    Writers get single-writer handles: ``region_writer(r)`` in the one process that
+    owns region r, and ``decode_claimer(d)`` in decode rank d.
+
+    PD uses two tables of this layout (``scheduler.pd``): the *route* table, one region
+    per prefill dispatcher (room -> prefill rank, written at dispatch), and the
+    *hand-off* table, one region per prefill rank (room -> KV_READY/FAILED, the KV's
+    place and the first token, written by that rank; decode ranks claim and release).
     """
 
     def __init__(self, segment: SharedSegment, layout: BootstrapLayout):
@@ -239,6 +244,7 @@ class BootstrapTable:
                 if slot == home:  # a region without EMPTY slots, all probed
                     return None
 
+        self._probe = probe
         if self.num_regions == 1:  # probe() inlined: a call costs ~70 ns
             base0 = self._region_bases[0]
 
@@ -274,6 +280,16 @@ class BootstrapTable:
                     return entry
             return None
         return lookup_regions
+
+    def lookup_in(self, region: int, room: int) -> BootstrapEntry | None:
+        """``lookup`` restricted to one region: for a reader that knows which writer
+        holds the room (PD decode told the prefill rank, whose region it is)."""
+        home = (((room ^ (room >> 32)) * 0x9E3779B97F4A7C15 & MASK64) * self.slots_per_region) >> 64
+        return self._probe(room, home, self._region_bases[region])
+
+    def region_writer_pid(self, region: int) -> int:
+        """The pid holding ``region``'s writer, 0 if none (a reader's liveness check)."""
+        return self._mv[self.layout.region_hdr(region) + R_WRITER_PID]
 
     def wait_for(self, room: int, timeout_s: float,
                  states: tuple[int, ...] = LIVE_STATES) -> BootstrapEntry:

@@ -142,6 +142,22 @@ class SharedSegment:
                 self.unlink()
 
 
+def find_segment(kind: str, launch_id: str) -> str | None:
+    """The name of the live segment ``kind`` of launch ``launch_id``, whoever created it.
+
+    For segments two servers share (PD prefill and decode servers on one node): the
+    attacher knows the kind and the shared launch id but not the creator's pid, which
+    is in the name. Segments left by dead creators are ignored. Raises ``ShmError`` if
+    two live processes created one (two servers claim the same shared name).
+    """
+    suffix = f".{launch_id}.{kind}"
+    live = [n for n in list_segments() if n.endswith(suffix)
+            and (pid := owner_pid(n)) is not None and pid_alive(pid)]
+    if len(live) > 1:
+        raise ShmError(f"several live segments end in {suffix}: {live}")
+    return live[0] if live else None
+
+
 def check_shm_space(size: int) -> None:
     """Raise ShmSpaceError if /dev/shm cannot hold ``size`` more bytes."""
     try:

@@ -157,6 +157,22 @@ def test_gateway_keys_are_accepted(client):
     assert r.status_code == 200, r.text
 
 
+def test_openai_routes_take_the_routing_keys(client):
+    """Gateways add the routing keys to the OpenAI bodies too (a list per prompt for a
+    list ``prompt``); they are obeyed (an out-of-range rank is a 400) and checked."""
+    ok = {"model": "x", "prompt": ["a", "b"], "max_tokens": 1, "data_parallel_rank": [1, 0],
+          "disagg_prefill_dp_rank": 0, "bootstrap_host": ["h", "h"], "bootstrap_port": [1, 1],
+          "bootstrap_room": [5, 9]}
+    assert client.post("/v1/completions", json=ok).status_code == 200
+    chat = {"messages": [{"role": "user", "content": "a"}], "max_completion_tokens": 1}
+    assert client.post("/v1/chat/completions", json={**chat, "routed_dp_rank": 1,
+                                                     "bootstrap_room": 3}).status_code == 200
+    for bad in ({"routed_dp_rank": [0]}, {"bootstrap_room": [1, 2, 3]}, {"routed_dp_rank": 7}):
+        r = client.post("/v1/completions", json={**ok, **bad})
+        assert r.status_code == 400, (bad, r.text)
+    assert client.post("/v1/chat/completions", json={**chat, "routed_dp_rank": 7}).status_code == 400
+
+
 def test_return_logprob(client):
     r = client.post("/generate", json={"text": "x", "return_logprob": True,
                                        "sampling_params": {"max_new_tokens": 3}})

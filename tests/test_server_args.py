@@ -43,7 +43,9 @@ def test_resolve_fills_auto_values_once():
 @pytest.mark.parametrize("bad", [
     {"dp_size": 0}, {"port": 70000}, {"load_balance_method": "fastest"},
     {"model_path": "/nonexistent"}, {"context_length": 10**6}, {"max_total_tokens": 0},
-    {"disaggregation_mode": "pd"}, {"max_queued_requests": -1}, {"stale_after_s": 0.01},
+    {"disaggregation_mode": "pd", "prefill_dp_size": 0}, {"max_queued_requests": -1},
+    {"disaggregation_mode": "pd", "prefill_load_balance_method": "fastest"},
+    {"disaggregation_bootstrap_timeout": 0}, {"stale_after_s": 0.01},
 ])
 def test_invalid_args_name_the_flag(bad):
     with pytest.raises(InvalidServerArgs, match="--"):

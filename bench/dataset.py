@@ -1,0 +1,76 @@
+"""Benchmark prompts: the ``random`` dataset of SGLang's ``bench_serving``, without a download.
+
+Lengths are drawn uniformly from ``[max(1, int(L * range_ratio)), L]`` (inclusive), for
+input and output independently, as SGLang's client does. Prompts are random token ids
+(for ``/generate``, sent as ``input_ids``) or text (for OpenAI routes): one ASCII
+character per token id, so a byte-level tokenizer such as the built-in tiny model's
+sees exactly ``input_len`` tokens; another tokenizer sees some other count, which is
+why the figures use the prompt length the server reports when it reports one.
+
+Everything is a function of the seed: the same arguments give the same prompts,
+lengths and arrival times on any machine (numpy's PCG64 streams, one per purpose).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# Token ids are drawn below this bound: valid for any vocabulary of at least 256
+# entries, and the plain bytes of a byte-level one (no special tokens).
+DEFAULT_VOCAB_SIZE = 256
+TEXT_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789 "
+
+_DATASET_STREAM, _ARRIVAL_STREAM = 0, 1
+
+
+@dataclass(frozen=True)
+class BenchRequest:
+    prompt: list[int] | str
+    prompt_len: int  # tokens as generated (the server may count differently for text)
+    output_len: int  # max_new_tokens, with ignore_eos: the tokens expected back
+
+
+def length_range(max_len: int, range_ratio: float) -> tuple[int, int]:
+    """The inclusive [low, high] interval the lengths are drawn from."""
+    if max_len < 1:
+        raise ValueError(f"length must be >= 1, got {max_len}")
+    if not 0.0 <= range_ratio <= 1.0:
+        raise ValueError(f"--random-range-ratio must be in [0, 1], got {range_ratio}")
+    return max(1, int(max_len * range_ratio)), max_len
+
+
+def random_requests(num_prompts: int, input_len: int, output_len: int, range_ratio: float,
+                    seed: int, as_text: bool = False,
+                    vocab_size: int = DEFAULT_VOCAB_SIZE) -> list[BenchRequest]:
+    if num_prompts < 1:
+        raise ValueError(f"--num-prompts must be >= 1, got {num_prompts}")
+    rng = np.random.default_rng([seed, _DATASET_STREAM])
+    in_lo, in_hi = length_range(input_len, range_ratio)
+    out_lo, out_hi = length_range(output_len, range_ratio)
+    input_lens = rng.integers(in_lo, in_hi + 1, size=num_prompts)
+    output_lens = rng.integers(out_lo, out_hi + 1, size=num_prompts)
+    requests = []
+    for n_in, n_out in zip(input_lens.tolist(), output_lens.tolist()):
+        ids = rng.integers(0, vocab_size, size=n_in).tolist()
+        prompt = ids_to_text(ids) if as_text else ids
+        requests.append(BenchRequest(prompt=prompt, prompt_len=n_in, output_len=n_out))
+    return requests
+
+
+def ids_to_text(ids: list[int]) -> str:
+    return "".join(TEXT_ALPHABET[i % len(TEXT_ALPHABET)] for i in ids)
+
+
+def arrival_offsets(num_requests: int, request_rate: float, seed: int) -> list[float]:
+    """Send times (seconds from the start) of a Poisson process of ``request_rate``
+    per second: the first at 0, then exponential gaps. ``inf``: all at 0."""
+    if request_rate <= 0:
+        raise ValueError(f"--request-rate must be > 0 (or inf), got {request_rate}")
+    if np.isinf(request_rate):
+        return [0.0] * num_requests
+    rng = np.random.default_rng([seed, _ARRIVAL_STREAM])
+    gaps = rng.exponential(1.0 / request_rate, size=num_requests)
+    gaps[0] = 0.0
+    return np.cumsum(gaps).tolist()

@@ -1,0 +1,226 @@
+"""``python -m bench.serving``: an open-loop serving benchmark like SGLang's ``bench_serving``.
+
+    python -m bench.serving --backend sglang --port 30000 --dataset-name random \\
+        --random-input-len 1024 --random-output-len 128 --random-range-ratio 0.5 \\
+        --num-prompts 200 --request-rate 4 --max-concurrency 64 --output-file runs.jsonl
+
+Requests are sent at Poisson arrival times (``--request-rate``; ``inf`` sends all at
+once) whatever the server's progress (open loop); ``--max-concurrency`` caps the
+requests in flight (an arrival then waits for a free slot, and its TTFT counts from
+when it is actually sent, as in SGLang). The summary block has SGLang's layout; the
+figures (``bench.metrics``) also go to ``--output-file`` as one JSON line per run,
+with the per-rank request counts when the server reports ``meta_info.dp_rank``, and
+``simulated: true`` when the server runs the simulated accelerator.
+
+In-process use (``bench.compare``): ``figures = await run_benchmark(BenchConfig(...))``.
+
+HTTP client: aiohttp, one ``ClientSession`` whose connector holds as many connections
+as requests can be in flight. It is what SGLang's client uses, and its C HTTP parser
+costs less CPU per streamed chunk than httpx's pure-Python one, which matters when the
+client shares two cores with the server it measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+from tqdm.asyncio import tqdm
+
+from bench.backends import BACKENDS, RequestResult
+from bench.dataset import DEFAULT_VOCAB_SIZE, BenchRequest, arrival_offsets, random_requests
+from bench.metrics import format_rate, format_summary, summarize
+
+
+def _opt(help_text: str, **extra) -> dict:
+    return {"metadata": {"help": help_text, **extra}}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    backend: str = field(default="sglang", **_opt("sglang (/generate) or openai (/v1/completions)",
+                                                  choices=tuple(BACKENDS)))
+    base_url: str | None = field(default=None, **_opt("server URL; overrides --host/--port"))
+    host: str = field(default="127.0.0.1", **_opt("server host"))
+    port: int = field(default=30000, **_opt("server port"))
+    model: str | None = field(default=None, **_opt("model name for the openai backend"))
+    dataset_name: str = field(default="random", **_opt("only 'random'", choices=("random",)))
+    random_input_len: int = field(default=1024, **_opt("max input length in tokens"))
+    random_output_len: int = field(default=1024, **_opt("max output length in tokens"))
+    random_range_ratio: float = field(default=0.0, **_opt(
+        "lengths are uniform in [len * ratio, len]"))
+    random_vocab_size: int = field(default=DEFAULT_VOCAB_SIZE, **_opt(
+        "prompt token ids are drawn from [0, this)"))
+    num_prompts: int = field(default=1000, **_opt("requests in the run"))
+    request_rate: float = field(default=math.inf, **_opt("Poisson arrivals per second, or inf"))
+    max_concurrency: int | None = field(default=None, **_opt("cap on requests in flight"))
+    seed: int = field(default=1, **_opt("seed of prompts, lengths and arrivals"))
+    warmup_requests: int = field(default=1, **_opt("short requests sent first, not counted"))
+    request_timeout_s: float = field(default=6 * 3600.0, **_opt("per request"))
+    output_file: str | None = field(default=None, **_opt("append the figures as a JSON line"))
+    disable_tqdm: bool = field(default=False, **_opt("no progress bar"))
+    # In-process only: also return every request's timings under "requests".
+    return_requests: bool = field(default=False, metadata={"cli": False})
+
+    @property
+    def url(self) -> str:
+        return (self.base_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+
+def make_requests(cfg: BenchConfig) -> list[BenchRequest]:
+    return random_requests(cfg.num_prompts, cfg.random_input_len, cfg.random_output_len,
+                           cfg.random_range_ratio, cfg.seed, as_text=cfg.backend == "openai",
+                           vocab_size=cfg.random_vocab_size)
+
+
+async def run_benchmark(cfg: BenchConfig) -> dict:
+    """Run one benchmark against a live server; returns every figure (see
+    ``bench.metrics.summarize``) plus the run's settings and server facts."""
+    requests = make_requests(cfg)
+    offsets = arrival_offsets(len(requests), cfg.request_rate, cfg.seed)
+    send = BACKENDS[cfg.backend]
+    limit = cfg.max_concurrency or len(requests)
+    connector = aiohttp.TCPConnector(limit=limit + cfg.warmup_requests, limit_per_host=0,
+                                     ttl_dns_cache=None)
+    timeout = aiohttp.ClientTimeout(total=cfg.request_timeout_s)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout,
+                                     trust_env=False) as session:
+        server = await server_facts(session, cfg.url)
+        model = cfg.model or server.get("served_model_name")
+        await warm_up(session, cfg, send, model)
+        gate = asyncio.Semaphore(limit)
+        bar = tqdm(total=len(requests), disable=cfg.disable_tqdm, desc="requests")
+        start = time.perf_counter()
+
+        async def one(req: BenchRequest, offset: float) -> RequestResult:
+            await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
+            async with gate:
+                result = await send(session, cfg.url, req, model)
+            bar.update(1)
+            return result
+
+        results = await asyncio.gather(*(one(r, o) for r, o in zip(requests, offsets)))
+        duration = max((r.start_time + r.latency for r in results if r.success),
+                       default=time.perf_counter()) - start
+        bar.close()
+    figures = {"backend": cfg.backend, "request_rate": cfg.request_rate,
+               "max_concurrency": cfg.max_concurrency, **summarize(results, duration, start)}
+    figures.update(settings(cfg), **server_summary(server))
+    errors = [r.error for r in results if not r.success]
+    if errors:
+        figures["first_errors"] = errors[:5]
+    if cfg.return_requests:
+        figures["requests"] = [request_record(r, start) for r in results]
+    return figures
+
+
+async def server_facts(session: aiohttp.ClientSession, url: str) -> dict:
+    """``/server_info`` (or SGLang's older ``/get_server_info``); {} if neither answers."""
+    for path in ("/server_info", "/get_server_info"):
+        try:
+            async with session.get(url + path) as response:
+                if response.status == 200:
+                    return await response.json()
+        except (aiohttp.ClientError, ValueError):
+            break
+    return {}
+
+
+def server_summary(info: dict) -> dict:
+    simulated = info.get("executor") == "sim"
+    out = {"simulated": simulated}
+    for key in ("dp_size", "load_balance_method", "disaggregation_mode", "served_model_name"):
+        if key in info:
+            out[f"server_{key}"] = info[key]
+    if simulated:
+        out["sim_profile"] = info.get("sim_profile")
+        out["sim_lockstep"] = bool(info.get("sim_lockstep", False))
+    return out
+
+
+async def warm_up(session, cfg: BenchConfig, send, model: str | None) -> None:
+    warm = random_requests(max(cfg.warmup_requests, 1), 16, 4, 1.0, cfg.seed + 1_000_003,
+                           as_text=cfg.backend == "openai", vocab_size=cfg.random_vocab_size)
+    for req in warm[:cfg.warmup_requests]:
+        result = await send(session, cfg.url, req, model)
+        if not result.success:
+            raise RuntimeError(f"warm-up request to {cfg.url} failed: {result.error}")
+
+
+def settings(cfg: BenchConfig) -> dict:
+    keep = ("dataset_name", "random_input_len", "random_output_len", "random_range_ratio",
+            "num_prompts", "seed")
+    return {"url": cfg.url, **{k: getattr(cfg, k) for k in keep}, "timestamp": time.time()}
+
+
+def request_record(r: RequestResult, start: float) -> dict:
+    return {"start_s": r.start_time - start, "ttft_s": r.ttft, "latency_s": r.latency,
+            "prompt_len": r.prompt_len, "output_len": r.output_len, "dp_rank": r.dp_rank,
+            "success": r.success}
+
+
+def write_jsonl(path: str, figures: dict) -> None:
+    row = {k: v for k, v in figures.items() if k != "requests"}
+    if math.isinf(row.get("request_rate", 0.0)):
+        row["request_rate"] = "inf"  # JSON has no Infinity
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+# ---- CLI -----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench.serving",
+                                     description=__doc__.splitlines()[0])
+    for f in dataclasses.fields(BenchConfig):
+        if f.metadata.get("cli", True) is False:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "") + " (default: %(default)s)"
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, dest=f.name, action="store_true", help=help_text)
+            continue
+        kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
+        parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=help_text,
+                            choices=f.metadata.get("choices"))
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> BenchConfig:
+    return BenchConfig(**vars(build_parser().parse_args(argv)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(argv)
+    print(f"{cfg.backend} benchmark of {cfg.url}: {cfg.num_prompts} prompts, input "
+          f"<= {cfg.random_input_len}, output <= {cfg.random_output_len} tokens (range ratio "
+          f"{cfg.random_range_ratio}), rate {format_rate(cfg.request_rate)}/s, max concurrency "
+          f"{cfg.max_concurrency or 'not set'}")
+    try:
+        figures = asyncio.run(run_benchmark(cfg))
+    except RuntimeError as exc:  # the server is not there or cannot serve
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if figures["simulated"]:
+        lockstep = ", lockstep" if figures.get("sim_lockstep") else ""
+        print(f"NOTE: simulated accelerator (profile {figures['sim_profile']}{lockstep}): "
+              "times come from a cost model, not a model's forward pass")
+    print(format_summary(figures))
+    if "requests_per_dp_rank" in figures:
+        print("Requests per dp_rank:", figures["requests_per_dp_rank"])
+    if figures["failed"]:
+        print(f"{figures['failed']} request(s) failed; first errors: {figures['first_errors']}",
+              file=sys.stderr)
+    if cfg.output_file:
+        write_jsonl(cfg.output_file, figures)
+    return 0 if figures["completed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

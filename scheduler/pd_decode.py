@@ -1,0 +1,249 @@
+"""The decode rank's half of the KV hand-off (see ``scheduler.pd`` for the whole).
+
+A decode request may arrive before its prefill was even dispatched (an external
+gateway sends both at once), so it is *parked* here, not queued for a batch, and the
+rank loop keeps serving the others. Every step ``poll`` looks at each parked request:
+
+1. resolve the prefill rank p: ``disagg_prefill_dp_rank`` if the request had it, else
+   the route table (``lookup``, ~1 us), else the hand-off table over every region (the
+   prefill may have finished and its route entry gone already);
+2. look for the room in hand-off region p: KV_READY -> reserve this rank's KV
+   (``admit``: whole request, as at any admission), claim the entry, copy the prompt's
+   KV out of p's shared pool (``executor.import_kv``), release the claim, and return
+   the request with the first token to run as a decoding request; FAILED -> release it
+   and fail the request; missing -> keep waiting;
+3. fail it if its deadline passed: ``bootstrap_timeout_s`` after arrival while no
+   prefill placed the room (an orphan: the gateway retried with a new room), else
+   ``waiting_timeout_s``; or at once if prefill rank p's process is gone.
+
+A parked request holds no KV (it is reserved when the KV is ready), so an orphan frees
+nothing but its place in the queue; it counts on the board as a waiting request with
+its prompt tokens. While only parked requests remain, ``poll_timeout`` backs the
+rank's sleep off from 20 us to 500 us instead of spinning a core.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from scheduler.pd_peers import PDPeers
+from scheduler.request import Req
+from shm.bootstrap_layout import FAILED, KV_READY
+
+logger = logging.getLogger(__name__)
+
+FIRST_SLEEP_S = 20e-6
+MAX_SLEEP_S = 500e-6
+MAX_STATS = 100_000
+
+
+@dataclass(slots=True, eq=False)
+class Parked:
+    req: Req
+    arrival_ns: int
+    prefill_rank: int | None
+    known_ns: int = 0
+
+
+@dataclass(slots=True)
+class Ready:
+    req: Req
+    first_token: int
+    logprob: float
+
+
+class DecodeReceiver:
+    def __init__(self, cfg, executor, route_table, handoff_table):
+        self.dp_rank = cfg.dp_rank
+        self.executor = executor
+        self.peers = PDPeers(route_table, handoff_table, cfg.pd.launch_id, cfg.dp_rank)
+        self.bootstrap_ns = int(cfg.pd.bootstrap_timeout_s * 1e9)
+        self.waiting_ns = int(cfg.pd.waiting_timeout_s * 1e9)
+        self.parked: dict[str, Parked] = {}  # by rid, in arrival order
+        self._orphaned: list[tuple[Req, str]] = []  # failed by a table switch in park()
+        self._sleep_s = FIRST_SLEEP_S
+        # Arrival -> prefill rank known, for requests resolved through the tables (ns).
+        self.resolve_ns: deque[int] = deque(maxlen=MAX_STATS)
+        self.num_received = 0
+
+    # ---- what the scheduler asks --------------------------------------------------------
+    @property
+    def has_work(self) -> bool:
+        return bool(self.parked or self._orphaned)
+
+    def reserve_len(self, req: Req, context_len: int) -> int:
+        return req.reserve_len(context_len)
+
+    def admission_error(self, req: Req) -> str | None:
+        if req.bootstrap_room is None:
+            return "a PD decode request needs a bootstrap_room"
+        p = req.disagg_prefill_dp_rank
+        num_prefill = self.peers.handoff.num_regions
+        if p is not None and not 0 <= p < num_prefill:
+            return f"disagg_prefill_dp_rank {p} is not in [0, {num_prefill})"
+        return None
+
+    def poll_timeout(self, idle_wait_s: float) -> float:
+        if not self.parked:
+            return idle_wait_s
+        sleep_s = self._sleep_s
+        self._sleep_s = min(sleep_s * 2, MAX_SLEEP_S)
+        return min(sleep_s, idle_wait_s)
+
+    def pending_load(self) -> tuple[int, int]:
+        """(requests, prompt tokens) parked here: waiting load for the board."""
+        return len(self.parked), sum(p.req.prompt_len for p in self.parked.values())
+
+    def park(self, req: Req) -> None:
+        """Hold ``req`` until its KV is ready. The prefill rank is looked up at once
+        (~1 us a table): with the room placed first (the front door's order, a
+        gateway's usual one) decode knows it on arrival; else ``poll`` keeps looking."""
+        now = time.monotonic_ns()
+        self._orphaned += self._refresh(now)  # before parking: req is not of the old tables
+        parked = self.parked[req.rid] = Parked(req, now, req.disagg_prefill_dp_rank)
+        if parked.prefill_rank is None:
+            room, route = req.bootstrap_room, self.peers.route
+            placed = route.lookup(room) if route is not None else None
+            if placed is None:  # prefill may be done already: its route entry is gone
+                placed = self.peers.handoff.lookup(room)
+                if placed is not None:
+                    self._known(parked, placed.region, now)
+            elif placed.state != FAILED:
+                self._known(parked, placed.prefill_rank, now)
+        self._sleep_s = FIRST_SLEEP_S
+
+    def discard(self, req: Req) -> bool:
+        """Drop a parked request (aborted). If its KV is already waiting in a hand-off
+        entry, release the entry so prefill frees that KV now, not at the deadline."""
+        parked = self.parked.pop(req.rid, None)
+        if parked is None:
+            return False
+        room, p, handoff = req.bootstrap_room, parked.prefill_rank, self.peers.handoff
+        entry = handoff.lookup(room) if p is None else handoff.lookup_in(p, room)
+        if entry is not None:
+            self.peers.claimer.release(entry)
+        return True
+
+    def on_abort(self, req: Req, message: str) -> None:
+        pass  # nothing of a decode request lives in shared memory
+
+    def on_refused(self, req: Req, message: str) -> None:
+        pass
+
+    # ---- the step -----------------------------------------------------------------------
+    def poll(self, admit) -> tuple[list[Ready], list[tuple[Req, str]]]:
+        """Move parked requests on. ``admit(req)`` reserves the request's KV (into
+        ``req.slots``) if the rank can run it now. Returns (ready, failed); the caller
+        frees whatever ``req.slots`` a failed request holds. Admission keeps arrival
+        order: after one request could not be admitted, later ones are only checked
+        for failure."""
+        ready: list[Ready] = []
+        failed, self._orphaned = self._orphaned, []
+        if not self.parked:
+            return ready, failed
+        now = time.monotonic_ns()
+        failed += self._refresh(now)
+        can_admit = True
+        for rid, parked in list(self.parked.items()):
+            entry, error = self._resolve(parked, now)
+            if error is None and entry is not None and entry.state == KV_READY:
+                if not can_admit:
+                    continue
+                if not admit(parked.req):
+                    can_admit = False
+                    continue
+                error = self._receive(parked.req, entry, ready)
+            if error is not None:
+                del self.parked[rid]
+                failed.append((parked.req, error))
+            elif ready and ready[-1].req is parked.req:
+                del self.parked[rid]
+        if ready or failed:
+            self._sleep_s = FIRST_SLEEP_S
+        return ready, failed
+
+    def _resolve(self, parked: Parked, now: int):
+        """(hand-off entry or None, error or None) for one parked request."""
+        room = parked.req.bootstrap_room
+        p = parked.prefill_rank
+        route, handoff = self.peers.route, self.peers.handoff
+        if p is None and route is not None:
+            placed = route.lookup(room)
+            if placed is not None:
+                if placed.state == FAILED:
+                    return None, f"bootstrap_room {room}: the prefill request failed"
+                p = self._known(parked, placed.prefill_rank, now)
+        entry = handoff.lookup(room) if p is None else handoff.lookup_in(p, room)
+        if entry is not None and p is None:
+            p = self._known(parked, entry.region, now)
+        if entry is not None:
+            if entry.state == FAILED:
+                self.peers.claimer.release(entry)  # lets prefill free the entry now
+                return None, (f"bootstrap_room {room}: prefill rank {p} failed the request "
+                              "(aborted or refused) before its KV was ready")
+            return entry, None
+        waited = now - parked.arrival_ns
+        if p is None:
+            if waited > self.bootstrap_ns:
+                return None, (f"bootstrap_room {room}: no prefill placed it within "
+                              f"{self.bootstrap_ns / 1e9:g} s (prefill never came, or the "
+                              "gateway retried with a new room)")
+        elif waited > self.waiting_ns:
+            return None, (f"bootstrap_room {room}: the KV from prefill rank {p} was not "
+                          f"ready within {self.waiting_ns / 1e9:g} s")
+        elif not self.peers.is_alive(p, now):
+            return None, f"bootstrap_room {room}: prefill rank {p} is not running"
+        return None, None
+
+    def _known(self, parked: Parked, prefill_rank: int, now: int) -> int:
+        parked.prefill_rank = prefill_rank
+        parked.known_ns = time.monotonic_ns()
+        self.resolve_ns.append(parked.known_ns - parked.arrival_ns)
+        return prefill_rank
+
+    def _receive(self, req: Req, entry, ready: list[Ready]) -> str | None:
+        """Claim, copy and release one KV_READY entry into ``req.slots``; on error the
+        caller frees ``req.slots`` (the scheduler's release does)."""
+        room, p, claimer = req.bootstrap_room, entry.region, self.peers.claimer
+        if entry.kv_len != req.prompt_len:
+            claimer.release(entry)
+            return (f"bootstrap_room {room}: prefill rank {p} computed {entry.kv_len} prompt "
+                    f"tokens, this request has {req.prompt_len} (not the same request body?)")
+        peer = self.peers.kv_segment(p)
+        if peer is None:
+            return f"bootstrap_room {room}: cannot map prefill rank {p}'s KV pool"
+        if not claimer.claim(entry):
+            return f"bootstrap_room {room}: the KV expired before decode could claim it"
+        try:
+            logprob, src_slots = peer.read_record(entry.kv_location, entry.kv_len)
+            self.executor.import_kv(peer, src_slots, req.slots[:entry.kv_len])
+        finally:
+            intact = claimer.release(entry)
+        if not intact:  # prefill freed it under the copy (the claim outlived its grace)
+            return f"bootstrap_room {room}: the KV was freed during the copy"
+        self.num_received += 1
+        ready.append(Ready(req, entry.first_token, logprob))
+        return None
+
+    def _refresh(self, now: int) -> list[tuple[Req, str]]:
+        """If the prefill server restarted (new tables), fail the parked requests whose
+        prefill rank was known: it died with the old server. (Unknown ones keep
+        waiting: their room may yet come through the new server.)"""
+        if not self.peers.refresh(now):
+            return []
+        failed = []
+        for rid, parked in list(self.parked.items()):
+            if parked.prefill_rank is not None:
+                del self.parked[rid]
+                failed.append((parked.req, f"bootstrap_room {parked.req.bootstrap_room}: "
+                               f"prefill rank {parked.prefill_rank} went away (its server "
+                               "restarted)"))
+        return failed
+
+    def close(self) -> None:
+        self.parked.clear()
+        self.peers.close()
+

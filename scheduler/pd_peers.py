@@ -1,0 +1,103 @@
+"""What a decode rank maps of the prefill side: the two tables and the prefill ranks'
+KV segments, re-found when the prefill side restarts.
+
+- ``route`` / ``handoff``: the PD tables (``scheduler.pd``), attached, never unlinked;
+  ``claimer`` is this rank's single-writer handle on its claim cells.
+- ``kv_segment(p)``: prefill rank p's KV segment, mapped on first use and again when p
+  restarted (its pid, read from hand-off region p's header, names the segment).
+- ``is_alive(p)``: whether prefill rank p's process runs (checked at most every 100 ms).
+- ``refresh()``: in two-server mode the prefill server owns the tables; if it died and
+  a new one (same ``--disaggregation-bootstrap-port``) created new tables, switch to
+  them (checked at most every 200 ms, only by a rank that is waiting for something).
+  Returns True on a switch: the caller then fails requests tied to the old prefill
+  ranks. In ``pd`` mode the launcher owns the tables and this never fires.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from scheduler.pd import HANDOFF_KIND, ROUTE_KIND, kv_segment_kind
+from shm.bootstrap import BootstrapTable
+from shm.kv_segment import KVSegment
+from shm.segment import ShmError, find_segment, owner_pid, pid_alive, segment_name
+
+logger = logging.getLogger(__name__)
+
+LIVENESS_EVERY_NS = 100_000_000
+REFRESH_EVERY_NS = 200_000_000
+
+
+class PDPeers:
+    def __init__(self, route: BootstrapTable | None, handoff: BootstrapTable, launch_id: str,
+                 decode_rank: int):
+        self.launch_id = launch_id
+        self.decode_rank = decode_rank
+        self._set_tables(route, handoff)
+        self._next_refresh_ns = 0
+
+    def _set_tables(self, route, handoff) -> None:
+        self.route = route
+        self.handoff = handoff
+        self.claimer = handoff.decode_claimer(self.decode_rank)
+        self._segments: dict[int, KVSegment] = {}
+        self._alive_at: dict[int, tuple[int, bool]] = {}
+        self._owner = owner_pid(handoff.name)
+
+    def kv_segment(self, prefill_rank: int) -> KVSegment | None:
+        pid = self.handoff.region_writer_pid(prefill_rank)
+        seg = self._segments.get(prefill_rank)
+        if seg is not None and seg.owner_pid == pid:
+            return seg
+        if not pid:
+            return None
+        try:
+            seg = KVSegment.attach(segment_name(kv_segment_kind(prefill_rank), self.launch_id, pid))
+        except ShmError as exc:
+            logger.warning("prefill rank %d: %s", prefill_rank, exc)
+            return None
+        # A replaced mapping is left to the process's end: a torch view may still use it.
+        self._segments[prefill_rank] = seg
+        return seg
+
+    def is_alive(self, prefill_rank: int, now_ns: int) -> bool:
+        checked = self._alive_at.get(prefill_rank)
+        if checked is not None and now_ns - checked[0] < LIVENESS_EVERY_NS:
+            return checked[1]
+        pid = self.handoff.region_writer_pid(prefill_rank)
+        alive = bool(pid) and pid_alive(pid)
+        self._alive_at[prefill_rank] = (now_ns, alive)
+        return alive
+
+    def refresh(self, now_ns: int) -> bool:
+        if now_ns < self._next_refresh_ns:
+            return False
+        self._next_refresh_ns = now_ns + REFRESH_EVERY_NS
+        if self._owner is None or pid_alive(self._owner):
+            return False
+        handoff_name = find_segment(HANDOFF_KIND, self.launch_id)
+        route_name = find_segment(ROUTE_KIND, self.launch_id)
+        if handoff_name is None or (self.route is not None and route_name is None):
+            return False  # the new prefill server is not up yet
+        handoff = BootstrapTable.attach(handoff_name)
+        if handoff.num_decode_ranks <= self.decode_rank:
+            logger.error("the restarted prefill server takes claims from %d decode ranks; "
+                         "this is rank %d: not switching", handoff.num_decode_ranks,
+                         self.decode_rank)
+            handoff.close()
+            return False
+        route = BootstrapTable.attach(route_name) if self.route is not None else None
+        old = (self.route, self.handoff)
+        self._set_tables(route, handoff)
+        for table in old:
+            if table is not None:
+                table.close()
+        logger.warning("the prefill server restarted: now using %s", handoff_name)
+        return True
+
+    def close(self) -> None:
+        self._segments.clear()
+        self.handoff.close()
+        if self.route is not None:
+            self.route.close()

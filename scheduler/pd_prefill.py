@@ -1,0 +1,170 @@
+"""The prefill rank's half of the KV hand-off (see ``scheduler.pd`` for the whole).
+
+A prefill rank runs a request's prompt, samples the first token and then, instead of
+decoding, *hands the request off*: it writes the KV slots into its arena
+(``shm.kv_segment``), inserts ``room -> KV_READY`` into its own region of the hand-off
+table, and finishes the request (``{"type": "length", "length": 1}`` unless the first
+token already stops it), so the prefill server's response ends at once. The KV stays
+allocated, *held* for decode, until:
+- a decode rank released its claim on the entry (``RegionWriter.reap_released``), or
+- the entry's deadline (``bootstrap_timeout_s`` after the hand-off) passed with no
+  decode (``RegionWriter.expire``; a claimed entry gets a grace period, see
+  ``shm.bootstrap_writers``).
+A request aborted or refused before its hand-off gets a FAILED entry (no KV) so the
+decode side fails it at once instead of waiting out its timeout.
+
+Held KV is not load: the request is finished for the board (``num_reqs``/``num_tokens``
+drop at the hand-off), but its slots are not free for admission until released.
+Single writer: this object, in rank p's scheduler, is region p's only writer and the
+arena's only writer. Plain Python (no torch): the KV itself was written by the forward.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from scheduler.range_alloc import RangeAllocator
+from scheduler.request import Req
+from shm.bootstrap_layout import FAILED, KV_READY, BootstrapTableError
+
+logger = logging.getLogger(__name__)
+
+HELD_POLL_S = 0.002  # how often an otherwise idle rank with held KV looks for releases
+
+
+@dataclass(slots=True)
+class Held:
+    """What one hand-off entry keeps allocated until it is released or expires."""
+
+    room: int
+    slots: list[int]  # KV slots (all the request reserved)
+    arena_off: int  # record start in the arena, -1 for a FAILED entry
+    arena_len: int
+
+
+class PrefillSender:
+    def __init__(self, cfg, executor, handoff_table):
+        segment = getattr(executor, "kv_segment", None)
+        if segment is None:
+            raise RuntimeError("a PD prefill rank needs its KV pool in shared memory "
+                               "(the executor made no kv_segment)")
+        self.cfg = cfg
+        self.dp_rank = cfg.dp_rank
+        self.table = handoff_table
+        self.writer = handoff_table.region_writer(cfg.dp_rank)
+        self.kv = executor.kv
+        self.segment = segment
+        self.arena = RangeAllocator(len(segment.arena))
+        self.timeout_ns = int(cfg.pd.bootstrap_timeout_s * 1e9)
+        self.held: dict[int, Held] = {}  # hand-off table slot -> what it holds
+        self.num_handed_off = 0
+        self.num_freed_released = 0
+        self.num_freed_expired = 0
+
+    # ---- what the scheduler asks --------------------------------------------------------
+    @property
+    def has_work(self) -> bool:
+        return False  # held KV waits for decode, it is not work for this loop
+
+    def reserve_len(self, req: Req, context_len: int) -> int:
+        """Only the prompt's KV: the first sampled token is handed off, never computed."""
+        return req.prompt_len
+
+    def admission_error(self, req: Req) -> str | None:
+        if req.bootstrap_room is None:
+            return "a PD prefill request needs a bootstrap_room"
+        return None
+
+    def poll_timeout(self, idle_wait_s: float) -> float:
+        return min(idle_wait_s, HELD_POLL_S) if self.held else idle_wait_s
+
+    def pending_load(self) -> tuple[int, int]:
+        return 0, 0
+
+    # ---- hand-off -----------------------------------------------------------------------
+    def hand_off(self, req: Req, logprob: float) -> str | None:
+        """Publish the finished prefill of ``req``; its slots move into ``held``.
+
+        Returns None, or an error message (the table or arena is full, the room is
+        already live): the caller then aborts the request and frees its KV as usual.
+        """
+        n = req.prompt_len
+        off = self.arena.alloc(n + 1)
+        if off is None:
+            return (f"prefill rank {self.dp_rank}: hand-off arena full ({self.arena.num_used} "
+                    "cells held for decode); decode ranks are not taking requests")
+        self.segment.write_record(off, logprob, req.slots[:n])
+        try:  # the record is written before the entry that points to it (x86 store order)
+            slot = self.writer.insert(
+                req.bootstrap_room, self.dp_rank, time.monotonic_ns() + self.timeout_ns,
+                state=KV_READY, kv_location=off, kv_len=n, first_token=req.output_ids[-1])
+        except BootstrapTableError as exc:
+            self.arena.free(off, n + 1)
+            return f"prefill rank {self.dp_rank}: cannot hand off: {exc}"
+        self.held[slot] = Held(req.bootstrap_room, req.slots, off, n + 1)
+        req.slots = []
+        self.num_handed_off += 1
+        return None
+
+    def on_abort(self, req: Req, message: str) -> None:
+        """The request ends before its hand-off: tell decode (FAILED, no KV)."""
+        self.publish_failed(req)
+
+    def on_refused(self, req: Req, message: str) -> None:
+        self.publish_failed(req)
+
+    def publish_failed(self, req: Req) -> None:
+        room = req.bootstrap_room
+        if room is None or self.writer.slot_of(room) is not None:
+            return  # nothing to tell, or the room is live here already (left as it is)
+        try:
+            slot = self.writer.insert(room, self.dp_rank, time.monotonic_ns() + self.timeout_ns,
+                                      state=FAILED)
+        except BootstrapTableError as exc:
+            logger.warning("cannot mark bootstrap_room %d failed: %s", room, exc)
+            return
+        self.held[slot] = Held(room, [], -1, 0)
+
+    def discard(self, req: Req) -> bool:
+        return False  # a prefill rank parks nothing
+
+    # ---- freeing ------------------------------------------------------------------------
+    def poll(self, admit=None) -> tuple[list, list]:
+        """Free the KV of entries decode released and of entries past their deadline.
+        Returns ``([], [])``: a prefill rank has no parked requests to start or fail."""
+        if self.held:
+            self._free_done()
+        return [], []
+
+    def _free_done(self) -> None:
+        for entry in self.writer.reap_released():
+            self._free(entry.slot)
+            self.num_freed_released += 1
+        for entry in self.writer.expire():
+            if entry.state == KV_READY:
+                logger.info("bootstrap_room %d: no decode took the KV within %.0f s; freed",
+                            entry.room, self.timeout_ns / 1e9)
+            self._free(entry.slot)
+            self.num_freed_expired += 1
+
+    def _free(self, slot: int) -> None:
+        held = self.held.pop(slot, None)
+        if held is None:
+            return  # an entry a previous writer of the region left: nothing of ours
+        if held.slots:
+            self.kv.free(held.slots)
+        if held.arena_off >= 0:
+            self.arena.free(held.arena_off, held.arena_len)
+
+    def close(self) -> None:
+        """At shutdown: drop every entry of this region and free what it held."""
+        for slot in list(self.held):
+            try:
+                self.writer.remove(slot)
+            except BootstrapTableError:
+                pass
+            self._free(slot)
+        self.writer.close()
+        self.table.close()

@@ -1,0 +1,86 @@
+"""The API side of PD: pick the prefill rank, publish the room's route, pick the decode rank.
+
+One ``PDRouter`` per API process (event-loop thread only, like the ``Dispatcher``s
+inside it). A PD front door (``--disaggregation-mode pd``) has both halves; a prefill
+server only the prefill half, a decode server only the decode half.
+
+Per request, in this order (``scheduler.pd`` explains why the order matters):
+1. ``dispatch_prefill``: refuse a room already live here (400) or a full route table
+   (503) *before* counting anything on the board, then pick the prefill rank with the
+   prefill method (``routed_dp_rank`` wins) and insert ``room -> rank`` (PLACED);
+2. send the request to that prefill rank; ``dispatch_decode`` picks the decode rank
+   with the decode method (``routed_dp_rank`` wins) and the request goes there, with
+   ``disagg_prefill_dp_rank`` if the client gave one;
+3. ``prefill_finished(room, ok)`` when the prefill rank's last output arrives (its KV is
+   in the hand-off table by then): remove the route entry; if the prefill failed in
+   the API (its rank was lost), mark the entry FAILED instead so a waiting decode
+   fails at once, and let it expire ``failed_linger_s`` later.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+from shm.bootstrap_layout import FAILED, BootstrapTableFullError, DuplicateRoomError
+
+MAX_GENERATED_ROOM = 2**63  # what SGLang's gateways draw below
+
+
+def new_room() -> int:
+    """A random ``bootstrap_room`` for a client that sent none."""
+    return secrets.randbelow(MAX_GENERATED_ROOM)
+
+
+class PDRouter:
+    def __init__(self, prefill=None, decode=None, route_writer=None,
+                 failed_linger_s: float = 30.0):
+        """``prefill``/``decode``: ``scheduler.dispatcher.Dispatcher`` over the prefill
+        (decode) ranks' board; ``route_writer``: this API process's region of the route
+        table (``BootstrapTable.region_writer``), with ``prefill``."""
+        if (prefill is None) != (route_writer is None):
+            raise ValueError("the prefill half needs both a dispatcher and a route writer")
+        self.prefill = prefill
+        self.decode = decode
+        self.route = route_writer
+        self.failed_linger_ns = int(failed_linger_s * 1e9)
+
+    def dispatch_prefill(self, room: int, num_tokens: int, routed_dp_rank: int | None = None) -> int:
+        """Pick the prefill rank for ``room`` and publish the route. Raises
+        ``DuplicateRoomError`` / ``BootstrapTableFullError`` with nothing counted, or
+        the dispatcher's errors."""
+        route = self.route
+        route.expire()  # FAILED entries past their linger
+        if route.slot_of(room) is not None:
+            raise DuplicateRoomError(
+                f"bootstrap_room {room} is already in flight; every request needs its own room")
+        if route.num_live >= route.num_slots:
+            raise BootstrapTableFullError(
+                f"{route.num_live} rooms in flight fill the route table; retry later")
+        rank = self.prefill.pick(num_tokens, routed_dp_rank, room)
+        # Never expires by itself: removed when the prefill request ends, however it ends.
+        route.insert(room, rank, _FOREVER)
+        return rank
+
+    def dispatch_decode(self, room: int, num_tokens: int, routed_dp_rank: int | None = None) -> int:
+        return self.decode.pick(num_tokens, routed_dp_rank, room)
+
+    def prefill_finished(self, room: int, ok: bool = True) -> None:
+        """The prefill request of ``room`` ended (``ok``: it reached its rank's end,
+        finished or aborted there; not ok: the API lost it, e.g. its rank died)."""
+        route = self.route
+        slot = route.slot_of(room)
+        if slot is None:
+            return
+        if ok:
+            route.remove(slot)
+        else:
+            route.update(slot, state=FAILED, deadline_ns=time.monotonic_ns() + self.failed_linger_ns)
+        route.expire()
+
+    @property
+    def num_rooms(self) -> int:
+        return self.route.num_live if self.route is not None else 0
+
+
+_FOREVER = 2**63 - 1

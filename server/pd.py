@@ -1,0 +1,254 @@
+"""PD disaggregation in the server: the launch's shared segments and rank groups, and
+the single front door over a prefill and a decode group.
+
+Modes (``--disaggregation-mode``; ``scheduler.pd`` has the shared-memory design):
+- ``pd``: this server runs ``--prefill-dp-size`` prefill and ``--decode-dp-size`` decode
+  ranks; every request goes to a prefill rank (prefill method) and a decode rank
+  (decode method) with one ``bootstrap_room`` (generated when the client sent none);
+  the client reads the decode half. ``disagg_prefill_dp_rank`` picks the prefill rank
+  (and tells decode where the KV is); ``routed_dp_rank`` picks the decode rank.
+- ``prefill`` / ``decode``: one half each, two servers on one node, so an external PD
+  gateway can send the same body to both. The prefill server *creates* the shared
+  route and hand-off tables under the launch id ``pd<--disaggregation-bootstrap-port>``
+  (and refuses to start if a live server already holds that id); the decode server
+  *attaches* them, waiting up to ``--startup-timeout-s`` for the prefill server.
+  Each server keeps its own load board for its own ranks: neither dispatches to the
+  other's ranks, so there is nothing to share there.
+
+Ownership: ``PDProcesses`` creates (and at ``close`` unlinks) what its mode owns; the
+decode server only attaches. Each rank group is an ``EngineProcesses``; rank
+processes create and unlink their own KV segments (the group reclaims those of
+killed ranks). Restarting the prefill server means restarting the decode server too
+(it keeps the old tables mapped).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from scheduler.pd import (HANDOFF_KIND, ROUTE_KIND, PDConfig, create_tables, shared_launch_id)
+from scheduler.pd_router import new_room
+from server.args import ServerArgs
+from server.engine_client import EngineClient
+from server.errors import RequestFailed
+from server.inflight import RequestHandle
+from server.ranks import EngineProcesses, RankMain
+from shm.bootstrap import BootstrapTable
+from shm.segment import find_segment, new_launch_id, reclaim_stale_segments
+
+logger = logging.getLogger(__name__)
+
+# Claim columns a prefill server reserves for the decode server's ranks. Each costs a
+# prefill rank one cell read per held hand-off per step when it looks for releases
+# (measured: 200 held entries, 2/8/32/64 columns: 59/82/186/381 us), so not 1024.
+DEFAULT_DECODE_DP = 32
+ATTACH_POLL_S = 0.2
+
+
+class PDLaunchError(RuntimeError):
+    """The PD segments cannot be created or found (the message says what to do)."""
+
+
+class PDProcesses:
+    """The shared PD tables and the rank group(s) of one PD-mode launch."""
+
+    def __init__(self, args: ServerArgs, rank_main: RankMain | None = None):
+        self.args = args
+        self.rank_main = rank_main
+        mode = args.disaggregation_mode
+        self.launch_id = (new_launch_id() if mode == "pd"
+                          else shared_launch_id(args.disaggregation_bootstrap_port))
+        self.route: BootstrapTable | None = None
+        self.handoff: BootstrapTable | None = None
+        self.route_writer = None
+        self.groups: dict[str, EngineProcesses] = {}
+
+    @property
+    def board(self):
+        return (self.groups.get("decode") or self.groups["prefill"]).board
+
+    def start(self) -> "PDProcesses":
+        args, mode = self.args, self.args.disaggregation_mode
+        reclaim_stale_segments()
+        if mode == "decode":
+            self.route, self.handoff = self._attach_tables()
+            if self.handoff.num_decode_ranks < args.dp_size:
+                raise PDLaunchError(
+                    f"the prefill server takes KV claims from {self.handoff.num_decode_ranks} "
+                    f"decode ranks, this server has {args.dp_size}: start the prefill server "
+                    f"with --disaggregation-decode-dp {args.dp_size}")
+        else:
+            if mode == "prefill" and find_segment(HANDOFF_KIND, self.launch_id):
+                raise PDLaunchError(
+                    f"another prefill server on this node uses --disaggregation-bootstrap-port "
+                    f"{args.disaggregation_bootstrap_port}; give each pair its own port")
+            num_prefill = args.prefill_dp_size if mode == "pd" else args.dp_size
+            num_decode = (args.decode_dp_size if mode == "pd"
+                          else args.disaggregation_decode_dp or DEFAULT_DECODE_DP)
+            self.route, self.handoff = create_tables(self.launch_id, num_prefill, num_decode)
+            self.route_writer = self.route.region_writer(0)
+        pd = PDConfig(self.launch_id, self.route.name, self.handoff.name,
+                      args.disaggregation_bootstrap_timeout, args.disaggregation_waiting_timeout)
+        sizes = ({"prefill": args.prefill_dp_size, "decode": args.decode_dp_size} if mode == "pd"
+                 else {args.role: args.dp_size})
+        for role, n in sizes.items():
+            group = EngineProcesses(args, self.rank_main, role=role, dp_size=n,
+                                    launch_id=self.launch_id, pd=pd)
+            self.groups[role] = group  # before start: close() must stop a half-started group
+            group.start()
+        return self
+
+    def _attach_tables(self) -> tuple[BootstrapTable, BootstrapTable]:
+        port = self.args.disaggregation_bootstrap_port
+        deadline = time.monotonic() + self.args.startup_timeout_s
+        logged = False
+        while True:
+            route_name = find_segment(ROUTE_KIND, self.launch_id)
+            handoff_name = find_segment(HANDOFF_KIND, self.launch_id)
+            if route_name and handoff_name:
+                route = BootstrapTable.attach(route_name)
+                return route, BootstrapTable.attach(handoff_name)
+            if time.monotonic() > deadline:
+                raise PDLaunchError(
+                    f"no prefill server with --disaggregation-bootstrap-port {port} on this node "
+                    f"after {self.args.startup_timeout_s:.0f} s; start it (same port) first")
+            if not logged:
+                logger.info("waiting for the prefill server (bootstrap port %d)", port)
+                logged = True
+            time.sleep(ATTACH_POLL_S)
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        for group in self.groups.values():
+            group.wait_ready(max(0.0, deadline - time.monotonic()))
+
+    def engine_client(self) -> "EngineClient | PDEngineClient":
+        args = self.args
+        clients = {}
+        for role, group in self.groups.items():
+            clients[role] = EngineClient.from_processes(
+                args, group, route_writer=self.route_writer if role == "prefill" else None,
+                num_prefill_ranks=self.handoff.num_regions)
+        if len(clients) == 1:
+            return next(iter(clients.values()))
+        return PDEngineClient(args, clients["prefill"], clients["decode"])
+
+    def close(self) -> None:
+        """Stop the ranks (decode first: they read prefill's KV), then the tables."""
+        try:
+            for role in ("decode", "prefill"):
+                if role in self.groups:
+                    self.groups[role].close()
+        finally:
+            for table in (self.handoff, self.route):
+                if table is not None:
+                    table.close()
+            self.handoff = self.route = self.route_writer = None
+
+
+class PDEngineClient:
+    """The ``--disaggregation-mode pd`` front door: two ``EngineClient``s (prefill ranks,
+    decode ranks) behind the one interface the routes use. A request's handle is its
+    decode half's; its prefill half runs alongside and its outputs are dropped (a
+    failure there reaches the client through decode, which sees it in the tables)."""
+
+    def __init__(self, args: ServerArgs, prefill: EngineClient, decode: EngineClient):
+        self.args = args
+        self.prefill = prefill
+        self.decode = decode
+        self.role = "pd"
+        self.tokenizer = decode.tokenizer
+        self.model_config = decode.model_config
+        self.context_len = min(prefill.context_len, decode.context_len)
+        self.max_total_num_tokens = decode.max_total_num_tokens
+        self.board = decode.board  # /metrics gauges: the decode ranks
+        self.ranks = decode.ranks
+        self.started_at = decode.started_at
+        self._prefill_of: dict[RequestHandle, RequestHandle] = {}
+        self._drains: set[asyncio.Task] = set()
+
+    observer = property(lambda self: self.decode.observer,
+                        lambda self, obs: setattr(self.decode, "observer", obs))
+
+    @property
+    def is_serving(self) -> bool:
+        return self.prefill.is_serving and self.decode.is_serving
+
+    async def start(self) -> None:
+        await self.prefill.start()
+        await self.decode.start()
+
+    async def stop(self) -> None:
+        for task in list(self._drains):
+            task.cancel()
+        await self.decode.stop()
+        await self.prefill.stop()
+
+    def submit(self, rid: str, input_ids: list[int], params, *, return_logprob: bool = False,
+               top_logprobs_num: int = 0, routed_dp_rank: int | None = None,
+               bootstrap_room: int | None = None,
+               disagg_prefill_dp_rank: int | None = None) -> RequestHandle:
+        room = new_room() if bootstrap_room is None else bootstrap_room
+        p_handle = self.prefill.submit(rid, input_ids, params, return_logprob=return_logprob,
+                                       routed_dp_rank=disagg_prefill_dp_rank, bootstrap_room=room)
+        try:
+            handle = self.decode.submit(
+                rid, input_ids, params, return_logprob=return_logprob,
+                top_logprobs_num=top_logprobs_num, routed_dp_rank=routed_dp_rank,
+                bootstrap_room=room, disagg_prefill_dp_rank=disagg_prefill_dp_rank)
+        except BaseException:
+            self.prefill.abort(p_handle, "its decode half was refused")
+            raise
+        self._prefill_of[handle] = p_handle
+        task = asyncio.get_running_loop().create_task(self._drain_prefill(p_handle))
+        self._drains.add(task)
+        task.add_done_callback(self._drains.discard)
+        return handle
+
+    async def _drain_prefill(self, handle: RequestHandle) -> None:
+        try:
+            async for _ in self.prefill.outputs(handle):
+                pass
+        except RequestFailed:
+            pass  # the route entry is FAILED now: decode fails the request
+
+    async def outputs(self, handle: RequestHandle):
+        try:
+            async for out in self.decode.outputs(handle):
+                yield out
+        finally:
+            self._end_prefill(handle, "its decode half ended")
+
+    def abort(self, handle: RequestHandle, message: str) -> None:
+        self.decode.abort(handle, message)
+        self._end_prefill(handle, message)
+
+    def _end_prefill(self, handle: RequestHandle, message: str) -> None:
+        p_handle = self._prefill_of.pop(handle, None)
+        if p_handle is not None and not p_handle.is_finished:
+            self.prefill.abort(p_handle, message)
+
+    def flush_cache(self) -> int:
+        return self.prefill.flush_cache() + self.decode.flush_cache()
+
+    def live_ranks(self) -> list[int]:
+        return self.decode.live_ranks() if self.prefill.live_ranks() else []
+
+    @property
+    def status(self) -> str:
+        states = {self.prefill.status, self.decode.status}
+        for status in ("not_serving", "unavailable", "degraded"):
+            if status in states:
+                return status
+        return "ok"
+
+    def rank_summaries(self) -> list[dict]:
+        return self.prefill.rank_summaries() + self.decode.rank_summaries()
+
+    def load_groups(self) -> list:
+        return self.prefill.load_groups() + self.decode.load_groups()
+
+
+__all__ = ["PDProcesses", "PDEngineClient", "PDLaunchError"]

@@ -1,0 +1,145 @@
+"""A rank's KV pool in POSIX shared memory, plus its hand-off slot-list arena.
+
+A prefill rank keeps its KV pool in one of these so that decode ranks on the node map
+it (zero-copy, ``torch.frombuffer`` over the mmap) and copy a request's KV out of it;
+the arena next to the pool tells them which slots hold that KV. Layout (bytes)::
+
+    0                         HEADER_BYTES       kv_off                arena_off
+    +-------+---------+----------+-------------+------+---------+-----+---------------+
+    | magic | version | capacity | token_bytes |kv_off|arena_off| ... | kv pool | arena |
+    +-------+---------+----------+-------------+------+---------+-----+---------------+
+    header cells (int64): magic, version, capacity (tokens), token_bytes (KV bytes of one
+    token over all layers), kv_off, arena_off, arena_len (int32 entries), owner_pid.
+    kv pool: ``capacity * token_bytes`` bytes, in ``engine.kv_cache.KVPool``'s layout
+             [layers, capacity, 2, kv_heads, head_dim] (64-byte aligned).
+    arena:   ``arena_len`` int32 cells; a hand-off record at offset o (``kv_location``
+             in the hand-off table) is ``[logprob bits, slot_0, ..., slot_{n-1}]``: the
+             first token's logprob (float32 bits) then the n KV slots in position order.
+
+Who writes what (one writer per byte):
+- header: the creator, once, before it publishes the segment's existence;
+- kv pool: the owning rank's forward passes (decode ranks only read);
+- arena: the owning rank's hand-off publisher (``scheduler.pd_prefill``) only. It
+  writes a record before it inserts the hand-off entry that points to it, and frees
+  the record only after a decode rank released that entry (or it expired), so a
+  reader holding a claim never sees it change (x86-64 store order, see ``shm.board``).
+
+Ownership: the rank that holds the KV creates the segment (``create``, named
+``segment_name(kind, launch_id)`` so its own pid is in the name) and unlinks it at
+exit (``close``); if it crashes, ``shm.segment.reclaim_stale_segments`` removes it
+(dead owner pid) and the launcher reclaims by its ranks' pids right after they stop.
+Peers ``attach`` by name and never unlink. The simulated executor makes one with
+``token_bytes == 0`` (no KV data, the same hand-off protocol).
+
+With CUDA the pool would live in device memory and peers would map it through CUDA
+IPC handles (``torch.cuda`` / ``cudaIpcGetMemHandle``) published in this header; this
+CPU build only implements the shared-memory path (see ``engine.kv_transfer``).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import numpy as np
+
+from shm.segment import SharedSegment, ShmLayoutError
+
+MAGIC = 0x4450534B5653_4547  # "DPSKVSEG"
+LAYOUT_VERSION = 1
+HEADER_BYTES = 64
+ALIGN = 64
+_HEADER = struct.Struct("<8q")
+# The arena holds every live hand-off's slot list; live lists never total more than the
+# pool's capacity (each slot belongs to one request), so twice that leaves first-fit
+# room for fragmentation. A record also carries one logprob cell.
+ARENA_FACTOR = 2
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+class KVSegment:
+    """A mapped KV segment: ``kv_buf`` (memoryview of the pool bytes), ``arena`` (int32)."""
+
+    def __init__(self, segment: SharedSegment):
+        self.segment = segment
+        self.name = segment.name
+        header = _HEADER.unpack_from(segment.buf, 0)
+        magic, version, capacity, token_bytes, kv_off, arena_off, arena_len, owner = header
+        if magic != MAGIC or version != LAYOUT_VERSION:
+            segment.close()
+            raise ShmLayoutError(f"{segment.name} is not a KV segment of layout {LAYOUT_VERSION}")
+        if arena_off + 4 * arena_len > segment.size or kv_off + capacity * token_bytes > arena_off:
+            segment.close()
+            raise ShmLayoutError(f"{segment.name}: header does not fit the segment size")
+        self.capacity = capacity
+        self.token_bytes = token_bytes
+        self.owner_pid = owner
+        mv = memoryview(segment.buf)
+        self.kv_buf = mv[kv_off:kv_off + capacity * token_bytes]
+        self.arena = np.frombuffer(segment.buf, dtype=np.int32, count=arena_len, offset=arena_off)
+        self._mv = mv
+
+    @classmethod
+    def create(cls, name: str, capacity: int, token_bytes: int,
+               arena_len: int | None = None) -> "KVSegment":
+        """Make the segment for a pool of ``capacity`` tokens of ``token_bytes`` each."""
+        if capacity < 1 or token_bytes < 0:
+            raise ValueError(f"bad KV segment shape: capacity {capacity}, token_bytes {token_bytes}")
+        arena_len = arena_len or ARENA_FACTOR * capacity + 1024
+        kv_off = _align(HEADER_BYTES)
+        arena_off = _align(kv_off + capacity * token_bytes)
+        seg = SharedSegment.create(name, arena_off + 4 * arena_len)
+        try:
+            _HEADER.pack_into(seg.buf, 0, MAGIC, LAYOUT_VERSION, capacity, token_bytes, kv_off,
+                              arena_off, arena_len, os.getpid())
+            return cls(seg)
+        except BaseException:
+            seg.__exit__(None, None, None)
+            raise
+
+    @classmethod
+    def attach(cls, name: str) -> "KVSegment":
+        return cls(SharedSegment.attach(name))
+
+    @property
+    def is_owner(self) -> bool:
+        return self.segment.is_owner
+
+    def read_record(self, offset: int, num_slots: int) -> tuple[float, np.ndarray]:
+        """``(first-token logprob, slot array)`` of the hand-off record at ``offset``.
+        The slots are a copy: the caller may keep them after the release."""
+        arena = self.arena
+        logprob = float(arena[offset:offset + 1].view(np.float32)[0])
+        return logprob, arena[offset + 1:offset + 1 + num_slots].copy()
+
+    def write_record(self, offset: int, logprob: float, slots) -> None:
+        arena = self.arena
+        arena[offset:offset + 1].view(np.float32)[0] = logprob
+        arena[offset + 1:offset + 1 + len(slots)] = slots
+
+    def close(self, unmap: bool = False) -> None:
+        """Unlink the name if owner; unmap only if ``unmap``.
+
+        Why not unmap by default: ``torch.frombuffer`` does not pin the mmap (measured:
+        the mapping closes under a live tensor, and reading it then segfaults), and the
+        executor keeps tensors over ``kv_buf`` for the process's life. The OS unmaps at
+        exit; pass ``unmap=True`` only when no tensor over ``kv_buf`` can be used again.
+        """
+        if self.segment.is_owner:
+            self.segment.unlink()
+        if not unmap:
+            return
+        self.arena = None
+        for view in (self.kv_buf, self._mv):
+            view.release()
+        self.segment.close()
+
+    def __enter__(self) -> "KVSegment":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+

@@ -1,0 +1,267 @@
+"""``bench.serving``: the random dataset, the figures, the summary block, a real run.
+
+The stream parsing runs against a small aiohttp stand-in server (exact chunk timing);
+the end-to-end test drives a real ``python -m engine.serve --executor sim`` with the
+zero-cost profile, bounded and always stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+from aiohttp import web
+
+from bench.backends import RequestResult, send_openai, send_sglang
+from bench.dataset import BenchRequest, arrival_offsets, length_range, random_requests
+from bench.metrics import format_summary, summarize
+from bench.serving import BenchConfig, parse_config, run_benchmark
+from tests.server_helpers import REPO, ServerProcess
+
+# The block of SGLang's bench_serving as the seeds print it (001), without the
+# "(retokenized)" line, which needs the model's tokenizer on the client.
+SGLANG_BLOCK = """\
+============ Serving Benchmark Result ============
+Backend:
+Traffic request rate:
+Max request concurrency:
+Successful requests:
+Benchmark duration (s):
+Total input tokens:
+Total input text tokens:
+Total input vision tokens:
+Total generated tokens:
+Request throughput (req/s):
+Input token throughput (tok/s):
+Output token throughput (tok/s):
+Peak output token throughput (tok/s):
+Peak concurrent requests:
+Total token throughput (tok/s):
+Concurrency:
+----------------End-to-End Latency----------------
+Mean E2E Latency (ms):
+Median E2E Latency (ms):
+---------------Time to First Token----------------
+Mean TTFT (ms):
+Median TTFT (ms):
+P99 TTFT (ms):
+-----Time per Output Token (excl. 1st token)------
+Mean TPOT (ms):
+Median TPOT (ms):
+P99 TPOT (ms):
+---------------Inter-Token Latency----------------
+Mean ITL (ms):
+Median ITL (ms):
+P95 ITL (ms):
+P99 ITL (ms):
+Max ITL (ms):
+=================================================="""
+
+
+# ---- dataset ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("max_len,ratio", [(100, 0.5), (1500, 1.0), (7, 0.0), (3500, 0.25)])
+def test_random_lengths_stay_in_range(max_len, ratio):
+    low, high = length_range(max_len, ratio)
+    assert (low, high) == (max(1, int(max_len * ratio)), max_len)
+    reqs = random_requests(300, max_len, max_len, ratio, seed=3)
+    for r in reqs:
+        assert low <= r.prompt_len == len(r.prompt) <= high
+        assert low <= r.output_len <= high
+        assert all(0 <= t < 256 for t in r.prompt)
+    if low < high:
+        assert len({r.prompt_len for r in reqs}) > 1
+
+
+def test_random_dataset_is_deterministic_by_seed():
+    a = random_requests(50, 200, 50, 0.3, seed=7)
+    assert a == random_requests(50, 200, 50, 0.3, seed=7)
+    assert a != random_requests(50, 200, 50, 0.3, seed=8)
+    text = random_requests(50, 200, 50, 0.3, seed=7, as_text=True)
+    assert [len(r.prompt) for r in text] == [r.prompt_len for r in a]  # one char per token
+    assert all(isinstance(r.prompt, str) and r.prompt.isascii() for r in text)
+
+
+def test_arrivals_are_poisson_and_deterministic():
+    offsets = arrival_offsets(4000, 8.0, seed=1)
+    assert offsets == arrival_offsets(4000, 8.0, seed=1)
+    assert offsets[0] == 0.0 and offsets == sorted(offsets)
+    assert offsets[-1] / 3999 == pytest.approx(1 / 8.0, rel=0.08)
+    assert arrival_offsets(5, math.inf, seed=1) == [0.0] * 5
+    with pytest.raises(ValueError):
+        arrival_offsets(5, 0.0, seed=1)
+
+
+# ---- figures and the block -------------------------------------------------------------------
+def _result(start, ttft, latency, output_len, itl, dp_rank=None, prompt_len=10) -> RequestResult:
+    chunks = [(ttft, 1)] + [(ttft + sum(itl[:i + 1]), 1) for i in range(len(itl))]
+    return RequestResult(prompt_len=prompt_len, output_len=output_len, success=True,
+                         start_time=start, ttft=ttft, latency=latency, itl=list(itl),
+                         chunks=chunks, dp_rank=dp_rank)
+
+
+def test_figures_follow_sglangs_definitions():
+    results = [_result(100.0, 0.1, 0.5, 5, [0.1] * 4, dp_rank=0),
+               _result(100.2, 0.3, 1.1, 9, [0.1] * 8, dp_rank=1),
+               _result(100.4, 0.2, 0.2, 1, [], dp_rank=1),
+               RequestResult(prompt_len=10, error="HTTP 503", start_time=100.5)]
+    f = summarize(results, duration_s=2.0, bench_start=100.0)
+    assert (f["completed"], f["failed"]) == (3, 1)
+    assert f["total_input_tokens"] == 30 and f["total_output_tokens"] == 15
+    assert f["request_throughput"] == pytest.approx(1.5)
+    assert f["output_throughput"] == pytest.approx(7.5)
+    assert f["concurrency"] == pytest.approx((0.5 + 1.1 + 0.2) / 2.0)
+    assert f["mean_ttft_ms"] == pytest.approx(200.0)
+    # TPOT = (E2E - TTFT) / (output_len - 1), only for requests with > 1 token.
+    assert f["mean_tpot_ms"] == pytest.approx(100.0)
+    assert f["mean_itl_ms"] == pytest.approx(100.0) and f["max_itl_ms"] == pytest.approx(100.0)
+    assert f["peak_concurrent_requests"] == 3
+    assert f["requests_per_dp_rank"] == {"0": 1, "1": 2}
+    assert f["output_tokens_per_dp_rank"] == {"0": 5, "1": 10}
+
+
+def test_summary_block_has_sglangs_layout():
+    f = summarize([_result(0.0, 0.1, 0.5, 5, [0.1] * 4)], 1.0, 0.0)
+    f.update(backend="sglang", request_rate=3.2, max_concurrency=200)
+    block = format_summary(f)
+    lines = block.splitlines()
+    assert [line.split(":")[0] + (":" if ":" in line else "") for line in lines] == \
+        SGLANG_BLOCK.splitlines()
+    rows = {line[:40].rstrip(): line[41:].rstrip() for line in lines if ":" in line}
+    assert all(line[40] == " " for line in lines if ":" in line)  # {:<40} {:<10}
+    assert rows["Backend:"] == "sglang"
+    assert rows["Traffic request rate:"] == "3.2"
+    assert rows["Max request concurrency:"] == "200"
+    assert rows["Successful requests:"] == "1"
+    assert rows["Mean TTFT (ms):"] == "100.00"
+    f.update(request_rate=math.inf, max_concurrency=None)
+    rows = {l[:40].rstrip(): l[41:].rstrip() for l in format_summary(f).splitlines() if ":" in l}
+    assert rows["Traffic request rate:"] == "inf"
+    assert rows["Max request concurrency:"] == "not set"
+
+
+def test_cli_defaults_come_from_the_config():
+    assert parse_config([]) == BenchConfig()
+    cfg = parse_config(["--request-rate", "inf", "--max-concurrency", "8", "--disable-tqdm",
+                        "--base-url", "http://h:1/", "--backend", "openai"])
+    assert math.isinf(cfg.request_rate) and cfg.max_concurrency == 8 and cfg.disable_tqdm
+    assert cfg.url == "http://h:1"
+
+
+# ---- stream timing against a stand-in server -------------------------------------------------
+async def _stand_in(handler):
+    app = web.Application()
+    app.router.add_post("/generate", handler)
+    app.router.add_post("/v1/completions", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    return runner, f"http://127.0.0.1:{port}"
+
+
+async def _sse(request, events: list[tuple[float, object]]):
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    for delay, body in events:
+        await asyncio.sleep(delay)
+        data = body if isinstance(body, str) else json.dumps(body)
+        await response.write(f"data: {data}\n\n".encode())
+    return response
+
+
+def test_sglang_stream_timing_counts_cumulative_tokens():
+    big = "x" * 100_000  # one event larger than aiohttp's 64 KiB line limit
+
+    def chunk(n, text="t"):
+        return {"text": text, "output_ids": list(range(n)),
+                "meta_info": {"completion_tokens": n, "prompt_tokens": 12, "dp_rank": 3}}
+
+    async def handler(request):
+        body = await request.json()
+        assert body["sampling_params"] == {"temperature": 0.0, "max_new_tokens": 4,
+                                           "ignore_eos": True}
+        assert body["stream"] is True and body["input_ids"] == [1, 2, 3]
+        return await _sse(request, [(0.05, chunk(1)), (0.04, chunk(3, big)),
+                                    (0.02, chunk(4)), (0.0, "[DONE]")])
+
+    async def run():
+        runner, url = await _stand_in(handler)
+        try:
+            import aiohttp
+            async with aiohttp.ClientSession() as session:
+                return await send_sglang(session, url, BenchRequest([1, 2, 3], 3, 4))
+        finally:
+            await runner.cleanup()
+
+    r = asyncio.run(run())
+    assert r.success, r.error
+    assert (r.output_len, r.prompt_len, r.dp_rank) == (4, 12, 3)
+    assert r.ttft == pytest.approx(0.05, abs=0.03)
+    # The chunk bringing 2 tokens after 40 ms counts as two 20 ms gaps.
+    assert len(r.itl) == 3 and r.itl[0] == r.itl[1]
+    assert r.itl[0] == pytest.approx(0.02, abs=0.015)
+    assert r.latency >= r.ttft + 0.05
+
+
+def test_openai_stream_and_errors_in_stream():
+    async def ok(request):
+        body = await request.json()
+        assert body["stream_options"] == {"include_usage": True} and body["ignore_eos"]
+        return await _sse(request, [(0.01, {"choices": [{"text": "a", "finish_reason": None}]}),
+                                    (0.01, {"choices": [{"text": "bc", "finish_reason": "length"}]}),
+                                    (0.0, {"choices": [], "usage": {"prompt_tokens": 7,
+                                                                    "completion_tokens": 3}}),
+                                    (0.0, "[DONE]")])
+
+    async def broken(request):
+        return await _sse(request, [(0.0, {"error": {"message": "boom"}}), (0.0, "[DONE]")])
+
+    async def run(handler, send):
+        runner, url = await _stand_in(handler)
+        try:
+            import aiohttp
+            async with aiohttp.ClientSession() as session:
+                return await send(session, url, BenchRequest("hello", 5, 3))
+        finally:
+            await runner.cleanup()
+
+    r = asyncio.run(run(ok, send_openai))
+    assert r.success and (r.output_len, r.prompt_len, len(r.itl)) == (3, 7, 1)
+    r = asyncio.run(run(broken, send_sglang))
+    assert not r.success and "boom" in r.error
+
+
+# ---- end to end ------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_benchmark_against_a_real_simulated_server(tmp_path):
+    with ServerProcess("--dp-size", "2", "--executor", "sim", "--sim-profile", "instant",
+                       log_path=tmp_path / "server.log") as server:
+        cfg = BenchConfig(base_url=server.url, num_prompts=24, random_input_len=64,
+                          random_output_len=8, random_range_ratio=0.5, request_rate=200.0,
+                          seed=5, disable_tqdm=True, return_requests=True)
+        f = asyncio.run(asyncio.wait_for(run_benchmark(cfg), 30))
+        assert f["completed"] == 24 and f["failed"] == 0
+        expected = random_requests(24, 64, 8, 0.5, seed=5)
+        assert f["total_input_tokens"] == sum(r.prompt_len for r in expected)
+        assert f["total_output_tokens"] == sum(r.output_len for r in expected)
+        assert f["simulated"] is True and f["sim_profile"] == "instant"
+        assert sorted(f["requests_per_dp_rank"]) == ["0", "1"]
+        assert sum(f["requests_per_dp_rank"].values()) == 24
+        assert len(f["requests"]) == 24
+
+        out = tmp_path / "runs.jsonl"
+        cli = subprocess.run(
+            [sys.executable, "-m", "bench.serving", "--base-url", server.url, "--backend",
+             "openai", "--num-prompts", "8", "--random-input-len", "32",
+             "--random-output-len", "4", "--disable-tqdm", "--output-file", str(out)],
+            cwd=REPO, capture_output=True, text=True, timeout=30)
+        assert cli.returncode == 0, cli.stderr
+        assert "simulated accelerator" in cli.stdout
+        assert "============ Serving Benchmark Result ============" in cli.stdout
+        row = json.loads(out.read_text().splitlines()[-1])
+        assert row["completed"] == 8 and row["request_rate"] == "inf" and row["simulated"]

@@ -1,0 +1,194 @@
+"""PD building blocks and failure paths: the arena allocator, the KV segment, the
+router's refusals, and every way a parked decode request ends without its KV."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.sampling import SamplingParams
+from scheduler.pd_decode import MAX_SLEEP_S
+from scheduler.pd_local import FOREVER_NS, LocalPD, sim_executor_factory
+from scheduler.range_alloc import RangeAllocator
+from scheduler.sim_executor import SimExecutor
+from shm.bootstrap_layout import R_WRITER_PID, BootstrapTableFullError, DuplicateRoomError
+from shm.kv_segment import KVSegment
+from shm.segment import SharedSegment, ShmLayoutError, list_segments, new_launch_id, segment_name
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(max_new_tokens=n, temperature=0.0)
+
+
+@pytest.fixture
+def pd():
+    with LocalPD(2, 2, sim_executor_factory("instant", 4096), bootstrap_timeout_s=0.3,
+                 waiting_timeout_s=0.3) as cluster:
+        yield cluster
+
+
+def run_until_finished(pd: LocalPD, rid: str, timeout_s: float = 5.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while pd.finish_reason(rid) is None:
+        assert time.monotonic() < deadline, f"{rid} never finished"
+        pd.step()
+        time.sleep(0.001)
+    return pd.finish_reason(rid)
+
+
+# ---- range allocator -------------------------------------------------------------------
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(1, 40)), max_size=200))
+def test_range_allocator_never_overlaps_and_coalesces(ops):
+    alloc = RangeAllocator(300)
+    live: dict[int, int] = {}
+    for do_alloc, n in ops:
+        if do_alloc or not live:
+            start = alloc.alloc(n)
+            if start is None:
+                assert sum(live.values()) + n > 300 or alloc.num_free_ranges > 1
+                continue
+            cells = set(range(start, start + n))
+            assert start + n <= 300
+            assert not any(cells & set(range(s, s + m)) for s, m in live.items())
+            live[start] = n
+        else:
+            start = sorted(live)[n % len(live)]
+            alloc.free(start, live.pop(start))
+        assert alloc.num_used == sum(live.values())
+    for start, n in list(live.items()):
+        alloc.free(start, n)
+    assert alloc.num_used == 0 and alloc.num_free_ranges == 1 and alloc.alloc(300) == 0
+
+
+def test_range_allocator_refuses_double_free():
+    alloc = RangeAllocator(10)
+    start = alloc.alloc(4)
+    alloc.free(start, 4)
+    with pytest.raises(ValueError, match="double free"):
+        alloc.free(start, 4)
+
+
+# ---- KV segment --------------------------------------------------------------------------
+def test_kv_segment_records_round_trip_and_owner_unlinks():
+    name = segment_name("kv-test", new_launch_id())
+    seg = KVSegment.create(name, capacity=64, token_bytes=16)
+    try:
+        peer = KVSegment.attach(name)
+        seg.write_record(10, -0.25, [5, 3, 9])
+        logprob, slots = peer.read_record(10, 3)
+        assert logprob == -0.25 and slots.tolist() == [5, 3, 9]
+        assert peer.capacity == 64 and peer.token_bytes == 16 and peer.owner_pid == os.getpid()
+        assert len(peer.kv_buf) == 64 * 16 and not peer.is_owner
+        peer.close(unmap=True)
+    finally:
+        seg.close(unmap=True)
+    assert name not in list_segments()
+
+
+def test_kv_segment_attach_refuses_other_segments():
+    name = segment_name("not-kv", new_launch_id())
+    with SharedSegment.create(name, 4096):
+        with pytest.raises(ShmLayoutError, match="not a KV segment"):
+            KVSegment.attach(name)
+
+
+# ---- router ------------------------------------------------------------------------------
+def test_router_refuses_a_live_room_and_a_full_table_without_counting(pd):
+    router = pd.router
+    router.dispatch_prefill(7, 10)
+    before = pd.boards["prefill"].read_effective(FOREVER_NS)[0]
+    with pytest.raises(DuplicateRoomError):
+        router.dispatch_prefill(7, 10)
+    route = router.route
+    full, route.num_slots = route.num_slots, route.num_live  # pretend every slot is live
+    try:
+        with pytest.raises(BootstrapTableFullError):
+            router.dispatch_prefill(8, 10)
+    finally:
+        route.num_slots = full
+    assert pd.boards["prefill"].read_effective(FOREVER_NS)[0] == before
+    router.prefill_finished(7)
+    assert pd.route_table.num_live() == 0
+
+
+# ---- a parked decode request that never gets its KV ----------------------------------------
+def test_prefill_lost_in_the_api_fails_decode_at_once(pd):
+    pd.router.dispatch_prefill(11, 3)  # placed, but its prefill is never delivered
+    pd.router.prefill_finished(11, ok=False)  # the API lost it (its rank died)
+    pd.submit("d", [1, 2, 3], greedy(4), room=11, prefill=False)
+    assert "prefill request failed" in run_until_finished(pd, "d", 0.2)["message"]
+
+
+def test_prefill_refused_fails_decode_at_once():
+    def small_prefill_pool(cfg):
+        pool = 64 if cfg.role == "prefill" else 4096
+        return SimExecutor.from_config(dataclasses.replace(cfg, sim_profile="instant",
+                                                           max_total_tokens=pool))
+    with LocalPD(1, 1, small_prefill_pool) as pd:
+        pd.submit("big", list(range(3, 103)), greedy(4), room=12)  # 100 > prefill's 64
+        reason = run_until_finished(pd, "big", 0.2)
+        assert reason["type"] == "abort" and "failed the request" in reason["message"]
+        assert "pool holds 64" in pd.prefill_outputs["big"][-1].finish_reason["message"]
+        pd.run()
+        assert not any(pd.leftovers().values()), pd.leftovers()
+
+
+def test_mismatched_bodies_fail_instead_of_mixing_kv(pd):
+    pd.submit("a", [1, 2, 3], greedy(4), room=13, decode=False)
+    pd.submit("a", [1, 2, 3, 4], greedy(4), room=13, prefill=False)
+    assert "not the same request body" in run_until_finished(pd, "a")["message"]
+
+
+def test_placed_but_never_ready_times_out_with_the_waiting_timeout(pd):
+    pd.router.dispatch_prefill(14, 3)  # placed on a prefill rank that never gets it
+    pd.submit("w", [1, 2, 3], greedy(4), room=14, prefill=False)
+    assert "was not ready within 0.3 s" in run_until_finished(pd, "w")["message"]
+    pd.router.prefill_finished(14)
+
+
+def test_dead_prefill_rank_fails_its_waiting_requests(pd):
+    handoff = pd.handoff_table
+    cell = handoff.layout.region_hdr(1) + R_WRITER_PID
+    live_pid, handoff._mv[cell] = handoff._mv[cell], 2**22 + 12345  # no such process
+    try:
+        pd.submit("x", [1, 2, 3], greedy(4), room=15, prefill=False, explicit_prefill_rank=True)
+        pd.inbox[("decode", pd.ranks_of["x"][1])][-1].disagg_prefill_dp_rank = 1
+        assert "prefill rank 1 is not running" in run_until_finished(pd, "x")["message"]
+    finally:
+        handoff._mv[cell] = live_pid
+
+
+def test_out_of_range_prefill_rank_is_refused(pd):
+    pd.submit("y", [1, 2, 3], greedy(4), room=16, prefill=False)
+    pd.inbox[("decode", pd.ranks_of["y"][1])][-1].disagg_prefill_dp_rank = 5
+    assert "not in [0, 2)" in run_until_finished(pd, "y")["message"]
+
+
+def test_parked_requests_count_as_waiting_and_back_off_instead_of_spinning(pd):
+    pd.submit("z", list(range(3, 23)), greedy(4), room=17, prefill=False)
+    pd.step()
+    decode = pd.schedulers["decode"][pd.ranks_of["z"][1]]
+    snap = pd.boards["decode"].snapshot()
+    rank = pd.ranks_of["z"][1]
+    assert (snap.num_reqs[rank], snap.num_waiting_reqs[rank], snap.num_tokens[rank]) == (1, 1, 20)
+    waits = [decode.poll_timeout(0.05) for _ in range(12)]
+    assert waits[0] < waits[3] < waits[-1] == MAX_SLEEP_S
+    assert "no prefill placed it" in run_until_finished(pd, "z")["message"]
+
+
+def test_aborting_a_parked_request_releases_kv_already_handed_off(pd):
+    pd.submit("r", [1, 2, 3, 4], greedy(4), room=18, decode=False)
+    pd.step()
+    assert pd.leftovers()["prefill_held"] == 1 and pd.leftovers()["prefill_kv_used"] == 4
+    pd.submit("r", [1, 2, 3, 4], greedy(4), room=18, prefill=False)
+    pd.abort("r", prefill=False)  # arrives with it: parked, then aborted
+    pd.step()
+    pd.step()  # the prefill rank reaps the release: long before the 0.3 s deadline
+    assert pd.finish_reason("r")["type"] == "abort"
+    assert not any(pd.leftovers().values()), pd.leftovers()

@@ -1,0 +1,192 @@
+"""PD through the real command: ``--disaggregation-mode pd`` (one front door) and a
+``prefill`` + ``decode`` server pair driven the way a PD gateway drives them.
+
+Each server is a subprocess in its own process group, always stopped (SIGTERM, then
+SIGKILL of the group) by ``ServerProcess``; every wait is bounded; afterwards no
+segment of any server is left (and conftest checks the whole session). Greedy
+outputs must equal the in-process non-PD reference token for token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from shm.segment import list_segments
+from tests.pd_helpers import make_workload, non_pd_outputs
+from tests.server_helpers import ServerProcess, write_sim_profile
+
+pytestmark = pytest.mark.slow
+
+COMMON = ["--device", "cpu", "--max-total-tokens", "8192", "--chunked-prefill-size", "128",
+          "--log-level", "warning"]
+
+
+@pytest.fixture(scope="module")
+def workload():
+    return make_workload()
+
+
+@pytest.fixture(scope="module")
+def reference(workload):
+    return non_pd_outputs(workload)
+
+
+def body(ids, n, **extra) -> dict:
+    return {"input_ids": ids, "sampling_params": {"max_new_tokens": n, "temperature": 0,
+                                                  "ignore_eos": True}, **extra}
+
+
+async def stream_ids(client: httpx.AsyncClient, url: str, payload: dict) -> tuple[list[int], dict]:
+    """Streamed /generate: the last cumulative output_ids and finish reason."""
+    last = None
+    async with client.stream("POST", url + "/generate", json={**payload, "stream": True}) as r:
+        assert r.status_code == 200, await r.aread()
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                last = httpx.Response(200, content=line[6:]).json()
+    return last["output_ids"], last["meta_info"]["finish_reason"]
+
+
+def assert_idle(url: str) -> None:
+    for row in httpx.get(url + "/get_load", timeout=5).json():
+        assert (row["num_reqs"], row["num_tokens"]) == (0, 0), row
+
+
+def test_front_door_outputs_equal_non_pd(tmp_path, workload, reference):
+    flags = ["--disaggregation-mode", "pd", "--prefill-dp-size", "2", "--decode-dp-size", "2",
+             "--prefill-load-balance-method", "total_tokens", *COMMON]
+    with ServerProcess(*flags, log_path=tmp_path / "pd.log") as server:
+        info = httpx.get(server.url + "/server_info", timeout=5).json()
+        assert info["disaggregation_mode"] == "pd" and info["dp_size"] == 2
+        assert info["disaggregation_roles"] == {"prefill": "total_tokens",
+                                                "decode": "total_requests"}
+        assert sorted(r["role"] for r in info["ranks"]) == ["decode"] * 2 + ["prefill"] * 2
+
+        async def run():
+            async with httpx.AsyncClient(timeout=60) as client:
+                async def one(i, rid, ids, n):
+                    extra = {"disagg_prefill_dp_rank": i % 2} if i % 3 == 0 else {}
+                    if i % 2:
+                        return await stream_ids(client, server.url, body(ids, n, **extra))
+                    r = await client.post(server.url + "/generate", json=body(ids, n, **extra))
+                    assert r.status_code == 200, r.text
+                    return r.json()["output_ids"], r.json()["meta_info"]["finish_reason"]
+                return await asyncio.gather(*(one(i, *w) for i, w in enumerate(workload)))
+
+        results = asyncio.run(run())
+        for (rid, ids, n), (output_ids, finish) in zip(workload, results):
+            assert output_ids == reference[rid], rid
+            assert finish == {"type": "length", "length": n}
+        assert_idle(server.url)
+        pids = server.rank_pids()
+        segments_before_stop = server.segments()
+        assert any(s.endswith(".handoff") for s in segments_before_stop)
+    assert not server.segments() and pids
+
+
+def test_prefill_and_decode_servers_pair_like_a_gateway(tmp_path, workload, reference):
+    """Both halves get the identical body at once (the decode server sometimes first);
+    the prefill response ends at its hand-off; orphans on either side expire."""
+    port = random.randint(20_000, 60_000)  # names the shared tables; no socket
+    pair = ["--disaggregation-bootstrap-port", str(port), "--disaggregation-bootstrap-timeout",
+            "1.5", "--dp-size", "2", *COMMON]
+    with _pair(tmp_path, pair) as (prefill, decode):
+        info = httpx.get(prefill.url + "/server_info", timeout=5).json()
+        assert info["disaggregation_roles"] == {"prefill": "round_robin"}
+        assert httpx.get(decode.url + "/server_info").json()["disaggregation_roles"] == \
+            {"decode": "total_requests"}
+
+        async def run():
+            async with httpx.AsyncClient(timeout=60) as client:
+                async def one(i, rid, ids, n):
+                    b = body(ids, n, bootstrap_host="127.0.0.1", bootstrap_port=port,
+                             bootstrap_room=random.getrandbits(63))
+                    dec = asyncio.ensure_future(client.post(decode.url + "/generate", json=b))
+                    if i % 4 == 0:
+                        await asyncio.sleep(0.05)  # decode arrives first, waits for the room
+                    pre = await client.post(prefill.url + "/generate", json=b)
+                    return pre.json(), (await dec).json()
+                return await asyncio.gather(*(one(i, *w) for i, w in enumerate(workload)))
+
+        for (rid, ids, n), (pre, dec) in zip(workload, asyncio.run(run())):
+            assert dec["output_ids"] == reference[rid], rid
+            assert pre["meta_info"]["finish_reason"] == {"type": "length", "length": 1}
+            assert pre["output_ids"] == reference[rid][:1]
+
+        # Orphans: a decode whose prefill never comes fails after the timeout; a prefill
+        # whose decode never comes returns at once (its KV is freed at the timeout).
+        orphan = body([5, 6, 7], 4, bootstrap_room=424242)
+        pre = httpx.post(prefill.url + "/generate", json={**orphan, "bootstrap_room": 1}, timeout=10)
+        assert pre.json()["meta_info"]["finish_reason"]["type"] == "length"
+        dec = httpx.post(decode.url + "/generate", json=orphan, timeout=10).json()
+        assert dec["meta_info"]["finish_reason"]["type"] == "abort"
+        assert "no prefill placed it" in dec["meta_info"]["finish_reason"]["message"]
+        bad = httpx.post(decode.url + "/generate", json=body([5], 2), timeout=10)
+        assert bad.status_code == 400 and "bootstrap_room" in bad.text
+        assert_idle(prefill.url)
+        assert_idle(decode.url)
+    assert not prefill.segments() and not decode.segments()
+
+
+class _pair:
+    """Start the decode server first (it waits for the prefill server's tables), then
+    the prefill server; stop both whatever happens."""
+
+    def __init__(self, tmp_path, pair_flags):
+        self.decode = ServerProcess("--disaggregation-mode", "decode", *pair_flags,
+                                    log_path=tmp_path / "decode.log")
+        self.prefill = ServerProcess("--disaggregation-mode", "prefill",
+                                     "--load-balance-method", "round_robin", *pair_flags,
+                                     log_path=tmp_path / "prefill.log")
+
+    def __enter__(self):
+        try:
+            self.decode.start()
+            self.prefill.start()
+            self.prefill.wait_healthy(90)
+            self.decode.wait_healthy(90)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self.prefill, self.decode
+
+    def __exit__(self, *exc):
+        try:
+            self.decode.stop()
+        finally:
+            self.prefill.stop()
+
+
+def test_killed_prefill_rank_fails_its_requests_fast_and_its_segment_is_reclaimed(tmp_path):
+    """Simulated ranks whose prefill takes 20 ms a token: a request is mid-prefill on
+    rank 0 when rank 0 is killed. Its decode half fails within seconds (not the 300 s
+    room timeout); new requests go to prefill rank 1; the dead rank's KV segment is
+    unlinked when the server stops."""
+    profile = write_sim_profile(tmp_path / "slow_prefill.json", prefill_token_s=0.02)
+    flags = ["--disaggregation-mode", "pd", "--prefill-dp-size", "2", "--decode-dp-size", "1",
+             "--executor", "sim", "--sim-profile", profile, "--log-level", "warning"]
+    with ServerProcess(*flags, log_path=tmp_path / "pd_kill.log") as server:
+        ranks = httpx.get(server.url + "/server_info", timeout=5).json()["ranks"]
+        victim = next(r["pid"] for r in ranks if r["role"] == "prefill" and r["dp_rank"] == 0)
+        assert any(s.endswith(".kv-p0") for s in list_segments(f"dpserve.{victim}."))
+        with httpx.Client(timeout=30) as client, ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(client.post, server.url + "/generate",
+                                  json=body(list(range(3, 203)), 4, disagg_prefill_dp_rank=0))
+            time.sleep(1.0)  # 200 tokens: 4 s of prefill on rank 0
+            start = time.monotonic()
+            os.kill(victim, signal.SIGKILL)
+            reply = pending.result(timeout=30).json()
+            assert time.monotonic() - start < 5
+            reason = reply["meta_info"]["finish_reason"]
+            assert reason["type"] == "abort" and "prefill" in reason["message"], reason
+            ok = client.post(server.url + "/generate", json=body([5, 6, 7], 3)).json()
+            assert ok["meta_info"]["finish_reason"] == {"type": "length", "length": 3}
+    assert not list_segments(f"dpserve.{victim}.")
