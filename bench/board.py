@@ -4,9 +4,11 @@ Every figure is a median over batches (each batch times many calls and divides),
 microseconds, all measured in this one run:
 
 - ``pick_bump_us_n{4,8,64}``: ``Dispatcher.pick`` with ``total_requests`` on a board of
-  N live ranks: a seqlocked read of every row, the choice, the in-place bump.
-- ``seqlock_pick_us_n8_contended``: the same at N=8 while another process publishes
-  rows at about 100k rows/s (so readers do meet rows mid-write and retry).
+  N live ranks: a read of every rank's load (single cells, see
+  ``LoadBoard.read_requests``), the choice, the in-place bump.
+- ``seqlock_pick_us_n8_contended``: ``Dispatcher.pick`` with ``total_tokens``, whose
+  read goes through every row's seqlock, at N=8 while another process publishes rows
+  at about 100k rows/s (so readers do meet rows mid-write and retry).
 - ``bootstrap_lookup_us`` / ``bootstrap_insert_us``: a hit in a half-full table; an
   insert (followed, untimed, by its removal so the table stays half full).
 - ``zmq_pickle_report_us`` / ``http_bootstrap_get_us``: SGLang's load report and
@@ -85,7 +87,8 @@ def seqlock_pick_contended_us(num_ranks: int = 8, rows_per_s: int = 100_000) -> 
         try:
             if not started.wait(30):
                 raise RuntimeError("publisher did not start")
-            dispatcher = Dispatcher(board, 0, "total_requests", stale_ns=FOREVER_NS)
+            # total_tokens: the method whose read goes through the row seqlocks.
+            dispatcher = Dispatcher(board, 0, "total_tokens", stale_ns=FOREVER_NS)
             seq_before = int(board.snapshot_seqs().sum())
             t0 = time.perf_counter()
             us = median_us(lambda: dispatcher.pick(100), 2000, 25)

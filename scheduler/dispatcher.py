@@ -78,16 +78,19 @@ class Dispatcher:
         self.num_ranks = board.num_ranks
         self.rotation = RotationState()
         self._writer = board.dispatcher_writer(dispatcher_id)
-        self._read = (self._read_np if use_numpy_read(board.num_ranks, board.num_dispatchers)
-                      else board.read_effective)
+        # Only total_tokens looks at tokens and needs the seqlocked read (its two
+        # cells must agree); the others read single cells (see read_requests).
+        self._with_tokens = method is LoadBalanceMethod.TOTAL_TOKENS
+        self._numpy = use_numpy_read(board.num_ranks, board.num_dispatchers)
+        self._read = self._read_np if self._numpy else board.read_effective
+        self._read_requests = board.read_requests
+        self._own_reqs = self._writer.dispatched_reqs
         self._choose = {
             LoadBalanceMethod.ROUND_ROBIN: self._round_robin,
             LoadBalanceMethod.FOLLOW_BOOTSTRAP_ROOM: self._follow_bootstrap_room,
             LoadBalanceMethod.TOTAL_REQUESTS: self._total_requests,
             LoadBalanceMethod.TOTAL_TOKENS: self._total_tokens,
         }[method]
-        # Only total_tokens looks at tokens; the others skip summing them.
-        self._with_tokens = method is LoadBalanceMethod.TOTAL_TOKENS
 
     def pick(self, num_tokens: int, routed_dp_rank: int | None = None,
              bootstrap_room: int | None = None) -> int:
@@ -104,7 +107,11 @@ class Dispatcher:
         """
         if num_tokens < 0:
             raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
-        eff_reqs, eff_tokens, alive = self._read(self.stale_ns, None, self._with_tokens)
+        if self._with_tokens or self._numpy:
+            eff_reqs, eff_tokens, alive = self._read(self.stale_ns)
+        else:
+            eff_reqs, alive = self._read_requests(self.stale_ns, self._own_reqs)
+            eff_tokens = None
         if routed_dp_rank is not None:
             rank = routed_rank(routed_dp_rank, alive)
         else:

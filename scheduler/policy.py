@@ -186,7 +186,7 @@ def routed_rank(routed_dp_rank: object, alive: Sequence[bool]) -> int:
 # ---- helpers ---------------------------------------------------------------------------
 def _masked(loads: list[int], alive: Sequence[bool]) -> list:
     """``loads`` with dead ranks raised to ``_DEAD_LOAD`` (no copy when all are alive)."""
-    if all(alive):
+    if False not in alive:  # C-level scan; all() is a Python-level iteration here
         return loads
     return [x if a else _DEAD_LOAD for x, a in zip(loads, alive)]
 

@@ -188,6 +188,14 @@ class LoadBoard:
         self._seq_unpack = struct.Struct("<" + ("q" + "x" * 8 * (row_len - 1)) * n).unpack_from
         self._hot_off = HEADER_LEN * 8
         self._n5 = 5 * n
+        # The request-only path reads three single cells per row, no seq: base_reqs,
+        # heartbeat, status; the dispatcher blocks come from their own unpack.
+        req_fmt = "x" * 8 * BASE_REQS + "q" + "x" * 8 * (HEARTBEAT - BASE_REQS - 1) + "qq"
+        req_fmt += "x" * 8 * (row_len - STATUS - 1)
+        self._req_unpack = struct.Struct("<" + req_fmt * n).unpack_from
+        self._n3 = 3 * n
+        self._disp_unpack = struct.Struct("<" + disp_fmt * d).unpack_from
+        self._disp_off_bytes = layout.disp_off * 8
         self._buf = segment.buf
         self._all_ready = (int(RankStatus.READY),) * n
         self._all_alive = (True,) * n
@@ -331,6 +339,34 @@ class LoadBoard:
         oldest = now_ns - stale_ns
         alive = tuple([st == _READY and hb >= oldest for st, hb in zip(statuses, heartbeats)])
         return reqs, toks, alive
+
+    def read_requests(self, stale_ns: int, own_counts: list[int] | None = None):
+        """Hot path of the request-count methods: (eff_reqs, alive), no seqlock.
+
+        Every value used is ONE cell with one writer (``base_reqs`` already nets the
+        rank's acks out of its count), and an aligned 8-byte load is atomic on the
+        CPUs ``check_memory_order`` admits, so each read is a value some publish
+        wrote: the seqlock is for values that must agree across cells, which these
+        methods never combine. ``own_counts``: on a one-dispatcher board, that
+        dispatcher's own ``dispatched_reqs`` (it is their only writer, so its copy is
+        exact and saves reading them back).
+        """
+        n, n3 = self.num_ranks, self._n3
+        cells = self._req_unpack(self._buf, self._hot_off)
+        if own_counts is not None and self.num_dispatchers == 1:
+            reqs = list(map(add, cells[0:n3:3], own_counts))
+        else:
+            disp = self._disp_unpack(self._buf, self._disp_off_bytes)  # after the rows
+            reqs = cells[0:n3:3]
+            for o in range(0, len(disp), 2 * n):
+                reqs = map(add, reqs, disp[o:o + n])
+            reqs = list(reqs)
+        heartbeats = cells[1:n3:3]
+        statuses = cells[2:n3:3]
+        oldest = monotonic_ns() - stale_ns
+        if statuses == self._all_ready and min(heartbeats) >= oldest:
+            return reqs, self._all_alive
+        return reqs, tuple([st == _READY and hb >= oldest for st, hb in zip(statuses, heartbeats)])
 
     def read_effective_np(self, stale_ns: int, now_ns: int | None = None):
         """Vectorised ``read_effective`` for large boards: three numpy arrays."""

@@ -109,6 +109,8 @@ class BoardMachine(RuleBasedStateMachine):
         fast_reqs, fast_toks, alive = self.board.read_effective(FOREVER)
         assert (list(fast_reqs), list(fast_toks)) == (reqs, toks)
         assert all(alive)
+        single_cell_reqs, _ = self.board.read_requests(FOREVER)
+        assert single_cell_reqs == reqs
         np_reqs, np_toks, np_alive = self.board.read_effective_np(FOREVER)
         assert (np_reqs.tolist(), np_toks.tolist()) == (reqs, toks)
         snap = self.board.snapshot()
