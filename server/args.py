@@ -9,7 +9,8 @@ spawned, so the launcher, the ranks and ``/server_info`` all see the same values
 - ``served_model_name``: ``model_path`` (SGLang's default);
 - ``tokenizer_path``: the local folder holding the tokenizer (the built-in ``tiny``
   model's committed folder), so a gateway reading ``/model_info`` finds it on disk;
-- ``context_length``: the model's own (``config.json``), read without torch.
+- ``context_length``: the model's own (``config.json``), read without torch; with
+  ``--executor sim`` the profile's (``scheduler.sim_executor.load_profile``).
 
 ``device auto`` is the exception: only the ranks import torch, so each rank resolves
 it and reports the result in its ready message. Per-rank limits left at ``None``
@@ -95,6 +96,9 @@ class ServerArgs:
         choices=EXECUTORS))
     sim_profile: str = field(default="tiny-cpu", **_flag(
         "with --executor sim: a profile name in scheduler/sim_profiles or a .json path"))
+    sim_lockstep: bool = field(default=False, **_flag(
+        "with --executor sim: every rank's step lasts as long as the slowest rank's, as DP "
+        "attention with expert parallelism does (scheduler/lockstep.py)"))
     random_seed: int = field(default=0, **_flag("seed of the ranks' sampling generators"))
     heartbeat_interval_s: float = field(default=0.05, **_flag(
         "how often an idle rank refreshes its heartbeat"))
@@ -144,6 +148,8 @@ def validate_args(args: ServerArgs) -> None:
         raise InvalidServerArgs(f"--max-queued-requests must be >= 0, got {args.max_queued_requests}")
     if args.chunked_prefill_size < 1:
         raise InvalidServerArgs("--chunked-prefill-size must be >= 1")
+    if args.sim_lockstep and args.executor != "sim":
+        raise InvalidServerArgs("--sim-lockstep needs --executor sim")
     if args.heartbeat_interval_s <= 0 or args.stale_after_s <= 4 * args.heartbeat_interval_s:
         raise InvalidServerArgs("--stale-after-s must exceed several --heartbeat-interval-s (> 0)")
 
@@ -178,6 +184,8 @@ def resolve_args(args: ServerArgs) -> ServerArgs:
         model_ctx = load_model_config(args.model_path).context_len
     except ModelLoadError as exc:
         raise InvalidServerArgs(f"--model-path: {exc}") from None
+    if args.executor == "sim":  # the simulated model's context, not the tokenizer model's
+        model_ctx = _sim_context_len(args.sim_profile)
     if args.context_length is not None and args.context_length > model_ctx:
         raise InvalidServerArgs(
             f"--context-length {args.context_length} exceeds the model's {model_ctx}")
@@ -191,6 +199,14 @@ def resolve_args(args: ServerArgs) -> ServerArgs:
         tokenizer_path=args.tokenizer_path or local_model_path(args.model_path),
         context_length=args.context_length or model_ctx,
     )
+
+
+def _sim_context_len(profile: str) -> int:
+    from scheduler.sim_executor import load_profile
+    try:
+        return load_profile(profile).context_len
+    except (ValueError, TypeError, OSError) as exc:
+        raise InvalidServerArgs(f"--sim-profile: {exc}") from None
 
 
 def local_model_path(model_path: str) -> str:

@@ -72,6 +72,8 @@ class EngineClient:
         self.is_serving = False
         self.started_at = time.time()
         self._pipes: dict[int, RequestPipe] = {}
+        self.num_dispatched = 0
+        self.dispatch_time_s = 0.0
 
     @classmethod
     def from_processes(cls, args: ServerArgs, processes: EngineProcesses, **pd) -> "EngineClient":
@@ -110,7 +112,26 @@ class EngineClient:
                return_logprob: bool = False, top_logprobs_num: int = 0,
                routed_dp_rank: int | None = None, bootstrap_room: int | None = None,
                disagg_prefill_dp_rank: int | None = None) -> RequestHandle:
-        """Dispatch one checked request. Raises ``BadRequest`` or ``ServiceUnavailable``."""
+        """Dispatch one checked request. Raises ``BadRequest`` or ``ServiceUnavailable``.
+
+        Times itself (``dispatch_stats``): the front door's share of a request, checks +
+        pick + encode + pipe send, without parsing, tokenizing or the model."""
+        began = time.perf_counter()
+        handle = self._submit(rid, input_ids, params, return_logprob=return_logprob,
+                              top_logprobs_num=top_logprobs_num, routed_dp_rank=routed_dp_rank,
+                              bootstrap_room=bootstrap_room,
+                              disagg_prefill_dp_rank=disagg_prefill_dp_rank)
+        self.dispatch_time_s += time.perf_counter() - began
+        self.num_dispatched += 1
+        return handle
+
+    def dispatch_stats(self) -> dict:
+        n = self.num_dispatched
+        return {"num_requests": n, "mean_us": 1e6 * self.dispatch_time_s / n if n else None}
+
+    def _submit(self, rid: str, input_ids: list[int], params: SamplingParams, *,
+                return_logprob: bool, top_logprobs_num: int, routed_dp_rank: int | None,
+                bootstrap_room: int | None, disagg_prefill_dp_rank: int | None) -> RequestHandle:
         if not self.is_serving:
             raise ServiceUnavailable("the server is not serving (starting or stopping)")
         if rid in self.inflight:

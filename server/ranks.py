@@ -90,7 +90,8 @@ def rank_entry(rank_main: RankMain, cfg: SchedulerConfig, req_conn: Connection,
 
 
 def scheduler_configs(args: ServerArgs, board_name: str, role: str | None = None,
-                      dp_size: int | None = None, pd=None) -> list[SchedulerConfig]:
+                      dp_size: int | None = None, pd=None,
+                      sim_lockstep_name: str | None = None) -> list[SchedulerConfig]:
     base = SchedulerConfig(
         dp_rank=0, board_name=board_name, num_dispatchers=NUM_DISPATCHERS,
         role=role or args.role, pd=pd,
@@ -98,7 +99,8 @@ def scheduler_configs(args: ServerArgs, board_name: str, role: str | None = None
         max_running_requests=args.max_running_requests, max_total_tokens=args.max_total_tokens,
         chunked_prefill_size=args.chunked_prefill_size, context_length=args.context_length,
         random_seed=args.random_seed, heartbeat_interval_s=args.heartbeat_interval_s,
-        executor=args.executor, sim_profile=args.sim_profile, log_level=args.log_level)
+        executor=args.executor, sim_profile=args.sim_profile,
+        sim_lockstep_name=sim_lockstep_name, log_level=args.log_level)
     return [dataclasses.replace(base, dp_rank=r) for r in range(dp_size or args.dp_size)]
 
 
@@ -115,6 +117,9 @@ class EngineProcesses:
         self.pd = pd  # scheduler.pd.PDConfig for prefill/decode groups
         self.launch_id = launch_id or new_launch_id()
         self.board: LoadBoard | None = None
+        # --sim-lockstep: one lockstep segment per group (PD: prefill and decode ranks
+        # step apart, as two servers would); created here, unlinked after the ranks stop.
+        self.lockstep = None
         self.ranks: list[RankHandle] = []
 
     def start(self) -> "EngineProcesses":
@@ -125,8 +130,13 @@ class EngineProcesses:
         kind = "board" if self.role == "mixed" else f"board-{self.role}"
         self.board = LoadBoard.create(self.dp_size, NUM_DISPATCHERS, launch_id=self.launch_id,
                                       kind=kind)
+        if self.args.sim_lockstep:
+            from scheduler.lockstep import LockstepSegment
+            self.lockstep = LockstepSegment.create(self.dp_size, self.launch_id, group=self.role)
         ctx = multiprocessing.get_context("spawn")
-        for cfg in scheduler_configs(self.args, self.board.name, self.role, self.dp_size, self.pd):
+        lockstep_name = self.lockstep.name if self.lockstep is not None else None
+        for cfg in scheduler_configs(self.args, self.board.name, self.role, self.dp_size, self.pd,
+                                     lockstep_name):
             req_recv, req_send = ctx.Pipe(duplex=False)
             out_recv, out_send = ctx.Pipe(duplex=False)
             process = ctx.Process(target=rank_entry, name=f"dpserve-rank-{cfg.dp_rank}",
@@ -187,6 +197,9 @@ class EngineProcesses:
             self._stop_ranks(self.args.shutdown_timeout_s)
         finally:
             self._reclaim_rank_segments()
+            if self.lockstep is not None:
+                self.lockstep.close()
+                self.lockstep = None
             if self.board is not None:
                 self.board.close()
                 self.board = None

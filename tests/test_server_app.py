@@ -9,6 +9,8 @@ test does not break them.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import signal
@@ -412,8 +414,9 @@ def test_rank_killed_mid_request_fails_fast_and_others_serve(tmp_path):
 
 
 def test_rank_startup_error_stops_the_launch(tmp_path):
-    args = resolve_args(ServerArgs(executor="sim", sim_profile=str(tmp_path / "missing.json"),
-                                   dp_size=2, port=0))
+    # resolve_args itself rejects a missing profile; here the ranks must find out.
+    args = dataclasses.replace(resolve_args(ServerArgs(executor="sim", dp_size=2, port=0)),
+                               sim_profile=str(tmp_path / "missing.json"))
     procs = EngineProcesses(args).start()
     name = procs.board.name
     try:

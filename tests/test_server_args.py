@@ -50,3 +50,21 @@ def test_resolve_fills_auto_values_once():
 def test_invalid_args_name_the_flag(bad):
     with pytest.raises(InvalidServerArgs, match="--"):
         resolve_args(ServerArgs(**bad))
+
+
+def test_sim_lockstep_needs_sim_and_sim_context_comes_from_profile():
+    with pytest.raises(InvalidServerArgs, match="--sim-lockstep"):
+        resolve_args(ServerArgs(sim_lockstep=True))
+    args = resolve_args(parse_args(["--executor", "sim", "--sim-profile", "seed-qwen3-235b-dp4",
+                                    "--sim-lockstep"]))
+    assert args.sim_lockstep and args.context_length == 32768  # not the tiny model's 2048
+    with pytest.raises(InvalidServerArgs, match="--sim-profile"):
+        resolve_args(ServerArgs(executor="sim", sim_profile="no-such-profile"))
+
+
+def test_sim_lockstep_segment_reaches_every_rank_config():
+    from server.ranks import scheduler_configs
+    args = resolve_args(ServerArgs(executor="sim", sim_profile="instant", sim_lockstep=True,
+                                   dp_size=3))
+    cfgs = scheduler_configs(args, "board", sim_lockstep_name="lockstep-x")
+    assert [c.sim_lockstep_name for c in cfgs] == ["lockstep-x"] * 3

@@ -1,0 +1,173 @@
+"""``bench.compare``'s outputs: the markdown tables, the JSON and the PNG plots.
+
+Files in ``--out``: ``report.md`` (what ``main`` prints), ``<scenario>_<ranks>_ttft.png``
+(mean TTFT vs rate, one line per method), ``<scenario>_<ranks>_load.png`` (requests and
+tokens per rank over time at the highest rate, one panel pair per method),
+``timelines.json`` (the raw load samples) and the ``--json`` summary.
+
+Top-level JSON keys (at the smallest rank count run): ``prefill_heavy_ttft_ratio_0_8``
+and ``_1_0`` (mean TTFT of ``total_tokens`` over ``follow_bootstrap_room`` at 0.8x and
+1.0x capacity), ``variable_length_ttft_gain`` / ``_tpot_gain`` (fraction lower than
+``round_robin``, best board method, highest rate), ``decode_heavy_throughput_gain``
+(output throughput of ``total_requests`` over ``round_robin``, minus 1, highest rate),
+``decode_heavy_p99_ttft_ratio``, ``dispatch_probe_us`` and ``simulated``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _run(result: dict, method: str, frac: float) -> dict | None:
+    return next((r for r in result["runs"].get(method, []) if r["fraction"] == frac), None)
+
+
+def _fig(value, fmt="{:.0f}") -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def scenario_table(result: dict) -> str:
+    methods, base = result["methods"], result["baseline"]
+    others = [m for m in methods if m != base]
+    head = (["rate (x cap)", "req/s"] + [f"TTFT {m}" for m in methods]
+            + [f"{m} vs {base}" for m in others] + [f"TPOT {m}" for m in methods]
+            + [f"out tok/s {m}" for m in methods] + [f"P99 TTFT {m}" for m in methods])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for frac in result["fractions"]:
+        runs = {m: _run(result, m, frac) or {} for m in methods}
+        rate = next(iter(runs.values())).get("request_rate")
+        row = [f"{frac:g}", _fig(rate, "{:.2f}")]
+        row += [_fig(runs[m].get("mean_ttft_ms")) for m in methods]
+        for m in others:
+            a, b = runs[m].get("mean_ttft_ms"), runs[base].get("mean_ttft_ms")
+            row.append(f"{1 - a / b:+.1%} lower" if a and b else "-")
+        row += [_fig(runs[m].get("mean_tpot_ms"), "{:.1f}") for m in methods]
+        row += [_fig(runs[m].get("output_throughput"), "{:.0f}") for m in methods]
+        row += [_fig(runs[m].get("p99_ttft_ms")) for m in methods]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def headline(results: list[dict], simulated: bool) -> dict:
+    out: dict = {"simulated": simulated}
+    by_name = {}
+    for r in sorted(results, key=lambda r: r["ranks"]):
+        by_name.setdefault(r["scenario"], r)  # the smallest rank count
+
+    def mean(r, m, frac, key):
+        run = _run(r, m, frac)
+        return run.get(key) if run else None
+
+    def ratio(a, b):
+        return a / b if a is not None and b else None
+
+    if r := by_name.get("prefill-heavy"):
+        for frac, key in ((0.8, "0_8"), (1.0, "1_0")):
+            out[f"prefill_heavy_ttft_ratio_{key}"] = ratio(
+                mean(r, "total_tokens", frac, "mean_ttft_ms"),
+                mean(r, "follow_bootstrap_room", frac, "mean_ttft_ms"))
+    if r := by_name.get("variable-length"):
+        top = max(r["fractions"])
+        boards = [m for m in r["methods"] if m != r["baseline"]]
+        for key, fig in (("ttft", "mean_ttft_ms"), ("tpot", "mean_tpot_ms")):
+            base = mean(r, r["baseline"], top, fig)
+            gains = [1 - x for m in boards if (x := ratio(mean(r, m, top, fig), base)) is not None]
+            out[f"variable_length_{key}_gain"] = max(gains) if gains else None
+    if r := by_name.get("decode-heavy"):
+        top = max(r["fractions"])
+        tput = ratio(mean(r, "total_requests", top, "output_throughput"),
+                     mean(r, "round_robin", top, "output_throughput"))
+        out["decode_heavy_throughput_gain"] = tput - 1 if tput is not None else None
+        out["decode_heavy_p99_ttft_ratio"] = ratio(mean(r, "total_requests", top, "p99_ttft_ms"),
+                                                   mean(r, "round_robin", top, "p99_ttft_ms"))
+    return out
+
+
+def plot_ttft(result: dict, path: str, label: str) -> None:
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=90)
+    for m in result["methods"]:
+        runs = result["runs"].get(m, [])
+        ax.plot([r["request_rate"] for r in runs], [r["mean_ttft_ms"] for r in runs],
+                marker="o", label=m)
+    ax.set_xlabel("request rate (req/s)")
+    ax.set_ylabel("mean TTFT (ms)")
+    ax.set_title(f"{result['scenario']}, {result['ranks']} ranks{label}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_load(result: dict, path: str, label: str) -> None:
+    top = max(result["fractions"])
+    methods = result["methods"]
+    fig, axes = plt.subplots(2, len(methods), figsize=(4.2 * len(methods), 5.2), dpi=80,
+                             squeeze=False, sharex="col", sharey="row")
+    for j, m in enumerate(methods):
+        samples = result["timelines"].get((m, top), [])
+        t = [s["t"] for s in samples]
+        for row, key, name in ((0, "reqs", "requests"), (1, "tokens", "tokens")):
+            ax = axes[row][j]
+            if samples:
+                for rank in range(len(samples[0][key])):
+                    ax.plot(t, [s[key][rank] for s in samples], lw=0.8)
+            ax.set_ylabel(f"{name} per rank", fontsize=8)
+            ax.tick_params(labelsize=7)
+            if row == 0:
+                ax.set_title(m, fontsize=9)
+        axes[1][j].set_xlabel("time (s)", fontsize=8)
+    fig.suptitle(f"{result['scenario']}, {result['ranks']} ranks, {top:g}x capacity{label}",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_reports(results: list[dict], probe: dict, args, elapsed_s: float) -> str:
+    simulated = any(r.get("simulated") for r in results) or args.executor == "sim"
+    label = f" (simulated: {args.sim_profile})" if simulated else " (real model)"
+    parts = [f"# bench.compare{label}", "",
+             f"executor {args.executor}; {elapsed_s:.0f} s; "
+             f"capacity = completed req/s of a saturating run (rate inf) of the first method", ""]
+    timelines = {}
+    for r in results:
+        stem = f"{r['scenario'].replace('-', '_')}_{r['ranks']}"
+        plot_ttft(r, os.path.join(args.out, f"{stem}_ttft.png"), label)
+        plot_load(r, os.path.join(args.out, f"{stem}_load.png"), label)
+        timelines[stem] = {f"{m}@{f:g}": s for (m, f), s in r.pop("timelines").items()}
+        mode = " PD (methods balance the prefill ranks)," if r["pd"] else ""
+        lock = " lockstep," if r["lockstep"] else ""
+        parts += [f"## {r['scenario']}, {r['ranks']} ranks{label}", "",
+                  f"input {r['input_len']} (ratio {r['range_ratio']}), output {r['output_len']},"
+                  f"{mode}{lock} capacity {r['capacity_req_s']:.2f} req/s; TTFT/TPOT in ms", "",
+                  scenario_table(r), "",
+                  "dispatch (server front door, mean us/request): " + ", ".join(
+                      f"{m} {_fig((d or {}).get('mean_us'), '{:.0f}')}"
+                      for m, d in r.get("dispatch", {}).items()), ""]
+    summary = {**headline(results, simulated), "dispatch_probe_us": probe,
+               "sim_profile": args.sim_profile if simulated else None,
+               "executor": args.executor, "quick": args.quick, "elapsed_s": elapsed_s,
+               "scenarios": results}
+    if probe:
+        parts += ["## dispatch overhead (Dispatcher.pick + encode, median us)", "",
+                  "| ranks | " + " | ".join(probe) + " |", "|---|" + "---|" * len(probe),
+                  "| us | " + " | ".join(f"{v:.1f}" for v in probe.values()) + " |", ""]
+    parts += ["## headline", "", "```", json.dumps(
+        {k: v for k, v in summary.items() if k not in ("scenarios",)}, indent=1), "```"]
+    report = "\n".join(parts)
+    with open(os.path.join(args.out, "report.md"), "w") as f:
+        f.write(report + "\n")
+    with open(os.path.join(args.out, "timelines.json"), "w") as f:
+        json.dump(timelines, f)
+    json_path = args.json or os.path.join(args.out, "summary.json")
+    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+    with open(json_path, "w") as f:
+        json.dump(summary, f, indent=1)
+    return report

@@ -1,0 +1,136 @@
+"""One ``engine.serve`` subprocess for ``bench.compare``, and the load sampler.
+
+``ServerProcess`` starts ``python -m engine.serve`` on a free loopback port in its own
+process group, waits until ``/health`` answers 200, and in ``close`` (also on any
+error, through ``with``) sends SIGINT to that group's leader (the server stops its
+own ranks and unlinks its segments), then SIGTERM/SIGKILL if it does not exit.
+
+``LoadSampler`` polls ``/v1/loads`` (``/get_load``'s rows plus each rank's role) every
+``interval_s`` during a run and keeps, per sample, the time and every balanced rank's
+``num_reqs`` and ``num_tokens`` (PD: the prefill ranks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import aiohttp
+
+STARTUP_TIMEOUT_S = 300.0
+STOP_TIMEOUT_S = 30.0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerStartError(RuntimeError):
+    pass
+
+
+class ServerProcess:
+    def __init__(self, flags: list[str], log_path: str):
+        self.flags = flags
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "ServerProcess":
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def start(self) -> None:
+        cmd = [sys.executable, "-m", "engine.serve", "--host", "127.0.0.1",
+               "--port", str(self.port), *self.flags]
+        log = open(self.log_path, "ab")
+        log.write((" ".join(cmd) + "\n").encode())
+        log.flush()
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerStartError(f"engine.serve exited with {self.proc.returncode}; "
+                                       f"see {self.log_path}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.25)
+        raise ServerStartError(f"engine.serve not healthy after {STARTUP_TIMEOUT_S:.0f} s; "
+                               f"see {self.log_path}")
+
+    def close(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        for sig, wait_s in ((signal.SIGINT, STOP_TIMEOUT_S), (signal.SIGTERM, 5.0),
+                            (signal.SIGKILL, 5.0)):
+            try:
+                # The server's own process group (start_new_session): its ranks too on KILL.
+                target = proc.pid if sig != signal.SIGKILL else -os.getpgid(proc.pid)
+                os.kill(target, sig)
+            except (ProcessLookupError, PermissionError):
+                return
+            try:
+                proc.wait(wait_s)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+
+class LoadSampler:
+    """Polls ``/v1/loads`` in the background of a run (``async with``)."""
+
+    def __init__(self, url: str, interval_s: float = 0.075):
+        self.url = url + "/v1/loads"
+        self.interval_s = interval_s
+        self.samples: list[dict] = []  # {"t": s, "reqs": [...], "tokens": [...]}
+        self._task: asyncio.Task | None = None
+
+    async def __aenter__(self) -> "LoadSampler":
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+
+    async def _run(self) -> None:
+        start = time.perf_counter()
+        async with aiohttp.ClientSession(trust_env=False) as session:
+            while True:
+                try:
+                    async with session.get(self.url) as r:
+                        rows = (await r.json())["loads"]
+                    # PD: the prefill ranks are the balanced ones.
+                    rows = [x for x in rows if x["role"] != "decode"] or rows
+                    self.samples.append({"t": round(time.perf_counter() - start, 3),
+                                         "reqs": [x["num_reqs"] for x in rows],
+                                         "tokens": [x["num_tokens"] for x in rows]})
+                except (aiohttp.ClientError, ValueError, KeyError):
+                    pass
+                await asyncio.sleep(self.interval_s)
