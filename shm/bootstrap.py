@@ -300,17 +300,10 @@ class BootstrapTable:
         FAILED always returns, so a caller never waits out a failed prefill; check
         ``entry.state``. Raises ``BootstrapTimeoutError`` after ``timeout_s``.
         """
-        deadline = time.monotonic() + timeout_s
-        sleep_s = WAIT_FIRST_SLEEP_S
-        while True:
-            entry = self.lookup(room)
-            if entry is not None and (entry.state in states or entry.state == FAILED):
-                return entry
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise self._timeout_error(room, timeout_s, entry, states)
-            time.sleep(min(sleep_s, left))
-            sleep_s = min(sleep_s * 2, WAIT_MAX_SLEEP_S)
+        polls = self._polls(room, timeout_s, states)
+        for sleep_s in polls:
+            time.sleep(sleep_s)
+        return polls.entry
 
     async def async_wait_for(self, room: int, timeout_s: float,
                              states: tuple[int, ...] = LIVE_STATES) -> BootstrapEntry:
@@ -318,17 +311,13 @@ class BootstrapTable:
 
         The loop's timer granularity (about 1 ms with epoll) stretches the short sleeps.
         """
-        deadline = time.monotonic() + timeout_s
-        sleep_s = WAIT_FIRST_SLEEP_S
-        while True:
-            entry = self.lookup(room)
-            if entry is not None and (entry.state in states or entry.state == FAILED):
-                return entry
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise self._timeout_error(room, timeout_s, entry, states)
-            await asyncio.sleep(min(sleep_s, left))
-            sleep_s = min(sleep_s * 2, WAIT_MAX_SLEEP_S)
+        polls = self._polls(room, timeout_s, states)
+        for sleep_s in polls:
+            await asyncio.sleep(sleep_s)
+        return polls.entry
+
+    def _polls(self, room: int, timeout_s: float, states: tuple[int, ...]) -> "_Polls":
+        return _Polls(self, room, timeout_s, states)
 
     def entry_at(self, region: int, slot: int) -> BootstrapEntry | None:
         """The live entry in ``(region, slot)``, or None if that slot is free."""
@@ -378,3 +367,27 @@ class BootstrapTable:
         return BootstrapTimeoutError(
             f"bootstrap_room {room}: still {EntryState(entry.state).name} on prefill rank "
             f"{entry.prefill_rank} after {timeout_s} s (waited for {wanted})")
+
+
+class _Polls:
+    """The shared back-off of ``wait_for``/``async_wait_for``: iterating yields how long
+    to sleep before the next look-up (20 us doubling to 1 ms); it stops once the entry
+    is there (then in ``entry``) and raises ``BootstrapTimeoutError`` at the deadline."""
+
+    def __init__(self, table: "BootstrapTable", room: int, timeout_s: float, states: tuple[int, ...]):
+        self.table, self.room, self.timeout_s, self.states = table, room, timeout_s, states
+        self.entry: BootstrapEntry | None = None
+
+    def __iter__(self):
+        deadline = time.monotonic() + self.timeout_s
+        sleep_s = WAIT_FIRST_SLEEP_S
+        while True:
+            entry = self.table.lookup(self.room)
+            if entry is not None and (entry.state in self.states or entry.state == FAILED):
+                self.entry = entry
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise self.table._timeout_error(self.room, self.timeout_s, entry, self.states)
+            yield min(sleep_s, left)
+            sleep_s = min(sleep_s * 2, WAIT_MAX_SLEEP_S)
