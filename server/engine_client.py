@@ -234,14 +234,19 @@ class EngineClient:
                              f"(there are {self.num_prefill_ranks})")
 
     def _check_capacity(self, routed_dp_rank: int | None) -> None:
-        """503 unless some live rank (or the routed one) has room in its queue."""
-        eff_reqs, _, alive = self.board.read_effective(self.args.stale_ns)
-        alive = [a and r.lost_reason is None for a, r in zip(alive, self.ranks)]
-        if not any(alive):
-            raise ServiceUnavailable("no rank is alive")
+        """503 unless some live rank (or the routed one) has room in its queue.
+
+        Only with ``--max-queued-requests``: without a queue limit there is nothing to
+        check here, and a board with no live rank is already a 503 from ``pick``, so
+        the hot path reads the board once, not twice.
+        """
         max_queued = self.args.max_queued_requests
         if max_queued is None:
             return
+        eff_reqs, alive = self.board.read_requests(self.args.stale_ns)
+        alive = [a and r.lost_reason is None for a, r in zip(alive, self.ranks)]
+        if not any(alive):
+            raise ServiceUnavailable("no rank is alive")
         candidates = range(len(self.ranks))
         if isinstance(routed_dp_rank, int) and 0 <= routed_dp_rank < len(self.ranks):
             candidates = [routed_dp_rank]
