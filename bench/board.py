@@ -15,6 +15,11 @@ microseconds, all measured in this one run:
   bootstrap look-up, see ``bench.baselines``.
 
 ``--json PATH`` writes the figures plus the two ratios the targets are about.
+
+``--crossover`` instead times ``Dispatcher.pick`` through both read paths (``lists``:
+one struct unpack into Python ints; ``numpy``: array views) side by side for board
+sizes 4-128 and 1, 2 and 4 dispatchers, for each of the two load-reading methods; the
+thresholds in ``scheduler.dispatcher`` (``NUMPY_MIN_RANKS_*``) come from this table.
 """
 
 from __future__ import annotations
@@ -34,18 +39,38 @@ from shm.segment import new_launch_id
 FOREVER_NS = 1 << 62
 
 
-def median_us(fn, calls: int, batches: int) -> float:
+def median_us(fn, calls: int, batches: int, *arg) -> float:
+    """Median over ``batches`` of the mean time of ``calls`` calls ``fn(*arg)`` (at most
+    one argument). The loop calls ``fn`` itself, not a wrapper around it: a lambda
+    would add ~0.1 us per call on these machines, 5% of a 2 us budget."""
     per_call = []
     for _ in range(batches):
-        t0 = time.perf_counter_ns()
-        for _ in range(calls):
-            fn()
+        if arg:
+            a = arg[0]
+            t0 = time.perf_counter_ns()
+            for _ in range(calls):
+                fn(a)
+        else:
+            t0 = time.perf_counter_ns()
+            for _ in range(calls):
+                fn()
         per_call.append((time.perf_counter_ns() - t0) / calls / 1000)
     return statistics.median(per_call)
 
 
-def _live_board(num_ranks: int) -> LoadBoard:
-    board = LoadBoard.create(num_ranks, 1, launch_id=new_launch_id())
+def median_us_each(fn, items: list, batches: int) -> float:
+    """``median_us`` with a different argument per call: ``fn(item)`` for each item."""
+    per_call = []
+    for _ in range(batches):
+        t0 = time.perf_counter_ns()
+        for item in items:
+            fn(item)
+        per_call.append((time.perf_counter_ns() - t0) / len(items) / 1000)
+    return statistics.median(per_call)
+
+
+def _live_board(num_ranks: int, num_dispatchers: int = 1) -> LoadBoard:
+    board = LoadBoard.create(num_ranks, num_dispatchers, launch_id=new_launch_id())
     for r in range(num_ranks):
         row = board.rank_writer(r)
         row.set_status(RankStatus.READY)
@@ -56,7 +81,7 @@ def _live_board(num_ranks: int) -> LoadBoard:
 def pick_bump_us(num_ranks: int, calls: int = 2000, batches: int = 25) -> float:
     with _live_board(num_ranks) as board:
         dispatcher = Dispatcher(board, 0, "total_requests", stale_ns=FOREVER_NS)
-        return median_us(lambda: dispatcher.pick(100), calls, batches)
+        return median_us(dispatcher.pick, calls, batches, 100)
 
 
 def _publisher(name: str, rows_per_s: int, stop, started) -> None:
@@ -91,7 +116,7 @@ def seqlock_pick_contended_us(num_ranks: int = 8, rows_per_s: int = 100_000) -> 
             dispatcher = Dispatcher(board, 0, "total_tokens", stale_ns=FOREVER_NS)
             seq_before = int(board.snapshot_seqs().sum())
             t0 = time.perf_counter()
-            us = median_us(lambda: dispatcher.pick(100), 2000, 25)
+            us = median_us(dispatcher.pick, 2000, 25, 100)
             elapsed = time.perf_counter() - t0
             rows_written = (int(board.snapshot_seqs().sum()) - seq_before) / 2
             return us, rows_written / elapsed
@@ -110,8 +135,8 @@ def bootstrap_us(slots: int = 4096) -> tuple[float, float]:
         rooms = [rng.getrandbits(63) for _ in range(slots // 2)]
         for room in rooms:
             writer.insert(room, room % 8, FOREVER_NS)
-        probe = iter(rooms * 1000)
-        lookup = median_us(lambda: table.lookup(next(probe)), 2000, 25)
+        probe = random.Random(1).choices(rooms, k=2000)
+        lookup = median_us_each(table.lookup, probe, 25)
         fresh = iter(rng.getrandbits(63) for _ in range(10**7))
         times = []
         for _ in range(25):
@@ -125,11 +150,47 @@ def bootstrap_us(slots: int = 4096) -> tuple[float, float]:
         return lookup, statistics.median(times)
 
 
+def crossover(sizes=(4, 8, 16, 24, 32, 48, 64, 96, 128), dispatchers=(1, 2, 4)) -> list[dict]:
+    """Rows of (method, D, N, lists_us, numpy_us): each pair measured interleaved."""
+    rows = []
+    for method in ("total_requests", "total_tokens"):
+        for d in dispatchers:
+            for n in sizes:
+                with _live_board(n, d) as board:
+                    paths = {p: Dispatcher(board, 0, method, stale_ns=FOREVER_NS, read_path=p)
+                             for p in ("lists", "numpy")}
+                    times = {p: [] for p in paths}
+                    for _ in range(7):  # interleaved, so load changes hit both alike
+                        for p, disp in paths.items():
+                            times[p].append(median_us(disp.pick, 500, 3, 100))
+                    del paths
+                rows.append({"method": method, "dispatchers": d, "ranks": n,
+                             **{f"{p}_us": statistics.median(t) for p, t in times.items()}})
+    return rows
+
+
+def print_crossover(rows: list[dict]) -> None:
+    print(f"{'method':<16}{'D':>3}{'N':>5}{'lists us':>10}{'numpy us':>10}  faster")
+    for r in rows:
+        faster = "numpy" if r["numpy_us"] < r["lists_us"] else "lists"
+        print(f"{r['method']:<16}{r['dispatchers']:>3}{r['ranks']:>5}"
+              f"{r['lists_us']:>10.2f}{r['numpy_us']:>10.2f}  {faster}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.board", description=__doc__.splitlines()[0])
     parser.add_argument("--json", metavar="PATH", help="write every figure to PATH")
     parser.add_argument("--skip-baselines", action="store_true", help="skip the ZMQ and HTTP baselines")
+    parser.add_argument("--crossover", action="store_true",
+                        help="time both pick read paths per board size instead")
     args = parser.parse_args(argv)
+    if args.crossover:
+        rows = crossover()
+        print_crossover(rows)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=2)
+        return 0
 
     figures: dict[str, float] = {}
     for n in (4, 8, 64):

@@ -16,6 +16,7 @@ Not thread-safe: one dispatcher belongs to one thread (the API's event loop).
 
 from __future__ import annotations
 
+from operator import add
 from typing import TYPE_CHECKING
 
 from scheduler.policy import (InvalidDpRankError, InvalidLoadBalanceMethod, LoadBalanceMethod,
@@ -34,32 +35,35 @@ __all__ = ["Dispatcher", "DEFAULT_STALE_NS", "use_numpy_read", "InvalidDpRankErr
 # pass (a long CPU prefill takes seconds), or a busy rank would look dead.
 DEFAULT_STALE_NS = 10_000_000_000
 
-# Which read path ``pick`` uses. ``read_effective`` (one struct unpack, plain lists)
-# costs per rank and per dispatcher; ``read_effective_np`` (then ``tolist`` for the
-# list-based methods) has a flat ~20 us of numpy call overhead here. Whole ``pick``
-# (read + total_requests + bump), best of 15 x 3k calls, interleaved, on the project's
-# 2-core VM (D = dispatchers on the board), struct / numpy in us:
-#   N=4:   D=1  4.7 / 18.8   D=2  5.9 / 22.8   D=4  7.4 / 21.0
-#   N=8:   D=1  5.7 / 18.9   D=2  7.0 / 21.2   D=4  9.1 / 21.9
-#   N=48:  D=1 15.1 / 20.6   D=2 19.0 / 23.1   D=4 30.6 / 25.0
-#   N=64:  D=1 20.4 / 23.5   D=2 24.9 / 25.7   D=4 36.5 / 25.5
-#   N=96:  D=1 25.8 / 24.6   D=2 33.8 / 26.8   D=4 46.5 / 27.5
-#   N=128: D=1 34.2 / 27.2   D=2 45.4 / 29.8   D=4 61.0 / 29.8
-# so numpy from the crossover on: about 96 ranks with one dispatcher, 64 with two, 48
-# with more. Timings are this VM's; the crossover, not the absolute numbers, matters.
+# Which read path ``pick`` uses, per board shape: lists from one ``struct`` unpack cost
+# per rank (a Python int per cell, a C call per element in ``map(add, ...)``), numpy
+# costs a flat ~0.3-1 us per call whatever the size. ``python -m bench.board
+# --crossover`` times both ``pick`` paths side by side per N; the thresholds below are
+# where numpy won on the project's 2-core VM (medians of 7 interleaved rounds, some
+# shown below). The crossover, not the absolute numbers, is what matters. Numpy from
+# N ranks on, by dispatchers D on the board (the last entry for any larger D).
+# total_requests (single-cell reads), us lists / numpy:
+#   D=1: N=16 2.38 / 2.62, N=24 2.66 / 2.65, N=64 4.55 / 2.79
+#   D=2: N=4 2.97 / 3.38, N=8 3.46 / 3.35, N=64 9.01 / 3.54
+# total_tokens (seqlocked reads):
+#   D=1: N=64 18.7 / 19.7, N=96 26.0 / 23.4;  D=2: N=48 18.6 / 19.3, N=64 23.3 / 21.2
+#   D=4: N=24 16.1 / 16.4, N=32 19.2 / 17.4
+NUMPY_MIN_RANKS_REQUESTS = (24, 8)
+NUMPY_MIN_RANKS_TOKENS = (96, 64, 48, 32)
 
 
-def use_numpy_read(num_ranks: int, num_dispatchers: int) -> bool:
-    """True if ``read_effective_np`` is the faster read for this board shape."""
-    min_ranks = 96 if num_dispatchers == 1 else 64 if num_dispatchers == 2 else 48
-    return num_ranks >= min_ranks
+def use_numpy_read(num_ranks: int, num_dispatchers: int, with_tokens: bool = True) -> bool:
+    """True if the numpy read is the faster one for this board shape and method kind."""
+    table = NUMPY_MIN_RANKS_TOKENS if with_tokens else NUMPY_MIN_RANKS_REQUESTS
+    return num_ranks >= table[min(num_dispatchers, len(table)) - 1]
 
 
 class Dispatcher:
     """Picks a rank per request with one balancing method and counts it on the board."""
 
     def __init__(self, board: "LoadBoard", dispatcher_id: int,
-                 method: LoadBalanceMethod | str, stale_ns: int = DEFAULT_STALE_NS):
+                 method: LoadBalanceMethod | str, stale_ns: int = DEFAULT_STALE_NS,
+                 read_path: str = "auto"):
         try:
             method = LoadBalanceMethod(method)
         except ValueError:
@@ -78,19 +82,30 @@ class Dispatcher:
         self.num_ranks = board.num_ranks
         self.rotation = RotationState()
         self._writer = board.dispatcher_writer(dispatcher_id)
-        # Only total_tokens looks at tokens and needs the seqlocked read (its two
-        # cells must agree); the others read single cells (see read_requests).
-        self._with_tokens = method is LoadBalanceMethod.TOTAL_TOKENS
-        self._numpy = use_numpy_read(board.num_ranks, board.num_dispatchers)
-        self._read = self._read_np if self._numpy else board.read_effective
-        self._read_requests = board.read_requests
+        self._liveness = board.liveness
+        self._all_alive = board.liveness.all_alive
         self._own_reqs = self._writer.dispatched_reqs
+        # One dispatcher knows every dispatched count there is: its own.
+        self._read_base = board.base_requests_reader() if board.num_dispatchers == 1 else None
+        # Only total_tokens needs the seqlocked read (a rank's cells read together);
+        # total_requests reads single cells (see LoadBoard.read_requests).
+        with_tokens = method is LoadBalanceMethod.TOTAL_TOKENS
+        if read_path not in ("auto", "lists", "numpy"):
+            raise ValueError(f"read_path must be auto, lists or numpy; got {read_path!r}")
+        self._numpy = (use_numpy_read(board.num_ranks, board.num_dispatchers, with_tokens)
+                       if read_path == "auto" else read_path == "numpy")
         self._choose = {
             LoadBalanceMethod.ROUND_ROBIN: self._round_robin,
             LoadBalanceMethod.FOLLOW_BOOTSTRAP_ROOM: self._follow_bootstrap_room,
-            LoadBalanceMethod.TOTAL_REQUESTS: self._total_requests,
+            LoadBalanceMethod.TOTAL_REQUESTS:
+                self._total_requests_np if self._numpy else self._total_requests,
             LoadBalanceMethod.TOTAL_TOKENS: self._total_tokens,
         }[method]
+        if self._choose == self._total_requests and self._read_base is not None:
+            # The commonest case (one API process, total_requests, a small board) gets
+            # ``pick`` as one function: on these machines each Python call layer costs
+            # ~0.1 us of a 2 us budget. Same contract and result as ``pick``.
+            self.pick = self._pick_total_requests_one_dispatcher
 
     def pick(self, num_tokens: int, routed_dp_rank: int | None = None,
              bootstrap_room: int | None = None) -> int:
@@ -107,15 +122,29 @@ class Dispatcher:
         """
         if num_tokens < 0:
             raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
-        if self._with_tokens or self._numpy:
-            eff_reqs, eff_tokens, alive = self._read(self.stale_ns)
+        if routed_dp_rank is None:
+            rank = self._choose(bootstrap_room)
         else:
-            eff_reqs, alive = self._read_requests(self.stale_ns, self._own_reqs)
-            eff_tokens = None
-        if routed_dp_rank is not None:
-            rank = routed_rank(routed_dp_rank, alive)
+            rank = routed_rank(routed_dp_rank, self._liveness.check(self.stale_ns))
+        self._writer.bump(rank, num_tokens)
+        return rank
+
+    def _pick_total_requests_one_dispatcher(self, num_tokens: int, routed_dp_rank: int | None = None,
+                                            bootstrap_room: int | None = None) -> int:
+        if routed_dp_rank is not None or num_tokens < 0:
+            return Dispatcher.pick(self, num_tokens, routed_dp_rank, bootstrap_room)
+        eff_reqs = list(map(add, self._read_base(), self._own_reqs))
+        alive = self._liveness.check(self.stale_ns)
+        if alive is self._all_alive:
+            least = min(eff_reqs)  # policy.total_requests inlined (tests check they agree)
+            rotation = self.rotation
+            try:
+                rank = eff_reqs.index(least, rotation.next_start)
+            except ValueError:
+                rank = eff_reqs.index(least)
+            rotation.next_start = rank + 1
         else:
-            rank = self._choose(eff_reqs, eff_tokens, alive, bootstrap_room)
+            rank = total_requests(eff_reqs, alive, self.rotation)
         self._writer.bump(rank, num_tokens)
         return rank
 
@@ -124,20 +153,42 @@ class Dispatcher:
         rank would stay over-counted by one request for good."""
         self._writer.unbump(rank, num_tokens)
 
-    # ---- one adapter per method: same signature, so ``pick`` has no branching ----------
-    def _round_robin(self, eff_reqs, eff_tokens, alive, bootstrap_room) -> int:
-        return round_robin(alive, self.rotation)
+    # ---- one chooser per method: each reads what its method needs ----------------------
+    def _round_robin(self, bootstrap_room) -> int:
+        return round_robin(self._liveness.check(self.stale_ns), self.rotation)
 
-    def _follow_bootstrap_room(self, eff_reqs, eff_tokens, alive, bootstrap_room) -> int:
-        return follow_bootstrap_room(bootstrap_room, alive)
+    def _follow_bootstrap_room(self, bootstrap_room) -> int:
+        return follow_bootstrap_room(bootstrap_room, self._liveness.check(self.stale_ns))
 
-    def _total_requests(self, eff_reqs, eff_tokens, alive, bootstrap_room) -> int:
+    def _total_requests(self, bootstrap_room) -> int:
+        if self._read_base is not None:
+            eff_reqs = list(map(add, self._read_base(), self._own_reqs))
+            alive = self._liveness.check(self.stale_ns)
+        else:
+            eff_reqs, alive = self.board.read_requests(self.stale_ns)
         return total_requests(eff_reqs, alive, self.rotation)
 
-    def _total_tokens(self, eff_reqs, eff_tokens, alive, bootstrap_room) -> int:
-        return total_tokens(eff_tokens, eff_reqs, alive, self.rotation)
+    def _total_requests_np(self, bootstrap_room) -> int:
+        alive = self._liveness.check(self.stale_ns)
+        eff = self.board.effective_requests_np()
+        if alive is not self._all_alive:
+            return total_requests(eff.tolist(), alive, self.rotation)
+        # The first least-loaded rank at or after next_start, wrapping (as policy's
+        # rotated argmin): argmin gives the first overall; only when that lies before
+        # the start can an equal one after it win.
+        rank = int(eff.argmin())
+        start = self.rotation.next_start
+        if rank < start < len(eff):
+            later = start + int(eff[start:].argmin())
+            if eff[later] == eff[rank]:
+                rank = later
+        self.rotation.next_start = rank + 1
+        return rank
 
-    def _read_np(self, stale_ns: int, now_ns: int | None = None, with_tokens: bool = True):
-        """``read_effective_np`` as plain lists, for the list-based methods."""
-        reqs, tokens, alive = self.board.read_effective_np(stale_ns)
-        return reqs.tolist(), tokens.tolist(), alive.tolist()
+    def _total_tokens(self, bootstrap_room) -> int:
+        if self._numpy:
+            reqs, tokens, alive = self.board.read_effective_np(self.stale_ns)
+            eff_reqs, eff_tokens, alive = reqs.tolist(), tokens.tolist(), alive.tolist()
+        else:
+            eff_reqs, eff_tokens, alive = self.board.read_effective(self.stale_ns)
+        return total_tokens(eff_tokens, eff_reqs, alive, self.rotation)

@@ -7,10 +7,14 @@ One POSIX segment of int64 cells (native little-endian), laid out as::
     | magic | version | num_ranks | num_dispatchers | row_len | disp_off | disp_len| owner_pid |
     +-------+---------+-----------+-----------------+---------+----------+---------+-----------+
     rank rows, rank r at HEADER_LEN + r * row_len (row_len rounded up to 8 cells = 64 B):
-    +-----+----------+----------+----------+----------+----------+---------+--------+
-    | seq | base_reqs| base_toks| num_reqs | num_wait | num_toks | max_tok | max_run|  ...
-    +-----+----------+----------+----------+----------+----------+---------+--------+
-      ... | heartbeat_ns | status | pid | acked_reqs[0..D) | acked_tokens[0..D) | pad |
+    +-----+----------+----------+----------+----------+----------+---------+--------+-----+
+    | seq | base_reqs| base_toks| num_reqs | num_wait | num_toks | max_tok | max_run| pid | ...
+    +-----+----------+----------+----------+----------+----------+---------+--------+-----+
+      ... | acked_reqs[0..D) | acked_tokens[0..D) | pad |
+    liveness block at live_off, column-major (cell r of each column is rank r's):
+    +------------------------+-----+--------------------+-----+
+    | heartbeat_ns[0..N)     | pad | status[0..N)       | pad |
+    +------------------------+-----+--------------------+-----+
     dispatcher blocks, dispatcher d at disp_off + d * disp_len:
     +---------------------------+-----------------------------+-----+
     | dispatched_reqs[0..N)     | dispatched_tokens[0..N)     | pad |
@@ -18,14 +22,16 @@ One POSIX segment of int64 cells (native little-endian), laid out as::
 
 Who writes what (exactly one writer per cell; ``+=`` on shared memory is not atomic):
 - header: the creator, once, before anyone attaches.
-- rank row r: the scheduler of rank r, through its ``RankWriter``. ``seq`` through
-  ``pid`` except ``heartbeat_ns``/``status`` are written under the row's seqlock.
+- rank row r: the scheduler of rank r, through its ``RankWriter``, every cell but
+  ``seq`` under the row's seqlock.
   ``base_reqs = num_reqs - sum(acked_reqs)`` and ``base_toks = num_toks -
   sum(acked_tokens)`` are derived by the writer so that a reader needs two cells,
   not 2 + 2D, to get the rank's load net of what it has already acknowledged.
-- ``heartbeat_ns`` (CLOCK_MONOTONIC, shared by all processes on the node) and
-  ``status``: also rank r's scheduler, as single-cell stores outside the seqlock;
-  the launcher may set ``status`` to DEAD only after that scheduler has exited.
+- ``heartbeat_ns[r]`` (CLOCK_MONOTONIC, shared by all processes on the node, so it
+  only grows, also across a restart of the rank) and ``status[r]``: rank r's
+  scheduler, as single-cell stores outside the seqlock; the launcher may set
+  ``status`` to DEAD only after that scheduler has exited. They live in columns so
+  that "is every rank READY" is one compare of ``8N`` bytes (``shm.board_liveness``).
 - dispatcher block d: dispatcher d, through its ``DispatcherWriter``. The counters
   only grow.
 
@@ -59,21 +65,25 @@ import struct
 from time import monotonic_ns
 from dataclasses import dataclass
 from enum import IntEnum
+from functools import partial
 from operator import add
 
 import numpy as np
 
+from shm.board_liveness import Liveness
 from shm.segment import SharedSegment, ShmLayoutError, segment_name
 
 MAGIC = 0x445053_424F415244  # "DPS" "BOARD"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 HEADER_LEN = 8
 H_MAGIC, H_VERSION, H_NUM_RANKS, H_NUM_DISP, H_ROW_LEN, H_DISP_OFF, H_DISP_LEN, H_OWNER = range(8)
 
 # Rank-row columns.
 SEQ, BASE_REQS, BASE_TOKENS, NUM_REQS, NUM_WAITING, NUM_TOKENS = range(6)
-MAX_TOTAL_TOKENS, MAX_RUNNING, HEARTBEAT, STATUS, PID = range(6, 11)
-ACKED = 11  # acked_reqs[0..D) then acked_tokens[0..D)
+MAX_TOTAL_TOKENS, MAX_RUNNING, PID = range(6, 9)
+ACKED = 9  # acked_reqs[0..D) then acked_tokens[0..D)
+# Liveness-block columns (cell offsets from live_off are column * round8(N) + rank).
+HEARTBEAT_COL, STATUS_COL = 0, 1
 
 STRONG_ORDER_MACHINES = {"x86_64", "amd64", "i386", "i686"}
 
@@ -113,8 +123,22 @@ class BoardLayout:
         return _round8(ACKED + 2 * self.num_dispatchers)
 
     @property
-    def disp_off(self) -> int:
+    def live_off(self) -> int:
         return HEADER_LEN + self.num_ranks * self.row_len
+
+    @property
+    def live_col_len(self) -> int:
+        return _round8(self.num_ranks)
+
+    def heartbeat_cell(self, rank: int) -> int:
+        return self.live_off + HEARTBEAT_COL * self.live_col_len + rank
+
+    def status_cell(self, rank: int) -> int:
+        return self.live_off + STATUS_COL * self.live_col_len + rank
+
+    @property
+    def disp_off(self) -> int:
+        return self.live_off + 2 * self.live_col_len
 
     @property
     def disp_len(self) -> int:
@@ -176,29 +200,30 @@ class LoadBoard:
         self._cells = np.frombuffer(segment.buf, dtype=np.int64, count=layout.num_cells)
         self._mv = memoryview(segment.buf).cast("q")
         n, d = layout.num_ranks, layout.num_dispatchers
-        self._rows = self._cells[HEADER_LEN:layout.disp_off].reshape(n, layout.row_len)
+        self._rows = self._cells[HEADER_LEN:layout.live_off].reshape(n, layout.row_len)
+        live = self._cells[layout.live_off:layout.disp_off].reshape(2, layout.live_col_len)
+        self._heartbeats, self._statuses = live[HEARTBEAT_COL, :n], live[STATUS_COL, :n]
         self._disp = self._cells[layout.disp_off:].reshape(d, layout.disp_len)[:, : 2 * n].reshape(d, 2, n)
-        self._row_starts = [layout.row(r) for r in range(n)]
-        # The hot path's one struct: per row seq, base_reqs, base_toks, heartbeat,
-        # status; then per dispatcher its 2N counters (padding skipped).
+        self._base_reqs_np = self._rows[:, BASE_REQS]
+        self._disp_reqs_np = [self._disp[i, 0] for i in range(d)]
+        # The seqlocked read's one struct: per row seq, base_reqs, base_toks; the
+        # liveness block skipped; then per dispatcher its 2N counters (padding skipped).
         row_len = layout.row_len
-        row_fmt = "qqq" + "x" * 8 * (HEARTBEAT - 3) + "qq" + "x" * 8 * (row_len - STATUS - 1)
+        row_fmt = "qqq" + "x" * 8 * (row_len - 3)
+        live_skip = "x" * 8 * (layout.disp_off - layout.live_off)
         disp_fmt = "q" * (2 * n) + "x" * 8 * (layout.disp_len - 2 * n)
-        self._hot_unpack = struct.Struct("<" + row_fmt * n + disp_fmt * d).unpack_from
+        self._hot_unpack = struct.Struct("<" + row_fmt * n + live_skip + disp_fmt * d).unpack_from
         self._seq_unpack = struct.Struct("<" + ("q" + "x" * 8 * (row_len - 1)) * n).unpack_from
         self._hot_off = HEADER_LEN * 8
-        self._n5 = 5 * n
-        # The request-only path reads three single cells per row, no seq: base_reqs,
-        # heartbeat, status; the dispatcher blocks come from their own unpack.
-        req_fmt = "x" * 8 * BASE_REQS + "q" + "x" * 8 * (HEARTBEAT - BASE_REQS - 1) + "qq"
-        req_fmt += "x" * 8 * (row_len - STATUS - 1)
-        self._req_unpack = struct.Struct("<" + req_fmt * n).unpack_from
         self._n3 = 3 * n
+        # The request-only read: one cell per row (base_reqs), no seq.
+        req_fmt = "x" * 8 * BASE_REQS + "q" + "x" * 8 * (row_len - BASE_REQS - 1)
+        self._req_unpack = struct.Struct("<" + req_fmt * n).unpack_from
         self._disp_unpack = struct.Struct("<" + disp_fmt * d).unpack_from
         self._disp_off_bytes = layout.disp_off * 8
         self._buf = segment.buf
-        self._all_ready = (int(RankStatus.READY),) * n
-        self._all_alive = (True,) * n
+        # Each reader's (process's) cached liveness answer; see shm.board_liveness.
+        self.liveness = Liveness(segment.buf, n, layout.heartbeat_cell(0), layout.status_cell(0), _READY)
 
     # ---- lifetime -------------------------------------------------------------------
     @classmethod
@@ -234,7 +259,8 @@ class LoadBoard:
     def close(self) -> None:
         """Drop every view, then unmap (and unlink if this process created it)."""
         self._mv.release()
-        del self._cells, self._rows, self._disp
+        del self._cells, self._rows, self._disp, self._heartbeats, self._statuses
+        del self._base_reqs_np, self._disp_reqs_np
         self.segment.__exit__(None, None, None) if self.segment.is_owner else self.segment.close()
 
     def __enter__(self) -> "LoadBoard":
@@ -278,8 +304,8 @@ class LoadBoard:
         return BoardSnapshot(
             num_reqs=rows[:, NUM_REQS], num_waiting_reqs=rows[:, NUM_WAITING],
             num_tokens=rows[:, NUM_TOKENS], max_total_num_tokens=rows[:, MAX_TOTAL_TOKENS],
-            max_running_requests=rows[:, MAX_RUNNING], heartbeat_ns=rows[:, HEARTBEAT],
-            status=rows[:, STATUS], pid=rows[:, PID],
+            max_running_requests=rows[:, MAX_RUNNING], heartbeat_ns=self._heartbeats.copy(),
+            status=self._statuses.copy(), pid=rows[:, PID],
             acked_reqs=rows[:, ACKED:ACKED + d], acked_tokens=rows[:, ACKED + d:ACKED + 2 * d],
             dispatched_reqs=disp[:, 0, :], dispatched_tokens=disp[:, 1, :],
         )
@@ -295,23 +321,21 @@ class LoadBoard:
         ``with_tokens=False`` skips the token sums (``eff_tokens`` is then None) for
         methods that balance by requests only.
 
-        ``alive[r]`` is False when rank r's status is not READY or its heartbeat is
-        older than ``stale_ns``. When every rank is alive, ``alive`` is one shared
-        tuple of True: callers must not mutate it.
+        ``alive`` comes from ``self.liveness`` (see ``shm.board_liveness``); when every
+        rank is alive it is one shared tuple of True: callers must not mutate it.
 
-        One ``struct.unpack_from`` pulls every row's seq, base cells, heartbeat and
-        status and then every dispatched counter, in address order: rows before the
-        dispatcher blocks, so acks are read before dispatches (see the module
-        docstring). A second unpack re-reads the seqs. Why struct and not numpy: one
-        C call for everything, where each numpy call costs about 1 us on these
-        machines; ``bench.board`` measures the result.
+        One ``struct.unpack_from`` pulls every row's seq and base cells and then every
+        dispatched counter, in address order: rows before the dispatcher blocks, so
+        acks are read before dispatches (see the module docstring). A second unpack
+        re-reads the seqs. Why struct and not numpy: one C call for everything, where
+        each numpy call costs about 1 us on these machines; ``bench.board`` measures it.
         """
         buf = self._buf
-        unpack, unpack_seqs, off, n5 = self._hot_unpack, self._seq_unpack, self._hot_off, self._n5
+        unpack, unpack_seqs, off, n3 = self._hot_unpack, self._seq_unpack, self._hot_off, self._n3
         tries = 0
         while True:
             cells = unpack(buf, off)
-            seqs = cells[0:n5:5]
+            seqs = cells[0:n3:3]
             if min(seqs) >= 0 and seqs == unpack_seqs(buf, off):
                 break
             tries += 1
@@ -321,24 +345,16 @@ class LoadBoard:
                 sched_yield()
         n = self.num_ranks
         if self.num_dispatchers == 1:
-            reqs = list(map(add, cells[1:n5:5], cells[n5:n5 + n]))
-            toks = list(map(add, cells[2:n5:5], cells[n5 + n:n5 + 2 * n])) if with_tokens else None
+            reqs = list(map(add, cells[1:n3:3], cells[n3:n3 + n]))
+            toks = list(map(add, cells[2:n3:3], cells[n3 + n:n3 + 2 * n])) if with_tokens else None
         else:
             # A chain of lazy map(add), one link per dispatcher, sums at C speed.
-            reqs, toks = cells[1:n5:5], cells[2:n5:5]
-            for o in range(n5, len(cells), 2 * n):
+            reqs, toks = cells[1:n3:3], cells[2:n3:3]
+            for o in range(n3, len(cells), 2 * n):
                 reqs = map(add, reqs, cells[o:o + n])
                 toks = map(add, toks, cells[o + n:o + 2 * n])
             reqs, toks = list(reqs), (list(toks) if with_tokens else None)
-        if now_ns is None:
-            now_ns = monotonic_ns()
-        heartbeats = cells[3:n5:5]
-        statuses = cells[4:n5:5]
-        if statuses == self._all_ready and min(heartbeats) >= now_ns - stale_ns:
-            return reqs, toks, self._all_alive
-        oldest = now_ns - stale_ns
-        alive = tuple([st == _READY and hb >= oldest for st, hb in zip(statuses, heartbeats)])
-        return reqs, toks, alive
+        return reqs, toks, self.liveness.check(stale_ns, now_ns)
 
     def read_requests(self, stale_ns: int, own_counts: list[int] | None = None):
         """Hot path of the request-count methods: (eff_reqs, alive), no seqlock.
@@ -351,30 +367,40 @@ class LoadBoard:
         dispatcher's own ``dispatched_reqs`` (it is their only writer, so its copy is
         exact and saves reading them back).
         """
-        n, n3 = self.num_ranks, self._n3
-        cells = self._req_unpack(self._buf, self._hot_off)
+        base = self._req_unpack(self._buf, self._hot_off)
         if own_counts is not None and self.num_dispatchers == 1:
-            reqs = list(map(add, cells[0:n3:3], own_counts))
+            reqs = list(map(add, base, own_counts))
         else:
             disp = self._disp_unpack(self._buf, self._disp_off_bytes)  # after the rows
-            reqs = cells[0:n3:3]
+            n = self.num_ranks
+            reqs = base
             for o in range(0, len(disp), 2 * n):
                 reqs = map(add, reqs, disp[o:o + n])
             reqs = list(reqs)
-        heartbeats = cells[1:n3:3]
-        statuses = cells[2:n3:3]
-        oldest = monotonic_ns() - stale_ns
-        if statuses == self._all_ready and min(heartbeats) >= oldest:
-            return reqs, self._all_alive
-        return reqs, tuple([st == _READY and hb >= oldest for st, hb in zip(statuses, heartbeats)])
+        return reqs, self.liveness.check(stale_ns)
+
+    def base_requests_reader(self):
+        """A no-argument callable returning every rank's ``base_reqs`` cell (a tuple):
+        the one read a single dispatcher's ``total_requests`` needs besides liveness,
+        since it knows its own ``dispatched_reqs`` (see ``read_requests``)."""
+        return partial(self._req_unpack, self._buf, self._hot_off)
+
+    def effective_requests_np(self) -> np.ndarray:
+        """Effective requests per rank as one numpy array (a new one), no seqlock and no
+        liveness: ``read_requests``'s reasoning, for boards where numpy is faster."""
+        disp = self._disp_reqs_np
+        if len(disp) == 1:
+            return self._base_reqs_np + disp[0]
+        eff = self._base_reqs_np.copy()  # the rows first: acks before dispatches
+        for counts in disp:
+            eff += counts
+        return eff
 
     def read_effective_np(self, stale_ns: int, now_ns: int | None = None):
         """Vectorised ``read_effective`` for large boards: three numpy arrays."""
         rows = self._rows
-        if now_ns is None:
-            now_ns = monotonic_ns()
         while True:
-            snap = rows[:, :PID].copy()
+            snap = rows[:, :BASE_TOKENS + 1].copy()
             seq_after = rows[:, SEQ]
             seq = snap[:, SEQ]
             # Committed seqs only grow, so when neither read saw a row mid-write
@@ -383,5 +409,5 @@ class LoadBoard:
                 break
         disp = self._disp.sum(axis=0) if self.num_dispatchers > 1 else self._disp[0]
         eff = snap[:, BASE_REQS:BASE_TOKENS + 1].T + disp
-        alive = (snap[:, STATUS] == RankStatus.READY) & (snap[:, HEARTBEAT] >= now_ns - stale_ns)
+        alive = np.array(self.liveness.check(stale_ns, now_ns), dtype=bool)
         return eff[0], eff[1], alive

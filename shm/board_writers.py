@@ -11,8 +11,8 @@ import os
 import time
 from typing import TYPE_CHECKING, Sequence
 
-from shm.board import (ACKED, BASE_REQS, BASE_TOKENS, HEARTBEAT, MAX_RUNNING, MAX_TOTAL_TOKENS,
-                       NUM_REQS, NUM_TOKENS, NUM_WAITING, PID, SEQ, STATUS, RankStatus)
+from shm.board import (ACKED, BASE_REQS, BASE_TOKENS, MAX_RUNNING, MAX_TOTAL_TOKENS, NUM_REQS,
+                       NUM_TOKENS, NUM_WAITING, PID, SEQ, RankStatus)
 
 if TYPE_CHECKING:
     from shm.board import LoadBoard
@@ -25,6 +25,8 @@ class RankWriter:
         self.board = board
         self.rank = rank
         self._base = board.layout.row(rank)
+        self._heartbeat = board.layout.heartbeat_cell(rank)
+        self._status = board.layout.status_cell(rank)
         seq = board._mv[self._base + SEQ]  # a restarted writer continues the sequence
         # Negative: the previous writer died mid-publish of -(s+1); continue at s+2.
         self._seq = -seq + 1 if seq < 0 else seq
@@ -72,10 +74,17 @@ class RankWriter:
         self._seq = seq + 2
 
     def heartbeat(self, now_ns: int | None = None) -> None:
-        self.board._mv[self._base + HEARTBEAT] = time.monotonic_ns() if now_ns is None else now_ns
+        """Store CLOCK_MONOTONIC (or ``now_ns``). Readers rely on the cell only growing
+        (``shm.board_liveness``): a ``now_ns`` older than the last one is refused."""
+        mv, cell = self.board._mv, self._heartbeat
+        if now_ns is None:
+            now_ns = time.monotonic_ns()
+        elif now_ns < mv[cell]:
+            raise ValueError(f"heartbeat {now_ns} is older than the last one ({mv[cell]})")
+        mv[cell] = now_ns
 
     def set_status(self, status: RankStatus) -> None:
-        self.board._mv[self._base + STATUS] = int(status)
+        self.board._mv[self._status] = int(status)
 
 
 class DispatcherWriter:
@@ -88,7 +97,7 @@ class DispatcherWriter:
         self._off = layout.disp_off + dispatcher * layout.disp_len
         n = board.num_ranks
         self._n = n
-        mv = board._mv
+        mv = self._mv = board._mv  # released by board.close(): later use raises
         # A restarted dispatcher continues from the counters it left: the schedulers'
         # acked counts for it keep growing from there.
         self.dispatched_reqs = [mv[self._off + r] for r in range(n)]
@@ -96,13 +105,12 @@ class DispatcherWriter:
 
     def bump(self, rank: int, num_tokens: int) -> None:
         """Count one request of ``num_tokens`` tokens as sent to ``rank``. Call before sending."""
-        reqs = self.dispatched_reqs[rank] + 1
-        toks = self.dispatched_tokens[rank] + num_tokens
-        self.dispatched_reqs[rank] = reqs
-        self.dispatched_tokens[rank] = toks
-        mv = self.board._mv
-        mv[self._off + self._n + rank] = toks
-        mv[self._off + rank] = reqs
+        reqs, toks = self.dispatched_reqs, self.dispatched_tokens
+        reqs[rank] += 1
+        toks[rank] += num_tokens
+        mv, off = self._mv, self._off + rank
+        mv[off + self._n] = toks[rank]
+        mv[off] = reqs[rank]
 
     def unbump(self, rank: int, num_tokens: int) -> None:
         """Take back a ``bump`` whose request was never delivered (the send failed).

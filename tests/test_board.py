@@ -134,9 +134,8 @@ def test_dead_or_stale_ranks_are_not_alive():
         for r in range(4):
             w = board.rank_writer(r)
             w.set_status(RankStatus.READY)
-            w.heartbeat(now)
+            w.heartbeat(now - 5_000_000_000 if r == 2 else now)  # rank 2 went silent 5 s ago
         board.rank_writer(1).set_status(RankStatus.DEAD)
-        board.rank_writer(2).heartbeat(now - 5_000_000_000)
         board.rank_writer(3).set_status(RankStatus.DRAINING)
         _, _, alive = board.read_effective(stale_ns=1_000_000_000, now_ns=now)
         assert list(alive) == [True, False, False, False]

@@ -27,7 +27,8 @@ from hypothesis import strategies as st
 
 from scheduler.dispatcher import (Dispatcher, InvalidDpRankError, MissingBootstrapRoomError,
                                   NoLiveRankError, RankUnavailableError)
-from scheduler.policy import InvalidLoadBalanceMethod, LoadBalanceMethod
+from scheduler.policy import (InvalidLoadBalanceMethod, LoadBalanceMethod,
+                              RotationState, total_requests, total_tokens)
 from shm.board import LoadBoard, RankStatus
 from shm.segment import SHM_DIR, new_launch_id
 
@@ -202,6 +203,60 @@ def test_total_requests_always_picks_min_effective(new_board, n, num_d, data, eq
                 assert max(reqs) - min(reqs) <= 1
 
 
+# ---- the fast paths are the policy functions ----------------------------------------------
+@PROPS
+@given(n=st.integers(1, 12), num_d=st.integers(1, 3), data=st.data(),
+       method=st.sampled_from(["total_requests", "total_tokens"]))
+def test_both_read_paths_pick_what_the_policy_picks(new_board, n, num_d, method, data):
+    """Dispatcher.pick reads the board through lists or numpy and inlines the common
+    case of total_requests; on the same boards and the same picks, both paths choose
+    exactly what scheduler.policy chooses from the snapshot's effective loads and the
+    dispatcher's rotation, with and without dead ranks (NoLiveRankError when none lives)."""
+    base = data.draw(st.lists(st.integers(0, 6), min_size=n, max_size=n))
+    dead = data.draw(st.sets(st.integers(0, n - 1)))
+    ops = data.draw(st.lists(st.one_of(
+        st.tuples(st.just("disp"), st.integers(0, num_d - 1), st.integers(0, 300)),
+        st.tuples(st.just("ack"), st.integers(0, n - 1), st.integers(1, 4)),
+        st.tuples(st.just("revive"), st.integers(0, n - 1), st.just(0))), max_size=40))
+    policy_fn = {"total_requests": lambda e, a, rot: total_requests(e[0], a, rot),
+                 "total_tokens": lambda e, a, rot: total_tokens(e[1], e[0], a, rot)}[method]
+    with new_board(n, num_d) as board_l, new_board(n, num_d) as board_n:
+        sides = []
+        for board, path in ((board_l, "lists"), (board_n, "numpy")):
+            ranks = [SimRank(board, r, base_reqs=base[r], base_tokens=5 * base[r]) for r in range(n)]
+            for r in dead:
+                ranks[r].writer.set_status(RankStatus.DEAD)
+            disps = [Dispatcher(board, d, method, read_path=path) for d in range(num_d)]
+            sides.append((board, ranks, disps))
+        for op in ops:
+            picks = []
+            for board, ranks, disps in sides:
+                if op[0] == "ack":
+                    ranks[op[1]].receive(op[2])
+                    ranks[op[1]].publish()
+                    continue
+                if op[0] == "revive":
+                    ranks[op[1]].writer.set_status(RankStatus.READY)
+                    continue
+                disp = disps[op[1]]
+                snap = board.snapshot()
+                eff = (snap.effective_reqs.tolist(), snap.effective_tokens.tolist())
+                alive = tuple(int(s) == RankStatus.READY for s in snap.status)
+                expected_rotation = RotationState(disp.rotation.next_start)
+                try:
+                    expected = policy_fn(eff, alive, expected_rotation)
+                except NoLiveRankError:
+                    with pytest.raises(NoLiveRankError):
+                        disp.pick(op[2])
+                    picks.append(None)
+                    continue
+                rank = dispatch(disp, ranks, op[2])
+                assert rank == expected
+                assert disp.rotation.next_start == expected_rotation.next_start
+                picks.append(rank)
+            assert len(set(picks)) <= 1, picks  # lists and numpy agree
+
+
 # ---- invariant 2 -----------------------------------------------------------------------
 @PROPS
 @given(num_d=st.integers(1, 3), data=st.data())
@@ -256,7 +311,9 @@ def test_dead_and_stale_ranks_are_never_picked(new_board, method):
         disp = Dispatcher(board, 0, method, stale_ns=stale_ns)
         ranks[1].writer.set_status(RankStatus.DEAD)
         ranks[2].writer.set_status(RankStatus.DRAINING)
-        ranks[3].writer.heartbeat(time.monotonic_ns() - 2 * stale_ns)
+        # Rank 3's scheduler hung 2 * stale_ns ago. Written raw: the writer itself
+        # refuses to move a heartbeat back in time (readers rely on it only growing).
+        board._mv[board.layout.heartbeat_cell(3)] = time.monotonic_ns() - 2 * stale_ns
         assert {disp.pick(10) for _ in range(12)} == {0}
         ranks[1].writer.set_status(RankStatus.READY)
         ranks[3].writer.heartbeat()
