@@ -249,7 +249,7 @@ class BootstrapTable:
             base0 = self._region_bases[0]
 
             def lookup(room: int) -> BootstrapEntry | None:
-                home = (((room ^ (room >> 32)) * 0x9E3779B97F4A7C15 & MASK64) * num_slots) >> 64
+                home = ((room * 0x9E3779B97F4A7C15 & MASK64) * num_slots) >> 64
                 slot = home
                 while True:
                     off = base0 + slot * ENTRY_LEN
@@ -273,7 +273,7 @@ class BootstrapTable:
         bases = self._region_bases
 
         def lookup_regions(room: int) -> BootstrapEntry | None:
-            home = (((room ^ (room >> 32)) * 0x9E3779B97F4A7C15 & MASK64) * num_slots) >> 64
+            home = ((room * 0x9E3779B97F4A7C15 & MASK64) * num_slots) >> 64
             for base in bases:
                 entry = probe(room, home, base)
                 if entry is not None:
@@ -284,7 +284,7 @@ class BootstrapTable:
     def lookup_in(self, region: int, room: int) -> BootstrapEntry | None:
         """``lookup`` restricted to one region: for a reader that knows which writer
         holds the room (PD decode told the prefill rank, whose region it is)."""
-        home = (((room ^ (room >> 32)) * 0x9E3779B97F4A7C15 & MASK64) * self.slots_per_region) >> 64
+        home = ((room * 0x9E3779B97F4A7C15 & MASK64) * self.slots_per_region) >> 64
         return self._probe(room, home, self._region_bases[region])
 
     def region_writer_pid(self, region: int) -> int:

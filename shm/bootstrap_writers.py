@@ -115,7 +115,7 @@ class RegionWriter:
         if not 0 <= room <= MAX_ROOM:
             raise ValueError(f"bootstrap_room must be in [0, 2**64), got {room}")
         # == home_slot(room, num_slots), inlined: this is the dispatcher's hot path.
-        slot = (((room ^ (room >> 32)) * 0x9E3779B97F4A7C15 & MASK64) * num_slots) >> 64
+        slot = ((room * 0x9E3779B97F4A7C15 & MASK64) * num_slots) >> 64
         gens = self._gen
         while gens[slot]:  # the chain's first free slot (EMPTY or TOMBSTONE)
             slot = slot + 1 if slot + 1 < num_slots else 0
