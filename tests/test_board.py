@@ -143,6 +143,36 @@ def test_dead_or_stale_ranks_are_not_alive():
         assert alive_np.tolist() == [True, False, False, False]
 
 
+def test_cached_liveness_is_exact():
+    """The liveness cache (shm.board_liveness) answers as a full check would: a status
+    change shows at once, a heartbeat that stops shows once it is stale_ns old, a stale
+    rank comes back with its next heartbeat; a heartbeat never moves back in time."""
+    stale = 1_000_000_000
+    with LoadBoard.create(3, 1, launch_id=new_launch_id()) as board:
+        t0 = time.monotonic_ns()
+        writers = [board.rank_writer(r) for r in range(3)]
+        for w in writers:
+            w.set_status(RankStatus.READY)
+            w.heartbeat(t0)
+        live = board.liveness
+        assert live.check(stale, t0) is live.all_alive
+        assert live.check(stale, t0 + stale) is live.all_alive  # cached, still exact
+        writers[1].set_status(RankStatus.DRAINING)
+        assert live.check(stale, t0 + stale) == (True, False, True)
+        writers[1].set_status(RankStatus.READY)
+        writers[0].heartbeat(t0 + stale)
+        writers[1].heartbeat(t0 + stale)
+        # rank 2 stopped at t0: stale once now - stale_ns passes it, not before
+        assert live.check(stale, t0 + stale) is live.all_alive
+        assert live.check(stale, t0 + stale + 1) == (True, True, False)
+        assert live.check(stale, t0 + stale + 2) == (True, True, False)  # not cached
+        writers[2].heartbeat(t0 + stale + 2)
+        assert live.check(stale, t0 + stale + 3) is live.all_alive
+        with pytest.raises(ValueError, match="older than the last one"):
+            writers[0].heartbeat(t0)
+        del writers
+
+
 # ---- torn reads across processes ---------------------------------------------------------
 
 def _hammer(name: str, stop, started) -> None:
