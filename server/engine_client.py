@@ -74,6 +74,7 @@ class EngineClient:
         self._pipes: dict[int, RequestPipe] = {}
         self.num_dispatched = 0
         self.dispatch_time_s = 0.0
+        self.dispatch_cpu_ns = 0
 
     @classmethod
     def from_processes(cls, args: ServerArgs, processes: EngineProcesses, **pd) -> "EngineClient":
@@ -115,19 +116,23 @@ class EngineClient:
         """Dispatch one checked request. Raises ``BadRequest`` or ``ServiceUnavailable``.
 
         Times itself (``dispatch_stats``): the front door's share of a request, checks +
-        pick + encode + pipe send, without parsing, tokenizing or the model."""
-        began = time.perf_counter()
+        pick + encode + pipe send, without parsing, tokenizing or the model. Both wall
+        time and this thread's CPU time: the pipe write wakes the rank, which on a
+        machine with few cores may take the CPU from this thread mid-call."""
+        began, began_cpu = time.perf_counter(), time.thread_time_ns()
         handle = self._submit(rid, input_ids, params, return_logprob=return_logprob,
                               top_logprobs_num=top_logprobs_num, routed_dp_rank=routed_dp_rank,
                               bootstrap_room=bootstrap_room,
                               disagg_prefill_dp_rank=disagg_prefill_dp_rank)
         self.dispatch_time_s += time.perf_counter() - began
+        self.dispatch_cpu_ns += time.thread_time_ns() - began_cpu
         self.num_dispatched += 1
         return handle
 
     def dispatch_stats(self) -> dict:
         n = self.num_dispatched
-        return {"num_requests": n, "mean_us": 1e6 * self.dispatch_time_s / n if n else None}
+        return {"num_requests": n, "mean_us": 1e6 * self.dispatch_time_s / n if n else None,
+                "mean_cpu_us": self.dispatch_cpu_ns / n / 1000 if n else None}
 
     def _submit(self, rid: str, input_ids: list[int], params: SamplingParams, *,
                 return_logprob: bool, top_logprobs_num: int, routed_dp_rank: int | None,

@@ -1,0 +1,114 @@
+"""``python -m bench.scale``: the front door's cost per request, from 4 to 64 ranks.
+
+    python -m bench.scale --ranks 4 8 16 32 64 --json out/scale.json
+
+For each rank count and method: one ``engine.serve --executor sim --sim-profile
+instant`` server (every forward pass is free, so nothing but the serving path costs
+time), a warm-up, then one ``bench.serving`` run of ``--num-prompts`` random prompts
+at ``--max-concurrency``. Reported per run:
+
+- ``dispatch_cpu_us`` / ``dispatch_us``: the server's own timing of its front door per
+  request (``EngineClient.submit``: checks, ``Dispatcher.pick``, encode, pipe send;
+  read from ``/server_info``), which is the part that can grow with the rank count, as
+  the API thread's CPU time and as wall time (which also counts the moments the woken
+  rank or another process held the CPU);
+- ``mean_ttft_ms`` / ``mean_e2e_ms`` at the client: the whole path with a free model,
+  which on this 2-core machine also carries N scheduler processes sharing the CPU.
+
+The headline is ``dispatch_ratio_<max>_vs_<min>_<method>`` (CPU time): the target is
+that it stays within 2x; ``wall_dispatch_ratio_...`` is the same for wall time. Every figure is simulated (no model runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+
+from tqdm import tqdm
+
+from bench.compare import dispatch_stats
+from bench.compare_server import ServerProcess
+from bench.serving import BenchConfig, run_benchmark
+
+METHODS = ("total_requests", "total_tokens")
+
+
+def run_one(ranks: int, method: str, args) -> dict:
+    flags = ["--executor", "sim", "--sim-profile", "instant", "--log-level", "warning",
+             "--dp-size", str(ranks), "--load-balance-method", method]
+    log = os.path.join(args.out, "logs", f"scale_{ranks}_{method}.log")
+    with ServerProcess(flags, log) as server:
+        cfg = BenchConfig(base_url=server.url, random_input_len=args.input_len,
+                          random_output_len=args.output_len, random_range_ratio=0.5,
+                          num_prompts=args.num_prompts, request_rate=float("inf"),
+                          max_concurrency=args.max_concurrency, seed=args.seed,
+                          disable_tqdm=True)
+        figures = asyncio.run(run_benchmark(cfg))
+        dispatch = dispatch_stats(server.url) or {}
+    return {"ranks": ranks, "method": method, "dispatch_us": dispatch.get("mean_us"),
+            "dispatch_cpu_us": dispatch.get("mean_cpu_us"),
+            "dispatched": dispatch.get("num_requests"), "completed": figures.get("completed"),
+            "failed": figures.get("failed"), "mean_ttft_ms": figures.get("mean_ttft_ms"),
+            "mean_e2e_ms": figures.get("mean_e2e_latency_ms"),
+            "request_throughput": figures.get("request_throughput"),
+            "requests_per_dp_rank": figures.get("requests_per_dp_rank")}
+
+
+def summarize(rows: list[dict], ranks: list[int]) -> dict:
+    lo, hi = min(ranks), max(ranks)
+    out = {"simulated": True, "rows": rows}
+    for method in {r["method"] for r in rows}:
+        by_n = {r["ranks"]: r for r in rows if r["method"] == method}
+        for key, name in (("dispatch_cpu_us", "dispatch_ratio"), ("dispatch_us", "wall_dispatch_ratio")):
+            if by_n.get(lo, {}).get(key) and by_n.get(hi, {}).get(key):
+                out[f"{name}_{hi}_vs_{lo}_{method}"] = by_n[hi][key] / by_n[lo][key]
+    return out
+
+
+def print_table(summary: dict) -> None:
+    print("simulated (sim executor, instant profile): front door cost per request")
+    print(f"{'method':<16}{'ranks':>6}{'cpu us':>8}{'wall us':>9}{'TTFT ms':>10}{'E2E ms':>9}"
+          f"{'req/s':>8}{'failed':>8}")
+    for r in summary["rows"]:
+        print(f"{r['method']:<16}{r['ranks']:>6}{r['dispatch_cpu_us'] or float('nan'):>8.1f}"
+              f"{r['dispatch_us'] or float('nan'):>9.1f}"
+              f"{r['mean_ttft_ms'] or float('nan'):>10.2f}{r['mean_e2e_ms'] or float('nan'):>9.2f}"
+              f"{r['request_throughput'] or float('nan'):>8.1f}{r['failed'] or 0:>8}")
+    for key, value in summary.items():
+        if "dispatch_ratio" in key:
+            print(f"{key}: {value:.2f} (target <= 2)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.splitlines()[0])
+    p.add_argument("--ranks", nargs="+", type=int, default=[4, 8, 16, 32, 64])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--num-prompts", type=int, default=400)
+    p.add_argument("--max-concurrency", type=int, default=16)
+    p.add_argument("--input-len", type=int, default=256)
+    p.add_argument("--output-len", type=int, default=4)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--out", default="out/scale")
+    p.add_argument("--json", default=None, help="write every figure here (default: OUT/scale.json)")
+    args = p.parse_args(argv)
+    os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
+    rows = []
+    with tqdm(total=len(args.ranks) * len(args.methods), desc="bench.scale") as bar:
+        for ranks in args.ranks:
+            for method in args.methods:
+                bar.set_postfix_str(f"{method} x{ranks}")
+                rows.append(run_one(ranks, method, args))
+                bar.update(1)
+    summary = summarize(rows, args.ranks)
+    print_table(summary)
+    path = args.json or os.path.join(args.out, "scale.json")
+    with open(path, "w") as f:
+        json.dump(summary, f, indent=2)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

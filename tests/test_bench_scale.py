@@ -1,0 +1,26 @@
+"""bench.scale end to end on the zero-cost simulated profile: a server per rank count
+starts and stops, every request completes, and the front door's timing comes back."""
+
+from __future__ import annotations
+
+import json
+
+from bench.scale import main
+
+
+def test_scale_reports_front_door_cost_per_rank_count(tmp_path, capsys):
+    out = tmp_path / "scale"
+    assert main(["--ranks", "1", "3", "--methods", "total_requests", "--num-prompts", "12",
+                 "--max-concurrency", "4", "--input-len", "32", "--out", str(out)]) == 0
+    summary = json.loads((out / "scale.json").read_text())
+    assert summary["simulated"] is True
+    rows = summary["rows"]
+    assert [r["ranks"] for r in rows] == [1, 3]
+    for r in rows:
+        assert r["completed"] == 12 and r["failed"] == 0
+        assert r["dispatched"] >= 12  # the run's requests plus the warm-up
+        assert 0 < r["dispatch_cpu_us"] <= r["dispatch_us"] * 1.5
+        assert sum(r["requests_per_dp_rank"].values()) >= 12
+    ratio = summary["dispatch_ratio_3_vs_1_total_requests"]
+    assert ratio == rows[1]["dispatch_cpu_us"] / rows[0]["dispatch_cpu_us"]
+    assert "dispatch_ratio_3_vs_1_total_requests" in capsys.readouterr().out
