@@ -35,6 +35,9 @@ __all__ = ["Dispatcher", "DEFAULT_STALE_NS", "use_numpy_read", "InvalidDpRankErr
 # pass (a long CPU prefill takes seconds), or a busy rank would look dead.
 DEFAULT_STALE_NS = 10_000_000_000
 
+# total_tokens on numpy ranks by tokens * this + requests (one argmin).
+_REQS_KEY_SCALE = 1 << 20
+
 # Which read path ``pick`` uses, per board shape: lists from one ``struct`` unpack cost
 # per rank (a Python int per cell, a C call per element in ``map(add, ...)``), numpy
 # costs a flat ~0.3-1 us per call whatever the size. ``python -m bench.board
@@ -45,11 +48,11 @@ DEFAULT_STALE_NS = 10_000_000_000
 # total_requests (single-cell reads), us lists / numpy:
 #   D=1: N=16 2.38 / 2.62, N=24 2.66 / 2.65, N=64 4.55 / 2.79
 #   D=2: N=4 2.97 / 3.38, N=8 3.46 / 3.35, N=64 9.01 / 3.54
-# total_tokens (seqlocked reads):
-#   D=1: N=64 18.7 / 19.7, N=96 26.0 / 23.4;  D=2: N=48 18.6 / 19.3, N=64 23.3 / 21.2
-#   D=4: N=24 16.1 / 16.4, N=32 19.2 / 17.4
+# total_tokens (seqlocked reads), us lists / numpy:
+#   D=1: N=16 7.71 / 8.16, N=24 9.56 / 8.20, N=64 18.7 / 8.9
+#   D=2: N=16 9.75 / 10.2, N=24 12.7 / 10.4;  D=4: N=8 8.92 / 10.2, N=16 13.0 / 10.3
 NUMPY_MIN_RANKS_REQUESTS = (24, 8)
-NUMPY_MIN_RANKS_TOKENS = (96, 64, 48, 32)
+NUMPY_MIN_RANKS_TOKENS = (24, 24, 16)
 
 
 def use_numpy_read(num_ranks: int, num_dispatchers: int, with_tokens: bool = True) -> bool:
@@ -99,7 +102,8 @@ class Dispatcher:
             LoadBalanceMethod.FOLLOW_BOOTSTRAP_ROOM: self._follow_bootstrap_room,
             LoadBalanceMethod.TOTAL_REQUESTS:
                 self._total_requests_np if self._numpy else self._total_requests,
-            LoadBalanceMethod.TOTAL_TOKENS: self._total_tokens,
+            LoadBalanceMethod.TOTAL_TOKENS:
+                self._total_tokens_np if self._numpy else self._total_tokens,
         }[method]
         if self._choose == self._total_requests and self._read_base is not None:
             # The commonest case (one API process, total_requests, a small board) gets
@@ -173,22 +177,30 @@ class Dispatcher:
         eff = self.board.effective_requests_np()
         if alive is not self._all_alive:
             return total_requests(eff.tolist(), alive, self.rotation)
-        # The first least-loaded rank at or after next_start, wrapping (as policy's
-        # rotated argmin): argmin gives the first overall; only when that lies before
-        # the start can an equal one after it win.
-        rank = int(eff.argmin())
+        return self._rotated_argmin_np(eff)
+
+    def _total_tokens(self, bootstrap_room) -> int:
+        eff_reqs, eff_tokens, alive = self.board.read_effective(self.stale_ns)
+        return total_tokens(eff_tokens, eff_reqs, alive, self.rotation)
+
+    def _total_tokens_np(self, bootstrap_room) -> int:
+        alive = self._liveness.check(self.stale_ns)
+        eff_reqs, eff_tokens = self.board.effective_np()
+        if alive is not self._all_alive or eff_reqs[eff_reqs.argmax()] >= _REQS_KEY_SCALE:
+            return total_tokens(eff_tokens.tolist(), eff_reqs.tolist(), alive, self.rotation)
+        # Fewest tokens, then fewest requests, then rotation: policy.total_tokens's
+        # order, as one integer key per rank (requests < 2**20 is checked above).
+        return self._rotated_argmin_np(eff_tokens * _REQS_KEY_SCALE + eff_reqs)
+
+    def _rotated_argmin_np(self, loads) -> int:
+        """The first least ``loads`` at or after ``next_start``, wrapping (policy's
+        ``_rotated_argmin``): argmin gives the first overall; only when that lies
+        before the start can an equal one after it win."""
+        rank = int(loads.argmin())
         start = self.rotation.next_start
-        if rank < start < len(eff):
-            later = start + int(eff[start:].argmin())
-            if eff[later] == eff[rank]:
+        if rank < start < len(loads):
+            later = start + int(loads[start:].argmin())
+            if loads[later] == loads[rank]:
                 rank = later
         self.rotation.next_start = rank + 1
         return rank
-
-    def _total_tokens(self, bootstrap_room) -> int:
-        if self._numpy:
-            reqs, tokens, alive = self.board.read_effective_np(self.stale_ns)
-            eff_reqs, eff_tokens, alive = reqs.tolist(), tokens.tolist(), alive.tolist()
-        else:
-            eff_reqs, eff_tokens, alive = self.board.read_effective(self.stale_ns)
-        return total_tokens(eff_tokens, eff_reqs, alive, self.rotation)

@@ -205,6 +205,7 @@ class LoadBoard:
         self._heartbeats, self._statuses = live[HEARTBEAT_COL, :n], live[STATUS_COL, :n]
         self._disp = self._cells[layout.disp_off:].reshape(d, layout.disp_len)[:, : 2 * n].reshape(d, 2, n)
         self._base_reqs_np = self._rows[:, BASE_REQS]
+        self._base_seq_np = self._rows[:, SEQ]
         self._disp_reqs_np = [self._disp[i, 0] for i in range(d)]
         # The seqlocked read's one struct: per row seq, base_reqs, base_toks; the
         # liveness block skipped; then per dispatcher its 2N counters (padding skipped).
@@ -260,7 +261,7 @@ class LoadBoard:
         """Drop every view, then unmap (and unlink if this process created it)."""
         self._mv.release()
         del self._cells, self._rows, self._disp, self._heartbeats, self._statuses
-        del self._base_reqs_np, self._disp_reqs_np
+        del self._base_reqs_np, self._disp_reqs_np, self._base_seq_np
         self.segment.__exit__(None, None, None) if self.segment.is_owner else self.segment.close()
 
     def __enter__(self) -> "LoadBoard":
@@ -396,18 +397,24 @@ class LoadBoard:
             eff += counts
         return eff
 
-    def read_effective_np(self, stale_ns: int, now_ns: int | None = None):
-        """Vectorised ``read_effective`` for large boards: three numpy arrays."""
-        rows = self._rows
+    def effective_np(self) -> tuple[np.ndarray, np.ndarray]:
+        """(eff_reqs, eff_tokens) as numpy arrays, every row read under its seqlock:
+        ``read_effective``'s loads for boards where numpy is the faster read."""
+        rows, seq_col = self._rows, self._base_seq_np
+        tries = 0
         while True:
             snap = rows[:, :BASE_TOKENS + 1].copy()
-            seq_after = rows[:, SEQ]
             seq = snap[:, SEQ]
-            # Committed seqs only grow, so when neither read saw a row mid-write
-            # (negative), equal sums mean every row's seq is unchanged.
-            if seq.min() >= 0 and seq_after.min() >= 0 and seq.sum() == seq_after.sum():
+            # Committed (none negative) and unchanged since (a second read, bytewise).
+            if seq[seq.argmin()] >= 0 and seq.tobytes() == seq_col.tobytes():
                 break
-        disp = self._disp.sum(axis=0) if self.num_dispatchers > 1 else self._disp[0]
-        eff = snap[:, BASE_REQS:BASE_TOKENS + 1].T + disp
-        alive = np.array(self.liveness.check(stale_ns, now_ns), dtype=bool)
-        return eff[0], eff[1], alive
+            tries += 1
+            if tries & 7 == 0:
+                sched_yield()
+        disp = self._disp[0] if self.num_dispatchers == 1 else self._disp.sum(axis=0)  # after the rows
+        return snap[:, BASE_REQS] + disp[0], snap[:, BASE_TOKENS] + disp[1]
+
+    def read_effective_np(self, stale_ns: int, now_ns: int | None = None):
+        """Vectorised ``read_effective``: three numpy arrays."""
+        reqs, tokens = self.effective_np()
+        return reqs, tokens, np.array(self.liveness.check(stale_ns, now_ns), dtype=bool)
