@@ -38,7 +38,7 @@ Who writes what (exactly one writer per cell; ``+=`` on shared memory is not ato
   Decode needs no other cell: everything else it learns, it reads.
 
 Entries are keyed by the 64-bit ``bootstrap_room`` (0 <= room < 2**64, stored as an
-unsigned cell) with linear probing from ``home_slot(room)`` (Fibonacci hashing, see
+unsigned cell) with linear probing from ``home_slot(room)`` (a prime modulus, see
 ``shm.bootstrap_layout``) within a region. ``writer_pid`` in a region header names the
 process holding that region (0: none), so a second writer is refused. Readers
 (decode, any process) probe every region; writers insert only into their own. Free
@@ -70,9 +70,9 @@ from shm.board import check_memory_order
 from shm.bootstrap_layout import (  # noqa: F401  (some only re-exported, see __all__)
     EMPTY, ENTRY_LEN, ENTRY_STRUCT, FAILED, H_ENTRY_LEN, H_MAGIC, H_NUM_DECODE, H_NUM_REGIONS,
     H_SLOTS, H_VERSION, HEADER_LEN, KV_READY, LAYOUT_VERSION, LIVE_STATES, MAGIC, MAX_ROOM,
-    PLACED, R_NEXT_GEN, R_NUM_LIVE, R_WRITER_PID, TOMBSTONE, MASK64, BootstrapEntry,
+    PLACED, R_NEXT_GEN, R_NUM_LIVE, R_WRITER_PID, TOMBSTONE, BootstrapEntry,
     BootstrapLayout, BootstrapTableError, BootstrapTableFullError, BootstrapTimeoutError,
-    DuplicateRoomError, EntryState, home_slot)
+    DuplicateRoomError, EntryState, hash_modulus, home_slot)
 from shm.segment import SharedSegment, ShmLayoutError, pid_alive, segment_name
 
 if TYPE_CHECKING:
@@ -220,6 +220,7 @@ class BootstrapTable:
         # Cell offsets are literals below (off + 1 == E_STATE, off + 2 == E_ROOM) and
         # states too (0 EMPTY, 1-3 live): a global lookup costs as much as a cell read.
         num_slots = self.slots_per_region
+        modulus = hash_modulus(num_slots)
         mv, rooms, buf = self._mv, self._rooms, self._buf
         unpack, entry_cls, read_cells = ENTRY_STRUCT.unpack_from, BootstrapEntry, self._read_cells
 
@@ -249,7 +250,7 @@ class BootstrapTable:
             base0 = self._region_bases[0]
 
             def lookup(room: int) -> BootstrapEntry | None:
-                home = ((room * 0x9E3779B97F4A7C15 & MASK64) * num_slots) >> 64
+                home = room % modulus
                 slot = home
                 while True:
                     off = base0 + slot * ENTRY_LEN
@@ -273,7 +274,7 @@ class BootstrapTable:
         bases = self._region_bases
 
         def lookup_regions(room: int) -> BootstrapEntry | None:
-            home = ((room * 0x9E3779B97F4A7C15 & MASK64) * num_slots) >> 64
+            home = room % modulus
             for base in bases:
                 entry = probe(room, home, base)
                 if entry is not None:
@@ -284,7 +285,7 @@ class BootstrapTable:
     def lookup_in(self, region: int, room: int) -> BootstrapEntry | None:
         """``lookup`` restricted to one region: for a reader that knows which writer
         holds the room (PD decode told the prefill rank, whose region it is)."""
-        home = ((room * 0x9E3779B97F4A7C15 & MASK64) * self.slots_per_region) >> 64
+        home = room % hash_modulus(self.slots_per_region)
         return self._probe(room, home, self._region_bases[region])
 
     def region_writer_pid(self, region: int) -> int:

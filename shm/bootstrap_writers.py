@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING
 
 from shm.bootstrap_layout import (
     E_DEADLINE, E_DECODE_RANK, E_FIRST_TOKEN, E_GEN, E_KV_LEN, E_KV_LOCATION, E_ROOM, E_STATE,
-    EMPTY, ENTRY_LEN, FIELDS_STRUCT, KV_READY, LIVE_STATES, MASK64, MAX_ROOM, PLACED, R_NEXT_GEN,
+    EMPTY, ENTRY_LEN, FIELDS_STRUCT, KV_READY, LIVE_STATES, MAX_ROOM, PLACED, R_NEXT_GEN,
     R_NUM_LIVE, R_NUM_TOMBSTONES, R_WRITER_PID, TOMBSTONE, BootstrapEntry, BootstrapTableError,
-    BootstrapTableFullError, DuplicateRoomError)
+    BootstrapTableFullError, DuplicateRoomError, hash_modulus)
 
 if TYPE_CHECKING:
     from shm.bootstrap import BootstrapTable
@@ -56,6 +56,7 @@ class RegionWriter:
         self.region = region
         layout = table.layout
         self.num_slots = layout.slots_per_region
+        self._modulus = hash_modulus(layout.slots_per_region)
         self._hdr = layout.region_hdr(region)
         self._base = layout.entry(region, 0)
         self._num_decode = layout.num_decode_ranks
@@ -114,8 +115,7 @@ class RegionWriter:
             raise ValueError(f"insert state must be PLACED, KV_READY or FAILED, got {state}")
         if not 0 <= room <= MAX_ROOM:
             raise ValueError(f"bootstrap_room must be in [0, 2**64), got {room}")
-        # == home_slot(room, num_slots), inlined: this is the dispatcher's hot path.
-        slot = ((room * 0x9E3779B97F4A7C15 & MASK64) * num_slots) >> 64
+        slot = room % self._modulus  # == home_slot(room, num_slots), inlined: a hot path
         gens = self._gen
         while gens[slot]:  # the chain's first free slot (EMPTY or TOMBSTONE)
             slot = slot + 1 if slot + 1 < num_slots else 0
