@@ -88,6 +88,7 @@ class Dispatcher:
         self._liveness = board.liveness
         self._all_alive = board.liveness.all_alive
         self._own_reqs = self._writer.dispatched_reqs
+        self._own_tokens = self._writer.dispatched_tokens
         # One dispatcher knows every dispatched count there is: its own.
         self._read_base = board.base_requests_reader() if board.num_dispatchers == 1 else None
         # Only total_tokens needs the seqlocked read (a rank's cells read together);
@@ -180,7 +181,13 @@ class Dispatcher:
         return self._rotated_argmin_np(eff)
 
     def _total_tokens(self, bootstrap_room) -> int:
-        eff_reqs, eff_tokens, alive = self.board.read_effective(self.stale_ns)
+        if self._read_base is not None:  # one dispatcher: its own counters are exact
+            base_reqs, base_tokens = self.board.read_bases()
+            eff_reqs = list(map(add, base_reqs, self._own_reqs))
+            eff_tokens = list(map(add, base_tokens, self._own_tokens))
+            alive = self._liveness.check(self.stale_ns)
+        else:
+            eff_reqs, eff_tokens, alive = self.board.read_effective(self.stale_ns)
         return total_tokens(eff_tokens, eff_reqs, alive, self.rotation)
 
     def _total_tokens_np(self, bootstrap_room) -> int:

@@ -215,6 +215,7 @@ class LoadBoard:
         disp_fmt = "q" * (2 * n) + "x" * 8 * (layout.disp_len - 2 * n)
         self._hot_unpack = struct.Struct("<" + row_fmt * n + live_skip + disp_fmt * d).unpack_from
         self._seq_unpack = struct.Struct("<" + ("q" + "x" * 8 * (row_len - 1)) * n).unpack_from
+        self._rows_unpack = struct.Struct("<" + row_fmt * n).unpack_from
         self._hot_off = HEADER_LEN * 8
         self._n3 = 3 * n
         # The request-only read: one cell per row (base_reqs), no seq.
@@ -356,6 +357,20 @@ class LoadBoard:
                 toks = map(add, toks, cells[o + n:o + 2 * n])
             reqs, toks = list(reqs), (list(toks) if with_tokens else None)
         return reqs, toks, self.liveness.check(stale_ns, now_ns)
+
+    def read_bases(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(base_reqs, base_toks) of every row, each row read under its seqlock: what a
+        board's only dispatcher needs besides its own counters and liveness."""
+        buf, unpack, unpack_seqs, off, n3 = self._buf, self._rows_unpack, self._seq_unpack, self._hot_off, self._n3
+        tries = 0
+        while True:
+            cells = unpack(buf, off)
+            seqs = cells[0:n3:3]
+            if min(seqs) >= 0 and seqs == unpack_seqs(buf, off):
+                return cells[1:n3:3], cells[2:n3:3]
+            tries += 1
+            if tries & 7 == 0:
+                sched_yield()  # see read_effective
 
     def read_requests(self, stale_ns: int, own_counts: list[int] | None = None):
         """Hot path of the request-count methods: (eff_reqs, alive), no seqlock.

@@ -113,6 +113,13 @@ class BoardMachine(RuleBasedStateMachine):
         assert single_cell_reqs == reqs
         np_reqs, np_toks, np_alive = self.board.read_effective_np(FOREVER)
         assert (np_reqs.tolist(), np_toks.tolist()) == (reqs, toks)
+        assert self.board.effective_requests_np().tolist() == reqs
+        # The bases plus every dispatcher's counters (what a sole dispatcher adds).
+        base_reqs, base_toks = self.board.read_bases()
+        all_disp = [[sum(self.dispatched[d][r][k] for d in range(NUM_DISPATCHERS))
+                     for r in range(len(reqs))] for k in (0, 1)]
+        assert [b + x for b, x in zip(base_reqs, all_disp[0])] == reqs
+        assert [b + x for b, x in zip(base_toks, all_disp[1])] == toks
         snap = self.board.snapshot()
         assert (snap.effective_reqs.tolist(), snap.effective_tokens.tolist()) == (reqs, toks)
         for r, s in enumerate(self.scheds):
