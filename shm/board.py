@@ -11,7 +11,8 @@ One POSIX segment of int64 cells (native little-endian), laid out as::
     | seq | base_reqs| base_toks| num_reqs | num_wait | num_toks | max_tok | max_run| pid | ...
     +-----+----------+----------+----------+----------+----------+---------+--------+-----+
       ... | acked_reqs[0..D) | acked_tokens[0..D) | pad |
-    liveness block at live_off, column-major (cell r of each column is rank r's):
+    liveness block at live_off = HEADER_LEN + N * row_len, column-major (each column
+    padded to a multiple of 8 cells; cell r of a column is rank r's):
     +------------------------+-----+--------------------+-----+
     | heartbeat_ns[0..N)     | pad | status[0..N)       | pad |
     +------------------------+-----+--------------------+-----+
@@ -33,7 +34,7 @@ Who writes what (exactly one writer per cell; ``+=`` on shared memory is not ato
   ``status`` to DEAD only after that scheduler has exited. They live in columns so
   that "is every rank READY" is one compare of ``8N`` bytes (``shm.board_liveness``).
 - dispatcher block d: dispatcher d, through its ``DispatcherWriter``. The counters
-  only grow.
+  only grow, but for a ``cancel`` that takes back a request never sent (never acked).
 
 The effective load a dispatcher uses for rank r is::
 
