@@ -6,7 +6,8 @@
 For each scenario (``bench.scenarios``) and rank count:
 1. capacity, measured once: a saturating run (request rate ``inf``, with the
    scenario's concurrency cap) on the first method's server; capacity = its completed
-   requests per second. Rates are then ``fraction x capacity``;
+   requests per second (decode-bound shapes: while it was full, ``steady_capacity``).
+   Rates are then ``fraction x capacity``;
 2. per method, one ``engine.serve`` subprocess on a free loopback port (restarted per
    method, always stopped in ``finally``), one ``bench.serving`` run per rate with
    ``/v1/loads`` sampled every 75 ms (``bench.compare_server``);
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import math
 import os
@@ -45,15 +47,67 @@ KEEP = ("completed", "failed", "duration_s", "request_throughput", "output_throu
 
 
 def bench_config(s: Scenario, ranks: int, url: str, rate: float, num_prompts: int,
-                 seed: int) -> BenchConfig:
+                 seed: int, return_requests: bool = False) -> BenchConfig:
     return BenchConfig(base_url=url, random_input_len=s.input_len,
                        random_output_len=s.output_len, random_range_ratio=s.range_ratio,
                        num_prompts=num_prompts, request_rate=rate,
-                       max_concurrency=s.max_concurrency(ranks), seed=seed, disable_tqdm=True)
+                       max_concurrency=s.max_concurrency(ranks), seed=seed, disable_tqdm=True,
+                       return_requests=return_requests)
 
 
-async def measured_run(cfg: BenchConfig) -> tuple[dict, list[dict]]:
-    async with LoadSampler(cfg.base_url) as sampler:
+def capacity_prompts(s: Scenario, ranks: int) -> int:
+    """Prompts of the saturating run: twice the concurrency cap, and for decode-bound
+    shapes (``DECODE_BOUND_OUTPUT_LEN``) at least the scenario's own run size, so that
+    the server stays full for a while (``steady_capacity``)."""
+    n = max(4 * ranks, (s.max_concurrency(ranks) or 0) * 2)
+    return max(n, s.prompts(ranks)) if s.output_len >= DECODE_BOUND_OUTPUT_LEN else n
+
+
+DECODE_BOUND_OUTPUT_LEN = 32
+
+
+def steady_capacity(records: list[dict], min_requests: int = 8) -> float | None:
+    """Requests per second a decode-bound server sustained while the saturating run
+    kept it full; ``None`` for prefill-bound shapes (mean output below
+    ``DECODE_BOUND_OUTPUT_LEN``: their ramp and drain are short, ``completed /
+    duration`` measures them well) and when the window below is empty or fewer than
+    ``min_requests`` requests decode or complete in it (the caller then uses
+    ``completed / duration``).
+
+    With every request sent at once (or as soon as the concurrency cap lets it), the
+    server ramps up until the first request completes and has work waiting until the
+    last request gets its first token; after that it only drains. With long outputs
+    ``completed / duration`` counts a long ramp and drain (16 prompts of up to 400
+    output tokens measured 1.17 req/s). This counts the output tokens made in that
+    window (each request's tokens spread evenly between its first token and its end;
+    completions alone come in bursts when lengths are similar) and divides by the
+    mean output length less the first token.
+    """
+    ok = [r for r in records if r.get("success")]
+    if not ok:
+        return None
+    mean_out = sum(r["output_len"] for r in ok) / len(ok)
+    if mean_out < DECODE_BOUND_OUTPUT_LEN:
+        return None
+    ends = [r["start_s"] + r["latency_s"] for r in ok]
+    firsts = [r["start_s"] + r["ttft_s"] for r in ok]
+    t0, t1 = min(ends), max(firsts)
+    if t1 <= t0:
+        return None
+    tokens, active = 0.0, 0
+    for r, first, end in zip(ok, firsts, ends):
+        overlap = min(end, t1) - max(first, t0)
+        if end > first and overlap > 0:
+            tokens += (r["output_len"] - 1) * overlap / (end - first)
+            active += 1
+    completions = sum(1 for end in ends if end <= t1)
+    if active < min_requests or completions < min_requests:
+        return None  # everything fitted at once: the server never had work waiting
+    return tokens / (t1 - t0) / (mean_out - 1)
+
+
+async def measured_run(cfg: BenchConfig, role: str | None = None) -> tuple[dict, list[dict]]:
+    async with LoadSampler(cfg.base_url, role=role) as sampler:
         figures = await run_benchmark(cfg)
     return figures, sampler.samples
 
@@ -69,9 +123,26 @@ def run_scenario(s: Scenario, ranks: int, args, bar: tqdm) -> dict:
     result = {"scenario": s.name, "ranks": ranks, "baseline": s.baseline,
               "methods": list(s.methods), "fractions": list(s.fractions),
               "input_len": s.input_len, "output_len": s.output_len,
-              "range_ratio": s.range_ratio, "max_concurrency": s.max_concurrency(ranks),
-              "pd": s.pd, "lockstep": s.lockstep and args.executor == "sim", "runs": {},
-              "dispatch": {}}
+              "range_ratio": s.range_ratio, "prompts": s.prompts(ranks),
+              "max_concurrency": s.max_concurrency(ranks), "pd": s.pd,
+              "pd_balanced": s.pd_balanced if s.pd else None,
+              "decode_ranks": s.decode_ranks(ranks) if s.pd else None,
+              "ttft_output_len": s.ttft_output_len,
+              "lockstep": s.lockstep and args.executor == "sim", "runs": {}, "dispatch": {}}
+    # The seed-003 way of measuring TTFT: the same prompts with ttft_output_len output
+    # tokens, at the same fractions of that shape's own capacity.
+    ttft_shape = dataclasses.replace(s, output_len=s.ttft_output_len) if s.ttft_output_len else None
+
+    def capacity(shape: Scenario, url: str) -> tuple[float, dict]:
+        cap, _ = asyncio.run(measured_run(bench_config(
+            shape, ranks, url, math.inf, capacity_prompts(shape, ranks), args.seed + 7,
+            return_requests=True), shape.sampled_role))
+        steady = steady_capacity(cap.pop("requests"))
+        run = {k: cap.get(k) for k in KEEP}
+        run["steady_request_throughput"] = steady
+        result["simulated"] = result.get("simulated") or cap.get("simulated", False)
+        return steady or cap["request_throughput"], run
+
     timelines = {}
     for i, method in enumerate(s.methods):
         flags = server_flags(s, method, ranks, args.executor, args.sim_profile)
@@ -79,20 +150,26 @@ def run_scenario(s: Scenario, ranks: int, args, bar: tqdm) -> dict:
         with ServerProcess(flags, log) as server:
             if i == 0:
                 bar.set_postfix_str(f"{s.name} x{ranks}: capacity")
-                cap_prompts = max(4 * ranks, (s.max_concurrency(ranks) or 0) * 2)
-                cap, _ = asyncio.run(measured_run(bench_config(
-                    s, ranks, server.url, math.inf, cap_prompts, args.seed + 7)))
-                result["capacity_req_s"] = cap["request_throughput"]
-                result["capacity_run"] = {k: cap.get(k) for k in KEEP}
-                result["simulated"] = cap.get("simulated", False)
+                result["capacity_req_s"], result["capacity_run"] = capacity(s, server.url)
+                if ttft_shape is not None:
+                    result["ttft_capacity_req_s"], result["ttft_capacity_run"] = capacity(
+                        ttft_shape, server.url)
             runs = result["runs"].setdefault(method, [])
             for frac in s.fractions:
                 bar.set_postfix_str(f"{s.name} x{ranks}: {method} @ {frac:g}x")
                 rate = frac * result["capacity_req_s"]
                 figures, samples = asyncio.run(measured_run(bench_config(
-                    s, ranks, server.url, rate, s.prompts(ranks), args.seed)))
-                runs.append({"fraction": frac, "request_rate": rate,
-                             **{k: figures.get(k) for k in KEEP}})
+                    s, ranks, server.url, rate, s.prompts(ranks), args.seed), s.sampled_role))
+                run = {"fraction": frac, "request_rate": rate,
+                       **{k: figures.get(k) for k in KEEP}}
+                if ttft_shape is not None:
+                    ttft_rate = frac * result["ttft_capacity_req_s"]
+                    probe, _ = asyncio.run(measured_run(bench_config(
+                        ttft_shape, ranks, server.url, ttft_rate, s.prompts(ranks), args.seed),
+                        ttft_shape.sampled_role))
+                    run["ttft_pass"] = {"request_rate": ttft_rate,
+                                        **{k: probe.get(k) for k in KEEP}}
+                runs.append(run)
                 timelines[(method, frac)] = samples
                 bar.update(1)
             result["dispatch"][method] = dispatch_stats(server.url)

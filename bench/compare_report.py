@@ -28,6 +28,13 @@ def _run(result: dict, method: str, frac: float) -> dict | None:
     return next((r for r in result["runs"].get(method, []) if r["fraction"] == frac), None)
 
 
+def _ttft(run: dict | None) -> dict:
+    """Where a run's TTFT figures come from: its TTFT pass when the scenario has one
+    (``ttft_output_len``, the seed-003 method), else the run itself."""
+    run = run or {}
+    return run.get("ttft_pass") or run
+
+
 def _fig(value, fmt="{:.0f}") -> str:
     return "-" if value is None else fmt.format(value)
 
@@ -35,21 +42,29 @@ def _fig(value, fmt="{:.0f}") -> str:
 def scenario_table(result: dict) -> str:
     methods, base = result["methods"], result["baseline"]
     others = [m for m in methods if m != base]
-    head = (["rate (x cap)", "req/s"] + [f"TTFT {m}" for m in methods]
+    probe = bool(result.get("ttft_output_len"))
+    head = (["rate (x cap)", "req/s"] + (["TTFT pass req/s"] if probe else [])
+            + [f"TTFT {m}" for m in methods]
             + [f"{m} vs {base}" for m in others] + [f"TPOT {m}" for m in methods]
+            + [f"{m} vs {base}" for m in others]
             + [f"out tok/s {m}" for m in methods] + [f"P99 TTFT {m}" for m in methods])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for frac in result["fractions"]:
         runs = {m: _run(result, m, frac) or {} for m in methods}
         rate = next(iter(runs.values())).get("request_rate")
         row = [f"{frac:g}", _fig(rate, "{:.2f}")]
-        row += [_fig(runs[m].get("mean_ttft_ms")) for m in methods]
+        if probe:
+            row.append(_fig(_ttft(next(iter(runs.values()))).get("request_rate"), "{:.2f}"))
+        row += [_fig(_ttft(runs[m]).get("mean_ttft_ms")) for m in methods]
         for m in others:
-            a, b = runs[m].get("mean_ttft_ms"), runs[base].get("mean_ttft_ms")
+            a, b = _ttft(runs[m]).get("mean_ttft_ms"), _ttft(runs[base]).get("mean_ttft_ms")
             row.append(f"{1 - a / b:+.1%} lower" if a and b else "-")
         row += [_fig(runs[m].get("mean_tpot_ms"), "{:.1f}") for m in methods]
+        for m in others:
+            a, b = runs[m].get("mean_tpot_ms"), runs[base].get("mean_tpot_ms")
+            row.append(f"{1 - a / b:+.1%} lower" if a and b else "-")
         row += [_fig(runs[m].get("output_throughput"), "{:.0f}") for m in methods]
-        row += [_fig(runs[m].get("p99_ttft_ms")) for m in methods]
+        row += [_fig(_ttft(runs[m]).get("p99_ttft_ms")) for m in methods]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -62,6 +77,8 @@ def headline(results: list[dict], simulated: bool) -> dict:
 
     def mean(r, m, frac, key):
         run = _run(r, m, frac)
+        if run and key.endswith("ttft_ms"):
+            run = _ttft(run)
         return run.get(key) if run else None
 
     def ratio(a, b):
@@ -135,18 +152,32 @@ def write_reports(results: list[dict], probe: dict, args, elapsed_s: float) -> s
     label = f" (simulated: {args.sim_profile})" if simulated else " (real model)"
     parts = [f"# bench.compare{label}", "",
              f"executor {args.executor}; {elapsed_s:.0f} s; "
-             f"capacity = completed req/s of a saturating run (rate inf) of the first method", ""]
+             f"capacity = completed req/s of a saturating run (rate inf) of the first method; for "
+             f"decode-bound shapes its rate while it was full, without ramp and drain "
+             f"(bench.compare.steady_capacity)", ""]
     timelines = {}
     for r in results:
         stem = f"{r['scenario'].replace('-', '_')}_{r['ranks']}"
         plot_ttft(r, os.path.join(args.out, f"{stem}_ttft.png"), label)
         plot_load(r, os.path.join(args.out, f"{stem}_load.png"), label)
         timelines[stem] = {f"{m}@{f:g}": s for (m, f), s in r.pop("timelines").items()}
-        mode = " PD (methods balance the prefill ranks)," if r["pd"] else ""
+        balanced = {"prefill": "the prefill ranks", "decode": "the decode ranks",
+                    "both": "prefill and decode ranks"}.get(r.get("pd_balanced") or "prefill")
+        mode = (f" PD ({r['ranks']} prefill + {r.get('decode_ranks') or '?'} decode ranks; "
+                f"methods balance {balanced})," if r["pd"] else "")
+        cap = r.get("capacity_run") or {}
+        conc = f" max concurrency {r['max_concurrency']}," if r.get("max_concurrency") else ""
         lock = " lockstep," if r["lockstep"] else ""
         parts += [f"## {r['scenario']}, {r['ranks']} ranks{label}", "",
                   f"input {r['input_len']} (ratio {r['range_ratio']}), output {r['output_len']},"
-                  f"{mode}{lock} capacity {r['capacity_req_s']:.2f} req/s; TTFT/TPOT in ms", "",
+                  f"{mode}{lock}{conc} {r.get('prompts', '?')} prompts per run, capacity "
+                  f"{r['capacity_req_s']:.2f} req/s (saturating run of "
+                  f"{cap.get('completed', '?')} prompts); TTFT/TPOT in ms", "",
+                  *([f"TTFT and P99 TTFT: a second pass of the same prompts with "
+                     f"{r['ttft_output_len']} output token(s) (as seed 003 measured TTFT) at the "
+                     f"same fraction of its own capacity, "
+                     f"{r.get('ttft_capacity_req_s') or 0:.2f} req/s; TPOT and output "
+                     f"throughput: the full-length pass", ""] if r.get("ttft_output_len") else []),
                   scenario_table(r), "",
                   "dispatch (server front door, mean us/request): " + ", ".join(
                       f"{m} {_fig((d or {}).get('mean_us'), '{:.0f}')}"

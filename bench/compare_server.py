@@ -7,7 +7,7 @@ own ranks and unlinks its segments), then SIGTERM/SIGKILL if it does not exit.
 
 ``LoadSampler`` polls ``/v1/loads`` (``/get_load``'s rows plus each rank's role) every
 ``interval_s`` during a run and keeps, per sample, the time and every balanced rank's
-``num_reqs`` and ``num_tokens`` (PD: the prefill ranks).
+``num_reqs`` and ``num_tokens`` (PD: the ranks of ``role``, by default the prefill ones).
 """
 
 from __future__ import annotations
@@ -102,8 +102,9 @@ class ServerProcess:
 class LoadSampler:
     """Polls ``/v1/loads`` in the background of a run (``async with``)."""
 
-    def __init__(self, url: str, interval_s: float = 0.075):
+    def __init__(self, url: str, interval_s: float = 0.075, role: str | None = None):
         self.url = url + "/v1/loads"
+        self.role = role or "prefill"
         self.interval_s = interval_s
         self.samples: list[dict] = []  # {"t": s, "reqs": [...], "tokens": [...]}
         self._task: asyncio.Task | None = None
@@ -126,8 +127,8 @@ class LoadSampler:
                 try:
                     async with session.get(self.url) as r:
                         rows = (await r.json())["loads"]
-                    # PD: the prefill ranks are the balanced ones.
-                    rows = [x for x in rows if x["role"] != "decode"] or rows
+                    # PD: the balanced ranks (self.role); otherwise every (mixed) rank.
+                    rows = [x for x in rows if x["role"] == self.role] or rows
                     self.samples.append({"t": round(time.perf_counter() - start, 3),
                                          "reqs": [x["num_reqs"] for x in rows],
                                          "tokens": [x["num_tokens"] for x in rows]})

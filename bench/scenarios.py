@@ -28,9 +28,21 @@ class Scenario:
     range_ratio: float  # lengths uniform in [len * ratio, len]
     fractions: tuple[float, ...]  # request rates, as fractions of measured capacity
     num_prompts: int  # per run, at 4 ranks; scaled with the rank count
-    pd: bool = False  # PD mode: the methods balance the prefill ranks
+    pd: bool = False  # PD mode (one server with prefill and decode ranks)
+    # PD: the ranks the compared methods balance ("prefill", "decode" or "both"); the
+    # other side runs the engine's default for its role (auto: prefill total_tokens,
+    # decode total_requests).
+    pd_balanced: str = "prefill"
+    # PD: decode ranks = max(1, ranks * this); prefill-heavy's decode ranks only carry 5
+    # tokens per request, a quarter of them suffice.
+    pd_decode_share: float = 0.25
     lockstep: bool = False  # --sim-lockstep (sim only)
     concurrency_per_rank: int | None = None  # --max-concurrency = this x ranks
+    # TTFT measured as seed 003 did (max_out_len=1, "to eliminate the impact of decoding
+    # on prefill"): per rate, a second pass of the same prompts with this many output
+    # tokens at the same fraction of that shape's own capacity; the TTFT columns and
+    # the TTFT headline come from it, TPOT and throughput from the full-length pass.
+    ttft_output_len: int | None = None
 
     @property
     def key(self) -> str:
@@ -38,6 +50,17 @@ class Scenario:
 
     def prompts(self, ranks: int) -> int:
         return max(self.num_prompts, self.num_prompts * ranks // 4)
+
+    def decode_ranks(self, ranks: int) -> int:
+        return max(1, int(ranks * self.pd_decode_share))
+
+    @property
+    def sampled_role(self) -> str | None:
+        """The ranks whose load ``bench.compare`` samples: the balanced ones (PD "both":
+        decode, where a request's load lasts its whole output)."""
+        if not self.pd:
+            return None
+        return "prefill" if self.pd_balanced == "prefill" else "decode"
 
     def max_concurrency(self, ranks: int) -> int | None:
         return self.concurrency_per_rank * ranks if self.concurrency_per_rank else None
@@ -52,24 +75,41 @@ SCENARIOS = {
     "prefill-heavy": Scenario(
         "prefill-heavy", ("total_tokens", "follow_bootstrap_room", "round_robin"),
         "follow_bootstrap_room", 3500, 5, 1.0, (0.6, 0.8, 0.9, 1.0), 96, pd=True),
-    # 003: variable-length input and output; DP attention + EP, hence lockstep.
+    # 003: PD (prefill DP2 and decode DP2 servers), variable-length prompts of 1,481-4,120
+    # tokens (mean 2,561) and outputs of 187-4,068 (mean 1,160); "enable dp minimum
+    # tokens" picks both the prefill and the decode rank, against bootstrap_room-based
+    # round robin on both. Here 4 prefill + 4 decode ranks, each group in lockstep, the
+    # method on both; uniform lengths with one range ratio: inputs 409-4,096 (mean
+    # 2,252), outputs 204-2,048 (mean 1,126, the seed's mean). The seed measured TTFT
+    # with max_out_len=1 "to eliminate the impact of decoding on prefill", so does this
+    # (ttft_output_len); TPOT comes from the full-length pass.
     "variable-length": Scenario(
         "variable-length", ("total_tokens", "total_requests", "round_robin"), "round_robin",
-        4000, 400, 0.05, (0.6, 0.8, 0.9), 96, lockstep=True),
-    # 002: short input, long output, bounded concurrency; decode throughput. The seed's
-    # decode server ran DP attention too: a rank with more requests slows every rank.
+        4096, 2048, 0.1, (0.9, 1.0), 96, pd=True, pd_balanced="both", pd_decode_share=1.0,
+        lockstep=True, ttft_output_len=1),
+    # 002: PD, prefill and decode servers each TP4/EP4/DP4 with DP attention (decode
+    # ranks in lockstep); the method balances the decode ranks. The seed ran 400 prompts
+    # of 500 in / 1,500 out at 4 req/s with --max-concurrency 100 and completed about
+    # 1.2 req/s: the concurrency cap bound, so throughput measured the server. Hence 25
+    # per rank and a rate of 3x capacity. The seed's lengths were fixed (range ratio 1);
+    # with fixed lengths round robin is self-balancing under a concurrency cap (each
+    # completion frees a slot that the next request in turn refills on the same rank;
+    # the seed's baseline was a shortest-queue fed by stale load reports), so this
+    # scenario spreads the output lengths (ratio 0.1) to give round robin something to
+    # get wrong.
     "decode-heavy": Scenario(
         "decode-heavy", ("total_requests", "round_robin"), "round_robin",
-        500, 1500, 0.1, (0.8, 1.0), 160, lockstep=True, concurrency_per_rank=15),
+        500, 1500, 0.1, (1.0, 3.0), 400, pd=True, pd_balanced="decode", pd_decode_share=1.0,
+        lockstep=True, concurrency_per_rank=25),
 }
 
 # --quick: what a newcomer runs first (< 3 minutes on the 2-core VM, 4 ranks).
 QUICK = {
     "prefill-heavy": dict(methods=("total_tokens", "follow_bootstrap_room"),
                           fractions=(0.8, 1.0), num_prompts=36),
-    "variable-length": dict(methods=("total_tokens", "round_robin"), fractions=(0.9,),
-                            num_prompts=32, output_len=160),
-    "decode-heavy": dict(fractions=(1.0,), num_prompts=64, output_len=200,
+    "variable-length": dict(methods=("total_tokens", "round_robin"), fractions=(1.0,),
+                            num_prompts=24, output_len=128),
+    "decode-heavy": dict(fractions=(3.0,), num_prompts=64, output_len=200,
                          concurrency_per_rank=8),
 }
 
@@ -93,11 +133,14 @@ def server_flags(s: Scenario, method: str, ranks: int, executor: str, profile: s
         if s.lockstep:
             flags.append("--sim-lockstep")
     if s.pd:
-        # Decode ranks only carry 5 tokens per request here: a quarter of them suffice.
+        if s.pd_balanced not in ("prefill", "decode", "both"):
+            raise ValueError(f"pd_balanced must be prefill, decode or both; got {s.pd_balanced!r}")
         flags += ["--disaggregation-mode", "pd", "--prefill-dp-size", str(ranks),
-                  "--decode-dp-size", str(max(1, ranks // 4)),
-                  "--prefill-load-balance-method", method,
-                  "--decode-load-balance-method", "total_requests"]
+                  "--decode-dp-size", str(s.decode_ranks(ranks)),
+                  "--prefill-load-balance-method",
+                  method if s.pd_balanced in ("prefill", "both") else "auto",
+                  "--decode-load-balance-method",
+                  method if s.pd_balanced in ("decode", "both") else "auto"]
     else:
         flags += ["--dp-size", str(ranks), "--load-balance-method", method]
     return flags

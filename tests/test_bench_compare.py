@@ -7,7 +7,7 @@ import argparse
 import json
 import os
 
-from bench.compare import dispatch_probe, run_scenario
+from bench.compare import dispatch_probe, run_scenario, steady_capacity
 from bench.compare_report import write_reports
 from bench.scenarios import Scenario, server_flags
 
@@ -36,6 +36,31 @@ def test_server_flags_follow_the_scenario():
     assert "--sim-lockstep" not in server_flags(s, "round_robin", 8, "real", "instant")
 
 
+def test_pd_flags_put_the_method_on_the_balanced_side():
+    def methods(balanced):
+        s = Scenario("x", ("total_tokens", "round_robin"), "round_robin", 64, 2, 1.0, (1.0,), 4,
+                     pd=True, pd_balanced=balanced, pd_decode_share=1.0)
+        flags = server_flags(s, "round_robin", 4, "sim", "instant")
+        assert flags[flags.index("--decode-dp-size") + 1] == "4"
+        return (flags[flags.index("--prefill-load-balance-method") + 1],
+                flags[flags.index("--decode-load-balance-method") + 1])
+    assert methods("prefill") == ("round_robin", "auto")
+    assert methods("decode") == ("auto", "round_robin")
+    assert methods("both") == ("round_robin", "round_robin")
+
+
+def test_steady_capacity_leaves_out_ramp_and_drain():
+    # Decode-bound: 8 slots, each request makes 100 tokens in 10 s after its first
+    # token; waves of 8 sent as the previous wave ends: 0.8 req/s, however bursty the
+    # completions, and the last wave (the drain) is left out.
+    recs = [{"success": True, "start_s": 10.0 * w, "ttft_s": 0.0, "latency_s": 10.0,
+             "output_len": 101} for w in range(4) for _ in range(8)]
+    assert abs(steady_capacity(recs) - 0.8) < 1e-9
+    assert steady_capacity(recs, min_requests=20) is None  # too few: caller falls back
+    # Prefill-bound shapes are left to completed / duration.
+    assert steady_capacity([dict(r, output_len=5) for r in recs]) is None
+
+
 def test_compare_writes_table_json_and_plots(tmp_path):
     args = _args(tmp_path)
     scenarios = [
@@ -43,6 +68,9 @@ def test_compare_writes_table_json_and_plots(tmp_path):
                  "follow_bootstrap_room", 48, 2, 1.0, (0.8, 1.0), 6, pd=True),
         Scenario("decode-heavy", ("total_requests", "round_robin"), "round_robin",
                  16, 6, 0.5, (1.0,), 6, lockstep=True, concurrency_per_rank=2),
+        Scenario("variable-length", ("total_tokens", "round_robin"), "round_robin",
+                 32, 8, 0.25, (1.0,), 6, pd=True, pd_balanced="both", pd_decode_share=1.0,
+                 lockstep=True, ttft_output_len=1),
     ]
     results = [run_scenario(s, 2, args, _Bar()) for s in scenarios]
     report = write_reports(results, dispatch_probe([2, 4], calls=50), args, 1.0)
@@ -51,12 +79,18 @@ def test_compare_writes_table_json_and_plots(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["simulated"] is True
     for key in ("prefill_heavy_ttft_ratio_0_8", "prefill_heavy_ttft_ratio_1_0",
-                "decode_heavy_throughput_gain"):
+                "decode_heavy_throughput_gain", "variable_length_ttft_gain",
+                "variable_length_tpot_gain"):
         assert summary[key] is not None and summary[key] > -1, key
     assert set(summary["dispatch_probe_us"]) == {"2", "4"}
     run = summary["scenarios"][0]["runs"]["total_tokens"][0]
     assert run["completed"] == 6 and run["failed"] == 0
     assert summary["scenarios"][1]["lockstep"] is True
+    vl = summary["scenarios"][2]
+    assert vl["ttft_capacity_req_s"] > 0 and vl["decode_ranks"] == 2
+    probe = vl["runs"]["round_robin"][0]["ttft_pass"]
+    assert probe["completed"] == 6 and probe["failed"] == 0
+    assert "second pass" in report
     for stem in ("prefill_heavy_2", "decode_heavy_2"):
         for kind in ("ttft", "load"):
             assert (tmp_path / f"{stem}_{kind}.png").stat().st_size > 1000
