@@ -35,6 +35,14 @@ def _ttft(run: dict | None) -> dict:
     return run.get("ttft_pass") or run
 
 
+def _change(value, baseline) -> str:
+    """``value`` against ``baseline`` in words: "12.3% lower" / "4.0% higher"."""
+    if not value or not baseline:
+        return "-"
+    change = 1 - value / baseline
+    return f"{abs(change):.1%} {'lower' if change >= 0 else 'higher'}"
+
+
 def _fig(value, fmt="{:.0f}") -> str:
     return "-" if value is None else fmt.format(value)
 
@@ -58,11 +66,11 @@ def scenario_table(result: dict) -> str:
         row += [_fig(_ttft(runs[m]).get("mean_ttft_ms")) for m in methods]
         for m in others:
             a, b = _ttft(runs[m]).get("mean_ttft_ms"), _ttft(runs[base]).get("mean_ttft_ms")
-            row.append(f"{1 - a / b:+.1%} lower" if a and b else "-")
+            row.append(_change(a, b))
         row += [_fig(runs[m].get("mean_tpot_ms"), "{:.1f}") for m in methods]
         for m in others:
             a, b = runs[m].get("mean_tpot_ms"), runs[base].get("mean_tpot_ms")
-            row.append(f"{1 - a / b:+.1%} lower" if a and b else "-")
+            row.append(_change(a, b))
         row += [_fig(runs[m].get("output_throughput"), "{:.0f}") for m in methods]
         row += [_fig(_ttft(runs[m]).get("p99_ttft_ms")) for m in methods]
         lines.append("| " + " | ".join(row) + " |")
