@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import statistics
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 
 from engine.config import ModelConfig, load_model_config
@@ -75,6 +77,7 @@ class EngineClient:
         self.num_dispatched = 0
         self.dispatch_time_s = 0.0
         self.dispatch_cpu_ns = 0
+        self._recent_cpu_ns: deque[int] = deque(maxlen=4096)  # for the median: robust to GC pauses
 
     @classmethod
     def from_processes(cls, args: ServerArgs, processes: EngineProcesses, **pd) -> "EngineClient":
@@ -125,14 +128,17 @@ class EngineClient:
                               bootstrap_room=bootstrap_room,
                               disagg_prefill_dp_rank=disagg_prefill_dp_rank)
         self.dispatch_time_s += time.perf_counter() - began
-        self.dispatch_cpu_ns += time.thread_time_ns() - began_cpu
+        cpu_ns = time.thread_time_ns() - began_cpu
+        self.dispatch_cpu_ns += cpu_ns
+        self._recent_cpu_ns.append(cpu_ns)
         self.num_dispatched += 1
         return handle
 
     def dispatch_stats(self) -> dict:
         n = self.num_dispatched
         return {"num_requests": n, "mean_us": 1e6 * self.dispatch_time_s / n if n else None,
-                "mean_cpu_us": self.dispatch_cpu_ns / n / 1000 if n else None}
+                "mean_cpu_us": self.dispatch_cpu_ns / n / 1000 if n else None,
+                "median_cpu_us": statistics.median(self._recent_cpu_ns) / 1000 if n else None}
 
     def _submit(self, rid: str, input_ids: list[int], params: SamplingParams, *,
                 return_logprob: bool, top_logprobs_num: int, routed_dp_rank: int | None,
