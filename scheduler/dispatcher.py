@@ -166,11 +166,7 @@ class Dispatcher:
         return follow_bootstrap_room(bootstrap_room, self._liveness.check(self.stale_ns))
 
     def _total_requests(self, bootstrap_room) -> int:
-        if self._read_base is not None:
-            eff_reqs = list(map(add, self._read_base(), self._own_reqs))
-            alive = self._liveness.check(self.stale_ns)
-        else:
-            eff_reqs, alive = self.board.read_requests(self.stale_ns)
+        eff_reqs, alive = self.board.read_requests(self.stale_ns, self._own_reqs)
         return total_requests(eff_reqs, alive, self.rotation)
 
     def _total_requests_np(self, bootstrap_room) -> int:

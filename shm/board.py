@@ -208,13 +208,11 @@ class LoadBoard:
         self._base_reqs_np = self._rows[:, BASE_REQS]
         self._base_seq_np = self._rows[:, SEQ]
         self._disp_reqs_np = [self._disp[i, 0] for i in range(d)]
-        # The seqlocked read's one struct: per row seq, base_reqs, base_toks; the
-        # liveness block skipped; then per dispatcher its 2N counters (padding skipped).
+        # The seqlocked read: per row seq, base_reqs, base_toks (padding skipped); the
+        # dispatcher blocks: per dispatcher its 2N counters.
         row_len = layout.row_len
         row_fmt = "qqq" + "x" * 8 * (row_len - 3)
-        live_skip = "x" * 8 * (layout.disp_off - layout.live_off)
         disp_fmt = "q" * (2 * n) + "x" * 8 * (layout.disp_len - 2 * n)
-        self._hot_unpack = struct.Struct("<" + row_fmt * n + live_skip + disp_fmt * d).unpack_from
         self._seq_unpack = struct.Struct("<" + ("q" + "x" * 8 * (row_len - 1)) * n).unpack_from
         self._rows_unpack = struct.Struct("<" + row_fmt * n).unpack_from
         self._hot_off = HEADER_LEN * 8
@@ -327,36 +325,20 @@ class LoadBoard:
         ``alive`` comes from ``self.liveness`` (see ``shm.board_liveness``); when every
         rank is alive it is one shared tuple of True: callers must not mutate it.
 
-        One ``struct.unpack_from`` pulls every row's seq and base cells and then every
-        dispatched counter, in address order: rows before the dispatcher blocks, so
-        acks are read before dispatches (see the module docstring). A second unpack
-        re-reads the seqs. Why struct and not numpy: one C call for everything, where
-        each numpy call costs about 1 us on these machines; ``bench.board`` measures it.
+        The rows come from ``read_bases`` (seqlocked), the dispatched counters from one
+        unpack after them: rows before the dispatcher blocks, so acks are read before
+        dispatches (see the module docstring). Why struct and not numpy: a C call per
+        block, where each numpy call costs about 1 us on these machines.
         """
-        buf = self._buf
-        unpack, unpack_seqs, off, n3 = self._hot_unpack, self._seq_unpack, self._hot_off, self._n3
-        tries = 0
-        while True:
-            cells = unpack(buf, off)
-            seqs = cells[0:n3:3]
-            if min(seqs) >= 0 and seqs == unpack_seqs(buf, off):
-                break
-            tries += 1
-            if tries & 7 == 0:
-                # A writer preempted mid-publish holds its row negative until it runs
-                # again: give up the core rather than spin through its time slice.
-                sched_yield()
+        base_reqs, base_toks = self.read_bases()
+        disp = self._disp_unpack(self._buf, self._disp_off_bytes)
         n = self.num_ranks
-        if self.num_dispatchers == 1:
-            reqs = list(map(add, cells[1:n3:3], cells[n3:n3 + n]))
-            toks = list(map(add, cells[2:n3:3], cells[n3 + n:n3 + 2 * n])) if with_tokens else None
-        else:
-            # A chain of lazy map(add), one link per dispatcher, sums at C speed.
-            reqs, toks = cells[1:n3:3], cells[2:n3:3]
-            for o in range(n3, len(cells), 2 * n):
-                reqs = map(add, reqs, cells[o:o + n])
-                toks = map(add, toks, cells[o + n:o + 2 * n])
-            reqs, toks = list(reqs), (list(toks) if with_tokens else None)
+        # A chain of lazy map(add), one link per dispatcher, sums at C speed.
+        reqs, toks = base_reqs, base_toks
+        for o in range(0, len(disp), 2 * n):
+            reqs = map(add, reqs, disp[o:o + n])
+            toks = map(add, toks, disp[o + n:o + 2 * n])
+        reqs, toks = list(reqs), (list(toks) if with_tokens else None)
         return reqs, toks, self.liveness.check(stale_ns, now_ns)
 
     def read_bases(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -371,7 +353,9 @@ class LoadBoard:
                 return cells[1:n3:3], cells[2:n3:3]
             tries += 1
             if tries & 7 == 0:
-                sched_yield()  # see read_effective
+                # A writer preempted mid-publish holds its row negative until it runs
+                # again: give up the core rather than spin through its time slice.
+                sched_yield()
 
     def read_requests(self, stale_ns: int, own_counts: list[int] | None = None):
         """Hot path of the request-count methods: (eff_reqs, alive), no seqlock.
