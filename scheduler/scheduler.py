@@ -12,6 +12,17 @@ Load accounting (what the board row says, see ``shm.board``):
 - ``acked[d]`` grows the moment a request from dispatcher d is taken off the pipe, and
   reaches the board in the same publish that first counts the request, so the board's
   in-flight term (dispatched - acked) hands over to the reported term exactly.
+
+When ranks step together (DP attention with expert parallelism; here
+``--sim-lockstep``) the row is also published just before each forward pass, with the
+load the rank will hold when that pass ends: requests certain to leave in it (a PD
+prefill rank's last prompt chunks, requests sampling their last allowed token) are
+not counted. Every rank's current pass ends at the same moment, so work already in it
+delays a new request equally on every rank; counting it would steer arrivals away from
+the ranks that are busy *now* and pile them onto the next step of the others (with
+lockstep prefill and 16k-token chunks that made ``total_tokens`` up to 93% worse than
+round robin on mean TTFT; see ``bench/PROFILES.md``). Independent ranks keep the
+after-batch publish only: there, work in flight does delay a new request.
 """
 
 from __future__ import annotations
@@ -81,6 +92,8 @@ class Scheduler:
         batch = self.schedule()
         # An empty batch still runs when the executor asks (simulated lockstep peers).
         if batch or getattr(self.executor, "wants_idle_steps", False):
+            if self.cfg.sim_lockstep_name is not None:
+                self.publish_load(self._leaving(batch))
             results = self.executor.forward(batch)
             self.process_results(batch, results)
         self.publish_load()
@@ -117,16 +130,26 @@ class Scheduler:
         if ready or failed:
             self.send_outputs()  # the first token goes out now, not after this step's batch
 
-    def publish_load(self) -> None:
-        computed = sum(r.num_computed for r in self.running)
-        uncomputed = sum(r.prompt_len - r.num_computed for r in self.running if r.is_prefilling)
+    def publish_load(self, leaving: frozenset[Req] = frozenset()) -> None:
+        """Write this rank's row; ``leaving`` (running requests that the forward about to
+        run ends for certain) is left out, see the module docstring."""
+        running = [r for r in self.running if r not in leaving] if leaving else self.running
+        computed = sum(r.num_computed for r in running)
+        uncomputed = sum(r.prompt_len - r.num_computed for r in running if r.is_prefilling)
         queued = sum(r.prompt_len for r in self.waiting)
         # PD decode: parked requests (KV not here yet) count as waiting, prompt included.
         parked, parked_tokens = self.pd.pending_load() if self.pd is not None else (0, 0)
-        self.board_row.publish(len(self.running) + len(self.waiting) + parked,
+        self.board_row.publish(len(running) + len(self.waiting) + parked,
                                len(self.waiting) + parked, computed + uncomputed + queued
                                + parked_tokens, self.acked_reqs, self.acked_tokens)
         self.board_row.heartbeat()
+
+    def _leaving(self, batch: list[ForwardItem]) -> frozenset[Req]:
+        """Requests the forward of ``batch`` ends whatever it samples: a PD prefill
+        rank's last prompt chunks (handed off), and requests sampling their last
+        allowed token."""
+        return frozenset(item.req for item in batch if item.sample and (
+            self.hands_off or len(item.req.output_ids) + 1 >= item.req.params.max_new_tokens))
 
     def send_outputs(self) -> None:
         if not self.outbox:

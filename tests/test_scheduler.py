@@ -147,3 +147,37 @@ def test_shutdown_aborts_what_is_held(board):
     sched.abort_all("shutting down")
     assert sched.executor.kv.num_used == 0
     assert any(o.rid == "x" and o.finish_reason and o.finish_reason["type"] == "abort" for b in sent for o in b.outputs)
+
+
+@pytest.mark.parametrize("lockstep", [False, True])
+def test_board_during_a_forward_shows_step_end_load_only_in_lockstep(board, lockstep):
+    """Lockstep ranks publish, before each forward, the load left when it ends: a
+    request sampling its last allowed token is not counted while that pass runs.
+    Independent ranks show the load from before the pass (work in flight counts)."""
+    cfg = {"sim_lockstep_name": "not-attached"} if lockstep else {}
+    sched, sent = make_scheduler(board, chunked_prefill_size=64, **cfg)
+    seen = []
+    real_forward = sched.executor.forward
+
+    def forward(items):
+        reqs, tokens, _ = board.read_effective(FOREVER)  # rows + dispatched, not yet acked
+        seen.append(({i.req.rid for i in items}, reqs[0], tokens[0]))
+        return real_forward(items)
+
+    sched.executor.forward = forward
+    # "one" leaves in its first pass (max_new_tokens=1); "two" needs two passes;
+    # "chunked" is 100 tokens in chunks of at most 64.
+    sched.step([gen("one", 10, 1), gen("two", 20, 2)])
+    while sched.has_work:
+        sched.step([gen("chunked", 100, 1)] if len(seen) == 1 else [])
+    rids, reqs, tokens = seen[0]
+    assert rids == {"one", "two"}
+    assert (reqs, tokens) == ((1, 20) if lockstep else (2, 30))
+    rids, reqs, tokens = seen[1]  # "two" samples its last token; "chunked" starts
+    assert rids == {"two", "chunked"}
+    assert (reqs, tokens) == ((1, 100) if lockstep else (2, 120))
+    rids, reqs, tokens = seen[2]  # the last 36 tokens of "chunked": it leaves in this pass
+    assert rids == {"chunked"}
+    assert (reqs, tokens) == ((0, 0) if lockstep else (1, 100))
+    assert len(seen) == 3
+    assert_board_matches(board, sched)
