@@ -128,6 +128,7 @@ def run_scenario(s: Scenario, ranks: int, args, bar: tqdm) -> dict:
               "pd_balanced": s.pd_balanced if s.pd else None,
               "decode_ranks": s.decode_ranks(ranks) if s.pd else None,
               "ttft_output_len": s.ttft_output_len,
+              "ttft_prompts": s.ttft_prompts(ranks) if s.ttft_output_len else None,
               "lockstep": s.lockstep and args.executor == "sim", "runs": {}, "dispatch": {}}
     # The seed-003 way of measuring TTFT: the same prompts with ttft_output_len output
     # tokens, at the same fractions of that shape's own capacity.
@@ -165,7 +166,7 @@ def run_scenario(s: Scenario, ranks: int, args, bar: tqdm) -> dict:
                 if ttft_shape is not None:
                     ttft_rate = frac * result["ttft_capacity_req_s"]
                     probe, _ = asyncio.run(measured_run(bench_config(
-                        ttft_shape, ranks, server.url, ttft_rate, s.prompts(ranks), args.seed),
+                        ttft_shape, ranks, server.url, ttft_rate, s.ttft_prompts(ranks), args.seed),
                         ttft_shape.sampled_role))
                     run["ttft_pass"] = {"request_rate": ttft_rate,
                                         **{k: probe.get(k) for k in KEEP}}

@@ -43,6 +43,10 @@ class Scenario:
     # tokens at the same fraction of that shape's own capacity; the TTFT columns and
     # the TTFT headline come from it, TPOT and throughput from the full-length pass.
     ttft_output_len: int | None = None
+    # Prompts of that pass at 4 ranks (scaled like num_prompts); None: num_prompts. The
+    # pass is cheap (one output token), and with lockstep prefill one run's mean TTFT
+    # swings widely between prompt sets, so it gets more prompts than the full pass.
+    ttft_num_prompts: int | None = None
 
     @property
     def key(self) -> str:
@@ -50,6 +54,10 @@ class Scenario:
 
     def prompts(self, ranks: int) -> int:
         return max(self.num_prompts, self.num_prompts * ranks // 4)
+
+    def ttft_prompts(self, ranks: int) -> int:
+        n = self.ttft_num_prompts or self.num_prompts
+        return max(n, n * ranks // 4)
 
     def decode_ranks(self, ranks: int) -> int:
         return max(1, int(ranks * self.pd_decode_share))
@@ -86,7 +94,7 @@ SCENARIOS = {
     "variable-length": Scenario(
         "variable-length", ("total_tokens", "total_requests", "round_robin"), "round_robin",
         4096, 2048, 0.1, (0.9, 1.0), 96, pd=True, pd_balanced="both", pd_decode_share=1.0,
-        lockstep=True, ttft_output_len=1),
+        lockstep=True, ttft_output_len=1, ttft_num_prompts=192),
     # 002: PD, prefill and decode servers each TP4/EP4/DP4 with DP attention (decode
     # ranks in lockstep); the method balances the decode ranks. The seed ran 400 prompts
     # of 500 in / 1,500 out at 4 req/s with --max-concurrency 100 and completed about
@@ -108,7 +116,7 @@ QUICK = {
     "prefill-heavy": dict(methods=("total_tokens", "follow_bootstrap_room"),
                           fractions=(0.8, 1.0), num_prompts=36),
     "variable-length": dict(methods=("total_tokens", "round_robin"), fractions=(1.0,),
-                            num_prompts=24, output_len=128),
+                            num_prompts=24, ttft_num_prompts=None, output_len=128),
     "decode-heavy": dict(fractions=(3.0,), num_prompts=64, output_len=200,
                          concurrency_per_rank=8),
 }
