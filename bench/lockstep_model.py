@@ -1,0 +1,262 @@
+"""A queueing model of ranks that step in lockstep: which load signal balances them best.
+
+No processes, no board: a discrete-event model of N ranks whose every step lasts as
+long as the slowest rank's (DP attention with expert parallelism; ``--sim-lockstep``),
+with the step costs of a simulation profile (``scheduler.sim_executor``). It runs in
+seconds, so it can average over many prompt sets where one ``bench.compare`` run
+takes minutes; it checks the engine's design, it does not replace the benchmark.
+
+Prefill: requests arrive (Poisson, at fractions of the capacity a saturating burst
+measures, as ``bench.compare`` does) and join one rank's FIFO queue; each step a rank
+takes up to ``chunk`` prompt tokens (chunked, oldest first); a request's TTFT ends with
+the step that computes its last prompt token. Signals compared:
+
+- ``round_robin``;
+- ``total_tokens, in flight``: uncomputed prompt tokens including the chunk the rank
+  is computing now (what the board showed before lockstep ranks published at step
+  start);
+- ``total_tokens``: the same without the tokens in flight (what the board shows now);
+- ``total_requests``: requests held, the ones finishing in the step in flight excluded.
+
+Decode: requests arrive with prompt KV and an output length, are admitted while the
+rank's pool holds prompt + output (as the engine reserves), and decode one token per
+step; TPOT = (end - start) / (output - 1). Signals: ``round_robin``, ``total_requests``,
+``total_tokens`` (KV held + parked prompts, as the decode board counts).
+
+    python -m bench.lockstep_model               # both tables, 4 ranks, 20 prompt sets
+    python -m bench.lockstep_model --reps 40 --chunk 4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import deque
+
+import numpy as np
+
+from scheduler.sim_executor import SimProfile, load_profile
+
+PREFILL_SIGNALS = ("round_robin", "total_tokens, in flight", "total_tokens", "total_requests")
+DECODE_SIGNALS = ("round_robin", "total_requests", "total_tokens")
+
+
+def _chunk_cost(p: SimProfile, start: int, n: int) -> float:
+    return p.prefill_token_s * n + p.prefill_attn_s * n * (start + n / 2)
+
+
+def prefill_ttft(p: SimProfile, arrivals: np.ndarray, lens: np.ndarray, ranks: int,
+                 signal: str, chunk: int) -> np.ndarray:
+    """Per-request TTFT (s) of lockstep prefill ranks under one dispatch signal."""
+    n = len(arrivals)
+    queues: list[list[list[int]]] = [[] for _ in range(ranks)]  # [request, done, length]
+    left = np.zeros(ranks)  # uncomputed prompt tokens, chunk in flight included
+    in_flight = np.zeros(ranks)  # tokens of the chunk each rank is computing now
+    leaving = np.zeros(ranks)  # requests whose last chunk is in flight
+    finish = np.zeros(n)
+    t, nxt, turn, done = 0.0, 0, 0, 0
+
+    def dispatch(j: int) -> None:
+        nonlocal turn
+        if signal == "round_robin":
+            r, turn = turn % ranks, turn + 1
+        elif signal == "total_tokens, in flight":
+            r = int(np.argmin(left))
+        elif signal == "total_tokens":
+            r = int(np.argmin(left - in_flight))
+        elif signal == "total_requests":
+            r = int(np.argmin([len(q) for q in queues] - leaving))
+        else:
+            raise ValueError(f"unknown signal {signal!r}")
+        queues[r].append([j, 0, int(lens[j])])
+        left[r] += lens[j]
+
+    while done < n:
+        if not any(queues):  # idle: jump to the next arrival
+            t = max(t, arrivals[nxt])
+            dispatch(nxt)
+            nxt += 1
+            continue
+        batches = []
+        for r, q in enumerate(queues):
+            budget, items = chunk, []
+            for item in q:
+                if budget <= 0:
+                    break
+                k = min(budget, item[2] - item[1])
+                items.append((item, k))
+                budget -= k
+            batches.append(items)
+            in_flight[r] = sum(k for _, k in items)
+            leaving[r] = sum(1 for item, k in items if item[1] + k == item[2])
+        end = t + p.base_s + max(sum(_chunk_cost(p, item[1], k) for item, k in items)
+                                 for items in batches)
+        while nxt < n and arrivals[nxt] < end:
+            dispatch(nxt)
+            nxt += 1
+        for r, items in enumerate(batches):
+            for item, k in items:
+                item[1] += k
+                left[r] -= k
+                if item[1] == item[2]:
+                    finish[item[0]] = end
+                    queues[r].remove(item)
+                    done += 1
+        in_flight[:] = 0
+        leaving[:] = 0
+        t = end
+    return finish - arrivals
+
+
+def decode_tpot(p: SimProfile, arrivals: np.ndarray, prompts: np.ndarray, outputs: np.ndarray,
+                ranks: int, signal: str, pool: int) -> np.ndarray:
+    """Per-request TPOT (s) of lockstep decode ranks under one dispatch signal."""
+    if len(arrivals) and int((prompts + outputs).max()) > pool:
+        raise ValueError(f"a request needs {int((prompts + outputs).max())} KV tokens but the "
+                         f"pool holds {pool}: it could never start")
+    n = len(arrivals)
+    waiting = [deque() for _ in range(ranks)]
+    running: list[list[int]] = [[] for _ in range(ranks)]
+    used = np.zeros(ranks)
+    made = np.zeros(n, dtype=np.int64)  # tokens decoded so far
+    start, end = np.zeros(n), np.zeros(n)
+    t, nxt, turn, done = 0.0, 0, 0, 0
+
+    def load(r: int) -> int:
+        if signal == "total_requests":
+            return len(waiting[r]) + len(running[r])
+        return (sum(int(prompts[j] + made[j]) for j in running[r])
+                + sum(int(prompts[j]) for j in waiting[r]))
+
+    while done < n:
+        while nxt < n and arrivals[nxt] <= t:
+            if signal == "round_robin":
+                r, turn = turn % ranks, turn + 1
+            else:
+                r = min(range(ranks), key=load)
+            waiting[r].append(nxt)
+            nxt += 1
+        for r in range(ranks):
+            while waiting[r] and used[r] + prompts[waiting[r][0]] + outputs[waiting[r][0]] <= pool:
+                j = waiting[r].popleft()
+                running[r].append(j)
+                used[r] += prompts[j] + outputs[j]
+                start[j] = t
+        if not any(running):
+            t = arrivals[nxt]
+            continue
+        t += max(p.base_s + p.decode_seq_s * len(run)
+                 + p.decode_kv_s * sum(int(prompts[j] + made[j]) for j in run) for run in running)
+        for r, run in enumerate(running):
+            keep = []
+            for j in run:
+                made[j] += 1
+                if made[j] >= outputs[j] - 1:
+                    end[j] = t
+                    used[r] -= prompts[j] + outputs[j]
+                    done += 1
+                else:
+                    keep.append(j)
+            running[r] = keep
+    return (end - start) / (outputs - 1)
+
+
+def prefill_table(p: SimProfile, ranks: int, reps: int, prompts: int, fractions, chunk: int,
+                  lo: int, hi: int, seed: int) -> dict:
+    """Mean TTFT (ms) per signal and fraction over ``reps`` prompt sets, and the spread
+    of the per-set ratio total_tokens / round_robin."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for frac in fractions:
+        ttft = {s: [] for s in PREFILL_SIGNALS}
+        for _ in range(reps):
+            burst = rng.integers(lo, hi + 1, 4 * ranks)  # bench.compare's saturating run
+            cap = len(burst) / prefill_ttft(p, np.zeros(len(burst)), burst, ranks,
+                                            "total_tokens", chunk).max()
+            lens = rng.integers(lo, hi + 1, prompts)
+            arrivals = np.cumsum(rng.exponential(1 / (frac * cap), prompts))
+            for s in PREFILL_SIGNALS:
+                ttft[s].append(prefill_ttft(p, arrivals, lens, ranks, s, chunk).mean() * 1e3)
+        ratio = np.array(ttft["total_tokens"]) / np.array(ttft["round_robin"])
+        out[str(frac)] = {"mean_ttft_ms": {s: float(np.mean(v)) for s, v in ttft.items()},
+                          "ratio_total_tokens_round_robin": {
+                              "mean": float(ratio.mean()), "min": float(ratio.min()),
+                              "max": float(ratio.max())}}
+    return out
+
+
+def decode_table(p: SimProfile, ranks: int, reps: int, prompts: int, rates, pool: int,
+                 in_lo: int, in_hi: int, out_lo: int, out_hi: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    out = {}
+    for rate in rates:
+        tpot = {s: [] for s in DECODE_SIGNALS}
+        for _ in range(reps):
+            ins = rng.integers(in_lo, in_hi + 1, prompts)
+            outs = rng.integers(max(2, out_lo), out_hi + 1, prompts)
+            arrivals = np.cumsum(rng.exponential(1 / rate, prompts))
+            for s in DECODE_SIGNALS:
+                tpot[s].append(decode_tpot(p, arrivals, ins, outs, ranks, s, pool).mean() * 1e3)
+        out[str(rate)] = {"mean_tpot_ms": {s: float(np.mean(v)) for s, v in tpot.items()}}
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--profile", default="seed-qwen3-235b-dp4")
+    ap.add_argument("--ranks", type=int, default=4)
+    ap.add_argument("--reps", type=int, default=20, help="prompt sets averaged per figure")
+    ap.add_argument("--prompts", type=int, default=96, help="prefill prompts per set")
+    ap.add_argument("--decode-prompts", type=int, default=200)
+    ap.add_argument("--chunk", type=int, default=16384, help="--chunked-prefill-size")
+    ap.add_argument("--fractions", type=float, nargs="+", default=[0.8, 0.9, 1.0])
+    ap.add_argument("--decode-rates", type=float, nargs="+", default=[1.0, 2.0],
+                    help="decode arrivals, req/s over all ranks")
+    ap.add_argument("--pool", type=int, default=None, help="decode KV pool per rank "
+                    "(default: the profile's)")
+    ap.add_argument("--input-len", type=int, default=4096)
+    ap.add_argument("--output-len", type=int, default=2048)
+    ap.add_argument("--range-ratio", type=float, default=0.1)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--skip-decode", action="store_true")
+    ap.add_argument("--json", help="write the figures here")
+    a = ap.parse_args(argv)
+    if a.ranks < 1 or a.reps < 1 or a.prompts < 1 or a.chunk < 1:
+        ap.error("--ranks, --reps, --prompts and --chunk must be >= 1")
+    p = load_profile(a.profile)
+    in_lo, out_lo = int(a.input_len * a.range_ratio), int(a.output_len * a.range_ratio)
+    result = {"model": "bench.lockstep_model (queueing model, simulated costs)",
+              "profile": p.name, "ranks": a.ranks, "reps": a.reps, "chunk": a.chunk,
+              "prefill": prefill_table(p, a.ranks, a.reps, a.prompts, a.fractions, a.chunk,
+                                       max(1, in_lo), a.input_len, a.seed)}
+    print(f"lockstep prefill, {a.ranks} ranks, profile {p.name} (simulated), inputs "
+          f"{max(1, in_lo)}-{a.input_len}, chunk {a.chunk}, mean TTFT (ms) over {a.reps} "
+          f"sets of {a.prompts} prompts")
+    print(f"{'capacity':>8} | " + " | ".join(f"{s:>23}" for s in PREFILL_SIGNALS)
+          + " | total_tokens / round_robin: mean (min-max)")
+    for frac, row in result["prefill"].items():
+        r = row["ratio_total_tokens_round_robin"]
+        print(f"{float(frac):>7.2f}x | " + " | ".join(
+            f"{row['mean_ttft_ms'][s]:>23.0f}" for s in PREFILL_SIGNALS)
+            + f" | {r['mean']:.2f} ({r['min']:.2f}-{r['max']:.2f})")
+    if not a.skip_decode:
+        pool = a.pool or p.max_total_num_tokens
+        result["decode"] = decode_table(p, a.ranks, a.reps, a.decode_prompts, a.decode_rates,
+                                        pool, max(1, in_lo), a.input_len, out_lo, a.output_len,
+                                        a.seed)
+        result["decode_pool"] = pool
+        print(f"\nlockstep decode, {a.ranks} ranks, pool {pool} tokens per rank, outputs "
+              f"{out_lo}-{a.output_len}, mean TPOT (ms) over {a.reps} sets of "
+              f"{a.decode_prompts} prompts")
+        print(f"{'req/s':>8} | " + " | ".join(f"{s:>14}" for s in DECODE_SIGNALS))
+        for rate, row in result["decode"].items():
+            print(f"{float(rate):>8.2f} | " + " | ".join(
+                f"{row['mean_tpot_ms'][s]:>14.1f}" for s in DECODE_SIGNALS))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
