@@ -90,9 +90,12 @@ SCENARIOS = {
     # method on both; uniform lengths with one range ratio: inputs 409-4,096 (mean
     # 2,252), outputs 204-2,048 (mean 1,126, the seed's mean). The seed measured TTFT
     # with max_out_len=1 "to eliminate the impact of decoding on prefill", so does this
-    # (ttft_output_len); TPOT comes from the full-length pass.
+    # (ttft_output_len); TPOT comes from the full-length pass. The seed's baseline (its
+    # "round_robin") placed requests by bootstrap_room mod dp size, which is
+    # follow_bootstrap_room here; round_robin here is a true turn counter.
     "variable-length": Scenario(
-        "variable-length", ("total_tokens", "total_requests", "round_robin"), "round_robin",
+        "variable-length", ("total_tokens", "total_requests", "follow_bootstrap_room", "round_robin"),
+        "round_robin",
         4096, 2048, 0.1, (0.9, 1.0), 96, pd=True, pd_balanced="both", pd_decode_share=1.0,
         lockstep=True, ttft_output_len=1, ttft_num_prompts=192),
     # 002: PD, prefill and decode servers each TP4/EP4/DP4 with DP attention (decode

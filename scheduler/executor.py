@@ -30,6 +30,11 @@ class Executor(Protocol):
     # lockstep peers wait for this rank (scheduler.lockstep). The rank loop then does
     # not block waiting for requests, and the scheduler runs the empty batch.
     # wants_idle_steps: bool
+    # Optional (getattr, default False): True when this rank's every step lasts as long
+    # as its peers' (DP attention with expert parallelism; the simulated executor with
+    # --sim-lockstep). The scheduler then publishes its load before each forward too,
+    # as it will stand when that forward ends (scheduler.scheduler).
+    # steps_in_lockstep: bool
 
     # PD (scheduler.pd), optional: ``kv_segment`` (a prefill rank's shared pool and
     # hand-off arena, None elsewhere), ``import_kv(peer_segment, src_slots, dst_slots)``

@@ -92,7 +92,7 @@ class Scheduler:
         batch = self.schedule()
         # An empty batch still runs when the executor asks (simulated lockstep peers).
         if batch or getattr(self.executor, "wants_idle_steps", False):
-            if self.cfg.sim_lockstep_name is not None:
+            if getattr(self.executor, "steps_in_lockstep", False):
                 self.publish_load(self._leaving(batch))
             results = self.executor.forward(batch)
             self.process_results(batch, results)

@@ -84,6 +84,7 @@ class SimExecutor:
                  lockstep=None):
         self.profile = profile
         self.lockstep = lockstep  # a scheduler.lockstep.LockstepMember, or None
+        self.steps_in_lockstep = lockstep is not None
         self.context_len = profile.context_len
         self.vocab_size = profile.vocab_size
         # No eos: simulated requests run to max_new_tokens, like ignore_eos benchmarks.

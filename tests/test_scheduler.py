@@ -154,8 +154,8 @@ def test_board_during_a_forward_shows_step_end_load_only_in_lockstep(board, lock
     """Lockstep ranks publish, before each forward, the load left when it ends: a
     request sampling its last allowed token is not counted while that pass runs.
     Independent ranks show the load from before the pass (work in flight counts)."""
-    cfg = {"sim_lockstep_name": "not-attached"} if lockstep else {}
-    sched, sent = make_scheduler(board, chunked_prefill_size=64, **cfg)
+    sched, sent = make_scheduler(board, chunked_prefill_size=64)
+    sched.executor.steps_in_lockstep = lockstep  # as a lockstep member's executor says
     seen = []
     real_forward = sched.executor.forward
 

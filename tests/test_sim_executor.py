@@ -74,6 +74,7 @@ def test_step_time_of_an_empty_batch_is_the_base_cost():
 def test_without_lockstep_a_rank_never_wants_idle_steps():
     ex = SimExecutor(PROFILE)
     assert ex.wants_idle_steps is False
+    assert ex.steps_in_lockstep is False  # the scheduler publishes after each batch only
     start = time.perf_counter()
     ex.forward(prefill_batch(5))
     assert 0.009 <= time.perf_counter() - start < 0.1
@@ -196,6 +197,7 @@ def test_a_lone_member_steps_at_its_own_pace(segment):
     try:
         ex = SimExecutor(PROFILE, lockstep=member)
         assert not ex.wants_idle_steps
+        assert ex.steps_in_lockstep  # the scheduler also publishes before each forward
         start = time.perf_counter()
         ex.forward(prefill_batch(5))
         assert 0.009 <= time.perf_counter() - start < 0.1
