@@ -12,11 +12,15 @@ takes up to ``chunk`` prompt tokens (chunked, oldest first); a request's TTFT en
 the step that computes its last prompt token. Signals compared:
 
 - ``round_robin``;
-- ``total_tokens, in flight``: uncomputed prompt tokens including the chunk the rank
-  is computing now (what the board showed before lockstep ranks published at step
-  start);
-- ``total_tokens``: the same without the tokens in flight (what the board shows now);
+- ``total_tokens (in flight)``: uncomputed prompt tokens including the chunk the rank
+  is computing now (what the board shows for independent ranks, and showed for
+  lockstep ranks before they published at step start);
+- ``total_tokens (step end)``: the same without the chunk in flight (what lockstep
+  ranks publish now);
 - ``total_requests``: requests held, the ones finishing in the step in flight excluded.
+
+The same prefill table is printed for ranks that step on their own, where the chunk in
+flight does delay a new request (the contrast case).
 
 Decode: requests arrive with prompt KV and an output length, are admitted while the
 rank's pool holds prompt + output (as the engine reserves), and decode one token per
@@ -30,6 +34,7 @@ step; TPOT = (end - start) / (output - 1). Signals: ``round_robin``, ``total_req
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
 from collections import deque
 
@@ -37,7 +42,8 @@ import numpy as np
 
 from scheduler.sim_executor import SimProfile, load_profile
 
-PREFILL_SIGNALS = ("round_robin", "total_tokens, in flight", "total_tokens", "total_requests")
+IN_FLIGHT, STEP_END = "total_tokens (in flight)", "total_tokens (step end)"
+PREFILL_SIGNALS = ("round_robin", IN_FLIGHT, STEP_END, "total_requests")
 DECODE_SIGNALS = ("round_robin", "total_requests", "total_tokens")
 
 
@@ -60,9 +66,9 @@ def prefill_ttft(p: SimProfile, arrivals: np.ndarray, lens: np.ndarray, ranks: i
         nonlocal turn
         if signal == "round_robin":
             r, turn = turn % ranks, turn + 1
-        elif signal == "total_tokens, in flight":
+        elif signal == IN_FLIGHT:
             r = int(np.argmin(left))
-        elif signal == "total_tokens":
+        elif signal == STEP_END:
             r = int(np.argmin(left - in_flight))
         elif signal == "total_requests":
             r = int(np.argmin([len(q) for q in queues] - leaving))
@@ -105,6 +111,60 @@ def prefill_ttft(p: SimProfile, arrivals: np.ndarray, lens: np.ndarray, ranks: i
         in_flight[:] = 0
         leaving[:] = 0
         t = end
+    return finish - arrivals
+
+
+def prefill_ttft_independent(p: SimProfile, arrivals: np.ndarray, lens: np.ndarray, ranks: int,
+                             signal: str, chunk: int) -> np.ndarray:
+    """The same without lockstep: each rank steps on its own (the contrast case)."""
+    n = len(arrivals)
+    queues: list[list[list[int]]] = [[] for _ in range(ranks)]
+    left, in_flight = np.zeros(ranks), np.zeros(ranks)
+    batches: list[list | None] = [None] * ranks
+    finish = np.zeros(n)
+    events = [(float(a), 0, j) for j, a in enumerate(arrivals)]  # (time, 0 arrival | 1 step end, id)
+    heapq.heapify(events)
+    turn = 0
+
+    def start(r: int, t: float) -> None:
+        budget, items = chunk, []
+        for item in queues[r]:
+            if budget <= 0:
+                break
+            k = min(budget, item[2] - item[1])
+            items.append((item, k))
+            budget -= k
+        batches[r] = items or None
+        in_flight[r] = sum(k for _, k in items)
+        if items:
+            heapq.heappush(events, (t + p.base_s + sum(_chunk_cost(p, item[1], k)
+                                                       for item, k in items), 1, r))
+
+    while events:
+        t, kind, x = heapq.heappop(events)
+        if kind == 0:
+            if signal == "round_robin":
+                r, turn = turn % ranks, turn + 1
+            elif signal == IN_FLIGHT:
+                r = int(np.argmin(left))
+            elif signal == STEP_END:
+                r = int(np.argmin(left - in_flight))
+            elif signal == "total_requests":
+                r = int(np.argmin([len(q) for q in queues]))
+            else:
+                raise ValueError(f"unknown signal {signal!r}")
+            queues[r].append([x, 0, int(lens[x])])
+            left[r] += lens[x]
+            if batches[r] is None:
+                start(r, t)
+        else:
+            for item, k in batches[x]:
+                item[1] += k
+                left[x] -= k
+                if item[1] == item[2]:
+                    finish[item[0]] = t
+                    queues[x].remove(item)
+            start(x, t)
     return finish - arrivals
 
 
@@ -162,24 +222,27 @@ def decode_tpot(p: SimProfile, arrivals: np.ndarray, prompts: np.ndarray, output
 
 
 def prefill_table(p: SimProfile, ranks: int, reps: int, prompts: int, fractions, chunk: int,
-                  lo: int, hi: int, seed: int) -> dict:
+                  lo: int, hi: int, seed: int, lockstep: bool = True) -> dict:
     """Mean TTFT (ms) per signal and fraction over ``reps`` prompt sets, and the spread
-    of the per-set ratio total_tokens / round_robin."""
+    of the per-set ratio of the engine's total_tokens (step end with lockstep, in
+    flight without) to round_robin."""
+    model = prefill_ttft if lockstep else prefill_ttft_independent
+    engine = STEP_END if lockstep else IN_FLIGHT
     rng = np.random.default_rng(seed)
     out = {}
     for frac in fractions:
         ttft = {s: [] for s in PREFILL_SIGNALS}
         for _ in range(reps):
             burst = rng.integers(lo, hi + 1, 4 * ranks)  # bench.compare's saturating run
-            cap = len(burst) / prefill_ttft(p, np.zeros(len(burst)), burst, ranks,
-                                            "total_tokens", chunk).max()
+            cap = len(burst) / model(p, np.zeros(len(burst)), burst, ranks,
+                                     engine, chunk).max()
             lens = rng.integers(lo, hi + 1, prompts)
             arrivals = np.cumsum(rng.exponential(1 / (frac * cap), prompts))
             for s in PREFILL_SIGNALS:
-                ttft[s].append(prefill_ttft(p, arrivals, lens, ranks, s, chunk).mean() * 1e3)
-        ratio = np.array(ttft["total_tokens"]) / np.array(ttft["round_robin"])
+                ttft[s].append(model(p, arrivals, lens, ranks, s, chunk).mean() * 1e3)
+        ratio = np.array(ttft[engine]) / np.array(ttft["round_robin"])
         out[str(frac)] = {"mean_ttft_ms": {s: float(np.mean(v)) for s, v in ttft.items()},
-                          "ratio_total_tokens_round_robin": {
+                          "ratio_engine_total_tokens_round_robin": {
                               "mean": float(ratio.mean()), "min": float(ratio.min()),
                               "max": float(ratio.max())}}
     return out
@@ -226,26 +289,29 @@ def main(argv=None) -> dict:
     p = load_profile(a.profile)
     in_lo, out_lo = int(a.input_len * a.range_ratio), int(a.output_len * a.range_ratio)
     result = {"model": "bench.lockstep_model (queueing model, simulated costs)",
-              "profile": p.name, "ranks": a.ranks, "reps": a.reps, "chunk": a.chunk,
-              "prefill": prefill_table(p, a.ranks, a.reps, a.prompts, a.fractions, a.chunk,
-                                       max(1, in_lo), a.input_len, a.seed)}
-    print(f"lockstep prefill, {a.ranks} ranks, profile {p.name} (simulated), inputs "
-          f"{max(1, in_lo)}-{a.input_len}, chunk {a.chunk}, mean TTFT (ms) over {a.reps} "
-          f"sets of {a.prompts} prompts")
-    print(f"{'capacity':>8} | " + " | ".join(f"{s:>23}" for s in PREFILL_SIGNALS)
-          + " | total_tokens / round_robin: mean (min-max)")
-    for frac, row in result["prefill"].items():
-        r = row["ratio_total_tokens_round_robin"]
-        print(f"{float(frac):>7.2f}x | " + " | ".join(
-            f"{row['mean_ttft_ms'][s]:>23.0f}" for s in PREFILL_SIGNALS)
-            + f" | {r['mean']:.2f} ({r['min']:.2f}-{r['max']:.2f})")
+              "profile": p.name, "ranks": a.ranks, "reps": a.reps, "chunk": a.chunk}
+    for lockstep in (True, False):
+        key = "prefill" if lockstep else "prefill_independent"
+        result[key] = prefill_table(p, a.ranks, a.reps, a.prompts, a.fractions, a.chunk,
+                                    max(1, in_lo), a.input_len, a.seed, lockstep)
+        print(f"{'lockstep' if lockstep else 'independent (no lockstep)'} prefill, {a.ranks} "
+              f"ranks, profile {p.name} (simulated), inputs {max(1, in_lo)}-{a.input_len}, "
+              f"chunk {a.chunk}, mean TTFT (ms) over {a.reps} sets of {a.prompts} prompts")
+        print(f"{'capacity':>8} | " + " | ".join(f"{s:>24}" for s in PREFILL_SIGNALS)
+              + f" | {STEP_END if lockstep else IN_FLIGHT} / round_robin: mean (min-max)")
+        for frac, row in result[key].items():
+            r = row["ratio_engine_total_tokens_round_robin"]
+            print(f"{float(frac):>7.2f}x | " + " | ".join(
+                f"{row['mean_ttft_ms'][s]:>24.0f}" for s in PREFILL_SIGNALS)
+                + f" | {r['mean']:.2f} ({r['min']:.2f}-{r['max']:.2f})")
+        print()
     if not a.skip_decode:
         pool = a.pool or p.max_total_num_tokens
         result["decode"] = decode_table(p, a.ranks, a.reps, a.decode_prompts, a.decode_rates,
                                         pool, max(1, in_lo), a.input_len, out_lo, a.output_len,
                                         a.seed)
         result["decode_pool"] = pool
-        print(f"\nlockstep decode, {a.ranks} ranks, pool {pool} tokens per rank, outputs "
+        print(f"lockstep decode, {a.ranks} ranks, pool {pool} tokens per rank, outputs "
               f"{out_lo}-{a.output_len}, mean TPOT (ms) over {a.reps} sets of "
               f"{a.decode_prompts} prompts")
         print(f"{'req/s':>8} | " + " | ".join(f"{s:>14}" for s in DECODE_SIGNALS))

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from bench.lockstep_model import (DECODE_SIGNALS, PREFILL_SIGNALS, decode_tpot, main,
-                                  prefill_ttft)
+from bench.lockstep_model import (DECODE_SIGNALS, IN_FLIGHT, PREFILL_SIGNALS, STEP_END,
+                                  decode_tpot, main, prefill_ttft, prefill_ttft_independent)
 from scheduler.sim_executor import load_profile
 
 PROFILE = load_profile("seed-qwen3-235b-dp4")
@@ -19,18 +19,20 @@ def workload(seed: int, n: int = 60, rate: float = 3.5):
     return np.cumsum(rng.exponential(1 / rate, n)), rng.integers(409, 4097, n)
 
 
-def test_one_rank_leaves_nothing_to_choose():
+@pytest.mark.parametrize("model", [prefill_ttft, prefill_ttft_independent])
+def test_one_rank_leaves_nothing_to_choose(model):
     arrivals, lens = workload(0)
-    ttfts = [prefill_ttft(PROFILE, arrivals, lens, 1, s, 4096) for s in PREFILL_SIGNALS]
+    ttfts = [model(PROFILE, arrivals, lens, 1, s, 4096) for s in PREFILL_SIGNALS]
     for t in ttfts[1:]:
         assert np.array_equal(t, ttfts[0])
 
 
+@pytest.mark.parametrize("model", [prefill_ttft, prefill_ttft_independent])
 @pytest.mark.parametrize("signal", PREFILL_SIGNALS)
-def test_no_request_is_faster_than_its_own_prompt(signal):
+def test_no_request_is_faster_than_its_own_prompt(signal, model):
     arrivals, lens = workload(1)
     chunk = 4096
-    ttft = prefill_ttft(PROFILE, arrivals, lens, 4, signal, chunk)
+    ttft = model(PROFILE, arrivals, lens, 4, signal, chunk)
     own = np.array([PROFILE.base_s + PROFILE.prefill_token_s * n
                     + PROFILE.prefill_attn_s * n * n / 2 for n in lens])
     assert np.all(ttft >= own - 1e-9)
@@ -47,8 +49,20 @@ def test_lockstep_prefill_balances_best_on_tokens_not_in_flight():
         for s in PREFILL_SIGNALS:
             means[s].append(prefill_ttft(PROFILE, arrivals, lens, 4, s, 16384).mean())
     m = {s: float(np.mean(v)) for s, v in means.items()}
-    assert m["total_tokens"] < 0.9 * m["round_robin"]
-    assert m["total_tokens, in flight"] > m["round_robin"]
+    assert m[STEP_END] < 0.9 * m["round_robin"]
+    assert m[IN_FLIGHT] > m["round_robin"]
+
+
+def test_independent_prefill_balances_best_counting_the_chunk_in_flight():
+    """The contrast: ranks that step on their own are better balanced by counting the
+    work in flight (it does delay a new request there), as the board does for them."""
+    means = {s: [] for s in PREFILL_SIGNALS}
+    for seed in range(8):
+        arrivals, lens = workload(seed, n=96, rate=4.5)
+        for s in PREFILL_SIGNALS:
+            means[s].append(prefill_ttft_independent(PROFILE, arrivals, lens, 4, s, 16384).mean())
+    m = {s: float(np.mean(v)) for s, v in means.items()}
+    assert m[IN_FLIGHT] < m["round_robin"] < m[STEP_END]
 
 
 @pytest.mark.parametrize("signal", DECODE_SIGNALS)
@@ -68,6 +82,7 @@ def test_cli_writes_every_figure(tmp_path):
     main(["--reps", "2", "--prompts", "24", "--decode-prompts", "20", "--fractions", "1.0",
           "--decode-rates", "1.0", "--json", str(out)])
     data = json.loads(out.read_text())
-    assert set(data["prefill"]["1.0"]["mean_ttft_ms"]) == set(PREFILL_SIGNALS)
+    for key in ("prefill", "prefill_independent"):
+        assert set(data[key]["1.0"]["mean_ttft_ms"]) == set(PREFILL_SIGNALS)
     assert set(data["decode"]["1.0"]["mean_tpot_ms"]) == set(DECODE_SIGNALS)
     assert "simulated" in data["model"]
