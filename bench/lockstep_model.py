@@ -51,6 +51,31 @@ def _chunk_cost(p: SimProfile, start: int, n: int) -> float:
     return p.prefill_token_s * n + p.prefill_attn_s * n * (start + n / 2)
 
 
+def _pick(signal: str, turn: int, left: np.ndarray, in_flight: np.ndarray, requests) -> int:
+    """The rank ``signal`` picks for the ``turn``-th request (see the module docstring)."""
+    if signal == "round_robin":
+        return turn % len(left)
+    if signal == IN_FLIGHT:
+        return int(np.argmin(left))
+    if signal == STEP_END:
+        return int(np.argmin(left - in_flight))
+    if signal == "total_requests":
+        return int(np.argmin(requests))
+    raise ValueError(f"unknown signal {signal!r}")
+
+
+def _next_batch(queue: list[list[int]], chunk: int) -> list[tuple[list[int], int]]:
+    """(request, tokens) of one rank's next forward: oldest first, ``chunk`` tokens."""
+    budget, items = chunk, []
+    for item in queue:
+        if budget <= 0:
+            break
+        k = min(budget, item[2] - item[1])
+        items.append((item, k))
+        budget -= k
+    return items
+
+
 def prefill_ttft(p: SimProfile, arrivals: np.ndarray, lens: np.ndarray, ranks: int,
                  signal: str, chunk: int) -> np.ndarray:
     """Per-request TTFT (s) of lockstep prefill ranks under one dispatch signal."""
@@ -64,16 +89,8 @@ def prefill_ttft(p: SimProfile, arrivals: np.ndarray, lens: np.ndarray, ranks: i
 
     def dispatch(j: int) -> None:
         nonlocal turn
-        if signal == "round_robin":
-            r, turn = turn % ranks, turn + 1
-        elif signal == IN_FLIGHT:
-            r = int(np.argmin(left))
-        elif signal == STEP_END:
-            r = int(np.argmin(left - in_flight))
-        elif signal == "total_requests":
-            r = int(np.argmin([len(q) for q in queues] - leaving))
-        else:
-            raise ValueError(f"unknown signal {signal!r}")
+        r = _pick(signal, turn, left, in_flight, np.array([len(q) for q in queues]) - leaving)
+        turn += 1
         queues[r].append([j, 0, int(lens[j])])
         left[r] += lens[j]
 
@@ -85,13 +102,7 @@ def prefill_ttft(p: SimProfile, arrivals: np.ndarray, lens: np.ndarray, ranks: i
             continue
         batches = []
         for r, q in enumerate(queues):
-            budget, items = chunk, []
-            for item in q:
-                if budget <= 0:
-                    break
-                k = min(budget, item[2] - item[1])
-                items.append((item, k))
-                budget -= k
+            items = _next_batch(q, chunk)
             batches.append(items)
             in_flight[r] = sum(k for _, k in items)
             leaving[r] = sum(1 for item, k in items if item[1] + k == item[2])
@@ -127,13 +138,7 @@ def prefill_ttft_independent(p: SimProfile, arrivals: np.ndarray, lens: np.ndarr
     turn = 0
 
     def start(r: int, t: float) -> None:
-        budget, items = chunk, []
-        for item in queues[r]:
-            if budget <= 0:
-                break
-            k = min(budget, item[2] - item[1])
-            items.append((item, k))
-            budget -= k
+        items = _next_batch(queues[r], chunk)
         batches[r] = items or None
         in_flight[r] = sum(k for _, k in items)
         if items:
@@ -143,16 +148,8 @@ def prefill_ttft_independent(p: SimProfile, arrivals: np.ndarray, lens: np.ndarr
     while events:
         t, kind, x = heapq.heappop(events)
         if kind == 0:
-            if signal == "round_robin":
-                r, turn = turn % ranks, turn + 1
-            elif signal == IN_FLIGHT:
-                r = int(np.argmin(left))
-            elif signal == STEP_END:
-                r = int(np.argmin(left - in_flight))
-            elif signal == "total_requests":
-                r = int(np.argmin([len(q) for q in queues]))
-            else:
-                raise ValueError(f"unknown signal {signal!r}")
+            r = _pick(signal, turn, left, in_flight, [len(q) for q in queues])
+            turn += 1
             queues[r].append([x, 0, int(lens[x])])
             left[r] += lens[x]
             if batches[r] is None:
