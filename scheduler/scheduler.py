@@ -8,21 +8,25 @@ in requests whose KV arrived from prefill, a prefill rank frees KV decode releas
 Load accounting (what the board row says, see ``shm.board``):
 - ``num_reqs`` = running + waiting; ``num_waiting_reqs`` = waiting;
 - ``num_tokens`` = KV tokens computed for running requests + prompt tokens of requests
-  not computed yet (queued or mid-prefill);
+  not computed yet (queued or mid-prefill). A PD prefill rank counts only the prompt
+  tokens not computed yet: that is its work, and the KV it computed leaves with the
+  hand-off;
 - ``acked[d]`` grows the moment a request from dispatcher d is taken off the pipe, and
   reaches the board in the same publish that first counts the request, so the board's
   in-flight term (dispatched - acked) hands over to the reported term exactly.
 
-When ranks step together (DP attention with expert parallelism; here
-``--sim-lockstep``) the row is also published just before each forward pass, with the
-load the rank will hold when that pass ends: requests certain to leave in it (a PD
-prefill rank's last prompt chunks, requests sampling their last allowed token) are
-not counted. Every rank's current pass ends at the same moment, so work already in it
-delays a new request equally on every rank; counting it would steer arrivals away from
-the ranks that are busy *now* and pile them onto the next step of the others (with
-lockstep prefill and 16k-token chunks that made ``total_tokens`` up to 93% worse than
-round robin on mean TTFT; see ``bench/PROFILES.md``). Independent ranks keep the
-after-batch publish only: there, work in flight does delay a new request.
+When ranks step together (DP attention with expert parallelism; the simulated
+executor with ``--sim-lockstep``, ``Executor.steps_in_lockstep``) the row is also
+published just before each forward pass, as it will stand when that pass ends: the
+requests certain to leave in it (a PD prefill rank's last prompt chunks, requests
+sampling their last allowed token) are not counted, nor, on a PD prefill rank, the
+prompt tokens the pass computes. Every rank's current pass ends at the same moment, so
+work already in it delays a new request equally on every rank; counting it steered
+arrivals away from the ranks busy *now* and piled them onto the others' next step
+(lockstep prefill with 16k-token chunks: ``total_tokens`` had up to 93% higher mean TTFT
+than round robin; ``python -m bench.lockstep_model`` shows the effect in a queueing
+model). Independent ranks publish after each batch only: there, work in flight does
+delay a new request.
 """
 
 from __future__ import annotations
@@ -93,7 +97,7 @@ class Scheduler:
         # An empty batch still runs when the executor asks (simulated lockstep peers).
         if batch or getattr(self.executor, "wants_idle_steps", False):
             if getattr(self.executor, "steps_in_lockstep", False):
-                self.publish_load(self._leaving(batch))
+                self.publish_load(batch)
             results = self.executor.forward(batch)
             self.process_results(batch, results)
         self.publish_load()
@@ -130,18 +134,24 @@ class Scheduler:
         if ready or failed:
             self.send_outputs()  # the first token goes out now, not after this step's batch
 
-    def publish_load(self, leaving: frozenset[Req] = frozenset()) -> None:
-        """Write this rank's row; ``leaving`` (running requests that the forward about to
-        run ends for certain) is left out, see the module docstring."""
+    def publish_load(self, in_flight: list[ForwardItem] = ()) -> None:
+        """Write this rank's row. ``in_flight``: the batch about to run, when the row
+        should show the load as it will stand after it (lockstep; module docstring)."""
+        leaving = self._leaving(in_flight) if in_flight else ()
         running = [r for r in self.running if r not in leaving] if leaving else self.running
-        computed = sum(r.num_computed for r in running)
-        uncomputed = sum(r.prompt_len - r.num_computed for r in running if r.is_prefilling)
         queued = sum(r.prompt_len for r in self.waiting)
+        if self.hands_off:  # PD prefill: the prompt work left
+            done_now = sum(len(i.token_ids) for i in in_flight if i.req not in leaving)
+            tokens = sum(r.prompt_len - r.num_computed for r in running) - done_now + queued
+        else:
+            computed = sum(r.num_computed for r in running)
+            uncomputed = sum(r.prompt_len - r.num_computed for r in running if r.is_prefilling)
+            tokens = computed + uncomputed + queued
         # PD decode: parked requests (KV not here yet) count as waiting, prompt included.
         parked, parked_tokens = self.pd.pending_load() if self.pd is not None else (0, 0)
         self.board_row.publish(len(running) + len(self.waiting) + parked,
-                               len(self.waiting) + parked, computed + uncomputed + queued
-                               + parked_tokens, self.acked_reqs, self.acked_tokens)
+                               len(self.waiting) + parked, tokens + parked_tokens,
+                               self.acked_reqs, self.acked_tokens)
         self.board_row.heartbeat()
 
     def _leaving(self, batch: list[ForwardItem]) -> frozenset[Req]:

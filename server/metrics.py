@@ -6,7 +6,8 @@ in one process (tests) do not share or collide.
   fresh as the ranks' last batch and cost nothing between scrapes:
   ``sglang:num_running_reqs``, ``sglang:num_queue_reqs`` (waiting in the rank plus
   dispatched but not yet received), ``sglang:num_used_tokens`` (the rank's
-  ``num_tokens``: KV tokens in use plus prompt tokens still to prefill) and
+  ``num_tokens``: KV tokens in use plus prompt tokens still to prefill; on a PD
+  prefill rank the prompt tokens still to prefill only, see ``scheduler.scheduler``) and
   ``sglang:token_usage`` (that over the rank's KV pool size).
 - Histograms are observed by the engine client as outputs arrive:
   ``sglang:time_to_first_token_seconds``, ``sglang:inter_token_latency_seconds``

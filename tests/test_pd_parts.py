@@ -192,3 +192,27 @@ def test_aborting_a_parked_request_releases_kv_already_handed_off(pd):
     pd.step()  # the prefill rank reaps the release: long before the 0.3 s deadline
     assert pd.finish_reason("r")["type"] == "abort"
     assert not any(pd.leftovers().values()), pd.leftovers()
+
+
+# ---- what a prefill rank's board row counts ------------------------------------------------
+@pytest.mark.parametrize("lockstep", [False, True])
+def test_prefill_rank_counts_prompt_work_left(lockstep):
+    """A PD prefill rank's num_tokens is the prompt work not done (its KV leaves with the
+    hand-off). Independent: the chunk being computed still counts; lockstep: the row
+    shows the load as the pass will leave it (scheduler.scheduler)."""
+    with LocalPD(1, 1, sim_executor_factory("instant", 4096), chunked_prefill_size=64) as pd:
+        sched = pd.schedulers["prefill"][0]
+        sched.executor.steps_in_lockstep = lockstep
+        seen = []
+        forward = sched.executor.forward
+
+        def watched(items):
+            reqs, tokens, _ = pd.boards["prefill"].read_effective(FOREVER_NS)
+            seen.append((reqs[0], tokens[0]))
+            return forward(items)
+
+        sched.executor.forward = watched
+        pd.submit("p", list(range(3, 103)), greedy(4), room=5)
+        run_until_finished(pd, "p")
+        assert seen == ([(1, 36), (0, 0)] if lockstep else [(1, 100), (1, 36)])
+        assert pd.boards["prefill"].read_effective(FOREVER_NS)[:2] == ([0], [0])
