@@ -85,6 +85,8 @@ async def send_sglang(session: aiohttp.ClientSession, base_url: str, req: BenchR
     key = "text" if isinstance(req.prompt, str) else "input_ids"
     payload = {key: req.prompt, "stream": True, "sampling_params": {
         "temperature": 0.0, "max_new_tokens": req.output_len, "ignore_eos": True}}
+    if req.bootstrap_room is not None:
+        payload["bootstrap_room"] = req.bootstrap_room
     result = RequestResult(prompt_len=req.prompt_len)
     timer, seen = _Timer(result), 0
 

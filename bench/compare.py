@@ -52,7 +52,7 @@ def bench_config(s: Scenario, ranks: int, url: str, rate: float, num_prompts: in
                        random_output_len=s.output_len, random_range_ratio=s.range_ratio,
                        num_prompts=num_prompts, request_rate=rate,
                        max_concurrency=s.max_concurrency(ranks), seed=seed, disable_tqdm=True,
-                       return_requests=return_requests)
+                       return_requests=return_requests, seeded_bootstrap_rooms=s.pd)
 
 
 def capacity_prompts(s: Scenario, ranks: int) -> int:

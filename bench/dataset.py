@@ -22,7 +22,8 @@ import numpy as np
 DEFAULT_VOCAB_SIZE = 256
 TEXT_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789 "
 
-_DATASET_STREAM, _ARRIVAL_STREAM = 0, 1
+_DATASET_STREAM, _ARRIVAL_STREAM, _ROOM_STREAM = 0, 1, 2
+MAX_ROOM = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class BenchRequest:
     prompt: list[int] | str
     prompt_len: int  # tokens as generated (the server may count differently for text)
     output_len: int  # max_new_tokens, with ignore_eos: the tokens expected back
+    bootstrap_room: int | None = None  # PD: sent with the request when drawn (``rooms``)
 
 
 def length_range(max_len: int, range_ratio: float) -> tuple[int, int]:
@@ -42,8 +44,10 @@ def length_range(max_len: int, range_ratio: float) -> tuple[int, int]:
 
 
 def random_requests(num_prompts: int, input_len: int, output_len: int, range_ratio: float,
-                    seed: int, as_text: bool = False,
-                    vocab_size: int = DEFAULT_VOCAB_SIZE) -> list[BenchRequest]:
+                    seed: int, as_text: bool = False, vocab_size: int = DEFAULT_VOCAB_SIZE,
+                    rooms: bool = False) -> list[BenchRequest]:
+    """``rooms``: give each request a ``bootstrap_room`` from its own stream of the seed
+    (the prompts and lengths stay the same as without)."""
     if num_prompts < 1:
         raise ValueError(f"--num-prompts must be >= 1, got {num_prompts}")
     rng = np.random.default_rng([seed, _DATASET_STREAM])
@@ -51,11 +55,14 @@ def random_requests(num_prompts: int, input_len: int, output_len: int, range_rat
     out_lo, out_hi = length_range(output_len, range_ratio)
     input_lens = rng.integers(in_lo, in_hi + 1, size=num_prompts)
     output_lens = rng.integers(out_lo, out_hi + 1, size=num_prompts)
+    room_ids = (np.random.default_rng([seed, _ROOM_STREAM]).integers(
+        0, MAX_ROOM, size=num_prompts, dtype=np.int64).tolist() if rooms else [None] * num_prompts)
     requests = []
-    for n_in, n_out in zip(input_lens.tolist(), output_lens.tolist()):
+    for n_in, n_out, room in zip(input_lens.tolist(), output_lens.tolist(), room_ids):
         ids = rng.integers(0, vocab_size, size=n_in).tolist()
         prompt = ids_to_text(ids) if as_text else ids
-        requests.append(BenchRequest(prompt=prompt, prompt_len=n_in, output_len=n_out))
+        requests.append(BenchRequest(prompt=prompt, prompt_len=n_in, output_len=n_out,
+                                     bootstrap_room=room))
     return requests
 
 

@@ -62,12 +62,21 @@ class BenchConfig:
     request_rate: float = field(default=math.inf, **_opt("Poisson arrivals per second, or inf"))
     max_concurrency: int | None = field(default=None, **_opt("cap on requests in flight"))
     seed: int = field(default=1, **_opt("seed of prompts, lengths and arrivals"))
+    seeded_bootstrap_rooms: bool = field(default=False, **_opt(
+        "send each request a bootstrap_room drawn from --seed (sglang backend; PD servers): "
+        "every run of a seed places alike under follow_bootstrap_room, which otherwise "
+        "depends on the rooms the server draws"))
     warmup_requests: int = field(default=1, **_opt("short requests sent first, not counted"))
     request_timeout_s: float = field(default=6 * 3600.0, **_opt("per request"))
     output_file: str | None = field(default=None, **_opt("append the figures as a JSON line"))
     disable_tqdm: bool = field(default=False, **_opt("no progress bar"))
     # In-process only: also return every request's timings under "requests".
     return_requests: bool = field(default=False, metadata={"cli": False})
+
+    def __post_init__(self) -> None:
+        if self.seeded_bootstrap_rooms and self.backend != "sglang":
+            raise ValueError("--seeded-bootstrap-rooms needs --backend sglang (OpenAI requests "
+                             "carry no bootstrap_room)")
 
     @property
     def url(self) -> str:
@@ -77,7 +86,7 @@ class BenchConfig:
 def make_requests(cfg: BenchConfig) -> list[BenchRequest]:
     return random_requests(cfg.num_prompts, cfg.random_input_len, cfg.random_output_len,
                            cfg.random_range_ratio, cfg.seed, as_text=cfg.backend == "openai",
-                           vocab_size=cfg.random_vocab_size)
+                           vocab_size=cfg.random_vocab_size, rooms=cfg.seeded_bootstrap_rooms)
 
 
 async def run_benchmark(cfg: BenchConfig) -> dict:
@@ -193,7 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_config(argv: list[str] | None = None) -> BenchConfig:
-    return BenchConfig(**vars(build_parser().parse_args(argv)))
+    parser = build_parser()
+    try:
+        return BenchConfig(**vars(parser.parse_args(argv)))
+    except ValueError as exc:
+        parser.error(str(exc))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -85,6 +85,20 @@ def test_random_dataset_is_deterministic_by_seed():
     assert all(isinstance(r.prompt, str) and r.prompt.isascii() for r in text)
 
 
+def test_seeded_rooms_leave_the_prompts_alone_and_repeat_by_seed():
+    plain = random_requests(50, 200, 50, 0.3, seed=7)
+    with_rooms = random_requests(50, 200, 50, 0.3, seed=7, rooms=True)
+    assert all(r.bootstrap_room is None for r in plain)
+    assert [(r.prompt, r.output_len) for r in with_rooms] == [(r.prompt, r.output_len) for r in plain]
+    rooms = [r.bootstrap_room for r in with_rooms]
+    assert rooms == [r.bootstrap_room for r in random_requests(50, 200, 50, 0.3, 7, rooms=True)]
+    assert rooms != [r.bootstrap_room for r in random_requests(50, 200, 50, 0.3, 8, rooms=True)]
+    assert len(set(rooms)) == 50 and all(0 <= r < 2**63 for r in rooms)
+    assert len({r % 4 for r in rooms}) == 4  # spread over ranks like random rooms
+    with pytest.raises(SystemExit):  # argparse: a clear error, not a traceback
+        parse_config(["--backend", "openai", "--seeded-bootstrap-rooms"])
+
+
 def test_arrivals_are_poisson_and_deterministic():
     offsets = arrival_offsets(4000, 8.0, seed=1)
     assert offsets == arrival_offsets(4000, 8.0, seed=1)
@@ -181,8 +195,11 @@ def test_sglang_stream_timing_counts_cumulative_tokens():
         return {"text": text, "output_ids": list(range(n)),
                 "meta_info": {"completion_tokens": n, "prompt_tokens": 12, "dp_rank": 3}}
 
+    bodies = []
+
     async def handler(request):
         body = await request.json()
+        bodies.append(body)
         assert body["sampling_params"] == {"temperature": 0.0, "max_new_tokens": 4,
                                            "ignore_eos": True}
         assert body["stream"] is True and body["input_ids"] == [1, 2, 3]
@@ -194,11 +211,13 @@ def test_sglang_stream_timing_counts_cumulative_tokens():
         try:
             import aiohttp
             async with aiohttp.ClientSession() as session:
+                await send_sglang(session, url, BenchRequest([1, 2, 3], 3, 4, bootstrap_room=9))
                 return await send_sglang(session, url, BenchRequest([1, 2, 3], 3, 4))
         finally:
             await runner.cleanup()
 
     r = asyncio.run(run())
+    assert bodies[0]["bootstrap_room"] == 9 and "bootstrap_room" not in bodies[1]
     assert r.success, r.error
     assert (r.output_len, r.prompt_len, r.dp_rank) == (4, 12, 3)
     assert r.ttft == pytest.approx(0.05, abs=0.03)
