@@ -3,7 +3,7 @@
 No processes, no board: a discrete-event model of N ranks whose every step lasts as
 long as the slowest rank's (DP attention with expert parallelism; ``--sim-lockstep``),
 with the step costs of a simulation profile (``scheduler.sim_executor``). It runs in
-seconds, so it can average over many prompt sets where one ``bench.compare`` run
+under a minute, so it can average over many prompt sets where one ``bench.compare`` run
 takes minutes; it checks the engine's design, it does not replace the benchmark.
 
 Prefill: requests arrive (Poisson, at fractions of the capacity a saturating burst
@@ -17,7 +17,8 @@ the step that computes its last prompt token. Signals compared:
   lockstep ranks before they published at step start);
 - ``total_tokens (step end)``: the same without the chunk in flight (what lockstep
   ranks publish now);
-- ``total_requests``: requests held, the ones finishing in the step in flight excluded.
+- ``total_requests``: requests held (lockstep: those finishing in the step in flight
+  excluded, as lockstep ranks publish).
 
 The same prefill table is printed for ranks that step on their own, where the chunk in
 flight does delay a new request (the contrast case).
@@ -27,7 +28,7 @@ rank's pool holds prompt + output (as the engine reserves), and decode one token
 step; TPOT = (end - start) / (output - 1). Signals: ``round_robin``, ``total_requests``,
 ``total_tokens`` (KV held + parked prompts, as the decode board counts).
 
-    python -m bench.lockstep_model               # both tables, 4 ranks, 20 prompt sets
+    python -m bench.lockstep_model               # three tables, 4 ranks, 20 prompt sets
     python -m bench.lockstep_model --reps 40 --chunk 4096
 """
 
