@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 
 from bench.compare import dispatch_probe, run_scenario, steady_capacity
@@ -81,7 +82,9 @@ def test_compare_writes_table_json_and_plots(tmp_path):
     for key in ("prefill_heavy_ttft_ratio_0_8", "prefill_heavy_ttft_ratio_1_0",
                 "decode_heavy_throughput_gain", "variable_length_ttft_gain",
                 "variable_length_tpot_gain"):
-        assert summary[key] is not None and summary[key] > -1, key
+        # A figure, not a direction: on the zero-cost profile TTFT and TPOT are the
+        # machinery's jitter (sub-millisecond), so a gain can be anything, e.g. -1.4.
+        assert isinstance(summary[key], float) and math.isfinite(summary[key]), key
     assert set(summary["dispatch_probe_us"]) == {"2", "4"}
     run = summary["scenarios"][0]["runs"]["total_tokens"][0]
     assert run["completed"] == 6 and run["failed"] == 0
