@@ -182,7 +182,8 @@ def write_reports(results: list[dict], probe: dict, args, elapsed_s: float) -> s
                   f"{r['capacity_req_s']:.2f} req/s (saturating run of "
                   f"{cap.get('completed', '?')} prompts); TTFT/TPOT in ms", "",
                   *([f"TTFT and P99 TTFT: a second pass of {r.get('ttft_prompts') or 'the same'} "
-                     f"prompts (lengths drawn alike) with {r['ttft_output_len']} output token(s) (as seed 003 measured TTFT) at the "
+                     f"prompts (lengths drawn alike) with {r['ttft_output_len']} output "
+                     f"token(s) (as seed 003 measured TTFT) at the "
                      f"same fraction of its own capacity, "
                      f"{r.get('ttft_capacity_req_s') or 0:.2f} req/s; TPOT and output "
                      f"throughput: the full-length pass", ""] if r.get("ttft_output_len") else []),

@@ -134,7 +134,8 @@ def prefill_ttft_independent(p: SimProfile, arrivals: np.ndarray, lens: np.ndarr
     left, in_flight = np.zeros(ranks), np.zeros(ranks)
     batches: list[list | None] = [None] * ranks
     finish = np.zeros(n)
-    events = [(float(a), 0, j) for j, a in enumerate(arrivals)]  # (time, 0 arrival | 1 step end, id)
+    # (time, 0 = arrival | 1 = step end, request | rank)
+    events = [(float(a), 0, j) for j, a in enumerate(arrivals)]
     heapq.heapify(events)
     turn = 0
 

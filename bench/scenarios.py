@@ -53,11 +53,10 @@ class Scenario:
         return self.name.replace("-", "_")
 
     def prompts(self, ranks: int) -> int:
-        return max(self.num_prompts, self.num_prompts * ranks // 4)
+        return _scaled(self.num_prompts, ranks)
 
     def ttft_prompts(self, ranks: int) -> int:
-        n = self.ttft_num_prompts or self.num_prompts
-        return max(n, n * ranks // 4)
+        return _scaled(self.ttft_num_prompts or self.num_prompts, ranks)
 
     def decode_ranks(self, ranks: int) -> int:
         return max(1, int(ranks * self.pd_decode_share))
@@ -78,6 +77,11 @@ class Scenario:
                                    output_len=max(2, self.output_len // REAL_LENGTH_DIVISOR))
 
 
+def _scaled(prompts_at_4: int, ranks: int) -> int:
+    """A run's prompt count: given for 4 ranks, proportional above."""
+    return max(prompts_at_4, prompts_at_4 * ranks // 4)
+
+
 SCENARIOS = {
     # 001: PD, long fixed input, 5 output tokens; TTFT by rate near prefill saturation.
     "prefill-heavy": Scenario(
@@ -94,8 +98,8 @@ SCENARIOS = {
     # "round_robin") placed requests by bootstrap_room mod dp size, which is
     # follow_bootstrap_room here; round_robin here is a true turn counter.
     "variable-length": Scenario(
-        "variable-length", ("total_tokens", "total_requests", "follow_bootstrap_room", "round_robin"),
-        "round_robin",
+        "variable-length",
+        ("total_tokens", "total_requests", "follow_bootstrap_room", "round_robin"), "round_robin",
         4096, 2048, 0.1, (0.9, 1.0), 96, pd=True, pd_balanced="both", pd_decode_share=1.0,
         lockstep=True, ttft_output_len=1, ttft_num_prompts=192),
     # 002: PD, prefill and decode servers each TP4/EP4/DP4 with DP attention (decode
