@@ -18,10 +18,17 @@ the step that computes its last prompt token. Signals compared:
 - ``total_tokens (step end)``: the same without the chunk in flight (what lockstep
   ranks publish now);
 - ``total_requests``: requests held (lockstep: those finishing in the step in flight
-  excluded, as lockstep ranks publish).
+  excluded, as lockstep ranks publish);
+- ``follow_bootstrap_room``: ``bootstrap_room % ranks`` with random 63-bit rooms, as a
+  gateway draws them (prefill-heavy's baseline).
+
+Picks go through the engine's own ``scheduler.policy`` functions, so ties rotate as
+they do in the dispatcher (with fixed prompt lengths most picks are ties).
 
 The same prefill table is printed for ranks that step on their own, where the chunk in
-flight does delay a new request (the contrast case).
+flight does delay a new request (the contrast case). Each table gives the engine's
+signal over round_robin and over follow_bootstrap_room as the ratio of the mean TTFTs
+and one set's min-max; ``--input-len 3500 --range-ratio 1`` is prefill-heavy's shape.
 
 Decode: requests arrive with prompt KV and an output length, are admitted while the
 rank's pool holds prompt + output (as the engine reserves), and decode one token per
@@ -30,6 +37,7 @@ step; TPOT = (end - start) / (output - 1). Signals: ``round_robin``, ``total_req
 
     python -m bench.lockstep_model               # three tables, 4 ranks, 20 prompt sets
     python -m bench.lockstep_model --reps 40 --chunk 4096
+    python -m bench.lockstep_model --input-len 3500 --range-ratio 1 --skip-decode --reps 40
 """
 
 from __future__ import annotations
@@ -41,10 +49,13 @@ from collections import deque
 
 import numpy as np
 
+from scheduler import policy
+from scheduler.policy import RotationState
 from scheduler.sim_executor import SimProfile, load_profile
 
 IN_FLIGHT, STEP_END = "total_tokens (in flight)", "total_tokens (step end)"
-PREFILL_SIGNALS = ("round_robin", IN_FLIGHT, STEP_END, "total_requests")
+ROOM = "follow_bootstrap_room"
+PREFILL_SIGNALS = ("round_robin", IN_FLIGHT, STEP_END, "total_requests", ROOM)
 DECODE_SIGNALS = ("round_robin", "total_requests", "total_tokens")
 
 
@@ -52,16 +63,23 @@ def _chunk_cost(p: SimProfile, start: int, n: int) -> float:
     return p.prefill_token_s * n + p.prefill_attn_s * n * (start + n / 2)
 
 
-def _pick(signal: str, turn: int, left: np.ndarray, in_flight: np.ndarray, requests) -> int:
-    """The rank ``signal`` picks for the ``turn``-th request (see the module docstring)."""
+def _pick(signal: str, state: RotationState, left: np.ndarray, in_flight: np.ndarray,
+          requests, room: int) -> int:
+    """The rank ``signal`` picks, with the engine's own policy functions (ties rotate;
+    total_tokens breaks ties by requests)."""
+    ranks = len(left)
+    alive = (True,) * ranks
+    reqs = [int(x) for x in requests]
     if signal == "round_robin":
-        return turn % len(left)
+        return policy.round_robin(alive, state)
+    if signal == ROOM:
+        return policy.follow_bootstrap_room(int(room), alive)
     if signal == IN_FLIGHT:
-        return int(np.argmin(left))
+        return policy.total_tokens([int(x) for x in left], reqs, alive, state)
     if signal == STEP_END:
-        return int(np.argmin(left - in_flight))
+        return policy.total_tokens([int(x) for x in left - in_flight], reqs, alive, state)
     if signal == "total_requests":
-        return int(np.argmin(requests))
+        return policy.total_requests(reqs, alive, state)
     raise ValueError(f"unknown signal {signal!r}")
 
 
@@ -77,21 +95,32 @@ def _next_batch(queue: list[list[int]], chunk: int) -> list[tuple[list[int], int
     return items
 
 
+def _rooms(n: int, rooms: np.ndarray | None) -> np.ndarray:
+    """Bootstrap rooms of ``n`` requests: as given, or random 63-bit ones (seeded) as a
+    gateway draws them."""
+    if rooms is None:
+        return np.random.default_rng(0).integers(0, 2**63 - 1, n, dtype=np.int64)
+    if len(rooms) != n:
+        raise ValueError(f"{len(rooms)} rooms for {n} requests")
+    return rooms
+
+
 def prefill_ttft(p: SimProfile, arrivals: np.ndarray, lens: np.ndarray, ranks: int,
-                 signal: str, chunk: int) -> np.ndarray:
+                 signal: str, chunk: int, rooms: np.ndarray | None = None) -> np.ndarray:
     """Per-request TTFT (s) of lockstep prefill ranks under one dispatch signal."""
     n = len(arrivals)
+    rooms = _rooms(n, rooms)
     queues: list[list[list[int]]] = [[] for _ in range(ranks)]  # [request, done, length]
     left = np.zeros(ranks)  # uncomputed prompt tokens, chunk in flight included
     in_flight = np.zeros(ranks)  # tokens of the chunk each rank is computing now
     leaving = np.zeros(ranks)  # requests whose last chunk is in flight
     finish = np.zeros(n)
-    t, nxt, turn, done = 0.0, 0, 0, 0
+    t, nxt, done = 0.0, 0, 0
+    state = RotationState()
 
     def dispatch(j: int) -> None:
-        nonlocal turn
-        r = _pick(signal, turn, left, in_flight, np.array([len(q) for q in queues]) - leaving)
-        turn += 1
+        r = _pick(signal, state, left, in_flight, np.array([len(q) for q in queues]) - leaving,
+                  rooms[j])
         queues[r].append([j, 0, int(lens[j])])
         left[r] += lens[j]
 
@@ -127,9 +156,11 @@ def prefill_ttft(p: SimProfile, arrivals: np.ndarray, lens: np.ndarray, ranks: i
 
 
 def prefill_ttft_independent(p: SimProfile, arrivals: np.ndarray, lens: np.ndarray, ranks: int,
-                             signal: str, chunk: int) -> np.ndarray:
+                             signal: str, chunk: int,
+                             rooms: np.ndarray | None = None) -> np.ndarray:
     """The same without lockstep: each rank steps on its own (the contrast case)."""
     n = len(arrivals)
+    rooms = _rooms(n, rooms)
     queues: list[list[list[int]]] = [[] for _ in range(ranks)]
     left, in_flight = np.zeros(ranks), np.zeros(ranks)
     batches: list[list | None] = [None] * ranks
@@ -137,7 +168,7 @@ def prefill_ttft_independent(p: SimProfile, arrivals: np.ndarray, lens: np.ndarr
     # (time, 0 = arrival | 1 = step end, request | rank)
     events = [(float(a), 0, j) for j, a in enumerate(arrivals)]
     heapq.heapify(events)
-    turn = 0
+    state = RotationState()
 
     def start(r: int, t: float) -> None:
         items = _next_batch(queues[r], chunk)
@@ -150,8 +181,7 @@ def prefill_ttft_independent(p: SimProfile, arrivals: np.ndarray, lens: np.ndarr
     while events:
         t, kind, x = heapq.heappop(events)
         if kind == 0:
-            r = _pick(signal, turn, left, in_flight, [len(q) for q in queues])
-            turn += 1
+            r = _pick(signal, state, left, in_flight, [len(q) for q in queues], rooms[x])
             queues[r].append([x, 0, int(lens[x])])
             left[r] += lens[x]
             if batches[r] is None:
@@ -179,20 +209,22 @@ def decode_tpot(p: SimProfile, arrivals: np.ndarray, prompts: np.ndarray, output
     used = np.zeros(ranks)
     made = np.zeros(n, dtype=np.int64)  # tokens decoded so far
     start, end = np.zeros(n), np.zeros(n)
-    t, nxt, turn, done = 0.0, 0, 0, 0
+    t, nxt, done = 0.0, 0, 0
+    state, alive = RotationState(), (True,) * ranks
 
-    def load(r: int) -> int:
+    def pick() -> int:
+        if signal == "round_robin":
+            return policy.round_robin(alive, state)
+        reqs = [len(waiting[r]) + len(running[r]) for r in range(ranks)]
         if signal == "total_requests":
-            return len(waiting[r]) + len(running[r])
-        return (sum(int(prompts[j] + made[j]) for j in running[r])
-                + sum(int(prompts[j]) for j in waiting[r]))
+            return policy.total_requests(reqs, alive, state)
+        tokens = [sum(int(prompts[j] + made[j]) for j in running[r])
+                  + sum(int(prompts[j]) for j in waiting[r]) for r in range(ranks)]
+        return policy.total_tokens(tokens, reqs, alive, state)
 
     while done < n:
         while nxt < n and arrivals[nxt] <= t:
-            if signal == "round_robin":
-                r, turn = turn % ranks, turn + 1
-            else:
-                r = min(range(ranks), key=load)
+            r = pick()
             waiting[r].append(nxt)
             nxt += 1
         for r in range(ranks):
@@ -237,13 +269,17 @@ def prefill_table(p: SimProfile, ranks: int, reps: int, prompts: int, fractions,
                                      engine, chunk).max()
             lens = rng.integers(lo, hi + 1, prompts)
             arrivals = np.cumsum(rng.exponential(1 / (frac * cap), prompts))
+            rooms = rng.integers(0, 2**63 - 1, prompts, dtype=np.int64)
             for s in PREFILL_SIGNALS:
-                ttft[s].append(model(p, arrivals, lens, ranks, s, chunk).mean() * 1e3)
-        ratio = np.array(ttft[engine]) / np.array(ttft["round_robin"])
-        out[str(frac)] = {"mean_ttft_ms": {s: float(np.mean(v)) for s, v in ttft.items()},
-                          "ratio_engine_total_tokens_round_robin": {
-                              "mean": float(ratio.mean()), "min": float(ratio.min()),
-                              "max": float(ratio.max())}}
+                ttft[s].append(model(p, arrivals, lens, ranks, s, chunk, rooms).mean() * 1e3)
+        out[str(frac)] = {"mean_ttft_ms": {s: float(np.mean(v)) for s, v in ttft.items()}}
+        for base in ("round_robin", ROOM):
+            ratio = np.array(ttft[engine]) / np.array(ttft[base])
+            # the mean of the means, the min and max of one set's ratio
+            out[str(frac)][f"ratio_engine_total_tokens_{base}"] = {
+                "of_means": float(np.mean(ttft[engine]) / np.mean(ttft[base])),
+                "mean": float(ratio.mean()), "min": float(ratio.min()),
+                "max": float(ratio.max())}
     return out
 
 
@@ -297,12 +333,15 @@ def main(argv=None) -> dict:
               f"ranks, profile {p.name} (simulated), inputs {max(1, in_lo)}-{a.input_len}, "
               f"chunk {a.chunk}, mean TTFT (ms) over {a.reps} sets of {a.prompts} prompts")
         print(f"{'capacity':>8} | " + " | ".join(f"{s:>24}" for s in PREFILL_SIGNALS)
-              + f" | {STEP_END if lockstep else IN_FLIGHT} / round_robin: mean (min-max)")
+              + f" | {STEP_END if lockstep else IN_FLIGHT} over round_robin; over {ROOM}: "
+              "ratio of the means (one set's min-max)")
         for frac, row in result[key].items():
             r = row["ratio_engine_total_tokens_round_robin"]
+            b = row[f"ratio_engine_total_tokens_{ROOM}"]
             print(f"{float(frac):>7.2f}x | " + " | ".join(
                 f"{row['mean_ttft_ms'][s]:>24.0f}" for s in PREFILL_SIGNALS)
-                + f" | {r['mean']:.2f} ({r['min']:.2f}-{r['max']:.2f})")
+                + f" | {r['of_means']:.2f} ({r['min']:.2f}-{r['max']:.2f}); "
+                f"{b['of_means']:.2f} ({b['min']:.2f}-{b['max']:.2f})")
         print()
     if not a.skip_decode:
         pool = a.pool or p.max_total_num_tokens

@@ -7,11 +7,13 @@ import json
 import numpy as np
 import pytest
 
-from bench.lockstep_model import (DECODE_SIGNALS, IN_FLIGHT, PREFILL_SIGNALS, STEP_END,
+from bench.lockstep_model import (DECODE_SIGNALS, IN_FLIGHT, PREFILL_SIGNALS, ROOM, STEP_END,
                                   decode_tpot, main, prefill_ttft, prefill_ttft_independent)
 from scheduler.sim_executor import load_profile
 
 PROFILE = load_profile("seed-qwen3-235b-dp4")
+ROOMS = [np.random.default_rng(100 + seed).integers(0, 2**63 - 1, 96, dtype=np.int64)
+         for seed in range(8)]
 
 
 def workload(seed: int, n: int = 60, rate: float = 3.5):
@@ -45,7 +47,7 @@ def mean_ttft_per_signal(model, rate: float) -> dict[str, float]:
     for seed in range(8):
         arrivals, lens = workload(seed, n=96, rate=rate)
         for s in PREFILL_SIGNALS:
-            means[s].append(model(PROFILE, arrivals, lens, 4, s, 16384).mean())
+            means[s].append(model(PROFILE, arrivals, lens, 4, s, 16384, ROOMS[seed]).mean())
     return {s: float(np.mean(v)) for s, v in means.items()}
 
 
@@ -58,11 +60,39 @@ def test_lockstep_prefill_balances_best_on_tokens_not_in_flight():
     assert m[IN_FLIGHT] > m["round_robin"]
 
 
-def test_independent_prefill_balances_best_counting_the_chunk_in_flight():
-    """The contrast: ranks that step on their own are better balanced by counting the
-    work in flight (it does delay a new request there), as the board does for them."""
+def test_independent_prefill_balances_on_tokens_with_or_without_the_chunk_in_flight():
+    """The contrast: on ranks that step on their own the chunk in flight does not
+    mislead (with ties rotating as the engine's policy does), so the board's
+    publish-after-each-batch is right for them; both beat round robin."""
     m = mean_ttft_per_signal(prefill_ttft_independent, rate=4.5)
-    assert m[IN_FLIGHT] < m["round_robin"] < m[STEP_END]
+    assert m[IN_FLIGHT] < 0.9 * m["round_robin"]
+    assert m[STEP_END] < 0.9 * m["round_robin"]
+    assert m[ROOM] > 1.5 * m[IN_FLIGHT]
+
+
+def test_fixed_length_prompts_leave_total_tokens_no_better_than_round_robin():
+    """prefill-heavy's shape (one prompt length, independent ranks): total_tokens places
+    as round robin does, and follow_bootstrap_room's random placement is what it beats."""
+    means = {s: [] for s in (IN_FLIGHT, "round_robin", ROOM)}
+    for seed in range(8):
+        arrivals, _ = workload(seed, n=96, rate=3.0)
+        lens = np.full(96, 3500)
+        for s in means:
+            means[s].append(prefill_ttft_independent(PROFILE, arrivals, lens, 4, s, 16384,
+                                                     ROOMS[seed]).mean())
+    tt, rr, room = (float(np.mean(means[s])) for s in (IN_FLIGHT, "round_robin", ROOM))
+    assert 0.97 < tt / rr < 1.03
+    assert tt / room < 0.75
+
+
+@pytest.mark.parametrize("model", [prefill_ttft, prefill_ttft_independent])
+def test_follow_bootstrap_room_places_by_room_modulo_ranks(model):
+    arrivals, lens = workload(2, n=30)
+    rooms = 4 * np.arange(30, dtype=np.int64) + 2  # every room on rank 2 of 4
+    on_one = model(PROFILE, arrivals, lens, 1, "round_robin", 4096)
+    assert np.array_equal(model(PROFILE, arrivals, lens, 4, ROOM, 4096, rooms), on_one)
+    with pytest.raises(ValueError, match="29 rooms for 30 requests"):
+        model(PROFILE, arrivals, lens, 4, ROOM, 4096, rooms[:29])
 
 
 @pytest.mark.parametrize("signal", DECODE_SIGNALS)
