@@ -33,7 +33,10 @@ and one set's min-max; ``--input-len 3500 --range-ratio 1`` is prefill-heavy's s
 Decode: requests arrive with prompt KV and an output length, are admitted while the
 rank's pool holds prompt + output (as the engine reserves), and decode one token per
 step; TPOT = (end - start) / (output - 1). Signals: ``round_robin``, ``total_requests``,
-``total_tokens`` (KV held + parked prompts, as the decode board counts).
+``total_tokens`` (KV held + parked prompts, as the decode board counts), and
+``ideal (bound)``: requests and KV split evenly over the ranks at every step, as if
+they moved between ranks for free, which no placement at arrival can beat; with the
+seed profile it caps what balancing can take off lockstep TPOT.
 
     python -m bench.lockstep_model               # three tables, 4 ranks, 20 prompt sets
     python -m bench.lockstep_model --reps 40 --chunk 4096
@@ -56,7 +59,8 @@ from scheduler.sim_executor import SimProfile, load_profile
 IN_FLIGHT, STEP_END = "total_tokens (in flight)", "total_tokens (step end)"
 ROOM = "follow_bootstrap_room"
 PREFILL_SIGNALS = ("round_robin", IN_FLIGHT, STEP_END, "total_requests", ROOM)
-DECODE_SIGNALS = ("round_robin", "total_requests", "total_tokens")
+IDEAL = "ideal (bound)"
+DECODE_SIGNALS = ("round_robin", "total_requests", "total_tokens", IDEAL)
 
 
 def _chunk_cost(p: SimProfile, start: int, n: int) -> float:
@@ -199,10 +203,19 @@ def prefill_ttft_independent(p: SimProfile, arrivals: np.ndarray, lens: np.ndarr
 
 def decode_tpot(p: SimProfile, arrivals: np.ndarray, prompts: np.ndarray, outputs: np.ndarray,
                 ranks: int, signal: str, pool: int) -> np.ndarray:
-    """Per-request TPOT (s) of lockstep decode ranks under one dispatch signal."""
+    """Per-request TPOT (s) of lockstep decode ranks under one dispatch signal.
+
+    ``IDEAL`` is no placement but a bound on every placement: one queue and one pool of
+    ``ranks x pool`` tokens whose requests and KV are split evenly over the ranks at
+    every step (a step costs ``ceil(requests / ranks)`` and ``ceil(KV / ranks)``), as if
+    requests moved between ranks for free.
+    """
     if len(arrivals) and int((prompts + outputs).max()) > pool:
         raise ValueError(f"a request needs {int((prompts + outputs).max())} KV tokens but the "
                          f"pool holds {pool}: it could never start")
+    split = 1
+    if signal == IDEAL:
+        split, pool, ranks, signal = ranks, pool * ranks, 1, "round_robin"
     n = len(arrivals)
     waiting = [deque() for _ in range(ranks)]
     running: list[list[int]] = [[] for _ in range(ranks)]
@@ -236,8 +249,9 @@ def decode_tpot(p: SimProfile, arrivals: np.ndarray, prompts: np.ndarray, output
         if not any(running):
             t = arrivals[nxt]
             continue
-        t += max(p.base_s + p.decode_seq_s * len(run)
-                 + p.decode_kv_s * sum(int(prompts[j] + made[j]) for j in run) for run in running)
+        t += max(p.base_s + p.decode_seq_s * -(-len(run) // split)
+                 + p.decode_kv_s * -(-sum(int(prompts[j] + made[j]) for j in run) // split)
+                 for run in running)
         for r, run in enumerate(running):
             keep = []
             for j in run:
@@ -353,6 +367,7 @@ def main(argv=None) -> dict:
               f"{out_lo}-{a.output_len}, mean TPOT (ms) over {a.reps} sets of "
               f"{a.decode_prompts} prompts")
         print(f"{'req/s':>8} | " + " | ".join(f"{s:>14}" for s in DECODE_SIGNALS))
+        # IDEAL: requests and KV split evenly at every step, a floor for any placement
         for rate, row in result["decode"].items():
             print(f"{float(rate):>8.2f} | " + " | ".join(
                 f"{row['mean_tpot_ms'][s]:>14.1f}" for s in DECODE_SIGNALS))

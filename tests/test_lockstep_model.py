@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from bench.lockstep_model import (DECODE_SIGNALS, IN_FLIGHT, PREFILL_SIGNALS, ROOM, STEP_END,
-                                  decode_tpot, main, prefill_ttft, prefill_ttft_independent)
+from bench.lockstep_model import (DECODE_SIGNALS, IDEAL, IN_FLIGHT, PREFILL_SIGNALS, ROOM,
+                                  STEP_END, decode_tpot, main, prefill_ttft,
+                                  prefill_ttft_independent)
 from scheduler.sim_executor import load_profile
 
 PROFILE = load_profile("seed-qwen3-235b-dp4")
@@ -105,6 +106,25 @@ def test_decode_every_request_finishes_within_its_pool(signal):
     assert np.all(tpot >= PROFILE.base_s + PROFILE.decode_seq_s - 1e-9)
     with pytest.raises(ValueError, match="could never start"):
         decode_tpot(PROFILE, np.zeros(1), np.array([1500]), np.array([600]), 1, signal, 2000)
+
+
+def test_decode_ideal_bound_is_below_every_placement():
+    """Splitting requests and KV evenly at every step bounds what placement can do; on
+    one rank there is nothing to split, and it is round robin."""
+    rng = np.random.default_rng(5)
+    means = {s: [] for s in DECODE_SIGNALS}
+    for _ in range(4):
+        n = 120
+        arrivals = np.cumsum(rng.exponential(1.0, n))
+        prompts, outputs = rng.integers(409, 4097, n), rng.integers(204, 2049, n)
+        for s in DECODE_SIGNALS:
+            means[s].append(decode_tpot(PROFILE, arrivals, prompts, outputs, 4, s,
+                                        52600).mean())
+        one = [decode_tpot(PROFILE, arrivals[:30], prompts[:30], outputs[:30], 1, s, 52600)
+               for s in (IDEAL, "round_robin")]
+        assert np.array_equal(one[0], one[1])
+    ideal = np.mean(means[IDEAL])
+    assert all(ideal < np.mean(means[s]) for s in DECODE_SIGNALS if s != IDEAL)
 
 
 def test_cli_writes_every_figure(tmp_path):
