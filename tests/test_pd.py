@@ -84,9 +84,12 @@ def test_thousand_requests_with_aborts_and_orphans_leave_nothing_behind():
     hand-off, decode orphans (prefill never comes) and prefill orphans (decode never
     comes). Afterwards every pool, board count, held KV and table entry is zero."""
     rng = random.Random(3)
+    # Orphans expire after the bootstrap timeout, so it is short. A placed room's KV
+    # wait (the waiting timeout) only ends requests that would otherwise succeed: at
+    # 0.4 s, a pause of the test process once failed an "ok" request in a full run.
     timeout_s = 0.4
     with LocalPD(2, 3, sim_executor_factory("instant", 1 << 15), prefill_method="round_robin",
-                 bootstrap_timeout_s=timeout_s, waiting_timeout_s=timeout_s,
+                 bootstrap_timeout_s=timeout_s, waiting_timeout_s=10 * timeout_s,
                  chunked_prefill_size=256, max_running_requests=64) as pd:
         kinds: dict[str, str] = {}
         streaming: set[str] = set()
@@ -112,7 +115,7 @@ def test_thousand_requests_with_aborts_and_orphans_leave_nothing_behind():
                 if pd.finish_reason(victim) is None:
                     pd.abort(victim)
                     kinds[victim] = "aborted_mid_stream"
-        left = _drain(pd, timeout_s * 10)
+        left = _drain(pd, timeout_s * 20)
         assert not any(left.values()), left
         by_kind: dict[str, list[dict]] = {}
         for rid, kind in kinds.items():
