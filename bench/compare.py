@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from bench.compare_report import write_reports
 from bench.compare_server import LoadSampler, ServerProcess
-from bench.scenarios import SCENARIOS, Scenario, get_scenarios, server_flags
+from bench.scenarios import DEFAULT_SCENARIOS, SCENARIOS, Scenario, get_scenarios, server_flags
 from bench.serving import BenchConfig, run_benchmark
 
 DEFAULT_SIM_PROFILE = "seed-qwen3-235b-dp4"
@@ -204,7 +204,8 @@ def dispatch_probe(rank_counts: list[int], calls: int = 2000) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.split("\n")[0])
-    p.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
+    p.add_argument("--scenarios", nargs="+", default=list(DEFAULT_SCENARIOS),
+                   choices=list(SCENARIOS), help="default: the seeds' shapes (%(default)s)")
     p.add_argument("--executor", choices=("real", "sim"), default="sim")
     p.add_argument("--sim-profile", default=DEFAULT_SIM_PROFILE)
     p.add_argument("--ranks", nargs="+", type=int, default=None,

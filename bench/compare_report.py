@@ -10,7 +10,8 @@ and ``_1_0`` (mean TTFT of ``total_tokens`` over ``follow_bootstrap_room`` at 0.
 1.0x capacity), ``variable_length_ttft_gain`` / ``_tpot_gain`` (fraction lower than
 ``round_robin``, best board method, highest rate), ``decode_heavy_throughput_gain``
 (output throughput of ``total_requests`` over ``round_robin``, minus 1, highest rate),
-``decode_heavy_p99_ttft_ratio``, ``dispatch_probe_us`` and ``simulated``.
+``decode_heavy_p99_ttft_ratio``, ``mixed_gains`` (per method, TTFT and TPOT fraction
+lower than ``round_robin`` at the highest rate), ``dispatch_probe_us`` and ``simulated``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+# The methods that read the load board (the others place without it).
+BOARD_METHODS = ("total_tokens", "total_requests")
 
 
 def _run(result: dict, method: str, frac: float) -> dict | None:
@@ -97,12 +101,15 @@ def headline(results: list[dict], simulated: bool) -> dict:
             out[f"prefill_heavy_ttft_ratio_{key}"] = ratio(
                 mean(r, "total_tokens", frac, "mean_ttft_ms"),
                 mean(r, "follow_bootstrap_room", frac, "mean_ttft_ms"))
-    if r := by_name.get("variable-length"):
+    def gain(r, m, fig):  # fraction lower than the baseline's, highest rate
         top = max(r["fractions"])
-        boards = [m for m in r["methods"] if m != r["baseline"]]
+        x = ratio(mean(r, m, top, fig), mean(r, r["baseline"], top, fig))
+        return 1 - x if x is not None else None
+
+    if r := by_name.get("variable-length"):
+        boards = [m for m in r["methods"] if m in BOARD_METHODS]
         for key, fig in (("ttft", "mean_ttft_ms"), ("tpot", "mean_tpot_ms")):
-            base = mean(r, r["baseline"], top, fig)
-            gains = [1 - x for m in boards if (x := ratio(mean(r, m, top, fig), base)) is not None]
+            gains = [g for m in boards if (g := gain(r, m, fig)) is not None]
             out[f"variable_length_{key}_gain"] = max(gains) if gains else None
     if r := by_name.get("decode-heavy"):
         top = max(r["fractions"])
@@ -111,6 +118,10 @@ def headline(results: list[dict], simulated: bool) -> dict:
         out["decode_heavy_throughput_gain"] = tput - 1 if tput is not None else None
         out["decode_heavy_p99_ttft_ratio"] = ratio(mean(r, "total_requests", top, "p99_ttft_ms"),
                                                    mean(r, "round_robin", top, "p99_ttft_ms"))
+    if r := by_name.get("mixed"):
+        out["mixed_gains"] = {m: {"ttft": gain(r, m, "mean_ttft_ms"),
+                                  "tpot": gain(r, m, "mean_tpot_ms")}
+                              for m in r["methods"] if m != r["baseline"]}
     return out
 
 

@@ -116,7 +116,18 @@ SCENARIOS = {
         "decode-heavy", ("total_requests", "round_robin"), "round_robin",
         500, 1500, 0.1, (1.0, 3.0), 400, pd=True, pd_balanced="decode", pd_decode_share=1.0,
         lockstep=True, concurrency_per_rank=25),
+    # Plain DP (no PD): mixed ranks that step on their own, as `--dp-size N` without DP
+    # attention runs them; no seed measured this. Prompts and outputs spread as in
+    # variable-length (outputs shorter, so a run takes minutes): every prefill chunk
+    # stalls the decoding requests of its own rank, so the placement shows in TTFT
+    # and TPOT alike. What this measures decides `auto` for mixed ranks.
+    "mixed": Scenario(
+        "mixed", ("total_tokens", "total_requests", "round_robin"), "round_robin",
+        4096, 512, 0.1, (0.8, 1.0), 96),
 }
+
+# The scenarios bench.compare runs when none are named: the seeds' shapes.
+DEFAULT_SCENARIOS = ("prefill-heavy", "variable-length", "decode-heavy")
 
 # --quick: what a newcomer runs first (< 3 minutes on the 2-core VM, 4 ranks).
 QUICK = {
@@ -126,6 +137,8 @@ QUICK = {
                             num_prompts=24, ttft_num_prompts=None, output_len=128),
     "decode-heavy": dict(fractions=(3.0,), num_prompts=64, output_len=200,
                          concurrency_per_rank=8),
+    "mixed": dict(methods=("total_tokens", "total_requests", "round_robin"), fractions=(1.0,),
+                  num_prompts=32, output_len=128),
 }
 
 

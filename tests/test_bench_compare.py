@@ -8,8 +8,8 @@ import json
 import math
 import os
 
-from bench.compare import dispatch_probe, run_scenario, steady_capacity
-from bench.compare_report import write_reports
+from bench.compare import build_parser, dispatch_probe, run_scenario, steady_capacity
+from bench.compare_report import headline, write_reports
 from bench.scenarios import Scenario, server_flags
 
 
@@ -62,6 +62,26 @@ def test_steady_capacity_leaves_out_ramp_and_drain():
     assert steady_capacity([dict(r, output_len=5) for r in recs]) is None
 
 
+def test_headline_gains_count_board_methods_only():
+    """variable_length_*_gain is the best *board* method's: follow_bootstrap_room is a
+    baseline, however its figures come out."""
+    def run(ttft, tpot):
+        return [{"fraction": 1.0, "mean_ttft_ms": ttft, "mean_tpot_ms": tpot}]
+    r = {"scenario": "variable-length", "ranks": 4, "baseline": "round_robin",
+         "fractions": [1.0], "methods": ["total_tokens", "follow_bootstrap_room", "round_robin"],
+         "runs": {"total_tokens": run(80.0, 11.0), "follow_bootstrap_room": run(50.0, 5.0),
+                  "round_robin": run(100.0, 10.0)}}
+    out = headline([r], simulated=True)
+    assert abs(out["variable_length_ttft_gain"] - 0.2) < 1e-9
+    assert abs(out["variable_length_tpot_gain"] + 0.1) < 1e-9
+
+
+def test_default_scenarios_are_the_seeds_shapes():
+    args = build_parser().parse_args([])
+    assert args.scenarios == ["prefill-heavy", "variable-length", "decode-heavy"]
+    assert build_parser().parse_args(["--scenarios", "mixed"]).scenarios == ["mixed"]
+
+
 def test_compare_writes_table_json_and_plots(tmp_path):
     args = _args(tmp_path)
     scenarios = [
@@ -72,6 +92,7 @@ def test_compare_writes_table_json_and_plots(tmp_path):
         Scenario("variable-length", ("total_tokens", "round_robin"), "round_robin",
                  32, 8, 0.25, (1.0,), 6, pd=True, pd_balanced="both", pd_decode_share=1.0,
                  lockstep=True, ttft_output_len=1),
+        Scenario("mixed", ("total_tokens", "round_robin"), "round_robin", 32, 6, 0.25, (1.0,), 6),
     ]
     results = [run_scenario(s, 2, args, _Bar()) for s in scenarios]
     report = write_reports(results, dispatch_probe([2, 4], calls=50), args, 1.0)
@@ -85,6 +106,10 @@ def test_compare_writes_table_json_and_plots(tmp_path):
         # A figure, not a direction: on the zero-cost profile TTFT and TPOT are the
         # machinery's jitter (sub-millisecond), so a gain can be anything, e.g. -1.4.
         assert isinstance(summary[key], float) and math.isfinite(summary[key]), key
+    assert set(summary["mixed_gains"]) == {"total_tokens"}
+    assert all(math.isfinite(g) for g in summary["mixed_gains"]["total_tokens"].values())
+    mixed = summary["scenarios"][3]
+    assert mixed["pd"] is False and mixed["runs"]["total_tokens"][0]["completed"] == 6
     assert set(summary["dispatch_probe_us"]) == {"2", "4"}
     run = summary["scenarios"][0]["runs"]["total_tokens"][0]
     assert run["completed"] == 6 and run["failed"] == 0
