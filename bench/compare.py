@@ -202,6 +202,17 @@ def dispatch_probe(rank_counts: list[int], calls: int = 2000) -> dict:
     return out
 
 
+def with_lockstep(scenarios: list[Scenario], mode: str) -> list[Scenario]:
+    """``--lockstep``: each scenario's own setting ("scenario"), or "on"/"off" for all
+    (seed 003's servers, for one, ran DP without DP attention: ``variable-length`` with
+    ``off`` is that configuration)."""
+    if mode == "scenario":
+        return scenarios
+    if mode not in ("on", "off"):
+        raise ValueError(f"--lockstep must be scenario, on or off; got {mode!r}")
+    return [dataclasses.replace(s, lockstep=mode == "on") for s in scenarios]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.split("\n")[0])
     p.add_argument("--scenarios", nargs="+", default=list(DEFAULT_SCENARIOS),
@@ -211,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ranks", nargs="+", type=int, default=None,
                    help="rank counts (default: 4; --executor real: 2)")
     p.add_argument("--quick", action="store_true", help="the reduced set, < 3 minutes")
+    p.add_argument("--lockstep", choices=("scenario", "on", "off"), default="scenario",
+                   help="--sim-lockstep as each scenario says, or on/off for all of them")
     p.add_argument("--dispatch-ranks", nargs="*", type=int, default=[4, 8, 16, 32, 64])
     p.add_argument("--out", default="out/compare")
     p.add_argument("--json", default=None, help="write every figure here (default: OUT/summary.json)")
@@ -225,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         print("--executor real runs at most 4 ranks here (2 cores)", file=sys.stderr)
         return 2
     os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
-    scenarios = get_scenarios(args.scenarios, args.quick)
+    scenarios = with_lockstep(get_scenarios(args.scenarios, args.quick), args.lockstep)
     if args.executor == "real":
         scenarios = [s.for_real() for s in scenarios]
     total = sum(len(s.methods) * len(s.fractions) for s in scenarios) * len(ranks)

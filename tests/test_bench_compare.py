@@ -8,9 +8,12 @@ import json
 import math
 import os
 
-from bench.compare import build_parser, dispatch_probe, run_scenario, steady_capacity
+import pytest
+
+from bench.compare import (build_parser, dispatch_probe, run_scenario, steady_capacity,
+                           with_lockstep)
 from bench.compare_report import headline, write_reports
-from bench.scenarios import Scenario, server_flags
+from bench.scenarios import Scenario, get_scenarios, server_flags
 
 
 class _Bar:
@@ -80,6 +83,16 @@ def test_default_scenarios_are_the_seeds_shapes():
     args = build_parser().parse_args([])
     assert args.scenarios == ["prefill-heavy", "variable-length", "decode-heavy"]
     assert build_parser().parse_args(["--scenarios", "mixed"]).scenarios == ["mixed"]
+    assert args.lockstep == "scenario"
+
+
+def test_lockstep_override():
+    seeds = get_scenarios(["variable-length", "prefill-heavy"], quick=False)
+    assert [s.lockstep for s in with_lockstep(seeds, "scenario")] == [True, False]
+    assert [s.lockstep for s in with_lockstep(seeds, "off")] == [False, False]
+    assert [s.lockstep for s in with_lockstep(seeds, "on")] == [True, True]
+    with pytest.raises(ValueError, match="scenario, on or off"):
+        with_lockstep(seeds, "sometimes")
 
 
 def test_compare_writes_table_json_and_plots(tmp_path):
