@@ -289,7 +289,7 @@ def prefill_table(p: SimProfile, ranks: int, reps: int, prompts: int, fractions,
         out[str(frac)] = {"mean_ttft_ms": {s: float(np.mean(v)) for s, v in ttft.items()}}
         for base in ("round_robin", ROOM):
             ratio = np.array(ttft[engine]) / np.array(ttft[base])
-            # the mean of the means, the min and max of one set's ratio
+            # the ratio of the mean TTFTs; the mean, min and max of the per-set ratios
             out[str(frac)][f"ratio_engine_total_tokens_{base}"] = {
                 "of_means": float(np.mean(ttft[engine]) / np.mean(ttft[base])),
                 "mean": float(ratio.mean()), "min": float(ratio.min()),
