@@ -101,6 +101,7 @@ def headline(results: list[dict], simulated: bool) -> dict:
             out[f"prefill_heavy_ttft_ratio_{key}"] = ratio(
                 mean(r, "total_tokens", frac, "mean_ttft_ms"),
                 mean(r, "follow_bootstrap_room", frac, "mean_ttft_ms"))
+
     def gain(r, m, fig):  # fraction lower than the baseline's, highest rate
         top = max(r["fractions"])
         x = ratio(mean(r, m, top, fig), mean(r, r["baseline"], top, fig))
