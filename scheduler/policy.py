@@ -76,10 +76,10 @@ DEPRECATED_METHOD_ALIASES = MappingProxyType({
 # balances tokens; decode is bound by batch slots and latency while KV suffices, so it
 # balances requests (SGLang's guideline). Mixed ranks balance tokens, as measured by
 # ``python -m bench.compare --scenarios mixed`` (variable-length prompts and outputs on
-# plain DP ranks): total_tokens had a lower mean TTFT than total_requests in all 4
-# simulated runs (4.5-12.4% lower; seeds 1 and 2 at 0.8x and 1.0x capacity) and in 5 of 6
+# plain DP ranks): total_tokens had a lower mean TTFT than total_requests in all 6
+# simulated runs (4.0-14.3% lower; seeds 1-3 at 0.8x and 1.0x capacity) and in 5 of 6
 # runs on the real tiny model (--executor real, seeds 1-3), at a TPOT 0.4-3.6% higher in
-# the simulated runs; total_requests had a higher mean TTFT than round robin in all 4.
+# the simulated runs; total_requests had a higher mean TTFT than round robin in 5 of 6.
 AUTO_METHOD_BY_ROLE = MappingProxyType({
     "prefill": LoadBalanceMethod.TOTAL_TOKENS,
     "decode": LoadBalanceMethod.TOTAL_REQUESTS,
