@@ -85,8 +85,9 @@ def test_thousand_requests_with_aborts_and_orphans_leave_nothing_behind():
     comes). Afterwards every pool, board count, held KV and table entry is zero."""
     rng = random.Random(3)
     # Orphans expire after the bootstrap timeout, so it is short. A placed room's KV
-    # wait (the waiting timeout) only ends requests that would otherwise succeed: at
-    # 0.4 s, a pause of the test process once failed an "ok" request in a full run.
+    # wait (the waiting timeout) only ends requests that would otherwise succeed; it was
+    # 0.4 s when a full run once failed this test (cause not caught: a pause of the test
+    # process that long would end an "ok" request), so it gets a wide margin.
     timeout_s = 0.4
     with LocalPD(2, 3, sim_executor_factory("instant", 1 << 15), prefill_method="round_robin",
                  bootstrap_timeout_s=timeout_s, waiting_timeout_s=10 * timeout_s,
