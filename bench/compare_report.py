@@ -205,7 +205,8 @@ def write_reports(results: list[dict], probe: dict, args, elapsed_s: float) -> s
                       for m, d in r.get("dispatch", {}).items()), ""]
     summary = {**headline(results, simulated), "dispatch_probe_us": probe,
                "sim_profile": args.sim_profile if simulated else None,
-               "executor": args.executor, "quick": args.quick, "elapsed_s": elapsed_s,
+               "executor": args.executor, "quick": args.quick, "seed": args.seed,
+               "elapsed_s": elapsed_s,
                "scenarios": results}
     if probe:
         parts += ["## dispatch overhead (Dispatcher.pick + encode, median us)", "",

@@ -112,7 +112,7 @@ def test_compare_writes_table_json_and_plots(tmp_path):
 
     assert "simulated" in report and "| 0.8 |" in report
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["simulated"] is True
+    assert summary["simulated"] is True and summary["seed"] == 1
     for key in ("prefill_heavy_ttft_ratio_0_8", "prefill_heavy_ttft_ratio_1_0",
                 "decode_heavy_throughput_gain", "variable_length_ttft_gain",
                 "variable_length_tpot_gain"):

@@ -1,0 +1,145 @@
+"""``python -m bench.pool``: several ``bench.compare`` runs (one per seed) as one table.
+
+One run's mean TTFT moves with its prompt set, and ``follow_bootstrap_room``'s also with
+the rooms drawn (prefill-heavy at 1.0x capacity: 0.33x to 0.65x over seeds 1-5), so a
+target on a mean is read on the pooled runs:
+
+    for s in 1 2 3 4 5; do python -m bench.compare --scenarios prefill-heavy --seed $s \\
+        --out out/ph-seed$s; done
+    python -m bench.pool out/ph-seed1 out/ph-seed2 out/ph-seed3 out/ph-seed4 out/ph-seed5
+
+Each input is a ``bench.compare`` output folder (its ``summary.json``) or a summary file.
+Runs of the same scenario, rank count and shape are pooled per method and rate: mean
+TTFT and TPOT weighted by completed requests (the mean over every request of every
+run), output throughput and request rate averaged; P99s are not pooled. The table has
+``bench.compare``'s layout, plus each method's per-run ratio to the baseline (min-max);
+the headline JSON keys are ``bench.compare``'s, computed on the pooled figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from bench.compare_report import _run, _ttft, headline, scenario_table
+
+# What must match for two runs to be pooled.
+SHAPE = ("scenario", "ranks", "baseline", "methods", "fractions", "input_len", "output_len",
+         "range_ratio", "pd", "pd_balanced", "decode_ranks", "lockstep", "ttft_output_len",
+         "max_concurrency")
+WEIGHTED = ("mean_ttft_ms", "mean_tpot_ms")
+AVERAGED = ("output_throughput", "request_rate")
+
+
+class PoolError(ValueError):
+    """Inputs that cannot be pooled (missing, unreadable or of different shapes)."""
+
+
+def load_summary(path: str) -> dict:
+    file = os.path.join(path, "summary.json") if os.path.isdir(path) else path
+    try:
+        with open(file) as f:
+            summary = json.load(f)
+    except (OSError, ValueError) as e:
+        raise PoolError(f"{file}: not a bench.compare summary ({e})") from None
+    if not isinstance(summary, dict) or not isinstance(summary.get("scenarios"), list):
+        raise PoolError(f"{file}: not a bench.compare summary (no 'scenarios' list)")
+    return summary
+
+
+def _pool_runs(runs: list[dict]) -> dict:
+    """One pooled run from the same method and rate of several runs."""
+    done = [r for r in runs if r.get("completed")]
+    total = sum(r["completed"] for r in done)
+    out: dict = {"fraction": runs[0]["fraction"], "completed": total, "pooled_runs": len(runs)}
+    for key in WEIGHTED:
+        have = [r for r in done if r.get(key) is not None]
+        n = sum(r["completed"] for r in have)
+        out[key] = sum(r[key] * r["completed"] for r in have) / n if n else None
+    for key in AVERAGED:
+        have = [r[key] for r in runs if r.get(key) is not None]
+        out[key] = sum(have) / len(have) if have else None
+    return out
+
+
+def pool(summaries: list[dict]) -> list[dict]:
+    """The pooled results, one per (scenario, ranks), in the order first seen."""
+    groups: dict[tuple, list[dict]] = {}
+    for summary in summaries:
+        for r in summary["scenarios"]:
+            groups.setdefault((r["scenario"], r["ranks"]), []).append(r)
+    pooled = []
+    for (name, ranks), results in groups.items():
+        first = results[0]
+        for r in results[1:]:
+            diff = [k for k in SHAPE if r.get(k) != first.get(k)]
+            if diff:
+                raise PoolError(f"{name} at {ranks} ranks: runs differ in {', '.join(diff)}; "
+                                "pool runs of one shape (only --seed may differ)")
+        merged = {k: first.get(k) for k in SHAPE}
+        merged.update(prompts=sum(r.get("prompts") or 0 for r in results),
+                      simulated=any(r.get("simulated") for r in results),
+                      pooled_runs=len(results), runs={}, spread={})
+        for m in first["methods"]:
+            for frac in first["fractions"]:
+                runs = [_run(r, m, frac) for r in results]
+                if any(run is None for run in runs):
+                    continue
+                run = _pool_runs(runs)
+                if first.get("ttft_output_len"):
+                    run["ttft_pass"] = _pool_runs([_ttft(x) for x in runs])
+                merged["runs"].setdefault(m, []).append(run)
+        base = first["baseline"]
+        for m in first["methods"]:
+            if m == base:
+                continue
+            for frac in first["fractions"]:
+                ratios = []
+                for r in results:
+                    a, b = _ttft(_run(r, m, frac)), _ttft(_run(r, base, frac))
+                    if a.get("mean_ttft_ms") and b.get("mean_ttft_ms"):
+                        ratios.append(a["mean_ttft_ms"] / b["mean_ttft_ms"])
+                if ratios:
+                    merged["spread"][f"{m}@{frac:g}"] = [min(ratios), max(ratios)]
+        pooled.append(merged)
+    return pooled
+
+
+def report(pooled: list[dict], sources: list[str]) -> tuple[str, dict]:
+    simulated = any(r["simulated"] for r in pooled)
+    parts = [f"# bench.pool{' (simulated)' if simulated else ''}: {len(sources)} runs pooled",
+             "", "sources: " + ", ".join(sources), ""]
+    for r in pooled:
+        parts += [f"## {r['scenario']}, {r['ranks']} ranks: {r['pooled_runs']} runs, "
+                  f"{r['prompts']} prompts per method and rate", "",
+                  "mean TTFT/TPOT: over every request of every run (ms); req/s and out tok/s: "
+                  "the runs' average; P99: not pooled", "", scenario_table(r), "",
+                  f"one run's mean TTFT over {r['baseline']} (min-max): " + ", ".join(
+                      f"{k} {lo:.2f}-{hi:.2f}" for k, (lo, hi) in r["spread"].items()), ""]
+    summary = {**headline(pooled, simulated), "sources": sources, "scenarios": pooled}
+    parts += ["## headline (pooled)", "", "```", json.dumps(
+        {k: v for k, v in summary.items() if k != "scenarios"}, indent=1), "```"]
+    return "\n".join(parts), summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.pool", description=__doc__.split("\n")[0])
+    p.add_argument("inputs", nargs="+", help="bench.compare --out folders or summary files")
+    p.add_argument("--json", help="write the pooled figures here")
+    args = p.parse_args(argv)
+    try:
+        text, summary = report(pool([load_summary(x) for x in args.inputs]), args.inputs)
+    except PoolError as e:
+        print(f"bench.pool: {e}", file=sys.stderr)
+        return 2
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,53 @@
+"""bench.pool: bench.compare runs of several seeds pooled into one table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.pool import PoolError, main, pool, report
+
+
+def summary(tt_ttft: float, room_ttft: float, completed: int = 10) -> dict:
+    def run(ttft, tpot=20.0):
+        return {"fraction": 1.0, "request_rate": 3.0, "completed": completed,
+                "mean_ttft_ms": ttft, "mean_tpot_ms": tpot, "output_throughput": 12.0}
+    return {"scenarios": [{
+        "scenario": "prefill-heavy", "ranks": 4, "baseline": "follow_bootstrap_room",
+        "methods": ["total_tokens", "follow_bootstrap_room"], "fractions": [1.0],
+        "input_len": 3500, "output_len": 5, "range_ratio": 1.0, "pd": True,
+        "pd_balanced": "prefill", "decode_ranks": 1, "lockstep": False,
+        "ttft_output_len": None, "max_concurrency": None, "prompts": completed,
+        "simulated": True,
+        "runs": {"total_tokens": [run(tt_ttft)], "follow_bootstrap_room": [run(room_ttft)]}}]}
+
+
+def test_pooled_mean_is_over_every_request():
+    # run 1: 10 requests, 1,000 vs 4,000 ms; run 2: 30 requests, 2,000 vs 3,000 ms
+    pooled = pool([summary(1000, 4000, 10), summary(2000, 3000, 30)])
+    tt = pooled[0]["runs"]["total_tokens"][0]
+    assert tt["completed"] == 40 and tt["pooled_runs"] == 2
+    assert tt["mean_ttft_ms"] == pytest.approx((1000 * 10 + 2000 * 30) / 40)
+    text, out = report(pooled, ["a", "b"])
+    assert out["prefill_heavy_ttft_ratio_1_0"] == pytest.approx(1750 / 3250)
+    assert pooled[0]["spread"]["total_tokens@1"] == pytest.approx([0.25, 2000 / 3000])
+    assert "2 runs, 40 prompts" in text and "simulated" in text
+
+
+def test_runs_of_different_shapes_are_refused():
+    other = summary(1000, 2000)
+    other["scenarios"][0]["input_len"] = 4096
+    with pytest.raises(PoolError, match="differ in input_len"):
+        pool([summary(1000, 2000), other])
+
+
+def test_cli_reads_folders_and_reports_bad_input(tmp_path, capsys):
+    for i, (a, b) in enumerate([(1000, 4000), (2000, 3000)]):
+        (tmp_path / f"run{i}").mkdir()
+        (tmp_path / f"run{i}" / "summary.json").write_text(json.dumps(summary(a, b)))
+    out = tmp_path / "pooled.json"
+    assert main([str(tmp_path / "run0"), str(tmp_path / "run1"), "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["prefill_heavy_ttft_ratio_1_0"] == pytest.approx(3 / 7)
+    assert main([str(tmp_path / "missing")]) == 2
+    assert "not a bench.compare summary" in capsys.readouterr().err
