@@ -49,11 +49,11 @@ def load_summary(path: str) -> dict:
     return summary
 
 
-def _pool_runs(runs: list[dict]) -> dict:
+def _pool_runs(runs: list[dict], fraction: float) -> dict:
     """One pooled run from the same method and rate of several runs."""
     done = [r for r in runs if r.get("completed")]
     total = sum(r["completed"] for r in done)
-    out: dict = {"fraction": runs[0]["fraction"], "completed": total, "pooled_runs": len(runs)}
+    out: dict = {"fraction": fraction, "completed": total, "pooled_runs": len(runs)}
     for key in WEIGHTED:
         have = [r for r in done if r.get(key) is not None]
         n = sum(r["completed"] for r in have)
@@ -87,9 +87,9 @@ def pool(summaries: list[dict]) -> list[dict]:
                 runs = [_run(r, m, frac) for r in results]
                 if any(run is None for run in runs):
                     continue
-                run = _pool_runs(runs)
+                run = _pool_runs(runs, frac)
                 if first.get("ttft_output_len"):
-                    run["ttft_pass"] = _pool_runs([_ttft(x) for x in runs])
+                    run["ttft_pass"] = _pool_runs([_ttft(x) for x in runs], frac)
                 merged["runs"].setdefault(m, []).append(run)
         base = first["baseline"]
         for m in first["methods"]:

@@ -35,6 +35,24 @@ def test_pooled_mean_is_over_every_request():
     assert "2 runs, 40 prompts" in text and "simulated" in text
 
 
+def test_a_ttft_pass_is_pooled_and_read_for_ttft():
+    """variable-length measures TTFT on a second pass (seed 003's way): its figures,
+    not the full pass's, make the pooled TTFT."""
+    runs = []
+    for ttft in (100.0, 300.0):
+        s = summary(9999, 9999)
+        r = s["scenarios"][0]
+        r.update(scenario="variable-length", baseline="round_robin", ttft_output_len=1,
+                 methods=["total_tokens", "round_robin"])
+        r["runs"] = {"total_tokens": r["runs"]["total_tokens"],
+                     "round_robin": [dict(r["runs"]["follow_bootstrap_room"][0])]}
+        r["runs"]["total_tokens"][0]["ttft_pass"] = {"completed": 10, "mean_ttft_ms": ttft}
+        r["runs"]["round_robin"][0]["ttft_pass"] = {"completed": 10, "mean_ttft_ms": 400.0}
+        runs.append(s)
+    _, out = report(pool(runs), ["a", "b"])
+    assert out["variable_length_ttft_gain"] == pytest.approx(0.5)
+
+
 def test_runs_of_different_shapes_are_refused():
     other = summary(1000, 2000)
     other["scenarios"][0]["input_len"] = 4096
