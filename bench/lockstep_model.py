@@ -40,7 +40,8 @@ seed profile it caps what balancing can take off lockstep TPOT.
 
     python -m bench.lockstep_model               # three tables, 4 ranks, 20 prompt sets
     python -m bench.lockstep_model --reps 40 --chunk 4096
-    python -m bench.lockstep_model --input-len 3500 --range-ratio 1 --skip-decode --reps 40
+    python -m bench.lockstep_model --input-len 3500 --range-ratio 1 --skip-decode --reps 40 \
+        --fractions 0.6 0.8 0.9 1.0
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from collections import deque
 
 import numpy as np
 
+from bench.dataset import MAX_ROOM
 from scheduler import policy
 from scheduler.policy import RotationState
 from scheduler.sim_executor import SimProfile, load_profile
@@ -103,7 +105,7 @@ def _rooms(n: int, rooms: np.ndarray | None) -> np.ndarray:
     """Bootstrap rooms of ``n`` requests: as given, or random 63-bit ones (seeded) as a
     gateway draws them."""
     if rooms is None:
-        return np.random.default_rng(0).integers(0, 2**63 - 1, n, dtype=np.int64)
+        return np.random.default_rng(0).integers(0, MAX_ROOM, n, dtype=np.int64)
     if len(rooms) != n:
         raise ValueError(f"{len(rooms)} rooms for {n} requests")
     return rooms
@@ -283,7 +285,7 @@ def prefill_table(p: SimProfile, ranks: int, reps: int, prompts: int, fractions,
                                      engine, chunk).max()
             lens = rng.integers(lo, hi + 1, prompts)
             arrivals = np.cumsum(rng.exponential(1 / (frac * cap), prompts))
-            rooms = rng.integers(0, 2**63 - 1, prompts, dtype=np.int64)
+            rooms = rng.integers(0, MAX_ROOM, prompts, dtype=np.int64)
             for s in PREFILL_SIGNALS:
                 ttft[s].append(model(p, arrivals, lens, ranks, s, chunk, rooms).mean() * 1e3)
         out[str(frac)] = {"mean_ttft_ms": {s: float(np.mean(v)) for s, v in ttft.items()}}

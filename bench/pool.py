@@ -82,6 +82,7 @@ def pool(summaries: list[dict]) -> list[dict]:
         merged.update(prompts=sum(r.get("prompts") or 0 for r in results),
                       simulated=any(r.get("simulated") for r in results),
                       pooled_runs=len(results), runs={}, spread={})
+        base = first["baseline"]
         for m in first["methods"]:
             for frac in first["fractions"]:
                 runs = [_run(r, m, frac) for r in results]
@@ -91,16 +92,11 @@ def pool(summaries: list[dict]) -> list[dict]:
                 if first.get("ttft_output_len"):
                     run["ttft_pass"] = _pool_runs([_ttft(x) for x in runs], frac)
                 merged["runs"].setdefault(m, []).append(run)
-        base = first["baseline"]
-        for m in first["methods"]:
-            if m == base:
-                continue
-            for frac in first["fractions"]:
-                ratios = []
-                for r in results:
-                    a, b = _ttft(_run(r, m, frac)), _ttft(_run(r, base, frac))
-                    if a.get("mean_ttft_ms") and b.get("mean_ttft_ms"):
-                        ratios.append(a["mean_ttft_ms"] / b["mean_ttft_ms"])
+                if m == base:
+                    continue
+                ratios = [a / b for x, r in zip(runs, results)
+                          if (a := _ttft(x).get("mean_ttft_ms"))
+                          and (b := _ttft(_run(r, base, frac)).get("mean_ttft_ms"))]
                 if ratios:
                     merged["spread"][f"{m}@{frac:g}"] = [min(ratios), max(ratios)]
         pooled.append(merged)

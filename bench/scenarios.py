@@ -137,8 +137,7 @@ QUICK = {
                             num_prompts=24, ttft_num_prompts=None, output_len=128),
     "decode-heavy": dict(fractions=(3.0,), num_prompts=64, output_len=200,
                          concurrency_per_rank=8),
-    "mixed": dict(methods=("total_tokens", "total_requests", "round_robin"), fractions=(1.0,),
-                  num_prompts=32, output_len=128),
+    "mixed": dict(fractions=(1.0,), num_prompts=32, output_len=128),
 }
 
 
