@@ -169,7 +169,9 @@ def plot_load(result: dict, path: str, label: str) -> None:
 
 def write_reports(results: list[dict], probe: dict, args, elapsed_s: float) -> str:
     simulated = any(r.get("simulated") for r in results) or args.executor == "sim"
-    label = f" (simulated: {args.sim_profile})" if simulated else " (real model)"
+    scale = getattr(args, "sim_time_scale", 1.0) if simulated else 1.0
+    stretched = f", steps run {scale:g}x slower, figures in simulated time" if scale != 1.0 else ""
+    label = f" (simulated: {args.sim_profile}{stretched})" if simulated else " (real model)"
     parts = [f"# bench.compare{label}", "",
              f"executor {args.executor}; {elapsed_s:.0f} s; "
              f"capacity = completed req/s of a saturating run (rate inf) of the first method; for "
@@ -205,6 +207,7 @@ def write_reports(results: list[dict], probe: dict, args, elapsed_s: float) -> s
                       for m, d in r.get("dispatch", {}).items()), ""]
     summary = {**headline(results, simulated), "dispatch_probe_us": probe,
                "sim_profile": args.sim_profile if simulated else None,
+               "sim_time_scale": scale if simulated else None,
                "executor": args.executor, "quick": args.quick, "seed": args.seed,
                "elapsed_s": elapsed_s,
                "scenarios": results}

@@ -7,7 +7,8 @@ own ranks and unlinks its segments), then SIGTERM/SIGKILL if it does not exit.
 
 ``LoadSampler`` polls ``/v1/loads`` (``/get_load``'s rows plus each rank's role) every
 ``interval_s`` during a run and keeps, per sample, the time and every balanced rank's
-``num_reqs`` and ``num_tokens`` (PD: the ranks of ``role``, by default the prefill ones).
+``num_reqs`` and ``num_tokens`` (PD: the ranks of ``role``, by default the prefill ones),
+at times in simulated seconds when the server's steps are stretched (``time_scale``).
 """
 
 from __future__ import annotations
@@ -102,10 +103,12 @@ class ServerProcess:
 class LoadSampler:
     """Polls ``/v1/loads`` in the background of a run (``async with``)."""
 
-    def __init__(self, url: str, interval_s: float = 0.075, role: str | None = None):
+    def __init__(self, url: str, interval_s: float = 0.075, role: str | None = None,
+                 time_scale: float = 1.0):
         self.url = url + "/v1/loads"
         self.role = role or "prefill"
         self.interval_s = interval_s
+        self.time_scale = time_scale
         self.samples: list[dict] = []  # {"t": s, "reqs": [...], "tokens": [...]}
         self._task: asyncio.Task | None = None
 
@@ -129,7 +132,8 @@ class LoadSampler:
                         rows = (await r.json())["loads"]
                     # PD: the balanced ranks (self.role); otherwise every (mixed) rank.
                     rows = [x for x in rows if x["role"] == self.role] or rows
-                    self.samples.append({"t": round(time.perf_counter() - start, 3),
+                    t = (time.perf_counter() - start) / self.time_scale
+                    self.samples.append({"t": round(t, 3),
                                          "reqs": [x["num_reqs"] for x in rows],
                                          "tokens": [x["num_tokens"] for x in rows]})
                 except (aiohttp.ClientError, ValueError, KeyError):

@@ -152,11 +152,15 @@ def get_scenarios(names: list[str], quick: bool) -> list[Scenario]:
     return out
 
 
-def server_flags(s: Scenario, method: str, ranks: int, executor: str, profile: str) -> list[str]:
-    """``engine.serve`` flags for one method of a scenario at ``ranks`` ranks."""
+def server_flags(s: Scenario, method: str, ranks: int, executor: str, profile: str,
+                 time_scale: float = 1.0) -> list[str]:
+    """``engine.serve`` flags for one method of a scenario at ``ranks`` ranks
+    (``time_scale``: ``--sim-time-scale``)."""
     flags = ["--executor", executor, "--log-level", "warning"]
     if executor == "sim":
         flags += ["--sim-profile", profile, "--chunked-prefill-size", str(SIM_CHUNKED_PREFILL_SIZE)]
+        if time_scale != 1.0:
+            flags += ["--sim-time-scale", f"{time_scale:g}"]
         if s.lockstep:
             flags.append("--sim-lockstep")
     if s.pd:

@@ -12,6 +12,11 @@ figures (``bench.metrics``) also go to ``--output-file`` as one JSON line per ru
 with the per-rank request counts when the server reports ``meta_info.dp_rank``, and
 ``simulated: true`` when the server runs the simulated accelerator.
 
+A simulated server started with ``--sim-time-scale K`` (``/server_info``) runs every
+step K times slower than its model: the client then sends at ``--request-rate / K``
+per wall-clock second and reports every figure in simulated time (``to_model_time``),
+so the figures compare with an unstretched run's; ``sim_time_scale`` records K.
+
 In-process use (``bench.compare``): ``figures = await run_benchmark(BenchConfig(...))``.
 
 HTTP client: aiohttp, one ``ClientSession`` whose connector holds as many connections
@@ -67,7 +72,8 @@ class BenchConfig:
         "every run of a seed places alike under follow_bootstrap_room, which otherwise "
         "depends on the rooms the server draws"))
     warmup_requests: int = field(default=1, **_opt("short requests sent first, not counted"))
-    request_timeout_s: float = field(default=6 * 3600.0, **_opt("per request"))
+    request_timeout_s: float = field(default=6 * 3600.0, **_opt(
+        "per request, wall-clock seconds"))
     output_file: str | None = field(default=None, **_opt("append the figures as a JSON line"))
     disable_tqdm: bool = field(default=False, **_opt("no progress bar"))
     # In-process only: also return every request's timings under "requests".
@@ -93,7 +99,6 @@ async def run_benchmark(cfg: BenchConfig) -> dict:
     """Run one benchmark against a live server; returns every figure (see
     ``bench.metrics.summarize``) plus the run's settings and server facts."""
     requests = make_requests(cfg)
-    offsets = arrival_offsets(len(requests), cfg.request_rate, cfg.seed)
     send = BACKENDS[cfg.backend]
     limit = cfg.max_concurrency or len(requests)
     connector = aiohttp.TCPConnector(limit=limit + cfg.warmup_requests, limit_per_host=0,
@@ -102,6 +107,8 @@ async def run_benchmark(cfg: BenchConfig) -> dict:
     async with aiohttp.ClientSession(connector=connector, timeout=timeout,
                                      trust_env=False) as session:
         server = await server_facts(session, cfg.url)
+        scale = time_scale(server)
+        offsets = [o * scale for o in arrival_offsets(len(requests), cfg.request_rate, cfg.seed)]
         model = cfg.model or server.get("served_model_name")
         await warm_up(session, cfg, send, model)
         gate = asyncio.Semaphore(limit)
@@ -119,6 +126,9 @@ async def run_benchmark(cfg: BenchConfig) -> dict:
         duration = max((r.start_time + r.latency for r in results if r.success),
                        default=time.perf_counter()) - start
         bar.close()
+    if scale != 1.0:
+        results = [to_model_time(r, start, scale) for r in results]
+        duration /= scale
     figures = {"backend": cfg.backend, "request_rate": cfg.request_rate,
                "max_concurrency": cfg.max_concurrency, **summarize(results, duration, start)}
     figures.update(settings(cfg), **server_summary(server))
@@ -142,6 +152,25 @@ async def server_facts(session: aiohttp.ClientSession, url: str) -> dict:
     return {}
 
 
+def time_scale(info: dict) -> float:
+    """Wall-clock seconds per simulated second of the server (``--sim-time-scale``)."""
+    if info.get("executor") != "sim":
+        return 1.0
+    scale = float(info.get("sim_time_scale", 1.0))
+    if not scale > 0:
+        raise RuntimeError(f"server reports sim_time_scale {scale}; expected > 0")
+    return scale
+
+
+def to_model_time(r: RequestResult, start: float, scale: float) -> RequestResult:
+    """``r`` with its times (taken on a server stretched ``scale`` times) in simulated
+    time: the send time relative to ``start`` and every duration divided by ``scale``."""
+    return dataclasses.replace(
+        r, start_time=start + (r.start_time - start) / scale if r.start_time else 0.0,
+        ttft=r.ttft / scale, latency=r.latency / scale, itl=[g / scale for g in r.itl],
+        chunks=[(t / scale, n) for t, n in r.chunks])
+
+
 def server_summary(info: dict) -> dict:
     simulated = info.get("executor") == "sim"
     out = {"simulated": simulated}
@@ -151,6 +180,7 @@ def server_summary(info: dict) -> dict:
     if simulated:
         out["sim_profile"] = info.get("sim_profile")
         out["sim_lockstep"] = bool(info.get("sim_lockstep", False))
+        out["sim_time_scale"] = time_scale(info)
     return out
 
 
@@ -222,8 +252,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if figures["simulated"]:
         lockstep = ", lockstep" if figures.get("sim_lockstep") else ""
+        scale = figures.get("sim_time_scale", 1.0)
+        stretched = (f"; steps ran {scale:g}x slower, figures are in simulated time"
+                     if scale != 1.0 else "")
         print(f"NOTE: simulated accelerator (profile {figures['sim_profile']}{lockstep}): "
-              "times come from a cost model, not a model's forward pass")
+              f"times come from a cost model, not a model's forward pass{stretched}")
     print(format_summary(figures))
     if "requests_per_dp_rank" in figures:
         print("Requests per dp_rank:", figures["requests_per_dp_rank"])

@@ -35,6 +35,8 @@ class SchedulerConfig:
     # With --sim-lockstep: the lockstep segment the launcher created (scheduler.lockstep);
     # None lets every simulated rank step on its own.
     sim_lockstep_name: str | None = None
+    # --sim-time-scale: a simulated step sleeps this many times its modelled time.
+    sim_time_scale: float = 1.0
     log_level: str = "info"
     # PD disaggregation (role prefill/decode): where the shared tables and peers are.
     pd: PDConfig | None = None

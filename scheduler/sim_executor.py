@@ -16,6 +16,14 @@ Cost model of one step (seconds), from the batch's plain data::
 
 Sleeping (not spinning) lets dozens of simulated ranks share two cores.
 
+``--sim-time-scale K`` (``cfg.sim_time_scale``) stretches every step to K times its
+modelled time in wall-clock time. Each rank's own scheduling work (batching, outputs,
+heartbeats) runs on the host's CPU between steps; with more ranks than cores it
+queues for a core and adds to every step, which a GPU host, with a core per rank,
+would not. Stretching the steps leaves that work K times less of each step.
+``busy_s`` stays in modelled seconds; clients convert what they measure back
+(``bench.serving`` reads the factor from ``/server_info``).
+
 With ``--sim-lockstep`` (``cfg.sim_lockstep_name`` names the segment the launcher
 created) every rank's step lasts as long as the slowest rank's, as with DP attention
 and expert parallelism; see ``scheduler.lockstep``. The executor then sets
@@ -81,8 +89,11 @@ class SimExecutor:
     device = "sim"
 
     def __init__(self, profile: SimProfile, max_total_num_tokens: int | None = None,
-                 lockstep=None):
+                 lockstep=None, time_scale: float = 1.0):
+        if not time_scale > 0:
+            raise ValueError(f"time_scale must be > 0, got {time_scale}")
         self.profile = profile
+        self.time_scale = time_scale  # wall-clock seconds per modelled second
         self.lockstep = lockstep  # a scheduler.lockstep.LockstepMember, or None
         self.steps_in_lockstep = lockstep is not None
         self.context_len = profile.context_len
@@ -92,7 +103,7 @@ class SimExecutor:
         self.kv = KVSlotAllocator(max_total_num_tokens or profile.max_total_num_tokens)
         self.tokenizer = None
         self.busy_s = 0.0  # total simulated forward time, for reports
-        self.lockstep_wait_s = 0.0  # time spent waiting for slower lockstep peers
+        self.lockstep_wait_s = 0.0  # modelled time spent waiting for slower lockstep peers
         self.kv_segment = None  # PD prefill: the shared hand-off arena (scheduler.pd)
 
     @classmethod
@@ -101,7 +112,8 @@ class SimExecutor:
         if getattr(cfg, "sim_lockstep_name", None):
             from scheduler.lockstep import LockstepMember
             lockstep = LockstepMember.attach(cfg.sim_lockstep_name, cfg.dp_rank)
-        executor = cls(load_profile(cfg.sim_profile), cfg.max_total_tokens, lockstep)
+        executor = cls(load_profile(cfg.sim_profile), cfg.max_total_tokens, lockstep,
+                       getattr(cfg, "sim_time_scale", 1.0))
         if getattr(cfg, "pd", None) is not None and cfg.role == "prefill":
             # No KV data, but the same hand-off arena and protocol as the real pool.
             from scheduler.pd import kv_segment_kind
@@ -135,15 +147,18 @@ class SimExecutor:
         return self.kv.max_total_num_tokens
 
     def forward(self, items: list[ForwardItem]) -> list[tuple[int, float]]:
-        """Sleep for the step's cost (with lockstep: until the slowest rank's step
-        ends); an empty batch is a lockstep idle step and costs ``base_s``."""
+        """Sleep for the step's cost times ``time_scale`` (with lockstep: until the
+        slowest rank's step ends); an empty batch is a lockstep idle step and costs
+        ``base_s``."""
         start_ns = time.monotonic_ns()
         cost = self.profile.step_time(items)
+        wall = cost * self.time_scale
         out = [(self._token(item), 0.0) for item in items if item.sample]
         if self.lockstep is not None:
-            self.lockstep_wait_s += self.lockstep.step(cost, bool(items), start_ns)
+            waited = self.lockstep.step(wall, bool(items), start_ns)
+            self.lockstep_wait_s += waited / self.time_scale
         else:
-            remaining = cost - (time.monotonic_ns() - start_ns) / 1e9
+            remaining = wall - (time.monotonic_ns() - start_ns) / 1e9
             if remaining > 0:
                 time.sleep(remaining)
         self.busy_s += cost

@@ -37,6 +37,7 @@ ROLES_OF_MODE = {"null": ("mixed",), "prefill": ("prefill",), "decode": ("decode
                  "pd": ("prefill", "decode")}
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 EXECUTORS = ("real", "sim")
+MAX_SIM_TIME_SCALE = 1000.0
 
 
 class InvalidServerArgs(ValueError):
@@ -100,11 +101,17 @@ class ServerArgs:
     sim_lockstep: bool = field(default=False, **_flag(
         "with --executor sim: every rank's step lasts as long as the slowest rank's, as DP "
         "attention with expert parallelism does (scheduler/lockstep.py)"))
+    sim_time_scale: float = field(default=1.0, **_flag(
+        "with --executor sim: every simulated step lasts this many times its modelled time "
+        "in wall-clock time, so a host with fewer cores than ranks keeps the steps on time; "
+        "bench.serving reads it from /server_info and reports in simulated time. "
+        "--stale-after-s is stretched by the same factor"))
     random_seed: int = field(default=0, **_flag("seed of the ranks' sampling generators"))
     heartbeat_interval_s: float = field(default=0.05, **_flag(
         "how often an idle rank refreshes its heartbeat"))
     stale_after_s: float = field(default=10.0, **_flag(
-        "a rank silent this long is not picked; must exceed the longest forward pass"))
+        "a rank silent this long is not picked; must exceed the longest forward pass (with "
+        "--sim-time-scale: in simulated seconds)"))
     startup_timeout_s: float = field(default=600.0, **_flag(
         "give up if a rank is not ready after this long"))
     shutdown_timeout_s: float = field(default=5.0, **_flag(
@@ -118,7 +125,10 @@ class ServerArgs:
 
     @property
     def stale_ns(self) -> int:
-        return int(self.stale_after_s * 1e9)
+        """``--stale-after-s`` in wall-clock ns: a simulated forward pass lasts
+        ``sim_time_scale`` times its modelled time, and so may a heartbeat gap."""
+        scale = self.sim_time_scale if self.executor == "sim" else 1.0
+        return int(self.stale_after_s * scale * 1e9)
 
     @property
     def url(self) -> str:
@@ -151,6 +161,11 @@ def validate_args(args: ServerArgs) -> None:
         raise InvalidServerArgs("--chunked-prefill-size must be >= 1")
     if args.sim_lockstep and args.executor != "sim":
         raise InvalidServerArgs("--sim-lockstep needs --executor sim")
+    if not 0 < args.sim_time_scale <= MAX_SIM_TIME_SCALE:
+        raise InvalidServerArgs(f"--sim-time-scale must be in (0, {MAX_SIM_TIME_SCALE:g}], "
+                                f"got {args.sim_time_scale}")
+    if args.sim_time_scale != 1.0 and args.executor != "sim":
+        raise InvalidServerArgs("--sim-time-scale needs --executor sim")
     if args.heartbeat_interval_s <= 0 or args.stale_after_s <= 4 * args.heartbeat_interval_s:
         raise InvalidServerArgs("--stale-after-s must exceed several --heartbeat-interval-s (> 0)")
 

@@ -100,7 +100,8 @@ def scheduler_configs(args: ServerArgs, board_name: str, role: str | None = None
         chunked_prefill_size=args.chunked_prefill_size, context_length=args.context_length,
         random_seed=args.random_seed, heartbeat_interval_s=args.heartbeat_interval_s,
         executor=args.executor, sim_profile=args.sim_profile,
-        sim_lockstep_name=sim_lockstep_name, log_level=args.log_level)
+        sim_lockstep_name=sim_lockstep_name, sim_time_scale=args.sim_time_scale,
+        log_level=args.log_level)
     return [dataclasses.replace(base, dp_rank=r) for r in range(dp_size or args.dp_size)]
 
 

@@ -26,8 +26,11 @@ class _Bar:
 
 def _args(tmp_path) -> argparse.Namespace:
     os.makedirs(tmp_path / "logs", exist_ok=True)
-    return argparse.Namespace(executor="sim", sim_profile="instant", out=str(tmp_path),
-                              json=str(tmp_path / "summary.json"), seed=1, quick=True)
+    # Steps stretched 2x (--sim-time-scale): the zero-cost profile's steps stay ~0 long,
+    # but the flag, the servers' /server_info and the reports all see it.
+    return argparse.Namespace(executor="sim", sim_profile="instant", sim_time_scale=2.0,
+                              out=str(tmp_path), json=str(tmp_path / "summary.json"), seed=1,
+                              quick=True)
 
 
 def test_server_flags_follow_the_scenario():
@@ -38,6 +41,9 @@ def test_server_flags_follow_the_scenario():
     assert flags[flags.index("--prefill-load-balance-method") + 1] == "total_tokens"
     assert "--sim-lockstep" in flags
     assert "--sim-lockstep" not in server_flags(s, "round_robin", 8, "real", "instant")
+    assert "--sim-time-scale" not in flags
+    stretched = server_flags(s, "total_tokens", 8, "sim", "instant", 4.0)
+    assert stretched[stretched.index("--sim-time-scale") + 1] == "4"
 
 
 def test_pd_flags_put_the_method_on_the_balanced_side():
@@ -86,6 +92,14 @@ def test_default_scenarios_are_the_seeds_shapes():
     assert args.lockstep == "scenario"
 
 
+def test_a_bad_time_scale_stops_compare_before_any_server(tmp_path, capsys):
+    from bench.compare import main
+    for bad in ("0", "-2", "nan", "5000"):
+        assert main(["--sim-time-scale", bad, "--out", str(tmp_path / "never")]) == 2
+        assert "--sim-time-scale" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
 def test_lockstep_override():
     seeds = get_scenarios(["variable-length", "prefill-heavy"], quick=False)
     assert [s.lockstep for s in with_lockstep(seeds, "scenario")] == [True, False]
@@ -113,6 +127,9 @@ def test_compare_writes_table_json_and_plots(tmp_path):
     assert "simulated" in report and "| 0.8 |" in report
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["simulated"] is True and summary["seed"] == 1
+    assert summary["sim_time_scale"] == 2.0 and "2x slower" in report
+    log = (tmp_path / "logs" / "prefill_heavy_2_total_tokens.log").read_text()
+    assert "--sim-time-scale 2" in log
     for key in ("prefill_heavy_ttft_ratio_0_8", "prefill_heavy_ttft_ratio_1_0",
                 "decode_heavy_throughput_gain", "variable_length_ttft_gain",
                 "variable_length_tpot_gain"):

@@ -12,6 +12,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 
 import pytest
 from aiohttp import web
@@ -19,7 +20,7 @@ from aiohttp import web
 from bench.backends import RequestResult, send_openai, send_sglang
 from bench.dataset import BenchRequest, arrival_offsets, length_range, random_requests
 from bench.metrics import format_summary, summarize
-from bench.serving import BenchConfig, parse_config, run_benchmark
+from bench.serving import BenchConfig, parse_config, run_benchmark, time_scale, to_model_time
 from tests.server_helpers import REPO, ServerProcess
 
 # The block of SGLang's bench_serving as the seeds print it (001), without the
@@ -255,6 +256,19 @@ def test_openai_stream_and_errors_in_stream():
     assert not r.success and "boom" in r.error
 
 
+def test_a_stretched_servers_times_are_read_back_in_simulated_time():
+    r = RequestResult(prompt_len=4, output_len=3, success=True, start_time=110.0, ttft=0.8,
+                      latency=2.0, itl=[0.4, 0.8], chunks=[(0.8, 1), (1.2, 1), (2.0, 1)])
+    m = to_model_time(r, start=100.0, scale=4.0)
+    assert (m.start_time, m.ttft, m.latency, m.itl) == (102.5, 0.2, 0.5, [0.1, 0.2])
+    assert m.chunks == [(0.2, 1), (0.3, 1), (0.5, 1)] and r.ttft == 0.8  # r unchanged
+    assert time_scale({"executor": "sim", "sim_time_scale": 4}) == 4.0
+    assert time_scale({"executor": "real", "sim_time_scale": 4}) == 1.0  # only sim stretches
+    assert time_scale({}) == 1.0  # an SGLang server
+    with pytest.raises(RuntimeError, match="sim_time_scale"):
+        time_scale({"executor": "sim", "sim_time_scale": 0})
+
+
 # ---- end to end ------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_benchmark_against_a_real_simulated_server(tmp_path):
@@ -284,3 +298,28 @@ def test_benchmark_against_a_real_simulated_server(tmp_path):
         assert "============ Serving Benchmark Result ============" in cli.stdout
         row = json.loads(out.read_text().splitlines()[-1])
         assert row["completed"] == 8 and row["request_rate"] == "inf" and row["simulated"]
+
+
+@pytest.mark.slow
+def test_a_stretched_simulated_server_is_reported_in_simulated_time(tmp_path):
+    # Every step costs 10 ms modelled and 40 ms of wall-clock time (--sim-time-scale 4).
+    profile = tmp_path / "steps.json"
+    profile.write_text(json.dumps({
+        "name": "steps", "base_s": 0.01, "prefill_token_s": 0.0, "prefill_attn_s": 0.0,
+        "decode_seq_s": 0.0, "decode_kv_s": 0.0, "max_total_num_tokens": 8192,
+        "context_len": 2048, "vocab_size": 259, "source": "test"}))
+    with ServerProcess("--executor", "sim", "--sim-profile", str(profile),
+                       "--sim-time-scale", "4", log_path=tmp_path / "server.log") as server:
+        cfg = BenchConfig(base_url=server.url, num_prompts=4, random_input_len=16,
+                          random_output_len=8, random_range_ratio=1.0, request_rate=40.0,
+                          max_concurrency=1, seed=3, disable_tqdm=True)
+        wall_start = time.perf_counter()
+        f = asyncio.run(asyncio.wait_for(run_benchmark(cfg), 60))
+        wall = time.perf_counter() - wall_start
+    assert f["completed"] == 4 and f["sim_time_scale"] == 4.0
+    # One prefill step and 7 decode steps per request, one request at a time: at least
+    # 80 ms modelled (320 ms of wall clock) each. Read back unconverted they would be
+    # 320 ms or more.
+    assert 80 <= f["mean_e2e_latency_ms"] < 320
+    assert 10 <= f["mean_tpot_ms"] < 40
+    assert f["duration_s"] * 4 <= wall

@@ -68,3 +68,22 @@ def test_sim_lockstep_segment_reaches_every_rank_config():
                                    dp_size=3))
     cfgs = scheduler_configs(args, "board", sim_lockstep_name="lockstep-x")
     assert [c.sim_lockstep_name for c in cfgs] == ["lockstep-x"] * 3
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan"), float("inf"), 1001.0])
+def test_sim_time_scale_must_be_a_positive_bounded_factor(scale):
+    with pytest.raises(InvalidServerArgs, match="--sim-time-scale"):
+        resolve_args(ServerArgs(executor="sim", sim_profile="instant", sim_time_scale=scale))
+
+
+def test_sim_time_scale_needs_sim_stretches_staleness_and_reaches_every_rank():
+    from server.ranks import scheduler_configs
+    with pytest.raises(InvalidServerArgs, match="--sim-time-scale needs --executor sim"):
+        resolve_args(ServerArgs(sim_time_scale=2.0))
+    args = resolve_args(parse_args(["--executor", "sim", "--sim-profile", "instant",
+                                    "--dp-size", "2", "--sim-time-scale", "4",
+                                    "--stale-after-s", "3"]))
+    # A forward pass lasts 4x its modelled time, so may the silence between heartbeats.
+    assert args.stale_ns == 12 * 10**9
+    assert ServerArgs(stale_after_s=3).stale_ns == 3 * 10**9
+    assert [c.sim_time_scale for c in scheduler_configs(args, "board")] == [4.0, 4.0]

@@ -80,6 +80,17 @@ def test_without_lockstep_a_rank_never_wants_idle_steps():
     assert 0.009 <= time.perf_counter() - start < 0.1
 
 
+def test_a_stretched_step_sleeps_its_cost_times_the_scale_and_counts_modelled_time():
+    ex = SimExecutor(PROFILE, time_scale=3.0)
+    start = time.perf_counter()
+    ex.forward(prefill_batch(5))  # 10 ms modelled
+    assert time.perf_counter() - start >= 0.030
+    assert ex.busy_s == pytest.approx(0.010)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="time_scale"):
+            SimExecutor(PROFILE, time_scale=bad)
+
+
 # ---- lockstep across processes ---------------------------------------------------------------
 def _rank(name: str, dp_rank: int, plan: list[int] | None, go, stop, out) -> None:
     """Run ``plan`` (prefill tokens per step; empty: an idle rank) like the rank loop.
