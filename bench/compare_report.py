@@ -169,9 +169,7 @@ def plot_load(result: dict, path: str, label: str) -> None:
 
 def write_reports(results: list[dict], probe: dict, args, elapsed_s: float) -> str:
     simulated = any(r.get("simulated") for r in results) or args.executor == "sim"
-    scale = getattr(args, "sim_time_scale", 1.0) if simulated else 1.0
-    stretched = f", steps run {scale:g}x slower, figures in simulated time" if scale != 1.0 else ""
-    label = f" (simulated: {args.sim_profile}{stretched})" if simulated else " (real model)"
+    label = f" (simulated: {args.sim_profile})" if simulated else " (real model)"
     parts = [f"# bench.compare{label}", "",
              f"executor {args.executor}; {elapsed_s:.0f} s; "
              f"capacity = completed req/s of a saturating run (rate inf) of the first method; for "
@@ -190,9 +188,12 @@ def write_reports(results: list[dict], probe: dict, args, elapsed_s: float) -> s
         cap = r.get("capacity_run") or {}
         conc = f" max concurrency {r['max_concurrency']}," if r.get("max_concurrency") else ""
         lock = " lockstep," if r["lockstep"] else ""
+        scale = r.get("sim_time_scale") or 1.0
+        stretched = (f" steps ran {scale:g}x slower than modelled (--sim-time-scale), figures "
+                     f"in simulated time," if scale != 1.0 else "")
         parts += [f"## {r['scenario']}, {r['ranks']} ranks{label}", "",
                   f"input {r['input_len']} (ratio {r['range_ratio']}), output {r['output_len']},"
-                  f"{mode}{lock}{conc} {r.get('prompts', '?')} prompts per run, capacity "
+                  f"{mode}{lock}{stretched}{conc} {r.get('prompts', '?')} prompts per run, capacity "
                   f"{r['capacity_req_s']:.2f} req/s (saturating run of "
                   f"{cap.get('completed', '?')} prompts); TTFT/TPOT in ms", "",
                   *([f"TTFT and P99 TTFT: a second pass of {r.get('ttft_prompts') or 'the same'} "
@@ -207,7 +208,7 @@ def write_reports(results: list[dict], probe: dict, args, elapsed_s: float) -> s
                       for m, d in r.get("dispatch", {}).items()), ""]
     summary = {**headline(results, simulated), "dispatch_probe_us": probe,
                "sim_profile": args.sim_profile if simulated else None,
-               "sim_time_scale": scale if simulated else None,
+               "sim_time_scale": getattr(args, "sim_time_scale", 1.0) if simulated else None,
                "executor": args.executor, "quick": args.quick, "seed": args.seed,
                "elapsed_s": elapsed_s,
                "scenarios": results}

@@ -10,7 +10,8 @@ import os
 
 import pytest
 
-from bench.compare import (build_parser, dispatch_probe, run_scenario, steady_capacity,
+from bench.compare import (PROCESSES_PER_CORE, auto_time_scale, build_parser, dispatch_probe,
+                           rank_processes, run_scenario, saturating_capacity, steady_capacity,
                            with_lockstep)
 from bench.compare_report import headline, write_reports
 from bench.scenarios import Scenario, get_scenarios, server_flags
@@ -69,6 +70,10 @@ def test_steady_capacity_leaves_out_ramp_and_drain():
     assert steady_capacity(recs, min_requests=20) is None  # too few: caller falls back
     # Prefill-bound shapes are left to completed / duration.
     assert steady_capacity([dict(r, output_len=5) for r in recs]) is None
+    # The capacity is never below the whole run's completion rate.
+    assert saturating_capacity(0.6, steady_capacity(recs)) == steady_capacity(recs)
+    assert saturating_capacity(10.73, 3.19) == 10.73
+    assert saturating_capacity(0.6, None) == 0.6
 
 
 def test_headline_gains_count_board_methods_only():
@@ -94,10 +99,24 @@ def test_default_scenarios_are_the_seeds_shapes():
 
 def test_a_bad_time_scale_stops_compare_before_any_server(tmp_path, capsys):
     from bench.compare import main
-    for bad in ("0", "-2", "nan", "5000"):
-        assert main(["--sim-time-scale", bad, "--out", str(tmp_path / "never")]) == 2
-        assert "--sim-time-scale" in capsys.readouterr().err
+    for bad in ("0", "-2", "nan", "5000", "fast"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--sim-time-scale", bad, "--out", str(tmp_path / "never")])
+        assert exit_info.value.code == 2
+        assert "--sim-time-scale must be" in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
+    assert build_parser().parse_args([]).sim_time_scale == "auto"
+    assert build_parser().parse_args(["--sim-time-scale", "2.5"]).sim_time_scale == 2.5
+
+
+def test_auto_time_scale_stretches_only_past_the_processes_a_core_keeps_on_time():
+    vl, dh, ph = get_scenarios(["variable-length", "decode-heavy", "prefill-heavy"], quick=True)
+    per_two_cores = 2 * PROCESSES_PER_CORE
+    assert rank_processes(vl, 4) == 8 and auto_time_scale(vl, 4, cores=2) == 1.0  # --quick
+    assert rank_processes(dh, 8) == 16 and auto_time_scale(dh, 8, cores=2) == 1.0
+    assert auto_time_scale(dh, 64, cores=2) == 128 / per_two_cores
+    assert rank_processes(ph, 64) == 80 and auto_time_scale(ph, 64, cores=2) == 5.0
+    assert auto_time_scale(dh, 64, cores=64) == 1.0  # a host with a core per two ranks
 
 
 def test_lockstep_override():
@@ -127,7 +146,8 @@ def test_compare_writes_table_json_and_plots(tmp_path):
     assert "simulated" in report and "| 0.8 |" in report
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["simulated"] is True and summary["seed"] == 1
-    assert summary["sim_time_scale"] == 2.0 and "2x slower" in report
+    assert summary["sim_time_scale"] == 2.0 and "steps ran 2x slower" in report
+    assert {r["sim_time_scale"] for r in summary["scenarios"]} == {2.0}
     log = (tmp_path / "logs" / "prefill_heavy_2_total_tokens.log").read_text()
     assert "--sim-time-scale 2" in log
     for key in ("prefill_heavy_ttft_ratio_0_8", "prefill_heavy_ttft_ratio_1_0",
