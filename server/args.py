@@ -105,7 +105,8 @@ class ServerArgs:
         "with --executor sim: every simulated step lasts this many times its modelled time "
         "in wall-clock time, so a host with fewer cores than ranks keeps the steps on time; "
         "bench.serving reads it from /server_info and reports in simulated time. "
-        "--stale-after-s is stretched by the same factor"))
+        "--stale-after-s and the --disaggregation-*-timeout flags are stretched by the same "
+        "factor; /metrics stays in wall-clock time"))
     random_seed: int = field(default=0, **_flag("seed of the ranks' sampling generators"))
     heartbeat_interval_s: float = field(default=0.05, **_flag(
         "how often an idle rank refreshes its heartbeat"))
@@ -124,11 +125,26 @@ class ServerArgs:
         return ROLE_BY_DISAGGREGATION_MODE[self.disaggregation_mode]
 
     @property
+    def wall_time_factor(self) -> float:
+        """Wall-clock seconds per second of the model: ``--sim-time-scale`` on the
+        simulated executor (its forward passes last that many times their modelled
+        time), else 1. The timeouts that wait on forward passes are multiplied by it."""
+        return self.sim_time_scale if self.executor == "sim" else 1.0
+
+    @property
     def stale_ns(self) -> int:
-        """``--stale-after-s`` in wall-clock ns: a simulated forward pass lasts
-        ``sim_time_scale`` times its modelled time, and so may a heartbeat gap."""
-        scale = self.sim_time_scale if self.executor == "sim" else 1.0
-        return int(self.stale_after_s * scale * 1e9)
+        """``--stale-after-s`` in wall-clock ns (a heartbeat gap can last a forward pass)."""
+        return int(self.stale_after_s * self.wall_time_factor * 1e9)
+
+    @property
+    def bootstrap_timeout_s(self) -> float:
+        """``--disaggregation-bootstrap-timeout`` in wall-clock seconds."""
+        return self.disaggregation_bootstrap_timeout * self.wall_time_factor
+
+    @property
+    def waiting_timeout_s(self) -> float:
+        """``--disaggregation-waiting-timeout`` in wall-clock seconds."""
+        return self.disaggregation_waiting_timeout * self.wall_time_factor
 
     @property
     def url(self) -> str:

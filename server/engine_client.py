@@ -67,7 +67,7 @@ class EngineClient:
                                      method or args.load_balance_method, stale_ns=args.stale_ns)
         # PD (scheduler.pd_router): prefill dispatch also publishes the room's route.
         self.router = PDRouter(self.dispatcher, None, route_writer,
-                               args.disaggregation_bootstrap_timeout) if route_writer else None
+                               args.bootstrap_timeout_s) if route_writer else None
         self.num_prefill_ranks = num_prefill_ranks
         self.inflight = InFlight()
         self.monitor = RankMonitor(processes, self.inflight, args.stale_ns, self.abort)

@@ -86,4 +86,10 @@ def test_sim_time_scale_needs_sim_stretches_staleness_and_reaches_every_rank():
     # A forward pass lasts 4x its modelled time, so may the silence between heartbeats.
     assert args.stale_ns == 12 * 10**9
     assert ServerArgs(stale_after_s=3).stale_ns == 3 * 10**9
+    pd = resolve_args(parse_args(["--executor", "sim", "--sim-profile", "instant",
+                                  "--disaggregation-mode", "pd", "--sim-time-scale", "2.5",
+                                  "--disaggregation-bootstrap-timeout", "4",
+                                  "--disaggregation-waiting-timeout", "6"]))
+    assert (pd.bootstrap_timeout_s, pd.waiting_timeout_s) == (10.0, 15.0)
+    assert ServerArgs(disaggregation_bootstrap_timeout=4).bootstrap_timeout_s == 4.0
     assert [c.sim_time_scale for c in scheduler_configs(args, "board")] == [4.0, 4.0]
