@@ -124,27 +124,16 @@ class ServerArgs:
     def role(self) -> str:
         return ROLE_BY_DISAGGREGATION_MODE[self.disaggregation_mode]
 
-    @property
-    def wall_time_factor(self) -> float:
-        """Wall-clock seconds per second of the model: ``--sim-time-scale`` on the
-        simulated executor (its forward passes last that many times their modelled
-        time), else 1. The timeouts that wait on forward passes are multiplied by it."""
-        return self.sim_time_scale if self.executor == "sim" else 1.0
+    def wall_s(self, seconds: float) -> float:
+        """A wait on forward passes in wall-clock seconds: ``seconds`` times
+        ``--sim-time-scale`` on the simulated executor (its passes last that many times
+        their modelled time), else ``seconds``."""
+        return seconds * (self.sim_time_scale if self.executor == "sim" else 1.0)
 
     @property
     def stale_ns(self) -> int:
         """``--stale-after-s`` in wall-clock ns (a heartbeat gap can last a forward pass)."""
-        return int(self.stale_after_s * self.wall_time_factor * 1e9)
-
-    @property
-    def bootstrap_timeout_s(self) -> float:
-        """``--disaggregation-bootstrap-timeout`` in wall-clock seconds."""
-        return self.disaggregation_bootstrap_timeout * self.wall_time_factor
-
-    @property
-    def waiting_timeout_s(self) -> float:
-        """``--disaggregation-waiting-timeout`` in wall-clock seconds."""
-        return self.disaggregation_waiting_timeout * self.wall_time_factor
+        return int(self.wall_s(self.stale_after_s) * 1e9)
 
     @property
     def url(self) -> str:

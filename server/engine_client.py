@@ -66,8 +66,10 @@ class EngineClient:
         self.dispatcher = Dispatcher(self.board, API_DISPATCHER_ID,
                                      method or args.load_balance_method, stale_ns=args.stale_ns)
         # PD (scheduler.pd_router): prefill dispatch also publishes the room's route.
-        self.router = PDRouter(self.dispatcher, None, route_writer,
-                               args.bootstrap_timeout_s) if route_writer else None
+        self.router = None
+        if route_writer:
+            self.router = PDRouter(self.dispatcher, None, route_writer,
+                                   args.wall_s(args.disaggregation_bootstrap_timeout))
         self.num_prefill_ranks = num_prefill_ranks
         self.inflight = InFlight()
         self.monitor = RankMonitor(processes, self.inflight, args.stale_ns, self.abort)

@@ -90,7 +90,8 @@ class PDProcesses:
             self.route, self.handoff = create_tables(self.launch_id, num_prefill, num_decode)
             self.route_writer = self.route.region_writer(0)
         pd = PDConfig(self.launch_id, self.route.name, self.handoff.name,
-                      args.bootstrap_timeout_s, args.waiting_timeout_s)
+                      args.wall_s(args.disaggregation_bootstrap_timeout),
+                      args.wall_s(args.disaggregation_waiting_timeout))
         sizes = ({"prefill": args.prefill_dp_size, "decode": args.decode_dp_size} if mode == "pd"
                  else {args.role: args.dp_size})
         for role, n in sizes.items():

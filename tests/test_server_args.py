@@ -90,6 +90,6 @@ def test_sim_time_scale_needs_sim_stretches_staleness_and_reaches_every_rank():
                                   "--disaggregation-mode", "pd", "--sim-time-scale", "2.5",
                                   "--disaggregation-bootstrap-timeout", "4",
                                   "--disaggregation-waiting-timeout", "6"]))
-    assert (pd.bootstrap_timeout_s, pd.waiting_timeout_s) == (10.0, 15.0)
-    assert ServerArgs(disaggregation_bootstrap_timeout=4).bootstrap_timeout_s == 4.0
+    assert pd.wall_s(pd.disaggregation_bootstrap_timeout) == 10.0
+    assert ServerArgs(disaggregation_bootstrap_timeout=4).wall_s(4) == 4.0  # real model
     assert [c.sim_time_scale for c in scheduler_configs(args, "board")] == [4.0, 4.0]
