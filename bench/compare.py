@@ -297,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     ranks = args.ranks or ([2] if args.executor == "real" else [4])
+    if args.executor == "real" and args.sim_time_scale not in ("auto", 1.0):
+        print("--sim-time-scale needs --executor sim", file=sys.stderr)
+        return 2
     if args.executor == "real" and max(ranks) > 4:
         print("--executor real runs at most 4 ranks here (2 cores)", file=sys.stderr)
         return 2

@@ -104,6 +104,9 @@ def test_a_bad_time_scale_stops_compare_before_any_server(tmp_path, capsys):
             main(["--sim-time-scale", bad, "--out", str(tmp_path / "never")])
         assert exit_info.value.code == 2
         assert "--sim-time-scale must be" in capsys.readouterr().err
+    never = str(tmp_path / "never")
+    assert main(["--executor", "real", "--sim-time-scale", "4", "--out", never]) == 2
+    assert "--sim-time-scale needs --executor sim" in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
     assert build_parser().parse_args([]).sim_time_scale == "auto"
     assert build_parser().parse_args(["--sim-time-scale", "2.5"]).sim_time_scale == 2.5

@@ -311,15 +311,19 @@ def test_a_stretched_simulated_server_is_reported_in_simulated_time(tmp_path):
     with ServerProcess("--executor", "sim", "--sim-profile", str(profile),
                        "--sim-time-scale", "4", log_path=tmp_path / "server.log") as server:
         cfg = BenchConfig(base_url=server.url, num_prompts=4, random_input_len=16,
-                          random_output_len=8, random_range_ratio=1.0, request_rate=40.0,
-                          max_concurrency=1, seed=3, disable_tqdm=True)
+                          random_output_len=8, random_range_ratio=1.0, request_rate=10.0,
+                          seed=3, disable_tqdm=True, return_requests=True)
         wall_start = time.perf_counter()
         f = asyncio.run(asyncio.wait_for(run_benchmark(cfg), 60))
         wall = time.perf_counter() - wall_start
     assert f["completed"] == 4 and f["sim_time_scale"] == 4.0
-    # One prefill step and 7 decode steps per request, one request at a time: at least
-    # 80 ms modelled (320 ms of wall clock) each. Read back unconverted they would be
-    # 320 ms or more.
+    # One prefill step and 7 decode steps per request: at least 80 ms modelled (320 ms
+    # of wall clock) each. Read back unconverted they would be 320 ms or more.
     assert 80 <= f["mean_e2e_latency_ms"] < 320
     assert 10 <= f["mean_tpot_ms"] < 40
     assert f["duration_s"] * 4 <= wall
+    # Arrivals at 10 per simulated second, so 2.5 per wall-clock second: each is sent at
+    # its Poisson time (0, 0.21, 0.30, 0.32 s), read back in simulated seconds. Sent at
+    # those times of wall clock, they would read back as a quarter of them.
+    sent = [r["start_s"] for r in f["requests"]]
+    assert sent == pytest.approx(arrival_offsets(4, 10.0, 3), abs=0.01)
