@@ -51,7 +51,7 @@ DEFAULT_SIM_PROFILE = "seed-qwen3-235b-dp4"
 KEEP = ("completed", "failed", "duration_s", "request_throughput", "output_throughput",
         "input_throughput", "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms",
         "p99_tpot_ms", "mean_itl_ms", "mean_e2e_latency_ms", "requests_per_dp_rank",
-        "input_tokens_per_dp_rank")
+        "input_tokens_per_dp_rank", "first_errors")
 
 
 def bench_config(s: Scenario, ranks: int, url: str, rate: float, num_prompts: int,

@@ -44,6 +44,16 @@ from bench.dataset import DEFAULT_VOCAB_SIZE, BenchRequest, arrival_offsets, ran
 from bench.metrics import format_rate, format_summary, summarize
 
 
+# How long an idle pooled connection is reused. uvicorn (ours and SGLang's) closes idle
+# keep-alive connections after 5 s and aiohttp keeps them 15 s by default, so a request
+# sent on a connection idle about 5 s can meet the server's close and fail with
+# ServerDisconnectedError (aio-libs/aiohttp#9138). Stretched simulated runs
+# (--sim-time-scale) leave connections idle that long; three of them failed 1-3
+# requests of 384-1,600. Their errors were not recorded (bench.compare keeps them now),
+# and 12 requests sent after 4.97-5.03 s idle did not fail, so this cause is a guess.
+KEEPALIVE_S = 3.0
+
+
 def _opt(help_text: str, **extra) -> dict:
     return {"metadata": {"help": help_text, **extra}}
 
@@ -102,7 +112,7 @@ async def run_benchmark(cfg: BenchConfig) -> dict:
     send = BACKENDS[cfg.backend]
     limit = cfg.max_concurrency or len(requests)
     connector = aiohttp.TCPConnector(limit=limit + cfg.warmup_requests, limit_per_host=0,
-                                     ttl_dns_cache=None)
+                                     ttl_dns_cache=None, keepalive_timeout=KEEPALIVE_S)
     timeout = aiohttp.ClientTimeout(total=cfg.request_timeout_s)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout,
                                      trust_env=False) as session:
