@@ -49,7 +49,7 @@ from bench.metrics import format_rate, format_summary, summarize
 # sent on a connection idle about 5 s can meet the server's close and fail with
 # ServerDisconnectedError (aio-libs/aiohttp#9138). Stretched simulated runs
 # (--sim-time-scale) leave connections idle that long; three of them failed 1-3
-# requests of 384-1,600. Their errors were not recorded (bench.compare keeps them now),
+# requests of 384 or 1,600. Their errors were not recorded (bench.compare keeps them now),
 # and 12 requests sent after 4.97-5.03 s idle did not fail, so this cause is a guess.
 KEEPALIVE_S = 3.0
 
