@@ -45,7 +45,7 @@ from bench.compare_report import write_reports
 from bench.compare_server import LoadSampler, ServerProcess
 from bench.scenarios import DEFAULT_SCENARIOS, SCENARIOS, Scenario, get_scenarios, server_flags
 from bench.serving import BenchConfig, run_benchmark
-from server.args import MAX_SIM_TIME_SCALE
+from server.args import InvalidServerArgs, check_sim_time_scale
 
 DEFAULT_SIM_PROFILE = "seed-qwen3-235b-dp4"
 KEEP = ("completed", "failed", "duration_s", "request_throughput", "output_throughput",
@@ -222,7 +222,7 @@ def auto_time_scale(s: Scenario, ranks: int, cores: int | None = None) -> float:
 
 
 def parse_time_scale(value: str) -> float | str:
-    """``--sim-time-scale``: ``auto`` or a factor in (0, MAX_SIM_TIME_SCALE]."""
+    """``--sim-time-scale``: ``auto`` or a factor ``engine.serve`` accepts."""
     if value == "auto":
         return value
     try:
@@ -230,9 +230,10 @@ def parse_time_scale(value: str) -> float | str:
     except ValueError:
         raise argparse.ArgumentTypeError(f"--sim-time-scale must be auto or a number, "
                                          f"got {value!r}") from None
-    if not 0 < scale <= MAX_SIM_TIME_SCALE:
-        raise argparse.ArgumentTypeError(
-            f"--sim-time-scale must be in (0, {MAX_SIM_TIME_SCALE:g}], got {value}")
+    try:
+        check_sim_time_scale(scale)
+    except InvalidServerArgs as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return scale
 
 

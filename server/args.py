@@ -141,6 +141,13 @@ class ServerArgs:
         return f"http://{host}:{self.port}"
 
 
+def check_sim_time_scale(scale: float) -> None:
+    """``InvalidServerArgs`` unless 0 < ``scale`` <= ``MAX_SIM_TIME_SCALE`` (NaN fails)."""
+    if not 0 < scale <= MAX_SIM_TIME_SCALE:
+        raise InvalidServerArgs(f"--sim-time-scale must be in (0, {MAX_SIM_TIME_SCALE:g}], "
+                                f"got {scale}")
+
+
 def validate_args(args: ServerArgs) -> None:
     """Raise ``InvalidServerArgs`` for values no launch can use."""
     if not 0 <= args.port <= 65535:
@@ -166,9 +173,7 @@ def validate_args(args: ServerArgs) -> None:
         raise InvalidServerArgs("--chunked-prefill-size must be >= 1")
     if args.sim_lockstep and args.executor != "sim":
         raise InvalidServerArgs("--sim-lockstep needs --executor sim")
-    if not 0 < args.sim_time_scale <= MAX_SIM_TIME_SCALE:
-        raise InvalidServerArgs(f"--sim-time-scale must be in (0, {MAX_SIM_TIME_SCALE:g}], "
-                                f"got {args.sim_time_scale}")
+    check_sim_time_scale(args.sim_time_scale)
     if args.sim_time_scale != 1.0 and args.executor != "sim":
         raise InvalidServerArgs("--sim-time-scale needs --executor sim")
     if args.heartbeat_interval_s <= 0 or args.stale_after_s <= 4 * args.heartbeat_interval_s:
