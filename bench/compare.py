@@ -6,7 +6,7 @@
 For each scenario (``bench.scenarios``) and rank count:
 1. capacity, measured once: a saturating run (request rate ``inf``, with the
    scenario's concurrency cap) on the first method's server; capacity = its completed
-   requests per second (decode-bound shapes: while it was full, ``steady_capacity``).
+   requests per second (decode-bound PD shapes: while it was full, ``steady_capacity``).
    Rates are then ``fraction x capacity``;
 2. per method, one ``engine.serve`` subprocess on a free loopback port (restarted per
    method, always stopped in ``finally``), one ``bench.serving`` run per rate with
@@ -86,10 +86,13 @@ def steady_capacity(records: list[dict], min_requests: int = 8) -> float | None:
     server ramps up until the first request completes and has work waiting until the
     last request gets its first token; after that it only drains. With long outputs
     ``completed / duration`` counts a long ramp and drain (16 prompts of up to 400
-    output tokens measured 1.17 req/s). This counts the output tokens made in that
-    window (each request's tokens spread evenly between its first token and its end;
-    completions alone come in bursts when lengths are similar) and divides by the
-    mean output length less the first token.
+    output tokens measured 1.17 req/s). This counts the output tokens that arrived in
+    that window (each record's ``chunks``: seconds since sent, tokens) and divides by
+    the mean output length less the first token.
+
+    Only for ranks that do nothing but decode (PD's decode side): it counts decode work
+    alone, and where the same ranks also prefill, most prefill is done before the window
+    opens (``capacity_estimate``).
     """
     ok = [r for r in records if r.get("success")]
     if not ok:
@@ -102,12 +105,12 @@ def steady_capacity(records: list[dict], min_requests: int = 8) -> float | None:
     t0, t1 = min(ends), max(firsts)
     if t1 <= t0:
         return None
-    tokens, active = 0.0, 0
+    tokens, active = 0, 0
     for r, first, end in zip(ok, firsts, ends):
-        overlap = min(end, t1) - max(first, t0)
-        if end > first and overlap > 0:
-            tokens += (r["output_len"] - 1) * overlap / (end - first)
+        if min(end, t1) > max(first, t0):
             active += 1
+        # The first chunk brought the first token, which the division leaves out.
+        tokens += sum(n for since, n in r["chunks"][1:] if t0 < r["start_s"] + since <= t1)
     completions = sum(1 for end in ends if end <= t1)
     if active < min_requests or completions < min_requests:
         return None  # everything fitted at once: the server never had work waiting
@@ -121,6 +124,19 @@ def saturating_capacity(completed_per_s: float, steady: float | None) -> float:
     measured something else (a prefill-bound PD shape with 128 output tokens, 96
     prompts at 16 lockstep ranks: 3.19 req/s for 10.73 completed per second)."""
     return max(steady or 0.0, completed_per_s)
+
+
+def capacity_estimate(figures: dict, pd: bool) -> tuple[float, float | None]:
+    """(capacity, steady figure) of a saturating run made with ``return_requests``.
+
+    ``steady_capacity`` counts decode work only, so it is used for PD shapes alone. Where
+    the ranks prefill and decode both (plain DP), the saturating run does most of its
+    prefill before the first request completes: its window is decode-rich and overstates
+    the rate (`mixed`, 4 ranks: 4.14 req/s in the window, 2.10 completed / duration, and
+    an open-loop run at 3.3 req/s already built a queue). There ``completed / duration``
+    stands, which ramp and drain make a lower bound."""
+    steady = steady_capacity(figures["requests"]) if pd else None
+    return saturating_capacity(figures["request_throughput"], steady), steady
 
 
 async def measured_run(cfg: BenchConfig, role: str | None = None,
@@ -161,11 +177,11 @@ def run_scenario(s: Scenario, ranks: int, args, bar: tqdm) -> dict:
         cap, _ = asyncio.run(measured_run(bench_config(
             shape, ranks, url, math.inf, capacity_prompts(shape, ranks), args.seed + 7,
             return_requests=True), shape.sampled_role, scale))
-        steady = steady_capacity(cap.pop("requests"))
+        rate, steady = capacity_estimate(cap, shape.pd)
         run = {k: cap.get(k) for k in KEEP}
         run["steady_request_throughput"] = steady
         result["simulated"] = result.get("simulated") or cap.get("simulated", False)
-        return saturating_capacity(cap["request_throughput"], steady), run
+        return rate, run
 
     timelines = {}
     for i, method in enumerate(s.methods):

@@ -212,7 +212,7 @@ def settings(cfg: BenchConfig) -> dict:
 def request_record(r: RequestResult, start: float) -> dict:
     return {"start_s": r.start_time - start, "ttft_s": r.ttft, "latency_s": r.latency,
             "prompt_len": r.prompt_len, "output_len": r.output_len, "dp_rank": r.dp_rank,
-            "success": r.success}
+            "success": r.success, "chunks": r.chunks}
 
 
 def write_jsonl(path: str, figures: dict) -> None:

@@ -12,6 +12,7 @@ import pytest
 
 from bench.compare import (PROCESSES_PER_CORE, auto_time_scale, build_parser, dispatch_probe,
                            rank_processes, run_scenario, saturating_capacity, steady_capacity,
+                           capacity_estimate,
                            with_lockstep)
 from bench.compare_report import headline, write_reports
 from bench.scenarios import Scenario, get_scenarios, server_flags
@@ -64,16 +65,36 @@ def test_steady_capacity_leaves_out_ramp_and_drain():
     # Decode-bound: 8 slots, each request makes 100 tokens in 10 s after its first
     # token; waves of 8 sent as the previous wave ends: 0.8 req/s, however bursty the
     # completions, and the last wave (the drain) is left out.
+    chunks = [(0.0, 1)] + [(k / 10, 1) for k in range(1, 101)]
     recs = [{"success": True, "start_s": 10.0 * w, "ttft_s": 0.0, "latency_s": 10.0,
-             "output_len": 101} for w in range(4) for _ in range(8)]
+             "output_len": 101, "chunks": chunks} for w in range(4) for _ in range(8)]
     assert abs(steady_capacity(recs) - 0.8) < 1e-9
     assert steady_capacity(recs, min_requests=20) is None  # too few: caller falls back
     # Prefill-bound shapes are left to completed / duration.
     assert steady_capacity([dict(r, output_len=5) for r in recs]) is None
+    # Tokens count where they arrived: one more request, across the window's start
+    # (sent at 5 s, done at 15 s), adds its 100 tokens if they came after 10 s and
+    # none if they came before.
+    across = {"success": True, "start_s": 5.0, "ttft_s": 0.0, "latency_s": 10.0, "output_len": 101}
+    early = [(0.0, 1)] + [(k / 100, 1) for k in range(1, 101)]
+    late = [(0.0, 1)] + [(9.0 + k / 100, 1) for k in range(1, 101)]
+    assert abs(steady_capacity(recs + [dict(across, chunks=early)]) - 0.8) < 1e-9
+    assert abs(steady_capacity(recs + [dict(across, chunks=late)]) - 0.85) < 1e-9
     # The capacity is never below the whole run's completion rate.
     assert saturating_capacity(0.6, steady_capacity(recs)) == steady_capacity(recs)
     assert saturating_capacity(10.73, 3.19) == 10.73
     assert saturating_capacity(0.6, None) == 0.6
+
+
+def test_capacity_estimate_uses_the_decode_window_for_pd_only():
+    """Where ranks also prefill, the decode-rich window overstates the rate (mixed:
+    4.14 req/s against a queue building at 3.3); completed / duration stands there."""
+    chunks = [(0.0, 1)] + [(k / 10, 1) for k in range(1, 101)]
+    recs = [{"success": True, "start_s": 10.0 * w, "ttft_s": 0.0, "latency_s": 10.0,
+             "output_len": 101, "chunks": chunks} for w in range(4) for _ in range(8)]
+    figures = {"request_throughput": 0.6, "requests": recs}
+    assert capacity_estimate(figures, pd=True) == (steady_capacity(recs), steady_capacity(recs))
+    assert capacity_estimate(figures, pd=False) == (0.6, None)
 
 
 def test_headline_gains_count_board_methods_only():
