@@ -74,12 +74,13 @@ DEPRECATED_METHOD_ALIASES = MappingProxyType({
 
 # What ``auto`` becomes per role. Prefill cost grows with prompt tokens, so prefill
 # balances tokens; decode is bound by batch slots and latency while KV suffices, so it
-# balances requests (SGLang's guideline). Mixed ranks balance tokens, as measured by
+# balances requests (SGLang's guideline). Mixed ranks balance tokens. Measured with
 # ``python -m bench.compare --scenarios mixed`` (variable-length prompts and outputs on
-# plain DP ranks): total_tokens had a lower mean TTFT than total_requests in all 6
-# simulated runs (4.0-14.3% lower; seeds 1-3 at 0.8x and 1.0x capacity) and in 5 of 6
-# runs on the real tiny model (--executor real, seeds 1-3), at a TPOT 0.4-3.6% higher in
-# the simulated runs; total_requests had a higher mean TTFT than round robin in 5 of 6.
+# plain DP ranks, seeds 1-3, simulated): at 0.8x and 1.0x capacity the two board methods
+# were within run-to-run spread of each other (pooled mean TTFT 17.5%/9.0% above round
+# robin for total_tokens, 11.9%/7.9% for total_requests; TPOT a few % below), and past
+# capacity total_tokens had the lowest mean TTFT in all 6 runs. Neither beats round
+# robin on TTFT there: see the README ("Plain DP ranks").
 AUTO_METHOD_BY_ROLE = MappingProxyType({
     "prefill": LoadBalanceMethod.TOTAL_TOKENS,
     "decode": LoadBalanceMethod.TOTAL_REQUESTS,
