@@ -9,12 +9,15 @@ it; later outputs for its rid are dropped. Event-loop thread only.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from scheduler.messages import ReqOutput
 from server.errors import RequestFailed
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -78,12 +81,18 @@ class InFlight:
                 self.observer.on_tokens(len(out.new_token_ids), now - handle.last_token_time)
             handle.last_token_time = now
         if out.finish_reason is not None:
+            if out.finish_reason.get("type") == "abort":
+                # The rank ended it (a timeout, a request it could not take): the
+                # route's own aborts have left the registry before their echo.
+                logger.warning("request %s aborted on rank %d: %s", out.rid, dp_rank,
+                               out.finish_reason.get("message", ""))
             self.remove(handle)
             self.observer.on_finish(now - handle.arrival_time, out.prompt_tokens,
                                     out.completion_tokens)
         handle.queue.put_nowait(out)
 
     def fail(self, handle: RequestHandle, message: str) -> None:
+        logger.warning("request %s on rank %d failed: %s", handle.rid, handle.dp_rank, message)
         self.remove(handle, ok=False)
         handle.queue.put_nowait(RequestFailed(message))
 
