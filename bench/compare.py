@@ -42,7 +42,7 @@ import time
 from tqdm import tqdm
 
 from bench.compare_report import write_reports
-from bench.compare_server import LoadSampler, ServerProcess
+from bench.compare_server import LoadSampler, ServerProcess, exit_on_sigterm
 from bench.scenarios import DEFAULT_SCENARIOS, SCENARIOS, Scenario, get_scenarios, server_flags
 from bench.serving import BenchConfig, run_benchmark
 from server.args import InvalidServerArgs, check_sim_time_scale
@@ -338,4 +338,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     raise SystemExit(main())

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import httpx
 
+from bench.compare_server import exit_on_sigterm
+
 REPO = Path(__file__).resolve().parent.parent
 TARGET_RESOLVE_US = 50.0
 TARGET_PENALTY_MS = 1.0
@@ -206,4 +208,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     sys.exit(main())

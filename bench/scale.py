@@ -30,7 +30,7 @@ import os
 from tqdm import tqdm
 
 from bench.compare import dispatch_stats
-from bench.compare_server import ServerProcess
+from bench.compare_server import ServerProcess, exit_on_sigterm
 from bench.serving import BenchConfig, run_benchmark
 
 METHODS = ("total_requests", "total_tokens")
@@ -113,4 +113,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     raise SystemExit(main())

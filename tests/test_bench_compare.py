@@ -7,6 +7,11 @@ import argparse
 import json
 import math
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +21,8 @@ from bench.compare import (PROCESSES_PER_CORE, auto_time_scale, build_parser, di
                            with_lockstep)
 from bench.compare_report import headline, write_reports
 from bench.scenarios import Scenario, get_scenarios, server_flags
+from server_helpers import child_pids, wait_group_gone, write_sim_profile
+from shm.segment import list_segments, owner_pid
 
 
 class _Bar:
@@ -197,3 +204,54 @@ def test_compare_writes_table_json_and_plots(tmp_path):
         for kind in ("ttft", "load"):
             assert (tmp_path / f"{stem}_{kind}.png").stat().st_size > 1000
     assert (tmp_path / "report.md").exists() and (tmp_path / "timelines.json").exists()
+
+
+def _gone(pid: int | None) -> bool:
+    """The process has exited (a zombie too: orphans wait for init to reap them)."""
+    if pid is None:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat[stat.rindex(")") + 2] == "Z"
+
+
+def test_sigterm_stops_the_server_of_a_running_compare(tmp_path):
+    """``timeout`` or a CI runner ends a benchmark with SIGTERM: the server it started
+    (own session, 4 ranks) must stop with it and leave no segment behind."""
+    cmd = [sys.executable, "-m", "bench.compare", "--quick", "--scenarios", "mixed",
+           "--sim-profile", write_sim_profile(tmp_path / "slow.json", step_s=0.05,
+                                            context_len=8192),
+           "--out", str(tmp_path / "out")]
+    before = set(list_segments())
+    bench = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    server = None
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and bench.poll() is None:
+            servers = child_pids(bench.pid)
+            if servers and len(child_pids(servers[0])) >= 4:  # its ranks are up
+                server = servers[0]
+                break
+            time.sleep(0.2)
+        assert server is not None, "bench.compare did not start its server in 120 s"
+        time.sleep(1.0)
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(60) == 128 + signal.SIGTERM
+        assert wait_group_gone(server, timeout_s=10) == []
+        assert [s for s in list_segments() if s not in before and _gone(owner_pid(s))] == []
+    finally:
+        for pgid in (bench.pid, server):
+            if pgid is not None:
+                try:
+                    os.killpg(pgid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        bench.wait(10)
+        if server is not None:
+            wait_group_gone(server, timeout_s=10)
+        for name in set(list_segments()) - before:  # what a killed server left
+            if _gone(owner_pid(name)):
+                os.unlink(os.path.join("/dev/shm", name.lstrip("/")))
