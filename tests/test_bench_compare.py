@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.compare import (PROCESSES_PER_CORE, auto_time_scale, build_parser, dispatch_probe,
-                           rank_processes, run_scenario, saturating_capacity, steady_capacity,
-                           capacity_estimate,
-                           with_lockstep)
+from bench.compare import (PROCESSES_PER_CORE, auto_time_scale, build_parser,
+                           capacity_estimate, dispatch_probe, rank_processes, run_scenario,
+                           saturating_capacity, steady_capacity, with_lockstep)
 from bench.compare_report import headline, write_reports
 from bench.scenarios import Scenario, get_scenarios, server_flags
 from server_helpers import child_pids, wait_group_gone, write_sim_profile
@@ -68,13 +67,17 @@ def test_pd_flags_put_the_method_on_the_balanced_side():
     assert methods("both") == ("round_robin", "round_robin")
 
 
-def test_steady_capacity_leaves_out_ramp_and_drain():
-    # Decode-bound: 8 slots, each request makes 100 tokens in 10 s after its first
-    # token; waves of 8 sent as the previous wave ends: 0.8 req/s, however bursty the
-    # completions, and the last wave (the drain) is left out.
+def _waves() -> list[dict]:
+    """Decode-bound: 8 slots, each request makes 100 tokens in 10 s after its first
+    token; waves of 8 sent as the previous wave ends: 0.8 req/s while full."""
     chunks = [(0.0, 1)] + [(k / 10, 1) for k in range(1, 101)]
-    recs = [{"success": True, "start_s": 10.0 * w, "ttft_s": 0.0, "latency_s": 10.0,
+    return [{"success": True, "start_s": 10.0 * w, "ttft_s": 0.0, "latency_s": 10.0,
              "output_len": 101, "chunks": chunks} for w in range(4) for _ in range(8)]
+
+
+def test_steady_capacity_leaves_out_ramp_and_drain():
+    # 0.8 req/s however bursty the completions; the last wave (the drain) is left out.
+    recs = _waves()
     assert abs(steady_capacity(recs) - 0.8) < 1e-9
     assert steady_capacity(recs, min_requests=20) is None  # too few: caller falls back
     # Prefill-bound shapes are left to completed / duration.
@@ -96,9 +99,7 @@ def test_steady_capacity_leaves_out_ramp_and_drain():
 def test_capacity_estimate_uses_the_decode_window_for_pd_only():
     """Where ranks also prefill, the decode-rich window overstates the rate (mixed:
     4.14 req/s against a queue building at 3.3); completed / duration stands there."""
-    chunks = [(0.0, 1)] + [(k / 10, 1) for k in range(1, 101)]
-    recs = [{"success": True, "start_s": 10.0 * w, "ttft_s": 0.0, "latency_s": 10.0,
-             "output_len": 101, "chunks": chunks} for w in range(4) for _ in range(8)]
+    recs = _waves()
     figures = {"request_throughput": 0.6, "requests": recs}
     assert capacity_estimate(figures, pd=True) == (steady_capacity(recs), steady_capacity(recs))
     assert capacity_estimate(figures, pd=False) == (0.6, None)
