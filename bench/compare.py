@@ -107,10 +107,10 @@ def steady_capacity(records: list[dict], min_requests: int = 8) -> float | None:
         return None
     tokens, active = 0, 0
     for r, first, end in zip(ok, firsts, ends):
-        if min(end, t1) > max(first, t0):
+        if min(end, t1) > max(first, t0):  # decoding in the window: its tokens may count
             active += 1
-        # The first chunk brought the first token, which the division leaves out.
-        tokens += sum(n for since, n in r["chunks"][1:] if t0 < r["start_s"] + since <= t1)
+            # The first chunk brought the first token, which the division leaves out.
+            tokens += sum(n for since, n in r["chunks"][1:] if t0 < r["start_s"] + since <= t1)
     completions = sum(1 for end in ends if end <= t1)
     if active < min_requests or completions < min_requests:
         return None  # everything fitted at once: the server never had work waiting

@@ -42,20 +42,29 @@ def write_sim_profile(path: Path, step_s: float = 0.0, **overrides) -> str:
     return str(path)
 
 
+def _stat_fields(pid: int | str) -> list[str] | None:
+    """/proc/PID/stat after the command name (state, ppid, pgrp, ...); None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2:].split()
+
+
 def group_pids(pgid: int) -> list[int]:
     """Live (non-zombie) processes of a process group, from /proc."""
     pids = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            pids.append(int(entry))
+        if entry.isdigit() and (fields := _stat_fields(entry)) is not None:
+            if fields[0] != "Z" and int(fields[2]) == pgid:
+                pids.append(int(entry))
     return pids
+
+
+def pid_gone(pid: int) -> bool:
+    """The process has exited (a zombie too: an orphan waits for init to reap it)."""
+    fields = _stat_fields(pid)
+    return fields is None or fields[0] == "Z"
 
 
 def wait_group_gone(pgid: int, timeout_s: float = 5.0) -> list[int]:

@@ -11,8 +11,8 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
+import posix_ipc
 import pytest
 
 from bench.compare import (PROCESSES_PER_CORE, auto_time_scale, build_parser,
@@ -20,7 +20,7 @@ from bench.compare import (PROCESSES_PER_CORE, auto_time_scale, build_parser,
                            saturating_capacity, steady_capacity, with_lockstep)
 from bench.compare_report import headline, write_reports
 from bench.scenarios import Scenario, get_scenarios, server_flags
-from server_helpers import child_pids, wait_group_gone, write_sim_profile
+from server_helpers import child_pids, pid_gone, wait_group_gone, write_sim_profile
 from shm.segment import list_segments, owner_pid
 
 
@@ -207,17 +207,6 @@ def test_compare_writes_table_json_and_plots(tmp_path):
     assert (tmp_path / "report.md").exists() and (tmp_path / "timelines.json").exists()
 
 
-def _gone(pid: int | None) -> bool:
-    """The process has exited (a zombie too: orphans wait for init to reap them)."""
-    if pid is None:
-        return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat[stat.rindex(")") + 2] == "Z"
-
-
 def test_sigterm_stops_the_server_of_a_running_compare(tmp_path):
     """``timeout`` or a CI runner ends a benchmark with SIGTERM: the server it started
     (own session, 4 ranks) must stop with it and leave no segment behind."""
@@ -226,6 +215,11 @@ def test_sigterm_stops_the_server_of_a_running_compare(tmp_path):
                                             context_len=8192),
            "--out", str(tmp_path / "out")]
     before = set(list_segments())
+
+    def orphaned() -> list[str]:
+        return [s for s in set(list_segments()) - before
+                if (pid := owner_pid(s)) is not None and pid_gone(pid)]
+
     bench = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
     server = None
@@ -242,7 +236,7 @@ def test_sigterm_stops_the_server_of_a_running_compare(tmp_path):
         bench.send_signal(signal.SIGTERM)
         assert bench.wait(60) == 128 + signal.SIGTERM
         assert wait_group_gone(server, timeout_s=10) == []
-        assert [s for s in list_segments() if s not in before and _gone(owner_pid(s))] == []
+        assert orphaned() == []
     finally:
         for pgid in (bench.pid, server):
             if pgid is not None:
@@ -253,6 +247,5 @@ def test_sigterm_stops_the_server_of_a_running_compare(tmp_path):
         bench.wait(10)
         if server is not None:
             wait_group_gone(server, timeout_s=10)
-        for name in set(list_segments()) - before:  # what a killed server left
-            if _gone(owner_pid(name)):
-                os.unlink(os.path.join("/dev/shm", name.lstrip("/")))
+        for name in orphaned():  # what a killed server left
+            posix_ipc.unlink_shared_memory(name)
