@@ -5,7 +5,8 @@
 cumulative; the tokens a chunk brings are the growth of ``meta_info.completion_tokens``.
 ``openai``: ``POST /v1/completions`` with ``stream_options.include_usage``; chunks are
 deltas, each counted as one inter-token gap (token counts per chunk are not sent), the
-output length from the final usage event.
+output length from the final usage event. Output whose tokens all decode to empty text
+(special tokens) counts as arriving with the finishing chunk.
 
 Timing (``time.perf_counter``, from the moment the request is sent):
 - TTFT: the first chunk that carries output (new tokens or non-empty text);
@@ -118,10 +119,14 @@ async def send_openai(session: aiohttp.ClientSession, base_url: str, req: BenchR
 
     def on_event(data: dict, now: float) -> None:
         for choice in data.get("choices") or ():
-            if choice.get("text"):
-                timer.chunk(now, 1)
-            if choice.get("finish_reason") == "abort":
+            reason = choice.get("finish_reason")
+            if reason == "abort":
                 raise StreamError("request aborted by the server")
+            # Tokens that decode to no text (a special token, e.g. EOS under ignore_eos)
+            # bring no text chunk; if no text came at all, the output arrived with the
+            # finishing chunk, and usage still counts its tokens.
+            if choice.get("text") or (reason and not result.chunks):
+                timer.chunk(now, 1)
         usage.update(data.get("usage") or {})
 
     await _stream(session, base_url + "/v1/completions", payload, result, on_event)

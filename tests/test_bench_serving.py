@@ -238,6 +238,12 @@ def test_openai_stream_and_errors_in_stream():
                                                                     "completion_tokens": 3}}),
                                     (0.0, "[DONE]")])
 
+    async def special_only(request):  # e.g. one EOS token under ignore_eos: no text
+        return await _sse(request, [(0.03, {"choices": [{"text": "", "finish_reason": "length"}]}),
+                                    (0.0, {"choices": [], "usage": {"prompt_tokens": 7,
+                                                                    "completion_tokens": 1}}),
+                                    (0.0, "[DONE]")])
+
     async def broken(request):
         return await _sse(request, [(0.0, {"error": {"message": "boom"}}), (0.0, "[DONE]")])
 
@@ -252,6 +258,9 @@ def test_openai_stream_and_errors_in_stream():
 
     r = asyncio.run(run(ok, send_openai))
     assert r.success and (r.output_len, r.prompt_len, len(r.itl)) == (3, 7, 1)
+    r = asyncio.run(run(special_only, send_openai))
+    assert r.success, r.error
+    assert (r.output_len, r.itl) == (1, []) and r.ttft == pytest.approx(0.03, abs=0.02)
     r = asyncio.run(run(broken, send_sglang))
     assert not r.success and "boom" in r.error
 
@@ -297,7 +306,8 @@ def test_benchmark_against_a_real_simulated_server(tmp_path):
         assert "simulated accelerator" in cli.stdout
         assert "============ Serving Benchmark Result ============" in cli.stdout
         row = json.loads(out.read_text().splitlines()[-1])
-        assert row["completed"] == 8 and row["request_rate"] == "inf" and row["simulated"]
+        assert row["completed"] == 8, row.get("first_errors")
+        assert row["request_rate"] == "inf" and row["simulated"]
 
 
 @pytest.mark.slow
