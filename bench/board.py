@@ -93,7 +93,8 @@ def _publisher(name: str, rows_per_s: int, stop, started) -> None:
     while not stop.is_set():
         for _ in range(100):  # 100 rows, then pace to the target rate
             k += 1
-            writers[k % len(writers)].publish(k % 50, 0, k % 5000, [0], [0])
+            writers[k % len(writers)].publish(k % 50, 0, k % 5000, [0], [0],
+                                              num_prefill_tokens=k % 500)
         t_next += 100 / rows_per_s
         delay = t_next - time.perf_counter()
         if delay > 0:
@@ -153,7 +154,7 @@ def bootstrap_us(slots: int = 4096) -> tuple[float, float]:
 def crossover(sizes=(4, 8, 16, 24, 32, 48, 64, 96, 128), dispatchers=(1, 2, 4)) -> list[dict]:
     """Rows of (method, D, N, lists_us, numpy_us): each pair measured interleaved."""
     rows = []
-    for method in ("total_requests", "total_tokens"):
+    for method in ("total_requests", "total_tokens", "prefill_tokens"):
         for d in dispatchers:
             for n in sizes:
                 with _live_board(n, d) as board:

@@ -122,7 +122,7 @@ SCENARIOS = {
     # stalls the decoding requests of its own rank, so the placement shows in TTFT
     # and TPOT alike. What this measures decides `auto` for mixed ranks.
     "mixed": Scenario(
-        "mixed", ("total_tokens", "total_requests", "round_robin"), "round_robin",
+        "mixed", ("prefill_tokens", "total_tokens", "total_requests", "round_robin"), "round_robin",
         4096, 512, 0.1, (0.8, 1.0), 96),
 }
 

@@ -19,10 +19,12 @@ from __future__ import annotations
 from operator import add
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from scheduler.policy import (InvalidDpRankError, InvalidLoadBalanceMethod, LoadBalanceMethod,
                               MissingBootstrapRoomError, NoLiveRankError, RankUnavailableError,
-                              RotationState, follow_bootstrap_room, round_robin, routed_rank,
-                              total_requests, total_tokens)
+                              RotationState, follow_bootstrap_room, prefill_tokens, round_robin,
+                              routed_rank, total_requests, total_tokens)
 
 if TYPE_CHECKING:
     from shm.board import LoadBoard
@@ -91,9 +93,9 @@ class Dispatcher:
         self._own_tokens = self._writer.dispatched_tokens
         # One dispatcher knows every dispatched count there is: its own.
         self._read_base = board.base_requests_reader() if board.num_dispatchers == 1 else None
-        # Only total_tokens needs the seqlocked read (a rank's cells read together);
+        # Only the token methods need the seqlocked read (a rank's cells read together);
         # total_requests reads single cells (see LoadBoard.read_requests).
-        with_tokens = method is LoadBalanceMethod.TOTAL_TOKENS
+        with_tokens = method in (LoadBalanceMethod.TOTAL_TOKENS, LoadBalanceMethod.PREFILL_TOKENS)
         if read_path not in ("auto", "lists", "numpy"):
             raise ValueError(f"read_path must be auto, lists or numpy; got {read_path!r}")
         self._numpy = (use_numpy_read(board.num_ranks, board.num_dispatchers, with_tokens)
@@ -105,6 +107,8 @@ class Dispatcher:
                 self._total_requests_np if self._numpy else self._total_requests,
             LoadBalanceMethod.TOTAL_TOKENS:
                 self._total_tokens_np if self._numpy else self._total_tokens,
+            LoadBalanceMethod.PREFILL_TOKENS:
+                self._prefill_tokens_np if self._numpy else self._prefill_tokens,
         }[method]
         if self._choose == self._total_requests and self._read_base is not None:
             # The commonest case (one API process, total_requests, a small board) gets
@@ -194,6 +198,29 @@ class Dispatcher:
         # Fewest tokens, then fewest requests, then rotation: policy.total_tokens's
         # order, as one integer key per rank (requests < 2**20 is checked above).
         return self._rotated_argmin_np(eff_tokens * _REQS_KEY_SCALE + eff_reqs)
+
+    def _prefill_tokens(self, bootstrap_room) -> int:
+        base_reqs, base_tokens, base_prefill = self.board.read_prefill_bases()
+        if self._read_base is not None:  # one dispatcher: its own counters are exact
+            own_reqs, own_tokens = self._own_reqs, self._own_tokens
+        else:  # every dispatcher's counters, read after the rows (acks before dispatches)
+            own_reqs, own_tokens = self.board.dispatched_totals()
+        alive = self._liveness.check(self.stale_ns)
+        return prefill_tokens(list(map(add, base_prefill, own_tokens)),
+                              list(map(add, base_tokens, own_tokens)),
+                              list(map(add, base_reqs, own_reqs)), alive, self.rotation)
+
+    def _prefill_tokens_np(self, bootstrap_room) -> int:
+        alive = self._liveness.check(self.stale_ns)
+        eff_reqs, eff_tokens, eff_prefill = self.board.effective_prefill_np()
+        least = eff_prefill.min()
+        if alive is not self._all_alive or eff_reqs[eff_reqs.argmax()] >= _REQS_KEY_SCALE:
+            return prefill_tokens(eff_prefill.tolist(), eff_tokens.tolist(), eff_reqs.tolist(),
+                                  alive, self.rotation)
+        # Among the ranks of least prefill, total_tokens's key (others masked out).
+        key = eff_tokens * _REQS_KEY_SCALE + eff_reqs
+        key[eff_prefill != least] = np.iinfo(np.int64).max
+        return self._rotated_argmin_np(key)
 
     def _rotated_argmin_np(self, loads) -> int:
         """The first least ``loads`` at or after ``next_start``, wrapping (policy's

@@ -65,6 +65,8 @@ class LoadBalanceMethod(str, Enum):
     FOLLOW_BOOTSTRAP_ROOM = "follow_bootstrap_room"
     TOTAL_REQUESTS = "total_requests"
     TOTAL_TOKENS = "total_tokens"
+    # Not an SGLang method: fewest prompt tokens waiting for prefill, then total_tokens.
+    PREFILL_TOKENS = "prefill_tokens"
 
 
 DEPRECATED_METHOD_ALIASES = MappingProxyType({
@@ -164,17 +166,29 @@ def total_requests(eff_reqs: list[int], alive: Sequence[bool], state: RotationSt
 def total_tokens(eff_tokens: list[int], eff_reqs: list[int], alive: Sequence[bool],
                  state: RotationState) -> int:
     """A live rank with the fewest effective tokens, then fewest requests; ties rotate."""
-    tokens = _masked(eff_tokens, alive)
-    least = min(tokens)
-    if least == _DEAD_LOAD:
-        raise NoLiveRankError("no rank is alive")
-    if tokens.count(least) == 1:
-        rank = tokens.index(least)
+    least = _least_or_tied(_masked(eff_tokens, alive))
+    if type(least) is int:
+        rank = least
     else:
-        reqs = [r if t == least else _DEAD_LOAD for t, r in zip(tokens, eff_reqs)]
-        rank = _rotated_argmin(reqs, state.next_start)
+        rank = _rotated_argmin(_masked(eff_reqs, least), state.next_start)
     state.next_start = rank + 1
     return rank
+
+
+def prefill_tokens(eff_prefill: list[int], eff_tokens: list[int], eff_reqs: list[int],
+                   alive: Sequence[bool], state: RotationState) -> int:
+    """A live rank with the fewest prompt tokens waiting for prefill (queued, mid-prefill
+    or in flight to it), then ``total_tokens`` among those; ties rotate.
+
+    A new request's first token waits behind the prompts its rank has yet to prefill;
+    ``total_tokens`` on a mixed rank is mostly decoding KV, so it sends a burst of
+    arrivals to the rank with the least KV, where they prefill one after another.
+    """
+    least = _least_or_tied(_masked(eff_prefill, alive))
+    if type(least) is int:
+        state.next_start = least + 1
+        return least
+    return total_tokens(eff_tokens, eff_reqs, least, state)
 
 
 def routed_rank(routed_dp_rank: object, alive: Sequence[bool]) -> int:
@@ -194,6 +208,16 @@ def _masked(loads: list[int], alive: Sequence[bool]) -> list:
     if False not in alive:  # C-level scan; all() is a Python-level iteration here
         return loads
     return [x if a else _DEAD_LOAD for x, a in zip(loads, alive)]
+
+
+def _least_or_tied(loads: list) -> int | list[bool]:
+    """The index of the one least load, or, when several ranks share it, a mask of them."""
+    least = min(loads)
+    if least == _DEAD_LOAD:
+        raise NoLiveRankError("no rank is alive")
+    if loads.count(least) == 1:
+        return loads.index(least)
+    return [x == least for x in loads]
 
 
 def _rotated_argmin(loads: list, start: int) -> int:

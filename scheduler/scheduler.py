@@ -11,6 +11,8 @@ Load accounting (what the board row says, see ``shm.board``):
   not computed yet (queued or mid-prefill). A PD prefill rank counts only the prompt
   tokens not computed yet: that is its work, and the KV it computed leaves with the
   hand-off;
+- ``num_prefill_tokens`` = prompt tokens not computed yet (queued or mid-prefill), on
+  every rank (so on a PD prefill rank it equals ``num_tokens``; 0 on a decode rank);
 - ``acked[d]`` grows the moment a request from dispatcher d is taken off the pipe, and
   reaches the board in the same publish that first counts the request, so the board's
   in-flight term (dispatched - acked) hands over to the reported term exactly.
@@ -19,9 +21,10 @@ When ranks step together (DP attention with expert parallelism; the simulated
 executor with ``--sim-lockstep``, ``Executor.steps_in_lockstep``) the row is also
 published just before each forward pass, as it will stand when that pass ends: the
 requests certain to leave in it (a PD prefill rank's last prompt chunks, requests
-sampling their last allowed token) are not counted, nor, on a PD prefill rank, the
-prompt tokens the pass computes. Every rank's current pass ends at the same moment, so
-work already in it delays a new request equally on every rank; counting it steered
+sampling their last allowed token) are not counted, nor are the prompt tokens the pass
+computes in ``num_prefill_tokens`` (and, on a PD prefill rank, in ``num_tokens``).
+Every rank's current pass ends at the same moment, so work already in it delays a new
+request equally on every rank; counting it steered
 arrivals away from the ranks busy *now* and piled them onto the others' next step
 (lockstep prefill with 16k-token chunks: ``total_tokens`` had up to 93% higher mean TTFT
 than round robin; ``python -m bench.lockstep_model`` shows the effect in a queueing
@@ -142,16 +145,20 @@ class Scheduler:
         queued = sum(r.prompt_len for r in self.waiting)
         if self.hands_off:  # PD prefill: the prompt work left
             done_now = sum(len(i.token_ids) for i in in_flight if i.req not in leaving)
-            tokens = sum(r.prompt_len - r.num_computed for r in running) - done_now + queued
+            tokens = prefill = (sum(r.prompt_len - r.num_computed for r in running)
+                                - done_now + queued)
         else:
             computed = sum(r.num_computed for r in running)
             uncomputed = sum(r.prompt_len - r.num_computed for r in running if r.is_prefilling)
             tokens = computed + uncomputed + queued
+            done_now = sum(len(i.token_ids) for i in in_flight
+                           if i.req.is_prefilling and i.req not in leaving)
+            prefill = uncomputed - done_now + queued
         # PD decode: parked requests (KV not here yet) count as waiting, prompt included.
         parked, parked_tokens = self.pd.pending_load() if self.pd is not None else (0, 0)
         self.board_row.publish(len(running) + len(self.waiting) + parked,
                                len(self.waiting) + parked, tokens + parked_tokens,
-                               self.acked_reqs, self.acked_tokens)
+                               self.acked_reqs, self.acked_tokens, num_prefill_tokens=prefill)
         self.board_row.heartbeat()
 
     def _leaving(self, batch: list[ForwardItem]) -> frozenset[Req]:

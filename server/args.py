@@ -60,7 +60,8 @@ class ServerArgs:
         "tokenizer folder (default: the model's)"))
     dp_size: int = field(default=1, **_flag("number of data-parallel ranks (one process each)"))
     load_balance_method: str = field(default="auto", **_flag(
-        "round_robin, follow_bootstrap_room, total_requests, total_tokens or auto (by role: "
+        "round_robin, follow_bootstrap_room, total_requests, total_tokens, prefill_tokens "
+        "(fewest prompt tokens waiting for prefill, then total_tokens) or auto (by role: "
         "total_tokens for mixed and prefill ranks, total_requests for decode ranks)"))
     max_running_requests: int | None = field(default=None, **_flag(
         "per rank (default: derived by the rank)"))

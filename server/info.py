@@ -161,6 +161,7 @@ def _loads(engine: EngineClient) -> list[dict]:
 def _board_loads(board, role: str) -> list[dict]:
     snap = board.snapshot()
     eff_reqs, eff_tokens, in_flight = snap.effective_reqs, snap.effective_tokens, snap.in_flight_reqs
+    eff_prefill = snap.effective_prefill_tokens
     rows = []
     for r in range(board.num_ranks):
         waiting = int(snap.num_waiting_reqs[r]) + max(int(in_flight[r]), 0)
@@ -175,6 +176,7 @@ def _board_loads(board, role: str) -> list[dict]:
             "num_total_reqs": running + waiting,
             "num_tokens": tokens,
             "num_used_tokens": tokens,
+            "num_prefill_tokens": int(eff_prefill[r]),  # prompt tokens not prefilled yet
             "max_total_num_tokens": capacity,
             "max_running_requests": int(snap.max_running_requests[r]),
             "token_usage": round(tokens / capacity, 4) if capacity > 0 else 0.0,

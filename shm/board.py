@@ -7,10 +7,10 @@ One POSIX segment of int64 cells (native little-endian), laid out as::
     | magic | version | num_ranks | num_dispatchers | row_len | disp_off | disp_len| owner_pid |
     +-------+---------+-----------+-----------------+---------+----------+---------+-----------+
     rank rows, rank r at HEADER_LEN + r * row_len (row_len rounded up to 8 cells = 64 B):
-    +-----+----------+----------+----------+----------+----------+---------+--------+-----+
-    | seq | base_reqs| base_toks| num_reqs | num_wait | num_toks | max_tok | max_run| pid | ...
-    +-----+----------+----------+----------+----------+----------+---------+--------+-----+
-      ... | acked_reqs[0..D) | acked_tokens[0..D) | pad |
+    +-----+----------+----------+-----------+----------+----------+----------+-----------+
+    | seq | base_reqs| base_toks| base_pfill| num_reqs | num_wait | num_toks | num_pfill | ...
+    +-----+----------+----------+-----------+----------+----------+----------+-----------+
+      ... | max_tok | max_run | pid | acked_reqs[0..D) | acked_tokens[0..D) | pad |
     liveness block at live_off = HEADER_LEN + N * row_len, column-major (each column
     padded to a multiple of 8 cells; cell r of a column is rank r's):
     +------------------------+-----+--------------------+-----+
@@ -25,9 +25,12 @@ Who writes what (exactly one writer per cell; ``+=`` on shared memory is not ato
 - header: the creator, once, before anyone attaches.
 - rank row r: the scheduler of rank r, through its ``RankWriter``, every cell but
   ``seq`` under the row's seqlock.
-  ``base_reqs = num_reqs - sum(acked_reqs)`` and ``base_toks = num_toks -
-  sum(acked_tokens)`` are derived by the writer so that a reader needs two cells,
-  not 2 + 2D, to get the rank's load net of what it has already acknowledged.
+  ``base_reqs = num_reqs - sum(acked_reqs)``, ``base_toks = num_toks -
+  sum(acked_tokens)`` and ``base_pfill = num_pfill - sum(acked_tokens)`` are derived
+  by the writer so that a reader needs one cell per quantity, not 1 + 2D, to get the
+  rank's load net of what it has already acknowledged. ``num_pfill`` is the prompt
+  tokens the rank has yet to prefill (queued or mid-prefill): the work a new
+  request's first token waits behind.
 - ``heartbeat_ns[r]`` (CLOCK_MONOTONIC, shared by all processes on the node, so it
   only grows, also across a restart of the rank) and ``status[r]``: rank r's
   scheduler, as single-cell stores outside the seqlock; the launcher may set
@@ -40,6 +43,9 @@ The effective load a dispatcher uses for rank r is::
 
     effective(r) = base(r) + sum over d of dispatched[d][r]
                  = reported(r) + sum over d of (dispatched[d][r] - acked[d][r])
+
+(tokens and prefill tokens both add ``dispatched_tokens``: a request in flight is
+all prompt, none of it prefilled yet.)
 
 A dispatcher bumps ``dispatched`` *before* it sends the request; the scheduler bumps
 ``acked`` in the same seqlocked publish that starts counting the request in its
@@ -75,14 +81,15 @@ from shm.board_liveness import Liveness
 from shm.segment import SharedSegment, ShmLayoutError, segment_name
 
 MAGIC = 0x445053_424F415244  # "DPS" "BOARD"
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 HEADER_LEN = 8
 H_MAGIC, H_VERSION, H_NUM_RANKS, H_NUM_DISP, H_ROW_LEN, H_DISP_OFF, H_DISP_LEN, H_OWNER = range(8)
 
 # Rank-row columns.
-SEQ, BASE_REQS, BASE_TOKENS, NUM_REQS, NUM_WAITING, NUM_TOKENS = range(6)
-MAX_TOTAL_TOKENS, MAX_RUNNING, PID = range(6, 9)
-ACKED = 9  # acked_reqs[0..D) then acked_tokens[0..D)
+SEQ, BASE_REQS, BASE_TOKENS, BASE_PREFILL = range(4)
+NUM_REQS, NUM_WAITING, NUM_TOKENS, NUM_PREFILL = range(4, 8)
+MAX_TOTAL_TOKENS, MAX_RUNNING, PID = range(8, 11)
+ACKED = 11  # acked_reqs[0..D) then acked_tokens[0..D)
 # Liveness-block columns (cell offsets from live_off are column * round8(N) + rank).
 HEARTBEAT_COL, STATUS_COL = 0, 1
 
@@ -160,6 +167,7 @@ class BoardSnapshot:
     num_reqs: np.ndarray
     num_waiting_reqs: np.ndarray
     num_tokens: np.ndarray
+    num_prefill_tokens: np.ndarray  # prompt tokens not prefilled yet
     max_total_num_tokens: np.ndarray
     max_running_requests: np.ndarray
     heartbeat_ns: np.ndarray
@@ -177,6 +185,10 @@ class BoardSnapshot:
     @property
     def effective_tokens(self) -> np.ndarray:
         return self.num_tokens + (self.dispatched_tokens.T - self.acked_tokens).sum(axis=1)
+
+    @property
+    def effective_prefill_tokens(self) -> np.ndarray:
+        return self.num_prefill_tokens + (self.dispatched_tokens.T - self.acked_tokens).sum(axis=1)
 
     @property
     def in_flight_reqs(self) -> np.ndarray:
@@ -217,6 +229,8 @@ class LoadBoard:
         self._rows_unpack = struct.Struct("<" + row_fmt * n).unpack_from
         self._hot_off = HEADER_LEN * 8
         self._n3 = 3 * n
+        # The same read with base_pfill too (the prefill_tokens method).
+        self._rows4_unpack = struct.Struct("<" + ("qqqq" + "x" * 8 * (row_len - 4)) * n).unpack_from
         # The request-only read: one cell per row (base_reqs), no seq.
         req_fmt = "x" * 8 * BASE_REQS + "q" + "x" * 8 * (row_len - BASE_REQS - 1)
         self._req_unpack = struct.Struct("<" + req_fmt * n).unpack_from
@@ -304,7 +318,8 @@ class LoadBoard:
         d = self.num_dispatchers
         return BoardSnapshot(
             num_reqs=rows[:, NUM_REQS], num_waiting_reqs=rows[:, NUM_WAITING],
-            num_tokens=rows[:, NUM_TOKENS], max_total_num_tokens=rows[:, MAX_TOTAL_TOKENS],
+            num_tokens=rows[:, NUM_TOKENS], num_prefill_tokens=rows[:, NUM_PREFILL],
+            max_total_num_tokens=rows[:, MAX_TOTAL_TOKENS],
             max_running_requests=rows[:, MAX_RUNNING], heartbeat_ns=self._heartbeats.copy(),
             status=self._statuses.copy(), pid=rows[:, PID],
             acked_reqs=rows[:, ACKED:ACKED + d], acked_tokens=rows[:, ACKED + d:ACKED + 2 * d],
@@ -357,6 +372,32 @@ class LoadBoard:
                 # again: give up the core rather than spin through its time slice.
                 sched_yield()
 
+    def dispatched_totals(self) -> tuple[list[int], list[int]]:
+        """(dispatched_reqs, dispatched_tokens) per rank, summed over every dispatcher.
+        Read after the rows, so that acks are read before dispatches."""
+        disp = self._disp_unpack(self._buf, self._disp_off_bytes)
+        n = self.num_ranks
+        reqs, toks = [0] * n, [0] * n
+        for o in range(0, len(disp), 2 * n):
+            reqs = list(map(add, reqs, disp[o:o + n]))
+            toks = list(map(add, toks, disp[o + n:o + 2 * n]))
+        return reqs, toks
+
+    def read_prefill_bases(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """(base_reqs, base_toks, base_pfill) of every row, each row read under its
+        seqlock (``read_bases`` with the prefill column)."""
+        buf, unpack, unpack_seqs, off = self._buf, self._rows4_unpack, self._seq_unpack, self._hot_off
+        n4 = 4 * self.num_ranks
+        tries = 0
+        while True:
+            cells = unpack(buf, off)
+            seqs = cells[0:n4:4]
+            if min(seqs) >= 0 and seqs == unpack_seqs(buf, off):
+                return cells[1:n4:4], cells[2:n4:4], cells[3:n4:4]
+            tries += 1
+            if tries & 7 == 0:
+                sched_yield()
+
     def read_requests(self, stale_ns: int, own_counts: list[int] | None = None):
         """Hot path of the request-count methods: (eff_reqs, alive), no seqlock.
 
@@ -400,10 +441,23 @@ class LoadBoard:
     def effective_np(self) -> tuple[np.ndarray, np.ndarray]:
         """(eff_reqs, eff_tokens) as numpy arrays, every row read under its seqlock:
         ``read_effective``'s loads for boards where numpy is the faster read."""
+        snap, disp = self._seqlocked_np(BASE_TOKENS + 1)
+        return snap[:, BASE_REQS] + disp[0], snap[:, BASE_TOKENS] + disp[1]
+
+    def effective_prefill_np(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(eff_reqs, eff_tokens, eff_prefill_tokens) as numpy arrays, every row read
+        under its seqlock (``effective_np`` with the prefill column)."""
+        snap, disp = self._seqlocked_np(BASE_PREFILL + 1)
+        return (snap[:, BASE_REQS] + disp[0], snap[:, BASE_TOKENS] + disp[1],
+                snap[:, BASE_PREFILL] + disp[1])
+
+    def _seqlocked_np(self, num_cols: int) -> tuple[np.ndarray, np.ndarray]:
+        """A copy of every row's first ``num_cols`` cells, each row under its seqlock,
+        then the dispatched counters summed over dispatchers ([kind, rank])."""
         rows, seq_col = self._rows, self._base_seq_np
         tries = 0
         while True:
-            snap = rows[:, :BASE_TOKENS + 1].copy()
+            snap = rows[:, :num_cols].copy()
             seq = snap[:, SEQ]
             # Committed (none negative) and unchanged since (a second read, bytewise).
             if seq[seq.argmin()] >= 0 and seq.tobytes() == seq_col.tobytes():
@@ -412,7 +466,7 @@ class LoadBoard:
             if tries & 7 == 0:
                 sched_yield()
         disp = self._disp[0] if self.num_dispatchers == 1 else self._disp.sum(axis=0)  # after the rows
-        return snap[:, BASE_REQS] + disp[0], snap[:, BASE_TOKENS] + disp[1]
+        return snap, disp
 
     def read_effective_np(self, stale_ns: int, now_ns: int | None = None):
         """Vectorised ``read_effective``: three numpy arrays."""

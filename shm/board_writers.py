@@ -11,8 +11,8 @@ import os
 import time
 from typing import TYPE_CHECKING, Sequence
 
-from shm.board import (ACKED, BASE_REQS, BASE_TOKENS, MAX_RUNNING, MAX_TOTAL_TOKENS, NUM_REQS,
-                       NUM_TOKENS, NUM_WAITING, PID, SEQ, RankStatus)
+from shm.board import (ACKED, BASE_PREFILL, BASE_REQS, BASE_TOKENS, MAX_RUNNING, MAX_TOTAL_TOKENS,
+                       NUM_PREFILL, NUM_REQS, NUM_TOKENS, NUM_WAITING, PID, SEQ, RankStatus)
 
 if TYPE_CHECKING:
     from shm.board import LoadBoard
@@ -33,12 +33,15 @@ class RankWriter:
         self._d = board.num_dispatchers
 
     def publish(self, num_reqs: int, num_waiting_reqs: int, num_tokens: int,
-                acked_reqs: Sequence[int], acked_tokens: Sequence[int]) -> None:
+                acked_reqs: Sequence[int], acked_tokens: Sequence[int], *,
+                num_prefill_tokens: int) -> None:
         """Store the load and the per-dispatcher acknowledged totals, atomically to readers.
 
         ``acked_reqs[d]``/``acked_tokens[d]``: how many requests (and their dispatched
         token counts) from dispatcher d this rank has received so far, all of which
         are already inside ``num_reqs``/``num_tokens`` or finished. They only grow.
+        ``num_prefill_tokens``: prompt tokens received and not prefilled yet (0 on a
+        rank that prefills nothing, such as a PD decode rank).
         """
         d = self._d
         if len(acked_reqs) != d or len(acked_tokens) != d:
@@ -47,10 +50,13 @@ class RankWriter:
         seq = self._seq
         mv[b + SEQ] = -(seq + 1)  # negative = writing (see shm.board)
         mv[b + BASE_REQS] = num_reqs - sum(acked_reqs)
-        mv[b + BASE_TOKENS] = num_tokens - sum(acked_tokens)
+        acked = sum(acked_tokens)
+        mv[b + BASE_TOKENS] = num_tokens - acked
+        mv[b + BASE_PREFILL] = num_prefill_tokens - acked
         mv[b + NUM_REQS] = num_reqs
         mv[b + NUM_WAITING] = num_waiting_reqs
         mv[b + NUM_TOKENS] = num_tokens
+        mv[b + NUM_PREFILL] = num_prefill_tokens
         for i in range(d):
             mv[b + ACKED + i] = acked_reqs[i]
             mv[b + ACKED + d + i] = acked_tokens[i]

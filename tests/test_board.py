@@ -11,7 +11,7 @@ import pytest
 from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from shm.board import ACKED, NUM_REQS, NUM_TOKENS, NUM_WAITING, LoadBoard, RankStatus
+from shm.board import ACKED, NUM_PREFILL, NUM_REQS, NUM_TOKENS, NUM_WAITING, LoadBoard, RankStatus
 from shm.segment import new_launch_id
 
 NUM_RANKS = 3
@@ -32,7 +32,8 @@ class SimScheduler:
 
     def publish(self):
         reqs, toks = len(self.running), sum(self.running)
-        self.writer.publish(reqs, 0, toks, self.acked_reqs, self.acked_tokens)
+        self.writer.publish(reqs, 0, toks, self.acked_reqs, self.acked_tokens,
+                            num_prefill_tokens=0)
         self.published = (reqs, toks, list(self.acked_reqs), list(self.acked_tokens))
 
 
@@ -192,14 +193,16 @@ def _hammer(name: str, stop, started) -> None:
         for _ in range(1000):
             k += 1
             # Every field is a function of k, so a torn row is detectable.
-            writers[k % len(writers)].publish(k, k % 7, 3 * k, [k // 2], [k])
+            writers[k % len(writers)].publish(k, k % 7, 3 * k, [k // 2], [k],
+                                              num_prefill_tokens=5 * k)
     del writers
     board.close()
 
 
-def _row_is_whole(num_reqs, waiting, tokens, acked_reqs, acked_tokens) -> bool:
+def _row_is_whole(num_reqs, waiting, tokens, acked_reqs, acked_tokens, prefill) -> bool:
     k = num_reqs
-    return waiting == k % 7 and tokens == 3 * k and acked_reqs == k // 2 and acked_tokens == k
+    return (waiting == k % 7 and tokens == 3 * k and acked_reqs == k // 2 and acked_tokens == k
+            and prefill == 5 * k)
 
 
 def _fast_row_is_whole(base_reqs: int, base_tokens: int) -> bool:
@@ -226,13 +229,17 @@ def test_no_torn_reads_while_another_process_writes_flat_out():
                 for _ in range(20):
                     reqs, toks, _ = board.read_effective(FOREVER)
                     torn += sum(not _fast_row_is_whole(r, t) for r, t in zip(reqs, toks))
-                    rows_checked += 8
+                    reqs, toks, prefill = board.read_prefill_bases()
+                    torn += sum(not (_fast_row_is_whole(r, t) and p == 2 * t)
+                                for r, t, p in zip(reqs, toks, prefill))
+                    rows_checked += 16
                 for _ in range(100):
                     snap = board.snapshot()
                     for r in range(8):
                         k = int(snap.num_reqs[r])
                         torn += not _row_is_whole(k, int(snap.num_waiting_reqs[r]), int(snap.num_tokens[r]),
-                                                  int(snap.acked_reqs[r, 0]), int(snap.acked_tokens[r, 0]))
+                                                  int(snap.acked_reqs[r, 0]), int(snap.acked_tokens[r, 0]),
+                                                  int(snap.num_prefill_tokens[r]))
                     seen.add(int(snap.num_reqs[3]))
                     rows_checked += 8
             # Control: the same check on rows copied without the seqlock does catch
@@ -241,7 +248,7 @@ def test_no_torn_reads_while_another_process_writes_flat_out():
             deadline = time.monotonic() + 1.0
             while time.monotonic() < deadline and unprotected_torn < 10:
                 rows = board._rows.copy()
-                unprotected_torn += sum(not _row_is_whole(*(int(row[c]) for c in (NUM_REQS, NUM_WAITING, NUM_TOKENS, ACKED, ACKED + 1)))
+                unprotected_torn += sum(not _row_is_whole(*(int(row[c]) for c in (NUM_REQS, NUM_WAITING, NUM_TOKENS, ACKED, ACKED + 1, NUM_PREFILL)))
                                         for row in rows)
         finally:
             stop.set()

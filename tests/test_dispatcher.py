@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from scheduler.dispatcher import (Dispatcher, InvalidDpRankError, MissingBootstrapRoomError,
                                   NoLiveRankError, RankUnavailableError)
 from scheduler.policy import (InvalidLoadBalanceMethod, LoadBalanceMethod,
-                              RotationState, total_requests, total_tokens)
+                              RotationState, prefill_tokens, total_requests, total_tokens)
 from shm.board import LoadBoard, RankStatus
 from shm.segment import SHM_DIR, new_launch_id
 
@@ -72,6 +72,9 @@ class SimReq:
     counted_tokens: int  # what the dispatcher put on the board (the prompt length)
     kv_tokens: int  # what the scheduler holds now
     board_tokens: int  # what the board must count for it now (the oracle)
+    prefilled: bool = False  # its prompt is computed (its first decode step ran)
+    board_prefill: int | None = None  # prompt tokens the board must count as not
+    # prefilled yet (the oracle); None: its prompt length, until a report covers it
 
 
 class SimRank:
@@ -88,7 +91,7 @@ class SimRank:
         self.counted: set[SimReq] = set()  # oracle: every request the board must count
         for i in range(base_reqs):
             share = base_tokens // base_reqs + (i < base_tokens % base_reqs)
-            self._start(SimReq(None, share, share, share))
+            self._start(SimReq(None, share, share, share, prefilled=True, board_prefill=0))
         self.writer.set_status(RankStatus.READY)
         self.publish()
 
@@ -107,17 +110,20 @@ class SimRank:
     def decode(self) -> None:
         for req in self.running:
             req.kv_tokens += 1
+            req.prefilled = True
 
     def finish(self, k: int) -> None:
         done, self.running = self.running[:k], self.running[k:]
         self.finished_unreported += done
 
     def publish(self) -> None:
+        prefill = sum(r.counted_tokens for r in self.running if not r.prefilled)
         self.writer.publish(len(self.running), 0, sum(r.kv_tokens for r in self.running),
-                            self.acked_reqs, self.acked_tokens)
+                            self.acked_reqs, self.acked_tokens, num_prefill_tokens=prefill)
         self.writer.heartbeat()
         for req in self.running:
             req.board_tokens = req.kv_tokens
+            req.board_prefill = 0 if req.prefilled else req.counted_tokens
         self.counted.difference_update(self.finished_unreported)
         self.finished_unreported = []
 
@@ -126,22 +132,25 @@ class SimRank:
         self.finish(len(self.running))
         self.publish()
 
-    def expected(self) -> tuple[int, int]:
-        return len(self.counted), sum(r.board_tokens for r in self.counted)
+    def expected(self) -> tuple[int, int, int]:
+        prefill = sum(r.counted_tokens if r.board_prefill is None else r.board_prefill
+                      for r in self.counted)
+        return len(self.counted), sum(r.board_tokens for r in self.counted), prefill
 
     def _start(self, req: SimReq) -> None:
         self.counted.add(req)
         self.running.append(req)
 
 
-def effective(board: LoadBoard) -> tuple[list[int], list[int]]:
+def effective(board: LoadBoard) -> tuple[list[int], list[int], list[int]]:
     snap = board.snapshot()
-    return snap.effective_reqs.tolist(), snap.effective_tokens.tolist()
+    return (snap.effective_reqs.tolist(), snap.effective_tokens.tolist(),
+            snap.effective_prefill_tokens.tolist())
 
 
 def assert_board_matches_oracle(board: LoadBoard, ranks: list[SimRank]) -> None:
-    reqs, toks = effective(board)
-    assert list(zip(reqs, toks)) == [r.expected() for r in ranks]
+    reqs, toks, prefill = effective(board)
+    assert list(zip(reqs, toks, prefill)) == [r.expected() for r in ranks]
 
 
 def dispatch(disp: Dispatcher, ranks: list[SimRank], num_tokens: int, **kw) -> int:
@@ -194,19 +203,19 @@ def test_total_requests_always_picks_min_effective(new_board, n, num_d, data, eq
                 ranks[op[1]].receive(op[2])
                 ranks[op[1]].publish()
             else:
-                before, _ = effective(board)
+                before = effective(board)[0]
                 rank = dispatch(disps[op[1]], ranks, op[2])
                 assert before[rank] == min(before)
             assert_board_matches_oracle(board, ranks)
             if equal:
-                reqs, _ = effective(board)
+                reqs = effective(board)[0]
                 assert max(reqs) - min(reqs) <= 1
 
 
 # ---- the fast paths are the policy functions ----------------------------------------------
 @PROPS
 @given(n=st.integers(1, 12), num_d=st.integers(1, 3), data=st.data(),
-       method=st.sampled_from(["total_requests", "total_tokens"]))
+       method=st.sampled_from(["total_requests", "total_tokens", "prefill_tokens"]))
 def test_both_read_paths_pick_what_the_policy_picks(new_board, n, num_d, method, data):
     """Dispatcher.pick reads the board through lists or numpy and inlines the common
     case of total_requests; on the same boards and the same picks, both paths choose
@@ -217,9 +226,12 @@ def test_both_read_paths_pick_what_the_policy_picks(new_board, n, num_d, method,
     ops = data.draw(st.lists(st.one_of(
         st.tuples(st.just("disp"), st.integers(0, num_d - 1), st.integers(0, 300)),
         st.tuples(st.just("ack"), st.integers(0, n - 1), st.integers(1, 4)),
+        st.tuples(st.just("dec"), st.integers(0, n - 1), st.just(0)),
         st.tuples(st.just("revive"), st.integers(0, n - 1), st.just(0))), max_size=40))
     policy_fn = {"total_requests": lambda e, a, rot: total_requests(e[0], a, rot),
-                 "total_tokens": lambda e, a, rot: total_tokens(e[1], e[0], a, rot)}[method]
+                 "total_tokens": lambda e, a, rot: total_tokens(e[1], e[0], a, rot),
+                 "prefill_tokens": lambda e, a, rot: prefill_tokens(e[2], e[1], e[0], a, rot),
+                 }[method]
     with new_board(n, num_d) as board_l, new_board(n, num_d) as board_n:
         sides = []
         for board, path in ((board_l, "lists"), (board_n, "numpy")):
@@ -235,12 +247,17 @@ def test_both_read_paths_pick_what_the_policy_picks(new_board, n, num_d, method,
                     ranks[op[1]].receive(op[2])
                     ranks[op[1]].publish()
                     continue
+                if op[0] == "dec":  # the prompts received are prefilled, and reported
+                    ranks[op[1]].decode()
+                    ranks[op[1]].publish()
+                    continue
                 if op[0] == "revive":
                     ranks[op[1]].writer.set_status(RankStatus.READY)
                     continue
                 disp = disps[op[1]]
                 snap = board.snapshot()
-                eff = (snap.effective_reqs.tolist(), snap.effective_tokens.tolist())
+                eff = (snap.effective_reqs.tolist(), snap.effective_tokens.tolist(),
+                       snap.effective_prefill_tokens.tolist())
                 alive = tuple(int(s) == RankStatus.READY for s in snap.status)
                 expected_rotation = RotationState(disp.rotation.next_start)
                 try:
@@ -296,7 +313,7 @@ def test_total_tokens_spread_bounded_by_largest_request(new_board, n, num_d, bas
         for d, size in reqs:
             dispatch(disps[d % num_d], ranks, size)
             largest = max(largest, size)
-            _, toks = effective(board)
+            toks = effective(board)[1]
             assert max(toks) - min(toks) <= largest
 
 
@@ -384,10 +401,10 @@ def test_cancel_takes_back_a_pick_that_was_never_sent(new_board):
         for r in range(3):
             SimRank(board, r)
         rank = disp.pick(40)
-        assert effective(board) == ([1 if r == rank else 0 for r in range(3)],
-                                    [40 if r == rank else 0 for r in range(3)])
+        counted = [40 if r == rank else 0 for r in range(3)]
+        assert effective(board) == ([1 if r == rank else 0 for r in range(3)], counted, counted)
         disp.cancel(rank, 40)
-        assert effective(board) == ([0, 0, 0], [0, 0, 0])
+        assert effective(board) == ([0, 0, 0], [0, 0, 0], [0, 0, 0])
         with pytest.raises(ValueError):
             disp.cancel(rank, 40)  # nothing left to take back
 
@@ -399,8 +416,8 @@ def test_cancel_takes_back_a_pick_that_was_never_sent(new_board):
 def test_conservation_everything_reported_means_zero_load(new_board, n, methods, data):
     """Invariant 6 (conservation): for any interleaving of dispatches (any methods, any
     dispatchers), receives, decode steps, finishes and reports, once every dispatched
-    request is received, finished and reported, every effective load is 0, in requests
-    and in tokens."""
+    request is received, finished and reported, every effective load is 0, in requests,
+    tokens and prefill tokens."""
     num_d = len(methods)
     ops = data.draw(st.lists(st.one_of(
         st.tuples(st.just("disp"), st.integers(0, num_d - 1), st.integers(1, 2048),
@@ -419,7 +436,7 @@ def test_conservation_everything_reported_means_zero_load(new_board, n, methods,
         for r in drain_order:
             ranks[r].drain()
             assert_board_matches_oracle(board, ranks)
-        assert effective(board) == ([0] * n, [0] * n)
+        assert effective(board) == ([0] * n, [0] * n, [0] * n)
 
 
 # ---- invariant 7 -----------------------------------------------------------------------
@@ -443,7 +460,8 @@ def _ack_everything_dispatched(board: LoadBoard, writers: list) -> int:
     for r, writer in enumerate(writers):
         acked_reqs = snap.dispatched_reqs[:, r].tolist()
         acked_tokens = snap.dispatched_tokens[:, r].tolist()
-        writer.publish(sum(acked_reqs), 0, sum(acked_tokens), acked_reqs, acked_tokens)
+        writer.publish(sum(acked_reqs), 0, sum(acked_tokens), acked_reqs, acked_tokens,
+                       num_prefill_tokens=0)
         writer.heartbeat()
     per_rank = snap.dispatched_reqs.sum(axis=0)
     return int(per_rank.max() - per_rank.min())

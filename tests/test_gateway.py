@@ -437,5 +437,5 @@ def idle(row: dict) -> bool:
     """A rank holding no request, KV token or room (SGLang's disagg queue counts, where
     reported, included)."""
     return all(row.get(key, 0) == 0 for key in (
-        "num_reqs", "num_total_reqs", "num_used_tokens", "num_tokens",
+        "num_reqs", "num_total_reqs", "num_used_tokens", "num_tokens", "num_prefill_tokens",
         "prefill_queue_reqs", "decode_queue_reqs"))

@@ -177,6 +177,7 @@ def test_parked_requests_count_as_waiting_and_back_off_instead_of_spinning(pd):
     snap = pd.boards["decode"].snapshot()
     rank = pd.ranks_of["z"][1]
     assert (snap.num_reqs[rank], snap.num_waiting_reqs[rank], snap.num_tokens[rank]) == (1, 1, 20)
+    assert snap.num_prefill_tokens[rank] == 0  # a decode rank prefills nothing
     waits = [decode.poll_timeout(0.05) for _ in range(12)]
     assert waits[0] < waits[3] < waits[-1] == MAX_SLEEP_S
     assert "no prefill placed it" in run_until_finished(pd, "z")["message"]
@@ -197,8 +198,8 @@ def test_aborting_a_parked_request_releases_kv_already_handed_off(pd):
 # ---- what a prefill rank's board row counts ------------------------------------------------
 @pytest.mark.parametrize("lockstep", [False, True])
 def test_prefill_rank_counts_prompt_work_left(lockstep):
-    """A PD prefill rank's num_tokens is the prompt work not done (its KV leaves with the
-    hand-off). Independent: the chunk being computed still counts; lockstep: the row
+    """A PD prefill rank's num_tokens (and num_prefill_tokens) is the prompt work not
+    done (its KV leaves with the hand-off). Independent: the chunk being computed still counts; lockstep: the row
     shows the load as the pass will leave it (scheduler.scheduler)."""
     with LocalPD(1, 1, sim_executor_factory("instant", 4096), chunked_prefill_size=64) as pd:
         sched = pd.schedulers["prefill"][0]
@@ -208,6 +209,8 @@ def test_prefill_rank_counts_prompt_work_left(lockstep):
 
         def watched(items):
             reqs, tokens, _ = pd.boards["prefill"].read_effective(FOREVER_NS)
+            prefill = pd.boards["prefill"].snapshot().effective_prefill_tokens[0]
+            assert prefill == tokens[0]  # a prefill rank's tokens are all prefill work
             seen.append((reqs[0], tokens[0]))
             return forward(items)
 

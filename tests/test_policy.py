@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from scheduler.policy import (InvalidDpRankError, InvalidLoadBalanceMethod, InvalidRoleError,
                               LoadBalanceMethod, MissingBootstrapRoomError, NoLiveRankError,
                               RankUnavailableError, RotationState, follow_bootstrap_room,
-                              resolve_method, round_robin, routed_rank, total_requests,
-                              total_tokens)
+                              prefill_tokens, resolve_method, round_robin, routed_rank,
+                              total_requests, total_tokens)
 
 FAST = settings(max_examples=150, deadline=None)
 
@@ -103,6 +103,27 @@ def test_total_tokens_picks_min_tokens_then_min_requests(data, toks, start):
 
 
 @FAST
+@given(data=st.data(), prefill=loads, start=st.integers(0, 9))
+def test_prefill_tokens_picks_min_prefill_then_total_tokens(data, prefill, start):
+    """prefill_tokens returns a live rank with the fewest prompt tokens waiting for
+    prefill, then the fewest tokens, then the fewest requests."""
+    n = len(prefill)
+    toks = data.draw(st.lists(st.integers(0, 6), min_size=n, max_size=n))
+    reqs = data.draw(st.lists(st.integers(0, 3), min_size=n, max_size=n))
+    alive = data.draw(alive_for(n))
+    state = RotationState(start)
+    if not any(alive):
+        with pytest.raises(NoLiveRankError):
+            prefill_tokens(prefill, toks, reqs, alive, state)
+        return
+    rank = prefill_tokens(prefill, toks, reqs, alive, state)
+    live = [(p, t, r) for p, t, r, a in zip(prefill, toks, reqs, alive) if a]
+    assert alive[rank]
+    assert (prefill[rank], toks[rank], reqs[rank]) == min(live)
+    assert state.next_start == rank + 1
+
+
+@FAST
 @given(data=st.data(), n=st.integers(1, 8), level=st.integers(0, 50), start=st.integers(0, 9))
 def test_ties_rotate_over_live_ranks(data, n, level, start):
     """On equal loads that never change, successive picks cycle through every live rank
@@ -112,7 +133,8 @@ def test_ties_rotate_over_live_ranks(data, n, level, start):
     if not live:
         return
     for method in (lambda s: total_requests([level] * n, alive, s),
-                   lambda s: total_tokens([level] * n, [level] * n, alive, s)):
+                   lambda s: total_tokens([level] * n, [level] * n, alive, s),
+                   lambda s: prefill_tokens([level] * n, [level] * n, [level] * n, alive, s)):
         state = RotationState(start)
         picks = [method(state) for _ in range(2 * len(live))]
         assert sorted(picks[:len(live)]) == live

@@ -66,6 +66,9 @@ def assert_board_matches(board, sched):
     expected_tokens = sum(r.num_computed + (r.prompt_len - r.num_computed if r.is_prefilling else 0)
                           for r in sched.running) + sum(r.prompt_len for r in sched.waiting)
     assert snap.num_tokens[0] == expected_tokens
+    expected_prefill = (sum(r.prompt_len - r.num_computed for r in sched.running if r.is_prefilling)
+                        + sum(r.prompt_len for r in sched.waiting))
+    assert snap.num_prefill_tokens[0] == expected_prefill
     assert sched.executor.kv.num_used == sum(len(r.slots) for r in sched.running)
     # Everything received is acknowledged, so the in-flight term is exactly zero.
     assert snap.in_flight_reqs[0] == 0
@@ -161,7 +164,8 @@ def test_board_during_a_forward_shows_step_end_load_only_in_lockstep(board, lock
 
     def forward(items):
         reqs, tokens, _ = board.read_effective(FOREVER)  # rows + dispatched, not yet acked
-        seen.append(({i.req.rid for i in items}, reqs[0], tokens[0]))
+        prefill = int(board.snapshot().effective_prefill_tokens[0])
+        seen.append(({i.req.rid for i in items}, reqs[0], tokens[0], prefill))
         return real_forward(items)
 
     sched.executor.forward = forward
@@ -170,14 +174,15 @@ def test_board_during_a_forward_shows_step_end_load_only_in_lockstep(board, lock
     sched.step([gen("one", 10, 1), gen("two", 20, 2)])
     while sched.has_work:
         sched.step([gen("chunked", 100, 1)] if len(seen) == 1 else [])
-    rids, reqs, tokens = seen[0]
+    # Prompt tokens still to prefill: in lockstep, without those this pass computes.
+    rids, reqs, tokens, prefill = seen[0]
     assert rids == {"one", "two"}
-    assert (reqs, tokens) == ((1, 20) if lockstep else (2, 30))
-    rids, reqs, tokens = seen[1]  # "two" samples its last token; "chunked" starts
+    assert (reqs, tokens, prefill) == ((1, 20, 0) if lockstep else (2, 30, 30))
+    rids, reqs, tokens, prefill = seen[1]  # "two" samples its last token; "chunked" starts
     assert rids == {"two", "chunked"}
-    assert (reqs, tokens) == ((1, 100) if lockstep else (2, 120))
-    rids, reqs, tokens = seen[2]  # the last 36 tokens of "chunked": it leaves in this pass
+    assert (reqs, tokens, prefill) == ((1, 100, 36) if lockstep else (2, 120, 100))
+    rids, reqs, tokens, prefill = seen[2]  # the last 36 of "chunked": it leaves in this pass
     assert rids == {"chunked"}
-    assert (reqs, tokens) == ((0, 0) if lockstep else (1, 100))
+    assert (reqs, tokens, prefill) == ((0, 0, 0) if lockstep else (1, 100, 36))
     assert len(seen) == 3
     assert_board_matches(board, sched)

@@ -302,7 +302,8 @@ def test_loads(client):
     for path in ("/v1/loads?include=core,disagg,queues,memory", "/loads?model=tiny"):
         body = client.get(path).json()
         assert body["timestamp"] and len(body["loads"]) == 2
-        assert {"num_running_reqs", "num_waiting_reqs", "token_usage"} <= set(body["loads"][0])
+        assert {"num_running_reqs", "num_waiting_reqs", "token_usage",
+                "num_prefill_tokens"} <= set(body["loads"][0])
     assert client.get("/v1/loads?dp_rank=1").json()["loads"][0]["dp_rank"] == 1
 
 
