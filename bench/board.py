@@ -18,8 +18,8 @@ microseconds, all measured in this one run:
 
 ``--crossover`` instead times ``Dispatcher.pick`` through both read paths (``lists``:
 one struct unpack into Python ints; ``numpy``: array views) side by side for board
-sizes 4-128 and 1, 2 and 4 dispatchers, for each of the two load-reading methods; the
-thresholds in ``scheduler.dispatcher`` (``NUMPY_MIN_RANKS_*``) come from this table.
+sizes 4-128 and 1, 2 and 4 dispatchers, for each of the three load-reading methods;
+the thresholds in ``scheduler.dispatcher`` (``NUMPY_MIN_RANKS_*``) come from this table.
 """
 
 from __future__ import annotations

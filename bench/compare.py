@@ -253,8 +253,8 @@ def parse_time_scale(value: str) -> float | str:
     return scale
 
 
-def dispatch_probe(rank_counts: list[int], calls: int = 2000) -> dict:
-    """Median us of ``Dispatcher.pick`` (total_tokens) + ``GenerateReq`` encoding, per
+def dispatch_probe(rank_counts: list[int], calls: int = 2000, method: str = "total_tokens") -> dict:
+    """Median us of ``Dispatcher.pick`` (``method``) + ``GenerateReq`` encoding, per
     rank count, on a board whose ranks are all live: the front door's rank-dependent
     work (the pipe write costs the same whatever the rank count)."""
     from bench.board import FOREVER_NS, _live_board, median_us
@@ -265,7 +265,7 @@ def dispatch_probe(rank_counts: list[int], calls: int = 2000) -> dict:
     out = {}
     for n in rank_counts:
         with _live_board(n) as board:
-            d = Dispatcher(board, 0, "total_tokens", stale_ns=FOREVER_NS)
+            d = Dispatcher(board, 0, method, stale_ns=FOREVER_NS)
 
             def one():
                 rank = d.pick(len(ids))

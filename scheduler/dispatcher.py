@@ -39,6 +39,7 @@ DEFAULT_STALE_NS = 10_000_000_000
 
 # total_tokens on numpy ranks by tokens * this + requests (one argmin).
 _REQS_KEY_SCALE = 1 << 20
+_MASKED_KEY = np.iinfo(np.int64).max  # a rank out of the running in such a key
 
 # Which read path ``pick`` uses, per board shape: lists from one ``struct`` unpack cost
 # per rank (a Python int per cell, a C call per element in ``map(add, ...)``), numpy
@@ -53,14 +54,23 @@ _REQS_KEY_SCALE = 1 << 20
 # total_tokens (seqlocked reads), us lists / numpy:
 #   D=1: N=16 7.71 / 8.16, N=24 9.56 / 8.20, N=64 18.7 / 8.9
 #   D=2: N=16 9.75 / 10.2, N=24 12.7 / 10.4;  D=4: N=8 8.92 / 10.2, N=16 13.0 / 10.3
+# prefill_tokens (seqlocked reads of three cells per row), us lists / numpy:
+#   D=1: N=16 11.0 / 11.3, N=24 14.1 / 11.4, N=64 28.8 / 12.3
+#   D=2: N=4 8.60 / 13.5, N=16 16.4 / 13.6;  D=4: N=4 10.8 / 13.5, N=16 20.6 / 13.6
 NUMPY_MIN_RANKS_REQUESTS = (24, 8)
 NUMPY_MIN_RANKS_TOKENS = (24, 24, 16)
+NUMPY_MIN_RANKS_PREFILL = (24, 16)
+_NUMPY_MIN_RANKS = {LoadBalanceMethod.TOTAL_REQUESTS: NUMPY_MIN_RANKS_REQUESTS,
+                    LoadBalanceMethod.TOTAL_TOKENS: NUMPY_MIN_RANKS_TOKENS,
+                    LoadBalanceMethod.PREFILL_TOKENS: NUMPY_MIN_RANKS_PREFILL}
 
 
-def use_numpy_read(num_ranks: int, num_dispatchers: int, with_tokens: bool = True) -> bool:
-    """True if the numpy read is the faster one for this board shape and method kind."""
-    table = NUMPY_MIN_RANKS_TOKENS if with_tokens else NUMPY_MIN_RANKS_REQUESTS
-    return num_ranks >= table[min(num_dispatchers, len(table)) - 1]
+def use_numpy_read(num_ranks: int, num_dispatchers: int,
+                   method: LoadBalanceMethod | str = LoadBalanceMethod.TOTAL_TOKENS) -> bool:
+    """True if the numpy read is the faster one for this board shape and method (False
+    for methods that read no load)."""
+    table = _NUMPY_MIN_RANKS.get(LoadBalanceMethod(method))
+    return table is not None and num_ranks >= table[min(num_dispatchers, len(table)) - 1]
 
 
 class Dispatcher:
@@ -93,12 +103,11 @@ class Dispatcher:
         self._own_tokens = self._writer.dispatched_tokens
         # One dispatcher knows every dispatched count there is: its own.
         self._read_base = board.base_requests_reader() if board.num_dispatchers == 1 else None
-        # Only the token methods need the seqlocked read (a rank's cells read together);
+        # The token methods read a rank's cells together, under its seqlock;
         # total_requests reads single cells (see LoadBoard.read_requests).
-        with_tokens = method in (LoadBalanceMethod.TOTAL_TOKENS, LoadBalanceMethod.PREFILL_TOKENS)
         if read_path not in ("auto", "lists", "numpy"):
             raise ValueError(f"read_path must be auto, lists or numpy; got {read_path!r}")
-        self._numpy = (use_numpy_read(board.num_ranks, board.num_dispatchers, with_tokens)
+        self._numpy = (use_numpy_read(board.num_ranks, board.num_dispatchers, method)
                        if read_path == "auto" else read_path == "numpy")
         self._choose = {
             LoadBalanceMethod.ROUND_ROBIN: self._round_robin,
@@ -213,13 +222,12 @@ class Dispatcher:
     def _prefill_tokens_np(self, bootstrap_room) -> int:
         alive = self._liveness.check(self.stale_ns)
         eff_reqs, eff_tokens, eff_prefill = self.board.effective_prefill_np()
-        least = eff_prefill.min()
         if alive is not self._all_alive or eff_reqs[eff_reqs.argmax()] >= _REQS_KEY_SCALE:
             return prefill_tokens(eff_prefill.tolist(), eff_tokens.tolist(), eff_reqs.tolist(),
                                   alive, self.rotation)
-        # Among the ranks of least prefill, total_tokens's key (others masked out).
+        # Among the ranks of least prefill, total_tokens's key (the others masked out).
         key = eff_tokens * _REQS_KEY_SCALE + eff_reqs
-        key[eff_prefill != least] = np.iinfo(np.int64).max
+        key[eff_prefill != eff_prefill[eff_prefill.argmin()]] = _MASKED_KEY
         return self._rotated_argmin_np(key)
 
     def _rotated_argmin_np(self, loads) -> int:
