@@ -76,17 +76,18 @@ DEPRECATED_METHOD_ALIASES = MappingProxyType({
 
 # What ``auto`` becomes per role. Prefill cost grows with prompt tokens, so prefill
 # balances tokens; decode is bound by batch slots and latency while KV suffices, so it
-# balances requests (SGLang's guideline). Mixed ranks balance tokens. Measured with
-# ``python -m bench.compare --scenarios mixed`` (variable-length prompts and outputs on
-# plain DP ranks, seeds 1-3, simulated): at 0.8x and 1.0x capacity the two board methods
-# were within run-to-run spread of each other (pooled mean TTFT 17.5%/9.0% above round
-# robin for total_tokens, 11.9%/7.9% for total_requests; TPOT a few % below), and past
-# capacity total_tokens had the lowest mean TTFT in all 6 runs. Neither beats round
-# robin on TTFT there: see the README ("Plain DP ranks").
+# balances requests (SGLang's guideline). Mixed ranks balance the prompt tokens waiting
+# for prefill, then tokens. Measured with ``python -m bench.compare --scenarios mixed``
+# (variable-length prompts and outputs on plain DP ranks, seeds 1-3, simulated): at
+# 0.8x and 1.0x capacity prefill_tokens had the lowest mean TTFT in all 6 runs (pooled
+# 0.9%/3.9% below round robin, 13.8%/11.4% below total_tokens, TPOT within 0.7% of
+# round robin's), where total_tokens and total_requests were 8-15% above round robin;
+# with the ranks in lockstep (seed 1) it had the lowest TTFT at 1.0x and the lowest
+# TPOT at 0.8x. See the README ("Plain DP ranks").
 AUTO_METHOD_BY_ROLE = MappingProxyType({
     "prefill": LoadBalanceMethod.TOTAL_TOKENS,
     "decode": LoadBalanceMethod.TOTAL_REQUESTS,
-    "mixed": LoadBalanceMethod.TOTAL_TOKENS,
+    "mixed": LoadBalanceMethod.PREFILL_TOKENS,
 })
 
 

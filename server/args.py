@@ -62,7 +62,8 @@ class ServerArgs:
     load_balance_method: str = field(default="auto", **_flag(
         "round_robin, follow_bootstrap_room, total_requests, total_tokens, prefill_tokens "
         "(fewest prompt tokens waiting for prefill, then total_tokens) or auto (by role: "
-        "total_tokens for mixed and prefill ranks, total_requests for decode ranks)"))
+        "prefill_tokens for mixed ranks, total_tokens for prefill ranks, total_requests for "
+        "decode ranks)"))
     max_running_requests: int | None = field(default=None, **_flag(
         "per rank (default: derived by the rank)"))
     max_total_tokens: int | None = field(default=None, **_flag(

@@ -170,7 +170,7 @@ def test_compare_writes_table_json_and_plots(tmp_path):
         Scenario("variable-length", ("total_tokens", "round_robin"), "round_robin",
                  32, 8, 0.25, (1.0,), 6, pd=True, pd_balanced="both", pd_decode_share=1.0,
                  lockstep=True, ttft_output_len=1),
-        Scenario("mixed", ("total_tokens", "round_robin"), "round_robin", 32, 6, 0.25, (1.0,), 6),
+        Scenario("mixed", ("prefill_tokens", "round_robin"), "round_robin", 32, 6, 0.25, (1.0,), 6),
     ]
     results = [run_scenario(s, 2, args, _Bar()) for s in scenarios]
     report = write_reports(results, dispatch_probe([2, 4], calls=50), args, 1.0)
@@ -188,10 +188,10 @@ def test_compare_writes_table_json_and_plots(tmp_path):
         # A figure, not a direction: on the zero-cost profile TTFT and TPOT are the
         # machinery's jitter (sub-millisecond), so a gain can be anything, e.g. -1.4.
         assert isinstance(summary[key], float) and math.isfinite(summary[key]), key
-    assert set(summary["mixed_gains"]) == {"total_tokens"}
-    assert all(math.isfinite(g) for g in summary["mixed_gains"]["total_tokens"].values())
+    assert set(summary["mixed_gains"]) == {"prefill_tokens"}
+    assert all(math.isfinite(g) for g in summary["mixed_gains"]["prefill_tokens"].values())
     mixed = summary["scenarios"][3]
-    assert mixed["pd"] is False and mixed["runs"]["total_tokens"][0]["completed"] == 6
+    assert mixed["pd"] is False and mixed["runs"]["prefill_tokens"][0]["completed"] == 6
     assert set(summary["dispatch_probe_us"]) == {"2", "4"}
     run = summary["scenarios"][0]["runs"]["total_tokens"][0]
     assert run["completed"] == 6 and run["failed"] == 0

@@ -31,7 +31,7 @@ def alive_for(n: int):
 @pytest.mark.parametrize("role, expected", [
     ("prefill", LoadBalanceMethod.TOTAL_TOKENS),
     ("decode", LoadBalanceMethod.TOTAL_REQUESTS),
-    ("mixed", LoadBalanceMethod.TOTAL_TOKENS),
+    ("mixed", LoadBalanceMethod.PREFILL_TOKENS),
 ])
 def test_auto_resolves_by_role(role, expected):
     assert resolve_method("auto", role) is expected
