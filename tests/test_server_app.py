@@ -286,7 +286,7 @@ def test_health_and_info(client):
                     "version"):
             assert key in info, key
         # auto on mixed ranks
-        assert info["dp_size"] == 2 and info["load_balance_method"] == "total_tokens"
+        assert info["dp_size"] == 2 and info["load_balance_method"] == "prefill_tokens"
         assert info["status"] == "ok" and os.path.isdir(info["model_path"])
     for path in ("/model_info", "/get_model_info"):
         info = client.get(path).json()

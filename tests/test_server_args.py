@@ -32,7 +32,7 @@ def test_sglang_flag_names_parse():
 
 def test_resolve_fills_auto_values_once():
     args = resolve_args(ServerArgs())
-    assert args.load_balance_method == "total_tokens"  # auto for mixed ranks
+    assert args.load_balance_method == "prefill_tokens"  # auto for mixed ranks
     assert args.served_model_name == "tiny" and args.context_length == 2048
     assert os.path.isfile(os.path.join(args.tokenizer_path, "tokenizer.json"))
     assert resolve_args(args) == args
