@@ -184,11 +184,16 @@ class BoardSnapshot:
 
     @property
     def effective_tokens(self) -> np.ndarray:
-        return self.num_tokens + (self.dispatched_tokens.T - self.acked_tokens).sum(axis=1)
+        return self.num_tokens + self.in_flight_tokens
 
     @property
     def effective_prefill_tokens(self) -> np.ndarray:
-        return self.num_prefill_tokens + (self.dispatched_tokens.T - self.acked_tokens).sum(axis=1)
+        return self.num_prefill_tokens + self.in_flight_tokens  # in flight: all prompt
+
+    @property
+    def in_flight_tokens(self) -> np.ndarray:
+        """Tokens of the requests dispatched to each rank that it has not acknowledged."""
+        return (self.dispatched_tokens.T - self.acked_tokens).sum(axis=1)
 
     @property
     def in_flight_reqs(self) -> np.ndarray:
@@ -359,13 +364,19 @@ class LoadBoard:
     def read_bases(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """(base_reqs, base_toks) of every row, each row read under its seqlock: what a
         board's only dispatcher needs besides its own counters and liveness."""
-        buf, unpack, unpack_seqs, off, n3 = self._buf, self._rows_unpack, self._seq_unpack, self._hot_off, self._n3
+        cells, n3 = self._seqlocked_cells(self._rows_unpack, 3), self._n3
+        return cells[1:n3:3], cells[2:n3:3]
+
+    def _seqlocked_cells(self, unpack, width: int) -> tuple[int, ...]:
+        """``unpack``'s ``width`` leading cells of every row (seq first), once no row was
+        mid-write and every seq stayed the same across the read."""
+        buf, unpack_seqs, off, end = self._buf, self._seq_unpack, self._hot_off, width * self.num_ranks
         tries = 0
         while True:
             cells = unpack(buf, off)
-            seqs = cells[0:n3:3]
+            seqs = cells[0:end:width]
             if min(seqs) >= 0 and seqs == unpack_seqs(buf, off):
-                return cells[1:n3:3], cells[2:n3:3]
+                return cells
             tries += 1
             if tries & 7 == 0:
                 # A writer preempted mid-publish holds its row negative until it runs
@@ -386,17 +397,8 @@ class LoadBoard:
     def read_prefill_bases(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
         """(base_reqs, base_toks, base_pfill) of every row, each row read under its
         seqlock (``read_bases`` with the prefill column)."""
-        buf, unpack, unpack_seqs, off = self._buf, self._rows4_unpack, self._seq_unpack, self._hot_off
-        n4 = 4 * self.num_ranks
-        tries = 0
-        while True:
-            cells = unpack(buf, off)
-            seqs = cells[0:n4:4]
-            if min(seqs) >= 0 and seqs == unpack_seqs(buf, off):
-                return cells[1:n4:4], cells[2:n4:4], cells[3:n4:4]
-            tries += 1
-            if tries & 7 == 0:
-                sched_yield()
+        cells, n4 = self._seqlocked_cells(self._rows4_unpack, 4), 4 * self.num_ranks
+        return cells[1:n4:4], cells[2:n4:4], cells[3:n4:4]
 
     def read_requests(self, stale_ns: int, own_counts: list[int] | None = None):
         """Hot path of the request-count methods: (eff_reqs, alive), no seqlock.
