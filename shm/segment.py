@@ -182,13 +182,27 @@ def list_segments(prefix: str = NAME_PREFIX) -> list[str]:
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` is a running process. A zombie (exited, not yet reaped by its
+    parent) counts as dead: it holds its pid but will never write or unlink again."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    return not _is_zombie(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False  # no procfs (non-Linux) or the pid just went: kill(0) decides
+    # The state letter follows the command name, which is in parentheses and may
+    # itself contain ") ", so split at the last one.
+    state = stat[stat.rfind(b")") + 2:stat.rfind(b")") + 3]
+    return state in (b"Z", b"X")
 
 
 def reclaim_stale_segments(prefix: str = NAME_PREFIX) -> list[str]:

@@ -16,8 +16,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from shm.bootstrap import (EMPTY, FAILED, KV_READY, MAX_ROOM, PLACED, TOMBSTONE, BootstrapTable,
                            BootstrapTableError, BootstrapTableFullError, BootstrapTimeoutError,
                            DuplicateRoomError, home_slot)
-from shm.segment import (SharedSegment, ShmLayoutError, list_segments, new_launch_id,
-                         reclaim_stale_segments, segment_name)
+from shm.segment import (SharedSegment, ShmLayoutError, find_segment, list_segments,
+                         new_launch_id, pid_alive, reclaim_stale_segments, segment_name)
 
 FAR = 10**15  # a deadline that never comes during a test
 LAUNCH_IDS: list[str] = []
@@ -355,20 +355,57 @@ def _create_table_and_hang(launch_id: str, ready) -> None:
     signal.pause()
 
 
-def test_table_of_a_sigkilled_creator_is_reclaimed():
+def _start_table_creator(launch_id: str):
+    """A child that creates launch_id's table and hangs; waits until the table is there."""
     ctx = mp.get_context("spawn")
-    ready, launch_id = ctx.Event(), _launch_id()
+    ready = ctx.Event()
     child = ctx.Process(target=_create_table_and_hang, args=(launch_id, ready), daemon=True)
     child.start()
-    try:
-        assert ready.wait(30), "child never created its table"
-    finally:
-        os.kill(child.pid, signal.SIGKILL)
+    if not ready.wait(30):
+        child.kill()
         _join_or_kill(child)
+        pytest.fail("child never created its table")
+    return child
+
+
+def test_table_of_a_sigkilled_creator_is_reclaimed():
+    launch_id = _launch_id()
+    child = _start_table_creator(launch_id)
+    os.kill(child.pid, signal.SIGKILL)
+    _join_or_kill(child)
     name = segment_name("bootstrap", launch_id, pid=child.pid)
     assert name in list_segments()
     assert name in reclaim_stale_segments()
     assert name not in list_segments()
+
+
+def test_table_of_a_killed_but_unreaped_creator_is_reclaimed():
+    # Until its parent reaps it, a killed creator is a zombie: kill(pid, 0) still
+    # succeeds, yet it will never unlink its table.
+    launch_id = _launch_id()
+    child = _start_table_creator(launch_id)
+    try:
+        name = segment_name("bootstrap", launch_id, pid=child.pid)
+        assert find_segment("bootstrap", launch_id) == name and pid_alive(child.pid)
+        os.kill(child.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while not _state_is_zombie(child.pid):
+            assert time.monotonic() < deadline, "the killed child never became a zombie"
+            time.sleep(0.01)
+        assert not pid_alive(child.pid)
+        assert find_segment("bootstrap", launch_id) is None
+        assert name in reclaim_stale_segments()
+        assert name not in list_segments()
+    finally:
+        if child.is_alive():
+            child.kill()
+        _join_or_kill(child)
+
+
+def _state_is_zombie(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    return stat[stat.rfind(b")") + 2:stat.rfind(b")") + 3] == b"Z"
 
 
 # ---- model test ------------------------------------------------------------------------------
