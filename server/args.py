@@ -52,6 +52,11 @@ def _flag(help_text: str, **extra) -> dict:
 class ServerArgs:
     host: str = field(default="127.0.0.1", **_flag("address to listen on"))
     port: int = field(default=30000, **_flag("HTTP port"))
+    timeout_keep_alive: float = field(default=5.0, **_flag(
+        "seconds an idle HTTP keep-alive connection stays open (uvicorn's; SGLang's "
+        "SGLANG_TIMEOUT_KEEP_ALIVE, also 5). A client or gateway that keeps idle "
+        "connections longer can reuse one just as the server closes it, and that request "
+        "fails: raise this above its idle timeout (python -m bench.keepalive shows the race)"))
     model_path: str = field(default="tiny", **_flag(
         "checkpoint folder, or 'tiny' for the built-in test model (nothing to download)"))
     served_model_name: str | None = field(default=None, **_flag(
@@ -154,6 +159,9 @@ def validate_args(args: ServerArgs) -> None:
     """Raise ``InvalidServerArgs`` for values no launch can use."""
     if not 0 <= args.port <= 65535:
         raise InvalidServerArgs(f"--port must be in [0, 65535], got {args.port}")
+    if not 0 < args.timeout_keep_alive < float("inf"):
+        raise InvalidServerArgs(f"--timeout-keep-alive must be a number > 0, got "
+                                f"{args.timeout_keep_alive}")
     if not 1 <= args.dp_size <= 1024:
         raise InvalidServerArgs(f"--dp-size must be in [1, 1024], got {args.dp_size}")
     for name in ("prefill_dp_size", "decode_dp_size", "disaggregation_decode_dp"):

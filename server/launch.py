@@ -72,7 +72,8 @@ def serve(args: ServerArgs, sock: socket.socket, rank_main: RankMain | None = No
         processes.wait_ready(args.startup_timeout_s)
         engine = processes.engine_client() if pd_mode else EngineClient.from_processes(args, processes)
         config = uvicorn.Config(create_app(engine), log_level=args.log_level, access_log=False,
-                                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, lifespan="on")
+                                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, lifespan="on",
+                                timeout_keep_alive=args.timeout_keep_alive)
         started = asyncio.run(_serve(uvicorn.Server(config), sock, args))
         return 0 if started else EXIT_STARTUP_FAILED
     except (RankStartupError, PDLaunchError) as exc:

@@ -46,6 +46,8 @@ def test_resolve_fills_auto_values_once():
     {"disaggregation_mode": "pd", "prefill_dp_size": 0}, {"max_queued_requests": -1},
     {"disaggregation_mode": "pd", "prefill_load_balance_method": "fastest"},
     {"disaggregation_bootstrap_timeout": 0}, {"stale_after_s": 0.01},
+    {"timeout_keep_alive": 0}, {"timeout_keep_alive": float("nan")},
+    {"timeout_keep_alive": float("inf")},
 ])
 def test_invalid_args_name_the_flag(bad):
     with pytest.raises(InvalidServerArgs, match="--"):

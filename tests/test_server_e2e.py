@@ -187,6 +187,32 @@ def test_sigterm_leaves_no_process_and_no_segment(sim_dir):
         assert "ready" in s.log()
 
 
+def _get_health(conn) -> int:
+    conn.request("GET", "/health")
+    response = conn.getresponse()
+    response.read()
+    return response.status
+
+
+def test_idle_keep_alive_connections_close_after_timeout_keep_alive(sim_dir):
+    import http.client
+    with ServerProcess("--dp-size", "1", *sim_flags(sim_dir, 0.0), "--timeout-keep-alive", "1",
+                       log_path=sim_dir / "keepalive.log") as s:
+        kept = http.client.HTTPConnection("127.0.0.1", s.port, timeout=10)
+        dropped = http.client.HTTPConnection("127.0.0.1", s.port, timeout=10)
+        try:
+            assert _get_health(kept) == 200 and _get_health(dropped) == 200
+            kept_sock = kept.sock
+            time.sleep(0.3)  # idle less than --timeout-keep-alive: served on the same socket
+            assert _get_health(kept) == 200 and kept.sock is kept_sock
+            time.sleep(2.0)  # idle longer (uvicorn's default, 5 s, would keep it open)
+            dropped.sock.settimeout(0.5)  # open, recv would wait: TimeoutError
+            assert dropped.sock.recv(1) == b"", "the server did not close the idle connection"
+        finally:
+            kept.close()
+            dropped.close()
+
+
 def test_sigkill_of_the_tree_is_reclaimed_at_next_start(sim_dir):
     s = ServerProcess("--dp-size", "2", *sim_flags(sim_dir, 0.0), log_path=sim_dir / "kill.log")
     with s:
