@@ -139,10 +139,10 @@ def parse_args(argv=None):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     for name in ("idle_s", "jitter_s"):
-        if getattr(args, name) < 0:
-            p.error(f"--{name.replace('_', '-')} must not be negative")
-    if args.server_keepalive_s <= 0 or min(args.client_keepalive_s) <= 0:
-        p.error("keep-alive times must be positive")
+        if not 0 <= getattr(args, name) < float("inf"):
+            p.error(f"--{name.replace('_', '-')} must be a number >= 0")
+    if not all(0 < s < float("inf") for s in (args.server_keepalive_s, *args.client_keepalive_s)):
+        p.error("keep-alive times must be numbers > 0")
     return args
 
 

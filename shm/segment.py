@@ -201,8 +201,8 @@ def _is_zombie(pid: int) -> bool:
         return False  # no procfs (non-Linux) or the pid just went: kill(0) decides
     # The state letter follows the command name, which is in parentheses and may
     # itself contain ") ", so split at the last one.
-    state = stat[stat.rfind(b")") + 2:stat.rfind(b")") + 3]
-    return state in (b"Z", b"X")
+    state_at = stat.rfind(b")") + 2
+    return stat[state_at:state_at + 1] in (b"Z", b"X")
 
 
 def reclaim_stale_segments(prefix: str = NAME_PREFIX) -> list[str]:

@@ -355,8 +355,10 @@ def test_keepalive_probe_counts_every_request_and_none_fail_below_the_servers_ke
 
 @pytest.mark.parametrize("flags, message", [
     (["--connections", "0"], "--connections must be at least 1"),
-    (["--idle-s", "-1"], "--idle-s must not be negative"),
-    (["--client-keepalive-s", "0"], "keep-alive times must be positive"),
+    (["--idle-s", "-1"], "--idle-s must be a number >= 0"),
+    (["--jitter-s", "nan"], "--jitter-s must be a number >= 0"),
+    (["--client-keepalive-s", "0"], "keep-alive times must be numbers > 0"),
+    (["--server-keepalive-s", "nan"], "keep-alive times must be numbers > 0"),
 ])
 def test_keepalive_probe_rejects_bad_flags(flags, message, capsys):
     from bench.keepalive import parse_args
