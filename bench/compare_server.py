@@ -38,6 +38,23 @@ class ServerStartError(RuntimeError):
     pass
 
 
+def wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float) -> bool:
+    """Poll ``url``/health until it answers 200 (True), or ``proc`` exits or
+    ``timeout_s`` passes (False; ``proc.poll()`` tells which)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.1)
+    return False
+
+
 def exit_on_sigterm() -> None:
     """Make SIGTERM (``timeout``, a CI runner) end this process as Ctrl-C would, so the
     ``with`` blocks that own servers stop them. Servers run in their own session and
@@ -76,18 +93,11 @@ class ServerProcess:
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         log.close()
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise ServerStartError(f"engine.serve exited with {self.proc.returncode}; "
-                                       f"see {self.log_path}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.25)
+        if wait_healthy(self.proc, self.url, STARTUP_TIMEOUT_S):
+            return
+        if self.proc.poll() is not None:
+            raise ServerStartError(f"engine.serve exited with {self.proc.returncode}; "
+                                   f"see {self.log_path}")
         raise ServerStartError(f"engine.serve not healthy after {STARTUP_TIMEOUT_S:.0f} s; "
                                f"see {self.log_path}")
 

@@ -25,7 +25,6 @@ import collections
 import random
 import subprocess
 import sys
-import time
 
 from bench.serving import KEEPALIVE_S
 
@@ -35,14 +34,18 @@ UVICORN_DEFAULT_KEEPALIVE_S = 5
 
 def _app():
     from starlette.applications import Starlette
-    from starlette.responses import JSONResponse
+    from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
     async def generate(request):
         await request.body()
         return JSONResponse({"text": ""})
 
-    return Starlette(routes=[Route("/generate", generate, methods=["POST"])])
+    async def health(request):
+        return Response()
+
+    return Starlette(routes=[Route("/generate", generate, methods=["POST"]),
+                             Route("/health", health)])
 
 
 async def _client(session, url: str, cycles: int, idle_s: float, jitter_s: float,
@@ -79,32 +82,20 @@ def _serve(port: int, keepalive_s: float) -> None:
                 timeout_keep_alive=keepalive_s)
 
 
-def _wait_listening(port: int, proc: subprocess.Popen, timeout_s: float = 30) -> None:
-    import socket
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the probe server exited with code {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"the probe server did not listen on port {port} in {timeout_s} s")
-
-
 def run(args) -> dict[float, dict[str, int]]:
     """Per client keep-alive, the request outcomes ({"ok": n, "<Error>": n, ...})."""
     from tqdm import tqdm
 
-    from bench.compare_server import free_port
+    from bench.compare_server import free_port, wait_healthy
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-c", "from bench.keepalive import _serve; "
                              f"_serve({port}, {args.server_keepalive_s})"])
     results = {}
     try:
-        _wait_listening(port, proc)
-        url = f"http://127.0.0.1:{port}/generate"
+        base = f"http://127.0.0.1:{port}"
+        if not wait_healthy(proc, base, 30):
+            raise RuntimeError(f"the probe server did not start (exit code {proc.poll()})")
+        url = base + "/generate"
         for keepalive in args.client_keepalive_s:
             with tqdm(total=args.connections * args.cycles, desc=f"client keep-alive {keepalive} s",
                       file=sys.stderr, disable=args.quiet) as bar:

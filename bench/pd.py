@@ -37,7 +37,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.compare_server import exit_on_sigterm
+from bench.compare_server import exit_on_sigterm, free_port, wait_healthy
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET_RESOLVE_US = 50.0
@@ -95,7 +95,7 @@ def _lookup_cost(pd, rng) -> float:
 
 # ---- TTFT through a real PD server ----------------------------------------------------------
 def measure_penalty(num_pairs: int, executor: str, seed: int = 0) -> dict:
-    port = _free_port()
+    port = free_port()
     flags = ["--port", str(port), "--disaggregation-mode", "pd", "--prefill-dp-size", "2",
              "--decode-dp-size", "2", "--device", "cpu", "--max-total-tokens", "16384",
              "--log-level", "warning", "--executor", executor]
@@ -153,23 +153,11 @@ def _ttft(client: httpx.Client, url: str, ids: list[int], extra: dict) -> float:
     return first
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the PD server exited with {proc.returncode}; see its log")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
+    if wait_healthy(proc, url, timeout_s):
+        return
+    if proc.poll() is not None:
+        raise RuntimeError(f"the PD server exited with {proc.returncode}; see its log")
     raise TimeoutError("the PD server did not become healthy")
 
 
