@@ -1,6 +1,6 @@
 """`python -m shm.cleanup`: reclaim segments left in /dev/shm by crashed runs.
 
-A segment is ours when its name starts with ``dpserve.``; it is stale when the pid
+A segment is ours when its name starts with ``dpserve.`` (or ``$DPSERVE_SHM_PREFIX.``); it is stale when the pid
 encoded in its name (its creator) no longer exists. Live runs are never touched.
 """
 

@@ -26,7 +26,23 @@ import secrets
 import posix_ipc
 
 SHM_DIR = "/dev/shm"
-NAME_PREFIX = "dpserve."
+SHM_PREFIX_ENV = "DPSERVE_SHM_PREFIX"
+
+
+def _name_prefix(namespace: str) -> str:
+    """``dpserve.``, or ``$DPSERVE_SHM_PREFIX.``: a namespace for every segment name.
+
+    Processes inherit it, so a launch and its ranks agree; two servers that pair through
+    shared memory (PD prefill + decode) must run with the same one. The test suite sets
+    its own, so its leak check sees exactly the segments the run created and no other
+    engine's on the machine."""
+    if not namespace or not namespace.replace("_", "").replace("-", "").isalnum() \
+            or not namespace.isascii():
+        raise ValueError(f"{SHM_PREFIX_ENV} must be letters, digits, '-' or '_', got {namespace!r}")
+    return namespace + "."
+
+
+NAME_PREFIX = _name_prefix(os.environ.get(SHM_PREFIX_ENV, "dpserve"))
 
 
 class ShmError(RuntimeError):

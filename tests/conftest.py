@@ -2,29 +2,25 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+import secrets
 
-from shm.segment import list_segments, owner_pid, pid_alive
+# Before anything imports shm.segment: every segment this run creates, in this process,
+# its rank processes or the servers it starts (they inherit the environment), is named
+# under a prefix of its own, so the leak check below sees exactly the run's segments and
+# never another engine's on the same machine.
+os.environ["DPSERVE_SHM_PREFIX"] = f"dpserve-test-{os.getpid()}-{secrets.token_hex(2)}"
 
+import pytest  # noqa: E402
 
-def _ours_or_orphaned(before: set[str]) -> list[str]:
-    import os
-    me = os.getpid()
-    left = []
-    for name in list_segments():
-        pid = owner_pid(name)
-        if pid == me or (name not in before and pid is not None and not pid_alive(pid)):
-            left.append(name)
-    return left
+from shm.segment import NAME_PREFIX, list_segments  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
 def no_leaked_segments():
-    """After the session, no segment created by this process or its dead children remains.
-
-    Segments of other live processes (a server a developer runs meanwhile) are not ours.
-    """
-    before = set(list_segments())
+    """After the session, no segment created by the run remains, whoever created it
+    (this process, a rank, a server subprocess) and whether or not it still runs."""
+    assert NAME_PREFIX.startswith("dpserve-test-"), "shm.segment was imported before conftest"
     yield
-    leaked = _ours_or_orphaned(before)
+    leaked = list_segments(NAME_PREFIX)
     assert not leaked, f"shared-memory segments leaked by the test session: {leaked}"

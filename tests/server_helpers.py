@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from shm.segment import list_segments
+from shm.segment import NAME_PREFIX, list_segments
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -123,7 +123,7 @@ class ServerProcess:
         return [r["pid"] for r in info["ranks"]]
 
     def segments(self) -> list[str]:
-        return list_segments(f"dpserve.{self.pid}.")
+        return list_segments(f"{NAME_PREFIX}{self.pid}.")
 
     def terminate(self, timeout_s: float = 20.0) -> int:
         """SIGTERM and wait; returns the exit code (raises if it does not exit)."""

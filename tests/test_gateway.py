@@ -34,7 +34,7 @@ import httpx
 import pytest
 
 from server.args import InvalidServerArgs, ServerArgs, build_parser, validate_args
-from shm.segment import reclaim_stale_segments
+from shm.segment import NAME_PREFIX, reclaim_stale_segments
 from tests.gateway_helpers import Gateway, RecordingProxy, free_ports, missing_gateway
 from tests.server_helpers import ServerProcess, group_pids
 
@@ -414,7 +414,7 @@ def test_router_pd_outputs_and_prefill_failure(pd_servers, engines, reference, t
                      "decode ranks idle (no leaked KV or room)", timeout_s=30)
         finally:
             for pid in killed:  # SIGKILLed: nobody unlinked what they created
-                reclaim_stale_segments(f"dpserve.{pid}.")
+                reclaim_stale_segments(f"{NAME_PREFIX}{pid}.")
 
 
 def outcome(url: str, body: dict) -> tuple[str, object]:

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from shm.segment import list_segments
+from shm.segment import NAME_PREFIX, list_segments
 from tests.pd_helpers import make_workload, non_pd_outputs
 from tests.server_helpers import ServerProcess, write_sim_profile
 
@@ -176,7 +176,7 @@ def test_killed_prefill_rank_fails_its_requests_fast_and_its_segment_is_reclaime
     with ServerProcess(*flags, log_path=tmp_path / "pd_kill.log") as server:
         ranks = httpx.get(server.url + "/server_info", timeout=5).json()["ranks"]
         victim = next(r["pid"] for r in ranks if r["role"] == "prefill" and r["dp_rank"] == 0)
-        assert any(s.endswith(".kv-p0") for s in list_segments(f"dpserve.{victim}."))
+        assert any(s.endswith(".kv-p0") for s in list_segments(f"{NAME_PREFIX}{victim}."))
         with httpx.Client(timeout=30) as client, ThreadPoolExecutor(1) as pool:
             pending = pool.submit(client.post, server.url + "/generate",
                                   json=body(list(range(3, 203)), 4, disagg_prefill_dp_rank=0))
@@ -189,4 +189,4 @@ def test_killed_prefill_rank_fails_its_requests_fast_and_its_segment_is_reclaime
             assert reason["type"] == "abort" and "prefill" in reason["message"], reason
             ok = client.post(server.url + "/generate", json=body([5, 6, 7], 3)).json()
             assert ok["meta_info"]["finish_reason"] == {"type": "length", "length": 3}
-    assert not list_segments(f"dpserve.{victim}.")
+    assert not list_segments(f"{NAME_PREFIX}{victim}.")

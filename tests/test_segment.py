@@ -83,3 +83,12 @@ def test_segments_of_a_sigkilled_creator_are_reclaimed_by_cleanup():
             child.join(10)
         from shm.segment import reclaim_stale_segments
         reclaim_stale_segments()
+
+
+def test_name_prefix_namespace_is_checked():
+    from shm.segment import _name_prefix
+    assert _name_prefix("dpserve") == "dpserve."
+    assert _name_prefix("my-run_2") == "my-run_2."
+    for bad in ("", "a/b", "a.b", "ü"):
+        with pytest.raises(ValueError, match="DPSERVE_SHM_PREFIX"):
+            _name_prefix(bad)
