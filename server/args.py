@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import secrets
 import types
 import typing
 import warnings
@@ -38,6 +39,8 @@ ROLES_OF_MODE = {"null": ("mixed",), "prefill": ("prefill",), "decode": ("decode
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 EXECUTORS = ("real", "sim")
 MAX_SIM_TIME_SCALE = 1000.0
+MAX_RANDOM_SEED = 1 << 30  # the default is drawn below this, as SGLang draws its own
+MAX_SEED_FLAG = (1 << 63) - 4096  # seed + rank (at most 2 x 1024 ranks) stays an int64
 
 
 class InvalidServerArgs(ValueError):
@@ -114,7 +117,11 @@ class ServerArgs:
         "bench.serving reads it from /server_info and reports in simulated time. "
         "--stale-after-s and the --disaggregation-*-timeout flags are stretched by the same "
         "factor; /metrics stays in wall-clock time"))
-    random_seed: int = field(default=0, **_flag("seed of the ranks' sampling generators"))
+    random_seed: int | None = field(default=None, **_flag(
+        "seed of the ranks' sampling generators: rank i draws from seed + i (in pd mode, "
+        "decode rank i from seed + prefill ranks + i), so ranks differ; default: a random "
+        "seed, chosen once at start-up and shown in /server_info. Requests with their own "
+        "seed (sampling_seed, OpenAI seed) are reproducible whatever this is"))
     heartbeat_interval_s: float = field(default=0.05, **_flag(
         "how often an idle rank refreshes its heartbeat"))
     stale_after_s: float = field(default=10.0, **_flag(
@@ -162,6 +169,9 @@ def validate_args(args: ServerArgs) -> None:
     if not 0 < args.timeout_keep_alive < float("inf"):
         raise InvalidServerArgs(f"--timeout-keep-alive must be a number > 0, got "
                                 f"{args.timeout_keep_alive}")
+    if args.random_seed is not None and not 0 <= args.random_seed <= MAX_SEED_FLAG:
+        raise InvalidServerArgs(f"--random-seed must be in [0, {MAX_SEED_FLAG}], got "
+                                f"{args.random_seed}")
     if not 1 <= args.dp_size <= 1024:
         raise InvalidServerArgs(f"--dp-size must be in [1, 1024], got {args.dp_size}")
     for name in ("prefill_dp_size", "decode_dp_size", "disaggregation_decode_dp"):
@@ -234,6 +244,8 @@ def resolve_args(args: ServerArgs) -> ServerArgs:
         served_model_name=args.served_model_name or args.model_path,
         tokenizer_path=args.tokenizer_path or local_model_path(args.model_path),
         context_length=args.context_length or model_ctx,
+        random_seed=(args.random_seed if args.random_seed is not None
+                     else secrets.randbelow(MAX_RANDOM_SEED)),
     )
 
 

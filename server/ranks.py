@@ -102,7 +102,13 @@ def scheduler_configs(args: ServerArgs, board_name: str, role: str | None = None
         executor=args.executor, sim_profile=args.sim_profile,
         sim_lockstep_name=sim_lockstep_name, sim_time_scale=args.sim_time_scale,
         log_level=args.log_level)
-    return [dataclasses.replace(base, dp_rank=r) for r in range(dp_size or args.dp_size)]
+    # Each rank its own sampling stream (decode ranks after the prefill ranks of a pd
+    # launch), so unseeded requests on different ranks do not draw the same samples.
+    seed = args.random_seed or 0
+    if (role or args.role) == "decode" and args.disaggregation_mode == "pd":
+        seed += args.prefill_dp_size or args.dp_size
+    return [dataclasses.replace(base, dp_rank=r, random_seed=seed + r)
+            for r in range(dp_size or args.dp_size)]
 
 
 class EngineProcesses:

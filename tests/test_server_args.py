@@ -47,11 +47,23 @@ def test_resolve_fills_auto_values_once():
     {"disaggregation_mode": "pd", "prefill_load_balance_method": "fastest"},
     {"disaggregation_bootstrap_timeout": 0}, {"stale_after_s": 0.01},
     {"timeout_keep_alive": 0}, {"timeout_keep_alive": float("nan")},
-    {"timeout_keep_alive": float("inf")},
+    {"timeout_keep_alive": float("inf")}, {"random_seed": -1}, {"random_seed": 2**63},
 ])
 def test_invalid_args_name_the_flag(bad):
     with pytest.raises(InvalidServerArgs, match="--"):
         resolve_args(ServerArgs(**bad))
+
+
+def test_each_rank_draws_from_its_own_seed():
+    from server.ranks import scheduler_configs
+    drawn = {resolve_args(ServerArgs()).random_seed for _ in range(8)}
+    assert None not in drawn and len(drawn) > 1  # unset: a random seed per launch
+    args = resolve_args(ServerArgs(dp_size=3, random_seed=7))
+    assert [c.random_seed for c in scheduler_configs(args, "board")] == [7, 8, 9]
+    pd = resolve_args(ServerArgs(disaggregation_mode="pd", prefill_dp_size=2, decode_dp_size=2,
+                                 random_seed=7))
+    assert [c.random_seed for c in scheduler_configs(pd, "b", role="prefill", dp_size=2)] == [7, 8]
+    assert [c.random_seed for c in scheduler_configs(pd, "b", role="decode", dp_size=2)] == [9, 10]
 
 
 def test_sim_lockstep_needs_sim_and_sim_context_comes_from_profile():

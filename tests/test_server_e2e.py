@@ -174,6 +174,25 @@ def test_greedy_http_equals_engine(server):
 
 
 # ---- process lifetime ------------------------------------------------------------------------
+def test_unseeded_samples_differ_across_ranks_and_copies(server):
+    """Each rank draws from its own seed: the same unseeded request on rank 0 and rank 1,
+    and the n copies of one completion, are not the same samples."""
+    body = {"text": "Two ranks", "sampling_params": {"max_new_tokens": 12, "temperature": 1.0,
+                                                     "ignore_eos": True}}
+    outs = [httpx.post(server.url + "/generate", json={**body, "routed_dp_rank": r},
+                       timeout=30).json()["output_ids"] for r in (0, 1)]
+    assert outs[0] != outs[1]
+    r = httpx.post(server.url + "/v1/completions", timeout=30, json={
+        "prompt": "Four copies", "n": 4, "max_tokens": 12, "temperature": 1.0,
+        "ignore_eos": True})
+    texts = [c["text"] for c in r.json()["choices"]]
+    assert len(texts) == 4 and len(set(texts)) == 4, texts
+    seeded = {**body, "sampling_params": {**body["sampling_params"], "sampling_seed": 3}}
+    again = [httpx.post(server.url + "/generate", json={**seeded, "routed_dp_rank": r},
+                        timeout=30).json()["output_ids"] for r in (0, 1)]
+    assert again[0] == again[1]  # a request's own seed: the same on any rank
+
+
 def test_sigterm_leaves_no_process_and_no_segment(sim_dir):
     s = ServerProcess("--dp-size", "2", *sim_flags(sim_dir, 0.0), log_path=sim_dir / "term.log")
     with s:
