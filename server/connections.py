@@ -13,15 +13,21 @@ in-flight requests, and answers a plain-text 503 without ``Retry-After``.
   then uvicorn's keep-alive timer runs); disarmed once h11 holds the whole request,
   headers and body. On expiry the connection is closed; a route still reading the body
   sees a disconnect.
-- a connection bound (``--limit-concurrency``): a request that arrives while more
-  connections are open than that gets the JSON 503 that every "cannot serve now" answer
-  uses, with ``Retry-After``, and ``Connection: close`` so its descriptor is freed.
+- a connection bound (``--limit-concurrency``). A connection opened past it closes the
+  oldest connection that is waiting for a request (none sent yet, headers incomplete, or
+  kept alive after a response), as nginx reuses idle keep-alive connections: idle and
+  slow-header clients cannot hold the descriptors new clients need. A request that
+  arrives while more connections are still open (all of them mid-request) gets the
+  JSON 503 that every "cannot serve now" answer uses, with ``Retry-After``, and
+  ``Connection: close`` so its descriptor is freed.
 
-Every connection holds a descriptor; once the process has none left, ``accept`` fails
-and asyncio stops accepting for a second at a time: new clients stall with no answer.
-``raise_open_file_limit`` lifts the soft limit to the hard one at start (as SGLang
-does), and ``default_connection_limit`` keeps the bound below it, with room for the
-ranks' pipes and segments.
+Every connection holds a descriptor; once the process has none left, ``accept`` fails,
+and asyncio (3.11) then logs and re-schedules its accept loop once per pending
+connection: new clients stall and the log floods. ``raise_open_file_limit`` lifts the
+soft limit to the hard one at start (as SGLang does), and ``default_connection_limit``
+keeps the bound below it, with room for the ranks' pipes and segments and for the
+connections asyncio accepts in one go (``accept_backlog``, at most two rounds before a
+closed one frees its descriptor).
 """
 
 from __future__ import annotations
@@ -65,13 +71,22 @@ def raise_open_file_limit() -> int:
     return target
 
 
+def _soft_open_file_limit() -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return UNLIMITED_NOFILE_TARGET if soft == resource.RLIM_INFINITY else soft
+
+
+def accept_backlog() -> int:
+    """uvicorn's ``backlog``: asyncio accepts up to this many connections per wake-up
+    (and the kernel queues as many); uvicorn's 2048, less where descriptors are few."""
+    return max(16, min(2048, _soft_open_file_limit() // 8))
+
+
 def default_connection_limit(num_ranks: int) -> int:
     """``--limit-concurrency`` left unset: the connections the open-file limit leaves
-    room for once the ranks' descriptors are set aside."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        soft = UNLIMITED_NOFILE_TARGET
-    limit = soft - FDS_RESERVED - FDS_PER_RANK * num_ranks
+    room for once the ranks' descriptors and two accept rounds are set aside."""
+    soft = _soft_open_file_limit()
+    limit = soft - FDS_RESERVED - FDS_PER_RANK * num_ranks - 2 * accept_backlog()
     if limit < 1:
         raise InvalidServerArgs(
             f"the open-file limit ({soft}) leaves no descriptor for HTTP connections with "
@@ -80,16 +95,42 @@ def default_connection_limit(num_ranks: int) -> int:
 
 
 def protocol_for(args: ServerArgs) -> functools.partial:
-    """The ``http`` protocol factory to give ``uvicorn.Config``."""
+    """The ``http`` protocol factory to give ``uvicorn.Config`` (one per server: the
+    waiting connections are shared by all of its connections)."""
     return functools.partial(BoundedH11Protocol, timeout_request_read=args.timeout_request_read,
-                             max_connections=args.limit_concurrency)
+                             max_connections=args.limit_concurrency, waiting=WaitingConnections())
+
+
+class WaitingConnections:
+    """The server's connections that wait for a request, oldest first. Owned by the
+    event loop's thread, like uvicorn's own set of connections."""
+
+    def __init__(self):
+        self._ordered: dict[BoundedH11Protocol, None] = {}
+
+    def __len__(self) -> int:
+        return len(self._ordered)
+
+    def add(self, protocol: BoundedH11Protocol) -> None:
+        self._ordered.setdefault(protocol)  # a connection keeps its place while it waits
+
+    def discard(self, protocol: BoundedH11Protocol) -> None:
+        self._ordered.pop(protocol, None)
+
+    def pop_oldest(self) -> BoundedH11Protocol | None:
+        for protocol in self._ordered:
+            del self._ordered[protocol]
+            return protocol
+        return None
 
 
 class BoundedH11Protocol(H11Protocol):
-    def __init__(self, *args, timeout_request_read: float, max_connections: int, **kwargs):
+    def __init__(self, *args, timeout_request_read: float, max_connections: int,
+                 waiting: WaitingConnections, **kwargs):
         super().__init__(*args, **kwargs)
         self.timeout_request_read = timeout_request_read
         self.max_connections = max_connections  # not limit_concurrency: the parent reads that
+        self.waiting = waiting
         self._read_deadline: asyncio.TimerHandle | None = None
         self._served_app = self.app
         self.app = self._admit
@@ -97,6 +138,11 @@ class BoundedH11Protocol(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm_read_deadline()
+        if len(self.connections) > self.max_connections and (victim := self.waiting.pop_oldest()):
+            logger.debug("closing the waiting connection from %s: %d connections open, more "
+                         "than --limit-concurrency", victim.client, len(self.connections))
+            victim.transport.close()
+        self.waiting.add(self)
 
     def data_received(self, data: bytes) -> None:
         if self._read_deadline is None:  # the first byte of a later request
@@ -106,10 +152,25 @@ class BoundedH11Protocol(H11Protocol):
         # DONE or MUST_CLOSE: the whole request is in; ERROR: uvicorn answered 400.
         if self.conn.their_state is not h11.IDLE and self.conn.their_state is not h11.SEND_BODY:
             self._disarm_read_deadline()
+        self._note_waiting()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._note_waiting()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_read_deadline()
+        self.waiting.discard(self)
         super().connection_lost(exc)
+
+    def _note_waiting(self) -> None:
+        """Waiting: no request in progress (its headers are not all in, and no response
+        is being sent)."""
+        in_progress = self.cycle is not None and not self.cycle.response_complete
+        if self.conn.their_state is h11.IDLE and not in_progress and not self.transport.is_closing():
+            self.waiting.add(self)
+        else:
+            self.waiting.discard(self)
 
     def _arm_read_deadline(self) -> None:
         self._read_deadline = self.loop.call_later(self.timeout_request_read, self._read_timed_out)

@@ -27,7 +27,7 @@ import uvicorn
 
 from server.app import create_app
 from server.args import InvalidServerArgs, ServerArgs, parse_args, resolve_args
-from server.connections import protocol_for, raise_open_file_limit
+from server.connections import accept_backlog, protocol_for, raise_open_file_limit
 from server.engine_client import EngineClient
 from server.pd import PDLaunchError, PDProcesses
 from server.ranks import EngineProcesses, RankMain, RankStartupError
@@ -78,7 +78,7 @@ def serve(args: ServerArgs, sock: socket.socket, rank_main: RankMain | None = No
         config = uvicorn.Config(create_app(engine), log_level=args.log_level, access_log=False,
                                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, lifespan="on",
                                 timeout_keep_alive=args.timeout_keep_alive,
-                                http=protocol_for(args))
+                                http=protocol_for(args), backlog=accept_backlog())
         started = asyncio.run(_serve(uvicorn.Server(config), sock, args))
         return 0 if started else EXIT_STARTUP_FAILED
     except (RankStartupError, PDLaunchError) as exc:
