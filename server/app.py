@@ -3,7 +3,9 @@
 No module globals: the engine client and this app's metrics live in the lifespan
 state (``request.state.engine``, ``request.state.metrics``). The lifespan starts the
 client inside the serving event loop (it registers readers on the ranks' pipes) and
-stops it on shutdown, which fails whatever is still in flight.
+stops it on shutdown, which fails whatever is still in flight. ``server.middleware``
+checks ``--api-key`` and ``--max-request-body-bytes`` in front of every route; the
+connection-level bounds live in ``server.connections``.
 """
 
 from __future__ import annotations
