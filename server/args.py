@@ -11,6 +11,8 @@ spawned, so the launcher, the ranks and ``/server_info`` all see the same values
   model's committed folder), so a gateway reading ``/model_info`` finds it on disk;
 - ``context_length``: the model's own (``config.json``), read without torch; with
   ``--executor sim`` the profile's (``scheduler.sim_executor.load_profile``).
+- ``api_key``: ``$DPSERVE_API_KEY`` when the flag is not given;
+- ``limit_concurrency``: from the open-file limit (``server.connections``).
 
 ``device auto`` is the exception: only the ranks import torch, so each rank resolves
 it and reports the result in its ready message. Per-rank limits left at ``None``
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import secrets
 import types
 import typing
@@ -41,6 +44,7 @@ EXECUTORS = ("real", "sim")
 MAX_SIM_TIME_SCALE = 1000.0
 MAX_RANDOM_SEED = 1 << 30  # the default is drawn below this, as SGLang draws its own
 MAX_SEED_FLAG = (1 << 63) - 4096  # seed + rank (at most 2 x 1024 ranks) stays an int64
+API_KEY_ENV = "DPSERVE_API_KEY"
 
 
 class InvalidServerArgs(ValueError):
@@ -60,6 +64,24 @@ class ServerArgs:
         "SGLANG_TIMEOUT_KEEP_ALIVE, also 5). A client or gateway that keeps idle "
         "connections longer can reuse one just as the server closes it, and that request "
         "fails: raise this above its idle timeout (python -m bench.keepalive shows the race)"))
+    timeout_request_read: float = field(default=60.0, **_flag(
+        "seconds a client has to send a whole request (request line, headers and body), "
+        "from the connection's opening or, on a kept-alive connection, from the request's "
+        "first byte; a slower client, or one that opens a connection and sends nothing, is "
+        "disconnected (nginx's client_header_timeout is also 60). Raise it for clients "
+        "that send large bodies over slow links"))
+    max_request_body_bytes: int = field(default=64 * 2**20, **_flag(
+        "a request body larger than this gets 413 and is never read into memory (64 MiB: "
+        "a million-token prompt as input_ids is about 7 MB of JSON)"))
+    limit_concurrency: int | None = field(default=None, **_flag(
+        "open HTTP connections served at once (uvicorn's flag); a request on a connection "
+        "past it gets 503 with Retry-After, and the connection is closed. Unset: the "
+        "open-file limit, which the server raises to its hard limit at start, less room "
+        "for the ranks' pipes and segments"))
+    api_key: str | None = field(default=None, **_flag(
+        "require 'Authorization: Bearer <key>' on every route but /health (401 otherwise). "
+        f"Unset: ${API_KEY_ENV} if set, which keeps the key out of the process list (as "
+        "vLLM's VLLM_API_KEY)"))
     model_path: str = field(default="tiny", **_flag(
         "checkpoint folder, or 'tiny' for the built-in test model (nothing to download)"))
     served_model_name: str | None = field(default=None, **_flag(
@@ -172,6 +194,17 @@ def validate_args(args: ServerArgs) -> None:
     if args.random_seed is not None and not 0 <= args.random_seed <= MAX_SEED_FLAG:
         raise InvalidServerArgs(f"--random-seed must be in [0, {MAX_SEED_FLAG}], got "
                                 f"{args.random_seed}")
+    if not 0 < args.timeout_request_read < float("inf"):
+        raise InvalidServerArgs(f"--timeout-request-read must be a number > 0, got "
+                                f"{args.timeout_request_read}")
+    if args.max_request_body_bytes < 1:
+        raise InvalidServerArgs(f"--max-request-body-bytes must be >= 1, got "
+                                f"{args.max_request_body_bytes}")
+    if args.limit_concurrency is not None and args.limit_concurrency < 1:
+        raise InvalidServerArgs(f"--limit-concurrency must be >= 1, got {args.limit_concurrency}")
+    if args.api_key is not None and not _is_header_token(args.api_key):
+        raise InvalidServerArgs("--api-key must be printable ASCII without spaces (it travels "
+                                "in an HTTP header)")
     if not 1 <= args.dp_size <= 1024:
         raise InvalidServerArgs(f"--dp-size must be in [1, 1024], got {args.dp_size}")
     for name in ("prefill_dp_size", "decode_dp_size", "disaggregation_decode_dp"):
@@ -200,11 +233,17 @@ def validate_args(args: ServerArgs) -> None:
         raise InvalidServerArgs("--stale-after-s must exceed several --heartbeat-interval-s (> 0)")
 
 
+def _is_header_token(key: str) -> bool:
+    return bool(key) and key.isascii() and key.isprintable() and " " not in key
+
+
 def resolve_args(args: ServerArgs) -> ServerArgs:
     """The same arguments with every ``auto``/``None`` the API can settle made concrete."""
     from engine.config import ModelLoadError, load_model_config
     from scheduler.policy import InvalidLoadBalanceMethod, resolve_method
+    from server.connections import default_connection_limit
 
+    args = dataclasses.replace(args, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None)
     validate_args(args)
     methods = {}
     for role in ROLES_OF_MODE[args.disaggregation_mode]:
@@ -226,6 +265,7 @@ def resolve_args(args: ServerArgs) -> ServerArgs:
         pd_sizes = {"prefill_dp_size": args.prefill_dp_size or args.dp_size,
                     "decode_dp_size": args.decode_dp_size or args.dp_size}
         pd_sizes["dp_size"] = pd_sizes["decode_dp_size"]
+    num_ranks = pd_sizes["prefill_dp_size"] + pd_sizes["decode_dp_size"] if pd_sizes else args.dp_size
     try:
         model_ctx = load_model_config(args.model_path).context_len
     except ModelLoadError as exc:
@@ -246,6 +286,7 @@ def resolve_args(args: ServerArgs) -> ServerArgs:
         context_length=args.context_length or model_ctx,
         random_seed=(args.random_seed if args.random_seed is not None
                      else secrets.randbelow(MAX_RANDOM_SEED)),
+        limit_concurrency=args.limit_concurrency or default_connection_limit(num_ranks),
     )
 
 

@@ -37,9 +37,27 @@ class BadRequest(ApiError):
     error_type = "BadRequestError"
 
 
+class Unauthorized(ApiError):
+    """``--api-key`` is set and the request does not carry it."""
+
+    status_code = 401
+    error_type = "AuthenticationError"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}  # RFC 9110: every 401 names its scheme
+
+
 class NotFound(ApiError):
     status_code = 404
     error_type = "NotFoundError"
+
+
+class PayloadTooLarge(ApiError):
+    """The request body exceeds ``--max-request-body-bytes``."""
+
+    status_code = 413
+    error_type = "PayloadTooLargeError"
 
 
 class ServiceUnavailable(ApiError):

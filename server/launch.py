@@ -1,13 +1,15 @@
 """``python -m engine.serve``: start the ranks, wait until all are ready, serve HTTP.
 
 Order, and why:
-1. parse and resolve the arguments (bad flags fail before anything starts);
+1. raise the open-file limit, then parse and resolve the arguments (bad flags fail
+   before anything starts; the connection bound derives from that limit);
 2. bind the listening socket (a busy port fails before minutes of model loading; the
    socket does not accept until uvicorn serves, so nobody's request hangs meanwhile);
 3. ``EngineProcesses``: reclaim stale segments, create the board, spawn the ranks,
    wait for every ``RankReady`` (a rank failing stops the launch with its message and
    exit code 1);
-4. serve with uvicorn; log the "ready" line with the URL once it accepts.
+4. serve with uvicorn, over ``server.connections``' protocol (request-read deadline,
+   connection bound); log the "ready" line with the URL once it accepts.
 Exit: SIGINT/SIGTERM stop uvicorn (it handles them while serving; before that our
 handler turns them into ``SystemExit``), then ``finally`` stops the ranks and unlinks
 every segment, whatever happened before.
@@ -25,6 +27,7 @@ import uvicorn
 
 from server.app import create_app
 from server.args import InvalidServerArgs, ServerArgs, parse_args, resolve_args
+from server.connections import accept_backlog, protocol_for, raise_open_file_limit
 from server.engine_client import EngineClient
 from server.pd import PDLaunchError, PDProcesses
 from server.ranks import EngineProcesses, RankMain, RankStartupError
@@ -44,6 +47,7 @@ def main(argv: list[str] | None = None, rank_main: RankMain | None = None) -> in
     args = parse_args(argv)
     _configure_logging(args.log_level)
     _stop_on_signals()
+    raise_open_file_limit()  # before resolve_args: --limit-concurrency derives from it
     try:
         try:
             args = resolve_args(args)
@@ -73,7 +77,8 @@ def serve(args: ServerArgs, sock: socket.socket, rank_main: RankMain | None = No
         engine = processes.engine_client() if pd_mode else EngineClient.from_processes(args, processes)
         config = uvicorn.Config(create_app(engine), log_level=args.log_level, access_log=False,
                                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, lifespan="on",
-                                timeout_keep_alive=args.timeout_keep_alive)
+                                timeout_keep_alive=args.timeout_keep_alive,
+                                http=protocol_for(args), backlog=accept_backlog())
         started = asyncio.run(_serve(uvicorn.Server(config), sock, args))
         return 0 if started else EXIT_STARTUP_FAILED
     except (RankStartupError, PDLaunchError) as exc:

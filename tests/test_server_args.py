@@ -48,6 +48,9 @@ def test_resolve_fills_auto_values_once():
     {"disaggregation_bootstrap_timeout": 0}, {"stale_after_s": 0.01},
     {"timeout_keep_alive": 0}, {"timeout_keep_alive": float("nan")},
     {"timeout_keep_alive": float("inf")}, {"random_seed": -1}, {"random_seed": 2**63},
+    {"timeout_request_read": 0}, {"timeout_request_read": float("nan")},
+    {"max_request_body_bytes": 0}, {"limit_concurrency": 0},
+    {"api_key": "two words"}, {"api_key": "clé"},
 ])
 def test_invalid_args_name_the_flag(bad):
     with pytest.raises(InvalidServerArgs, match="--"):
@@ -107,3 +110,21 @@ def test_sim_time_scale_needs_sim_stretches_staleness_and_reaches_every_rank():
     assert pd.wall_s(pd.disaggregation_bootstrap_timeout) == 10.0
     assert ServerArgs(disaggregation_bootstrap_timeout=4).wall_s(4) == 4.0  # real model
     assert [c.sim_time_scale for c in scheduler_configs(args, "board")] == [4.0, 4.0]
+
+
+def test_api_key_comes_from_the_environment_unless_given(monkeypatch):
+    monkeypatch.setenv("DPSERVE_API_KEY", "from-env")
+    assert resolve_args(ServerArgs()).api_key == "from-env"
+    assert resolve_args(ServerArgs(api_key="from-flag")).api_key == "from-flag"
+    monkeypatch.delenv("DPSERVE_API_KEY")
+    assert resolve_args(ServerArgs()).api_key is None
+
+
+def test_connection_limit_defaults_below_the_open_file_limit():
+    import resource
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    accept_rounds = 2 * max(16, min(2048, soft // 8))
+    assert resolve_args(ServerArgs(dp_size=2)).limit_concurrency == soft - 64 - 8 * 2 - accept_rounds
+    pd = resolve_args(ServerArgs(disaggregation_mode="pd", prefill_dp_size=2, decode_dp_size=3))
+    assert pd.limit_concurrency == soft - 64 - 8 * 5 - accept_rounds
+    assert resolve_args(ServerArgs(limit_concurrency=7)).limit_concurrency == 7
