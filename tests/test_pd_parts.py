@@ -142,7 +142,8 @@ def test_prefill_refused_fails_decode_at_once():
 def test_mismatched_bodies_fail_instead_of_mixing_kv(pd):
     pd.submit("a", [1, 2, 3], greedy(4), room=13, decode=False)
     pd.submit("a", [1, 2, 3, 4], greedy(4), room=13, prefill=False)
-    assert "not the same request body" in run_until_finished(pd, "a")["message"]
+    reason = run_until_finished(pd, "a")
+    assert "belongs to another request" in reason["message"] and reason["status_code"] == 400
 
 
 def test_placed_but_never_ready_times_out_with_the_waiting_timeout(pd):
