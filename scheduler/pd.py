@@ -26,7 +26,9 @@ Ordering that makes the two tables race-free for decode: a prefill rank inserts 
 hand-off entry *before* it reports the request finished, and the dispatcher removes
 the route entry only *after* that report. So a decode that misses the route entry
 then finds the hand-off entry (``lookup`` over every region), or neither exists yet
-(prefill not dispatched: wait), or the room is gone for good (released/expired).
+(prefill not dispatched: wait), or the room is gone for good (released/expired). A
+decode that saw the route entry once and then finds neither knows it is gone for good
+(the prefill ended without a hand-off, e.g. its region was full) and fails at once.
 
 Names: segments are ``segment_name(kind, launch_id)``; the tables are created by the
 launcher in ``--disaggregation-mode pd`` and by the prefill server in two-server mode

@@ -35,6 +35,8 @@ Who writes what (exactly one writer per cell; ``+=`` on shared memory is not ato
   ``gen`` while d copies the KV of the entry in slot s ("do not free it yet") and
   ``-gen`` once d is done ("free it"); 0 or any other value means no claim. ``gen``
   numbers occupancies of a slot, so a late write about an old occupancy is ignored.
+  An occupancy is claimed once: a claimer refuses an entry whose claim cells (any
+  rank's) already hold ``gen`` or ``-gen`` (``DecodeClaimer.claim``).
   Decode needs no other cell: everything else it learns, it reads.
 
 Entries are keyed by the 64-bit ``bootstrap_room`` (0 <= room < 2**64, stored as an
