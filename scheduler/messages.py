@@ -59,7 +59,11 @@ class ReqOutput(msgspec.Struct, kw_only=True, array_like=True):
 
     ``finish_reason`` is None while running, else SGLang's shape:
     ``{"type": "length", "length": N}``, ``{"type": "stop", "matched": id or str}`` or
-    ``{"type": "abort", "message": ...}``.
+    ``{"type": "abort", "message": ...}``. A rank that ends a request itself (it cannot
+    serve it) adds ``"status_code"``, as SGLang's ``FINISH_ABORT`` does: 400 when the
+    request is at fault (``CLIENT_ERROR``), 503 when the server is (``SERVER_ERROR``);
+    the API answers with that status (``server.engine_client.outputs``). The echo of
+    the API's own ``AbortReq`` has none.
     """
 
     rid: str
@@ -69,6 +73,18 @@ class ReqOutput(msgspec.Struct, kw_only=True, array_like=True):
     completion_tokens: int = 0
     cached_tokens: int = 0
     output_logprobs: list[float] | None = None
+
+
+CLIENT_ERROR = 400  # the request is wrong: sending it again fails the same way
+SERVER_ERROR = 503  # this server could not finish it: a gateway may retry it elsewhere
+
+
+def abort_reason(message: str, status_code: int | None = None) -> dict:
+    """A rank's ``{"type": "abort"}`` finish reason (``status_code``: see ``ReqOutput``)."""
+    reason = {"type": "abort", "message": message}
+    if status_code is not None:
+        reason["status_code"] = status_code
+    return reason
 
 
 class BatchOutput(msgspec.Struct, tag="batch", kw_only=True):

@@ -26,7 +26,9 @@ Ordering that makes the two tables race-free for decode: a prefill rank inserts 
 hand-off entry *before* it reports the request finished, and the dispatcher removes
 the route entry only *after* that report. So a decode that misses the route entry
 then finds the hand-off entry (``lookup`` over every region), or neither exists yet
-(prefill not dispatched: wait), or the room is gone for good (released/expired).
+(prefill not dispatched: wait), or the room is gone for good (released/expired). A
+decode that saw the route entry once and then finds neither knows it is gone for good
+(the prefill ended without a hand-off, e.g. its region was full) and fails at once.
 
 Names: segments are ``segment_name(kind, launch_id)``; the tables are created by the
 launcher in ``--disaggregation-mode pd`` and by the prefill server in two-server mode
@@ -37,6 +39,8 @@ hand-off region header (``BootstrapTable.region_writer_pid``).
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from dataclasses import dataclass
 
 ROUTE_KIND = "route"
@@ -45,6 +49,7 @@ DEFAULT_ROUTE_SLOTS = 1 << 14  # rooms in flight between dispatch and prefill do
 DEFAULT_HANDOFF_SLOTS = 1 << 12  # per prefill rank: KV held for decode at once
 DEFAULT_BOOTSTRAP_TIMEOUT_S = 300.0  # SGLang's SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT
 DEFAULT_WAITING_TIMEOUT_S = 300.0  # SGLang's SGLANG_DISAGGREGATION_WAITING_TIMEOUT
+DEFAULT_STALE_AFTER_S = 10.0  # the server's --stale-after-s default
 
 
 class PDError(RuntimeError):
@@ -58,7 +63,9 @@ class PDConfig:
     ``bootstrap_timeout_s``: decode fails a request whose room no prefill placed within
     this long of its arrival; prefill frees a hand-off no decode claimed within this
     long. ``waiting_timeout_s``: decode fails a placed request whose KV is not ready
-    within this long of its arrival (a slow prefill queue, a stuck prefill rank).
+    within this long of its arrival (a slow prefill queue). ``stale_after_s``: decode
+    fails a request waiting on a prefill rank that has not stepped for this long (frozen
+    or stuck), as the API fails a plain rank's requests (``--stale-after-s``).
     """
 
     launch_id: str
@@ -66,10 +73,21 @@ class PDConfig:
     handoff_table: str
     bootstrap_timeout_s: float = DEFAULT_BOOTSTRAP_TIMEOUT_S
     waiting_timeout_s: float = DEFAULT_WAITING_TIMEOUT_S
+    stale_after_s: float = DEFAULT_STALE_AFTER_S
 
     def __post_init__(self) -> None:
-        if self.bootstrap_timeout_s <= 0 or self.waiting_timeout_s <= 0:
+        if min(self.bootstrap_timeout_s, self.waiting_timeout_s, self.stale_after_s) <= 0:
             raise ValueError("PD timeouts must be positive")
+
+
+def prompt_hash(input_ids: list[int]) -> int:
+    """Which request a hand-off is for: a 64-bit hash of the prompt's token ids (and so of
+    its length), written by the prefill rank into its hand-off entry and checked by
+    decode before it claims the KV. A ``bootstrap_room`` is not a secret; this keeps one
+    request from taking another's KV with it (it needs the other's exact prompt too)."""
+    digest = hashlib.blake2b(array("q", input_ids).tobytes(), digest_size=8,
+                             person=b"dpserve-pd").digest()
+    return int.from_bytes(digest, "little", signed=True)
 
 
 def kv_segment_kind(prefill_rank: int) -> str:

@@ -14,7 +14,18 @@ rank loop keeps serving the others. Every step ``poll`` looks at each parked req
    and fail the request; missing -> keep waiting;
 3. fail it if its deadline passed: ``bootstrap_timeout_s`` after arrival while no
    prefill placed the room (an orphan: the gateway retried with a new room), else
-   ``waiting_timeout_s``; or at once if prefill rank p's process is gone.
+   ``waiting_timeout_s``; or at once if prefill rank p's process is gone or has not
+   stepped for ``stale_after_s`` (frozen), or the route says its prefill failed, or
+   the route entry this request saw is gone with no hand-off entry left (p ended the
+   request without one: its hand-off table was full, so it could not even write
+   FAILED; ``scheduler.pd`` has the ordering that makes this check sound).
+
+A hand-off belongs to one request: the entry carries ``prompt_hash`` of the prompt it
+was computed for, and a request whose own prompt differs (another client reusing the
+room) fails with 400 without touching the entry, so the owner still gets its KV. An
+entry is claimed once (``DecodeClaimer``): a second request with the same room and
+prompt fails with 400 too. Every failure carries the status the API answers with:
+400 for the request's fault, 503 for the server's (``scheduler.messages``).
 
 A parked request holds no KV (it is reserved when the KV is ready), so an orphan frees
 nothing but its place in the queue; it counts on the board as a waiting request with
@@ -28,7 +39,10 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import NamedTuple
 
+from scheduler.messages import CLIENT_ERROR, SERVER_ERROR
+from scheduler.pd import prompt_hash
 from scheduler.pd_peers import PDPeers
 from scheduler.request import Req
 from shm.bootstrap_layout import FAILED, KV_READY
@@ -45,7 +59,17 @@ class Parked:
     req: Req
     arrival_ns: int
     prefill_rank: int | None
+    prompt_hash: int
     known_ns: int = 0
+    saw_route: bool = False  # the route entry was there once: its prefill was dispatched
+
+
+class Failure(NamedTuple):
+    """A parked request that cannot go on, and the status the API answers with."""
+
+    req: Req
+    message: str
+    status_code: int
 
 
 @dataclass(slots=True)
@@ -59,11 +83,12 @@ class DecodeReceiver:
     def __init__(self, cfg, executor, route_table, handoff_table):
         self.dp_rank = cfg.dp_rank
         self.executor = executor
-        self.peers = PDPeers(route_table, handoff_table, cfg.pd.launch_id, cfg.dp_rank)
+        self.peers = PDPeers(route_table, handoff_table, cfg.pd.launch_id, cfg.dp_rank,
+                             int(cfg.pd.stale_after_s * 1e9))
         self.bootstrap_ns = int(cfg.pd.bootstrap_timeout_s * 1e9)
         self.waiting_ns = int(cfg.pd.waiting_timeout_s * 1e9)
         self.parked: dict[str, Parked] = {}  # by rid, in arrival order
-        self._orphaned: list[tuple[Req, str]] = []  # failed by a table switch in park()
+        self._orphaned: list[Failure] = []  # failed by a table switch in park()
         self._sleep_s = FIRST_SLEEP_S
         # Arrival -> prefill rank known, for requests resolved through the tables (ns).
         self.resolve_ns: deque[int] = deque(maxlen=MAX_STATS)
@@ -103,10 +128,12 @@ class DecodeReceiver:
         gateway's usual one) decode knows it on arrival; else ``poll`` keeps looking."""
         now = time.monotonic_ns()
         self._orphaned += self._refresh(now)  # before parking: req is not of the old tables
-        parked = self.parked[req.rid] = Parked(req, now, req.disagg_prefill_dp_rank)
+        parked = self.parked[req.rid] = Parked(req, now, req.disagg_prefill_dp_rank,
+                                               prompt_hash(req.input_ids))
         if parked.prefill_rank is None:
             room, route = req.bootstrap_room, self.peers.route
             placed = route.lookup(room) if route is not None else None
+            parked.saw_route = placed is not None
             if placed is None:  # prefill may be done already: its route entry is gone
                 placed = self.peers.handoff.lookup(room)
                 if placed is not None:
@@ -123,7 +150,8 @@ class DecodeReceiver:
             return False
         room, p, handoff = req.bootstrap_room, parked.prefill_rank, self.peers.handoff
         entry = handoff.lookup(room) if p is None else handoff.lookup_in(p, room)
-        if entry is not None:
+        if entry is not None and entry.prompt_hash == parked.prompt_hash and \
+                not self.peers.claimer.was_claimed(entry):
             self.peers.claimer.release(entry)
         return True
 
@@ -134,7 +162,7 @@ class DecodeReceiver:
         pass
 
     # ---- the step -----------------------------------------------------------------------
-    def poll(self, admit) -> tuple[list[Ready], list[tuple[Req, str]]]:
+    def poll(self, admit) -> tuple[list[Ready], list[Failure]]:
         """Move parked requests on. ``admit(req)`` reserves the request's KV (into
         ``req.slots``) if the rank can run it now. Returns (ready, failed); the caller
         frees whatever ``req.slots`` a failed request holds. Admission keeps arrival
@@ -155,10 +183,10 @@ class DecodeReceiver:
                 if not admit(parked.req):
                     can_admit = False
                     continue
-                error = self._receive(parked.req, entry, ready)
+                error = self._receive(parked, entry, ready)
             if error is not None:
                 del self.parked[rid]
-                failed.append((parked.req, error))
+                failed.append(Failure(parked.req, *error))
             elif ready and ready[-1].req is parked.req:
                 del self.parked[rid]
         if ready or failed:
@@ -166,36 +194,45 @@ class DecodeReceiver:
         return ready, failed
 
     def _resolve(self, parked: Parked, now: int):
-        """(hand-off entry or None, error or None) for one parked request."""
+        """(hand-off entry or None, (message, status) or None) for one parked request."""
         room = parked.req.bootstrap_room
         p = parked.prefill_rank
         route, handoff = self.peers.route, self.peers.handoff
-        if p is None and route is not None:
-            placed = route.lookup(room)
-            if placed is not None:
-                if placed.state == FAILED:
-                    return None, f"bootstrap_room {room}: the prefill request failed"
+        placed = route.lookup(room) if route is not None else None  # first: see scheduler.pd
+        if placed is not None:
+            parked.saw_route = True
+            if p is None and placed.state != FAILED:
                 p = self._known(parked, placed.prefill_rank, now)
         entry = handoff.lookup(room) if p is None else handoff.lookup_in(p, room)
         if entry is not None and p is None:
             p = self._known(parked, entry.region, now)
         if entry is not None:
+            if entry.prompt_hash != parked.prompt_hash:  # someone else's: leave it alone
+                return None, (f"bootstrap_room {room} belongs to another request (prefill rank "
+                              f"{p} computed a different prompt); every request needs its own "
+                              "room", CLIENT_ERROR)
             if entry.state == FAILED:
                 self.peers.claimer.release(entry)  # lets prefill free the entry now
                 return None, (f"bootstrap_room {room}: prefill rank {p} failed the request "
-                              "(aborted or refused) before its KV was ready")
+                              "(aborted or refused) before its KV was ready", SERVER_ERROR)
             return entry, None
+        if placed is not None and placed.state == FAILED:
+            return None, (f"bootstrap_room {room}: the prefill request failed", SERVER_ERROR)
+        if placed is None and parked.saw_route:  # prefill ended, and left no hand-off
+            return None, (f"bootstrap_room {room}: prefill rank {p} ended the request without "
+                          "a hand-off for it (its hand-off table was full, or the KV "
+                          "expired)", SERVER_ERROR)
         waited = now - parked.arrival_ns
         if p is None:
             if waited > self.bootstrap_ns:
                 return None, (f"bootstrap_room {room}: no prefill placed it within "
                               f"{self.bootstrap_ns / 1e9:g} s (prefill never came, or the "
-                              "gateway retried with a new room)")
+                              "gateway retried with a new room)", SERVER_ERROR)
         elif waited > self.waiting_ns:
             return None, (f"bootstrap_room {room}: the KV from prefill rank {p} was not "
-                          f"ready within {self.waiting_ns / 1e9:g} s")
-        elif not self.peers.is_alive(p, now):
-            return None, f"bootstrap_room {room}: prefill rank {p} is not running"
+                          f"ready within {self.waiting_ns / 1e9:g} s", SERVER_ERROR)
+        elif (down := self.peers.down_reason(p, now)) is not None:
+            return None, (f"bootstrap_room {room}: prefill rank {p} {down}", SERVER_ERROR)
         return None, None
 
     def _known(self, parked: Parked, prefill_rank: int, now: int) -> int:
@@ -204,31 +241,36 @@ class DecodeReceiver:
         self.resolve_ns.append(parked.known_ns - parked.arrival_ns)
         return prefill_rank
 
-    def _receive(self, req: Req, entry, ready: list[Ready]) -> str | None:
-        """Claim, copy and release one KV_READY entry into ``req.slots``; on error the
-        caller frees ``req.slots`` (the scheduler's release does)."""
+    def _receive(self, parked: Parked, entry, ready: list[Ready]):
+        """Claim, copy and release one KV_READY entry (of this request: ``_resolve``
+        checked its prompt hash) into ``req.slots``; returns None or (message, status).
+        On error the caller frees ``req.slots`` (the scheduler's release does)."""
+        req = parked.req
         room, p, claimer = req.bootstrap_room, entry.region, self.peers.claimer
-        if entry.kv_len != req.prompt_len:
-            claimer.release(entry)
+        if entry.kv_len != req.prompt_len:  # the hash matched: only a broken writer
             return (f"bootstrap_room {room}: prefill rank {p} computed {entry.kv_len} prompt "
-                    f"tokens, this request has {req.prompt_len} (not the same request body?)")
+                    f"tokens, this request has {req.prompt_len}", SERVER_ERROR)
         peer = self.peers.kv_segment(p)
         if peer is None:
-            return f"bootstrap_room {room}: cannot map prefill rank {p}'s KV pool"
+            return f"bootstrap_room {room}: cannot map prefill rank {p}'s KV pool", SERVER_ERROR
         if not claimer.claim(entry):
-            return f"bootstrap_room {room}: the KV expired before decode could claim it"
+            if claimer.was_claimed(entry):
+                return (f"bootstrap_room {room}: its KV was already claimed by another decode "
+                        "request; every request needs its own room", CLIENT_ERROR)
+            return (f"bootstrap_room {room}: the KV expired before decode could claim it",
+                    SERVER_ERROR)
         try:
             logprob, src_slots = peer.read_record(entry.kv_location, entry.kv_len)
             self.executor.import_kv(peer, src_slots, req.slots[:entry.kv_len])
         finally:
             intact = claimer.release(entry)
         if not intact:  # prefill freed it under the copy (the claim outlived its grace)
-            return f"bootstrap_room {room}: the KV was freed during the copy"
+            return f"bootstrap_room {room}: the KV was freed during the copy", SERVER_ERROR
         self.num_received += 1
         ready.append(Ready(req, entry.first_token, logprob))
         return None
 
-    def _refresh(self, now: int) -> list[tuple[Req, str]]:
+    def _refresh(self, now: int) -> list["Failure"]:
         """If the prefill server restarted (new tables), fail the parked requests whose
         prefill rank was known: it died with the old server. (Unknown ones keep
         waiting: their room may yet come through the new server.)"""
@@ -238,9 +280,9 @@ class DecodeReceiver:
         for rid, parked in list(self.parked.items()):
             if parked.prefill_rank is not None:
                 del self.parked[rid]
-                failed.append((parked.req, f"bootstrap_room {parked.req.bootstrap_room}: "
-                               f"prefill rank {parked.prefill_rank} went away (its server "
-                               "restarted)"))
+                failed.append(Failure(parked.req, f"bootstrap_room {parked.req.bootstrap_room}: "
+                                      f"prefill rank {parked.prefill_rank} went away (its "
+                                      "server restarted)", SERVER_ERROR))
         return failed
 
     def close(self) -> None:

@@ -22,7 +22,7 @@ from engine.sampling import SamplingParams
 from scheduler.config import SchedulerConfig
 from scheduler.dispatcher import Dispatcher
 from scheduler.messages import AbortReq, BatchOutput, GenerateReq
-from scheduler.pd import PDConfig, create_tables
+from scheduler.pd import DEFAULT_HANDOFF_SLOTS, PDConfig, create_tables
 from scheduler.pd_router import PDRouter
 from scheduler.scheduler import Scheduler
 from shm.board import LoadBoard, RankStatus
@@ -37,16 +37,28 @@ def sim_executor_factory(profile: str = "instant", pool_tokens: int | None = Non
         dataclasses.replace(cfg, sim_profile=profile, max_total_tokens=pool_tokens))
 
 
+@dataclasses.dataclass(frozen=True)
+class PDTimes:
+    bootstrap_timeout_s: float
+    waiting_timeout_s: float
+    stale_after_s: float
+
+
 class LocalPD:
     def __init__(self, num_prefill: int, num_decode: int, make_executor: Callable,
                  prefill_method: str = "total_tokens", decode_method: str = "total_requests",
                  bootstrap_timeout_s: float = 300.0, waiting_timeout_s: float = 300.0,
-                 tokenizer=None, **cfg_kw):
+                 tokenizer=None, stale_after_s: float = 300.0, handoff_slots: int | None = None,
+                 **cfg_kw):
+        """``stale_after_s``: decode fails a request whose prefill rank has not stepped
+        for this long (a test that stops stepping the prefill ranks freezes them);
+        ``handoff_slots``: each prefill rank's hand-off region (default: the launch's)."""
         self.launch_id = new_launch_id()
         self._closers: list[Callable[[], None]] = []
         try:
             self._build(num_prefill, num_decode, make_executor, prefill_method, decode_method,
-                        bootstrap_timeout_s, waiting_timeout_s, tokenizer, cfg_kw)
+                        PDTimes(bootstrap_timeout_s, waiting_timeout_s, stale_after_s),
+                        handoff_slots or DEFAULT_HANDOFF_SLOTS, tokenizer, cfg_kw)
         except BaseException:
             self.close()
             raise
@@ -57,15 +69,16 @@ class LocalPD:
         self.ranks_of: dict[str, tuple[int, int]] = {}
 
     def _build(self, num_prefill, num_decode, make_executor, prefill_method, decode_method,
-               bootstrap_timeout_s, waiting_timeout_s, tokenizer, cfg_kw) -> None:
-        self.route_table, self.handoff_table = create_tables(self.launch_id, num_prefill, num_decode)
+               times: "PDTimes", handoff_slots: int, tokenizer, cfg_kw) -> None:
+        self.route_table, self.handoff_table = create_tables(
+            self.launch_id, num_prefill, num_decode, handoff_slots=handoff_slots)
         self._closers += [self.handoff_table.close, self.route_table.close]
         self.boards = {}
         for role, n in (("prefill", num_prefill), ("decode", num_decode)):
             board = self.boards[role] = LoadBoard.create(n, 1, self.launch_id, kind=f"board-{role}")
             self._closers.append(board.close)
         pd = PDConfig(self.launch_id, self.route_table.name, self.handoff_table.name,
-                      bootstrap_timeout_s, waiting_timeout_s)
+                      times.bootstrap_timeout_s, times.waiting_timeout_s, times.stale_after_s)
         self.schedulers: dict[str, list[Scheduler]] = {"prefill": [], "decode": []}
         for role, n in (("prefill", num_prefill), ("decode", num_decode)):
             for rank in range(n):
@@ -87,7 +100,7 @@ class LocalPD:
         self.router = PDRouter(
             Dispatcher(self.boards["prefill"], 0, prefill_method, stale_ns=FOREVER_NS),
             Dispatcher(self.boards["decode"], 0, decode_method, stale_ns=FOREVER_NS),
-            self.route_table.region_writer(0), failed_linger_s=bootstrap_timeout_s)
+            self.route_table.region_writer(0), failed_linger_s=times.bootstrap_timeout_s)
 
     # ---- the API's part -----------------------------------------------------------------
     def submit(self, rid: str, input_ids: list[int], params: SamplingParams, room: int, *,
@@ -115,9 +128,9 @@ class LocalPD:
         if decode and d is not None:
             self._deliver("decode", d, AbortReq(rid=rid))
 
-    def step(self) -> None:
-        """Deliver what is due, step every rank once, route the outputs."""
-        for role in ("prefill", "decode"):
+    def step(self, roles: tuple[str, ...] = ("prefill", "decode")) -> None:
+        """Deliver what is due, step every rank (of ``roles``) once, route the outputs."""
+        for role in roles:
             for rank, sched in enumerate(self.schedulers[role]):
                 msgs = self.inbox.pop((role, rank), [])
                 later = self.inbox.pop((role + "-later", rank), [])

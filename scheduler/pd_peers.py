@@ -5,7 +5,9 @@ KV segments, re-found when the prefill side restarts.
   ``claimer`` is this rank's single-writer handle on its claim cells.
 - ``kv_segment(p)``: prefill rank p's KV segment, mapped on first use and again when p
   restarted (its pid, read from hand-off region p's header, names the segment).
-- ``is_alive(p)``: whether prefill rank p's process runs (checked at most every 100 ms).
+- ``down_reason(p)``: why prefill rank p cannot finish a hand-off, or None: its process
+  is gone, or it has not stepped (hand-off region heartbeat) for the stale bound, as
+  when it is frozen by SIGSTOP or stuck (checked at most every 100 ms).
 - ``refresh()``: in two-server mode the prefill server owns the tables; if it died and
   a new one (same ``--disaggregation-bootstrap-port``) created new tables, switch to
   them (checked at most every 200 ms, only by a rank that is waiting for something).
@@ -31,9 +33,10 @@ REFRESH_EVERY_NS = 200_000_000
 
 class PDPeers:
     def __init__(self, route: BootstrapTable | None, handoff: BootstrapTable, launch_id: str,
-                 decode_rank: int):
+                 decode_rank: int, stale_ns: int):
         self.launch_id = launch_id
         self.decode_rank = decode_rank
+        self.stale_ns = stale_ns
         self._set_tables(route, handoff)
         self._next_refresh_ns = 0
 
@@ -42,7 +45,7 @@ class PDPeers:
         self.handoff = handoff
         self.claimer = handoff.decode_claimer(self.decode_rank)
         self._segments: dict[int, KVSegment] = {}
-        self._alive_at: dict[int, tuple[int, bool]] = {}
+        self._down_at: dict[int, tuple[int, str | None]] = {}
         self._owner = owner_pid(handoff.name)
 
     def kv_segment(self, prefill_rank: int) -> KVSegment | None:
@@ -61,14 +64,20 @@ class PDPeers:
         self._segments[prefill_rank] = seg
         return seg
 
-    def is_alive(self, prefill_rank: int, now_ns: int) -> bool:
-        checked = self._alive_at.get(prefill_rank)
+    def down_reason(self, prefill_rank: int, now_ns: int) -> str | None:
+        checked = self._down_at.get(prefill_rank)
         if checked is not None and now_ns - checked[0] < LIVENESS_EVERY_NS:
             return checked[1]
         pid = self.handoff.region_writer_pid(prefill_rank)
-        alive = bool(pid) and pid_alive(pid)
-        self._alive_at[prefill_rank] = (now_ns, alive)
-        return alive
+        beat = self.handoff.region_heartbeat_ns(prefill_rank)
+        reason = None
+        if not pid or not pid_alive(pid):
+            reason = "is not running"
+        elif now_ns - beat > self.stale_ns:
+            reason = (f"has not stepped for {(now_ns - beat) / 1e9:.1f} s (stale after "
+                      f"{self.stale_ns / 1e9:g} s: stopped or stuck)")
+        self._down_at[prefill_rank] = (now_ns, reason)
+        return reason
 
     def refresh(self, now_ns: int) -> bool:
         if now_ns < self._next_refresh_ns:
@@ -76,8 +85,12 @@ class PDPeers:
         self._next_refresh_ns = now_ns + REFRESH_EVERY_NS
         if self._owner is None or pid_alive(self._owner):
             return False
-        handoff_name = find_segment(HANDOFF_KIND, self.launch_id)
-        route_name = find_segment(ROUTE_KIND, self.launch_id)
+        try:
+            handoff_name = find_segment(HANDOFF_KIND, self.launch_id)
+            route_name = find_segment(ROUTE_KIND, self.launch_id)
+        except ShmError as exc:  # e.g. another user's segment under the name: never use it
+            logger.error("not switching to new PD tables: %s", exc)
+            return False
         if handoff_name is None or (self.route is not None and route_name is None):
             return False  # the new prefill server is not up yet
         handoff = BootstrapTable.attach(handoff_name)

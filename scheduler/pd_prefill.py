@@ -25,6 +25,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from scheduler.pd import prompt_hash
 from scheduler.range_alloc import RangeAllocator
 from scheduler.request import Req
 from shm.bootstrap_layout import FAILED, KV_READY, BootstrapTableError
@@ -54,6 +55,7 @@ class PrefillSender:
         self.dp_rank = cfg.dp_rank
         self.table = handoff_table
         self.writer = handoff_table.region_writer(cfg.dp_rank)
+        self.writer.heartbeat()  # decode fails requests waiting on a rank that stops beating
         self.kv = executor.kv
         self.segment = segment
         self.arena = RangeAllocator(len(segment.arena))
@@ -99,7 +101,8 @@ class PrefillSender:
         try:  # the record is written before the entry that points to it (x86 store order)
             slot = self.writer.insert(
                 req.bootstrap_room, self.dp_rank, time.monotonic_ns() + self.timeout_ns,
-                state=KV_READY, kv_location=off, kv_len=n, first_token=req.output_ids[-1])
+                state=KV_READY, kv_location=off, kv_len=n, first_token=req.output_ids[-1],
+                prompt_hash=prompt_hash(req.input_ids))
         except BootstrapTableError as exc:
             self.arena.free(off, n + 1)
             return f"prefill rank {self.dp_rank}: cannot hand off: {exc}"
@@ -121,7 +124,7 @@ class PrefillSender:
             return  # nothing to tell, or the room is live here already (left as it is)
         try:
             slot = self.writer.insert(room, self.dp_rank, time.monotonic_ns() + self.timeout_ns,
-                                      state=FAILED)
+                                      state=FAILED, prompt_hash=prompt_hash(req.input_ids))
         except BootstrapTableError as exc:
             logger.warning("cannot mark bootstrap_room %d failed: %s", room, exc)
             return
@@ -134,6 +137,7 @@ class PrefillSender:
     def poll(self, admit=None) -> tuple[list, list]:
         """Free the KV of entries decode released and of entries past their deadline.
         Returns ``([], [])``: a prefill rank has no parked requests to start or fail."""
+        self.writer.heartbeat()
         if self.held:
             self._free_done()
         return [], []

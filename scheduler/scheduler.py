@@ -43,8 +43,9 @@ from engine.sampling import InvalidSamplingParams
 from scheduler.batching import ForwardItem, select_batch
 from scheduler.config import SchedulerConfig
 from scheduler.executor import Executor
-from scheduler.messages import (AbortReq, BatchOutput, FlushCacheReq, GenerateReq, ReqOutput,
-                                ShutdownReq)
+from scheduler.messages import (CLIENT_ERROR, SERVER_ERROR, AbortReq, BatchOutput,
+                                FlushCacheReq, GenerateReq, ReqOutput, ShutdownReq,
+                                abort_reason)
 from scheduler.pd import make_role
 from scheduler.request import Req
 from shm.board_writers import RankWriter
@@ -127,8 +128,8 @@ class Scheduler:
         """PD: start decoding requests whose KV arrived, fail orphans (decode rank);
         free KV that decode released or nobody claimed in time (prefill rank)."""
         ready, failed = self.pd.poll(self._admit_transferred)
-        for req, message in failed:
-            req.finish_reason = {"type": "abort", "message": message}
+        for req, message, status_code in failed:
+            req.finish_reason = abort_reason(message, status_code)
             self._release(req)
             self.outbox[req.rid] = req
         for r in ready:
@@ -185,7 +186,7 @@ class Scheduler:
     def abort_all(self, message: str) -> None:
         """End every request this rank holds (at shutdown) and tell the API."""
         for rid in list(self.reqs):
-            self.on_abort(AbortReq(rid=rid, message=message))
+            self._abort(rid, message, SERVER_ERROR)
         self.publish_load()
         try:
             self.send_outputs()
@@ -204,7 +205,7 @@ class Scheduler:
                   disagg_prefill_dp_rank=msg.disagg_prefill_dp_rank)
         error = self._admission_error(req)
         if error is not None or msg.rid in self.reqs:
-            req.finish_reason = {"type": "abort", "message": error or f"duplicate rid {msg.rid!r}"}
+            req.finish_reason = abort_reason(error or f"duplicate rid {msg.rid!r}", CLIENT_ERROR)
             self.outbox[req.rid] = req
             if self.pd is not None:
                 self.pd.on_refused(req, req.finish_reason["message"])
@@ -216,16 +217,20 @@ class Scheduler:
             self.waiting.append(req)
 
     def on_abort(self, msg: AbortReq) -> None:
-        req = self.reqs.get(msg.rid)
+        self._abort(msg.rid, msg.message)
+
+    def _abort(self, rid: str, message: str, status_code: int | None = None) -> None:
+        """End request ``rid`` here; ``status_code`` when the rank, not the API, ends it."""
+        req = self.reqs.get(rid)
         if req is None:
             return  # already finished: nothing to free
         if req in self.running:
             self.running.remove(req)
         elif self.pd is None or not self.pd.discard(req):
             self.waiting.remove(req)
-        req.finish_reason = {"type": "abort", "message": msg.message}
+        req.finish_reason = abort_reason(message, status_code)
         if self.pd is not None:
-            self.pd.on_abort(req, msg.message)
+            self.pd.on_abort(req, message)
         self._release(req)
         self.outbox[req.rid] = req
 
@@ -274,7 +279,7 @@ class Scheduler:
         if self.hands_off:  # PD prefill: the first token ends the request on this rank
             error = self.pd.hand_off(req, logprob)
             if error is not None:
-                req.finish_reason = {"type": "abort", "message": error}
+                req.finish_reason = abort_reason(error, SERVER_ERROR)
                 self.pd.on_refused(req, error)
             elif req.finish_reason is None:
                 req.finish_reason = {"type": "length", "length": len(req.output_ids)}

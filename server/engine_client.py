@@ -29,12 +29,13 @@ from engine.config import ModelConfig, load_model_config
 from engine.sampling import SamplingParams
 from engine.tokenizer import Tokenizer
 from scheduler.dispatcher import Dispatcher
-from scheduler.messages import AbortReq, FlushCacheReq, GenerateReq, ReqOutput, encode
+from scheduler.messages import (CLIENT_ERROR, AbortReq, FlushCacheReq, GenerateReq, ReqOutput,
+                                encode)
 from scheduler.pd_router import PDRouter
 from scheduler.policy import (InvalidDpRankError, MissingBootstrapRoomError,
                               RankUnavailableError)
 from server.args import ServerArgs
-from server.errors import BadRequest, RequestFailed, ServiceUnavailable
+from server.errors import ApiError, BadRequest, RequestFailed, ServiceUnavailable
 from server.inflight import InFlight, MetricsObserver, RequestHandle
 from server.rank_monitor import RankMonitor
 from server.rank_pipe import PipeBackedUp, RequestPipe
@@ -42,7 +43,20 @@ from server.ranks import API_DISPATCHER_ID, EngineProcesses, RankHandle
 from shm.board import RankStatus
 from shm.bootstrap_layout import BootstrapTableFullError, DuplicateRoomError
 
-__all__ = ["EngineClient", "MetricsObserver", "RequestHandle"]
+__all__ = ["EngineClient", "MetricsObserver", "RequestHandle", "failure_error"]
+
+
+def failure_error(finish_reason: dict) -> ApiError:
+    """The HTTP error for a request its rank aborted, never a 200: as SGLang answers a
+    ``FINISH_ABORT`` with a status (``tokenizer_manager``: 400 raises ``ValueError``,
+    the route's 400; 503/500 raise ``HTTPException`` with that status), 400 when the
+    rank says the request is at fault, else 503 with Retry-After so a gateway retries
+    it (also for an abort with no status: a rank ends a request itself only when it
+    cannot serve it)."""
+    message = finish_reason.get("message") or "the request was aborted"
+    if finish_reason.get("status_code") == CLIENT_ERROR:
+        return BadRequest(message)
+    return RequestFailed(message)
 
 
 class EngineClient:
@@ -185,8 +199,9 @@ class EngineClient:
     async def outputs(self, handle: RequestHandle) -> AsyncIterator[ReqOutput]:
         """The request's outputs up to and including the one with a finish reason.
 
-        Raises ``RequestFailed`` if its rank fails. Closing the iterator before the end
-        (the client disconnected) aborts the request on its rank; use it under
+        Raises ``RequestFailed`` if its rank fails, and in place of a rank's abort finish
+        (``failure_error``). Closing the iterator before the end (the client
+        disconnected) aborts the request on its rank; use it under
         ``contextlib.aclosing`` so that happens at once.
         """
         try:
@@ -194,6 +209,8 @@ class EngineClient:
                 item = await handle.queue.get()
                 if isinstance(item, RequestFailed):
                     raise item
+                if item.finish_reason is not None and item.finish_reason.get("type") == "abort":
+                    raise failure_error(item.finish_reason)  # its tokens are of no use now
                 yield item
                 if item.finish_reason is not None:
                     return
@@ -277,6 +294,11 @@ class EngineClient:
         """Ranks a request can go to now: not lost, READY on the board, heartbeat fresh."""
         _, _, alive = self.board.read_effective(self.args.stale_ns)
         return [r.dp_rank for r, a in zip(self.ranks, alive) if a and r.lost_reason is None]
+
+    def down_ranks(self) -> list[int]:
+        """Ranks that cannot serve now (lost, dead or stale): ``/health``'s ``dead_ranks``."""
+        live = set(self.live_ranks())
+        return [r.dp_rank for r in self.ranks if r.dp_rank not in live]
 
     @property
     def status(self) -> str:

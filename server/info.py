@@ -3,6 +3,8 @@
 - ``/health``: 200 while at least one rank can serve (body ``{"status": "ok"}`` or
   ``"degraded"`` with the dead ranks), 503 when none can or the server is not serving:
   gateways mark a worker unhealthy on non-2xx, and a degraded engine still serves.
+  ``dead_ranks`` lists the ranks that cannot serve (dead or stale); a PD front door
+  lists them by role, ``{"prefill": [...], "decode": [...]}``.
 - ``/health_generate``: one greedy token through every live rank.
 - ``/server_info`` (``/get_server_info``), ``/model_info`` (``/get_model_info``): the
   resolved arguments and model facts; paths are local folders so a gateway never
@@ -10,13 +12,16 @@
 - ``/get_load``: a JSON list, one object per rank (sglang-router sums ``num_tokens``);
   ``/v1/loads`` (alias ``/loads``): SGLang's richer shape, as smg polls it. Loads are
   the *effective* ones the dispatcher balances on: what the rank reported plus what
-  was dispatched to it and not yet received.
+  was dispatched to it and not yet received. Each row has a ``status``: ``ready``,
+  ``starting``, ``draining``, ``stale`` (no heartbeat within ``--stale-after-s``: its
+  load is its last report) or ``dead`` (its load is 0: a dead rank holds nothing).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from datetime import datetime, timezone
 
 from starlette.requests import Request
@@ -106,7 +111,7 @@ async def model_info(request: Request) -> Response:
 async def get_load(request: Request) -> Response:
     engine: EngineClient = request.state.engine
     return JSONResponse([{k: row[k] for k in ("dp_rank", "num_reqs", "num_waiting_reqs",
-                                              "num_tokens")} for row in _loads(engine)])
+                                              "num_tokens", "status")} for row in _loads(engine)])
 
 
 async def v1_loads(request: Request) -> Response:
@@ -155,16 +160,24 @@ def _loads(engine: EngineClient) -> list[dict]:
     (each row says its ``role``)."""
     rows = []
     for role, board in engine.load_groups():
-        rows += _board_loads(board, role)
+        rows += _board_loads(board, role, engine.args.stale_ns)
     return rows
 
 
-def _board_loads(board, role: str) -> list[dict]:
+def _board_loads(board, role: str, stale_ns: int) -> list[dict]:
     snap = board.snapshot()
+    oldest_beat = time.monotonic_ns() - stale_ns
     eff_reqs, eff_tokens, in_flight = snap.effective_reqs, snap.effective_tokens, snap.in_flight_reqs
     eff_prefill = snap.effective_prefill_tokens
     rows = []
     for r in range(board.num_ranks):
+        status = RankStatus(int(snap.status[r])).name.lower()
+        if status == "dead":
+            rows.append(_dead_row(r, role, int(snap.max_total_num_tokens[r]),
+                                  int(snap.max_running_requests[r])))
+            continue
+        if status == "ready" and snap.heartbeat_ns[r] < oldest_beat:
+            status = "stale"
         waiting = int(snap.num_waiting_reqs[r]) + max(int(in_flight[r]), 0)
         running = max(int(eff_reqs[r]) - waiting, 0)
         tokens = int(eff_tokens[r])
@@ -181,15 +194,21 @@ def _board_loads(board, role: str) -> list[dict]:
             "max_total_num_tokens": capacity,
             "max_running_requests": int(snap.max_running_requests[r]),
             "token_usage": round(tokens / capacity, 4) if capacity > 0 else 0.0,
-            "status": RankStatus(int(snap.status[r])).name.lower(),
+            "status": status,
             "role": role,
         })
     return rows
 
 
-def _down_ranks(engine: EngineClient) -> list[int]:
-    live = set(engine.live_ranks())
-    return [r.dp_rank for r in engine.ranks if r.dp_rank not in live]
+def _dead_row(r: int, role: str, capacity: int, max_running: int) -> dict:
+    return {"dp_rank": r, "num_reqs": 0, "num_running_reqs": 0, "num_waiting_reqs": 0,
+            "num_total_reqs": 0, "num_tokens": 0, "num_used_tokens": 0, "num_prefill_tokens": 0,
+            "max_total_num_tokens": capacity, "max_running_requests": max_running,
+            "token_usage": 0.0, "status": "dead", "role": role}
+
+
+def _down_ranks(engine: EngineClient) -> list[int] | dict[str, list[int]]:
+    return engine.down_ranks()
 
 
 def info_routes() -> list[Route]:

@@ -32,11 +32,11 @@ from scheduler.pd import (HANDOFF_KIND, ROUTE_KIND, PDConfig, create_tables, sha
 from scheduler.pd_router import new_room
 from server.args import ServerArgs
 from server.engine_client import EngineClient
-from server.errors import RequestFailed
+from server.errors import ApiError
 from server.inflight import RequestHandle
 from server.ranks import EngineProcesses, RankMain
 from shm.bootstrap import BootstrapTable
-from shm.segment import find_segment, new_launch_id, reclaim_stale_segments
+from shm.segment import ShmOwnerError, find_segment, new_launch_id, reclaim_stale_segments
 
 logger = logging.getLogger(__name__)
 
@@ -72,26 +72,14 @@ class PDProcesses:
     def start(self) -> "PDProcesses":
         args, mode = self.args, self.args.disaggregation_mode
         reclaim_stale_segments()
-        if mode == "decode":
-            self.route, self.handoff = self._attach_tables()
-            if self.handoff.num_decode_ranks < args.dp_size:
-                raise PDLaunchError(
-                    f"the prefill server takes KV claims from {self.handoff.num_decode_ranks} "
-                    f"decode ranks, this server has {args.dp_size}: start the prefill server "
-                    f"with --disaggregation-decode-dp {args.dp_size}")
-        else:
-            if mode == "prefill" and find_segment(HANDOFF_KIND, self.launch_id):
-                raise PDLaunchError(
-                    f"another prefill server on this node uses --disaggregation-bootstrap-port "
-                    f"{args.disaggregation_bootstrap_port}; give each pair its own port")
-            num_prefill = args.prefill_dp_size if mode == "pd" else args.dp_size
-            num_decode = (args.decode_dp_size if mode == "pd"
-                          else args.disaggregation_decode_dp or DEFAULT_DECODE_DP)
-            self.route, self.handoff = create_tables(self.launch_id, num_prefill, num_decode)
-            self.route_writer = self.route.region_writer(0)
+        try:
+            self._open_tables()
+        except ShmOwnerError as exc:  # a squatted name: refuse, clearly, having made nothing
+            raise PDLaunchError(str(exc)) from None
         pd = PDConfig(self.launch_id, self.route.name, self.handoff.name,
                       args.wall_s(args.disaggregation_bootstrap_timeout),
-                      args.wall_s(args.disaggregation_waiting_timeout))
+                      args.wall_s(args.disaggregation_waiting_timeout),
+                      stale_after_s=args.stale_ns / 1e9)
         sizes = ({"prefill": args.prefill_dp_size, "decode": args.decode_dp_size} if mode == "pd"
                  else {args.role: args.dp_size})
         for role, n in sizes.items():
@@ -100,6 +88,28 @@ class PDProcesses:
             self.groups[role] = group  # before start: close() must stop a half-started group
             group.start()
         return self
+
+    def _open_tables(self) -> None:
+        """Create (pd, prefill) or attach (decode) the route and hand-off tables."""
+        args, mode = self.args, self.args.disaggregation_mode
+        if mode == "decode":
+            self.route, self.handoff = self._attach_tables()
+            if self.handoff.num_decode_ranks < args.dp_size:
+                raise PDLaunchError(
+                    f"the prefill server takes KV claims from {self.handoff.num_decode_ranks} "
+                    f"decode ranks, this server has {args.dp_size}: start the prefill server "
+                    f"with --disaggregation-decode-dp {args.dp_size}")
+        else:
+            if mode == "prefill" and (find_segment(ROUTE_KIND, self.launch_id)
+                                      or find_segment(HANDOFF_KIND, self.launch_id)):
+                raise PDLaunchError(
+                    f"another prefill server on this node uses --disaggregation-bootstrap-port "
+                    f"{args.disaggregation_bootstrap_port}; give each pair its own port")
+            num_prefill = args.prefill_dp_size if mode == "pd" else args.dp_size
+            num_decode = (args.decode_dp_size if mode == "pd"
+                          else args.disaggregation_decode_dp or DEFAULT_DECODE_DP)
+            self.route, self.handoff = create_tables(self.launch_id, num_prefill, num_decode)
+            self.route_writer = self.route.region_writer(0)
 
     def _attach_tables(self) -> tuple[BootstrapTable, BootstrapTable]:
         port = self.args.disaggregation_bootstrap_port
@@ -212,7 +222,7 @@ class PDEngineClient:
         try:
             async for _ in self.prefill.outputs(handle):
                 pass
-        except RequestFailed:
+        except ApiError:
             pass  # the route entry is FAILED now: decode fails the request
 
     async def outputs(self, handle: RequestHandle):
@@ -236,6 +246,9 @@ class PDEngineClient:
 
     def live_ranks(self) -> list[int]:
         return self.decode.live_ranks() if self.prefill.live_ranks() else []
+
+    def down_ranks(self) -> dict[str, list[int]]:
+        return {"prefill": self.prefill.down_ranks(), "decode": self.decode.down_ranks()}
 
     @property
     def status(self) -> str:

@@ -9,14 +9,14 @@ little-endian), laid out as::
     | magic | version | num_regions | slots | entry_len | num_decode  | owner_pid |pad|
     +-------+---------+-------------+-------+-----------+-------------+-----------+...+
     region headers, region r at HEADER_LEN + r * REGION_HDR_LEN:
-    +------------+----------+----------+----------------+-----+
-    | writer_pid | num_live | next_gen | num_tombstones | pad |
-    +------------+----------+----------+----------------+-----+
+    +------------+----------+----------+----------------+-----------+-----+
+    | writer_pid | num_live | next_gen | num_tombstones | heartbeat | pad |
+    +------------+----------+----------+----------------+-----------+-----+
     entries, slot s of region r at entries_off + (r * slots + s) * ENTRY_LEN (128 B):
     +-----+-------+------+-----+--------------+-------------+-------------+--------+
     | seq | state | room | gen | prefill_rank | decode_rank | kv_location | kv_len | ...
     +-----+-------+------+-----+--------------+-------------+-------------+--------+
-      ... | first_token | deadline_ns | created_ns | region | slot | reserved x3 |
+      ... | first_token | deadline_ns | created_ns | region | slot | prompt_hash | reserved x2 |
     decode claims, cell claims_off + (r * slots + s) * num_decode + d:
     +--------------------+--------------------+-----+------------------------+
     | claim[r][s][0]     | claim[r][s][1]     | ... | claim[r][s][num_dec-1] |
@@ -35,6 +35,8 @@ Who writes what (exactly one writer per cell; ``+=`` on shared memory is not ato
   ``gen`` while d copies the KV of the entry in slot s ("do not free it yet") and
   ``-gen`` once d is done ("free it"); 0 or any other value means no claim. ``gen``
   numbers occupancies of a slot, so a late write about an old occupancy is ignored.
+  An occupancy is claimed once: a claimer refuses an entry whose claim cells (any
+  rank's) already hold ``gen`` or ``-gen`` (``DecodeClaimer.claim``).
   Decode needs no other cell: everything else it learns, it reads.
 
 Entries are keyed by the 64-bit ``bootstrap_room`` (0 <= room < 2**64, stored as an
@@ -70,7 +72,7 @@ from shm.board import check_memory_order
 from shm.bootstrap_layout import (  # noqa: F401  (some only re-exported, see __all__)
     EMPTY, ENTRY_LEN, ENTRY_STRUCT, FAILED, H_ENTRY_LEN, H_MAGIC, H_NUM_DECODE, H_NUM_REGIONS,
     H_SLOTS, H_VERSION, HEADER_LEN, KV_READY, LAYOUT_VERSION, LIVE_STATES, MAGIC, MAX_ROOM,
-    PLACED, R_NEXT_GEN, R_NUM_LIVE, R_WRITER_PID, TOMBSTONE, BootstrapEntry,
+    PLACED, R_HEARTBEAT, R_NEXT_GEN, R_NUM_LIVE, R_WRITER_PID, TOMBSTONE, BootstrapEntry,
     BootstrapLayout, BootstrapTableError, BootstrapTableFullError, BootstrapTimeoutError,
     DuplicateRoomError, EntryState, hash_modulus, home_slot)
 from shm.segment import SharedSegment, ShmLayoutError, pid_alive, segment_name
@@ -291,6 +293,10 @@ class BootstrapTable:
     def region_writer_pid(self, region: int) -> int:
         """The pid holding ``region``'s writer, 0 if none (a reader's liveness check)."""
         return self._mv[self.layout.region_hdr(region) + R_WRITER_PID]
+
+    def region_heartbeat_ns(self, region: int) -> int:
+        """When ``region``'s writer last stepped (CLOCK_MONOTONIC ns), 0 if never."""
+        return self._mv[self.layout.region_hdr(region) + R_HEARTBEAT]
 
     def wait_for(self, room: int, timeout_s: float,
                  states: tuple[int, ...] = LIVE_STATES) -> BootstrapEntry:

@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING
 
 from shm.bootstrap_layout import (
     E_DEADLINE, E_DECODE_RANK, E_FIRST_TOKEN, E_GEN, E_KV_LEN, E_KV_LOCATION, E_ROOM, E_STATE,
-    EMPTY, ENTRY_LEN, FIELDS_STRUCT, KV_READY, LIVE_STATES, MAX_ROOM, PLACED, R_NEXT_GEN,
-    R_NUM_LIVE, R_NUM_TOMBSTONES, R_WRITER_PID, TOMBSTONE, BootstrapEntry, BootstrapTableError,
+    EMPTY, ENTRY_LEN, FIELDS_STRUCT, KV_READY, LIVE_STATES, MAX_ROOM, PLACED, R_HEARTBEAT,
+    R_NEXT_GEN, R_NUM_LIVE, R_NUM_TOMBSTONES, R_WRITER_PID, TOMBSTONE, BootstrapEntry, BootstrapTableError,
     BootstrapTableFullError, DuplicateRoomError, hash_modulus)
 
 if TYPE_CHECKING:
@@ -94,7 +94,7 @@ class RegionWriter:
     # ---- the writer's API -----------------------------------------------------------
     def insert(self, room: int, prefill_rank: int, deadline_ns: int, *, decode_rank: int = -1,
                kv_location: int = -1, kv_len: int = 0, first_token: int = -1,
-               state: int = PLACED, now_ns: int | None = None) -> int:
+               state: int = PLACED, now_ns: int | None = None, prompt_hash: int = 0) -> int:
         """Add ``room`` (state PLACED by default) and return its slot in this region.
 
         ``deadline_ns`` (CLOCK_MONOTONIC): when ``expire`` frees the entry if nobody
@@ -123,7 +123,8 @@ class RegionWriter:
         try:  # pack first: a bad value must not leave the seqlock odd
             data = FIELDS_STRUCT.pack(
                 state, room, gen, prefill_rank, decode_rank, kv_location, kv_len, first_token,
-                deadline_ns, time.monotonic_ns() if now_ns is None else now_ns, self.region, slot)
+                deadline_ns, time.monotonic_ns() if now_ns is None else now_ns, self.region, slot,
+                prompt_hash)
         except struct.error as exc:
             raise ValueError(f"entry field out of int64 range: {exc}") from exc
         mv = self._mv
@@ -233,6 +234,10 @@ class RegionWriter:
         self._live_gen(slot)
         return self.table.entry_at(self.region, slot)
 
+    def heartbeat(self, now_ns: int | None = None) -> None:
+        """Say this writer is stepping (readers: ``BootstrapTable.region_heartbeat_ns``)."""
+        self._mv[self._hdr + R_HEARTBEAT] = time.monotonic_ns() if now_ns is None else now_ns
+
     def slot_of(self, room: int) -> int | None:
         return self._slot_of_room.get(room)
 
@@ -297,7 +302,12 @@ class RegionWriter:
 
 
 class DecodeClaimer:
-    """Decode rank ``decode_rank``'s claims: the only writer of its claim cells."""
+    """Decode rank ``decode_rank``'s claims: the only writer of its claim cells.
+
+    A hand-off is claimed once: an entry that any decode rank claimed (or released)
+    before cannot be claimed again, by that rank or another (``was_claimed``); two
+    ranks claiming one entry at the same moment both see the other and both back off.
+    """
 
     def __init__(self, table: "BootstrapTable", decode_rank: int):
         self.table = table
@@ -307,17 +317,25 @@ class DecodeClaimer:
               margin_ns: int = CLAIM_MARGIN_NS) -> bool:
         """Announce that this rank is about to read ``entry``'s KV; call before reading.
 
-        False (read nothing, fail or retry the request) if the entry is not KV_READY,
-        is within ``margin_ns`` of its deadline, or was freed meanwhile.
+        False (read nothing, fail the request) if the entry is not KV_READY, is within
+        ``margin_ns`` of its deadline, was freed meanwhile, or was claimed by anyone
+        before (``was_claimed`` tells that case apart).
         """
         now = time.monotonic_ns() if now_ns is None else now_ns
         if entry.state != KV_READY or now > entry.deadline_ns - margin_ns:
             return False
-        self.table._mv[self._cell(entry)] = entry.gen
-        if not self._intact(entry):
-            self.table._mv[self._cell(entry)] = 0
+        if self.was_claimed(entry):
+            return False
+        cell = self._cell(entry)
+        self.table._mv[cell] = entry.gen
+        if not self._intact(entry) or self._claimed_by_other(entry):
+            self.table._mv[cell] = 0
             return False
         return True
+
+    def was_claimed(self, entry: BootstrapEntry) -> bool:
+        """Whether some decode rank holds or held a claim on this occupancy of the slot."""
+        return any(c in (entry.gen, -entry.gen) for c in self._claims(entry))
 
     def release(self, entry: BootstrapEntry) -> bool:
         """Tell prefill it may free ``entry``'s KV; call after copying it (or giving up).
@@ -332,6 +350,15 @@ class DecodeClaimer:
     def _intact(self, entry: BootstrapEntry) -> bool:
         now = self.table.entry_at(entry.region, entry.slot)
         return now is not None and now.gen == entry.gen and now.state == KV_READY
+
+    def _claims(self, entry: BootstrapEntry):
+        table = self.table
+        first = table.layout.claims(entry.region, entry.slot)
+        return table._mv[first:first + table.num_decode_ranks]
+
+    def _claimed_by_other(self, entry: BootstrapEntry) -> bool:
+        return any(c in (entry.gen, -entry.gen) for d, c in enumerate(self._claims(entry))
+                   if d != self.decode_rank)
 
     def _cell(self, entry: BootstrapEntry) -> int:
         return self.table.layout.claims(entry.region, entry.slot) + self.decode_rank

@@ -8,6 +8,12 @@ Ownership contract:
 - a segment whose creator pid is dead was left by a crashed run and is reclaimed by
   ``reclaim_stale_segments`` (run at start-up and by ``python -m shm.cleanup``).
 
+Trust: names are predictable (two PD servers find each other's tables by name), so
+another local user could create one first. ``create`` is exclusive (O_CREAT|O_EXCL,
+never opens what exists) with mode 0600; ``attach`` and ``find_segment`` refuse
+(``ShmOwnerError``) a segment that another uid owns or whose mode is not 0600: it
+was not made by this user's server, and its contents cannot be trusted.
+
 Why ``posix_ipc`` and not ``multiprocessing.shared_memory``: on Python 3.11 the
 latter registers attached segments with the resource tracker, which unlinks them when
 an attaching process exits.
@@ -57,6 +63,26 @@ class ShmLayoutError(ShmError):
     """An attached segment does not have the layout this code expects."""
 
 
+class ShmOwnerError(ShmError):
+    """A segment under one of our names that this user's server did not create."""
+
+
+SEGMENT_MODE = 0o600
+
+
+def check_owner(name: str, st: os.stat_result) -> None:
+    """Raise ``ShmOwnerError`` unless ``st`` (the segment's stat) is ours: owned by this
+    process's uid, mode 0600."""
+    mode = st.st_mode & 0o777
+    if st.st_uid != os.getuid() or mode != SEGMENT_MODE:
+        raise ShmOwnerError(
+            f"shared-memory segment {name} is owned by uid {st.st_uid} with mode {mode:o}, "
+            f"not by this user (uid {os.getuid()}) with mode {SEGMENT_MODE:o}: it was not "
+            f"created by a dpserve server of this user, so it is not used. Remove "
+            f"{SHM_DIR}{name} if it is stale, or use another name (for a PD pair, another "
+            f"--disaggregation-bootstrap-port).")
+
+
 def new_launch_id() -> str:
     """A short random id shared by every segment of one launch."""
     return secrets.token_hex(4)
@@ -99,8 +125,9 @@ class SharedSegment:
         if size <= 0:
             raise ValueError(f"segment size must be positive, got {size}")
         check_shm_space(size)
-        shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=0)
+        shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=SEGMENT_MODE, size=0)
         try:
+            os.fchmod(shm.fd, SEGMENT_MODE)  # exactly 0600, whatever the umask
             try:
                 os.posix_fallocate(shm.fd, 0, size)
             except OSError as exc:
@@ -118,12 +145,13 @@ class SharedSegment:
 
     @classmethod
     def attach(cls, name: str) -> "SharedSegment":
-        """Map an existing segment. Attachers never unlink."""
+        """Map an existing segment of this user (``check_owner``). Attachers never unlink."""
         try:
             shm = posix_ipc.SharedMemory(name)
         except posix_ipc.ExistentialError as exc:
             raise ShmError(f"shared-memory segment {name} does not exist") from exc
         try:
+            check_owner(name, os.fstat(shm.fd))
             buf = mmap.mmap(shm.fd, shm.size)
         finally:
             shm.close_fd()
@@ -164,11 +192,18 @@ def find_segment(kind: str, launch_id: str) -> str | None:
     For segments two servers share (PD prefill and decode servers on one node): the
     attacher knows the kind and the shared launch id but not the creator's pid, which
     is in the name. Segments left by dead creators are ignored. Raises ``ShmError`` if
-    two live processes created one (two servers claim the same shared name).
+    two live processes created one (two servers claim the same shared name), and
+    ``ShmOwnerError`` if the live one is not this user's (``check_owner``).
     """
     suffix = f".{launch_id}.{kind}"
     live = [n for n in list_segments() if n.endswith(suffix)
             and (pid := owner_pid(n)) is not None and pid_alive(pid)]
+    for name in live:
+        try:
+            st = os.stat(SHM_DIR + name)
+        except FileNotFoundError:
+            continue  # unlinked meanwhile: the len check below still sees it, harmlessly
+        check_owner(name, st)
     if len(live) > 1:
         raise ShmError(f"several live segments end in {suffix}: {live}")
     return live[0] if live else None

@@ -563,3 +563,28 @@ def test_no_torn_entries_while_another_process_writes_flat_out(make_table):
     assert torn == 0
     assert counter.value > 1000 and len(seen) > 100, "the writer was not writing during the reads"
     assert reads > 10_000 and misses < reads
+
+
+def test_an_entry_is_claimed_once_by_any_decode_rank(make_table):
+    """A hand-off belongs to one request: after rank 1 claimed (or released) an entry,
+    neither rank 1 nor rank 0 can claim it again; a claim racing another rank's backs
+    off; the entry keeps the prompt hash its writer gave it."""
+    table = make_table(num_decode_ranks=2)
+    writer = table.region_writer(0)
+    first, second = table.decode_claimer(1), table.decode_claimer(0)
+    now = time.monotonic_ns()
+    writer.insert(21, prefill_rank=0, deadline_ns=now + 10**10, state=KV_READY, prompt_hash=-77)
+    entry = table.lookup(21)
+    assert entry.prompt_hash == -77
+    assert not first.was_claimed(entry)
+    assert first.claim(entry)
+    assert second.was_claimed(entry) and not second.claim(entry), "claimed by rank 1"
+    assert first.release(entry)
+    assert not first.claim(entry) and not second.claim(entry), "released: claimed once"
+    assert [e.room for e in writer.reap_released()] == [21]
+
+    writer.insert(22, prefill_rank=0, deadline_ns=now + 10**10, state=KV_READY)
+    entry = table.lookup(22)
+    table._mv[table.layout.claims(entry.region, entry.slot) + 0] = entry.gen  # rank 0, mid-claim
+    assert not first.claim(entry), "a concurrent claim by another rank: back off"
+    assert table._mv[table.layout.claims(entry.region, entry.slot) + 1] == 0, "own cell cleared"

@@ -142,7 +142,8 @@ def test_prefill_refused_fails_decode_at_once():
 def test_mismatched_bodies_fail_instead_of_mixing_kv(pd):
     pd.submit("a", [1, 2, 3], greedy(4), room=13, decode=False)
     pd.submit("a", [1, 2, 3, 4], greedy(4), room=13, prefill=False)
-    assert "not the same request body" in run_until_finished(pd, "a")["message"]
+    reason = run_until_finished(pd, "a")
+    assert "belongs to another request" in reason["message"] and reason["status_code"] == 400
 
 
 def test_placed_but_never_ready_times_out_with_the_waiting_timeout(pd):
@@ -219,3 +220,81 @@ def test_prefill_rank_counts_prompt_work_left(lockstep):
         run_until_finished(pd, "p")
         assert seen == ([(1, 36), (0, 0)] if lockstep else [(1, 100), (1, 36)])
         assert pd.boards["prefill"].read_effective(FOREVER_NS)[:2] == ([0], [0])
+
+
+# ---- a hand-off belongs to one request; decode fails fast --------------------------------
+def test_a_room_hijack_gets_400_and_the_owner_its_own_output():
+    """An intruder's decode request carries the owner's room but another prompt, and
+    arrives first (parked on the same decode rank): it fails with 400 without touching
+    the hand-off, and the owner receives exactly what it gets without an intruder."""
+    outputs = {}
+    for intruder in (False, True):
+        with LocalPD(1, 1, sim_executor_factory("instant", 4096)) as pd:
+            if intruder:
+                pd.submit("intruder", [9, 9, 9], greedy(6), room=41, prefill=False)
+                pd.step()  # parked, waiting for room 41
+            pd.submit("owner", [5, 6, 7, 8], greedy(6), room=41)
+            pd.run()
+            assert pd.finish_reason("owner") == {"type": "length", "length": 6}
+            outputs[intruder] = pd.output_ids("owner")
+            if intruder:
+                reason = pd.finish_reason("intruder")
+                assert reason["type"] == "abort" and reason["status_code"] == 400, reason
+                assert "belongs to another request" in reason["message"]
+            assert not any(pd.leftovers().values()), pd.leftovers()
+    assert outputs[True] == outputs[False]
+
+
+def test_a_hand_off_is_claimed_once_even_with_the_same_prompt():
+    """Two decode requests with one room and the same prompt: the first parked takes the
+    KV, the second fails with 400 (never a second copy of one hand-off)."""
+    with LocalPD(1, 1, sim_executor_factory("instant", 4096)) as pd:
+        pd.submit("first", [5, 6, 7], greedy(4), room=42, prefill=False)
+        pd.submit("second", [5, 6, 7], greedy(4), room=42, prefill=False)
+        pd.step()
+        pd.submit("prefill", [5, 6, 7], greedy(4), room=42, decode=False)
+        pd.run()
+        assert pd.finish_reason("first") == {"type": "length", "length": 4}
+        reason = pd.finish_reason("second")
+        assert reason["status_code"] == 400 and "already claimed" in reason["message"], reason
+        assert not any(pd.leftovers().values()), pd.leftovers()
+
+
+def test_full_hand_off_table_fails_decode_at_once():
+    """Prefill's hand-off region (1 slot) is held by a prefill whose decode never came;
+    the next request's prefill cannot hand off (nor even write FAILED): its decode
+    half fails with 503 right away, not after the 30 s waiting timeout."""
+    timeout_s = 30.0
+    with LocalPD(1, 1, sim_executor_factory("instant", 4096), handoff_slots=1,
+                 bootstrap_timeout_s=timeout_s, waiting_timeout_s=timeout_s) as pd:
+        pd.submit("holder", [1, 2, 3], greedy(4), room=50, decode=False)
+        pd.run()
+        assert pd.leftovers()["prefill_held"] == 1
+        started = time.monotonic()
+        pd.submit("late", [4, 5, 6], greedy(4), room=51, decode_first=True)
+        reason = run_until_finished(pd, "late", timeout_s / 2)
+        assert time.monotonic() - started < timeout_s / 6
+        assert reason["status_code"] == 503 and "without a hand-off" in reason["message"], reason
+        prefill = pd.prefill_outputs["late"][-1].finish_reason
+        assert prefill["status_code"] == 503 and "all 1 slots live" in prefill["message"], prefill
+
+
+def test_frozen_prefill_rank_fails_decode_within_the_stale_bound():
+    """The prefill ranks stop stepping (as under SIGSTOP): the parked decode request
+    fails once prefill's heartbeat is older than stale_after_s, with 503, long before
+    the waiting timeout."""
+    stale_s, timeout_s = 0.5, 60.0
+    with LocalPD(1, 1, sim_executor_factory("instant", 4096), stale_after_s=stale_s,
+                 bootstrap_timeout_s=timeout_s, waiting_timeout_s=timeout_s) as pd:
+        pd.run()  # a first heartbeat from every rank
+        started = time.monotonic()
+        pd.submit("f", [1, 2, 3], greedy(4), room=60)
+        deadline = started + timeout_s / 4
+        while pd.finish_reason("f") is None and time.monotonic() < deadline:
+            pd.step(roles=("decode",))  # prefill frozen
+            time.sleep(0.005)
+        elapsed = time.monotonic() - started
+        reason = pd.finish_reason("f")
+        assert reason is not None and reason["status_code"] == 503, reason
+        assert "prefill rank 0 has not stepped" in reason["message"], reason
+        assert elapsed < stale_s + timeout_s / 4  # the message says it was not early

@@ -126,9 +126,28 @@ def test_prefill_and_decode_servers_pair_like_a_gateway(tmp_path, workload, refe
         orphan = body([5, 6, 7], 4, bootstrap_room=424242)
         pre = httpx.post(prefill.url + "/generate", json={**orphan, "bootstrap_room": 1}, timeout=10)
         assert pre.json()["meta_info"]["finish_reason"]["type"] == "length"
-        dec = httpx.post(decode.url + "/generate", json=orphan, timeout=10).json()
-        assert dec["meta_info"]["finish_reason"]["type"] == "abort"
-        assert "no prefill placed it" in dec["meta_info"]["finish_reason"]["message"]
+        dec = httpx.post(decode.url + "/generate", json=orphan, timeout=10)
+        assert dec.status_code == 503 and dec.headers["retry-after"] == "1", dec.text
+        assert "no prefill placed it" in dec.json()["error"]["message"]
+
+        # A room hijack: an intruder's decode request with the owner's room (another
+        # prompt) arrives first; it gets 400, the owner its own output.
+        (rid, ids, n), room = workload[0], random.getrandbits(63)
+
+        async def hijack():
+            async with httpx.AsyncClient(timeout=60) as client:
+                intruder = asyncio.ensure_future(client.post(
+                    decode.url + "/generate", json=body([7, 7, 7, 7], n, bootstrap_room=room)))
+                await asyncio.sleep(0.3)  # parked before the owner
+                owner = body(ids, n, bootstrap_room=room)
+                dec = asyncio.ensure_future(client.post(decode.url + "/generate", json=owner))
+                await client.post(prefill.url + "/generate", json=owner)
+                return await intruder, await dec
+
+        intruder, owner = asyncio.run(hijack())
+        assert intruder.status_code == 400, intruder.text
+        assert "belongs to another request" in intruder.json()["error"]["message"]
+        assert owner.status_code == 200 and owner.json()["output_ids"] == reference[rid]
         bad = httpx.post(decode.url + "/generate", json=body([5], 2), timeout=10)
         assert bad.status_code == 400 and "bootstrap_room" in bad.text
         assert_idle(prefill.url)
@@ -183,10 +202,75 @@ def test_killed_prefill_rank_fails_its_requests_fast_and_its_segment_is_reclaime
             time.sleep(1.0)  # 200 tokens: 4 s of prefill on rank 0
             start = time.monotonic()
             os.kill(victim, signal.SIGKILL)
-            reply = pending.result(timeout=30).json()
+            reply = pending.result(timeout=30)
             assert time.monotonic() - start < 5
-            reason = reply["meta_info"]["finish_reason"]
-            assert reason["type"] == "abort" and "prefill" in reason["message"], reason
+            # Never a 200: 503 with Retry-After, which a gateway retries elsewhere.
+            assert reply.status_code == 503 and reply.headers["retry-after"] == "1", reply.text
+            assert "prefill" in reply.json()["error"]["message"], reply.text
             ok = client.post(server.url + "/generate", json=body([5, 6, 7], 3)).json()
             assert ok["meta_info"]["finish_reason"] == {"type": "length", "length": 3}
+            health = client.get(server.url + "/health")
+            assert health.status_code == 200, health.text
+            assert health.json() == {"status": "degraded",
+                                     "dead_ranks": {"prefill": [0], "decode": []}}
+            rows = client.get(server.url + "/get_load").json()
+            assert [r["status"] for r in rows] == ["dead", "ready", "ready"], rows
+            assert (rows[0]["num_reqs"], rows[0]["num_tokens"]) == (0, 0), rows
     assert not list_segments(f"{NAME_PREFIX}{victim}.")
+
+
+def test_frozen_prefill_rank_fails_decode_within_the_stale_bound(tmp_path):
+    """A request is mid-prefill on rank 0 when rank 0 is frozen (SIGSTOP): the client
+    gets an error within --stale-after-s (plus margin), not after the 300 s waiting
+    timeout; a stream that started ends with an error event and [DONE]. Meanwhile
+    /get_load marks the rank stale and /health lists it."""
+    stale_s = 2.0
+    profile = write_sim_profile(tmp_path / "slow_prefill.json", prefill_token_s=0.05)
+    flags = ["--disaggregation-mode", "pd", "--prefill-dp-size", "2", "--decode-dp-size", "1",
+             "--executor", "sim", "--sim-profile", profile, "--stale-after-s", str(stale_s),
+             "--log-level", "warning"]
+    with ServerProcess(*flags, log_path=tmp_path / "pd_stop.log") as server:
+        ranks = httpx.get(server.url + "/server_info", timeout=5).json()["ranks"]
+        victim = next(r["pid"] for r in ranks if r["role"] == "prefill" and r["dp_rank"] == 0)
+        payload = {**body(list(range(3, 203)), 4, disagg_prefill_dp_rank=0), "stream": True}
+        try:
+            with httpx.Client(timeout=60) as client:
+                with client.stream("POST", server.url + "/generate", json=payload) as r:
+                    assert r.status_code == 200  # the stream starts at once
+                    time.sleep(1.0)  # 200 tokens: 10 s of prefill on rank 0
+                    os.kill(victim, signal.SIGSTOP)
+                    start = time.monotonic()
+                    lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+                    elapsed = time.monotonic() - start
+                assert lines[-1] == "data: [DONE]", lines
+                error = httpx.Response(200, content=lines[-2][6:]).json()["error"]
+                assert error["code"] == 503 and "prefill" in error["message"], error
+                assert elapsed < stale_s + 5, elapsed  # margin: a loaded machine
+                rows = client.get(server.url + "/get_load").json()
+                assert rows[0]["status"] == "stale", rows
+                assert client.get(server.url + "/health").json()["dead_ranks"] == \
+                    {"prefill": [0], "decode": []}
+        finally:
+            os.kill(victim, signal.SIGCONT)
+
+
+@pytest.mark.parametrize("mode", ["prefill", "decode"])
+def test_squatted_pd_segment_is_refused_with_a_clear_error(tmp_path, mode):
+    """Another user created the pair's hand-off table name first (here: mode 0644): the
+    server refuses to start, says why, and leaves nothing behind."""
+    port = random.randint(20_000, 60_000)
+    path = f"/dev/shm/{NAME_PREFIX}{os.getpid()}.pd{port}.handoff"  # a live pid: looks in use
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+    os.fchmod(fd, 0o644)
+    os.close(fd)
+    server = ServerProcess("--disaggregation-mode", mode, "--disaggregation-bootstrap-port",
+                           str(port), "--startup-timeout-s", "30", *COMMON,
+                           log_path=tmp_path / f"{mode}.log")
+    try:
+        server.start()
+        assert server.proc.wait(60) != 0
+        assert "not created by a dpserve server of this user" in server.log(), server.log()
+        assert not server.segments()
+    finally:
+        server.stop()
+        os.unlink(path)

@@ -11,8 +11,8 @@ import sys
 import pytest
 
 from shm.board import LoadBoard
-from shm.segment import (ShmError, ShmSpaceError, SharedSegment, list_segments, new_launch_id,
-                         segment_name)
+from shm.segment import (ShmError, ShmOwnerError, ShmSpaceError, SharedSegment, find_segment,
+                         list_segments, new_launch_id, segment_name)
 
 
 def test_creator_unlinks_attacher_does_not():
@@ -92,3 +92,48 @@ def test_name_prefix_namespace_is_checked():
     for bad in ("", "a/b", "a.b", "ü"):
         with pytest.raises(ValueError, match="DPSERVE_SHM_PREFIX"):
             _name_prefix(bad)
+
+
+def _squat(name: str, mode: int, uid: int | None = None) -> str:
+    """Create ``name`` in /dev/shm the way another user could: a plain file."""
+    path = "/dev/shm" + name
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode)
+    try:
+        os.fchmod(fd, mode)
+        os.ftruncate(fd, 4096)
+        if uid is not None:
+            os.fchown(fd, uid, -1)
+    finally:
+        os.close(fd)
+    return path
+
+
+def test_segments_are_created_exclusively_with_mode_0600():
+    name = segment_name("t", new_launch_id())
+    old_umask = os.umask(0)  # a permissive umask must not widen the mode
+    try:
+        with SharedSegment.create(name, 4096):
+            assert os.stat("/dev/shm" + name).st_mode & 0o777 == 0o600
+            with pytest.raises(Exception):
+                SharedSegment.create(name, 4096)  # never opens what exists
+    finally:
+        os.umask(old_umask)
+
+
+@pytest.mark.parametrize("squatter", ["mode", "uid"])
+def test_a_squatted_segment_is_refused_with_a_clear_error(squatter):
+    """A name created first by someone else (another uid, or a mode other than 0600) is
+    refused by attach and by find_segment, with a message that says what to do."""
+    if squatter == "uid" and os.getuid() != 0:
+        pytest.skip("chown to another uid needs root")
+    launch_id = new_launch_id()
+    name = segment_name("handoff", launch_id)  # this (live) pid: find_segment considers it
+    path = _squat(name, 0o644, None) if squatter == "mode" else _squat(name, 0o600, 65534)
+    try:
+        with pytest.raises(ShmOwnerError, match="not created by a dpserve server of this user"):
+            SharedSegment.attach(name)
+        with pytest.raises(ShmOwnerError, match=f"Remove /dev/shm{name}"):
+            find_segment("handoff", launch_id)
+    finally:
+        os.unlink(path)
+    assert find_segment("handoff", launch_id) is None

@@ -298,7 +298,9 @@ def test_health_and_info(client):
 def test_loads(client):
     rows = client.get("/get_load").json()
     assert [r["dp_rank"] for r in rows] == [0, 1]
-    assert all(set(r) == {"dp_rank", "num_reqs", "num_waiting_reqs", "num_tokens"} for r in rows)
+    assert all(set(r) == {"dp_rank", "num_reqs", "num_waiting_reqs", "num_tokens", "status"}
+               for r in rows)
+    assert [r["status"] for r in rows] == ["ready", "ready"]
     for path in ("/v1/loads?include=core,disagg,queues,memory", "/loads?model=tiny"):
         body = client.get(path).json()
         assert body["timestamp"] and len(body["loads"]) == 2
@@ -402,6 +404,9 @@ def test_rank_killed_mid_request_fails_fast_and_others_serve(tmp_path):
         assert health.status_code == 200 and health.json() == {"status": "degraded", "dead_ranks": [1]}
         assert client.get("/server_info").json()["status"] == "degraded"
         assert RankStatus(int(procs.board.snapshot().status[1])) is RankStatus.DEAD
+        dead = client.get("/get_load").json()[1]  # marked, and not its last load
+        assert dead == {"dp_rank": 1, "num_reqs": 0, "num_waiting_reqs": 0, "num_tokens": 0,
+                        "status": "dead"}, dead
         for _ in range(4):
             r = client.post("/generate", json={"text": "x", "sampling_params": {"max_new_tokens": 2}})
             assert r.status_code == 200 and r.json()["meta_info"]["dp_rank"] == 0
