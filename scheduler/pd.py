@@ -27,8 +27,11 @@ hand-off entry *before* it reports the request finished, and the dispatcher remo
 the route entry only *after* that report. So a decode that misses the route entry
 then finds the hand-off entry (``lookup`` over every region), or neither exists yet
 (prefill not dispatched: wait), or the room is gone for good (released/expired). A
-decode that saw the route entry once and then finds neither knows it is gone for good
-(the prefill ended without a hand-off, e.g. its region was full) and fails at once.
+prefill that ends without a hand-off (aborted on its rank, e.g. its region was full)
+leaves its route entry FAILED for a linger, not removed, so decode fails it at once
+(503). A decode that saw the route entry once and then finds neither knows the
+hand-off was written and is gone: if it never saw that entry itself, another request
+with the same room claimed it (400, the room was reused); if it saw it, it expired.
 
 Names: segments are ``segment_name(kind, launch_id)``; the tables are created by the
 launcher in ``--disaggregation-mode pd`` and by the prefill server in two-server mode

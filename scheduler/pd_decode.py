@@ -62,6 +62,7 @@ class Parked:
     prompt_hash: int
     known_ns: int = 0
     saw_route: bool = False  # the route entry was there once: its prefill was dispatched
+    saw_handoff: bool = False  # its own hand-off entry (prompt hash matched) was there once
 
 
 class Failure(NamedTuple):
@@ -211,6 +212,7 @@ class DecodeReceiver:
                 return None, (f"bootstrap_room {room} belongs to another request (prefill rank "
                               f"{p} computed a different prompt); every request needs its own "
                               "room", CLIENT_ERROR)
+            parked.saw_handoff = True
             if entry.state == FAILED:
                 self.peers.claimer.release(entry)  # lets prefill free the entry now
                 return None, (f"bootstrap_room {room}: prefill rank {p} failed the request "
@@ -218,10 +220,12 @@ class DecodeReceiver:
             return entry, None
         if placed is not None and placed.state == FAILED:
             return None, (f"bootstrap_room {room}: the prefill request failed", SERVER_ERROR)
-        if placed is None and parked.saw_route:  # prefill ended, and left no hand-off
-            return None, (f"bootstrap_room {room}: prefill rank {p} ended the request without "
-                          "a hand-off for it (its hand-off table was full, or the KV "
-                          "expired)", SERVER_ERROR)
+        if placed is None and parked.saw_route:  # its hand-off was written, and is gone
+            if parked.saw_handoff:
+                return None, (f"bootstrap_room {room}: the KV from prefill rank {p} expired "
+                              "before this decode rank could take it", SERVER_ERROR)
+            return None, (f"bootstrap_room {room}: its KV was claimed by another request with "
+                          "the same room; every request needs its own room", CLIENT_ERROR)
         waited = now - parked.arrival_ns
         if p is None:
             if waited > self.bootstrap_ns:

@@ -25,6 +25,7 @@ from scheduler.messages import AbortReq, BatchOutput, GenerateReq
 from scheduler.pd import DEFAULT_HANDOFF_SLOTS, PDConfig, create_tables
 from scheduler.pd_router import PDRouter
 from scheduler.scheduler import Scheduler
+from shm.bootstrap_layout import FAILED
 from shm.board import LoadBoard, RankStatus
 from shm.segment import new_launch_id
 
@@ -160,7 +161,10 @@ class LocalPD:
 
     def leftovers(self) -> dict:
         """Everything that should be zero once all requests ended."""
-        left = {"route_entries": self.route_table.num_live(),
+        # A FAILED route entry is not left over: it lingers (bounded, failed_linger_s) so a
+        # decode request arriving late still sees that its prefill failed, and the next
+        # dispatch after that expires it.
+        left = {"route_entries": sum(1 for e in self.route_table.entries() if e.state != FAILED),
                 "handoff_entries": self.handoff_table.num_live()}
         for role, scheds in self.schedulers.items():
             left[f"{role}_kv_used"] = sum(s.executor.kv.num_used for s in scheds)
@@ -200,5 +204,6 @@ class LocalPD:
                     continue
                 self.prefill_outputs.setdefault(out.rid, []).append(out)
                 if out.finish_reason is not None and out.rid in self.rooms:
-                    self.router.prefill_finished(self.rooms.pop(out.rid))
+                    ok = out.finish_reason.get("type") != "abort"  # as server.inflight
+                    self.router.prefill_finished(self.rooms.pop(out.rid), ok)
         return send

@@ -30,8 +30,9 @@ class RequestHandle:
     first_token_time: float | None = None
     last_token_time: float | None = None
     is_finished: bool = False
-    # Called once when the handle leaves the registry: True if the rank ended it (a
-    # finish output, or the route aborted it), False if it failed (its rank was lost).
+    # Called once when the handle leaves the registry: True if it ended well (a finish
+    # output, or the route aborted it), False if it failed (its rank was lost, or the
+    # rank aborted it: a timeout, a refusal, a hand-off it could not publish).
     # PD prefill uses it to retire the room's route entry (scheduler.pd_router).
     on_exit: Callable[[bool], None] | None = None
 
@@ -81,12 +82,13 @@ class InFlight:
                 self.observer.on_tokens(len(out.new_token_ids), now - handle.last_token_time)
             handle.last_token_time = now
         if out.finish_reason is not None:
-            if out.finish_reason.get("type") == "abort":
+            aborted = out.finish_reason.get("type") == "abort"
+            if aborted:
                 # The rank ended it (a timeout, a request it could not take): the
                 # route's own aborts have left the registry before their echo.
                 logger.warning("request %s aborted on rank %d: %s", out.rid, dp_rank,
                                out.finish_reason.get("message", ""))
-            self.remove(handle)
+            self.remove(handle, ok=not aborted)
             self.observer.on_finish(now - handle.arrival_time, out.prompt_tokens,
                                     out.completion_tokens)
         handle.queue.put_nowait(out)

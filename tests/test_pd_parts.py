@@ -274,7 +274,7 @@ def test_full_hand_off_table_fails_decode_at_once():
         pd.submit("late", [4, 5, 6], greedy(4), room=51, decode_first=True)
         reason = run_until_finished(pd, "late", timeout_s / 2)
         assert time.monotonic() - started < timeout_s / 6
-        assert reason["status_code"] == 503 and "without a hand-off" in reason["message"], reason
+        assert reason["status_code"] == 503 and "prefill request failed" in reason["message"], reason
         prefill = pd.prefill_outputs["late"][-1].finish_reason
         assert prefill["status_code"] == 503 and "all 1 slots live" in prefill["message"], prefill
 
