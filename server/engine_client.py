@@ -195,14 +195,15 @@ class EngineClient:
             raise ServiceUnavailable(f"rank {dp_rank} is unavailable: {rank.lost_reason}")
         payload = encode(msg)
         handle = RequestHandle(msg.rid, dp_rank, msg.counted_tokens)
-        self.inflight.add(handle)
-        try:
-            self._send_payload(rank, payload)
-        except BaseException:
-            self.inflight.remove(handle)  # no on_exit yet: the caller retires the route
-            raise
         if self.router is not None:  # the route lives as long as the prefill request
             handle.on_exit = functools.partial(self.router.prefill_finished, msg.bootstrap_room)
+        self.inflight.add(handle)
+        try:
+            self._send_payload(rank, payload)  # the last step: nothing after it can fail
+        except BaseException:
+            handle.on_exit = None  # the caller takes back the bump and the route
+            self.inflight.remove(handle)
+            raise
         return handle
 
     async def outputs(self, handle: RequestHandle) -> AsyncIterator[ReqOutput]:
