@@ -112,6 +112,11 @@ class Tokenizer:
         """Ids as `AutoTokenizer(...).encode(text)` gives (its post-processor may add BOS)."""
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        """``encode`` of each text. Unlike ``encode``, the library releases the GIL while
+        it works, so this is what a worker thread calls to leave the event loop free."""
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
+
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 

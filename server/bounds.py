@@ -76,14 +76,19 @@ def check_request(engine: EngineClient, input_ids: list[int], params: SamplingPa
     """Raise ``BadRequest`` for a prompt or parameters the engine cannot serve."""
     if not input_ids:
         raise BadRequest("the prompt is empty")
-    vocab = engine.model_config.vocab_size
-    for token_id in input_ids:
-        if type(token_id) is not int or not 0 <= token_id < vocab:
-            raise BadRequest(f"input_ids entry {token_id!r} is not a token id in [0, {vocab})")
+    # The size checks first: they are O(1), the per-id loop is not (on the event loop).
     ctx = engine.context_len
     if len(input_ids) >= ctx:
         raise BadRequest(f"the prompt has {len(input_ids)} tokens; the model's context length "
                          f"is {ctx}, which must also hold at least one new token")
+    if len(input_ids) + 1 > engine.max_total_num_tokens:
+        raise BadRequest(f"the prompt has {len(input_ids)} tokens but a rank's KV pool holds "
+                         f"{engine.max_total_num_tokens}; start the server with a larger "
+                         "--max-total-tokens")
+    vocab = engine.model_config.vocab_size
+    for token_id in input_ids:
+        if type(token_id) is not int or not 0 <= token_id < vocab:
+            raise BadRequest(f"input_ids entry {token_id!r} is not a token id in [0, {vocab})")
     try:
         params.validate(vocab, ctx, len(input_ids))
     except InvalidSamplingParams as exc:

@@ -8,9 +8,10 @@ it would stop every other client meanwhile. So:
   shrink a text, up to 3 code points into one), so a prompt that fits is never
   refused here; the exact check (``bounds.check_request``) follows tokenizing;
 - a text (or batch of texts) of ``THREAD_MIN_CHARS`` or more is tokenized in a worker
-  thread (``asyncio.to_thread``): the tokenizer releases the GIL while it works, so the
-  loop keeps serving; smaller ones stay on the loop, where a thread hop would cost more
-  than the tokenizing.
+  thread (``asyncio.to_thread``) with ``Tokenizer.encode_batch``, which releases the
+  GIL while it works (``encode`` holds it throughout: in a thread it would stall the
+  loop just the same), so the loop keeps serving; smaller ones stay on the loop, where
+  a thread hop would cost more than the tokenizing.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ async def encode_texts(engine, texts: list[str], name: str) -> list[list[int]]:
     encode = engine.tokenizer.encode
     if sum(len(t) for t in texts) < THREAD_MIN_CHARS:
         return [encode(t) for t in texts]
-    return await asyncio.to_thread(lambda: [encode(t) for t in texts])
+    return await asyncio.to_thread(engine.tokenizer.encode_batch, texts)
 
 
 async def encode_chat(engine, messages: list[dict[str, Any]]) -> list[int]:
@@ -67,4 +68,5 @@ async def encode_chat(engine, messages: list[dict[str, Any]]) -> list[int]:
     add_special = tokenizer.chat_add_special_tokens
     if len(text) < THREAD_MIN_CHARS:
         return tokenizer.encode(text, add_special_tokens=add_special)
-    return await asyncio.to_thread(tokenizer.encode, text, add_special)
+    (ids,) = await asyncio.to_thread(tokenizer.encode_batch, [text], add_special)
+    return ids

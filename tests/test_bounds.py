@@ -190,3 +190,17 @@ def test_bad_query_parameter_is_400(client, query):
     assert r.status_code == 400, r.text
     assert "dp_rank" in r.json()["error"]["message"]
     assert client.get("/v1/loads?dp_rank=1").json()["loads"][0]["dp_rank"] == 1
+
+
+def test_prompt_certainly_longer_than_the_context_is_400_without_tokenizing(client):
+    """10 MB of text against a 2,048-token context: refused from its length alone
+    (tokenizing it takes ~7 s here), on every route that takes text."""
+    big = "a" * 10_000_000
+    for route, body in (("/generate", {"text": big}), ("/generate", {"text": ["a", big]}),
+                        ("/v1/completions", {"prompt": big}),
+                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": big}]})):
+        t0 = time.monotonic()
+        r = client.post(route, json=body)
+        assert r.status_code == 400, r.text[:300]
+        assert "too long" in r.json()["error"]["message"]
+        assert time.monotonic() - t0 < 1.0, route
