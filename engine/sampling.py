@@ -13,7 +13,10 @@ Conventions:
   tokens until then);
 - `sampling_seed` makes a request's tokens reproducible regardless of which requests
   share its batch (see `engine.sampler`); None draws from the runner's own generator;
-- `n` > 1 is accepted here; fanning a request out into n copies is the server's job.
+- `n` > 1 is accepted here (up to `MAX_N`, OpenAI's cap); fanning a request out into n
+  copies is the server's job;
+- integers that travel in rank messages (msgpack: 64-bit) are bounded here: `top_k` and
+  `sampling_seed` are int64, the token counts are bounded by the context length.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from __future__ import annotations
 import msgspec
 
 GREEDY_EPS = 1e-5
-MAX_SEED = 2**64
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_N = 128  # OpenAI's cap on n
 
 
 class InvalidSamplingParams(ValueError):
@@ -83,9 +87,10 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True):
         )
         _check(self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature}")
         _check(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
-        _check(self.top_k >= -1, f"top_k must be -1 (disabled) or >= 1, got {self.top_k}")
+        _check(-1 <= self.top_k <= INT64_MAX,
+               f"top_k must be -1 (disabled) or in [1, {INT64_MAX}], got {self.top_k}")
         _check(0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}")
-        _check(self.n >= 1, f"n must be >= 1, got {self.n}")
+        _check(1 <= self.n <= MAX_N, f"n must be in [1, {MAX_N}], got {self.n}")
         for name in ("frequency_penalty", "presence_penalty"):
             value = getattr(self, name)
             _check(-2.0 <= value <= 2.0, f"{name} must be in [-2, 2], got {value}")
@@ -102,8 +107,9 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True):
             )
         if self.sampling_seed is not None:
             _check(
-                -MAX_SEED < self.sampling_seed < MAX_SEED,
-                f"sampling_seed must fit in 64 bits, got {self.sampling_seed}",
+                INT64_MIN <= self.sampling_seed <= INT64_MAX,
+                f"sampling_seed (seed) must be in [{INT64_MIN}, {INT64_MAX}], "
+                f"got {self.sampling_seed}",
             )
         total = prompt_len + self.max_new_tokens
         _check(

@@ -12,6 +12,7 @@ cue:  "<|system|>\\n...\\n<|user|>\\n...\\n<|assistant|>\\n".
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -81,9 +82,40 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
+    @functools.cached_property
+    def max_bytes_per_token(self) -> int | None:
+        """An upper bound on the UTF-8 bytes of input text one token stands for, or
+        None when this tokenizer gives no sound bound. With a bound, a text of B bytes
+        has at least B / bound tokens: the API refuses a certainly-too-long prompt
+        without tokenizing it. Sound when nothing before the model deletes text and
+        the model never fuses a run of unknown text into one token (``_can_bound``);
+        a normalizer may still shrink text (NFC composes up to 3 code points into
+        one), which the API's safety factor covers. Computed once, ~1 us per id."""
+        if not _can_bound(json.loads(self.backend.to_str())):
+            return None
+        longest = 1
+        for token, token_id in self.backend.get_vocab(with_added_tokens=True).items():
+            # Both spellings: the vocabulary's ("Ġhi", "▁hi") and the decoded text's; a
+            # lone byte of a multi-byte character decodes to U+FFFD (3 bytes), an over-,
+            # never an under-estimate.
+            decoded = self.backend.decode([token_id], skip_special_tokens=False)
+            longest = max(longest, len(token.encode()), len(decoded.encode()))
+        return longest
+
+    @property
+    def chat_add_special_tokens(self) -> bool:
+        """A checkpoint's template writes its own BOS: its rendering is encoded without
+        adding special tokens again."""
+        return self.chat_template is None
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Ids as `AutoTokenizer(...).encode(text)` gives (its post-processor may add BOS)."""
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        """``encode`` of each text. Unlike ``encode``, the library releases the GIL while
+        it works, so this is what a worker thread calls to leave the event loop free."""
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -107,10 +139,9 @@ class Tokenizer:
     def encode_chat(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
     ) -> list[int]:
-        """Prompt ids for /v1/chat/completions. A checkpoint's template writes its own
-        BOS, so its rendering is encoded without adding special tokens again."""
+        """Prompt ids for /v1/chat/completions (see ``chat_add_special_tokens``)."""
         text = self.apply_chat_template(messages, add_generation_prompt)
-        return self.encode(text, add_special_tokens=self.chat_template is None)
+        return self.encode(text, add_special_tokens=self.chat_add_special_tokens)
 
 
 class IncrementalDecoder:
@@ -183,6 +214,34 @@ def _render_jinja(template: str, **context: Any) -> str:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
     return env.from_string(template).render(**context)
+
+
+# What may stand between input text and the model's tokens without deleting text (see
+# Tokenizer.max_bytes_per_token); anything else (Strip, BertPreTokenizer, a WordPiece
+# word over its length as one [UNK], a sentencepiece charsmap, ...) gives no bound.
+_KEEPING_NORMALIZERS = {"NFC", "NFD", "NFKC", "NFKD", "Lowercase", "Prepend", "Replace"}
+_KEEPING_PRE_TOKENIZERS = {"ByteLevel", "Metaspace", "Split", "Digits", "Punctuation",
+                           "UnicodeScripts"}
+
+
+def _can_bound(config: dict[str, Any]) -> bool:
+    """Whether a tokenizer.json's pipeline keeps every byte of input in some token."""
+    def keeps(part: dict[str, Any] | None, allowed: set[str], key: str) -> bool:
+        if part is None:
+            return True
+        if part.get("type") == "Sequence":
+            return all(keeps(p, allowed, key) for p in part.get(key, []))
+        if part.get("type") == "Replace":  # a one-character pattern to non-empty text
+            pattern = part.get("pattern", {}).get("String")
+            return isinstance(pattern, str) and len(pattern) == 1 and bool(part.get("content"))
+        return part.get("type") in allowed and part.get("behavior") != "Removed"
+
+    model = config.get("model") or {}
+    fuses_unknown = model.get("type") != "BPE" or (
+        model.get("unk_token") is not None and model.get("fuse_unk") and not model.get("byte_fallback"))
+    return (not fuses_unknown
+            and keeps(config.get("normalizer"), _KEEPING_NORMALIZERS, "normalizers")
+            and keeps(config.get("pre_tokenizer"), _KEEPING_PRE_TOKENIZERS, "pretokenizers"))
 
 
 def _read_json(path: Path) -> dict[str, Any]:

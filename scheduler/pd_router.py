@@ -58,8 +58,12 @@ class PDRouter:
             raise BootstrapTableFullError(
                 f"{route.num_live} rooms in flight fill the route table; retry later")
         rank = self.prefill.pick(num_tokens, routed_dp_rank, room)
-        # Never expires by itself: removed when the prefill request ends, however it ends.
-        route.insert(room, rank, _FOREVER)
+        try:
+            # Never expires by itself: removed when the prefill request ends, however it ends.
+            route.insert(room, rank, _FOREVER)
+        except BaseException:
+            self.prefill.cancel(rank, num_tokens)  # nothing stays counted (see the docstring)
+            raise
         return rank
 
     def dispatch_decode(self, room: int, num_tokens: int, routed_dp_rank: int | None = None) -> int:

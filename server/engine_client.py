@@ -8,7 +8,8 @@ Request life cycle:
 1. ``submit`` checks that some rank can take the request (503 otherwise), asks the
    dispatcher for a rank (which counts it on the board), queues ``GenerateReq`` on
    that rank's request pipe (``server.rank_pipe``: never blocks the loop, even if the
-   rank stopped reading) and returns a ``RequestHandle``;
+   rank stopped reading) and returns a ``RequestHandle``; if anything fails after the
+   count, it is taken back (the front door's invariant, ``_submit``);
 2. the ``RankMonitor`` reads every rank's outputs and puts each ``ReqOutput`` into its
    request's queue (``server.inflight``); it also fails the requests of a rank that
    dies or stalls;
@@ -159,11 +160,23 @@ class EngineClient:
     def _submit(self, rid: str, input_ids: list[int], params: SamplingParams, *,
                 return_logprob: bool, top_logprobs_num: int, routed_dp_rank: int | None,
                 bootstrap_room: int | None, disagg_prefill_dp_rank: int | None) -> RequestHandle:
+        """Check, pick (the board bump), hand over.
+
+        The front door's invariant: once the board is bumped (``dispatcher.pick``, or
+        ``router.dispatch_prefill``, which also publishes the room's route), the
+        request is either handed to its rank (registered in ``inflight``, then its
+        message queued on the rank's pipe, the last step: nothing after it can fail)
+        or the bump and the route entry are taken back, whatever is raised
+        (``BaseException``, not only ``ServiceUnavailable``). So no exception leaves a
+        count on the board that no rank will ack, nor a route no request will end.
+        Numbers out of range are refused before the bump, by the routes
+        (``server.bounds``); one that slips through still cannot break the invariant.
+        """
         if not self.is_serving:
             raise ServiceUnavailable("the server is not serving (starting or stopping)")
         if rid in self.inflight:
             raise BadRequest(f"rid {rid!r} is already in use by a running request")
-        self._check_pd(bootstrap_room, disagg_prefill_dp_rank)
+        self._check_pd(bootstrap_room)
         self._check_capacity(routed_dp_rank)
         try:
             if self.router is not None:
@@ -174,26 +187,37 @@ class EngineClient:
             raise BadRequest(str(exc)) from None
         except (RankUnavailableError, BootstrapTableFullError) as exc:
             raise ServiceUnavailable(str(exc)) from None
-        rank = self.ranks[dp_rank]
         try:
-            if not rank.is_usable:  # lost a moment ago; its board row is not DEAD yet
-                raise ServiceUnavailable(f"rank {dp_rank} is unavailable: {rank.lost_reason}")
-            self._send(rank, GenerateReq(
+            return self._hand_over(dp_rank, GenerateReq(
                 rid=rid, input_ids=input_ids, sampling_params=params,
                 dispatcher_id=API_DISPATCHER_ID, counted_tokens=len(input_ids),
                 return_logprob=return_logprob, top_logprobs_num=top_logprobs_num,
                 arrival_time=time.time(), bootstrap_room=bootstrap_room,
                 disagg_prefill_dp_rank=disagg_prefill_dp_rank))
-        except ServiceUnavailable:
-            # Never delivered, so never acked: take the board count back.
+        except BaseException:
+            # Never delivered, so never acked: take the board count and the route back.
             self.dispatcher.cancel(dp_rank, len(input_ids))
             if self.router is not None:
                 self.router.prefill_finished(bootstrap_room)
             raise
-        handle = RequestHandle(rid, dp_rank, len(input_ids))
+
+    def _hand_over(self, dp_rank: int, msg: GenerateReq) -> RequestHandle:
+        """Register the request, then queue it on its rank's pipe; on any failure the
+        registration is undone (the caller takes back the bump)."""
+        rank = self.ranks[dp_rank]
+        if not rank.is_usable:  # lost a moment ago; its board row is not DEAD yet
+            raise ServiceUnavailable(f"rank {dp_rank} is unavailable: {rank.lost_reason}")
+        payload = encode(msg)
+        handle = RequestHandle(msg.rid, dp_rank, msg.counted_tokens)
         if self.router is not None:  # the route lives as long as the prefill request
-            handle.on_exit = functools.partial(self.router.prefill_finished, bootstrap_room)
+            handle.on_exit = functools.partial(self.router.prefill_finished, msg.bootstrap_room)
         self.inflight.add(handle)
+        try:
+            self._send_payload(rank, payload)  # the last step: nothing after it can fail
+        except BaseException:
+            handle.on_exit = None  # the caller takes back the bump and the route
+            self.inflight.remove(handle)
+            raise
         return handle
 
     async def outputs(self, handle: RequestHandle) -> AsyncIterator[ReqOutput]:
@@ -242,26 +266,23 @@ class EngineClient:
 
     def _send(self, rank: RankHandle, msg) -> None:
         """Queue a message on the rank's request pipe (never blocks the loop)."""
+        self._send_payload(rank, encode(msg))
+
+    def _send_payload(self, rank: RankHandle, payload: bytes) -> None:
         try:
-            self._pipes[rank.dp_rank].send(encode(msg))
+            self._pipes[rank.dp_rank].send(payload)
         except PipeBackedUp as exc:
             raise ServiceUnavailable(f"rank {rank.dp_rank} is not reading requests: {exc}") from None
         except (OSError, ValueError, KeyError) as exc:
             self.monitor.rank_lost(rank, f"its request pipe failed ({exc!r})")
             raise ServiceUnavailable(f"rank {rank.dp_rank} is unavailable") from None
 
-    def _check_pd(self, room: int | None, prefill_rank: int | None) -> None:
+    def _check_pd(self, room: int | None) -> None:
         if self.role not in ("prefill", "decode"):
             return
         if room is None:
             raise BadRequest(f"a PD {self.role} server needs bootstrap_room in every request "
                              "(the gateway adds it; the same room goes to prefill and decode)")
-        if not 0 <= room < 2**64:
-            raise BadRequest(f"bootstrap_room must be in [0, 2**64), got {room}")
-        if self.role == "decode" and prefill_rank is not None and \
-                not 0 <= prefill_rank < self.num_prefill_ranks:
-            raise BadRequest(f"disagg_prefill_dp_rank {prefill_rank} is not a prefill rank "
-                             f"(there are {self.num_prefill_ranks})")
 
     def _check_capacity(self, routed_dp_rank: int | None) -> None:
         """503 unless some live rank (or the routed one) has room in its queue.

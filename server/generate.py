@@ -4,7 +4,9 @@ Response, per prompt: ``{"text", "output_ids", "meta_info"}`` (a list for a batc
 Streaming sends one event per rank output, each *cumulative* (the whole text and all
 ``output_ids`` so far, cumulative ``completion_tokens``), as SGLang's benchmark
 client expects; batch events carry ``"index"``. A batch of B prompts with
-``sampling_params.n = k`` becomes B*k requests, prompt-major.
+``sampling_params.n = k`` becomes B*k requests, prompt-major (caps: ``server.bounds``).
+``rid``: a string for one prompt, a list (one per prompt) for a batch; a prompt's
+copies under ``n`` are ``rid_0`` ... ``rid_{n-1}``; two equal rids in one body are a 400.
 """
 
 from __future__ import annotations
@@ -15,17 +17,19 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from server.engine_client import EngineClient
+from server.bounds import MAX_BATCH_REQUESTS, MAX_PORT, check_fan_out, check_ints, check_request
 from server.errors import ApiError, BadRequest
+from server.prompts import encode_texts
 from server.protocol import GenerateRequest, decode_body, to_sampling_params
-from server.request_flow import (PreparedRequest, Progress, RunningRequest, check_request,
-                                 new_rid, release, run_all, start_all)
+from server.request_flow import (PreparedRequest, Progress, RunningRequest, new_rid, release,
+                                 run_all, start_all)
 from server.sse import DONE, SSEResponse, error_event, event, merged, unless_disconnected
 
 
 async def generate(request: Request) -> Response:
     engine: EngineClient = request.state.engine
     body = decode_body(await request.body(), GenerateRequest)
-    prepared, is_batch = prepare_generate(engine, body)
+    prepared, is_batch = await prepare_generate(engine, body)
     running = start_all(engine, prepared)
     if body.stream:
         return SSEResponse(stream_generate(running, is_batch))
@@ -64,22 +68,34 @@ def generate_result(p: Progress, return_logprob: bool = False) -> dict:
 
 
 # ---- request -> prepared requests ---------------------------------------------------------
-def prepare_generate(engine: EngineClient, body: GenerateRequest) -> tuple[list[PreparedRequest], bool]:
+async def prepare_generate(engine: EngineClient,
+                           body: GenerateRequest) -> tuple[list[PreparedRequest], bool]:
     """Validate and tokenize; returns one ``PreparedRequest`` per (prompt, n) and
     whether the body was a batch. Raises ``BadRequest``."""
-    prompts, is_batch = _prompts(engine, body)
-    size = len(prompts)
-    params_list = _per_item(body.sampling_params, size, "sampling_params")
+    texts, ids_list, is_batch = _prompt_inputs(body)
+    size = len(texts if texts is not None else ids_list)
+    if size > MAX_BATCH_REQUESTS:
+        raise BadRequest(f"a batch of {size} prompts is more than {MAX_BATCH_REQUESTS}")
+    params_list = [to_sampling_params(p)
+                   for p in _per_item(body.sampling_params, size, "sampling_params")]
+    check_fan_out(size, [p.n for p in params_list])
+    if is_batch and isinstance(body.rid, str):
+        raise BadRequest("rid must be a list with one rid per prompt for a batch, "
+                         f"got the single rid {body.rid!r}")
     rids = _per_item(body.rid, size, "rid")
     logprob = _per_item(body.return_logprob, size, "return_logprob")
     top_n = _per_item(body.top_logprobs_num, size, "top_logprobs_num")
+    start_len = _per_item(body.logprob_start_len, size, "logprob_start_len")
+    check_ints(start_len, -1, engine.context_len - 1, "logprob_start_len")
+    check_ints(body.bootstrap_port, 0, MAX_PORT, "bootstrap_port")
     routed = body.routed_dp_rank if body.routed_dp_rank is not None else body.data_parallel_rank
     routed_list = _per_item(routed, size, "routed_dp_rank")
     prefill_rank = _per_item(body.disagg_prefill_dp_rank, size, "disagg_prefill_dp_rank")
     rooms = _rooms(body.bootstrap_room, size)
+    prompts = ids_list if texts is None else await encode_texts(engine, texts, "text")
     prepared = []
     for i, ids in enumerate(prompts):
-        params = to_sampling_params(params_list[i])
+        params = params_list[i]
         check_request(engine, ids, params)
         copies = params.n
         rid = rids[i] or new_rid()
@@ -95,20 +111,21 @@ def prepare_generate(engine: EngineClient, body: GenerateRequest) -> tuple[list[
     return prepared, is_batch or len(prepared) > 1
 
 
-def _prompts(engine: EngineClient, body: GenerateRequest) -> tuple[list[list[int]], bool]:
+def _prompt_inputs(body: GenerateRequest) -> tuple[list[str] | None, list[list[int]] | None, bool]:
+    """(texts, None) or (None, id lists), and whether the body is a batch."""
     if (body.text is None) == (body.input_ids is None):
         raise BadRequest("give exactly one of text or input_ids")
     if body.text is not None:
         texts = [body.text] if isinstance(body.text, str) else body.text
         if not texts:
             raise BadRequest("text is an empty batch")
-        return [engine.tokenizer.encode(t) for t in texts], not isinstance(body.text, str)
+        return texts, None, not isinstance(body.text, str)
     ids = body.input_ids
     if ids and all(isinstance(x, list) for x in ids):
-        return [list(x) for x in ids], True
+        return None, [list(x) for x in ids], True
     if any(isinstance(x, list) for x in ids):
         raise BadRequest("input_ids must be a list of token ids or a list of such lists")
-    return [ids], False
+    return None, [ids], False
 
 
 def _per_item(value, size: int, name: str) -> list:

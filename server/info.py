@@ -31,8 +31,9 @@ from starlette.routing import Route
 from engine.sampling import SamplingParams
 from server import __version__
 from server.args import local_model_path
+from server.bounds import query_int
 from server.engine_client import EngineClient
-from server.errors import ApiError, BadRequest, ServiceUnavailable
+from server.errors import ApiError, ServiceUnavailable
 from server.request_flow import PreparedRequest, new_rid, release, run_all, start
 from shm.board import RankStatus
 
@@ -117,11 +118,9 @@ async def get_load(request: Request) -> Response:
 async def v1_loads(request: Request) -> Response:
     engine: EngineClient = request.state.engine
     rows = _loads(engine)
-    dp_rank = request.query_params.get("dp_rank")
+    dp_rank = query_int(request, "dp_rank", 0, len(rows) - 1)
     if dp_rank is not None:
-        if not dp_rank.isdigit() or int(dp_rank) >= len(rows):
-            raise BadRequest(f"dp_rank must be an integer in [0, {len(rows)})")
-        rows = [rows[int(dp_rank)]]
+        rows = [rows[dp_rank]]
     n = max(len(rows), 1)
     return JSONResponse({
         "timestamp": datetime.now(timezone.utc).isoformat(),

@@ -19,11 +19,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from server.engine_client import EngineClient
+from server.bounds import MAX_BATCH_REQUESTS, check_fan_out, check_int, check_request
 from server.errors import ApiError, BadRequest
+from server.prompts import encode_chat, encode_texts
 from server.protocol import (ChatCompletionRequest, CompletionRequest, OpenAISampling,
                              decode_body)
-from server.request_flow import (PreparedRequest, Progress, RunningRequest, check_request,
-                                 new_rid, release, run_all, start_all)
+from server.request_flow import (PreparedRequest, Progress, RunningRequest, new_rid, release,
+                                 run_all, start_all)
 from server.sse import DONE, SSEResponse, error_event, event, merged, unless_disconnected
 
 FINISH_REASONS = {"length": "length", "stop": "stop", "abort": "abort"}
@@ -34,7 +36,8 @@ async def completions(request: Request) -> Response:
     body = decode_body(await request.body(), CompletionRequest)
     if body.echo:
         raise BadRequest("echo is not supported")
-    prompts = _completion_prompts(engine, body.prompt)
+    check_int(body.logprobs, 0, engine.model_config.vocab_size, "logprobs")
+    prompts = await _completion_prompts(engine, body)
     rid = body.rid or new_rid()
     prepared = _prepare(engine, body, prompts, rid, lambda ids: body.max_tokens,
                         return_logprob=body.logprobs is not None)
@@ -46,16 +49,8 @@ async def chat_completions(request: Request) -> Response:
     body = decode_body(await request.body(), ChatCompletionRequest)
     if not body.messages:
         raise BadRequest("messages is empty")
-    messages = [msgspec.structs.asdict(m) for m in body.messages]
-    try:
-        ids = engine.tokenizer.encode_chat(messages)
-    except Exception as exc:
-        # The template's own errors (jinja2's, or raise_exception in the template) name
-        # what is wrong in the messages; anything else is ours (500).
-        if not (isinstance(exc, (ValueError, TypeError, KeyError))
-                or type(exc).__module__.startswith("jinja2")):
-            raise
-        raise BadRequest(f"cannot apply the chat template: {exc}") from None
+    check_fan_out(1, [body.n])
+    ids = await encode_chat(engine, [msgspec.structs.asdict(m) for m in body.messages])
     rid = body.rid or new_rid()
     requested = body.requested_max_tokens
     room = min(engine.context_len, engine.max_total_num_tokens)
@@ -129,8 +124,7 @@ def _logprobs(engine: EngineClient, p: Progress, is_chat: bool) -> dict:
 
 def _prepare(engine: EngineClient, body: OpenAISampling, prompts: list[list[int]], rid: str,
              max_tokens_for, return_logprob: bool) -> list[PreparedRequest]:
-    if body.n < 1:
-        raise BadRequest(f"n must be >= 1, got {body.n}")
+    check_fan_out(len(prompts), [body.n] * len(prompts))
     routed = body.routed_dp_rank if body.routed_dp_rank is not None else body.data_parallel_rank
     num = len(prompts)
     prepared = []
@@ -206,18 +200,22 @@ async def _stream(running: list[RunningRequest], shape: _Shape, model: str, incl
     yield DONE
 
 
-def _completion_prompts(engine: EngineClient, prompt) -> list[list[int]]:
-    """str, [str], [int] or [[int]] -> token id lists."""
+async def _completion_prompts(engine: EngineClient, body: CompletionRequest) -> list[list[int]]:
+    """str, [str], [int] or [[int]] -> token id lists; the fan-out caps come first."""
+    prompt = body.prompt
     if isinstance(prompt, str):
-        return [engine.tokenizer.encode(prompt)]
-    if not prompt:
+        prompt = [prompt]
+    elif not prompt:
         raise BadRequest("prompt is empty")
+    elif all(type(p) is int for p in prompt):
+        prompt = [prompt]
+    if len(prompt) > MAX_BATCH_REQUESTS:
+        raise BadRequest(f"a batch of {len(prompt)} prompts is more than {MAX_BATCH_REQUESTS}")
+    check_fan_out(len(prompt), [body.n] * len(prompt))
     if all(isinstance(p, str) for p in prompt):
-        return [engine.tokenizer.encode(p) for p in prompt]
+        return await encode_texts(engine, prompt, "prompt")
     if all(isinstance(p, list) for p in prompt):
         return [list(p) for p in prompt]
-    if all(type(p) is int for p in prompt):
-        return [list(prompt)]
     raise BadRequest("prompt must be a string, a list of strings, a list of token ids "
                      "or a list of such lists")
 

@@ -176,6 +176,7 @@ class PDEngineClient:
         self.max_total_num_tokens = decode.max_total_num_tokens
         self.board = decode.board  # /metrics gauges: the decode ranks
         self.ranks = decode.ranks
+        self.num_prefill_ranks = len(prefill.ranks)  # disagg_prefill_dp_rank's range
         self.started_at = decode.started_at
         self._prefill_of: dict[RequestHandle, RequestHandle] = {}
         self._drains: set[asyncio.Task] = set()

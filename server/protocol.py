@@ -4,7 +4,9 @@ Decoding rules, the same for every route (``decode_body``):
 - the body must be a JSON object; unknown top-level keys are accepted and ignored
   (gateways add ``model``, ``log_metrics``, ``lora_path`` ...);
 - a key whose value is ``null`` means "not given" and takes the default;
-- wrong types are a 400 naming the path (``$.sampling_params.max_new_tokens``).
+- wrong types are a 400 naming the path (``$.sampling_params.max_new_tokens``);
+- JSON nested deeper than the decoder's limit (about 1,000 levels) is a 400, not a
+  ``RecursionError``; integer ranges are checked later, in ``server.bounds``.
 ``sampling_params`` is stricter (``to_sampling_params``): an unknown key is a 400 that
 lists the valid ones, because a misspelt parameter silently ignored gives output the
 client did not ask for.
@@ -129,6 +131,8 @@ def decode_body(body: bytes, kind: type[T]) -> T:
         data = msgspec.json.decode(body) if body else None
     except msgspec.DecodeError as exc:
         raise BadRequest(f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("the body is nested too deeply") from None
     if not isinstance(data, dict):
         raise BadRequest("the body must be a JSON object")
     return to_struct(kind, data)
@@ -139,6 +143,8 @@ def to_struct(kind: type[T], data: dict) -> T:
         return msgspec.convert({k: v for k, v in data.items() if v is not None}, kind)
     except msgspec.ValidationError as exc:
         raise BadRequest(f"invalid request: {exc}") from None
+    except RecursionError:
+        raise BadRequest("the body is nested too deeply") from None
 
 
 def to_sampling_params(data: dict[str, Any] | None) -> SamplingParams:
@@ -152,3 +158,5 @@ def to_sampling_params(data: dict[str, Any] | None) -> SamplingParams:
         return msgspec.convert({k: v for k, v in data.items() if v is not None}, SamplingParams)
     except msgspec.ValidationError as exc:
         raise BadRequest(f"invalid sampling_params: {exc}") from None
+    except RecursionError:
+        raise BadRequest("sampling_params is nested too deeply") from None

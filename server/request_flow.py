@@ -1,12 +1,16 @@
 """One request from validated ids to text, shared by ``/generate`` and the OpenAI routes.
 
-``check_request`` turns everything the engine would refuse into a 400 before anything
+``server.bounds`` turns everything the engine would refuse into a 400 before anything
 is dispatched (so a bad request never costs a rank a thing). ``start`` dispatches;
 ``progress`` then yields one ``Progress`` per output the rank sent: the new token ids,
 the text so far and the new text (incremental detokenization, holding back partial
 UTF-8), and at the end the finish reason with the text trimmed as SGLang does: a
 matched stop string and what follows it is cut, and so is a matched stop token's
 text, unless ``no_stop_trim``.
+
+``max_new_tokens`` 0 asks for no token: such a request is not dispatched (there is
+nothing for a rank to compute that the client receives); it ends at once with
+SGLang's ``{"type": "length", "length": 0}``, no output and ``dp_rank`` None.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from engine.finish import trim_stop_str
-from engine.sampling import InvalidSamplingParams, SamplingParams
+from engine.sampling import SamplingParams
+from scheduler.messages import ReqOutput
+from server.bounds import check_prepared
 from server.engine_client import EngineClient, RequestHandle
-from server.errors import BadRequest
 
 
 @dataclass
@@ -41,7 +46,7 @@ class Progress:
     """A request's state after one output; cumulative fields plus this step's deltas."""
 
     rid: str
-    dp_rank: int
+    dp_rank: int | None  # None: never dispatched (max_new_tokens 0)
     text: str
     delta: str
     output_ids: list[int]
@@ -58,29 +63,6 @@ def new_rid() -> str:
     return uuid.uuid4().hex
 
 
-def check_request(engine: EngineClient, input_ids: list[int], params: SamplingParams) -> None:
-    """Raise ``BadRequest`` for a prompt or parameters the engine cannot serve."""
-    if not input_ids:
-        raise BadRequest("the prompt is empty")
-    vocab = engine.model_config.vocab_size
-    for token_id in input_ids:
-        if type(token_id) is not int or not 0 <= token_id < vocab:
-            raise BadRequest(f"input_ids entry {token_id!r} is not a token id in [0, {vocab})")
-    ctx = engine.context_len
-    if len(input_ids) >= ctx:
-        raise BadRequest(f"the prompt has {len(input_ids)} tokens; the model's context length "
-                         f"is {ctx}, which must also hold at least one new token")
-    try:
-        params.validate(vocab, ctx, len(input_ids))
-    except InvalidSamplingParams as exc:
-        raise BadRequest(str(exc)) from None
-    need = min(len(input_ids) + params.max_new_tokens, ctx)
-    if need > engine.max_total_num_tokens:
-        raise BadRequest(f"the request needs {need} KV tokens (prompt + max_new_tokens) but a "
-                         f"rank's KV pool holds {engine.max_total_num_tokens}; lower "
-                         "max_new_tokens or start the server with a larger --max-total-tokens")
-
-
 class RunningRequest:
     """A dispatched request; iterate ``progress()`` once, to the end or until closed."""
 
@@ -94,8 +76,8 @@ class RunningRequest:
         self._emitted = ""
 
     @property
-    def dp_rank(self) -> int:
-        return self.handle.dp_rank
+    def dp_rank(self) -> int | None:
+        return self.handle.dp_rank if self.handle.dp_rank >= 0 else None
 
     async def progress(self) -> AsyncIterator[Progress]:
         output_ids: list[int] = []
@@ -115,7 +97,7 @@ class RunningRequest:
                 else:  # trimming cut text already streamed: it cannot be taken back
                     delta = ""
                 yield Progress(
-                    rid=self.prepared.rid, dp_rank=self.handle.dp_rank, text=text, delta=delta,
+                    rid=self.prepared.rid, dp_rank=self.dp_rank, text=text, delta=delta,
                     # Copies: a consumer may hold this step while the next one arrives.
                     output_ids=list(output_ids), num_new_ids=len(out.new_token_ids),
                     finish_reason=out.finish_reason, prompt_tokens=out.prompt_tokens,
@@ -144,8 +126,13 @@ def release(running: list[RunningRequest], message: str = "the client disconnect
             r.engine.abort(r.handle, message)
 
 
+NOT_DISPATCHED = -1  # the dp_rank of a handle no rank holds
+
+
 def start(engine: EngineClient, prepared: PreparedRequest) -> RunningRequest:
     """Dispatch a checked request; raises ``BadRequest``/``ServiceUnavailable``."""
+    if prepared.params.max_new_tokens == 0:
+        return RunningRequest(engine, prepared, _finished_at_once(prepared))
     handle = engine.submit(
         prepared.rid, prepared.input_ids, prepared.params,
         return_logprob=prepared.return_logprob, top_logprobs_num=prepared.top_logprobs_num,
@@ -154,8 +141,20 @@ def start(engine: EngineClient, prepared: PreparedRequest) -> RunningRequest:
     return RunningRequest(engine, prepared, handle)
 
 
+def _finished_at_once(prepared: PreparedRequest) -> RequestHandle:
+    """A handle that already holds its only output: no token, finished by length 0."""
+    handle = RequestHandle(prepared.rid, NOT_DISPATCHED, len(prepared.input_ids),
+                           is_finished=True)
+    handle.queue.put_nowait(ReqOutput(
+        rid=prepared.rid, new_token_ids=[], finish_reason={"type": "length", "length": 0},
+        prompt_tokens=len(prepared.input_ids), completion_tokens=0))
+    return handle
+
+
 def start_all(engine: EngineClient, prepared: list[PreparedRequest]) -> list[RunningRequest]:
-    """Dispatch a batch; if one fails, the ones already dispatched are aborted."""
+    """Check a body's requests (``bounds.check_prepared``), then dispatch them; if one
+    fails, the ones already dispatched are aborted."""
+    check_prepared(engine, prepared)
     running: list[RunningRequest] = []
     try:
         for p in prepared:

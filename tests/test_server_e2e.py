@@ -15,6 +15,7 @@ import json
 import os
 import random
 import signal
+import threading
 import time
 
 import httpx
@@ -356,3 +357,37 @@ def test_balance_total_requests_vs_follow_bootstrap_room(sim_dir):
     assert len(tight) >= 20 and len(loose) >= 20
     assert sum(x <= 2 for x in tight) >= 0.95 * len(tight), tight
     assert sum(loose) / len(loose) > sum(tight) / len(tight) + 1, (tight, loose)
+
+
+def test_ten_megabyte_prompt_does_not_stall_another_client(sim_dir):
+    """A 10 MB prompt that the context could hold (a 16M-token simulated context, so it
+    is tokenized: 10-20 s of one core here) while another client sends short requests:
+    tokenizing runs off the event loop (and without the GIL), so each short one
+    completes in under 1 s. On the loop, or in a thread holding the GIL, the first
+    short request waits for the whole tokenization."""
+    profile = write_sim_profile(sim_dir / "long_context.json", context_len=16_000_000)
+    with ServerProcess("--dp-size", "1", "--executor", "sim", "--sim-profile", profile,
+                       log_path=sim_dir / "big_prompt.log") as s:
+        big_done = []
+
+        def send_big():
+            r = httpx.post(s.url + "/generate", json={"text": "ab " * 3_400_000}, timeout=120)
+            big_done.append((r.status_code, time.monotonic()))
+
+        big = threading.Thread(target=send_big)
+        big.start()
+        try:
+            time.sleep(0.5)  # the 10 MB body is sent and being tokenized
+            latencies = []
+            with httpx.Client(base_url=s.url, timeout=30) as client:
+                while not big_done and len(latencies) < 1000:
+                    t0 = time.monotonic()
+                    r = client.post("/generate", json={"text": "hi", "sampling_params": {
+                        "max_new_tokens": 2}})
+                    assert r.status_code == 200, r.text
+                    latencies.append(time.monotonic() - t0)
+        finally:
+            big.join(120)
+        assert big_done and 400 <= big_done[0][0] < 500, big_done  # too large for the KV pool
+        assert len(latencies) >= 3, latencies  # they ran while the big one was tokenized
+        assert max(latencies) < 1.0, latencies

@@ -118,3 +118,29 @@ def test_folder_without_tokenizer_json_is_a_clear_error(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(ModelLoadError, match="cannot parse"):
         Tokenizer.from_folder(tmp_path)
+
+
+def test_max_bytes_per_token_bounds_the_byte_level_tokenizer():
+    from engine.tokenizer import Tokenizer
+    tok = Tokenizer.byte_level()
+    bound = tok.max_bytes_per_token
+    assert bound == len("<|eos|>")  # the longest token: a special token's text
+    for text in ("hello world", "<|eos|>" * 50, "é" * 100, "ab " * 1000):
+        assert len(tok.encode(text)) >= len(text.encode()) / bound
+
+
+def test_no_bound_where_text_can_vanish_or_fuse():
+    from engine.tokenizer import _can_bound
+    bpe = {"type": "BPE", "unk_token": None}
+    assert _can_bound({"model": bpe, "normalizer": None, "pre_tokenizer": {"type": "ByteLevel"}})
+    assert _can_bound({"model": bpe, "pre_tokenizer": None, "normalizer": {
+        "type": "Sequence", "normalizers": [{"type": "NFC"}, {"type": "Replace",
+                                            "pattern": {"String": " "}, "content": "▁"}]}})
+    for config in ({"model": {"type": "WordPiece"}},
+                   {"model": {"type": "BPE", "unk_token": "<unk>", "fuse_unk": True}},
+                   {"model": bpe, "normalizer": {"type": "Strip"}},
+                   {"model": bpe, "normalizer": {"type": "Replace", "pattern": {"String": " "},
+                                                 "content": ""}},
+                   {"model": bpe, "pre_tokenizer": {"type": "BertPreTokenizer"}},
+                   {"model": bpe, "pre_tokenizer": {"type": "Split", "behavior": "Removed"}}):
+        assert not _can_bound(config), config
