@@ -146,7 +146,7 @@ def test_prefill_and_decode_servers_pair_like_a_gateway(tmp_path, workload, refe
 
         intruder, owner = asyncio.run(hijack())
         assert intruder.status_code == 400, intruder.text
-        assert "belongs to another request" in intruder.json()["error"]["message"]
+        assert "another request" in intruder.json()["error"]["message"]  # whichever it saw first
         assert owner.status_code == 200 and owner.json()["output_ids"] == reference[rid]
         bad = httpx.post(decode.url + "/generate", json=body([5], 2), timeout=10)
         assert bad.status_code == 400 and "bootstrap_room" in bad.text
