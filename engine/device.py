@@ -34,6 +34,10 @@ def resolve_dtype(device: str, checkpoint_dtype: str, override: str | None = Non
 
 def configure_worker_threads(device: str, num_threads: int = 1) -> None:
     """Call once in each scheduler process. On CPU several ranks share the cores: one
-    torch thread each avoids oversubscription, which costs far more than it gains."""
+    torch thread each avoids oversubscription, which costs far more than it gains. On
+    CUDA the rank's GPU becomes the current device, so nothing lands on cuda:0 by default
+    (a CUDA context there would take memory from the rank placed on it)."""
     if device == "cpu":
         torch.set_num_threads(num_threads)
+    elif device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))

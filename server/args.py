@@ -14,9 +14,10 @@ spawned, so the launcher, the ranks and ``/server_info`` all see the same values
 - ``api_key``: ``$DPSERVE_API_KEY`` when the flag is not given;
 - ``limit_concurrency``: from the open-file limit (``server.connections``).
 
-``device auto`` is the exception: only the ranks import torch, so each rank resolves
-it and reports the result in its ready message. Per-rank limits left at ``None``
-(``max_running_requests``, ``max_total_tokens``) are derived by the ranks, likewise.
+Devices and KV sizes are per rank: ``server.placement.plan_launch`` turns ``device``,
+``base_gpu_id``, ``gpu_id_step``, ``mem_fraction_static`` and ``max_total_tokens`` into
+one device and one KV pool size per rank, and refuses a launch that cannot fit, before
+anything starts. ``max_running_requests`` left at ``None`` is derived by each rank.
 """
 
 from __future__ import annotations
@@ -97,11 +98,28 @@ class ServerArgs:
     max_running_requests: int | None = field(default=None, **_flag(
         "per rank (default: derived by the rank)"))
     max_total_tokens: int | None = field(default=None, **_flag(
-        "KV pool size in tokens per rank (default: derived from memory)"))
+        "KV pool size in tokens per rank; overrides the size --mem-fraction-static gives, "
+        "and a launch whose ranks cannot hold it is refused before any rank starts"))
+    mem_fraction_static: float | None = field(default=None, **_flag(
+        "fraction of memory for weights plus KV pool (SGLang's flag): on CUDA, of the GPU's "
+        "free memory at launch, split between the ranks sharing that GPU; on CPU, of the "
+        "host's available RAM, split between all ranks (the KV pool is then capped at 16 "
+        "full contexts). Each rank's KV pool gets what its weights leave. Default: 0.88 on "
+        "CUDA (SGLang's for one GPU), 0.5 on CPU"))
     chunked_prefill_size: int = field(default=512, **_flag("prefill tokens per batch"))
     context_length: int | None = field(default=None, **_flag(
         "max prompt + output tokens (default: the model's)"))
-    device: str = field(default="auto", **_flag("auto, cpu, cuda or cuda:N"))
+    device: str = field(default="auto", **_flag(
+        "auto (cuda when a GPU is visible, else cpu), cpu, cuda, or cuda:N (cuda with "
+        "--base-gpu-id N)"))
+    base_gpu_id: int = field(default=0, **_flag(
+        "CUDA: rank i runs on cuda:(base_gpu_id + i * gpu_id_step) (SGLang's flags); in pd "
+        "mode the prefill ranks come first, then the decode ranks, so no GPU holds both; "
+        "two servers of a prefill/decode pair each need their own --base-gpu-id"))
+    gpu_id_step: int = field(default=1, **_flag("CUDA: GPU index step between ranks"))
+    allow_gpu_sharing: bool = field(default=False, **_flag(
+        "CUDA: allow more ranks than GPUs (GPU indices wrap around the visible GPUs, and "
+        "the ranks on one GPU split its memory); without it such a launch is refused"))
     log_level: str = field(default="info", **_flag("logging level", choices=LOG_LEVELS))
     disaggregation_mode: str = field(default="null", **_flag(
         "null (mixed ranks); pd (prefill and decode ranks behind this one server); prefill "
@@ -220,6 +238,12 @@ def validate_args(args: ServerArgs) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise InvalidServerArgs(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.base_gpu_id < 0 or args.gpu_id_step < 1:
+        raise InvalidServerArgs(f"--base-gpu-id must be >= 0 and --gpu-id-step >= 1, got "
+                                f"{args.base_gpu_id} and {args.gpu_id_step}")
+    if args.mem_fraction_static is not None and not 0 < args.mem_fraction_static <= 1:
+        raise InvalidServerArgs(f"--mem-fraction-static must be in (0, 1], got "
+                                f"{args.mem_fraction_static}")
     if args.max_queued_requests is not None and args.max_queued_requests < 0:
         raise InvalidServerArgs(f"--max-queued-requests must be >= 0, got {args.max_queued_requests}")
     if args.chunked_prefill_size < 1:

@@ -2,7 +2,9 @@
 
 Order, and why:
 1. raise the open-file limit, then parse and resolve the arguments (bad flags fail
-   before anything starts; the connection bound derives from that limit);
+   before anything starts; the connection bound derives from that limit); plan every
+   rank's device and KV pool (``server.placement``): ranks that cannot be placed or do
+   not fit in memory end the launch here, with one line and exit code 1;
 2. bind the listening socket (a busy port fails before minutes of model loading; the
    socket does not accept until uvicorn serves, so nobody's request hangs meanwhile);
 3. ``EngineProcesses``: reclaim stale segments, create the board, spawn the ranks,
@@ -30,6 +32,7 @@ from server.args import InvalidServerArgs, ServerArgs, parse_args, resolve_args
 from server.connections import accept_backlog, protocol_for, raise_open_file_limit
 from server.engine_client import EngineClient
 from server.pd import PDLaunchError, PDProcesses
+from server.placement import LaunchError, LaunchPlan, plan_launch
 from server.ranks import EngineProcesses, RankMain, RankStartupError
 
 logger = logging.getLogger("dpserve")
@@ -55,20 +58,28 @@ def main(argv: list[str] | None = None, rank_main: RankMain | None = None) -> in
             logger.error("%s", exc)
             return EXIT_BAD_ARGS
         try:
+            plan = plan_launch(args)  # ranks that cannot be placed or fit: refuse now
+        except LaunchError as exc:
+            logger.error("%s", exc)
+            return EXIT_STARTUP_FAILED
+        logger.info("placement: %s", plan.summary())
+        try:
             sock = bind_socket(args.host, args.port)
         except OSError as exc:
             logger.error("cannot listen on %s:%d: %s", args.host, args.port, exc)
             return EXIT_STARTUP_FAILED
         with sock:
-            return serve(args, sock, rank_main)
+            return serve(args, sock, rank_main, plan)
     except StopSignal as stop:
         logger.info("received %s: stopped", signal.Signals(stop.signum).name)
         return 0
 
 
-def serve(args: ServerArgs, sock: socket.socket, rank_main: RankMain | None = None) -> int:
+def serve(args: ServerArgs, sock: socket.socket, rank_main: RankMain | None = None,
+          plan: LaunchPlan | None = None) -> int:
     pd_mode = args.disaggregation_mode != "null"
-    processes = PDProcesses(args, rank_main) if pd_mode else EngineProcesses(args, rank_main)
+    processes = (PDProcesses(args, rank_main, plan) if pd_mode
+                 else EngineProcesses(args, rank_main, plan=plan))
     try:
         processes.start()
         logger.info("started %d rank(s) on board %s; waiting until they are ready",

@@ -34,6 +34,7 @@ from server.args import ServerArgs
 from server.engine_client import EngineClient
 from server.errors import ApiError
 from server.inflight import RequestHandle
+from server.placement import LaunchPlan, plan_launch
 from server.ranks import EngineProcesses, RankMain
 from shm.bootstrap import BootstrapTable
 from shm.segment import ShmOwnerError, find_segment, new_launch_id, reclaim_stale_segments
@@ -54,9 +55,11 @@ class PDLaunchError(RuntimeError):
 class PDProcesses:
     """The shared PD tables and the rank group(s) of one PD-mode launch."""
 
-    def __init__(self, args: ServerArgs, rank_main: RankMain | None = None):
+    def __init__(self, args: ServerArgs, rank_main: RankMain | None = None,
+                 plan: LaunchPlan | None = None):
         self.args = args
         self.rank_main = rank_main
+        self.plan = plan or plan_launch(args)  # both groups' devices and KV sizes
         mode = args.disaggregation_mode
         self.launch_id = (new_launch_id() if mode == "pd"
                           else shared_launch_id(args.disaggregation_bootstrap_port))
@@ -84,7 +87,7 @@ class PDProcesses:
                  else {args.role: args.dp_size})
         for role, n in sizes.items():
             group = EngineProcesses(args, self.rank_main, role=role, dp_size=n,
-                                    launch_id=self.launch_id, pd=pd)
+                                    launch_id=self.launch_id, pd=pd, plan=self.plan)
             self.groups[role] = group  # before start: close() must stop a half-started group
             group.start()
         return self

@@ -39,6 +39,7 @@ import posix_ipc
 from scheduler.config import SchedulerConfig
 from scheduler.messages import RankError, RankReady, ShutdownReq, decode_to_server, encode
 from server.args import ServerArgs
+from server.placement import LaunchPlan, plan_launch
 from shm.board import LoadBoard, RankStatus
 from shm.segment import list_segments, new_launch_id, owner_pid, reclaim_stale_segments
 
@@ -91,12 +92,17 @@ def rank_entry(rank_main: RankMain, cfg: SchedulerConfig, req_conn: Connection,
 
 def scheduler_configs(args: ServerArgs, board_name: str, role: str | None = None,
                       dp_size: int | None = None, pd=None,
-                      sim_lockstep_name: str | None = None) -> list[SchedulerConfig]:
+                      sim_lockstep_name: str | None = None,
+                      plan: LaunchPlan | None = None) -> list[SchedulerConfig]:
+    """One config per rank of the group ``role``: its device and KV pool size from
+    ``plan`` (``server.placement``; planned here from ``args`` when not given)."""
+    role = role or args.role
+    ranks = (plan or plan_launch(args)).ranks[role]
+    assert len(ranks) == (dp_size or args.dp_size), "the plan was made for other args"
     base = SchedulerConfig(
         dp_rank=0, board_name=board_name, num_dispatchers=NUM_DISPATCHERS,
-        role=role or args.role, pd=pd,
-        model_path=args.model_path, device=args.device,
-        max_running_requests=args.max_running_requests, max_total_tokens=args.max_total_tokens,
+        role=role, pd=pd, model_path=args.model_path,
+        max_running_requests=args.max_running_requests,
         chunked_prefill_size=args.chunked_prefill_size, context_length=args.context_length,
         random_seed=args.random_seed, heartbeat_interval_s=args.heartbeat_interval_s,
         executor=args.executor, sim_profile=args.sim_profile,
@@ -105,10 +111,11 @@ def scheduler_configs(args: ServerArgs, board_name: str, role: str | None = None
     # Each rank its own sampling stream (decode ranks after the prefill ranks of a pd
     # launch), so unseeded requests on different ranks do not draw the same samples.
     seed = args.random_seed or 0
-    if (role or args.role) == "decode" and args.disaggregation_mode == "pd":
+    if role == "decode" and args.disaggregation_mode == "pd":
         seed += args.prefill_dp_size or args.dp_size
-    return [dataclasses.replace(base, dp_rank=r, random_seed=seed + r)
-            for r in range(dp_size or args.dp_size)]
+    return [dataclasses.replace(base, dp_rank=r, random_seed=seed + r, device=rank.device,
+                                max_total_tokens=rank.max_total_tokens)
+            for r, rank in enumerate(ranks)]
 
 
 class EngineProcesses:
@@ -116,8 +123,11 @@ class EngineProcesses:
 
     def __init__(self, args: ServerArgs, rank_main: RankMain | None = None, *,
                  role: str | None = None, dp_size: int | None = None,
-                 launch_id: str | None = None, pd=None):
+                 launch_id: str | None = None, pd=None, plan: LaunchPlan | None = None):
         self.args = args
+        # Every rank's device and KV size; the launcher plans (and checks) before it
+        # creates anything, stand-alone users get the same plan here.
+        self.plan = plan or plan_launch(args)
         self.rank_main = rank_main or default_rank_main()
         self.role = role or args.role
         self.dp_size = dp_size or args.dp_size
@@ -143,7 +153,7 @@ class EngineProcesses:
         ctx = multiprocessing.get_context("spawn")
         lockstep_name = self.lockstep.name if self.lockstep is not None else None
         for cfg in scheduler_configs(self.args, self.board.name, self.role, self.dp_size, self.pd,
-                                     lockstep_name):
+                                     lockstep_name, self.plan):
             req_recv, req_send = ctx.Pipe(duplex=False)
             out_recv, out_send = ctx.Pipe(duplex=False)
             process = ctx.Process(target=rank_entry, name=f"dpserve-rank-{cfg.dp_rank}",
