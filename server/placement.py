@@ -121,21 +121,35 @@ def plan_launch(args: ServerArgs, gpus: Callable[[], list[GpuMemory]] = probe_gp
     if args.executor == "sim":  # no torch, no memory: the profile is the accelerator
         return LaunchPlan({role: (RankPlan(args.device, args.max_total_tokens),) * n
                            for role, n in roles})
-    num_ranks = sum(n for _, n in roles)
     kind, base_gpu_id, gpu_memory = _resolve_device(args, gpus, gpu_count)
+    if kind == "cuda" and any(role == "prefill" for role, _ in roles):
+        # engine.kv_transfer: decode ranks map a prefill rank's pool from shared memory.
+        raise LaunchError("PD prefill ranks on CUDA need a CUDA IPC KV hand-off, which this "
+                          "build does not have: run PD with --device cpu")
+    by_role = place_ranks(roles, kind, base_gpu_id, args.gpu_id_step, len(gpu_memory),
+                          args.allow_gpu_sharing)
+    devices = [d for role, _ in roles for d in by_role[role]]
+    tokens = iter(plan_kv_pools(args, kind, devices, gpu_memory, host_bytes))
+    return LaunchPlan({role: tuple(RankPlan(d, next(tokens)) for d in by_role[role])
+                       for role, _ in roles})
+
+
+def place_ranks(roles: list[tuple[str, int]], kind: str, base_gpu_id: int = 0,
+                gpu_id_step: int = 1, num_gpus: int = 0,
+                allow_sharing: bool = False) -> dict[str, list[str]]:
+    """Each group's devices: ``roles`` in placement order (``launch_roles``), numbered
+    on as one sequence, so a pd launch's decode ranks follow its prefill ranks."""
+    num_ranks = sum(n for _, n in roles)
     if kind == "cuda":
-        indices = gpu_indices(num_ranks, base_gpu_id, args.gpu_id_step, len(gpu_memory),
-                              args.allow_gpu_sharing)
-        devices = [f"cuda:{i}" for i in indices]
+        devices = [f"cuda:{i}" for i in gpu_indices(num_ranks, base_gpu_id, gpu_id_step,
+                                                    num_gpus, allow_sharing)]
     else:
         devices = ["cpu"] * num_ranks
-    tokens = plan_kv_pools(args, kind, devices, gpu_memory, host_bytes)
-    plans = [RankPlan(d, t) for d, t in zip(devices, tokens)]
     out, start = {}, 0
     for role, n in roles:
-        out[role] = tuple(plans[start:start + n])
+        out[role] = devices[start:start + n]
         start += n
-    return LaunchPlan(out)
+    return out
 
 
 def _resolve_device(args: ServerArgs, gpus, gpu_count) -> tuple[str, int, list[GpuMemory]]:

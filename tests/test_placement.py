@@ -13,8 +13,8 @@ import pytest
 from engine.config import load_model_config
 from server.args import parse_args, resolve_args
 from server.memory import GpuMemory, host_available_bytes, weight_bytes
-from server.placement import (CPU_POOL_CONTEXTS, LaunchError, gpu_indices, plan_launch,
-                              visible_gpu_count)
+from server.placement import (CPU_POOL_CONTEXTS, LaunchError, gpu_indices, launch_roles,
+                              place_ranks, plan_launch, visible_gpu_count)
 from server.ranks import scheduler_configs
 from tests.server_helpers import REPO, free_port, wait_group_gone
 from shm.segment import NAME_PREFIX, list_segments
@@ -68,30 +68,38 @@ def test_plain_launch_places_rank_i_on_base_plus_i_times_step():
 
 
 def test_pd_launch_puts_prefill_and_decode_ranks_on_distinct_gpus():
-    p = plan("--disaggregation-mode", "pd", "--prefill-dp-size", "2", "--decode-dp-size", "3",
-             num_gpus=8)
-    assert devices(p, "prefill") == ["cuda:0", "cuda:1"]
-    assert devices(p, "decode") == ["cuda:2", "cuda:3", "cuda:4"]
-    p = plan("--disaggregation-mode", "pd", "--dp-size", "2", "--base-gpu-id", "1",
-             "--gpu-id-step", "2", num_gpus=8)
-    assert devices(p, "prefill") == ["cuda:1", "cuda:3"]
-    assert devices(p, "decode") == ["cuda:5", "cuda:7"]
-    # The configs each rank is started with carry its own device.
-    args = args_of("--disaggregation-mode", "pd", "--dp-size", "2")
-    cfgs = scheduler_configs(args, "b", role="decode", dp_size=2, plan=p)
-    assert [c.device for c in cfgs] == ["cuda:5", "cuda:7"]
-    assert [c.max_total_tokens for c in cfgs] == [r.max_total_tokens for r in p.ranks["decode"]]
+    roles = [("prefill", 2), ("decode", 3)]
+    assert place_ranks(roles, "cuda", num_gpus=8) == {
+        "prefill": ["cuda:0", "cuda:1"], "decode": ["cuda:2", "cuda:3", "cuda:4"]}
+    assert place_ranks([("prefill", 2), ("decode", 2)], "cuda", 1, 2, num_gpus=8) == {
+        "prefill": ["cuda:1", "cuda:3"], "decode": ["cuda:5", "cuda:7"]}
+    assert launch_roles(args_of("--disaggregation-mode", "pd", "--prefill-dp-size", "2",
+                                "--decode-dp-size", "3")) == roles
+    with pytest.raises(LaunchError, match="--allow-gpu-sharing"):
+        place_ranks([("prefill", 1), ("decode", 1)], "cuda", num_gpus=1)
+    assert place_ranks([("prefill", 1), ("decode", 1)], "cuda", num_gpus=1,
+                       allow_sharing=True) == {"prefill": ["cuda:0"], "decode": ["cuda:0"]}
+    assert place_ranks(roles, "cpu") == {"prefill": ["cpu"] * 2, "decode": ["cpu"] * 3}
+    # The KV hand-off between PD ranks is shared memory, CPU only: refused before start.
+    with pytest.raises(LaunchError, match="CUDA IPC"):
+        plan("--disaggregation-mode", "pd", "--dp-size", "1", num_gpus=2)
+
+
+def test_rank_configs_carry_their_own_device_and_pool():
+    p = plan("--dp-size", "3", "--base-gpu-id", "2", num_gpus=8)
+    cfgs = scheduler_configs(args_of("--dp-size", "3"), "b", plan=p)
+    assert [c.device for c in cfgs] == ["cuda:2", "cuda:3", "cuda:4"]
+    assert [c.max_total_tokens for c in cfgs] == [r.max_total_tokens for r in p.ranks["mixed"]]
+    pd = args_of("--disaggregation-mode", "pd", "--prefill-dp-size", "2", "--decode-dp-size", "1")
+    cfgs = scheduler_configs(pd, "b", role="decode", dp_size=1)  # planned from the args
+    assert [c.device for c in cfgs] == ["cpu"] and cfgs[0].max_total_tokens >= TINY_CTX
 
 
 def test_more_ranks_than_gpus_is_refused_unless_sharing_is_allowed():
     with pytest.raises(LaunchError, match="2 GPU\\(s\\) are visible.*--allow-gpu-sharing"):
         plan("--dp-size", "3", num_gpus=2)
-    with pytest.raises(LaunchError, match="--allow-gpu-sharing"):
-        plan("--disaggregation-mode", "pd", "--dp-size", "1", num_gpus=1)
     assert devices(plan("--dp-size", "3", "--allow-gpu-sharing", num_gpus=2)) == [
         "cuda:0", "cuda:1", "cuda:0"]
-    p = plan("--disaggregation-mode", "pd", "--dp-size", "1", "--allow-gpu-sharing", num_gpus=1)
-    assert devices(p, "prefill") == devices(p, "decode") == ["cuda:0"]
 
 
 def test_auto_is_cpu_without_gpus_and_gpu_flags_then_refused():
@@ -222,3 +230,31 @@ def test_dp_size_that_does_not_fit_ends_with_one_line():
     assert code == 1 and "Traceback" not in err
     assert len(lines) == 1 and " ERROR " in lines[0], err
     assert "do not fit" in lines[0] and "at most 1 rank(s) per host (--dp-size)" in lines[0]
+
+
+# ---- on CUDA -------------------------------------------------------------------------------
+def _num_cuda_devices() -> int:
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(_num_cuda_devices() == 0, reason="needs CUDA")
+def test_ranks_run_on_their_planned_gpus(tmp_path):
+    import httpx
+    from tests.server_helpers import ServerProcess
+    sharing = _num_cuda_devices() < 2
+    flags = ["--model-path", "tiny", "--device", "cuda", "--dp-size", "2",
+             "--mem-fraction-static", "0.3"] + (["--allow-gpu-sharing"] if sharing else [])
+    with ServerProcess(*flags, log_path=tmp_path / "cuda.log") as s:
+        info = httpx.get(s.url + "/server_info", timeout=10).json()
+        assert [r["device"] for r in info["ranks"]] == (
+            ["cuda:0", "cuda:0"] if sharing else ["cuda:0", "cuda:1"])
+        texts = {httpx.post(s.url + "/generate", timeout=60, json={
+            "text": "Hello", "routed_dp_rank": r,
+            "sampling_params": {"temperature": 0, "max_new_tokens": 8}}).json()["text"]
+            for r in (0, 1)}
+        assert len(texts) == 1
