@@ -20,8 +20,9 @@ from engine.kv_slots import KVSlotAllocator
 from engine.runner import ForwardReq, ModelRunner
 from engine.tokenizer import Tokenizer
 
-# KV pool size when --max-total-tokens is not given: enough for this many full-context
-# requests, bounded by a memory budget so several CPU ranks fit on a small machine.
+# KV pool size for a config without one: the launcher always sets it (server.placement
+# sizes it from memory and checks that it fits); configs built by hand (tests, benches,
+# sim profiles) get this many full contexts, bounded by a fixed budget.
 DEFAULT_POOL_CONTEXTS = 16
 DEFAULT_POOL_BYTES = 512 * 2**20
 

@@ -114,8 +114,8 @@ class ServerArgs:
         "--base-gpu-id N)"))
     base_gpu_id: int = field(default=0, **_flag(
         "CUDA: rank i runs on cuda:(base_gpu_id + i * gpu_id_step) (SGLang's flags); in pd "
-        "mode the prefill ranks come first, then the decode ranks, so no GPU holds both; "
-        "two servers of a prefill/decode pair each need their own --base-gpu-id"))
+        "mode the prefill ranks come first, then the decode ranks, so no GPU holds both "
+        "(PD's KV hand-off is CPU-only for now: a prefill rank on CUDA is refused)"))
     gpu_id_step: int = field(default=1, **_flag("CUDA: GPU index step between ranks"))
     allow_gpu_sharing: bool = field(default=False, **_flag(
         "CUDA: allow more ranks than GPUs (GPU indices wrap around the visible GPUs, and "

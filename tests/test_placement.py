@@ -258,3 +258,13 @@ def test_ranks_run_on_their_planned_gpus(tmp_path):
             "sampling_params": {"temperature": 0, "max_new_tokens": 8}}).json()["text"]
             for r in (0, 1)}
         assert len(texts) == 1
+
+
+def test_placement_flags_are_validated():
+    from server.args import InvalidServerArgs
+    for argv in (["--gpu-id-step", "0"], ["--base-gpu-id", "-1"],
+                 ["--mem-fraction-static", "0"], ["--mem-fraction-static", "1.5"]):
+        with pytest.raises(InvalidServerArgs, match=argv[0]):
+            args_of(*argv)
+    with pytest.raises(LaunchError, match="expected auto, cpu, cuda or cuda:N"):
+        plan("--device", "tpu")
