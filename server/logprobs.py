@@ -83,7 +83,8 @@ class CompletionLogprobs:
             tokens.append(text)
             offsets.append(self.offset)
             self.offset += len(text)
-        return {"tokens": tokens, "token_logprobs": [finite(lp) for lp in logprobs],
+        return {"tokens": tokens,
+                "token_logprobs": [finite(lp) for lp in _padded(logprobs, len(ids))],
                 "top_logprobs": [self._top(top) for top in _padded(tops, len(ids))],
                 "text_offset": offsets}
 
