@@ -73,27 +73,37 @@ class ModelExecutor:
 
     def forward(self, items: list) -> list[tuple[int, float]]:
         """(token id, logprob) per item with `sample` set, in order. The logprob is 0.0
-        unless the request asked for logprobs."""
-        reqs = [
-            ForwardReq(
-                input_ids=item.token_ids,
-                cached_slots=item.req.slots[: item.start_pos],
-                new_slots=item.req.slots[item.start_pos : item.start_pos + len(item.token_ids)],
-                is_sampling=item.sample,
-                sampling_params=item.req.params,
-                prompt_ids=item.req.input_ids,
-                output_ids=item.req.output_ids,
-                return_logprob=item.req.return_logprob,
-            )
-            for item in items
-        ]
+        unless the request asked for logprobs; then the rest of what it asked (prompt
+        logprobs, top lists) is appended to the request's lists here
+        (`scheduler.request.Req`)."""
+        reqs = [self._forward_req(item) for item in items]
         out = self.runner.forward(reqs)
+        for item, top, values, tops in zip(items, out.top_logprobs, out.input_logprobs,
+                                           out.input_top_logprobs):
+            _record_logprobs(item, top, values, tops)
         return [
             (token, logprob if logprob is not None else 0.0)
             for token, logprob in zip(out.next_token_ids, out.logprobs)
             if token is not None
         ]
 
+    @staticmethod
+    def _forward_req(item) -> ForwardReq:
+        req = item.req
+        row_start, targets = req.prompt_logprob_rows(item.start_pos, len(item.token_ids))
+        return ForwardReq(
+            input_ids=item.token_ids,
+            cached_slots=req.slots[: item.start_pos],
+            new_slots=req.slots[item.start_pos : item.start_pos + len(item.token_ids)],
+            is_sampling=item.sample,
+            sampling_params=req.params,
+            prompt_ids=req.input_ids,
+            output_ids=req.output_ids,
+            return_logprob=req.return_logprob,
+            top_logprobs_num=req.top_logprobs_num,
+            logprob_row_start=row_start,
+            logprob_targets=targets,
+        )
 
     def import_kv(self, peer, src_slots, dst_slots: list[int]) -> None:
         """PD decode: copy a peer pool's ``src_slots`` into this pool's ``dst_slots``."""
@@ -106,6 +116,20 @@ class ModelExecutor:
         """Unlink the shared KV segment, if any (the mapping lives until exit)."""
         if self.kv_segment is not None:
             self.kv_segment.close()
+
+
+def _record_logprobs(item, top, values, tops) -> None:
+    req = item.req
+    if not req.return_logprob:
+        return
+    if item.start_pos == 0 and req.logprob_start_len == 0:
+        req.input_token_logprobs.append(None)  # the first prompt token has no logprob
+        req.input_top_logprobs.append(None)
+    if values is not None:
+        req.input_token_logprobs.extend(values)
+        req.input_top_logprobs.extend(tops)
+    if item.sample:
+        req.output_top_logprobs.append(top)
 
 
 def _pd_kv_segment(cfg: Any, config: ModelConfig, capacity: int, device: str):

@@ -27,8 +27,9 @@ from engine.config import ModelConfig, load_model_config
 from engine.device import configure_worker_threads, resolve_device, resolve_dtype
 from engine.kv_cache import KVPool
 from engine.loader import load_model
+from engine.logprobs import TopList, chosen_logprobs, prompt_logprobs
 from engine.model import CausalLM
-from engine.sampler import SampleRow, sample
+from engine.sampler import SampleRow, sample_tensors
 from engine.sampling import SamplingParams
 
 __all__ = [
@@ -50,6 +51,11 @@ class ForwardReq:
     prompt_ids: Sequence[int] = ()  # read only for repetition_penalty
     output_ids: Sequence[int] = ()  # generated so far: penalties, min_new_tokens, seed step
     return_logprob: bool = False
+    top_logprobs_num: int = 0  # with return_logprob: the top k of each scored position
+    # Prompt logprobs (engine.logprobs): rows [logprob_row_start, + len(targets)) of
+    # this step's tokens are scored against the prompt tokens that follow them.
+    logprob_row_start: int = 0
+    logprob_targets: Sequence[int] = ()
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,11 @@ class ForwardOutput:
     # Aligned with the batch; None for requests that did not sample this step.
     next_token_ids: list[int | None]
     logprobs: list[float | None]
+    # Aligned with the batch, None where not asked: the sampled token's top list, and
+    # the prompt logprobs (with their top lists) of the request's logprob_targets.
+    top_logprobs: list[TopList | None] = field(default_factory=list)
+    input_logprobs: list[list[float] | None] = field(default_factory=list)
+    input_top_logprobs: list[list[TopList] | None] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -99,19 +110,36 @@ class ModelRunner:
         _check_batch(reqs, self.model_config.max_position_embeddings)
         # Decode requests first: attention batches them in one padded call.
         order = sorted(range(len(reqs)), key=lambda i: len(reqs[i].input_ids) != 1)
-        decode_reqs, extend_reqs, flat_ids, last_rows = [], [], [], []
+        decode_reqs, extend_reqs, flat_ids, last_rows, first_rows = [], [], [], [], {}
         for i in order:
             req = reqs[i]
             if len(req.input_ids) == 1:
                 decode_reqs.append((req.cached_slots, req.new_slots[0]))
             else:
                 extend_reqs.append((req.cached_slots, req.new_slots))
+            first_rows[i] = len(flat_ids)
             flat_ids.extend(req.input_ids)
             last_rows.append(len(flat_ids) - 1)
         meta = AttentionMetadata.build(decode_reqs, extend_reqs, self.device)
         input_ids = torch.tensor(flat_ids, dtype=torch.int64, device=self.device)
         hidden = self.model(input_ids, meta, self.kv_pool)
-        return self._sample(reqs, order, last_rows, hidden)
+        out = self._sample(reqs, order, last_rows, hidden)
+        self._score_prompts(reqs, first_rows, hidden, out)
+        return out
+
+    def _score_prompts(self, reqs: Sequence[ForwardReq], first_rows: dict[int, int],
+                       hidden: torch.Tensor, out: ForwardOutput) -> None:
+        """Prompt logprobs of the requests that asked, from this pass's hidden states."""
+        out.input_logprobs.extend([None] * len(reqs))
+        out.input_top_logprobs.extend([None] * len(reqs))
+        for i, req in enumerate(reqs):
+            if not (req.return_logprob and req.logprob_targets):
+                continue
+            lo = first_rows[i] + req.logprob_row_start
+            rows = hidden[lo:lo + len(req.logprob_targets)]
+            values, tops = prompt_logprobs(self.model.compute_logits, rows,
+                                           req.logprob_targets, req.top_logprobs_num)
+            out.input_logprobs[i], out.input_top_logprobs[i] = values, tops
 
     def _sample(
         self,
@@ -123,23 +151,28 @@ class ModelRunner:
         sampled = [(i, row) for i, row in zip(order, last_rows) if reqs[i].is_sampling]
         next_ids: list[int | None] = [None] * len(reqs)
         logprobs: list[float | None] = [None] * len(reqs)
+        tops: list[TopList | None] = [None] * len(reqs)
         if not sampled:
-            return ForwardOutput(next_ids, logprobs)
+            return ForwardOutput(next_ids, logprobs, tops)
         rows = torch.tensor([row for _, row in sampled], dtype=torch.int64, device=self.device)
         logits = self.model.compute_logits(hidden[rows])
         sample_rows = [
             SampleRow(reqs[i].sampling_params, reqs[i].prompt_ids, reqs[i].output_ids)
             for i, _ in sampled
         ]
-        want_logprob = any(reqs[i].return_logprob for i, _ in sampled)
-        tokens, token_logprobs = sample(
-            logits, sample_rows, self.eos_token_ids, self.generator, want_logprob
-        )
+        chosen, basis = sample_tensors(logits, sample_rows, self.eos_token_ids, self.generator)
+        tokens = chosen.tolist()
+        wanted = [k for k, (i, _) in enumerate(sampled) if reqs[i].return_logprob]
+        if wanted:
+            picked = torch.tensor(wanted, dtype=torch.int64, device=self.device)
+            values, top_lists = chosen_logprobs(
+                basis[picked], chosen[picked],
+                [reqs[sampled[k][0]].top_logprobs_num for k in wanted])
+            for k, value, top in zip(wanted, values, top_lists):
+                logprobs[sampled[k][0]], tops[sampled[k][0]] = value, top
         for k, (i, _) in enumerate(sampled):
             next_ids[i] = tokens[k]
-            if reqs[i].return_logprob and token_logprobs is not None:
-                logprobs[i] = token_logprobs[k]
-        return ForwardOutput(next_ids, logprobs)
+        return ForwardOutput(next_ids, logprobs, tops)
 
 
 def _check_batch(reqs: Sequence[ForwardReq], max_positions: int) -> None:

@@ -1,7 +1,7 @@
 """Batched next-token sampling over float32 logits [num_rows, vocab].
 
-Pipeline per row: penalties (repetition over prompt+output, frequency/presence over
-output) -> mask eos/stop tokens while fewer than `min_new_tokens` -> greedy rows take
+Pipeline per row: `logit_bias` (OpenAI's: added to the logits) -> penalties (repetition
+over prompt+output, frequency/presence over output) -> mask eos/stop tokens while fewer than `min_new_tokens` -> greedy rows take
 the argmax -> other rows divide by temperature, filter by top_k, then top_p (on the
 renormalised top-k mass, as HF and SGLang do), then min_p, and draw.
 
@@ -47,17 +47,28 @@ def sample(
     return_logprob: bool = False,
 ) -> tuple[list[int], list[float] | None]:
     """Next token per row, and (if asked) its log-probability under the distribution
-    it was drawn from before top-k/top-p/min-p filtering (after penalties and
-    temperature; raw logits for greedy rows)."""
+    it was drawn from before top-k/top-p/min-p filtering (after bias, penalties and
+    temperature; unscaled logits for greedy rows)."""
+    chosen, basis = sample_tensors(logits, rows, eos_token_ids, generator)
+    return chosen.tolist(), _logprobs(basis, chosen) if return_logprob else None
+
+
+def sample_tensors(
+    logits: torch.Tensor,
+    rows: Sequence[SampleRow],
+    eos_token_ids: Collection[int],
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen ids [num_rows], the logits their log-probabilities are taken from)."""
     if _needs_adjustment(rows):
         logits = logits.clone()
         for i, row in enumerate(rows):
+            _apply_logit_bias(logits[i], row)
             _apply_penalties(logits[i], row)
             _mask_early_stop(logits[i], row, eos_token_ids)
     greedy = [row.params.is_greedy for row in rows]
     if all(greedy):
-        chosen = logits.argmax(dim=-1)
-        return chosen.tolist(), _logprobs(logits, chosen) if return_logprob else None
+        return logits.argmax(dim=-1), logits
     temps = torch.tensor(
         [1.0 if g else row.params.temperature for g, row in zip(greedy, rows)],
         dtype=logits.dtype,
@@ -67,15 +78,25 @@ def sample(
     probs = _filtered_probs(scaled, rows)
     drawn = (probs / _exponential_noise(probs, rows, generator)).argmax(dim=-1)
     is_greedy = torch.tensor(greedy, device=logits.device)
-    chosen = torch.where(is_greedy, logits.argmax(dim=-1), drawn)
-    return chosen.tolist(), _logprobs(scaled, chosen) if return_logprob else None
+    return torch.where(is_greedy, logits.argmax(dim=-1), drawn), scaled
 
 
 def _needs_adjustment(rows: Sequence[SampleRow]) -> bool:
     return any(
-        row.params.has_penalties or len(row.output_ids) < row.params.min_new_tokens
+        row.params.has_penalties or row.params.logit_bias
+        or len(row.output_ids) < row.params.min_new_tokens
         for row in rows
     )
+
+
+def _apply_logit_bias(logits: torch.Tensor, row: SampleRow) -> None:
+    bias = row.params.logit_bias
+    if not bias:
+        return
+    # Keys are token ids as strings (OpenAI's JSON shape), validated at the API.
+    ids = torch.tensor([int(k) for k in bias], dtype=torch.int64, device=logits.device)
+    values = torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device)
+    logits.index_add_(0, ids, values)
 
 
 def _apply_penalties(logits: torch.Tensor, row: SampleRow) -> None:

@@ -15,6 +15,8 @@ Conventions:
   share its batch (see `engine.sampler`); None draws from the runner's own generator;
 - `n` > 1 is accepted here (up to `MAX_N`, OpenAI's cap); fanning a request out into n
   copies is the server's job;
+- `logit_bias` (OpenAI's) maps token ids, as strings, to a bias in [-100, 100] added
+  to the logits before anything else;
 - integers that travel in rank messages (msgpack: 64-bit) are bounded here: `top_k` and
   `sampling_seed` are int64, the token counts are bounded by the context length.
 """
@@ -49,6 +51,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True):
     skip_special_tokens: bool = True
     no_stop_trim: bool = False
     sampling_seed: int | None = None
+    # OpenAI's: token id (as a string, JSON object keys) -> added to its logit.
+    logit_bias: dict[str, float] | None = None
 
     @property
     def is_greedy(self) -> bool:
@@ -105,6 +109,11 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True):
                 0 <= token_id < vocab_size,
                 f"stop_token_ids entry {token_id} is outside the vocabulary [0, {vocab_size})",
             )
+        for key, bias in (self.logit_bias or {}).items():
+            _check(key.isdigit() and len(key) <= 12 and int(key) < vocab_size,
+                   f"logit_bias key {key!r} is not a token id in [0, {vocab_size})")
+            _check(-100.0 <= bias <= 100.0,
+                   f"logit_bias for token {key} must be in [-100, 100], got {bias}")
         if self.sampling_seed is not None:
             _check(
                 INT64_MIN <= self.sampling_seed <= INT64_MAX,

@@ -30,6 +30,7 @@ class GenerateReq(msgspec.Struct, tag="generate", kw_only=True):
     counted_tokens: int
     return_logprob: bool = False
     top_logprobs_num: int = 0
+    logprob_start_len: int = -1  # prompt positions from here get logprobs; -1: none
     arrival_time: float = 0.0
     bootstrap_room: int | None = None
     disagg_prefill_dp_rank: int | None = None
@@ -73,6 +74,12 @@ class ReqOutput(msgspec.Struct, kw_only=True, array_like=True):
     completion_tokens: int = 0
     cached_tokens: int = 0
     output_logprobs: list[float] | None = None
+    # With return_logprob (``scheduler.request.Req``): top lists ``[(logprob, id)]`` per
+    # new token (None where this rank did not sample it); the prompt's logprobs, whole,
+    # in the request's first output (None for position 0).
+    output_top_logprobs: list[list[tuple[float, int]] | None] | None = None
+    input_token_logprobs: list[float | None] | None = None
+    input_top_logprobs: list[list[tuple[float, int]] | None] | None = None
 
 
 CLIENT_ERROR = 400  # the request is wrong: sending it again fails the same way

@@ -26,8 +26,18 @@ class Req:
     counted_tokens: int
     arrival_time: float = 0.0
     return_logprob: bool = False
+    # With return_logprob: prompt positions from logprob_start_len are scored (-1: none),
+    # each scored position also gets its top ``top_logprobs_num``. The executor fills
+    # the input lists (position 0 has no logprob: None) and output_top_logprobs (None
+    # for a token this rank did not sample: a PD decode rank's first); the scheduler
+    # appends output_logprobs.
+    logprob_start_len: int = -1
+    top_logprobs_num: int = 0
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
+    output_top_logprobs: list = field(default_factory=list)
+    input_token_logprobs: list = field(default_factory=list)
+    input_top_logprobs: list = field(default_factory=list)
     slots: list[int] = field(default_factory=list)
     num_computed: int = 0
     finish_reason: dict | None = None
@@ -60,6 +70,17 @@ class Req:
         """KV slots this request may ever need: prompt + all its new tokens, capped by
         the context (the newest sampled token never needs a slot of its own)."""
         return min(self.prompt_len + self.params.max_new_tokens, context_len)
+
+    def prompt_logprob_rows(self, start_pos: int, num_tokens: int) -> tuple[int, list[int]]:
+        """For a pass computing positions [start_pos, + num_tokens): the first of its rows
+        to score and the prompt tokens those rows predict (none: ``(0, [])``)."""
+        if not self.return_logprob or self.logprob_start_len < 0:
+            return 0, []
+        lo = max(max(self.logprob_start_len, 1) - 1, start_pos)
+        hi = min(start_pos + num_tokens, self.prompt_len - 1)
+        if hi <= lo:
+            return 0, []
+        return lo - start_pos, self.input_ids[lo + 1:hi + 1]
 
     def tokens_to_compute(self, limit: int) -> list[int]:
         """The next at most ``limit`` tokens whose KV is not computed yet."""

@@ -134,6 +134,8 @@ class Scheduler:
             self.outbox[req.rid] = req
         for r in ready:
             r.req.num_computed = r.req.prompt_len
+            if r.req.return_logprob:  # its top list stayed with the prefill rank
+                r.req.output_top_logprobs.append(None)
             self._append_token(r.req, r.first_token, r.logprob)
         if ready or failed:
             self.send_outputs()  # the first token goes out now, not after this step's batch
@@ -175,10 +177,12 @@ class Scheduler:
         outputs = []
         for req in self.outbox.values():
             new = req.output_ids[req.num_sent:]
-            outputs.append(ReqOutput(
+            out = ReqOutput(
                 rid=req.rid, new_token_ids=new, finish_reason=req.finish_reason,
-                prompt_tokens=req.prompt_len, completion_tokens=len(req.output_ids),
-                output_logprobs=req.output_logprobs[req.num_sent:] if req.return_logprob else None))
+                prompt_tokens=req.prompt_len, completion_tokens=len(req.output_ids))
+            if req.return_logprob:
+                _add_logprobs(out, req)
+            outputs.append(out)
             req.num_sent = len(req.output_ids)
         self.outbox.clear()
         self.send(BatchOutput(dp_rank=self.cfg.dp_rank, outputs=outputs))
@@ -201,6 +205,8 @@ class Scheduler:
         req = Req(rid=msg.rid, input_ids=msg.input_ids, params=msg.sampling_params,
                   dispatcher_id=d, counted_tokens=msg.counted_tokens,
                   arrival_time=msg.arrival_time, return_logprob=msg.return_logprob,
+                  logprob_start_len=msg.logprob_start_len,
+                  top_logprobs_num=msg.top_logprobs_num,
                   bootstrap_room=msg.bootstrap_room,
                   disagg_prefill_dp_rank=msg.disagg_prefill_dp_rank)
         error = self._admission_error(req)
@@ -326,3 +332,12 @@ class Scheduler:
             reason = {"type": "length", "length": len(req.output_ids)}
         return reason
 
+
+
+def _add_logprobs(out: ReqOutput, req: Req) -> None:
+    """The logprobs ``req`` gained since its last output (the prompt's in the first)."""
+    out.output_logprobs = req.output_logprobs[req.num_sent:]
+    out.output_top_logprobs = req.output_top_logprobs[req.num_sent:]
+    if req.num_sent == 0:
+        out.input_token_logprobs = req.input_token_logprobs
+        out.input_top_logprobs = req.input_top_logprobs

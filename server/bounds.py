@@ -11,6 +11,8 @@ names the field.
 | ``disagg_prefill_dp_rank``                       | [0, number of prefill ranks)   | plain or prefill server: its ranks    |
 | ``top_logprobs_num``, ``logprobs`` (completions) | [0, vocabulary size]           |                                       |
 | ``logprob_start_len``                            | -1, or [0, context length)     |                                       |
+|                                                  | and below the prompt's length  | the positions it scores               |
+| ``logit_bias`` (key: token id, value: bias)      | [0, vocabulary), [-100, 100]   | OpenAI's; ``SamplingParams.validate`` |
 | ``bootstrap_port``                               | [0, 65535]                     | a TCP port                            |
 | ``n`` (every route, ``sampling_params.n`` too)   | [1, ``MAX_N``]                 | OpenAI's cap                          |
 | requests in one body (prompts times ``n``)       | at most ``MAX_BATCH_REQUESTS`` | each costs a board slot and a handle  |
@@ -115,6 +117,9 @@ def check_prepared(engine: EngineClient, prepared: list[PreparedRequest]) -> Non
         check_int(p.routed_dp_rank, 0, num_ranks - 1, "routed_dp_rank")
         check_int(p.disagg_prefill_dp_rank, 0, num_prefill - 1, "disagg_prefill_dp_rank")
         check_int(p.top_logprobs_num, 0, vocab, "top_logprobs_num")
+        if p.return_logprob and p.logprob_start_len >= len(p.input_ids):
+            raise BadRequest(f"logprob_start_len ({p.logprob_start_len}) must be less than the "
+                             f"prompt's length ({len(p.input_ids)} tokens)")
         if p.rid in rids:
             raise BadRequest(f"rid {p.rid!r} is given twice in one body; every request needs "
                              "its own rid")

@@ -131,7 +131,8 @@ class EngineClient:
     # ---- requests ----------------------------------------------------------------------
     def submit(self, rid: str, input_ids: list[int], params: SamplingParams, *,
                return_logprob: bool = False, top_logprobs_num: int = 0,
-               routed_dp_rank: int | None = None, bootstrap_room: int | None = None,
+               logprob_start_len: int = -1, routed_dp_rank: int | None = None,
+               bootstrap_room: int | None = None,
                disagg_prefill_dp_rank: int | None = None) -> RequestHandle:
         """Dispatch one checked request. Raises ``BadRequest`` or ``ServiceUnavailable``.
 
@@ -141,7 +142,8 @@ class EngineClient:
         machine with few cores may take the CPU from this thread mid-call."""
         began, began_cpu = time.perf_counter(), time.thread_time_ns()
         handle = self._submit(rid, input_ids, params, return_logprob=return_logprob,
-                              top_logprobs_num=top_logprobs_num, routed_dp_rank=routed_dp_rank,
+                              top_logprobs_num=top_logprobs_num,
+                              logprob_start_len=logprob_start_len, routed_dp_rank=routed_dp_rank,
                               bootstrap_room=bootstrap_room,
                               disagg_prefill_dp_rank=disagg_prefill_dp_rank)
         self.dispatch_time_s += time.perf_counter() - began
@@ -158,7 +160,8 @@ class EngineClient:
                 "median_cpu_us": statistics.median(self._recent_cpu_ns) / 1000 if n else None}
 
     def _submit(self, rid: str, input_ids: list[int], params: SamplingParams, *,
-                return_logprob: bool, top_logprobs_num: int, routed_dp_rank: int | None,
+                return_logprob: bool, top_logprobs_num: int, logprob_start_len: int,
+                routed_dp_rank: int | None,
                 bootstrap_room: int | None, disagg_prefill_dp_rank: int | None) -> RequestHandle:
         """Check, pick (the board bump), hand over.
 
@@ -192,7 +195,8 @@ class EngineClient:
                 rid=rid, input_ids=input_ids, sampling_params=params,
                 dispatcher_id=API_DISPATCHER_ID, counted_tokens=len(input_ids),
                 return_logprob=return_logprob, top_logprobs_num=top_logprobs_num,
-                arrival_time=time.time(), bootstrap_room=bootstrap_room,
+                logprob_start_len=logprob_start_len, arrival_time=time.time(),
+                bootstrap_room=bootstrap_room,
                 disagg_prefill_dp_rank=disagg_prefill_dp_rank))
         except BaseException:
             # Never delivered, so never acked: take the board count and the route back.

@@ -20,6 +20,7 @@ from server.engine_client import EngineClient
 from server.bounds import MAX_BATCH_REQUESTS, MAX_PORT, check_fan_out, check_ints, check_request
 from server.errors import ApiError, BadRequest
 from server.prompts import encode_texts
+from server.logprobs import TokenTexts, sglang_logprobs
 from server.protocol import GenerateRequest, decode_body, to_sampling_params
 from server.request_flow import (PreparedRequest, Progress, RunningRequest, new_rid, release,
                                  run_all, start_all)
@@ -32,19 +33,22 @@ async def generate(request: Request) -> Response:
     prepared, is_batch = await prepare_generate(engine, body)
     running = start_all(engine, prepared)
     if body.stream:
-        return SSEResponse(stream_generate(running, is_batch))
+        return SSEResponse(stream_generate(running, is_batch, body.return_text_in_logprobs))
     try:
         results = await unless_disconnected(request, run_all(running))
     finally:
         release(running)
-    out = [generate_result(p, r.prepared.return_logprob) for p, r in zip(results, running)]
+    texts = TokenTexts(engine.tokenizer)
+    out = [generate_result(p, r.prepared, texts, body.return_text_in_logprobs)
+           for p, r in zip(results, running)]
     return JSONResponse(out if is_batch else out[0])
 
 
-async def stream_generate(running: list[RunningRequest], is_batch: bool):
+async def stream_generate(running: list[RunningRequest], is_batch: bool, with_text: bool):
+    texts = TokenTexts(running[0].engine.tokenizer)
     try:
         async for index, progress in merged([r.progress() for r in running]):
-            chunk = generate_result(progress, running[index].prepared.return_logprob)
+            chunk = generate_result(progress, running[index].prepared, texts, with_text)
             if is_batch:
                 chunk["index"] = index
             yield event(chunk)
@@ -55,15 +59,18 @@ async def stream_generate(running: list[RunningRequest], is_batch: bool):
     yield DONE
 
 
-def generate_result(p: Progress, return_logprob: bool = False) -> dict:
+def generate_result(p: Progress, prepared: PreparedRequest | None = None,
+                    texts: TokenTexts | None = None, with_text: bool = False) -> dict:
+    """``prepared`` and ``texts`` only when the request asked for logprobs."""
     meta = {
         "id": p.rid, "finish_reason": p.finish_reason, "prompt_tokens": p.prompt_tokens,
         "completion_tokens": p.completion_tokens, "cached_tokens": p.cached_tokens,
         "e2e_latency": p.e2e_latency, "dp_rank": p.dp_rank,
     }
-    if return_logprob:
-        meta["output_token_logprobs"] = [[lp, tid, None]
-                                         for lp, tid in zip(p.output_logprobs, p.output_ids)]
+    if prepared is not None and prepared.return_logprob:
+        start = max(prepared.logprob_start_len, 0)
+        scored = prepared.input_ids[start:] if prepared.logprob_start_len >= 0 else []
+        meta.update(sglang_logprobs(texts, p, scored, with_text))
     return {"text": p.text, "output_ids": list(p.output_ids), "meta_info": meta}
 
 
@@ -105,6 +112,7 @@ async def prepare_generate(engine: EngineClient,
             prepared.append(PreparedRequest(
                 rid=rid if copies == 1 else f"{rid}_{j}", input_ids=ids, params=params,
                 return_logprob=bool(logprob[i]), top_logprobs_num=top_n[i] or 0,
+                logprob_start_len=start_len[i] if start_len[i] is not None else -1,
                 routed_dp_rank=routed_list[i],
                 bootstrap_room=_copy_room(body.bootstrap_room, rooms[i], j, len(prepared)),
                 disagg_prefill_dp_rank=prefill_rank[i]))

@@ -6,7 +6,11 @@ events (OpenAI's convention, unlike ``/generate``), then a usage event when
 ``matched_stop`` on each choice, and sampling keys OpenAI lacks (``top_k``,
 ``min_p``, ``ignore_eos``, ...). ``n`` copies of each prompt become choices
 ``prompt_index * n + j``. The ``model`` field is echoed, not checked: a gateway in
-front does that (smg answers 404 to an unknown model).
+front does that (smg answers 404 to an unknown model). Logprobs (``server.logprobs``):
+completions ``logprobs: k``, with ``echo`` the prompt's too (text and logprobs, any
+``max_tokens`` from 0: lm-evaluation-harness's loglikelihood); chat ``logprobs`` and
+``top_logprobs``; a streamed chunk carries its own tokens' logprobs, so the chunks
+joined equal the whole. Fields not implemented are a 400 naming them.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from server.engine_client import EngineClient
 from server.bounds import MAX_BATCH_REQUESTS, check_fan_out, check_int, check_request
 from server.errors import ApiError, BadRequest
 from server.prompts import encode_chat, encode_texts
+from server.logprobs import CompletionLogprobs, TokenTexts, chat_logprobs, join_parts
 from server.protocol import (ChatCompletionRequest, CompletionRequest, OpenAISampling,
                              decode_body)
 from server.request_flow import (PreparedRequest, Progress, RunningRequest, new_rid, release,
@@ -34,21 +39,31 @@ FINISH_REASONS = {"length": "length", "stop": "stop", "abort": "abort"}
 async def completions(request: Request) -> Response:
     engine: EngineClient = request.state.engine
     body = decode_body(await request.body(), CompletionRequest)
-    if body.echo:
-        raise BadRequest("echo is not supported")
+    _check_supported(body)
     check_int(body.logprobs, 0, engine.model_config.vocab_size, "logprobs")
-    prompts = await _completion_prompts(engine, body)
+    prompts, texts = await _completion_prompts(engine, body)
     rid = body.rid or new_rid()
+    want = body.logprobs is not None
     prepared = _prepare(engine, body, prompts, rid, lambda ids: body.max_tokens,
-                        return_logprob=body.logprobs is not None)
-    return await _respond(request, engine, body, prepared, _Shape("text_completion", f"cmpl-{rid}"))
+                        return_logprob=want, top_logprobs_num=body.logprobs or 0,
+                        logprob_start_len=0 if body.echo and want else -1)
+    shape = _Shape("text_completion", f"cmpl-{rid}")
+    if body.echo:
+        shape.echo = [text if text is not None else
+                      engine.tokenizer.decode(ids, skip_special_tokens=False)
+                      for ids, text in zip(prompts, texts) for _ in range(body.n)]
+    return await _respond(request, engine, body, prepared, shape)
 
 
 async def chat_completions(request: Request) -> Response:
     engine: EngineClient = request.state.engine
     body = decode_body(await request.body(), ChatCompletionRequest)
+    _check_supported(body)
     if not body.messages:
         raise BadRequest("messages is empty")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise BadRequest("top_logprobs needs logprobs: true")
+    check_int(body.top_logprobs, 0, engine.model_config.vocab_size, "top_logprobs")
     check_fan_out(1, [body.n])
     ids = await encode_chat(engine, [msgspec.structs.asdict(m) for m in body.messages])
     rid = body.rid or new_rid()
@@ -56,7 +71,7 @@ async def chat_completions(request: Request) -> Response:
     room = min(engine.context_len, engine.max_total_num_tokens)
     prepared = _prepare(engine, body, [ids], rid,
                         lambda ids: requested if requested is not None else max(room - len(ids), 0),
-                        return_logprob=body.logprobs)
+                        return_logprob=body.logprobs, top_logprobs_num=body.top_logprobs or 0)
     return await _respond(request, engine, body, prepared,
                           _Shape("chat.completion", f"chatcmpl-{rid}"))
 
@@ -79,6 +94,15 @@ class _Shape:
         self.id = response_id
         self.created = int(time.time())
         self.is_chat = obj == "chat.completion"
+        self.echo: list[str] | None = None  # completions with echo: each choice's prompt
+
+    def logprobs(self, texts: TokenTexts, r: RunningRequest) -> _ChoiceLogprobs:
+        echo_ids = r.prepared.input_ids if self.echo is not None else None
+        return _ChoiceLogprobs(texts, self.is_chat, echo_ids)
+
+    def echoed(self, index: int) -> str:
+        """The prompt text choice ``index`` starts with (completions with echo)."""
+        return self.echo[index] if self.echo is not None else ""
 
     def envelope(self, model: str, choices: list, chunk: bool = False) -> dict:
         obj = self.object + (".chunk" if chunk and self.is_chat else "")
@@ -109,21 +133,36 @@ def _usage(results: list[Progress], n: int) -> dict:
             "total_tokens": prompt + completion}
 
 
-def _logprobs(engine: EngineClient, p: Progress, is_chat: bool) -> dict:
-    tokens = [engine.tokenizer.decode([t], skip_special_tokens=False) for t in p.output_ids]
-    lps = p.output_logprobs
-    if is_chat:
-        return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()),
-                             "top_logprobs": []} for t, lp in zip(tokens, lps)]}
-    offsets, pos = [], 0
-    for t in tokens:
-        offsets.append(pos)
-        pos += len(t)
-    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": None, "text_offset": offsets}
+class _ChoiceLogprobs:
+    """One choice's ``logprobs``: whole, or the part a streamed chunk adds.
+    ``echo_ids``: completions with echo, the prompt whose positions come first."""
+
+    def __init__(self, texts: TokenTexts, is_chat: bool, echo_ids: list[int] | None):
+        self.texts = texts
+        self.is_chat = is_chat
+        self.echo_ids = echo_ids
+        self.completion = CompletionLogprobs(texts)
+
+    def part(self, p: Progress, new: slice, first: bool) -> dict:
+        ids, lps, tops = p.output_ids[new], p.output_logprobs[new], p.output_top_logprobs[new]
+        if self.is_chat:
+            return chat_logprobs(self.texts, ids, lps, tops)
+        if not (self.echo_ids is not None and first):
+            return self.completion.part(ids, lps, tops)
+        prompt = self.completion.part(self.echo_ids, p.input_token_logprobs,
+                                      p.input_top_logprobs)
+        return join_parts(prompt, self.completion.part(ids, lps, tops))
+
+
+def _check_supported(body: OpenAISampling) -> None:
+    name = body.unsupported_field()
+    if name is not None:
+        raise BadRequest(f"{name} is not supported by this server")
 
 
 def _prepare(engine: EngineClient, body: OpenAISampling, prompts: list[list[int]], rid: str,
-             max_tokens_for, return_logprob: bool) -> list[PreparedRequest]:
+             max_tokens_for, return_logprob: bool, top_logprobs_num: int = 0,
+             logprob_start_len: int = -1) -> list[PreparedRequest]:
     check_fan_out(len(prompts), [body.n] * len(prompts))
     routed = body.routed_dp_rank if body.routed_dp_rank is not None else body.data_parallel_rank
     num = len(prompts)
@@ -136,6 +175,7 @@ def _prepare(engine: EngineClient, body: OpenAISampling, prompts: list[list[int]
             prepared.append(PreparedRequest(
                 rid=rid if num * body.n == 1 else f"{rid}_{index}", input_ids=ids,
                 params=params, return_logprob=return_logprob,
+                top_logprobs_num=top_logprobs_num, logprob_start_len=logprob_start_len,
                 routed_dp_rank=_of_prompt(routed, i, num, "routed_dp_rank"),
                 disagg_prefill_dp_rank=_of_prompt(body.disagg_prefill_dp_rank, i, num,
                                                   "disagg_prefill_dp_rank"),
@@ -165,30 +205,41 @@ async def _respond(request: Request, engine: EngineClient, body: OpenAISampling,
                    prepared: list[PreparedRequest], shape: _Shape) -> Response:
     model = body.model or engine.args.served_model_name
     running = start_all(engine, prepared)
+    texts = TokenTexts(engine.tokenizer)
     if body.stream:
-        return SSEResponse(_stream(running, shape, model, body.include_usage, body.n))
+        return SSEResponse(_stream(running, shape, model, body.include_usage, body.n, texts))
     try:
         results = await unless_disconnected(request, run_all(running))
     finally:
         release(running)
-    choices = [shape.choice(i, p, p.text, True, chunk=False) for i, p in enumerate(results)]
+    choices = [shape.choice(i, p, shape.echoed(i) + p.text, True, chunk=False)
+               for i, p in enumerate(results)]
     for choice, p, r in zip(choices, results, running):
         if r.prepared.return_logprob:
-            choice["logprobs"] = _logprobs(engine, p, shape.is_chat)
+            whole = slice(0, len(p.output_ids))
+            choice["logprobs"] = shape.logprobs(texts, r).part(p, whole, first=True)
     return JSONResponse({**shape.envelope(model, choices), "usage": _usage(results, body.n)})
 
 
 async def _stream(running: list[RunningRequest], shape: _Shape, model: str, include_usage: bool,
-                  n: int):
+                  n: int, texts: TokenTexts):
     last: dict[int, Progress] = {}
+    logprobs = {i: shape.logprobs(texts, r) for i, r in enumerate(running)
+                if r.prepared.return_logprob}
     try:
         async for index, p in merged([r.progress() for r in running]):
             first = index not in last
             last[index] = p
             finished = p.finish_reason is not None
-            if not (p.delta or finished or (first and shape.is_chat)):
+            # A token whose text is held back (partial UTF-8) still brings its logprob.
+            has_logprobs = index in logprobs and (p.num_new_ids or first)
+            if not (p.delta or finished or has_logprobs
+                    or (first and (shape.is_chat or shape.echo is not None))):
                 continue
-            choice = shape.choice(index, p, p.delta, finished, chunk=True, first=first)
+            text = (shape.echoed(index) if first else "") + p.delta
+            choice = shape.choice(index, p, text, finished, chunk=True, first=first)
+            if index in logprobs:
+                choice["logprobs"] = logprobs[index].part(p, p.new_output_slice, first)
             yield event(shape.envelope(model, [choice], chunk=True))
         if include_usage:
             usage = _usage([last[i] for i in range(len(running))], n)
@@ -200,8 +251,10 @@ async def _stream(running: list[RunningRequest], shape: _Shape, model: str, incl
     yield DONE
 
 
-async def _completion_prompts(engine: EngineClient, body: CompletionRequest) -> list[list[int]]:
-    """str, [str], [int] or [[int]] -> token id lists; the fan-out caps come first."""
+async def _completion_prompts(engine: EngineClient,
+                              body: CompletionRequest) -> tuple[list[list[int]], list]:
+    """str, [str], [int] or [[int]] -> token id lists, and each prompt's text (None for
+    ids); the fan-out caps come first."""
     prompt = body.prompt
     if isinstance(prompt, str):
         prompt = [prompt]
@@ -213,9 +266,9 @@ async def _completion_prompts(engine: EngineClient, body: CompletionRequest) -> 
         raise BadRequest(f"a batch of {len(prompt)} prompts is more than {MAX_BATCH_REQUESTS}")
     check_fan_out(len(prompt), [body.n] * len(prompt))
     if all(isinstance(p, str) for p in prompt):
-        return await encode_texts(engine, prompt, "prompt")
+        return await encode_texts(engine, prompt, "prompt"), prompt
     if all(isinstance(p, list) for p in prompt):
-        return [list(p) for p in prompt]
+        return [list(p) for p in prompt], [None] * len(prompt)
     raise BadRequest("prompt must be a string, a list of strings, a list of token ids "
                      "or a list of such lists")
 

@@ -28,6 +28,8 @@ import asyncio
 import logging
 import time
 
+import msgspec
+
 from scheduler.pd import (HANDOFF_KIND, ROUTE_KIND, PDConfig, create_tables, shared_launch_id)
 from scheduler.pd_router import new_room
 from server.args import ServerArgs
@@ -166,7 +168,10 @@ class PDEngineClient:
     """The ``--disaggregation-mode pd`` front door: two ``EngineClient``s (prefill ranks,
     decode ranks) behind the one interface the routes use. A request's handle is its
     decode half's; its prefill half runs alongside and its outputs are dropped (a
-    failure there reaches the client through decode, which sees it in the tables)."""
+    failure there reaches the client through decode, which sees it in the tables),
+    except, when logprobs are asked, what only the prefill rank computed: the prompt's
+    logprobs and the first token's, which go into decode's first output (as SGLang's
+    gateway prepends prefill's ``input_token_logprobs`` to decode's)."""
 
     def __init__(self, args: ServerArgs, prefill: EngineClient, decode: EngineClient):
         self.args = args
@@ -182,6 +187,9 @@ class PDEngineClient:
         self.num_prefill_ranks = len(prefill.ranks)  # disagg_prefill_dp_rank's range
         self.started_at = decode.started_at
         self._prefill_of: dict[RequestHandle, RequestHandle] = {}
+        # Requests with logprobs: their prefill half's first output, once it arrives
+        # (None if it never does: then decode fails too).
+        self._prefill_first: dict[RequestHandle, asyncio.Future] = {}
         self._drains: set[asyncio.Task] = set()
 
     observer = property(lambda self: self.decode.observer,
@@ -202,11 +210,13 @@ class PDEngineClient:
         await self.prefill.stop()
 
     def submit(self, rid: str, input_ids: list[int], params, *, return_logprob: bool = False,
-               top_logprobs_num: int = 0, routed_dp_rank: int | None = None,
-               bootstrap_room: int | None = None,
+               top_logprobs_num: int = 0, logprob_start_len: int = -1,
+               routed_dp_rank: int | None = None, bootstrap_room: int | None = None,
                disagg_prefill_dp_rank: int | None = None) -> RequestHandle:
         room = new_room() if bootstrap_room is None else bootstrap_room
         p_handle = self.prefill.submit(rid, input_ids, params, return_logprob=return_logprob,
+                                       top_logprobs_num=top_logprobs_num,
+                                       logprob_start_len=logprob_start_len,
                                        routed_dp_rank=disagg_prefill_dp_rank, bootstrap_room=room)
         try:
             handle = self.decode.submit(
@@ -217,23 +227,38 @@ class PDEngineClient:
             self.prefill.abort(p_handle, "its decode half was refused")
             raise
         self._prefill_of[handle] = p_handle
-        task = asyncio.get_running_loop().create_task(self._drain_prefill(p_handle))
+        loop = asyncio.get_running_loop()
+        first = None
+        if return_logprob:
+            first = self._prefill_first[handle] = loop.create_future()
+        task = loop.create_task(self._drain_prefill(p_handle, first))
         self._drains.add(task)
         task.add_done_callback(self._drains.discard)
         return handle
 
-    async def _drain_prefill(self, handle: RequestHandle) -> None:
+    async def _drain_prefill(self, handle: RequestHandle, first: asyncio.Future | None) -> None:
         try:
-            async for _ in self.prefill.outputs(handle):
-                pass
+            async for out in self.prefill.outputs(handle):
+                if first is not None and not first.done():
+                    first.set_result(out)
         except ApiError:
             pass  # the route entry is FAILED now: decode fails the request
+        finally:
+            if first is not None and not first.done():
+                first.set_result(None)
 
     async def outputs(self, handle: RequestHandle):
+        first = self._prefill_first.get(handle)
         try:
             async for out in self.decode.outputs(handle):
+                if first is not None:
+                    prefill_out = await first
+                    if prefill_out is not None:
+                        out = _with_prefill_logprobs(out, prefill_out)
+                    first = None
                 yield out
         finally:
+            self._prefill_first.pop(handle, None)
             self._end_prefill(handle, "its decode half ended")
 
     def abort(self, handle: RequestHandle, message: str) -> None:
@@ -267,6 +292,20 @@ class PDEngineClient:
 
     def load_groups(self) -> list:
         return self.prefill.load_groups() + self.decode.load_groups()
+
+
+def _with_prefill_logprobs(out, prefill_out):
+    """Decode's first output with what its prefill half computed: the prompt's logprobs
+    and the first token's logprob and top list (the hand-off carries the token only
+    as a float32 logprob)."""
+    changes = {"input_token_logprobs": prefill_out.input_token_logprobs,
+               "input_top_logprobs": prefill_out.input_top_logprobs}
+    if out.output_logprobs and prefill_out.output_logprobs:
+        changes["output_logprobs"] = prefill_out.output_logprobs[:1] + out.output_logprobs[1:]
+        tops = out.output_top_logprobs or [None] * len(out.output_logprobs)
+        changes["output_top_logprobs"] = ((prefill_out.output_top_logprobs or [None])[:1]
+                                          + tops[1:])
+    return msgspec.structs.replace(out, **changes)
 
 
 __all__ = ["PDProcesses", "PDEngineClient", "PDLaunchError"]

@@ -7,7 +7,9 @@ Decoding rules, the same for every route (``decode_body``):
 - wrong types are a 400 naming the path (``$.sampling_params.max_new_tokens``);
 - JSON nested deeper than the decoder's limit (about 1,000 levels) is a 400, not a
   ``RecursionError``; integer ranges are checked later, in ``server.bounds``.
-``sampling_params`` is stricter (``to_sampling_params``): an unknown key is a 400 that
+OpenAI fields this server does not implement (tools, response formats, ...) are declared
+so that giving one is a 400 naming it (``OpenAISampling.unsupported_field``), never a
+silent 200. ``sampling_params`` is stricter (``to_sampling_params``): an unknown key is a 400 that
 lists the valid ones, because a misspelt parameter silently ignored gives output the
 client did not ask for.
 """
@@ -45,6 +47,15 @@ class GenerateRequest(msgspec.Struct, kw_only=True):
     disagg_prefill_dp_rank: int | list[int] | None = None
 
 
+# OpenAI fields not implemented, with the values that ask for nothing (accepted).
+UNSUPPORTED: dict[str, tuple] = {
+    "response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none",),
+    "functions": ([],), "function_call": ("none",), "parallel_tool_calls": (),
+    "audio": (), "modalities": (["text"],), "prediction": (), "web_search_options": (),
+    "reasoning_effort": (), "store": (False,),
+}
+
+
 class StreamOptions(msgspec.Struct, kw_only=True):
     include_usage: bool = False
 
@@ -78,6 +89,32 @@ class OpenAISampling(msgspec.Struct, kw_only=True):
     data_parallel_rank: int | list[int] | None = None
     disagg_prefill_dp_rank: int | list[int] | None = None
     bootstrap_room: int | list[int] | None = None
+    logit_bias: dict[str, float] | None = None
+    # Not implemented: any value but the harmless one (UNSUPPORTED) is a 400.
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    parallel_tool_calls: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+    reasoning_effort: Any = None
+    store: Any = None
+
+    def unsupported_field(self) -> str | None:
+        """The first unimplemented field given a value that changes the answer."""
+        for name, harmless in self._unsupported().items():
+            value = getattr(self, name)
+            if value is not None and not any(type(value) is type(h) and value == h
+                                             for h in harmless):
+                return name
+        return None
+
+    def _unsupported(self) -> dict[str, tuple]:
+        return UNSUPPORTED
 
     def sampling_params(self, max_new_tokens: int) -> SamplingParams:
         return to_struct(SamplingParams, dict(
@@ -88,7 +125,7 @@ class OpenAISampling(msgspec.Struct, kw_only=True):
             presence_penalty=self.presence_penalty,
             repetition_penalty=self.repetition_penalty,
             skip_special_tokens=self.skip_special_tokens, no_stop_trim=self.no_stop_trim,
-            sampling_seed=self.seed))
+            sampling_seed=self.seed, logit_bias=self.logit_bias or None))
 
     @property
     def include_usage(self) -> bool:
@@ -102,6 +139,11 @@ class CompletionRequest(OpenAISampling, kw_only=True):
     max_tokens: int = 16  # OpenAI's default for completions
     logprobs: int | None = None
     echo: bool = False
+    suffix: Any = None
+    best_of: Any = None
+
+    def _unsupported(self) -> dict[str, tuple]:
+        return {**UNSUPPORTED, "suffix": ("",), "best_of": (1,)}
 
 
 class ChatMessage(msgspec.Struct, kw_only=True):
@@ -119,6 +161,7 @@ class ChatCompletionRequest(OpenAISampling, kw_only=True):
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
+    top_logprobs: int | None = None
 
     @property
     def requested_max_tokens(self) -> int | None:

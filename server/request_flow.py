@@ -10,7 +10,10 @@ text, unless ``no_stop_trim``.
 
 ``max_new_tokens`` 0 asks for no token: such a request is not dispatched (there is
 nothing for a rank to compute that the client receives); it ends at once with
-SGLang's ``{"type": "length", "length": 0}``, no output and ``dp_rank`` None.
+SGLang's ``{"type": "length", "length": 0}``, no output and ``dp_rank`` None. Unless it
+asks for prompt logprobs (``logprob_start_len`` >= 0, OpenAI ``echo``): then it runs with
+one new token, which the client never sees (the rank scores the prompt in the prefill
+that token needs; in PD the prefill half does, exactly as for any request).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
+
+import msgspec
 
 from engine.finish import trim_stop_str
 from engine.sampling import SamplingParams
@@ -36,6 +41,7 @@ class PreparedRequest:
     params: SamplingParams
     return_logprob: bool = False
     top_logprobs_num: int = 0
+    logprob_start_len: int = -1  # with return_logprob: score the prompt from here
     routed_dp_rank: int | None = None
     bootstrap_room: int | None = None
     disagg_prefill_dp_rank: int | None = None
@@ -57,6 +63,15 @@ class Progress:
     cached_tokens: int
     e2e_latency: float
     output_logprobs: list[float] = field(default_factory=list)
+    # With return_logprob: top lists per output token (None where unknown), and the
+    # prompt's logprobs from logprob_start_len (None for position 0) with top lists.
+    output_top_logprobs: list = field(default_factory=list)
+    input_token_logprobs: list = field(default_factory=list)
+    input_top_logprobs: list = field(default_factory=list)
+
+    @property
+    def new_output_slice(self) -> slice:
+        return slice(len(self.output_ids) - self.num_new_ids, len(self.output_ids))
 
 
 def new_rid() -> str:
@@ -74,6 +89,8 @@ class RunningRequest:
         params = prepared.params
         self._decoder = engine.tokenizer.incremental_decoder(params.skip_special_tokens)
         self._emitted = ""
+        # max_new_tokens 0 with prompt logprobs: its one token is computed, not shown.
+        self._hides_output = wants_prompt_only(prepared)
 
     @property
     def dp_rank(self) -> int | None:
@@ -82,11 +99,18 @@ class RunningRequest:
     async def progress(self) -> AsyncIterator[Progress]:
         output_ids: list[int] = []
         logprobs: list[float] = []
+        tops: list = []
+        inputs: tuple[list, list] = ([], [])
         async with aclosing(self.engine.outputs(self.handle)) as outputs:
             async for out in outputs:
+                if self._hides_output:
+                    out = _hidden(out)
                 output_ids.extend(out.new_token_ids)
                 if out.output_logprobs:
                     logprobs.extend(out.output_logprobs)
+                    tops.extend(out.output_top_logprobs or [None] * len(out.output_logprobs))
+                if out.input_token_logprobs:
+                    inputs = (out.input_token_logprobs, out.input_top_logprobs or [])
                 self._decoder.step(out.new_token_ids)
                 if out.finish_reason is None:
                     text = self._decoder.text
@@ -103,7 +127,8 @@ class RunningRequest:
                     finish_reason=out.finish_reason, prompt_tokens=out.prompt_tokens,
                     completion_tokens=out.completion_tokens, cached_tokens=out.cached_tokens,
                     e2e_latency=time.perf_counter() - self.start_time,
-                    output_logprobs=list(logprobs))
+                    output_logprobs=list(logprobs), output_top_logprobs=list(tops),
+                    input_token_logprobs=inputs[0], input_top_logprobs=inputs[1])
 
     def _final_text(self, output_ids: list[int], finish_reason: dict) -> str:
         params = self.prepared.params
@@ -116,6 +141,22 @@ class RunningRequest:
         if trim and isinstance(matched, str):
             text = trim_stop_str(text, matched)
         return text
+
+
+def wants_prompt_only(prepared: PreparedRequest) -> bool:
+    """No new token asked, but the prompt's logprobs are."""
+    return (prepared.params.max_new_tokens == 0 and prepared.return_logprob
+            and prepared.logprob_start_len >= 0)
+
+
+def _hidden(out: ReqOutput) -> ReqOutput:
+    """A prompt-only request's output as the client sees it: no token, length 0."""
+    finish = out.finish_reason
+    if finish is not None and finish.get("type") != "abort":
+        finish = {"type": "length", "length": 0}
+    return msgspec.structs.replace(
+        out, new_token_ids=[], finish_reason=finish, completion_tokens=0,
+        output_logprobs=[], output_top_logprobs=[])
 
 
 def release(running: list[RunningRequest], message: str = "the client disconnected") -> None:
@@ -131,11 +172,15 @@ NOT_DISPATCHED = -1  # the dp_rank of a handle no rank holds
 
 def start(engine: EngineClient, prepared: PreparedRequest) -> RunningRequest:
     """Dispatch a checked request; raises ``BadRequest``/``ServiceUnavailable``."""
-    if prepared.params.max_new_tokens == 0:
+    params = prepared.params
+    if wants_prompt_only(prepared):
+        params = msgspec.structs.replace(params, max_new_tokens=1, min_new_tokens=0)
+    elif params.max_new_tokens == 0:
         return RunningRequest(engine, prepared, _finished_at_once(prepared))
     handle = engine.submit(
-        prepared.rid, prepared.input_ids, prepared.params,
+        prepared.rid, prepared.input_ids, params,
         return_logprob=prepared.return_logprob, top_logprobs_num=prepared.top_logprobs_num,
+        logprob_start_len=prepared.logprob_start_len if prepared.return_logprob else -1,
         routed_dp_rank=prepared.routed_dp_rank, bootstrap_room=prepared.bootstrap_room,
         disagg_prefill_dp_rank=prepared.disagg_prefill_dp_rank)
     return RunningRequest(engine, prepared, handle)

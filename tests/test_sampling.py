@@ -217,3 +217,25 @@ def test_min_new_tokens_defers_every_stop():
     assert check_finish(p, [9], EOS, "a") is None
     assert check_finish(p, [1, 4], EOS, "aa") is None
     assert check_finish(p, [1, 1, 9], EOS, "aaa") == {"type": "stop", "matched": 9}
+
+
+def test_logit_bias_moves_only_its_rows_tokens():
+    logits = torch.zeros(3, 10)
+    logits[:, 2] = 5.0
+    biased = SamplingParams(temperature=0.0, logit_bias={"7": 100.0, "2": -100.0})
+    sampled = SamplingParams(temperature=1.0, sampling_seed=1, logit_bias={"4": 100.0})
+    rows = [SampleRow(biased), SampleRow(SamplingParams(temperature=0.0)), SampleRow(sampled)]
+    tokens, logprobs = sample(logits, rows, EOS, return_logprob=True)
+    assert tokens == [7, 2, 4]
+    assert logprobs[0] == pytest.approx(0.0, abs=1e-6)  # the bias is in the distribution
+    assert logits[0, 7] == 0.0  # the caller's logits are untouched
+
+
+@pytest.mark.parametrize("bias, word", [({"10": 1.0}, "token id"), ({"x": 1.0}, "token id"),
+                                        ({"1" * 5000: 1.0}, "token id"),
+                                        ({"3": -100.01}, "[-100, 100]"),
+                                        ({"3": math.nan}, "[-100, 100]")])
+def test_logit_bias_is_validated(bias, word):
+    with pytest.raises(InvalidSamplingParams, match="logit_bias") as exc:
+        SamplingParams(logit_bias=bias).validate(vocab_size=10, context_len=100)
+    assert word in str(exc.value)

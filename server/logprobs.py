@@ -1,0 +1,116 @@
+"""Log-probabilities in the shapes clients read: SGLang's ``meta_info`` and OpenAI's.
+
+What a rank sends (``scheduler.messages.ReqOutput``, gathered in ``Progress``): the
+sampled tokens' logprobs, per token a top list ``[(logprob, token_id), ...]`` (most
+likely first; None where unknown), and the prompt's logprobs from
+``logprob_start_len`` (None for prompt position 0, which nothing predicts).
+
+- SGLang ``/generate``: entries ``[logprob, token_id, text or None]`` (text with
+  ``return_text_in_logprobs``); a top list per position (None for position 0).
+- OpenAI completions: ``{tokens, token_logprobs, top_logprobs, text_offset}``, the top
+  lists as ``{token text: logprob}``; ``echo`` puts the prompt's positions first.
+- OpenAI chat: ``{"content": [{token, logprob, bytes, top_logprobs: [...]}]}``.
+
+JSON has no infinity: a logprob of -inf (a token the sampler masked) is sent as
+``MIN_LOGPROB``, as vLLM does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+MIN_LOGPROB = -9999.0
+
+
+def finite(logprob: float | None) -> float | None:
+    if logprob is None or math.isfinite(logprob):
+        return logprob
+    return MIN_LOGPROB if logprob < 0 else 0.0
+
+
+class TokenTexts:
+    """Each token's own text (special tokens included), decoded once per response."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self._cache.get(token_id)
+        if text is None:
+            text = self._cache[token_id] = self.tokenizer.decode([token_id],
+                                                                 skip_special_tokens=False)
+        return text
+
+
+# ---- SGLang /generate ---------------------------------------------------------------------
+def sglang_logprobs(texts: TokenTexts, p, scored_prompt: Sequence[int], with_text: bool) -> dict:
+    """The four ``meta_info`` keys of a request that asked for logprobs;
+    ``scored_prompt``: the prompt's ids from ``logprob_start_len``."""
+    prompt = scored_prompt
+    name = texts if with_text else (lambda _: None)
+
+    def entry(lp, tid):
+        return [finite(lp), tid, name(tid)]
+
+    def top_list(top):
+        return None if top is None else [entry(lp, tid) for lp, tid in top]
+
+    return {
+        "input_token_logprobs": [entry(lp, t) for lp, t in zip(p.input_token_logprobs, prompt)],
+        "input_top_logprobs": [top_list(top) for top in p.input_top_logprobs],
+        "output_token_logprobs": [entry(lp, t) for lp, t in zip(p.output_logprobs,
+                                                                p.output_ids)],
+        "output_top_logprobs": [top_list(top) for top in p.output_top_logprobs],
+    }
+
+
+# ---- OpenAI -------------------------------------------------------------------------------
+class CompletionLogprobs:
+    """Builds ``choices[].logprobs`` of completions, whole or a streamed chunk at a time;
+    ``text_offset`` runs on across chunks, from the start of the choice's text."""
+
+    def __init__(self, texts: TokenTexts):
+        self.texts = texts
+        self.offset = 0
+
+    def part(self, ids: Sequence[int], logprobs: Sequence[float | None],
+             tops: Sequence) -> dict:
+        tokens, offsets = [], []
+        for tid in ids:
+            text = self.texts(tid)
+            tokens.append(text)
+            offsets.append(self.offset)
+            self.offset += len(text)
+        return {"tokens": tokens,
+                "token_logprobs": [finite(lp) for lp in _padded(logprobs, len(ids))],
+                "top_logprobs": [self._top(top) for top in _padded(tops, len(ids))],
+                "text_offset": offsets}
+
+    def _top(self, top) -> dict | None:
+        if top is None:
+            return None
+        out: dict[str, float] = {}
+        for lp, tid in top:  # most likely first: two ids with one text keep the larger
+            out.setdefault(self.texts(tid), finite(lp))
+        return out
+
+
+def join_parts(first: dict, second: dict) -> dict:
+    return {key: first[key] + second[key] for key in first}
+
+
+def chat_logprobs(texts: TokenTexts, ids: Sequence[int], logprobs: Sequence[float],
+                  tops: Sequence) -> dict:
+    def item(tid, lp):
+        text = texts(tid)
+        return {"token": text, "logprob": finite(lp), "bytes": list(text.encode())}
+
+    return {"content": [
+        {**item(tid, lp), "top_logprobs": [item(t, v) for v, t in (top or ())]}
+        for tid, lp, top in zip(ids, logprobs, _padded(tops, len(ids)))]}
+
+
+def _padded(tops: Sequence, n: int) -> list:
+    return list(tops[:n]) + [None] * (n - len(tops))
