@@ -44,7 +44,7 @@ _GLOBAL_NAMES = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-# llama.cpp's pre-tokenizer names -> the tokenizers pipeline that splits text the same way.
+# Llama 3's split (llama.cpp pre-tokenizer "llama-bpe"), ahead of a regex-free ByteLevel.
 _LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?"
                    r"[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 TOKEN_TYPE_CONTROL = 3

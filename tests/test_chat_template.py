@@ -17,7 +17,9 @@ from server.args import InvalidServerArgs, ServerArgs, resolve_args
 
 # Loop controls, raise_exception, HF's tojson (no HTML escaping, indent), a namespace and
 # whitespace control: what real checkpoints' templates use.
-FEATURES = """{%- if messages[0]['role'] == 'bad' %}{{ raise_exception('role bad is not allowed') }}{% endif %}
+FEATURES = """{%- if messages[0]['role'] == 'bad' %}
+  {{- raise_exception('role bad is not allowed') }}
+{%- endif %}
 {%- for m in messages %}
   {%- if m['role'] == 'stop' %}{% break %}{% endif %}
   {%- if m['role'] == 'skip' %}{% continue %}{% endif %}

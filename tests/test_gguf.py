@@ -102,7 +102,8 @@ def _write_gguf(path, weights: dict[str, np.ndarray], tokens: list[str]) -> dict
     writer.add_eos_token_id(2)
     writer.add_add_bos_token(False)
     writer.add_chat_template(TEMPLATE)
-    layer = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    layer = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v",
              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate",
              "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
              "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
@@ -113,7 +114,8 @@ def _write_gguf(path, weights: dict[str, np.ndarray], tokens: list[str]) -> dict
             gname = f"blk.{i}.{layer[rest.removesuffix('.weight')]}.weight"
         else:
             gname = {"model.embed_tokens.weight": "token_embd.weight",
-                     "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}[name]
+                     "model.norm.weight": "output_norm.weight",
+                     "lm_head.weight": "output.weight"}[name]
         data = w
         if name.endswith("q_proj.weight"):
             data = _llama_cpp_permute(w, HEADS)
