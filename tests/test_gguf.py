@@ -201,6 +201,25 @@ def test_tokenizer_round_trip_merges_and_specials(converted):
     assert json.loads((folder / "tokenizer_config.json").read_text())["eos_token"] == "<|im_end|>"
 
 
+@pytest.mark.parametrize("pre, words", [
+    ("default", ["abc", "Ġ12345", "Ġit", "'s", "Ċ", "Ċ", "ok"]),  # GPT-2's split
+    ("smollm", ["abc", "Ġ", "1", "2", "3", "4", "5", "Ġit", "'s", "Ċ", "Ċ", "ok"]),
+    ("llama-bpe", ["abc", "Ġ", "123", "45", "Ġit", "'s", "ĊĊ", "ok"]),  # Llama 3's
+])
+def test_pre_tokenizer_follows_llama_cpp_pre_name(pre, words):
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from engine.gguf_checkpoint import gguf_tokenizer_files
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre,
+            "tokenizer.ggml.tokens": _tokens(), "tokenizer.ggml.merges": MERGES}
+    backend = HFTokenizer.from_str(gguf_tokenizer_files(meta)[0])
+    assert [w for w, _ in backend.pre_tokenizer.pre_tokenize_str("abc 12345 it's\n\nok")] == words
+    with pytest.raises(ModelLoadError, match="pre-tokenizer 'qwen2'"):
+        gguf_tokenizer_files({**meta, "tokenizer.ggml.pre": "qwen2"})
+    with pytest.raises(ModelLoadError, match="tokenizer model 'llama'"):
+        gguf_tokenizer_files({**meta, "tokenizer.ggml.model": "llama"})
+
+
 def test_unsupported_gguf_is_a_named_error(tmp_path):
     writer = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "gpt2")
     writer.add_block_count(1)
