@@ -86,7 +86,7 @@ class ServerProcess:
 
     def start(self) -> None:
         cmd = [sys.executable, "-m", "engine.serve", "--host", "127.0.0.1",
-               "--port", str(self.port), *self.flags]
+               "--port", str(self.port), "--model-path", "tiny", *self.flags]
         log = open(self.log_path, "ab")
         log.write((" ".join(cmd) + "\n").encode())
         log.flush()

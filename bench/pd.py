@@ -98,7 +98,7 @@ def measure_penalty(num_pairs: int, executor: str, seed: int = 0) -> dict:
     port = free_port()
     flags = ["--port", str(port), "--disaggregation-mode", "pd", "--prefill-dp-size", "2",
              "--decode-dp-size", "2", "--device", "cpu", "--max-total-tokens", "16384",
-             "--log-level", "warning", "--executor", executor]
+             "--log-level", "warning", "--executor", executor, "--model-path", "tiny"]
     if executor == "sim":
         flags += ["--sim-profile", "tiny-cpu"]
     log = tempfile.NamedTemporaryFile(prefix="bench_pd_server_", suffix=".log", delete=False)

@@ -5,8 +5,8 @@ chat template). The built-in tiny model's byte-level tokenizer is the committed 
 `engine/data/tiny/`, loaded the same way, so HF clients reading that folder count
 exactly the tokens we do.
 
-Chat: the folder's jinja `chat_template` is used when there is one (rendered in a
-sandbox); otherwise a documented fallback, one block per message then the assistant
+Chat: the folder's jinja template is used when there is one (`engine.chat_template`:
+found and rendered as transformers does), or the one `--chat-template` gives; otherwise a documented fallback, one block per message then the assistant
 cue:  "<|system|>\\n...\\n<|user|>\\n...\\n<|assistant|>\\n".
 """
 
@@ -19,6 +19,7 @@ from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
 
+from engine.chat_template import chat_template_from_folder, render_chat_template
 from engine.config import ModelLoadError
 
 REPLACEMENT_CHAR = "\ufffd"
@@ -53,7 +54,8 @@ class Tokenizer:
         return cls.from_folder(tiny_model_path())
 
     @classmethod
-    def from_folder(cls, folder: str | Path) -> Tokenizer:
+    def from_folder(cls, folder: str | Path, chat_template: str | None = None) -> Tokenizer:
+        """`chat_template`: overrides the folder's own (``--chat-template``)."""
         folder = Path(folder)
         path = folder / "tokenizer.json"
         if not path.is_file():
@@ -69,12 +71,11 @@ class Tokenizer:
         special = {k: v for k, v in special.items() if v is not None}
         eos_id = backend.token_to_id(special["eos_token"]) if "eos_token" in special else None
         bos_id = backend.token_to_id(special["bos_token"]) if "bos_token" in special else None
-        template = config.get("chat_template")
         return cls(
             backend,
             eos_token_ids=() if eos_id is None else (eos_id,),
             bos_token_id=bos_id,
-            chat_template=template if isinstance(template, str) else None,
+            chat_template=chat_template or chat_template_from_folder(folder, config),
             special_tokens=special,
         )
 
@@ -129,7 +130,7 @@ class Tokenizer:
         messages = [{**m, "content": _content_text(m.get("content"))} for m in messages]
         if self.chat_template is None:
             return fallback_chat_prompt(messages, add_generation_prompt)
-        return _render_jinja(
+        return render_chat_template(
             self.chat_template,
             messages=messages,
             add_generation_prompt=add_generation_prompt,
@@ -202,18 +203,6 @@ def _content_text(content: Any) -> str:
     if isinstance(content, str):
         return content
     return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-
-
-def _render_jinja(template: str, **context: Any) -> str:
-    from jinja2.exceptions import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str) -> None:
-        raise TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    return env.from_string(template).render(**context)
 
 
 # What may stand between input text and the model's tokens without deleting text (see

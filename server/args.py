@@ -6,7 +6,9 @@
 spawned, so the launcher, the ranks and ``/server_info`` all see the same values:
 
 - ``load_balance_method auto``: by role (``scheduler.policy.resolve_method``);
-- ``served_model_name``: ``model_path`` (SGLang's default);
+- ``model_path``: a local folder (``engine.model_source``: the default model, a .gguf
+  file or a Hugging Face repo id are fetched and converted once, into the cache);
+- ``served_model_name``: ``model_path`` as given (SGLang's default);
 - ``tokenizer_path``: the local folder holding the tokenizer (the built-in ``tiny``
   model's committed folder), so a gateway reading ``/model_info`` finds it on disk;
 - ``context_length``: the model's own (``config.json``), read without torch; with
@@ -83,12 +85,18 @@ class ServerArgs:
         "require 'Authorization: Bearer <key>' on every route but /health (401 otherwise). "
         f"Unset: ${API_KEY_ENV} if set, which keeps the key out of the process list (as "
         "vLLM's VLLM_API_KEY)"))
-    model_path: str = field(default="tiny", **_flag(
-        "checkpoint folder, or 'tiny' for the built-in test model (nothing to download)"))
+    model_path: str = field(default="SmolLM2-135M-Instruct", **_flag(
+        "checkpoint folder, .gguf file, Hugging Face repo id (owner/name), 'tiny' for the "
+        "built-in random test model (nothing to download), or SmolLM2-135M-Instruct: "
+        "fetched once (about 93 MB) into the user's cache"))
     served_model_name: str | None = field(default=None, **_flag(
         "model id in OpenAI responses (default: --model-path)"))
     tokenizer_path: str | None = field(default=None, **_flag(
         "tokenizer folder (default: the model's)"))
+    chat_template: str | None = field(default=None, **_flag(
+        "chat template for /v1/chat/completions: a file (.jinja, or a tokenizer_config.json) "
+        "or the template text (default: the model's chat_template.jinja, else its "
+        "tokenizer_config.json's)"))
     dp_size: int = field(default=1, **_flag("number of data-parallel ranks (one process each)"))
     load_balance_method: str = field(default="auto", **_flag(
         "round_robin, follow_bootstrap_room, total_requests, total_tokens, prefill_tokens "
@@ -263,7 +271,9 @@ def _is_header_token(key: str) -> bool:
 
 def resolve_args(args: ServerArgs) -> ServerArgs:
     """The same arguments with every ``auto``/``None`` the API can settle made concrete."""
+    from engine.chat_template import InvalidChatTemplate, load_chat_template_arg
     from engine.config import ModelLoadError, load_model_config
+    from engine.model_source import resolve_model_path
     from scheduler.policy import InvalidLoadBalanceMethod, resolve_method
     from server.connections import default_connection_limit
 
@@ -290,10 +300,16 @@ def resolve_args(args: ServerArgs) -> ServerArgs:
                     "decode_dp_size": args.decode_dp_size or args.dp_size}
         pd_sizes["dp_size"] = pd_sizes["decode_dp_size"]
     num_ranks = pd_sizes["prefill_dp_size"] + pd_sizes["decode_dp_size"] if pd_sizes else args.dp_size
-    try:
-        model_ctx = load_model_config(args.model_path).context_len
+    try:  # a failed download is ModelFetchError, let through: not the flag's fault
+        model_path = resolve_model_path(args.model_path)
+        model_ctx = load_model_config(model_path).context_len
     except ModelLoadError as exc:
         raise InvalidServerArgs(f"--model-path: {exc}") from None
+    if args.chat_template is not None:
+        try:
+            load_chat_template_arg(args.chat_template)
+        except InvalidChatTemplate as exc:
+            raise InvalidServerArgs(f"--chat-template: {exc}") from None
     if args.executor == "sim":  # the simulated model's context, not the tokenizer model's
         model_ctx = _sim_context_len(args.sim_profile)
     if args.context_length is not None and args.context_length > model_ctx:
@@ -305,8 +321,9 @@ def resolve_args(args: ServerArgs) -> ServerArgs:
         prefill_load_balance_method=methods.get("prefill"),
         decode_load_balance_method=methods.get("decode"),
         **pd_sizes,
+        model_path=model_path,
         served_model_name=args.served_model_name or args.model_path,
-        tokenizer_path=args.tokenizer_path or local_model_path(args.model_path),
+        tokenizer_path=args.tokenizer_path or local_model_path(model_path),
         context_length=args.context_length or model_ctx,
         random_seed=(args.random_seed if args.random_seed is not None
                      else secrets.randbelow(MAX_RANDOM_SEED)),

@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator
 
 from engine.config import ModelConfig, load_model_config
 from engine.sampling import SamplingParams
+from engine.chat_template import load_chat_template_arg
 from engine.tokenizer import Tokenizer
 from scheduler.dispatcher import Dispatcher
 from scheduler.messages import (CLIENT_ERROR, AbortReq, FlushCacheReq, GenerateReq, ReqOutput,
@@ -99,7 +100,8 @@ class EngineClient:
     @classmethod
     def from_processes(cls, args: ServerArgs, processes: EngineProcesses, **pd) -> "EngineClient":
         """Load what the API needs of the model: tokenizer and config (no torch)."""
-        tokenizer = Tokenizer.from_folder(args.tokenizer_path)
+        template = args.chat_template and load_chat_template_arg(args.chat_template)
+        tokenizer = Tokenizer.from_folder(args.tokenizer_path, chat_template=template)
         return cls(args, processes, tokenizer, load_model_config(args.model_path), **pd)
 
     @property

@@ -27,6 +27,7 @@ import sys
 
 import uvicorn
 
+from engine.model_source import ModelFetchError
 from server.app import create_app
 from server.args import InvalidServerArgs, ServerArgs, parse_args, resolve_args
 from server.connections import accept_backlog, protocol_for, raise_open_file_limit
@@ -57,6 +58,9 @@ def main(argv: list[str] | None = None, rank_main: RankMain | None = None) -> in
         except InvalidServerArgs as exc:
             logger.error("%s", exc)
             return EXIT_BAD_ARGS
+        except ModelFetchError as exc:
+            logger.error("%s", exc)
+            return EXIT_STARTUP_FAILED
         try:
             plan = plan_launch(args)  # ranks that cannot be placed or fit: refuse now
         except LaunchError as exc:

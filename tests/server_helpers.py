@@ -88,7 +88,9 @@ class ServerProcess:
     def __init__(self, *flags: str, log_path: Path, port: int | None = None):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.args = [sys.executable, "-m", "engine.serve", "--port", str(self.port), *flags]
+        # The built-in random model unless flags name another: tests never need the network.
+        self.args = [sys.executable, "-m", "engine.serve", "--port", str(self.port),
+                     "--model-path", "tiny", *flags]
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
 

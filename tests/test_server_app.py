@@ -33,7 +33,7 @@ GREEDY = {"temperature": 0.0}
 
 def make_args(tmp_path, step_s=0.0, **kw) -> ServerArgs:
     profile = write_sim_profile(tmp_path / "sim.json", step_s=step_s)
-    return resolve_args(ServerArgs(executor="sim", sim_profile=profile, port=0,
+    return resolve_args(ServerArgs(model_path="tiny", executor="sim", sim_profile=profile, port=0,
                                    **{"dp_size": 2, **kw}))
 
 
@@ -422,7 +422,7 @@ def test_rank_killed_mid_request_fails_fast_and_others_serve(tmp_path):
 
 def test_rank_startup_error_stops_the_launch(tmp_path):
     # resolve_args itself rejects a missing profile; here the ranks must find out.
-    args = dataclasses.replace(resolve_args(ServerArgs(executor="sim", dp_size=2, port=0)),
+    args = dataclasses.replace(resolve_args(ServerArgs(model_path="tiny", executor="sim", dp_size=2, port=0)),
                                sim_profile=str(tmp_path / "missing.json"))
     procs = EngineProcesses(args).start()
     name = procs.board.name

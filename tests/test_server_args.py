@@ -31,12 +31,12 @@ def test_sglang_flag_names_parse():
 
 
 def test_resolve_fills_auto_values_once():
-    args = resolve_args(ServerArgs())
+    args = resolve_args(ServerArgs(model_path="tiny"))
     assert args.load_balance_method == "prefill_tokens"  # auto for mixed ranks
     assert args.served_model_name == "tiny" and args.context_length == 2048
     assert os.path.isfile(os.path.join(args.tokenizer_path, "tokenizer.json"))
     assert resolve_args(args) == args
-    assert resolve_args(ServerArgs(load_balance_method="shortest_queue")).load_balance_method \
+    assert resolve_args(ServerArgs(model_path="tiny", load_balance_method="shortest_queue")).load_balance_method \
         == "total_requests"
 
 
@@ -54,16 +54,16 @@ def test_resolve_fills_auto_values_once():
 ])
 def test_invalid_args_name_the_flag(bad):
     with pytest.raises(InvalidServerArgs, match="--"):
-        resolve_args(ServerArgs(**bad))
+        resolve_args(ServerArgs(**{"model_path": "tiny", **bad}))
 
 
 def test_each_rank_draws_from_its_own_seed():
     from server.ranks import scheduler_configs
-    drawn = {resolve_args(ServerArgs()).random_seed for _ in range(8)}
+    drawn = {resolve_args(ServerArgs(model_path="tiny")).random_seed for _ in range(8)}
     assert None not in drawn and len(drawn) > 1  # unset: a random seed per launch
-    args = resolve_args(ServerArgs(dp_size=3, random_seed=7))
+    args = resolve_args(ServerArgs(model_path="tiny", dp_size=3, random_seed=7))
     assert [c.random_seed for c in scheduler_configs(args, "board")] == [7, 8, 9]
-    pd = resolve_args(ServerArgs(disaggregation_mode="pd", prefill_dp_size=2, decode_dp_size=2,
+    pd = resolve_args(ServerArgs(model_path="tiny", disaggregation_mode="pd", prefill_dp_size=2, decode_dp_size=2,
                                  random_seed=7))
     assert [c.random_seed for c in scheduler_configs(pd, "b", role="prefill", dp_size=2)] == [7, 8]
     assert [c.random_seed for c in scheduler_configs(pd, "b", role="decode", dp_size=2)] == [9, 10]
@@ -71,17 +71,17 @@ def test_each_rank_draws_from_its_own_seed():
 
 def test_sim_lockstep_needs_sim_and_sim_context_comes_from_profile():
     with pytest.raises(InvalidServerArgs, match="--sim-lockstep"):
-        resolve_args(ServerArgs(sim_lockstep=True))
-    args = resolve_args(parse_args(["--executor", "sim", "--sim-profile", "seed-qwen3-235b-dp4",
+        resolve_args(ServerArgs(model_path="tiny", sim_lockstep=True))
+    args = resolve_args(parse_args(["--model-path", "tiny", "--executor", "sim", "--sim-profile", "seed-qwen3-235b-dp4",
                                     "--sim-lockstep"]))
     assert args.sim_lockstep and args.context_length == 32768  # not the tiny model's 2048
     with pytest.raises(InvalidServerArgs, match="--sim-profile"):
-        resolve_args(ServerArgs(executor="sim", sim_profile="no-such-profile"))
+        resolve_args(ServerArgs(model_path="tiny", executor="sim", sim_profile="no-such-profile"))
 
 
 def test_sim_lockstep_segment_reaches_every_rank_config():
     from server.ranks import scheduler_configs
-    args = resolve_args(ServerArgs(executor="sim", sim_profile="instant", sim_lockstep=True,
+    args = resolve_args(ServerArgs(model_path="tiny", executor="sim", sim_profile="instant", sim_lockstep=True,
                                    dp_size=3))
     cfgs = scheduler_configs(args, "board", sim_lockstep_name="lockstep-x")
     assert [c.sim_lockstep_name for c in cfgs] == ["lockstep-x"] * 3
@@ -90,20 +90,20 @@ def test_sim_lockstep_segment_reaches_every_rank_config():
 @pytest.mark.parametrize("scale", [0.0, -1.0, float("nan"), float("inf"), 1001.0])
 def test_sim_time_scale_must_be_a_positive_bounded_factor(scale):
     with pytest.raises(InvalidServerArgs, match="--sim-time-scale"):
-        resolve_args(ServerArgs(executor="sim", sim_profile="instant", sim_time_scale=scale))
+        resolve_args(ServerArgs(model_path="tiny", executor="sim", sim_profile="instant", sim_time_scale=scale))
 
 
 def test_sim_time_scale_needs_sim_stretches_staleness_and_reaches_every_rank():
     from server.ranks import scheduler_configs
     with pytest.raises(InvalidServerArgs, match="--sim-time-scale needs --executor sim"):
-        resolve_args(ServerArgs(sim_time_scale=2.0))
-    args = resolve_args(parse_args(["--executor", "sim", "--sim-profile", "instant",
+        resolve_args(ServerArgs(model_path="tiny", sim_time_scale=2.0))
+    args = resolve_args(parse_args(["--model-path", "tiny", "--executor", "sim", "--sim-profile", "instant",
                                     "--dp-size", "2", "--sim-time-scale", "4",
                                     "--stale-after-s", "3"]))
     # A forward pass lasts 4x its modelled time, so may the silence between heartbeats.
     assert args.stale_ns == 12 * 10**9
     assert ServerArgs(stale_after_s=3).stale_ns == 3 * 10**9
-    pd = resolve_args(parse_args(["--executor", "sim", "--sim-profile", "instant",
+    pd = resolve_args(parse_args(["--model-path", "tiny", "--executor", "sim", "--sim-profile", "instant",
                                   "--disaggregation-mode", "pd", "--sim-time-scale", "2.5",
                                   "--disaggregation-bootstrap-timeout", "4",
                                   "--disaggregation-waiting-timeout", "6"]))
@@ -114,17 +114,17 @@ def test_sim_time_scale_needs_sim_stretches_staleness_and_reaches_every_rank():
 
 def test_api_key_comes_from_the_environment_unless_given(monkeypatch):
     monkeypatch.setenv("DPSERVE_API_KEY", "from-env")
-    assert resolve_args(ServerArgs()).api_key == "from-env"
-    assert resolve_args(ServerArgs(api_key="from-flag")).api_key == "from-flag"
+    assert resolve_args(ServerArgs(model_path="tiny")).api_key == "from-env"
+    assert resolve_args(ServerArgs(model_path="tiny", api_key="from-flag")).api_key == "from-flag"
     monkeypatch.delenv("DPSERVE_API_KEY")
-    assert resolve_args(ServerArgs()).api_key is None
+    assert resolve_args(ServerArgs(model_path="tiny")).api_key is None
 
 
 def test_connection_limit_defaults_below_the_open_file_limit():
     import resource
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     accept_rounds = 2 * max(16, min(2048, soft // 8))
-    assert resolve_args(ServerArgs(dp_size=2)).limit_concurrency == soft - 64 - 8 * 2 - accept_rounds
-    pd = resolve_args(ServerArgs(disaggregation_mode="pd", prefill_dp_size=2, decode_dp_size=3))
+    assert resolve_args(ServerArgs(model_path="tiny", dp_size=2)).limit_concurrency == soft - 64 - 8 * 2 - accept_rounds
+    pd = resolve_args(ServerArgs(model_path="tiny", disaggregation_mode="pd", prefill_dp_size=2, decode_dp_size=3))
     assert pd.limit_concurrency == soft - 64 - 8 * 5 - accept_rounds
-    assert resolve_args(ServerArgs(limit_concurrency=7)).limit_concurrency == 7
+    assert resolve_args(ServerArgs(model_path="tiny", limit_concurrency=7)).limit_concurrency == 7
