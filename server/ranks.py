@@ -95,13 +95,13 @@ def scheduler_configs(args: ServerArgs, board_name: str, role: str | None = None
     base = SchedulerConfig(
         dp_rank=0, board_name=board_name, num_dispatchers=NUM_DISPATCHERS,
         role=role or args.role, pd=pd,
-        model_path=args.model_path, device=args.device,
+        model_path=args.model_path, device=args.device, dtype=args.dtype,
         max_running_requests=args.max_running_requests, max_total_tokens=args.max_total_tokens,
         chunked_prefill_size=args.chunked_prefill_size, context_length=args.context_length,
         random_seed=args.random_seed, heartbeat_interval_s=args.heartbeat_interval_s,
         executor=args.executor, sim_profile=args.sim_profile,
         sim_lockstep_name=sim_lockstep_name, sim_time_scale=args.sim_time_scale,
-        log_level=args.log_level)
+        log_level=args.log_level, decode_log_interval=args.decode_log_interval)
     # Each rank its own sampling stream (decode ranks after the prefill ranks of a pd
     # launch), so unseeded requests on different ranks do not draw the same samples.
     seed = args.random_seed or 0
