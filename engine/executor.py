@@ -71,6 +71,12 @@ class ModelExecutor:
     def max_total_num_tokens(self) -> int:
         return self.kv.max_total_num_tokens
 
+    def memory_bytes(self) -> tuple[int, int]:
+        """(weights, KV pool) in bytes."""
+        weights = sum(p.numel() * p.element_size() for p in self.runner.model.parameters())
+        kv = self.runner.kv_pool.kv_buffer
+        return weights, kv.numel() * kv.element_size()
+
     def forward(self, items: list) -> list[tuple[int, float]]:
         """(token id, logprob) per item with `sample` set, in order. The logprob is 0.0
         unless the request asked for logprobs."""

@@ -40,6 +40,7 @@ ROLE_BY_DISAGGREGATION_MODE = {"null": "mixed", "prefill": "prefill", "decode": 
 ROLES_OF_MODE = {"null": ("mixed",), "prefill": ("prefill",), "decode": ("decode",),
                  "pd": ("prefill", "decode")}
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+HTTP_STACKS = ("auto", "fast", "asyncio")
 EXECUTORS = ("real", "sim")
 MAX_SIM_TIME_SCALE = 1000.0
 MAX_RANDOM_SEED = 1 << 30  # the default is drawn below this, as SGLang draws its own
@@ -104,6 +105,9 @@ class ServerArgs:
         "require 'Authorization: Bearer <key>' on every route but /health (401 otherwise). "
         f"Default: ${API_KEY_ENV} if set, which keeps the key out of the process list (as "
         "vLLM's VLLM_API_KEY)"))
+    http_stack: str = field(default="auto", **_flag(
+        "event loop and HTTP parser: fast (uvloop and httptools), asyncio (asyncio's loop "
+        "and h11) or auto (fast when both are installed)", choices=HTTP_STACKS))
     log_level: str = field(default="info", **_flag("logging level", choices=LOG_LEVELS))
     log_requests: bool = field(default=False, **_flag(
         "log one line per finished request at info: id, rank, prompt and output tokens, "
@@ -242,6 +246,12 @@ class ServerArgs:
         return f"http://{host}:{self.port}"
 
 
+def has_fast_http() -> bool:
+    """uvloop and httptools are both installed."""
+    import importlib.util
+    return all(importlib.util.find_spec(m) is not None for m in ("uvloop", "httptools"))
+
+
 def check_sim_time_scale(scale: float) -> None:
     """``InvalidServerArgs`` unless 0 < ``scale`` <= ``MAX_SIM_TIME_SCALE`` (NaN fails)."""
     if not 0 < scale <= MAX_SIM_TIME_SCALE:
@@ -298,6 +308,9 @@ def validate_args(args: ServerArgs) -> None:
         raise InvalidServerArgs("--chunked-prefill-size must be >= 1")
     if args.sim_lockstep and args.executor != "sim":
         raise InvalidServerArgs("--sim-lockstep needs --executor sim")
+    if args.http_stack == "fast" and not has_fast_http():
+        raise InvalidServerArgs("--http-stack fast needs uvloop and httptools installed "
+                                "(pip install uvloop httptools)")
     check_sim_time_scale(args.sim_time_scale)
     if args.sim_time_scale != 1.0 and args.executor != "sim":
         raise InvalidServerArgs("--sim-time-scale needs --executor sim")
@@ -381,6 +394,8 @@ def resolve_args(args: ServerArgs) -> ServerArgs:
         random_seed=(args.random_seed if args.random_seed is not None
                      else secrets.randbelow(MAX_RANDOM_SEED)),
         limit_concurrency=args.limit_concurrency or default_connection_limit(num_ranks),
+        http_stack=("fast" if has_fast_http() else "asyncio") if args.http_stack == "auto"
+        else args.http_stack,
         dtype=DTYPE_ALIASES.get(args.dtype, args.dtype),
         # SGLang's DP attention (with expert parallelism) steps the ranks together; the
         # simulated executor models exactly that.

@@ -39,6 +39,7 @@ import posix_ipc
 from scheduler.config import SchedulerConfig
 from scheduler.messages import RankError, RankReady, ShutdownReq, decode_to_server, encode
 from server.args import ServerArgs
+from server.internal_state import RankStatsLog
 from shm.board import LoadBoard, RankStatus
 from shm.segment import list_segments, new_launch_id, owner_pid, reclaim_stale_segments
 
@@ -71,6 +72,8 @@ class RankHandle:
     lost_reason: str | None = None
     lost_at: float = 0.0  # time.monotonic() when it was lost
     is_marked_dead: bool = False
+    # Its periodic figures (RankStats), for /server_info's internal_states and /metrics.
+    stats: RankStatsLog = dataclasses.field(default_factory=RankStatsLog)
 
     @property
     def is_usable(self) -> bool:

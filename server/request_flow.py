@@ -16,6 +16,8 @@ SGLang's ``{"type": "length", "length": 0}``, no output and ``dp_rank`` None.
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -27,6 +29,9 @@ from engine.sampling import SamplingParams
 from scheduler.messages import ReqOutput
 from server.bounds import check_prepared
 from server.engine_client import EngineClient, RequestHandle
+from server.errors import ApiError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -80,6 +85,30 @@ class RunningRequest:
         return self.handle.dp_rank if self.handle.dp_rank >= 0 else None
 
     async def progress(self) -> AsyncIterator[Progress]:
+        if not self.engine.args.log_requests:
+            async for step in self._progress():
+                yield step
+            return
+        last, ended = None, "ended: the client disconnected"
+        try:
+            async for last in self._progress():
+                if last.finish_reason is not None:
+                    ended = f"finished: {json.dumps(last.finish_reason)}"
+                yield last
+        except ApiError as exc:
+            ended = f"failed ({exc.status_code}): {exc.message}"
+            raise
+        finally:
+            self._log(ended, last)
+
+    def _log(self, ended: str, last: Progress | None) -> None:
+        """``--log-requests``: one line per request, however it ended."""
+        logger.info("request %s on rank %s %s; prompt_tokens=%d completion_tokens=%d "
+                    "e2e_latency=%.3fs", self.prepared.rid, self.dp_rank, ended,
+                    len(self.prepared.input_ids), last.completion_tokens if last else 0,
+                    time.perf_counter() - self.start_time)
+
+    async def _progress(self) -> AsyncIterator[Progress]:
         output_ids: list[int] = []
         logprobs: list[float] = []
         async with aclosing(self.engine.outputs(self.handle)) as outputs:
