@@ -98,6 +98,7 @@ class Scheduler:
 
     def step(self, messages: list) -> None:
         """One iteration; ``messages`` are what ``receive`` took off the pipe."""
+        started = self.decode_stats.clock()
         self.receive(messages)
         if self.pd is not None:
             self.poll_transfers()
@@ -110,7 +111,7 @@ class Scheduler:
             self.process_results(batch, results)
         self.publish_load()
         self.send_outputs()
-        self.report_stats(batch)
+        self.report_stats(batch, started)
 
     def receive(self, messages: list) -> None:
         for msg in messages:
@@ -167,11 +168,11 @@ class Scheduler:
                                self.acked_reqs, self.acked_tokens, num_prefill_tokens=prefill)
         self.board_row.heartbeat()
 
-    def report_stats(self, batch: list[ForwardItem]) -> None:
+    def report_stats(self, batch: list[ForwardItem], started: float) -> None:
         """Every ``--decode-log-interval`` decoding batches: SGLang's "Decode batch."
         line, and the same figures to the API (``scheduler.stats``)."""
         num_decoded = sum(1 for item in batch if item.start_pos >= item.req.prompt_len)
-        step_s = self.decode_stats.on_batch(num_decoded)
+        step_s = self.decode_stats.on_step(len(batch), num_decoded, started)
         if step_s is None:
             return
         used = sum(r.num_computed for r in self.running)

@@ -9,8 +9,8 @@ SGLang's line, which operators watch and tools parse::
 and sends the same figures to the API as ``RankStats`` (``/server_info``'s
 ``internal_states``, Prometheus ``sglang:gen_throughput``). ``gen throughput`` is the
 tokens those batches decoded over the wall time since the previous line (SGLang's
-``last_gen_throughput``), so a rank that idled in between reports it lower, as SGLang's
-does. Plain Python: the scheduler's clock and counters only.
+``last_gen_throughput``), leaving out time the rank had nothing to run (SGLang counts it,
+so its first line after a pause shows a throughput near 0). Plain Python: the scheduler's clock and counters only.
 """
 
 from __future__ import annotations
@@ -30,12 +30,23 @@ class DecodeStats:
         self.num_decode_batches = 0
         self._num_decoded = 0  # tokens decoded since the last line
         self._tic = clock()
+        self._was_idle = True
         self.last_gen_throughput = 0.0
 
-    def on_batch(self, num_decoded: int) -> float | None:
-        """Count a forward pass that decoded ``num_decoded`` tokens. At every
-        ``interval``-th decoding pass, returns the mean wall seconds per decoding pass
-        since the last line (and updates ``last_gen_throughput``); else None."""
+    def on_step(self, num_items: int, num_decoded: int, step_start: float) -> float | None:
+        """Count a scheduler step that began at ``step_start`` (``clock`` time) and ran
+        ``num_items`` requests, ``num_decoded`` of them decoding. At every
+        ``interval``-th decoding batch, returns the mean wall seconds per decoding
+        batch since the last line (and updates ``last_gen_throughput``); else None.
+        Time the rank spent with nothing to run is left out: the span restarts at the
+        first batch after an idle step."""
+        if num_items == 0:
+            self._was_idle = True
+            return None
+        if self._was_idle:
+            self._was_idle = False
+            if self._num_decoded == 0:
+                self._tic = step_start
         if num_decoded == 0:
             return None
         self.num_decode_batches += 1
