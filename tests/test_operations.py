@@ -125,3 +125,18 @@ def test_pd_front_door_lists_every_rank_and_serves_bench_serving(tmp_path):
     assert all(LOG_PREFIX.match(line) for line in lines), lines[:5]
     assert any(line.startswith("[") and " decode rank 0] INFO Decode batch." in line
                for line in lines)
+
+
+@pytest.mark.slow
+def test_http_stack_benchmark_prints_both_stacks_side_by_side():
+    import subprocess
+    import sys
+
+    from tests.server_helpers import REPO
+    done = subprocess.run([sys.executable, "-m", "bench.http_stack", "--requests", "40",
+                           "--rounds", "1", "--warmup", "5"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {line.split("  ")[0]: line for line in done.stdout.splitlines()}
+    assert "uvloop + httptools" in rows and "asyncio + h11" in rows, done.stdout
+    assert "less API CPU per request" in done.stdout
