@@ -63,7 +63,7 @@ HELP_GROUPS = {
 DTYPES = ("auto", "float32", "bfloat16", "float16", "float", "half")
 DTYPE_ALIASES = {"float": "float32", "half": "float16"}  # SGLang's short names
 # SGLang's KV transfer backends, all served by node-local shared memory here.
-TRANSFER_BACKENDS = ("shm", "mooncake", "nixl", "fake")
+TRANSFER_BACKENDS = ("shm", "mooncake", "nixl")
 # Environment variables SGLang reads for flags left unset (seconds).
 ENV_OF_FLAG = {
     "disaggregation_bootstrap_timeout": "SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT",
@@ -198,8 +198,8 @@ class ServerArgs:
         group="disaggregation"))
     disaggregation_transfer_backend: str = field(default="shm", **_flag(
         "how KV moves from prefill to decode: always node-local shared memory (prefill "
-        "and decode ranks on one node); SGLang's mooncake, nixl and fake name the same "
-        "transfer here", group="disaggregation", choices=TRANSFER_BACKENDS))
+        "and decode ranks on one node); SGLang's mooncake and nixl name the same "
+        "transfer here (its fake backend, which skips the transfer, is not offered)", group="disaggregation", choices=TRANSFER_BACKENDS))
     disaggregation_decode_dp: int | None = field(default=None, **_flag(
         "prefill server: at most this many decode ranks claim its KV (default: 32)",
         group="disaggregation"))

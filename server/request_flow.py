@@ -84,17 +84,18 @@ class RunningRequest:
     def dp_rank(self) -> int | None:
         return self.handle.dp_rank if self.handle.dp_rank >= 0 else None
 
-    async def progress(self) -> AsyncIterator[Progress]:
-        if not self.engine.args.log_requests:
-            async for step in self._progress():
-                yield step
-            return
+    def progress(self) -> AsyncIterator[Progress]:
+        """The request's steps (an async generator: close it, ``aclosing``, to abort)."""
+        return self._logged_progress() if self.engine.args.log_requests else self._progress()
+
+    async def _logged_progress(self) -> AsyncIterator[Progress]:
         last, ended = None, "ended: the client disconnected"
         try:
-            async for last in self._progress():
-                if last.finish_reason is not None:
-                    ended = f"finished: {json.dumps(last.finish_reason)}"
-                yield last
+            async with aclosing(self._progress()) as steps:
+                async for last in steps:
+                    if last.finish_reason is not None:
+                        ended = f"finished: {json.dumps(last.finish_reason)}"
+                    yield last
         except ApiError as exc:
             ended = f"failed ({exc.status_code}): {exc.message}"
             raise
