@@ -90,3 +90,20 @@ def test_each_bad_flag_is_one_clear_line(flags, env, names):
     assert len(lines) == 1 and names in lines[0], lines
     assert "mixed-load-balance-method" not in lines[0]
     assert "shortest_queue" not in lines[0] and "minimum_tokens" not in lines[0]
+
+
+def test_dtype_sets_the_weights_and_kv_dtype_of_the_real_model():
+    import torch
+
+    from engine.executor import ModelExecutor
+    from scheduler.config import SchedulerConfig
+    sizes = {}
+    for dtype, expected in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        cfg = SchedulerConfig(dp_rank=0, board_name="unused", device="cpu", dtype=dtype,
+                              max_total_tokens=1024)
+        executor = ModelExecutor.from_config(cfg)
+        assert executor.runner.kv_pool.kv_buffer.dtype == expected
+        assert next(executor.runner.model.parameters()).dtype == expected
+        sizes[dtype] = executor.memory_bytes()
+    assert sizes["bfloat16"][0] * 2 == sizes["float32"][0]  # weights
+    assert sizes["bfloat16"][1] * 2 == sizes["float32"][1]  # KV pool
