@@ -49,14 +49,15 @@ class ModelExecutor:
         configure_worker_threads(device)
         config = load_model_config(cfg.model_path)
         context_len = min(cfg.context_length or config.context_len, config.context_len)
-        dtype_bytes = resolve_dtype(device, config.dtype).itemsize
+        dtype = None if cfg.dtype == "auto" else cfg.dtype
+        dtype_bytes = resolve_dtype(device, config.dtype, dtype).itemsize
         max_total_tokens = cfg.max_total_tokens or default_max_total_tokens(
             config, context_len, dtype_bytes
         )
-        kv_segment = _pd_kv_segment(cfg, config, max_total_tokens, device)
+        kv_segment = _pd_kv_segment(cfg, config, max_total_tokens, device, dtype)
         try:
             runner = ModelRunner.from_model_path(
-                cfg.model_path, device, max_total_tokens, random_seed=cfg.random_seed,
+                cfg.model_path, device, max_total_tokens, dtype=dtype, random_seed=cfg.random_seed,
                 kv_buffer=kv_segment.kv_buf if kv_segment is not None else None,
             )
         except BaseException:
@@ -70,6 +71,12 @@ class ModelExecutor:
     @property
     def max_total_num_tokens(self) -> int:
         return self.kv.max_total_num_tokens
+
+    def memory_bytes(self) -> tuple[int, int]:
+        """(weights, KV pool) in bytes."""
+        weights = sum(p.numel() * p.element_size() for p in self.runner.model.parameters())
+        kv = self.runner.kv_pool.kv_buffer
+        return weights, kv.numel() * kv.element_size()
 
     def forward(self, items: list) -> list[tuple[int, float]]:
         """(token id, logprob) per item with `sample` set, in order. The logprob is 0.0
@@ -132,7 +139,8 @@ def _record_logprobs(item, top, values, tops) -> None:
         req.output_top_logprobs.append(top)
 
 
-def _pd_kv_segment(cfg: Any, config: ModelConfig, capacity: int, device: str):
+def _pd_kv_segment(cfg: Any, config: ModelConfig, capacity: int, device: str,
+                   dtype: str | None = None):
     """A PD prefill rank's pool goes in shared memory, so decode ranks can map it."""
     if getattr(cfg, "pd", None) is None or cfg.role != "prefill":
         return None
@@ -140,7 +148,8 @@ def _pd_kv_segment(cfg: Any, config: ModelConfig, capacity: int, device: str):
     from scheduler.pd import kv_segment_kind
     from shm.segment import segment_name
     name = segment_name(kv_segment_kind(cfg.dp_rank), cfg.pd.launch_id)
-    return create_kv_segment(name, config, capacity, resolve_dtype(device, config.dtype), device)
+    return create_kv_segment(name, config, capacity, resolve_dtype(device, config.dtype, dtype),
+                             device)
 
 
 def _optional_tokenizer(model_path: str) -> Tokenizer | None:

@@ -22,6 +22,7 @@ class SchedulerConfig:
     role: str = "mixed"
     model_path: str = "tiny"
     device: str = "auto"
+    dtype: str = "auto"  # --dtype: auto, float32, bfloat16 or float16
     max_running_requests: int | None = None
     max_total_tokens: int | None = None
     chunked_prefill_size: int = 512
@@ -38,6 +39,9 @@ class SchedulerConfig:
     # --sim-time-scale: a simulated step sleeps this many times its modelled time.
     sim_time_scale: float = 1.0
     log_level: str = "info"
+    # --decode-log-interval: the rank logs its "Decode batch." line every this many
+    # decoding batches and sends the API its figures (RankStats).
+    decode_log_interval: int = 40
     # PD disaggregation (role prefill/decode): where the shared tables and peers are.
     pd: PDConfig | None = None
 

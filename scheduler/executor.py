@@ -41,6 +41,10 @@ class Executor(Protocol):
     # (a decode rank copies a prefill peer's KV into its own slots) and ``close()``
     # (unlinks the segment at exit).
 
+    def memory_bytes(self) -> tuple[int, int]:
+        """(weights, KV pool) in bytes on the device: /server_info's memory_usage."""
+        ...
+
     def forward(self, items: list[ForwardItem]) -> list[tuple[int, float]]:
         """Run one pass. Returns (token id, logprob) for each item with ``sample`` set,
         in order. KV for every item's ``token_ids`` is written to

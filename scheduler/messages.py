@@ -110,6 +110,23 @@ class RankReady(msgspec.Struct, tag="ready", kw_only=True):
     max_running_requests: int
     context_len: int
     device: str
+    # SGLang's memory_usage: weights and KV pool in GB (2**30 bytes); 0 when simulated.
+    weight_gb: float = 0.0
+    kv_cache_gb: float = 0.0
+
+
+class RankStats(msgspec.Struct, tag="rank_stats", kw_only=True):
+    """Sent with each periodic "Decode batch." line (``scheduler.stats``): the figures
+    SGLang's ``internal_states`` and ``sglang:gen_throughput`` report per rank."""
+
+    dp_rank: int
+    num_running_reqs: int
+    num_used_tokens: int  # KV tokens holding data for running requests
+    token_usage: float  # num_used_tokens over the KV pool
+    num_queue_reqs: int
+    last_gen_throughput: float  # tokens/s decoded since the previous RankStats
+    decode_step_time_s: float  # mean wall seconds per decoding batch, same span
+    num_decode_batches: int  # since start
 
 
 class RankError(msgspec.Struct, tag="rank_error", kw_only=True):
@@ -119,7 +136,7 @@ class RankError(msgspec.Struct, tag="rank_error", kw_only=True):
     message: str
 
 
-ToServer = BatchOutput | RankReady | RankError
+ToServer = BatchOutput | RankReady | RankStats | RankError
 
 _encoder = msgspec.msgpack.Encoder()
 _to_scheduler = msgspec.msgpack.Decoder(ToScheduler)

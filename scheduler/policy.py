@@ -107,7 +107,7 @@ def resolve_method(name: str | LoadBalanceMethod, role: str) -> LoadBalanceMetho
     try:
         method = LoadBalanceMethod(key)
     except ValueError:
-        valid = [m.value for m in LoadBalanceMethod] + list(DEPRECATED_METHOD_ALIASES)
+        valid = [m.value for m in LoadBalanceMethod]  # current names only, not the aliases
         raise InvalidLoadBalanceMethod(
             f"unknown load balance method {name!r}; valid: {', '.join(valid)}") from None
     return AUTO_METHOD_BY_ROLE[role] if method is LoadBalanceMethod.AUTO else method

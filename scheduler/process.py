@@ -17,6 +17,7 @@ import sys
 import traceback
 
 from scheduler.config import SchedulerConfig
+from scheduler.log_format import configure_logging
 from scheduler.messages import RankError, RankReady, decode_to_scheduler, encode
 from shm.board import LoadBoard, RankStatus
 
@@ -24,8 +25,8 @@ logger = logging.getLogger(__name__)
 
 
 def run_scheduler(cfg: SchedulerConfig, req_conn, out_conn) -> None:
-    logging.basicConfig(level=cfg.log_level.upper(),
-                        format=f"[rank {cfg.dp_rank}] %(levelname)s %(message)s")
+    configure_logging(cfg.log_level, f"rank {cfg.dp_rank}" if cfg.role == "mixed"
+                      else f"{cfg.role} rank {cfg.dp_rank}")
     board = LoadBoard.attach(cfg.board_name)
     row = board.rank_writer(cfg.dp_rank)
     row.heartbeat()
@@ -60,7 +61,7 @@ def _start(cfg: SchedulerConfig, row, out_conn):
     tokenizer = getattr(executor, "tokenizer", None)
     send = lambda msg: out_conn.send_bytes(encode(msg))  # noqa: E731
     try:
-        scheduler = Scheduler(cfg, executor, row, send, tokenizer)
+        scheduler = Scheduler(cfg, executor, row, send, tokenizer, send_stats=send)
     except BaseException:
         if hasattr(executor, "close"):
             executor.close()  # a PD prefill rank's shared KV segment
@@ -71,10 +72,17 @@ def _start(cfg: SchedulerConfig, row, out_conn):
     send(RankReady(dp_rank=cfg.dp_rank, pid=os.getpid(),
                    max_total_num_tokens=executor.max_total_num_tokens,
                    max_running_requests=scheduler.max_running_requests,
-                   context_len=executor.context_len, device=executor.device))
+                   context_len=executor.context_len, device=executor.device,
+                   **_memory_gb(executor)))
     logger.info("ready on %s: %d KV tokens, %d max running requests", executor.device,
                 executor.max_total_num_tokens, scheduler.max_running_requests)
     return scheduler
+
+
+def _memory_gb(executor) -> dict[str, float]:
+    """SGLang's ``memory_usage`` figures: the executor's weights and KV pool in GB."""
+    weight_bytes, kv_bytes = executor.memory_bytes()
+    return {"weight_gb": weight_bytes / 2**30, "kv_cache_gb": kv_bytes / 2**30}
 
 
 def _loop(scheduler, req_conn, idle_wait_s: float) -> None:

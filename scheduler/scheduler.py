@@ -44,10 +44,11 @@ from scheduler.batching import ForwardItem, select_batch
 from scheduler.config import SchedulerConfig
 from scheduler.executor import Executor
 from scheduler.messages import (CLIENT_ERROR, SERVER_ERROR, AbortReq, BatchOutput,
-                                FlushCacheReq, GenerateReq, ReqOutput, ShutdownReq,
+                                FlushCacheReq, GenerateReq, RankStats, ReqOutput, ShutdownReq,
                                 abort_reason)
 from scheduler.pd import make_role
 from scheduler.request import Req
+from scheduler.stats import DecodeStats, decode_batch_line
 from shm.board_writers import RankWriter
 
 logger = logging.getLogger(__name__)
@@ -55,11 +56,13 @@ logger = logging.getLogger(__name__)
 
 class Scheduler:
     def __init__(self, cfg: SchedulerConfig, executor: Executor, board_row: RankWriter,
-                 send: Callable[[BatchOutput], None], tokenizer=None):
+                 send: Callable[[BatchOutput], None], tokenizer=None,
+                 send_stats: Callable[[RankStats], None] = lambda stats: None):
         self.cfg = cfg
         self.executor = executor
         self.board_row = board_row
         self.send = send
+        self.send_stats = send_stats  # the rank's periodic figures (scheduler.stats)
         self.tokenizer = tokenizer  # only needed for stop strings
         self.max_running_requests = cfg.max_running_requests or 256
         self.waiting: deque[Req] = deque()
@@ -79,6 +82,7 @@ class Scheduler:
         # token; a decode rank parks requests until their KV arrives from prefill.
         self.pd = make_role(cfg, executor)
         self.hands_off = self.pd is not None and cfg.role == "prefill"
+        self.decode_stats = DecodeStats(cfg.decode_log_interval)
 
     # ---- the loop --------------------------------------------------------------------
     @property
@@ -94,6 +98,7 @@ class Scheduler:
 
     def step(self, messages: list) -> None:
         """One iteration; ``messages`` are what ``receive`` took off the pipe."""
+        started = self.decode_stats.clock()
         self.receive(messages)
         if self.pd is not None:
             self.poll_transfers()
@@ -106,6 +111,7 @@ class Scheduler:
             self.process_results(batch, results)
         self.publish_load()
         self.send_outputs()
+        self.report_stats(batch, started)
 
     def receive(self, messages: list) -> None:
         for msg in messages:
@@ -163,6 +169,24 @@ class Scheduler:
                                len(self.waiting) + parked, tokens + parked_tokens,
                                self.acked_reqs, self.acked_tokens, num_prefill_tokens=prefill)
         self.board_row.heartbeat()
+
+    def report_stats(self, batch: list[ForwardItem], started: float) -> None:
+        """Every ``--decode-log-interval`` decoding batches: SGLang's "Decode batch."
+        line, and the same figures to the API (``scheduler.stats``)."""
+        num_decoded = sum(1 for item in batch if item.start_pos >= item.req.prompt_len)
+        step_s = self.decode_stats.on_step(len(batch), num_decoded, started)
+        if step_s is None:
+            return
+        used = sum(r.num_computed for r in self.running)
+        parked = self.pd.pending_load()[0] if self.pd is not None else 0
+        stats = RankStats(
+            dp_rank=self.cfg.dp_rank, num_running_reqs=len(self.running), num_used_tokens=used,
+            token_usage=used / max(self.executor.max_total_num_tokens, 1),
+            num_queue_reqs=len(self.waiting) + parked,
+            last_gen_throughput=self.decode_stats.last_gen_throughput,
+            decode_step_time_s=step_s, num_decode_batches=self.decode_stats.num_decode_batches)
+        logger.info("%s", decode_batch_line(stats))
+        self.send_stats(stats)
 
     def _leaving(self, batch: list[ForwardItem]) -> frozenset[Req]:
         """Requests the forward of ``batch`` ends whatever it samples: a PD prefill

@@ -146,6 +146,10 @@ class SimExecutor:
     def max_total_num_tokens(self) -> int:
         return self.kv.max_total_num_tokens
 
+    def memory_bytes(self) -> tuple[int, int]:
+        """Nothing is allocated for a simulated model."""
+        return 0, 0
+
     def forward(self, items: list[ForwardItem]) -> list[tuple[int, float]]:
         """Sleep for the step's cost times ``time_scale`` (with lockstep: until the
         slowest rank's step ends); an empty batch is a lockstep idle step and costs

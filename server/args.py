@@ -43,6 +43,7 @@ ROLE_BY_DISAGGREGATION_MODE = {"null": "mixed", "prefill": "prefill", "decode": 
 ROLES_OF_MODE = {"null": ("mixed",), "prefill": ("prefill",), "decode": ("decode",),
                  "pd": ("prefill", "decode")}
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+HTTP_STACKS = ("auto", "fast", "asyncio")
 EXECUTORS = ("real", "sim")
 MAX_SIM_TIME_SCALE = 1000.0
 MAX_RANDOM_SEED = 1 << 30  # the default is drawn below this, as SGLang draws its own
@@ -54,12 +55,34 @@ class InvalidServerArgs(ValueError):
     """A flag value the server cannot run with; the message names the flag."""
 
 
-def _flag(help_text: str, **extra) -> dict:
-    return {"metadata": {"help": help_text, **extra}}
+# ``--help`` sections, in order; a field names its own with ``group=`` (default: server).
+HELP_GROUPS = {
+    "server": "HTTP server and operations",
+    "model": "model",
+    "balancing": "data parallelism, load balancing and per-rank limits",
+    "disaggregation": "prefill/decode disaggregation",
+    "simulation": "simulated accelerator (benchmarks)",
+}
+DTYPES = ("auto", "float32", "bfloat16", "float16", "float", "half")
+DTYPE_ALIASES = {"float": "float32", "half": "float16"}  # SGLang's short names
+# SGLang's KV transfer backends, all served by node-local shared memory here.
+TRANSFER_BACKENDS = ("shm", "mooncake", "nixl")
+# Environment variables SGLang reads for flags left unset (seconds).
+ENV_OF_FLAG = {
+    "disaggregation_bootstrap_timeout": "SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT",
+    "disaggregation_waiting_timeout": "SGLANG_DISAGGREGATION_WAITING_TIMEOUT",
+}
+
+
+def _flag(help_text: str, group: str = "server", aliases: tuple[str, ...] = (),
+          **extra) -> dict:
+    """A field's CLI metadata: its help, its ``--help`` section, SGLang's other names."""
+    return {"metadata": {"help": help_text, "group": group, "aliases": aliases, **extra}}
 
 
 @dataclass(frozen=True)
 class ServerArgs:
+    # ---- server ----
     host: str = field(default="127.0.0.1", **_flag("address to listen on"))
     port: int = field(default=30000, **_flag("HTTP port"))
     timeout_keep_alive: float = field(default=5.0, **_flag(
@@ -78,109 +101,158 @@ class ServerArgs:
         "a million-token prompt as input_ids is about 7 MB of JSON)"))
     limit_concurrency: int | None = field(default=None, **_flag(
         "open HTTP connections served at once (uvicorn's flag); a request on a connection "
-        "past it gets 503 with Retry-After, and the connection is closed. Unset: the "
+        "past it gets 503 with Retry-After, and the connection is closed. Default: the "
         "open-file limit, which the server raises to its hard limit at start, less room "
         "for the ranks' pipes and segments"))
     api_key: str | None = field(default=None, **_flag(
         "require 'Authorization: Bearer <key>' on every route but /health (401 otherwise). "
-        f"Unset: ${API_KEY_ENV} if set, which keeps the key out of the process list (as "
+        f"Default: ${API_KEY_ENV} if set, which keeps the key out of the process list (as "
         "vLLM's VLLM_API_KEY)"))
+    http_stack: str = field(default="auto", **_flag(
+        "event loop and HTTP parser: fast (uvloop and httptools), asyncio (asyncio's loop "
+        "and h11) or auto (fast when both are installed)", choices=HTTP_STACKS))
+    log_level: str = field(default="info", **_flag("logging level", choices=LOG_LEVELS))
+    log_requests: bool = field(default=False, **_flag(
+        "log one line per finished request at info: id, rank, prompt and output tokens, "
+        "finish reason, latency"))
+    decode_log_interval: int = field(default=40, **_flag(
+        "each rank logs SGLang's 'Decode batch.' line (running requests, KV tokens, token "
+        "usage, generation throughput, queue) every this many decoding batches"))
+    enable_metrics: bool = field(default=False, **_flag(
+        "SGLang's flag, accepted: GET /metrics (Prometheus, SGLang's metric names) is "
+        "always served"))
+    startup_timeout_s: float = field(default=600.0, **_flag(
+        "give up if a rank is not ready after this long"))
+    shutdown_timeout_s: float = field(default=5.0, **_flag(
+        "at exit, how long ranks get to stop before they are terminated"))
+    # ---- model ----
     model_path: str = field(default="SmolLM2-135M-Instruct", **_flag(
         "checkpoint folder, .gguf file, Hugging Face repo id (owner/name), 'tiny' for the "
         "built-in random test model (nothing to download), or SmolLM2-135M-Instruct: "
-        "fetched once (about 93 MB) into the user's cache"))
+        "fetched once (about 93 MB) into the user's cache", group="model"))
     served_model_name: str | None = field(default=None, **_flag(
-        "model id in OpenAI responses (default: --model-path)"))
+        "model id in OpenAI responses (default: --model-path)", group="model"))
     tokenizer_path: str | None = field(default=None, **_flag(
-        "tokenizer folder (default: the model's)"))
+        "tokenizer folder (default: the model's)", group="model"))
     chat_template: str | None = field(default=None, **_flag(
         "chat template for /v1/chat/completions: a file (.jinja, or a tokenizer_config.json) "
         "or the template text (default: the model's chat_template.jinja, else its "
-        "tokenizer_config.json's)"))
-    dp_size: int = field(default=1, **_flag("number of data-parallel ranks (one process each)"))
-    load_balance_method: str = field(default="auto", **_flag(
-        "round_robin, follow_bootstrap_room, total_requests, total_tokens, prefill_tokens "
-        "(fewest prompt tokens waiting for prefill, then total_tokens) or auto (by role: "
-        "prefill_tokens for mixed ranks, total_tokens for prefill ranks, total_requests for "
-        "decode ranks)"))
-    max_running_requests: int | None = field(default=None, **_flag(
-        "per rank (default: derived by the rank)"))
-    max_total_tokens: int | None = field(default=None, **_flag(
-        "KV pool size in tokens per rank; overrides the size --mem-fraction-static gives, "
-        "and a launch whose ranks cannot hold it is refused before any rank starts"))
+        "tokenizer_config.json's)", group="model"))
+    context_length: int | None = field(default=None, **_flag(
+        "max prompt + output tokens (default: the model's)", group="model"))
+    dtype: str = field(default="auto", **_flag(
+        "weights and KV cache dtype: auto (float32 on CPU, the checkpoint's on CUDA), "
+        "float32, bfloat16 or float16 (float and half are SGLang's short names)",
+        group="model", choices=DTYPES))
+    trust_remote_code: bool = field(default=False, **_flag(
+        "SGLang's flag, accepted: no code is ever loaded from a checkpoint; the built-in "
+        "architectures (engine/model.py) run every model", group="model"))
+    device: str = field(default="auto", **_flag(
+        "auto (cuda when a GPU is visible, else cpu), cpu, cuda, or cuda:N (cuda with "
+        "--base-gpu-id N)", group="model"))
+    base_gpu_id: int = field(default=0, **_flag(
+        "CUDA: rank i runs on cuda:(base_gpu_id + i * gpu_id_step) (SGLang's flags); in pd "
+        "mode the prefill ranks come first, then the decode ranks, so no GPU holds both "
+        "(PD's KV hand-off is CPU-only for now: a prefill rank on CUDA is refused)",
+        group="model"))
+    gpu_id_step: int = field(default=1, **_flag("CUDA: GPU index step between ranks",
+                                                group="model"))
+    allow_gpu_sharing: bool = field(default=False, **_flag(
+        "CUDA: allow more ranks than GPUs (GPU indices wrap around the visible GPUs, and "
+        "the ranks on one GPU split its memory); without it such a launch is refused",
+        group="model"))
     mem_fraction_static: float | None = field(default=None, **_flag(
         "fraction of memory for weights plus KV pool (SGLang's flag): on CUDA, of the GPU's "
         "free memory at launch, split between the ranks sharing that GPU; on CPU, of the "
         "host's available RAM, split between all ranks (the KV pool is then capped at 16 "
         "full contexts). Each rank's KV pool gets what its weights leave. Default: 0.88 on "
-        "CUDA (SGLang's for one GPU), 0.5 on CPU"))
-    chunked_prefill_size: int = field(default=512, **_flag("prefill tokens per batch"))
-    context_length: int | None = field(default=None, **_flag(
-        "max prompt + output tokens (default: the model's)"))
-    device: str = field(default="auto", **_flag(
-        "auto (cuda when a GPU is visible, else cpu), cpu, cuda, or cuda:N (cuda with "
-        "--base-gpu-id N)"))
-    base_gpu_id: int = field(default=0, **_flag(
-        "CUDA: rank i runs on cuda:(base_gpu_id + i * gpu_id_step) (SGLang's flags); in pd "
-        "mode the prefill ranks come first, then the decode ranks, so no GPU holds both "
-        "(PD's KV hand-off is CPU-only for now: a prefill rank on CUDA is refused)"))
-    gpu_id_step: int = field(default=1, **_flag("CUDA: GPU index step between ranks"))
-    allow_gpu_sharing: bool = field(default=False, **_flag(
-        "CUDA: allow more ranks than GPUs (GPU indices wrap around the visible GPUs, and "
-        "the ranks on one GPU split its memory); without it such a launch is refused"))
-    log_level: str = field(default="info", **_flag("logging level", choices=LOG_LEVELS))
+        "CUDA (SGLang's for one GPU), 0.5 on CPU", group="model"))
+    random_seed: int | None = field(default=None, **_flag(
+        "seed of the ranks' sampling generators: rank i draws from seed + i (in pd mode, "
+        "decode rank i from seed + prefill ranks + i), so ranks differ. Default: a random "
+        "seed, chosen once at start-up and shown in /server_info. Requests with their own "
+        "seed (sampling_seed, OpenAI seed) are reproducible whatever this is",
+        group="model"))
+    # ---- balancing ----
+    dp_size: int = field(default=1, **_flag(
+        "number of data-parallel ranks (one process each)", group="balancing",
+        aliases=("--data-parallel-size",)))
+    tp_size: int = field(default=1, **_flag(
+        "tensor-parallel size; only 1: each rank runs the whole model on one device "
+        "(scale out with --dp-size)", group="balancing", aliases=("--tensor-parallel-size",)))
+    enable_dp_attention: bool = field(default=False, **_flag(
+        "SGLang's DP attention: every rank already runs its own attention and KV cache; "
+        "with --executor sim the ranks also step together as DP attention with expert "
+        "parallelism does (--sim-lockstep)", group="balancing"))
+    load_balance_method: str = field(default="auto", **_flag(
+        "round_robin, follow_bootstrap_room, total_requests, total_tokens, prefill_tokens "
+        "(fewest prompt tokens waiting for prefill, then total_tokens) or auto (by role: "
+        "prefill_tokens for mixed ranks, total_tokens for prefill ranks, total_requests for "
+        "decode ranks)", group="balancing"))
+    max_running_requests: int | None = field(default=None, **_flag(
+        "per rank (default: derived by the rank)", group="balancing"))
+    max_total_tokens: int | None = field(default=None, **_flag(
+        "KV pool size in tokens per rank; overrides the size --mem-fraction-static gives, "
+        "and a launch whose ranks cannot hold it is refused before any rank starts",
+        group="balancing"))
+    chunked_prefill_size: int = field(default=512, **_flag(
+        "prefill tokens per batch", group="balancing"))
+    max_queued_requests: int | None = field(default=None, **_flag(
+        "per rank: past running + this many queued, new requests get 503 (default: no bound)",
+        group="balancing"))
+    heartbeat_interval_s: float = field(default=0.05, **_flag(
+        "how often an idle rank refreshes its heartbeat", group="balancing"))
+    stale_after_s: float = field(default=10.0, **_flag(
+        "a rank silent this long is not picked; must exceed the longest forward pass (with "
+        "--sim-time-scale: in simulated seconds)", group="balancing"))
+    # ---- disaggregation ----
     disaggregation_mode: str = field(default="null", **_flag(
         "null (mixed ranks); pd (prefill and decode ranks behind this one server); prefill "
         "or decode (one half each, two servers on one node for an external PD gateway)",
-        choices=DISAGGREGATION_MODES))
+        group="disaggregation", choices=DISAGGREGATION_MODES))
     prefill_dp_size: int | None = field(default=None, **_flag(
-        "pd mode: prefill ranks (default: --dp-size)"))
+        "pd mode: prefill ranks (default: --dp-size)", group="disaggregation"))
     decode_dp_size: int | None = field(default=None, **_flag(
-        "pd mode: decode ranks (default: --dp-size); routed_dp_rank addresses these"))
+        "pd mode: decode ranks (default: --dp-size); routed_dp_rank addresses these",
+        group="disaggregation"))
     prefill_load_balance_method: str | None = field(default=None, **_flag(
-        "PD: method for prefill ranks (default: --load-balance-method; auto = total_tokens)"))
+        "pd and prefill modes: method for prefill ranks (default: --load-balance-method; "
+        "auto = total_tokens)", group="disaggregation"))
     decode_load_balance_method: str | None = field(default=None, **_flag(
-        "PD: method for decode ranks (default: --load-balance-method; auto = total_requests)"))
+        "pd and decode modes: method for decode ranks (default: --load-balance-method; "
+        "auto = total_requests)", group="disaggregation"))
     disaggregation_bootstrap_port: int = field(default=8998, **_flag(
         "prefill/decode servers: the pair on one node shares its tables under this number "
-        "(SGLang's flag; no socket is opened: the bootstrap is shared memory)"))
+        "(SGLang's flag; no socket is opened: the bootstrap is shared memory)",
+        group="disaggregation"))
+    disaggregation_transfer_backend: str = field(default="shm", **_flag(
+        "how KV moves from prefill to decode: always node-local shared memory (prefill "
+        "and decode ranks on one node); SGLang's mooncake and nixl name the same "
+        "transfer here (its fake backend, which skips the transfer, is not offered)", group="disaggregation", choices=TRANSFER_BACKENDS))
     disaggregation_decode_dp: int | None = field(default=None, **_flag(
-        "prefill server: at most this many decode ranks claim its KV (default: 32)"))
+        "prefill server: at most this many decode ranks claim its KV (default: 32)",
+        group="disaggregation"))
     disaggregation_bootstrap_timeout: float = field(default=300.0, **_flag(
         "PD: seconds a room may wait for its prefill (decode side) or its decode (prefill "
-        "side, then its KV is freed)"))
+        "side, then its KV is freed)", group="disaggregation"))
     disaggregation_waiting_timeout: float = field(default=300.0, **_flag(
-        "PD decode: seconds a placed request may wait for its KV"))
+        "PD decode: seconds a placed request may wait for its KV", group="disaggregation"))
+    # ---- simulation ----
     executor: str = field(default="real", **_flag(
         "real (the torch model) or sim (simulated accelerator, for benchmarks)",
-        choices=EXECUTORS))
+        group="simulation", choices=EXECUTORS))
     sim_profile: str = field(default="tiny-cpu", **_flag(
-        "with --executor sim: a profile name in scheduler/sim_profiles or a .json path"))
+        "with --executor sim: a profile name in scheduler/sim_profiles or a .json path",
+        group="simulation"))
     sim_lockstep: bool = field(default=False, **_flag(
         "with --executor sim: every rank's step lasts as long as the slowest rank's, as DP "
-        "attention with expert parallelism does (scheduler/lockstep.py)"))
+        "attention with expert parallelism does (scheduler/lockstep.py)", group="simulation"))
     sim_time_scale: float = field(default=1.0, **_flag(
         "with --executor sim: every simulated step lasts this many times its modelled time "
         "in wall-clock time, so a host with fewer cores than ranks keeps the steps on time; "
         "bench.serving reads it from /server_info and reports in simulated time. "
         "--stale-after-s and the --disaggregation-*-timeout flags are stretched by the same "
-        "factor; /metrics stays in wall-clock time"))
-    random_seed: int | None = field(default=None, **_flag(
-        "seed of the ranks' sampling generators: rank i draws from seed + i (in pd mode, "
-        "decode rank i from seed + prefill ranks + i), so ranks differ; default: a random "
-        "seed, chosen once at start-up and shown in /server_info. Requests with their own "
-        "seed (sampling_seed, OpenAI seed) are reproducible whatever this is"))
-    heartbeat_interval_s: float = field(default=0.05, **_flag(
-        "how often an idle rank refreshes its heartbeat"))
-    stale_after_s: float = field(default=10.0, **_flag(
-        "a rank silent this long is not picked; must exceed the longest forward pass (with "
-        "--sim-time-scale: in simulated seconds)"))
-    startup_timeout_s: float = field(default=600.0, **_flag(
-        "give up if a rank is not ready after this long"))
-    shutdown_timeout_s: float = field(default=5.0, **_flag(
-        "at exit, how long ranks get to stop before they are terminated"))
-    max_queued_requests: int | None = field(default=None, **_flag(
-        "per rank: past running + this many queued, new requests get 503 (default: no bound)"))
+        "factor; /metrics stays in wall-clock time", group="simulation"))
 
     @property
     def role(self) -> str:
@@ -201,6 +273,12 @@ class ServerArgs:
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
+
+
+def has_fast_http() -> bool:
+    """uvloop and httptools are both installed."""
+    import importlib.util
+    return all(importlib.util.find_spec(m) is not None for m in ("uvloop", "httptools"))
 
 
 def check_sim_time_scale(scale: float) -> None:
@@ -233,6 +311,13 @@ def validate_args(args: ServerArgs) -> None:
                                 "in an HTTP header)")
     if not 1 <= args.dp_size <= 1024:
         raise InvalidServerArgs(f"--dp-size must be in [1, 1024], got {args.dp_size}")
+    if args.tp_size != 1:
+        raise InvalidServerArgs(
+            f"--tp-size {args.tp_size}: tensor parallelism is not supported; each rank runs "
+            f"the whole model on one device (scale out with --dp-size)")
+    if args.decode_log_interval < 1:
+        raise InvalidServerArgs(f"--decode-log-interval must be >= 1, got {args.decode_log_interval}")
+    _check_pd_flags(args)
     for name in ("prefill_dp_size", "decode_dp_size", "disaggregation_decode_dp"):
         value = getattr(args, name)
         if value is not None and not 1 <= value <= 1024:
@@ -258,11 +343,36 @@ def validate_args(args: ServerArgs) -> None:
         raise InvalidServerArgs("--chunked-prefill-size must be >= 1")
     if args.sim_lockstep and args.executor != "sim":
         raise InvalidServerArgs("--sim-lockstep needs --executor sim")
+    if args.http_stack == "fast" and not has_fast_http():
+        raise InvalidServerArgs("--http-stack fast needs uvloop and httptools installed "
+                                "(pip install uvloop httptools)")
     check_sim_time_scale(args.sim_time_scale)
     if args.sim_time_scale != 1.0 and args.executor != "sim":
         raise InvalidServerArgs("--sim-time-scale needs --executor sim")
     if args.heartbeat_interval_s <= 0 or args.stale_after_s <= 4 * args.heartbeat_interval_s:
         raise InvalidServerArgs("--stale-after-s must exceed several --heartbeat-interval-s (> 0)")
+
+
+def _check_pd_flags(args: ServerArgs) -> None:
+    """Per-role flags that the mode would not use contradict it: refuse them rather
+    than run something other than what the command line says."""
+    mode = args.disaggregation_mode
+    for role in ("prefill", "decode"):
+        size = getattr(args, f"{role}_dp_size")
+        if mode != "pd" and size is not None and size != args.dp_size:
+            raise InvalidServerArgs(
+                f"--{role}-dp-size {size} contradicts --dp-size {args.dp_size}: "
+                f"--{role}-dp-size is for --disaggregation-mode pd; a --disaggregation-mode "
+                f"{mode} server runs --dp-size ranks")
+        method = getattr(args, f"{role}_load_balance_method")
+        if method is not None and role not in ROLES_OF_MODE[mode]:
+            raise InvalidServerArgs(
+                f"--{role}-load-balance-method: --disaggregation-mode {mode} runs no {role} "
+                f"ranks; use --load-balance-method")
+    if args.disaggregation_decode_dp is not None and mode != "prefill":
+        raise InvalidServerArgs(
+            "--disaggregation-decode-dp is for --disaggregation-mode prefill (pd mode: "
+            "--decode-dp-size)")
 
 
 def _is_header_token(key: str) -> bool:
@@ -281,16 +391,16 @@ def resolve_args(args: ServerArgs) -> ServerArgs:
     validate_args(args)
     methods = {}
     for role in ROLES_OF_MODE[args.disaggregation_mode]:
-        flag = f"{role}_load_balance_method"
-        name = getattr(args, flag, None) or args.load_balance_method
+        per_role = getattr(args, f"{role}_load_balance_method", None)  # mixed has none
+        flag = f"--{role}-load-balance-method" if per_role else "--load-balance-method"
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", DeprecationWarning)
-                methods[role] = resolve_method(name, role).value
+                methods[role] = resolve_method(per_role or args.load_balance_method, role).value
         except InvalidLoadBalanceMethod as exc:
-            raise InvalidServerArgs(f"--{flag.replace('_', '-')}: {exc}") from None
+            raise InvalidServerArgs(f"{flag}: {exc}") from None
         for w in caught:  # a deprecated alias: say so where a server user looks, the log
-            logger.warning("--load-balance-method: %s", w.message)
+            logger.warning("%s: %s", flag, w.message)
     # The method this server's own dispatch uses (pd: the decode one, which routed_dp_rank
     # and /server_info's dp_size refer to); per-role ones only where roles exist.
     method = methods.get("mixed") or methods.get("decode") or methods["prefill"]
@@ -328,6 +438,12 @@ def resolve_args(args: ServerArgs) -> ServerArgs:
         random_seed=(args.random_seed if args.random_seed is not None
                      else secrets.randbelow(MAX_RANDOM_SEED)),
         limit_concurrency=args.limit_concurrency or default_connection_limit(num_ranks),
+        http_stack=("fast" if has_fast_http() else "asyncio") if args.http_stack == "auto"
+        else args.http_stack,
+        dtype=DTYPE_ALIASES.get(args.dtype, args.dtype),
+        # SGLang's DP attention (with expert parallelism) steps the ranks together; the
+        # simulated executor models exactly that.
+        sim_lockstep=args.sim_lockstep or (args.enable_dp_attention and args.executor == "sim"),
     )
 
 
@@ -348,30 +464,70 @@ def local_model_path(model_path: str) -> str:
 
 
 # ---- CLI ---------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """One line, naming the flag, then exit 2 (argparse's usage block would list
+        every flag before the message)."""
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m engine.serve",
+    parser = _Parser(
+        prog="python -m engine.serve", usage="%(prog)s [options]",
         description="Serve a model over N data-parallel ranks balanced through a shared-memory "
                     "load board (SGLang- and OpenAI-compatible HTTP API).")
+    groups = {name: parser.add_argument_group(title) for name, title in HELP_GROUPS.items()}
     hints = typing.get_type_hints(ServerArgs)
     for f in dataclasses.fields(ServerArgs):
-        kind, optional = _scalar_type(hints[f.name])
-        kwargs = {"dest": f.name, "default": f.default, "help": f.metadata.get("help", "")}
-        if "choices" in f.metadata:
-            kwargs["choices"] = f.metadata["choices"]
+        kind, _ = _scalar_type(hints[f.name])
+        meta = f.metadata
+        kwargs = {"dest": f.name, "default": f.default, "help": _help_of(f)}
+        if "choices" in meta:
+            kwargs["choices"] = meta["choices"]
         if kind is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
+            kwargs["action"] = "store_true"  # SGLang's flags are switches without --no-
         else:
             kwargs["type"] = kind
             kwargs["metavar"] = f.name.upper()
-        kwargs["help"] += " (default: %(default)s)"
-        parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+        if f.name in ENV_OF_FLAG:
+            kwargs["default"] = None  # unset: parse_args reads the environment
+        flags = ["--" + f.name.replace("_", "-"), *meta.get("aliases", ())]
+        groups[meta.get("group", "server")].add_argument(*flags, **kwargs)
     return parser
 
 
+def _help_of(f: dataclasses.Field) -> str:
+    """The field's help with its default stated once: a help text that says its own
+    default ("default: ...") keeps it; a switch's default (off) goes unsaid."""
+    text = f.metadata.get("help", "")
+    if f.name in ENV_OF_FLAG:
+        return f"{text} (default: ${ENV_OF_FLAG[f.name]} if set, else {f.default:g})"
+    if "default:" in text.lower() or f.default is None or f.default is False:
+        return text
+    return f"{text} (default: {f.default})"
+
+
 def parse_args(argv: list[str] | None = None) -> ServerArgs:
-    namespace = build_parser().parse_args(argv)
-    return ServerArgs(**vars(namespace))
+    parser = build_parser()
+    values = vars(parser.parse_args(argv))
+    for name, env in ENV_OF_FLAG.items():
+        if values[name] is None:
+            values[name] = _env_seconds(parser, env, _field_default(name))
+    return ServerArgs(**values)
+
+
+def _env_seconds(parser: argparse.ArgumentParser, env: str, default: float) -> float:
+    raw = os.environ.get(env)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        parser.error(f"${env} must be a number of seconds, got {raw!r}")
+
+
+def _field_default(name: str):
+    return next(f.default for f in dataclasses.fields(ServerArgs) if f.name == name)
 
 
 def _scalar_type(hint) -> tuple[type, bool]:

@@ -1,18 +1,20 @@
-"""The HTTP connection layer: the bounds uvicorn's h11 protocol lacks, and open files.
+"""The HTTP connection layer: the bounds uvicorn's HTTP protocols lack, and open files.
 
-uvicorn's ``H11Protocol`` (what ``http="auto"`` runs without httptools, checked on
-0.55) times a connection out only while it idles between requests, and only after a
-first response: a connection that never sends a byte, a request line and headers sent
-a byte at a time, or a body trickled slowly each hold a socket and a file descriptor
-for good. Its own ``limit_concurrency`` counts open connections (idle ones too) and
-in-flight requests, and answers a plain-text 503 without ``Retry-After``.
-``BoundedH11Protocol`` adds, per connection:
+uvicorn's protocols (``H11Protocol``, and ``HttpToolsProtocol`` that ``http="auto"``
+runs when httptools is installed; checked on 0.55) time a connection out only while it
+idles between requests, and only after a first response: a connection that never
+sends a byte, a request line and headers sent a byte at a time, or a body trickled
+slowly each hold a socket and a file descriptor for good. Their own
+``limit_concurrency`` counts open connections (idle ones too) and in-flight requests,
+and answers a plain-text 503 without ``Retry-After``. ``ConnectionBounds`` adds, per
+connection, over either protocol (``BoundedH11Protocol``, and the httptools one that
+``bounded_httptools_protocol`` builds when httptools is installed):
 
 - a request-read deadline (``--timeout-request-read``), armed when the connection
   opens and, on a kept-alive connection, at the first byte of each later request (until
-  then uvicorn's keep-alive timer runs); disarmed once h11 holds the whole request,
-  headers and body. On expiry the connection is closed; a route still reading the body
-  sees a disconnect.
+  then uvicorn's keep-alive timer runs); disarmed once the parser holds the whole
+  request, headers and body. On expiry the connection is closed; a route still reading
+  the body sees a disconnect.
 - a connection bound (``--limit-concurrency``). A connection opened past it closes the
   oldest connection that is waiting for a request (none sent yet, headers incomplete, or
   kept alive after a response), as nginx reuses idle keep-alive connections: idle and
@@ -20,6 +22,10 @@ in-flight requests, and answers a plain-text 503 without ``Retry-After``.
   arrives while more connections are still open (all of them mid-request) gets the
   JSON 503 that every "cannot serve now" answer uses, with ``Retry-After``, and
   ``Connection: close`` so its descriptor is freed.
+
+``--http-stack fast`` (the default when uvloop and httptools are installed) runs the
+server on uvloop's event loop and httptools' parser: less API CPU per request
+(``python -m bench.http_stack`` measures it); ``asyncio`` on asyncio's loop and h11.
 
 Every connection holds a descriptor; once the process has none left, ``accept`` fails,
 and asyncio (3.11) then logs and re-schedules its accept loop once per pending
@@ -36,6 +42,7 @@ import asyncio
 import functools
 import logging
 import resource
+from collections.abc import Callable
 
 import h11
 from starlette.responses import JSONResponse
@@ -96,9 +103,19 @@ def default_connection_limit(num_ranks: int) -> int:
 
 def protocol_for(args: ServerArgs) -> functools.partial:
     """The ``http`` protocol factory to give ``uvicorn.Config`` (one per server: the
-    waiting connections are shared by all of its connections)."""
-    return functools.partial(BoundedH11Protocol, timeout_request_read=args.timeout_request_read,
+    waiting connections are shared by all of its connections): httptools' parser with
+    ``--http-stack fast``, h11's with ``asyncio``, each with the same bounds."""
+    protocol = bounded_httptools_protocol() if args.http_stack == "fast" else BoundedH11Protocol
+    return functools.partial(protocol, timeout_request_read=args.timeout_request_read,
                              max_connections=args.limit_concurrency, waiting=WaitingConnections())
+
+
+def event_loop_factory(args: ServerArgs) -> Callable[[], asyncio.AbstractEventLoop]:
+    """uvloop's loop with ``--http-stack fast``, else asyncio's."""
+    if args.http_stack == "fast":
+        import uvloop
+        return uvloop.new_event_loop
+    return asyncio.new_event_loop
 
 
 class WaitingConnections:
@@ -106,25 +123,34 @@ class WaitingConnections:
     event loop's thread, like uvicorn's own set of connections."""
 
     def __init__(self):
-        self._ordered: dict[BoundedH11Protocol, None] = {}
+        self._ordered: dict[ConnectionBounds, None] = {}
+        # Connections closed to make room whose close has not completed yet: uvicorn
+        # counts them until their connection_lost, which a burst of accepts (uvloop
+        # runs many in one loop iteration) can precede.
+        self.closing: set[ConnectionBounds] = set()
 
     def __len__(self) -> int:
         return len(self._ordered)
 
-    def add(self, protocol: BoundedH11Protocol) -> None:
+    def add(self, protocol: ConnectionBounds) -> None:
         self._ordered.setdefault(protocol)  # a connection keeps its place while it waits
 
-    def discard(self, protocol: BoundedH11Protocol) -> None:
+    def discard(self, protocol: ConnectionBounds) -> None:
         self._ordered.pop(protocol, None)
 
-    def pop_oldest(self) -> BoundedH11Protocol | None:
+    def pop_oldest(self) -> ConnectionBounds | None:
         for protocol in self._ordered:
             del self._ordered[protocol]
             return protocol
         return None
 
 
-class BoundedH11Protocol(H11Protocol):
+class ConnectionBounds:
+    """The bounds, over either of uvicorn's HTTP protocols (a mixin placed before it).
+    A subclass says, from its parser's state, whether the request being read is whole
+    (``_has_whole_request``) and whether the connection waits for one (``_is_waiting``).
+    """
+
     def __init__(self, *args, timeout_request_read: float, max_connections: int,
                  waiting: WaitingConnections, **kwargs):
         super().__init__(*args, **kwargs)
@@ -135,22 +161,27 @@ class BoundedH11Protocol(H11Protocol):
         self._served_app = self.app
         self.app = self._admit
 
+    def _has_whole_request(self) -> bool:
+        raise NotImplementedError
+
+    def _is_waiting(self) -> bool:
+        raise NotImplementedError
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm_read_deadline()
-        if len(self.connections) > self.max_connections and (victim := self.waiting.pop_oldest()):
+        if self._num_open() > self.max_connections and (victim := self.waiting.pop_oldest()):
             logger.debug("closing the waiting connection from %s: %d connections open, more "
-                         "than --limit-concurrency", victim.client, len(self.connections))
+                         "than --limit-concurrency", victim.client, self._num_open())
             victim.transport.close()
+            self.waiting.closing.add(victim)
         self.waiting.add(self)
 
     def data_received(self, data: bytes) -> None:
         if self._read_deadline is None:  # the first byte of a later request
             self._arm_read_deadline()
         super().data_received(data)
-        # IDLE: the request line or headers are incomplete; SEND_BODY: the body is.
-        # DONE or MUST_CLOSE: the whole request is in; ERROR: uvicorn answered 400.
-        if self.conn.their_state is not h11.IDLE and self.conn.their_state is not h11.SEND_BODY:
+        if self._has_whole_request():
             self._disarm_read_deadline()
         self._note_waiting()
 
@@ -161,13 +192,14 @@ class BoundedH11Protocol(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_read_deadline()
         self.waiting.discard(self)
+        self.waiting.closing.discard(self)
         super().connection_lost(exc)
 
+    def _num_open(self) -> int:
+        return len(self.connections) - len(self.waiting.closing)
+
     def _note_waiting(self) -> None:
-        """Waiting: no request in progress (its headers are not all in, and no response
-        is being sent)."""
-        in_progress = self.cycle is not None and not self.cycle.response_complete
-        if self.conn.their_state is h11.IDLE and not in_progress and not self.transport.is_closing():
+        if self._is_waiting() and not self.transport.is_closing():
             self.waiting.add(self)
         else:
             self.waiting.discard(self)
@@ -189,9 +221,9 @@ class BoundedH11Protocol(H11Protocol):
 
     async def _admit(self, scope, receive, send) -> None:
         """The ASGI app uvicorn runs for each request on this connection."""
-        if len(self.connections) > self.max_connections:
+        if self._num_open() > self.max_connections:
             logger.warning("503: %d connections open, more than --limit-concurrency %d",
-                           len(self.connections), self.max_connections)
+                           self._num_open(), self.max_connections)
             exc = ServiceUnavailable(f"more than {self.max_connections} open connections "
                                      f"(--limit-concurrency); retry later")
             response = JSONResponse(exc.body(), status_code=exc.status_code,
@@ -199,3 +231,46 @@ class BoundedH11Protocol(H11Protocol):
             await response(scope, receive, send)
             return
         await self._served_app(scope, receive, send)
+
+
+class BoundedH11Protocol(ConnectionBounds, H11Protocol):
+    def _has_whole_request(self) -> bool:
+        # IDLE: the request line or headers are incomplete; SEND_BODY: the body is.
+        # DONE or MUST_CLOSE: the whole request is in; ERROR: uvicorn answered 400.
+        return self.conn.their_state is not h11.IDLE and self.conn.their_state is not h11.SEND_BODY
+
+    def _is_waiting(self) -> bool:
+        """No request in progress (its headers are not all in, and no response is
+        being sent)."""
+        in_progress = self.cycle is not None and not self.cycle.response_complete
+        return self.conn.their_state is h11.IDLE and not in_progress
+
+
+@functools.cache
+def bounded_httptools_protocol() -> type:
+    """The httptools variant, built on first use: httptools is an optional dependency."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class BoundedHttpTools(ConnectionBounds, HttpToolsProtocol):
+        # httptools calls on_message_begin at a request's first byte and
+        # on_message_complete once its body is all in.
+        _message_complete = False
+
+        def on_message_begin(self) -> None:
+            self._message_complete = False
+            super().on_message_begin()
+
+        def on_message_complete(self) -> None:
+            self._message_complete = True
+            super().on_message_complete()
+
+        def _has_whole_request(self) -> bool:
+            return self._message_complete
+
+        def _is_waiting(self) -> bool:
+            """No request in progress: a request's cycle starts once its headers are
+            all in (uvicorn queues pipelined ones), and ends with its response."""
+            in_progress = self.cycle is not None and not self.cycle.response_complete
+            return not in_progress and not self.pipeline
+
+    return BoundedHttpTools

@@ -39,6 +39,7 @@ from scheduler.policy import (InvalidDpRankError, MissingBootstrapRoomError,
 from server.args import ServerArgs
 from server.errors import ApiError, BadRequest, RequestFailed, ServiceUnavailable
 from server.inflight import InFlight, MetricsObserver, RequestHandle
+from server.internal_state import rank_internal_state
 from server.rank_monitor import RankMonitor
 from server.rank_pipe import PipeBackedUp, RequestPipe
 from server.ranks import API_DISPATCHER_ID, EngineProcesses, RankHandle
@@ -250,6 +251,8 @@ class EngineClient:
 
     def abort(self, handle: RequestHandle, message: str) -> None:
         """Stop a request: forget it here and tell its rank to free it."""
+        if not handle.is_finished:
+            self.inflight.observer.on_abort()
         self.inflight.remove(handle)
         rank = self.ranks[handle.dp_rank]
         if rank.lost_reason is None and self.is_serving:
@@ -335,6 +338,11 @@ class EngineClient:
             return "not_serving"
         num_live = len(self.live_ranks())
         return "ok" if num_live == len(self.ranks) else "degraded" if num_live else "unavailable"
+
+    def internal_state_groups(self) -> dict[str, list[dict]]:
+        """``/server_info``'s ``internal_states`` by role: one entry per rank."""
+        return {self.role: [rank_internal_state(r, self.role, self.started_at)
+                            for r in self.ranks]}
 
     def rank_summaries(self) -> list[dict]:
         snap = self.board.snapshot()

@@ -43,6 +43,9 @@ class MetricsObserver:
     def on_first_token(self, ttft_s: float) -> None: ...
     def on_tokens(self, num_tokens: int, interval_s: float) -> None: ...
     def on_finish(self, e2e_s: float, prompt_tokens: int, completion_tokens: int) -> None: ...
+    def on_abort(self) -> None:
+        """A request ended without its finish: aborted by its rank or by the API (the
+        client left), or failed with its rank."""
 
 
 class InFlight:
@@ -88,6 +91,7 @@ class InFlight:
                 # route's own aborts have left the registry before their echo.
                 logger.warning("request %s aborted on rank %d: %s", out.rid, dp_rank,
                                out.finish_reason.get("message", ""))
+                self.observer.on_abort()
             self.remove(handle, ok=not aborted)
             self.observer.on_finish(now - handle.arrival_time, out.prompt_tokens,
                                     out.completion_tokens)
@@ -95,6 +99,7 @@ class InFlight:
 
     def fail(self, handle: RequestHandle, message: str) -> None:
         logger.warning("request %s on rank %d failed: %s", handle.rid, handle.dp_rank, message)
+        self.observer.on_abort()
         self.remove(handle, ok=False)
         handle.queue.put_nowait(RequestFailed(message))
 

@@ -90,7 +90,20 @@ async def server_info(request: Request) -> Response:
         "is_simulated": args.executor == "sim",
         # Front-door time per dispatched request (EngineClient.submit); PD: prefill half.
         "dispatch": _dispatch_stats(engine),
+        **_internal_states(engine),
     })
+
+
+def _internal_states(engine) -> dict:
+    """SGLang's ``internal_states``, one entry per rank (a PD front door: prefill ranks,
+    then decode ranks). A PD front door also lists them per role under ``prefill`` and
+    ``decode``, each a list of one server's info, as SGLang's PD router answers: clients
+    that find a ``decode`` key read ``["decode"][0]["internal_states"]``."""
+    groups = engine.internal_state_groups()
+    body = {"internal_states": [state for states in groups.values() for state in states]}
+    if len(groups) > 1:
+        body.update({role: [{"internal_states": states}] for role, states in groups.items()})
+    return body
 
 
 async def model_info(request: Request) -> Response:

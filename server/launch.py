@@ -11,7 +11,8 @@ Order, and why:
    wait for every ``RankReady`` (a rank failing stops the launch with its message and
    exit code 1);
 4. serve with uvicorn, over ``server.connections``' protocol (request-read deadline,
-   connection bound); log the "ready" line with the URL once it accepts.
+   connection bound; uvloop and httptools when installed); log the "ready" line with
+   the URL once it accepts.
 Exit: SIGINT/SIGTERM stop uvicorn (it handles them while serving; before that our
 handler turns them into ``SystemExit``), then ``finally`` stops the ranks and unlinks
 every segment, whatever happened before.
@@ -23,14 +24,15 @@ import asyncio
 import logging
 import signal
 import socket
-import sys
 
 import uvicorn
 
 from engine.model_source import ModelFetchError
+from scheduler.log_format import configure_logging
 from server.app import create_app
 from server.args import InvalidServerArgs, ServerArgs, parse_args, resolve_args
-from server.connections import accept_backlog, protocol_for, raise_open_file_limit
+from server.connections import (accept_backlog, event_loop_factory, protocol_for,
+                                raise_open_file_limit)
 from server.engine_client import EngineClient
 from server.pd import PDLaunchError, PDProcesses
 from server.placement import LaunchError, LaunchPlan, plan_launch
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None, rank_main: RankMain | None = None) -> in
     ``rank_main`` replaces ``scheduler.process.run_scheduler`` as the body of every rank
     process (tests use it to run the API over stand-in ranks)."""
     args = parse_args(argv)
-    _configure_logging(args.log_level)
+    configure_logging(args.log_level, "api")
     _stop_on_signals()
     raise_open_file_limit()  # before resolve_args: --limit-concurrency derives from it
     try:
@@ -90,11 +92,15 @@ def serve(args: ServerArgs, sock: socket.socket, rank_main: RankMain | None = No
                     args.dp_size, processes.board.name)
         processes.wait_ready(args.startup_timeout_s)
         engine = processes.engine_client() if pd_mode else EngineClient.from_processes(args, processes)
+        # log_config None: uvicorn's loggers propagate to ours (scheduler.log_format).
         config = uvicorn.Config(create_app(engine), log_level=args.log_level, access_log=False,
+                                log_config=None,
                                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, lifespan="on",
                                 timeout_keep_alive=args.timeout_keep_alive,
                                 http=protocol_for(args), backlog=accept_backlog())
-        started = asyncio.run(_serve(uvicorn.Server(config), sock, args))
+        # uvicorn's own loop setting applies only to uvicorn.run.
+        with asyncio.Runner(loop_factory=event_loop_factory(args)) as runner:
+            started = runner.run(_serve(uvicorn.Server(config), sock, args))
         return 0 if started else EXIT_STARTUP_FAILED
     except (RankStartupError, PDLaunchError) as exc:
         logger.error("%s", exc)
@@ -164,8 +170,3 @@ def _stop_on_signals() -> None:
         raise StopSignal(signum)
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
-
-
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")

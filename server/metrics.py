@@ -12,7 +12,10 @@ in one process (tests) do not share or collide.
 - Histograms are observed by the engine client as outputs arrive:
   ``sglang:time_to_first_token_seconds``, ``sglang:inter_token_latency_seconds``
   (a batch output carrying k tokens after an interval t counts k intervals of t/k),
-  ``sglang:e2e_request_latency_seconds``; plus token and request counters.
+  ``sglang:e2e_request_latency_seconds``; plus token and request counters, and
+  ``sglang:num_aborted_requests_total`` (requests that ended without their finish).
+- ``sglang:gen_throughput`` per ``dp_rank``: the rank's latest "Decode batch." figure
+  (``scheduler.stats``), 0 until its first.
 """
 
 from __future__ import annotations
@@ -60,6 +63,9 @@ class BoardCollector:
                                       labels=labels),
             "usage": GaugeMetricFamily("sglang:token_usage", "num_used_tokens / KV pool size",
                                        labels=labels),
+            "throughput": GaugeMetricFamily(
+                "sglang:gen_throughput", "Tokens/s the rank decoded over its last "
+                "--decode-log-interval decoding batches", labels=labels),
         }
         in_flight = snap.in_flight_reqs
         for r in range(engine.board.num_ranks):
@@ -71,6 +77,7 @@ class BoardCollector:
             families["queue"].add_metric(values, waiting + max(int(in_flight[r]), 0))
             families["used"].add_metric(values, used)
             families["usage"].add_metric(values, used / capacity if capacity > 0 else 0.0)
+            families["throughput"].add_metric(values, engine.ranks[r].stats.last_gen_throughput)
         return list(families.values())
 
 
@@ -91,6 +98,9 @@ class ServerMetrics(MetricsObserver):
         self._generation = Counter("sglang:generation_tokens", "Generated tokens of finished "
                                    "requests", **kw).labels(name)
         self._requests = Counter("sglang:num_requests", "Finished requests", **kw).labels(name)
+        self._aborted = Counter("sglang:num_aborted_requests", "Requests that ended before "
+                                "their finish: the client left, the rank refused or lost "
+                                "them", **kw).labels(name)
 
     def on_first_token(self, ttft_s: float) -> None:
         self._ttft.observe(ttft_s)
@@ -105,6 +115,9 @@ class ServerMetrics(MetricsObserver):
         self._prompt.inc(prompt_tokens)
         self._generation.inc(completion_tokens)
         self._requests.inc()
+
+    def on_abort(self) -> None:
+        self._aborted.inc()
 
 
 async def metrics(request: Request) -> Response:

@@ -290,6 +290,9 @@ class PDEngineClient:
     def rank_summaries(self) -> list[dict]:
         return self.prefill.rank_summaries() + self.decode.rank_summaries()
 
+    def internal_state_groups(self) -> dict[str, list[dict]]:
+        return {**self.prefill.internal_state_groups(), **self.decode.internal_state_groups()}
+
     def load_groups(self) -> list:
         return self.prefill.load_groups() + self.decode.load_groups()
 

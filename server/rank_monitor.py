@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import msgspec
 
-from scheduler.messages import BatchOutput, RankError, decode_to_server
+from scheduler.messages import BatchOutput, RankError, RankStats, decode_to_server
 from server.inflight import InFlight, RequestHandle
 from server.ranks import EngineProcesses, RankHandle
 
@@ -106,6 +106,8 @@ class RankMonitor:
             now = time.monotonic()
             for out in msg.outputs:
                 self.inflight.deliver(rank.dp_rank, out, now)
+        elif isinstance(msg, RankStats):
+            rank.stats.add(msg)
         elif isinstance(msg, RankError):
             logger.error("rank %d reported a fatal error: %s", rank.dp_rank, msg.message)
             self.rank_lost(rank, msg.message.splitlines()[0] if msg.message else "fatal error")

@@ -40,6 +40,7 @@ from scheduler.config import SchedulerConfig
 from scheduler.messages import RankError, RankReady, ShutdownReq, decode_to_server, encode
 from server.args import ServerArgs
 from server.placement import LaunchPlan, plan_launch
+from server.internal_state import RankStatsLog
 from shm.board import LoadBoard, RankStatus
 from shm.segment import list_segments, new_launch_id, owner_pid, reclaim_stale_segments
 
@@ -72,6 +73,8 @@ class RankHandle:
     lost_reason: str | None = None
     lost_at: float = 0.0  # time.monotonic() when it was lost
     is_marked_dead: bool = False
+    # Its periodic figures (RankStats), for /server_info's internal_states and /metrics.
+    stats: RankStatsLog = dataclasses.field(default_factory=RankStatsLog)
 
     @property
     def is_usable(self) -> bool:
@@ -102,12 +105,12 @@ def scheduler_configs(args: ServerArgs, board_name: str, role: str | None = None
     base = SchedulerConfig(
         dp_rank=0, board_name=board_name, num_dispatchers=NUM_DISPATCHERS,
         role=role, pd=pd, model_path=args.model_path,
-        max_running_requests=args.max_running_requests,
+        dtype=args.dtype, max_running_requests=args.max_running_requests,
         chunked_prefill_size=args.chunked_prefill_size, context_length=args.context_length,
         random_seed=args.random_seed, heartbeat_interval_s=args.heartbeat_interval_s,
         executor=args.executor, sim_profile=args.sim_profile,
         sim_lockstep_name=sim_lockstep_name, sim_time_scale=args.sim_time_scale,
-        log_level=args.log_level)
+        log_level=args.log_level, decode_log_interval=args.decode_log_interval)
     # Each rank its own sampling stream (decode ranks after the prefill ranks of a pd
     # launch), so unseeded requests on different ranks do not draw the same samples.
     seed = args.random_seed or 0

@@ -19,6 +19,8 @@ that token needs; in PD the prefill half does, exactly as for any request).
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -32,6 +34,9 @@ from engine.sampling import SamplingParams
 from scheduler.messages import ReqOutput
 from server.bounds import check_prepared
 from server.engine_client import EngineClient, RequestHandle
+from server.errors import ApiError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -96,7 +101,32 @@ class RunningRequest:
     def dp_rank(self) -> int | None:
         return self.handle.dp_rank if self.handle.dp_rank >= 0 else None
 
-    async def progress(self) -> AsyncIterator[Progress]:
+    def progress(self) -> AsyncIterator[Progress]:
+        """The request's steps (an async generator: close it, ``aclosing``, to abort)."""
+        return self._logged_progress() if self.engine.args.log_requests else self._progress()
+
+    async def _logged_progress(self) -> AsyncIterator[Progress]:
+        last, ended = None, "ended: the client disconnected"
+        try:
+            async with aclosing(self._progress()) as steps:
+                async for last in steps:
+                    if last.finish_reason is not None:
+                        ended = f"finished: {json.dumps(last.finish_reason)}"
+                    yield last
+        except ApiError as exc:
+            ended = f"failed ({exc.status_code}): {exc.message}"
+            raise
+        finally:
+            self._log(ended, last)
+
+    def _log(self, ended: str, last: Progress | None) -> None:
+        """``--log-requests``: one line per request, however it ended."""
+        logger.info("request %s on rank %s %s; prompt_tokens=%d completion_tokens=%d "
+                    "e2e_latency=%.3fs", self.prepared.rid, self.dp_rank, ended,
+                    len(self.prepared.input_ids), last.completion_tokens if last else 0,
+                    time.perf_counter() - self.start_time)
+
+    async def _progress(self) -> AsyncIterator[Progress]:
         output_ids: list[int] = []
         logprobs: list[float] = []
         tops: list = []

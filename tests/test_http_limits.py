@@ -1,6 +1,7 @@
 """Limits that keep one client from starving the others, on the real command.
 
-``python -m engine.serve`` (simulated executor, 2 ranks) with short bounds:
+``python -m engine.serve`` (simulated executor, 2 ranks), over each HTTP stack
+(uvloop + httptools, asyncio + h11), with short bounds:
 ``--max-request-body-bytes`` (413 by Content-Length and by counted chunked bytes),
 ``--api-key`` (401 without or with a wrong key, /health open, streaming with it),
 ``--limit-concurrency`` (503 with Retry-After when every connection is mid-request;
@@ -34,10 +35,12 @@ MAX_CONNECTIONS = 8
 GENERATE = {"text": "hi", "sampling_params": {"max_new_tokens": 2}}
 
 
-@pytest.fixture(scope="module")
-def sim_flags(tmp_path_factory):
+# Every bound must hold over both HTTP stacks (server.connections).
+@pytest.fixture(scope="module", params=["fast", "asyncio"])
+def sim_flags(request, tmp_path_factory):
     profile = write_sim_profile(tmp_path_factory.mktemp("limits") / "sim.json", step_s=0.0)
-    return ["--dp-size", "2", "--executor", "sim", "--sim-profile", profile]
+    return ["--dp-size", "2", "--executor", "sim", "--sim-profile", profile,
+            "--http-stack", request.param]
 
 
 @pytest.fixture(scope="module")
