@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from server.args import InvalidServerArgs, ServerArgs, build_parser, validate_args
+from server.args import InvalidServerArgs, build_parser, parse_args, validate_args
 from shm.segment import NAME_PREFIX, reclaim_stale_segments
 from tests.gateway_helpers import Gateway, RecordingProxy, free_ports, missing_gateway
 from tests.server_helpers import ServerProcess, group_pids
@@ -323,7 +323,7 @@ def pd_refused() -> str | None:
     if unknown:
         return f"the server has no {unknown[0]} flag yet (PD disaggregation, issue 7)"
     try:
-        validate_args(ServerArgs(**vars(namespace)))
+        validate_args(parse_args(argv))  # parse_args also reads the env timeouts
     except InvalidServerArgs as exc:
         return f"the server refuses --disaggregation-mode prefill: {exc} (issue 7)"
     return None
