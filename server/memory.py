@@ -53,9 +53,10 @@ def weight_bytes(config: ModelConfig, dtype_bytes: int) -> int:
     return (config.num_hidden_layers * per_layer + embeddings + h) * dtype_bytes
 
 
-def kv_dtype_bytes(config: ModelConfig, device_kind: str) -> int:
-    """Bytes per element of weights and KV on ``device_kind`` ("cpu" or "cuda")."""
-    return DTYPE_BYTES["float32" if device_kind == "cpu" else config.dtype]
+def kv_dtype_bytes(config: ModelConfig, device_kind: str, override: str | None = None) -> int:
+    """Bytes per element of weights and KV on ``device_kind`` ("cpu" or "cuda"), as
+    ``engine.device.resolve_dtype`` picks: ``override`` (``--dtype``) wins."""
+    return DTYPE_BYTES[override or ("float32" if device_kind == "cpu" else config.dtype)]
 
 
 def size_kv_pool(static_bytes: int, weights: int, kv_bytes_per_token: int,

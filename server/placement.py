@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Callable
 
 from engine.config import ModelLoadError, load_model_config
-from server.args import ServerArgs
+from server.args import DTYPE_ALIASES, ServerArgs
 from server.memory import (GpuMemory, MemoryProbeError, format_bytes, host_available_bytes,
                            kv_dtype_bytes, probe_gpus, size_kv_pool, weight_bytes)
 
@@ -191,7 +191,8 @@ def plan_kv_pools(args: ServerArgs, kind: str, devices: list[str], gpu_memory: l
     except ModelLoadError as exc:
         raise LaunchError(f"--model-path: {exc}") from None
     context_len = args.context_length or config.context_len
-    dtype_bytes = kv_dtype_bytes(config, kind)
+    dtype_bytes = kv_dtype_bytes(config, kind, DTYPE_ALIASES.get(args.dtype, args.dtype)
+                                 if args.dtype != "auto" else None)
     weights = weight_bytes(config, dtype_bytes)
     per_token = config.kv_bytes_per_token(dtype_bytes)
     fraction = args.mem_fraction_static or DEFAULT_MEM_FRACTION[kind]

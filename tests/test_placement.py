@@ -27,7 +27,7 @@ TINY_KV_F32 = TINY.kv_bytes_per_token(4)
 
 
 def args_of(*argv: str):
-    return resolve_args(parse_args(["--random-seed", "1", *argv]))
+    return resolve_args(parse_args(["--random-seed", "1", "--model-path", "tiny", *argv]))
 
 
 def plan(*argv: str, num_gpus: int = 0, free: int = 80 * GiB, host: int = 64 * GiB):
@@ -268,3 +268,12 @@ def test_placement_flags_are_validated():
             args_of(*argv)
     with pytest.raises(LaunchError, match="expected auto, cpu, cuda or cuda:N"):
         plan("--device", "tpu")
+
+
+def test_dtype_flag_sizes_weights_and_kv():
+    """--dtype float16 halves what a float32 token and weight take, so the pool doubles
+    (less the smaller weights)."""
+    free = 10 * GiB
+    half = plan("--mem-fraction-static", "0.5", "--dtype", "half", num_gpus=1, free=free)
+    weights = weight_bytes(TINY, 2)
+    assert half.ranks["mixed"][0].max_total_tokens == (int(0.5 * free) - weights) // (TINY_KV_F32 // 2)
