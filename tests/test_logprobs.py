@@ -258,7 +258,14 @@ def test_pd_prompt_logprobs_equal_non_pd(server, tmp_path):
     plain = post(server, "/generate", body).json()["meta_info"]
     flags = ["--disaggregation-mode", "pd", "--prefill-dp-size", "1", "--decode-dp-size", "1",
              *COMMON]
+    seeded = {"input_ids": PROMPT, "sampling_params": {"temperature": 1.0, "max_new_tokens": 8,
+                                                       "ignore_eos": True, "sampling_seed": 11}}
+    plain_seeded = [post(server, "/generate", {**seeded, "routed_dp_rank": r}).json()["output_ids"]
+                    for r in (0, 1)]
     with ServerProcess(*flags, log_path=tmp_path / "pd.log") as pd:
+        # A request's own seed: the same samples on every rank and through PD.
+        assert post(pd.url, "/generate", seeded).json()["output_ids"] == plain_seeded[0] \
+            == plain_seeded[1]
         meta = post(pd.url, "/generate", body).json()["meta_info"]
         echo = post(pd.url, "/v1/completions", {"prompt": [PROMPT], "echo": True, "logprobs": 1,
                                                 "max_tokens": 1, "temperature": 0}).json()
