@@ -11,7 +11,7 @@ publishes the load (decoding one token per running request, dropping finished on
 then takes every request sent so far off its pipe; those are acked and counted only at
 the next publish, so each report misses what was sent during the step. Arrivals:
 Poisson background traffic of ``--rate`` requests per step plus, every
-``--burst-every`` steps, a burst of ``--burst`` (100, the seed's burst) requests spread
+``--burst-every`` steps, a burst of ``--burst`` (100, the burst of SGLang PR #11469) requests spread
 over ``--burst-ticks`` ticks. Prompts are mixed (70% lognormal around 300 tokens,
 16-2048; 30% uniform 2048-8192), outputs uniform 8-200 tokens, rooms random 63-bit.
 
@@ -21,7 +21,7 @@ the board): requests dispatched to it and not finished, and their tokens (the pr
 until received, then the KV held). It is sampled after the dispatches of every tick.
 - ``max_over_mean_requests_<m>`` / ``max_over_mean_tokens_<m>`` (the headline): each
   rank's peak load during the trace, max over mean of those peaks. A rank that herds a
-  burst peaks high: the seed's "28 requests on one rank where 25 was fair".
+  burst peaks high: SGLang PR #11469's "28 requests on one rank where 25 was fair".
 - ``lockstep_max_over_mean_*_<m>``: sum over ticks of the max load over ranks divided
   by the sum over ticks of the mean load. With DP attention in lockstep the most loaded
   rank sets each step's time, so this is the time lost to imbalance.

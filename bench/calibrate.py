@@ -25,8 +25,8 @@ and maximum relative error over all shapes.
 
 KV slots are reserved but never filled by a real prefill: attention costs the same
 whatever the cached values are, and this keeps the calibration to about a minute.
-The derivation of the other shipped profile (``seed-qwen3-235b-dp4``, from the seeds'
-published figures) is in ``bench/PROFILES.md``.
+The derivation of the other shipped profile (``seed-qwen3-235b-dp4``, from published
+SGLang figures) is in ``bench/PROFILES.md``.
 """
 
 from __future__ import annotations

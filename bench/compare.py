@@ -164,7 +164,7 @@ def run_scenario(s: Scenario, ranks: int, args, bar: tqdm) -> dict:
               "ttft_output_len": s.ttft_output_len,
               "ttft_prompts": s.ttft_prompts(ranks) if s.ttft_output_len else None,
               "lockstep": s.lockstep and args.executor == "sim", "runs": {}, "dispatch": {}}
-    # The seed-003 way of measuring TTFT: the same prompts with ttft_output_len output
+    # SGLang PR #20435's way of measuring TTFT: the same prompts with ttft_output_len output
     # tokens, at the same fractions of that shape's own capacity.
     ttft_shape = dataclasses.replace(s, output_len=s.ttft_output_len) if s.ttft_output_len else None
     scale = 1.0
@@ -279,7 +279,7 @@ def dispatch_probe(rank_counts: list[int], calls: int = 2000, method: str = "tot
 
 def with_lockstep(scenarios: list[Scenario], mode: str) -> list[Scenario]:
     """``--lockstep``: each scenario's own setting ("scenario"), or "on"/"off" for all
-    (seed 003's servers, for one, ran DP without DP attention: ``variable-length`` with
+    (SGLang PR #20435's servers, for one, ran DP without DP attention: ``variable-length`` with
     ``off`` is that configuration)."""
     if mode == "scenario":
         return scenarios
@@ -291,7 +291,8 @@ def with_lockstep(scenarios: list[Scenario], mode: str) -> list[Scenario]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.split("\n")[0])
     p.add_argument("--scenarios", nargs="+", default=list(DEFAULT_SCENARIOS),
-                   choices=list(SCENARIOS), help="default: the seeds' shapes (%(default)s)")
+                   choices=list(SCENARIOS),
+                   help="default: the published SGLang runs' shapes (%(default)s)")
     p.add_argument("--executor", choices=("real", "sim"), default="sim")
     p.add_argument("--sim-profile", default=DEFAULT_SIM_PROFILE)
     p.add_argument("--sim-time-scale", type=parse_time_scale, default="auto",

@@ -34,7 +34,7 @@ def _run(result: dict, method: str, frac: float) -> dict | None:
 
 def _ttft(run: dict | None) -> dict:
     """Where a run's TTFT figures come from: its TTFT pass when the scenario has one
-    (``ttft_output_len``, the seed-003 method), else the run itself."""
+    (``ttft_output_len``, SGLang PR #20435's method), else the run itself."""
     run = run or {}
     return run.get("ttft_pass") or run
 
@@ -198,7 +198,7 @@ def write_reports(results: list[dict], probe: dict, args, elapsed_s: float) -> s
                   f"{cap.get('completed', '?')} prompts); TTFT/TPOT in ms", "",
                   *([f"TTFT and P99 TTFT: a second pass of {r.get('ttft_prompts') or 'the same'} "
                      f"prompts (lengths drawn alike) with {r['ttft_output_len']} output "
-                     f"token(s) (as seed 003 measured TTFT) at the "
+                     f"token(s) (as SGLang PR #20435 measured TTFT) at the "
                      f"same fraction of its own capacity, "
                      f"{r.get('ttft_capacity_req_s') or 0:.2f} req/s; TPOT and output "
                      f"throughput: the full-length pass", ""] if r.get("ttft_output_len") else []),

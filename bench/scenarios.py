@@ -1,8 +1,10 @@
 """The named scenarios of ``bench.compare``: workload shape, methods, server flags.
 
-Each scenario reproduces the shape of one seed (``../shared/seeds``) and names the
-methods compared in it; the *baseline* is the method the others are measured against.
-Lengths are the seeds' for the simulated accelerator (``seed-qwen3-235b-dp4``); the real
+Each PD scenario reproduces the shape of one published SGLang run on DP balancing in PD
+mode (``docs/results.md`` lists them: issue #13052, PRs #14726, #11469 and #20435) and
+names the methods compared in it; the *baseline* is the method the others are measured
+against. Lengths are the published ones for the simulated accelerator
+(``seed-qwen3-235b-dp4``, derived from those runs in ``bench/PROFILES.md``); the real
 tiny model on CPU gets the same shape at ``REAL_LENGTH_DIVISOR`` times smaller lengths
 (its context is 2048 tokens, and a CPU prefill of 3,500 tokens takes seconds).
 """
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 
 REAL_LENGTH_DIVISOR = 8
 # With the seed profile every forward pays base_s (17.9 ms); a small chunk size would
-# charge it once per 512 tokens of a 3,500-token prompt, which the seeds' server did not.
+# charge it once per 512 tokens of a 3,500-token prompt, which the published runs' servers did not.
 SIM_CHUNKED_PREFILL_SIZE = 16384
 
 
@@ -38,7 +40,7 @@ class Scenario:
     pd_decode_share: float = 0.25
     lockstep: bool = False  # --sim-lockstep (sim only)
     concurrency_per_rank: int | None = None  # --max-concurrency = this x ranks
-    # TTFT measured as seed 003 did (max_out_len=1, "to eliminate the impact of decoding
+    # TTFT measured as SGLang PR #20435 did (max_out_len=1, "to eliminate the impact of decoding
     # on prefill"): per rate, a second pass of the same prompts with this many output
     # tokens at the same fraction of that shape's own capacity; the TTFT columns and
     # the TTFT headline come from it, TPOT and throughput from the full-length pass.
@@ -83,18 +85,18 @@ def _scaled(prompts_at_4: int, ranks: int) -> int:
 
 
 SCENARIOS = {
-    # 001: PD, long fixed input, 5 output tokens; TTFT by rate near prefill saturation.
+    # SGLang PR #14726: PD, long fixed input, 5 output tokens; TTFT by rate near prefill saturation.
     "prefill-heavy": Scenario(
         "prefill-heavy", ("total_tokens", "follow_bootstrap_room", "round_robin"),
         "follow_bootstrap_room", 3500, 5, 1.0, (0.6, 0.8, 0.9, 1.0), 96, pd=True),
-    # 003: PD (prefill DP2 and decode DP2 servers), variable-length prompts of 1,481-4,120
-    # tokens (mean 2,561) and outputs of 187-4,068 (mean 1,160); "enable dp minimum
+    # SGLang PR #20435: PD (prefill DP2 and decode DP2 servers), variable-length prompts
+    # of 1,481-4,120 tokens (mean 2,561) and outputs of 187-4,068 (mean 1,160); "enable dp minimum
     # tokens" picks both the prefill and the decode rank, against bootstrap_room-based
     # round robin on both. Here 4 prefill + 4 decode ranks, each group in lockstep, the
     # method on both; uniform lengths with one range ratio: inputs 409-4,096 (mean
-    # 2,252), outputs 204-2,048 (mean 1,126, the seed's mean). The seed measured TTFT
+    # 2,252), outputs 204-2,048 (mean 1,126, the PR's mean). The PR measured TTFT
     # with max_out_len=1 "to eliminate the impact of decoding on prefill", so does this
-    # (ttft_output_len); TPOT comes from the full-length pass. The seed's baseline (its
+    # (ttft_output_len); TPOT comes from the full-length pass. The PR's baseline (its
     # "round_robin") placed requests by bootstrap_room mod dp size, which is
     # follow_bootstrap_room here; round_robin here is a true turn counter.
     "variable-length": Scenario(
@@ -102,14 +104,14 @@ SCENARIOS = {
         ("total_tokens", "total_requests", "follow_bootstrap_room", "round_robin"), "round_robin",
         4096, 2048, 0.1, (0.9, 1.0), 96, pd=True, pd_balanced="both", pd_decode_share=1.0,
         lockstep=True, ttft_output_len=1, ttft_num_prompts=192),
-    # 002: PD, prefill and decode servers each TP4/EP4/DP4 with DP attention (decode
-    # ranks in lockstep); the method balances the decode ranks. The seed ran 400 prompts
+    # SGLang PR #11469: PD, prefill and decode servers each TP4/EP4/DP4 with DP attention (decode
+    # ranks in lockstep); the method balances the decode ranks. The PR ran 400 prompts
     # of 500 in / 1,500 out at 4 req/s with --max-concurrency 100 and completed about
     # 1.2 req/s: the concurrency cap bound, so throughput measured the server. Hence 25
-    # per rank and a rate of 3x capacity. The seed's lengths were fixed (range ratio 1);
+    # per rank and a rate of 3x capacity. The PR's lengths were fixed (range ratio 1);
     # with fixed lengths round robin is self-balancing under a concurrency cap (each
     # completion frees a slot that the next request in turn refills on the same rank;
-    # the seed's baseline was a shortest-queue fed by stale load reports), so this
+    # the PR's baseline was a shortest-queue fed by stale load reports), so this
     # scenario spreads the output lengths (ratio 0.1) to give round robin something to
     # get wrong.
     "decode-heavy": Scenario(
@@ -117,7 +119,7 @@ SCENARIOS = {
         500, 1500, 0.1, (1.0, 3.0), 400, pd=True, pd_balanced="decode", pd_decode_share=1.0,
         lockstep=True, concurrency_per_rank=25),
     # Plain DP (no PD): mixed ranks that step on their own, as `--dp-size N` without DP
-    # attention runs them; no seed measured this. Prompts and outputs spread as in
+    # attention runs them; no published run measured this. Prompts and outputs spread as in
     # variable-length (outputs shorter, so a run takes minutes): every prefill chunk
     # stalls the decoding requests of its own rank, so the placement shows in TTFT
     # and TPOT alike. What this measures decides `auto` for mixed ranks.
@@ -126,7 +128,7 @@ SCENARIOS = {
         4096, 512, 0.1, (0.8, 1.0), 96),
 }
 
-# The scenarios bench.compare runs when none are named: the seeds' shapes.
+# The scenarios bench.compare runs when none are named: the published runs' shapes.
 DEFAULT_SCENARIOS = ("prefill-heavy", "variable-length", "decode-heavy")
 
 # --quick: what a newcomer runs first (< 3 minutes on the 2-core VM, 4 ranks).

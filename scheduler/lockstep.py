@@ -1,6 +1,6 @@
 """Lockstep for simulated ranks: every rank's step lasts as long as the slowest rank's.
 
-With DP attention and expert parallelism (the seeds' servers), the MoE layers'
+With DP attention and expert parallelism (the servers of the published SGLang runs in ``docs/results.md``), the MoE layers'
 all-to-all joins all ranks in every forward pass, so a rank with a light batch waits
 for the heaviest one, and ranks with nothing to do run an idle batch to take part.
 ``--sim-lockstep`` reproduces that with one shared-memory segment (int64 cells)::

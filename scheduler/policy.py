@@ -83,7 +83,7 @@ DEPRECATED_METHOD_ALIASES = MappingProxyType({
 # 0.9%/3.9% below round robin, 13.8%/11.4% below total_tokens, TPOT within 0.7% of
 # round robin's), where total_tokens and total_requests were 8-15% above round robin;
 # with the ranks in lockstep (seed 1) it had the lowest TTFT at 1.0x and the lowest
-# TPOT at 0.8x. See the README ("Plain DP ranks").
+# TPOT at 0.8x. Figures: ``docs/results.md`` ("Plain DP ranks").
 AUTO_METHOD_BY_ROLE = MappingProxyType({
     "prefill": LoadBalanceMethod.TOTAL_TOKENS,
     "decode": LoadBalanceMethod.TOTAL_REQUESTS,

@@ -1,8 +1,8 @@
 """Errors the HTTP routes answer with, in SGLang's shape: ``{"error": {"message": ...}}``.
 
 Routes raise an ``ApiError`` subclass; the app's exception handler turns it into the
-response. Status classes (gateways act on them, see SGLANG_COMPAT.md): 4xx is the
-client's fault and passed through; 5xx and 429 are retried, maybe on another worker,
+response. Status classes (SGLang's gateways, sglang-router and smg, act on them): 4xx
+is the client's fault and passed through; 5xx and 429 are retried, maybe on another worker,
 so every "cannot serve right now" answer is 503 with ``Retry-After``.
 """
 

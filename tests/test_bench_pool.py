@@ -36,7 +36,7 @@ def test_pooled_mean_is_over_every_request():
 
 
 def test_a_ttft_pass_is_pooled_and_read_for_ttft():
-    """variable-length measures TTFT on a second pass (seed 003's way): its figures,
+    """variable-length measures TTFT on a second pass (SGLang PR #20435's way): its figures,
     not the full pass's, make the pooled TTFT."""
     runs = []
     for ttft in (100.0, 300.0):

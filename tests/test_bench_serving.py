@@ -23,7 +23,7 @@ from bench.metrics import format_summary, summarize
 from bench.serving import BenchConfig, parse_config, run_benchmark, time_scale, to_model_time
 from tests.server_helpers import REPO, ServerProcess
 
-# The block of SGLang's bench_serving as the seeds print it (001), without the
+# The block of SGLang's bench_serving as SGLang PR #14726 prints it, without the
 # "(retokenized)" line, which needs the model's tokenizer on the client.
 SGLANG_BLOCK = """\
 ============ Serving Benchmark Result ============

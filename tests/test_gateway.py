@@ -321,11 +321,11 @@ def pd_refused() -> str | None:
     argv = ["--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port", "8998"]
     namespace, unknown = build_parser().parse_known_args(argv)
     if unknown:
-        return f"the server has no {unknown[0]} flag yet (PD disaggregation, issue 7)"
+        return f"the server has no {unknown[0]} flag yet (PD disaggregation)"
     try:
         validate_args(parse_args(argv))  # parse_args also reads the env timeouts
     except InvalidServerArgs as exc:
-        return f"the server refuses --disaggregation-mode prefill: {exc} (issue 7)"
+        return f"the server refuses --disaggregation-mode prefill: {exc}"
     return None
 
 

@@ -6,8 +6,8 @@
 ``--api-key`` (401 without or with a wrong key, /health open, streaming with it),
 ``--limit-concurrency`` (503 with Retry-After when every connection is mid-request;
 waiting connections make room), and ``--timeout-request-read`` with idle, slow-header
-and slow-body clients, on a server whose open-file limit is 256 (hard), as the issue
-found it. Every socket is closed in ``finally``; every wait is bounded.
+and slow-body clients, on a server whose open-file limit is 256 (hard), a limit some hosts
+have. Every socket is closed in ``finally``; every wait is bounded.
 """
 
 from __future__ import annotations
