@@ -39,7 +39,7 @@ FOREVER_NS = 1 << 62
 def median_us(fn, calls: int, batches: int, *arg) -> float:
     """Median over ``batches`` of the mean time of ``calls`` calls ``fn(*arg)`` (at most
     one argument). The loop calls ``fn`` itself, not a wrapper around it: a lambda
-    would add ~0.1 us per call on these machines, 5% of a 2 us budget."""
+    would add a Python call per call, a sizeable part of what is measured."""
     per_call = []
     for _ in range(batches):
         if arg:
