@@ -6,6 +6,8 @@ microseconds, all measured in this one run:
 - ``pick_bump_us_n{4,8,64}``: ``Dispatcher.pick`` with ``total_requests`` on a board of
   N live ranks: a read of every rank's load (single cells, see
   ``LoadBoard.read_requests``), the choice, the in-place bump.
+- ``pick_bump_us_n8_{total_tokens,prefill_tokens}``: the same through the seqlocked
+  row read (``LoadBoard.read_loads``), uncontended.
 - ``seqlock_pick_us_n8_contended``: ``Dispatcher.pick`` with ``total_tokens``, whose
   read goes through every row's seqlock, at N=8 while another process publishes rows
   at about 100k rows/s (so readers do meet rows mid-write and retry).
@@ -15,11 +17,6 @@ microseconds, all measured in this one run:
   bootstrap look-up, see ``bench.baselines``.
 
 ``--json PATH`` writes the figures plus the two ratios the targets are about.
-
-``--crossover`` instead times ``Dispatcher.pick`` through both read paths (``lists``:
-one struct unpack into Python ints; ``numpy``: array views) side by side for board
-sizes 4-128 and 1, 2 and 4 dispatchers, for each of the three load-reading methods;
-the thresholds in ``scheduler.dispatcher`` (``NUMPY_MIN_RANKS_*``) come from this table.
 """
 
 from __future__ import annotations
@@ -42,7 +39,7 @@ FOREVER_NS = 1 << 62
 def median_us(fn, calls: int, batches: int, *arg) -> float:
     """Median over ``batches`` of the mean time of ``calls`` calls ``fn(*arg)`` (at most
     one argument). The loop calls ``fn`` itself, not a wrapper around it: a lambda
-    would add ~0.1 us per call on these machines, 5% of a 2 us budget."""
+    would add a Python call per call, a sizeable part of what is measured."""
     per_call = []
     for _ in range(batches):
         if arg:
@@ -78,9 +75,10 @@ def _live_board(num_ranks: int, num_dispatchers: int = 1) -> LoadBoard:
     return board
 
 
-def pick_bump_us(num_ranks: int, calls: int = 2000, batches: int = 25) -> float:
+def pick_bump_us(num_ranks: int, method: str = "total_requests", calls: int = 2000,
+                 batches: int = 25) -> float:
     with _live_board(num_ranks) as board:
-        dispatcher = Dispatcher(board, 0, "total_requests", stale_ns=FOREVER_NS)
+        dispatcher = Dispatcher(board, 0, method, stale_ns=FOREVER_NS)
         return median_us(dispatcher.pick, calls, batches, 100)
 
 
@@ -115,11 +113,11 @@ def seqlock_pick_contended_us(num_ranks: int = 8, rows_per_s: int = 100_000) -> 
                 raise RuntimeError("publisher did not start")
             # total_tokens: the method whose read goes through the row seqlocks.
             dispatcher = Dispatcher(board, 0, "total_tokens", stale_ns=FOREVER_NS)
-            seq_before = int(board.snapshot_seqs().sum())
+            seq_before = int(board.snapshot().seq.sum())
             t0 = time.perf_counter()
             us = median_us(dispatcher.pick, 2000, 25, 100)
             elapsed = time.perf_counter() - t0
-            rows_written = (int(board.snapshot_seqs().sum()) - seq_before) / 2
+            rows_written = (int(board.snapshot().seq.sum()) - seq_before) / 2
             return us, rows_written / elapsed
         finally:
             stop.set()
@@ -151,51 +149,17 @@ def bootstrap_us(slots: int = 4096) -> tuple[float, float]:
         return lookup, statistics.median(times)
 
 
-def crossover(sizes=(4, 8, 16, 24, 32, 48, 64, 96, 128), dispatchers=(1, 2, 4)) -> list[dict]:
-    """Rows of (method, D, N, lists_us, numpy_us): each pair measured interleaved."""
-    rows = []
-    for method in ("total_requests", "total_tokens", "prefill_tokens"):
-        for d in dispatchers:
-            for n in sizes:
-                with _live_board(n, d) as board:
-                    paths = {p: Dispatcher(board, 0, method, stale_ns=FOREVER_NS, read_path=p)
-                             for p in ("lists", "numpy")}
-                    times = {p: [] for p in paths}
-                    for _ in range(7):  # interleaved, so load changes hit both alike
-                        for p, disp in paths.items():
-                            times[p].append(median_us(disp.pick, 500, 3, 100))
-                    del paths
-                rows.append({"method": method, "dispatchers": d, "ranks": n,
-                             **{f"{p}_us": statistics.median(t) for p, t in times.items()}})
-    return rows
-
-
-def print_crossover(rows: list[dict]) -> None:
-    print(f"{'method':<16}{'D':>3}{'N':>5}{'lists us':>10}{'numpy us':>10}  faster")
-    for r in rows:
-        faster = "numpy" if r["numpy_us"] < r["lists_us"] else "lists"
-        print(f"{r['method']:<16}{r['dispatchers']:>3}{r['ranks']:>5}"
-              f"{r['lists_us']:>10.2f}{r['numpy_us']:>10.2f}  {faster}")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.board", description=__doc__.splitlines()[0])
     parser.add_argument("--json", metavar="PATH", help="write every figure to PATH")
     parser.add_argument("--skip-baselines", action="store_true", help="skip the ZMQ and HTTP baselines")
-    parser.add_argument("--crossover", action="store_true",
-                        help="time both pick read paths per board size instead")
     args = parser.parse_args(argv)
-    if args.crossover:
-        rows = crossover()
-        print_crossover(rows)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(rows, f, indent=2)
-        return 0
 
     figures: dict[str, float] = {}
     for n in (4, 8, 64):
         figures[f"pick_bump_us_n{n}"] = pick_bump_us(n)
+    for method in ("total_tokens", "prefill_tokens"):
+        figures[f"pick_bump_us_n8_{method}"] = pick_bump_us(8, method)
     figures["seqlock_pick_us_n8_contended"], figures["contending_rows_per_s"] = seqlock_pick_contended_us()
     figures["bootstrap_lookup_us"], figures["bootstrap_insert_us"] = bootstrap_us()
     if not args.skip_baselines:

@@ -303,8 +303,9 @@ class EngineClient:
         max_queued = self.args.max_queued_requests
         if max_queued is None:
             return
-        eff_reqs, alive = self.board.read_requests(self.args.stale_ns)
-        alive = [a and r.lost_reason is None for a, r in zip(alive, self.ranks)]
+        eff_reqs = self.board.read_requests()
+        alive = [a and r.lost_reason is None
+                 for a, r in zip(self.board.liveness.check(self.args.stale_ns), self.ranks)]
         if not any(alive):
             raise ServiceUnavailable("no rank is alive")
         candidates = range(len(self.ranks))
@@ -322,7 +323,7 @@ class EngineClient:
 
     def live_ranks(self) -> list[int]:
         """Ranks a request can go to now: not lost, READY on the board, heartbeat fresh."""
-        _, _, alive = self.board.read_effective(self.args.stale_ns)
+        alive = self.board.liveness.check(self.args.stale_ns)
         return [r.dp_rank for r, a in zip(self.ranks, alive) if a and r.lost_reason is None]
 
     def down_ranks(self) -> list[int]:

@@ -11,12 +11,25 @@ import pytest
 from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from shm.board import ACKED, NUM_PREFILL, NUM_REQS, NUM_TOKENS, NUM_WAITING, LoadBoard, RankStatus
+import numpy as np
+
+from shm.board import LoadBoard, RankStatus
+from shm.board_layout import (ACKED, BASE_REQS, BASE_TOKENS, LOAD_COLS, NUM_PREFILL, NUM_REQS,
+                              NUM_TOKENS, NUM_WAITING)
 from shm.segment import new_launch_id
 
 NUM_RANKS = 3
 NUM_DISPATCHERS = 2
 FOREVER = 1 << 62
+
+
+def read_effective_np(board: LoadBoard, stale_ns: int, now_ns: int | None = None):
+    """(eff_reqs, eff_tokens, alive) as numpy arrays, from the seqlocked row read."""
+    rows = board.read_rows(LOAD_COLS)
+    disp = board.snapshot()
+    reqs = rows[:, BASE_REQS] + disp.dispatched_reqs.sum(axis=0)
+    tokens = rows[:, BASE_TOKENS] + disp.dispatched_tokens.sum(axis=0)
+    return reqs, tokens, np.array(board.liveness.check(stale_ns, now_ns), dtype=bool)
 
 
 class SimScheduler:
@@ -110,13 +123,15 @@ class BoardMachine(RuleBasedStateMachine):
         fast_reqs, fast_toks, alive = self.board.read_effective(FOREVER)
         assert (list(fast_reqs), list(fast_toks)) == (reqs, toks)
         assert all(alive)
-        single_cell_reqs, _ = self.board.read_requests(FOREVER)
+        single_cell_reqs = self.board.read_requests()
         assert single_cell_reqs == reqs
-        np_reqs, np_toks, np_alive = self.board.read_effective_np(FOREVER)
+        np_reqs, np_toks, np_alive = read_effective_np(self.board, FOREVER)
         assert (np_reqs.tolist(), np_toks.tolist()) == (reqs, toks)
-        assert self.board.effective_requests_np().tolist() == reqs
+        loads = self.board.read_loads()
+        assert (loads.reqs, loads.tokens) == (reqs, toks)
         # The bases plus every dispatcher's counters (what a sole dispatcher adds).
-        base_reqs, base_toks = self.board.read_bases()
+        rows = self.board.read_rows(LOAD_COLS)
+        base_reqs, base_toks = rows[:, BASE_REQS].tolist(), rows[:, BASE_TOKENS].tolist()
         all_disp = [[sum(self.dispatched[d][r][k] for d in range(NUM_DISPATCHERS))
                      for r in range(len(reqs))] for k in (0, 1)]
         assert [b + x for b, x in zip(base_reqs, all_disp[0])] == reqs
@@ -147,7 +162,7 @@ def test_dead_or_stale_ranks_are_not_alive():
         board.rank_writer(3).set_status(RankStatus.DRAINING)
         _, _, alive = board.read_effective(stale_ns=1_000_000_000, now_ns=now)
         assert list(alive) == [True, False, False, False]
-        _, _, alive_np = board.read_effective_np(stale_ns=1_000_000_000, now_ns=now)
+        _, _, alive_np = read_effective_np(board, stale_ns=1_000_000_000, now_ns=now)
         assert alive_np.tolist() == [True, False, False, False]
 
 
@@ -229,7 +244,7 @@ def test_no_torn_reads_while_another_process_writes_flat_out():
                 for _ in range(20):
                     reqs, toks, _ = board.read_effective(FOREVER)
                     torn += sum(not _fast_row_is_whole(r, t) for r, t in zip(reqs, toks))
-                    reqs, toks, prefill = board.read_prefill_bases()
+                    reqs, toks, prefill = board.read_loads()  # no dispatches: the bases
                     torn += sum(not (_fast_row_is_whole(r, t) and p == 2 * t)
                                 for r, t, p in zip(reqs, toks, prefill))
                     rows_checked += 16
@@ -247,7 +262,9 @@ def test_no_torn_reads_while_another_process_writes_flat_out():
             unprotected_torn = 0
             deadline = time.monotonic() + 1.0
             while time.monotonic() < deadline and unprotected_torn < 10:
-                rows = board._rows.copy()
+                layout = board.layout
+                rows = np.asarray(board.cells)[layout.row(0):layout.live_off].reshape(
+                    board.num_ranks, layout.row_len).copy()
                 unprotected_torn += sum(not _row_is_whole(*(int(row[c]) for c in (NUM_REQS, NUM_WAITING, NUM_TOKENS, ACKED, ACKED + 1, NUM_PREFILL)))
                                         for row in rows)
         finally:

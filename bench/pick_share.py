@@ -1,0 +1,94 @@
+"""``python -m bench.pick_share``: ``Dispatcher.pick`` against the front door's CPU per request.
+
+One server on the simulated executor with the ``instant`` profile (``--executor sim
+--sim-profile instant --model-path tiny``: a forward pass costs nothing, so what the
+API process spends is the request's whole cost to it) and ``--dp-size`` ranks, one per
+balancing method asked for. Per method and round, in this one run:
+
+- ``api_cpu_us``: the API process's user + system CPU time per one-token ``/generate``
+  request (``bench.http_stack.measure``: ``/proc/<pid>/stat`` before and after);
+- ``submit_cpu_us``: the mean CPU time of ``EngineClient.submit`` over the same requests
+  (checks, pick, encode, pipe send), from ``/server_info``'s ``dispatch`` figures;
+- ``pick_us``: ``Dispatcher.pick`` with the same method on a board of the same shape in
+  this process (``bench.board.pick_bump_us``);
+- ``pick_share``: ``pick_us / api_cpu_us``, which must stay under 3%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+
+from bench.board import pick_bump_us
+from bench.compare import dispatch_stats
+from bench.compare_server import ServerProcess, exit_on_sigterm
+from bench.http_stack import measure
+
+METHODS = ("total_requests", "total_tokens", "prefill_tokens")
+MAX_PICK_SHARE = 0.03
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.pick_share",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--dp-size", type=int, default=2, help="ranks behind the API")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--requests", type=int, default=2000, help="requests per round and method")
+    p.add_argument("--concurrency", type=int, default=4, help="clients sending at once")
+    p.add_argument("--rounds", type=int, default=3, help="turns each method takes")
+    p.add_argument("--warmup", type=int, default=300, help="requests before measuring")
+    p.add_argument("--log-dir", default=None, help="server logs (default: a temporary folder)")
+    return p
+
+
+def run_round(server: ServerProcess, method: str, args) -> dict:
+    before = dispatch_stats(server.url)
+    api_cpu_us, rate = measure(server, args.requests, args.concurrency)
+    after = dispatch_stats(server.url)
+    n = after["num_requests"] - before["num_requests"]
+    submit_cpu_us = (after["mean_cpu_us"] * after["num_requests"]
+                     - before["mean_cpu_us"] * before["num_requests"]) / n
+    pick_us = pick_bump_us(args.dp_size, method, calls=2000, batches=15)
+    return {"api_cpu_us": api_cpu_us, "submit_cpu_us": submit_cpu_us, "pick_us": pick_us,
+            "requests_per_s": rate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    exit_on_sigterm()
+    log_dir = args.log_dir or tempfile.mkdtemp(prefix="pick_share.")
+    flags = ["--executor", "sim", "--sim-profile", "instant", "--model-path", "tiny",
+             "--dp-size", str(args.dp_size), "--log-level", "warning"]
+    servers = {m: ServerProcess([*flags, "--load-balance-method", m],
+                                os.path.join(log_dir, f"{m}.log")) for m in args.methods}
+    rounds: dict[str, list[dict]] = {m: [] for m in args.methods}
+    try:
+        for server in servers.values():
+            server.start()
+            measure(server, args.warmup, args.concurrency)
+        for _ in range(args.rounds):  # methods take turns: drift hits them alike
+            for m, server in servers.items():
+                rounds[m].append(run_round(server, m, args))
+    finally:
+        for server in servers.values():
+            server.close()
+    print(f"pick vs the API process's CPU per one-token /generate (dp-size {args.dp_size}, "
+          f"{args.requests} requests x {args.rounds} rounds, {args.concurrency} concurrent, "
+          "simulated instant ranks; medians over rounds)")
+    print(f"{'method':<16}{'pick us':>9}{'submit us':>11}{'API us/req':>12}{'pick share':>12}")
+    ok = True
+    for m, rows in rounds.items():
+        med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+        share = med["pick_us"] / med["api_cpu_us"]
+        ok &= share < MAX_PICK_SHARE
+        print(f"{m:<16}{med['pick_us']:>9.2f}{med['submit_cpu_us']:>11.1f}"
+              f"{med['api_cpu_us']:>12.0f}{100 * share:>11.2f}%")
+    print(f"pick under {100 * MAX_PICK_SHARE:.0f}% of the API's CPU per request: "
+          f"{'ok' if ok else 'MISSED'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
