@@ -44,7 +44,12 @@ from __future__ import annotations
 
 import hashlib
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from shm.kv_segment import KVSegment
 
 ROUTE_KIND = "route"
 HANDOFF_KIND = "handoff"
@@ -118,15 +123,19 @@ def create_tables(launch_id: str, num_prefill_ranks: int, num_decode_ranks: int,
     return route, handoff
 
 
-def make_role(cfg, executor):
-    """The PD half of a rank's scheduler: ``PrefillSender``, ``DecodeReceiver`` or None."""
-    if cfg.pd is None or cfg.role == "mixed":
+
+def kv_segment_factory(cfg) -> Callable[[int, int], KVSegment] | None:
+    """How a PD prefill rank creates its KV segment, or None for any other rank.
+
+    The executor calls the factory with ``(capacity, token_bytes)`` once it knows its
+    pool's size (bytes per token 0: the simulated executor keeps no KV data, only the
+    hand-off arena). The executor owns the segment: it unlinks it at ``close()``.
+    Decode ranks find it by this name (``scheduler.pd_peers``).
+    """
+    if cfg.pd is None or cfg.role != "prefill":
         return None
-    from shm.bootstrap import BootstrapTable
-    handoff = BootstrapTable.attach(cfg.pd.handoff_table)
-    if cfg.role == "prefill":
-        from scheduler.pd_prefill import PrefillSender
-        return PrefillSender(cfg, executor, handoff)
-    from scheduler.pd_decode import DecodeReceiver
-    route = BootstrapTable.attach(cfg.pd.route_table) if cfg.pd.route_table else None
-    return DecodeReceiver(cfg, executor, route, handoff)
+    from shm.kv_segment import KVSegment
+    from shm.segment import segment_name
+
+    name = segment_name(kv_segment_kind(cfg.dp_rank), cfg.pd.launch_id)
+    return lambda capacity, token_bytes: KVSegment.create(name, capacity, token_bytes)
