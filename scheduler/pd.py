@@ -1,4 +1,4 @@
-"""Prefill/decode disaggregation on one node: configuration, shared names, roles.
+"""Prefill/decode disaggregation on one node: configuration, shared names, tables.
 
 The pieces (each its own module):
 - **route table** (``shm.bootstrap``, one region per prefill dispatcher): the prefill
@@ -11,7 +11,11 @@ The pieces (each its own module):
   the request was aborted or refused. Decode claims, copies, releases; p frees its
   KV once released or at the deadline (``scheduler.pd_prefill``).
 - **KV segments** (``shm.kv_segment``): each prefill rank's KV pool and slot-list
-  arena, created by that rank; decode ranks map them (``scheduler.pd_decode``).
+  arena, created by that rank (``kv_segment_factory``, handed to its executor); decode
+  ranks map them (``scheduler.pd_decode``).
+- **roles** (``scheduler.pd_role``): what a rank's scheduler calls; ``PrefillSender``
+  (``scheduler.pd_prefill``) on a prefill rank, ``DecodeReceiver``
+  (``scheduler.pd_decode``) on a decode rank, the null ``MixedRole`` elsewhere.
 
 Why the KV-ready state is not in the route table: the route table's regions belong
 to the dispatchers (single writer per cell), and routing "KV ready" through the
