@@ -146,7 +146,7 @@ class PrefillSender(PDRole):
         return False  # a prefill rank parks nothing
 
     # ---- freeing ------------------------------------------------------------------------
-    def poll(self, admit=None) -> tuple[list, list]:
+    def poll(self, admit=None) -> tuple[tuple, tuple]:
         """Free the KV of entries decode released and of entries past their deadline.
         Returns nothing ready or failed: a prefill rank parks no requests."""
         self.writer.heartbeat()

@@ -16,11 +16,11 @@ Plain Python: no torch, no shared memory here (``scheduler.pd`` has the whole de
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from scheduler.request import Req
 
-EMPTY_POLL: tuple[list, list] = ([], [])  # never mutated: nothing ready, nothing failed
+EMPTY_POLL: tuple[tuple, tuple] = ((), ())  # nothing ready, nothing failed
 
 
 class PDRole(ABC):
@@ -41,7 +41,7 @@ class PDRole(ABC):
         it may sleep. ``idle_wait_s`` unless shared memory must be polled sooner."""
 
     @abstractmethod
-    def poll(self, admit: Callable[[Req], bool]) -> tuple[list, list]:
+    def poll(self, admit: Callable[[Req], bool]) -> tuple[Sequence, Sequence]:
         """Called once per step, after the messages are received and before the batch is
         chosen, so KV that arrived or was released is seen at once. ``admit(req)``
         reserves a request's KV if the rank can run it now. Returns (ready, failed):
@@ -102,7 +102,7 @@ class MixedRole(PDRole):
     def poll_timeout(self, idle_wait_s: float) -> float:
         return idle_wait_s
 
-    def poll(self, admit: Callable[[Req], bool]) -> tuple[list, list]:
+    def poll(self, admit: Callable[[Req], bool]) -> tuple[Sequence, Sequence]:
         return EMPTY_POLL
 
     def pending_load(self) -> tuple[int, int]:
