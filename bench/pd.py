@@ -5,7 +5,7 @@ Two figures, each with its target:
 - ``bootstrap_resolve_us`` (target <= 50): median time from a request's arrival at a
   decode rank (its ``GenerateReq`` handled) to that rank knowing the prefill rank,
   through the route table. Measured inside real decode ``Scheduler``s
-  (``scheduler.pd_local``: real tables and KV segments in shared memory, zero-cost
+  (``tests.pd_local``: real tables and KV segments in shared memory, zero-cost
   simulated forward) on requests whose room the prefill dispatcher placed first, as
   the front door always does and a gateway usually does. The raw table look-up
   (``bootstrap_lookup_us``) is reported beside it.
@@ -60,7 +60,7 @@ def measure_resolve(num_requests: int, seed: int = 0) -> dict:
 
 def _resolve_run(num_requests: int, prefill_later: bool, seed: int) -> tuple[list[int], float]:
     from engine.sampling import SamplingParams
-    from scheduler.pd_local import LocalPD, sim_executor_factory
+    from tests.pd_local import LocalPD, sim_executor_factory
 
     rng = random.Random(seed)
     with LocalPD(4, 4, sim_executor_factory("instant", 1 << 16)) as pd:

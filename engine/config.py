@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.tiny import TINY_HF_CONFIG, is_tiny_model_path
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -179,11 +181,14 @@ def _as_id_tuple(value: Any) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
+def tiny_model_config() -> ModelConfig:
+    """The built-in default model's config (``engine.tiny``)."""
+    return ModelConfig.from_hf_dict(TINY_HF_CONFIG)
+
+
 def load_model_config(model_path: str) -> ModelConfig:
     """Config for `tiny` or a checkpoint folder, with generation_config.json's eos ids
     merged in (Llama 3 instruct lists its end-of-turn ids only there). No torch."""
-    from engine.tiny import is_tiny_model_path, tiny_model_config  # late: tiny imports us
-
     if is_tiny_model_path(model_path):
         return tiny_model_config()
     folder = Path(model_path)

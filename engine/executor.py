@@ -11,14 +11,18 @@ torch thread on CPU, loads the model and allocates the KV pool.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from engine.config import ModelConfig, load_model_config
 from engine.device import configure_worker_threads, resolve_device, resolve_dtype
 from engine.kv_slots import KVSlotAllocator
+from engine.kv_transfer import create_kv_segment
 from engine.runner import ForwardReq, ModelRunner
 from engine.tokenizer import Tokenizer
+from scheduler.executor import Executor
+from shm.kv_segment import KVSegment
 
 # KV pool size for a config without one: the launcher always sets it (server.placement
 # sizes it from memory and checks that it fits); configs built by hand (tests, benches,
@@ -27,8 +31,9 @@ DEFAULT_POOL_CONTEXTS = 16
 DEFAULT_POOL_BYTES = 512 * 2**20
 
 
-class ModelExecutor:
-    def __init__(self, runner: ModelRunner, context_len: int, tokenizer: Tokenizer | None) -> None:
+class ModelExecutor(Executor):
+    def __init__(self, runner: ModelRunner, context_len: int, tokenizer: Tokenizer | None,
+                 kv_segment: KVSegment | None = None) -> None:
         self.runner = runner
         self.context_len = context_len
         self.vocab_size = runner.model_config.vocab_size
@@ -38,13 +43,17 @@ class ModelExecutor:
         self.tokenizer = tokenizer
         # PD: a prefill rank's pool lives in this shared segment (owned, unlinked by
         # close()); a decode rank copies peers' KV in through the importer.
-        self.kv_segment = None
+        self.kv_segment = kv_segment
         self._importer = None
 
     @classmethod
-    def from_config(cls, cfg: Any) -> ModelExecutor:
+    def from_config(cls, cfg: Any,
+                    new_kv_segment: Callable[[int, int], KVSegment] | None = None
+                    ) -> ModelExecutor:
         """`cfg`: a `scheduler.config.SchedulerConfig` (model_path, device,
-        max_total_tokens, context_length, random_seed)."""
+        max_total_tokens, context_length, random_seed). `new_kv_segment(capacity,
+        token_bytes)`, when given, creates the shared segment the KV pool lives in
+        (a PD prefill rank's, so decode ranks can map it)."""
         device = resolve_device(cfg.device)
         configure_worker_threads(device)
         config = load_model_config(cfg.model_path)
@@ -54,7 +63,10 @@ class ModelExecutor:
         max_total_tokens = cfg.max_total_tokens or default_max_total_tokens(
             config, context_len, dtype_bytes
         )
-        kv_segment = _pd_kv_segment(cfg, config, max_total_tokens, device, dtype)
+        kv_segment = None
+        if new_kv_segment is not None:
+            kv_segment = create_kv_segment(new_kv_segment, config, max_total_tokens,
+                                           resolve_dtype(device, config.dtype, dtype), device)
         try:
             runner = ModelRunner.from_model_path(
                 cfg.model_path, device, max_total_tokens, dtype=dtype, random_seed=cfg.random_seed,
@@ -64,9 +76,7 @@ class ModelExecutor:
             if kv_segment is not None:
                 kv_segment.close()
             raise
-        executor = cls(runner, context_len, _optional_tokenizer(cfg.model_path))
-        executor.kv_segment = kv_segment
-        return executor
+        return cls(runner, context_len, _optional_tokenizer(cfg.model_path), kv_segment)
 
     @property
     def max_total_num_tokens(self) -> int:
@@ -119,10 +129,6 @@ class ModelExecutor:
             self._importer = KVImporter(self.runner.model_config, self.runner.kv_pool.kv_buffer)
         self._importer.import_kv(peer, src_slots, dst_slots)
 
-    def close(self) -> None:
-        """Unlink the shared KV segment, if any (the mapping lives until exit)."""
-        if self.kv_segment is not None:
-            self.kv_segment.close()
 
 
 def _record_logprobs(item, top, values, tops) -> None:
@@ -137,19 +143,6 @@ def _record_logprobs(item, top, values, tops) -> None:
         req.input_top_logprobs.extend(tops)
     if item.sample:
         req.output_top_logprobs.append(top)
-
-
-def _pd_kv_segment(cfg: Any, config: ModelConfig, capacity: int, device: str,
-                   dtype: str | None = None):
-    """A PD prefill rank's pool goes in shared memory, so decode ranks can map it."""
-    if getattr(cfg, "pd", None) is None or cfg.role != "prefill":
-        return None
-    from engine.kv_transfer import create_kv_segment
-    from scheduler.pd import kv_segment_kind
-    from shm.segment import segment_name
-    name = segment_name(kv_segment_kind(cfg.dp_rank), cfg.pd.launch_id)
-    return create_kv_segment(name, config, capacity, resolve_dtype(device, config.dtype, dtype),
-                             device)
 
 
 def _optional_tokenizer(model_path: str) -> Tokenizer | None:

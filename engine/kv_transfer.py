@@ -18,6 +18,8 @@ non-CPU devices so the gap fails loudly.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -34,14 +36,15 @@ def pool_shape(config: ModelConfig, capacity: int) -> tuple[int, ...]:
     return (config.num_hidden_layers, capacity, 2, config.num_key_value_heads, config.head_dim)
 
 
-def create_kv_segment(name: str, config: ModelConfig, capacity: int, dtype: torch.dtype,
-                      device: str) -> KVSegment:
-    """The segment a PD prefill rank builds its pool over (``KVPool(buffer=seg.kv_buf)``)."""
+def create_kv_segment(new_segment: Callable[[int, int], KVSegment], config: ModelConfig,
+                      capacity: int, dtype: torch.dtype, device: str) -> KVSegment:
+    """The segment a PD prefill rank builds its pool over (``KVPool(buffer=seg.kv_buf)``),
+    made by ``new_segment(capacity, token_bytes)`` (the scheduler side names it)."""
     if torch.device(device).type != "cpu":
         raise KVTransferError(
             f"PD KV hand-off on {device} needs CUDA IPC, which this build does not implement; "
             "run PD ranks with --device cpu")
-    return KVSegment.create(name, capacity, config.kv_bytes_per_token(dtype.itemsize))
+    return new_segment(capacity, config.kv_bytes_per_token(dtype.itemsize))
 
 
 def peer_pool_view(peer: KVSegment, config: ModelConfig, dtype: torch.dtype) -> torch.Tensor:

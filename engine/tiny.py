@@ -22,8 +22,6 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from engine.config import ModelConfig
-
 if TYPE_CHECKING:
     from engine.model import CausalLM
 
@@ -69,10 +67,6 @@ def tiny_model_path() -> str:
 def is_tiny_model_path(model_path: str) -> bool:
     """`tiny`, or the tiny folder itself (which a server reports as its model_path)."""
     return model_path == "tiny" or Path(model_path).resolve() == Path(tiny_model_path())
-
-
-def tiny_model_config() -> ModelConfig:
-    return ModelConfig.from_hf_dict(TINY_HF_CONFIG)
 
 
 def init_tiny_weights(model: CausalLM, seed: int = TINY_SEED) -> None:

@@ -1,4 +1,4 @@
-"""Prefill/decode disaggregation on one node: configuration, shared names, roles.
+"""Prefill/decode disaggregation on one node: configuration, shared names, tables.
 
 The pieces (each its own module):
 - **route table** (``shm.bootstrap``, one region per prefill dispatcher): the prefill
@@ -11,7 +11,11 @@ The pieces (each its own module):
   the request was aborted or refused. Decode claims, copies, releases; p frees its
   KV once released or at the deadline (``scheduler.pd_prefill``).
 - **KV segments** (``shm.kv_segment``): each prefill rank's KV pool and slot-list
-  arena, created by that rank; decode ranks map them (``scheduler.pd_decode``).
+  arena, created by that rank (``kv_segment_factory``, handed to its executor); decode
+  ranks map them (``scheduler.pd_decode``).
+- **roles** (``scheduler.pd_role``): what a rank's scheduler calls; ``PrefillSender``
+  (``scheduler.pd_prefill``) on a prefill rank, ``DecodeReceiver``
+  (``scheduler.pd_decode``) on a decode rank, the null ``MixedRole`` elsewhere.
 
 Why the KV-ready state is not in the route table: the route table's regions belong
 to the dispatchers (single writer per cell), and routing "KV ready" through the
@@ -44,7 +48,12 @@ from __future__ import annotations
 
 import hashlib
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from shm.kv_segment import KVSegment
 
 ROUTE_KIND = "route"
 HANDOFF_KIND = "handoff"
@@ -118,15 +127,19 @@ def create_tables(launch_id: str, num_prefill_ranks: int, num_decode_ranks: int,
     return route, handoff
 
 
-def make_role(cfg, executor):
-    """The PD half of a rank's scheduler: ``PrefillSender``, ``DecodeReceiver`` or None."""
-    if cfg.pd is None or cfg.role == "mixed":
+
+def kv_segment_factory(cfg) -> Callable[[int, int], KVSegment] | None:
+    """How a PD prefill rank creates its KV segment, or None for any other rank.
+
+    The executor calls the factory with ``(capacity, token_bytes)`` once it knows its
+    pool's size (bytes per token 0: the simulated executor keeps no KV data, only the
+    hand-off arena). The executor owns the segment: it unlinks it at ``close()``.
+    Decode ranks find it by this name (``scheduler.pd_peers``).
+    """
+    if cfg.pd is None or cfg.role != "prefill":
         return None
-    from shm.bootstrap import BootstrapTable
-    handoff = BootstrapTable.attach(cfg.pd.handoff_table)
-    if cfg.role == "prefill":
-        from scheduler.pd_prefill import PrefillSender
-        return PrefillSender(cfg, executor, handoff)
-    from scheduler.pd_decode import DecodeReceiver
-    route = BootstrapTable.attach(cfg.pd.route_table) if cfg.pd.route_table else None
-    return DecodeReceiver(cfg, executor, route, handoff)
+    from shm.kv_segment import KVSegment
+    from shm.segment import segment_name
+
+    name = segment_name(kv_segment_kind(cfg.dp_rank), cfg.pd.launch_id)
+    return lambda capacity, token_bytes: KVSegment.create(name, capacity, token_bytes)

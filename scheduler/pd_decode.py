@@ -44,7 +44,9 @@ from typing import NamedTuple
 from scheduler.messages import CLIENT_ERROR, SERVER_ERROR
 from scheduler.pd import prompt_hash
 from scheduler.pd_peers import PDPeers
+from scheduler.pd_role import PDRole
 from scheduler.request import Req
+from shm.bootstrap import BootstrapTable
 from shm.bootstrap_layout import FAILED, KV_READY
 
 logger = logging.getLogger(__name__)
@@ -80,8 +82,9 @@ class Ready:
     logprob: float
 
 
-class DecodeReceiver:
-    def __init__(self, cfg, executor, route_table, handoff_table):
+class DecodeReceiver(PDRole):
+    def __init__(self, cfg, executor, route_table: BootstrapTable | None,
+                 handoff_table: BootstrapTable):
         self.dp_rank = cfg.dp_rank
         self.executor = executor
         self.peers = PDPeers(route_table, handoff_table, cfg.pd.launch_id, cfg.dp_rank,
@@ -94,6 +97,18 @@ class DecodeReceiver:
         # Arrival -> prefill rank known, for requests resolved through the tables (ns).
         self.resolve_ns: deque[int] = deque(maxlen=MAX_STATS)
         self.num_received = 0
+
+    @classmethod
+    def from_config(cls, cfg, executor) -> DecodeReceiver:
+        """Attach the tables ``cfg.pd`` names (a ``SchedulerConfig``; the route table
+        only where it names one)."""
+        handoff = BootstrapTable.attach(cfg.pd.handoff_table)
+        try:
+            route = BootstrapTable.attach(cfg.pd.route_table) if cfg.pd.route_table else None
+        except BaseException:
+            handoff.close()
+            raise
+        return cls(cfg, executor, route, handoff)
 
     # ---- what the scheduler asks --------------------------------------------------------
     @property
@@ -123,8 +138,12 @@ class DecodeReceiver:
         """(requests, prompt tokens) parked here: waiting load for the board."""
         return len(self.parked), sum(p.req.prompt_len for p in self.parked.values())
 
-    def park(self, req: Req) -> None:
-        """Hold ``req`` until its KV is ready. The prefill rank is looked up at once
+    def hand_off(self, req: Req, logprob: float) -> str | None:
+        raise AssertionError("a decode rank never hands a request off")  # hands_off is False
+
+    def park(self, req: Req) -> bool:
+        """Hold ``req`` until its KV is ready (always: every decode request waits for
+        its prefill's KV). The prefill rank is looked up at once
         (~1 us a table): with the room placed first (the front door's order, a
         gateway's usual one) decode knows it on arrival; else ``poll`` keeps looking."""
         now = time.monotonic_ns()
@@ -142,6 +161,7 @@ class DecodeReceiver:
             elif placed.state != FAILED:
                 self._known(parked, placed.prefill_rank, now)
         self._sleep_s = FIRST_SLEEP_S
+        return True
 
     def discard(self, req: Req) -> bool:
         """Drop a parked request (aborted). If its KV is already waiting in a hand-off

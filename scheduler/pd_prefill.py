@@ -26,8 +26,10 @@ import time
 from dataclasses import dataclass
 
 from scheduler.pd import prompt_hash
+from scheduler.pd_role import EMPTY_POLL, PDRole
 from scheduler.range_alloc import RangeAllocator
 from scheduler.request import Req
+from shm.bootstrap import BootstrapTable
 from shm.bootstrap_layout import FAILED, KV_READY, BootstrapTableError
 
 logger = logging.getLogger(__name__)
@@ -45,9 +47,11 @@ class Held:
     arena_len: int
 
 
-class PrefillSender:
-    def __init__(self, cfg, executor, handoff_table):
-        segment = getattr(executor, "kv_segment", None)
+class PrefillSender(PDRole):
+    hands_off = True
+
+    def __init__(self, cfg, executor, handoff_table: BootstrapTable):
+        segment = executor.kv_segment
         if segment is None:
             raise RuntimeError("a PD prefill rank needs its KV pool in shared memory "
                                "(the executor made no kv_segment)")
@@ -64,6 +68,11 @@ class PrefillSender:
         self.num_handed_off = 0
         self.num_freed_released = 0
         self.num_freed_expired = 0
+
+    @classmethod
+    def from_config(cls, cfg, executor) -> PrefillSender:
+        """Attach the hand-off table ``cfg.pd`` names (a ``SchedulerConfig``)."""
+        return cls(cfg, executor, BootstrapTable.attach(cfg.pd.handoff_table))
 
     # ---- what the scheduler asks --------------------------------------------------------
     @property
@@ -130,17 +139,20 @@ class PrefillSender:
             return
         self.held[slot] = Held(room, [], -1, 0)
 
+    def park(self, req: Req) -> bool:
+        return False  # a prefill rank computes every request it admits
+
     def discard(self, req: Req) -> bool:
         return False  # a prefill rank parks nothing
 
     # ---- freeing ------------------------------------------------------------------------
-    def poll(self, admit=None) -> tuple[list, list]:
+    def poll(self, admit=None) -> tuple[tuple, tuple]:
         """Free the KV of entries decode released and of entries past their deadline.
-        Returns ``([], [])``: a prefill rank has no parked requests to start or fail."""
+        Returns nothing ready or failed: a prefill rank parks no requests."""
         self.writer.heartbeat()
         if self.held:
             self._free_done()
-        return [], []
+        return EMPTY_POLL
 
     def _free_done(self) -> None:
         for entry in self.writer.reap_released():

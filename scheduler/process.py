@@ -17,8 +17,10 @@ import sys
 import traceback
 
 from scheduler.config import SchedulerConfig
+from scheduler.executor import Executor
 from scheduler.log_format import configure_logging
 from scheduler.messages import RankError, RankReady, decode_to_scheduler, encode
+from scheduler.pd import kv_segment_factory
 from shm.board import LoadBoard, RankStatus
 
 logger = logging.getLogger(__name__)
@@ -53,18 +55,29 @@ def run_scheduler(cfg: SchedulerConfig, req_conn, out_conn) -> None:
         board.close()
 
 
+def make_executor(cfg: SchedulerConfig) -> Executor:
+    """Build the executor named by ``cfg.executor`` ("real" or "sim"), with a PD prefill
+    rank's shared KV segment (``scheduler.pd.kv_segment_factory``: the one place it is
+    made; the executor sizes it)."""
+    new_kv_segment = kv_segment_factory(cfg)
+    if cfg.executor == "real":
+        from engine.executor import ModelExecutor
+        return ModelExecutor.from_config(cfg, new_kv_segment)
+    if cfg.executor == "sim":
+        from scheduler.sim_executor import SimExecutor
+        return SimExecutor.from_config(cfg, new_kv_segment)
+    raise ValueError(f"unknown executor {cfg.executor!r}: expected 'real' or 'sim'")
+
+
 def _start(cfg: SchedulerConfig, row, out_conn):
-    from scheduler.executor import make_executor
     from scheduler.scheduler import Scheduler
 
     executor = make_executor(cfg)
-    tokenizer = getattr(executor, "tokenizer", None)
     send = lambda msg: out_conn.send_bytes(encode(msg))  # noqa: E731
     try:
-        scheduler = Scheduler(cfg, executor, row, send, tokenizer, send_stats=send)
+        scheduler = Scheduler(cfg, executor, row, send, executor.tokenizer, send_stats=send)
     except BaseException:
-        if hasattr(executor, "close"):
-            executor.close()  # a PD prefill rank's shared KV segment
+        executor.close()  # a PD prefill rank's shared KV segment
         raise
     row.set_capacity(executor.max_total_num_tokens, scheduler.max_running_requests)
     scheduler.publish_load()
@@ -91,7 +104,7 @@ def _loop(scheduler, req_conn, idle_wait_s: float) -> None:
         try:
             # Busy ranks only peek; idle ones block until a message or the heartbeat is due.
             # A rank whose executor wants idle steps (lockstep peers wait on it) is busy.
-            busy = getattr(scheduler.executor, "wants_idle_steps", False)
+            busy = scheduler.executor.wants_idle_steps
             if req_conn.poll(0 if busy else scheduler.poll_timeout(idle_wait_s)):
                 while True:
                     messages.append(decode_to_scheduler(req_conn.recv_bytes()))

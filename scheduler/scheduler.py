@@ -1,9 +1,10 @@
 """One rank's continuous-batching scheduler.
 
-The loop is six named steps (``step``): receive messages, schedule (admit + pick the
-batch), forward, finish what finished, publish load to the board, send outputs. A PD
-rank adds one after receive, ``poll_transfers`` (``scheduler.pd``): a decode rank takes
-in requests whose KV arrived from prefill, a prefill rank frees KV decode released.
+The loop is named steps (``step``): receive messages, poll transfers, schedule (admit +
+pick the batch), forward, finish what finished, publish load to the board, send outputs.
+Every rank holds a PD role (``scheduler.pd_role``) and calls it at fixed points; on a
+mixed rank it does nothing. In ``poll_transfers`` a decode rank takes in requests whose
+KV arrived from prefill, a prefill rank frees KV decode released.
 
 Load accounting (what the board row says, see ``shm.board``):
 - ``num_reqs`` = running + waiting; ``num_waiting_reqs`` = waiting;
@@ -46,7 +47,9 @@ from scheduler.executor import Executor
 from scheduler.messages import (CLIENT_ERROR, SERVER_ERROR, AbortReq, BatchOutput,
                                 FlushCacheReq, GenerateReq, RankStats, ReqOutput, ShutdownReq,
                                 abort_reason)
-from scheduler.pd import make_role
+from scheduler.pd_decode import DecodeReceiver
+from scheduler.pd_prefill import PrefillSender
+from scheduler.pd_role import MixedRole, PDRole
 from scheduler.request import Req
 from scheduler.stats import DecodeStats, decode_batch_line
 from shm.board_writers import RankWriter
@@ -78,34 +81,33 @@ class Scheduler:
             FlushCacheReq: self.on_flush_cache,
             ShutdownReq: self.on_shutdown,
         }
-        # PD roles (scheduler.pd): a prefill rank hands each request off after its first
-        # token; a decode rank parks requests until their KV arrives from prefill.
-        self.pd = make_role(cfg, executor)
-        self.hands_off = self.pd is not None and cfg.role == "prefill"
+        # PD roles (scheduler.pd_role): a prefill rank hands each request off after its
+        # first token; a decode rank parks requests until their KV arrives from prefill.
+        self.pd = make_pd_role(cfg, executor)
+        self.hands_off = self.pd.hands_off
         self.decode_stats = DecodeStats(cfg.decode_log_interval)
 
     # ---- the loop --------------------------------------------------------------------
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running) or (self.pd is not None and self.pd.has_work)
+        return bool(self.waiting or self.running) or self.pd.has_work
 
     def poll_timeout(self, idle_wait_s: float) -> float:
         """How long the rank loop may block on its pipe before the next step: 0 with a
         batch to run; short, backing off, while PD requests wait on shared memory."""
         if self.waiting or self.running:
             return 0.0
-        return idle_wait_s if self.pd is None else self.pd.poll_timeout(idle_wait_s)
+        return self.pd.poll_timeout(idle_wait_s)
 
     def step(self, messages: list) -> None:
         """One iteration; ``messages`` are what ``receive`` took off the pipe."""
         started = self.decode_stats.clock()
         self.receive(messages)
-        if self.pd is not None:
-            self.poll_transfers()
+        self.poll_transfers()
         batch = self.schedule()
         # An empty batch still runs when the executor asks (simulated lockstep peers).
-        if batch or getattr(self.executor, "wants_idle_steps", False):
-            if getattr(self.executor, "steps_in_lockstep", False):
+        if batch or self.executor.wants_idle_steps:
+            if self.executor.steps_in_lockstep:
                 self.publish_load(batch)
             results = self.executor.forward(batch)
             self.process_results(batch, results)
@@ -132,7 +134,8 @@ class Scheduler:
 
     def poll_transfers(self) -> None:
         """PD: start decoding requests whose KV arrived, fail orphans (decode rank);
-        free KV that decode released or nobody claimed in time (prefill rank)."""
+        free KV that decode released or nobody claimed in time (prefill rank); nothing
+        on a mixed rank."""
         ready, failed = self.pd.poll(self._admit_transferred)
         for req, message, status_code in failed:
             req.finish_reason = abort_reason(message, status_code)
@@ -164,7 +167,7 @@ class Scheduler:
                            if i.req.is_prefilling and i.req not in leaving)
             prefill = uncomputed - done_now + queued
         # PD decode: parked requests (KV not here yet) count as waiting, prompt included.
-        parked, parked_tokens = self.pd.pending_load() if self.pd is not None else (0, 0)
+        parked, parked_tokens = self.pd.pending_load()
         self.board_row.publish(len(running) + len(self.waiting) + parked,
                                len(self.waiting) + parked, tokens + parked_tokens,
                                self.acked_reqs, self.acked_tokens, num_prefill_tokens=prefill)
@@ -178,7 +181,7 @@ class Scheduler:
         if step_s is None:
             return
         used = sum(r.num_computed for r in self.running)
-        parked = self.pd.pending_load()[0] if self.pd is not None else 0
+        parked = self.pd.pending_load()[0]
         stats = RankStats(
             dp_rank=self.cfg.dp_rank, num_running_reqs=len(self.running), num_used_tokens=used,
             token_usage=used / max(self.executor.max_total_num_tokens, 1),
@@ -237,13 +240,10 @@ class Scheduler:
         if error is not None or msg.rid in self.reqs:
             req.finish_reason = abort_reason(error or f"duplicate rid {msg.rid!r}", CLIENT_ERROR)
             self.outbox[req.rid] = req
-            if self.pd is not None:
-                self.pd.on_refused(req, req.finish_reason["message"])
+            self.pd.on_refused(req, req.finish_reason["message"])
             return
         self.reqs[req.rid] = req
-        if self.pd is not None and self.cfg.role == "decode":
-            self.pd.park(req)
-        else:
+        if not self.pd.park(req):
             self.waiting.append(req)
 
     def on_abort(self, msg: AbortReq) -> None:
@@ -256,11 +256,10 @@ class Scheduler:
             return  # already finished: nothing to free
         if req in self.running:
             self.running.remove(req)
-        elif self.pd is None or not self.pd.discard(req):
+        elif not self.pd.discard(req):
             self.waiting.remove(req)
         req.finish_reason = abort_reason(message, status_code)
-        if self.pd is not None:
-            self.pd.on_abort(req, message)
+        self.pd.on_abort(req, message)
         self._release(req)
         self.outbox[req.rid] = req
 
@@ -281,7 +280,7 @@ class Scheduler:
             req.params.validate(self.executor.vocab_size, ctx)
         except InvalidSamplingParams as exc:
             return str(exc)
-        if self.pd is not None and (error := self.pd.admission_error(req)) is not None:
+        if (error := self.pd.admission_error(req)) is not None:
             return error
         need, pool = self._reserve_len(req), self.executor.max_total_num_tokens
         if need > pool:
@@ -290,8 +289,7 @@ class Scheduler:
         return None
 
     def _reserve_len(self, req: Req) -> int:
-        ctx = self.executor.context_len
-        return req.reserve_len(ctx) if self.pd is None else self.pd.reserve_len(req, ctx)
+        return self.pd.reserve_len(req, self.executor.context_len)
 
     def _admit_transferred(self, req: Req) -> bool:
         """PD decode: reserve KV for a request whose prompt KV is ready to copy in."""
@@ -318,11 +316,8 @@ class Scheduler:
 
     def close(self) -> None:
         """At exit: free what PD holds in shared memory, unlink the executor's segment."""
-        if self.pd is not None:
-            self.pd.close()
-        close = getattr(self.executor, "close", None)
-        if close is not None:
-            close()
+        self.pd.close()
+        self.executor.close()
 
     def _try_reserve(self, req: Req) -> bool:
         need = self._reserve_len(req)
@@ -356,6 +351,14 @@ class Scheduler:
             reason = {"type": "length", "length": len(req.output_ids)}
         return reason
 
+
+def make_pd_role(cfg: SchedulerConfig, executor: Executor) -> PDRole:
+    """The PD role of a rank with ``cfg``: the null role unless it is a PD rank."""
+    if cfg.pd is None or cfg.role == "mixed":
+        return MixedRole()
+    if cfg.role == "prefill":
+        return PrefillSender.from_config(cfg, executor)
+    return DecodeReceiver.from_config(cfg, executor)
 
 
 def _add_logprobs(out: ReqOutput, req: Req) -> None:

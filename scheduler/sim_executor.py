@@ -36,11 +36,14 @@ from __future__ import annotations
 import json
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from engine.kv_slots import KVSlotAllocator
 from scheduler.batching import ForwardItem
+from scheduler.executor import Executor
+from shm.kv_segment import KVSegment
 
 PROFILE_DIR = Path(__file__).resolve().parent / "sim_profiles"
 
@@ -83,13 +86,14 @@ def load_profile(name: str) -> SimProfile:
     return SimProfile(**json.loads(path.read_text()))
 
 
-class SimExecutor:
+class SimExecutor(Executor):
     """``Executor`` whose forward pass is a calibrated sleep (see the module docstring)."""
 
     device = "sim"
 
     def __init__(self, profile: SimProfile, max_total_num_tokens: int | None = None,
-                 lockstep=None, time_scale: float = 1.0):
+                 lockstep=None, time_scale: float = 1.0,
+                 new_kv_segment: Callable[[int, int], KVSegment] | None = None):
         if not time_scale > 0:
             raise ValueError(f"time_scale must be > 0, got {time_scale}")
         self.profile = profile
@@ -104,25 +108,25 @@ class SimExecutor:
         self.tokenizer = None
         self.busy_s = 0.0  # total simulated forward time, for reports
         self.lockstep_wait_s = 0.0  # modelled time spent waiting for slower lockstep peers
-        self.kv_segment = None  # PD prefill: the shared hand-off arena (scheduler.pd)
+        # PD prefill: no KV data, but the same hand-off arena and protocol as the real pool.
+        self.kv_segment = (new_kv_segment(self.max_total_num_tokens, 0)
+                           if new_kv_segment is not None else None)
 
     @classmethod
-    def from_config(cls, cfg) -> "SimExecutor":
+    def from_config(cls, cfg, new_kv_segment: Callable[[int, int], KVSegment] | None = None
+                    ) -> SimExecutor:
+        """``cfg``: a ``SchedulerConfig``; ``new_kv_segment`` as for ``ModelExecutor``."""
         lockstep = None
-        if getattr(cfg, "sim_lockstep_name", None):
+        if cfg.sim_lockstep_name:
             from scheduler.lockstep import LockstepMember
             lockstep = LockstepMember.attach(cfg.sim_lockstep_name, cfg.dp_rank)
-        executor = cls(load_profile(cfg.sim_profile), cfg.max_total_tokens, lockstep,
-                       getattr(cfg, "sim_time_scale", 1.0))
-        if getattr(cfg, "pd", None) is not None and cfg.role == "prefill":
-            # No KV data, but the same hand-off arena and protocol as the real pool.
-            from scheduler.pd import kv_segment_kind
-            from shm.kv_segment import KVSegment
-            from shm.segment import segment_name
-            executor.kv_segment = KVSegment.create(
-                segment_name(kv_segment_kind(cfg.dp_rank), cfg.pd.launch_id),
-                executor.max_total_num_tokens, token_bytes=0)
-        return executor
+        try:
+            return cls(load_profile(cfg.sim_profile), cfg.max_total_tokens, lockstep,
+                       cfg.sim_time_scale, new_kv_segment)
+        except BaseException:
+            if lockstep is not None:
+                lockstep.close()
+            raise
 
     def import_kv(self, peer, src_slots, dst_slots: list[int]) -> None:
         """PD decode: there is no KV data to copy; slot counts must still agree."""
@@ -131,8 +135,7 @@ class SimExecutor:
 
     def close(self) -> None:
         """At rank exit: unlink the PD arena; leave the lockstep so peers stop waiting."""
-        if self.kv_segment is not None:
-            self.kv_segment.close()
+        super().close()
         if self.lockstep is not None:
             self.lockstep.close()
             self.lockstep = None

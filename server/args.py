@@ -379,13 +379,24 @@ def _is_header_token(key: str) -> bool:
     return bool(key) and key.isascii() and key.isprintable() and " " not in key
 
 
+def _default_connection_limit(num_ranks: int) -> int:
+    from server.connections import default_connection_limit, soft_open_file_limit
+
+    limit = default_connection_limit(num_ranks)
+    if limit < 1:
+        raise InvalidServerArgs(
+            f"the open-file limit ({soft_open_file_limit()}) leaves no descriptor for HTTP "
+            f"connections with {num_ranks} rank(s): raise it (ulimit -n) or set "
+            "--limit-concurrency")
+    return limit
+
+
 def resolve_args(args: ServerArgs) -> ServerArgs:
     """The same arguments with every ``auto``/``None`` the API can settle made concrete."""
     from engine.chat_template import InvalidChatTemplate, load_chat_template_arg
     from engine.config import ModelLoadError, load_model_config
     from engine.model_source import resolve_model_path
     from scheduler.policy import InvalidLoadBalanceMethod, resolve_method
-    from server.connections import default_connection_limit
 
     args = dataclasses.replace(args, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None)
     validate_args(args)
@@ -437,7 +448,7 @@ def resolve_args(args: ServerArgs) -> ServerArgs:
         context_length=args.context_length or model_ctx,
         random_seed=(args.random_seed if args.random_seed is not None
                      else secrets.randbelow(MAX_RANDOM_SEED)),
-        limit_concurrency=args.limit_concurrency or default_connection_limit(num_ranks),
+        limit_concurrency=args.limit_concurrency or _default_connection_limit(num_ranks),
         http_stack=("fast" if has_fast_http() else "asyncio") if args.http_stack == "auto"
         else args.http_stack,
         dtype=DTYPE_ALIASES.get(args.dtype, args.dtype),

@@ -43,13 +43,16 @@ import functools
 import logging
 import resource
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import h11
 from starlette.responses import JSONResponse
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from server.args import InvalidServerArgs, ServerArgs
 from server.errors import ServiceUnavailable
+
+if TYPE_CHECKING:
+    from server.args import ServerArgs
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +81,7 @@ def raise_open_file_limit() -> int:
     return target
 
 
-def _soft_open_file_limit() -> int:
+def soft_open_file_limit() -> int:
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     return UNLIMITED_NOFILE_TARGET if soft == resource.RLIM_INFINITY else soft
 
@@ -86,19 +89,15 @@ def _soft_open_file_limit() -> int:
 def accept_backlog() -> int:
     """uvicorn's ``backlog``: asyncio accepts up to this many connections per wake-up
     (and the kernel queues as many); uvicorn's 2048, less where descriptors are few."""
-    return max(16, min(2048, _soft_open_file_limit() // 8))
+    return max(16, min(2048, soft_open_file_limit() // 8))
 
 
 def default_connection_limit(num_ranks: int) -> int:
     """``--limit-concurrency`` left unset: the connections the open-file limit leaves
-    room for once the ranks' descriptors and two accept rounds are set aside."""
-    soft = _soft_open_file_limit()
-    limit = soft - FDS_RESERVED - FDS_PER_RANK * num_ranks - 2 * accept_backlog()
-    if limit < 1:
-        raise InvalidServerArgs(
-            f"the open-file limit ({soft}) leaves no descriptor for HTTP connections with "
-            f"{num_ranks} rank(s): raise it (ulimit -n) or set --limit-concurrency")
-    return limit
+    room for once the ranks' descriptors and two accept rounds are set aside (below 1:
+    no room; ``server.args.resolve_args`` refuses to start)."""
+    return (soft_open_file_limit() - FDS_RESERVED - FDS_PER_RANK * num_ranks
+            - 2 * accept_backlog())
 
 
 def protocol_for(args: ServerArgs) -> functools.partial:

@@ -89,7 +89,7 @@ async def server_info(request: Request) -> Response:
         "ranks": engine.rank_summaries(),
         "is_simulated": args.executor == "sim",
         # Front-door time per dispatched request (EngineClient.submit); PD: prefill half.
-        "dispatch": _dispatch_stats(engine),
+        "dispatch": engine.dispatch_stats(),
         **_internal_states(engine),
     })
 
@@ -153,12 +153,6 @@ async def flush_cache(request: Request) -> Response:
     engine: EngineClient = request.state.engine
     engine.flush_cache()
     return PlainTextResponse("Cache flushed.\n")
-
-
-def _dispatch_stats(engine) -> dict | None:
-    client = getattr(engine, "prefill", engine)
-    stats = getattr(client, "dispatch_stats", None)
-    return stats() if stats is not None else None
 
 
 def _method_of(args, role: str) -> str:

@@ -199,6 +199,11 @@ class PDEngineClient:
     def is_serving(self) -> bool:
         return self.prefill.is_serving and self.decode.is_serving
 
+    def dispatch_stats(self) -> dict:
+        """The front door's own time per request (``EngineClient.dispatch_stats``), as
+        its prefill half (the first one each request passes) measures it."""
+        return self.prefill.dispatch_stats()
+
     async def start(self) -> None:
         await self.prefill.start()
         await self.decode.start()

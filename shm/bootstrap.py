@@ -62,7 +62,6 @@ Ownership: ``BootstrapTable.create`` makes the segment and unlinks it on ``close
 
 from __future__ import annotations
 
-import asyncio
 import os
 import struct
 import time
@@ -73,7 +72,7 @@ from shm.bootstrap_layout import (  # noqa: F401  (some only re-exported, see __
     EMPTY, ENTRY_LEN, ENTRY_STRUCT, FAILED, H_ENTRY_LEN, H_MAGIC, H_NUM_DECODE, H_NUM_REGIONS,
     H_SLOTS, H_VERSION, HEADER_LEN, KV_READY, LAYOUT_VERSION, LIVE_STATES, MAGIC, MAX_ROOM,
     PLACED, R_HEARTBEAT, R_NEXT_GEN, R_NUM_LIVE, R_WRITER_PID, TOMBSTONE, BootstrapEntry,
-    BootstrapLayout, BootstrapTableError, BootstrapTableFullError, BootstrapTimeoutError,
+    BootstrapLayout, BootstrapTableError, BootstrapTableFullError,
     DuplicateRoomError, EntryState, hash_modulus, home_slot)
 from shm.segment import SharedSegment, ShmLayoutError, pid_alive, segment_name
 
@@ -81,19 +80,17 @@ if TYPE_CHECKING:
     from shm.bootstrap_writers import DecodeClaimer, RegionWriter
 
 __all__ = ["BootstrapTable", "BootstrapEntry", "EntryState", "BootstrapTableError",
-           "BootstrapTableFullError", "DuplicateRoomError", "BootstrapTimeoutError", "home_slot",
+           "BootstrapTableFullError", "DuplicateRoomError", "home_slot",
            "EMPTY", "PLACED", "KV_READY", "FAILED", "TOMBSTONE", "LIVE_STATES", "MAX_ROOM"]
 
 MAX_READ_STALL_S = 1.0  # an entry odd this long was left mid-write by a dead writer
-WAIT_FIRST_SLEEP_S = 20e-6
-WAIT_MAX_SLEEP_S = 1e-3
 
 
 class BootstrapTable:
     """A mapped bootstrap table. ``create`` (owner, unlinks on close) or ``attach``.
 
-    Reader API (any process): ``lookup``, ``lookup_in``, ``wait_for``,
-    ``async_wait_for``, ``entry_at``, ``entries``, ``num_live``, ``region_writer_pid``.
+    Reader API (any process): ``lookup``, ``lookup_in``, ``entry_at``, ``entries``,
+    ``num_live``, ``region_writer_pid``, ``region_heartbeat_ns``.
     Writers get single-writer handles: ``region_writer(r)`` in the one process that
     owns region r, and ``decode_claimer(d)`` in decode rank d.
 
@@ -298,34 +295,6 @@ class BootstrapTable:
         """When ``region``'s writer last stepped (CLOCK_MONOTONIC ns), 0 if never."""
         return self._mv[self.layout.region_hdr(region) + R_HEARTBEAT]
 
-    def wait_for(self, room: int, timeout_s: float,
-                 states: tuple[int, ...] = LIVE_STATES) -> BootstrapEntry:
-        """Block until ``room`` has an entry whose state is in ``states`` (or FAILED).
-
-        For decode, which may see a request before prefill placed it. Sleeps with
-        exponential backoff (20 us doubling to 1 ms) instead of spinning a core.
-        FAILED always returns, so a caller never waits out a failed prefill; check
-        ``entry.state``. Raises ``BootstrapTimeoutError`` after ``timeout_s``.
-        """
-        polls = self._polls(room, timeout_s, states)
-        for sleep_s in polls:
-            time.sleep(sleep_s)
-        return polls.entry
-
-    async def async_wait_for(self, room: int, timeout_s: float,
-                             states: tuple[int, ...] = LIVE_STATES) -> BootstrapEntry:
-        """``wait_for`` for an event loop: the same backoff through ``asyncio.sleep``.
-
-        The loop's timer granularity (about 1 ms with epoll) stretches the short sleeps.
-        """
-        polls = self._polls(room, timeout_s, states)
-        for sleep_s in polls:
-            await asyncio.sleep(sleep_s)
-        return polls.entry
-
-    def _polls(self, room: int, timeout_s: float, states: tuple[int, ...]) -> "_Polls":
-        return _Polls(self, room, timeout_s, states)
-
     def entry_at(self, region: int, slot: int) -> BootstrapEntry | None:
         """The live entry in ``(region, slot)``, or None if that slot is free."""
         cells = self._read_cells(self.layout.entry(region, slot))
@@ -363,38 +332,3 @@ class BootstrapTable:
                         f"{self.name}: entry at cell {off} stayed mid-write for "
                         f"{MAX_READ_STALL_S} s; its region writer died. Restart that "
                         f"dispatcher (region_writer() repairs the region).")
-
-    def _timeout_error(self, room: int, timeout_s: float, entry: BootstrapEntry | None,
-                       states: tuple[int, ...]) -> BootstrapTimeoutError:
-        wanted = "/".join(EntryState(s).name for s in states)
-        if entry is None:
-            return BootstrapTimeoutError(
-                f"bootstrap_room {room}: no prefill placed it within {timeout_s} s "
-                f"(prefill never came, or the gateway retried with a new room)")
-        return BootstrapTimeoutError(
-            f"bootstrap_room {room}: still {EntryState(entry.state).name} on prefill rank "
-            f"{entry.prefill_rank} after {timeout_s} s (waited for {wanted})")
-
-
-class _Polls:
-    """The shared back-off of ``wait_for``/``async_wait_for``: iterating yields how long
-    to sleep before the next look-up (20 us doubling to 1 ms); it stops once the entry
-    is there (then in ``entry``) and raises ``BootstrapTimeoutError`` at the deadline."""
-
-    def __init__(self, table: "BootstrapTable", room: int, timeout_s: float, states: tuple[int, ...]):
-        self.table, self.room, self.timeout_s, self.states = table, room, timeout_s, states
-        self.entry: BootstrapEntry | None = None
-
-    def __iter__(self):
-        deadline = time.monotonic() + self.timeout_s
-        sleep_s = WAIT_FIRST_SLEEP_S
-        while True:
-            entry = self.table.lookup(self.room)
-            if entry is not None and (entry.state in self.states or entry.state == FAILED):
-                self.entry = entry
-                return
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise self.table._timeout_error(self.room, self.timeout_s, entry, self.states)
-            yield min(sleep_s, left)
-            sleep_s = min(sleep_s * 2, WAIT_MAX_SLEEP_S)

@@ -60,10 +60,6 @@ class DuplicateRoomError(BootstrapTableError):
     """The room is already live in this region (the gateway reused a bootstrap_room)."""
 
 
-class BootstrapTimeoutError(BootstrapTableError, TimeoutError):
-    """``wait_for`` gave up: prefill never placed the room (or never reached the state)."""
-
-
 class BootstrapEntry(msgspec.Struct, frozen=True, gc=False):
     """A consistent copy of one live entry. ``state`` is an ``EntryState`` value (int)."""
 

@@ -7,7 +7,7 @@ in one decode rank: it writes only that rank's claim cells.
 The hand-off, as PD uses it::
 
     prefill dispatcher (region r)          decode rank d
-    slot = insert(room, rank, deadline)    entry = wait_for(room, t, (KV_READY,))
+    slot = insert(room, rank, deadline)    entry = lookup(room)   # each step, till KV_READY
     ... prefill runs ...                   claimer.claim(entry)   # before reading KV
     update(slot, state=KV_READY,           ... copy KV at entry.kv_location ...
            kv_location=..., first_token=.) ok = claimer.release(entry)  # after

@@ -16,8 +16,9 @@ NUM_PROMPTS = 50
 
 
 def real_executor(cfg):
-    from engine.executor import ModelExecutor
-    return ModelExecutor.from_config(dataclasses.replace(cfg, max_total_tokens=8192, device="cpu"))
+    from scheduler.process import make_executor
+    return make_executor(dataclasses.replace(cfg, executor="real", max_total_tokens=8192,
+                                             device="cpu"))
 
 
 def greedy(max_new: int) -> SamplingParams:

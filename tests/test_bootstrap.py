@@ -14,10 +14,11 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from shm.bootstrap import (EMPTY, FAILED, KV_READY, MAX_ROOM, PLACED, TOMBSTONE, BootstrapTable,
-                           BootstrapTableError, BootstrapTableFullError, BootstrapTimeoutError,
-                           DuplicateRoomError, home_slot)
+                           BootstrapTableError, BootstrapTableFullError, DuplicateRoomError,
+                           home_slot)
 from shm.segment import (SharedSegment, ShmLayoutError, find_segment, list_segments,
                          new_launch_id, pid_alive, reclaim_stale_segments, segment_name)
+from tests.bootstrap_helpers import BootstrapTimeoutError, async_wait_for, wait_for
 
 FAR = 10**15  # a deadline that never comes during a test
 LAUNCH_IDS: list[str] = []
@@ -169,8 +170,8 @@ def test_wait_for_sleeps_until_another_process_places_the_room(make_table):
     child.start()
     try:
         cpu0, wall0 = time.process_time(), time.monotonic()
-        placed = table.wait_for(42, timeout_s=20)
-        ready = table.wait_for(42, timeout_s=20, states=(KV_READY,))
+        placed = wait_for(table, 42, timeout_s=20)
+        ready = wait_for(table, 42, timeout_s=20, states=(KV_READY,))
         cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
     finally:
         _join_or_kill(child)
@@ -182,13 +183,13 @@ def test_wait_for_sleeps_until_another_process_places_the_room(make_table):
 def test_wait_for_times_out_with_a_clear_error_and_returns_failed_at_once(make_table):
     table = make_table()
     with pytest.raises(BootstrapTimeoutError, match="no prefill placed it"):
-        table.wait_for(9, timeout_s=0.05)
+        wait_for(table, 9, timeout_s=0.05)
     slot = table.region_writer(0).insert(9, prefill_rank=0, deadline_ns=FAR)
     with pytest.raises(BootstrapTimeoutError, match="still PLACED"):
-        asyncio.run(table.async_wait_for(9, timeout_s=0.05, states=(KV_READY,)))
+        asyncio.run(async_wait_for(table, 9, timeout_s=0.05, states=(KV_READY,)))
     table.region_writer(0).update(slot, state=FAILED)
-    assert table.wait_for(9, timeout_s=5, states=(KV_READY,)).state == FAILED
-    assert asyncio.run(table.async_wait_for(9, 5, states=(KV_READY,))).state == FAILED
+    assert wait_for(table, 9, timeout_s=5, states=(KV_READY,)).state == FAILED
+    assert asyncio.run(async_wait_for(table, 9, 5, states=(KV_READY,))).state == FAILED
 
 
 def test_async_wait_for_sees_a_later_insert(make_table):
@@ -196,7 +197,7 @@ def test_async_wait_for_sees_a_later_insert(make_table):
     writer = table.region_writer(0)
 
     async def scenario():
-        waiter = asyncio.create_task(table.async_wait_for(77, timeout_s=10))
+        waiter = asyncio.create_task(async_wait_for(table, 77, timeout_s=10))
         await asyncio.sleep(0.02)
         assert not waiter.done()
         writer.insert(77, prefill_rank=3, deadline_ns=FAR)

@@ -9,9 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from engine.config import tiny_model_config
 from engine.kv_cache import KVPool, KVPoolFullError
 from engine.kv_slots import KVSlotAllocator
-from engine.tiny import tiny_model_config
 
 
 def test_alloc_and_free_return_to_full_capacity():

@@ -1,6 +1,6 @@
 """PD disaggregation: outputs equal non-PD token for token, and nothing leaks.
 
-In-process (``scheduler.pd_local.LocalPD``): real schedulers, boards, route and
+In-process (``tests.pd_local.LocalPD``): real schedulers, boards, route and
 hand-off tables and KV segments in shared memory, stepped in one thread; the real tiny
 model for equality, the zero-cost simulated executor for the 1,000-request leak run.
 The real servers (front door and prefill + decode pair) are in ``test_pd_server.py``.
@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from scheduler.pd_local import LocalPD, sim_executor_factory
 from tests.pd_helpers import NUM_PROMPTS, greedy, make_workload, non_pd_outputs, real_executor
+from tests.pd_local import LocalPD, sim_executor_factory
 
 PREFILL_METHODS = ["round_robin", "follow_bootstrap_room", "total_requests", "total_tokens"]
 

@@ -3,7 +3,6 @@ router's refusals, and every way a parked decode request ends without its KV."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 
@@ -13,12 +12,11 @@ from hypothesis import strategies as st
 
 from engine.sampling import SamplingParams
 from scheduler.pd_decode import MAX_SLEEP_S
-from scheduler.pd_local import FOREVER_NS, LocalPD, sim_executor_factory
 from scheduler.range_alloc import RangeAllocator
-from scheduler.sim_executor import SimExecutor
 from shm.bootstrap_layout import R_WRITER_PID, BootstrapTableFullError, DuplicateRoomError
 from shm.kv_segment import KVSegment
 from shm.segment import SharedSegment, ShmLayoutError, list_segments, new_launch_id, segment_name
+from tests.pd_local import FOREVER_NS, LocalPD, sim_executor_factory
 
 
 def greedy(n: int) -> SamplingParams:
@@ -128,8 +126,7 @@ def test_prefill_lost_in_the_api_fails_decode_at_once(pd):
 def test_prefill_refused_fails_decode_at_once():
     def small_prefill_pool(cfg):
         pool = 64 if cfg.role == "prefill" else 4096
-        return SimExecutor.from_config(dataclasses.replace(cfg, sim_profile="instant",
-                                                           max_total_tokens=pool))
+        return sim_executor_factory("instant", pool)(cfg)
     with LocalPD(1, 1, small_prefill_pool) as pd:
         pd.submit("big", list(range(3, 103)), greedy(4), room=12)  # 100 > prefill's 64
         reason = run_until_finished(pd, "big", 0.2)

@@ -4,7 +4,8 @@ Everything a PD launch shares is real here (two load boards, the route and hand-
 tables, the prefill ranks' KV segments, the dispatchers and the ``PDRouter``); only
 the processes and pipes are replaced by stepping every scheduler in turn in one
 thread, and the API by ``submit``/``abort``. Tests use it to check PD against
-non-PD outputs and for leaks; ``bench.pd`` uses it to time the bootstrap path.
+non-PD outputs and for leaks; ``bench.pd`` uses it to time the bootstrap path (run
+from the repository root, where ``tests`` is importable).
 
 ``submit`` follows the front door's order (``scheduler.pd_router``): prefill dispatch
 (route entry), then decode dispatch; ``step`` delivers what was submitted, steps
@@ -23,7 +24,10 @@ from scheduler.config import SchedulerConfig
 from scheduler.dispatcher import Dispatcher
 from scheduler.messages import AbortReq, BatchOutput, GenerateReq
 from scheduler.pd import DEFAULT_HANDOFF_SLOTS, PDConfig, create_tables
+from scheduler.pd_decode import DecodeReceiver
+from scheduler.pd_prefill import PrefillSender
 from scheduler.pd_router import PDRouter
+from scheduler.process import make_executor
 from scheduler.scheduler import Scheduler
 from shm.bootstrap_layout import FAILED
 from shm.board import LoadBoard, RankStatus
@@ -33,9 +37,8 @@ FOREVER_NS = 1 << 62
 
 
 def sim_executor_factory(profile: str = "instant", pool_tokens: int | None = None):
-    from scheduler.sim_executor import SimExecutor
-    return lambda cfg: SimExecutor.from_config(
-        dataclasses.replace(cfg, sim_profile=profile, max_total_tokens=pool_tokens))
+    return lambda cfg: make_executor(dataclasses.replace(
+        cfg, executor="sim", sim_profile=profile, max_total_tokens=pool_tokens))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,9 +92,9 @@ class LocalPD:
                 row = self.boards[role].rank_writer(rank)
                 try:
                     sched = Scheduler(cfg, executor, row, self._sink(role, rank),
-                                      tokenizer or getattr(executor, "tokenizer", None))
+                                      tokenizer or executor.tokenizer)
                 except BaseException:
-                    getattr(executor, "close", lambda: None)()
+                    executor.close()
                     raise
                 self._closers.insert(0, sched.close)
                 row.set_capacity(executor.max_total_num_tokens, sched.max_running_requests)
@@ -168,8 +171,10 @@ class LocalPD:
                 "handoff_entries": self.handoff_table.num_live()}
         for role, scheds in self.schedulers.items():
             left[f"{role}_kv_used"] = sum(s.executor.kv.num_used for s in scheds)
-            left[f"{role}_held"] = sum(len(getattr(s.pd, "held", ())) for s in scheds)
-            left[f"{role}_parked"] = sum(len(getattr(s.pd, "parked", ())) for s in scheds)
+            left[f"{role}_held"] = sum(len(s.pd.held) for s in scheds
+                                       if isinstance(s.pd, PrefillSender))
+            left[f"{role}_parked"] = sum(len(s.pd.parked) for s in scheds
+                                         if isinstance(s.pd, DecodeReceiver))
             left[f"{role}_reqs"] = sum(len(s.reqs) for s in scheds)
             eff_reqs, eff_tokens, _ = self.boards[role].read_effective(FOREVER_NS)
             left[f"{role}_board_reqs"] = sum(eff_reqs)
