@@ -27,13 +27,13 @@ import msgspec
 
 from scheduler.messages import BatchOutput, RankError, RankStats, decode_to_server
 from server.inflight import InFlight, RequestHandle
+from server.rank_pipe import FrameReader
 from server.ranks import EngineProcesses, RankHandle
 
 logger = logging.getLogger(__name__)
 
 MONITOR_INTERVAL_S = 0.25
 KILL_AFTER_S = 2.0
-MAX_MESSAGES_PER_WAKEUP = 64  # let other callbacks run between bursts of one rank
 
 
 class RankMonitor:
@@ -46,10 +46,12 @@ class RankMonitor:
         self.abort = abort  # asks a rank to free a request (the engine client's)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
+        self._readers: dict[int, FrameReader] = {}
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         for rank in self.ranks:
+            self._readers[rank.dp_rank] = FrameReader(rank.out_conn)
             loop.add_reader(rank.out_conn.fileno(), self._on_readable, rank)
             loop.add_reader(rank.process.sentinel, self._on_process_exit, rank)
         self._task = loop.create_task(self._run())
@@ -85,21 +87,18 @@ class RankMonitor:
 
     def _drain(self, rank: RankHandle) -> bool:
         """Handle what the rank's output pipe holds; False once it reaches EOF."""
-        conn = rank.out_conn
-        try:
-            for _ in range(MAX_MESSAGES_PER_WAKEUP):
-                if not conn.poll(0):
-                    return True
-                data = conn.recv_bytes()
-                try:
-                    msg = decode_to_server(data)
-                except msgspec.DecodeError as exc:
-                    logger.error("rank %d sent an undecodable message: %s", rank.dp_rank, exc)
-                    continue
-                self._on_message(rank, msg)
-        except (EOFError, OSError):
+        reader = self._readers.get(rank.dp_rank)
+        if reader is None:
             return False
-        return True
+        frames, eof = reader.read()
+        for data in frames:
+            try:
+                msg = decode_to_server(data)
+            except msgspec.DecodeError as exc:
+                logger.error("rank %d sent an undecodable message: %s", rank.dp_rank, exc)
+                continue
+            self._on_message(rank, msg)
+        return not eof
 
     def _on_message(self, rank: RankHandle, msg) -> None:
         if isinstance(msg, BatchOutput):

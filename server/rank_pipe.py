@@ -1,4 +1,6 @@
-"""A non-blocking sender for a rank's request pipe, on the API's event loop.
+"""Non-blocking framing for the ranks' pipes, on the API's event loop: a sender for
+each rank's request pipe (``RequestPipe``) and a reader for its output pipe
+(``FrameReader``).
 
 ``Connection.send_bytes`` blocks while the pipe is full (64 KiB on Linux), and a rank
 that is stopped or stuck in a long forward pass does not drain it: one such rank
@@ -6,6 +8,12 @@ would freeze the whole API. ``RequestPipe`` writes the same frames without ever
 blocking: what the pipe does not take now is buffered and written by a
 ``loop.add_writer`` callback as the rank reads. The rank keeps reading with
 ``Connection.recv_bytes``.
+
+``Connection.recv_bytes`` is no better on the reading side: the event loop may turn a
+watched fd non-blocking (uvloop's libuv does), and then a message larger than the pipe
+(a long rid, prompt logprobs) comes in pieces, and ``recv_bytes`` fails mid-frame as if
+the rank were gone. ``FrameReader`` reads what is there and keeps partial frames for
+the next wake-up. The rank keeps writing with ``Connection.send_bytes``.
 
 Frame format (``multiprocessing.connection.Connection``'s, CPython 3.8+): a 4-byte
 big-endian signed length, then the payload (payloads of 2 GiB or more use -1 and an
@@ -23,6 +31,7 @@ from multiprocessing.connection import Connection
 
 MAX_FRAME = 0x7FFFFFFF
 DEFAULT_MAX_BUFFERED = 64 << 20
+READ_CHUNK = 1 << 16
 
 
 class PipeBackedUp(RuntimeError):
@@ -90,3 +99,50 @@ class RequestPipe:
                 break
         os.set_blocking(self.fd, True)
         return not self._pending
+
+
+class FrameReader:
+    """The frames a rank wrote to its output pipe, read without ever blocking."""
+
+    def __init__(self, conn: Connection):
+        self.fd = conn.fileno()
+        self._buf = bytearray()
+        os.set_blocking(self.fd, False)
+
+    def read(self, max_bytes: int = 1 << 22) -> tuple[list[bytes], bool]:
+        """(whole frames read now, whether the pipe reached EOF). Reads at most about
+        ``max_bytes`` per call, so one busy rank cannot hold the loop; a frame cut short
+        stays buffered for the next call."""
+        eof = False
+        num_read = 0
+        while num_read < max_bytes:
+            try:
+                chunk = os.read(self.fd, READ_CHUNK)
+            except BlockingIOError:
+                break
+            except OSError:
+                eof = True
+                break
+            if not chunk:
+                eof = True
+                break
+            self._buf += chunk
+            num_read += len(chunk)
+        return self._frames(), eof
+
+    def _frames(self) -> list[bytes]:
+        frames, buf, at = [], self._buf, 0
+        while len(buf) - at >= 4:
+            (size,) = struct.unpack_from("!i", buf, at)
+            header = 4
+            if size == -1:  # Connection's framing for payloads of 2 GiB and more
+                if len(buf) - at < 12:
+                    break
+                (size,) = struct.unpack_from("!Q", buf, at + 4)
+                header = 12
+            if len(buf) - at - header < size:
+                break
+            frames.append(bytes(buf[at + header:at + header + size]))
+            at += header + size
+        del buf[:at]
+        return frames

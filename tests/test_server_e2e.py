@@ -194,6 +194,18 @@ def test_unseeded_samples_differ_across_ranks_and_copies(server):
     assert again[0] == again[1]  # a request's own seed: the same on any rank
 
 
+def test_output_messages_larger_than_the_pipe_arrive_whole(server):
+    """A rank's output message can exceed the pipe's 64 KiB (a long rid rides on every
+    output; prompt logprobs): it arrives in pieces on a non-blocking fd (uvloop makes
+    watched fds non-blocking) and must be reassembled, not taken for a dead rank."""
+    for size in (100_000, 1_000_000):
+        r = httpx.post(server.url + "/generate", timeout=60, json={
+            "text": "big", "rid": "r" * size, "sampling_params": {"max_new_tokens": 8}})
+        assert r.status_code == 200, r.text[:300]
+        assert r.json()["meta_info"]["completion_tokens"] == 8
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
 def test_sigterm_leaves_no_process_and_no_segment(sim_dir):
     s = ServerProcess("--dp-size", "2", *sim_flags(sim_dir, 0.0), log_path=sim_dir / "term.log")
     with s:
