@@ -39,7 +39,8 @@ from server.inflight import RequestHandle
 from server.placement import LaunchPlan, plan_launch
 from server.ranks import EngineProcesses, RankMain
 from shm.bootstrap import BootstrapTable
-from shm.segment import ShmOwnerError, find_segment, new_launch_id, reclaim_stale_segments
+from shm.segment import (ShmNotReadyError, ShmOwnerError, find_segment, new_launch_id,
+                         reclaim_stale_segments)
 
 logger = logging.getLogger(__name__)
 
@@ -124,8 +125,10 @@ class PDProcesses:
             route_name = find_segment(ROUTE_KIND, self.launch_id)
             handoff_name = find_segment(HANDOFF_KIND, self.launch_id)
             if route_name and handoff_name:
-                route = BootstrapTable.attach(route_name)
-                return route, BootstrapTable.attach(handoff_name)
+                try:
+                    return self._attach_pair(route_name, handoff_name)
+                except ShmNotReadyError:
+                    pass  # the prefill server is making them right now
             if time.monotonic() > deadline:
                 raise PDLaunchError(
                     f"no prefill server with --disaggregation-bootstrap-port {port} on this node "
@@ -134,6 +137,15 @@ class PDProcesses:
                 logger.info("waiting for the prefill server (bootstrap port %d)", port)
                 logged = True
             time.sleep(ATTACH_POLL_S)
+
+    @staticmethod
+    def _attach_pair(route_name: str, handoff_name: str) -> tuple[BootstrapTable, BootstrapTable]:
+        route = BootstrapTable.attach(route_name)
+        try:
+            return route, BootstrapTable.attach(handoff_name)
+        except BaseException:
+            route.close()
+            raise
 
     def wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

@@ -74,7 +74,7 @@ from shm.bootstrap_layout import (  # noqa: F401  (some only re-exported, see __
     PLACED, R_HEARTBEAT, R_NEXT_GEN, R_NUM_LIVE, R_WRITER_PID, TOMBSTONE, BootstrapEntry,
     BootstrapLayout, BootstrapTableError, BootstrapTableFullError,
     DuplicateRoomError, EntryState, hash_modulus, home_slot)
-from shm.segment import SharedSegment, ShmLayoutError, pid_alive, segment_name
+from shm.segment import SharedSegment, ShmLayoutError, ShmNotReadyError, pid_alive, segment_name
 
 if TYPE_CHECKING:
     from shm.bootstrap_writers import DecodeClaimer, RegionWriter
@@ -128,11 +128,14 @@ class BootstrapTable:
             raise ValueError(f"num_decode_ranks must be in [0, 4096], got {num_decode_ranks}")
         layout = BootstrapLayout(num_regions, slots_per_region, num_decode_ranks)
         seg = SharedSegment.create(segment_name(kind, launch_id), layout.num_cells * 8)
-        header = (MAGIC, LAYOUT_VERSION, num_regions, slots_per_region, ENTRY_LEN,
+        header = (0, LAYOUT_VERSION, num_regions, slots_per_region, ENTRY_LEN,
                   num_decode_ranks, os.getpid())
         struct.pack_into(f"<{len(header)}q", seg.buf, 0, *header)
         for r in range(num_regions):
             struct.pack_into("<q", seg.buf, (layout.region_hdr(r) + R_NEXT_GEN) * 8, 1)
+        # The magic last (x86 store order): an attacher that sees it sees a whole table;
+        # one that comes earlier gets ShmNotReadyError and tries again.
+        struct.pack_into("<q", seg.buf, H_MAGIC * 8, MAGIC)
         return cls(seg, layout)
 
     @classmethod
@@ -143,6 +146,9 @@ class BootstrapTable:
             seg.close()
             raise ShmLayoutError(f"{name} is too small to be a bootstrap table")
         header = struct.unpack_from(f"<{HEADER_LEN}q", seg.buf, 0)
+        if header[H_MAGIC] == 0:
+            seg.close()
+            raise ShmNotReadyError(f"{name} is still being created")
         if header[H_MAGIC] != MAGIC or header[H_VERSION] != LAYOUT_VERSION or \
                 header[H_ENTRY_LEN] != ENTRY_LEN:
             seg.close()

@@ -63,6 +63,11 @@ class ShmLayoutError(ShmError):
     """An attached segment does not have the layout this code expects."""
 
 
+class ShmNotReadyError(ShmLayoutError):
+    """The segment exists but its creator has not finished making it (size or header not
+    written yet): no layout to check yet; attaching again a moment later succeeds."""
+
+
 class ShmOwnerError(ShmError):
     """A segment under one of our names that this user's server did not create."""
 
@@ -152,6 +157,8 @@ class SharedSegment:
             raise ShmError(f"shared-memory segment {name} does not exist") from exc
         try:
             check_owner(name, os.fstat(shm.fd))
+            if shm.size == 0:  # created, not sized yet (create reserves after O_EXCL)
+                raise ShmNotReadyError(f"shared-memory segment {name} is still being created")
             buf = mmap.mmap(shm.fd, shm.size)
         finally:
             shm.close_fd()

@@ -16,7 +16,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from shm.bootstrap import (EMPTY, FAILED, KV_READY, MAX_ROOM, PLACED, TOMBSTONE, BootstrapTable,
                            BootstrapTableError, BootstrapTableFullError, DuplicateRoomError,
                            home_slot)
-from shm.segment import (SharedSegment, ShmLayoutError, find_segment, list_segments,
+from shm.segment import (SharedSegment, ShmLayoutError, ShmNotReadyError, find_segment,
+                         list_segments,
                          new_launch_id, pid_alive, reclaim_stale_segments, segment_name)
 from tests.bootstrap_helpers import BootstrapTimeoutError, async_wait_for, wait_for
 
@@ -589,3 +590,27 @@ def test_an_entry_is_claimed_once_by_any_decode_rank(make_table):
     table._mv[table.layout.claims(entry.region, entry.slot) + 0] = entry.gen  # rank 0, mid-claim
     assert not first.claim(entry), "a concurrent claim by another rank: back off"
     assert table._mv[table.layout.claims(entry.region, entry.slot) + 1] == 0, "own cell cleared"
+
+
+def test_a_table_being_created_is_not_ready_rather_than_broken():
+    """The decode server of a PD pair may find the prefill server's table between its
+    O_EXCL create and its sizing, or before its header is written: attaching then says
+    "not ready" (the decode server tries again), never crashes on an empty mapping."""
+    import posix_ipc
+    name = segment_name("handoff", new_launch_id())
+    shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=0)
+    try:
+        shm.close_fd()
+        with pytest.raises(ShmNotReadyError):
+            SharedSegment.attach(name)
+    finally:
+        posix_ipc.unlink_shared_memory(name)
+    launch_id = new_launch_id()
+    with BootstrapTable.create(1, 8, launch_id, kind="handoff") as table:
+        table_name = table.name
+        magic = table.segment.buf[0:8]
+        table.segment.buf[0:8] = bytes(8)  # as seen before create's last store
+        with pytest.raises(ShmNotReadyError):
+            BootstrapTable.attach(table_name)
+        table.segment.buf[0:8] = magic
+        BootstrapTable.attach(table_name).close()
