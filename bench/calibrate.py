@@ -1,6 +1,6 @@
 """Fit the simulated accelerator's cost model to the real tiny model on this machine.
 
-    python -m bench.calibrate [--out scheduler/sim_profiles/tiny-cpu.json] [--repeats 7]
+    python -m bench.calibrate [--out sim/profiles/tiny-cpu.json] [--repeats 7]
 
 Times ``engine.executor.ModelExecutor.forward`` (the call the scheduler makes, adapter
 and sampling included) on the default ``tiny`` model with one torch thread, as a rank
@@ -42,7 +42,7 @@ from engine.sampling import SamplingParams
 from scheduler.batching import ForwardItem
 from scheduler.config import SchedulerConfig
 from scheduler.request import Req
-from scheduler.sim_executor import PROFILE_DIR, SimProfile
+from sim.executor import PROFILE_DIR, SimProfile
 
 COEFFS = ("base_s", "prefill_token_s", "prefill_attn_s", "decode_seq_s", "decode_kv_s")
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=1 << 20, ignore_eos=True)

@@ -21,7 +21,7 @@ at 4..64 ranks without starting servers (``dispatch_probe``).
 Every report made with ``--executor sim`` says "simulated".
 
 ``--sim-time-scale K`` starts the servers with steps K times slower than modelled
-(``scheduler.sim_executor``), for rank counts whose scheduling work overloads the
+(``sim.executor``), for rank counts whose scheduling work overloads the
 host's cores; ``bench.serving`` converts every figure back to simulated time, so the
 tables read as without it, and the run takes about K times as long. The default,
 ``auto``, picks K per scenario and rank count (``auto_time_scale``): 1 up to

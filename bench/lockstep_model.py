@@ -2,7 +2,7 @@
 
 No processes, no board: a discrete-event model of N ranks whose every step lasts as
 long as the slowest rank's (DP attention with expert parallelism; ``--sim-lockstep``),
-with the step costs of a simulation profile (``scheduler.sim_executor``). It runs in
+with the step costs of a simulation profile (``sim.executor``). It runs in
 under a minute, so it can average over many prompt sets where one ``bench.compare`` run
 takes minutes; it checks the engine's design, it does not replace the benchmark.
 
@@ -56,7 +56,7 @@ import numpy as np
 from bench.dataset import MAX_ROOM
 from scheduler import policy
 from scheduler.policy import RotationState
-from scheduler.sim_executor import SimProfile, load_profile
+from sim.executor import SimProfile, load_profile
 
 IN_FLIGHT, STEP_END = "total_tokens (in flight)", "total_tokens (step end)"
 ROOM = "follow_bootstrap_room"

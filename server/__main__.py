@@ -1,0 +1,8 @@
+"""``python -m server``: the launcher (``server.launch``); ``python -m engine.serve`` is its
+documented name."""
+
+import sys
+
+from server.launch import main
+
+sys.exit(main())
