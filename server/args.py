@@ -89,7 +89,7 @@ class ServerArgs:
         "seconds an idle HTTP keep-alive connection stays open (uvicorn's; SGLang's "
         "SGLANG_TIMEOUT_KEEP_ALIVE, also 5). A client or gateway that keeps idle "
         "connections longer can reuse one just as the server closes it, and that request "
-        "fails: raise this above its idle timeout (python -m bench.keepalive shows the race)"))
+        "fails: raise this above its idle timeout (python -m bench.micro.keepalive shows the race)"))
     timeout_request_read: float = field(default=60.0, **_flag(
         "seconds a client has to send a whole request (request line, headers and body), "
         "from the connection's opening or, on a kept-alive connection, from the request's "
@@ -250,7 +250,7 @@ class ServerArgs:
     sim_time_scale: float = field(default=1.0, **_flag(
         "with --executor sim: every simulated step lasts this many times its modelled time "
         "in wall-clock time, so a host with fewer cores than ranks keeps the steps on time; "
-        "bench.serving reads it from /server_info and reports in simulated time. "
+        "bench.client.serving reads it from /server_info and reports in simulated time. "
         "--stale-after-s and the --disaggregation-*-timeout flags are stretched by the same "
         "factor; /metrics stays in wall-clock time", group="simulation"))
 

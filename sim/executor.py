@@ -22,7 +22,7 @@ heartbeats) runs on the host's CPU between steps; with more ranks than cores it
 queues for a core and adds to every step, which a GPU host, with a core per rank,
 would not. Stretching the steps leaves that work K times less of each step.
 ``busy_s`` stays in modelled seconds; clients convert what they measure back
-(``bench.serving`` reads the factor from ``/server_info``).
+(``bench.client.serving`` reads the factor from ``/server_info``).
 
 With ``--sim-lockstep`` (``cfg.sim_lockstep_name`` names the segment the launcher
 created) every rank's step lasts as long as the slowest rank's, as with DP attention

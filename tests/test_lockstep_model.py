@@ -1,4 +1,4 @@
-"""bench.lockstep_model: the queueing model of lockstep ranks (no processes)."""
+"""bench.models.lockstep_model: the queueing model of lockstep ranks (no processes)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from bench.lockstep_model import (DECODE_SIGNALS, IDEAL, IN_FLIGHT, PREFILL_SIGNALS, ROOM,
+from bench.models.lockstep_model import (DECODE_SIGNALS, IDEAL, IN_FLIGHT, PREFILL_SIGNALS, ROOM,
                                   STEP_END, decode_tpot, main, prefill_ttft,
                                   prefill_ttft_independent)
 from sim.executor import load_profile

@@ -1,6 +1,6 @@
 """Throughput of one rank's model runner on the built-in tiny model (1 torch thread).
 
-    python -m bench.engine [--json PATH] [--device cpu]
+    python -m bench.micro.engine [--json PATH] [--device cpu]
 
 Prefill: one request per forward, a fresh prompt of --prompt-len tokens.
 Decode: --batch requests (1 and 32) with prefilled prompts of --decode-prompt-len

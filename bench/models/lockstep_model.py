@@ -38,9 +38,9 @@ step; TPOT = (end - start) / (output - 1). Signals: ``round_robin``, ``total_req
 they moved between ranks for free, which no placement at arrival can beat; with the
 seed profile it caps what balancing can take off lockstep TPOT.
 
-    python -m bench.lockstep_model               # three tables, 4 ranks, 20 prompt sets
-    python -m bench.lockstep_model --reps 40 --chunk 4096
-    python -m bench.lockstep_model --input-len 3500 --range-ratio 1 --skip-decode --reps 40 \
+    python -m bench.models.lockstep_model               # three tables, 4 ranks, 20 prompt sets
+    python -m bench.models.lockstep_model --reps 40 --chunk 4096
+    python -m bench.models.lockstep_model --input-len 3500 --range-ratio 1 --skip-decode --reps 40 \
         --fractions 0.6 0.8 0.9 1.0
 """
 
@@ -53,7 +53,7 @@ from collections import deque
 
 import numpy as np
 
-from bench.dataset import MAX_ROOM
+from bench.client.dataset import MAX_ROOM
 from scheduler import policy
 from scheduler.policy import RotationState
 from sim.executor import SimProfile, load_profile
@@ -339,7 +339,7 @@ def main(argv=None) -> dict:
         ap.error("--ranks, --reps, --prompts and --chunk must be >= 1")
     p = load_profile(a.profile)
     in_lo, out_lo = int(a.input_len * a.range_ratio), int(a.output_len * a.range_ratio)
-    result = {"model": "bench.lockstep_model (queueing model, simulated costs)",
+    result = {"model": "bench.models.lockstep_model (queueing model, simulated costs)",
               "profile": p.name, "ranks": a.ranks, "reps": a.reps, "chunk": a.chunk}
     for lockstep in (True, False):
         key = "prefill" if lockstep else "prefill_independent"
