@@ -316,7 +316,8 @@ def decode_table(p: SimProfile, ranks: int, reps: int, prompts: int, rates, pool
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.models.lockstep_model",
+                                 description=__doc__.split("\n\n")[0])
     ap.add_argument("--profile", default="seed-qwen3-235b-dp4")
     ap.add_argument("--ranks", type=int, default=4)
     ap.add_argument("--reps", type=int, default=20, help="prompt sets averaged per figure")
