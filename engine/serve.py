@@ -1,7 +1,5 @@
-"""``python -m engine.serve [--dp-size N] ...``: the serving engine's command line.
-
-All of it lives in ``server.launch``; this module is the entry point's name.
-"""
+"""``python -m engine.serve [--dp-size N] ...``: the serving engine's documented command,
+an alias of ``python -m server`` (all of it lives in ``server.launch``)."""
 
 import sys
 

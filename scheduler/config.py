@@ -33,7 +33,7 @@ class SchedulerConfig:
     heartbeat_interval_s: float = 0.05
     executor: str = "real"
     sim_profile: str = "tiny-cpu"
-    # With --sim-lockstep: the lockstep segment the launcher created (scheduler.lockstep);
+    # With --sim-lockstep: the lockstep segment the launcher created (sim.lockstep);
     # None lets every simulated rank step on its own.
     sim_lockstep_name: str | None = None
     # --sim-time-scale: a simulated step sleeps this many times its modelled time.

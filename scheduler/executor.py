@@ -45,7 +45,7 @@ class Executor(ABC):
     def wants_idle_steps(self) -> bool:
         """Asked by the rank loop and each step: True while the executor needs a forward
         pass even with an empty batch (the simulated executor, while its lockstep peers
-        wait for this rank: scheduler.lockstep). The loop then does not block waiting for
+        wait for this rank: sim.lockstep). The loop then does not block waiting for
         requests, and the scheduler runs the empty batch."""
         return False
 

@@ -64,7 +64,7 @@ def make_executor(cfg: SchedulerConfig) -> Executor:
         from engine.executor import ModelExecutor
         return ModelExecutor.from_config(cfg, new_kv_segment)
     if cfg.executor == "sim":
-        from scheduler.sim_executor import SimExecutor
+        from sim.executor import SimExecutor
         return SimExecutor.from_config(cfg, new_kv_segment)
     raise ValueError(f"unknown executor {cfg.executor!r}: expected 'real' or 'sim'")
 

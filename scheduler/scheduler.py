@@ -28,7 +28,7 @@ Every rank's current pass ends at the same moment, so work already in it delays 
 request equally on every rank; counting it steered
 arrivals away from the ranks busy *now* and piled them onto the others' next step
 (lockstep prefill with 16k-token chunks: ``total_tokens`` had up to 93% higher mean TTFT
-than round robin; ``python -m bench.lockstep_model`` shows the effect in a queueing
+than round robin; ``python -m bench.models.lockstep_model`` shows the effect in a queueing
 model). Independent ranks publish after each batch only: there, work in flight does
 delay a new request.
 """

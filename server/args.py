@@ -12,7 +12,7 @@ spawned, so the launcher, the ranks and ``/server_info`` all see the same values
 - ``tokenizer_path``: the local folder holding the tokenizer (the built-in ``tiny``
   model's committed folder), so a gateway reading ``/model_info`` finds it on disk;
 - ``context_length``: the model's own (``config.json``), read without torch; with
-  ``--executor sim`` the profile's (``scheduler.sim_executor.load_profile``).
+  ``--executor sim`` the profile's (``sim.executor.load_profile``).
 - ``api_key``: ``$DPSERVE_API_KEY`` when the flag is not given;
 - ``limit_concurrency``: from the open-file limit (``server.connections``).
 
@@ -89,7 +89,7 @@ class ServerArgs:
         "seconds an idle HTTP keep-alive connection stays open (uvicorn's; SGLang's "
         "SGLANG_TIMEOUT_KEEP_ALIVE, also 5). A client or gateway that keeps idle "
         "connections longer can reuse one just as the server closes it, and that request "
-        "fails: raise this above its idle timeout (python -m bench.keepalive shows the race)"))
+        "fails: raise this above its idle timeout (python -m bench.micro.keepalive shows the race)"))
     timeout_request_read: float = field(default=60.0, **_flag(
         "seconds a client has to send a whole request (request line, headers and body), "
         "from the connection's opening or, on a kept-alive connection, from the request's "
@@ -242,15 +242,15 @@ class ServerArgs:
         "real (the torch model) or sim (simulated accelerator, for benchmarks)",
         group="simulation", choices=EXECUTORS))
     sim_profile: str = field(default="tiny-cpu", **_flag(
-        "with --executor sim: a profile name in scheduler/sim_profiles or a .json path",
+        "with --executor sim: a profile name in sim/profiles or a .json path",
         group="simulation"))
     sim_lockstep: bool = field(default=False, **_flag(
         "with --executor sim: every rank's step lasts as long as the slowest rank's, as DP "
-        "attention with expert parallelism does (scheduler/lockstep.py)", group="simulation"))
+        "attention with expert parallelism does (sim/lockstep.py)", group="simulation"))
     sim_time_scale: float = field(default=1.0, **_flag(
         "with --executor sim: every simulated step lasts this many times its modelled time "
         "in wall-clock time, so a host with fewer cores than ranks keeps the steps on time; "
-        "bench.serving reads it from /server_info and reports in simulated time. "
+        "bench.client.serving reads it from /server_info and reports in simulated time. "
         "--stale-after-s and the --disaggregation-*-timeout flags are stretched by the same "
         "factor; /metrics stays in wall-clock time", group="simulation"))
 
@@ -459,7 +459,7 @@ def resolve_args(args: ServerArgs) -> ServerArgs:
 
 
 def _sim_context_len(profile: str) -> int:
-    from scheduler.sim_executor import load_profile
+    from sim.executor import load_profile
     try:
         return load_profile(profile).context_len
     except (ValueError, TypeError, OSError) as exc:

@@ -25,7 +25,7 @@ connection, over either protocol (``BoundedH11Protocol``, and the httptools one 
 
 ``--http-stack fast`` (the default when uvloop and httptools are installed) runs the
 server on uvloop's event loop and httptools' parser: less API CPU per request
-(``python -m bench.http_stack`` measures it); ``asyncio`` on asyncio's loop and h11.
+(``python -m bench.micro.http_stack`` measures it); ``asyncio`` on asyncio's loop and h11.
 
 Every connection holds a descriptor; once the process has none left, ``accept`` fails,
 and asyncio (3.11) then logs and re-schedules its accept loop once per pending

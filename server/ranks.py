@@ -151,7 +151,7 @@ class EngineProcesses:
         self.board = LoadBoard.create(self.dp_size, NUM_DISPATCHERS, launch_id=self.launch_id,
                                       kind=kind)
         if self.args.sim_lockstep:
-            from scheduler.lockstep import LockstepSegment
+            from sim.lockstep import LockstepSegment
             self.lockstep = LockstepSegment.create(self.dp_size, self.launch_id, group=self.role)
         ctx = multiprocessing.get_context("spawn")
         lockstep_name = self.lockstep.name if self.lockstep is not None else None

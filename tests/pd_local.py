@@ -4,7 +4,7 @@ Everything a PD launch shares is real here (two load boards, the route and hand-
 tables, the prefill ranks' KV segments, the dispatchers and the ``PDRouter``); only
 the processes and pipes are replaced by stepping every scheduler in turn in one
 thread, and the API by ``submit``/``abort``. Tests use it to check PD against
-non-PD outputs and for leaks; ``bench.pd`` uses it to time the bootstrap path (run
+non-PD outputs and for leaks; ``bench.micro.pd`` uses it to time the bootstrap path (run
 from the repository root, where ``tests`` is importable).
 
 ``submit`` follows the front door's order (``scheduler.pd_router``): prefill dispatch

@@ -15,11 +15,11 @@ import time
 import posix_ipc
 import pytest
 
-from bench.compare import (PROCESSES_PER_CORE, auto_time_scale, build_parser,
+from bench.compare.run import (PROCESSES_PER_CORE, auto_time_scale, build_parser,
                            capacity_estimate, dispatch_probe, rank_processes, run_scenario,
                            saturating_capacity, steady_capacity, with_lockstep)
-from bench.compare_report import headline, write_reports
-from bench.scenarios import Scenario, get_scenarios, server_flags
+from bench.compare.report import headline, write_reports
+from bench.compare.scenarios import Scenario, get_scenarios, server_flags
 from server_helpers import child_pids, pid_gone, wait_group_gone, write_sim_profile
 from shm.segment import list_segments, owner_pid
 
@@ -127,7 +127,7 @@ def test_default_scenarios_are_the_seeds_shapes():
 
 
 def test_a_bad_time_scale_stops_compare_before_any_server(tmp_path, capsys):
-    from bench.compare import main
+    from bench.compare.run import main
     for bad in ("0", "-2", "nan", "5000", "fast"):
         with pytest.raises(SystemExit) as exit_info:
             main(["--sim-time-scale", bad, "--out", str(tmp_path / "never")])

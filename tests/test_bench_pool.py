@@ -1,4 +1,4 @@
-"""bench.pool: bench.compare runs of several seeds pooled into one table."""
+"""bench.compare.pool: bench.compare runs of several seeds pooled into one table."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from bench.pool import PoolError, main, pool, report
+from bench.compare.pool import PoolError, main, pool, report
 
 
 def summary(tt_ttft: float, room_ttft: float, completed: int = 10) -> dict:

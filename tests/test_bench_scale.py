@@ -1,11 +1,11 @@
-"""bench.scale end to end on the zero-cost simulated profile: a server per rank count
+"""bench.compare.scale end to end on the zero-cost simulated profile: a server per rank count
 starts and stops, every request completes, and the front door's timing comes back."""
 
 from __future__ import annotations
 
 import json
 
-from bench.scale import main
+from bench.compare.scale import main
 
 
 def test_scale_reports_front_door_cost_per_rank_count(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""``bench.serving``: the random dataset, the figures, the summary block, a real run.
+"""``bench.client.serving``: the random dataset, the figures, the summary block, a real run.
 
 The stream parsing runs against a small aiohttp stand-in server (exact chunk timing);
 the end-to-end test drives a real ``python -m engine.serve --executor sim`` with the
@@ -17,10 +17,10 @@ import time
 import pytest
 from aiohttp import web
 
-from bench.backends import RequestResult, send_openai, send_sglang
-from bench.dataset import BenchRequest, arrival_offsets, length_range, random_requests
-from bench.metrics import format_summary, summarize
-from bench.serving import BenchConfig, parse_config, run_benchmark, time_scale, to_model_time
+from bench.client.backends import RequestResult, send_openai, send_sglang
+from bench.client.dataset import BenchRequest, arrival_offsets, length_range, random_requests
+from bench.client.metrics import format_summary, summarize
+from bench.client.serving import BenchConfig, parse_config, run_benchmark, time_scale, to_model_time
 from tests.server_helpers import REPO, ServerProcess
 
 # The block of SGLang's bench_serving as SGLang PR #14726 prints it, without the
@@ -298,7 +298,7 @@ def test_benchmark_against_a_real_simulated_server(tmp_path):
 
         out = tmp_path / "runs.jsonl"
         cli = subprocess.run(
-            [sys.executable, "-m", "bench.serving", "--base-url", server.url, "--backend",
+            [sys.executable, "-m", "bench.client.serving", "--base-url", server.url, "--backend",
              "openai", "--num-prompts", "8", "--random-input-len", "32",
              "--random-output-len", "4", "--disable-tqdm", "--output-file", str(out)],
             cwd=REPO, capture_output=True, text=True, timeout=30)
@@ -340,10 +340,10 @@ def test_a_stretched_simulated_server_is_reported_in_simulated_time(tmp_path):
 
 
 def test_keepalive_probe_counts_every_request_and_none_fail_below_the_servers_keepalive():
-    # bench.keepalive: pooled connections idle about the server's keep-alive. A client
+    # bench.micro.keepalive: pooled connections idle about the server's keep-alive. A client
     # keep-alive below the server's drops them before the server can, so none fail;
     # with aiohttp's default some may (a race, so only the count is checked there).
-    from bench.keepalive import parse_args, run
+    from bench.micro.keepalive import parse_args, run
     args = parse_args(["--connections", "12", "--cycles", "3", "--idle-s", "0.4", "--jitter-s",
                        "0.02", "--server-keepalive-s", "0.4", "--client-keepalive-s", "15", "0.15",
                        "--quiet"])
@@ -361,7 +361,7 @@ def test_keepalive_probe_counts_every_request_and_none_fail_below_the_servers_ke
     (["--server-keepalive-s", "nan"], "keep-alive times must be numbers > 0"),
 ])
 def test_keepalive_probe_rejects_bad_flags(flags, message, capsys):
-    from bench.keepalive import parse_args
+    from bench.micro.keepalive import parse_args
     with pytest.raises(SystemExit):
         parse_args(flags)
     assert message in capsys.readouterr().err

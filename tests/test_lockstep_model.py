@@ -1,4 +1,4 @@
-"""bench.lockstep_model: the queueing model of lockstep ranks (no processes)."""
+"""bench.models.lockstep_model: the queueing model of lockstep ranks (no processes)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from bench.lockstep_model import (DECODE_SIGNALS, IDEAL, IN_FLIGHT, PREFILL_SIGNALS, ROOM,
+from bench.models.lockstep_model import (DECODE_SIGNALS, IDEAL, IN_FLIGHT, PREFILL_SIGNALS, ROOM,
                                   STEP_END, decode_tpot, main, prefill_ttft,
                                   prefill_ttft_independent)
-from scheduler.sim_executor import load_profile
+from sim.executor import load_profile
 
 PROFILE = load_profile("seed-qwen3-235b-dp4")
 ROOMS = [np.random.default_rng(100 + seed).integers(0, 2**63 - 1, 96, dtype=np.int64)

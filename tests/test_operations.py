@@ -133,7 +133,7 @@ def test_http_stack_benchmark_prints_both_stacks_side_by_side():
     import sys
 
     from tests.server_helpers import REPO
-    done = subprocess.run([sys.executable, "-m", "bench.http_stack", "--requests", "40",
+    done = subprocess.run([sys.executable, "-m", "bench.micro.http_stack", "--requests", "40",
                            "--rounds", "1", "--warmup", "5"], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -15,7 +15,7 @@ from engine.sampling import SamplingParams
 from scheduler.config import SchedulerConfig
 from scheduler.messages import AbortReq, GenerateReq, ShutdownReq
 from scheduler.scheduler import Scheduler
-from scheduler.sim_executor import SimExecutor, load_profile
+from sim.executor import SimExecutor, load_profile
 from shm.board import LoadBoard, RankStatus
 from shm.segment import new_launch_id
 

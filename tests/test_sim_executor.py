@@ -16,9 +16,9 @@ import pytest
 
 from engine.sampling import SamplingParams
 from scheduler.batching import ForwardItem
-from scheduler.lockstep import CHECK_DEAD_AFTER_S, LockstepMember, LockstepSegment
+from sim.lockstep import CHECK_DEAD_AFTER_S, LockstepMember, LockstepSegment
 from scheduler.request import Req
-from scheduler.sim_executor import PROFILE_DIR, SimExecutor, SimProfile, load_profile
+from sim.executor import PROFILE_DIR, SimExecutor, SimProfile, load_profile
 from shm.segment import new_launch_id
 
 # 5 ms a step plus 1 ms per prefill token.

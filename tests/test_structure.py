@@ -12,7 +12,7 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("engine", "scheduler", "server", "shm", "bench", "tests")
+PACKAGES = ("engine", "scheduler", "server", "shm", "sim", "bench", "tests")
 
 # Circles another branch of the same renovation removes (the board's writers import the
 # board for its layout; the board layout module ends that). An entry here that no longer

@@ -1,4 +1,4 @@
-"""`python -m bench.balance [--json PATH]`: how evenly each method spreads a burst trace.
+"""`python -m bench.compare.balance [--json PATH]`: how evenly each method spreads a burst trace.
 
 Replays one synthetic burst-and-report trace against every balancing method, through
 the real ``Dispatcher`` on a real load board, with simulated schedulers that receive,
@@ -195,7 +195,7 @@ def replay(trace: list[list[TraceReq]], method: str, args) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.balance",
+    parser = argparse.ArgumentParser(prog="python -m bench.compare.balance",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--json", metavar="PATH", help="also write the ratios to PATH")
     parser.add_argument("--ranks", type=int, default=4)

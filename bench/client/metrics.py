@@ -6,7 +6,7 @@ Definitions (SGLang's):
   reported them (``meta_info.prompt_tokens`` / ``usage.prompt_tokens``);
 - concurrency: sum of E2E latencies / duration (mean requests in flight);
 - TPOT: (E2E - TTFT) / (output_len - 1), over requests with more than one token;
-- ITL: every inter-token gap of every request (see ``bench.backends``);
+- ITL: every inter-token gap of every request (see ``bench.client.backends``);
 - peak output token throughput: the most output tokens in one 1-second window
   (aligned to the start); peak concurrent requests: the most requests in flight.
 Latency figures are in milliseconds, as SGLang prints them.
@@ -23,7 +23,7 @@ from collections import Counter
 
 import numpy as np
 
-from bench.backends import RequestResult
+from bench.client.backends import RequestResult
 
 STATS = ("mean", "median", "std", "p90", "p95", "p99", "max")
 

@@ -1,4 +1,4 @@
-"""``python -m bench.http_stack``: the API process's CPU time per one-token request, with
+"""``python -m bench.micro.http_stack``: the API process's CPU time per one-token request, with
 uvloop + httptools (``--http-stack fast``) and with asyncio + h11 (``asyncio``).
 
 For each stack a server runs on the simulated executor with the ``instant`` profile
@@ -22,7 +22,7 @@ import time
 
 import aiohttp
 
-from bench.compare_server import ServerProcess, exit_on_sigterm
+from bench.client.server import ServerProcess, exit_on_sigterm
 
 STACKS = ("fast", "asyncio")
 LABELS = {"fast": "uvloop + httptools", "asyncio": "asyncio + h11"}
@@ -62,7 +62,8 @@ def measure(server: ServerProcess, num_requests: int, concurrency: int) -> tuple
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.http_stack", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.micro.http_stack",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--requests", type=int, default=3000, help="requests per round and stack")
     p.add_argument("--concurrency", type=int, default=4, help="clients sending at once")
     p.add_argument("--rounds", type=int, default=3, help="turns each stack takes")

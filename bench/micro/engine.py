@@ -1,6 +1,6 @@
 """Throughput of one rank's model runner on the built-in tiny model (1 torch thread).
 
-    python -m bench.engine [--json PATH] [--device cpu]
+    python -m bench.micro.engine [--json PATH] [--device cpu]
 
 Prefill: one request per forward, a fresh prompt of --prompt-len tokens.
 Decode: --batch requests (1 and 32) with prefilled prompts of --decode-prompt-len
@@ -85,7 +85,8 @@ def run(runner: ModelRunner, args: argparse.Namespace) -> dict[str, list[float]]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.micro.engine",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--device", default="cpu", help="auto, cpu or cuda")
     parser.add_argument("--prompt-len", type=int, default=512)

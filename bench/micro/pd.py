@@ -1,4 +1,4 @@
-"""``python -m bench.pd [--json PATH]``: the cost of the shared-memory bootstrap path.
+"""``python -m bench.micro.pd [--json PATH]``: the cost of the shared-memory bootstrap path.
 
 Two figures, each with its target:
 
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.compare_server import exit_on_sigterm, free_port, wait_healthy
+from bench.client.server import exit_on_sigterm, free_port, wait_healthy
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET_RESOLVE_US = 50.0
@@ -176,7 +176,8 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.pd", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.micro.pd",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--json", metavar="PATH", help="also write the figures here")
     parser.add_argument("--requests", type=int, default=2000, help="for the resolve figure")
     parser.add_argument("--pairs", type=int, default=300, help="TTFT pairs (bootstrap, explicit)")

@@ -1,4 +1,4 @@
-"""`python -m bench.board`: the load board and bootstrap table against SGLang's ways.
+"""`python -m bench.micro.board`: the load board and bootstrap table against SGLang's ways.
 
 Every figure is a median over batches (each batch times many calls and divides), in
 microseconds, all measured in this one run:
@@ -14,7 +14,7 @@ microseconds, all measured in this one run:
 - ``bootstrap_lookup_us`` / ``bootstrap_insert_us``: a hit in a half-full table; an
   insert (followed, untimed, by its removal so the table stays half full).
 - ``zmq_pickle_report_us`` / ``http_bootstrap_get_us``: SGLang's load report and
-  bootstrap look-up, see ``bench.baselines``.
+  bootstrap look-up, see ``bench.micro.baselines``.
 
 ``--json PATH`` writes the figures plus the two ratios the targets are about.
 """
@@ -66,7 +66,7 @@ def median_us_each(fn, items: list, batches: int) -> float:
     return statistics.median(per_call)
 
 
-def _live_board(num_ranks: int, num_dispatchers: int = 1) -> LoadBoard:
+def live_board(num_ranks: int, num_dispatchers: int = 1) -> LoadBoard:
     board = LoadBoard.create(num_ranks, num_dispatchers, launch_id=new_launch_id())
     for r in range(num_ranks):
         row = board.rank_writer(r)
@@ -77,7 +77,7 @@ def _live_board(num_ranks: int, num_dispatchers: int = 1) -> LoadBoard:
 
 def pick_bump_us(num_ranks: int, method: str = "total_requests", calls: int = 2000,
                  batches: int = 25) -> float:
-    with _live_board(num_ranks) as board:
+    with live_board(num_ranks) as board:
         dispatcher = Dispatcher(board, 0, method, stale_ns=FOREVER_NS)
         return median_us(dispatcher.pick, calls, batches, 100)
 
@@ -105,7 +105,7 @@ def seqlock_pick_contended_us(num_ranks: int = 8, rows_per_s: int = 100_000) -> 
     """(median pick+bump us, rows/s the publisher actually achieved)."""
     ctx = mp.get_context("spawn")
     stop, started = ctx.Event(), ctx.Event()
-    with _live_board(num_ranks) as board:
+    with live_board(num_ranks) as board:
         proc = ctx.Process(target=_publisher, args=(board.name, rows_per_s, stop, started), daemon=True)
         proc.start()
         try:
@@ -150,7 +150,8 @@ def bootstrap_us(slots: int = 4096) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.board", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.micro.board",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--json", metavar="PATH", help="write every figure to PATH")
     parser.add_argument("--skip-baselines", action="store_true", help="skip the ZMQ and HTTP baselines")
     args = parser.parse_args(argv)
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     figures["seqlock_pick_us_n8_contended"], figures["contending_rows_per_s"] = seqlock_pick_contended_us()
     figures["bootstrap_lookup_us"], figures["bootstrap_insert_us"] = bootstrap_us()
     if not args.skip_baselines:
-        from bench.baselines import http_bootstrap_get_us, zmq_pickle_report_us
+        from bench.micro.baselines import http_bootstrap_get_us, zmq_pickle_report_us
         figures["zmq_pickle_report_us"] = zmq_pickle_report_us()
         figures["http_bootstrap_get_us"] = http_bootstrap_get_us()
         figures["board_speedup_vs_zmq"] = figures["zmq_pickle_report_us"] / figures["pick_bump_us_n8"]

@@ -1,4 +1,4 @@
-"""``python -m bench.pool``: several ``bench.compare`` runs (one per seed) as one table.
+"""``python -m bench.compare.pool``: several ``bench.compare`` runs (one per seed) as one table.
 
 One run's mean TTFT moves with its prompt set, and ``follow_bootstrap_room``'s also with
 the rooms drawn (prefill-heavy at 1.0x capacity: 0.33x to 0.65x over seeds 1-5), so a
@@ -6,7 +6,7 @@ target on a mean is read on the pooled runs:
 
     for s in 1 2 3 4 5; do python -m bench.compare --scenarios prefill-heavy --seed $s \\
         --out out/ph-seed$s; done
-    python -m bench.pool out/ph-seed1 out/ph-seed2 out/ph-seed3 out/ph-seed4 out/ph-seed5
+    python -m bench.compare.pool out/ph-seed1 out/ph-seed2 out/ph-seed3 out/ph-seed4 out/ph-seed5
 
 Each input is a ``bench.compare`` output folder (its ``summary.json``) or a summary file.
 Runs of the same scenario, rank count and shape are pooled per method and rate: mean
@@ -23,7 +23,7 @@ import json
 import os
 import sys
 
-from bench.compare_report import _run, _ttft, headline, scenario_table
+from bench.compare.report import headline, method_run, scenario_table, ttft_figures
 
 # What must match for two runs to be pooled.
 SHAPE = ("scenario", "ranks", "baseline", "methods", "fractions", "input_len", "output_len",
@@ -85,18 +85,18 @@ def pool(summaries: list[dict]) -> list[dict]:
         base = first["baseline"]
         for m in first["methods"]:
             for frac in first["fractions"]:
-                runs = [_run(r, m, frac) for r in results]
+                runs = [method_run(r, m, frac) for r in results]
                 if any(run is None for run in runs):
                     continue
                 run = _pool_runs(runs, frac)
                 if first.get("ttft_output_len"):
-                    run["ttft_pass"] = _pool_runs([_ttft(x) for x in runs], frac)
+                    run["ttft_pass"] = _pool_runs([ttft_figures(x) for x in runs], frac)
                 merged["runs"].setdefault(m, []).append(run)
                 if m == base:
                     continue
                 ratios = [a / b for x, r in zip(runs, results)
-                          if (a := _ttft(x).get("mean_ttft_ms"))
-                          and (b := _ttft(_run(r, base, frac)).get("mean_ttft_ms"))]
+                          if (a := ttft_figures(x).get("mean_ttft_ms"))
+                          and (b := ttft_figures(method_run(r, base, frac)).get("mean_ttft_ms"))]
                 if ratios:
                     merged["spread"][f"{m}@{frac:g}"] = [min(ratios), max(ratios)]
         pooled.append(merged)
@@ -105,7 +105,7 @@ def pool(summaries: list[dict]) -> list[dict]:
 
 def report(pooled: list[dict], sources: list[str]) -> tuple[str, dict]:
     simulated = any(r["simulated"] for r in pooled)
-    parts = [f"# bench.pool{' (simulated)' if simulated else ''}: {len(sources)} runs pooled",
+    parts = [f"# bench.compare.pool{' (simulated)' if simulated else ''}: {len(sources)} runs pooled",
              "", "sources: " + ", ".join(sources), ""]
     for r in pooled:
         parts += [f"## {r['scenario']}, {r['ranks']} ranks: {r['pooled_runs']} runs, "
@@ -121,14 +121,14 @@ def report(pooled: list[dict], sources: list[str]) -> tuple[str, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.pool", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.compare.pool", description=__doc__.split("\n")[0])
     p.add_argument("inputs", nargs="+", help="bench.compare --out folders or summary files")
     p.add_argument("--json", help="write the pooled figures here")
     args = p.parse_args(argv)
     try:
         text, summary = report(pool([load_summary(x) for x in args.inputs]), args.inputs)
     except PoolError as e:
-        print(f"bench.pool: {e}", file=sys.stderr)
+        print(f"bench.compare.pool: {e}", file=sys.stderr)
         return 2
     print(text)
     if args.json:

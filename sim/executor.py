@@ -22,11 +22,11 @@ heartbeats) runs on the host's CPU between steps; with more ranks than cores it
 queues for a core and adds to every step, which a GPU host, with a core per rank,
 would not. Stretching the steps leaves that work K times less of each step.
 ``busy_s`` stays in modelled seconds; clients convert what they measure back
-(``bench.serving`` reads the factor from ``/server_info``).
+(``bench.client.serving`` reads the factor from ``/server_info``).
 
 With ``--sim-lockstep`` (``cfg.sim_lockstep_name`` names the segment the launcher
 created) every rank's step lasts as long as the slowest rank's, as with DP attention
-and expert parallelism; see ``scheduler.lockstep``. The executor then sets
+and expert parallelism; see ``sim.lockstep``. The executor then sets
 ``wants_idle_steps`` while its peers need it to step, and the scheduler runs an empty
 batch (cost ``base_s``) for it.
 """
@@ -45,7 +45,7 @@ from scheduler.batching import ForwardItem
 from scheduler.executor import Executor
 from shm.kv_segment import KVSegment
 
-PROFILE_DIR = Path(__file__).resolve().parent / "sim_profiles"
+PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ class SimProfile:
 
 
 def load_profile(name: str) -> SimProfile:
-    """A named profile from ``scheduler/sim_profiles/<name>.json``, or a path to one."""
+    """A named profile from ``sim/profiles/<name>.json``, or a path to one."""
     path = Path(name)
     if not path.suffix:
         path = PROFILE_DIR / f"{name}.json"
@@ -98,7 +98,7 @@ class SimExecutor(Executor):
             raise ValueError(f"time_scale must be > 0, got {time_scale}")
         self.profile = profile
         self.time_scale = time_scale  # wall-clock seconds per modelled second
-        self.lockstep = lockstep  # a scheduler.lockstep.LockstepMember, or None
+        self.lockstep = lockstep  # a sim.lockstep.LockstepMember, or None
         self.steps_in_lockstep = lockstep is not None
         self.context_len = profile.context_len
         self.vocab_size = profile.vocab_size
@@ -118,7 +118,7 @@ class SimExecutor(Executor):
         """``cfg``: a ``SchedulerConfig``; ``new_kv_segment`` as for ``ModelExecutor``."""
         lockstep = None
         if cfg.sim_lockstep_name:
-            from scheduler.lockstep import LockstepMember
+            from sim.lockstep import LockstepMember
             lockstep = LockstepMember.attach(cfg.sim_lockstep_name, cfg.dp_rank)
         try:
             return cls(load_profile(cfg.sim_profile), cfg.max_total_tokens, lockstep,

@@ -1,6 +1,6 @@
-"""``python -m bench.serving``: an open-loop serving benchmark like SGLang's ``bench_serving``.
+"""``python -m bench.client.serving``: an open-loop serving benchmark like SGLang's ``bench_serving``.
 
-    python -m bench.serving --backend sglang --port 30000 --dataset-name random \\
+    python -m bench.client.serving --backend sglang --port 30000 --dataset-name random \\
         --random-input-len 1024 --random-output-len 128 --random-range-ratio 0.5 \\
         --num-prompts 200 --request-rate 4 --max-concurrency 64 --output-file runs.jsonl
 
@@ -8,7 +8,7 @@ Requests are sent at Poisson arrival times (``--request-rate``; ``inf`` sends al
 once) whatever the server's progress (open loop); ``--max-concurrency`` caps the
 requests in flight (an arrival then waits for a free slot, and its TTFT counts from
 when it is actually sent, as in SGLang). The summary block has SGLang's layout; the
-figures (``bench.metrics``) also go to ``--output-file`` as one JSON line per run,
+figures (``bench.client.metrics``) also go to ``--output-file`` as one JSON line per run,
 with the per-rank request counts when the server reports ``meta_info.dp_rank``, and
 ``simulated: true`` when the server runs the simulated accelerator.
 
@@ -39,9 +39,9 @@ from dataclasses import dataclass, field
 import aiohttp
 from tqdm.asyncio import tqdm
 
-from bench.backends import BACKENDS, RequestResult
-from bench.dataset import DEFAULT_VOCAB_SIZE, BenchRequest, arrival_offsets, random_requests
-from bench.metrics import format_rate, format_summary, summarize
+from bench.client.backends import BACKENDS, RequestResult
+from bench.client.dataset import DEFAULT_VOCAB_SIZE, BenchRequest, arrival_offsets, random_requests
+from bench.client.metrics import format_rate, format_summary, summarize
 
 
 # How long an idle pooled connection is reused. uvicorn (ours and SGLang's) closes idle
@@ -50,7 +50,7 @@ from bench.metrics import format_rate, format_summary, summarize
 # ServerDisconnectedError (aio-libs/aiohttp#9138). Stretched simulated runs
 # (--sim-time-scale) leave connections idle that long; three of them failed 1-3
 # requests of 384 or 1,600, with errors not recorded then (bench.compare keeps them now).
-# `python -m bench.keepalive` reproduces the race: of 700 reuses after 5 s +- 10 ms idle,
+# `python -m bench.micro.keepalive` reproduces the race: of 700 reuses after 5 s +- 10 ms idle,
 # 59 failed with aiohttp's 15 s and none with this.
 KEEPALIVE_S = 3.0
 
@@ -108,7 +108,7 @@ def make_requests(cfg: BenchConfig) -> list[BenchRequest]:
 
 async def run_benchmark(cfg: BenchConfig) -> dict:
     """Run one benchmark against a live server; returns every figure (see
-    ``bench.metrics.summarize``) plus the run's settings and server facts."""
+    ``bench.client.metrics.summarize``) plus the run's settings and server facts."""
     requests = make_requests(cfg)
     send = BACKENDS[cfg.backend]
     limit = cfg.max_concurrency or len(requests)
@@ -226,7 +226,7 @@ def write_jsonl(path: str, figures: dict) -> None:
 
 # ---- CLI -----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bench.serving",
+    parser = argparse.ArgumentParser(prog="python -m bench.client.serving",
                                      description=__doc__.splitlines()[0])
     for f in dataclasses.fields(BenchConfig):
         if f.metadata.get("cli", True) is False:

@@ -1,6 +1,6 @@
 """Fit the simulated accelerator's cost model to the real tiny model on this machine.
 
-    python -m bench.calibrate [--out scheduler/sim_profiles/tiny-cpu.json] [--repeats 7]
+    python -m bench.models.calibrate [--out sim/profiles/tiny-cpu.json] [--repeats 7]
 
 Times ``engine.executor.ModelExecutor.forward`` (the call the scheduler makes, adapter
 and sampling included) on the default ``tiny`` model with one torch thread, as a rank
@@ -42,7 +42,7 @@ from engine.sampling import SamplingParams
 from scheduler.batching import ForwardItem
 from scheduler.config import SchedulerConfig
 from scheduler.request import Req
-from scheduler.sim_executor import PROFILE_DIR, SimProfile
+from sim.executor import PROFILE_DIR, SimProfile
 
 COEFFS = ("base_s", "prefill_token_s", "prefill_attn_s", "decode_seq_s", "decode_kv_s")
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=1 << 20, ignore_eos=True)
@@ -181,7 +181,7 @@ def calibrate(repeats: int, log=print) -> tuple[SimProfile, dict, list]:
         name="tiny-cpu", **dict(zip(COEFFS, (float(f"{c:.4g}") for c in coef))),
         max_total_num_tokens=executor.max_total_num_tokens, context_len=executor.context_len,
         vocab_size=executor.vocab_size,
-        source=(f"python -m bench.calibrate: ModelExecutor.forward of the built-in tiny model, "
+        source=(f"python -m bench.models.calibrate: ModelExecutor.forward of the built-in tiny model, "
                 f"1 torch thread, on this machine ({time.strftime('%Y-%m-%d')}); median of "
                 f"{repeats} runs per shape over {len(shapes)} shapes (prefill chunks "
                 f"{PREFILL_CHUNKS[0]}-{PREFILL_CHUNKS[-1]} at starts {PREFILL_STARTS[0]}-"
@@ -194,7 +194,7 @@ def calibrate(repeats: int, log=print) -> tuple[SimProfile, dict, list]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.calibrate",
+    parser = argparse.ArgumentParser(prog="python -m bench.models.calibrate",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(PROFILE_DIR / "tiny-cpu.json"),
                         help="profile JSON to write (default: %(default)s)")

@@ -1,4 +1,4 @@
-"""``python -m bench.keepalive``: how often a pooled HTTP connection fails when it is
+"""``python -m bench.micro.keepalive``: how often a pooled HTTP connection fails when it is
 reused just as the server's keep-alive timer closes it.
 
 uvicorn (ours and SGLang's server) closes a keep-alive connection idle for
@@ -6,7 +6,7 @@ uvicorn (ours and SGLang's server) closes a keep-alive connection idle for
 for 15 s by default. A request sent on a connection idle about 5 s can cross the
 server's close and fail with ``ServerDisconnectedError`` or a reset
 (aio-libs/aiohttp#9138). Stretched simulated runs (``--sim-time-scale``) leave
-connections idle for seconds, which is why ``bench.serving`` keeps idle connections at
+connections idle for seconds, which is why ``bench.client.serving`` keeps idle connections at
 most ``KEEPALIVE_S``.
 
 The probe serves a trivial POST endpoint with uvicorn (``--server-keepalive-s``) in a
@@ -26,7 +26,7 @@ import random
 import subprocess
 import sys
 
-from bench.serving import KEEPALIVE_S
+from bench.client.serving import KEEPALIVE_S
 
 AIOHTTP_DEFAULT_KEEPALIVE_S = 15.0
 UVICORN_DEFAULT_KEEPALIVE_S = 5
@@ -86,9 +86,9 @@ def run(args) -> dict[float, dict[str, int]]:
     """Per client keep-alive, the request outcomes ({"ok": n, "<Error>": n, ...})."""
     from tqdm import tqdm
 
-    from bench.compare_server import free_port, wait_healthy
+    from bench.client.server import free_port, wait_healthy
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", "from bench.keepalive import _serve; "
+    proc = subprocess.Popen([sys.executable, "-c", "from bench.micro.keepalive import _serve; "
                              f"_serve({port}, {args.server_keepalive_s})"])
     results = {}
     try:
@@ -111,7 +111,8 @@ def run(args) -> dict[float, dict[str, int]]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m bench.keepalive", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.micro.keepalive",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--connections", type=int, default=100)
     p.add_argument("--cycles", type=int, default=8, help="requests per connection")
     p.add_argument("--idle-s", type=float, default=float(UVICORN_DEFAULT_KEEPALIVE_S),
@@ -122,7 +123,7 @@ def parse_args(argv=None):
     p.add_argument("--client-keepalive-s", type=float, nargs="+",
                    default=[AIOHTTP_DEFAULT_KEEPALIVE_S, KEEPALIVE_S],
                    help="aiohttp keepalive_timeout values to probe (default: aiohttp's and "
-                        "bench.serving's)")
+                        "bench.client.serving's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)

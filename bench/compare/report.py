@@ -28,11 +28,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 BOARD_METHODS = ("total_tokens", "total_requests")
 
 
-def _run(result: dict, method: str, frac: float) -> dict | None:
+def method_run(result: dict, method: str, frac: float) -> dict | None:
+    """The run of ``method`` at ``frac`` x capacity in one scenario's ``result``, if any."""
     return next((r for r in result["runs"].get(method, []) if r["fraction"] == frac), None)
 
 
-def _ttft(run: dict | None) -> dict:
+def ttft_figures(run: dict | None) -> dict:
     """Where a run's TTFT figures come from: its TTFT pass when the scenario has one
     (``ttft_output_len``, SGLang PR #20435's method), else the run itself."""
     run = run or {}
@@ -62,21 +63,21 @@ def scenario_table(result: dict) -> str:
             + [f"out tok/s {m}" for m in methods] + [f"P99 TTFT {m}" for m in methods])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for frac in result["fractions"]:
-        runs = {m: _run(result, m, frac) or {} for m in methods}
+        runs = {m: method_run(result, m, frac) or {} for m in methods}
         rate = next(iter(runs.values())).get("request_rate")
         row = [f"{frac:g}", _fig(rate, "{:.2f}")]
         if probe:
-            row.append(_fig(_ttft(next(iter(runs.values()))).get("request_rate"), "{:.2f}"))
-        row += [_fig(_ttft(runs[m]).get("mean_ttft_ms")) for m in methods]
+            row.append(_fig(ttft_figures(next(iter(runs.values()))).get("request_rate"), "{:.2f}"))
+        row += [_fig(ttft_figures(runs[m]).get("mean_ttft_ms")) for m in methods]
         for m in others:
-            a, b = _ttft(runs[m]).get("mean_ttft_ms"), _ttft(runs[base]).get("mean_ttft_ms")
+            a, b = ttft_figures(runs[m]).get("mean_ttft_ms"), ttft_figures(runs[base]).get("mean_ttft_ms")
             row.append(_change(a, b))
         row += [_fig(runs[m].get("mean_tpot_ms"), "{:.1f}") for m in methods]
         for m in others:
             a, b = runs[m].get("mean_tpot_ms"), runs[base].get("mean_tpot_ms")
             row.append(_change(a, b))
         row += [_fig(runs[m].get("output_throughput"), "{:.0f}") for m in methods]
-        row += [_fig(_ttft(runs[m]).get("p99_ttft_ms")) for m in methods]
+        row += [_fig(ttft_figures(runs[m]).get("p99_ttft_ms")) for m in methods]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -88,9 +89,9 @@ def headline(results: list[dict], simulated: bool) -> dict:
         by_name.setdefault(r["scenario"], r)  # the smallest rank count
 
     def mean(r, m, frac, key):
-        run = _run(r, m, frac)
+        run = method_run(r, m, frac)
         if run and key.endswith("ttft_ms"):
-            run = _ttft(run)
+            run = ttft_figures(run)
         return run.get(key) if run else None
 
     def ratio(a, b):

@@ -1,4 +1,4 @@
-"""One ``engine.serve`` subprocess for ``bench.compare``, and the load sampler.
+"""The server under test: one ``engine.serve`` subprocess, its front door's timing, the load sampler.
 
 ``ServerProcess`` starts ``python -m engine.serve`` on a free loopback port in its own
 process group, waits until ``/health`` answers 200, and in ``close`` (also on any
@@ -9,11 +9,15 @@ own ranks and unlinks its segments), then SIGTERM/SIGKILL if it does not exit.
 ``interval_s`` during a run and keeps, per sample, the time and every balanced rank's
 ``num_reqs`` and ``num_tokens`` (PD: the ranks of ``role``, by default the prefill ones),
 at times in simulated seconds when the server's steps are stretched (``time_scale``).
+
+``dispatch_stats`` reads the server's own timing of its front door (``/server_info``'s
+``dispatch``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -53,6 +57,12 @@ def wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float) -> bool:
             pass
         time.sleep(0.1)
     return False
+
+
+def dispatch_stats(url: str) -> dict | None:
+    """``/server_info``'s ``dispatch``: the server's timing of ``EngineClient.submit``."""
+    with urllib.request.urlopen(url + "/server_info", timeout=10) as r:
+        return json.load(r).get("dispatch")
 
 
 def exit_on_sigterm() -> None:

@@ -11,7 +11,7 @@ output length from the final usage event. Output whose tokens all decode to empt
 Timing (``time.perf_counter``, from the moment the request is sent):
 - TTFT: the first chunk that carries output (new tokens or non-empty text);
 - ITL: for each later chunk bringing k tokens, k gaps of (chunk gap / k);
-- E2E: until ``data: [DONE]``; TPOT is derived from these in ``bench.metrics``.
+- E2E: until ``data: [DONE]``; TPOT is derived from these in ``bench.client.metrics``.
 
 SSE is parsed from raw chunks (not ``readline``): a cumulative event of a long output
 is larger than aiohttp's 64 KiB line limit.
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import aiohttp
 import msgspec
 
-from bench.dataset import BenchRequest
+from bench.client.dataset import BenchRequest
 
 _decode = msgspec.json.Decoder().decode
 

@@ -2,7 +2,7 @@
 
 No processes, no board: a discrete-event model of N ranks whose every step lasts as
 long as the slowest rank's (DP attention with expert parallelism; ``--sim-lockstep``),
-with the step costs of a simulation profile (``scheduler.sim_executor``). It runs in
+with the step costs of a simulation profile (``sim.executor``). It runs in
 under a minute, so it can average over many prompt sets where one ``bench.compare`` run
 takes minutes; it checks the engine's design, it does not replace the benchmark.
 
@@ -38,9 +38,9 @@ step; TPOT = (end - start) / (output - 1). Signals: ``round_robin``, ``total_req
 they moved between ranks for free, which no placement at arrival can beat; with the
 seed profile it caps what balancing can take off lockstep TPOT.
 
-    python -m bench.lockstep_model               # three tables, 4 ranks, 20 prompt sets
-    python -m bench.lockstep_model --reps 40 --chunk 4096
-    python -m bench.lockstep_model --input-len 3500 --range-ratio 1 --skip-decode --reps 40 \
+    python -m bench.models.lockstep_model               # three tables, 4 ranks, 20 prompt sets
+    python -m bench.models.lockstep_model --reps 40 --chunk 4096
+    python -m bench.models.lockstep_model --input-len 3500 --range-ratio 1 --skip-decode --reps 40 \
         --fractions 0.6 0.8 0.9 1.0
 """
 
@@ -53,10 +53,10 @@ from collections import deque
 
 import numpy as np
 
-from bench.dataset import MAX_ROOM
+from bench.client.dataset import MAX_ROOM
 from scheduler import policy
 from scheduler.policy import RotationState
-from scheduler.sim_executor import SimProfile, load_profile
+from sim.executor import SimProfile, load_profile
 
 IN_FLIGHT, STEP_END = "total_tokens (in flight)", "total_tokens (step end)"
 ROOM = "follow_bootstrap_room"
@@ -316,7 +316,8 @@ def decode_table(p: SimProfile, ranks: int, reps: int, prompts: int, rates, pool
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.models.lockstep_model",
+                                 description=__doc__.split("\n\n")[0])
     ap.add_argument("--profile", default="seed-qwen3-235b-dp4")
     ap.add_argument("--ranks", type=int, default=4)
     ap.add_argument("--reps", type=int, default=20, help="prompt sets averaged per figure")
@@ -339,7 +340,7 @@ def main(argv=None) -> dict:
         ap.error("--ranks, --reps, --prompts and --chunk must be >= 1")
     p = load_profile(a.profile)
     in_lo, out_lo = int(a.input_len * a.range_ratio), int(a.output_len * a.range_ratio)
-    result = {"model": "bench.lockstep_model (queueing model, simulated costs)",
+    result = {"model": "bench.models.lockstep_model (queueing model, simulated costs)",
               "profile": p.name, "ranks": a.ranks, "reps": a.reps, "chunk": a.chunk}
     for lockstep in (True, False):
         key = "prefill" if lockstep else "prefill_independent"

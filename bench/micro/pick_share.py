@@ -1,4 +1,4 @@
-"""``python -m bench.pick_share``: ``Dispatcher.pick`` against the front door's CPU per request.
+"""``python -m bench.micro.pick_share``: ``Dispatcher.pick`` against the front door's CPU per request.
 
 One server on the simulated executor with the ``instant`` profile (``--executor sim
 --sim-profile instant --model-path tiny``: a forward pass costs nothing, so what the
@@ -6,11 +6,11 @@ API process spends is the request's whole cost to it) and ``--dp-size`` ranks, o
 balancing method asked for. Per method and round, in this one run:
 
 - ``api_cpu_us``: the API process's user + system CPU time per one-token ``/generate``
-  request (``bench.http_stack.measure``: ``/proc/<pid>/stat`` before and after);
+  request (``bench.micro.http_stack.measure``: ``/proc/<pid>/stat`` before and after);
 - ``submit_cpu_us``: the mean CPU time of ``EngineClient.submit`` over the same requests
   (checks, pick, encode, pipe send), from ``/server_info``'s ``dispatch`` figures;
 - ``pick_us``: ``Dispatcher.pick`` with the same method on a board of the same shape in
-  this process (``bench.board.pick_bump_us``);
+  this process (``bench.micro.board.pick_bump_us``);
 - ``pick_share``: ``pick_us / api_cpu_us``, which must stay under 3%.
 """
 
@@ -21,17 +21,16 @@ import os
 import statistics
 import tempfile
 
-from bench.board import pick_bump_us
-from bench.compare import dispatch_stats
-from bench.compare_server import ServerProcess, exit_on_sigterm
-from bench.http_stack import measure
+from bench.client.server import ServerProcess, dispatch_stats, exit_on_sigterm
+from bench.micro.board import pick_bump_us
+from bench.micro.http_stack import measure
 
 METHODS = ("total_requests", "total_tokens", "prefill_tokens")
 MAX_PICK_SHARE = 0.03
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.pick_share",
+    p = argparse.ArgumentParser(prog="python -m bench.micro.pick_share",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--dp-size", type=int, default=2, help="ranks behind the API")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)

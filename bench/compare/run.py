@@ -3,15 +3,15 @@
     python -m bench.compare --quick --out out/compare --json out/compare/summary.json
     python -m bench.compare --executor sim --ranks 4 8 16 32 64 --out out/compare-full
 
-For each scenario (``bench.scenarios``) and rank count:
+For each scenario (``bench.compare.scenarios``) and rank count:
 1. capacity, measured once: a saturating run (request rate ``inf``, with the
    scenario's concurrency cap) on the first method's server; capacity = its completed
    requests per second (decode-bound PD shapes: while it was full, ``steady_capacity``).
    Rates are then ``fraction x capacity``;
 2. per method, one ``engine.serve`` subprocess on a free loopback port (restarted per
-   method, always stopped in ``finally``), one ``bench.serving`` run per rate with
-   ``/v1/loads`` sampled every 75 ms (``bench.compare_server``);
-3. the markdown table, the plots and the JSON (``bench.compare_report``).
+   method, always stopped in ``finally``), one ``bench.client.serving`` run per rate with
+   ``/v1/loads`` sampled every 75 ms (``bench.client.server``);
+3. the markdown table, the plots and the JSON (``bench.compare.report``).
 
 Dispatch overhead: the server times its front door (``EngineClient.submit``: checks,
 pick, encode, pipe send; ``/server_info`` ``dispatch``); each run records the mean.
@@ -21,8 +21,8 @@ at 4..64 ranks without starting servers (``dispatch_probe``).
 Every report made with ``--executor sim`` says "simulated".
 
 ``--sim-time-scale K`` starts the servers with steps K times slower than modelled
-(``scheduler.sim_executor``), for rank counts whose scheduling work overloads the
-host's cores; ``bench.serving`` converts every figure back to simulated time, so the
+(``sim.executor``), for rank counts whose scheduling work overloads the
+host's cores; ``bench.client.serving`` converts every figure back to simulated time, so the
 tables read as without it, and the run takes about K times as long. The default,
 ``auto``, picks K per scenario and rank count (``auto_time_scale``): 1 up to
 ``PROCESSES_PER_CORE`` rank processes per core, more above.
@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -41,10 +40,10 @@ import time
 
 from tqdm import tqdm
 
-from bench.compare_report import write_reports
-from bench.compare_server import LoadSampler, ServerProcess, exit_on_sigterm
-from bench.scenarios import DEFAULT_SCENARIOS, SCENARIOS, Scenario, get_scenarios, server_flags
-from bench.serving import BenchConfig, run_benchmark
+from bench.client.server import LoadSampler, ServerProcess, dispatch_stats, exit_on_sigterm
+from bench.client.serving import BenchConfig, run_benchmark
+from bench.compare.report import write_reports
+from bench.compare.scenarios import DEFAULT_SCENARIOS, SCENARIOS, Scenario, get_scenarios, server_flags
 from server.args import InvalidServerArgs, check_sim_time_scale
 
 DEFAULT_SIM_PROFILE = "seed-qwen3-235b-dp4"
@@ -144,12 +143,6 @@ async def measured_run(cfg: BenchConfig, role: str | None = None,
     async with LoadSampler(cfg.base_url, role=role, time_scale=time_scale) as sampler:
         figures = await run_benchmark(cfg)
     return figures, sampler.samples
-
-
-def dispatch_stats(url: str) -> dict | None:
-    import urllib.request
-    with urllib.request.urlopen(url + "/server_info", timeout=10) as r:
-        return json.load(r).get("dispatch")
 
 
 def run_scenario(s: Scenario, ranks: int, args, bar: tqdm) -> dict:
@@ -257,14 +250,14 @@ def dispatch_probe(rank_counts: list[int], calls: int = 2000, method: str = "tot
     """Median us of ``Dispatcher.pick`` (``method``) + ``GenerateReq`` encoding, per
     rank count, on a board whose ranks are all live: the front door's rank-dependent
     work (the pipe write costs the same whatever the rank count)."""
-    from bench.board import FOREVER_NS, _live_board, median_us
+    from bench.micro.board import FOREVER_NS, live_board, median_us
     from engine.sampling import SamplingParams
     from scheduler.dispatcher import Dispatcher
     from scheduler.messages import GenerateReq, encode
     ids, params = list(range(1000)), SamplingParams(max_new_tokens=16)
     out = {}
     for n in rank_counts:
-        with _live_board(n) as board:
+        with live_board(n) as board:
             d = Dispatcher(board, 0, method, stale_ns=FOREVER_NS)
 
             def one():

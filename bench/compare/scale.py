@@ -1,10 +1,10 @@
-"""``python -m bench.scale``: the front door's cost per request, from 4 to 64 ranks.
+"""``python -m bench.compare.scale``: the front door's cost per request, from 4 to 64 ranks.
 
-    python -m bench.scale --ranks 4 8 16 32 64 --json out/scale.json
+    python -m bench.compare.scale --ranks 4 8 16 32 64 --json out/scale.json
 
 For each rank count and method: one ``engine.serve --executor sim --sim-profile
 instant`` server (every forward pass is free, so nothing but the serving path costs
-time), a warm-up, then one ``bench.serving`` run of ``--num-prompts`` random prompts
+time), a warm-up, then one ``bench.client.serving`` run of ``--num-prompts`` random prompts
 at ``--max-concurrency``. Reported per run:
 
 - ``dispatch_cpu_us`` / ``dispatch_us``: the server's own timing of its front door per
@@ -29,9 +29,8 @@ import os
 
 from tqdm import tqdm
 
-from bench.compare import dispatch_stats
-from bench.compare_server import ServerProcess, exit_on_sigterm
-from bench.serving import BenchConfig, run_benchmark
+from bench.client.server import ServerProcess, dispatch_stats, exit_on_sigterm
+from bench.client.serving import BenchConfig, run_benchmark
 
 METHODS = ("total_requests", "total_tokens")
 
@@ -84,7 +83,8 @@ def print_table(summary: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.compare.scale",
+                                description=__doc__.splitlines()[0])
     p.add_argument("--ranks", nargs="+", type=int, default=[4, 8, 16, 32, 64])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--num-prompts", type=int, default=400)
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
     rows = []
-    with tqdm(total=len(args.ranks) * len(args.methods), desc="bench.scale") as bar:
+    with tqdm(total=len(args.ranks) * len(args.methods), desc="bench.compare.scale") as bar:
         for ranks in args.ranks:
             for method in args.methods:
                 bar.set_postfix_str(f"{method} x{ranks}")
