@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 
 from engine.config import ModelConfig, load_model_config
+from engine.finish import FinishAbort
 from engine.sampling import SamplingParams
 from engine.chat_template import load_chat_template_arg
 from engine.tokenizer import Tokenizer
@@ -49,15 +50,15 @@ from shm.bootstrap_layout import BootstrapTableFullError, DuplicateRoomError
 __all__ = ["EngineClient", "MetricsObserver", "RequestHandle", "failure_error"]
 
 
-def failure_error(finish_reason: dict) -> ApiError:
+def failure_error(finish_reason: FinishAbort) -> ApiError:
     """The HTTP error for a request its rank aborted, never a 200: as SGLang answers a
     ``FINISH_ABORT`` with a status (``tokenizer_manager``: 400 raises ``ValueError``,
     the route's 400; 503/500 raise ``HTTPException`` with that status), 400 when the
     rank says the request is at fault, else 503 with Retry-After so a gateway retries
     it (also for an abort with no status: a rank ends a request itself only when it
     cannot serve it)."""
-    message = finish_reason.get("message") or "the request was aborted"
-    if finish_reason.get("status_code") == CLIENT_ERROR:
+    message = finish_reason.message or "the request was aborted"
+    if finish_reason.status_code == CLIENT_ERROR:
         return BadRequest(message)
     return RequestFailed(message)
 
@@ -240,7 +241,7 @@ class EngineClient:
                 item = await handle.queue.get()
                 if isinstance(item, RequestFailed):
                     raise item
-                if item.finish_reason is not None and item.finish_reason.get("type") == "abort":
+                if isinstance(item.finish_reason, FinishAbort):
                     raise failure_error(item.finish_reason)  # its tokens are of no use now
                 yield item
                 if item.finish_reason is not None:

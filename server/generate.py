@@ -62,8 +62,9 @@ async def stream_generate(running: list[RunningRequest], is_batch: bool, with_te
 def generate_result(p: Progress, prepared: PreparedRequest | None = None,
                     texts: TokenTexts | None = None, with_text: bool = False) -> dict:
     """``prepared`` and ``texts`` only when the request asked for logprobs."""
+    finish = None if p.finish_reason is None else p.finish_reason.to_json()
     meta = {
-        "id": p.rid, "finish_reason": p.finish_reason, "prompt_tokens": p.prompt_tokens,
+        "id": p.rid, "finish_reason": finish, "prompt_tokens": p.prompt_tokens,
         "completion_tokens": p.completion_tokens, "cached_tokens": p.cached_tokens,
         "e2e_latency": p.e2e_latency, "dp_rank": p.dp_rank,
     }

@@ -10,7 +10,7 @@ text, unless ``no_stop_trim``.
 
 ``max_new_tokens`` 0 asks for no token: such a request is not dispatched (there is
 nothing for a rank to compute that the client receives); it ends at once with
-SGLang's ``{"type": "length", "length": 0}``, no output and ``dp_rank`` None. Unless it
+SGLang's ``{"type": "length", "length": 0}`` (``FinishLength(0)``), no output and ``dp_rank`` None. Unless it
 asks for prompt logprobs (``logprob_start_len`` >= 0, OpenAI ``echo``): then it runs with
 one new token, which the client never sees (the rank scores the prompt in the prefill
 that token needs; in PD the prefill half does, exactly as for any request).
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from engine.finish import trim_stop_str
+from engine.finish import FinishAbort, FinishLength, FinishReason, FinishStop, trim_stop_str
 from engine.sampling import SamplingParams
 from scheduler.messages import ReqOutput
 from server.bounds import check_prepared
@@ -62,7 +62,7 @@ class Progress:
     delta: str
     output_ids: list[int]
     num_new_ids: int
-    finish_reason: dict | None
+    finish_reason: FinishReason | None
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
@@ -160,11 +160,11 @@ class RunningRequest:
                     output_logprobs=list(logprobs), output_top_logprobs=list(tops),
                     input_token_logprobs=inputs[0], input_top_logprobs=inputs[1])
 
-    def _final_text(self, output_ids: list[int], finish_reason: dict) -> str:
+    def _final_text(self, output_ids: list[int], finish_reason: FinishReason) -> str:
         params = self.prepared.params
         ids = output_ids
-        matched = finish_reason.get("matched")
-        trim = finish_reason.get("type") == "stop" and not params.no_stop_trim
+        trim = isinstance(finish_reason, FinishStop) and not params.no_stop_trim
+        matched = finish_reason.matched if trim else None
         if trim and isinstance(matched, int) and ids and ids[-1] == matched:
             ids = ids[:-1]
         text = self.engine.tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)
@@ -182,8 +182,8 @@ def wants_prompt_only(prepared: PreparedRequest) -> bool:
 def _hidden(out: ReqOutput) -> ReqOutput:
     """A prompt-only request's output as the client sees it: no token, length 0."""
     finish = out.finish_reason
-    if finish is not None and finish.get("type") != "abort":
-        finish = {"type": "length", "length": 0}
+    if finish is not None and not isinstance(finish, FinishAbort):
+        finish = FinishLength(0)
     return msgspec.structs.replace(
         out, new_token_ids=[], finish_reason=finish, completion_tokens=0,
         output_logprobs=[], output_top_logprobs=[])
@@ -221,7 +221,7 @@ def _finished_at_once(prepared: PreparedRequest) -> RequestHandle:
     handle = RequestHandle(prepared.rid, NOT_DISPATCHED, len(prepared.input_ids),
                            is_finished=True)
     handle.queue.put_nowait(ReqOutput(
-        rid=prepared.rid, new_token_ids=[], finish_reason={"type": "length", "length": 0},
+        rid=prepared.rid, new_token_ids=[], finish_reason=FinishLength(0),
         prompt_tokens=len(prepared.input_ids), completion_tokens=0))
     return handle
 
