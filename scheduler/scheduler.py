@@ -50,6 +50,7 @@ from scheduler.pd_decode import DecodeReceiver
 from scheduler.pd_prefill import PrefillSender
 from scheduler.pd_role import MixedRole, PDRole
 from scheduler.request import Req
+from scheduler.roles import Role
 from scheduler.stats import DecodeStats, decode_batch_line
 from shm.board_writers import RankWriter
 
@@ -353,9 +354,9 @@ class Scheduler:
 
 def make_pd_role(cfg: SchedulerConfig, executor: Executor) -> PDRole:
     """The PD role of a rank with ``cfg``: the null role unless it is a PD rank."""
-    if cfg.pd is None or cfg.role == "mixed":
+    if cfg.pd is None or cfg.role == Role.MIXED:
         return MixedRole()
-    if cfg.role == "prefill":
+    if cfg.role == Role.PREFILL:
         return PrefillSender.from_config(cfg, executor)
     return DecodeReceiver.from_config(cfg, executor)
 

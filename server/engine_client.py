@@ -35,6 +35,7 @@ from scheduler.dispatcher import Dispatcher
 from scheduler.messages import (CLIENT_ERROR, AbortReq, FlushCacheReq, GenerateReq, ReqOutput,
                                 encode)
 from scheduler.pd_router import PDRouter
+from scheduler.roles import Role
 from scheduler.policy import (InvalidDpRankError, MissingBootstrapRoomError,
                               RankUnavailableError)
 from server.args import ServerArgs
@@ -79,10 +80,8 @@ class EngineClient:
         self.context_len = min(args.context_length or 1 << 62,
                                *(r.ready.context_len for r in self.ranks))
         self.max_total_num_tokens = min(r.ready.max_total_num_tokens for r in self.ranks)
-        method = {"prefill": args.prefill_load_balance_method,
-                  "decode": args.decode_load_balance_method}.get(self.role)
-        self.dispatcher = Dispatcher(self.board, API_DISPATCHER_ID,
-                                     method or args.load_balance_method, stale_ns=args.stale_ns)
+        self.dispatcher = Dispatcher(self.board, API_DISPATCHER_ID, args.method_for(self.role),
+                                     stale_ns=args.stale_ns)
         # PD (scheduler.pd_router): prefill dispatch also publishes the room's route.
         self.router = None
         if route_writer:
@@ -288,7 +287,7 @@ class EngineClient:
             raise ServiceUnavailable(f"rank {rank.dp_rank} is unavailable") from None
 
     def _check_pd(self, room: int | None) -> None:
-        if self.role not in ("prefill", "decode"):
+        if self.role not in (Role.PREFILL, Role.DECODE):
             return
         if room is None:
             raise BadRequest(f"a PD {self.role} server needs bootstrap_room in every request "

@@ -83,7 +83,7 @@ async def server_info(request: Request) -> Response:
         "device": ready[0].device,
         "version": __version__,
         # PD: which rank roles this server runs and the method each one's dispatch uses.
-        "disaggregation_roles": {role: _method_of(args, role) for role, _ in engine.load_groups()},
+        "disaggregation_roles": {role: args.method_for(role) for role, _ in engine.load_groups()},
         "status": engine.status,
         "dead_ranks": _down_ranks(engine),
         "ranks": engine.rank_summaries(),
@@ -153,12 +153,6 @@ async def flush_cache(request: Request) -> Response:
     engine: EngineClient = request.state.engine
     engine.flush_cache()
     return PlainTextResponse("Cache flushed.\n")
-
-
-def _method_of(args, role: str) -> str:
-    per_role = {"prefill": args.prefill_load_balance_method,
-                "decode": args.decode_load_balance_method}.get(role)
-    return per_role or args.load_balance_method
 
 
 def _loads(engine: EngineClient) -> list[dict]:

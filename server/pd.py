@@ -32,6 +32,7 @@ import msgspec
 
 from scheduler.pd import (HANDOFF_KIND, ROUTE_KIND, PDConfig, create_tables, shared_launch_id)
 from scheduler.pd_router import new_room
+from scheduler.roles import DisaggregationMode, Role
 from server.args import ServerArgs
 from server.engine_client import EngineClient
 from server.errors import ApiError
@@ -63,16 +64,16 @@ class PDProcesses:
         self.rank_main = rank_main
         self.plan = plan or plan_launch(args)  # both groups' devices and KV sizes
         mode = args.disaggregation_mode
-        self.launch_id = (new_launch_id() if mode == "pd"
+        self.launch_id = (new_launch_id() if mode == DisaggregationMode.PD
                           else shared_launch_id(args.disaggregation_bootstrap_port))
         self.route: BootstrapTable | None = None
         self.handoff: BootstrapTable | None = None
         self.route_writer = None
-        self.groups: dict[str, EngineProcesses] = {}
+        self.groups: dict[Role, EngineProcesses] = {}
 
     @property
     def board(self):
-        return (self.groups.get("decode") or self.groups["prefill"]).board
+        return (self.groups.get(Role.DECODE) or self.groups[Role.PREFILL]).board
 
     def start(self) -> "PDProcesses":
         args, mode = self.args, self.args.disaggregation_mode
@@ -85,8 +86,8 @@ class PDProcesses:
                       args.wall_s(args.disaggregation_bootstrap_timeout),
                       args.wall_s(args.disaggregation_waiting_timeout),
                       stale_after_s=args.stale_ns / 1e9)
-        sizes = ({"prefill": args.prefill_dp_size, "decode": args.decode_dp_size} if mode == "pd"
-                 else {args.role: args.dp_size})
+        sizes = ({Role.PREFILL: args.prefill_dp_size, Role.DECODE: args.decode_dp_size}
+                 if mode == DisaggregationMode.PD else {args.role: args.dp_size})
         for role, n in sizes.items():
             group = EngineProcesses(args, self.rank_main, role=role, dp_size=n,
                                     launch_id=self.launch_id, pd=pd, plan=self.plan)
@@ -97,7 +98,7 @@ class PDProcesses:
     def _open_tables(self) -> None:
         """Create (pd, prefill) or attach (decode) the route and hand-off tables."""
         args, mode = self.args, self.args.disaggregation_mode
-        if mode == "decode":
+        if mode == DisaggregationMode.DECODE:
             self.route, self.handoff = self._attach_tables()
             if self.handoff.num_decode_ranks < args.dp_size:
                 raise PDLaunchError(
@@ -105,13 +106,14 @@ class PDProcesses:
                     f"decode ranks, this server has {args.dp_size}: start the prefill server "
                     f"with --disaggregation-decode-dp {args.dp_size}")
         else:
-            if mode == "prefill" and (find_segment(ROUTE_KIND, self.launch_id)
+            if mode == DisaggregationMode.PREFILL and (find_segment(ROUTE_KIND, self.launch_id)
                                       or find_segment(HANDOFF_KIND, self.launch_id)):
                 raise PDLaunchError(
                     f"another prefill server on this node uses --disaggregation-bootstrap-port "
                     f"{args.disaggregation_bootstrap_port}; give each pair its own port")
-            num_prefill = args.prefill_dp_size if mode == "pd" else args.dp_size
-            num_decode = (args.decode_dp_size if mode == "pd"
+            is_pd = mode == DisaggregationMode.PD
+            num_prefill = args.prefill_dp_size if is_pd else args.dp_size
+            num_decode = (args.decode_dp_size if is_pd
                           else args.disaggregation_decode_dp or DEFAULT_DECODE_DP)
             self.route, self.handoff = create_tables(self.launch_id, num_prefill, num_decode)
             self.route_writer = self.route.region_writer(0)
@@ -145,16 +147,16 @@ class PDProcesses:
         clients = {}
         for role, group in self.groups.items():
             clients[role] = EngineClient.from_processes(
-                args, group, route_writer=self.route_writer if role == "prefill" else None,
+                args, group, route_writer=self.route_writer if role == Role.PREFILL else None,
                 num_prefill_ranks=self.handoff.num_regions)
         if len(clients) == 1:
             return next(iter(clients.values()))
-        return PDEngineClient(args, clients["prefill"], clients["decode"])
+        return PDEngineClient(args, clients[Role.PREFILL], clients[Role.DECODE])
 
     def close(self) -> None:
         """Stop the ranks (decode first: they read prefill's KV), then the tables."""
         try:
-            for role in ("decode", "prefill"):
+            for role in (Role.DECODE, Role.PREFILL):
                 if role in self.groups:
                     self.groups[role].close()
         finally:
@@ -177,7 +179,7 @@ class PDEngineClient:
         self.args = args
         self.prefill = prefill
         self.decode = decode
-        self.role = "pd"
+        self.role = Role.PD
         self.tokenizer = decode.tokenizer
         self.model_config = decode.model_config
         self.context_len = min(prefill.context_len, decode.context_len)
@@ -282,7 +284,7 @@ class PDEngineClient:
         return self.decode.live_ranks() if self.prefill.live_ranks() else []
 
     def down_ranks(self) -> dict[str, list[int]]:
-        return {"prefill": self.prefill.down_ranks(), "decode": self.decode.down_ranks()}
+        return {Role.PREFILL: self.prefill.down_ranks(), Role.DECODE: self.decode.down_ranks()}
 
     @property
     def status(self) -> str:
