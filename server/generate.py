@@ -22,8 +22,9 @@ from server.errors import ApiError, BadRequest
 from server.prompts import encode_texts
 from server.logprobs import TokenTexts, sglang_logprobs
 from server.protocol import GenerateRequest, decode_body, to_sampling_params
-from server.request_flow import (PreparedRequest, Progress, RunningRequest, new_rid, release,
-                                 run_all, start_all)
+from server.prepared import PreparedRequest
+from server.request_flow import (Progress, RunningRequest, new_rid, release, run_all,
+                                 start_all)
 from server.sse import DONE, SSEResponse, error_event, event, merged, unless_disconnected
 
 

@@ -34,7 +34,8 @@ from server.args import local_model_path
 from server.bounds import query_int
 from server.engine_client import EngineClient
 from server.errors import ApiError, ServiceUnavailable
-from server.request_flow import PreparedRequest, new_rid, release, run_all, start
+from server.prepared import PreparedRequest
+from server.request_flow import new_rid, release, run_all, start
 from shm.board import RankStatus
 
 HEALTH_GENERATE_TIMEOUT_S = 20.0

@@ -30,8 +30,9 @@ from server.prompts import encode_chat, encode_texts
 from server.logprobs import CompletionLogprobs, TokenTexts, chat_logprobs, join_parts
 from server.protocol import (ChatCompletionRequest, CompletionRequest, OpenAISampling,
                              decode_body)
-from server.request_flow import (PreparedRequest, Progress, RunningRequest, new_rid, release,
-                                 run_all, start_all)
+from server.prepared import PreparedRequest
+from server.request_flow import (Progress, RunningRequest, new_rid, release, run_all,
+                                 start_all)
 from server.sse import DONE, SSEResponse, error_event, event, merged, unless_disconnected
 
 # OpenAI's finish_reason for each kind (an abort never gets here: it is an error).

@@ -25,6 +25,7 @@ killed ranks). Restarting the prefill server means restarting the decode server 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 
@@ -38,6 +39,7 @@ from server.engine_client import EngineClient
 from server.errors import ApiError
 from server.inflight import RequestHandle
 from server.placement import LaunchPlan, plan_launch
+from server.prepared import PreparedRequest
 from server.ranks import EngineProcesses, RankMain
 from shm.bootstrap import BootstrapTable
 from shm.segment import ShmOwnerError, find_segment, new_launch_id, reclaim_stale_segments
@@ -216,20 +218,16 @@ class PDEngineClient:
         await self.decode.stop()
         await self.prefill.stop()
 
-    def submit(self, rid: str, input_ids: list[int], params, *, return_logprob: bool = False,
-               top_logprobs_num: int = 0, logprob_start_len: int = -1,
-               routed_dp_rank: int | None = None, bootstrap_room: int | None = None,
-               disagg_prefill_dp_rank: int | None = None) -> RequestHandle:
-        room = new_room() if bootstrap_room is None else bootstrap_room
-        p_handle = self.prefill.submit(rid, input_ids, params, return_logprob=return_logprob,
-                                       top_logprobs_num=top_logprobs_num,
-                                       logprob_start_len=logprob_start_len,
-                                       routed_dp_rank=disagg_prefill_dp_rank, bootstrap_room=room)
+    def submit(self, prepared: PreparedRequest) -> RequestHandle:
+        """Both halves under one room: prefill on the rank the client named for it (if
+        any), scoring the prompt; decode on ``routed_dp_rank``, told where the KV is."""
+        room = new_room() if prepared.bootstrap_room is None else prepared.bootstrap_room
+        p_handle = self.prefill.submit(dataclasses.replace(
+            prepared, routed_dp_rank=prepared.disagg_prefill_dp_rank, bootstrap_room=room,
+            disagg_prefill_dp_rank=None))
         try:
-            handle = self.decode.submit(
-                rid, input_ids, params, return_logprob=return_logprob,
-                top_logprobs_num=top_logprobs_num, routed_dp_rank=routed_dp_rank,
-                bootstrap_room=room, disagg_prefill_dp_rank=disagg_prefill_dp_rank)
+            handle = self.decode.submit(dataclasses.replace(
+                prepared, bootstrap_room=room, logprob_start_len=-1))
         except BaseException:
             self.prefill.abort(p_handle, "its decode half was refused")
             raise

@@ -19,6 +19,7 @@ that token needs; in PD the prefill half does, exactly as for any request).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -30,26 +31,13 @@ from dataclasses import dataclass, field
 import msgspec
 
 from engine.finish import FinishAbort, FinishLength, FinishReason, FinishStop, trim_stop_str
-from engine.sampling import SamplingParams
 from scheduler.messages import ReqOutput
 from server.bounds import check_prepared
 from server.engine_client import EngineClient, RequestHandle
 from server.errors import ApiError
+from server.prepared import PreparedRequest
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class PreparedRequest:
-    rid: str
-    input_ids: list[int]
-    params: SamplingParams
-    return_logprob: bool = False
-    top_logprobs_num: int = 0
-    logprob_start_len: int = -1  # with return_logprob: score the prompt from here
-    routed_dp_rank: int | None = None
-    bootstrap_room: int | None = None
-    disagg_prefill_dp_rank: int | None = None
 
 
 @dataclass
@@ -202,18 +190,13 @@ NOT_DISPATCHED = -1  # the dp_rank of a handle no rank holds
 
 def start(engine: EngineClient, prepared: PreparedRequest) -> RunningRequest:
     """Dispatch a checked request; raises ``BadRequest``/``ServiceUnavailable``."""
-    params = prepared.params
+    sent = prepared
     if wants_prompt_only(prepared):
-        params = msgspec.structs.replace(params, max_new_tokens=1, min_new_tokens=0)
-    elif params.max_new_tokens == 0:
+        sent = dataclasses.replace(prepared, params=msgspec.structs.replace(
+            prepared.params, max_new_tokens=1, min_new_tokens=0))
+    elif prepared.params.max_new_tokens == 0:
         return RunningRequest(engine, prepared, _finished_at_once(prepared))
-    handle = engine.submit(
-        prepared.rid, prepared.input_ids, params,
-        return_logprob=prepared.return_logprob, top_logprobs_num=prepared.top_logprobs_num,
-        logprob_start_len=prepared.logprob_start_len if prepared.return_logprob else -1,
-        routed_dp_rank=prepared.routed_dp_rank, bootstrap_room=prepared.bootstrap_room,
-        disagg_prefill_dp_rank=prepared.disagg_prefill_dp_rank)
-    return RunningRequest(engine, prepared, handle)
+    return RunningRequest(engine, prepared, engine.submit(sent))
 
 
 def _finished_at_once(prepared: PreparedRequest) -> RequestHandle:
