@@ -34,9 +34,9 @@ from scheduler.dispatcher import Dispatcher
 from scheduler.messages import (CLIENT_ERROR, AbortReq, FlushCacheReq, GenerateReq, ReqOutput,
                                 encode)
 from scheduler.pd_router import PDRouter
-from scheduler.roles import Role
 from scheduler.policy import (InvalidDpRankError, MissingBootstrapRoomError,
                               RankUnavailableError)
+from scheduler.roles import Role
 from server.args import ServerArgs
 from server.errors import ApiError, BadRequest, RequestFailed, ServiceUnavailable
 from server.inflight import InFlight, MetricsObserver, RequestHandle

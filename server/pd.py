@@ -108,8 +108,9 @@ class PDProcesses:
                     f"decode ranks, this server has {args.dp_size}: start the prefill server "
                     f"with --disaggregation-decode-dp {args.dp_size}")
         else:
-            if mode == DisaggregationMode.PREFILL and (find_segment(ROUTE_KIND, self.launch_id)
-                                      or find_segment(HANDOFF_KIND, self.launch_id)):
+            if mode == DisaggregationMode.PREFILL and (
+                    find_segment(ROUTE_KIND, self.launch_id)
+                    or find_segment(HANDOFF_KIND, self.launch_id)):
                 raise PDLaunchError(
                     f"another prefill server on this node uses --disaggregation-bootstrap-port "
                     f"{args.disaggregation_bootstrap_port}; give each pair its own port")

@@ -37,8 +37,8 @@ from typing import Callable
 import posix_ipc
 
 from scheduler.config import SchedulerConfig
-from scheduler.roles import DisaggregationMode, Role
 from scheduler.messages import RankError, RankReady, ShutdownReq, decode_to_server, encode
+from scheduler.roles import DisaggregationMode, Role
 from server.args import ServerArgs
 from server.placement import LaunchPlan, plan_launch
 from server.internal_state import RankStatsLog

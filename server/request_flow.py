@@ -10,10 +10,11 @@ text, unless ``no_stop_trim``.
 
 ``max_new_tokens`` 0 asks for no token: such a request is not dispatched (there is
 nothing for a rank to compute that the client receives); it ends at once with
-SGLang's ``{"type": "length", "length": 0}`` (``FinishLength(0)``), no output and ``dp_rank`` None. Unless it
-asks for prompt logprobs (``logprob_start_len`` >= 0, OpenAI ``echo``): then it runs with
-one new token, which the client never sees (the rank scores the prompt in the prefill
-that token needs; in PD the prefill half does, exactly as for any request).
+``FinishLength(0)`` (SGLang's ``{"type": "length", "length": 0}``), no output and
+``dp_rank`` None. Unless it asks for prompt logprobs (``logprob_start_len`` >= 0, OpenAI
+``echo``): then it runs with one new token, which the client never sees (the rank scores
+the prompt in the prefill that token needs; in PD the prefill half does, exactly as for
+any request).
 """
 
 from __future__ import annotations
