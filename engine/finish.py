@@ -6,7 +6,8 @@ Finish reasons are types, one class per kind, each built by its constructor:
     FinishAbort(message, status)    {"type": "abort", "message": ..., ["status_code": ...]}
 (an abort is the scheduler's or the API's, never decided by `check_finish`). A finish
 reason's value is its wire form, SGLang's JSON object on the right: it is a read-only
-dict, so it crosses the rank's pipe and the HTTP API as it is. The receiving side turns
+dict (not a Struct: value and wire form are one, so it equals the JSON a client reads),
+and crosses the rank's pipe and the HTTP API as it is. The receiving side turns
 the plain dict it decodes back into its type with `finish_from_json`; consumers test the
 type (`isinstance(reason, FinishAbort)`), never the keys.
 
