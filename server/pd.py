@@ -235,7 +235,7 @@ class PDEngineClient:
         self._prefill_of[handle] = p_handle
         loop = asyncio.get_running_loop()
         first = None
-        if return_logprob:
+        if prepared.return_logprob:
             first = self._prefill_first[handle] = loop.create_future()
         task = loop.create_task(self._drain_prefill(p_handle, first))
         self._drains.add(task)
