@@ -1,9 +1,15 @@
 """Has a request finished? A pure function over plain data, for the scheduler.
 
-Finish reasons use SGLang's shapes:
-    {"type": "length", "length": N}
-    {"type": "stop", "matched": <token id or stop string>}
-(`{"type": "abort", ...}` is the scheduler's, not decided here.)
+Finish reasons are types, one class per kind, each built by its constructor:
+    FinishLength(length)            {"type": "length", "length": N}
+    FinishStop(matched)             {"type": "stop", "matched": <token id or stop string>}
+    FinishAbort(message, status)    {"type": "abort", "message": ..., ["status_code": ...]}
+(an abort is the scheduler's or the API's, never decided by `check_finish`). A finish
+reason's value is its wire form, SGLang's JSON object on the right: it is a read-only
+dict (not a Struct: value and wire form are one, so it equals the JSON a client reads),
+and crosses the rank's pipe and the HTTP API as it is. The receiving side turns
+the plain dict it decodes back into its type with `finish_from_json`; consumers test the
+type (`isinstance(reason, FinishAbort)`), never the keys.
 
 Order of checks after each new token, as SGLang does: nothing before `min_new_tokens`
 tokens; then the length limit; then the last token against `stop_token_ids` and (unless
@@ -16,7 +22,90 @@ from collections.abc import Collection, Sequence
 
 from engine.sampling import SamplingParams
 
-FinishReason = dict[str, object]
+
+class FinishReason(dict):
+    """Why a request ended; a read-only dict holding its wire form (``to_json``)."""
+
+    __slots__ = ()
+    KIND = ""
+
+    def to_json(self) -> dict:
+        """The wire form as a plain dict (SGLang's ``meta_info.finish_reason``)."""
+        return dict(self)
+
+    def __reduce__(self):  # copy and pickle rebuild through the one parser
+        return finish_from_json, (dict(self),)
+
+    def _read_only(self, *args, **kwargs):
+        raise TypeError("a finish reason is read-only: build a new one")
+
+    __setitem__ = __delitem__ = __ior__ = _read_only
+    clear = pop = popitem = setdefault = update = _read_only
+
+
+class FinishLength(FinishReason):
+    """The length limit (``max_new_tokens``) was reached after ``length`` tokens."""
+
+    __slots__ = ()
+    KIND = "length"
+
+    def __init__(self, length: int):
+        super().__init__(type=self.KIND, length=length)
+
+    @property
+    def length(self) -> int:
+        return self["length"]
+
+
+class FinishStop(FinishReason):
+    """A stop token (an int: eos or ``stop_token_ids``) or a stop string matched."""
+
+    __slots__ = ()
+    KIND = "stop"
+
+    def __init__(self, matched: int | str):
+        super().__init__(type=self.KIND, matched=matched)
+
+    @property
+    def matched(self) -> int | str:
+        return self["matched"]
+
+
+class FinishAbort(FinishReason):
+    """Ended without finishing: by its rank (``status_code`` says whose fault, as
+    SGLang's ``FINISH_ABORT``: see ``scheduler.messages.ReqOutput``) or by the API
+    (the echo of its own abort: no status)."""
+
+    __slots__ = ()
+    KIND = "abort"
+
+    def __init__(self, message: str, status_code: int | None = None):
+        fields: dict = {"type": self.KIND, "message": message}
+        if status_code is not None:
+            fields["status_code"] = status_code
+        super().__init__(fields)
+
+    @property
+    def message(self) -> str:
+        return self["message"]
+
+    @property
+    def status_code(self) -> int | None:
+        return self.get("status_code")
+
+
+def finish_from_json(obj: dict | None) -> FinishReason | None:
+    """The typed finish reason of a wire form (None stays None; a typed one is kept)."""
+    if obj is None or isinstance(obj, FinishReason):
+        return obj
+    kind = obj.get("type")
+    if kind == FinishLength.KIND:
+        return FinishLength(obj["length"])
+    if kind == FinishStop.KIND:
+        return FinishStop(obj["matched"])
+    if kind == FinishAbort.KIND:
+        return FinishAbort(obj.get("message", ""), obj.get("status_code"))
+    raise ValueError(f"unknown finish reason {obj!r}")
 
 
 def check_finish(
@@ -34,17 +123,17 @@ def check_finish(
     if num_out < params.min_new_tokens:
         return None
     if num_out >= params.max_new_tokens:
-        return {"type": "length", "length": num_out}
+        return FinishLength(num_out)
     if num_out == 0:
         return None
     last = output_ids[-1]
     if params.stop_token_ids and last in params.stop_token_ids:
-        return {"type": "stop", "matched": last}
+        return FinishStop(last)
     if not params.ignore_eos and last in eos_token_ids:
-        return {"type": "stop", "matched": last}
+        return FinishStop(last)
     matched = find_stop_str(output_text, params.stop_strs, num_new_chars)
     if matched is not None:
-        return {"type": "stop", "matched": matched}
+        return FinishStop(matched)
     return None
 
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from scheduler.pd import PDConfig
-
-ROLES = ("mixed", "prefill", "decode")
+from scheduler.roles import RANK_ROLES, Role
 
 
 @dataclass(frozen=True)
@@ -19,7 +18,7 @@ class SchedulerConfig:
     dp_rank: int
     board_name: str
     num_dispatchers: int = 1
-    role: str = "mixed"
+    role: Role = Role.MIXED  # a plain string that names one is accepted too
     model_path: str = "tiny"
     device: str = "auto"
     dtype: str = "auto"  # --dtype: auto, float32, bfloat16 or float16
@@ -46,7 +45,7 @@ class SchedulerConfig:
     pd: PDConfig | None = None
 
     def __post_init__(self) -> None:
-        if self.role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
+        if self.role not in RANK_ROLES:
+            raise ValueError(f"role must be one of {', '.join(RANK_ROLES)}, got {self.role!r}")
         if self.chunked_prefill_size < 1:
             raise ValueError("chunked_prefill_size must be >= 1")

@@ -58,13 +58,14 @@ ToScheduler = GenerateReq | AbortReq | FlushCacheReq | ShutdownReq
 class ReqOutput(msgspec.Struct, kw_only=True, array_like=True):
     """What one request gained in one batch.
 
-    ``finish_reason`` is None while running, else SGLang's shape:
-    ``{"type": "length", "length": N}``, ``{"type": "stop", "matched": id or str}`` or
-    ``{"type": "abort", "message": ...}``. A rank that ends a request itself (it cannot
-    serve it) adds ``"status_code"``, as SGLang's ``FINISH_ABORT`` does: 400 when the
-    request is at fault (``CLIENT_ERROR``), 503 when the server is (``SERVER_ERROR``);
-    the API answers with that status (``server.engine_client.outputs``). The echo of
-    the API's own ``AbortReq`` has none.
+    ``finish_reason`` is None while running, else an ``engine.finish.FinishReason``
+    (``FinishLength``, ``FinishStop`` or ``FinishAbort``), which travels as its wire
+    form, SGLang's JSON object, and arrives as a plain dict: the receiver reads it back
+    with ``engine.finish.finish_from_json`` (``server.inflight``). A rank that ends a
+    request itself (it cannot serve it) gives its abort a ``status_code``, as SGLang's
+    ``FINISH_ABORT`` does: 400 when the request is at fault (``CLIENT_ERROR``), 503 when
+    the server is (``SERVER_ERROR``); the API answers with that status
+    (``server.engine_client.outputs``). The echo of the API's own ``AbortReq`` has none.
     """
 
     rid: str
@@ -84,14 +85,6 @@ class ReqOutput(msgspec.Struct, kw_only=True, array_like=True):
 
 CLIENT_ERROR = 400  # the request is wrong: sending it again fails the same way
 SERVER_ERROR = 503  # this server could not finish it: a gateway may retry it elsewhere
-
-
-def abort_reason(message: str, status_code: int | None = None) -> dict:
-    """A rank's ``{"type": "abort"}`` finish reason (``status_code``: see ``ReqOutput``)."""
-    reason = {"type": "abort", "message": message}
-    if status_code is not None:
-        reason["status_code"] = status_code
-    return reason
 
 
 class BatchOutput(msgspec.Struct, tag="batch", kw_only=True):

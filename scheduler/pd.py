@@ -52,6 +52,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from scheduler.roles import Role
+
 if TYPE_CHECKING:
     from shm.kv_segment import KVSegment
 
@@ -136,7 +138,7 @@ def kv_segment_factory(cfg) -> Callable[[int, int], KVSegment] | None:
     hand-off arena). The executor owns the segment: it unlinks it at ``close()``.
     Decode ranks find it by this name (``scheduler.pd_peers``).
     """
-    if cfg.pd is None or cfg.role != "prefill":
+    if cfg.pd is None or cfg.role != Role.PREFILL:
         return None
     from shm.kv_segment import KVSegment
     from shm.segment import segment_name

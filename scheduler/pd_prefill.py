@@ -3,7 +3,7 @@
 A prefill rank runs a request's prompt, samples the first token and then, instead of
 decoding, *hands the request off*: it writes the KV slots into its arena
 (``shm.kv_segment``), inserts ``room -> KV_READY`` into its own region of the hand-off
-table, and finishes the request (``{"type": "length", "length": 1}`` unless the first
+table, and finishes the request (``FinishLength(1)`` unless the first
 token already stops it), so the prefill server's response ends at once. The KV stays
 allocated, *held* for decode, until:
 - a decode rank released its claim on the entry (``RegionWriter.reap_released``), or

@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from types import MappingProxyType
 from typing import Sequence
 
-from scheduler.config import ROLES
+from scheduler.roles import RANK_ROLES, Role
 
 # Stand-in load of a dead rank when masking: larger than any int64 board value.
 _DEAD_LOAD = float("inf")
@@ -57,7 +57,7 @@ class NoLiveRankError(RankUnavailableError):
     """No rank is alive: nothing can be dispatched (API: 503)."""
 
 
-class LoadBalanceMethod(str, Enum):
+class LoadBalanceMethod(StrEnum):
     """SGLang's ``--load-balance-method`` values (new names; old ones are aliases)."""
 
     AUTO = "auto"
@@ -85,19 +85,19 @@ DEPRECATED_METHOD_ALIASES = MappingProxyType({
 # with the ranks in lockstep (seed 1) it had the lowest TTFT at 1.0x and the lowest
 # TPOT at 0.8x. Figures: ``docs/results.md`` ("Plain DP ranks").
 AUTO_METHOD_BY_ROLE = MappingProxyType({
-    "prefill": LoadBalanceMethod.TOTAL_TOKENS,
-    "decode": LoadBalanceMethod.TOTAL_REQUESTS,
-    "mixed": LoadBalanceMethod.PREFILL_TOKENS,
+    Role.PREFILL: LoadBalanceMethod.TOTAL_TOKENS,
+    Role.DECODE: LoadBalanceMethod.TOTAL_REQUESTS,
+    Role.MIXED: LoadBalanceMethod.PREFILL_TOKENS,
 })
 
 
-def resolve_method(name: str | LoadBalanceMethod, role: str) -> LoadBalanceMethod:
+def resolve_method(name: str | LoadBalanceMethod, role: Role | str) -> LoadBalanceMethod:
     """The concrete method for ``name`` on a server of ``role``; called once at start-up.
 
     ``auto`` resolves by role; deprecated aliases resolve with a ``DeprecationWarning``.
     """
-    if role not in ROLES:
-        raise InvalidRoleError(f"role must be one of {', '.join(ROLES)}; got {role!r}")
+    if role not in RANK_ROLES:
+        raise InvalidRoleError(f"role must be one of {', '.join(RANK_ROLES)}; got {role!r}")
     key = name.value if isinstance(name, LoadBalanceMethod) else str(name).strip().lower()
     if key in DEPRECATED_METHOD_ALIASES:
         new = DEPRECATED_METHOD_ALIASES[key]

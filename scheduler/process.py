@@ -21,13 +21,14 @@ from scheduler.executor import Executor
 from scheduler.log_format import configure_logging
 from scheduler.messages import RankError, RankReady, decode_to_scheduler, encode
 from scheduler.pd import kv_segment_factory
+from scheduler.roles import Role
 from shm.board import LoadBoard, RankStatus
 
 logger = logging.getLogger(__name__)
 
 
 def run_scheduler(cfg: SchedulerConfig, req_conn, out_conn) -> None:
-    configure_logging(cfg.log_level, f"rank {cfg.dp_rank}" if cfg.role == "mixed"
+    configure_logging(cfg.log_level, f"rank {cfg.dp_rank}" if cfg.role == Role.MIXED
                       else f"{cfg.role} rank {cfg.dp_rank}")
     board = LoadBoard.attach(cfg.board_name)
     row = board.rank_writer(cfg.dp_rank)

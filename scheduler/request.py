@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.finish import FinishReason
 from engine.sampling import SamplingParams
 
 
@@ -40,7 +41,7 @@ class Req:
     input_top_logprobs: list = field(default_factory=list)
     slots: list[int] = field(default_factory=list)
     num_computed: int = 0
-    finish_reason: dict | None = None
+    finish_reason: FinishReason | None = None
     # Decoded output text so far, kept only when stop strings need it.
     output_text: str = ""
     # Outputs produced since the last BatchOutput was sent.

@@ -39,18 +39,18 @@ import logging
 from collections import deque
 from collections.abc import Callable
 
-from engine.finish import check_finish
+from engine.finish import FinishAbort, FinishLength, FinishReason, check_finish
 from engine.sampling import InvalidSamplingParams
 from scheduler.batching import ForwardItem, select_batch
 from scheduler.config import SchedulerConfig
 from scheduler.executor import Executor
 from scheduler.messages import (CLIENT_ERROR, SERVER_ERROR, AbortReq, BatchOutput,
-                                FlushCacheReq, GenerateReq, RankStats, ReqOutput, ShutdownReq,
-                                abort_reason)
+                                FlushCacheReq, GenerateReq, RankStats, ReqOutput, ShutdownReq)
 from scheduler.pd_decode import DecodeReceiver
 from scheduler.pd_prefill import PrefillSender
 from scheduler.pd_role import MixedRole, PDRole
 from scheduler.request import Req
+from scheduler.roles import Role
 from scheduler.stats import DecodeStats, decode_batch_line
 from shm.board_writers import RankWriter
 
@@ -138,7 +138,7 @@ class Scheduler:
         on a mixed rank."""
         ready, failed = self.pd.poll(self._admit_transferred)
         for req, message, status_code in failed:
-            req.finish_reason = abort_reason(message, status_code)
+            req.finish_reason = FinishAbort(message, status_code)
             self._release(req)
             self.outbox[req.rid] = req
         for r in ready:
@@ -238,9 +238,9 @@ class Scheduler:
                   disagg_prefill_dp_rank=msg.disagg_prefill_dp_rank)
         error = self._admission_error(req)
         if error is not None or msg.rid in self.reqs:
-            req.finish_reason = abort_reason(error or f"duplicate rid {msg.rid!r}", CLIENT_ERROR)
+            req.finish_reason = FinishAbort(error or f"duplicate rid {msg.rid!r}", CLIENT_ERROR)
             self.outbox[req.rid] = req
-            self.pd.on_refused(req, req.finish_reason["message"])
+            self.pd.on_refused(req, req.finish_reason.message)
             return
         self.reqs[req.rid] = req
         if not self.pd.park(req):
@@ -258,7 +258,7 @@ class Scheduler:
             self.running.remove(req)
         elif not self.pd.discard(req):
             self.waiting.remove(req)
-        req.finish_reason = abort_reason(message, status_code)
+        req.finish_reason = FinishAbort(message, status_code)
         self.pd.on_abort(req, message)
         self._release(req)
         self.outbox[req.rid] = req
@@ -307,10 +307,10 @@ class Scheduler:
         if self.hands_off:  # PD prefill: the first token ends the request on this rank
             error = self.pd.hand_off(req, logprob)
             if error is not None:
-                req.finish_reason = abort_reason(error, SERVER_ERROR)
+                req.finish_reason = FinishAbort(error, SERVER_ERROR)
                 self.pd.on_refused(req, error)
             elif req.finish_reason is None:
-                req.finish_reason = {"type": "length", "length": len(req.output_ids)}
+                req.finish_reason = FinishLength(len(req.output_ids))
         if req.finish_reason is not None:
             self._release(req)
 
@@ -336,7 +336,7 @@ class Scheduler:
         self.reqs.pop(req.rid, None)
         self._decoders.pop(req.rid, None)
 
-    def _check_finish(self, req: Req):
+    def _check_finish(self, req: Req) -> FinishReason | None:
         text, new_chars = "", None
         params = req.params
         if params.stop_strs and self.tokenizer is not None:
@@ -348,15 +348,15 @@ class Scheduler:
             text, new_chars = req.output_text, len(piece)
         reason = check_finish(params, req.output_ids, self.executor.eos_token_ids, text, new_chars)
         if reason is None and req.seq_len >= self.executor.context_len:
-            reason = {"type": "length", "length": len(req.output_ids)}
+            reason = FinishLength(len(req.output_ids))
         return reason
 
 
 def make_pd_role(cfg: SchedulerConfig, executor: Executor) -> PDRole:
     """The PD role of a rank with ``cfg``: the null role unless it is a PD rank."""
-    if cfg.pd is None or cfg.role == "mixed":
+    if cfg.pd is None or cfg.role == Role.MIXED:
         return MixedRole()
-    if cfg.role == "prefill":
+    if cfg.role == Role.PREFILL:
         return PrefillSender.from_config(cfg, executor)
     return DecodeReceiver.from_config(cfg, executor)
 

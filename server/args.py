@@ -5,7 +5,10 @@
 ``auto``/``None`` values into concrete ones once, at start-up, before any process is
 spawned, so the launcher, the ranks and ``/server_info`` all see the same values:
 
-- ``load_balance_method auto``: by role (``scheduler.policy.resolve_method``);
+- ``load_balance_method auto``: by role (``scheduler.policy.resolve_method``); the three
+  method fields and ``disaggregation_mode`` then hold their enums (string enums: they
+  compare and print as the flag's words), and ``args.method_for(role)`` answers which
+  method a rank group's dispatch uses;
 - ``model_path``: a local folder (``engine.model_source``: the default model, a .gguf
   file or a Hugging Face repo id are fetched and converted once, into the cache);
 - ``served_model_name``: ``model_path`` as given (SGLang's default);
@@ -34,14 +37,12 @@ import typing
 import warnings
 from dataclasses import dataclass, field
 
+from scheduler.policy import LoadBalanceMethod
+from scheduler.roles import DisaggregationMode, Role
+
 logger = logging.getLogger(__name__)
 
-DISAGGREGATION_MODES = ("null", "prefill", "decode", "pd")
-ROLE_BY_DISAGGREGATION_MODE = {"null": "mixed", "prefill": "prefill", "decode": "decode",
-                               "pd": "pd"}
-# The rank roles each mode runs (pd: both, behind one front door).
-ROLES_OF_MODE = {"null": ("mixed",), "prefill": ("prefill",), "decode": ("decode",),
-                 "pd": ("prefill", "decode")}
+DISAGGREGATION_MODES = tuple(mode.value for mode in DisaggregationMode)
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 HTTP_STACKS = ("auto", "fast", "asyncio")
 EXECUTORS = ("real", "sim")
@@ -206,7 +207,7 @@ class ServerArgs:
         "a rank silent this long is not picked; must exceed the longest forward pass (with "
         "--sim-time-scale: in simulated seconds)", group="balancing"))
     # ---- disaggregation ----
-    disaggregation_mode: str = field(default="null", **_flag(
+    disaggregation_mode: str = field(default=DisaggregationMode.NULL.value, **_flag(
         "null (mixed ranks); pd (prefill and decode ranks behind this one server); prefill "
         "or decode (one half each, two servers on one node for an external PD gateway)",
         group="disaggregation", choices=DISAGGREGATION_MODES))
@@ -255,8 +256,16 @@ class ServerArgs:
         "factor; /metrics stays in wall-clock time", group="simulation"))
 
     @property
-    def role(self) -> str:
-        return ROLE_BY_DISAGGREGATION_MODE[self.disaggregation_mode]
+    def role(self) -> Role:
+        """This server's role (``scheduler.roles``): mixed, prefill, decode or pd."""
+        return DisaggregationMode(self.disaggregation_mode).role
+
+    def method_for(self, role: Role) -> LoadBalanceMethod:
+        """The balancing method of ``role``'s ranks, as ``resolve_args`` settled it (a
+        prefill or decode group's own flag, else ``load_balance_method``)."""
+        per_role = {Role.PREFILL: self.prefill_load_balance_method,
+                    Role.DECODE: self.decode_load_balance_method}.get(role)
+        return LoadBalanceMethod(per_role or self.load_balance_method)
 
     def wall_s(self, seconds: float) -> float:
         """A wait on forward passes in wall-clock seconds: ``seconds`` times
@@ -356,20 +365,25 @@ def validate_args(args: ServerArgs) -> None:
 def _check_pd_flags(args: ServerArgs) -> None:
     """Per-role flags that the mode would not use contradict it: refuse them rather
     than run something other than what the command line says."""
-    mode = args.disaggregation_mode
-    for role in ("prefill", "decode"):
+    try:
+        mode = DisaggregationMode(args.disaggregation_mode)
+    except ValueError:
+        raise InvalidServerArgs(f"--disaggregation-mode must be one of "
+                                f"{', '.join(DISAGGREGATION_MODES)}, got "
+                                f"{args.disaggregation_mode!r}") from None
+    for role in (Role.PREFILL, Role.DECODE):
         size = getattr(args, f"{role}_dp_size")
-        if mode != "pd" and size is not None and size != args.dp_size:
+        if mode != DisaggregationMode.PD and size is not None and size != args.dp_size:
             raise InvalidServerArgs(
                 f"--{role}-dp-size {size} contradicts --dp-size {args.dp_size}: "
                 f"--{role}-dp-size is for --disaggregation-mode pd; a --disaggregation-mode "
                 f"{mode} server runs --dp-size ranks")
         method = getattr(args, f"{role}_load_balance_method")
-        if method is not None and role not in ROLES_OF_MODE[mode]:
+        if method is not None and role not in mode.rank_roles:
             raise InvalidServerArgs(
                 f"--{role}-load-balance-method: --disaggregation-mode {mode} runs no {role} "
                 f"ranks; use --load-balance-method")
-    if args.disaggregation_decode_dp is not None and mode != "prefill":
+    if args.disaggregation_decode_dp is not None and mode != DisaggregationMode.PREFILL:
         raise InvalidServerArgs(
             "--disaggregation-decode-dp is for --disaggregation-mode prefill (pd mode: "
             "--decode-dp-size)")
@@ -400,23 +414,24 @@ def resolve_args(args: ServerArgs) -> ServerArgs:
 
     args = dataclasses.replace(args, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None)
     validate_args(args)
+    mode = DisaggregationMode(args.disaggregation_mode)
     methods = {}
-    for role in ROLES_OF_MODE[args.disaggregation_mode]:
+    for role in mode.rank_roles:
         per_role = getattr(args, f"{role}_load_balance_method", None)  # mixed has none
         flag = f"--{role}-load-balance-method" if per_role else "--load-balance-method"
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", DeprecationWarning)
-                methods[role] = resolve_method(per_role or args.load_balance_method, role).value
+                methods[role] = resolve_method(per_role or args.load_balance_method, role)
         except InvalidLoadBalanceMethod as exc:
             raise InvalidServerArgs(f"{flag}: {exc}") from None
         for w in caught:  # a deprecated alias: say so where a server user looks, the log
             logger.warning("%s: %s", flag, w.message)
     # The method this server's own dispatch uses (pd: the decode one, which routed_dp_rank
     # and /server_info's dp_size refer to); per-role ones only where roles exist.
-    method = methods.get("mixed") or methods.get("decode") or methods["prefill"]
+    method = methods.get(Role.MIXED) or methods.get(Role.DECODE) or methods[Role.PREFILL]
     pd_sizes = {}
-    if args.disaggregation_mode == "pd":
+    if mode == DisaggregationMode.PD:
         pd_sizes = {"prefill_dp_size": args.prefill_dp_size or args.dp_size,
                     "decode_dp_size": args.decode_dp_size or args.dp_size}
         pd_sizes["dp_size"] = pd_sizes["decode_dp_size"]
@@ -438,9 +453,10 @@ def resolve_args(args: ServerArgs) -> ServerArgs:
             f"--context-length {args.context_length} exceeds the model's {model_ctx}")
     return dataclasses.replace(
         args,
+        disaggregation_mode=mode,
         load_balance_method=method,
-        prefill_load_balance_method=methods.get("prefill"),
-        decode_load_balance_method=methods.get("decode"),
+        prefill_load_balance_method=methods.get(Role.PREFILL),
+        decode_load_balance_method=methods.get(Role.DECODE),
         **pd_sizes,
         model_path=model_path,
         served_model_name=args.served_model_name or args.model_path,

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from starlette.requests import Request
 
     from server.engine_client import EngineClient
-    from server.request_flow import PreparedRequest
+    from server.prepared import PreparedRequest
 
 # Prompts times n in one body. OpenAI takes up to 2,048 inputs in one call (embeddings);
 # each request here holds a board count, a handle and, in PD, a route-table slot.

@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 
 from engine.config import ModelConfig, load_model_config
-from engine.sampling import SamplingParams
+from engine.finish import FinishAbort
 from engine.chat_template import load_chat_template_arg
 from engine.tokenizer import Tokenizer
 from scheduler.dispatcher import Dispatcher
@@ -36,10 +36,12 @@ from scheduler.messages import (CLIENT_ERROR, AbortReq, FlushCacheReq, GenerateR
 from scheduler.pd_router import PDRouter
 from scheduler.policy import (InvalidDpRankError, MissingBootstrapRoomError,
                               RankUnavailableError)
+from scheduler.roles import Role
 from server.args import ServerArgs
 from server.errors import ApiError, BadRequest, RequestFailed, ServiceUnavailable
 from server.inflight import InFlight, MetricsObserver, RequestHandle
 from server.internal_state import rank_internal_state
+from server.prepared import PreparedRequest
 from server.rank_monitor import RankMonitor
 from server.rank_pipe import PipeBackedUp, RequestPipe
 from server.ranks import API_DISPATCHER_ID, EngineProcesses, RankHandle
@@ -49,15 +51,15 @@ from shm.bootstrap_layout import BootstrapTableFullError, DuplicateRoomError
 __all__ = ["EngineClient", "MetricsObserver", "RequestHandle", "failure_error"]
 
 
-def failure_error(finish_reason: dict) -> ApiError:
+def failure_error(finish_reason: FinishAbort) -> ApiError:
     """The HTTP error for a request its rank aborted, never a 200: as SGLang answers a
     ``FINISH_ABORT`` with a status (``tokenizer_manager``: 400 raises ``ValueError``,
     the route's 400; 503/500 raise ``HTTPException`` with that status), 400 when the
     rank says the request is at fault, else 503 with Retry-After so a gateway retries
     it (also for an abort with no status: a rank ends a request itself only when it
     cannot serve it)."""
-    message = finish_reason.get("message") or "the request was aborted"
-    if finish_reason.get("status_code") == CLIENT_ERROR:
+    message = finish_reason.message or "the request was aborted"
+    if finish_reason.status_code == CLIENT_ERROR:
         return BadRequest(message)
     return RequestFailed(message)
 
@@ -78,10 +80,8 @@ class EngineClient:
         self.context_len = min(args.context_length or 1 << 62,
                                *(r.ready.context_len for r in self.ranks))
         self.max_total_num_tokens = min(r.ready.max_total_num_tokens for r in self.ranks)
-        method = {"prefill": args.prefill_load_balance_method,
-                  "decode": args.decode_load_balance_method}.get(self.role)
-        self.dispatcher = Dispatcher(self.board, API_DISPATCHER_ID,
-                                     method or args.load_balance_method, stale_ns=args.stale_ns)
+        self.dispatcher = Dispatcher(self.board, API_DISPATCHER_ID, args.method_for(self.role),
+                                     stale_ns=args.stale_ns)
         # PD (scheduler.pd_router): prefill dispatch also publishes the room's route.
         self.router = None
         if route_writer:
@@ -132,11 +132,7 @@ class EngineClient:
                 rank.lost_reason = "its request pipe is stuck"
 
     # ---- requests ----------------------------------------------------------------------
-    def submit(self, rid: str, input_ids: list[int], params: SamplingParams, *,
-               return_logprob: bool = False, top_logprobs_num: int = 0,
-               logprob_start_len: int = -1, routed_dp_rank: int | None = None,
-               bootstrap_room: int | None = None,
-               disagg_prefill_dp_rank: int | None = None) -> RequestHandle:
+    def submit(self, prepared: PreparedRequest) -> RequestHandle:
         """Dispatch one checked request. Raises ``BadRequest`` or ``ServiceUnavailable``.
 
         Times itself (``dispatch_stats``): the front door's share of a request, checks +
@@ -144,11 +140,7 @@ class EngineClient:
         time and this thread's CPU time: the pipe write wakes the rank, which on a
         machine with few cores may take the CPU from this thread mid-call."""
         began, began_cpu = time.perf_counter(), time.thread_time_ns()
-        handle = self._submit(rid, input_ids, params, return_logprob=return_logprob,
-                              top_logprobs_num=top_logprobs_num,
-                              logprob_start_len=logprob_start_len, routed_dp_rank=routed_dp_rank,
-                              bootstrap_room=bootstrap_room,
-                              disagg_prefill_dp_rank=disagg_prefill_dp_rank)
+        handle = self._submit(prepared)
         self.dispatch_time_s += time.perf_counter() - began
         cpu_ns = time.thread_time_ns() - began_cpu
         self.dispatch_cpu_ns += cpu_ns
@@ -162,10 +154,7 @@ class EngineClient:
                 "mean_cpu_us": self.dispatch_cpu_ns / n / 1000 if n else None,
                 "median_cpu_us": statistics.median(self._recent_cpu_ns) / 1000 if n else None}
 
-    def _submit(self, rid: str, input_ids: list[int], params: SamplingParams, *,
-                return_logprob: bool, top_logprobs_num: int, logprob_start_len: int,
-                routed_dp_rank: int | None,
-                bootstrap_room: int | None, disagg_prefill_dp_rank: int | None) -> RequestHandle:
+    def _submit(self, p: PreparedRequest) -> RequestHandle:
         """Check, pick (the board bump), hand over.
 
         The front door's invariant: once the board is bumped (``dispatcher.pick``, or
@@ -180,32 +169,35 @@ class EngineClient:
         """
         if not self.is_serving:
             raise ServiceUnavailable("the server is not serving (starting or stopping)")
-        if rid in self.inflight:
-            raise BadRequest(f"rid {rid!r} is already in use by a running request")
-        self._check_pd(bootstrap_room)
-        self._check_capacity(routed_dp_rank)
+        if p.rid in self.inflight:
+            raise BadRequest(f"rid {p.rid!r} is already in use by a running request")
+        self._check_pd(p.bootstrap_room)
+        self._check_capacity(p.routed_dp_rank)
+        num_tokens = len(p.input_ids)
         try:
             if self.router is not None:
-                dp_rank = self.router.dispatch_prefill(bootstrap_room, len(input_ids), routed_dp_rank)
+                dp_rank = self.router.dispatch_prefill(p.bootstrap_room, num_tokens,
+                                                       p.routed_dp_rank)
             else:
-                dp_rank = self.dispatcher.pick(len(input_ids), routed_dp_rank, bootstrap_room)
+                dp_rank = self.dispatcher.pick(num_tokens, p.routed_dp_rank, p.bootstrap_room)
         except (InvalidDpRankError, MissingBootstrapRoomError, DuplicateRoomError) as exc:
             raise BadRequest(str(exc)) from None
         except (RankUnavailableError, BootstrapTableFullError) as exc:
             raise ServiceUnavailable(str(exc)) from None
         try:
             return self._hand_over(dp_rank, GenerateReq(
-                rid=rid, input_ids=input_ids, sampling_params=params,
-                dispatcher_id=API_DISPATCHER_ID, counted_tokens=len(input_ids),
-                return_logprob=return_logprob, top_logprobs_num=top_logprobs_num,
-                logprob_start_len=logprob_start_len, arrival_time=time.time(),
-                bootstrap_room=bootstrap_room,
-                disagg_prefill_dp_rank=disagg_prefill_dp_rank))
+                rid=p.rid, input_ids=p.input_ids, sampling_params=p.params,
+                dispatcher_id=API_DISPATCHER_ID, counted_tokens=num_tokens,
+                return_logprob=p.return_logprob, top_logprobs_num=p.top_logprobs_num,
+                # the prompt is scored only for a request that asks for logprobs
+                logprob_start_len=p.logprob_start_len if p.return_logprob else -1,
+                arrival_time=time.time(), bootstrap_room=p.bootstrap_room,
+                disagg_prefill_dp_rank=p.disagg_prefill_dp_rank))
         except BaseException:
             # Never delivered, so never acked: take the board count and the route back.
-            self.dispatcher.cancel(dp_rank, len(input_ids))
+            self.dispatcher.cancel(dp_rank, num_tokens)
             if self.router is not None:
-                self.router.prefill_finished(bootstrap_room)
+                self.router.prefill_finished(p.bootstrap_room)
             raise
 
     def _hand_over(self, dp_rank: int, msg: GenerateReq) -> RequestHandle:
@@ -240,7 +232,7 @@ class EngineClient:
                 item = await handle.queue.get()
                 if isinstance(item, RequestFailed):
                     raise item
-                if item.finish_reason is not None and item.finish_reason.get("type") == "abort":
+                if isinstance(item.finish_reason, FinishAbort):
                     raise failure_error(item.finish_reason)  # its tokens are of no use now
                 yield item
                 if item.finish_reason is not None:
@@ -287,7 +279,7 @@ class EngineClient:
             raise ServiceUnavailable(f"rank {rank.dp_rank} is unavailable") from None
 
     def _check_pd(self, room: int | None) -> None:
-        if self.role not in ("prefill", "decode"):
+        if self.role not in (Role.PREFILL, Role.DECODE):
             return
         if room is None:
             raise BadRequest(f"a PD {self.role} server needs bootstrap_room in every request "

@@ -22,8 +22,9 @@ from server.errors import ApiError, BadRequest
 from server.prompts import encode_texts
 from server.logprobs import TokenTexts, sglang_logprobs
 from server.protocol import GenerateRequest, decode_body, to_sampling_params
-from server.request_flow import (PreparedRequest, Progress, RunningRequest, new_rid, release,
-                                 run_all, start_all)
+from server.prepared import PreparedRequest
+from server.request_flow import (Progress, RunningRequest, new_rid, release, run_all,
+                                 start_all)
 from server.sse import DONE, SSEResponse, error_event, event, merged, unless_disconnected
 
 
@@ -62,8 +63,9 @@ async def stream_generate(running: list[RunningRequest], is_batch: bool, with_te
 def generate_result(p: Progress, prepared: PreparedRequest | None = None,
                     texts: TokenTexts | None = None, with_text: bool = False) -> dict:
     """``prepared`` and ``texts`` only when the request asked for logprobs."""
+    finish = None if p.finish_reason is None else p.finish_reason.to_json()
     meta = {
-        "id": p.rid, "finish_reason": p.finish_reason, "prompt_tokens": p.prompt_tokens,
+        "id": p.rid, "finish_reason": finish, "prompt_tokens": p.prompt_tokens,
         "completion_tokens": p.completion_tokens, "cached_tokens": p.cached_tokens,
         "e2e_latency": p.e2e_latency, "dp_rank": p.dp_rank,
     }

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from engine.finish import FinishAbort, finish_from_json
 from scheduler.messages import ReqOutput
 from server.errors import RequestFailed
 
@@ -84,13 +85,15 @@ class InFlight:
             else:
                 self.observer.on_tokens(len(out.new_token_ids), now - handle.last_token_time)
             handle.last_token_time = now
-        if out.finish_reason is not None:
-            aborted = out.finish_reason.get("type") == "abort"
+        # The one place the API reads a finish reason off the wire: typed from here on.
+        reason = out.finish_reason = finish_from_json(out.finish_reason)
+        if reason is not None:
+            aborted = isinstance(reason, FinishAbort)
             if aborted:
                 # The rank ended it (a timeout, a request it could not take): the
                 # route's own aborts have left the registry before their echo.
                 logger.warning("request %s aborted on rank %d: %s", out.rid, dp_rank,
-                               out.finish_reason.get("message", ""))
+                               reason.message)
                 self.observer.on_abort()
             self.remove(handle, ok=not aborted)
             self.observer.on_finish(now - handle.arrival_time, out.prompt_tokens,

@@ -34,7 +34,8 @@ from server.args import local_model_path
 from server.bounds import query_int
 from server.engine_client import EngineClient
 from server.errors import ApiError, ServiceUnavailable
-from server.request_flow import PreparedRequest, new_rid, release, run_all, start
+from server.prepared import PreparedRequest
+from server.request_flow import new_rid, release, run_all, start
 from shm.board import RankStatus
 
 HEALTH_GENERATE_TIMEOUT_S = 20.0
@@ -83,7 +84,7 @@ async def server_info(request: Request) -> Response:
         "device": ready[0].device,
         "version": __version__,
         # PD: which rank roles this server runs and the method each one's dispatch uses.
-        "disaggregation_roles": {role: _method_of(args, role) for role, _ in engine.load_groups()},
+        "disaggregation_roles": {role: args.method_for(role) for role, _ in engine.load_groups()},
         "status": engine.status,
         "dead_ranks": _down_ranks(engine),
         "ranks": engine.rank_summaries(),
@@ -153,12 +154,6 @@ async def flush_cache(request: Request) -> Response:
     engine: EngineClient = request.state.engine
     engine.flush_cache()
     return PlainTextResponse("Cache flushed.\n")
-
-
-def _method_of(args, role: str) -> str:
-    per_role = {"prefill": args.prefill_load_balance_method,
-                "decode": args.decode_load_balance_method}.get(role)
-    return per_role or args.load_balance_method
 
 
 def _loads(engine: EngineClient) -> list[dict]:

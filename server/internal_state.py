@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections import deque
 
 from scheduler.messages import RankStats
+from scheduler.roles import Role
 
 # Step times kept per running-batch size (SGLang's step_time_dict), the newest few.
 MAX_STEP_TIMES_PER_SIZE = 16
@@ -42,7 +43,7 @@ class RankStatsLog:
         return self.latest.last_gen_throughput if self.latest is not None else 0.0
 
 
-def rank_internal_state(rank, role: str, startup_time: float) -> dict:
+def rank_internal_state(rank, role: Role, startup_time: float) -> dict:
     """``rank``: a ready ``server.ranks.RankHandle``."""
     ready, latest = rank.ready, rank.stats.latest
     return {

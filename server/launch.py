@@ -29,6 +29,7 @@ import uvicorn
 
 from engine.model_source import ModelFetchError
 from scheduler.log_format import configure_logging
+from scheduler.roles import DisaggregationMode, Role
 from server.app import create_app
 from server.args import InvalidServerArgs, ServerArgs, parse_args, resolve_args
 from server.connections import (accept_backlog, event_loop_factory, protocol_for,
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None, rank_main: RankMain | None = None) -> in
 
 def serve(args: ServerArgs, sock: socket.socket, rank_main: RankMain | None = None,
           plan: LaunchPlan | None = None) -> int:
-    pd_mode = args.disaggregation_mode != "null"
+    pd_mode = args.disaggregation_mode != DisaggregationMode.NULL
     processes = (PDProcesses(args, rank_main, plan) if pd_mode
                  else EngineProcesses(args, rank_main, plan=plan))
     try:
@@ -130,10 +131,10 @@ async def _serve(server: uvicorn.Server, sock: socket.socket, args: ServerArgs) 
 
 def _pd_summary(args: ServerArgs) -> str:
     mode = args.disaggregation_mode
-    if mode == "pd":
-        return (f"; PD: {args.prefill_dp_size} prefill ranks ({args.prefill_load_balance_method}), "
-                f"{args.decode_dp_size} decode ranks ({args.decode_load_balance_method})")
-    if mode != "null":
+    if mode == DisaggregationMode.PD:
+        return (f"; PD: {args.prefill_dp_size} prefill ranks ({args.method_for(Role.PREFILL)}), "
+                f"{args.decode_dp_size} decode ranks ({args.method_for(Role.DECODE)})")
+    if mode != DisaggregationMode.NULL:
         return f"; PD {mode} server, bootstrap port {args.disaggregation_bootstrap_port}"
     return ""
 

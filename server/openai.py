@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from engine.finish import FinishAbort, FinishLength, FinishStop
 from server.engine_client import EngineClient
 from server.bounds import MAX_BATCH_REQUESTS, check_fan_out, check_int, check_request
 from server.errors import ApiError, BadRequest
@@ -29,11 +30,13 @@ from server.prompts import encode_chat, encode_texts
 from server.logprobs import CompletionLogprobs, TokenTexts, chat_logprobs, join_parts
 from server.protocol import (ChatCompletionRequest, CompletionRequest, OpenAISampling,
                              decode_body)
-from server.request_flow import (PreparedRequest, Progress, RunningRequest, new_rid, release,
-                                 run_all, start_all)
+from server.prepared import PreparedRequest
+from server.request_flow import (Progress, RunningRequest, new_rid, release, run_all,
+                                 start_all)
 from server.sse import DONE, SSEResponse, error_event, event, merged, unless_disconnected
 
-FINISH_REASONS = {"length": "length", "stop": "stop", "abort": "abort"}
+# OpenAI's finish_reason for each kind (an abort never gets here: it is an error).
+FINISH_REASONS = {FinishLength: "length", FinishStop: "stop", FinishAbort: "abort"}
 
 
 async def completions(request: Request) -> Response:
@@ -111,10 +114,11 @@ class _Shape:
 
     def choice(self, index: int, p: Progress, text: str, finished: bool, chunk: bool,
                first: bool = False) -> dict:
-        reason = FINISH_REASONS.get(p.finish_reason["type"]) if finished else None
+        reason = FINISH_REASONS[type(p.finish_reason)] if finished else None
         choice: dict = {"index": index, "logprobs": None, "finish_reason": reason}
         if finished:
-            choice["matched_stop"] = p.finish_reason.get("matched")
+            stop = p.finish_reason
+            choice["matched_stop"] = stop.matched if isinstance(stop, FinishStop) else None
         if not self.is_chat:
             choice["text"] = text
         elif chunk:

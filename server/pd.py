@@ -25,6 +25,7 @@ killed ranks). Restarting the prefill server means restarting the decode server 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 
@@ -32,11 +33,13 @@ import msgspec
 
 from scheduler.pd import (HANDOFF_KIND, ROUTE_KIND, PDConfig, create_tables, shared_launch_id)
 from scheduler.pd_router import new_room
+from scheduler.roles import DisaggregationMode, Role
 from server.args import ServerArgs
 from server.engine_client import EngineClient
 from server.errors import ApiError
 from server.inflight import RequestHandle
 from server.placement import LaunchPlan, plan_launch
+from server.prepared import PreparedRequest
 from server.ranks import EngineProcesses, RankMain
 from shm.bootstrap import BootstrapTable
 from shm.segment import (ShmNotReadyError, ShmOwnerError, find_segment, new_launch_id,
@@ -64,16 +67,16 @@ class PDProcesses:
         self.rank_main = rank_main
         self.plan = plan or plan_launch(args)  # both groups' devices and KV sizes
         mode = args.disaggregation_mode
-        self.launch_id = (new_launch_id() if mode == "pd"
+        self.launch_id = (new_launch_id() if mode == DisaggregationMode.PD
                           else shared_launch_id(args.disaggregation_bootstrap_port))
         self.route: BootstrapTable | None = None
         self.handoff: BootstrapTable | None = None
         self.route_writer = None
-        self.groups: dict[str, EngineProcesses] = {}
+        self.groups: dict[Role, EngineProcesses] = {}
 
     @property
     def board(self):
-        return (self.groups.get("decode") or self.groups["prefill"]).board
+        return (self.groups.get(Role.DECODE) or self.groups[Role.PREFILL]).board
 
     def start(self) -> "PDProcesses":
         args, mode = self.args, self.args.disaggregation_mode
@@ -86,8 +89,8 @@ class PDProcesses:
                       args.wall_s(args.disaggregation_bootstrap_timeout),
                       args.wall_s(args.disaggregation_waiting_timeout),
                       stale_after_s=args.stale_ns / 1e9)
-        sizes = ({"prefill": args.prefill_dp_size, "decode": args.decode_dp_size} if mode == "pd"
-                 else {args.role: args.dp_size})
+        sizes = ({Role.PREFILL: args.prefill_dp_size, Role.DECODE: args.decode_dp_size}
+                 if mode == DisaggregationMode.PD else {args.role: args.dp_size})
         for role, n in sizes.items():
             group = EngineProcesses(args, self.rank_main, role=role, dp_size=n,
                                     launch_id=self.launch_id, pd=pd, plan=self.plan)
@@ -98,7 +101,7 @@ class PDProcesses:
     def _open_tables(self) -> None:
         """Create (pd, prefill) or attach (decode) the route and hand-off tables."""
         args, mode = self.args, self.args.disaggregation_mode
-        if mode == "decode":
+        if mode == DisaggregationMode.DECODE:
             self.route, self.handoff = self._attach_tables()
             if self.handoff.num_decode_ranks < args.dp_size:
                 raise PDLaunchError(
@@ -106,13 +109,15 @@ class PDProcesses:
                     f"decode ranks, this server has {args.dp_size}: start the prefill server "
                     f"with --disaggregation-decode-dp {args.dp_size}")
         else:
-            if mode == "prefill" and (find_segment(ROUTE_KIND, self.launch_id)
-                                      or find_segment(HANDOFF_KIND, self.launch_id)):
+            if mode == DisaggregationMode.PREFILL and (
+                    find_segment(ROUTE_KIND, self.launch_id)
+                    or find_segment(HANDOFF_KIND, self.launch_id)):
                 raise PDLaunchError(
                     f"another prefill server on this node uses --disaggregation-bootstrap-port "
                     f"{args.disaggregation_bootstrap_port}; give each pair its own port")
-            num_prefill = args.prefill_dp_size if mode == "pd" else args.dp_size
-            num_decode = (args.decode_dp_size if mode == "pd"
+            is_pd = mode == DisaggregationMode.PD
+            num_prefill = args.prefill_dp_size if is_pd else args.dp_size
+            num_decode = (args.decode_dp_size if is_pd
                           else args.disaggregation_decode_dp or DEFAULT_DECODE_DP)
             self.route, self.handoff = create_tables(self.launch_id, num_prefill, num_decode)
             self.route_writer = self.route.region_writer(0)
@@ -157,16 +162,16 @@ class PDProcesses:
         clients = {}
         for role, group in self.groups.items():
             clients[role] = EngineClient.from_processes(
-                args, group, route_writer=self.route_writer if role == "prefill" else None,
+                args, group, route_writer=self.route_writer if role == Role.PREFILL else None,
                 num_prefill_ranks=self.handoff.num_regions)
         if len(clients) == 1:
             return next(iter(clients.values()))
-        return PDEngineClient(args, clients["prefill"], clients["decode"])
+        return PDEngineClient(args, clients[Role.PREFILL], clients[Role.DECODE])
 
     def close(self) -> None:
         """Stop the ranks (decode first: they read prefill's KV), then the tables."""
         try:
-            for role in ("decode", "prefill"):
+            for role in (Role.DECODE, Role.PREFILL):
                 if role in self.groups:
                     self.groups[role].close()
         finally:
@@ -189,7 +194,7 @@ class PDEngineClient:
         self.args = args
         self.prefill = prefill
         self.decode = decode
-        self.role = "pd"
+        self.role = Role.PD
         self.tokenizer = decode.tokenizer
         self.model_config = decode.model_config
         self.context_len = min(prefill.context_len, decode.context_len)
@@ -226,27 +231,23 @@ class PDEngineClient:
         await self.decode.stop()
         await self.prefill.stop()
 
-    def submit(self, rid: str, input_ids: list[int], params, *, return_logprob: bool = False,
-               top_logprobs_num: int = 0, logprob_start_len: int = -1,
-               routed_dp_rank: int | None = None, bootstrap_room: int | None = None,
-               disagg_prefill_dp_rank: int | None = None) -> RequestHandle:
-        room = new_room() if bootstrap_room is None else bootstrap_room
-        p_handle = self.prefill.submit(rid, input_ids, params, return_logprob=return_logprob,
-                                       top_logprobs_num=top_logprobs_num,
-                                       logprob_start_len=logprob_start_len,
-                                       routed_dp_rank=disagg_prefill_dp_rank, bootstrap_room=room)
+    def submit(self, prepared: PreparedRequest) -> RequestHandle:
+        """Both halves under one room: prefill on the rank the client named for it (if
+        any), scoring the prompt; decode on ``routed_dp_rank``, told where the KV is."""
+        room = new_room() if prepared.bootstrap_room is None else prepared.bootstrap_room
+        p_handle = self.prefill.submit(dataclasses.replace(
+            prepared, routed_dp_rank=prepared.disagg_prefill_dp_rank, bootstrap_room=room,
+            disagg_prefill_dp_rank=None))
         try:
-            handle = self.decode.submit(
-                rid, input_ids, params, return_logprob=return_logprob,
-                top_logprobs_num=top_logprobs_num, routed_dp_rank=routed_dp_rank,
-                bootstrap_room=room, disagg_prefill_dp_rank=disagg_prefill_dp_rank)
+            handle = self.decode.submit(dataclasses.replace(
+                prepared, bootstrap_room=room, logprob_start_len=-1))
         except BaseException:
             self.prefill.abort(p_handle, "its decode half was refused")
             raise
         self._prefill_of[handle] = p_handle
         loop = asyncio.get_running_loop()
         first = None
-        if return_logprob:
+        if prepared.return_logprob:
             first = self._prefill_first[handle] = loop.create_future()
         task = loop.create_task(self._drain_prefill(p_handle, first))
         self._drains.add(task)
@@ -294,7 +295,7 @@ class PDEngineClient:
         return self.decode.live_ranks() if self.prefill.live_ranks() else []
 
     def down_ranks(self) -> dict[str, list[int]]:
-        return {"prefill": self.prefill.down_ranks(), "decode": self.decode.down_ranks()}
+        return {Role.PREFILL: self.prefill.down_ranks(), Role.DECODE: self.decode.down_ranks()}
 
     @property
     def status(self) -> str:

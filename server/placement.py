@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Callable
 
 from engine.config import ModelLoadError, load_model_config
+from scheduler.roles import DisaggregationMode, Role
 from server.args import DTYPE_ALIASES, ServerArgs
 from server.memory import (GpuMemory, MemoryProbeError, format_bytes, host_available_bytes,
                            kv_dtype_bytes, probe_gpus, size_kv_pool, weight_bytes)
@@ -57,7 +58,7 @@ class RankPlan:
 
 @dataclass(frozen=True)
 class LaunchPlan:
-    ranks: dict[str, tuple[RankPlan, ...]]  # role -> its ranks in dp_rank order
+    ranks: dict[Role, tuple[RankPlan, ...]]  # role -> its ranks in dp_rank order
 
     def summary(self) -> str:
         return "; ".join(f"{role}: " + ", ".join(f"{p.device} ({p.max_total_tokens} KV tokens)"
@@ -65,11 +66,11 @@ class LaunchPlan:
                          for role, plans in self.ranks.items())
 
 
-def launch_roles(args: ServerArgs) -> list[tuple[str, int]]:
+def launch_roles(args: ServerArgs) -> list[tuple[Role, int]]:
     """The rank groups one launch starts, in placement order, with their sizes."""
-    if args.disaggregation_mode == "pd":
-        return [("prefill", args.prefill_dp_size or args.dp_size),
-                ("decode", args.decode_dp_size or args.dp_size)]
+    if args.disaggregation_mode == DisaggregationMode.PD:
+        return [(Role.PREFILL, args.prefill_dp_size or args.dp_size),
+                (Role.DECODE, args.decode_dp_size or args.dp_size)]
     return [(args.role, args.dp_size)]
 
 
@@ -122,7 +123,7 @@ def plan_launch(args: ServerArgs, gpus: Callable[[], list[GpuMemory]] = probe_gp
         return LaunchPlan({role: (RankPlan(args.device, args.max_total_tokens),) * n
                            for role, n in roles})
     kind, base_gpu_id, gpu_memory = _resolve_device(args, gpus, gpu_count)
-    if kind == "cuda" and any(role == "prefill" for role, _ in roles):
+    if kind == "cuda" and any(role == Role.PREFILL for role, _ in roles):
         # engine.kv_transfer: decode ranks map a prefill rank's pool from shared memory.
         raise LaunchError("PD prefill ranks on CUDA need a CUDA IPC KV hand-off, which this "
                           "build does not have: run PD with --device cpu")
@@ -242,7 +243,7 @@ def _does_not_fit(args, num_ranks, device, share, source, weights, per_token, ne
     if args.max_total_tokens and fit >= 1:
         advice.append(f"--max-total-tokens {fit} or less")
     if fits >= 1 and fits < num_ranks:
-        ranks_flag = ("--prefill-dp-size + --decode-dp-size" if args.disaggregation_mode == "pd"
+        ranks_flag = ("--prefill-dp-size + --decode-dp-size" if args.disaggregation_mode == DisaggregationMode.PD
                       else "--dp-size")
         advice.append(f"at most {fits} rank(s) per {unit} ({ranks_flag})")
     if not args.max_total_tokens:

@@ -38,6 +38,7 @@ import posix_ipc
 
 from scheduler.config import SchedulerConfig
 from scheduler.messages import RankError, RankReady, ShutdownReq, decode_to_server, encode
+from scheduler.roles import DisaggregationMode, Role
 from server.args import ServerArgs
 from server.placement import LaunchPlan, plan_launch
 from server.internal_state import RankStatsLog
@@ -93,7 +94,7 @@ def rank_entry(rank_main: RankMain, cfg: SchedulerConfig, req_conn: Connection,
     rank_main(cfg, req_conn, out_conn)
 
 
-def scheduler_configs(args: ServerArgs, board_name: str, role: str | None = None,
+def scheduler_configs(args: ServerArgs, board_name: str, role: Role | None = None,
                       dp_size: int | None = None, pd=None,
                       sim_lockstep_name: str | None = None,
                       plan: LaunchPlan | None = None) -> list[SchedulerConfig]:
@@ -114,7 +115,7 @@ def scheduler_configs(args: ServerArgs, board_name: str, role: str | None = None
     # Each rank its own sampling stream (decode ranks after the prefill ranks of a pd
     # launch), so unseeded requests on different ranks do not draw the same samples.
     seed = args.random_seed or 0
-    if role == "decode" and args.disaggregation_mode == "pd":
+    if role == Role.DECODE and args.disaggregation_mode == DisaggregationMode.PD:
         seed += args.prefill_dp_size or args.dp_size
     return [dataclasses.replace(base, dp_rank=r, random_seed=seed + r, device=rank.device,
                                 max_total_tokens=rank.max_total_tokens)
@@ -125,7 +126,7 @@ class EngineProcesses:
     """The board plus the rank processes of one launch; ``close`` releases everything."""
 
     def __init__(self, args: ServerArgs, rank_main: RankMain | None = None, *,
-                 role: str | None = None, dp_size: int | None = None,
+                 role: Role | None = None, dp_size: int | None = None,
                  launch_id: str | None = None, pd=None, plan: LaunchPlan | None = None):
         self.args = args
         # Every rank's device and KV size; the launcher plans (and checks) before it
@@ -147,7 +148,7 @@ class EngineProcesses:
         removed = reclaim_stale_segments()
         if removed:
             logger.info("reclaimed %d stale shared-memory segment(s): %s", len(removed), removed)
-        kind = "board" if self.role == "mixed" else f"board-{self.role}"
+        kind = "board" if self.role == Role.MIXED else f"board-{self.role}"
         self.board = LoadBoard.create(self.dp_size, NUM_DISPATCHERS, launch_id=self.launch_id,
                                       kind=kind)
         if self.args.sim_lockstep:

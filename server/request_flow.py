@@ -10,15 +10,17 @@ text, unless ``no_stop_trim``.
 
 ``max_new_tokens`` 0 asks for no token: such a request is not dispatched (there is
 nothing for a rank to compute that the client receives); it ends at once with
-SGLang's ``{"type": "length", "length": 0}``, no output and ``dp_rank`` None. Unless it
-asks for prompt logprobs (``logprob_start_len`` >= 0, OpenAI ``echo``): then it runs with
-one new token, which the client never sees (the rank scores the prompt in the prefill
-that token needs; in PD the prefill half does, exactly as for any request).
+``FinishLength(0)`` (SGLang's ``{"type": "length", "length": 0}``), no output and
+``dp_rank`` None. Unless it asks for prompt logprobs (``logprob_start_len`` >= 0, OpenAI
+``echo``): then it runs with one new token, which the client never sees (the rank scores
+the prompt in the prefill that token needs; in PD the prefill half does, exactly as for
+any request).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -29,27 +31,14 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from engine.finish import trim_stop_str
-from engine.sampling import SamplingParams
+from engine.finish import FinishAbort, FinishLength, FinishReason, FinishStop, trim_stop_str
 from scheduler.messages import ReqOutput
 from server.bounds import check_prepared
 from server.engine_client import EngineClient, RequestHandle
 from server.errors import ApiError
+from server.prepared import PreparedRequest
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class PreparedRequest:
-    rid: str
-    input_ids: list[int]
-    params: SamplingParams
-    return_logprob: bool = False
-    top_logprobs_num: int = 0
-    logprob_start_len: int = -1  # with return_logprob: score the prompt from here
-    routed_dp_rank: int | None = None
-    bootstrap_room: int | None = None
-    disagg_prefill_dp_rank: int | None = None
 
 
 @dataclass
@@ -62,7 +51,7 @@ class Progress:
     delta: str
     output_ids: list[int]
     num_new_ids: int
-    finish_reason: dict | None
+    finish_reason: FinishReason | None
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
@@ -160,11 +149,11 @@ class RunningRequest:
                     output_logprobs=list(logprobs), output_top_logprobs=list(tops),
                     input_token_logprobs=inputs[0], input_top_logprobs=inputs[1])
 
-    def _final_text(self, output_ids: list[int], finish_reason: dict) -> str:
+    def _final_text(self, output_ids: list[int], finish_reason: FinishReason) -> str:
         params = self.prepared.params
         ids = output_ids
-        matched = finish_reason.get("matched")
-        trim = finish_reason.get("type") == "stop" and not params.no_stop_trim
+        trim = isinstance(finish_reason, FinishStop) and not params.no_stop_trim
+        matched = finish_reason.matched if trim else None
         if trim and isinstance(matched, int) and ids and ids[-1] == matched:
             ids = ids[:-1]
         text = self.engine.tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)
@@ -182,8 +171,8 @@ def wants_prompt_only(prepared: PreparedRequest) -> bool:
 def _hidden(out: ReqOutput) -> ReqOutput:
     """A prompt-only request's output as the client sees it: no token, length 0."""
     finish = out.finish_reason
-    if finish is not None and finish.get("type") != "abort":
-        finish = {"type": "length", "length": 0}
+    if finish is not None and not isinstance(finish, FinishAbort):
+        finish = FinishLength(0)
     return msgspec.structs.replace(
         out, new_token_ids=[], finish_reason=finish, completion_tokens=0,
         output_logprobs=[], output_top_logprobs=[])
@@ -202,18 +191,13 @@ NOT_DISPATCHED = -1  # the dp_rank of a handle no rank holds
 
 def start(engine: EngineClient, prepared: PreparedRequest) -> RunningRequest:
     """Dispatch a checked request; raises ``BadRequest``/``ServiceUnavailable``."""
-    params = prepared.params
+    sent = prepared
     if wants_prompt_only(prepared):
-        params = msgspec.structs.replace(params, max_new_tokens=1, min_new_tokens=0)
-    elif params.max_new_tokens == 0:
+        sent = dataclasses.replace(prepared, params=msgspec.structs.replace(
+            prepared.params, max_new_tokens=1, min_new_tokens=0))
+    elif prepared.params.max_new_tokens == 0:
         return RunningRequest(engine, prepared, _finished_at_once(prepared))
-    handle = engine.submit(
-        prepared.rid, prepared.input_ids, params,
-        return_logprob=prepared.return_logprob, top_logprobs_num=prepared.top_logprobs_num,
-        logprob_start_len=prepared.logprob_start_len if prepared.return_logprob else -1,
-        routed_dp_rank=prepared.routed_dp_rank, bootstrap_room=prepared.bootstrap_room,
-        disagg_prefill_dp_rank=prepared.disagg_prefill_dp_rank)
-    return RunningRequest(engine, prepared, handle)
+    return RunningRequest(engine, prepared, engine.submit(sent))
 
 
 def _finished_at_once(prepared: PreparedRequest) -> RequestHandle:
@@ -221,7 +205,7 @@ def _finished_at_once(prepared: PreparedRequest) -> RequestHandle:
     handle = RequestHandle(prepared.rid, NOT_DISPATCHED, len(prepared.input_ids),
                            is_finished=True)
     handle.queue.put_nowait(ReqOutput(
-        rid=prepared.rid, new_token_ids=[], finish_reason={"type": "length", "length": 0},
+        rid=prepared.rid, new_token_ids=[], finish_reason=FinishLength(0),
         prompt_tokens=len(prepared.input_ids), completion_tokens=0))
     return handle
 

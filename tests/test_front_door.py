@@ -20,6 +20,7 @@ from engine.sampling import SamplingParams
 from server.app import create_app
 from server.engine_client import EngineClient
 from server.pd import PDProcesses
+from server.prepared import PreparedRequest
 from server.ranks import EngineProcesses
 from server.request_flow import new_rid
 from tests.test_server_app import make_args
@@ -121,7 +122,7 @@ def _submit_in_loop(engine, client) -> BaseException | None:
     Called directly: a BaseException must not reach (and stop) the test client."""
     async def attempt():
         try:
-            engine.submit(new_rid(), [5, 6, 7], SamplingParams(max_new_tokens=2))
+            engine.submit(PreparedRequest(new_rid(), [5, 6, 7], SamplingParams(max_new_tokens=2)))
         except BaseException as exc:
             return exc
         return None

@@ -1,0 +1,29 @@
+"""One checked, tokenized request as the front door takes it.
+
+The routes build a ``PreparedRequest`` per (prompt, n) (``server.generate``,
+``server.openai``, ``/health_generate``); ``server.request_flow.start`` hands it to
+``EngineClient.submit`` (or the PD front door's, which derives its two halves from it
+with ``dataclasses.replace``), and the rank's ``GenerateReq`` is built from it in one
+place (``EngineClient._submit``). A new request field is added here, then read where it
+is used: no signature in between spells the fields out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    rid: str
+    input_ids: list[int]
+    params: SamplingParams
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    logprob_start_len: int = -1  # with return_logprob: score the prompt from here
+    routed_dp_rank: int | None = None
+    bootstrap_room: int | None = None
+    # PD decode: the prefill rank that holds the KV, when the client names it.
+    disagg_prefill_dp_rank: int | None = None
