@@ -260,9 +260,3 @@ class LoadBoard:
         for counts in disp:
             eff += counts
         return eff.tolist()
-
-    def read_effective(self, stale_ns: int, now_ns: int | None = None):
-        """(eff_reqs, eff_tokens, alive): ``read_loads`` with liveness, for the PD test
-        harness (``scheduler/pd_local.py``) and tests."""
-        loads = self.read_loads()
-        return loads.reqs, loads.tokens, self.liveness.check(stale_ns, now_ns)

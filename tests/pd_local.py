@@ -32,6 +32,7 @@ from scheduler.scheduler import Scheduler
 from shm.bootstrap_layout import FAILED
 from shm.board import LoadBoard, RankStatus
 from shm.segment import new_launch_id
+from tests.board_helpers import read_effective
 
 FOREVER_NS = 1 << 62
 
@@ -176,7 +177,7 @@ class LocalPD:
             left[f"{role}_parked"] = sum(len(s.pd.parked) for s in scheds
                                          if isinstance(s.pd, DecodeReceiver))
             left[f"{role}_reqs"] = sum(len(s.reqs) for s in scheds)
-            eff_reqs, eff_tokens, _ = self.boards[role].read_effective(FOREVER_NS)
+            eff_reqs, eff_tokens, _ = read_effective(self.boards[role], FOREVER_NS)
             left[f"{role}_board_reqs"] = sum(eff_reqs)
             left[f"{role}_board_tokens"] = sum(eff_tokens)
         return left

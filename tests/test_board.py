@@ -17,6 +17,7 @@ from shm.board import LoadBoard, RankStatus
 from shm.board_layout import (ACKED, BASE_REQS, BASE_TOKENS, LOAD_COLS, NUM_PREFILL, NUM_REQS,
                               NUM_TOKENS, NUM_WAITING)
 from shm.segment import new_launch_id
+from tests.board_helpers import read_effective
 
 NUM_RANKS = 3
 NUM_DISPATCHERS = 2
@@ -120,7 +121,7 @@ class BoardMachine(RuleBasedStateMachine):
         if not hasattr(self, "board"):
             return
         reqs, toks = self.model_effective()
-        fast_reqs, fast_toks, alive = self.board.read_effective(FOREVER)
+        fast_reqs, fast_toks, alive = read_effective(self.board, FOREVER)
         assert (list(fast_reqs), list(fast_toks)) == (reqs, toks)
         assert all(alive)
         single_cell_reqs = self.board.read_requests()
@@ -160,7 +161,7 @@ def test_dead_or_stale_ranks_are_not_alive():
             w.heartbeat(now - 5_000_000_000 if r == 2 else now)  # rank 2 went silent 5 s ago
         board.rank_writer(1).set_status(RankStatus.DEAD)
         board.rank_writer(3).set_status(RankStatus.DRAINING)
-        _, _, alive = board.read_effective(stale_ns=1_000_000_000, now_ns=now)
+        _, _, alive = read_effective(board, stale_ns=1_000_000_000, now_ns=now)
         assert list(alive) == [True, False, False, False]
         _, _, alive_np = read_effective_np(board, stale_ns=1_000_000_000, now_ns=now)
         assert alive_np.tolist() == [True, False, False, False]
@@ -242,7 +243,7 @@ def test_no_torn_reads_while_another_process_writes_flat_out():
             deadline = time.monotonic() + 3.0
             while time.monotonic() < deadline:
                 for _ in range(20):
-                    reqs, toks, _ = board.read_effective(FOREVER)
+                    reqs, toks, _ = read_effective(board, FOREVER)
                     torn += sum(not _fast_row_is_whole(r, t) for r, t in zip(reqs, toks))
                     reqs, toks, prefill = board.read_loads()  # no dispatches: the bases
                     torn += sum(not (_fast_row_is_whole(r, t) and p == 2 * t)

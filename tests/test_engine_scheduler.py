@@ -15,6 +15,7 @@ from scheduler.messages import (BatchOutput, GenerateReq, RankReady, ShutdownReq
 from scheduler.scheduler import Scheduler
 from shm.board import LoadBoard, RankStatus
 from shm.segment import new_launch_id
+from tests.board_helpers import read_effective
 
 FOREVER = 1 << 62
 
@@ -56,7 +57,7 @@ def run_all(board, executor, msgs_by_step, **cfg_kw):
         step += 1
         assert step < 5000
     assert executor.kv.num_used == 0
-    assert board.read_effective(FOREVER)[:2] == ([0], [0])
+    assert read_effective(board, FOREVER)[:2] == ([0], [0])
     outputs: dict[str, list[int]] = {}
     for batch in sent:
         for o in batch.outputs:

@@ -17,6 +17,7 @@ from shm.bootstrap_layout import R_WRITER_PID, BootstrapTableFullError, Duplicat
 from shm.kv_segment import KVSegment
 from shm.segment import SharedSegment, ShmLayoutError, list_segments, new_launch_id, segment_name
 from tests.pd_local import FOREVER_NS, LocalPD, sim_executor_factory
+from tests.board_helpers import read_effective
 
 
 def greedy(n: int) -> SamplingParams:
@@ -100,7 +101,7 @@ def test_kv_segment_attach_refuses_other_segments():
 def test_router_refuses_a_live_room_and_a_full_table_without_counting(pd):
     router = pd.router
     router.dispatch_prefill(7, 10)
-    before = pd.boards["prefill"].read_effective(FOREVER_NS)[0]
+    before = read_effective(pd.boards["prefill"], FOREVER_NS)[0]
     with pytest.raises(DuplicateRoomError):
         router.dispatch_prefill(7, 10)
     route = router.route
@@ -110,7 +111,7 @@ def test_router_refuses_a_live_room_and_a_full_table_without_counting(pd):
             router.dispatch_prefill(8, 10)
     finally:
         route.num_slots = full
-    assert pd.boards["prefill"].read_effective(FOREVER_NS)[0] == before
+    assert read_effective(pd.boards["prefill"], FOREVER_NS)[0] == before
     router.prefill_finished(7)
     assert pd.route_table.num_live() == 0
 
@@ -206,7 +207,7 @@ def test_prefill_rank_counts_prompt_work_left(lockstep):
         forward = sched.executor.forward
 
         def watched(items):
-            reqs, tokens, _ = pd.boards["prefill"].read_effective(FOREVER_NS)
+            reqs, tokens, _ = read_effective(pd.boards["prefill"], FOREVER_NS)
             prefill = pd.boards["prefill"].snapshot().effective_prefill_tokens[0]
             assert prefill == tokens[0]  # a prefill rank's tokens are all prefill work
             seen.append((reqs[0], tokens[0]))
@@ -216,7 +217,7 @@ def test_prefill_rank_counts_prompt_work_left(lockstep):
         pd.submit("p", list(range(3, 103)), greedy(4), room=5)
         run_until_finished(pd, "p")
         assert seen == ([(1, 36), (0, 0)] if lockstep else [(1, 100), (1, 36)])
-        assert pd.boards["prefill"].read_effective(FOREVER_NS)[:2] == ([0], [0])
+        assert read_effective(pd.boards["prefill"], FOREVER_NS)[:2] == ([0], [0])
 
 
 # ---- a hand-off belongs to one request; decode fails fast --------------------------------

@@ -18,6 +18,7 @@ from scheduler.scheduler import Scheduler
 from sim.executor import SimExecutor, load_profile
 from shm.board import LoadBoard, RankStatus
 from shm.segment import new_launch_id
+from tests.board_helpers import read_effective
 
 FOREVER = 1 << 62
 
@@ -88,7 +89,7 @@ def test_board_row_equals_scheduler_state_after_every_batch(board):
     finished = {o.rid: o for b in sent for o in b.outputs if o.finish_reason}
     assert len(finished) == 40
     assert all(o.finish_reason["type"] == "length" for o in finished.values())
-    reqs, toks, _ = board.read_effective(FOREVER)
+    reqs, toks, _ = read_effective(board, FOREVER)
     assert (reqs, toks) == ([0], [0])
     assert sched.executor.kv.num_used == 0
 
@@ -128,7 +129,7 @@ def test_request_that_can_never_fit_gets_a_clear_error_and_leaves_no_load(board)
     assert "KV tokens" in errors["big"]["message"]
     while sched.has_work:
         sched.step([])
-    reqs, toks, _ = board.read_effective(FOREVER)
+    reqs, toks, _ = read_effective(board, FOREVER)
     assert (reqs, toks) == ([0], [0])
 
 
@@ -163,7 +164,7 @@ def test_board_during_a_forward_shows_step_end_load_only_in_lockstep(board, lock
     real_forward = sched.executor.forward
 
     def forward(items):
-        reqs, tokens, _ = board.read_effective(FOREVER)  # rows + dispatched, not yet acked
+        reqs, tokens, _ = read_effective(board, FOREVER)  # rows + dispatched, not yet acked
         prefill = int(board.snapshot().effective_prefill_tokens[0])
         seen.append(({i.req.rid for i in items}, reqs[0], tokens[0], prefill))
         return real_forward(items)
