@@ -77,13 +77,9 @@ DEPRECATED_METHOD_ALIASES = MappingProxyType({
 # What ``auto`` becomes per role. Prefill cost grows with prompt tokens, so prefill
 # balances tokens; decode is bound by batch slots and latency while KV suffices, so it
 # balances requests (SGLang's guideline). Mixed ranks balance the prompt tokens waiting
-# for prefill, then tokens. Measured with ``python -m bench.compare --scenarios mixed``
-# (variable-length prompts and outputs on plain DP ranks, seeds 1-3, simulated): at
-# 0.8x and 1.0x capacity prefill_tokens had the lowest mean TTFT in all 6 runs (pooled
-# 0.9%/3.9% below round robin, 13.8%/11.4% below total_tokens, TPOT within 0.7% of
-# round robin's), where total_tokens and total_requests were 8-15% above round robin;
-# with the ranks in lockstep (seed 1) it had the lowest TTFT at 1.0x and the lowest
-# TPOT at 0.8x. Figures: ``docs/results.md`` ("Plain DP ranks").
+# for prefill, then tokens: it had the lowest mean TTFT in the simulated mixed runs of
+# ``python -m bench.compare --scenarios mixed`` (figures, and how sure they are, in
+# ``docs/results.md``, "Plain DP ranks").
 AUTO_METHOD_BY_ROLE = MappingProxyType({
     Role.PREFILL: LoadBalanceMethod.TOTAL_TOKENS,
     Role.DECODE: LoadBalanceMethod.TOTAL_REQUESTS,
