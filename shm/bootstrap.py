@@ -69,7 +69,8 @@ from typing import TYPE_CHECKING, Iterator
 
 from shm.board import check_memory_order
 from shm.bootstrap_layout import (  # noqa: F401  (some only re-exported, see __all__)
-    EMPTY, ENTRY_LEN, ENTRY_STRUCT, FAILED, H_ENTRY_LEN, H_MAGIC, H_NUM_DECODE, H_NUM_REGIONS,
+    E_ROOM, E_SEQ, E_STATE, EMPTY, ENTRY_LEN, ENTRY_STRUCT, FAILED, H_ENTRY_LEN, H_MAGIC,
+    H_NUM_DECODE, H_NUM_REGIONS,
     H_SLOTS, H_VERSION, HEADER_LEN, KV_READY, LAYOUT_VERSION, LIVE_STATES, MAGIC, MAX_ROOM,
     PLACED, R_HEARTBEAT, R_NEXT_GEN, R_NUM_LIVE, R_WRITER_PID, TOMBSTONE, BootstrapEntry,
     BootstrapLayout, BootstrapTableError, BootstrapTableFullError,
@@ -215,34 +216,33 @@ class BootstrapTable:
     def _make_lookup(self):
         """Build ``lookup`` as a closure over the mapping and constants.
 
-        Why a closure: at ~25 ns per attribute load and ~1 us of budget, fetching
-        ``self._mv`` and friends on every call would cost a tenth of it; a table with
-        one region (one prefill dispatcher, the common case) also skips the region
-        loop (~100 ns). A probe compares the room cell first (one read); only a match
-        is unpacked whole, seq included, and its seq re-read once. No numpy: one
-        numpy call costs ~1 us here.
+        Why a closure: a hot lookup fetching ``self._mv`` and friends (and module
+        constants) on every call would spend a good part of its budget on attribute and
+        global loads; closure cells are cheap. A probe compares the room cell first (one
+        read); only a match is unpacked whole, seq included, and its seq re-read once.
+        No numpy: one numpy call costs more than the whole probe.
         """
-        # Cell offsets are literals below (off + 1 == E_STATE, off + 2 == E_ROOM) and
-        # states too (0 EMPTY, 1-3 live): a global lookup costs as much as a cell read.
         num_slots = self.slots_per_region
         modulus = hash_modulus(num_slots)
         mv, rooms, buf = self._mv, self._rooms, self._buf
         unpack, entry_cls, read_cells = ENTRY_STRUCT.unpack_from, BootstrapEntry, self._read_cells
+        seq_at, state_at, room_at, empty = E_SEQ, E_STATE, E_ROOM, EMPTY
+        first_live, past_live = min(LIVE_STATES), max(LIVE_STATES) + 1
 
         def probe(room: int, home: int, base: int) -> BootstrapEntry | None:
             # home == home_slot(room, num_slots), computed once for every region
             slot = home
             while True:
                 off = base + slot * ENTRY_LEN
-                if rooms[off + 2] == room:  # maybe ours: copy it whole
+                if rooms[off + room_at] == room:  # maybe ours: copy it whole
                     cells = unpack(buf, off * 8)
-                    if cells[0] & 1 or mv[off] != cells[0]:
+                    if cells[seq_at] & 1 or mv[off + seq_at] != cells[seq_at]:
                         cells = read_cells(off)
-                    if cells[2] == room and 0 < cells[1] < 4:  # live, same room
+                    if cells[room_at] == room and first_live <= cells[state_at] < past_live:
                         return entry_cls(*cells)
-                    if cells[1] == 0:  # EMPTY: the chain ends
+                    if cells[state_at] == empty:  # the chain ends
                         return None
-                elif mv[off + 1] == 0:  # EMPTY: the chain ends
+                elif mv[off + state_at] == empty:  # the chain ends
                     return None
                 slot += 1
                 if slot == num_slots:
@@ -251,32 +251,13 @@ class BootstrapTable:
                     return None
 
         self._probe = probe
-        if self.num_regions == 1:  # probe() inlined: a call costs ~70 ns
-            base0 = self._region_bases[0]
+        bases = self._region_bases
+        if len(bases) == 1:  # one prefill dispatcher, the common case: no region loop
+            base0 = bases[0]
 
             def lookup(room: int) -> BootstrapEntry | None:
-                home = room % modulus
-                slot = home
-                while True:
-                    off = base0 + slot * ENTRY_LEN
-                    if rooms[off + 2] == room:
-                        cells = unpack(buf, off * 8)
-                        if cells[0] & 1 or mv[off] != cells[0]:
-                            cells = read_cells(off)
-                        if cells[2] == room and 0 < cells[1] < 4:
-                            return entry_cls(*cells)
-                        if cells[1] == 0:
-                            return None
-                    elif mv[off + 1] == 0:
-                        return None
-                    slot += 1
-                    if slot == num_slots:
-                        slot = 0
-                    if slot == home:
-                        return None
+                return probe(room, room % modulus, base0)
             return lookup
-
-        bases = self._region_bases
 
         def lookup_regions(room: int) -> BootstrapEntry | None:
             home = room % modulus
