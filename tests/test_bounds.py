@@ -10,7 +10,8 @@ import time
 import pytest
 
 from server.bounds import MAX_BATCH_REQUESTS
-from tests.test_server_app import make_args, serve
+# The in-process app over simulated ranks (one per module: the fixture is module-scoped).
+from tests.test_server_app import client, make_args, serve, served  # noqa: F401
 
 HI = {"text": "hi", "sampling_params": {"max_new_tokens": 1}}
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
@@ -60,17 +61,6 @@ OUT_OF_RANGE = [
     ("/v1/chat/completions", {**CHAT, "min_tokens": 2**64}, "min_new_tokens"),
     ("/v1/chat/completions", {**CHAT, "stop_token_ids": [-1]}, "stop_token_ids"),
 ]
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    with serve(make_args(tmp_path_factory.mktemp("bounds"), step_s=0.001)) as (procs, client):
-        yield procs, client
-
-
-@pytest.fixture
-def client(served):
-    return served[1]
 
 
 def assert_idle(client) -> None:

@@ -61,14 +61,21 @@ def measure(server: ServerProcess, num_requests: int, concurrency: int) -> tuple
     return cpu_s / num_requests * 1e6, num_requests / wall_s
 
 
+def add_load_flags(p: argparse.ArgumentParser, requests: int, what: str) -> None:
+    """The load flags of a benchmark built on ``measure``: rounds of ``requests`` one-token
+    requests per ``what`` (a stack, a method), after a warm-up."""
+    p.add_argument("--requests", type=int, default=requests,
+                   help=f"requests per round and {what}")
+    p.add_argument("--concurrency", type=int, default=4, help="clients sending at once")
+    p.add_argument("--rounds", type=int, default=3, help=f"turns each {what} takes")
+    p.add_argument("--warmup", type=int, default=300, help="requests before measuring")
+    p.add_argument("--log-dir", default=None, help="server logs (default: a temporary folder)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.micro.http_stack",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("--requests", type=int, default=3000, help="requests per round and stack")
-    p.add_argument("--concurrency", type=int, default=4, help="clients sending at once")
-    p.add_argument("--rounds", type=int, default=3, help="turns each stack takes")
-    p.add_argument("--warmup", type=int, default=300, help="requests before measuring")
-    p.add_argument("--log-dir", default=None, help="server logs (default: a temporary folder)")
+    add_load_flags(p, requests=3000, what="stack")
     return p
 
 

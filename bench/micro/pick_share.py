@@ -23,7 +23,7 @@ import tempfile
 
 from bench.client.server import ServerProcess, dispatch_stats, exit_on_sigterm
 from bench.micro.board import pick_bump_us
-from bench.micro.http_stack import measure
+from bench.micro.http_stack import add_load_flags, measure
 
 METHODS = ("total_requests", "total_tokens", "prefill_tokens")
 MAX_PICK_SHARE = 0.03
@@ -34,11 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--dp-size", type=int, default=2, help="ranks behind the API")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--requests", type=int, default=2000, help="requests per round and method")
-    p.add_argument("--concurrency", type=int, default=4, help="clients sending at once")
-    p.add_argument("--rounds", type=int, default=3, help="turns each method takes")
-    p.add_argument("--warmup", type=int, default=300, help="requests before measuring")
-    p.add_argument("--log-dir", default=None, help="server logs (default: a temporary folder)")
+    add_load_flags(p, requests=2000, what="method")
     return p
 
 
