@@ -11,7 +11,7 @@ import pytest
 
 from server.bounds import MAX_BATCH_REQUESTS
 # The in-process app over simulated ranks (one per module: the fixture is module-scoped).
-from tests.test_server_app import client, make_args, serve, served  # noqa: F401
+from tests.test_server_app import client, served  # noqa: F401
 
 HI = {"text": "hi", "sampling_params": {"max_new_tokens": 1}}
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
