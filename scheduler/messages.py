@@ -44,7 +44,8 @@ class AbortReq(msgspec.Struct, tag="abort", kw_only=True):
 
 
 class FlushCacheReq(msgspec.Struct, tag="flush_cache"):
-    """Drop every cached (not in use) KV entry."""
+    """Empty the rank's prefix cache. Refused while the rank holds any request (as
+    SGLang does); the rank answers with ``FlushCacheResult``."""
 
 
 class ShutdownReq(msgspec.Struct, tag="shutdown"):
@@ -122,6 +123,14 @@ class RankStats(msgspec.Struct, tag="rank_stats", kw_only=True):
     num_decode_batches: int  # since start
 
 
+class FlushCacheResult(msgspec.Struct, tag="flush_cache_result", kw_only=True):
+    """The answer to ``FlushCacheReq``: whether the cache was emptied, and why not."""
+
+    dp_rank: int
+    success: bool
+    message: str = ""
+
+
 class RankError(msgspec.Struct, tag="rank_error", kw_only=True):
     """A fatal error in the rank (at start-up or in its loop); the rank then exits."""
 
@@ -129,7 +138,7 @@ class RankError(msgspec.Struct, tag="rank_error", kw_only=True):
     message: str
 
 
-ToServer = BatchOutput | RankReady | RankStats | RankError
+ToServer = BatchOutput | RankReady | RankStats | FlushCacheResult | RankError
 
 _encoder = msgspec.msgpack.Encoder()
 _to_scheduler = msgspec.msgpack.Decoder(ToScheduler)
