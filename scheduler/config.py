@@ -41,6 +41,9 @@ class SchedulerConfig:
     # --decode-log-interval: the rank logs its "Decode batch." line every this many
     # decoding batches and sends the API its figures (RankStats).
     decode_log_interval: int = 40
+    # --disable-radix-cache: no prefix cache on this rank (every prompt is computed whole).
+    # A PD decode rank never caches: it receives the prompt's KV from prefill.
+    disable_radix_cache: bool = False
     # PD disaggregation (role prefill/decode): where the shared tables and peers are.
     pd: PDConfig | None = None
 
