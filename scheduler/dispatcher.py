@@ -21,11 +21,12 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 from scheduler.policy import (InvalidDpRankError, InvalidLoadBalanceMethod, LoadBalanceMethod,
                               MissingBootstrapRoomError, NoLiveRankError, RankUnavailableError,
-                              RotationState, follow_bootstrap_room, prefill_tokens, round_robin,
-                              routed_rank, total_requests, total_tokens)
+                              RotationState, cache_aware, follow_bootstrap_room, prefill_tokens,
+                              round_robin, routed_rank, total_requests, total_tokens)
 
 if TYPE_CHECKING:
     from shm.board import LoadBoard
+    from shm.prefix_summary import PrefixSummary
 
 __all__ = ["Dispatcher", "DEFAULT_STALE_NS", "CHOOSERS", "InvalidDpRankError",
            "MissingBootstrapRoomError", "NoLiveRankError", "RankUnavailableError"]
@@ -35,30 +36,38 @@ __all__ = ["Dispatcher", "DEFAULT_STALE_NS", "CHOOSERS", "InvalidDpRankError",
 # pass (a long CPU prefill takes seconds), or a busy rank would look dead.
 DEFAULT_STALE_NS = 10_000_000_000
 
-Chooser = Callable[["LoadBoard", Sequence[bool], "int | None", RotationState], int]
+# A chooser reads what its method needs (the board, the prompt's cached prefix per rank)
+# and leaves the decision to its policy function.
+Chooser = Callable[["Dispatcher", Sequence[bool], Sequence[int], "int | None"], int]
 
 
 # ---- one chooser per method: it reads what its method needs, the policy decides -------
-def _by_round_robin(board, alive, bootstrap_room, rotation) -> int:
-    return round_robin(alive, rotation)
+def _by_round_robin(d, alive, input_ids, bootstrap_room) -> int:
+    return round_robin(alive, d.rotation)
 
 
-def _by_bootstrap_room(board, alive, bootstrap_room, rotation) -> int:
+def _by_bootstrap_room(d, alive, input_ids, bootstrap_room) -> int:
     return follow_bootstrap_room(bootstrap_room, alive)
 
 
-def _by_total_requests(board, alive, bootstrap_room, rotation) -> int:
-    return total_requests(board.read_requests(), alive, rotation)  # the single-cell read
+def _by_total_requests(d, alive, input_ids, bootstrap_room) -> int:
+    return total_requests(d.board.read_requests(), alive, d.rotation)  # the single-cell read
 
 
-def _by_total_tokens(board, alive, bootstrap_room, rotation) -> int:
-    loads = board.read_loads()  # the seqlocked row read
-    return total_tokens(loads.tokens, loads.reqs, alive, rotation)
+def _by_total_tokens(d, alive, input_ids, bootstrap_room) -> int:
+    loads = d.board.read_loads()  # the seqlocked row read
+    return total_tokens(loads.tokens, loads.reqs, alive, d.rotation)
 
 
-def _by_prefill_tokens(board, alive, bootstrap_room, rotation) -> int:
-    loads = board.read_loads()  # the seqlocked row read
-    return prefill_tokens(loads.prefill_tokens, loads.tokens, loads.reqs, alive, rotation)
+def _by_prefill_tokens(d, alive, input_ids, bootstrap_room) -> int:
+    loads = d.board.read_loads()  # the seqlocked row read
+    return prefill_tokens(loads.prefill_tokens, loads.tokens, loads.reqs, alive, d.rotation)
+
+
+def _by_cache_aware(d, alive, input_ids, bootstrap_room) -> int:
+    cached = d.summary.cached_tokens(input_ids)  # first: the loads read last are the freshest
+    loads = d.board.read_loads()
+    return cache_aware(cached, loads.prefill_tokens, loads.tokens, loads.reqs, alive, d.rotation)
 
 
 CHOOSERS: "MappingProxyType[LoadBalanceMethod, Chooser]" = MappingProxyType({
@@ -67,6 +76,7 @@ CHOOSERS: "MappingProxyType[LoadBalanceMethod, Chooser]" = MappingProxyType({
     LoadBalanceMethod.TOTAL_REQUESTS: _by_total_requests,
     LoadBalanceMethod.TOTAL_TOKENS: _by_total_tokens,
     LoadBalanceMethod.PREFILL_TOKENS: _by_prefill_tokens,
+    LoadBalanceMethod.CACHE_AWARE: _by_cache_aware,
 })
 
 
@@ -74,7 +84,10 @@ class Dispatcher:
     """Picks a rank per request with one balancing method and counts it on the board."""
 
     def __init__(self, board: "LoadBoard", dispatcher_id: int,
-                 method: LoadBalanceMethod | str, stale_ns: int = DEFAULT_STALE_NS):
+                 method: LoadBalanceMethod | str, stale_ns: int = DEFAULT_STALE_NS,
+                 summary: "PrefixSummary | None" = None):
+        """``summary``: the ranks' prefix-cache summaries, which ``cache_aware`` reads
+        (and needs: it is refused without them); the other methods ignore it."""
         try:
             method = LoadBalanceMethod(method)
         except ValueError:
@@ -86,6 +99,15 @@ class Dispatcher:
                 "resolve 'auto' once at start-up with scheduler.policy.resolve_method(name, role)")
         if stale_ns <= 0:
             raise ValueError(f"stale_ns must be positive, got {stale_ns}")
+        if method is LoadBalanceMethod.CACHE_AWARE:
+            if summary is None:
+                raise InvalidLoadBalanceMethod(
+                    "cache_aware reads the ranks' prefix-cache summaries; these ranks "
+                    "publish none (their prefix cache is off)")
+            if summary.num_ranks != board.num_ranks:
+                raise ValueError(f"the summary has {summary.num_ranks} ranks, "
+                                 f"the board {board.num_ranks}")
+        self.summary = summary
         self.board = board
         self.dispatcher_id = dispatcher_id
         self.method = method
@@ -97,11 +119,12 @@ class Dispatcher:
         self._liveness = board.liveness
 
     def pick(self, num_tokens: int, routed_dp_rank: int | None = None,
-             bootstrap_room: int | None = None) -> int:
+             bootstrap_room: int | None = None, input_ids: Sequence[int] = ()) -> int:
         """Choose the rank for one request, count it there, return the rank.
 
         ``num_tokens`` is the request's prompt length: the load it adds until the
-        rank's scheduler reports it. ``routed_dp_rank`` (the API maps the
+        rank's scheduler reports it. ``input_ids``: the prompt, which ``cache_aware``
+        looks up in the ranks' prefix-cache summaries (the other methods ignore it). ``routed_dp_rank`` (the API maps the
         ``data_parallel_rank`` alias onto it) wins over the method. The bump happens
         here, before the caller sends, so a concurrent reader never misses the request;
         if the send then fails the caller takes it back with ``cancel``.
@@ -113,7 +136,7 @@ class Dispatcher:
             raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
         alive = self._liveness.check(self.stale_ns)
         if routed_dp_rank is None:
-            rank = self._choose(self.board, alive, bootstrap_room, self.rotation)
+            rank = self._choose(self, alive, input_ids, bootstrap_room)
         else:
             rank = routed_rank(routed_dp_rank, alive)
         self._writer.bump(rank, num_tokens)

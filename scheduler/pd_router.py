@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from typing import Sequence
 
 from shm.bootstrap_layout import FAILED, BootstrapTableFullError, DuplicateRoomError
 
@@ -45,8 +46,10 @@ class PDRouter:
         self.route = route_writer
         self.failed_linger_ns = int(failed_linger_s * 1e9)
 
-    def dispatch_prefill(self, room: int, num_tokens: int, routed_dp_rank: int | None = None) -> int:
-        """Pick the prefill rank for ``room`` and publish the route. Raises
+    def dispatch_prefill(self, room: int, num_tokens: int, routed_dp_rank: int | None = None,
+                         input_ids: Sequence[int] = ()) -> int:
+        """Pick the prefill rank for ``room`` and publish the route (``input_ids``: the
+        prompt, for ``cache_aware``; see ``Dispatcher.pick``). Raises
         ``DuplicateRoomError`` / ``BootstrapTableFullError`` with nothing counted, or
         the dispatcher's errors."""
         route = self.route
@@ -57,7 +60,7 @@ class PDRouter:
         if route.num_live >= route.num_slots:
             raise BootstrapTableFullError(
                 f"{route.num_live} rooms in flight fill the route table; retry later")
-        rank = self.prefill.pick(num_tokens, routed_dp_rank, room)
+        rank = self.prefill.pick(num_tokens, routed_dp_rank, room, input_ids)
         try:
             # Never expires by itself: removed when the prefill request ends, however it ends.
             route.insert(room, rank, _FOREVER)

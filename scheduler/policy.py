@@ -67,6 +67,9 @@ class LoadBalanceMethod(StrEnum):
     TOTAL_TOKENS = "total_tokens"
     # Not an SGLang method: fewest prompt tokens waiting for prefill, then total_tokens.
     PREFILL_TOKENS = "prefill_tokens"
+    # The gateway's name (smg ``--policy cache_aware``): the rank with the earliest first
+    # token given what each rank caches of the prompt (``cache_aware``).
+    CACHE_AWARE = "cache_aware"
 
 
 DEPRECATED_METHOD_ALIASES = MappingProxyType({
@@ -182,6 +185,51 @@ def prefill_tokens(eff_prefill: list[int], eff_tokens: list[int], eff_reqs: list
     arrivals to the rank with the least KV, where they prefill one after another.
     """
     least = _least_or_tied(_masked(eff_prefill, alive))
+    if type(least) is int:
+        state.next_start = least + 1
+        return least
+    return total_tokens(eff_tokens, eff_reqs, least, state)
+
+
+# A rank carrying more than this many times the mean live rank's requests (and more than
+# HOT_RANK_SLACK above it) gets no preference for what it caches: a hot prefix spills to
+# the other ranks (which then cache it too) before one rank's queue runs away.
+HOT_RANK_RATIO = 1.25
+HOT_RANK_SLACK = 2
+
+
+def cache_aware(cached_tokens: list[int] | None, eff_prefill: list[int], eff_tokens: list[int],
+                eff_reqs: list[int], alive: Sequence[bool], state: RotationState) -> int:
+    """The live rank where the request's first token comes soonest, weighing what each
+    rank caches of its prompt against the prefill queued there; ties to ``total_tokens``.
+
+    ``cached_tokens[r]``: how many leading prompt tokens rank r caches (the prefix-cache
+    summaries), or None when no rank caches any. The predicted time to first token on
+    rank r is the prefill queued ahead (``eff_prefill[r]``, prompts dispatched, queued or
+    mid-prefill) plus the prompt's uncached tokens (``num_tokens - cached_tokens[r]``),
+    both in prefill tokens; ``num_tokens`` is common to every rank, so the rank with the
+    least ``eff_prefill[r] - cached_tokens[r]`` wins.
+
+    Guard: a rank whose effective requests exceed ``HOT_RANK_RATIO`` times the live mean
+    (and ``HOT_RANK_SLACK`` above it) is not a candidate. The rank with the fewest
+    requests is always one, so something is picked whenever a rank is alive. Without it a
+    prefix that half the traffic shares would pile onto the ranks that cache it, whose
+    decode batches then grow without bound while its prefills stay cheap.
+
+    With no cache anywhere (None, or zeros) this is ``total_tokens`` exactly: nothing
+    to gain from the cache, so the load alone decides.
+    """
+    if cached_tokens is None or not any(cached_tokens):
+        return total_tokens(eff_tokens, eff_reqs, alive, state)
+    reqs = _masked(eff_reqs, alive)
+    live = [x for x in reqs if x != _DEAD_LOAD]
+    if not live:
+        raise NoLiveRankError("no rank is alive")
+    mean = sum(live) / len(live)
+    limit = max(mean * HOT_RANK_RATIO, mean + HOT_RANK_SLACK)
+    ttft = [p - c if q <= limit else _DEAD_LOAD
+            for p, c, q in zip(eff_prefill, cached_tokens, reqs)]
+    least = _least_or_tied(ttft)
     if type(least) is int:
         state.next_start = least + 1
         return least

@@ -177,9 +177,10 @@ class EngineClient:
         try:
             if self.router is not None:
                 dp_rank = self.router.dispatch_prefill(p.bootstrap_room, num_tokens,
-                                                       p.routed_dp_rank)
+                                                       p.routed_dp_rank, p.input_ids)
             else:
-                dp_rank = self.dispatcher.pick(num_tokens, p.routed_dp_rank, p.bootstrap_room)
+                dp_rank = self.dispatcher.pick(num_tokens, p.routed_dp_rank, p.bootstrap_room,
+                                               p.input_ids)
         except (InvalidDpRankError, MissingBootstrapRoomError, DuplicateRoomError) as exc:
             raise BadRequest(str(exc)) from None
         except (RankUnavailableError, BootstrapTableFullError) as exc:

@@ -27,8 +27,10 @@ from hypothesis import strategies as st
 
 from scheduler.dispatcher import (Dispatcher, InvalidDpRankError, MissingBootstrapRoomError,
                                   NoLiveRankError, RankUnavailableError)
-from scheduler.policy import (InvalidLoadBalanceMethod, LoadBalanceMethod,
-                              RotationState, prefill_tokens, total_requests, total_tokens)
+from scheduler.policy import (InvalidLoadBalanceMethod, LoadBalanceMethod, RotationState,
+                              cache_aware, prefill_tokens, total_requests, total_tokens)
+from scheduler.prefix_hash import BLOCK_LEN
+from shm.prefix_summary import PrefixSummary
 from shm.board import LoadBoard, RankStatus
 from shm.segment import SHM_DIR, new_launch_id
 
@@ -36,7 +38,9 @@ from shm.segment import SHM_DIR, new_launch_id
 # (and closes) its own board through it.
 PROPS = settings(max_examples=100, deadline=None,
                  suppress_health_check=[HealthCheck.function_scoped_fixture])
-METHODS = [m for m in LoadBalanceMethod if m is not LoadBalanceMethod.AUTO]
+# cache_aware also reads prefix-cache summaries: tested with them below.
+METHODS = [m for m in LoadBalanceMethod
+           if m not in (LoadBalanceMethod.AUTO, LoadBalanceMethod.CACHE_AWARE)]
 
 
 @pytest.fixture
@@ -385,11 +389,67 @@ def test_construction_and_request_errors(new_board):
             Dispatcher(board, 0, "auto")  # auto is resolved at start-up, not per request
         with pytest.raises(InvalidLoadBalanceMethod):
             Dispatcher(board, 0, "shortest_queue")  # so are the deprecated aliases
+        with pytest.raises(InvalidLoadBalanceMethod, match="summaries"):
+            Dispatcher(board, 0, "cache_aware")  # nothing to read what ranks cache from
         disp = Dispatcher(board, 0, "follow_bootstrap_room")
         SimRank(board, 0), SimRank(board, 1)
         with pytest.raises(MissingBootstrapRoomError):
             disp.pick(5)
 
+
+
+# ---- cache_aware: the summaries and the board feed the policy ------------------------------
+def _common_len(a: tuple, b: tuple) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+@PROPS
+@given(n=st.integers(1, 5), data=st.data())
+def test_cache_aware_pick_is_the_policy_over_summaries_and_loads(new_board, n, data):
+    """Dispatcher.pick with cache_aware chooses exactly what scheduler.policy.cache_aware
+    chooses from each rank's cached prefix (what the ranks' caches hold, in whole
+    blocks) and the snapshot's effective loads; with nothing cached, total_tokens."""
+    system = tuple(range(1000, 1000 + 3 * BLOCK_LEN - 20))
+    prompts = [system + tuple(range(q, q + 90)) for q in (1, 2, 3)] + [tuple(range(7, 300))]
+    ops = data.draw(st.lists(st.one_of(
+        st.tuples(st.just("cache"), st.integers(0, n - 1), st.integers(0, 3)),
+        st.tuples(st.just("pick"), st.integers(0, 3), st.just(0)),
+        st.tuples(st.just("ack"), st.integers(0, n - 1), st.integers(1, 4)),
+        st.tuples(st.just("dec"), st.integers(0, n - 1), st.just(0))), max_size=30))
+    with new_board(n) as board, PrefixSummary.create(n, 64, new_launch_id()) as summary:
+        ranks = [SimRank(board, r) for r in range(n)]
+        writers = [summary.writer(r) for r in range(n)]
+        held: list[list[tuple]] = [[] for _ in range(n)]  # the paths each rank's cache holds
+        disp = Dispatcher(board, 0, "cache_aware", summary=summary)
+        for op, a, b in ops:
+            if op == "cache":
+                path = prompts[b]
+                start = max((_common_len(path, p) for p in held[a]), default=0)
+                writers[a].on_cached(path, start)
+                held[a].append(path)
+            elif op == "ack":
+                ranks[a].receive(b)
+                ranks[a].publish()
+            elif op == "dec":
+                ranks[a].decode()
+                ranks[a].publish()
+            else:
+                prompt = prompts[a]
+                cached = [max((_common_len(prompt, p) for p in held[r]), default=0)
+                          // BLOCK_LEN * BLOCK_LEN for r in range(n)]
+                reqs, toks, prefill = effective(board)
+                expected_rotation = RotationState(disp.rotation.next_start)
+                expected = cache_aware(cached if any(cached) else None, prefill, toks, reqs,
+                                       (True,) * n, expected_rotation)
+                if not any(cached):
+                    assert expected == total_tokens(toks, reqs, (True,) * n,
+                                                    RotationState(disp.rotation.next_start))
+                assert dispatch(disp, ranks, len(prompt), input_ids=prompt) == expected
+                assert disp.rotation == expected_rotation
+        del writers
 
 
 def test_cancel_takes_back_a_pick_that_was_never_sent(new_board):

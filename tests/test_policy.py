@@ -17,6 +17,7 @@ from scheduler.policy import (InvalidDpRankError, InvalidLoadBalanceMethod, Inva
                               RankUnavailableError, RotationState, follow_bootstrap_room,
                               prefill_tokens, resolve_method, round_robin, routed_rank,
                               total_requests, total_tokens)
+from scheduler.policy import HOT_RANK_RATIO, HOT_RANK_SLACK, cache_aware
 
 FAST = settings(max_examples=150, deadline=None)
 
@@ -121,6 +122,62 @@ def test_prefill_tokens_picks_min_prefill_then_total_tokens(data, prefill, start
     assert alive[rank]
     assert (prefill[rank], toks[rank], reqs[rank]) == min(live)
     assert state.next_start == rank + 1
+
+
+@FAST
+@given(data=st.data(), toks=loads, start=st.integers(0, 9), zeros=st.booleans())
+def test_cache_aware_with_no_cache_anywhere_is_total_tokens(data, toks, start, zeros):
+    """No rank caches any of the prompt (the summaries say None, or all zeros): the pick
+    and the rotation after it are total_tokens' exactly, whatever the prefill queues."""
+    n = len(toks)
+    reqs = data.draw(st.lists(st.integers(0, 3), min_size=n, max_size=n))
+    prefill = data.draw(st.lists(st.integers(0, 6), min_size=n, max_size=n))
+    alive = data.draw(alive_for(n))
+    cached = [0] * n if zeros else None
+    state, expected_state = RotationState(start), RotationState(start)
+    if not any(alive):
+        with pytest.raises(NoLiveRankError):
+            cache_aware(cached, prefill, toks, reqs, alive, state)
+        return
+    assert cache_aware(cached, prefill, toks, reqs, alive, state) == \
+        total_tokens(toks, reqs, alive, expected_state)
+    assert state == expected_state
+
+
+@FAST
+@given(data=st.data(), n=st.integers(1, 8), start=st.integers(0, 9))
+def test_cache_aware_picks_the_earliest_first_token_among_ranks_not_hot(data, n, start):
+    """The pick is live and not hot (at most max(HOT_RANK_RATIO * mean, mean +
+    HOT_RANK_SLACK) live requests), and no other such rank has less prefill queued
+    minus cached; among those equal, it has the fewest tokens, then requests."""
+    cached = data.draw(st.lists(st.sampled_from([0, 64, 128, 512]), min_size=n, max_size=n))
+    prefill = data.draw(st.lists(st.integers(0, 700), min_size=n, max_size=n))
+    toks = data.draw(st.lists(st.integers(0, 900), min_size=n, max_size=n))
+    reqs = data.draw(st.lists(st.integers(0, 12), min_size=n, max_size=n))
+    alive = data.draw(alive_for(n))
+    if not any(alive) or not any(cached):
+        return  # the no-cache case is the test above
+    rank = cache_aware(cached, prefill, toks, reqs, alive, RotationState(start))
+    live = [r for r in range(n) if alive[r]]
+    mean = sum(reqs[r] for r in live) / len(live)
+    ok = [r for r in live if reqs[r] <= max(HOT_RANK_RATIO * mean, mean + HOT_RANK_SLACK)]
+    assert rank in ok
+    key = lambda r: (prefill[r] - cached[r], toks[r], reqs[r])  # noqa: E731
+    assert key(rank) == min(key(r) for r in ok)
+
+
+def test_cache_aware_spills_a_hot_prefix():
+    """Rank 0 caches the prefix everyone asks for: it takes requests while its first
+    tokens come soonest, and once it carries too many more requests than the mean the
+    next ones go elsewhere (the least prefill queued), though rank 0 still wins on TTFT."""
+    state = RotationState()
+    cached, toks = [2048, 0, 0, 0], [0, 0, 0, 0]
+    assert cache_aware(cached, [100, 0, 0, 0], toks, [4, 2, 2, 2], [True] * 4, state) == 0
+    # 10 requests against a mean of 4: hot (limit max(1.25 * 4, 4 + 2) = 6).
+    assert cache_aware(cached, [100, 0, 50, 0], toks, [10, 2, 2, 2], [True] * 4, state) in (1, 3)
+    # A dead rank with the prefix is never picked.
+    assert cache_aware(cached, [0, 5, 0, 0], toks, [0, 0, 0, 0], [False, True, True, True],
+                       state) in (2, 3)
 
 
 @FAST
