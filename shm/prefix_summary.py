@@ -9,25 +9,30 @@ of uint64 cells (native little-endian)::
     +-------+---------+-----------+-------------+------+-----------+-----------+-----+
     | magic | version | num_ranks | num_buckets | ways | block_len | owner_pid | pad |
     +-------+---------+-----------+-------------+------+-----------+-----------+-----+
-    rank lines, rank r at HEADER_LEN + r * LINE (8 cells = 64 bytes each):
+    rank lines, rank r at HEADER_LEN + r * LINE (LINE = 8 cells, 64 bytes):
     +------------+----------+-------------+-----+
     | writer_pid | num_keys | num_dropped | pad |
     +------------+----------+-------------+-----+
-    table at table_off = HEADER_LEN + num_ranks * LINE, bucket-major; bucket b holds one
-    64-byte line per rank, side by side (cell (b * num_ranks + r) * WAYS + w):
-    +---------------------------+---------------------------+-----+----------------------+
-    | rank 0: key[0..WAYS)      | rank 1: key[0..WAYS)      | ... | rank N-1: key[0..W)  |
-    +---------------------------+---------------------------+-----+----------------------+
+    table at table_off = HEADER_LEN + num_ranks * LINE, bucket-major; bucket b holds
+    WAYS cells per rank, side by side (cell (b * num_ranks + r) * WAYS + w):
+    +----------------------+----------------------+-----+------------------------+
+    | rank 0: key[0..WAYS) | rank 1: key[0..WAYS) | ... | rank N-1: key[0..WAYS) |
+    +----------------------+----------------------+-----+------------------------+
       ... then bucket b + 1. A key k lives in bucket ``bucket_of(k)`` (Fibonacci hashing
-      of the key's bits), in any way of its rank's line; 0 marks a free way.
+      of the key's bits), in either way of its rank's cells there; 0 marks a free way.
 
 Who writes what (one writer per cell):
 - header: the creator (the launcher, ``PrefixSummary.create``), once, before anyone
   attaches.
-- rank line r and every table line of rank r: rank r's scheduler, through its
-  ``SummaryWriter`` (the prefix cache's observer), as it inserts, evicts and flushes.
-  Rank r's region is its lines: one per bucket, 64-byte aligned, so no two writers
-  share a cache line.
+- rank line r and rank r's cells of every bucket (its region): rank r's scheduler,
+  through its ``SummaryWriter`` (the prefix cache's observer), as it inserts, evicts
+  and flushes.
+
+Why bucket-major: a probe reads, for each block of the prompt, the same bucket of every
+rank, so one bucket is one contiguous row and the dispatcher gathers the rows of all
+the prompt's blocks in one numpy ``take`` and compares them with the keys at once.
+Why two ways: the probe compares ``WAYS`` cells per block per rank (64 x 64 x WAYS
+cells for a 4,096-token prompt at 64 ranks), and a dropped key costs little (below).
 
 Readers (the dispatchers) read single cells without locks: a key cell changes from 0
 to a key (insert) or from a key to 0 (evict) in one aligned 8-byte store, atomic on
@@ -40,16 +45,20 @@ so a rank that has key ``j`` holds ``tokens[:(j + 1) * BLOCK_LEN]``, whether or 
 earlier keys fit in its table. The probe reports, per rank, the deepest block whose key
 it finds. The table may miss keys (a bucket whose ``WAYS`` ways are full drops a new
 key, counted in ``num_dropped``): that is a false negative, which only under-states a
-prefix. A false positive needs another prefix with the same 64-bit key in the same
+prefix, and only when the dropped key is the deepest one the prompt shares with the
+rank: the probe then credits the deepest key it finds on the path instead, one block
+(64 tokens) less per consecutive dropped key. A false positive needs another prefix with the same 64-bit key in the same
 bucket of the same rank: at most ``WAYS`` candidates per probe of one block on one
-rank, so fewer than ``WAYS * 2**-64`` (about 4e-19) per probe. Its cost: one request
+rank, so fewer than ``WAYS * 2**-64`` (about 1e-19) per probe. Its cost: one request
 is sent to a rank for a prefix it does not hold, and that rank computes those tokens
 (a slower first token for that request, never a wrong output: the rank's own cache
 compares tokens, never keys).
 
-Sizing: ``buckets_for(max_cached_tokens)`` gives ``WAYS`` ways per bucket for twice
-the blocks a rank can cache (at most half full, where about 2% of buckets overflow).
-A 1M-token KV pool per rank is 4,096 buckets, 256 KiB per rank, 16 MiB at 64 ranks.
+Sizing: ``buckets_for(max_cached_tokens)`` gives a rank twice the cells of the blocks
+it can cache. Full (a KV pool of cached prompts), keys land Poisson(1) per bucket and
+about 10% are dropped, which under-states a shared prefix by about 7 tokens on
+average. A 1M-token KV pool per rank is 16,384 buckets, 256 KiB per rank, 16 MiB at 64
+ranks (a probe touches one 1 KiB row per block, whatever the size).
 
 Ownership: the launcher creates the segment (``create``) and unlinks it at close;
 ranks and dispatchers ``attach`` and never unlink.
@@ -72,9 +81,10 @@ MAGIC = 0x44505350_52464958  # "DPSP" "RFIX"
 LAYOUT_VERSION = 1
 HEADER_LEN = 8
 H_MAGIC, H_VERSION, H_NUM_RANKS, H_NUM_BUCKETS, H_WAYS, H_BLOCK_LEN, H_OWNER = range(7)
-LINE = 8  # cells per rank line and per table line: 64 bytes
+LINE = 8  # cells per rank line: 64 bytes
 L_WRITER_PID, L_NUM_KEYS, L_NUM_DROPPED = range(3)
-WAYS = LINE
+WAYS = 2
+_WAYS_AS_ONE = np.uint16  # WAYS booleans side by side, read as one integer
 FIB = 0x9E3779B97F4A7C15  # 2**64 / golden ratio: Fibonacci hashing
 MASK = (1 << 64) - 1
 # The dispatcher checks whether any rank holds the last block of each run of this many
@@ -218,8 +228,8 @@ class PrefixSummary:
         its summary), 0 where none is: one gather of the buckets' rows, one compare."""
         keys = np.maximum(np.array(hashes, dtype=np.int64).view(np.uint64), 1)
         rows = self._table.take((keys * self._np_fib) >> self._np_shift, axis=0)
-        # Each rank's WAYS booleans side by side are one uint64: nonzero if any matched.
-        hits = (rows == keys[:, None]).view(np.uint64) != 0  # [block, rank]
+        # Each rank's WAYS booleans side by side are one integer: nonzero if any matched.
+        hits = (rows == keys[:, None]).view(_WAYS_AS_ONE) != 0  # [block, rank]
         if len(hashes) > len(self._depths):
             self._depths = np.arange(1, 2 * len(hashes) + 1, dtype=np.int64)[:, None]
         depth = hits * self._depths[:len(hashes)]

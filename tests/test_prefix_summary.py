@@ -98,7 +98,7 @@ def test_attach_writer_ownership_and_sizing(summary):
         summary.writer(1)
     with pytest.raises(ValueError):
         summary.writer(NUM_RANKS)
-    assert buckets_for(1 << 20) == 4096 and buckets_for(0) == 64
+    assert buckets_for(1 << 20) == 16384 and buckets_for(0) == 64
     with pytest.raises(ValueError):
         PrefixSummary.create(2, 48, new_launch_id())
 
@@ -128,7 +128,7 @@ class SummaryAgainstModel(RuleBasedStateMachine):
         self.writers = [self.summary.writer(r) for r in range(NUM_RANKS)]
         self.held: list[set[tuple]] = [set() for _ in range(NUM_RANKS)]  # token prefixes
 
-    num_buckets = 64
+    num_buckets = 1024
 
     @rule(rank=st.integers(0, NUM_RANKS - 1),
           parts=st.lists(st.integers(0, len(SEGMENTS) - 1), min_size=1, max_size=5),
@@ -176,7 +176,9 @@ class SummaryAgainstModel(RuleBasedStateMachine):
                 self.check(rank, got[rank], want)
 
     def check(self, rank, got, want):
-        assert got == want, f"rank {rank}: summary says {got} cached tokens, cache holds {want}"
+        assert got <= want, f"rank {rank}: summary says {got} cached tokens, cache holds {want}"
+        if self.summary.num_dropped(rank) == 0:  # every key it was given is in its table
+            assert got == want, f"rank {rank}: summary says {got} cached tokens, cache holds {want}"
 
     def teardown(self):
         del self.writers
@@ -187,9 +189,6 @@ class TinySummaryAgainstModel(SummaryAgainstModel):
     """One bucket per rank: most keys are dropped; a probe may understate, never overstate."""
 
     num_buckets = 1
-
-    def check(self, rank, got, want):
-        assert got <= want, f"rank {rank}: summary says {got} cached tokens, cache holds {want}"
 
 
 _settings = settings(max_examples=60, stateful_step_count=25, deadline=None,
