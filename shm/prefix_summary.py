@@ -119,7 +119,7 @@ class PrefixSummary:
         self._table = arr[self.table_off:].reshape(num_buckets, num_ranks * WAYS)
         self._np_shift = np.uint64(self._shift)
         self._np_fib = np.uint64(FIB)
-        self._depths = np.arange(1, 1025, dtype=np.int64)[:, None]  # block j -> j + 1
+        self._depths = self._depth_tokens(1024)
         self._bucket_bytes = num_ranks * WAYS * 8
         self._table_byte = self.table_off * 8
 
@@ -231,9 +231,13 @@ class PrefixSummary:
         # Each rank's WAYS booleans side by side are one integer: nonzero if any matched.
         hits = (rows == keys[:, None]).view(_WAYS_AS_ONE) != 0  # [block, rank]
         if len(hashes) > len(self._depths):
-            self._depths = np.arange(1, 2 * len(hashes) + 1, dtype=np.int64)[:, None]
-        depth = hits * self._depths[:len(hashes)]
-        return (depth.max(axis=0) * BLOCK_LEN).tolist()
+            self._depths = self._depth_tokens(2 * len(hashes))
+        return (hits * self._depths[:len(hashes)]).max(axis=0).tolist()
+
+    @staticmethod
+    def _depth_tokens(num_blocks: int) -> np.ndarray:
+        """Row j: the tokens up to the end of block j, ``(j + 1) * BLOCK_LEN``."""
+        return np.arange(BLOCK_LEN, (num_blocks + 1) * BLOCK_LEN, BLOCK_LEN, dtype=np.int64)[:, None]
 
 
 class SummaryWriter:

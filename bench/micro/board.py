@@ -11,6 +11,13 @@ microseconds, all measured in this one run:
 - ``seqlock_pick_us_n8_contended``: ``Dispatcher.pick`` with ``total_tokens``, whose
   read goes through every row's seqlock, at N=8 while another process publishes rows
   at about 100k rows/s (so readers do meet rows mid-write and retry).
+- ``cache_aware_pick_us_n64_p4096_{miss,half,full}``: ``Dispatcher.pick`` with
+  ``cache_aware`` for a 4,096-token prompt at 64 live ranks whose prefix-cache
+  summaries each hold 64 blocks of other prompts, hashing included: no rank holds the
+  prompt's first block (``miss``); 16 ranks hold its first 2,048 tokens (``half``); one
+  rank holds all of it and 16 the first half (``full``). ``hash_floor_us_p4096`` is
+  CPython's ``hash(tuple(prompt))`` over the same 4,096 tokens, the least any
+  content hash of the whole prompt costs in pure Python (``scheduler.prefix_hash``).
 - ``bootstrap_lookup_us`` / ``bootstrap_insert_us``: a hit in a half-full table; an
   insert (followed, untimed, by its removal so the table stays half full).
 - ``zmq_pickle_report_us`` / ``http_bootstrap_get_us``: SGLang's load report and
@@ -22,6 +29,7 @@ microseconds, all measured in this one run:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing as mp
 import random
@@ -31,6 +39,7 @@ import time
 from scheduler.dispatcher import Dispatcher
 from shm.board import LoadBoard, RankStatus
 from shm.bootstrap import BootstrapTable
+from shm.prefix_summary import PrefixSummary, buckets_for
 from shm.segment import new_launch_id
 
 FOREVER_NS = 1 << 62
@@ -80,6 +89,34 @@ def pick_bump_us(num_ranks: int, method: str = "total_requests", calls: int = 20
     with live_board(num_ranks) as board:
         dispatcher = Dispatcher(board, 0, method, stale_ns=FOREVER_NS)
         return median_us(dispatcher.pick, calls, batches, 100)
+
+
+def cache_aware_pick_us(num_ranks: int = 64, prompt_len: int = 4096) -> dict[str, float]:
+    rng = random.Random(0)
+    prompt = [rng.randrange(150_000) for _ in range(prompt_len)]
+    fresh = prompt[:prompt_len // 2] + [rng.randrange(150_000) for _ in range(prompt_len // 2)]
+    figures = {}
+    with live_board(num_ranks) as board, PrefixSummary.create(
+            num_ranks, buckets_for(1 << 20), new_launch_id()) as summary:
+        writers = [summary.writer(r) for r in range(num_ranks)]
+        for writer in writers:  # other prompts: 64 blocks a rank
+            writer.on_cached([rng.randrange(150_000) for _ in range(4096)], 0)
+        dispatcher = Dispatcher(board, 0, "cache_aware", stale_ns=FOREVER_NS, summary=summary)
+        pick = functools.partial(dispatcher.pick, prompt_len, None, None)
+        figures["cache_aware_pick_us_n64_p4096_miss"] = median_us(pick, 500, 25, prompt)
+        for writer in writers[8:24]:
+            writer.on_cached(prompt[:prompt_len // 2], 0)
+        figures["cache_aware_pick_us_n64_p4096_half"] = median_us(pick, 500, 25, fresh)
+        writers[3].on_cached(prompt, 0)
+        assert summary.cached_tokens(prompt)[3] == prompt_len
+        figures["cache_aware_pick_us_n64_p4096_full"] = median_us(pick, 500, 25, prompt)
+        del writers, pick
+    figures["hash_floor_us_p4096"] = median_us(hash_tuple, 500, 25, prompt)
+    return figures
+
+
+def hash_tuple(tokens: list[int]) -> int:
+    return hash(tuple(tokens))
 
 
 def _publisher(name: str, rows_per_s: int, stop, started) -> None:
@@ -162,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     for method in ("total_tokens", "prefill_tokens"):
         figures[f"pick_bump_us_n8_{method}"] = pick_bump_us(8, method)
     figures["seqlock_pick_us_n8_contended"], figures["contending_rows_per_s"] = seqlock_pick_contended_us()
+    figures.update(cache_aware_pick_us())
     figures["bootstrap_lookup_us"], figures["bootstrap_insert_us"] = bootstrap_us()
     if not args.skip_baselines:
         from bench.micro.baselines import http_bootstrap_get_us, zmq_pickle_report_us
@@ -171,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         figures["table_speedup_vs_http"] = figures["http_bootstrap_get_us"] / figures["bootstrap_lookup_us"]
 
     targets = {"pick_bump_us_n8": ("<=", 2.0), "pick_bump_us_n64": ("<=", 4.0),
-               "bootstrap_lookup_us": ("<=", 1.0), "board_speedup_vs_zmq": (">=", 20.0),
+               "bootstrap_lookup_us": ("<=", 1.0),
+               **{f"cache_aware_pick_us_n64_p4096_{case}": ("<=", 30.0)
+                  for case in ("miss", "half", "full")}, "board_speedup_vs_zmq": (">=", 20.0),
                "table_speedup_vs_http": (">=", 300.0)}
     print(f"{'figure':<32}{'value':>12}  target")
     for key, value in figures.items():
