@@ -149,7 +149,7 @@ class Scheduler:
         if not logger.isEnabledFor(logging.INFO):
             return
         new = self.running[-num_new:]
-        usage = 1 - self.executor.kv.num_free / max(self.executor.max_total_num_tokens, 1)
+        usage = self.num_kv_in_use / max(self.executor.max_total_num_tokens, 1)
         logger.info("%s", prefill_batch_line(
             num_new, sum(len(i.token_ids) for i in batch if i.req.is_prefilling),
             sum(r.prefix_len for r in new), usage, len(self.running), len(self.waiting)))
