@@ -44,6 +44,9 @@ class SchedulerConfig:
     # --disable-radix-cache: no prefix cache on this rank (every prompt is computed whole).
     # A PD decode rank never caches: it receives the prompt's KV from prefill.
     disable_radix_cache: bool = False
+    # The prefix-summary segment (shm.prefix_summary) where this rank publishes what its
+    # cache holds, for cache_aware dispatch; None: it publishes nothing (no cache).
+    prefix_summary_name: str | None = None
     # PD disaggregation (role prefill/decode): where the shared tables and peers are.
     pd: PDConfig | None = None
 

@@ -90,10 +90,13 @@ AUTO_METHOD_BY_ROLE = MappingProxyType({
 })
 
 
-def resolve_method(name: str | LoadBalanceMethod, role: Role | str) -> LoadBalanceMethod:
+def resolve_method(name: str | LoadBalanceMethod, role: Role | str,
+                   has_prefix_cache: bool = True) -> LoadBalanceMethod:
     """The concrete method for ``name`` on a server of ``role``; called once at start-up.
 
     ``auto`` resolves by role; deprecated aliases resolve with a ``DeprecationWarning``.
+    ``cache_aware`` needs ranks that keep a prefix cache: not decode ranks (they receive
+    each prompt's KV), not with ``has_prefix_cache`` false (``--disable-radix-cache``).
     """
     if role not in RANK_ROLES:
         raise InvalidRoleError(f"role must be one of {', '.join(RANK_ROLES)}; got {role!r}")
@@ -109,6 +112,13 @@ def resolve_method(name: str | LoadBalanceMethod, role: Role | str) -> LoadBalan
         valid = [m.value for m in LoadBalanceMethod]  # current names only, not the aliases
         raise InvalidLoadBalanceMethod(
             f"unknown load balance method {name!r}; valid: {', '.join(valid)}") from None
+    if method is LoadBalanceMethod.CACHE_AWARE and (role == Role.DECODE or not has_prefix_cache):
+        why = ("decode ranks keep no prefix cache (they receive each prompt's KV from "
+               "prefill)" if role == Role.DECODE else "the prefix cache is off "
+               "(--disable-radix-cache)")
+        raise InvalidLoadBalanceMethod(
+            f"cache_aware weighs what each rank's prefix cache holds, but {why}; choose "
+            "another method")
     return AUTO_METHOD_BY_ROLE[role] if method is LoadBalanceMethod.AUTO else method
 
 

@@ -1,7 +1,8 @@
 """Entry point of one rank's process: ``run_scheduler(cfg, req_conn, out_conn)``.
 
-Start-up: attach the board, mark the row STARTING, build the executor (loads the
-model), publish capacity and an empty load, mark READY, send ``RankReady``. Any
+Start-up: attach the board (and the prefix summary, whose region this rank's cache
+keeps current), mark the row STARTING, build the executor (loads the model), publish
+capacity and an empty load, mark READY, send ``RankReady``. Any
 exception before that is sent as ``RankError`` and the process exits non-zero.
 Then loop: wait for messages (blocking with a timeout while idle, so an idle rank
 burns no core but still refreshes its heartbeat), run a scheduler step.
@@ -23,6 +24,7 @@ from scheduler.messages import RankError, RankReady, decode_to_scheduler, encode
 from scheduler.pd import kv_segment_factory
 from scheduler.roles import Role
 from shm.board import LoadBoard, RankStatus
+from shm.prefix_summary import PrefixSummary
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +36,16 @@ def run_scheduler(cfg: SchedulerConfig, req_conn, out_conn) -> None:
     row = board.rank_writer(cfg.dp_rank)
     row.heartbeat()
     row.set_status(RankStatus.STARTING)
+    summary = None
     try:
-        scheduler = _start(cfg, row, out_conn)
+        if cfg.prefix_summary_name:
+            summary = PrefixSummary.attach(cfg.prefix_summary_name)
+        scheduler = _start(cfg, row, out_conn, summary)
     except BaseException as exc:  # report any start-up failure, then exit non-zero
         row.set_status(RankStatus.DEAD)
         _try_send(out_conn, RankError(dp_rank=cfg.dp_rank, message=_describe(exc)))
+        if summary is not None:
+            summary.close()
         board.close()
         sys.exit(1)
     try:
@@ -53,6 +60,8 @@ def run_scheduler(cfg: SchedulerConfig, req_conn, out_conn) -> None:
         except Exception:
             logger.exception("closing the scheduler failed")  # the launcher reclaims by pid
         del scheduler, row
+        if summary is not None:
+            summary.close()  # its keys stay until the next writer of this rank flushes
         board.close()
 
 
@@ -70,13 +79,17 @@ def make_executor(cfg: SchedulerConfig) -> Executor:
     raise ValueError(f"unknown executor {cfg.executor!r}: expected 'real' or 'sim'")
 
 
-def _start(cfg: SchedulerConfig, row, out_conn):
+def _start(cfg: SchedulerConfig, row, out_conn, summary: PrefixSummary | None):
+    """Build the executor and the scheduler; ``summary``: where the rank's prefix cache
+    publishes what it holds (its ``SummaryWriter`` is the cache's observer)."""
     from scheduler.scheduler import Scheduler
 
     executor = make_executor(cfg)
     send = lambda msg: out_conn.send_bytes(encode(msg))  # noqa: E731
     try:
-        scheduler = Scheduler(cfg, executor, row, send, executor.tokenizer, send_stats=send)
+        observer = summary.writer(cfg.dp_rank) if summary is not None else None
+        scheduler = Scheduler(cfg, executor, row, send, executor.tokenizer, send_stats=send,
+                              cache_observer=observer)
     except BaseException:
         executor.close()  # a PD prefill rank's shared KV segment
         raise

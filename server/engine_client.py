@@ -81,7 +81,7 @@ class EngineClient:
                                *(r.ready.context_len for r in self.ranks))
         self.max_total_num_tokens = min(r.ready.max_total_num_tokens for r in self.ranks)
         self.dispatcher = Dispatcher(self.board, API_DISPATCHER_ID, args.method_for(self.role),
-                                     stale_ns=args.stale_ns)
+                                     stale_ns=args.stale_ns, summary=processes.summary)
         # PD (scheduler.pd_router): prefill dispatch also publishes the room's route.
         self.router = None
         if route_writer:

@@ -2,7 +2,8 @@
 
 ``EngineProcesses`` is the ownership boundary of one launch:
 - it reclaims segments of crashed runs, then *creates* the load board (the API
-  process is the board's owner and dispatcher 0) and unlinks it in ``close``;
+  process is the board's owner and dispatcher 0) and, where the ranks keep a prefix
+  cache, the prefix summary (``shm.prefix_summary``), and unlinks both in ``close``;
 - it spawns one process per DP rank (``multiprocessing`` spawn context) running
   ``rank_main(cfg, req_conn, out_conn)`` (``scheduler.process.run_scheduler``), with
   one one-way pipe API -> rank for requests and one rank -> API for outputs;
@@ -43,12 +44,17 @@ from server.args import ServerArgs
 from server.placement import LaunchPlan, plan_launch
 from server.internal_state import RankStatsLog
 from shm.board import LoadBoard, RankStatus
+from shm.prefix_summary import PrefixSummary, buckets_for
 from shm.segment import list_segments, new_launch_id, owner_pid, reclaim_stale_segments
 
 logger = logging.getLogger(__name__)
 
 API_DISPATCHER_ID = 0
 NUM_DISPATCHERS = 1
+
+# A prefix summary is sized for this many cached tokens per rank when the KV pool size
+# is only known once the ranks start (buckets_for: 256 KiB a rank).
+DEFAULT_SUMMARY_KV_TOKENS = 1 << 20
 
 RankMain = Callable[[SchedulerConfig, Connection, Connection], None]
 
@@ -141,6 +147,9 @@ class EngineProcesses:
         # --sim-lockstep: one lockstep segment per group (PD: prefill and decode ranks
         # step apart, as two servers would); created here, unlinked after the ranks stop.
         self.lockstep = None
+        # The ranks' prefix-cache summaries (shm.prefix_summary), where the ranks cache
+        # (not decode, not with --disable-radix-cache); created here, unlinked in close.
+        self.summary: PrefixSummary | None = None
         self.ranks: list[RankHandle] = []
 
     def start(self) -> "EngineProcesses":
@@ -156,8 +165,16 @@ class EngineProcesses:
             self.lockstep = LockstepSegment.create(self.dp_size, self.launch_id, group=self.role)
         ctx = multiprocessing.get_context("spawn")
         lockstep_name = self.lockstep.name if self.lockstep is not None else None
-        for cfg in scheduler_configs(self.args, self.board.name, self.role, self.dp_size, self.pd,
-                                     lockstep_name, self.plan):
+        cfgs = scheduler_configs(self.args, self.board.name, self.role, self.dp_size, self.pd,
+                                 lockstep_name, self.plan)
+        if self.role != Role.DECODE and not cfgs[0].disable_radix_cache:
+            # The ranks' prefix caches publish into it; cache_aware dispatch reads it.
+            kv_tokens = max(c.max_total_tokens or DEFAULT_SUMMARY_KV_TOKENS for c in cfgs)
+            kind = "prefix" if self.role == Role.MIXED else f"prefix-{self.role}"
+            self.summary = PrefixSummary.create(self.dp_size, buckets_for(kv_tokens),
+                                                self.launch_id, kind=kind)
+            cfgs = [dataclasses.replace(c, prefix_summary_name=self.summary.name) for c in cfgs]
+        for cfg in cfgs:
             req_recv, req_send = ctx.Pipe(duplex=False)
             out_recv, out_send = ctx.Pipe(duplex=False)
             process = ctx.Process(target=rank_entry, name=f"dpserve-rank-{cfg.dp_rank}",
@@ -221,6 +238,9 @@ class EngineProcesses:
             if self.lockstep is not None:
                 self.lockstep.close()
                 self.lockstep = None
+            if self.summary is not None:
+                self.summary.close()
+                self.summary = None
             if self.board is not None:
                 self.board.close()
                 self.board = None

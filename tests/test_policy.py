@@ -46,7 +46,16 @@ def test_concrete_methods_resolve_to_themselves(method):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert resolve_method(method.value, "mixed") is method
-        assert resolve_method(method, "decode") is method
+        assert resolve_method(method, "prefill") is method
+        if method is not LoadBalanceMethod.CACHE_AWARE:
+            assert resolve_method(method, "decode") is method
+
+
+def test_cache_aware_needs_ranks_that_cache():
+    with pytest.raises(InvalidLoadBalanceMethod, match="decode ranks keep no prefix cache"):
+        resolve_method("cache_aware", "decode")
+    with pytest.raises(InvalidLoadBalanceMethod, match="--disable-radix-cache"):
+        resolve_method("cache_aware", "mixed", has_prefix_cache=False)
 
 
 @pytest.mark.parametrize("old, new", [("shortest_queue", LoadBalanceMethod.TOTAL_REQUESTS),
