@@ -43,6 +43,7 @@ class RequestResult:
     # (seconds since sent, tokens) per chunk that brought output; for peak throughput.
     chunks: list[tuple[float, int]] = field(default_factory=list)
     dp_rank: int | None = None
+    cached_tokens: int | None = None  # prompt tokens the server reused from its cache
 
 
 class StreamError(Exception):
@@ -100,6 +101,7 @@ async def send_sglang(session: aiohttp.ClientSession, base_url: str, req: BenchR
             seen = total
         result.prompt_len = meta.get("prompt_tokens", result.prompt_len)
         result.dp_rank = meta.get("dp_rank", result.dp_rank)
+        result.cached_tokens = meta.get("cached_tokens", result.cached_tokens)
         _check_finish(meta.get("finish_reason"))
 
     await _stream(session, base_url + "/generate", payload, result, on_event)
@@ -132,6 +134,8 @@ async def send_openai(session: aiohttp.ClientSession, base_url: str, req: BenchR
     await _stream(session, base_url + "/v1/completions", payload, result, on_event)
     result.output_len = usage.get("completion_tokens", len(result.chunks))
     result.prompt_len = usage.get("prompt_tokens", result.prompt_len)
+    details = usage.get("prompt_tokens_details") or {}
+    result.cached_tokens = details.get("cached_tokens", result.cached_tokens)
     return result
 
 

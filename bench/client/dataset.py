@@ -81,3 +81,64 @@ def arrival_offsets(num_requests: int, request_rate: float, seed: int) -> list[f
     gaps = rng.exponential(1.0 / request_rate, size=num_requests)
     gaps[0] = 0.0
     return np.cumsum(gaps).tolist()
+
+
+def shared_prefix_requests(num_groups: int, prompts_per_group: int, system_prompt_len: int,
+                           question_len: int, output_len: int, seed: int,
+                           as_text: bool = False, vocab_size: int = DEFAULT_VOCAB_SIZE,
+                           hot_share: float = 0.0) -> list[BenchRequest]:
+    """SGLang's ``generated-shared-prefix`` shape: ``num_groups`` system prompts of
+    ``system_prompt_len`` tokens, each followed by ``prompts_per_group`` distinct
+    questions of ``question_len`` tokens; every request asks ``output_len`` tokens. The
+    requests are shuffled (groups interleave in arrival order, as SGLang's client does).
+
+    ``hot_share`` > 0: group 0 carries that share of all requests (the others share the
+    rest evenly), the same total: one hot prefix among cold ones.
+    """
+    if num_groups < 1 or prompts_per_group < 1:
+        raise ValueError("num_groups and prompts_per_group must be >= 1")
+    if not 0.0 <= hot_share < 1.0:
+        raise ValueError(f"hot_share must be in [0, 1), got {hot_share}")
+    rng = np.random.default_rng([seed, _DATASET_STREAM])
+    total = num_groups * prompts_per_group
+    if hot_share > 0 and num_groups > 1:
+        hot = round(total * hot_share)
+        sizes = [hot] + [(total - hot) // (num_groups - 1) + (g < (total - hot) % (num_groups - 1))
+                         for g in range(num_groups - 1)]
+    else:
+        sizes = [prompts_per_group] * num_groups
+    requests = []
+    for size in sizes:
+        system = rng.integers(0, vocab_size, size=system_prompt_len).tolist()
+        for _ in range(size):
+            ids = system + rng.integers(0, vocab_size, size=question_len).tolist()
+            requests.append(BenchRequest(prompt=ids_to_text(ids) if as_text else ids,
+                                         prompt_len=len(ids), output_len=output_len))
+    order = rng.permutation(len(requests))
+    return [requests[i] for i in order]
+
+
+def multi_turn_requests(num_conversations: int, num_turns: int, turn_len: int,
+                        output_len: int, seed: int, as_text: bool = False,
+                        vocab_size: int = DEFAULT_VOCAB_SIZE) -> list[BenchRequest]:
+    """Conversations that resend their history: turn t of a conversation is its turn
+    t - 1 prompt, an assistant reply of ``output_len`` tokens and a new user message of
+    ``turn_len`` tokens (the reply is drawn here, not the server's own answer, so what a
+    rank can reuse is the previous turn's prompt). Requests are ordered turn by turn
+    (every conversation's turn 0, then every turn 1, ...), conversations shuffled within
+    a turn, so a conversation's next turn usually arrives after its last one finished.
+    """
+    if num_conversations < 1 or num_turns < 1:
+        raise ValueError("num_conversations and num_turns must be >= 1")
+    rng = np.random.default_rng([seed, _DATASET_STREAM])
+    history = [[] for _ in range(num_conversations)]
+    requests = []
+    for turn in range(num_turns):
+        for c in rng.permutation(num_conversations).tolist():
+            if turn:
+                history[c] += rng.integers(0, vocab_size, size=output_len).tolist()
+            history[c] += rng.integers(0, vocab_size, size=turn_len).tolist()
+            ids = list(history[c])
+            requests.append(BenchRequest(prompt=ids_to_text(ids) if as_text else ids,
+                                         prompt_len=len(ids), output_len=output_len))
+    return requests

@@ -65,6 +65,10 @@ def summarize(results: list[RequestResult], duration_s: float, bench_start: floa
         for stat, value in distribution(values).items():
             figures[f"{stat}_{name}_ms"] = value
     figures.update(per_rank(ok))
+    reporting = [r for r in ok if r.cached_tokens is not None]
+    if reporting:  # the server says what it reused (SGLang's meta_info.cached_tokens)
+        figures["cache_hit_rate"] = (sum(r.cached_tokens for r in reporting)
+                                     / max(1, sum(r.prompt_len for r in reporting)))
     return figures
 
 

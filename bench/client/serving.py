@@ -40,7 +40,8 @@ import aiohttp
 from tqdm.asyncio import tqdm
 
 from bench.client.backends import BACKENDS, RequestResult
-from bench.client.dataset import DEFAULT_VOCAB_SIZE, BenchRequest, arrival_offsets, random_requests
+from bench.client.dataset import (DEFAULT_VOCAB_SIZE, BenchRequest, arrival_offsets,
+                                  multi_turn_requests, random_requests, shared_prefix_requests)
 from bench.client.metrics import format_rate, format_summary, summarize
 
 
@@ -67,13 +68,32 @@ class BenchConfig:
     host: str = field(default="127.0.0.1", **_opt("server host"))
     port: int = field(default=30000, **_opt("server port"))
     model: str | None = field(default=None, **_opt("model name for the openai backend"))
-    dataset_name: str = field(default="random", **_opt("only 'random'", choices=("random",)))
+    dataset_name: str = field(default="random", **_opt(
+        "random; generated-shared-prefix (SGLang's: --gsp-*; --num-prompts is then groups x "
+        "prompts per group); multi-turn (--mt-*: conversations that resend their history)",
+        choices=("random", "generated-shared-prefix", "multi-turn")))
     random_input_len: int = field(default=1024, **_opt("max input length in tokens"))
     random_output_len: int = field(default=1024, **_opt("max output length in tokens"))
     random_range_ratio: float = field(default=0.0, **_opt(
         "lengths are uniform in [len * ratio, len]"))
     random_vocab_size: int = field(default=DEFAULT_VOCAB_SIZE, **_opt(
         "prompt token ids are drawn from [0, this)"))
+    gsp_num_groups: int = field(default=64, **_opt("generated-shared-prefix: system prompts"))
+    gsp_prompts_per_group: int = field(default=16, **_opt(
+        "generated-shared-prefix: questions per system prompt"))
+    gsp_system_prompt_len: int = field(default=2048, **_opt(
+        "generated-shared-prefix: system prompt tokens"))
+    gsp_question_len: int = field(default=128, **_opt("generated-shared-prefix: question tokens"))
+    gsp_output_len: int = field(default=256, **_opt("generated-shared-prefix: output tokens"))
+    gsp_hot_share: float = field(default=0.0, **_opt(
+        "generated-shared-prefix: share of the requests in group 0 (0: groups equal)"))
+    mt_num_conversations: int = field(default=16, **_opt("multi-turn: conversations"))
+    mt_num_turns: int = field(default=4, **_opt("multi-turn: turns per conversation"))
+    mt_turn_len: int = field(default=256, **_opt("multi-turn: tokens of each user message"))
+    mt_output_len: int = field(default=128, **_opt(
+        "multi-turn: output tokens per turn (and the reply resent in the next turn)"))
+    text_prompts: bool = field(default=False, **_opt(
+        "send prompts as text (sglang backend), as a gateway that routes by text needs"))
     num_prompts: int = field(default=1000, **_opt("requests in the run"))
     request_rate: float = field(default=math.inf, **_opt("Poisson arrivals per second, or inf"))
     max_concurrency: int | None = field(default=None, **_opt("cap on requests in flight"))
@@ -101,8 +121,18 @@ class BenchConfig:
 
 
 def make_requests(cfg: BenchConfig) -> list[BenchRequest]:
+    as_text = cfg.backend == "openai" or cfg.text_prompts
+    if cfg.dataset_name == "generated-shared-prefix":
+        return shared_prefix_requests(
+            cfg.gsp_num_groups, cfg.gsp_prompts_per_group, cfg.gsp_system_prompt_len,
+            cfg.gsp_question_len, cfg.gsp_output_len, cfg.seed, as_text=as_text,
+            vocab_size=cfg.random_vocab_size, hot_share=cfg.gsp_hot_share)
+    if cfg.dataset_name == "multi-turn":
+        return multi_turn_requests(cfg.mt_num_conversations, cfg.mt_num_turns, cfg.mt_turn_len,
+                                   cfg.mt_output_len, cfg.seed, as_text=as_text,
+                                   vocab_size=cfg.random_vocab_size)
     return random_requests(cfg.num_prompts, cfg.random_input_len, cfg.random_output_len,
-                           cfg.random_range_ratio, cfg.seed, as_text=cfg.backend == "openai",
+                           cfg.random_range_ratio, cfg.seed, as_text=as_text,
                            vocab_size=cfg.random_vocab_size, rooms=cfg.seeded_bootstrap_rooms)
 
 
@@ -213,6 +243,7 @@ def settings(cfg: BenchConfig) -> dict:
 def request_record(r: RequestResult, start: float) -> dict:
     return {"start_s": r.start_time - start, "ttft_s": r.ttft, "latency_s": r.latency,
             "prompt_len": r.prompt_len, "output_len": r.output_len, "dp_rank": r.dp_rank,
+            "cached_tokens": r.cached_tokens,
             "success": r.success, "chunks": r.chunks}
 
 

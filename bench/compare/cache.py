@@ -1,0 +1,238 @@
+"""``python -m bench.compare.cache``: ``cache_aware`` against the load-only methods and smg's
+own cache-aware routing, on prompts that share prefixes, side by side in one run.
+
+    python -m bench.compare.cache --ranks 4 --out out/cache --json out/cache/summary.json
+
+Scenarios (plain DP, mixed ranks, the simulated accelerator; every server runs the same
+prefix cache, ``--executor sim`` pays only the uncached prefill):
+- ``shared-prefix``: SGLang's ``generated-shared-prefix`` shape, 16 groups per rank of a
+  2,048-token system prompt and 128-token questions (4 per group; 64 output tokens to
+  keep runs short). The system prompts of all groups exceed one rank's KV pool and fit
+  in all of them: where a group's requests land decides what can be reused.
+- ``hot-prefix``: the same, with group 0 carrying half of the requests.
+- ``multi-turn``: conversations that resend their history (``bench.client.dataset``).
+- ``no-reuse``: random prompts of the shared-prefix lengths: nothing to reuse.
+
+Each scenario's capacity is a saturating run of ``round_robin`` (rate ``inf``); each
+method then runs at ``LOAD`` x that rate and (shared-prefix) at ``OVERLOAD`` x it,
+whose completed requests per second are its saturation throughput. ``smg`` is smg 1.13
+(``python -m smg launch --policy cache_aware --dp-aware``) in front of the same
+engine (whose ``routed_dp_rank``s it then sets; the engine's own method is unused).
+Every method sends text prompts (``--text-prompts``), since smg's tree routes by text.
+
+The KV pool per rank is the profile's (``seed-qwen3-235b-dp4``: 52,600 tokens, from the
+published runs' logs, ``bench/PROFILES.md``), reported with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+
+from bench.client.server import ServerProcess, exit_on_sigterm, free_port
+from bench.client.serving import BenchConfig, run_benchmark
+from bench.compare.scenarios import SIM_CHUNKED_PREFILL_SIZE
+
+LOAD, OVERLOAD = 0.9, 2.0
+SMG = "smg"  # the gateway as a method name
+KEEP = ("completed", "failed", "duration_s", "request_throughput", "mean_ttft_ms",
+        "p99_ttft_ms", "mean_tpot_ms", "cache_hit_rate", "requests_per_dp_rank", "first_errors")
+
+
+@dataclass(frozen=True)
+class CacheScenario:
+    name: str
+    methods: tuple[str, ...]
+    dataset: dict  # BenchConfig fields; gsp_num_groups / mt_num_conversations per rank
+    overload: bool = False  # also run every method at OVERLOAD x capacity
+
+    def config(self, ranks: int, url: str, rate: float, seed: int) -> BenchConfig:
+        fields = dict(self.dataset)
+        for key in ("gsp_num_groups", "mt_num_conversations", "num_prompts"):
+            if key in fields:
+                fields[key] *= ranks
+        return BenchConfig(base_url=url, request_rate=rate, seed=seed, disable_tqdm=True,
+                           text_prompts=True, **fields)
+
+
+GSP = dict(dataset_name="generated-shared-prefix", gsp_num_groups=16, gsp_prompts_per_group=4,
+           gsp_system_prompt_len=2048, gsp_question_len=128, gsp_output_len=64)
+SCENARIOS = {s.name: s for s in (
+    CacheScenario("shared-prefix", ("round_robin", "cache_aware", "total_tokens",
+                                    "prefill_tokens", SMG), GSP, overload=True),
+    CacheScenario("hot-prefix", ("round_robin", "cache_aware", "total_tokens"),
+                  {**GSP, "gsp_hot_share": 0.5}),
+    CacheScenario("multi-turn", ("round_robin", "cache_aware", "total_tokens", SMG),
+                  dict(dataset_name="multi-turn", mt_num_conversations=8, mt_num_turns=4,
+                       mt_turn_len=512, mt_output_len=64)),
+    CacheScenario("no-reuse", ("round_robin", "cache_aware", "total_tokens"),
+                  dict(dataset_name="random", random_input_len=2176, random_output_len=64,
+                       random_range_ratio=1.0, num_prompts=64)),
+)}
+
+
+class SmgGateway:
+    """smg in front of one engine (``--dp-aware``: one worker per rank); always stopped."""
+
+    def __init__(self, engine_url: str, ranks: int, log_path: str):
+        self.port, self.prometheus_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.ranks = ranks
+        self.cmd = [sys.executable, "-m", "smg", "launch", "--shutdown-grace-period-secs", "0",
+                    "--host", "127.0.0.1", "--port", str(self.port), "--prometheus-host",
+                    "127.0.0.1", "--prometheus-port", str(self.prometheus_port),
+                    "--worker-urls", engine_url, "--policy", "cache_aware", "--dp-aware"]
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "SmgGateway":
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"smg exited with {self.proc.returncode}; see {self.log_path}")
+                try:
+                    with urllib.request.urlopen(self.url + "/workers", timeout=2) as r:
+                        workers = json.load(r)["workers"]
+                    if len(workers) == self.ranks and all(w.get("is_healthy") for w in workers):
+                        return self
+                except (OSError, ValueError, KeyError):
+                    pass
+                time.sleep(0.2)
+            raise RuntimeError(f"smg: {self.ranks} workers not ready after 60 s; see {self.log_path}")
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+def server_flags(method: str, ranks: int, profile: str) -> list[str]:
+    return ["--executor", "sim", "--sim-profile", profile, "--log-level", "warning",
+            "--chunked-prefill-size", str(SIM_CHUNKED_PREFILL_SIZE), "--dp-size", str(ranks),
+            "--load-balance-method", "round_robin" if method == SMG else method]
+
+
+def kv_tokens_per_rank(url: str) -> int | None:
+    with urllib.request.urlopen(url + "/server_info", timeout=5) as r:
+        return json.load(r).get("max_total_num_tokens")
+
+
+def one_run(s: CacheScenario, ranks: int, url: str, rate: float, seed: int) -> dict:
+    figures = asyncio.run(run_benchmark(s.config(ranks, url, rate, seed)))
+    run = {k: figures.get(k) for k in KEEP}
+    per_rank = figures.get("requests_per_dp_rank") or {}
+    counts = [per_rank.get(str(r), 0) for r in range(ranks)]  # a rank given nothing counts
+    if sum(counts):
+        run["max_over_mean_requests"] = max(counts) / (sum(counts) / ranks)
+    run["request_rate"] = rate if math.isfinite(rate) else "inf"
+    return run
+
+
+def run_scenario(s: CacheScenario, ranks: int, args) -> dict:
+    result = {"scenario": s.name, "ranks": ranks, "simulated": True, "profile": args.sim_profile,
+              "dataset": s.dataset, "runs": {}}
+    for method in s.methods:
+        log = os.path.join(args.out, "logs", f"{s.name}_{ranks}_{method}.log")
+        with ServerProcess(server_flags(method, ranks, args.sim_profile), log) as server:
+            result["kv_tokens_per_rank"] = kv_tokens_per_rank(server.url)
+            if "capacity_req_s" not in result:  # the first method: round_robin
+                cap = one_run(s, ranks, server.url, math.inf, args.seed + 7)
+                result["capacity_req_s"] = cap["request_throughput"]
+                result["capacity_run"] = cap
+            fractions = (LOAD, OVERLOAD) if s.overload else (LOAD,)
+            if method == SMG:
+                with SmgGateway(server.url, ranks, log.replace(".log", "_gateway.log")) as gw:
+                    runs = [one_run(s, ranks, gw.url, f * result["capacity_req_s"], args.seed)
+                            for f in fractions]
+            else:
+                runs = [one_run(s, ranks, server.url, f * result["capacity_req_s"], args.seed)
+                        for f in fractions]
+        for f, run in zip(fractions, runs):
+            run["fraction"] = f
+        result["runs"][method] = runs
+        print(f"{s.name} x{ranks} {method}: " + ", ".join(
+            f"{r['fraction']}x: ttft {r['mean_ttft_ms'] or 0:.0f} ms (p99 {r['p99_ttft_ms'] or 0:.0f}),"
+            f" {r['request_throughput'] or 0:.2f} req/s, hit {r.get('cache_hit_rate') or 0:.2f}"
+            for r in runs), flush=True)
+    return result
+
+
+def headline(results: list[dict]) -> dict:
+    """The issue's keys (``None`` where a scenario or method did not run)."""
+    def run(scenario, method, frac=LOAD):
+        for r in results:
+            if r["scenario"] == scenario:
+                for x in r["runs"].get(method, []):
+                    if x["fraction"] == frac:
+                        return x
+        return None
+
+    def ratio(scenario, a, b, key, frac=LOAD):
+        x, y = run(scenario, a, frac), run(scenario, b, frac)
+        return x[key] / y[key] if x and y and x.get(key) and y.get(key) else None
+
+    gain = ratio("shared-prefix", "cache_aware", "round_robin", "request_throughput", OVERLOAD)
+    hot = run("hot-prefix", "cache_aware")
+    return {
+        "shared_prefix_ttft_ratio_rr": ratio("shared-prefix", "cache_aware", "round_robin", "mean_ttft_ms"),
+        "shared_prefix_ttft_ratio_smg": ratio("shared-prefix", "cache_aware", SMG, "mean_ttft_ms"),
+        "shared_prefix_throughput_gain": gain - 1 if gain else None,
+        "shared_prefix_p99_ratio_tt": ratio("shared-prefix", "cache_aware", "total_tokens", "p99_ttft_ms"),
+        "hot_prefix_max_over_mean": hot.get("max_over_mean_requests") if hot else None,
+        "no_reuse_ttft_ratio_tt": ratio("no-reuse", "cache_aware", "total_tokens", "mean_ttft_ms"),
+        "multi_turn_ttft_ratio_rr": ratio("multi-turn", "cache_aware", "round_robin", "mean_ttft_ms"),
+        "cache_hit_rate": {r["scenario"]: {m: runs[0].get("cache_hit_rate")
+                                           for m, runs in r["runs"].items()} for r in results},
+        "kv_tokens_per_rank": {r["scenario"]: r.get("kv_tokens_per_rank") for r in results},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.compare.cache", description=__doc__.split("\n")[0])
+    p.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
+    p.add_argument("--ranks", nargs="+", type=int, default=[4])
+    p.add_argument("--sim-profile", default="seed-qwen3-235b-dp4")
+    p.add_argument("--out", default="out/cache")
+    p.add_argument("--json", default=None, help="default: OUT/summary.json")
+    p.add_argument("--seed", type=int, default=1)
+    args = p.parse_args(argv)
+    os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
+    started = time.time()
+    by_ranks = {}
+    for n in args.ranks:
+        results = [run_scenario(SCENARIOS[name], n, args) for name in args.scenarios]
+        by_ranks[str(n)] = {**headline(results), "results": results}
+    first = by_ranks[str(args.ranks[0])]
+    summary = {**{k: v for k, v in first.items() if k != "results"}, "simulated": True,
+               "ranks": args.ranks, "by_ranks": by_ranks, "elapsed_s": time.time() - started}
+    path = args.json or os.path.join(args.out, "summary.json")
+    with open(path, "w") as f:
+        json.dump(summary, f, indent=1)
+    print(json.dumps({k: v for k, v in summary.items() if k != "by_ranks"}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    exit_on_sigterm()
+    raise SystemExit(main())
