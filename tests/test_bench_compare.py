@@ -249,3 +249,26 @@ def test_sigterm_stops_the_server_of_a_running_compare(tmp_path):
             wait_group_gone(server, timeout_s=10)
         for name in orphaned():  # what a killed server left
             posix_ipc.unlink_shared_memory(name)
+
+
+def test_cache_headline_ratios_come_from_the_named_runs():
+    from bench.compare.cache import LOAD, OVERLOAD, SMG, headline
+
+    def run(frac, ttft, p99, thr, hit, mom=1.0):
+        return {"fraction": frac, "mean_ttft_ms": ttft, "p99_ttft_ms": p99,
+                "request_throughput": thr, "cache_hit_rate": hit, "max_over_mean_requests": mom}
+    shared = {"scenario": "shared-prefix", "kv_tokens_per_rank": 52600, "runs": {
+        "round_robin": [run(LOAD, 1000, 3000, 2.0, 0.2), run(OVERLOAD, 0, 0, 3.0, 0.2)],
+        "cache_aware": [run(LOAD, 150, 900, 2.0, 0.8), run(OVERLOAD, 0, 0, 4.5, 0.8)],
+        "total_tokens": [run(LOAD, 800, 1800, 2.0, 0.3)],
+        SMG: [run(LOAD, 300, 2000, 2.0, 0.7)]}}
+    hot = {"scenario": "hot-prefix", "runs": {"cache_aware": [run(LOAD, 1, 1, 1, 0.9, 1.2)]}}
+    h = headline([shared, hot])
+    assert h["shared_prefix_ttft_ratio_rr"] == pytest.approx(0.15)
+    assert h["shared_prefix_ttft_ratio_smg"] == pytest.approx(0.5)
+    assert h["shared_prefix_throughput_gain"] == pytest.approx(0.5)
+    assert h["shared_prefix_p99_ratio_tt"] == pytest.approx(0.5)
+    assert h["hot_prefix_max_over_mean"] == 1.2
+    assert h["no_reuse_ttft_ratio_tt"] is None  # not run
+    assert h["cache_hit_rate"]["shared-prefix"]["cache_aware"] == 0.8
+    assert h["kv_tokens_per_rank"]["shared-prefix"] == 52600

@@ -365,3 +365,50 @@ def test_keepalive_probe_rejects_bad_flags(flags, message, capsys):
     with pytest.raises(SystemExit):
         parse_args(flags)
     assert message in capsys.readouterr().err
+
+
+# ---- the prefix-sharing datasets -----------------------------------------------------------
+def test_generated_shared_prefix_is_groups_of_one_system_prompt_and_distinct_questions():
+    from collections import Counter
+    from bench.client.dataset import shared_prefix_requests
+    reqs = shared_prefix_requests(5, 4, 100, 10, 7, seed=3)
+    assert reqs == shared_prefix_requests(5, 4, 100, 10, 7, seed=3)
+    assert len(reqs) == 20 and all(r.prompt_len == 110 and r.output_len == 7 for r in reqs)
+    groups = Counter(tuple(r.prompt[:100]) for r in reqs)
+    assert sorted(groups.values()) == [4] * 5
+    assert len({tuple(r.prompt) for r in reqs}) == 20
+    assert len({tuple(r.prompt[:100]) for r in reqs[:4]}) > 1  # shuffled: groups interleave
+    hot = shared_prefix_requests(5, 4, 100, 10, 7, seed=3, hot_share=0.5)
+    assert len(hot) == 20 and max(Counter(tuple(r.prompt[:100]) for r in hot).values()) == 10
+    text = shared_prefix_requests(2, 2, 30, 5, 1, seed=3, as_text=True)
+    assert all(isinstance(r.prompt, str) and len(r.prompt) == 35 for r in text)
+
+
+def test_multi_turn_resends_the_conversation_so_far():
+    from bench.client.dataset import multi_turn_requests
+    reqs = multi_turn_requests(3, 4, 20, 5, seed=2)
+    assert len(reqs) == 12
+    by_conv: dict = {}
+    for r in reqs:  # each turn extends exactly one earlier prompt of the same conversation
+        parent = [p for p in by_conv if tuple(r.prompt[:len(p)]) == p]
+        if parent:
+            assert len(r.prompt) == len(parent[0]) + 5 + 20
+            del by_conv[parent[0]]
+        else:
+            assert len(r.prompt) == 20
+        by_conv[tuple(r.prompt)] = True
+    assert len(by_conv) == 3
+
+
+def test_cached_tokens_make_the_hit_rate():
+    ok = [RequestResult(prompt_len=100, output_len=2, success=True, ttft=0.1, latency=0.2,
+                        cached_tokens=c, chunks=[(0.1, 1), (0.2, 1)]) for c in (0, 60)]
+    assert summarize(ok, 1.0, 0.0)["cache_hit_rate"] == pytest.approx(0.3)
+    assert "cache_hit_rate" not in summarize([RequestResult(prompt_len=5, success=True,
+                                                            chunks=[(0.1, 1)])], 1.0, 0.0)
+    cfg = parse_config(["--dataset-name", "generated-shared-prefix", "--gsp-num-groups", "3",
+                        "--gsp-prompts-per-group", "2", "--text-prompts"])
+    from bench.client.serving import make_requests
+    reqs = make_requests(cfg)
+    assert len(reqs) == 6 and isinstance(reqs[0].prompt, str)
+    assert reqs[0].prompt_len == 2048 + 128 and reqs[0].output_len == 256  # SGLang's defaults
