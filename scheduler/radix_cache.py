@@ -105,6 +105,21 @@ class RadixCache:
             node = child
         return slots, node
 
+    def cached_len(self, tokens: Sequence[int]) -> int:
+        """How many leading tokens of ``tokens`` the tree holds, read only: nothing is
+        split or touched (the scheduler's estimate of a queued request's hit)."""
+        node, i, n = self.root, 0, len(tokens)
+        while i < n:
+            child = node.children.get(tokens[i])
+            if child is None:
+                break
+            common = _common_len(child.key, tokens, i)
+            i += common
+            if common < len(child.key):
+                break
+            node = child
+        return i
+
     def lock(self, node: _Node) -> None:
         """Protect ``node`` and its ancestors from eviction (one lock per request)."""
         while node is not self.root:

@@ -47,6 +47,10 @@ class Req:
     prefix_len: int = 0
     cache_node: object | None = None
     cached_tokens: int = 0
+    # While queued: the prompt tokens the cache held when the request arrived. The board
+    # counts only the rest as its load (the cached part is evictable until admission
+    # locks it), so a rank is not charged a whole prompt for a hit it will mostly reuse.
+    queued_cached: int = 0
     # PD prefill: the KV is held for decode after the hand-off (freed by the PD role).
     kv_held: bool = False
     finish_reason: FinishReason | None = None

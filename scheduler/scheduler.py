@@ -10,7 +10,9 @@ Load accounting (what the board row says, see ``shm.board``):
 - ``num_reqs`` = running + waiting; ``num_waiting_reqs`` = waiting;
 - ``num_tokens`` = what the rank must hold or compute: KV tokens computed for running
   requests (a cached prefix that several of them read counted once, through the cache's
-  locked size) + prompt tokens of requests not computed yet (queued or mid-prefill).
+  locked size) + prompt tokens of requests not computed yet (queued or mid-prefill; a
+  queued request less the prefix the cache held when it arrived, which admission will
+  most likely reuse).
   Cached tokens no request reads are evictable and are not load. A PD prefill rank counts
   only the prompt tokens not computed yet: that is its work, and the KV it computed
   leaves with the hand-off;
@@ -185,7 +187,7 @@ class Scheduler:
         should show the load as it will stand after it (lockstep; module docstring)."""
         leaving = self._leaving(in_flight) if in_flight else ()
         running = [r for r in self.running if r not in leaving] if leaving else self.running
-        queued = sum(r.prompt_len for r in self.waiting)
+        queued = sum(r.prompt_len - r.queued_cached for r in self.waiting)
         if self.hands_off:  # PD prefill: the prompt work left
             done_now = sum(len(i.token_ids) for i in in_flight if i.req not in leaving)
             tokens = prefill = (sum(r.prompt_len - r.num_computed for r in running)
@@ -280,6 +282,8 @@ class Scheduler:
             return
         self.reqs[req.rid] = req
         if not self.pd.park(req):
+            if self.cache is not None:
+                req.queued_cached = self.cache.cached_len(req.input_ids[:self._match_limit(req)])
             self.waiting.append(req)
 
     def on_abort(self, msg: AbortReq) -> None:

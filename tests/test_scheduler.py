@@ -68,10 +68,10 @@ def assert_board_matches(board, sched):
     locked = sched.cache.protected_size if sched.cache is not None else 0
     expected_tokens = locked + sum(
         r.num_computed - r.prefix_len + (r.prompt_len - r.num_computed if r.is_prefilling else 0)
-        for r in sched.running) + sum(r.prompt_len for r in sched.waiting)
+        for r in sched.running) + sum(r.prompt_len - r.queued_cached for r in sched.waiting)
     assert snap.num_tokens[0] == expected_tokens
     expected_prefill = (sum(r.prompt_len - r.num_computed for r in sched.running if r.is_prefilling)
-                        + sum(r.prompt_len for r in sched.waiting))
+                        + sum(r.prompt_len - r.queued_cached for r in sched.waiting))
     assert snap.num_prefill_tokens[0] == expected_prefill
     cached = sched.cache.total_size if sched.cache is not None else 0
     assert sched.executor.kv.num_used == cached + sum(len(r.slots) - r.prefix_len
@@ -192,4 +192,25 @@ def test_board_during_a_forward_shows_step_end_load_only_in_lockstep(board, lock
     assert rids == {"chunked"}
     assert (reqs, tokens, prefill) == ((0, 0, 0) if lockstep else (1, 100, 36))
     assert len(seen) == 3
+    assert_board_matches(board, sched)
+
+
+import msgspec  # noqa: E402
+
+
+def test_a_queued_request_counts_only_what_the_cache_does_not_hold(board):
+    """A request waiting for room whose prompt's beginning is cached loads the board
+    with its uncached tokens only: the rank will reuse the rest (cache_aware compares
+    ranks by this prefill queue)."""
+    sched, _ = make_scheduler(board, pool_tokens=300, max_running_requests=1)
+    sched.step([gen("first", 120, 2)])
+    while sched.has_work:
+        sched.step([])  # "first" ends: tokens 1..120 are cached
+    miss = msgspec.structs.replace(gen("miss", 30, 2), input_ids=list(range(500, 530)))
+    sched.step([gen("long", 100, 50), gen("hit", 150, 2), miss])
+    assert [r.rid for r in sched.waiting] == ["hit", "miss"]  # one running at a time
+    assert [r.queued_cached for r in sched.waiting] == [120, 0]
+    snap = board.snapshot()
+    assert snap.num_prefill_tokens[0] == (sum(r.prompt_len - r.num_computed for r in sched.running
+                                              if r.is_prefilling) + (150 - 120) + 30)
     assert_board_matches(board, sched)
