@@ -15,7 +15,9 @@ prefix cache, ``--executor sim`` pays only the uncached prefill):
 
 Each scenario's capacity is a saturating run of ``round_robin`` (rate ``inf``); each
 method then runs at ``LOAD`` x that rate and (shared-prefix) at ``OVERLOAD`` x it,
-whose completed requests per second are its saturation throughput. ``smg`` is smg 1.13
+whose completed requests per second are its saturation throughput. Every run starts
+from empty caches (``/flush_cache``) and each rate has its own prompts (the same for
+every method): nothing a run leaves cached helps the next. ``smg`` is smg 1.13
 (``python -m smg launch --policy cache_aware --dp-aware``) in front of the same
 engine (whose ``routed_dp_rank``s it then sets; the engine's own method is unused).
 Every method sends text prompts (``--text-prompts``), since smg's tree routes by text.
@@ -138,7 +140,24 @@ def kv_tokens_per_rank(url: str) -> int | None:
         return json.load(r).get("max_total_num_tokens")
 
 
-def one_run(s: CacheScenario, ranks: int, url: str, rate: float, seed: int) -> dict:
+def flush_cache(engine_url: str) -> None:
+    """Empty every rank's prefix cache (refused while requests run: retried a while)."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(
+                    engine_url + "/flush_cache", method="POST"), timeout=5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def one_run(s: CacheScenario, ranks: int, url: str, rate: float, seed: int,
+            engine_url: str | None = None) -> dict:
+    """One benchmark run from empty caches (``engine_url``: the engine behind ``url``)."""
+    flush_cache(engine_url or url)
     figures = asyncio.run(run_benchmark(s.config(ranks, url, rate, seed)))
     run = {k: figures.get(k) for k in KEEP}
     per_rank = figures.get("requests_per_dp_rank") or {}
@@ -161,13 +180,15 @@ def run_scenario(s: CacheScenario, ranks: int, args) -> dict:
                 result["capacity_req_s"] = cap["request_throughput"]
                 result["capacity_run"] = cap
             fractions = (LOAD, OVERLOAD) if s.overload else (LOAD,)
+            # Each fraction its own prompts (the same for every method), from empty caches.
+            seeds = [args.seed + 100 * i for i in range(len(fractions))]
             if method == SMG:
                 with SmgGateway(server.url, ranks, log.replace(".log", "_gateway.log")) as gw:
-                    runs = [one_run(s, ranks, gw.url, f * result["capacity_req_s"], args.seed)
-                            for f in fractions]
+                    runs = [one_run(s, ranks, gw.url, f * result["capacity_req_s"], seed,
+                                    server.url) for f, seed in zip(fractions, seeds)]
             else:
-                runs = [one_run(s, ranks, server.url, f * result["capacity_req_s"], args.seed)
-                        for f in fractions]
+                runs = [one_run(s, ranks, server.url, f * result["capacity_req_s"], seed)
+                        for f, seed in zip(fractions, seeds)]
         for f, run in zip(fractions, runs):
             run["fraction"] = f
         result["runs"][method] = runs
