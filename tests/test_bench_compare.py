@@ -252,14 +252,14 @@ def test_sigterm_stops_the_server_of_a_running_compare(tmp_path):
 
 
 def test_cache_headline_ratios_come_from_the_named_runs():
-    from bench.compare.cache import LOAD, OVERLOAD, SMG, headline
+    from bench.compare.cache import LOAD, SATURATED, SMG, headline
 
     def run(frac, ttft, p99, thr, hit, mom=1.0):
         return {"fraction": frac, "mean_ttft_ms": ttft, "p99_ttft_ms": p99,
                 "request_throughput": thr, "cache_hit_rate": hit, "max_over_mean_requests": mom}
     shared = {"scenario": "shared-prefix", "kv_tokens_per_rank": 52600, "runs": {
-        "round_robin": [run(LOAD, 1000, 3000, 2.0, 0.2), run(OVERLOAD, 0, 0, 3.0, 0.2)],
-        "cache_aware": [run(LOAD, 150, 900, 2.0, 0.8), run(OVERLOAD, 0, 0, 4.5, 0.8)],
+        "round_robin": [run(LOAD, 1000, 3000, 2.0, 0.2), run(SATURATED, 0, 0, 3.0, 0.2)],
+        "cache_aware": [run(LOAD, 150, 900, 2.0, 0.8), run(SATURATED, 0, 0, 4.5, 0.8)],
         "total_tokens": [run(LOAD, 800, 1800, 2.0, 0.3)],
         SMG: [run(LOAD, 300, 2000, 2.0, 0.7)]}}
     hot = {"scenario": "hot-prefix", "runs": {"cache_aware": [run(LOAD, 1, 1, 1, 0.9, 1.2)]}}

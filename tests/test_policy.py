@@ -17,7 +17,7 @@ from scheduler.policy import (InvalidDpRankError, InvalidLoadBalanceMethod, Inva
                               RankUnavailableError, RotationState, follow_bootstrap_room,
                               prefill_tokens, resolve_method, round_robin, routed_rank,
                               total_requests, total_tokens)
-from scheduler.policy import HOT_RANK_RATIO, HOT_RANK_SLACK, cache_aware
+from scheduler.policy import HOT_RANK_RATIO, HOT_RANK_SLACK, MISS_WEIGHT, cache_aware
 
 FAST = settings(max_examples=150, deadline=None)
 
@@ -158,7 +158,7 @@ def test_cache_aware_with_no_cache_anywhere_is_total_tokens(data, toks, start, z
 def test_cache_aware_picks_the_earliest_first_token_among_ranks_not_hot(data, n, start):
     """The pick is live and not hot (at most max(HOT_RANK_RATIO * mean, mean +
     HOT_RANK_SLACK) live requests), and no other such rank has less prefill queued
-    minus cached; among those equal, it has the fewest tokens, then requests."""
+    minus MISS_WEIGHT times cached; among those equal, the fewest tokens, then requests."""
     cached = data.draw(st.lists(st.sampled_from([0, 64, 128, 512]), min_size=n, max_size=n))
     prefill = data.draw(st.lists(st.integers(0, 700), min_size=n, max_size=n))
     toks = data.draw(st.lists(st.integers(0, 900), min_size=n, max_size=n))
@@ -171,7 +171,7 @@ def test_cache_aware_picks_the_earliest_first_token_among_ranks_not_hot(data, n,
     mean = sum(reqs[r] for r in live) / len(live)
     ok = [r for r in live if reqs[r] <= max(HOT_RANK_RATIO * mean, mean + HOT_RANK_SLACK)]
     assert rank in ok
-    key = lambda r: (prefill[r] - cached[r], toks[r], reqs[r])  # noqa: E731
+    key = lambda r: (prefill[r] - MISS_WEIGHT * cached[r], toks[r], reqs[r])  # noqa: E731
     assert key(rank) == min(key(r) for r in ok)
 
 

@@ -14,8 +14,11 @@ prefix cache, ``--executor sim`` pays only the uncached prefill):
 - ``no-reuse``: random prompts of the shared-prefix lengths: nothing to reuse.
 
 Each scenario's capacity is a saturating run of ``round_robin`` (rate ``inf``); each
-method then runs at ``LOAD`` x that rate and (shared-prefix) at ``OVERLOAD`` x it,
-whose completed requests per second are its saturation throughput. Every run starts
+method then runs at ``LOAD`` x that rate and (shared-prefix) saturated: every request
+sent at once with at most ``SATURATION_CONCURRENCY`` per rank in flight (SGLang's
+``--max-concurrency``), whose completed requests per second are its saturation
+throughput. (An open-loop overload instead fills every KV pool with queued prompts,
+which evicts every cached prefix whatever the method: it measures thrashing.) Every run starts
 from empty caches (``/flush_cache``) and each rate has its own prompts (the same for
 every method): nothing a run leaves cached helps the next. ``smg`` is smg 1.13
 (``python -m smg launch --policy cache_aware --dp-aware``) in front of the same
@@ -44,7 +47,9 @@ from bench.client.server import ServerProcess, exit_on_sigterm, free_port
 from bench.client.serving import BenchConfig, run_benchmark
 from bench.compare.scenarios import SIM_CHUNKED_PREFILL_SIZE
 
-LOAD, OVERLOAD = 0.9, 2.0
+LOAD = 0.9
+SATURATED = "saturated"  # rate inf, at most SATURATION_CONCURRENCY requests per rank
+SATURATION_CONCURRENCY = 8
 SMG = "smg"  # the gateway as a method name
 KEEP = ("completed", "failed", "duration_s", "request_throughput", "mean_ttft_ms",
         "p99_ttft_ms", "mean_tpot_ms", "cache_hit_rate", "requests_per_dp_rank", "first_errors")
@@ -55,22 +60,23 @@ class CacheScenario:
     name: str
     methods: tuple[str, ...]
     dataset: dict  # BenchConfig fields; gsp_num_groups / mt_num_conversations per rank
-    overload: bool = False  # also run every method at OVERLOAD x capacity
+    saturated: bool = False  # also run every method SATURATED
 
-    def config(self, ranks: int, url: str, rate: float, seed: int) -> BenchConfig:
+    def config(self, ranks: int, url: str, rate: float, seed: int,
+               max_concurrency: int | None = None) -> BenchConfig:
         fields = dict(self.dataset)
         for key in ("gsp_num_groups", "mt_num_conversations", "num_prompts"):
             if key in fields:
                 fields[key] *= ranks
         return BenchConfig(base_url=url, request_rate=rate, seed=seed, disable_tqdm=True,
-                           text_prompts=True, **fields)
+                           text_prompts=True, max_concurrency=max_concurrency, **fields)
 
 
 GSP = dict(dataset_name="generated-shared-prefix", gsp_num_groups=16, gsp_prompts_per_group=4,
            gsp_system_prompt_len=2048, gsp_question_len=128, gsp_output_len=64)
 SCENARIOS = {s.name: s for s in (
     CacheScenario("shared-prefix", ("round_robin", "cache_aware", "total_tokens",
-                                    "prefill_tokens", SMG), GSP, overload=True),
+                                    "prefill_tokens", SMG), GSP, saturated=True),
     CacheScenario("hot-prefix", ("round_robin", "cache_aware", "total_tokens"),
                   {**GSP, "gsp_hot_share": 0.5}),
     CacheScenario("multi-turn", ("round_robin", "cache_aware", "total_tokens", SMG),
@@ -154,17 +160,22 @@ def flush_cache(engine_url: str) -> None:
             time.sleep(0.5)
 
 
-def one_run(s: CacheScenario, ranks: int, url: str, rate: float, seed: int,
-            engine_url: str | None = None) -> dict:
+def one_run(s: CacheScenario, ranks: int, url: str, fraction: float | str, capacity: float,
+            seed: int, engine_url: str | None = None) -> dict:
     """One benchmark run from empty caches (``engine_url``: the engine behind ``url``)."""
     flush_cache(engine_url or url)
-    figures = asyncio.run(run_benchmark(s.config(ranks, url, rate, seed)))
+    if fraction == SATURATED:
+        rate, cap = math.inf, SATURATION_CONCURRENCY * ranks
+    else:
+        rate, cap = fraction * capacity, None
+    figures = asyncio.run(run_benchmark(s.config(ranks, url, rate, seed, cap)))
     run = {k: figures.get(k) for k in KEEP}
     per_rank = figures.get("requests_per_dp_rank") or {}
     counts = [per_rank.get(str(r), 0) for r in range(ranks)]  # a rank given nothing counts
     if sum(counts):
         run["max_over_mean_requests"] = max(counts) / (sum(counts) / ranks)
     run["request_rate"] = rate if math.isfinite(rate) else "inf"
+    run["fraction"] = fraction
     return run
 
 
@@ -176,24 +187,23 @@ def run_scenario(s: CacheScenario, ranks: int, args) -> dict:
         with ServerProcess(server_flags(method, ranks, args.sim_profile), log) as server:
             result["kv_tokens_per_rank"] = kv_tokens_per_rank(server.url)
             if "capacity_req_s" not in result:  # the first method: round_robin
-                cap = one_run(s, ranks, server.url, math.inf, args.seed + 7)
+                cap = one_run(s, ranks, server.url, 1.0, math.inf, args.seed + 7)
                 result["capacity_req_s"] = cap["request_throughput"]
                 result["capacity_run"] = cap
-            fractions = (LOAD, OVERLOAD) if s.overload else (LOAD,)
+            fractions = (LOAD, SATURATED) if s.saturated else (LOAD,)
             # Each fraction its own prompts (the same for every method), from empty caches.
             seeds = [args.seed + 100 * i for i in range(len(fractions))]
+            cap = result["capacity_req_s"]
             if method == SMG:
                 with SmgGateway(server.url, ranks, log.replace(".log", "_gateway.log")) as gw:
-                    runs = [one_run(s, ranks, gw.url, f * result["capacity_req_s"], seed,
-                                    server.url) for f, seed in zip(fractions, seeds)]
+                    runs = [one_run(s, ranks, gw.url, f, cap, seed, server.url)
+                            for f, seed in zip(fractions, seeds)]
             else:
-                runs = [one_run(s, ranks, server.url, f * result["capacity_req_s"], seed)
+                runs = [one_run(s, ranks, server.url, f, cap, seed)
                         for f, seed in zip(fractions, seeds)]
-        for f, run in zip(fractions, runs):
-            run["fraction"] = f
         result["runs"][method] = runs
         print(f"{s.name} x{ranks} {method}: " + ", ".join(
-            f"{r['fraction']}x: ttft {r['mean_ttft_ms'] or 0:.0f} ms (p99 {r['p99_ttft_ms'] or 0:.0f}),"
+            f"{r['fraction']}: ttft {r['mean_ttft_ms'] or 0:.0f} ms (p99 {r['p99_ttft_ms'] or 0:.0f}),"
             f" {r['request_throughput'] or 0:.2f} req/s, hit {r.get('cache_hit_rate') or 0:.2f}"
             for r in runs), flush=True)
     return result
@@ -213,7 +223,7 @@ def headline(results: list[dict]) -> dict:
         x, y = run(scenario, a, frac), run(scenario, b, frac)
         return x[key] / y[key] if x and y and x.get(key) and y.get(key) else None
 
-    gain = ratio("shared-prefix", "cache_aware", "round_robin", "request_throughput", OVERLOAD)
+    gain = ratio("shared-prefix", "cache_aware", "round_robin", "request_throughput", SATURATED)
     hot = run("hot-prefix", "cache_aware")
     return {
         "shared_prefix_ttft_ratio_rr": ratio("shared-prefix", "cache_aware", "round_robin", "mean_ttft_ms"),
