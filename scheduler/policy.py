@@ -82,7 +82,10 @@ DEPRECATED_METHOD_ALIASES = MappingProxyType({
 # balances requests (SGLang's guideline). Mixed ranks balance the prompt tokens waiting
 # for prefill, then tokens: it had the lowest mean TTFT in the simulated mixed runs of
 # ``python -m bench.compare --scenarios mixed`` (figures, and how sure they are, in
-# ``docs/results.md``, "Plain DP ranks").
+# ``docs/results.md``, "Plain DP ranks"). ``cache_aware`` is not ``auto`` anywhere yet:
+# on mixed ranks it is ``total_tokens`` for prompts nobody caches, which loses to
+# ``prefill_tokens`` there, and no PD run has measured it on prefill ranks
+# (``docs/results.md``, "Prefix caches").
 AUTO_METHOD_BY_ROLE = MappingProxyType({
     Role.PREFILL: LoadBalanceMethod.TOTAL_TOKENS,
     Role.DECODE: LoadBalanceMethod.TOTAL_REQUESTS,
