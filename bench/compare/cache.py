@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import math
 import os
@@ -243,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.compare.cache", description=__doc__.split("\n")[0])
     p.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
     p.add_argument("--ranks", nargs="+", type=int, default=[4])
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="only these of each scenario's methods (round_robin, which measures "
+                        "capacity, always runs)")
     p.add_argument("--sim-profile", default="seed-qwen3-235b-dp4")
     p.add_argument("--out", default="out/cache")
     p.add_argument("--json", default=None, help="default: OUT/summary.json")
@@ -252,7 +256,12 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     by_ranks = {}
     for n in args.ranks:
-        results = [run_scenario(SCENARIOS[name], n, args) for name in args.scenarios]
+        scenarios = [SCENARIOS[name] for name in args.scenarios]
+        if args.methods:
+            scenarios = [dataclasses.replace(s, methods=tuple(
+                m for m in s.methods if m == "round_robin" or m in args.methods))
+                for s in scenarios]
+        results = [run_scenario(s, n, args) for s in scenarios]
         by_ranks[str(n)] = {**headline(results), "results": results}
     first = by_ranks[str(args.ranks[0])]
     summary = {**{k: v for k, v in first.items() if k != "results"}, "simulated": True,
