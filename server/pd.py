@@ -31,11 +31,11 @@ import time
 
 import msgspec
 
+from scheduler.messages import FlushCacheResult
 from scheduler.pd import (HANDOFF_KIND, ROUTE_KIND, PDConfig, create_tables, shared_launch_id)
 from scheduler.pd_router import new_room
 from scheduler.roles import DisaggregationMode, Role
 from server.args import ServerArgs
-from scheduler.messages import FlushCacheResult
 from server.engine_client import EngineClient, wait_flushes
 from server.errors import ApiError
 from server.inflight import RequestHandle

@@ -120,13 +120,14 @@ class RunningRequest:
         logprobs: list[float] = []
         tops: list = []
         inputs: tuple[list, list] = ([], [])
-        cached = None
+        cached = 0
         async with aclosing(self.engine.outputs(self.handle)) as outputs:
             async for out in outputs:
                 if self._hides_output:
                     out = _hidden(out)
-                if cached is None:  # matched when its rank admitted it; later outputs
-                    cached = out.cached_tokens  # may not repeat it (a PD decode rank's)
+                # Matched when its rank admitted it; an output may not repeat it (a PD
+                # decode rank's after the first, which ``PDEngineClient`` fills in).
+                cached = max(cached, out.cached_tokens)
                 output_ids.extend(out.new_token_ids)
                 if out.output_logprobs:
                     logprobs.extend(out.output_logprobs)

@@ -113,7 +113,7 @@ def _engine():
                            observer=_Recorder())
 
 
-def test_cached_tokens_are_the_first_outputs_and_reach_the_observer_once():
+def test_cached_tokens_stay_once_reported_and_reach_the_observer_once():
     # A PD decode rank's later outputs say 0: the request keeps what its first said.
     outputs = [ReqOutput(rid="r", new_token_ids=[70], prompt_tokens=9, completion_tokens=1,
                          cached_tokens=6),
