@@ -140,7 +140,8 @@ def test_cached_tokens_stay_once_reported_and_reach_the_observer_once():
 
 def test_a_request_never_dispatched_is_not_a_cache_lookup():
     engine = _engine()
-    prepared = PreparedRequest(rid="z", input_ids=[1, 2, 3], params=SamplingParams(max_new_tokens=0))
+    prepared = PreparedRequest(rid="z", input_ids=[1, 2, 3],
+                               params=SamplingParams(max_new_tokens=0))
     last = asyncio.run(run_to_end(start(engine, prepared)))
     assert last.cached_tokens == 0 and engine.observer.seen == []
 
