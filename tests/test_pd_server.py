@@ -97,9 +97,9 @@ def _check_prefill_cache_hits_reach_the_client(url: str, workload, reference) ->
     """The prefix cache lives on the prefill ranks: a prompt sent again to the prefill
     rank that ran it reports the hit (streamed and not), same tokens; /flush_cache asks
     both groups' ranks, and the next run hits nothing. Waits on issue 22's rank side."""
-    rid, ids, n = workload[3]  # 184 tokens; it ran on prefill rank 0 (i % 3 == 0 above)
+    rid, ids, n = workload[3]  # 184 tokens; it ran on prefill rank 3 % 2 (above)
     assert len(ids) > 100
-    again = body(ids, n, disagg_prefill_dp_rank=0)
+    again = body(ids, n, disagg_prefill_dp_rank=1)
     for stream in (False, True):
         r = httpx.post(url + "/generate", json={**again, "stream": stream}, timeout=60)
         last = r.json() if not stream else httpx.Response(200, content=[
