@@ -198,6 +198,11 @@ class ServerArgs:
         group="balancing"))
     chunked_prefill_size: int = field(default=512, **_flag(
         "prefill tokens per batch", group="balancing"))
+    disable_radix_cache: bool = field(default=False, **_flag(
+        "turn off each rank's prefix cache (SGLang's RadixAttention flag): every prompt is "
+        "prefilled whole and cached_tokens is 0. On by default: a prompt that begins like "
+        "an earlier one reuses that beginning's KV (POST /flush_cache empties the caches)",
+        group="balancing"))
     max_queued_requests: int | None = field(default=None, **_flag(
         "per rank: past running + this many queued, new requests get 503 (default: no bound)",
         group="balancing"))

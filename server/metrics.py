@@ -16,11 +16,17 @@ in one process (tests) do not share or collide.
   ``sglang:num_aborted_requests_total`` (requests that ended without their finish).
 - ``sglang:gen_throughput`` per ``dp_rank``: the rank's latest "Decode batch." figure
   (``scheduler.stats``), 0 until its first.
+- Prefix cache, from the finished requests' ``cached_tokens`` as the API returns them
+  (a PD request's from its prefill rank): ``sglang:cached_tokens_total`` (SGLang's
+  counter) and ``sglang:cache_hit_rate``, cached prompt tokens over prompt tokens of
+  those requests since start (0 before any). SGLang's gauge is each rank's latest
+  prefill batch; for a recent window use ``rate(sglang:cached_tokens_total)`` over
+  ``rate(sglang:prompt_tokens_total)``.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.requests import Request
@@ -98,6 +104,13 @@ class ServerMetrics(MetricsObserver):
         self._generation = Counter("sglang:generation_tokens", "Generated tokens of finished "
                                    "requests", **kw).labels(name)
         self._requests = Counter("sglang:num_requests", "Finished requests", **kw).labels(name)
+        self._cached = Counter("sglang:cached_tokens", "Prompt tokens of finished requests "
+                               "that their rank's prefix cache held", **kw).labels(name)
+        # The hit rate's terms: requests that ran on a rank (max_new_tokens 0 does not).
+        self._num_cached_tokens = self._num_cache_prompt_tokens = 0
+        self._cache_hit_rate = Gauge("sglang:cache_hit_rate", "Prefix cache hit rate: cached "
+                                     "over prompt tokens of finished requests since start",
+                                     **kw).labels(name)
         self._aborted = Counter("sglang:num_aborted_requests", "Requests that ended before "
                                 "their finish: the client left, the rank refused or lost "
                                 "them", **kw).labels(name)
@@ -115,6 +128,13 @@ class ServerMetrics(MetricsObserver):
         self._prompt.inc(prompt_tokens)
         self._generation.inc(completion_tokens)
         self._requests.inc()
+
+    def on_prompt_cache(self, prompt_tokens: int, cached_tokens: int) -> None:
+        self._cached.inc(cached_tokens)
+        self._num_cached_tokens += cached_tokens
+        self._num_cache_prompt_tokens += prompt_tokens
+        if self._num_cache_prompt_tokens:
+            self._cache_hit_rate.set(self._num_cached_tokens / self._num_cache_prompt_tokens)
 
     def on_abort(self) -> None:
         self._aborted.inc()

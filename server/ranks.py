@@ -111,7 +111,8 @@ def scheduler_configs(args: ServerArgs, board_name: str, role: Role | None = Non
         random_seed=args.random_seed, heartbeat_interval_s=args.heartbeat_interval_s,
         executor=args.executor, sim_profile=args.sim_profile,
         sim_lockstep_name=sim_lockstep_name, sim_time_scale=args.sim_time_scale,
-        log_level=args.log_level, decode_log_interval=args.decode_log_interval)
+        log_level=args.log_level, decode_log_interval=args.decode_log_interval,
+        disable_radix_cache=args.disable_radix_cache)
     # Each rank its own sampling stream (decode ranks after the prefill ranks of a pd
     # launch), so unseeded requests on different ranks do not draw the same samples.
     seed = args.random_seed or 0
