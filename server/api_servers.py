@@ -1,0 +1,346 @@
+"""``--api-server-count N`` (N > 1): N API processes serve one port, each its own
+dispatcher on the load board, and this process supervises them.
+
+The launcher process (``serve_api_servers``) does what it does with one API process
+(creates the board with N dispatcher columns, spawns the ranks, waits until they are
+ready), then spawns N API processes (``api_server_main``) instead of serving itself:
+API process d gets the listening socket (all of them accept on it), the board's name
+and, for every rank, the API ends of that rank's pipes to dispatcher d and its
+``RankReady``. It then drops its own copies of every pipe end, so the only writer of
+a rank's request pipe d is API process d: when that process exits, however it
+exits, the rank reads EOF there and ends its requests (``scheduler.rank_io``).
+
+Each API process runs the same ``EngineClient`` and app as a single API process does,
+over ``SiblingRanks``: ranks it did not start, watched through a pidfd (Linux 5.3+).
+The board is shared, so ``/get_load``, ``/v1/loads`` and ``/server_info``'s ranks read
+the same from any of them; counters kept per process (``/metrics``, ``dispatch``)
+describe the process that answers.
+
+Lifecycle:
+- start: every API process loads its tokenizer and builds its app, then waits until
+  all have (so they start accepting together), serves, and reports it; the launcher
+  logs "ready" once all of them serve. One that fails to start fails the launch.
+- an API process that dies: its clients' connections break; the ranks end its
+  requests and retire its in-flight counts, so the board returns to zero; the others
+  keep serving. The launcher logs it and carries on while any is left.
+- SIGTERM/SIGINT to the launcher (or the last API process gone): each API process
+  gets SIGTERM (uvicorn's graceful stop), then SIGKILL after a bound; the ranks, whose
+  request pipes all read EOF, stop themselves; then ``EngineProcesses.close`` stops
+  what is left and unlinks every segment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import select
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+
+import uvicorn
+
+from scheduler.log_format import configure_logging
+from scheduler.messages import RankReady
+from scheduler.roles import Role
+from server.args import ServerArgs
+from server.connections import event_loop_factory
+from server.engine_client import EngineClient
+from server.placement import LaunchPlan
+from server.ranks import EngineProcesses, RankHandle, RankMain, RankStartupError
+from server.serving import StopSignal, stop_on_signals, uvicorn_config
+from shm.board import LoadBoard, RankStatus
+
+logger = logging.getLogger("dpserve")
+
+EXIT_STARTUP_FAILED = 1
+# How long an API process may take from spawn to serving (tokenizer, imports).
+API_START_TIMEOUT_S = 120.0
+# After SIGTERM: uvicorn's graceful shutdown bound plus the engine client's stop.
+API_STOP_TIMEOUT_S = 10.0
+
+
+@dataclass
+class RankEnds:
+    """What API process d needs of one rank: its pipes to d and its ready message."""
+
+    dp_rank: int
+    ready: RankReady
+    req_conn: Connection
+    out_conn: Connection
+
+
+# ---- the API process ------------------------------------------------------------------
+class SiblingProcess:
+    """A rank process as an API process that did not start it sees it: enough of
+    ``multiprocessing.Process`` for ``RankMonitor`` (sentinel, liveness, signals),
+    through a pidfd, which no pid reuse can redirect."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.exitcode = None  # only the parent (the launcher) can learn it
+        try:
+            self.sentinel = os.pidfd_open(pid)
+        except ProcessLookupError:  # already gone: a sentinel that reads as exited
+            read_end, write_end = os.pipe()
+            os.close(write_end)
+            self.sentinel = read_end
+
+    def is_alive(self) -> bool:
+        return not select.select([self.sentinel], [], [], 0)[0]
+
+    def join(self, timeout: float | None = None) -> None:
+        select.select([self.sentinel], [], [], timeout)
+
+    def terminate(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+    def _signal(self, signum: int) -> None:
+        try:
+            signal.pidfd_send_signal(self.sentinel, signum)
+        except (ProcessLookupError, OSError):
+            pass  # exited already
+
+    def close(self) -> None:
+        os.close(self.sentinel)
+
+
+class SiblingRanks:
+    """The ranks as one API process of several sees them (what ``EngineClient`` and
+    ``RankMonitor`` use of ``EngineProcesses``): the board attached, not owned."""
+
+    def __init__(self, args: ServerArgs, dispatcher_id: int, board_name: str,
+                 ranks: list[RankEnds]):
+        self.args = args
+        self.role = Role.MIXED
+        self.dispatcher_id = dispatcher_id
+        self.dp_size = len(ranks)
+        self.board: LoadBoard | None = LoadBoard.attach(board_name)
+        self.ranks = [RankHandle(r.dp_rank, SiblingProcess(r.ready.pid), r.req_conn,
+                                 r.out_conn, ready=r.ready) for r in ranks]
+
+    def mark_dead(self, rank: RankHandle) -> None:
+        """As ``EngineProcesses.mark_dead``: DEAD only once the process has exited (every
+        API process that notices writes the same value)."""
+        if rank.is_marked_dead or rank.process.is_alive() or self.board is None:
+            return
+        self.board.rank_writer(rank.dp_rank).set_status(RankStatus.DEAD)
+        rank.is_marked_dead = True
+
+    def close(self) -> None:
+        for rank in self.ranks:
+            rank.process.close()
+            rank.req_conn.close()
+            rank.out_conn.close()
+        if self.board is not None:
+            self.board.close()
+            self.board = None
+
+
+def api_server_main(args: ServerArgs, dispatcher_id: int, sock: socket.socket,
+                    board_name: str, ranks: list[RankEnds], status_conn: Connection,
+                    go) -> None:
+    """The body of API process ``dispatcher_id``: build the engine client and the app,
+    wait for ``go`` (every API process built its app), serve until SIGTERM/SIGINT."""
+    configure_logging(args.log_level, f"api {dispatcher_id}")
+    stop_on_signals()
+    _exit_with_parent()
+    processes = None
+    try:
+        processes = SiblingRanks(args, dispatcher_id, board_name, ranks)
+        engine = EngineClient.from_processes(args, processes)
+        server = uvicorn.Server(uvicorn_config(args, engine))
+        status_conn.send(("built", None))
+        if not go.wait(API_START_TIMEOUT_S):
+            return
+        with asyncio.Runner(loop_factory=event_loop_factory(args)) as runner:
+            runner.run(_serve(server, sock, status_conn))
+    except StopSignal:
+        pass
+    except Exception as exc:
+        logger.exception("API process %d failed", dispatcher_id)
+        _try_send(status_conn, ("failed", f"{type(exc).__name__}: {exc}"))
+        raise SystemExit(EXIT_STARTUP_FAILED) from None
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if processes is not None:
+            processes.close()
+
+
+def _exit_with_parent() -> None:
+    """SIGTERM this process when the launcher dies (even by SIGKILL), as the ranks
+    stop when their pipes close: no API process outlives its launcher."""
+    import ctypes
+    PR_SET_PDEATHSIG = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() == 1:  # the launcher died before the prctl
+        raise SystemExit(EXIT_STARTUP_FAILED)
+
+
+async def _serve(server: uvicorn.Server, sock: socket.socket, status_conn: Connection) -> None:
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started and not task.done():
+        await asyncio.sleep(0.02)
+    if server.started:
+        _try_send(status_conn, ("serving", None))
+    await task
+
+
+def _try_send(conn: Connection, msg) -> None:
+    try:
+        conn.send(msg)
+    except (OSError, ValueError):
+        pass
+
+
+# ---- the launcher ---------------------------------------------------------------------
+@dataclass(eq=False)
+class ApiProcess:
+    dispatcher_id: int
+    process: multiprocessing.process.BaseProcess
+    status_conn: Connection
+    state: str = "starting"  # built, serving, failed, exited
+
+
+def serve_api_servers(args: ServerArgs, sock: socket.socket, rank_main: RankMain | None = None,
+                      plan: LaunchPlan | None = None) -> int:
+    """Start the ranks, then ``--api-server-count`` API processes on ``sock``; supervise
+    until a stop signal or until none is left. Always stops everything it started."""
+    processes = EngineProcesses(args, rank_main, plan=plan)
+    apis: list[ApiProcess] = []
+    try:
+        processes.start()
+        logger.info("started %d rank(s) on board %s; waiting until they are ready",
+                    args.dp_size, processes.board.name)
+        processes.wait_ready(args.startup_timeout_s)
+        apis, go = start_api_processes(args, sock, processes)
+        release_pipes(processes)  # each pipe's API end now lives in one API process only
+        if not wait_serving(apis, go):
+            return EXIT_STARTUP_FAILED
+        url = args.url.rsplit(":", 1)[0] + f":{sock.getsockname()[1]}"
+        logger.info("ready: %s serving %s with %d rank(s) behind %d API processes, load "
+                    "balance method %s", url, args.served_model_name, args.dp_size,
+                    len(apis), args.load_balance_method)
+        supervise(apis)
+        return 0
+    except RankStartupError as exc:
+        logger.error("%s", exc)
+        return EXIT_STARTUP_FAILED
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        stop_api_processes(apis)
+        # With every API process gone each rank reads EOF on all its request pipes and
+        # stops by itself (its requests ended, its row DEAD); close stops what is left.
+        deadline = time.monotonic() + args.shutdown_timeout_s
+        for rank in processes.ranks:
+            rank.process.join(max(0.0, deadline - time.monotonic()))
+        processes.close()
+        logger.info("stopped: every API process and rank exited and every segment is unlinked")
+
+
+def start_api_processes(args: ServerArgs, sock: socket.socket, processes: EngineProcesses):
+    """Spawn one API process per dispatcher; returns them and the event that lets them
+    serve."""
+    ctx = multiprocessing.get_context("spawn")
+    go = ctx.Event()
+    apis = []
+    for d in range(processes.num_dispatchers):
+        status_recv, status_send = ctx.Pipe(duplex=False)
+        ends = [RankEnds(r.dp_rank, r.ready, *r.dispatcher_pipes[d]) for r in processes.ranks]
+        process = ctx.Process(target=api_server_main, name=f"dpserve-api-{d}",
+                              args=(args, d, sock, processes.board.name, ends, status_send, go),
+                              daemon=False)
+        process.start()
+        status_send.close()
+        apis.append(ApiProcess(d, process, status_recv))
+    return apis, go
+
+
+def release_pipes(processes: EngineProcesses) -> None:
+    """Close the launcher's copies of every rank pipe's API end."""
+    for rank in processes.ranks:
+        for req_conn, out_conn in rank.dispatcher_pipes:
+            req_conn.close()
+            out_conn.close()
+
+
+def _read_status(api: ApiProcess) -> None:
+    try:
+        state, detail = api.status_conn.recv()
+    except (EOFError, OSError):
+        api.process.join(1.0)
+        if api.state != "exited":
+            api.state = "exited"
+            logger.error("API process %d exited (code %s)", api.dispatcher_id,
+                         api.process.exitcode)
+        return
+    api.state = state
+    if state == "failed":
+        logger.error("API process %d failed to start: %s", api.dispatcher_id, detail)
+
+
+def wait_serving(apis: list[ApiProcess], go) -> bool:
+    """Every API process builds its app, then all are let go together; True once all
+    serve, False if one fails, exits or takes too long."""
+    deadline = time.monotonic() + API_START_TIMEOUT_S
+    released = False
+    while True:
+        states = {a.state for a in apis}
+        if states & {"failed", "exited"}:
+            return False
+        if not released and states <= {"built", "serving"}:
+            go.set()
+            released = True
+        if states == {"serving"}:
+            return True
+        left = deadline - time.monotonic()
+        if left <= 0:
+            logger.error("API processes not serving after %.0f s: %s", API_START_TIMEOUT_S,
+                         {a.dispatcher_id: a.state for a in apis})
+            return False
+        for conn in wait([a.status_conn for a in apis], timeout=left):
+            _read_status(next(a for a in apis if a.status_conn is conn))
+
+
+def supervise(apis: list[ApiProcess]) -> None:
+    """Until every API process has exited: log each exit; the others keep serving."""
+    while live := [a for a in apis if a.state != "exited"]:
+        by_conn = {a.status_conn: a for a in live}
+        by_sentinel = {a.process.sentinel: a for a in live}
+        for obj in wait([*by_conn, *by_sentinel]):
+            api = by_conn.get(obj) or by_sentinel[obj]
+            if obj in by_sentinel:
+                api.process.join(1.0)
+                api.state = "exited"
+                left = sum(a.state != "exited" for a in apis)
+                logger.error("API process %d (pid %d) exited with code %s; its requests are "
+                             "ended on the ranks, %d API process(es) keep serving",
+                             api.dispatcher_id, api.process.pid, api.process.exitcode, left)
+            else:
+                _read_status(api)
+
+
+def stop_api_processes(apis: list[ApiProcess]) -> None:
+    """SIGTERM every API process (uvicorn's graceful stop), then SIGKILL after a bound."""
+    for api in apis:
+        if api.process.is_alive():
+            api.process.terminate()
+    deadline = time.monotonic() + API_STOP_TIMEOUT_S
+    for api in apis:
+        api.process.join(max(0.0, deadline - time.monotonic()))
+    for api in apis:
+        if api.process.is_alive():
+            logger.warning("kill API process %d", api.dispatcher_id)
+            api.process.kill()
+            api.process.join(2.0)
+        api.status_conn.close()

@@ -1,0 +1,231 @@
+"""``--api-server-count N``: N API processes on one port and one board, balancing as one.
+
+The server tests run the real command over simulated ranks (``--executor sim`` with a
+fixed step time, so requests last as long as the test needs); ``ServerProcess``
+always stops the server and its group. The rank-side tests run the real
+``Scheduler`` in-process over a real board.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from engine.sampling import SamplingParams
+from scheduler.config import SchedulerConfig
+from scheduler.messages import BatchOutput, GenerateReq
+from scheduler.rank_io import retire_dispatcher
+from scheduler.scheduler import Scheduler
+from shm.board import LoadBoard, RankStatus
+from shm.segment import new_launch_id
+from sim.executor import SimExecutor, load_profile
+from tests.server_helpers import ServerProcess, child_pids, pid_gone, write_sim_profile
+
+
+# ---- the rank side: outputs go back to their dispatcher; a dispatcher that dies ---------
+def _gen(rid: str, dispatcher: int, prompt_len: int = 4, max_new: int = 1000) -> GenerateReq:
+    return GenerateReq(rid=rid, input_ids=list(range(1, prompt_len + 1)),
+                       sampling_params=SamplingParams(max_new_tokens=max_new, temperature=0.0,
+                                                      ignore_eos=True),
+                       dispatcher_id=dispatcher, counted_tokens=prompt_len)
+
+
+@pytest.fixture
+def rank_on_board():
+    """A real scheduler for rank 0 of a 1-rank, 2-dispatcher board; what it sends, by
+    dispatcher."""
+    board = LoadBoard.create(1, 2, launch_id=new_launch_id())
+    try:
+        cfg = SchedulerConfig(dp_rank=0, board_name=board.name, num_dispatchers=2,
+                              executor="sim", sim_profile="instant")
+        row = board.rank_writer(0)
+        row.set_status(RankStatus.READY)
+        sent: dict[int, list[BatchOutput]] = {0: [], 1: []}
+        sched = Scheduler(cfg, SimExecutor(load_profile("instant"), 8192), row,
+                          lambda msg: None, send_to=lambda d, batch: sent[d].append(batch))
+        yield board, sched, sent
+    finally:
+        board.close()
+
+
+def test_outputs_go_to_the_dispatcher_that_sent_the_request(rank_on_board):
+    board, sched, sent = rank_on_board
+    writers = [board.dispatcher_writer(d) for d in range(2)]
+    msgs = [_gen("a", 0), _gen("b", 1), _gen("c", 1)]
+    for m in msgs:
+        writers[m.dispatcher_id].bump(0, m.counted_tokens)
+    sched.step(msgs)
+    sched.step([])
+    got = {d: {out.rid for batch in batches for out in batch.outputs} for d, batches in sent.items()}
+    assert got == {0: {"a"}, 1: {"b", "c"}}
+    assert all(len(batch.outputs) > 0 for batches in sent.values() for batch in batches)
+
+
+def test_a_dead_dispatchers_requests_end_and_its_counts_retire(rank_on_board):
+    """Dispatcher 1 sent two requests and counted two more it never delivered (it died
+    between the bump and the send): retiring it frees its requests and its in-flight
+    count; dispatcher 0's request keeps running and counting."""
+    board, sched, sent = rank_on_board
+    writers = [board.dispatcher_writer(d) for d in range(2)]
+    msgs = [_gen("keep", 0), _gen("x", 1), _gen("y", 1)]
+    for m in msgs:
+        writers[m.dispatcher_id].bump(0, m.counted_tokens)
+    writers[1].bump(0, 7)
+    writers[1].bump(0, 9)  # counted, never sent
+    sched.step(msgs)
+    snap = board.snapshot()
+    assert int(snap.effective_reqs[0]) == 5 and int(snap.in_flight_reqs[0]) == 2
+
+    assert retire_dispatcher(sched, board, 1, "its API process exited") == 2
+    snap = board.snapshot()
+    assert int(snap.effective_reqs[0]) == 1 and int(snap.in_flight_reqs[0]) == 0
+    assert int(snap.effective_tokens[0]) == int(snap.num_tokens[0])
+    assert set(sched.reqs) == {"keep"}
+    sched.step([])
+    assert sched.reqs.keys() == {"keep"} and int(board.snapshot().effective_reqs[0]) == 1
+
+
+# ---- the server ----------------------------------------------------------------------------
+def _serve_flags(tmp_path: Path, step_s: float, dp_size: int, api_servers: int,
+                 *extra: str) -> list[str]:
+    profile = write_sim_profile(tmp_path / "profile.json", step_s=step_s)
+    return ["--executor", "sim", "--sim-profile", profile, "--dp-size", str(dp_size),
+            "--api-server-count", str(api_servers), *extra]
+
+
+def _wait_all_serving(server: ServerProcess, n: int, timeout_s: float = 30.0) -> None:
+    """Until the launcher logs that all ``n`` API processes serve."""
+    deadline = time.monotonic() + timeout_s
+    while f"behind {n} API processes" not in server.log():
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.05)
+
+
+def _board(server: ServerProcess) -> LoadBoard:
+    (name,) = [s for s in server.segments() if s.endswith(".board")]
+    return LoadBoard.attach("/" + name.lstrip("/"))
+
+
+def _wait_board(board: LoadBoard, done, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while not done(snap := board.snapshot()):
+        assert time.monotonic() < deadline, (what, snap)
+        time.sleep(0.02)
+    return snap
+
+
+def _api_pids(server: ServerProcess) -> dict[int, int]:
+    """dispatcher id -> pid of each API process (each answers /server_info for itself;
+    fresh connections land on either)."""
+    pids: dict[int, int] = {}
+    deadline = time.monotonic() + 20
+    while len(pids) < 2 and time.monotonic() < deadline:
+        with httpx.Client() as client:  # a new connection each time
+            d = client.get(server.url + "/server_info", timeout=5).json()["dispatch"]
+        pids[d["dispatcher_id"]] = d["pid"]
+    return pids
+
+
+@pytest.mark.slow
+def test_a_burst_over_two_api_processes_reads_25_per_rank(tmp_path):
+    """100 long requests over 2 API processes, 4 ranks, total_requests: /get_load reads
+    exactly 25 per rank once all are dispatched and before any completes (each lasts
+    2000 steps of 50 ms); closing them drains the board to zero."""
+    flags = _serve_flags(tmp_path, 0.05, 4, 2, "--load-balance-method", "total_requests")
+    with ServerProcess(*flags, log_path=tmp_path / "server.log") as server:
+        _wait_all_serving(server, 2)
+        board = _board(server)
+        try:
+            asyncio.run(_burst_and_check(server, board))
+        finally:
+            board.close()
+
+
+async def _burst_and_check(server: ServerProcess, board: LoadBoard) -> None:
+    release = asyncio.Event()
+    body = {"text": "a long one", "stream": True,
+            "sampling_params": {"max_new_tokens": 2000, "ignore_eos": True}}
+    limits = httpx.Limits(max_connections=200, max_keepalive_connections=0)
+
+    async def hold(client: httpx.AsyncClient) -> None:
+        async with client.stream("POST", server.url + "/generate", json=body) as r:
+            assert r.status_code == 200
+            await release.wait()
+
+    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+        tasks = [asyncio.create_task(hold(client)) for _ in range(100)]
+        try:
+            deadline = time.monotonic() + 30
+            while sum(row["num_reqs"] for row in
+                      (await client.get(server.url + "/get_load")).json()) < 100:
+                assert time.monotonic() < deadline, "the burst was not dispatched in 30 s"
+                assert not any(t.done() for t in tasks), [t for t in tasks if t.done()]
+                await asyncio.sleep(0.05)
+            rows = (await client.get(server.url + "/get_load")).json()
+            assert [row["num_reqs"] for row in rows] == [25, 25, 25, 25], rows
+            snap = board.snapshot()
+            per_api = snap.dispatched_reqs.sum(axis=1).tolist()
+            assert sum(per_api) == 100 and min(per_api) > 0, per_api  # both served some
+            assert not any(t.done() for t in tasks)  # none completed
+        finally:
+            release.set()
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    _wait_board(board, lambda s: s.effective_reqs.sum() == 0 and s.effective_tokens.sum() == 0,
+                10, "the board did not drain after the clients left")
+
+
+@pytest.mark.slow
+def test_sigkill_of_one_api_process_under_load(tmp_path):
+    """SIGKILL API process 1 while 40 requests run: its clients see errors, API process
+    0's complete, the board drains to zero, and the server keeps serving and then
+    stops clean."""
+    flags = _serve_flags(tmp_path, 0.02, 2, 2)
+    server = ServerProcess(*flags, log_path=tmp_path / "server.log")
+    with server:
+        _wait_all_serving(server, 2)
+        pids = _api_pids(server)
+        assert set(pids) == {0, 1} and set(pids.values()) <= set(child_pids(server.pid))
+        board = _board(server)
+        try:
+            ok, failed, per_api = asyncio.run(_kill_under_load(server, board, pids[1]))
+            assert per_api[1] > 0 and per_api[0] > 0, per_api
+            assert (ok, failed) == (per_api[0], per_api[1])
+            _wait_board(board, lambda s: (s.effective_reqs.sum() == 0
+                                          and s.effective_tokens.sum() == 0
+                                          and s.in_flight_reqs.sum() == 0),
+                        10, "the board did not drain after the API process died")
+        finally:
+            board.close()
+        r = httpx.post(server.url + "/generate", timeout=30, json={
+            "text": "still here", "sampling_params": {"max_new_tokens": 3}})
+        assert r.status_code == 200, r.text
+        assert "API process 1" in server.log()
+        assert server.terminate(20) == 0
+    assert server.segments() == []
+
+
+async def _kill_under_load(server: ServerProcess, board: LoadBoard, victim: int):
+    body = {"text": "under load", "sampling_params": {"max_new_tokens": 150, "ignore_eos": True}}
+    limits = httpx.Limits(max_connections=100, max_keepalive_connections=0)
+    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+        tasks = [asyncio.create_task(client.post(server.url + "/generate", json=body))
+                 for _ in range(40)]
+        snap = await asyncio.to_thread(_wait_board, board, lambda s: s.effective_reqs.sum() == 40,
+                                       20, "40 requests were not dispatched")
+        per_api = snap.dispatched_reqs.sum(axis=1).tolist()
+        os.kill(victim, signal.SIGKILL)
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert pid_gone(victim)
+    ok = [r for r in results if isinstance(r, httpx.Response) and r.status_code == 200]
+    assert all(len(r.json()["output_ids"]) == 150 for r in ok)
+    failed = [r for r in results if isinstance(r, httpx.HTTPError)]
+    assert len(ok) + len(failed) == 40, results
+    return len(ok), len(failed), per_api
