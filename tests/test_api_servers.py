@@ -229,3 +229,115 @@ async def _kill_under_load(server: ServerProcess, board: LoadBoard, victim: int)
     failed = [r for r in results if isinstance(r, httpx.HTTPError)]
     assert len(ok) + len(failed) == 40, results
     return len(ok), len(failed), per_api
+
+
+# ---- N dispatchers in N processes: counts stay within 1 + N, and return to zero ---------
+NUM_RANKS, NUM_APIS, PICKS_EACH = 4, 3, 150
+STALE_NS = 10**12  # the test's ranks heartbeat once, at start
+
+
+def _dispatcher_proc(board_name: str, d: int, seed: int, queues, start) -> None:
+    """One API process's dispatcher: ``PICKS_EACH`` total_requests picks, each handed to
+    its rank's queue, with random pauses between the board read and the bump (a
+    preempted API process) and between picks."""
+    import random
+
+    from scheduler.dispatcher import Dispatcher
+
+    rng = random.Random(seed)
+    board = LoadBoard.attach(board_name)
+    read = board.read_requests
+
+    def slow_read():
+        counts = read()
+        if rng.random() < 0.3:
+            time.sleep(rng.uniform(0, 0.002))  # the window another dispatcher can race into
+        return counts
+
+    board.read_requests = slow_read
+    dispatcher = Dispatcher(board, d, "total_requests", stale_ns=STALE_NS)
+    start.wait(30)
+    for _ in range(PICKS_EACH):
+        tokens = rng.randint(1, 100)
+        queues[dispatcher.pick(tokens)].put((d, tokens))
+        if rng.random() < 0.3:
+            time.sleep(rng.uniform(0, 0.001))
+    del dispatcher, board.read_requests
+    board.close()
+
+
+def _rank_proc(board_name: str, r: int, seed: int, inbox, finish) -> None:
+    """A rank that acks what arrives at random moments and holds it (none completes),
+    then, on ``finish``, completes everything."""
+    import queue
+    import random
+
+    rng = random.Random(seed)
+    board = LoadBoard.attach(board_name)
+    row = board.rank_writer(r)
+    acked_reqs, acked_tokens = [0] * NUM_APIS, [0] * NUM_APIS
+    held = held_tokens = 0
+    while not (finish.is_set() and inbox.empty()):
+        try:
+            d, tokens = inbox.get(timeout=0.01)
+        except queue.Empty:
+            continue
+        time.sleep(rng.uniform(0, 0.001))
+        acked_reqs[d] += 1
+        acked_tokens[d] += tokens
+        held, held_tokens = held + 1, held_tokens + tokens
+        row.publish(held, held, held_tokens, acked_reqs, acked_tokens,
+                    num_prefill_tokens=held_tokens)
+    row.publish(0, 0, 0, acked_reqs, acked_tokens, num_prefill_tokens=0)
+    del row
+    board.close()
+
+
+def test_n_dispatchers_in_processes_stay_within_1_plus_n_and_return_to_zero():
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    board = LoadBoard.create(NUM_RANKS, NUM_APIS, launch_id=new_launch_id())
+    procs = []
+    try:
+        now = time.monotonic_ns()
+        for r in range(NUM_RANKS):
+            w = board.rank_writer(r)
+            w.heartbeat(now)
+            w.set_status(RankStatus.READY)
+        queues = [ctx.Queue() for _ in range(NUM_RANKS)]
+        start, finish = ctx.Event(), ctx.Event()
+        ranks = [ctx.Process(target=_rank_proc, args=(board.name, r, 100 + r, queues[r], finish))
+                 for r in range(NUM_RANKS)]
+        apis = [ctx.Process(target=_dispatcher_proc, args=(board.name, d, d, queues, start))
+                for d in range(NUM_APIS)]
+        procs = ranks + apis
+        for p in procs:
+            p.start()
+        start.set()
+        worst, samples = 0, 0
+        while any(p.is_alive() for p in apis) or samples == 0:
+            counts = board.read_requests()
+            worst = max(worst, max(counts) - min(counts))
+            samples += 1
+        for p in apis:
+            p.join(30)
+            assert p.exitcode == 0
+        counts = board.read_requests()
+        assert sum(counts) == NUM_APIS * PICKS_EACH
+        assert worst <= 1 + NUM_APIS, (worst, samples)
+        assert max(counts) - min(counts) <= 1 + NUM_APIS, counts
+        finish.set()
+        for p in ranks:
+            p.join(30)
+            assert p.exitcode == 0
+        snap = board.snapshot()
+        assert board.read_requests() == [0] * NUM_RANKS
+        assert snap.effective_tokens.tolist() == [0] * NUM_RANKS
+        assert snap.in_flight_reqs.tolist() == [0] * NUM_RANKS
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+        board.close()
