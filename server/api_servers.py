@@ -12,9 +12,11 @@ exits, the rank reads EOF there and ends its requests (``scheduler.rank_io``).
 
 Each API process runs the same ``EngineClient`` and app as a single API process does,
 over ``SiblingRanks``: ranks it did not start, watched through a pidfd (Linux 5.3+).
-The board is shared, so ``/get_load``, ``/v1/loads`` and ``/server_info``'s ranks read
-the same from any of them; counters kept per process (``/metrics``, ``dispatch``)
-describe the process that answers.
+The board is shared, so ``/get_load``, ``/v1/loads``, ``/server_info``'s ranks and the
+``/metrics`` gauges read the same from any of them; ``/metrics``' counters and
+histograms are summed over all of them (``server.metrics.shared_registry``);
+``/server_info``'s ``dispatch`` figures are the answering process's, labelled with its
+``dispatcher_id`` and pid.
 
 Lifecycle:
 - start: every API process loads its tokenizer and builds its app, then waits until
@@ -36,8 +38,10 @@ import logging
 import multiprocessing
 import os
 import select
+import shutil
 import signal
 import socket
+import tempfile
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
@@ -50,6 +54,7 @@ from scheduler.roles import Role
 from server.args import ServerArgs
 from server.connections import event_loop_factory
 from server.engine_client import EngineClient
+from server.metrics import MULTIPROC_ENV
 from server.placement import LaunchPlan
 from server.ranks import EngineProcesses, RankHandle, RankMain, RankStartupError
 from server.serving import StopSignal, stop_on_signals, uvicorn_config
@@ -217,6 +222,10 @@ def serve_api_servers(args: ServerArgs, sock: socket.socket, rank_main: RankMain
     until a stop signal or until none is left. Always stops everything it started."""
     processes = EngineProcesses(args, rank_main, plan=plan)
     apis: list[ApiProcess] = []
+    # Every API process's counters in one folder, summed by a scrape of any of them
+    # (server.metrics.shared_registry); inherited by the processes spawned below.
+    metrics_dir = tempfile.mkdtemp(prefix="dpserve-metrics.")
+    os.environ[MULTIPROC_ENV] = metrics_dir
     try:
         processes.start()
         logger.info("started %d rank(s) on board %s; waiting until they are ready",
@@ -245,6 +254,8 @@ def serve_api_servers(args: ServerArgs, sock: socket.socket, rank_main: RankMain
         for rank in processes.ranks:
             rank.process.join(max(0.0, deadline - time.monotonic()))
         processes.close()
+        os.environ.pop(MULTIPROC_ENV, None)
+        shutil.rmtree(metrics_dir, ignore_errors=True)
         logger.info("stopped: every API process and rank exited and every segment is unlinked")
 
 

@@ -16,13 +16,19 @@ in one process (tests) do not share or collide.
   ``sglang:num_aborted_requests_total`` (requests that ended without their finish).
 - ``sglang:gen_throughput`` per ``dp_rank``: the rank's latest "Decode batch." figure
   (``scheduler.stats``), 0 until its first.
+- With ``--api-server-count N`` any API process answers for all: the gauges come from
+  the board, the counters and histograms are summed over every API process
+  (prometheus_client's multiprocess mode, ``shared_registry``).
 """
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -36,6 +42,8 @@ ITL_BUCKETS = (0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.025, 0.03
                0.06, 0.08, 0.1, 0.2, 0.4, 0.6, 0.8, 1, 2, 4, 6, 8)
 E2E_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1, 2, 4, 6, 8, 10, 20, 40, 60, 80, 100, 150,
                200, 250, 300, 350, 500, 1000)
+# prometheus_client's multiprocess mode: read when it is imported, so set by the launcher.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 MAX_ITL_OBSERVATIONS = 64  # per output message; a huge batch output is rare
 
 
@@ -101,6 +109,7 @@ class ServerMetrics(MetricsObserver):
         self._aborted = Counter("sglang:num_aborted_requests", "Requests that ended before "
                                 "their finish: the client left, the rank refused or lost "
                                 "them", **kw).labels(name)
+        self.registry = shared_registry(self.registry, engine)
 
     def on_first_token(self, ttft_s: float) -> None:
         self._ttft.observe(ttft_s)
@@ -118,6 +127,20 @@ class ServerMetrics(MetricsObserver):
 
     def on_abort(self) -> None:
         self._aborted.inc()
+
+
+def shared_registry(own: CollectorRegistry, engine: EngineClient) -> CollectorRegistry:
+    """What a scrape reads. With several API processes (``server.api_servers`` sets
+    ``MULTIPROC_ENV`` before any of them starts) each one's counters and histograms live
+    in a file of that folder, and a scrape of any process sums every process's (the
+    board gauges are the same from any); otherwise ``own``."""
+    path = os.environ.get(MULTIPROC_ENV)
+    if not path:
+        return own
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(BoardCollector(engine))
+    MultiProcessCollector(registry, path=path)
+    return registry
 
 
 async def metrics(request: Request) -> Response:

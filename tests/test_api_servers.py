@@ -180,6 +180,20 @@ async def _burst_and_check(server: ServerProcess, board: LoadBoard) -> None:
             await asyncio.gather(*tasks, return_exceptions=True)
     _wait_board(board, lambda s: s.effective_reqs.sum() == 0 and s.effective_tokens.sum() == 0,
                 10, "the board did not drain after the clients left")
+    # Either API process's /metrics counts all 100 aborts (each counted its own).
+    seen = {}
+    deadline = time.monotonic() + 20
+    while len(seen) < 2 and time.monotonic() < deadline:
+        with httpx.Client(base_url=server.url, timeout=5) as client:  # one connection
+            pid = client.get("/server_info").json()["dispatch"]["pid"]
+            seen[pid] = _metric(client.get("/metrics").text, "sglang:num_aborted_requests_total")
+    assert len(seen) == 2 and set(seen.values()) == {100.0}, seen
+
+
+def _metric(text: str, name: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+    return sum(sample.value for family in text_string_to_metric_families(text)
+               for sample in family.samples if sample.name == name)
 
 
 @pytest.mark.slow
