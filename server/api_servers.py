@@ -50,15 +50,17 @@ import uvicorn
 
 from scheduler.log_format import configure_logging
 from scheduler.messages import RankReady
-from scheduler.roles import Role
+from scheduler.roles import DisaggregationMode, Role
 from server.args import ServerArgs
 from server.connections import event_loop_factory
 from server.engine_client import EngineClient
 from server.metrics import MULTIPROC_ENV
+from server.pd import PDLaunchError, PDProcesses, pd_engine_client
 from server.placement import LaunchPlan
 from server.ranks import EngineProcesses, RankHandle, RankMain, RankStartupError
-from server.serving import StopSignal, stop_on_signals, uvicorn_config
+from server.serving import StopSignal, pd_summary, stop_on_signals, uvicorn_config
 from shm.board import LoadBoard, RankStatus
+from shm.bootstrap import BootstrapTable
 
 logger = logging.getLogger("dpserve")
 
@@ -77,6 +79,26 @@ class RankEnds:
     ready: RankReady
     req_conn: Connection
     out_conn: Connection
+
+
+@dataclass
+class GroupEnds:
+    """One rank group (plain mode: the only one; PD: prefill or decode) as API process
+    d sees it: the group's board and its ranks' ends."""
+
+    role: Role
+    board_name: str
+    ranks: list[RankEnds]
+
+
+@dataclass
+class ApiSpec:
+    """Everything API process ``dispatcher_id`` is given (pickled by spawn)."""
+
+    dispatcher_id: int
+    groups: list[GroupEnds]
+    route_name: str | None = None  # PD prefill: the route table; it writes region d
+    num_prefill_ranks: int = 0  # PD decode: the range of disagg_prefill_dp_rank
 
 
 # ---- the API process ------------------------------------------------------------------
@@ -121,15 +143,14 @@ class SiblingRanks:
     """The ranks as one API process of several sees them (what ``EngineClient`` and
     ``RankMonitor`` use of ``EngineProcesses``): the board attached, not owned."""
 
-    def __init__(self, args: ServerArgs, dispatcher_id: int, board_name: str,
-                 ranks: list[RankEnds]):
+    def __init__(self, args: ServerArgs, dispatcher_id: int, group: GroupEnds):
         self.args = args
-        self.role = Role.MIXED
+        self.role = group.role
         self.dispatcher_id = dispatcher_id
-        self.dp_size = len(ranks)
-        self.board: LoadBoard | None = LoadBoard.attach(board_name)
+        self.dp_size = len(group.ranks)
+        self.board: LoadBoard | None = LoadBoard.attach(group.board_name)
         self.ranks = [RankHandle(r.dp_rank, SiblingProcess(r.ready.pid), r.req_conn,
-                                 r.out_conn, ready=r.ready) for r in ranks]
+                                 r.out_conn, ready=r.ready) for r in group.ranks]
 
     def mark_dead(self, rank: RankHandle) -> None:
         """As ``EngineProcesses.mark_dead``: DEAD only once the process has exited (every
@@ -149,18 +170,26 @@ class SiblingRanks:
             self.board = None
 
 
-def api_server_main(args: ServerArgs, dispatcher_id: int, sock: socket.socket,
-                    board_name: str, ranks: list[RankEnds], status_conn: Connection,
-                    go) -> None:
-    """The body of API process ``dispatcher_id``: build the engine client and the app,
-    wait for ``go`` (every API process built its app), serve until SIGTERM/SIGINT."""
-    configure_logging(args.log_level, f"api {dispatcher_id}")
+def api_server_main(args: ServerArgs, spec: ApiSpec, sock: socket.socket,
+                    status_conn: Connection, go) -> None:
+    """The body of API process ``spec.dispatcher_id``: build the engine client and the
+    app, wait for ``go`` (every API process built its app), serve until SIGTERM/SIGINT."""
+    d = spec.dispatcher_id
+    configure_logging(args.log_level, f"api {d}")
     stop_on_signals()
     _exit_with_parent()
-    processes = None
+    groups: dict[Role, SiblingRanks] = {}
+    route = None
     try:
-        processes = SiblingRanks(args, dispatcher_id, board_name, ranks)
-        engine = EngineClient.from_processes(args, processes)
+        for group in spec.groups:
+            groups[group.role] = SiblingRanks(args, d, group)
+        if args.disaggregation_mode == DisaggregationMode.NULL:
+            engine = EngineClient.from_processes(args, groups[Role.MIXED])
+        else:
+            route = BootstrapTable.attach(spec.route_name) if spec.route_name else None
+            writer = route.region_writer(d) if route is not None else None
+            engine = pd_engine_client(args, groups, writer,
+                                      spec.num_prefill_ranks)
         server = uvicorn.Server(uvicorn_config(args, engine))
         status_conn.send(("built", None))
         if not go.wait(API_START_TIMEOUT_S):
@@ -170,14 +199,16 @@ def api_server_main(args: ServerArgs, dispatcher_id: int, sock: socket.socket,
     except StopSignal:
         pass
     except Exception as exc:
-        logger.exception("API process %d failed", dispatcher_id)
+        logger.exception("API process %d failed", d)
         _try_send(status_conn, ("failed", f"{type(exc).__name__}: {exc}"))
         raise SystemExit(EXIT_STARTUP_FAILED) from None
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        if processes is not None:
-            processes.close()
+        if route is not None:
+            route.close()  # gives up its region
+        for group in groups.values():
+            group.close()
 
 
 def _exit_with_parent() -> None:
@@ -220,7 +251,9 @@ def serve_api_servers(args: ServerArgs, sock: socket.socket, rank_main: RankMain
                       plan: LaunchPlan | None = None) -> int:
     """Start the ranks, then ``--api-server-count`` API processes on ``sock``; supervise
     until a stop signal or until none is left. Always stops everything it started."""
-    processes = EngineProcesses(args, rank_main, plan=plan)
+    pd_mode = args.disaggregation_mode != DisaggregationMode.NULL
+    processes = (PDProcesses(args, rank_main, plan) if pd_mode
+                 else EngineProcesses(args, rank_main, plan=plan))
     apis: list[ApiProcess] = []
     # Every API process's counters in one folder, summed by a scrape of any of them
     # (server.metrics.shared_registry); inherited by the processes spawned below.
@@ -228,20 +261,23 @@ def serve_api_servers(args: ServerArgs, sock: socket.socket, rank_main: RankMain
     os.environ[MULTIPROC_ENV] = metrics_dir
     try:
         processes.start()
-        logger.info("started %d rank(s) on board %s; waiting until they are ready",
-                    args.dp_size, processes.board.name)
+        groups = processes.groups if pd_mode else {processes.role: processes}
+        logger.info("started %d rank(s) on board(s) %s; waiting until they are ready",
+                    sum(g.dp_size for g in groups.values()),
+                    ", ".join(g.board.name for g in groups.values()))
         processes.wait_ready(args.startup_timeout_s)
-        apis, go = start_api_processes(args, sock, processes)
-        release_pipes(processes)  # each pipe's API end now lives in one API process only
+        apis, go = start_api_processes(args, sock, groups, processes if pd_mode else None)
+        release_pipes(groups)  # each pipe's API end now lives in one API process only
         if not wait_serving(apis, go):
             return EXIT_STARTUP_FAILED
         url = args.url.rsplit(":", 1)[0] + f":{sock.getsockname()[1]}"
         logger.info("ready: %s serving %s with %d rank(s) behind %d API processes, load "
-                    "balance method %s", url, args.served_model_name, args.dp_size,
-                    len(apis), args.load_balance_method)
+                    "balance method %s%s", url, args.served_model_name,
+                    sum(g.dp_size for g in groups.values()), len(apis),
+                    args.load_balance_method, pd_summary(args))
         supervise(apis)
         return 0
-    except RankStartupError as exc:
+    except (RankStartupError, PDLaunchError) as exc:
         logger.error("%s", exc)
         return EXIT_STARTUP_FAILED
     finally:
@@ -251,7 +287,9 @@ def serve_api_servers(args: ServerArgs, sock: socket.socket, rank_main: RankMain
         # With every API process gone each rank reads EOF on all its request pipes and
         # stops by itself (its requests ended, its row DEAD); close stops what is left.
         deadline = time.monotonic() + args.shutdown_timeout_s
-        for rank in processes.ranks:
+        ranks = ([r for g in processes.groups.values() for r in g.ranks] if pd_mode
+                 else processes.ranks)
+        for rank in ranks:
             rank.process.join(max(0.0, deadline - time.monotonic()))
         processes.close()
         os.environ.pop(MULTIPROC_ENV, None)
@@ -259,30 +297,36 @@ def serve_api_servers(args: ServerArgs, sock: socket.socket, rank_main: RankMain
         logger.info("stopped: every API process and rank exited and every segment is unlinked")
 
 
-def start_api_processes(args: ServerArgs, sock: socket.socket, processes: EngineProcesses):
+def start_api_processes(args: ServerArgs, sock: socket.socket,
+                        groups: dict[Role, EngineProcesses], pd: PDProcesses | None):
     """Spawn one API process per dispatcher; returns them and the event that lets them
     serve."""
     ctx = multiprocessing.get_context("spawn")
     go = ctx.Event()
     apis = []
-    for d in range(processes.num_dispatchers):
+    route_name = pd.route.name if pd is not None and pd.route.segment.is_owner else None
+    for d in range(args.api_server_count):
+        spec = ApiSpec(d, [GroupEnds(role, g.board.name,
+                                     [RankEnds(r.dp_rank, r.ready, *r.dispatcher_pipes[d])
+                                      for r in g.ranks]) for role, g in groups.items()],
+                       route_name=route_name,
+                       num_prefill_ranks=pd.handoff.num_regions if pd is not None else 0)
         status_recv, status_send = ctx.Pipe(duplex=False)
-        ends = [RankEnds(r.dp_rank, r.ready, *r.dispatcher_pipes[d]) for r in processes.ranks]
         process = ctx.Process(target=api_server_main, name=f"dpserve-api-{d}",
-                              args=(args, d, sock, processes.board.name, ends, status_send, go),
-                              daemon=False)
+                              args=(args, spec, sock, status_send, go), daemon=False)
         process.start()
         status_send.close()
         apis.append(ApiProcess(d, process, status_recv))
     return apis, go
 
 
-def release_pipes(processes: EngineProcesses) -> None:
+def release_pipes(groups: dict[Role, EngineProcesses]) -> None:
     """Close the launcher's copies of every rank pipe's API end."""
-    for rank in processes.ranks:
-        for req_conn, out_conn in rank.dispatcher_pipes:
-            req_conn.close()
-            out_conn.close()
+    for group in groups.values():
+        for rank in group.ranks:
+            for req_conn, out_conn in rank.dispatcher_pipes:
+                req_conn.close()
+                out_conn.close()
 
 
 def _read_status(api: ApiProcess) -> None:

@@ -327,9 +327,6 @@ def validate_args(args: ServerArgs) -> None:
     if not 1 <= args.api_server_count <= 64:
         raise InvalidServerArgs(f"--api-server-count must be in [1, 64], got "
                                 f"{args.api_server_count}")
-    if args.api_server_count > 1 and args.disaggregation_mode != DisaggregationMode.NULL.value:
-        raise InvalidServerArgs("--api-server-count > 1 is not supported with "
-                                f"--disaggregation-mode {args.disaggregation_mode} yet")
     if args.tp_size != 1:
         raise InvalidServerArgs(
             f"--tp-size {args.tp_size}: tensor parallelism is not supported; each rank runs "

@@ -29,14 +29,14 @@ import uvicorn
 
 from engine.model_source import ModelFetchError
 from scheduler.log_format import configure_logging
-from scheduler.roles import DisaggregationMode, Role
+from scheduler.roles import DisaggregationMode
 from server.args import InvalidServerArgs, ServerArgs, parse_args, resolve_args
 from server.connections import event_loop_factory, raise_open_file_limit
 from server.engine_client import EngineClient
 from server.pd import PDLaunchError, PDProcesses
 from server.placement import LaunchError, LaunchPlan, plan_launch
 from server.ranks import EngineProcesses, RankMain, RankStartupError
-from server.serving import StopSignal, stop_on_signals, uvicorn_config
+from server.serving import StopSignal, pd_summary, stop_on_signals, uvicorn_config
 
 logger = logging.getLogger("dpserve")
 
@@ -120,19 +120,9 @@ async def _serve(server: uvicorn.Server, sock: socket.socket, args: ServerArgs) 
         url = args.url.rsplit(":", 1)[0] + f":{sock.getsockname()[1]}"
         logger.info("ready: %s serving %s with %d rank(s), load balance method %s%s",
                     url, args.served_model_name, args.dp_size, args.load_balance_method,
-                    _pd_summary(args))
+                    pd_summary(args))
     await task
     return server.started
-
-
-def _pd_summary(args: ServerArgs) -> str:
-    mode = args.disaggregation_mode
-    if mode == DisaggregationMode.PD:
-        return (f"; PD: {args.prefill_dp_size} prefill ranks ({args.method_for(Role.PREFILL)}), "
-                f"{args.decode_dp_size} decode ranks ({args.method_for(Role.DECODE)})")
-    if mode != DisaggregationMode.NULL:
-        return f"; PD {mode} server, bootstrap port {args.disaggregation_bootstrap_port}"
-    return ""
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

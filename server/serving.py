@@ -9,6 +9,7 @@ import signal
 import uvicorn
 
 from server.app import create_app
+from scheduler.roles import DisaggregationMode, Role
 from server.args import ServerArgs
 from server.connections import accept_backlog, protocol_for
 from server.engine_client import EngineClient
@@ -22,6 +23,16 @@ def uvicorn_config(args: ServerArgs, engine: EngineClient) -> uvicorn.Config:
                           log_config=None, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
                           lifespan="on", timeout_keep_alive=args.timeout_keep_alive,
                           http=protocol_for(args), backlog=accept_backlog())
+
+
+def pd_summary(args: ServerArgs) -> str:
+    mode = args.disaggregation_mode
+    if mode == DisaggregationMode.PD:
+        return (f"; PD: {args.prefill_dp_size} prefill ranks ({args.method_for(Role.PREFILL)}), "
+                f"{args.decode_dp_size} decode ranks ({args.method_for(Role.DECODE)})")
+    if mode != DisaggregationMode.NULL:
+        return f"; PD {mode} server, bootstrap port {args.disaggregation_bootstrap_port}"
+    return ""
 
 
 class StopSignal(BaseException):

@@ -355,3 +355,50 @@ def test_n_dispatchers_in_processes_stay_within_1_plus_n_and_return_to_zero():
                 p.kill()
                 p.join(5)
         board.close()
+
+
+@pytest.mark.slow
+def test_pd_mode_over_two_api_processes(tmp_path):
+    """``--disaggregation-mode pd`` with 2 API processes: every request completes, both
+    API processes dispatch to both groups, each publishes routes in its own region of
+    the route table, and the boards and the route table drain."""
+    from shm.bootstrap import BootstrapTable
+
+    flags = ["--executor", "sim", "--sim-profile",
+             write_sim_profile(tmp_path / "profile.json", step_s=0.005),
+             "--disaggregation-mode", "pd", "--prefill-dp-size", "2", "--decode-dp-size", "2",
+             "--api-server-count", "2"]
+    with ServerProcess(*flags, log_path=tmp_path / "server.log") as server:
+        _wait_all_serving(server, 2)
+        pids = _api_pids(server)
+        segments = server.segments()
+        boards = {kind: LoadBoard.attach(next(s for s in segments if s.endswith("." + kind)))
+                  for kind in ("board-prefill", "board-decode")}
+        route = BootstrapTable.attach(next(s for s in segments if s.endswith(".route")))
+        try:
+            assert sorted(route.region_writer_pid(d) for d in range(2)) == sorted(pids.values())
+            results = asyncio.run(_send_many(server.url, 40, {
+                "text": "disaggregated", "sampling_params": {"max_new_tokens": 20,
+                                                             "ignore_eos": True}}))
+            assert all(r.status_code == 200 for r in results), [r.text for r in results]
+            assert all(len(r.json()["output_ids"]) == 20 for r in results)
+            for kind, board in boards.items():
+                snap = _wait_board(board, lambda s: (s.effective_reqs.sum() == 0
+                                                     and s.in_flight_reqs.sum() == 0),
+                                   10, f"{kind} did not drain")
+                per_api = snap.dispatched_reqs.sum(axis=1).tolist()
+                assert sum(per_api) == 40 and min(per_api) > 0, (kind, per_api)
+            assert route.num_live() == 0
+        finally:
+            route.close()
+            for board in boards.values():
+                board.close()
+        assert server.terminate(20) == 0
+    assert server.segments() == []
+
+
+async def _send_many(url: str, n: int, body: dict) -> list[httpx.Response]:
+    limits = httpx.Limits(max_connections=n, max_keepalive_connections=0)
+    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+        return await asyncio.gather(*(client.post(url + "/generate", json=body)
+                                      for _ in range(n)))
