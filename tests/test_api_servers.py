@@ -402,3 +402,69 @@ async def _send_many(url: str, n: int, body: dict) -> list[httpx.Response]:
     async with httpx.AsyncClient(limits=limits, timeout=60) as client:
         return await asyncio.gather(*(client.post(url + "/generate", json=body)
                                       for _ in range(n)))
+
+
+# ---- behind SGLang's gateways ------------------------------------------------------------------
+def _needs(kind: str):
+    from tests.gateway_helpers import missing_gateway
+    reason = missing_gateway(kind)
+    return pytest.mark.skipif(reason is not None, reason=reason or "")
+
+
+@pytest.mark.slow
+@_needs("sglang-router")
+@_needs("smg")
+def test_behind_the_gateways(tmp_path):
+    """sglang-router --dp-aware (it reads /server_info's dp_size and picks the rank) over
+    a plain server, and smg PD --dp-aware over a prefill and a decode server, every
+    server with 2 API processes:
+    every request through each gateway completes, and both API processes of every
+    server dispatched some."""
+    from tests.gateway_helpers import Gateway, free_ports
+
+    profile = write_sim_profile(tmp_path / "profile.json", step_s=0.005)
+    sim = ["--executor", "sim", "--sim-profile", profile, "--api-server-count", "2"]
+    (bootstrap_port,) = free_ports(1)
+    pd = ["--disaggregation-bootstrap-port", str(bootstrap_port)]
+    servers = {
+        "plain": ServerProcess(*sim, "--dp-size", "2", log_path=tmp_path / "plain.log"),
+        "prefill": ServerProcess(*sim, "--dp-size", "2", "--disaggregation-mode", "prefill", *pd,
+                                 log_path=tmp_path / "prefill.log"),
+        "decode": ServerProcess(*sim, "--dp-size", "2", "--disaggregation-mode", "decode", *pd,
+                                log_path=tmp_path / "decode.log"),
+    }
+    body = {"text": "through a gateway", "sampling_params": {"max_new_tokens": 8,
+                                                             "ignore_eos": True}}
+    try:
+        for s in servers.values():
+            s.start()
+            s.wait_healthy(60)
+            _wait_all_serving(s, 2)
+        boards = {name: _board_of(s) for name, s in servers.items()}
+        with Gateway("sglang-router", "--worker-urls", servers["plain"].url, "--dp-aware",
+                     "--policy", "round_robin", log_path=tmp_path / "router.log").start(2) as gw:
+            _check_through(gw.url, body, 24)
+        with Gateway("smg", "--pd-disaggregation", "--dp-aware", "--prefill",
+                     servers["prefill"].url, str(bootstrap_port), "--decode",
+                     servers["decode"].url, "--policy", "round_robin",
+                     log_path=tmp_path / "smg.log").start(4) as gw:
+            _check_through(gw.url, body, 24)
+        for name, board in boards.items():
+            snap = _wait_board(board, lambda s: s.effective_reqs.sum() == 0, 10, name)
+            per_api = snap.dispatched_reqs.sum(axis=1).tolist()
+            assert sum(per_api) >= 24 and min(per_api) > 0, (name, per_api)
+            board.close()
+    finally:
+        for s in servers.values():
+            s.stop()
+
+
+def _board_of(server: ServerProcess) -> LoadBoard:
+    (name,) = [s for s in server.segments() if ".board" in s]
+    return LoadBoard.attach(name)
+
+
+def _check_through(url: str, body: dict, n: int) -> None:
+    results = asyncio.run(_send_many(url, n, body))
+    assert all(r.status_code == 200 for r in results), [r.text for r in results]
+    assert all(len(r.json()["output_ids"]) == 8 for r in results)
