@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from scheduler.pd import prompt_hash
@@ -42,7 +43,7 @@ class Held:
     """What one hand-off entry keeps allocated until it is released or expires."""
 
     room: int
-    slots: list[int]  # KV slots (all the request reserved)
+    req: Req | None  # whose KV (``req.slots``, all it reserved) is held; None: FAILED
     arena_off: int  # record start in the arena, -1 for a FAILED entry
     arena_len: int
 
@@ -50,7 +51,8 @@ class Held:
 class PrefillSender(PDRole):
     hands_off = True
 
-    def __init__(self, cfg, executor, handoff_table: BootstrapTable):
+    def __init__(self, cfg, executor, handoff_table: BootstrapTable,
+                 free_kv: Callable[[Req], None] | None = None):
         segment = executor.kv_segment
         if segment is None:
             raise RuntimeError("a PD prefill rank needs its KV pool in shared memory "
@@ -61,6 +63,9 @@ class PrefillSender(PDRole):
         self.writer = handoff_table.region_writer(cfg.dp_rank)
         self.writer.heartbeat()  # decode fails requests waiting on a rank that stops beating
         self.kv = executor.kv
+        # Gives a request's KV back once decode is done with it (the scheduler's: into
+        # its prefix cache); by default straight to the pool.
+        self.free_kv = free_kv or self._free_slots
         self.segment = segment
         self.arena = RangeAllocator(len(segment.arena))
         self.timeout_ns = int(cfg.pd.bootstrap_timeout_s * 1e9)
@@ -70,14 +75,19 @@ class PrefillSender(PDRole):
         self.num_freed_expired = 0
 
     @classmethod
-    def from_config(cls, cfg, executor) -> PrefillSender:
+    def from_config(cls, cfg, executor, free_kv: Callable[[Req], None] | None = None
+                    ) -> PrefillSender:
         """Attach the hand-off table ``cfg.pd`` names (a ``SchedulerConfig``)."""
-        return cls(cfg, executor, BootstrapTable.attach(cfg.pd.handoff_table))
+        return cls(cfg, executor, BootstrapTable.attach(cfg.pd.handoff_table), free_kv)
 
     # ---- what the scheduler asks --------------------------------------------------------
     @property
     def has_work(self) -> bool:
         return False  # held KV waits for decode, it is not work for this loop
+
+    @property
+    def num_held(self) -> int:
+        return sum(1 for held in self.held.values() if held.req is not None)
 
     def reserve_len(self, req: Req, context_len: int) -> int:
         """Only the prompt's KV: the first sampled token is handed off, never computed."""
@@ -96,7 +106,7 @@ class PrefillSender(PDRole):
 
     # ---- hand-off -----------------------------------------------------------------------
     def hand_off(self, req: Req, logprob: float) -> str | None:
-        """Publish the finished prefill of ``req``; its slots move into ``held``.
+        """Publish the finished prefill of ``req``; its KV is ``held`` from now on.
 
         Returns None, or an error message (the table or arena is full, the room is
         already live): the caller then aborts the request and frees its KV as usual.
@@ -115,8 +125,8 @@ class PrefillSender(PDRole):
         except BootstrapTableError as exc:
             self.arena.free(off, n + 1)
             return f"prefill rank {self.dp_rank}: cannot hand off: {exc}"
-        self.held[slot] = Held(req.bootstrap_room, req.slots, off, n + 1)
-        req.slots = []
+        self.held[slot] = Held(req.bootstrap_room, req, off, n + 1)
+        req.kv_held = True
         self.num_handed_off += 1
         return None
 
@@ -137,7 +147,7 @@ class PrefillSender(PDRole):
         except BootstrapTableError as exc:
             logger.warning("cannot mark bootstrap_room %d failed: %s", room, exc)
             return
-        self.held[slot] = Held(room, [], -1, 0)
+        self.held[slot] = Held(room, None, -1, 0)
 
     def park(self, req: Req) -> bool:
         return False  # a prefill rank computes every request it admits
@@ -169,10 +179,15 @@ class PrefillSender(PDRole):
         held = self.held.pop(slot, None)
         if held is None:
             return  # an entry a previous writer of the region left: nothing of ours
-        if held.slots:
-            self.kv.free(held.slots)
+        if held.req is not None:
+            held.req.kv_held = False
+            self.free_kv(held.req)
         if held.arena_off >= 0:
             self.arena.free(held.arena_off, held.arena_len)
+
+    def _free_slots(self, req: Req) -> None:
+        self.kv.free(req.slots)
+        req.slots = []
 
     def close(self) -> None:
         """At shutdown: drop every entry of this region and free what it held."""

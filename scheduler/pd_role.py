@@ -29,6 +29,12 @@ class PDRole(ABC):
     hands_off: bool = False
 
     @property
+    def num_held(self) -> int:
+        """Requests whose KV the role keeps after they left the scheduler (a prefill
+        rank's hand-offs waiting for decode): the prefix cache is not flushed then."""
+        return 0
+
+    @property
     @abstractmethod
     def has_work(self) -> bool:
         """Asked by ``Scheduler.has_work`` (the rank loop and the in-process harness):

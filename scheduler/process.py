@@ -82,10 +82,9 @@ def _start(cfg: SchedulerConfig, row, pipes: RankPipes):
     if pipes.num_dispatchers != cfg.num_dispatchers:
         raise ValueError(f"{pipes.num_dispatchers} request pipes for {cfg.num_dispatchers} "
                          "dispatchers")
-    send = pipes.broadcast  # what every API process needs (stats, flush results)
     try:
-        scheduler = Scheduler(cfg, executor, row, send, executor.tokenizer, send_stats=send,
-                              send_to=pipes.send_to)
+        scheduler = Scheduler(cfg, executor, row, pipes.send, executor.tokenizer,
+                              send_stats=pipes.broadcast, send_to=pipes.send_to)
     except BaseException:
         executor.close()  # a PD prefill rank's shared KV segment
         raise

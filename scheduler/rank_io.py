@@ -4,7 +4,8 @@ dispatcher (``--api-server-count``; one of each by default).
 Each API process is one dispatcher on the load board; a request's outputs go back on
 the output pipe of the dispatcher that sent it (``GenerateReq.dispatcher_id``).
 Messages that concern every API process (``RankStats``, ``RankError``) go to all of
-them; ``RankReady`` to dispatcher 0's pipe, which the launcher reads at start-up.
+them; a ``FlushCacheResult`` to the one that sent the ``FlushCacheReq``; ``RankReady``
+to dispatcher 0's pipe, which the launcher reads at start-up.
 
 An API process that goes away closes its request pipe: the rank reads EOF there
 (after every whole frame it wrote) and ``RankPipes.receive`` reports the dispatcher
@@ -16,10 +17,12 @@ gone.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from multiprocessing.connection import Connection, wait
 from typing import Sequence
 
-from scheduler.messages import AbortReq, decode_to_scheduler, encode
+from scheduler.messages import (AbortReq, FlushCacheReq, FlushCacheResult, decode_to_scheduler,
+                                encode)
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +37,9 @@ class RankPipes:
         self.is_open = [True] * self.num_dispatchers  # its request pipe has not closed
         self._can_send = [True] * self.num_dispatchers  # its output pipe still takes frames
         self._dispatcher_of = {conn: d for d, conn in enumerate(self.req_conns)}
+        # Who asked each FlushCacheReq not answered yet: the scheduler answers each with
+        # one FlushCacheResult, in the order it handles them (the order received here).
+        self._flush_askers: deque[int] = deque()
 
     @property
     def any_open(self) -> bool:
@@ -54,7 +60,10 @@ class RankPipes:
             d = self._dispatcher_of[conn]
             try:
                 while True:
-                    messages.append((d, decode_to_scheduler(conn.recv_bytes())))
+                    msg = decode_to_scheduler(conn.recv_bytes())
+                    if isinstance(msg, FlushCacheReq):
+                        self._flush_askers.append(d)
+                    messages.append((d, msg))
                     if not conn.poll(0):
                         break
             except (EOFError, OSError):
@@ -75,6 +84,14 @@ class RankPipes:
             self._can_send[dispatcher] = False
             logger.info("dispatcher %d's output pipe closed; its outputs are dropped",
                         dispatcher)
+
+    def send(self, msg) -> None:
+        """The scheduler's ``send``: a ``FlushCacheResult`` to the API process that
+        asked; anything else (``RankStats``) to every API process."""
+        if isinstance(msg, FlushCacheResult) and self._flush_askers:
+            self.send_to(self._flush_askers.popleft(), msg)
+        else:
+            self.broadcast(msg)
 
     def broadcast(self, msg) -> None:
         """Send ``msg`` to every API process still there."""

@@ -41,6 +41,14 @@ class Req:
     input_top_logprobs: list = field(default_factory=list)
     slots: list[int] = field(default_factory=list)
     num_computed: int = 0
+    # Prefix cache (scheduler.radix_cache): the first ``prefix_len`` slots are the
+    # cache's, reused at admission and locked through ``cache_node`` until the request's
+    # KV goes back to the cache; ``cached_tokens`` is what the client is told it reused.
+    prefix_len: int = 0
+    cache_node: object | None = None
+    cached_tokens: int = 0
+    # PD prefill: the KV is held for decode after the hand-off (freed by the PD role).
+    kv_held: bool = False
     finish_reason: FinishReason | None = None
     # Decoded output text so far, kept only when stop strings need it.
     output_text: str = ""

@@ -8,10 +8,12 @@ KV arrived from prefill, a prefill rank frees KV decode released.
 
 Load accounting (what the board row says, see ``shm.board``):
 - ``num_reqs`` = running + waiting; ``num_waiting_reqs`` = waiting;
-- ``num_tokens`` = KV tokens computed for running requests + prompt tokens of requests
-  not computed yet (queued or mid-prefill). A PD prefill rank counts only the prompt
-  tokens not computed yet: that is its work, and the KV it computed leaves with the
-  hand-off;
+- ``num_tokens`` = what the rank must hold or compute: KV tokens computed for running
+  requests (a cached prefix that several of them read counted once, through the cache's
+  locked size) + prompt tokens of requests not computed yet (queued or mid-prefill).
+  Cached tokens no request reads are evictable and are not load. A PD prefill rank counts
+  only the prompt tokens not computed yet: that is its work, and the KV it computed
+  leaves with the hand-off;
 - ``num_prefill_tokens`` = prompt tokens not computed yet (queued or mid-prefill), on
   every rank (so on a PD prefill rank it equals ``num_tokens``; 0 on a decode rank);
 - ``acked[d]`` grows the moment a request from dispatcher d is taken off the pipe, and
@@ -45,13 +47,15 @@ from scheduler.batching import ForwardItem, select_batch
 from scheduler.config import SchedulerConfig
 from scheduler.executor import Executor
 from scheduler.messages import (CLIENT_ERROR, SERVER_ERROR, AbortReq, BatchOutput,
-                                FlushCacheReq, GenerateReq, RankStats, ReqOutput, ShutdownReq)
+                                FlushCacheReq, FlushCacheResult, GenerateReq, RankStats, ReqOutput,
+                                ShutdownReq)
 from scheduler.pd_decode import DecodeReceiver
 from scheduler.pd_prefill import PrefillSender
 from scheduler.pd_role import MixedRole, PDRole
+from scheduler.radix_cache import CacheObserver, RadixCache
 from scheduler.request import Req
 from scheduler.roles import Role
-from scheduler.stats import DecodeStats, decode_batch_line
+from scheduler.stats import DecodeStats, decode_batch_line, prefill_batch_line
 from shm.board_writers import RankWriter
 
 logger = logging.getLogger(__name__)
@@ -61,6 +65,7 @@ class Scheduler:
     def __init__(self, cfg: SchedulerConfig, executor: Executor, board_row: RankWriter,
                  send: Callable[[BatchOutput], None], tokenizer=None,
                  send_stats: Callable[[RankStats], None] = lambda stats: None,
+                 cache_observer: CacheObserver | None = None,
                  send_to: Callable[[int, BatchOutput], None] | None = None):
         self.cfg = cfg
         self.executor = executor
@@ -86,14 +91,26 @@ class Scheduler:
         }
         # PD roles (scheduler.pd_role): a prefill rank hands each request off after its
         # first token; a decode rank parks requests until their KV arrives from prefill.
-        self.pd = make_pd_role(cfg, executor)
+        self.pd = make_pd_role(cfg, executor, self._free_kv)
         self.hands_off = self.pd.hands_off
+        # The prefix cache (scheduler.radix_cache); none on a PD decode rank, which
+        # receives each prompt's KV from prefill, nor with --disable-radix-cache.
+        self.cache: RadixCache | None = None
+        if not cfg.disable_radix_cache and cfg.role != Role.DECODE:
+            self.cache = RadixCache(executor.kv, cache_observer)
         self.decode_stats = DecodeStats(cfg.decode_log_interval)
 
     # ---- the loop --------------------------------------------------------------------
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running) or self.pd.has_work
+
+    @property
+    def num_kv_in_use(self) -> int:
+        """KV slots taken, less the cached ones no request reads (evictable): zero on
+        an idle rank, whatever its cache holds."""
+        evictable = self.cache.evictable_size if self.cache is not None else 0
+        return self.executor.kv.num_used - evictable
 
     def poll_timeout(self, idle_wait_s: float) -> float:
         """How long the rank loop may block on its pipe before the next step: 0 with a
@@ -123,8 +140,22 @@ class Scheduler:
             self._handlers[type(msg)](msg)
 
     def schedule(self) -> list[ForwardItem]:
-        return select_batch(self.running, self.waiting, self.cfg.chunked_prefill_size,
-                            self.max_running_requests, self._try_reserve)
+        num_waiting = len(self.waiting)
+        batch = select_batch(self.running, self.waiting, self.cfg.chunked_prefill_size,
+                             self.max_running_requests, self._try_reserve)
+        if len(self.waiting) < num_waiting:
+            self._log_prefill(batch, num_waiting - len(self.waiting))
+        return batch
+
+    def _log_prefill(self, batch: list[ForwardItem], num_new: int) -> None:
+        """SGLang's "Prefill batch." line, for a batch that admitted requests."""
+        if not logger.isEnabledFor(logging.INFO):
+            return
+        new = self.running[-num_new:]
+        usage = self.num_kv_in_use / max(self.executor.max_total_num_tokens, 1)
+        logger.info("%s", prefill_batch_line(
+            num_new, sum(len(i.token_ids) for i in batch if i.req.is_prefilling),
+            sum(r.prefix_len for r in new), usage, len(self.running), len(self.waiting)))
 
     def process_results(self, batch: list[ForwardItem], results: list[tuple[int, float]]) -> None:
         sampled = iter(results)
@@ -163,7 +194,9 @@ class Scheduler:
             tokens = prefill = (sum(r.prompt_len - r.num_computed for r in running)
                                 - done_now + queued)
         else:
-            computed = sum(r.num_computed for r in running)
+            computed = sum(r.num_computed - r.prefix_len for r in running)
+            if self.cache is not None:  # cached prefixes requests read, each once
+                computed += self.cache.protected_size
             uncomputed = sum(r.prompt_len - r.num_computed for r in running if r.is_prefilling)
             tokens = computed + uncomputed + queued
             done_now = sum(len(i.token_ids) for i in in_flight
@@ -183,7 +216,9 @@ class Scheduler:
         step_s = self.decode_stats.on_step(len(batch), num_decoded, started)
         if step_s is None:
             return
-        used = sum(r.num_computed for r in self.running)
+        used = sum(r.num_computed - r.prefix_len for r in self.running)
+        if self.cache is not None:
+            used += self.cache.protected_size
         parked = self.pd.pending_load()[0]
         stats = RankStats(
             dp_rank=self.cfg.dp_rank, num_running_reqs=len(self.running), num_used_tokens=used,
@@ -210,7 +245,8 @@ class Scheduler:
             new = req.output_ids[req.num_sent:]
             out = ReqOutput(
                 rid=req.rid, new_token_ids=new, finish_reason=req.finish_reason,
-                prompt_tokens=req.prompt_len, completion_tokens=len(req.output_ids))
+                prompt_tokens=req.prompt_len, completion_tokens=len(req.output_ids),
+                cached_tokens=req.cached_tokens)
             if req.return_logprob:
                 _add_logprobs(out, req)
             by_dispatcher.setdefault(req.dispatcher_id, []).append(out)
@@ -269,7 +305,19 @@ class Scheduler:
         self.outbox[req.rid] = req
 
     def on_flush_cache(self, msg: FlushCacheReq) -> None:
-        """No prefix cache is kept, so there is nothing unused to drop."""
+        """Empty the prefix cache, unless this rank holds any request (SGLang refuses
+        then too: their KV is in use, and the cache could not be emptied)."""
+        busy = len(self.reqs) + self.pd.num_held
+        if busy:
+            result = FlushCacheResult(dp_rank=self.cfg.dp_rank, success=False, message=(
+                f"rank {self.cfg.dp_rank} holds {busy} requests; the cache is flushed "
+                "only when no request is running or waiting"))
+        elif self.cache is not None and not self.cache.flush():
+            result = FlushCacheResult(dp_rank=self.cfg.dp_rank, success=False, message=(
+                f"rank {self.cfg.dp_rank}: cached KV is still in use"))
+        else:
+            result = FlushCacheResult(dp_rank=self.cfg.dp_rank, success=True)
+        self.send(result)
 
     def on_shutdown(self, msg: ShutdownReq) -> None:
         self.stopped = True
@@ -325,17 +373,58 @@ class Scheduler:
         self.executor.close()
 
     def _try_reserve(self, req: Req) -> bool:
-        need = self._reserve_len(req)
-        if not self.executor.kv.can_alloc(need):
-            return False
-        req.slots = self.executor.kv.alloc(need)
+        """Reserve the request's KV: the longest cached prefix of its prompt (locked),
+        then free slots for the rest, evicting unused cache entries if the pool needs
+        them. False, with nothing held, when the pool cannot fit it now."""
+        need, kv, cache = self._reserve_len(req), self.executor.kv, self.cache
+        if cache is None:
+            if not kv.can_alloc(need):
+                return False
+            req.slots = kv.alloc(need)
+            return True
+        prefix, node = cache.match_prefix(req.input_ids[:self._match_limit(req)])
+        cache.lock(node)  # before evicting: the match itself must stay
+        own = need - len(prefix)
+        if not kv.can_alloc(own):
+            cache.evict(own - kv.num_free)
+            if not kv.can_alloc(own):
+                cache.unlock(node)
+                return False
+        req.slots = prefix + kv.alloc(own)
+        req.prefix_len = req.num_computed = req.cached_tokens = len(prefix)
+        req.cache_node = node
         return True
+
+    @staticmethod
+    def _match_limit(req: Req) -> int:
+        """How much of the prompt a cache hit may cover: never the last token (its
+        forward samples the first output), nor the positions whose prompt logprobs the
+        request asked for (they must be computed)."""
+        limit = req.prompt_len - 1
+        if req.return_logprob and req.logprob_start_len >= 0:
+            limit = min(limit, max(req.logprob_start_len, 1) - 1)
+        return limit
+
+    def _free_kv(self, req: Req) -> None:
+        """Give the request's KV back: what it computed goes into the cache (the part
+        the cache already had is freed), the rest of its reservation to the pool."""
+        cache, slots = self.cache, req.slots
+        req.slots = []
+        if cache is None or req.cache_node is None:
+            self.executor.kv.free(slots)
+            return
+        n = req.num_computed
+        tokens = req.input_ids[:n] if n <= req.prompt_len else (
+            req.input_ids + req.output_ids[:n - req.prompt_len])
+        had = cache.insert(tokens, slots[:n])
+        self.executor.kv.free(slots[req.prefix_len:had] + slots[n:])
+        cache.unlock(req.cache_node)
+        req.cache_node = None
 
     def _release(self, req: Req) -> None:
         """Free the request's KV and forget it (it stays in the outbox until sent)."""
-        if req.slots:
-            self.executor.kv.free(req.slots)
-            req.slots = []
+        if req.slots and not req.kv_held:
+            self._free_kv(req)
         if req in self.running:
             self.running.remove(req)
         self.reqs.pop(req.rid, None)
@@ -357,12 +446,15 @@ class Scheduler:
         return reason
 
 
-def make_pd_role(cfg: SchedulerConfig, executor: Executor) -> PDRole:
-    """The PD role of a rank with ``cfg``: the null role unless it is a PD rank."""
+def make_pd_role(cfg: SchedulerConfig, executor: Executor,
+                 free_kv: Callable[[Req], None] | None = None) -> PDRole:
+    """The PD role of a rank with ``cfg``: the null role unless it is a PD rank.
+    ``free_kv(req)`` gives a handed-off request's KV back once decode is done with it
+    (the scheduler's: into the prefix cache)."""
     if cfg.pd is None or cfg.role == Role.MIXED:
         return MixedRole()
     if cfg.role == Role.PREFILL:
-        return PrefillSender.from_config(cfg, executor)
+        return PrefillSender.from_config(cfg, executor, free_kv)
     return DecodeReceiver.from_config(cfg, executor)
 
 

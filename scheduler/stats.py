@@ -1,4 +1,10 @@
-"""A rank's serving figures: SGLang's periodic "Decode batch." line and ``RankStats``.
+"""A rank's serving figures: SGLang's "Prefill batch." and periodic "Decode batch."
+lines, and ``RankStats``.
+
+Each batch that admits requests logs SGLang's prefill line, with the prompt tokens the
+new requests found in the prefix cache (``#cached-token``)::
+
+    Prefill batch. #new-seq: 1, #new-token: 128, #cached-token: 2048, token usage: 0.02, #running-req: 1, #queue-req: 0,
 
 Every ``--decode-log-interval`` decoding batches (forward passes that generate at least
 one token for a request past its prompt, SGLang's ``forward_ct_decode``) the rank logs
@@ -66,3 +72,12 @@ def decode_batch_line(stats: RankStats) -> str:
             f"#token: {stats.num_used_tokens}, token usage: {stats.token_usage:.2f}, "
             f"gen throughput (token/s): {stats.last_gen_throughput:.2f}, "
             f"#queue-req: {stats.num_queue_reqs}, ")
+
+
+def prefill_batch_line(num_new: int, num_new_tokens: int, num_cached: int,
+                       token_usage: float, num_running: int, num_queued: int) -> str:
+    """SGLang's line for a batch that admitted ``num_new`` requests: the prompt tokens
+    the batch computes and those the new requests reused from the cache."""
+    return (f"Prefill batch. #new-seq: {num_new}, #new-token: {num_new_tokens}, "
+            f"#cached-token: {num_cached}, token usage: {token_usage:.2f}, "
+            f"#running-req: {num_running}, #queue-req: {num_queued}, ")

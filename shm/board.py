@@ -25,6 +25,12 @@ Two read paths, nothing else reads the cells:
 
 Liveness (status and heartbeat) is read by ``self.liveness`` (``shm.board_liveness``).
 
+What ``num_tokens`` means, with a prefix cache on the rank (``scheduler.radix_cache``):
+the tokens the rank must hold or compute for the requests it has. That is the KV of
+running requests (a cached prefix several of them read counted once) plus the prompt
+tokens not computed yet. Cached tokens that no request reads are evictable at any time
+and are not load: a rank whose pool is full of such entries reads as idle.
+
 Seqlock: the writer stores ``-(seq+1)`` (negative: "writing"), the fields, then
 ``seq+2``; a reader retries while some row's seq is negative or changed. Negative
 rather than the textbook odd value so that "is any row mid-write" is one ``argmin``.

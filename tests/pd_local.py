@@ -171,7 +171,7 @@ class LocalPD:
         left = {"route_entries": sum(1 for e in self.route_table.entries() if e.state != FAILED),
                 "handoff_entries": self.handoff_table.num_live()}
         for role, scheds in self.schedulers.items():
-            left[f"{role}_kv_used"] = sum(s.executor.kv.num_used for s in scheds)
+            left[f"{role}_kv_used"] = sum(s.num_kv_in_use for s in scheds)
             left[f"{role}_held"] = sum(len(s.pd.held) for s in scheds
                                        if isinstance(s.pd, PrefillSender))
             left[f"{role}_parked"] = sum(len(s.pd.parked) for s in scheds

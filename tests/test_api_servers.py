@@ -91,6 +91,39 @@ def test_a_dead_dispatchers_requests_end_and_its_counts_retire(rank_on_board):
     assert sched.reqs.keys() == {"keep"} and int(board.snapshot().effective_reqs[0]) == 1
 
 
+def test_rank_pipes_route_replies_and_report_a_closed_dispatcher():
+    """A flush result goes to the API process that asked, stats to all; a request pipe
+    that closes is reported once, as that dispatcher gone, and the others stay open."""
+    import multiprocessing
+
+    from scheduler.messages import (FlushCacheReq, FlushCacheResult, RankStats,
+                                    decode_to_server, encode)
+    from scheduler.rank_io import RankPipes
+
+    req = [multiprocessing.Pipe(duplex=False) for _ in range(2)]  # (rank end, API end)
+    out = [multiprocessing.Pipe(duplex=False) for _ in range(2)]  # (API end, rank end)
+    pipes = RankPipes([r for r, _ in req], [w for _, w in out])
+    req[1][1].send_bytes(encode(FlushCacheReq()))
+    received, gone = pipes.receive(1.0)
+    assert [(d, type(m)) for d, m in received] == [(1, FlushCacheReq)] and gone == []
+    pipes.send(FlushCacheResult(dp_rank=0, success=True))
+    stats = RankStats(dp_rank=0, num_running_reqs=0, num_used_tokens=0, token_usage=0.0,
+                      num_queue_reqs=0, last_gen_throughput=0.0, decode_step_time_s=0.0,
+                      num_decode_batches=0)
+    pipes.send(stats)
+    got = {d: [] for d in range(2)}
+    for d in range(2):
+        while out[d][0].poll(0.2):
+            got[d].append(type(decode_to_server(out[d][0].recv_bytes())))
+    assert got == {0: [RankStats], 1: [FlushCacheResult, RankStats]}
+    req[0][1].close()
+    received, gone = pipes.receive(1.0)
+    assert (received, gone, pipes.is_open, pipes.any_open) == ([], [0], [False, True], True)
+    pipes.send_to(0, stats)  # its outputs have nowhere to go: dropped, no error
+    req[1][1].close()
+    assert pipes.receive(1.0) == ([], [1]) and not pipes.any_open
+
+
 # ---- the server ----------------------------------------------------------------------------
 def _serve_flags(tmp_path: Path, step_s: float, dp_size: int, api_servers: int,
                  *extra: str) -> list[str]:

@@ -52,10 +52,15 @@ def run_all(board, executor, msgs_by_step, **cfg_kw):
         snap = board.snapshot()
         held = sched.running + list(sched.waiting)
         assert snap.num_reqs[0] == len(held)
-        assert snap.num_tokens[0] == sum(r.num_computed for r in sched.running) + sum(
+        locked = sched.cache.protected_size if sched.cache is not None else 0
+        assert snap.num_tokens[0] == locked + sum(
+            r.num_computed - r.prefix_len for r in sched.running) + sum(
             r.prompt_len - r.num_computed for r in held if r.is_prefilling)
         step += 1
         assert step < 5000
+    assert sched.num_kv_in_use == 0
+    if sched.cache is not None:  # the executor is shared by the module's tests
+        assert sched.cache.flush()
     assert executor.kv.num_used == 0
     assert read_effective(board, FOREVER)[:2] == ([0], [0])
     outputs: dict[str, list[int]] = {}

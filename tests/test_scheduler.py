@@ -64,13 +64,18 @@ def assert_board_matches(board, sched):
     held = sched.running + list(sched.waiting)
     assert snap.num_reqs[0] == len(held)
     assert snap.num_waiting_reqs[0] == len(sched.waiting)
-    expected_tokens = sum(r.num_computed + (r.prompt_len - r.num_computed if r.is_prefilling else 0)
-                          for r in sched.running) + sum(r.prompt_len for r in sched.waiting)
+    # Cached prefixes running requests read count once; unread cached tokens not at all.
+    locked = sched.cache.protected_size if sched.cache is not None else 0
+    expected_tokens = locked + sum(
+        r.num_computed - r.prefix_len + (r.prompt_len - r.num_computed if r.is_prefilling else 0)
+        for r in sched.running) + sum(r.prompt_len for r in sched.waiting)
     assert snap.num_tokens[0] == expected_tokens
     expected_prefill = (sum(r.prompt_len - r.num_computed for r in sched.running if r.is_prefilling)
                         + sum(r.prompt_len for r in sched.waiting))
     assert snap.num_prefill_tokens[0] == expected_prefill
-    assert sched.executor.kv.num_used == sum(len(r.slots) for r in sched.running)
+    cached = sched.cache.total_size if sched.cache is not None else 0
+    assert sched.executor.kv.num_used == cached + sum(len(r.slots) - r.prefix_len
+                                                      for r in sched.running)
     # Everything received is acknowledged, so the in-flight term is exactly zero.
     assert snap.in_flight_reqs[0] == 0
 
@@ -91,7 +96,7 @@ def test_board_row_equals_scheduler_state_after_every_batch(board):
     assert all(o.finish_reason["type"] == "length" for o in finished.values())
     reqs, toks, _ = read_effective(board, FOREVER)
     assert (reqs, toks) == ([0], [0])
-    assert sched.executor.kv.num_used == 0
+    assert sched.num_kv_in_use == 0
 
 
 def test_outputs_are_cumulative_per_request_and_one_message_per_batch(board):
@@ -111,9 +116,9 @@ def test_outputs_are_cumulative_per_request_and_one_message_per_batch(board):
 def test_abort_frees_kv_and_load_at_once(board):
     sched, sent = make_scheduler(board, chunked_prefill_size=8)
     sched.step([gen("long", 100, 50), gen("queued", 10, 5)])
-    assert sched.executor.kv.num_used > 0
+    assert sched.num_kv_in_use > 0
     sched.step([AbortReq(rid="long"), AbortReq(rid="queued")])
-    assert sched.executor.kv.num_used == 0
+    assert sched.num_kv_in_use == 0
     assert not sched.has_work
     assert_board_matches(board, sched)
     aborted = [o for b in sent for o in b.outputs if o.finish_reason and o.finish_reason["type"] == "abort"]
@@ -149,7 +154,7 @@ def test_shutdown_aborts_what_is_held(board):
     sched.step([ShutdownReq()])
     assert sched.stopped
     sched.abort_all("shutting down")
-    assert sched.executor.kv.num_used == 0
+    assert sched.num_kv_in_use == 0
     assert any(o.rid == "x" and o.finish_reason and o.finish_reason["type"] == "abort" for b in sent for o in b.outputs)
 
 
@@ -157,8 +162,9 @@ def test_shutdown_aborts_what_is_held(board):
 def test_board_during_a_forward_shows_step_end_load_only_in_lockstep(board, lockstep):
     """Lockstep ranks publish, before each forward, the load left when it ends: a
     request sampling its last allowed token is not counted while that pass runs.
-    Independent ranks show the load from before the pass (work in flight counts)."""
-    sched, sent = make_scheduler(board, chunked_prefill_size=64)
+    Independent ranks show the load from before the pass (work in flight counts).
+    The prompts share prefixes; without the cache every token is computed."""
+    sched, sent = make_scheduler(board, chunked_prefill_size=64, disable_radix_cache=True)
     sched.executor.steps_in_lockstep = lockstep  # as a lockstep member's executor says
     seen = []
     real_forward = sched.executor.forward

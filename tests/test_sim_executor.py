@@ -310,3 +310,45 @@ def test_rank_loop_with_lockstep_waits_for_the_slowest_rank_and_never_stalls(tmp
     # (alone it takes about 0.22 s; a rank 1 blocked on its 50 ms heartbeat would add
     # up to that per decode step).
     assert 0.2 <= finished["long"] < 0.35
+
+
+def test_simulated_ranks_run_the_prefix_cache_and_pay_only_uncached_prefill():
+    """The scheduler's cache works over the simulated pool: a repeated system prompt is a
+    hit, and the modelled prefill time drops to the question plus attention over the
+    cached prefix."""
+    from scheduler.config import SchedulerConfig
+    from scheduler.messages import GenerateReq
+    from scheduler.scheduler import Scheduler
+    from shm.board import LoadBoard
+    from shm.segment import new_launch_id
+
+    busy = {}
+    for cache_off in (True, False):
+        board = LoadBoard.create(1, 1, new_launch_id())
+        try:
+            profile = SimProfile(name="t", base_s=0.0, prefill_token_s=1e-6,
+                                 prefill_attn_s=1e-9, decode_seq_s=0.0, decode_kv_s=0.0,
+                                 max_total_num_tokens=8192, context_len=4096, vocab_size=259)
+            executor = SimExecutor(profile, time_scale=1e-6)
+            sent = []
+            cfg = SchedulerConfig(dp_rank=0, board_name=board.name, executor="sim",
+                                  disable_radix_cache=cache_off)
+            sched = Scheduler(cfg, executor, board.rank_writer(0), sent.append)
+            system = list(range(3, 2051))
+            for i in range(2):
+                ids = system + [100 + i] * 128
+                board.dispatcher_writer(0).bump(0, len(ids))
+                sched.step([GenerateReq(rid=f"q{i}", input_ids=ids, dispatcher_id=0,
+                                        counted_tokens=len(ids),
+                                        sampling_params=SamplingParams(max_new_tokens=1))])
+                while sched.has_work:
+                    sched.step([])
+            cached = {o.rid: o.cached_tokens for b in sent for o in b.outputs}
+            busy[cache_off] = executor.busy_s
+            assert cached == ({"q0": 0, "q1": 0} if cache_off else {"q0": 0, "q1": 2048})
+        finally:
+            board.close()
+    one_off = profile.prefill_token_s * 2176 + profile.prefill_attn_s * 2176 * 2176 / 2
+    hit = profile.prefill_token_s * 128 + profile.prefill_attn_s * 128 * (2048 + 64)
+    assert busy[True] == pytest.approx(2 * one_off, rel=0.05)
+    assert busy[False] == pytest.approx(one_off + hit, rel=0.05)
