@@ -10,11 +10,11 @@ and, for every rank, the API ends of that rank's pipes to dispatcher d and its
 a rank's request pipe d is API process d: when that process exits, however it
 exits, the rank reads EOF there and ends its requests (``scheduler.rank_io``).
 
-Each API process runs the same ``EngineClient`` and app as a single API process does,
-over ``SiblingRanks``: ranks it did not start, watched through a pidfd (Linux 5.3+).
-The board is shared, so ``/get_load``, ``/v1/loads``, ``/server_info``'s ranks and the
-``/metrics`` gauges read the same from any of them; ``/metrics``' counters and
-histograms are summed over all of them (``server.metrics.shared_registry``);
+Each API process (``server.api_process``) runs the same ``EngineClient`` and app as a
+single API process does, over ranks it did not start. The board is shared, so
+``/get_load``, ``/v1/loads``, ``/server_info``'s ranks and the ``/metrics`` gauges read
+the same from any of them; ``/metrics``' counters and histograms are summed over all of
+them (``server.metrics.shared_registry``);
 ``/server_info``'s ``dispatch`` figures are the answering process's, labelled with its
 ``dispatcher_id`` and pid.
 
@@ -33,11 +33,9 @@ Lifecycle:
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import multiprocessing
 import os
-import select
 import shutil
 import signal
 import socket
@@ -46,196 +44,20 @@ import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 
-import uvicorn
-
-from scheduler.log_format import configure_logging
-from scheduler.messages import RankReady
 from scheduler.roles import DisaggregationMode, Role
+from server.api_process import (API_START_TIMEOUT_S, EXIT_STARTUP_FAILED, ApiSpec,
+                                GroupEnds, RankEnds, api_server_main)
 from server.args import ServerArgs
-from server.connections import event_loop_factory
-from server.engine_client import EngineClient
 from server.metrics import MULTIPROC_ENV
-from server.pd import PDLaunchError, PDProcesses, pd_engine_client
+from server.pd import PDLaunchError, PDProcesses
 from server.placement import LaunchPlan
-from server.ranks import EngineProcesses, RankHandle, RankMain, RankStartupError
-from server.serving import StopSignal, pd_summary, stop_on_signals, uvicorn_config
-from shm.board import LoadBoard, RankStatus
-from shm.bootstrap import BootstrapTable
+from server.ranks import EngineProcesses, RankMain, RankStartupError
+from server.serving import pd_summary
 
 logger = logging.getLogger("dpserve")
 
-EXIT_STARTUP_FAILED = 1
-# How long an API process may take from spawn to serving (tokenizer, imports).
-API_START_TIMEOUT_S = 120.0
 # After SIGTERM: uvicorn's graceful shutdown bound plus the engine client's stop.
 API_STOP_TIMEOUT_S = 10.0
-
-
-@dataclass
-class RankEnds:
-    """What API process d needs of one rank: its pipes to d and its ready message."""
-
-    dp_rank: int
-    ready: RankReady
-    req_conn: Connection
-    out_conn: Connection
-
-
-@dataclass
-class GroupEnds:
-    """One rank group (plain mode: the only one; PD: prefill or decode) as API process
-    d sees it: the group's board and its ranks' ends."""
-
-    role: Role
-    board_name: str
-    ranks: list[RankEnds]
-
-
-@dataclass
-class ApiSpec:
-    """Everything API process ``dispatcher_id`` is given (pickled by spawn)."""
-
-    dispatcher_id: int
-    groups: list[GroupEnds]
-    route_name: str | None = None  # PD prefill: the route table; it writes region d
-    num_prefill_ranks: int = 0  # PD decode: the range of disagg_prefill_dp_rank
-
-
-# ---- the API process ------------------------------------------------------------------
-class SiblingProcess:
-    """A rank process as an API process that did not start it sees it: enough of
-    ``multiprocessing.Process`` for ``RankMonitor`` (sentinel, liveness, signals),
-    through a pidfd, which no pid reuse can redirect."""
-
-    def __init__(self, pid: int):
-        self.pid = pid
-        self.exitcode = None  # only the parent (the launcher) can learn it
-        try:
-            self.sentinel = os.pidfd_open(pid)
-        except ProcessLookupError:  # already gone: a sentinel that reads as exited
-            read_end, write_end = os.pipe()
-            os.close(write_end)
-            self.sentinel = read_end
-
-    def is_alive(self) -> bool:
-        return not select.select([self.sentinel], [], [], 0)[0]
-
-    def join(self, timeout: float | None = None) -> None:
-        select.select([self.sentinel], [], [], timeout)
-
-    def terminate(self) -> None:
-        self._signal(signal.SIGTERM)
-
-    def kill(self) -> None:
-        self._signal(signal.SIGKILL)
-
-    def _signal(self, signum: int) -> None:
-        try:
-            signal.pidfd_send_signal(self.sentinel, signum)
-        except (ProcessLookupError, OSError):
-            pass  # exited already
-
-    def close(self) -> None:
-        os.close(self.sentinel)
-
-
-class SiblingRanks:
-    """The ranks as one API process of several sees them (what ``EngineClient`` and
-    ``RankMonitor`` use of ``EngineProcesses``): the board attached, not owned."""
-
-    def __init__(self, args: ServerArgs, dispatcher_id: int, group: GroupEnds):
-        self.args = args
-        self.role = group.role
-        self.dispatcher_id = dispatcher_id
-        self.dp_size = len(group.ranks)
-        self.board: LoadBoard | None = LoadBoard.attach(group.board_name)
-        self.ranks = [RankHandle(r.dp_rank, SiblingProcess(r.ready.pid), r.req_conn,
-                                 r.out_conn, ready=r.ready) for r in group.ranks]
-
-    def mark_dead(self, rank: RankHandle) -> None:
-        """As ``EngineProcesses.mark_dead``: DEAD only once the process has exited (every
-        API process that notices writes the same value)."""
-        if rank.is_marked_dead or rank.process.is_alive() or self.board is None:
-            return
-        self.board.rank_writer(rank.dp_rank).set_status(RankStatus.DEAD)
-        rank.is_marked_dead = True
-
-    def close(self) -> None:
-        for rank in self.ranks:
-            rank.process.close()
-            rank.req_conn.close()
-            rank.out_conn.close()
-        if self.board is not None:
-            self.board.close()
-            self.board = None
-
-
-def api_server_main(args: ServerArgs, spec: ApiSpec, sock: socket.socket,
-                    status_conn: Connection, go) -> None:
-    """The body of API process ``spec.dispatcher_id``: build the engine client and the
-    app, wait for ``go`` (every API process built its app), serve until SIGTERM/SIGINT."""
-    d = spec.dispatcher_id
-    configure_logging(args.log_level, f"api {d}")
-    stop_on_signals()
-    _exit_with_parent()
-    groups: dict[Role, SiblingRanks] = {}
-    route = None
-    try:
-        for group in spec.groups:
-            groups[group.role] = SiblingRanks(args, d, group)
-        if args.disaggregation_mode == DisaggregationMode.NULL:
-            engine = EngineClient.from_processes(args, groups[Role.MIXED])
-        else:
-            route = BootstrapTable.attach(spec.route_name) if spec.route_name else None
-            writer = route.region_writer(d) if route is not None else None
-            engine = pd_engine_client(args, groups, writer,
-                                      spec.num_prefill_ranks)
-        server = uvicorn.Server(uvicorn_config(args, engine))
-        status_conn.send(("built", None))
-        if not go.wait(API_START_TIMEOUT_S):
-            return
-        with asyncio.Runner(loop_factory=event_loop_factory(args)) as runner:
-            runner.run(_serve(server, sock, status_conn))
-    except StopSignal:
-        pass
-    except Exception as exc:
-        logger.exception("API process %d failed", d)
-        _try_send(status_conn, ("failed", f"{type(exc).__name__}: {exc}"))
-        raise SystemExit(EXIT_STARTUP_FAILED) from None
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        if route is not None:
-            route.close()  # gives up its region
-        for group in groups.values():
-            group.close()
-
-
-def _exit_with_parent() -> None:
-    """SIGTERM this process when the launcher dies (even by SIGKILL), as the ranks
-    stop when their pipes close: no API process outlives its launcher."""
-    import ctypes
-    PR_SET_PDEATHSIG = 1
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() == 1:  # the launcher died before the prctl
-        raise SystemExit(EXIT_STARTUP_FAILED)
-
-
-async def _serve(server: uvicorn.Server, sock: socket.socket, status_conn: Connection) -> None:
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started and not task.done():
-        await asyncio.sleep(0.02)
-    if server.started:
-        _try_send(status_conn, ("serving", None))
-    await task
-
-
-def _try_send(conn: Connection, msg) -> None:
-    try:
-        conn.send(msg)
-    except (OSError, ValueError):
-        pass
 
 
 # ---- the launcher ---------------------------------------------------------------------
@@ -331,7 +153,7 @@ def release_pipes(groups: dict[Role, EngineProcesses]) -> None:
 
 def _read_status(api: ApiProcess) -> None:
     try:
-        state, detail = api.status_conn.recv()
+        state, _, detail = api.status_conn.recv_bytes().decode(errors="replace").partition(" ")
     except (EOFError, OSError):
         api.process.join(1.0)
         if api.state != "exited":

@@ -5,7 +5,10 @@
   process is the board's owner and dispatcher 0) and unlinks it in ``close``;
 - it spawns one process per DP rank (``multiprocessing`` spawn context) running
   ``rank_main(cfg, req_conn, out_conn)`` (``scheduler.process.run_scheduler``), with
-  one one-way pipe API -> rank for requests and one rank -> API for outputs;
+  one one-way pipe API -> rank for requests and one rank -> API for outputs; with
+  ``--api-server-count N`` > 1, one of each per dispatcher (lists of N, see
+  ``scheduler.rank_io``), whose API ends ``server.api_servers`` hands to the N API
+  processes;
 - ``wait_ready`` blocks until every rank sent ``RankReady``; a ``RankError``, a rank
   exiting or the timeout raises ``RankStartupError``;
 - ``close`` sends ``ShutdownReq`` to every rank, waits a bound, then terminates and
@@ -177,7 +180,8 @@ class EngineProcesses:
             for (req_recv, _), (_, out_send) in zip(req_pipes, out_pipes):
                 req_recv.close()
                 out_send.close()
-            ours = [(req_send, out_recv) for (_, req_send), (out_recv, _) in zip(req_pipes, out_pipes)]
+            ours = [(req_send, out_recv)
+                    for (_, req_send), (out_recv, _) in zip(req_pipes, out_pipes)]
             self.ranks.append(RankHandle(cfg.dp_rank, process, *ours[0],
                                          dispatcher_pipes=ours if len(ours) > 1 else []))
         return self

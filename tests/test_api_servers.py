@@ -62,7 +62,8 @@ def test_outputs_go_to_the_dispatcher_that_sent_the_request(rank_on_board):
         writers[m.dispatcher_id].bump(0, m.counted_tokens)
     sched.step(msgs)
     sched.step([])
-    got = {d: {out.rid for batch in batches for out in batch.outputs} for d, batches in sent.items()}
+    got = {d: {out.rid for batch in batches for out in batch.outputs}
+           for d, batches in sent.items()}
     assert got == {0: {"a"}, 1: {"b", "c"}}
     assert all(len(batch.outputs) > 0 for batches in sent.values() for batch in batches)
 
