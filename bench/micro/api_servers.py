@@ -165,6 +165,15 @@ def main(argv: list[str] | None = None) -> int:
               f"{m['machine_cores']:>9.2f}   {rounds}")
     print(f"N=2 / N=1: {med[2]['rate'] / med[1]['rate']:.2f}x requests/s, "
           f"{med[2]['api_cpu_us'] / med[1]['api_cpu_us']:.2f}x API CPU per request")
+    # The two ceilings: one API process can serve at most one core's worth of requests;
+    # the machine at most its cores over the CPU every part spends per request.
+    cores = os.cpu_count() or 1
+    for n in COUNTS:
+        m = med[n]
+        whole_us = (m["api_cores"] + m["rank_cores"] + m["client_cores"]) / m["rate"] * 1e6
+        print(f"N={n}: CPU per request, all parts {whole_us:.0f} us -> this machine's "
+              f"{cores} cores serve at most {cores / whole_us * 1e6:.0f} requests/s; "
+              f"{n} API process(es) at most {n / m['api_cpu_us'] * 1e6:.0f}")
     return 0
 
 
