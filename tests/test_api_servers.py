@@ -25,7 +25,8 @@ from scheduler.scheduler import Scheduler
 from shm.board import LoadBoard, RankStatus
 from shm.segment import new_launch_id
 from sim.executor import SimExecutor, load_profile
-from tests.server_helpers import ServerProcess, child_pids, pid_gone, write_sim_profile
+from tests.server_helpers import (ServerProcess, child_pids, pid_gone, wait_group_gone,
+                                  write_sim_profile)
 
 
 # ---- the rank side: outputs go back to their dispatcher; a dispatcher that dies ---------
@@ -257,6 +258,7 @@ def test_sigkill_of_one_api_process_under_load(tmp_path):
         assert r.status_code == 200, r.text
         assert "API process 1" in server.log()
         assert server.terminate(20) == 0
+        assert wait_group_gone(server.pid) == []  # SIGTERM left no process
     assert server.segments() == []
 
 
