@@ -71,6 +71,7 @@ class ApiSpec:
     groups: list[GroupEnds]
     route_name: str | None = None  # PD prefill: the route table; it writes region d
     num_prefill_ranks: int = 0  # PD decode: the range of disagg_prefill_dp_rank
+    launcher_pid: int = 0  # the process that spawned it (0: do not watch it)
 
 
 class SiblingProcess:
@@ -148,7 +149,7 @@ def api_server_main(args: ServerArgs, spec: ApiSpec, sock: socket.socket,
     d = spec.dispatcher_id
     configure_logging(args.log_level, f"api {d}")
     stop_on_signals()
-    _exit_with_parent()
+    _exit_with_parent(spec.launcher_pid)
     groups: dict[Role, SiblingRanks] = {}
     route = None
     try:
@@ -182,14 +183,14 @@ def api_server_main(args: ServerArgs, spec: ApiSpec, sock: socket.socket,
             group.close()
 
 
-def _exit_with_parent() -> None:
+def _exit_with_parent(launcher_pid: int) -> None:
     """SIGTERM this process when the launcher dies (even by SIGKILL), as the ranks
     stop when their pipes close: no API process outlives its launcher."""
     import ctypes
     PR_SET_PDEATHSIG = 1
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() == 1:  # the launcher died before the prctl
+    if launcher_pid and os.getppid() != launcher_pid:  # it died before the prctl
         raise SystemExit(EXIT_STARTUP_FAILED)
 
 

@@ -132,7 +132,8 @@ def start_api_processes(args: ServerArgs, sock: socket.socket,
                                      [RankEnds(r.dp_rank, r.ready, *r.dispatcher_pipes[d])
                                       for r in g.ranks]) for role, g in groups.items()],
                        route_name=route_name,
-                       num_prefill_ranks=pd.handoff.num_regions if pd is not None else 0)
+                       num_prefill_ranks=pd.handoff.num_regions if pd is not None else 0,
+                       launcher_pid=os.getpid())
         status_recv, status_send = ctx.Pipe(duplex=False)
         process = ctx.Process(target=api_server_main, name=f"dpserve-api-{d}",
                               args=(args, spec, sock, status_send, go), daemon=False)
