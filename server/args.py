@@ -178,6 +178,10 @@ class ServerArgs:
     dp_size: int = field(default=1, **_flag(
         "number of data-parallel ranks (one process each)", group="balancing",
         aliases=("--data-parallel-size",)))
+    api_server_count: int = field(default=1, **_flag(
+        "API processes serving the one port (vLLM's flag): each parses, tokenizes and "
+        "dispatches its own requests as its own dispatcher on the load board, so they "
+        "balance as one; the launcher starts and stops them all", group="balancing"))
     tp_size: int = field(default=1, **_flag(
         "tensor-parallel size; only 1: each rank runs the whole model on one device "
         "(scale out with --dp-size)", group="balancing", aliases=("--tensor-parallel-size",)))
@@ -325,6 +329,9 @@ def validate_args(args: ServerArgs) -> None:
                                 "in an HTTP header)")
     if not 1 <= args.dp_size <= 1024:
         raise InvalidServerArgs(f"--dp-size must be in [1, 1024], got {args.dp_size}")
+    if not 1 <= args.api_server_count <= 64:
+        raise InvalidServerArgs(f"--api-server-count must be in [1, 64], got "
+                                f"{args.api_server_count}")
     if args.tp_size != 1:
         raise InvalidServerArgs(
             f"--tp-size {args.tp_size}: tensor parallelism is not supported; each rank runs "

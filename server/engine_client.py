@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import statistics
 import time
 from collections import deque
@@ -44,7 +45,7 @@ from server.internal_state import rank_internal_state
 from server.prepared import PreparedRequest
 from server.rank_monitor import RankMonitor
 from server.rank_pipe import PipeBackedUp, RequestPipe
-from server.ranks import API_DISPATCHER_ID, EngineProcesses, RankHandle
+from server.ranks import EngineProcesses, RankHandle
 from shm.board import RankStatus
 from shm.bootstrap_layout import BootstrapTableFullError, DuplicateRoomError
 
@@ -99,7 +100,9 @@ class EngineClient:
         self.context_len = min(args.context_length or 1 << 62,
                                *(r.ready.context_len for r in self.ranks))
         self.max_total_num_tokens = min(r.ready.max_total_num_tokens for r in self.ranks)
-        self.dispatcher = Dispatcher(self.board, API_DISPATCHER_ID, args.method_for(self.role),
+        # One dispatcher per API process (--api-server-count): its own board column.
+        self.dispatcher_id = processes.dispatcher_id
+        self.dispatcher = Dispatcher(self.board, self.dispatcher_id, args.method_for(self.role),
                                      stale_ns=args.stale_ns)
         # PD (scheduler.pd_router): prefill dispatch also publishes the room's route.
         self.router = None
@@ -169,7 +172,9 @@ class EngineClient:
 
     def dispatch_stats(self) -> dict:
         n = self.num_dispatched
-        return {"num_requests": n, "mean_us": 1e6 * self.dispatch_time_s / n if n else None,
+        # Labelled: with --api-server-count each API process answers for itself.
+        return {"dispatcher_id": self.dispatcher_id, "pid": os.getpid(),
+                "num_requests": n, "mean_us": 1e6 * self.dispatch_time_s / n if n else None,
                 "mean_cpu_us": self.dispatch_cpu_ns / n / 1000 if n else None,
                 "median_cpu_us": statistics.median(self._recent_cpu_ns) / 1000 if n else None}
 
@@ -206,7 +211,7 @@ class EngineClient:
         try:
             return self._hand_over(dp_rank, GenerateReq(
                 rid=p.rid, input_ids=p.input_ids, sampling_params=p.params,
-                dispatcher_id=API_DISPATCHER_ID, counted_tokens=num_tokens,
+                dispatcher_id=self.dispatcher_id, counted_tokens=num_tokens,
                 return_logprob=p.return_logprob, top_logprobs_num=p.top_logprobs_num,
                 # the prompt is scored only for a request that asks for logprobs
                 logprob_start_len=p.logprob_start_len if p.return_logprob else -1,

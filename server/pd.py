@@ -120,8 +120,13 @@ class PDProcesses:
             num_prefill = args.prefill_dp_size if is_pd else args.dp_size
             num_decode = (args.decode_dp_size if is_pd
                           else args.disaggregation_decode_dp or DEFAULT_DECODE_DP)
-            self.route, self.handoff = create_tables(self.launch_id, num_prefill, num_decode)
-            self.route_writer = self.route.region_writer(0)
+            # One route region per API process; with several (server.api_servers) each
+            # takes its own region, the launcher none.
+            self.route, self.handoff = create_tables(
+                self.launch_id, num_prefill, num_decode,
+                num_prefill_dispatchers=args.api_server_count)
+            if args.api_server_count == 1:
+                self.route_writer = self.route.region_writer(0)
 
     def _attach_tables(self) -> tuple[BootstrapTable, BootstrapTable]:
         port = self.args.disaggregation_bootstrap_port
@@ -159,15 +164,8 @@ class PDProcesses:
             group.wait_ready(max(0.0, deadline - time.monotonic()))
 
     def engine_client(self) -> "EngineClient | PDEngineClient":
-        args = self.args
-        clients = {}
-        for role, group in self.groups.items():
-            clients[role] = EngineClient.from_processes(
-                args, group, route_writer=self.route_writer if role == Role.PREFILL else None,
-                num_prefill_ranks=self.handoff.num_regions)
-        if len(clients) == 1:
-            return next(iter(clients.values()))
-        return PDEngineClient(args, clients[Role.PREFILL], clients[Role.DECODE])
+        return pd_engine_client(self.args, self.groups, self.route_writer,
+                                self.handoff.num_regions)
 
     def close(self) -> None:
         """Stop the ranks (decode first: they read prefill's KV), then the tables."""
@@ -180,6 +178,21 @@ class PDProcesses:
                 if table is not None:
                     table.close()
             self.handoff = self.route = self.route_writer = None
+
+
+def pd_engine_client(args: ServerArgs, groups: dict, route_writer,
+                     num_prefill_ranks: int) -> "EngineClient | PDEngineClient":
+    """The front door over the rank groups of a PD mode: one ``EngineClient`` per group
+    (the prefill one publishes routes through ``route_writer``, this API process's
+    region of the route table), joined by ``PDEngineClient`` when there are both."""
+    clients = {}
+    for role, group in groups.items():
+        clients[role] = EngineClient.from_processes(
+            args, group, route_writer=route_writer if role == Role.PREFILL else None,
+            num_prefill_ranks=num_prefill_ranks)
+    if len(clients) == 1:
+        return next(iter(clients.values()))
+    return PDEngineClient(args, clients[Role.PREFILL], clients[Role.DECODE])
 
 
 class PDEngineClient:
