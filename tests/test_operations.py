@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from scheduler.messages import RankStats
-from scheduler.stats import DecodeStats, decode_batch_line
+from scheduler.stats import DecodeStats, decode_batch_line, prefill_batch_line
 from tests.server_helpers import ServerProcess, write_sim_profile
 
 LOG_PREFIX = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (api|rank \d+|prefill rank \d+|"
@@ -62,6 +62,9 @@ def test_decode_stats_counts_decoding_batches_and_formats_sglang_line():
         num_decode_batches=40))
     assert line == ("Decode batch. #running-req: 3, #token: 412, token usage: 0.01, "
                     "gen throughput (token/s): 151.22, #queue-req: 1, ")
+    assert prefill_batch_line(1, 128, 2048, 0.0234, 2, 0) == (
+        "Prefill batch. #new-seq: 1, #new-token: 128, #cached-token: 2048, "
+        "token usage: 0.02, #running-req: 2, #queue-req: 0, ")
 
 
 @pytest.mark.slow
@@ -101,6 +104,8 @@ def test_plain_server_states_logs_and_metrics(tmp_path):
     assert all(LOG_PREFIX.match(line) for line in lines), [
         line for line in lines if not LOG_PREFIX.match(line)][:5]
     assert any(re.search(r"^\[.* rank 0\]", line) and DECODE_LINE.search(line) for line in lines)
+    assert any(re.search(r"^\[.* rank \d\] INFO Prefill batch\. #new-seq: \d+, #new-token: \d+, "
+                         r"#cached-token: \d+, ", line) for line in lines)
     assert any(re.search(r"^\[.* api\] INFO ready: ", line) for line in lines)
     for i in range(4):
         assert re.search(rf"\] INFO request ops-{i} on rank \d finished: .*\"length\".* "
