@@ -25,8 +25,8 @@ from scheduler.scheduler import Scheduler
 from shm.board import LoadBoard, RankStatus
 from shm.segment import new_launch_id
 from sim.executor import SimExecutor, load_profile
-from tests.server_helpers import (ServerProcess, child_pids, pid_gone, wait_group_gone,
-                                  write_sim_profile)
+from tests.server_helpers import (ServerProcess, child_pids, metric, pid_gone,
+                                  wait_group_gone, write_sim_profile)
 
 
 # ---- the rank side: outputs go back to their dispatcher; a dispatcher that dies ---------
@@ -418,6 +418,15 @@ def test_pd_mode_over_two_api_processes(tmp_path):
                                                              "ignore_eos": True}}))
             assert all(r.status_code == 200 for r in results), [r.text for r in results]
             assert all(len(r.json()["output_ids"]) == 20 for r in results)
+            # The cache counters are summed over both API processes, and the hit rate is
+            # computed from the sums, whichever process is scraped.
+            metas = [r.json()["meta_info"] for r in results]
+            text = httpx.get(server.url + "/metrics", timeout=5).text
+            cached = metric(text, "sglang:cached_tokens_total")
+            prompt = metric(text, "dpserve:cache_prompt_tokens_total")
+            assert cached == sum(m["cached_tokens"] for m in metas)
+            assert prompt == sum(m["prompt_tokens"] for m in metas)
+            assert metric(text, "sglang:cache_hit_rate") == pytest.approx(cached / prompt)
             for kind, board in boards.items():
                 snap = _wait_board(board, lambda s: (s.effective_reqs.sum() == 0
                                                      and s.in_flight_reqs.sum() == 0),

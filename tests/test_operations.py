@@ -13,7 +13,7 @@ import pytest
 
 from scheduler.messages import RankStats
 from scheduler.stats import DecodeStats, decode_batch_line, prefill_batch_line
-from tests.server_helpers import ServerProcess, write_sim_profile
+from tests.server_helpers import ServerProcess, metric, write_sim_profile
 
 LOG_PREFIX = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (api|rank \d+|prefill rank \d+|"
                         r"decode rank \d+)\] (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
@@ -36,13 +36,6 @@ def generate(url: str, rid: str, n: int = 6) -> dict:
         "max_new_tokens": n, "temperature": 0, "ignore_eos": True}}, timeout=30)
     assert r.status_code == 200, r.text
     return r.json()
-
-
-def metric(text: str, name: str, **labels) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} {labels} not in /metrics")
 
 
 def test_decode_stats_counts_decoding_batches_and_formats_sglang_line():
