@@ -20,8 +20,9 @@ import traceback
 from scheduler.config import SchedulerConfig
 from scheduler.executor import Executor
 from scheduler.log_format import configure_logging
-from scheduler.messages import RankError, RankReady, decode_to_scheduler, encode
+from scheduler.messages import RankError, RankReady, encode
 from scheduler.pd import kv_segment_factory
+from scheduler.rank_io import RankPipes, owned_by, retire_dispatcher
 from scheduler.roles import Role
 from shm.board import LoadBoard, RankStatus
 from shm.prefix_summary import PrefixSummary
@@ -30,8 +31,11 @@ logger = logging.getLogger(__name__)
 
 
 def run_scheduler(cfg: SchedulerConfig, req_conn, out_conn) -> None:
+    """``req_conn``/``out_conn``: this rank's pipes, one of each, or a list of each with
+    one per dispatcher (``--api-server-count``, ``scheduler.rank_io``)."""
     configure_logging(cfg.log_level, f"rank {cfg.dp_rank}" if cfg.role == Role.MIXED
                       else f"{cfg.role} rank {cfg.dp_rank}")
+    pipes = RankPipes(*(c if isinstance(c, (list, tuple)) else [c] for c in (req_conn, out_conn)))
     board = LoadBoard.attach(cfg.board_name)
     row = board.rank_writer(cfg.dp_rank)
     row.heartbeat()
@@ -40,18 +44,19 @@ def run_scheduler(cfg: SchedulerConfig, req_conn, out_conn) -> None:
     try:
         if cfg.prefix_summary_name:
             summary = PrefixSummary.attach(cfg.prefix_summary_name)
-        scheduler = _start(cfg, row, out_conn, summary)
+        scheduler = _start(cfg, row, pipes, summary)
     except BaseException as exc:  # report any start-up failure, then exit non-zero
         row.set_status(RankStatus.DEAD)
-        _try_send(out_conn, RankError(dp_rank=cfg.dp_rank, message=_describe(exc)))
+        _try_send(pipes.out_conns[0], RankError(dp_rank=cfg.dp_rank, message=_describe(exc)))
         if summary is not None:
             summary.close()
         board.close()
         sys.exit(1)
     try:
-        _loop(scheduler, req_conn, cfg.heartbeat_interval_s)
+        _loop(scheduler, pipes, board, cfg.heartbeat_interval_s)
     except BaseException as exc:
-        _try_send(out_conn, RankError(dp_rank=cfg.dp_rank, message=_describe(exc)))
+        for conn in pipes.out_conns:
+            _try_send(conn, RankError(dp_rank=cfg.dp_rank, message=_describe(exc)))
         raise
     finally:
         row.set_status(RankStatus.DEAD)
@@ -79,16 +84,19 @@ def make_executor(cfg: SchedulerConfig) -> Executor:
     raise ValueError(f"unknown executor {cfg.executor!r}: expected 'real' or 'sim'")
 
 
-def _start(cfg: SchedulerConfig, row, out_conn, summary: PrefixSummary | None):
+def _start(cfg: SchedulerConfig, row, pipes: RankPipes, summary: PrefixSummary | None):
     """Build the executor and the scheduler; ``summary``: where the rank's prefix cache
     publishes what it holds (its ``SummaryWriter`` is the cache's observer)."""
     from scheduler.scheduler import Scheduler
 
     executor = make_executor(cfg)
-    send = lambda msg: out_conn.send_bytes(encode(msg))  # noqa: E731
+    if pipes.num_dispatchers != cfg.num_dispatchers:
+        raise ValueError(f"{pipes.num_dispatchers} request pipes for {cfg.num_dispatchers} "
+                         "dispatchers")
     try:
         observer = summary.writer(cfg.dp_rank) if summary is not None else None
-        scheduler = Scheduler(cfg, executor, row, send, executor.tokenizer, send_stats=send,
+        scheduler = Scheduler(cfg, executor, row, pipes.send, executor.tokenizer,
+                              send_stats=pipes.broadcast, send_to=pipes.send_to,
                               cache_observer=observer)
     except BaseException:
         executor.close()  # a PD prefill rank's shared KV segment
@@ -96,7 +104,7 @@ def _start(cfg: SchedulerConfig, row, out_conn, summary: PrefixSummary | None):
     row.set_capacity(executor.max_total_num_tokens, scheduler.max_running_requests)
     scheduler.publish_load()
     row.set_status(RankStatus.READY)
-    send(RankReady(dp_rank=cfg.dp_rank, pid=os.getpid(),
+    pipes.send_to(0, RankReady(dp_rank=cfg.dp_rank, pid=os.getpid(),
                    max_total_num_tokens=executor.max_total_num_tokens,
                    max_running_requests=scheduler.max_running_requests,
                    context_len=executor.context_len, device=executor.device,
@@ -112,21 +120,23 @@ def _memory_gb(executor) -> dict[str, float]:
     return {"weight_gb": weight_bytes / 2**30, "kv_cache_gb": kv_bytes / 2**30}
 
 
-def _loop(scheduler, req_conn, idle_wait_s: float) -> None:
+def _loop(scheduler, pipes: RankPipes, board, idle_wait_s: float) -> None:
     while not scheduler.stopped:
-        messages = []
-        try:
-            # Busy ranks only peek; idle ones block until a message or the heartbeat is due.
-            # A rank whose executor wants idle steps (lockstep peers wait on it) is busy.
-            busy = scheduler.executor.wants_idle_steps
-            if req_conn.poll(0 if busy else scheduler.poll_timeout(idle_wait_s)):
-                while True:
-                    messages.append(decode_to_scheduler(req_conn.recv_bytes()))
-                    if not req_conn.poll(0):
-                        break
-        except (EOFError, OSError):
-            logger.info("request pipe closed: shutting down")
-            scheduler.stopped = True
+        # Busy ranks only peek; idle ones block until a message or the heartbeat is due.
+        # A rank whose executor wants idle steps (lockstep peers wait on it) is busy.
+        busy = scheduler.executor.wants_idle_steps
+        received, gone = pipes.receive(0 if busy else scheduler.poll_timeout(idle_wait_s))
+        messages = [msg for d, msg in received if owned_by(scheduler, d, msg)]
+        if gone:
+            # Messages read before the EOF still count (a request the API sent, then died).
+            scheduler.receive(messages)
+            messages = []
+            for d in gone:
+                ended = retire_dispatcher(scheduler, board, d, "its API process exited")
+                logger.info("API process of dispatcher %d is gone: ended its %d request(s)%s",
+                            d, ended, "" if pipes.any_open else "; shutting down")
+            if not pipes.any_open:
+                scheduler.stopped = True
         scheduler.step(messages)
     scheduler.abort_all("the rank is shutting down")
 

@@ -67,11 +67,14 @@ class Scheduler:
     def __init__(self, cfg: SchedulerConfig, executor: Executor, board_row: RankWriter,
                  send: Callable[[BatchOutput], None], tokenizer=None,
                  send_stats: Callable[[RankStats], None] = lambda stats: None,
-                 cache_observer: CacheObserver | None = None):
+                 cache_observer: CacheObserver | None = None,
+                 send_to: Callable[[int, BatchOutput], None] | None = None):
         self.cfg = cfg
         self.executor = executor
         self.board_row = board_row
         self.send = send
+        # Outputs go to the API process that sent the request (dispatcher id first).
+        self.send_to = send_to or (lambda dispatcher_id, batch: send(batch))
         self.send_stats = send_stats  # the rank's periodic figures (scheduler.stats)
         self.tokenizer = tokenizer  # only needed for stop strings
         self.max_running_requests = cfg.max_running_requests or 256
@@ -236,9 +239,10 @@ class Scheduler:
             self.hands_off or len(item.req.output_ids) + 1 >= item.req.params.max_new_tokens))
 
     def send_outputs(self) -> None:
+        """One ``BatchOutput`` per dispatcher (API process) with something to send."""
         if not self.outbox:
             return
-        outputs = []
+        by_dispatcher: dict[int, list[ReqOutput]] = {}
         for req in self.outbox.values():
             new = req.output_ids[req.num_sent:]
             out = ReqOutput(
@@ -247,10 +251,11 @@ class Scheduler:
                 cached_tokens=req.cached_tokens)
             if req.return_logprob:
                 _add_logprobs(out, req)
-            outputs.append(out)
+            by_dispatcher.setdefault(req.dispatcher_id, []).append(out)
             req.num_sent = len(req.output_ids)
         self.outbox.clear()
-        self.send(BatchOutput(dp_rank=self.cfg.dp_rank, outputs=outputs))
+        for dispatcher_id, outputs in by_dispatcher.items():
+            self.send_to(dispatcher_id, BatchOutput(dp_rank=self.cfg.dp_rank, outputs=outputs))
 
     def abort_all(self, message: str) -> None:
         """End every request this rank holds (at shutdown) and tell the API."""

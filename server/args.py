@@ -178,6 +178,10 @@ class ServerArgs:
     dp_size: int = field(default=1, **_flag(
         "number of data-parallel ranks (one process each)", group="balancing",
         aliases=("--data-parallel-size",)))
+    api_server_count: int = field(default=1, **_flag(
+        "API processes serving the one port (vLLM's flag): each parses, tokenizes and "
+        "dispatches its own requests as its own dispatcher on the load board, so they "
+        "balance as one; the launcher starts and stops them all", group="balancing"))
     tp_size: int = field(default=1, **_flag(
         "tensor-parallel size; only 1: each rank runs the whole model on one device "
         "(scale out with --dp-size)", group="balancing", aliases=("--tensor-parallel-size",)))
@@ -198,6 +202,11 @@ class ServerArgs:
         group="balancing"))
     chunked_prefill_size: int = field(default=512, **_flag(
         "prefill tokens per batch", group="balancing"))
+    disable_radix_cache: bool = field(default=False, **_flag(
+        "turn off each rank's prefix cache (SGLang's RadixAttention flag): every prompt is "
+        "prefilled whole and cached_tokens is 0. On by default: a prompt that begins like "
+        "an earlier one reuses that beginning's KV (POST /flush_cache empties the caches)",
+        group="balancing"))
     max_queued_requests: int | None = field(default=None, **_flag(
         "per rank: past running + this many queued, new requests get 503 (default: no bound)",
         group="balancing"))
@@ -320,6 +329,9 @@ def validate_args(args: ServerArgs) -> None:
                                 "in an HTTP header)")
     if not 1 <= args.dp_size <= 1024:
         raise InvalidServerArgs(f"--dp-size must be in [1, 1024], got {args.dp_size}")
+    if not 1 <= args.api_server_count <= 64:
+        raise InvalidServerArgs(f"--api-server-count must be in [1, 64], got "
+                                f"{args.api_server_count}")
     if args.tp_size != 1:
         raise InvalidServerArgs(
             f"--tp-size {args.tp_size}: tensor parallelism is not supported; each rank runs "

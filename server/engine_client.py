@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import statistics
 import time
 from collections import deque
@@ -31,8 +32,8 @@ from engine.finish import FinishAbort
 from engine.chat_template import load_chat_template_arg
 from engine.tokenizer import Tokenizer
 from scheduler.dispatcher import Dispatcher
-from scheduler.messages import (CLIENT_ERROR, AbortReq, FlushCacheReq, GenerateReq, ReqOutput,
-                                encode)
+from scheduler.messages import (CLIENT_ERROR, AbortReq, FlushCacheReq, FlushCacheResult,
+                                GenerateReq, ReqOutput, encode)
 from scheduler.pd_router import PDRouter
 from scheduler.policy import (InvalidDpRankError, MissingBootstrapRoomError,
                               RankUnavailableError)
@@ -44,11 +45,11 @@ from server.internal_state import rank_internal_state
 from server.prepared import PreparedRequest
 from server.rank_monitor import RankMonitor
 from server.rank_pipe import PipeBackedUp, RequestPipe
-from server.ranks import API_DISPATCHER_ID, EngineProcesses, RankHandle
+from server.ranks import EngineProcesses, RankHandle
 from shm.board import RankStatus
 from shm.bootstrap_layout import BootstrapTableFullError, DuplicateRoomError
 
-__all__ = ["EngineClient", "MetricsObserver", "RequestHandle", "failure_error"]
+__all__ = ["EngineClient", "MetricsObserver", "RequestHandle", "failure_error", "wait_flushes"]
 
 
 def failure_error(finish_reason: FinishAbort) -> ApiError:
@@ -62,6 +63,25 @@ def failure_error(finish_reason: FinishAbort) -> ApiError:
     if finish_reason.status_code == CLIENT_ERROR:
         return BadRequest(message)
     return RequestFailed(message)
+
+
+async def wait_flushes(waiters: list[asyncio.Future], timeout_s: float) -> list[FlushCacheResult]:
+    """Every asked rank's ``FlushCacheResult`` (refusals included: the route answers
+    400 for those). ``ServiceUnavailable`` (503, retryable) if no rank was asked, one
+    was lost while asked, or one did not answer within ``timeout_s``: a rank answers
+    between two batches, so one silent that long is stalled."""
+    if not waiters:
+        raise ServiceUnavailable("no rank is available to flush its cache")
+    done, pending = await asyncio.wait(waiters, timeout=timeout_s)
+    for waiter in pending:
+        waiter.cancel()
+    failures = [w.exception() for w in done if w.exception() is not None]
+    if failures:
+        raise failures[0]
+    if pending:
+        raise ServiceUnavailable(f"{len(pending)} of {len(waiters)} ranks did not answer the "
+                                 f"cache flush within {timeout_s:g} s")
+    return [w.result() for w in waiters]
 
 
 class EngineClient:
@@ -80,7 +100,9 @@ class EngineClient:
         self.context_len = min(args.context_length or 1 << 62,
                                *(r.ready.context_len for r in self.ranks))
         self.max_total_num_tokens = min(r.ready.max_total_num_tokens for r in self.ranks)
-        self.dispatcher = Dispatcher(self.board, API_DISPATCHER_ID, args.method_for(self.role),
+        # One dispatcher per API process (--api-server-count): its own board column.
+        self.dispatcher_id = processes.dispatcher_id
+        self.dispatcher = Dispatcher(self.board, self.dispatcher_id, args.method_for(self.role),
                                      stale_ns=args.stale_ns, summary=processes.summary)
         # PD (scheduler.pd_router): prefill dispatch also publishes the room's route.
         self.router = None
@@ -150,7 +172,9 @@ class EngineClient:
 
     def dispatch_stats(self) -> dict:
         n = self.num_dispatched
-        return {"num_requests": n, "mean_us": 1e6 * self.dispatch_time_s / n if n else None,
+        # Labelled: with --api-server-count each API process answers for itself.
+        return {"dispatcher_id": self.dispatcher_id, "pid": os.getpid(),
+                "num_requests": n, "mean_us": 1e6 * self.dispatch_time_s / n if n else None,
                 "mean_cpu_us": self.dispatch_cpu_ns / n / 1000 if n else None,
                 "median_cpu_us": statistics.median(self._recent_cpu_ns) / 1000 if n else None}
 
@@ -188,7 +212,7 @@ class EngineClient:
         try:
             return self._hand_over(dp_rank, GenerateReq(
                 rid=p.rid, input_ids=p.input_ids, sampling_params=p.params,
-                dispatcher_id=API_DISPATCHER_ID, counted_tokens=num_tokens,
+                dispatcher_id=self.dispatcher_id, counted_tokens=num_tokens,
                 return_logprob=p.return_logprob, top_logprobs_num=p.top_logprobs_num,
                 # the prompt is scored only for a request that asks for logprobs
                 logprob_start_len=p.logprob_start_len if p.return_logprob else -1,
@@ -254,17 +278,28 @@ class EngineClient:
             except ServiceUnavailable:
                 pass  # the rank is gone or not reading: nothing to free there now
 
-    def flush_cache(self) -> int:
-        """Ask every usable rank to drop its unused cache; returns how many were asked."""
-        asked = 0
-        for rank in self.ranks:
-            if rank.is_usable:
-                try:
+    async def flush_cache(self, timeout_s: float) -> list[FlushCacheResult]:
+        """Ask every usable rank to empty its prefix cache; every rank's answer
+        (``wait_flushes``: 503 unless all of them answer within ``timeout_s``)."""
+        return await wait_flushes(self.ask_flush(), timeout_s)
+
+    def ask_flush(self) -> list[asyncio.Future]:
+        """Send ``FlushCacheReq`` to every usable rank; one future per rank asked, for
+        its ``FlushCacheResult``. Raises ``ServiceUnavailable`` if the server is not
+        serving or a usable rank cannot be asked (then nothing is awaited)."""
+        if not self.is_serving:
+            raise ServiceUnavailable("the server is not serving (starting or stopping)")
+        waiters: list[asyncio.Future] = []
+        try:
+            for rank in self.ranks:
+                if rank.is_usable:
                     self._send(rank, FlushCacheReq())
-                    asked += 1
-                except ServiceUnavailable:
-                    pass
-        return asked
+                    waiters.append(self.monitor.expect_flush(rank.dp_rank))
+        except BaseException:
+            for waiter in waiters:
+                waiter.cancel()  # its rank's answer still pops it (``RankMonitor``)
+            raise
+        return waiters
 
     def _send(self, rank: RankHandle, msg) -> None:
         """Queue a message on the rank's request pipe (never blocks the loop)."""

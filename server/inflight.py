@@ -44,6 +44,10 @@ class MetricsObserver:
     def on_first_token(self, ttft_s: float) -> None: ...
     def on_tokens(self, num_tokens: int, interval_s: float) -> None: ...
     def on_finish(self, e2e_s: float, prompt_tokens: int, completion_tokens: int) -> None: ...
+    def on_prompt_cache(self, prompt_tokens: int, cached_tokens: int) -> None:
+        """A dispatched request finished; ``cached_tokens`` of its ``prompt_tokens`` came
+        from its rank's prefix cache (in PD, its prefill rank's). Told by the request flow
+        (``server.request_flow``), which sees a PD request's prefill half too."""
     def on_abort(self) -> None:
         """A request ended without its finish: aborted by its rank or by the API (the
         client left), or failed with its rank."""

@@ -15,6 +15,8 @@
   was dispatched to it and not yet received. Each row has a ``status``: ``ready``,
   ``starting``, ``draining``, ``stale`` (no heartbeat within ``--stale-after-s``: its
   load is its last report) or ``dead`` (its load is 0: a dead rank holds nothing).
+- ``/flush_cache`` (GET or POST): every rank empties its prefix cache, or the answer
+  says why not (``flush_cache``).
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ from server.request_flow import new_rid, release, run_all, start
 from shm.board import RankStatus
 
 HEALTH_GENERATE_TIMEOUT_S = 20.0
+FLUSH_CACHE_TEXT = ("Cache flushed.\nPlease check backend logs for more details. (When there "
+                    "are running or waiting requests, the operation will not be performed.)\n")
 
 
 async def health(request: Request) -> Response:
@@ -151,9 +155,14 @@ async def v1_loads(request: Request) -> Response:
 
 
 async def flush_cache(request: Request) -> Response:
+    """SGLang's answer: 200 when every rank emptied its prefix cache, 400 with the same
+    text when some rank refused (it holds running or waiting requests; the rank logs
+    why, and so does the API); 503 when a rank cannot be asked or does not answer
+    within the stale bound (``--stale-after-s``)."""
     engine: EngineClient = request.state.engine
-    engine.flush_cache()
-    return PlainTextResponse("Cache flushed.\n")
+    results = await engine.flush_cache(engine.args.stale_ns / 1e9)
+    flushed = all(r.success for r in results)
+    return PlainTextResponse(FLUSH_CACHE_TEXT, status_code=200 if flushed else 400)
 
 
 def _loads(engine: EngineClient) -> list[dict]:

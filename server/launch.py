@@ -29,21 +29,19 @@ import uvicorn
 
 from engine.model_source import ModelFetchError
 from scheduler.log_format import configure_logging
-from scheduler.roles import DisaggregationMode, Role
-from server.app import create_app
+from scheduler.roles import DisaggregationMode
 from server.args import InvalidServerArgs, ServerArgs, parse_args, resolve_args
-from server.connections import (accept_backlog, event_loop_factory, protocol_for,
-                                raise_open_file_limit)
+from server.connections import event_loop_factory, raise_open_file_limit
 from server.engine_client import EngineClient
 from server.pd import PDLaunchError, PDProcesses
 from server.placement import LaunchError, LaunchPlan, plan_launch
 from server.ranks import EngineProcesses, RankMain, RankStartupError
+from server.serving import StopSignal, pd_summary, stop_on_signals, uvicorn_config
 
 logger = logging.getLogger("dpserve")
 
 EXIT_STARTUP_FAILED = 1
 EXIT_BAD_ARGS = 2
-GRACEFUL_SHUTDOWN_S = 5
 
 
 def main(argv: list[str] | None = None, rank_main: RankMain | None = None) -> int:
@@ -53,7 +51,7 @@ def main(argv: list[str] | None = None, rank_main: RankMain | None = None) -> in
     process (tests use it to run the API over stand-in ranks)."""
     args = parse_args(argv)
     configure_logging(args.log_level, "api")
-    _stop_on_signals()
+    stop_on_signals()
     raise_open_file_limit()  # before resolve_args: --limit-concurrency derives from it
     try:
         try:
@@ -84,6 +82,9 @@ def main(argv: list[str] | None = None, rank_main: RankMain | None = None) -> in
 
 def serve(args: ServerArgs, sock: socket.socket, rank_main: RankMain | None = None,
           plan: LaunchPlan | None = None) -> int:
+    if args.api_server_count > 1:  # this process supervises; N API processes serve
+        from server.api_servers import serve_api_servers
+        return serve_api_servers(args, sock, rank_main, plan)
     pd_mode = args.disaggregation_mode != DisaggregationMode.NULL
     processes = (PDProcesses(args, rank_main, plan) if pd_mode
                  else EngineProcesses(args, rank_main, plan=plan))
@@ -93,12 +94,7 @@ def serve(args: ServerArgs, sock: socket.socket, rank_main: RankMain | None = No
                     args.dp_size, processes.board.name)
         processes.wait_ready(args.startup_timeout_s)
         engine = processes.engine_client() if pd_mode else EngineClient.from_processes(args, processes)
-        # log_config None: uvicorn's loggers propagate to ours (scheduler.log_format).
-        config = uvicorn.Config(create_app(engine), log_level=args.log_level, access_log=False,
-                                log_config=None,
-                                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, lifespan="on",
-                                timeout_keep_alive=args.timeout_keep_alive,
-                                http=protocol_for(args), backlog=accept_backlog())
+        config = uvicorn_config(args, engine)
         # uvicorn's own loop setting applies only to uvicorn.run.
         with asyncio.Runner(loop_factory=event_loop_factory(args)) as runner:
             started = runner.run(_serve(uvicorn.Server(config), sock, args))
@@ -124,19 +120,9 @@ async def _serve(server: uvicorn.Server, sock: socket.socket, args: ServerArgs) 
         url = args.url.rsplit(":", 1)[0] + f":{sock.getsockname()[1]}"
         logger.info("ready: %s serving %s with %d rank(s), load balance method %s%s",
                     url, args.served_model_name, args.dp_size, args.load_balance_method,
-                    _pd_summary(args))
+                    pd_summary(args))
     await task
     return server.started
-
-
-def _pd_summary(args: ServerArgs) -> str:
-    mode = args.disaggregation_mode
-    if mode == DisaggregationMode.PD:
-        return (f"; PD: {args.prefill_dp_size} prefill ranks ({args.method_for(Role.PREFILL)}), "
-                f"{args.decode_dp_size} decode ranks ({args.method_for(Role.DECODE)})")
-    if mode != DisaggregationMode.NULL:
-        return f"; PD {mode} server, bootstrap port {args.disaggregation_bootstrap_port}"
-    return ""
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -154,20 +140,3 @@ def bind_socket(host: str, port: int) -> socket.socket:
         raise
     sock.set_inheritable(False)  # ranks must not keep the port open
     return sock
-
-
-class StopSignal(BaseException):
-    """SIGINT/SIGTERM arrived outside uvicorn's own handling (start-up, or re-raised by
-    uvicorn after its graceful exit). A BaseException so that only ``main`` catches it
-    and every ``finally`` on the way cleans up."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _stop_on_signals() -> None:
-    def handler(signum, frame):
-        raise StopSignal(signum)
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)

@@ -16,13 +16,26 @@ in one process (tests) do not share or collide.
   ``sglang:num_aborted_requests_total`` (requests that ended without their finish).
 - ``sglang:gen_throughput`` per ``dp_rank``: the rank's latest "Decode batch." figure
   (``scheduler.stats``), 0 until its first.
+- Prefix cache, from the finished requests' ``cached_tokens`` as the API returns them
+  (a PD request's from its prefill rank): ``sglang:cached_tokens_total`` (SGLang's
+  counter) and ``sglang:cache_hit_rate``, cached prompt tokens over prompt tokens of
+  those requests since start (0 before any), computed at scrape time from the summed
+  counters (``dpserve:cache_prompt_tokens_total`` is its denominator). SGLang's gauge is
+  each rank's latest prefill batch; for a recent window use
+  ``rate(sglang:cached_tokens_total)`` over ``rate(dpserve:cache_prompt_tokens_total)``.
+- With ``--api-server-count N`` any API process answers for all: the gauges come from
+  the board, the counters and histograms are summed over every API process
+  (prometheus_client's multiprocess mode, ``shared_registry``).
 """
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -36,6 +49,8 @@ ITL_BUCKETS = (0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.025, 0.03
                0.06, 0.08, 0.1, 0.2, 0.4, 0.6, 0.8, 1, 2, 4, 6, 8)
 E2E_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1, 2, 4, 6, 8, 10, 20, 40, 60, 80, 100, 150,
                200, 250, 300, 350, 500, 1000)
+# prometheus_client's multiprocess mode: read when it is imported, so set by the launcher.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 MAX_ITL_OBSERVATIONS = 64  # per output message; a huge batch output is rare
 
 
@@ -98,9 +113,17 @@ class ServerMetrics(MetricsObserver):
         self._generation = Counter("sglang:generation_tokens", "Generated tokens of finished "
                                    "requests", **kw).labels(name)
         self._requests = Counter("sglang:num_requests", "Finished requests", **kw).labels(name)
+        self._cached = Counter("sglang:cached_tokens", "Prompt tokens of finished requests "
+                               "that their rank's prefix cache held", **kw).labels(name)
+        # The hit rate's denominator: prompts of requests that ran on a rank
+        # (max_new_tokens 0 does not); the rate itself is computed at scrape time.
+        self._cache_prompt = Counter("dpserve:cache_prompt_tokens", "Prompt tokens of "
+                                     "finished requests that ran on a rank (the cache hit "
+                                     "rate's denominator)", **kw).labels(name)
         self._aborted = Counter("sglang:num_aborted_requests", "Requests that ended before "
                                 "their finish: the client left, the rank refused or lost "
                                 "them", **kw).labels(name)
+        self.registry = shared_registry(self.registry, engine)
 
     def on_first_token(self, ttft_s: float) -> None:
         self._ttft.observe(ttft_s)
@@ -116,8 +139,70 @@ class ServerMetrics(MetricsObserver):
         self._generation.inc(completion_tokens)
         self._requests.inc()
 
+    def on_prompt_cache(self, prompt_tokens: int, cached_tokens: int) -> None:
+        self._cached.inc(cached_tokens)
+        self._cache_prompt.inc(prompt_tokens)
+
     def on_abort(self) -> None:
         self._aborted.inc()
+
+
+class CacheHitRateCollector:
+    """``sglang:cache_hit_rate`` from the (summed) cache counters ``source`` yields."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        totals: dict[tuple[str, tuple], float] = {}
+        for family in self.source.collect():
+            for sample in family.samples:
+                if sample.name in ("sglang:cached_tokens_total",
+                                   "dpserve:cache_prompt_tokens_total"):
+                    key = (sample.name, tuple(sorted(sample.labels.items())))
+                    totals[key] = totals.get(key, 0.0) + sample.value
+        rate = GaugeMetricFamily("sglang:cache_hit_rate", "Prefix cache hit rate: cached over "
+                                 "prompt tokens of finished requests since start",
+                                 labels=["model_name"])
+        for (name, labels), prompt in totals.items():
+            if name == "dpserve:cache_prompt_tokens_total":
+                cached = totals.get(("sglang:cached_tokens_total", labels), 0.0)
+                rate.add_metric([dict(labels)["model_name"]], cached / prompt if prompt else 0.0)
+        yield rate
+
+
+class _Forward:
+    """Registers another registry's (or collector's) metrics in a scrape registry."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        return self.source.collect()
+
+
+def shared_registry(own: CollectorRegistry, engine: EngineClient) -> CollectorRegistry:
+    """What a scrape reads: the board gauges, the counters and histograms, and the hit
+    rate computed from the counters. With several API processes (``server.api_servers``
+    sets ``MULTIPROC_ENV`` before any of them starts) each one's counters and
+    histograms live in a file of that folder, and a scrape of any process sums every
+    process's (the board gauges are the same from any); otherwise ``own``'s."""
+    path = os.environ.get(MULTIPROC_ENV)
+    registry = CollectorRegistry(auto_describe=False)
+    if path:
+        registry.register(BoardCollector(engine))
+        source = MultiProcessCollector(None, path=path)
+    else:
+        source = own  # it holds the board collector too
+    registry.register(_Forward(source))
+    registry.register(CacheHitRateCollector(source))
+    return registry
 
 
 async def metrics(request: Request) -> Response:

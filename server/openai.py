@@ -10,7 +10,9 @@ front does that (smg answers 404 to an unknown model). Logprobs (``server.logpro
 completions ``logprobs: k``, with ``echo`` the prompt's too (text and logprobs, any
 ``max_tokens`` from 0: lm-evaluation-harness's loglikelihood); chat ``logprobs`` and
 ``top_logprobs``; a streamed chunk carries its own tokens' logprobs, so the chunks
-joined equal the whole. Fields not implemented are a 400 naming them.
+joined equal the whole. ``usage.prompt_tokens_details.cached_tokens``: prompt tokens the
+ranks' prefix caches held (``meta_info.cached_tokens`` summed per prompt). Fields not
+implemented are a 400 naming them.
 """
 
 from __future__ import annotations
@@ -130,11 +132,14 @@ class _Shape:
 
 
 def _usage(results: list[Progress], n: int) -> dict:
-    """Token counts; each prompt counts once however many (n) choices it has."""
+    """Token counts; each prompt counts once however many (n) choices it has, and so do
+    its cached tokens (its first choice's, as SGLang counts them)."""
     prompt = sum(p.prompt_tokens for p in results[::n])
     completion = sum(p.completion_tokens for p in results)
+    cached = sum(p.cached_tokens for p in results[::n])
     return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 class _ChoiceLogprobs:

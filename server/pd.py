@@ -31,11 +31,12 @@ import time
 
 import msgspec
 
+from scheduler.messages import FlushCacheResult
 from scheduler.pd import (HANDOFF_KIND, ROUTE_KIND, PDConfig, create_tables, shared_launch_id)
 from scheduler.pd_router import new_room
 from scheduler.roles import DisaggregationMode, Role
 from server.args import ServerArgs
-from server.engine_client import EngineClient
+from server.engine_client import EngineClient, wait_flushes
 from server.errors import ApiError
 from server.inflight import RequestHandle
 from server.placement import LaunchPlan, plan_launch
@@ -119,8 +120,13 @@ class PDProcesses:
             num_prefill = args.prefill_dp_size if is_pd else args.dp_size
             num_decode = (args.decode_dp_size if is_pd
                           else args.disaggregation_decode_dp or DEFAULT_DECODE_DP)
-            self.route, self.handoff = create_tables(self.launch_id, num_prefill, num_decode)
-            self.route_writer = self.route.region_writer(0)
+            # One route region per API process; with several (server.api_servers) each
+            # takes its own region, the launcher none.
+            self.route, self.handoff = create_tables(
+                self.launch_id, num_prefill, num_decode,
+                num_prefill_dispatchers=args.api_server_count)
+            if args.api_server_count == 1:
+                self.route_writer = self.route.region_writer(0)
 
     def _attach_tables(self) -> tuple[BootstrapTable, BootstrapTable]:
         port = self.args.disaggregation_bootstrap_port
@@ -158,15 +164,8 @@ class PDProcesses:
             group.wait_ready(max(0.0, deadline - time.monotonic()))
 
     def engine_client(self) -> "EngineClient | PDEngineClient":
-        args = self.args
-        clients = {}
-        for role, group in self.groups.items():
-            clients[role] = EngineClient.from_processes(
-                args, group, route_writer=self.route_writer if role == Role.PREFILL else None,
-                num_prefill_ranks=self.handoff.num_regions)
-        if len(clients) == 1:
-            return next(iter(clients.values()))
-        return PDEngineClient(args, clients[Role.PREFILL], clients[Role.DECODE])
+        return pd_engine_client(self.args, self.groups, self.route_writer,
+                                self.handoff.num_regions)
 
     def close(self) -> None:
         """Stop the ranks (decode first: they read prefill's KV), then the tables."""
@@ -181,14 +180,30 @@ class PDProcesses:
             self.handoff = self.route = self.route_writer = None
 
 
+def pd_engine_client(args: ServerArgs, groups: dict, route_writer,
+                     num_prefill_ranks: int) -> "EngineClient | PDEngineClient":
+    """The front door over the rank groups of a PD mode: one ``EngineClient`` per group
+    (the prefill one publishes routes through ``route_writer``, this API process's
+    region of the route table), joined by ``PDEngineClient`` when there are both."""
+    clients = {}
+    for role, group in groups.items():
+        clients[role] = EngineClient.from_processes(
+            args, group, route_writer=route_writer if role == Role.PREFILL else None,
+            num_prefill_ranks=num_prefill_ranks)
+    if len(clients) == 1:
+        return next(iter(clients.values()))
+    return PDEngineClient(args, clients[Role.PREFILL], clients[Role.DECODE])
+
+
 class PDEngineClient:
     """The ``--disaggregation-mode pd`` front door: two ``EngineClient``s (prefill ranks,
     decode ranks) behind the one interface the routes use. A request's handle is its
     decode half's; its prefill half runs alongside and its outputs are dropped (a
     failure there reaches the client through decode, which sees it in the tables),
-    except, when logprobs are asked, what only the prefill rank computed: the prompt's
-    logprobs and the first token's, which go into decode's first output (as SGLang's
-    gateway prepends prefill's ``input_token_logprobs`` to decode's)."""
+    except what only the prefill rank knows, which goes into decode's first output:
+    ``cached_tokens`` (the prefix cache lives on prefill ranks) and, when logprobs are
+    asked, the prompt's logprobs and the first token's (as SGLang's gateway prepends
+    prefill's ``input_token_logprobs`` to decode's)."""
 
     def __init__(self, args: ServerArgs, prefill: EngineClient, decode: EngineClient):
         self.args = args
@@ -204,8 +219,8 @@ class PDEngineClient:
         self.num_prefill_ranks = len(prefill.ranks)  # disagg_prefill_dp_rank's range
         self.started_at = decode.started_at
         self._prefill_of: dict[RequestHandle, RequestHandle] = {}
-        # Requests with logprobs: their prefill half's first output, once it arrives
-        # (None if it never does: then decode fails too).
+        # Each request's prefill half's first output, once it arrives (None if it never
+        # does: then decode fails too).
         self._prefill_first: dict[RequestHandle, asyncio.Future] = {}
         self._drains: set[asyncio.Task] = set()
 
@@ -246,23 +261,21 @@ class PDEngineClient:
             raise
         self._prefill_of[handle] = p_handle
         loop = asyncio.get_running_loop()
-        first = None
-        if prepared.return_logprob:
-            first = self._prefill_first[handle] = loop.create_future()
+        first = self._prefill_first[handle] = loop.create_future()
         task = loop.create_task(self._drain_prefill(p_handle, first))
         self._drains.add(task)
         task.add_done_callback(self._drains.discard)
         return handle
 
-    async def _drain_prefill(self, handle: RequestHandle, first: asyncio.Future | None) -> None:
+    async def _drain_prefill(self, handle: RequestHandle, first: asyncio.Future) -> None:
         try:
             async for out in self.prefill.outputs(handle):
-                if first is not None and not first.done():
+                if not first.done():
                     first.set_result(out)
         except ApiError:
             pass  # the route entry is FAILED now: decode fails the request
         finally:
-            if first is not None and not first.done():
+            if not first.done():
                 first.set_result(None)
 
     async def outputs(self, handle: RequestHandle):
@@ -272,7 +285,7 @@ class PDEngineClient:
                 if first is not None:
                     prefill_out = await first
                     if prefill_out is not None:
-                        out = _with_prefill_logprobs(out, prefill_out)
+                        out = _with_prefill_half(out, prefill_out)
                     first = None
                 yield out
         finally:
@@ -288,8 +301,16 @@ class PDEngineClient:
         if p_handle is not None and not p_handle.is_finished:
             self.prefill.abort(p_handle, message)
 
-    def flush_cache(self) -> int:
-        return self.prefill.flush_cache() + self.decode.flush_cache()
+    async def flush_cache(self, timeout_s: float) -> list[FlushCacheResult]:
+        """Both groups' ranks, asked at once and awaited under one timeout."""
+        waiters = self.prefill.ask_flush()
+        try:
+            waiters += self.decode.ask_flush()
+        except BaseException:
+            for waiter in waiters:
+                waiter.cancel()
+            raise
+        return await wait_flushes(waiters, timeout_s)
 
     def live_ranks(self) -> list[int]:
         return self.decode.live_ranks() if self.prefill.live_ranks() else []
@@ -315,11 +336,13 @@ class PDEngineClient:
         return self.prefill.load_groups() + self.decode.load_groups()
 
 
-def _with_prefill_logprobs(out, prefill_out):
-    """Decode's first output with what its prefill half computed: the prompt's logprobs
-    and the first token's logprob and top list (the hand-off carries the token only
-    as a float32 logprob)."""
-    changes = {"input_token_logprobs": prefill_out.input_token_logprobs,
+def _with_prefill_half(out, prefill_out):
+    """Decode's first output with what its prefill half found and computed: the prompt
+    tokens its prefix cache held; with logprobs, the prompt's logprobs and the first
+    token's logprob and top list (the hand-off carries the token only as a float32
+    logprob)."""
+    changes = {"cached_tokens": prefill_out.cached_tokens,
+               "input_token_logprobs": prefill_out.input_token_logprobs,
                "input_top_logprobs": prefill_out.input_top_logprobs}
     if out.output_logprobs and prefill_out.output_logprobs:
         changes["output_logprobs"] = prefill_out.output_logprobs[:1] + out.output_logprobs[1:]

@@ -6,6 +6,12 @@
   the process exits, however it died.
 - a task every ``MONITOR_INTERVAL_S`` re-checks both and looks for stalled ranks.
 
+It also matches each rank's ``FlushCacheResult`` to the ``/flush_cache`` call waiting for
+it (``expect_flush``): a rank answers its ``FlushCacheReq``s in the order it received them,
+so each rank keeps a FIFO of waiting futures and an answer resolves the oldest. A waiter
+that gave up (timed out) stays in the FIFO until its late answer pops it, so later
+answers still meet their own callers. A lost rank fails its waiters at once.
+
 A rank whose process exits, whose output pipe reaches EOF or that sends ``RankError``
 is *lost*: every request in flight on it fails at once (so a client learns within
 well under 2 s), it is never sent anything again, an alive-but-lost rank is
@@ -21,11 +27,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 
 import msgspec
 
-from scheduler.messages import BatchOutput, RankError, RankStats, decode_to_server
+from scheduler.messages import (BatchOutput, FlushCacheResult, RankError, RankStats,
+                                decode_to_server)
+from server.errors import ServiceUnavailable
 from server.inflight import InFlight, RequestHandle
 from server.rank_pipe import FrameReader
 from server.ranks import EngineProcesses, RankHandle
@@ -47,6 +56,7 @@ class RankMonitor:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
         self._readers: dict[int, FrameReader] = {}
+        self._flushes: dict[int, deque[asyncio.Future]] = {r.dp_rank: deque() for r in self.ranks}
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -63,6 +73,14 @@ class RankMonitor:
             self._stop_watching(rank)
         self._loop = None
 
+    def expect_flush(self, dp_rank: int) -> asyncio.Future:
+        """A future for the answer to the ``FlushCacheReq`` just sent to ``dp_rank``:
+        its ``FlushCacheResult``, or ``ServiceUnavailable`` if the rank is lost first.
+        Call it right after the send, from the loop (no answer can arrive in between)."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._flushes[dp_rank].append(waiter)
+        return waiter
+
     def rank_lost(self, rank: RankHandle, reason: str) -> None:
         if rank.lost_reason is None:
             rank.lost_reason = reason
@@ -70,6 +88,7 @@ class RankMonitor:
             logger.error("rank %d lost: %s; its requests fail, the others keep serving",
                          rank.dp_rank, reason)
             self.inflight.fail_rank(rank.dp_rank, f"rank {rank.dp_rank} failed: {reason}")
+            self._fail_flushes(rank, f"rank {rank.dp_rank} failed: {reason}")
         if rank.process.is_alive():
             # Nobody listens to it any more, so stop it; its exit then marks it DEAD.
             if time.monotonic() - rank.lost_at < KILL_AFTER_S:
@@ -107,9 +126,30 @@ class RankMonitor:
                 self.inflight.deliver(rank.dp_rank, out, now)
         elif isinstance(msg, RankStats):
             rank.stats.add(msg)
+        elif isinstance(msg, FlushCacheResult):
+            self._on_flush_result(rank, msg)
         elif isinstance(msg, RankError):
             logger.error("rank %d reported a fatal error: %s", rank.dp_rank, msg.message)
             self.rank_lost(rank, msg.message.splitlines()[0] if msg.message else "fatal error")
+
+    def _on_flush_result(self, rank: RankHandle, msg: FlushCacheResult) -> None:
+        waiters = self._flushes[rank.dp_rank]
+        if not waiters:
+            logger.warning("rank %d answered a cache flush nobody asked for", rank.dp_rank)
+            return
+        if not msg.success:
+            logger.warning("%s rank %d did not flush its prefix cache: %s",
+                           self.processes.role, rank.dp_rank, msg.message)
+        waiter = waiters.popleft()
+        if not waiter.done():  # else its caller gave up waiting
+            waiter.set_result(msg)
+
+    def _fail_flushes(self, rank: RankHandle, message: str) -> None:
+        waiters = self._flushes[rank.dp_rank]
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(ServiceUnavailable(message))
 
     def _on_process_exit(self, rank: RankHandle) -> None:
         if rank.lost_reason is None:

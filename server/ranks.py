@@ -6,7 +6,10 @@
   cache, the prefix summary (``shm.prefix_summary``), and unlinks both in ``close``;
 - it spawns one process per DP rank (``multiprocessing`` spawn context) running
   ``rank_main(cfg, req_conn, out_conn)`` (``scheduler.process.run_scheduler``), with
-  one one-way pipe API -> rank for requests and one rank -> API for outputs;
+  one one-way pipe API -> rank for requests and one rank -> API for outputs; with
+  ``--api-server-count N`` > 1, one of each per dispatcher (lists of N, see
+  ``scheduler.rank_io``), whose API ends ``server.api_servers`` hands to the N API
+  processes;
 - ``wait_ready`` blocks until every rank sent ``RankReady``; a ``RankError``, a rank
   exiting or the timeout raises ``RankStartupError``;
 - ``close`` sends ``ShutdownReq`` to every rank, waits a bound, then terminates and
@@ -49,8 +52,7 @@ from shm.segment import list_segments, new_launch_id, owner_pid, reclaim_stale_s
 
 logger = logging.getLogger(__name__)
 
-API_DISPATCHER_ID = 0
-NUM_DISPATCHERS = 1
+API_DISPATCHER_ID = 0  # the API process's dispatcher id when there is one API process
 
 # A prefix summary is sized for this many cached tokens per rank when the KV pool size
 # is only known once the ranks start (buckets_for: 256 KiB a rank).
@@ -82,6 +84,10 @@ class RankHandle:
     is_marked_dead: bool = False
     # Its periodic figures (RankStats), for /server_info's internal_states and /metrics.
     stats: RankStatsLog = dataclasses.field(default_factory=RankStatsLog)
+    # --api-server-count N > 1: the API ends of its pipes to every dispatcher d,
+    # (request, output); req_conn/out_conn are dispatcher 0's, read at start-up.
+    dispatcher_pipes: list[tuple[Connection, Connection]] = dataclasses.field(
+        default_factory=list)
 
     @property
     def is_usable(self) -> bool:
@@ -110,14 +116,15 @@ def scheduler_configs(args: ServerArgs, board_name: str, role: Role | None = Non
     ranks = (plan or plan_launch(args)).ranks[role]
     assert len(ranks) == (dp_size or args.dp_size), "the plan was made for other args"
     base = SchedulerConfig(
-        dp_rank=0, board_name=board_name, num_dispatchers=NUM_DISPATCHERS,
+        dp_rank=0, board_name=board_name, num_dispatchers=args.api_server_count,
         role=role, pd=pd, model_path=args.model_path,
         dtype=args.dtype, max_running_requests=args.max_running_requests,
         chunked_prefill_size=args.chunked_prefill_size, context_length=args.context_length,
         random_seed=args.random_seed, heartbeat_interval_s=args.heartbeat_interval_s,
         executor=args.executor, sim_profile=args.sim_profile,
         sim_lockstep_name=sim_lockstep_name, sim_time_scale=args.sim_time_scale,
-        log_level=args.log_level, decode_log_interval=args.decode_log_interval)
+        log_level=args.log_level, decode_log_interval=args.decode_log_interval,
+        disable_radix_cache=args.disable_radix_cache)
     # Each rank its own sampling stream (decode ranks after the prefill ranks of a pd
     # launch), so unseeded requests on different ranks do not draw the same samples.
     seed = args.random_seed or 0
@@ -131,6 +138,8 @@ def scheduler_configs(args: ServerArgs, board_name: str, role: Role | None = Non
 class EngineProcesses:
     """The board plus the rank processes of one launch; ``close`` releases everything."""
 
+    dispatcher_id = API_DISPATCHER_ID  # of the API process serving in this process
+
     def __init__(self, args: ServerArgs, rank_main: RankMain | None = None, *,
                  role: Role | None = None, dp_size: int | None = None,
                  launch_id: str | None = None, pd=None, plan: LaunchPlan | None = None):
@@ -141,6 +150,7 @@ class EngineProcesses:
         self.rank_main = rank_main or default_rank_main()
         self.role = role or args.role
         self.dp_size = dp_size or args.dp_size
+        self.num_dispatchers = args.api_server_count  # one per API process
         self.pd = pd  # scheduler.pd.PDConfig for prefill/decode groups
         self.launch_id = launch_id or new_launch_id()
         self.board: LoadBoard | None = None
@@ -158,8 +168,8 @@ class EngineProcesses:
         if removed:
             logger.info("reclaimed %d stale shared-memory segment(s): %s", len(removed), removed)
         kind = "board" if self.role == Role.MIXED else f"board-{self.role}"
-        self.board = LoadBoard.create(self.dp_size, NUM_DISPATCHERS, launch_id=self.launch_id,
-                                      kind=kind)
+        self.board = LoadBoard.create(self.dp_size, self.num_dispatchers,
+                                      launch_id=self.launch_id, kind=kind)
         if self.args.sim_lockstep:
             from sim.lockstep import LockstepSegment
             self.lockstep = LockstepSegment.create(self.dp_size, self.launch_id, group=self.role)
@@ -175,15 +185,23 @@ class EngineProcesses:
                                                 self.launch_id, kind=kind)
             cfgs = [dataclasses.replace(c, prefix_summary_name=self.summary.name) for c in cfgs]
         for cfg in cfgs:
-            req_recv, req_send = ctx.Pipe(duplex=False)
-            out_recv, out_send = ctx.Pipe(duplex=False)
+            # One request pipe and one output pipe per dispatcher (API process).
+            req_pipes = [ctx.Pipe(duplex=False) for _ in range(self.num_dispatchers)]
+            out_pipes = [ctx.Pipe(duplex=False) for _ in range(self.num_dispatchers)]
+            rank_ends = ([r for r, _ in req_pipes], [s for _, s in out_pipes])
+            if self.num_dispatchers == 1:
+                rank_ends = (rank_ends[0][0], rank_ends[1][0])
             process = ctx.Process(target=rank_entry, name=f"dpserve-rank-{cfg.dp_rank}",
-                                  args=(self.rank_main, cfg, req_recv, out_send), daemon=True)
+                                  args=(self.rank_main, cfg, *rank_ends), daemon=True)
             process.start()
             # Drop our copies of the rank's ends: EOF then tells each side the other is gone.
-            req_recv.close()
-            out_send.close()
-            self.ranks.append(RankHandle(cfg.dp_rank, process, req_send, out_recv))
+            for (req_recv, _), (_, out_send) in zip(req_pipes, out_pipes):
+                req_recv.close()
+                out_send.close()
+            ours = [(req_send, out_recv)
+                    for (_, req_send), (out_recv, _) in zip(req_pipes, out_pipes)]
+            self.ranks.append(RankHandle(cfg.dp_rank, process, *ours[0],
+                                         dispatcher_pipes=ours if len(ours) > 1 else []))
         return self
 
     def wait_ready(self, timeout_s: float) -> None:

@@ -54,7 +54,7 @@ class Progress:
     finish_reason: FinishReason | None
     prompt_tokens: int
     completion_tokens: int
-    cached_tokens: int
+    cached_tokens: int  # prompt tokens reused from the rank's prefix cache
     e2e_latency: float
     output_logprobs: list[float] = field(default_factory=list)
     # With return_logprob: top lists per output token (None where unknown), and the
@@ -120,10 +120,14 @@ class RunningRequest:
         logprobs: list[float] = []
         tops: list = []
         inputs: tuple[list, list] = ([], [])
+        cached = 0
         async with aclosing(self.engine.outputs(self.handle)) as outputs:
             async for out in outputs:
                 if self._hides_output:
                     out = _hidden(out)
+                # Matched when its rank admitted it; an output may not repeat it (a PD
+                # decode rank's after the first, which ``PDEngineClient`` fills in).
+                cached = max(cached, out.cached_tokens)
                 output_ids.extend(out.new_token_ids)
                 if out.output_logprobs:
                     logprobs.extend(out.output_logprobs)
@@ -139,12 +143,14 @@ class RunningRequest:
                     delta, self._emitted = text[len(self._emitted):], text
                 else:  # trimming cut text already streamed: it cannot be taken back
                     delta = ""
+                if out.finish_reason is not None and self.dp_rank is not None:
+                    self.engine.observer.on_prompt_cache(out.prompt_tokens, cached)
                 yield Progress(
                     rid=self.prepared.rid, dp_rank=self.dp_rank, text=text, delta=delta,
                     # Copies: a consumer may hold this step while the next one arrives.
                     output_ids=list(output_ids), num_new_ids=len(out.new_token_ids),
                     finish_reason=out.finish_reason, prompt_tokens=out.prompt_tokens,
-                    completion_tokens=out.completion_tokens, cached_tokens=out.cached_tokens,
+                    completion_tokens=out.completion_tokens, cached_tokens=cached,
                     e2e_latency=time.perf_counter() - self.start_time,
                     output_logprobs=list(logprobs), output_top_logprobs=list(tops),
                     input_token_logprobs=inputs[0], input_top_logprobs=inputs[1])

@@ -18,7 +18,8 @@ import pytest
 from aiohttp import web
 
 from bench.client.backends import RequestResult, send_openai, send_sglang
-from bench.client.dataset import BenchRequest, arrival_offsets, length_range, random_requests
+from bench.client.dataset import (BenchRequest, arrival_offsets, length_range, random_requests,
+                                  shared_prefix_requests)
 from bench.client.metrics import format_summary, summarize
 from bench.client.serving import BenchConfig, parse_config, run_benchmark, time_scale, to_model_time
 from tests.server_helpers import REPO, ServerProcess
@@ -110,6 +111,61 @@ def test_arrivals_are_poisson_and_deterministic():
         arrival_offsets(5, 0.0, seed=1)
 
 
+# ---- generated-shared-prefix ---------------------------------------------------------------
+def test_shared_prefix_flags_have_sglangs_names_and_defaults():
+    cfg = parse_config(["--dataset-name", "generated-shared-prefix"])
+    assert (cfg.gsp_num_groups, cfg.gsp_prompts_per_group, cfg.gsp_system_prompt_len,
+            cfg.gsp_question_len, cfg.gsp_output_len, cfg.gsp_range_ratio,
+            cfg.gsp_num_turns) == (64, 16, 2048, 128, 256, 1.0, 1)
+    cfg = parse_config(["--dataset-name", "generated-shared-prefix", "--gsp-num-groups", "3",
+                        "--gsp-prompts-per-group", "2", "--gsp-system-prompt-len", "40",
+                        "--gsp-question-len", "5", "--gsp-output-len", "6",
+                        "--gsp-range-ratio", "0.5", "--gsp-num-turns", "4", "--gsp-ordered",
+                        "--flush-cache"])
+    assert (cfg.gsp_num_groups, cfg.gsp_prompts_per_group, cfg.gsp_system_prompt_len,
+            cfg.gsp_question_len, cfg.gsp_output_len, cfg.gsp_range_ratio, cfg.gsp_num_turns,
+            cfg.gsp_ordered, cfg.flush_cache) == (3, 2, 40, 5, 6, 0.5, 4, True, True)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--gsp-num-turns", "0"], "--gsp-num-turns must be >= 1"),
+    (["--gsp-system-prompt-len", "0"], "--gsp-system-prompt-len must be >= 1"),
+    (["--gsp-range-ratio", "1.5"], "--gsp-range-ratio must be in"),
+    (["--seeded-bootstrap-rooms"], "works with --dataset-name random")])
+def test_shared_prefix_flags_out_of_range_are_refused(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_config(["--dataset-name", "generated-shared-prefix", *flags])
+    assert message in capsys.readouterr().err
+
+
+def test_shared_prefix_groups_share_their_system_prompt_exactly():
+    reqs = shared_prefix_requests(4, 3, 50, 8, 6, 1.0, seed=7, ordered=True)
+    assert len(reqs) == 12 and all(r.prompt_len == len(r.prompt) == 58 for r in reqs)
+    assert all(r.output_len == 6 and r.later_questions == () for r in reqs)
+    for g in range(4):
+        group = reqs[3 * g:3 * g + 3]
+        assert all(r.prompt[:50] == group[0].prompt[:50] for r in group)  # one system prompt
+        assert len({tuple(r.prompt[50:]) for r in group}) == 3  # its own question each
+    assert len({tuple(reqs[3 * g].prompt[:50]) for g in range(4)}) == 4
+    shuffled = shared_prefix_requests(4, 3, 50, 8, 6, 1.0, seed=7)
+    assert shuffled == shared_prefix_requests(4, 3, 50, 8, 6, 1.0, seed=7)  # by seed
+    assert shuffled != reqs and sorted(map(str, shuffled)) == sorted(map(str, reqs))
+    ranged = shared_prefix_requests(4, 3, 50, 8, 6, 0.5, seed=7, num_turns=3)
+    assert all(len(r.later_questions) == 2 and 25 + 4 <= r.prompt_len <= 58 for r in ranged)
+    assert all(3 <= r.output_len <= 6 for r in ranged)
+    text = shared_prefix_requests(2, 2, 30, 5, 4, 1.0, seed=7, as_text=True, ordered=True)
+    assert isinstance(text[0].prompt, str) and text[0].prompt[:30] == text[1].prompt[:30]
+
+
+def test_a_later_turn_resends_the_conversation_and_its_answer():
+    (first,) = shared_prefix_requests(1, 1, 10, 4, 3, 1.0, seed=1, num_turns=3)
+    second = first.next_turn([201, 202, 203])
+    assert second.prompt == first.prompt + [201, 202, 203] + first.later_questions[0]
+    assert second.prompt_len == 10 + 4 + 3 + 4 and second.output_len == 3
+    third = second.next_turn([204])
+    assert third.prompt[:len(second.prompt)] == second.prompt and third.later_questions == ()
+
+
 # ---- figures and the block -------------------------------------------------------------------
 def _result(start, ttft, latency, output_len, itl, dp_rank=None, prompt_len=10) -> RequestResult:
     chunks = [(ttft, 1)] + [(ttft + sum(itl[:i + 1]), 1) for i in range(len(itl))]
@@ -156,6 +212,23 @@ def test_summary_block_has_sglangs_layout():
     rows = {l[:40].rstrip(): l[41:].rstrip() for l in format_summary(f).splitlines() if ":" in l}
     assert rows["Traffic request rate:"] == "inf"
     assert rows["Max request concurrency:"] == "not set"
+
+
+def test_cache_hit_rate_is_cached_over_input_tokens_of_the_requests_that_report_it():
+    results = [_result(0.0, 0.1, 0.5, 5, [0.1] * 4, prompt_len=100),
+               _result(0.0, 0.1, 0.5, 5, [0.1] * 4, prompt_len=100),
+               _result(0.0, 0.1, 0.5, 5, [0.1] * 4, prompt_len=40)]
+    f = summarize(results, 1.0, 0.0)
+    assert f["total_cached_tokens"] is None and f["cache_hit_rate"] is None  # nothing said
+    results[0].cached_tokens, results[1].cached_tokens = 0, 90
+    f = summarize(results, 1.0, 0.0)
+    assert f["total_cached_tokens"] == 90 and f["cache_hit_rate"] == pytest.approx(90 / 200)
+    f.update(backend="sglang", request_rate=1.0, max_concurrency=None)
+    lines = format_summary(f).splitlines()
+    at = lines.index(next(line for line in lines if line.startswith("Concurrency:")))
+    assert [line[:40].rstrip() for line in lines[at + 1:at + 3]] == [
+        "Total cached input tokens:", "Cache hit rate (%):"]
+    assert lines[at + 2][41:].rstrip() == "45.00"
 
 
 def test_cli_defaults_come_from_the_config():
@@ -265,6 +338,82 @@ def test_openai_stream_and_errors_in_stream():
     assert not r.success and "boom" in r.error
 
 
+def test_conversations_send_each_turn_after_the_last_with_its_answer():
+    """run_benchmark over a stand-in server: every turn's body, the cache figures, and
+    /flush_cache after the warm-up."""
+    seen, flushed = [], []
+
+    async def generate(request):
+        body = await request.json()
+        seen.append((len(flushed), body["input_ids"]))
+        n = body["sampling_params"]["max_new_tokens"]
+        out = [len(body["input_ids"]) % 200 + k for k in range(n)]
+        meta = {"completion_tokens": n, "prompt_tokens": len(body["input_ids"]),
+                "cached_tokens": len(body["input_ids"]) // 2, "finish_reason": None}
+        return await _sse(request, [(0.0, {"text": "x", "output_ids": out, "meta_info": meta}),
+                                    (0.0, "[DONE]")])
+
+    async def flush(request):
+        flushed.append(True)
+        return web.Response(text="Cache flushed.\n")
+
+    async def run():
+        app = web.Application()
+        app.router.add_post("/generate", generate)
+        app.router.add_post("/flush_cache", flush)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        try:
+            cfg = BenchConfig(base_url=url, dataset_name="generated-shared-prefix",
+                              gsp_num_groups=2, gsp_prompts_per_group=2,
+                              gsp_system_prompt_len=20, gsp_question_len=4, gsp_output_len=3,
+                              gsp_num_turns=3, flush_cache=True, max_concurrency=2,
+                              disable_tqdm=True, warmup_requests=1)
+            return await asyncio.wait_for(run_benchmark(cfg), 30)
+        finally:
+            await runner.cleanup()
+
+    f = asyncio.run(run())
+    assert f["completed"] == 12 and f["failed"] == 0  # 4 conversations x 3 turns
+    assert [flushes for flushes, _ in seen] == [0] + [1] * 12  # flushed after the warm-up
+    prompts = [ids for _, ids in seen[1:]]
+    firsts = [p for p in prompts if len(p) == 24]
+    assert len(firsts) == 4
+    for first in firsts:  # each conversation: turn t+1 = turn t + its answer + a question
+        answer = [24 % 200 + k for k in range(3)]
+        (second,) = [p for p in prompts if len(p) == 31 and p[:27] == first + answer]
+        answer = [31 % 200 + k for k in range(3)]
+        assert [p for p in prompts if len(p) == 38 and p[:34] == second + answer]
+    assert f["total_input_tokens"] == 4 * (24 + 31 + 38)
+    assert f["total_cached_tokens"] == 4 * (12 + 15 + 19)
+    assert f["cache_hit_rate"] == pytest.approx(f["total_cached_tokens"] / f["total_input_tokens"])
+    assert f["dataset_name"] == "generated-shared-prefix" and f["gsp_num_turns"] == 3
+
+
+def test_openai_usage_reports_cached_tokens():
+    async def handler(request):
+        return await _sse(request, [(0.0, {"choices": [{"text": "ab", "finish_reason": "length"}]}),
+                                    (0.0, {"choices": [], "usage": {
+                                        "prompt_tokens": 9, "completion_tokens": 2,
+                                        "prompt_tokens_details": {"cached_tokens": 6}}}),
+                                    (0.0, "[DONE]")])
+
+    async def run():
+        runner, url = await _stand_in(handler)
+        try:
+            import aiohttp
+            async with aiohttp.ClientSession() as session:
+                return await send_openai(session, url, BenchRequest("hello", 5, 2))
+        finally:
+            await runner.cleanup()
+
+    r = asyncio.run(run())
+    assert r.success and (r.cached_tokens, r.answer, r.prompt_len) == (6, "ab", 9)
+
+
 def test_a_stretched_servers_times_are_read_back_in_simulated_time():
     r = RequestResult(prompt_len=4, output_len=3, success=True, start_time=110.0, ttft=0.8,
                       latency=2.0, itl=[0.4, 0.8], chunks=[(0.8, 1), (1.2, 1), (2.0, 1)])
@@ -308,6 +457,31 @@ def test_benchmark_against_a_real_simulated_server(tmp_path):
         row = json.loads(out.read_text().splitlines()[-1])
         assert row["completed"] == 8, row.get("first_errors")
         assert row["request_rate"] == "inf" and row["simulated"]
+
+
+@pytest.mark.slow
+def test_shared_prefix_run_reports_the_servers_cache_hits(tmp_path):
+    """Waits on the rank-side prefix cache and /flush_cache answers (issue 22)."""
+    with ServerProcess("--executor", "sim", "--sim-profile", "instant",
+                       log_path=tmp_path / "server.log") as server:
+        gsp = dict(dataset_name="generated-shared-prefix", gsp_num_groups=2,
+                   gsp_prompts_per_group=3, gsp_system_prompt_len=64, gsp_question_len=8,
+                   gsp_output_len=4, gsp_num_turns=2)
+        cfg = BenchConfig(base_url=server.url, max_concurrency=1, flush_cache=True,
+                          disable_tqdm=True, **gsp)
+        f = asyncio.run(asyncio.wait_for(run_benchmark(cfg), 60))
+        assert f["completed"] == 12 and f["total_input_tokens"] == 6 * 72 + 6 * 84
+        # One at a time: a group's first prompt misses, its others hit the system prompt,
+        # every second turn hits its first turn and answer (at least 4*63 + 6*75 tokens).
+        assert f["total_cached_tokens"] >= 4 * 63 + 6 * 75 and f["cache_hit_rate"] > 0.7
+        cli = subprocess.run(
+            [sys.executable, "-m", "bench.client.serving", "--base-url", server.url, "--backend",
+             "openai", "--disable-tqdm", "--flush-cache",
+             *[f"--{k.replace('_', '-')}={v}" for k, v in gsp.items()]],
+            cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert cli.returncode == 0, cli.stderr
+        assert "Cache hit rate (%):" in cli.stdout
+        assert "{:<40} {}".format("Successful requests:", 12) in cli.stdout
 
 
 @pytest.mark.slow
@@ -370,7 +544,7 @@ def test_keepalive_probe_rejects_bad_flags(flags, message, capsys):
 # ---- the prefix-sharing datasets -----------------------------------------------------------
 def test_generated_shared_prefix_is_groups_of_one_system_prompt_and_distinct_questions():
     from collections import Counter
-    from bench.client.dataset import shared_prefix_requests
+    from bench.client.dataset import skewed_prefix_requests as shared_prefix_requests
     reqs = shared_prefix_requests(5, 4, 100, 10, 7, seed=3)
     assert reqs == shared_prefix_requests(5, 4, 100, 10, 7, seed=3)
     assert len(reqs) == 20 and all(r.prompt_len == 110 and r.output_len == 7 for r in reqs)
@@ -404,8 +578,8 @@ def test_cached_tokens_make_the_hit_rate():
     ok = [RequestResult(prompt_len=100, output_len=2, success=True, ttft=0.1, latency=0.2,
                         cached_tokens=c, chunks=[(0.1, 1), (0.2, 1)]) for c in (0, 60)]
     assert summarize(ok, 1.0, 0.0)["cache_hit_rate"] == pytest.approx(0.3)
-    assert "cache_hit_rate" not in summarize([RequestResult(prompt_len=5, success=True,
-                                                            chunks=[(0.1, 1)])], 1.0, 0.0)
+    assert summarize([RequestResult(prompt_len=5, success=True, chunks=[(0.1, 1)])],
+                     1.0, 0.0)["cache_hit_rate"] is None
     cfg = parse_config(["--dataset-name", "generated-shared-prefix", "--gsp-num-groups", "3",
                         "--gsp-prompts-per-group", "2", "--text-prompts"])
     from bench.client.serving import make_requests

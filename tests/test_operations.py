@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from scheduler.messages import RankStats
-from scheduler.stats import DecodeStats, decode_batch_line
-from tests.server_helpers import ServerProcess, write_sim_profile
+from scheduler.stats import DecodeStats, decode_batch_line, prefill_batch_line
+from tests.server_helpers import ServerProcess, metric, write_sim_profile
 
 LOG_PREFIX = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (api|rank \d+|prefill rank \d+|"
                         r"decode rank \d+)\] (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
@@ -38,13 +38,6 @@ def generate(url: str, rid: str, n: int = 6) -> dict:
     return r.json()
 
 
-def metric(text: str, name: str, **labels) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} {labels} not in /metrics")
-
-
 def test_decode_stats_counts_decoding_batches_and_formats_sglang_line():
     now = [0.0]
     stats = DecodeStats(interval=2, clock=lambda: now[0])
@@ -62,6 +55,9 @@ def test_decode_stats_counts_decoding_batches_and_formats_sglang_line():
         num_decode_batches=40))
     assert line == ("Decode batch. #running-req: 3, #token: 412, token usage: 0.01, "
                     "gen throughput (token/s): 151.22, #queue-req: 1, ")
+    assert prefill_batch_line(1, 128, 2048, 0.0234, 2, 0) == (
+        "Prefill batch. #new-seq: 1, #new-token: 128, #cached-token: 2048, "
+        "token usage: 0.02, #running-req: 2, #queue-req: 0, ")
 
 
 @pytest.mark.slow
@@ -101,6 +97,8 @@ def test_plain_server_states_logs_and_metrics(tmp_path):
     assert all(LOG_PREFIX.match(line) for line in lines), [
         line for line in lines if not LOG_PREFIX.match(line)][:5]
     assert any(re.search(r"^\[.* rank 0\]", line) and DECODE_LINE.search(line) for line in lines)
+    assert any(re.search(r"^\[.* rank \d\] INFO Prefill batch\. #new-seq: \d+, #new-token: \d+, "
+                         r"#cached-token: \d+, ", line) for line in lines)
     assert any(re.search(r"^\[.* api\] INFO ready: ", line) for line in lines)
     for i in range(4):
         assert re.search(rf"\] INFO request ops-{i} on rank \d finished: .*\"length\".* "

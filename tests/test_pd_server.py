@@ -86,10 +86,33 @@ def test_front_door_outputs_equal_non_pd(tmp_path, workload, reference):
             assert output_ids == reference[rid], rid
             assert finish == {"type": "length", "length": n}
         assert_idle(server.url)
+        _check_prefill_cache_hits_reach_the_client(server.url, workload, reference)
         pids = server.rank_pids()
         segments_before_stop = server.segments()
         assert any(s.endswith(".handoff") for s in segments_before_stop)
     assert not server.segments() and pids
+
+
+def _check_prefill_cache_hits_reach_the_client(url: str, workload, reference) -> None:
+    """The prefix cache lives on the prefill ranks: a prompt sent again to the prefill
+    rank that ran it reports the hit (streamed and not), same tokens; /flush_cache asks
+    both groups' ranks, and the next run hits nothing. Waits on issue 22's rank side."""
+    rid, ids, n = workload[3]  # 184 tokens; it ran on prefill rank 3 % 2 (above)
+    assert len(ids) > 100
+    again = body(ids, n, disagg_prefill_dp_rank=1)
+    for stream in (False, True):
+        r = httpx.post(url + "/generate", json={**again, "stream": stream}, timeout=60)
+        last = r.json() if not stream else httpx.Response(200, content=[
+            line for line in r.text.split("\n\n") if line.startswith("data: {")][-1][6:]).json()
+        assert last["output_ids"] == reference[rid]
+        assert len(ids) - 1 <= last["meta_info"]["cached_tokens"] < len(ids)
+    deadline = time.monotonic() + 10  # refused (400) while a rank still holds a request
+    while (code := httpx.post(url + "/flush_cache", timeout=30).status_code) == 400:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert code == 200
+    meta = httpx.post(url + "/generate", json=again, timeout=60).json()["meta_info"]
+    assert meta["cached_tokens"] == 0
 
 
 def test_prefill_and_decode_servers_pair_like_a_gateway(tmp_path, workload, reference):

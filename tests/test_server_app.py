@@ -231,7 +231,10 @@ def test_completions(client):
     assert body["object"] == "text_completion" and body["model"] == "tiny"
     (choice,) = body["choices"]
     assert choice["index"] == 0 and choice["finish_reason"] == "length"
-    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 5, "total_tokens": 9}
+    usage = body["usage"]
+    assert {k: usage[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")} == {
+        "prompt_tokens": 4, "completion_tokens": 5, "total_tokens": 9}
+    assert 0 <= usage["prompt_tokens_details"]["cached_tokens"] < 4
     r = client.post("/v1/completions", json={"prompt": ["a", "b"], "max_tokens": 2, "n": 2})
     assert [c["index"] for c in r.json()["choices"]] == [0, 1, 2, 3]
     assert r.json()["usage"]["prompt_tokens"] == 2
@@ -309,9 +312,92 @@ def test_loads(client):
     assert client.get("/v1/loads?dp_rank=1").json()["loads"][0]["dp_rank"] == 1
 
 
+FLUSHED = ("Cache flushed.\nPlease check backend logs for more details. (When there are "
+           "running or waiting requests, the operation will not be performed.)\n")
+
+
 def test_flush_cache(client):
-    assert client.get("/flush_cache").status_code == 200
+    """Waits on the ranks answering FlushCacheReq (scheduler side of issue 22)."""
+    for r in (client.get("/flush_cache"), client.post("/flush_cache")):
+        assert (r.status_code, r.text) == (200, FLUSHED)
+
+
+def test_flush_cache_is_refused_while_a_request_runs(client):
+    """SGLang's 400, same text, while any rank holds a request; 200 once idle. Waits on
+    the ranks answering FlushCacheReq (scheduler side of issue 22)."""
+    import threading
+    long = threading.Thread(target=client.post, args=("/generate",), kwargs={"json": {
+        "text": "x", "routed_dp_rank": 1,
+        "sampling_params": {"max_new_tokens": 2000, "ignore_eos": True}}})
+    long.start()
+    try:
+        deadline = time.monotonic() + 5
+        while client.get("/get_load").json()[1]["num_reqs"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        r = client.post("/flush_cache")
+        assert (r.status_code, r.text) == (400, FLUSHED)
+    finally:
+        long.join(30)
     assert client.post("/flush_cache").status_code == 200
+
+
+# ---- prefix cache: cached_tokens in every response shape ----------------------------------
+PREFIX = [5 + i % 250 for i in range(300)]  # tiny has 259 ids; later prompts begin with it
+
+
+def _on_rank0(ids, max_new_tokens: int = 3, **extra) -> dict:
+    return {"input_ids": ids, "routed_dp_rank": 0, **extra,
+            "sampling_params": {"max_new_tokens": max_new_tokens, **GREEDY}}
+
+
+def test_cached_tokens_in_every_response_shape(client):
+    """Waits on the rank-side prefix cache (issue 22): with it off every figure is 0."""
+    assert client.post("/flush_cache").status_code == 200
+    hit = len(PREFIX) - 1  # at least this many: PREFIX is cached, the suffix is new
+    assert client.post("/generate", json=_on_rank0(PREFIX + [7, 8])).json()[
+        "meta_info"]["cached_tokens"] == 0
+    meta = client.post("/generate", json=_on_rank0(PREFIX + [9, 10])).json()["meta_info"]
+    assert hit <= meta["cached_tokens"] < meta["prompt_tokens"]
+    events = sse_events(client.post("/generate", json=_on_rank0(PREFIX + [11], stream=True)).text)
+    assert events and all(e["meta_info"]["cached_tokens"] >= hit for e in events)
+    batch = client.post("/generate", json={"input_ids": [PREFIX + [12], PREFIX + [13]],
+                                           "routed_dp_rank": 0, "sampling_params": {
+                                               "max_new_tokens": 2, "n": 2, **GREEDY}}).json()
+    assert len(batch) == 4 and all(b["meta_info"]["cached_tokens"] >= hit for b in batch)
+
+    def details(usage: dict) -> int:
+        return usage["prompt_tokens_details"]["cached_tokens"]
+    body = client.post("/v1/completions", json={"prompt": PREFIX + [14], "max_tokens": 2,
+                                                 "routed_dp_rank": 0}).json()
+    assert details(body["usage"]) >= hit
+    body = client.post("/v1/completions", json={"prompt": [PREFIX + [15], PREFIX + [16]], "n": 2,
+                                                 "max_tokens": 2, "routed_dp_rank": 0}).json()
+    assert 2 * hit <= details(body["usage"]) < body["usage"]["prompt_tokens"]  # once per prompt
+    events = sse_events(client.post("/v1/completions", json={
+        "prompt": PREFIX + [17], "max_tokens": 2, "routed_dp_rank": 0, "stream": True,
+        "stream_options": {"include_usage": True}}).text)
+    assert details(events[-1]["usage"]) >= hit
+    chat = {"messages": [{"role": "system", "content": "You are terse. " * 20},
+                         {"role": "user", "content": "hi"}], "max_tokens": 2,
+            "routed_dp_rank": 0, "stream": True, "stream_options": {"include_usage": True}}
+    sse_events(client.post("/v1/chat/completions", json=chat).text)
+    usage = sse_events(client.post("/v1/chat/completions", json=chat).text)[-1]["usage"]
+    assert usage["prompt_tokens"] - 1 <= details(usage) < usage["prompt_tokens"]
+
+    families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+    (rate,) = families["sglang:cache_hit_rate"].samples
+    (cached,) = [s for s in families["sglang:cached_tokens"].samples if s.name.endswith("_total")]
+    assert 0 < rate.value < 1 and cached.value >= 10 * hit
+
+
+def test_disable_radix_cache(tmp_path):
+    """Waits on the ranks answering FlushCacheReq (scheduler side of issue 22)."""
+    with serve(make_args(tmp_path, dp_size=1, disable_radix_cache=True)) as (procs, client):
+        assert client.get("/server_info").json()["disable_radix_cache"] is True
+        for _ in range(2):
+            meta = client.post("/generate", json=_on_rank0(PREFIX)).json()["meta_info"]
+            assert meta["cached_tokens"] == 0
+        assert client.post("/flush_cache").status_code == 200
 
 
 def test_metrics(client):

@@ -39,6 +39,14 @@ def test_dtype_reaches_every_rank():
     assert [(c.dtype, c.decode_log_interval) for c in cfgs] == [("bfloat16", 3)] * 2
 
 
+def test_disable_radix_cache_reaches_every_rank_but_is_off_by_default():
+    from server.ranks import scheduler_configs
+    assert not any(c.disable_radix_cache
+                   for c in scheduler_configs(resolve_args(parse_args(["--dp-size", "2"])), "b"))
+    args = resolve_args(parse_args(["--disable-radix-cache", "--dp-size", "2"]))
+    assert [c.disable_radix_cache for c in scheduler_configs(args, "board")] == [True, True]
+
+
 def test_pd_timeouts_come_from_sglang_environment_unless_given(monkeypatch):
     monkeypatch.setenv(BOOTSTRAP_ENV, "12.5")
     monkeypatch.setenv(WAITING_ENV, "7")

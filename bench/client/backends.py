@@ -13,6 +13,11 @@ Timing (``time.perf_counter``, from the moment the request is sent):
 - ITL: for each later chunk bringing k tokens, k gaps of (chunk gap / k);
 - E2E: until ``data: [DONE]``; TPOT is derived from these in ``bench.client.metrics``.
 
+Prefix cache: ``cached_tokens`` is what the server says the request reused, from
+``meta_info.cached_tokens`` (sglang) or ``usage.prompt_tokens_details.cached_tokens``
+(openai); None when it says nothing. ``answer`` keeps the output (ids for an ids prompt,
+else text) for a conversation's next turn.
+
 SSE is parsed from raw chunks (not ``readline``): a cumulative event of a long output
 is larger than aiohttp's 64 KiB line limit.
 """
@@ -43,7 +48,8 @@ class RequestResult:
     # (seconds since sent, tokens) per chunk that brought output; for peak throughput.
     chunks: list[tuple[float, int]] = field(default_factory=list)
     dp_rank: int | None = None
-    cached_tokens: int | None = None  # prompt tokens the server reused from its cache
+    cached_tokens: int | None = None  # prompt tokens the server's prefix cache held
+    answer: list[int] | str = ""  # the output, as ids for an ids prompt, else as text
 
 
 class StreamError(Exception):
@@ -102,6 +108,7 @@ async def send_sglang(session: aiohttp.ClientSession, base_url: str, req: BenchR
         result.prompt_len = meta.get("prompt_tokens", result.prompt_len)
         result.dp_rank = meta.get("dp_rank", result.dp_rank)
         result.cached_tokens = meta.get("cached_tokens", result.cached_tokens)
+        result.answer = data.get("text", "") if key == "text" else data.get("output_ids", [])
         _check_finish(meta.get("finish_reason"))
 
     await _stream(session, base_url + "/generate", payload, result, on_event)
@@ -117,13 +124,14 @@ async def send_openai(session: aiohttp.ClientSession, base_url: str, req: BenchR
     if model:
         payload["model"] = model
     result = RequestResult(prompt_len=req.prompt_len)
-    timer, usage = _Timer(result), {}
+    timer, usage, texts = _Timer(result), {}, []
 
     def on_event(data: dict, now: float) -> None:
         for choice in data.get("choices") or ():
             reason = choice.get("finish_reason")
             if reason == "abort":
                 raise StreamError("request aborted by the server")
+            texts.append(choice.get("text") or "")
             # Tokens that decode to no text (a special token, e.g. EOS under ignore_eos)
             # bring no text chunk; if no text came at all, the output arrived with the
             # finishing chunk, and usage still counts its tokens.
@@ -134,8 +142,8 @@ async def send_openai(session: aiohttp.ClientSession, base_url: str, req: BenchR
     await _stream(session, base_url + "/v1/completions", payload, result, on_event)
     result.output_len = usage.get("completion_tokens", len(result.chunks))
     result.prompt_len = usage.get("prompt_tokens", result.prompt_len)
-    details = usage.get("prompt_tokens_details") or {}
-    result.cached_tokens = details.get("cached_tokens", result.cached_tokens)
+    result.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+    result.answer = "".join(texts)
     return result
 
 

@@ -1,11 +1,25 @@
-"""Benchmark prompts: the ``random`` dataset of SGLang's ``bench_serving``, without a download.
+"""Benchmark prompts: SGLang's ``bench_serving`` datasets ``random`` and
+``generated-shared-prefix``, without a download.
 
-Lengths are drawn uniformly from ``[max(1, int(L * range_ratio)), L]`` (inclusive), for
-input and output independently, as SGLang's client does. Prompts are random token ids
-(for ``/generate``, sent as ``input_ids``) or text (for OpenAI routes): one ASCII
-character per token id, so a byte-level tokenizer such as the built-in tiny model's
-sees exactly ``input_len`` tokens; another tokenizer sees some other count, which is
-why the figures use the prompt length the server reports when it reports one.
+``random``: lengths are drawn uniformly from ``[max(1, int(L * range_ratio)), L]``
+(inclusive), for input and output independently, as SGLang's client does.
+
+``generated-shared-prefix`` (SGLang's, for prefix caches): ``num_groups`` random system
+prompts, each followed by ``prompts_per_group`` random questions, so every prompt of a
+group begins with the group's system prompt; lengths as above with ``--gsp-range-ratio``
+(system prompts per group, questions and outputs per prompt), the prompts shuffled
+unless ordered. With ``num_turns`` > 1 each prompt is a conversation: turn t resends the
+conversation so far (the previous turn's prompt and the answer the server gave) plus a
+new question (``BenchRequest.later_questions``), as SGLang's ``--gsp-num-turns`` does;
+the client sends turn t+1 when turn t has finished. SGLang puts "\n\n" between system
+prompt and question; here they are joined as they are, so the shared prefix is exactly
+the system prompt's tokens.
+
+Prompts are random token ids (for ``/generate``, sent as ``input_ids``) or text (for
+OpenAI routes): one ASCII character per token id, so a byte-level tokenizer such as the
+built-in tiny model's sees exactly ``input_len`` tokens; another tokenizer sees some
+other count, which is why the figures use the prompt length the server reports when it
+reports one.
 
 Everything is a function of the seed: the same arguments give the same prompts,
 lengths and arrival times on any machine (numpy's PCG64 streams, one per purpose).
@@ -22,7 +36,7 @@ import numpy as np
 DEFAULT_VOCAB_SIZE = 256
 TEXT_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789 "
 
-_DATASET_STREAM, _ARRIVAL_STREAM, _ROOM_STREAM = 0, 1, 2
+_DATASET_STREAM, _ARRIVAL_STREAM, _ROOM_STREAM, _SHARED_PREFIX_STREAM = 0, 1, 2, 3
 MAX_ROOM = 2**63 - 1
 
 
@@ -32,6 +46,16 @@ class BenchRequest:
     prompt_len: int  # tokens as generated (the server may count differently for text)
     output_len: int  # max_new_tokens, with ignore_eos: the tokens expected back
     bootstrap_room: int | None = None  # PD: sent with the request when drawn (``rooms``)
+    # A conversation's later turns: each turn's prompt is the previous turn's prompt, its
+    # answer, then this question (ids or text, as ``prompt``).
+    later_questions: tuple = ()
+
+    def next_turn(self, answer: list[int] | str) -> "BenchRequest":
+        """The next turn after the server answered this one with ``answer``."""
+        question, *rest = self.later_questions
+        prompt = self.prompt + answer + question
+        return BenchRequest(prompt=prompt, prompt_len=self.prompt_len + len(answer) + len(question),
+                            output_len=self.output_len, later_questions=tuple(rest))
 
 
 def length_range(max_len: int, range_ratio: float) -> tuple[int, int]:
@@ -66,6 +90,56 @@ def random_requests(num_prompts: int, input_len: int, output_len: int, range_rat
     return requests
 
 
+def check_shared_prefix(num_groups: int, prompts_per_group: int, system_prompt_len: int,
+                        question_len: int, output_len: int, range_ratio: float,
+                        num_turns: int) -> None:
+    """ValueError naming the first ``--gsp-*`` flag out of range."""
+    for name, value in (("--gsp-num-groups", num_groups),
+                        ("--gsp-prompts-per-group", prompts_per_group),
+                        ("--gsp-system-prompt-len", system_prompt_len),
+                        ("--gsp-question-len", question_len),
+                        ("--gsp-output-len", output_len), ("--gsp-num-turns", num_turns)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if not 0.0 <= range_ratio <= 1.0:
+        raise ValueError(f"--gsp-range-ratio must be in [0, 1], got {range_ratio}")
+
+
+def shared_prefix_requests(num_groups: int, prompts_per_group: int, system_prompt_len: int,
+                           question_len: int, output_len: int, range_ratio: float, seed: int,
+                           num_turns: int = 1, ordered: bool = False, as_text: bool = False,
+                           vocab_size: int = DEFAULT_VOCAB_SIZE) -> list[BenchRequest]:
+    """SGLang's ``generated-shared-prefix``: ``num_groups * prompts_per_group``
+    conversations of ``num_turns`` turns (module docstring)."""
+    check_shared_prefix(num_groups, prompts_per_group, system_prompt_len, question_len,
+                        output_len, range_ratio, num_turns)
+    rng = np.random.default_rng([seed, _SHARED_PREFIX_STREAM])
+    num_prompts = num_groups * prompts_per_group
+
+    def lengths(max_len: int, size: int) -> list[int]:
+        low, high = length_range(max_len, range_ratio)
+        return rng.integers(low, high + 1, size=size).tolist()
+
+    def tokens(n: int) -> list[int] | str:
+        ids = rng.integers(0, vocab_size, size=n).tolist()
+        return ids_to_text(ids) if as_text else ids
+
+    systems = [tokens(n) for n in lengths(system_prompt_len, num_groups)]
+    question_lens = lengths(question_len, num_prompts * num_turns)
+    output_lens = lengths(output_len, num_prompts)
+    requests = []
+    for i in range(num_prompts):
+        questions = [tokens(n) for n in question_lens[i * num_turns:(i + 1) * num_turns]]
+        system = systems[i // prompts_per_group]
+        requests.append(BenchRequest(prompt=system + questions[0],
+                                     prompt_len=len(system) + len(questions[0]),
+                                     output_len=output_lens[i],
+                                     later_questions=tuple(questions[1:])))
+    if not ordered:
+        requests = [requests[i] for i in rng.permutation(num_prompts).tolist()]
+    return requests
+
+
 def ids_to_text(ids: list[int]) -> str:
     return "".join(TEXT_ALPHABET[i % len(TEXT_ALPHABET)] for i in ids)
 
@@ -83,17 +157,15 @@ def arrival_offsets(num_requests: int, request_rate: float, seed: int) -> list[f
     return np.cumsum(gaps).tolist()
 
 
-def shared_prefix_requests(num_groups: int, prompts_per_group: int, system_prompt_len: int,
+def skewed_prefix_requests(num_groups: int, prompts_per_group: int, system_prompt_len: int,
                            question_len: int, output_len: int, seed: int,
                            as_text: bool = False, vocab_size: int = DEFAULT_VOCAB_SIZE,
                            hot_share: float = 0.0) -> list[BenchRequest]:
-    """SGLang's ``generated-shared-prefix`` shape: ``num_groups`` system prompts of
-    ``system_prompt_len`` tokens, each followed by ``prompts_per_group`` distinct
-    questions of ``question_len`` tokens; every request asks ``output_len`` tokens. The
-    requests are shuffled (groups interleave in arrival order, as SGLang's client does).
-
-    ``hot_share`` > 0: group 0 carries that share of all requests (the others share the
-    rest evenly), the same total: one hot prefix among cold ones.
+    """The ``generated-shared-prefix`` shape (``num_groups`` system prompts of
+    ``system_prompt_len`` tokens, each followed by distinct questions of ``question_len``
+    tokens, ``output_len`` tokens asked, shuffled) with one hot group: ``hot_share`` > 0
+    gives group 0 that share of the ``num_groups * prompts_per_group`` requests and the
+    other groups the rest evenly (``bench.compare.cache``'s hot-prefix scenario).
     """
     if num_groups < 1 or prompts_per_group < 1:
         raise ValueError("num_groups and prompts_per_group must be >= 1")

@@ -8,7 +8,10 @@ Definitions (SGLang's):
 - TPOT: (E2E - TTFT) / (output_len - 1), over requests with more than one token;
 - ITL: every inter-token gap of every request (see ``bench.client.backends``);
 - peak output token throughput: the most output tokens in one 1-second window
-  (aligned to the start); peak concurrent requests: the most requests in flight.
+  (aligned to the start); peak concurrent requests: the most requests in flight;
+- prefix cache (ours): ``total_cached_tokens``, the prompt tokens the server said it
+  reused (``cached_tokens``), and ``cache_hit_rate``, those over the input tokens of
+  the requests that reported it; None (and not printed) when no request did.
 Latency figures are in milliseconds, as SGLang prints them.
 
 The block keeps SGLang's line order and ``{:<40} {:<10}`` columns. It leaves out
@@ -64,12 +67,17 @@ def summarize(results: list[RequestResult], duration_s: float, bench_start: floa
                          ("itl", [gap for r in ok for gap in r.itl])):
         for stat, value in distribution(values).items():
             figures[f"{stat}_{name}_ms"] = value
+    figures.update(cache_figures(ok))
     figures.update(per_rank(ok))
-    reporting = [r for r in ok if r.cached_tokens is not None]
-    if reporting:  # the server says what it reused (SGLang's meta_info.cached_tokens)
-        figures["cache_hit_rate"] = (sum(r.cached_tokens for r in reporting)
-                                     / max(1, sum(r.prompt_len for r in reporting)))
     return figures
+
+
+def cache_figures(ok: list[RequestResult]) -> dict:
+    reported = [r for r in ok if r.cached_tokens is not None]
+    cached = sum(r.cached_tokens for r in reported)
+    prompt = sum(r.prompt_len for r in reported)
+    return {"total_cached_tokens": cached if reported else None,
+            "cache_hit_rate": cached / prompt if reported and prompt else None}
 
 
 def per_rank(ok: list[RequestResult]) -> dict:
@@ -125,6 +133,13 @@ def format_rate(rate: float) -> str:
     return "inf" if math.isinf(rate) else str(float(rate))
 
 
+def _cache_rows(f: dict) -> list[str]:
+    if f.get("cache_hit_rate") is None:
+        return []
+    return [_row("Total cached input tokens:", f["total_cached_tokens"]),
+            _row("Cache hit rate (%):", 100.0 * f["cache_hit_rate"])]
+
+
 def format_summary(f: dict) -> str:
     """``f``: figures from ``summarize`` plus ``backend``, ``request_rate`` and
     ``max_concurrency`` (None when not set)."""
@@ -145,6 +160,7 @@ def format_summary(f: dict) -> str:
              _row("Peak concurrent requests:", f["peak_concurrent_requests"]),
              _row("Total token throughput (tok/s):", f["total_throughput"]),
              _row("Concurrency:", f["concurrency"]),
+             *_cache_rows(f),
              _section("End-to-End Latency"),
              _row("Mean E2E Latency (ms):", f["mean_e2e_latency_ms"]),
              _row("Median E2E Latency (ms):", f["median_e2e_latency_ms"]),

@@ -3,14 +3,19 @@
     python -m bench.client.serving --backend sglang --port 30000 --dataset-name random \\
         --random-input-len 1024 --random-output-len 128 --random-range-ratio 0.5 \\
         --num-prompts 200 --request-rate 4 --max-concurrency 64 --output-file runs.jsonl
+    python -m bench.client.serving --dataset-name generated-shared-prefix --gsp-num-groups 8 \\
+        --gsp-prompts-per-group 4 --gsp-num-turns 3 --max-concurrency 8 --flush-cache
 
 Requests are sent at Poisson arrival times (``--request-rate``; ``inf`` sends all at
 once) whatever the server's progress (open loop); ``--max-concurrency`` caps the
 requests in flight (an arrival then waits for a free slot, and its TTFT counts from
 when it is actually sent, as in SGLang). The summary block has SGLang's layout; the
 figures (``bench.client.metrics``) also go to ``--output-file`` as one JSON line per run,
-with the per-rank request counts when the server reports ``meta_info.dp_rank``, and
-``simulated: true`` when the server runs the simulated accelerator.
+with the per-rank request counts when the server reports ``meta_info.dp_rank``, the
+prefix cache hit rate when it reports ``cached_tokens``, and ``simulated: true`` when
+the server runs the simulated accelerator. Datasets: ``bench.client.dataset``; a
+multi-turn conversation (``--gsp-num-turns``) arrives at its first turn's time and sends
+each later turn when the one before has finished (each turn takes a concurrency slot).
 
 A simulated server started with ``--sim-time-scale K`` (``/server_info``) runs every
 step K times slower than its model: the client then sends at ``--request-rate / K``
@@ -41,7 +46,8 @@ from tqdm.asyncio import tqdm
 
 from bench.client.backends import BACKENDS, RequestResult
 from bench.client.dataset import (DEFAULT_VOCAB_SIZE, BenchRequest, arrival_offsets,
-                                  multi_turn_requests, random_requests, shared_prefix_requests)
+                                  check_shared_prefix, multi_turn_requests, random_requests,
+                                  shared_prefix_requests, skewed_prefix_requests)
 from bench.client.metrics import format_rate, format_summary, summarize
 
 
@@ -54,6 +60,7 @@ from bench.client.metrics import format_rate, format_summary, summarize
 # `python -m bench.micro.keepalive` reproduces the race: of 700 reuses after 5 s +- 10 ms idle,
 # 59 failed with aiohttp's 15 s and none with this.
 KEEPALIVE_S = 3.0
+DATASETS = ("random", "generated-shared-prefix", "multi-turn")
 
 
 def _opt(help_text: str, **extra) -> dict:
@@ -69,32 +76,44 @@ class BenchConfig:
     port: int = field(default=30000, **_opt("server port"))
     model: str | None = field(default=None, **_opt("model name for the openai backend"))
     dataset_name: str = field(default="random", **_opt(
-        "random; generated-shared-prefix (SGLang's: --gsp-*; --num-prompts is then groups x "
-        "prompts per group); multi-turn (--mt-*: conversations that resend their history)",
-        choices=("random", "generated-shared-prefix", "multi-turn")))
+        "random, or generated-shared-prefix (groups of prompts sharing a system prompt, for "
+        "prefix caches; the --gsp-* flags), or multi-turn (conversations that resend their "
+        "history with a drawn reply, open loop; the --mt-* flags)", choices=DATASETS))
     random_input_len: int = field(default=1024, **_opt("max input length in tokens"))
     random_output_len: int = field(default=1024, **_opt("max output length in tokens"))
     random_range_ratio: float = field(default=0.0, **_opt(
         "lengths are uniform in [len * ratio, len]"))
     random_vocab_size: int = field(default=DEFAULT_VOCAB_SIZE, **_opt(
         "prompt token ids are drawn from [0, this)"))
-    gsp_num_groups: int = field(default=64, **_opt("generated-shared-prefix: system prompts"))
+    gsp_num_groups: int = field(default=64, **_opt(
+        "generated-shared-prefix: groups, each with its own system prompt"))
     gsp_prompts_per_group: int = field(default=16, **_opt(
-        "generated-shared-prefix: questions per system prompt"))
+        "generated-shared-prefix: prompts (conversations) per group; the run sends groups x "
+        "this, whatever --num-prompts says"))
     gsp_system_prompt_len: int = field(default=2048, **_opt(
-        "generated-shared-prefix: system prompt tokens"))
-    gsp_question_len: int = field(default=128, **_opt("generated-shared-prefix: question tokens"))
+        "generated-shared-prefix: system prompt tokens (the prefix a group shares)"))
+    gsp_question_len: int = field(default=128, **_opt(
+        "generated-shared-prefix: question tokens after the system prompt (and per later turn)"))
     gsp_output_len: int = field(default=256, **_opt("generated-shared-prefix: output tokens"))
+    gsp_range_ratio: float = field(default=1.0, **_opt(
+        "generated-shared-prefix: lengths are uniform in [len * ratio, len] (SGLang's default "
+        "1: exact)"))
+    gsp_num_turns: int = field(default=1, **_opt(
+        "generated-shared-prefix: turns per conversation; each later turn resends the "
+        "conversation so far (prompt and the server's answer) plus a new question"))
+    gsp_ordered: bool = field(default=False, **_opt(
+        "generated-shared-prefix: send the prompts group by group instead of shuffled"))
     gsp_hot_share: float = field(default=0.0, **_opt(
-        "generated-shared-prefix: share of the requests in group 0 (0: groups equal)"))
+        "generated-shared-prefix: share of the requests in group 0 (0: groups equal; with "
+        "one turn)"))
     mt_num_conversations: int = field(default=16, **_opt("multi-turn: conversations"))
     mt_num_turns: int = field(default=4, **_opt("multi-turn: turns per conversation"))
     mt_turn_len: int = field(default=256, **_opt("multi-turn: tokens of each user message"))
     mt_output_len: int = field(default=128, **_opt(
-        "multi-turn: output tokens per turn (and the reply resent in the next turn)"))
+        "multi-turn: output tokens per turn (and the drawn reply resent in the next turn)"))
     text_prompts: bool = field(default=False, **_opt(
         "send prompts as text (sglang backend), as a gateway that routes by text needs"))
-    num_prompts: int = field(default=1000, **_opt("requests in the run"))
+    num_prompts: int = field(default=1000, **_opt("requests in the run (random dataset)"))
     request_rate: float = field(default=math.inf, **_opt("Poisson arrivals per second, or inf"))
     max_concurrency: int | None = field(default=None, **_opt("cap on requests in flight"))
     seed: int = field(default=1, **_opt("seed of prompts, lengths and arrivals"))
@@ -103,6 +122,8 @@ class BenchConfig:
         "every run of a seed places alike under follow_bootstrap_room, which otherwise "
         "depends on the rooms the server draws"))
     warmup_requests: int = field(default=1, **_opt("short requests sent first, not counted"))
+    flush_cache: bool = field(default=False, **_opt(
+        "POST /flush_cache after the warm-up, so the run starts with empty prefix caches"))
     request_timeout_s: float = field(default=6 * 3600.0, **_opt(
         "per request, wall-clock seconds"))
     output_file: str | None = field(default=None, **_opt("append the figures as a JSON line"))
@@ -114,6 +135,12 @@ class BenchConfig:
         if self.seeded_bootstrap_rooms and self.backend != "sglang":
             raise ValueError("--seeded-bootstrap-rooms needs --backend sglang (OpenAI requests "
                              "carry no bootstrap_room)")
+        if self.dataset_name == "generated-shared-prefix":
+            if self.seeded_bootstrap_rooms:
+                raise ValueError("--seeded-bootstrap-rooms works with --dataset-name random")
+            check_shared_prefix(self.gsp_num_groups, self.gsp_prompts_per_group,
+                                self.gsp_system_prompt_len, self.gsp_question_len,
+                                self.gsp_output_len, self.gsp_range_ratio, self.gsp_num_turns)
 
     @property
     def url(self) -> str:
@@ -122,8 +149,10 @@ class BenchConfig:
 
 def make_requests(cfg: BenchConfig) -> list[BenchRequest]:
     as_text = cfg.backend == "openai" or cfg.text_prompts
-    if cfg.dataset_name == "generated-shared-prefix":
-        return shared_prefix_requests(
+    if cfg.dataset_name == "generated-shared-prefix" and cfg.gsp_hot_share > 0:
+        if cfg.gsp_num_turns != 1:
+            raise ValueError("--gsp-hot-share needs --gsp-num-turns 1")
+        return skewed_prefix_requests(
             cfg.gsp_num_groups, cfg.gsp_prompts_per_group, cfg.gsp_system_prompt_len,
             cfg.gsp_question_len, cfg.gsp_output_len, cfg.seed, as_text=as_text,
             vocab_size=cfg.random_vocab_size, hot_share=cfg.gsp_hot_share)
@@ -131,6 +160,12 @@ def make_requests(cfg: BenchConfig) -> list[BenchRequest]:
         return multi_turn_requests(cfg.mt_num_conversations, cfg.mt_num_turns, cfg.mt_turn_len,
                                    cfg.mt_output_len, cfg.seed, as_text=as_text,
                                    vocab_size=cfg.random_vocab_size)
+    if cfg.dataset_name == "generated-shared-prefix":
+        return shared_prefix_requests(
+            cfg.gsp_num_groups, cfg.gsp_prompts_per_group, cfg.gsp_system_prompt_len,
+            cfg.gsp_question_len, cfg.gsp_output_len, cfg.gsp_range_ratio, cfg.seed,
+            num_turns=cfg.gsp_num_turns, ordered=cfg.gsp_ordered, as_text=as_text,
+            vocab_size=cfg.random_vocab_size)
     return random_requests(cfg.num_prompts, cfg.random_input_len, cfg.random_output_len,
                            cfg.random_range_ratio, cfg.seed, as_text=as_text,
                            vocab_size=cfg.random_vocab_size, rooms=cfg.seeded_bootstrap_rooms)
@@ -152,18 +187,28 @@ async def run_benchmark(cfg: BenchConfig) -> dict:
         offsets = [o * scale for o in arrival_offsets(len(requests), cfg.request_rate, cfg.seed)]
         model = cfg.model or server.get("served_model_name")
         await warm_up(session, cfg, send, model)
+        if cfg.flush_cache:
+            await flush_cache(session, cfg.url)
         gate = asyncio.Semaphore(limit)
-        bar = tqdm(total=len(requests), disable=cfg.disable_tqdm, desc="requests")
+        num_sends = sum(1 + len(r.later_questions) for r in requests)
+        bar = tqdm(total=num_sends, disable=cfg.disable_tqdm, desc="requests")
         start = time.perf_counter()
 
-        async def one(req: BenchRequest, offset: float) -> RequestResult:
+        async def conversation(req: BenchRequest, offset: float) -> list[RequestResult]:
+            """One request, or each turn of a conversation after the one before."""
             await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
-            async with gate:
-                result = await send(session, cfg.url, req, model)
-            bar.update(1)
-            return result
+            results = []
+            while True:
+                async with gate:
+                    result = await send(session, cfg.url, req, model)
+                bar.update(1)
+                results.append(result)
+                if not (result.success and req.later_questions):
+                    return results  # a failed turn ends its conversation
+                req = req.next_turn(result.answer)
 
-        results = await asyncio.gather(*(one(r, o) for r, o in zip(requests, offsets)))
+        results = [r for turns in await asyncio.gather(
+            *(conversation(r, o) for r, o in zip(requests, offsets))) for r in turns]
         duration = max((r.start_time + r.latency for r in results if r.success),
                        default=time.perf_counter()) - start
         bar.close()
@@ -191,6 +236,17 @@ async def server_facts(session: aiohttp.ClientSession, url: str) -> dict:
         except (aiohttp.ClientError, ValueError):
             break
     return {}
+
+
+async def flush_cache(session: aiohttp.ClientSession, url: str) -> None:
+    """Empty the server's prefix caches (``--flush-cache``); RuntimeError if it will not."""
+    try:
+        async with session.post(url + "/flush_cache") as response:
+            if response.status != 200:
+                raise RuntimeError(f"POST {url}/flush_cache answered {response.status}: "
+                                   f"{(await response.text())[:300]}")
+    except aiohttp.ClientError as exc:
+        raise RuntimeError(f"POST {url}/flush_cache failed: {exc}") from None
 
 
 def time_scale(info: dict) -> float:
@@ -237,13 +293,31 @@ async def warm_up(session, cfg: BenchConfig, send, model: str | None) -> None:
 def settings(cfg: BenchConfig) -> dict:
     keep = ("dataset_name", "random_input_len", "random_output_len", "random_range_ratio",
             "num_prompts", "seed")
+    if cfg.dataset_name == "generated-shared-prefix":
+        keep = ("dataset_name", "seed", "flush_cache",
+                *(f.name for f in dataclasses.fields(cfg) if f.name.startswith("gsp_")))
     return {"url": cfg.url, **{k: getattr(cfg, k) for k in keep}, "timestamp": time.time()}
+
+
+def describe_run(cfg: BenchConfig) -> str:
+    """The line printed before a run."""
+    if cfg.dataset_name == "generated-shared-prefix":
+        turns = f" x {cfg.gsp_num_turns} turns" if cfg.gsp_num_turns > 1 else ""
+        dataset = (f"generated-shared-prefix: {cfg.gsp_num_groups} groups x "
+                   f"{cfg.gsp_prompts_per_group} prompts{turns}, system prompt "
+                   f"{cfg.gsp_system_prompt_len}, question {cfg.gsp_question_len}, output "
+                   f"{cfg.gsp_output_len} tokens (range ratio {cfg.gsp_range_ratio})")
+    else:
+        dataset = (f"{cfg.num_prompts} prompts, input <= {cfg.random_input_len}, output <= "
+                   f"{cfg.random_output_len} tokens (range ratio {cfg.random_range_ratio})")
+    return (f"{cfg.backend} benchmark of {cfg.url}: {dataset}, rate "
+            f"{format_rate(cfg.request_rate)}/s, max concurrency "
+            f"{cfg.max_concurrency or 'not set'}")
 
 
 def request_record(r: RequestResult, start: float) -> dict:
     return {"start_s": r.start_time - start, "ttft_s": r.ttft, "latency_s": r.latency,
             "prompt_len": r.prompt_len, "output_len": r.output_len, "dp_rank": r.dp_rank,
-            "cached_tokens": r.cached_tokens,
             "success": r.success, "chunks": r.chunks}
 
 
@@ -283,10 +357,7 @@ def parse_config(argv: list[str] | None = None) -> BenchConfig:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(argv)
-    print(f"{cfg.backend} benchmark of {cfg.url}: {cfg.num_prompts} prompts, input "
-          f"<= {cfg.random_input_len}, output <= {cfg.random_output_len} tokens (range ratio "
-          f"{cfg.random_range_ratio}), rate {format_rate(cfg.request_rate)}/s, max concurrency "
-          f"{cfg.max_concurrency or 'not set'}")
+    print(describe_run(cfg))
     try:
         figures = asyncio.run(run_benchmark(cfg))
     except RuntimeError as exc:  # the server is not there or cannot serve

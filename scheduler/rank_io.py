@@ -1,0 +1,136 @@
+"""A rank's pipes to its API processes: one request pipe and one output pipe per
+dispatcher (``--api-server-count``; one of each by default).
+
+Each API process is one dispatcher on the load board; a request's outputs go back on
+the output pipe of the dispatcher that sent it (``GenerateReq.dispatcher_id``).
+Messages that concern every API process (``RankStats``, ``RankError``) go to all of
+them; a ``FlushCacheResult`` to the one that sent the ``FlushCacheReq``; ``RankReady``
+to dispatcher 0's pipe, which the launcher reads at start-up.
+
+An API process that goes away closes its request pipe: the rank reads EOF there
+(after every whole frame it wrote) and ``RankPipes.receive`` reports the dispatcher
+as gone. The rank then ends that dispatcher's requests and retires its in-flight
+count on the board (``retire_dispatcher``); it stops only once every dispatcher is
+gone.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from multiprocessing.connection import Connection, wait
+from typing import Sequence
+
+from scheduler.messages import (AbortReq, FlushCacheReq, FlushCacheResult, decode_to_scheduler,
+                                encode)
+
+logger = logging.getLogger(__name__)
+
+
+class RankPipes:
+    def __init__(self, req_conns: Sequence[Connection], out_conns: Sequence[Connection]):
+        if len(req_conns) != len(out_conns) or not req_conns:
+            raise ValueError("one request pipe and one output pipe per dispatcher")
+        self.req_conns = list(req_conns)
+        self.out_conns = list(out_conns)
+        self.num_dispatchers = len(req_conns)
+        self.is_open = [True] * self.num_dispatchers  # its request pipe has not closed
+        self._can_send = [True] * self.num_dispatchers  # its output pipe still takes frames
+        self._dispatcher_of = {conn: d for d, conn in enumerate(self.req_conns)}
+        # Who asked each FlushCacheReq not answered yet: the scheduler answers each with
+        # one FlushCacheResult, in the order it handles them (the order received here).
+        self._flush_askers: deque[int] = deque()
+
+    @property
+    def any_open(self) -> bool:
+        return any(self.is_open)
+
+    def receive(self, timeout_s: float) -> tuple[list[tuple[int, object]], list[int]]:
+        """Wait up to ``timeout_s`` for messages; returns ((dispatcher, message) pairs,
+        dispatchers whose request pipe closed now). Drains each ready pipe."""
+        live = [c for d, c in enumerate(self.req_conns) if self.is_open[d]]
+        if not live:
+            return [], []
+        if len(live) == 1:
+            ready = live if live[0].poll(timeout_s) else []
+        else:
+            ready = wait(live, timeout_s)
+        messages, gone = [], []
+        for conn in ready:
+            d = self._dispatcher_of[conn]
+            try:
+                while True:
+                    msg = decode_to_scheduler(conn.recv_bytes())
+                    if isinstance(msg, FlushCacheReq):
+                        self._flush_askers.append(d)
+                    messages.append((d, msg))
+                    if not conn.poll(0):
+                        break
+            except (EOFError, OSError):
+                self.is_open[d] = False
+                self._can_send[d] = False  # nobody reads its outputs any more
+                gone.append(d)
+        return messages, gone
+
+    def send_to(self, dispatcher: int, msg) -> None:
+        """Send ``msg`` to one API process; dropped if that process is gone."""
+        if not self._can_send[dispatcher]:
+            return
+        try:
+            self.out_conns[dispatcher].send_bytes(encode(msg))
+        except (OSError, ValueError):
+            if self.num_dispatchers == 1:
+                raise  # the only API process is gone: as before, the caller decides
+            self._can_send[dispatcher] = False
+            logger.info("dispatcher %d's output pipe closed; its outputs are dropped",
+                        dispatcher)
+
+    def send(self, msg) -> None:
+        """The scheduler's ``send``: a ``FlushCacheResult`` to the API process that
+        asked; anything else (``RankStats``) to every API process."""
+        if isinstance(msg, FlushCacheResult) and self._flush_askers:
+            self.send_to(self._flush_askers.popleft(), msg)
+        else:
+            self.broadcast(msg)
+
+    def broadcast(self, msg) -> None:
+        """Send ``msg`` to every API process still there."""
+        payload = encode(msg)
+        for d, conn in enumerate(self.out_conns):
+            if not self._can_send[d]:
+                continue
+            try:
+                conn.send_bytes(payload)
+            except (OSError, ValueError):
+                if self.num_dispatchers == 1:
+                    raise
+                self._can_send[d] = False
+
+
+def retire_dispatcher(scheduler, board, dispatcher: int, message: str) -> int:
+    """Dispatcher ``dispatcher``'s API process is gone: end its requests on this rank
+    (their KV and load are freed; their outputs have nowhere to go) and retire what it
+    counted for this rank that never arrived, so the board returns to zero.
+
+    The dispatcher's counters are frozen (no process writes them any more) and the
+    rank has read every whole frame it sent, so ``dispatched - acked`` is exactly the
+    requests it counted but never delivered (it died between the bump and the send,
+    or mid-frame). Acking them lowers ``base`` as much as the in-flight term: the
+    effective load loses them and nothing else. Returns how many requests ended."""
+    rids = [rid for rid, req in scheduler.reqs.items() if req.dispatcher_id == dispatcher]
+    for rid in rids:
+        scheduler.on_abort(AbortReq(rid=rid, message=message))
+    layout, cells, rank = board.layout, board.cells, scheduler.cfg.dp_rank
+    scheduler.acked_reqs[dispatcher] = cells[layout.dispatched_reqs_cell(dispatcher, rank)]
+    scheduler.acked_tokens[dispatcher] = cells[layout.dispatched_tokens_cell(dispatcher, rank)]
+    scheduler.publish_load()
+    return len(rids)
+
+
+def owned_by(scheduler, dispatcher: int, msg) -> bool:
+    """An ``AbortReq`` acts only on a request of the dispatcher that sent it: two API
+    processes may use the same rid."""
+    if isinstance(msg, AbortReq):
+        req = scheduler.reqs.get(msg.rid)
+        return req is None or req.dispatcher_id == dispatcher
+    return True

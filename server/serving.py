@@ -1,0 +1,52 @@
+"""What every API process runs the same way: uvicorn's configuration and the signals
+that stop it (``server.launch`` with one API process, ``server.api_servers`` with
+several)."""
+
+from __future__ import annotations
+
+import signal
+
+import uvicorn
+
+from server.app import create_app
+from scheduler.roles import DisaggregationMode, Role
+from server.args import ServerArgs
+from server.connections import accept_backlog, protocol_for
+from server.engine_client import EngineClient
+
+GRACEFUL_SHUTDOWN_S = 5
+
+
+def uvicorn_config(args: ServerArgs, engine: EngineClient) -> uvicorn.Config:
+    # log_config None: uvicorn's loggers propagate to ours (scheduler.log_format).
+    return uvicorn.Config(create_app(engine), log_level=args.log_level, access_log=False,
+                          log_config=None, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+                          lifespan="on", timeout_keep_alive=args.timeout_keep_alive,
+                          http=protocol_for(args), backlog=accept_backlog())
+
+
+def pd_summary(args: ServerArgs) -> str:
+    mode = args.disaggregation_mode
+    if mode == DisaggregationMode.PD:
+        return (f"; PD: {args.prefill_dp_size} prefill ranks ({args.method_for(Role.PREFILL)}), "
+                f"{args.decode_dp_size} decode ranks ({args.method_for(Role.DECODE)})")
+    if mode != DisaggregationMode.NULL:
+        return f"; PD {mode} server, bootstrap port {args.disaggregation_bootstrap_port}"
+    return ""
+
+
+class StopSignal(BaseException):
+    """SIGINT/SIGTERM arrived outside uvicorn's own handling (start-up, or re-raised by
+    uvicorn after its graceful exit). A BaseException so that only ``main`` catches it
+    and every ``finally`` on the way cleans up."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def stop_on_signals() -> None:
+    def handler(signum, frame):
+        raise StopSignal(signum)
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)

@@ -1,0 +1,185 @@
+"""How the API reports the ranks' prefix caches, without rank processes: ``/flush_cache``'s
+answers (``RankMonitor`` and ``wait_flushes``), ``cached_tokens`` through the request flow
+and the PD front door, OpenAI's ``usage.prompt_tokens_details`` and the Prometheus
+figures. tests/test_server_app.py checks the same through real ranks."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from engine.finish import finish_from_json
+from engine.sampling import SamplingParams
+from engine.tiny import tiny_model_path
+from engine.tokenizer import Tokenizer
+from scheduler.messages import FlushCacheResult, ReqOutput
+from server.engine_client import wait_flushes
+from server.errors import ServiceUnavailable
+from server.inflight import InFlight, MetricsObserver, RequestHandle
+from server.metrics import ServerMetrics
+from server.openai import _usage
+from server.pd import _with_prefill_half
+from server.prepared import PreparedRequest
+from server.rank_monitor import RankMonitor
+from server.request_flow import RunningRequest, run_to_end, start
+
+
+class _Process:
+    sentinel = -1
+
+    def is_alive(self) -> bool:
+        return False
+
+
+def _monitor(num_ranks: int = 2) -> tuple[RankMonitor, list]:
+    ranks = [SimpleNamespace(dp_rank=r, process=_Process(), lost_reason=None, lost_at=0.0)
+             for r in range(num_ranks)]
+    processes = SimpleNamespace(ranks=ranks, role="mixed", mark_dead=lambda rank: None)
+    return RankMonitor(processes, InFlight(), stale_ns=10**9, abort=lambda h, m: None), ranks
+
+
+def test_flush_answers_meet_their_callers_in_order_even_after_one_gave_up():
+    async def run():
+        monitor, ranks = _monitor()
+        first, second = monitor.expect_flush(0), monitor.expect_flush(0)
+        other = monitor.expect_flush(1)
+        first.cancel()  # its caller timed out; its answer is still on the way
+        monitor._on_message(ranks[0], FlushCacheResult(dp_rank=0, success=True))
+        assert not second.done()  # the late answer was the cancelled caller's
+        monitor._on_message(ranks[0], FlushCacheResult(dp_rank=0, success=False,
+                                                       message="2 requests running"))
+        monitor._on_message(ranks[1], FlushCacheResult(dp_rank=1, success=True))
+        assert (second.result().success, second.result().message) == (False, "2 requests running")
+        assert other.result().success
+        monitor._on_message(ranks[1], FlushCacheResult(dp_rank=1, success=True))  # unasked: ignored
+    asyncio.run(run())
+
+
+def test_a_lost_rank_fails_its_flush_waiters_and_only_its_own():
+    async def run():
+        monitor, ranks = _monitor()
+        lost, kept = monitor.expect_flush(1), monitor.expect_flush(0)
+        monitor.rank_lost(ranks[1], "its process exited with code -9")
+        with pytest.raises(ServiceUnavailable, match="rank 1 failed: its process exited"):
+            lost.result()
+        assert not kept.done()
+    asyncio.run(run())
+
+
+def test_wait_flushes_gives_every_answer_or_a_503():
+    async def run():
+        loop = asyncio.get_running_loop()
+        with pytest.raises(ServiceUnavailable, match="no rank"):
+            await wait_flushes([], 1.0)
+        answered, silent = loop.create_future(), loop.create_future()
+        answered.set_result(FlushCacheResult(dp_rank=0, success=True))
+        with pytest.raises(ServiceUnavailable, match="1 of 2 ranks did not answer .* 0.05 s"):
+            await wait_flushes([answered, silent], 0.05)
+        assert silent.cancelled()  # the rank monitor's FIFO pops it when the answer comes
+        refused = loop.create_future()
+        refused.set_result(FlushCacheResult(dp_rank=1, success=False, message="busy"))
+        results = await wait_flushes([answered, refused], 1.0)
+        assert [(r.dp_rank, r.success) for r in results] == [(0, True), (1, False)]
+        lost = loop.create_future()
+        lost.set_exception(ServiceUnavailable("rank 1 failed"))
+        with pytest.raises(ServiceUnavailable, match="rank 1 failed"):
+            await wait_flushes([answered, lost], 1.0)
+    asyncio.run(run())
+
+
+class _Recorder(MetricsObserver):
+    def __init__(self):
+        self.seen = []
+
+    def on_prompt_cache(self, prompt_tokens: int, cached_tokens: int) -> None:
+        self.seen.append((prompt_tokens, cached_tokens))
+
+
+def _engine():
+    """What ``RunningRequest`` uses of an engine client; a request's outputs are what its
+    handle's queue holds (``InFlight.deliver`` puts them there)."""
+    async def gen(handle):
+        while True:
+            out = handle.queue.get_nowait()
+            yield out
+            if out.finish_reason is not None:
+                return
+    return SimpleNamespace(tokenizer=Tokenizer.from_folder(tiny_model_path()),
+                           args=SimpleNamespace(log_requests=False), outputs=gen,
+                           observer=_Recorder())
+
+
+def test_cached_tokens_stay_once_reported_and_reach_the_observer_once():
+    # A PD decode rank's later outputs say 0: the request keeps what its first said.
+    outputs = [ReqOutput(rid="r", new_token_ids=[70], prompt_tokens=9, completion_tokens=1,
+                         cached_tokens=6),
+               ReqOutput(rid="r", new_token_ids=[71], prompt_tokens=9, completion_tokens=2,
+                         finish_reason={"type": "length", "length": 2})]
+    engine = _engine()
+    prepared = PreparedRequest(rid="r", input_ids=list(range(60, 69)),
+                               params=SamplingParams(max_new_tokens=2))
+    handle = RequestHandle("r", dp_rank=0, prompt_len=9)
+    running = RunningRequest(engine, prepared, handle)
+
+    async def run():
+        steps = []
+        async for p in running.progress():
+            steps.append(p)
+        return steps
+    for out in outputs:  # as InFlight.deliver types and queues them
+        out.finish_reason = finish_from_json(out.finish_reason)
+        handle.queue.put_nowait(out)
+    steps = asyncio.run(run())
+    assert [p.cached_tokens for p in steps] == [6, 6]
+    assert engine.observer.seen == [(9, 6)]
+
+
+def test_a_request_never_dispatched_is_not_a_cache_lookup():
+    engine = _engine()
+    prepared = PreparedRequest(rid="z", input_ids=[1, 2, 3],
+                               params=SamplingParams(max_new_tokens=0))
+    last = asyncio.run(run_to_end(start(engine, prepared)))
+    assert last.cached_tokens == 0 and engine.observer.seen == []
+
+
+def test_pd_first_output_takes_the_prefill_ranks_cached_tokens():
+    decode_first = ReqOutput(rid="r", new_token_ids=[5], prompt_tokens=40, completion_tokens=1)
+    prefill_first = ReqOutput(rid="r", new_token_ids=[5], prompt_tokens=40, completion_tokens=1,
+                              cached_tokens=32, finish_reason={"type": "length", "length": 1})
+    out = _with_prefill_half(decode_first, prefill_first)
+    assert (out.cached_tokens, out.new_token_ids, out.finish_reason) == (32, [5], None)
+    assert out.input_token_logprobs is None and out.output_logprobs is None
+
+
+def _progress(prompt_tokens: int, completion_tokens: int, cached_tokens: int):
+    return SimpleNamespace(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                           cached_tokens=cached_tokens)
+
+
+def test_usage_counts_each_prompts_cached_tokens_once():
+    # Two prompts with n=2: the first choice of each prompt speaks for its prompt.
+    results = [_progress(10, 3, 8), _progress(10, 3, 9), _progress(20, 4, 0), _progress(20, 4, 19)]
+    assert _usage(results, 2) == {"prompt_tokens": 30, "completion_tokens": 14,
+                                  "total_tokens": 44, "prompt_tokens_details": {"cached_tokens": 8}}
+    assert _usage([_progress(5, 1, 0)], 1)["prompt_tokens_details"] == {"cached_tokens": 0}
+
+
+def test_cache_hit_rate_and_cached_tokens_total_metrics():
+    board = SimpleNamespace(num_ranks=0, snapshot=lambda: SimpleNamespace(in_flight_reqs=[]))
+    metrics = ServerMetrics(SimpleNamespace(args=SimpleNamespace(served_model_name="m"),
+                                            board=board, ranks=[]))
+
+    def scrape() -> dict:
+        text = generate_latest(metrics.registry).decode()
+        return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    assert scrape()["sglang:cache_hit_rate"] == 0.0
+    metrics.on_prompt_cache(100, 0)
+    metrics.on_prompt_cache(100, 60)
+    metrics.on_prompt_cache(50, 49)
+    values = scrape()
+    assert values["sglang:cached_tokens_total"] == 109
+    assert values["sglang:cache_hit_rate"] == pytest.approx(109 / 250)
