@@ -434,7 +434,8 @@ def resolve_args(args: ServerArgs) -> ServerArgs:
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", DeprecationWarning)
-                methods[role] = resolve_method(per_role or args.load_balance_method, role)
+                methods[role] = resolve_method(per_role or args.load_balance_method, role,
+                                               has_prefix_cache=not args.disable_radix_cache)
         except InvalidLoadBalanceMethod as exc:
             raise InvalidServerArgs(f"{flag}: {exc}") from None
         for w in caught:  # a deprecated alias: say so where a server user looks, the log

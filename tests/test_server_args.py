@@ -128,3 +128,11 @@ def test_connection_limit_defaults_below_the_open_file_limit():
     pd = resolve_args(ServerArgs(model_path="tiny", disaggregation_mode="pd", prefill_dp_size=2, decode_dp_size=3))
     assert pd.limit_concurrency == soft - 64 - 8 * 5 - accept_rounds
     assert resolve_args(ServerArgs(model_path="tiny", limit_concurrency=7)).limit_concurrency == 7
+
+
+def test_cache_aware_needs_the_prefix_cache():
+    assert resolve_args(ServerArgs(model_path="tiny", load_balance_method="cache_aware")
+                        ).load_balance_method == "cache_aware"
+    with pytest.raises(InvalidServerArgs, match="--load-balance-method.*--disable-radix-cache"):
+        resolve_args(ServerArgs(model_path="tiny", load_balance_method="cache_aware",
+                                disable_radix_cache=True))
