@@ -89,20 +89,7 @@ class RadixCache:
     def match_prefix(self, tokens: Sequence[int]) -> tuple[list[int], _Node]:
         """The slots of the longest cached prefix of ``tokens`` and the node it ends at
         (the root for no match). Touches the path (least recently used goes first)."""
-        node, slots, i = self.root, [], 0
-        self._clock += 1
-        n = len(tokens)
-        while i < n:
-            child = node.children.get(tokens[i])
-            if child is None:
-                break
-            common = _common_len(child.key, tokens, i)
-            if common < len(child.key):
-                child = self._split(child, common)
-            child.last_access = self._clock
-            slots += child.slots
-            i += common
-            node = child
+        node, _, slots = self._walk(tokens)
         return slots, node
 
     def cached_len(self, tokens: Sequence[int]) -> int:
@@ -146,18 +133,8 @@ class RadixCache:
         adopts ``slots`` from there on."""
         if len(tokens) != len(slots):
             raise ValueError(f"{len(tokens)} tokens but {len(slots)} slots")
-        node, i, n = self.root, 0, len(tokens)
-        self._clock += 1
-        while i < n:
-            child = node.children.get(tokens[i])
-            if child is None:
-                break
-            common = _common_len(child.key, tokens, i)
-            if common < len(child.key):
-                child = self._split(child, common)
-            child.last_access = self._clock
-            i += common
-            node = child
+        node, i, _ = self._walk(tokens)
+        n = len(tokens)
         if i < n:
             leaf = _Node(list(tokens[i:]), list(slots[i:]), node)
             leaf.last_access = self._clock
@@ -197,6 +174,25 @@ class RadixCache:
         return True
 
     # ---- internals -------------------------------------------------------------------
+    def _walk(self, tokens: Sequence[int]) -> tuple[_Node, int, list[int]]:
+        """Follow ``tokens`` down the tree as far as it holds them, splitting the node
+        where they part so that a node ends exactly there, and touching the path.
+        Returns (that node, how many tokens matched, their slots)."""
+        node, slots, i, n = self.root, [], 0, len(tokens)
+        self._clock += 1
+        while i < n:
+            child = node.children.get(tokens[i])
+            if child is None:
+                break
+            common = _common_len(child.key, tokens, i)
+            if common < len(child.key):
+                child = self._split(child, common)
+            child.last_access = self._clock
+            slots += child.slots
+            i += common
+            node = child
+        return node, i, slots
+
     def _split(self, child: _Node, at: int) -> _Node:
         """Cut ``child`` after ``at`` tokens; returns the new upper part (same locks)."""
         upper = _Node(child.key[:at], child.slots[:at], child.parent)
