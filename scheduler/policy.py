@@ -207,14 +207,17 @@ def prefill_tokens(eff_prefill: list[int], eff_tokens: list[int], eff_reqs: list
 # A rank carrying more than this many times the mean live rank's requests (and more than
 # HOT_RANK_SLACK above it) gets no preference for what it caches: a hot prefix spills to
 # the other ranks (which then cache it too) before one rank's queue runs away.
-HOT_RANK_RATIO = 1.25
+HOT_RANK_RATIO = 1.5
 HOT_RANK_SLACK = 2
-# What an uncached prompt token costs a rank's queue in the prediction: once for this
-# request's first token and once more for the requests that then queue behind its
-# prefill. At 1 (this request alone) a prefix spilled as soon as its rank had one miss
-# queued more than another rank, and each spill computes the whole prefix again
-# (simulated shared-prefix, 4 ranks: cache hit rate 0.46 of a possible 0.70).
-MISS_WEIGHT = 2
+# What an uncached prompt token costs in the prediction, against a token of prefill
+# already queued: this request's first token waits for it, and so do the requests that
+# queue behind its prefill; and every spill computes the whole prefix again elsewhere.
+# Measured (simulated shared-prefix, 4 ranks, docs/results.md "Prefix caches"): weight
+# 1 spilled at the first miss queued (hit rate 0.46 of a possible 0.70); weight 2 with a
+# 1.25 guard kept 0.33 when the ranks were full (5.41 req/s); weight 8 with this guard
+# keeps 0.57 (7.08 req/s, smg's tree 7.05), with hot-prefix max/mean 1.08. Past 8 the
+# guard alone decides.
+MISS_WEIGHT = 8
 
 
 def cache_aware(cached_tokens: list[int] | None, eff_prefill: list[int], eff_tokens: list[int],

@@ -182,7 +182,7 @@ def test_cache_aware_spills_a_hot_prefix():
     state = RotationState()
     cached, toks = [2048, 0, 0, 0], [0, 0, 0, 0]
     assert cache_aware(cached, [100, 0, 0, 0], toks, [4, 2, 2, 2], [True] * 4, state) == 0
-    # 10 requests against a mean of 4: hot (limit max(1.25 * 4, 4 + 2) = 6).
+    # 10 requests against a mean of 4: hot (limit max(1.5 * 4, 4 + 2) = 6).
     assert cache_aware(cached, [100, 0, 50, 0], toks, [10, 2, 2, 2], [True] * 4, state) in (1, 3)
     # A dead rank with the prefix is never picked.
     assert cache_aware(cached, [0, 5, 0, 0], toks, [0, 0, 0, 0], [False, True, True, True],
