@@ -223,6 +223,12 @@ def test_cache_hit_rate_is_cached_over_input_tokens_of_the_requests_that_report_
     results[0].cached_tokens, results[1].cached_tokens = 0, 90
     f = summarize(results, 1.0, 0.0)
     assert f["total_cached_tokens"] == 90 and f["cache_hit_rate"] == pytest.approx(90 / 200)
+    # Hit: at least half the prompt reused (90 of 100); a miss: 0 of 100 (the third said nothing).
+    assert f["hit_requests"] == 1
+    assert f["mean_ttft_hit_ms"] == pytest.approx(100.0) and f["mean_ttft_miss_ms"] == pytest.approx(100.0)
+    results[0].ttft = 0.3
+    f2 = summarize(results, 1.0, 0.0)
+    assert f2["mean_ttft_miss_ms"] == pytest.approx(300.0) and f2["mean_ttft_hit_ms"] == pytest.approx(100.0)
     f.update(backend="sglang", request_rate=1.0, max_concurrency=None)
     lines = format_summary(f).splitlines()
     at = lines.index(next(line for line in lines if line.startswith("Concurrency:")))

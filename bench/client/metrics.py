@@ -11,7 +11,10 @@ Definitions (SGLang's):
   (aligned to the start); peak concurrent requests: the most requests in flight;
 - prefix cache (ours): ``total_cached_tokens``, the prompt tokens the server said it
   reused (``cached_tokens``), and ``cache_hit_rate``, those over the input tokens of
-  the requests that reported it; None (and not printed) when no request did.
+  the requests that reported it; None (and not printed) when no request did. With it,
+  the mean TTFT of the requests that reused at least half of their prompt
+  (``mean_ttft_hit_ms``, ``hit_requests``) and of the others (``mean_ttft_miss_ms``):
+  where a method's TTFT goes, hits waiting in a queue or prompts computed again.
 Latency figures are in milliseconds, as SGLang prints them.
 
 The block keeps SGLang's line order and ``{:<40} {:<10}`` columns. It leaves out
@@ -76,8 +79,15 @@ def cache_figures(ok: list[RequestResult]) -> dict:
     reported = [r for r in ok if r.cached_tokens is not None]
     cached = sum(r.cached_tokens for r in reported)
     prompt = sum(r.prompt_len for r in reported)
+    hits, misses = [], []
+    for r in reported:
+        (hits if 2 * r.cached_tokens >= r.prompt_len > 0 else misses).append(r)
     return {"total_cached_tokens": cached if reported else None,
-            "cache_hit_rate": cached / prompt if reported and prompt else None}
+            "cache_hit_rate": cached / prompt if reported and prompt else None,
+            "hit_requests": len(hits) if reported else None,
+            "mean_ttft_hit_ms": distribution([r.ttft for r in hits])["mean"] if hits else None,
+            "mean_ttft_miss_ms": (distribution([r.ttft for r in misses])["mean"]
+                                  if misses else None)}
 
 
 def per_rank(ok: list[RequestResult]) -> dict:

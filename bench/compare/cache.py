@@ -53,7 +53,8 @@ SATURATED = "saturated"  # rate inf, at most SATURATION_CONCURRENCY requests per
 SATURATION_CONCURRENCY = 8
 SMG = "smg"  # the gateway as a method name
 KEEP = ("completed", "failed", "duration_s", "request_throughput", "mean_ttft_ms",
-        "p99_ttft_ms", "mean_tpot_ms", "cache_hit_rate", "requests_per_dp_rank", "first_errors")
+        "p99_ttft_ms", "mean_tpot_ms", "cache_hit_rate", "hit_requests", "mean_ttft_hit_ms",
+        "mean_ttft_miss_ms", "requests_per_dp_rank", "first_errors")
 
 
 @dataclass(frozen=True)
