@@ -272,3 +272,30 @@ def test_cache_headline_ratios_come_from_the_named_runs():
     assert h["no_reuse_ttft_ratio_tt"] is None  # not run
     assert h["cache_hit_rate"]["shared-prefix"]["cache_aware"] == 0.8
     assert h["kv_tokens_per_rank"]["shared-prefix"] == 52600
+
+
+def test_cache_scenarios_fit_the_pool_and_the_server_they_run_on():
+    from bench.compare.cache import REAL_DIVISOR, SCENARIOS, server_flags
+
+    shared = SCENARIOS["shared-prefix"]
+    # The profile's pool gives the documented shape: 16 groups of 2,048 tokens per rank.
+    assert shared.fitted(52_600).dataset["gsp_num_groups"] == 16
+    real = shared.shortened(REAL_DIVISOR)
+    assert real.dataset["gsp_system_prompt_len"] == 2048 // REAL_DIVISOR
+    # A rank's share of the system prompts stays the same fraction of its pool.
+    fitted = real.fitted(32_768)
+    assert fitted.dataset["gsp_num_groups"] == round(16 * 2048 / 52_600 * 32_768 / 512)
+    assert fitted.fitted(32_768, 5, 16).dataset | {} == {
+        **fitted.dataset, "gsp_num_groups": 5, "gsp_prompts_per_group": 16}
+    assert SCENARIOS["no-reuse"].fitted(1000) is SCENARIOS["no-reuse"]
+    assert SCENARIOS["multi-turn"].shortened(4).dataset["mt_turn_len"] == 128
+    cfg = fitted.config(2, "http://x", 1.0, 1)
+    assert cfg.gsp_num_groups == 2 * fitted.dataset["gsp_num_groups"] and cfg.text_prompts
+
+    flags = server_flags("cache_aware", 4, "p", "real", "tiny", pd=True)
+    assert flags[:4] == ["--executor", "real", "--model-path", "tiny"]
+    assert flags[flags.index("--prefill-load-balance-method") + 1] == "cache_aware"
+    assert flags[flags.index("--decode-dp-size") + 1] == "4"
+    flags = server_flags("smg", 2, "p")
+    assert flags[flags.index("--load-balance-method") + 1] == "round_robin"
+    assert "--sim-profile" in flags and "--disaggregation-mode" not in flags

@@ -26,7 +26,19 @@ engine (whose ``routed_dp_rank``s it then sets; the engine's own method is unuse
 Every method sends text prompts (``--text-prompts``), since smg's tree routes by text.
 
 The KV pool per rank is the profile's (``seed-qwen3-235b-dp4``: 52,600 tokens, from the
-published runs' logs, ``bench/PROFILES.md``), reported with every figure.
+published runs' logs, ``bench/PROFILES.md``), reported with every figure. The number of
+shared-prefix groups follows from it: each rank's share of the system prompts is
+``PREFIX_SHARE`` of its pool (16 groups of 2,048 tokens per rank on that profile), so
+together they exceed any one rank's pool and fit in all of them, whatever the executor.
+
+Other shapes and servers:
+- ``--gsp-prompts-per-group 16``: SGLang's default shape (16 questions per system prompt);
+  ``--gsp-groups-per-rank N`` fixes the groups instead of deriving them from the pool.
+- ``--executor real``: the tiny model on this machine (``--model-path``), every length
+  ``REAL_DIVISOR`` times shorter; the pool is what the engine sizes on this host (on CPU:
+  16 full contexts per rank).
+- ``--pd``: one PD server (as many decode ranks as prefill ranks); each method places
+  requests on the prefill ranks, decode ranks use ``auto``. smg does not run there.
 """
 
 from __future__ import annotations
@@ -52,6 +64,9 @@ LOAD = 0.9
 SATURATED = "saturated"  # rate inf, at most SATURATION_CONCURRENCY requests per rank
 SATURATION_CONCURRENCY = 8
 SMG = "smg"  # the gateway as a method name
+# A rank's share of all system prompts over its KV pool (16 x 2,048 / 52,600 on the profile).
+PREFIX_SHARE = 16 * 2048 / 52_600
+REAL_DIVISOR = 4  # --executor real: lengths over this (the tiny model's context is 2,048)
 KEEP = ("completed", "failed", "duration_s", "request_throughput", "mean_ttft_ms",
         "p99_ttft_ms", "mean_tpot_ms", "cache_hit_rate", "hit_requests", "mean_ttft_hit_ms",
         "mean_ttft_miss_ms", "requests_per_dp_rank", "first_errors")
@@ -73,6 +88,27 @@ class CacheScenario:
         return BenchConfig(base_url=url, request_rate=rate, seed=seed, disable_tqdm=True,
                            text_prompts=True, max_concurrency=max_concurrency, **fields)
 
+    def shortened(self, divisor: int) -> "CacheScenario":
+        """Every token length over ``divisor`` (``--executor real``)."""
+        lengths = ("gsp_system_prompt_len", "gsp_question_len", "gsp_output_len",
+                   "mt_turn_len", "mt_output_len", "random_input_len", "random_output_len")
+        return dataclasses.replace(self, dataset={
+            k: max(2, v // divisor) if k in lengths else v for k, v in self.dataset.items()})
+
+    def fitted(self, kv_tokens: int | None, groups_per_rank: int | None = None,
+               prompts_per_group: int | None = None) -> "CacheScenario":
+        """Shared-prefix groups per rank for a pool of ``kv_tokens`` (``PREFIX_SHARE``)."""
+        d = dict(self.dataset)
+        if "gsp_num_groups" not in d:
+            return self
+        if groups_per_rank is None and kv_tokens:
+            groups_per_rank = round(PREFIX_SHARE * kv_tokens / d["gsp_system_prompt_len"])
+        if groups_per_rank:
+            d["gsp_num_groups"] = max(1, groups_per_rank)
+        if prompts_per_group:
+            d["gsp_prompts_per_group"] = prompts_per_group
+        return dataclasses.replace(self, dataset=d)
+
 
 GSP = dict(dataset_name="generated-shared-prefix", gsp_num_groups=16, gsp_prompts_per_group=4,
            gsp_system_prompt_len=2048, gsp_question_len=128, gsp_output_len=64)
@@ -81,10 +117,11 @@ SCENARIOS = {s.name: s for s in (
                                     "prefill_tokens", SMG), GSP, saturated=True),
     CacheScenario("hot-prefix", ("round_robin", "cache_aware", "total_tokens"),
                   {**GSP, "gsp_hot_share": 0.5}),
-    CacheScenario("multi-turn", ("round_robin", "cache_aware", "total_tokens", SMG),
+    CacheScenario("multi-turn", ("round_robin", "cache_aware", "total_tokens", "prefill_tokens",
+                                 SMG),
                   dict(dataset_name="multi-turn", mt_num_conversations=8, mt_num_turns=4,
                        mt_turn_len=512, mt_output_len=64)),
-    CacheScenario("no-reuse", ("round_robin", "cache_aware", "total_tokens"),
+    CacheScenario("no-reuse", ("round_robin", "cache_aware", "total_tokens", "prefill_tokens"),
                   dict(dataset_name="random", random_input_len=2176, random_output_len=64,
                        random_range_ratio=1.0, num_prompts=64)),
 )}
@@ -137,10 +174,19 @@ class SmgGateway:
                 proc.wait(5)
 
 
-def server_flags(method: str, ranks: int, profile: str) -> list[str]:
-    return ["--executor", "sim", "--sim-profile", profile, "--log-level", "warning",
-            "--chunked-prefill-size", str(SIM_CHUNKED_PREFILL_SIZE), "--dp-size", str(ranks),
-            "--load-balance-method", "round_robin" if method == SMG else method]
+def server_flags(method: str, ranks: int, profile: str, executor: str = "sim",
+                 model_path: str = "tiny", pd: bool = False) -> list[str]:
+    if executor == "sim":
+        flags = ["--executor", "sim", "--sim-profile", profile,
+                 "--chunked-prefill-size", str(SIM_CHUNKED_PREFILL_SIZE)]
+    else:
+        flags = ["--executor", "real", "--model-path", model_path]
+    flags += ["--log-level", "warning"]
+    method = "round_robin" if method == SMG else method
+    if pd:
+        return flags + ["--disaggregation-mode", "pd", "--prefill-dp-size", str(ranks),
+                        "--decode-dp-size", str(ranks), "--prefill-load-balance-method", method]
+    return flags + ["--dp-size", str(ranks), "--load-balance-method", method]
 
 
 def kv_tokens_per_rank(url: str) -> int | None:
@@ -182,13 +228,25 @@ def one_run(s: CacheScenario, ranks: int, url: str, fraction: float | str, capac
 
 
 def run_scenario(s: CacheScenario, ranks: int, args) -> dict:
-    result = {"scenario": s.name, "ranks": ranks, "simulated": True, "profile": args.sim_profile,
-              "dataset": s.dataset, "runs": {}}
-    for method in s.methods:
-        log = os.path.join(args.out, "logs", f"{s.name}_{ranks}_{method}.log")
-        with ServerProcess(server_flags(method, ranks, args.sim_profile), log) as server:
+    sim = args.executor == "sim"
+    if not sim:
+        s = s.shortened(REAL_DIVISOR)
+    result = {"scenario": s.name, "ranks": ranks, "simulated": sim,
+              "profile": args.sim_profile if sim else None,
+              "executor": args.executor if sim else f"real ({args.model_path})",
+              "pd": args.pd, "runs": {}}
+    methods = [m for m in s.methods if not (args.pd and m == SMG)]
+    for method in methods:
+        tag = f"{s.name}_{ranks}_{method}" + ("_pd" if args.pd else "")
+        log = os.path.join(args.out, "logs", f"{tag}.log")
+        flags = server_flags(method, ranks, args.sim_profile, args.executor, args.model_path,
+                             args.pd)
+        with ServerProcess(flags, log) as server:
             result["kv_tokens_per_rank"] = kv_tokens_per_rank(server.url)
             if "capacity_req_s" not in result:  # the first method: round_robin
+                s = s.fitted(result["kv_tokens_per_rank"], args.gsp_groups_per_rank,
+                             args.gsp_prompts_per_group)
+                result["dataset"] = s.dataset
                 cap = one_run(s, ranks, server.url, 1.0, math.inf, args.seed + 7)
                 result["capacity_req_s"] = cap["request_throughput"]
                 result["capacity_run"] = cap
@@ -204,8 +262,9 @@ def run_scenario(s: CacheScenario, ranks: int, args) -> dict:
                 runs = [one_run(s, ranks, server.url, f, cap, seed)
                         for f, seed in zip(fractions, seeds)]
         result["runs"][method] = runs
-        print(f"{s.name} x{ranks} {method}: " + ", ".join(
-            f"{r['fraction']}: ttft {r['mean_ttft_ms'] or 0:.0f} ms (p99 {r['p99_ttft_ms'] or 0:.0f}),"
+        print(f"{s.name} x{ranks}{' pd' if args.pd else ''} {method}: " + ", ".join(
+            f"{r['fraction']}: ttft {r['mean_ttft_ms'] or 0:.0f} ms (p99 {r['p99_ttft_ms'] or 0:.0f};"
+            f" hits {r.get('mean_ttft_hit_ms') or 0:.0f}, misses {r.get('mean_ttft_miss_ms') or 0:.0f}),"
             f" {r['request_throughput'] or 0:.2f} req/s, hit {r.get('cache_hit_rate') or 0:.2f}"
             for r in runs), flush=True)
     return result
@@ -234,7 +293,9 @@ def headline(results: list[dict]) -> dict:
         "shared_prefix_p99_ratio_tt": ratio("shared-prefix", "cache_aware", "total_tokens", "p99_ttft_ms"),
         "hot_prefix_max_over_mean": hot.get("max_over_mean_requests") if hot else None,
         "no_reuse_ttft_ratio_tt": ratio("no-reuse", "cache_aware", "total_tokens", "mean_ttft_ms"),
+        "no_reuse_ttft_ratio_pt": ratio("no-reuse", "cache_aware", "prefill_tokens", "mean_ttft_ms"),
         "multi_turn_ttft_ratio_rr": ratio("multi-turn", "cache_aware", "round_robin", "mean_ttft_ms"),
+        "multi_turn_ttft_ratio_smg": ratio("multi-turn", "cache_aware", SMG, "mean_ttft_ms"),
         "cache_hit_rate": {r["scenario"]: {m: runs[0].get("cache_hit_rate")
                                            for m, runs in r["runs"].items()} for r in results},
         "kv_tokens_per_rank": {r["scenario"]: r.get("kv_tokens_per_rank") for r in results},
@@ -252,7 +313,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="out/cache")
     p.add_argument("--json", default=None, help="default: OUT/summary.json")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--executor", choices=("sim", "real"), default="sim",
+                   help="real: the model at --model-path on this machine, lengths "
+                        f"{REAL_DIVISOR}x shorter (at most 4 ranks)")
+    p.add_argument("--model-path", default="tiny", help="--executor real: the model")
+    p.add_argument("--pd", action="store_true",
+                   help="a PD server: methods place requests on its prefill ranks")
+    p.add_argument("--gsp-prompts-per-group", type=int, default=None,
+                   help="questions per system prompt (default 4; SGLang's default is 16)")
+    p.add_argument("--gsp-groups-per-rank", type=int, default=None,
+                   help="system prompts per rank (default: PREFIX_SHARE of the pool)")
     args = p.parse_args(argv)
+    if args.executor == "real" and max(args.ranks) > 4:
+        p.error("--executor real runs at most 4 ranks here")
     os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
     started = time.time()
     by_ranks = {}
@@ -265,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         results = [run_scenario(s, n, args) for s in scenarios]
         by_ranks[str(n)] = {**headline(results), "results": results}
     first = by_ranks[str(args.ranks[0])]
-    summary = {**{k: v for k, v in first.items() if k != "results"}, "simulated": True,
+    summary = {**{k: v for k, v in first.items() if k != "results"},
+               "simulated": args.executor == "sim", "pd": args.pd,
                "ranks": args.ranks, "by_ranks": by_ranks, "elapsed_s": time.time() - started}
     path = args.json or os.path.join(args.out, "summary.json")
     with open(path, "w") as f:
