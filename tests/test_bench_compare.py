@@ -284,7 +284,7 @@ def test_cache_scenarios_fit_the_pool_and_the_server_they_run_on():
     assert real.dataset["gsp_system_prompt_len"] == 2048 // REAL_DIVISOR
     # A rank's share of the system prompts stays the same fraction of its pool.
     fitted = real.fitted(32_768)
-    assert fitted.dataset["gsp_num_groups"] == round(16 * 2048 / 52_600 * 32_768 / 512)
+    assert fitted.dataset["gsp_num_groups"] == round(16 * 2048 / 52_600 * 32_768 / (2048 // REAL_DIVISOR))
     assert fitted.fitted(32_768, 5, 16).dataset | {} == {
         **fitted.dataset, "gsp_num_groups": 5, "gsp_prompts_per_group": 16}
     assert SCENARIOS["no-reuse"].fitted(1000) is SCENARIOS["no-reuse"]

@@ -66,7 +66,7 @@ SATURATION_CONCURRENCY = 8
 SMG = "smg"  # the gateway as a method name
 # A rank's share of all system prompts over its KV pool (16 x 2,048 / 52,600 on the profile).
 PREFIX_SHARE = 16 * 2048 / 52_600
-REAL_DIVISOR = 4  # --executor real: lengths over this (the tiny model's context is 2,048)
+REAL_DIVISOR = 2  # --executor real: lengths over this (the tiny model's context is 2,048)
 KEEP = ("completed", "failed", "duration_s", "request_throughput", "mean_ttft_ms",
         "p99_ttft_ms", "mean_tpot_ms", "cache_hit_rate", "hit_requests", "mean_ttft_hit_ms",
         "mean_ttft_miss_ms", "requests_per_dp_rank", "first_errors")
