@@ -77,19 +77,24 @@ DEPRECATED_METHOD_ALIASES = MappingProxyType({
     "minimum_tokens": LoadBalanceMethod.TOTAL_TOKENS,
 })
 
-# What ``auto`` becomes per role. Prefill cost grows with prompt tokens, so prefill
-# balances tokens; decode is bound by batch slots and latency while KV suffices, so it
-# balances requests (SGLang's guideline). Mixed ranks balance the prompt tokens waiting
-# for prefill, then tokens: it had the lowest mean TTFT in the simulated mixed runs of
-# ``python -m bench.compare --scenarios mixed`` (figures, and how sure they are, in
-# ``docs/results.md``, "Plain DP ranks"). ``cache_aware`` is not ``auto`` anywhere yet:
-# on mixed ranks it is ``total_tokens`` for prompts nobody caches, which loses to
-# ``prefill_tokens`` there, and no PD run has measured it on prefill ranks
-# (``docs/results.md``, "Prefix caches").
+# What ``auto`` becomes per role without a prefix cache. Prefill cost grows with prompt
+# tokens, so prefill balances tokens; decode is bound by batch slots and latency while KV
+# suffices, so it balances requests (SGLang's guideline). Mixed ranks balance the prompt
+# tokens waiting for prefill, then tokens: it had the lowest mean TTFT in the simulated
+# mixed runs of ``python -m bench.compare --scenarios mixed`` (figures, and how sure they
+# are, in ``docs/results.md``, "Plain DP ranks").
 AUTO_METHOD_BY_ROLE = MappingProxyType({
     Role.PREFILL: LoadBalanceMethod.TOTAL_TOKENS,
     Role.DECODE: LoadBalanceMethod.TOTAL_REQUESTS,
     Role.MIXED: LoadBalanceMethod.PREFILL_TOKENS,
+})
+# Where the ranks keep a prefix cache (the default), ``auto`` is ``cache_aware`` on mixed
+# ranks: for a prompt no rank caches it picks exactly as ``prefill_tokens``, and where
+# prompts share prefixes it had the lower TTFT (``python -m bench.compare.cache``,
+# ``docs/results.md``, "Prefix caches").
+AUTO_METHOD_WITH_PREFIX_CACHE = MappingProxyType({
+    **AUTO_METHOD_BY_ROLE,
+    Role.MIXED: LoadBalanceMethod.CACHE_AWARE,
 })
 
 
@@ -97,7 +102,8 @@ def resolve_method(name: str | LoadBalanceMethod, role: Role | str,
                    has_prefix_cache: bool = True) -> LoadBalanceMethod:
     """The concrete method for ``name`` on a server of ``role``; called once at start-up.
 
-    ``auto`` resolves by role; deprecated aliases resolve with a ``DeprecationWarning``.
+    ``auto`` resolves by role and by whether the ranks keep a prefix cache; deprecated
+    aliases resolve with a ``DeprecationWarning``.
     ``cache_aware`` needs ranks that keep a prefix cache: not decode ranks (they receive
     each prompt's KV), not with ``has_prefix_cache`` false (``--disable-radix-cache``).
     """
@@ -122,7 +128,10 @@ def resolve_method(name: str | LoadBalanceMethod, role: Role | str,
         raise InvalidLoadBalanceMethod(
             f"cache_aware weighs what each rank's prefix cache holds, but {why}; choose "
             "another method")
-    return AUTO_METHOD_BY_ROLE[role] if method is LoadBalanceMethod.AUTO else method
+    if method is LoadBalanceMethod.AUTO:
+        by_role = AUTO_METHOD_WITH_PREFIX_CACHE if has_prefix_cache else AUTO_METHOD_BY_ROLE
+        return by_role[role]
+    return method
 
 
 @dataclass
@@ -238,11 +247,15 @@ def cache_aware(cached_tokens: list[int] | None, eff_prefill: list[int], eff_tok
     prefix that half the traffic shares would pile onto the ranks that cache it, whose
     decode batches then grow without bound while its prefills stay cheap.
 
-    With no cache anywhere (None, or zeros) this is ``total_tokens`` exactly: nothing
-    to gain from the cache, so the load alone decides.
+    With no cache anywhere (None, or zeros) the prediction is the prefill queued alone,
+    so this is ``prefill_tokens`` exactly (the least prefill queued, ties to
+    ``total_tokens``): nothing to gain from a cache, and no hot prefix to spill. Where the
+    prefill queues are equal that is ``total_tokens``. (Falling back to ``total_tokens``
+    instead doubled the mean TTFT of uncached prompts on mixed ranks: ``docs/results.md``,
+    "Prefix caches".)
     """
     if cached_tokens is None or not any(cached_tokens):
-        return total_tokens(eff_tokens, eff_reqs, alive, state)
+        return prefill_tokens(eff_prefill, eff_tokens, eff_reqs, alive, state)
     reqs = _masked(eff_reqs, alive)
     live = [x for x in reqs if x != _DEAD_LOAD]
     if not live:

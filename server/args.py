@@ -191,9 +191,11 @@ class ServerArgs:
         "parallelism does (--sim-lockstep)", group="balancing"))
     load_balance_method: str = field(default="auto", **_flag(
         "round_robin, follow_bootstrap_room, total_requests, total_tokens, prefill_tokens "
-        "(fewest prompt tokens waiting for prefill, then total_tokens) or auto (by role: "
-        "prefill_tokens for mixed ranks, total_tokens for prefill ranks, total_requests for "
-        "decode ranks)", group="balancing"))
+        "(fewest prompt tokens waiting for prefill, then total_tokens), cache_aware (the "
+        "earliest first token given what each rank's prefix cache holds of the prompt) or "
+        "auto (by role: cache_aware for mixed ranks, prefill_tokens with "
+        "--disable-radix-cache; total_tokens for prefill ranks, total_requests for decode "
+        "ranks)", group="balancing"))
     max_running_requests: int | None = field(default=None, **_flag(
         "per rank (default: derived by the rank)", group="balancing"))
     max_total_tokens: int | None = field(default=None, **_flag(

@@ -36,7 +36,7 @@ def test_prompts_sharing_a_prefix_go_where_it_is_cached(tmp_path):
             assert meta["dp_rank"] == home
             assert meta["cached_tokens"] >= len(SYSTEM)
         assert procs.summary.cached_tokens(SYSTEM)[home] == len(SYSTEM) // 64 * 64
-        # A prompt nobody holds: total_tokens over idle ranks, which rotates.
+        # A prompt nobody holds: prefill_tokens over idle ranks, which rotates.
         ranks = {generate(client, [r % 240 + 3] * 100)["dp_rank"] for r in range(8)}
         assert len(ranks) > 1
         name = procs.summary.name

@@ -411,7 +411,7 @@ def _common_len(a: tuple, b: tuple) -> int:
 def test_cache_aware_pick_is_the_policy_over_summaries_and_loads(new_board, n, data):
     """Dispatcher.pick with cache_aware chooses exactly what scheduler.policy.cache_aware
     chooses from each rank's cached prefix (what the ranks' caches hold, in whole
-    blocks) and the snapshot's effective loads; with nothing cached, total_tokens."""
+    blocks) and the snapshot's effective loads; with nothing cached, prefill_tokens."""
     system = tuple(range(1000, 1000 + 3 * BLOCK_LEN - 20))
     prompts = [system + tuple(range(q, q + 90)) for q in (1, 2, 3)] + [tuple(range(7, 300))]
     ops = data.draw(st.lists(st.one_of(
@@ -445,8 +445,8 @@ def test_cache_aware_pick_is_the_policy_over_summaries_and_loads(new_board, n, d
                 expected = cache_aware(cached if any(cached) else None, prefill, toks, reqs,
                                        (True,) * n, expected_rotation)
                 if not any(cached):
-                    assert expected == total_tokens(toks, reqs, (True,) * n,
-                                                    RotationState(disp.rotation.next_start))
+                    assert expected == prefill_tokens(prefill, toks, reqs, (True,) * n,
+                                                      RotationState(disp.rotation.next_start))
                 assert dispatch(disp, ranks, len(prompt), input_ids=prompt) == expected
                 assert disp.rotation == expected_rotation
         del writers

@@ -29,13 +29,15 @@ def alive_for(n: int):
 
 
 # ---- resolve_method --------------------------------------------------------------------
-@pytest.mark.parametrize("role, expected", [
-    ("prefill", LoadBalanceMethod.TOTAL_TOKENS),
-    ("decode", LoadBalanceMethod.TOTAL_REQUESTS),
-    ("mixed", LoadBalanceMethod.PREFILL_TOKENS),
+@pytest.mark.parametrize("role, cache, expected", [
+    ("prefill", True, LoadBalanceMethod.TOTAL_TOKENS),
+    ("prefill", False, LoadBalanceMethod.TOTAL_TOKENS),
+    ("decode", True, LoadBalanceMethod.TOTAL_REQUESTS),
+    ("mixed", True, LoadBalanceMethod.CACHE_AWARE),
+    ("mixed", False, LoadBalanceMethod.PREFILL_TOKENS),
 ])
-def test_auto_resolves_by_role(role, expected):
-    assert resolve_method("auto", role) is expected
+def test_auto_resolves_by_role_and_prefix_cache(role, cache, expected):
+    assert resolve_method("auto", role, has_prefix_cache=cache) is expected
 
 
 CONCRETE = [m for m in LoadBalanceMethod if m is not LoadBalanceMethod.AUTO]
@@ -135,9 +137,10 @@ def test_prefill_tokens_picks_min_prefill_then_total_tokens(data, prefill, start
 
 @FAST
 @given(data=st.data(), toks=loads, start=st.integers(0, 9), zeros=st.booleans())
-def test_cache_aware_with_no_cache_anywhere_is_total_tokens(data, toks, start, zeros):
+def test_cache_aware_with_no_cache_anywhere_is_prefill_tokens(data, toks, start, zeros):
     """No rank caches any of the prompt (the summaries say None, or all zeros): the pick
-    and the rotation after it are total_tokens' exactly, whatever the prefill queues."""
+    and the rotation after it are prefill_tokens' exactly (the prediction is the prefill
+    queued alone), and so total_tokens' wherever the prefill queues are equal."""
     n = len(toks)
     reqs = data.draw(st.lists(st.integers(0, 3), min_size=n, max_size=n))
     prefill = data.draw(st.lists(st.integers(0, 6), min_size=n, max_size=n))
@@ -149,6 +152,11 @@ def test_cache_aware_with_no_cache_anywhere_is_total_tokens(data, toks, start, z
             cache_aware(cached, prefill, toks, reqs, alive, state)
         return
     assert cache_aware(cached, prefill, toks, reqs, alive, state) == \
+        prefill_tokens(prefill, toks, reqs, alive, expected_state)
+    assert state == expected_state
+    level = [prefill[0]] * n
+    state, expected_state = RotationState(start), RotationState(start)
+    assert cache_aware(cached, level, toks, reqs, alive, state) == \
         total_tokens(toks, reqs, alive, expected_state)
     assert state == expected_state
 

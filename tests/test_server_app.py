@@ -288,8 +288,8 @@ def test_health_and_info(client):
                     "load_balance_method", "disaggregation_mode", "max_total_num_tokens",
                     "version"):
             assert key in info, key
-        # auto on mixed ranks
-        assert info["dp_size"] == 2 and info["load_balance_method"] == "prefill_tokens"
+        # auto on mixed ranks that keep a prefix cache
+        assert info["dp_size"] == 2 and info["load_balance_method"] == "cache_aware"
         assert info["status"] == "ok" and os.path.isdir(info["model_path"])
     for path in ("/model_info", "/get_model_info"):
         info = client.get(path).json()

@@ -32,7 +32,9 @@ def test_sglang_flag_names_parse():
 
 def test_resolve_fills_auto_values_once():
     args = resolve_args(ServerArgs(model_path="tiny"))
-    assert args.load_balance_method == "prefill_tokens"  # auto for mixed ranks
+    assert args.load_balance_method == "cache_aware"  # auto for mixed ranks with the cache
+    assert resolve_args(ServerArgs(model_path="tiny", disable_radix_cache=True)) \
+        .load_balance_method == "prefill_tokens"  # and without it
     assert args.served_model_name == "tiny" and args.context_length == 2048
     assert os.path.isfile(os.path.join(args.tokenizer_path, "tokenizer.json"))
     assert resolve_args(args) == args
