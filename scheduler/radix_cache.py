@@ -20,10 +20,12 @@ The owner contract (``scheduler.scheduler`` is the only caller):
 - ``match_prefix(tokens)`` -> the slots of the longest cached prefix and the node it
   ends at (a node is split so that it ends exactly there); lock that node before
   anything can evict.
-- ``insert(tokens, slots)`` when a request ends: the tree adopts the slots of the part
-  it did not hold; it returns how many leading tokens it held already, and the caller
-  frees its own slots for those (duplicates another request computed meanwhile), except
-  the ones it had matched (they are the tree's).
+- ``insert(tokens, slots)`` after each prefill chunk (the prompt so far; the request
+  then matches it, moves its lock there and reads the tree's slots) and when a request
+  ends: the tree adopts the slots of the part it did not hold; it returns how many
+  leading tokens it held already, and the caller frees its own slots for those
+  (duplicates another request computed meanwhile), except the ones it had matched
+  (they are the tree's).
 - A slot is owned either by the tree or by a request, never both, and never free while
   either owns it.
 

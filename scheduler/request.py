@@ -42,8 +42,9 @@ class Req:
     slots: list[int] = field(default_factory=list)
     num_computed: int = 0
     # Prefix cache (scheduler.radix_cache): the first ``prefix_len`` slots are the
-    # cache's, reused at admission and locked through ``cache_node`` until the request's
-    # KV goes back to the cache; ``cached_tokens`` is what the client is told it reused.
+    # cache's, locked through ``cache_node`` until the request's KV goes back to the
+    # cache: the prefix reused at admission, then the prompt as each prefill chunk puts
+    # it in the cache; ``cached_tokens`` is what the client is told it reused.
     prefix_len: int = 0
     cache_node: object | None = None
     cached_tokens: int = 0

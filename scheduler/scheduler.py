@@ -164,6 +164,8 @@ class Scheduler:
         for item in batch:
             req = item.req
             req.num_computed += len(item.token_ids)
+            if item.start_pos < req.prompt_len:
+                self._cache_prefilled(req)
             if not item.sample:
                 continue
             self._append_token(req, *next(sampled))
@@ -408,6 +410,29 @@ class Scheduler:
         if req.return_logprob and req.logprob_start_len >= 0:
             limit = min(limit, max(req.logprob_start_len, 1) - 1)
         return limit
+
+    def _cache_prefilled(self, req: Req) -> None:
+        """Cache the prompt KV the request computed so far now, not when it ends, so that
+        a request with the same prefix arriving while this one still prefills or decodes
+        reuses it (SGLang caches unfinished requests alike). The request then reads those
+        slots as the cache's: its lock moves to the node the prompt so far ends at,
+        ``prefix_len`` covers it, and where another request cached the same tokens
+        meanwhile, the cache's slots (the same KV) replace the request's, which are freed."""
+        cache = self.cache
+        if cache is None or req.cache_node is None:
+            return
+        n = min(req.num_computed, req.prompt_len)
+        if n <= req.prefix_len:
+            return
+        tokens = req.input_ids[:n]
+        had = cache.insert(tokens, req.slots[:n])
+        slots, node = cache.match_prefix(tokens)
+        cache.lock(node)  # first: the path the request reads stays locked throughout
+        cache.unlock(req.cache_node)
+        duplicates = req.slots[req.prefix_len:had]
+        req.slots[:n] = slots
+        self.executor.kv.free(duplicates)
+        req.prefix_len, req.cache_node = n, node
 
     def _free_kv(self, req: Req) -> None:
         """Give the request's KV back: what it computed goes into the cache (the part

@@ -122,9 +122,44 @@ def test_greedy_outputs_equal_with_the_cache_on_and_off_tiny(tiny):
     assert on == off
     assert set(off_cached.values()) == {0}
     # Hits where the waves make them certain (a hit never covers the last prompt token).
-    assert on_cached["b"] == 0 and on_cached["f"] == 99 and on_cached["i"] == 250
+    # "b" arrives with "a" but is admitted after a's prompt is prefilled (64 tokens a
+    # batch, first come first served), whose chunks are cached as they are computed.
+    assert on_cached["b"] == 99 and on_cached["f"] == 99 and on_cached["i"] == 250
     assert on_cached["e"] == 250 and on_cached["g"] == 100 and on_cached["h"] == 37
     assert on_cached["k"] == 64 and on_cached["m129"] >= 129
+
+
+def test_a_prompt_is_shared_while_its_request_still_decodes(tiny):
+    """A request's prompt is cached once prefilled: one that shares it and arrives while
+    the first still decodes reuses it (same outputs as without the cache), and two
+    prefilled side by side share what one cached first and keep one copy of the rest."""
+    rng = random.Random(11)
+    base = [rng.randrange(3, 259) for _ in range(200)]
+    outs = {}
+    for off in (True, False):
+        rng = random.Random(12)
+        rank = Rank(tiny, disable_radix_cache=off)
+        try:
+            rank.deliver([req("long", base + [7], max_new=40)])
+            for _ in range(6):  # prefilled (4 chunks), then decoding
+                rank.sched.step([])
+            assert rank.sched.running and not rank.sched.running[0].is_prefilling
+            if not off:  # the prompt's KV is the cache's while "long" decodes
+                assert rank.sched.cache.protected_size == 201
+            rank.deliver([req("late", base + [9, 10], max_new=5)])
+            rank.run()
+            fresh = [rng.randrange(3, 259) for _ in range(100)]
+            rank.deliver([req("x", fresh + [4] * 20), req("y", fresh + [5] * 20)])
+            rank.run()
+            outs[off] = rank.outputs()
+        finally:
+            rank.close()
+    (off_ids, _, _), (on_ids, on_cached, _) = outs[True], outs[False]
+    assert on_ids == off_ids
+    assert on_cached["long"] == 0 and on_cached["late"] == 200
+    # y, admitted after x's first chunk, reuses it; the rest of the common prefix both
+    # computed side by side is kept once (close(): no slot left after the flush).
+    assert on_cached["x"] == 0 and on_cached["y"] == 64
 
 
 def test_multi_turn_reuses_the_previous_answer(tiny):
