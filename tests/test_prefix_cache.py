@@ -131,7 +131,7 @@ def test_greedy_outputs_equal_with_the_cache_on_and_off_tiny(tiny):
 
 def test_a_prompt_is_shared_while_its_request_still_decodes(tiny):
     """A request's prompt is cached once prefilled: one that shares it and arrives while
-    the first still decodes reuses it (same outputs as without the cache), and two
+    the first still decodes reuses it (same outputs as without the cache), and two prompts
     prefilled side by side share what one cached first and keep one copy of the rest."""
     rng = random.Random(11)
     base = [rng.randrange(3, 259) for _ in range(200)]
