@@ -89,12 +89,14 @@ AUTO_METHOD_BY_ROLE = MappingProxyType({
     Role.MIXED: LoadBalanceMethod.PREFILL_TOKENS,
 })
 # Where the ranks keep a prefix cache (the default), ``auto`` is ``cache_aware`` on mixed
-# ranks: for a prompt no rank caches it picks exactly as ``prefill_tokens``, and where
-# prompts share prefixes it had the lower TTFT (``python -m bench.compare.cache``,
-# ``docs/results.md``, "Prefix caches").
+# and prefill ranks: for a prompt no rank caches it picks exactly as ``prefill_tokens``
+# (on prefill ranks level with ``total_tokens``: no-reuse 981 ms both), and where prompts
+# share prefixes it had the lower TTFT and the higher throughput on both roles
+# (``python -m bench.compare.cache``, ``--pd``; ``docs/results.md``, "Prefix caches").
 AUTO_METHOD_WITH_PREFIX_CACHE = MappingProxyType({
     **AUTO_METHOD_BY_ROLE,
     Role.MIXED: LoadBalanceMethod.CACHE_AWARE,
+    Role.PREFILL: LoadBalanceMethod.CACHE_AWARE,
 })
 
 

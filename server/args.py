@@ -193,9 +193,9 @@ class ServerArgs:
         "round_robin, follow_bootstrap_room, total_requests, total_tokens, prefill_tokens "
         "(fewest prompt tokens waiting for prefill, then total_tokens), cache_aware (the "
         "earliest first token given what each rank's prefix cache holds of the prompt) or "
-        "auto (by role: cache_aware for mixed ranks, prefill_tokens with "
-        "--disable-radix-cache; total_tokens for prefill ranks, total_requests for decode "
-        "ranks)", group="balancing"))
+        "auto (by role: cache_aware for mixed and prefill ranks; with "
+        "--disable-radix-cache prefill_tokens for mixed and total_tokens for prefill "
+        "ranks; total_requests for decode ranks)", group="balancing"))
     max_running_requests: int | None = field(default=None, **_flag(
         "per rank (default: derived by the rank)", group="balancing"))
     max_total_tokens: int | None = field(default=None, **_flag(

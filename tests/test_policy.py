@@ -30,7 +30,7 @@ def alive_for(n: int):
 
 # ---- resolve_method --------------------------------------------------------------------
 @pytest.mark.parametrize("role, cache, expected", [
-    ("prefill", True, LoadBalanceMethod.TOTAL_TOKENS),
+    ("prefill", True, LoadBalanceMethod.CACHE_AWARE),
     ("prefill", False, LoadBalanceMethod.TOTAL_TOKENS),
     ("decode", True, LoadBalanceMethod.TOTAL_REQUESTS),
     ("mixed", True, LoadBalanceMethod.CACHE_AWARE),
