@@ -16,6 +16,7 @@ Not thread-safe: one dispatcher belongs to one thread (the API's event loop).
 
 from __future__ import annotations
 
+import time
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -23,6 +24,8 @@ from scheduler.policy import (InvalidDpRankError, InvalidLoadBalanceMethod, Load
                               MissingBootstrapRoomError, NoLiveRankError, RankUnavailableError,
                               RotationState, cache_aware, follow_bootstrap_room, prefill_tokens,
                               round_robin, routed_rank, total_requests, total_tokens)
+from scheduler.pending_prefix import PENDING_S, PendingPrefixes
+from scheduler.prefix_hash import BLOCK_LEN, first_hash
 
 if TYPE_CHECKING:
     from shm.board import LoadBoard
@@ -66,8 +69,18 @@ def _by_prefill_tokens(d, alive, input_ids, bootstrap_room) -> int:
 
 def _by_cache_aware(d, alive, input_ids, bootstrap_room) -> int:
     cached = d.summary.cached_tokens(input_ids)  # first: the loads read last are the freshest
+    new = False
+    if cached is None and d.pending.ttl_ns > 0 and len(input_ids) >= BLOCK_LEN:
+        # No rank caches its first block: maybe a prompt sent just before is being
+        # prefilled with the same beginning (scheduler.pending_prefix).
+        now, first = time.monotonic_ns(), first_hash(input_ids)
+        cached = d.pending.cached_tokens(input_ids, d.num_ranks, now, first)
+        new = cached is None
     loads = d.board.read_loads()
-    return cache_aware(cached, loads.prefill_tokens, loads.tokens, loads.reqs, alive, d.rotation)
+    rank = cache_aware(cached, loads.prefill_tokens, loads.tokens, loads.reqs, alive, d.rotation)
+    if new:
+        d.pending.note(input_ids, rank, now, first)
+    return rank
 
 
 CHOOSERS: "MappingProxyType[LoadBalanceMethod, Chooser]" = MappingProxyType({
@@ -85,9 +98,11 @@ class Dispatcher:
 
     def __init__(self, board: "LoadBoard", dispatcher_id: int,
                  method: LoadBalanceMethod | str, stale_ns: int = DEFAULT_STALE_NS,
-                 summary: "PrefixSummary | None" = None):
+                 summary: "PrefixSummary | None" = None, pending_s: float = PENDING_S):
         """``summary``: the ranks' prefix-cache summaries, which ``cache_aware`` reads
-        (and needs: it is refused without them); the other methods ignore it."""
+        (and needs: it is refused without them); the other methods ignore it.
+        ``pending_s``: how long ``cache_aware`` remembers where a prompt nobody cached
+        went (``scheduler.pending_prefix``; 0: not at all)."""
         try:
             method = LoadBalanceMethod(method)
         except ValueError:
@@ -108,6 +123,7 @@ class Dispatcher:
                 raise ValueError(f"the summary has {summary.num_ranks} ranks, "
                                  f"the board {board.num_ranks}")
         self.summary = summary
+        self.pending = PendingPrefixes(pending_s)
         self.board = board
         self.dispatcher_id = dispatcher_id
         self.method = method

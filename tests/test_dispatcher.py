@@ -423,7 +423,8 @@ def test_cache_aware_pick_is_the_policy_over_summaries_and_loads(new_board, n, d
         ranks = [SimRank(board, r) for r in range(n)]
         writers = [summary.writer(r) for r in range(n)]
         held: list[list[tuple]] = [[] for _ in range(n)]  # the paths each rank's cache holds
-        disp = Dispatcher(board, 0, "cache_aware", summary=summary)
+        # The summaries alone (no memory of recent misses: the test below has it).
+        disp = Dispatcher(board, 0, "cache_aware", summary=summary, pending_s=0)
         for op, a, b in ops:
             if op == "cache":
                 path = prompts[b]
@@ -565,3 +566,21 @@ def test_two_dispatcher_processes_balance_as_one(new_board):
         assert max(per_rank) - min(per_rank) <= 1 + num_d, per_rank
         assert max_spread <= 1 + num_d
         assert snap.effective_reqs.tolist() == per_rank  # acks moved load, never lost it
+
+
+def test_cache_aware_sends_a_prompt_to_where_its_prefix_is_being_prefilled(new_board):
+    """No rank caches anything yet: a prompt that shares whole blocks with one just sent
+    goes where that one went (it will find the prefix there once prefilled), whatever
+    the rotation, until the hot-rank guard spills it; a prompt sharing nothing is placed
+    on the loads alone."""
+    system = list(range(1000, 1000 + 3 * BLOCK_LEN))
+    with new_board(4) as board, PrefixSummary.create(4, 64, new_launch_id()) as summary:
+        ranks = [SimRank(board, r) for r in range(4)]
+        disp = Dispatcher(board, 0, "cache_aware", summary=summary)
+        first = dispatch(disp, ranks, 200, input_ids=system + [1, 2, 3])
+        for q in range(2):
+            assert dispatch(disp, ranks, 200, input_ids=system + [q] * 9) == first
+        # Three requests against a mean of 0.75: over the guard (mean + HOT_RANK_SLACK).
+        assert dispatch(disp, ranks, 200, input_ids=system + [5] * 9) != first
+        other = dispatch(disp, ranks, 200, input_ids=list(range(5, 300)))
+        assert other != first

@@ -1,0 +1,91 @@
+"""Prompts a dispatcher just sent that no rank caches yet: where their prefill is going.
+
+The prefix-cache summaries (``shm.prefix_summary``) say what each rank *holds*. Between
+the moment a new prompt is sent to a rank and the moment that rank has prefilled it
+and cached it, the summaries know nothing of it, so a second prompt sharing its
+beginning that arrives meanwhile looks like a miss everywhere and would compute the
+same prefix again elsewhere. On SGLang's shared-prefix shape (16 questions per system
+prompt, 0.75 s prefills) that was about 5% of the requests, and smg's tree, which
+remembers what it routed, kept that reuse.
+
+``PendingPrefixes`` is the dispatcher's short memory of its own recent misses: for
+``PENDING_S`` seconds after a prompt whose first block no rank caches goes to rank r,
+a prompt beginning with the same 64 tokens is taken to find at rank r the whole blocks
+it shares with that prompt (compared token by token, a block at a time), and
+``cache_aware`` weighs that as it weighs a cached prefix. Once the prefix is cached the
+summaries answer and this memory is not consulted. It is per dispatcher (several API
+processes each remember their own) and bounded (``PENDING_MAX`` prompts,
+``PENDING_MAX_TOKENS`` tokens; the oldest go first). Wrong guesses cost one routing
+decision: the rank's own cache compares tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from scheduler.prefix_hash import BLOCK_LEN, first_hash
+
+PENDING_S = 10.0
+PENDING_MAX = 4096
+PENDING_MAX_TOKENS = 1 << 22
+
+
+class PendingPrefixes:
+    def __init__(self, ttl_s: float = PENDING_S):
+        self.ttl_ns = int(ttl_s * 1e9)
+        # first block's hash -> (rank, expiry in monotonic ns, the prompt): oldest first
+        self._by_first: dict[int, tuple[int, int, Sequence[int]]] = {}
+        self._num_tokens = 0
+
+    def __len__(self) -> int:
+        return len(self._by_first)
+
+    def note(self, tokens: Sequence[int], rank: int, now_ns: int,
+             first: int | None = None) -> None:
+        """``tokens`` (a prompt no rank caches) was sent to ``rank`` at ``now_ns``."""
+        if self.ttl_ns <= 0 or len(tokens) < BLOCK_LEN:
+            return
+        first = first_hash(tokens) if first is None else first
+        old = self._by_first.pop(first, None)
+        if old is not None:
+            self._num_tokens -= len(old[2])
+        self._by_first[first] = (rank, now_ns + self.ttl_ns, tokens)
+        self._num_tokens += len(tokens)
+        while len(self._by_first) > PENDING_MAX or self._num_tokens > PENDING_MAX_TOKENS:
+            _, (_, _, dropped) = self._pop_oldest()
+            self._num_tokens -= len(dropped)
+
+    def cached_tokens(self, tokens: Sequence[int], num_ranks: int, now_ns: int,
+                      first: int | None = None) -> list[int] | None:
+        """Per rank, the leading whole blocks of ``tokens`` a pending prompt shares with
+        it (at the rank it went to), or None when no unexpired one begins like it."""
+        if not self._by_first or len(tokens) < BLOCK_LEN:
+            return None
+        first = first_hash(tokens) if first is None else first
+        entry = self._by_first.get(first)
+        if entry is None:
+            return None
+        rank, expiry, sent = entry
+        if now_ns > expiry or rank >= num_ranks:
+            del self._by_first[first]
+            self._num_tokens -= len(sent)
+            return None
+        end = min(len(tokens), len(sent)) // BLOCK_LEN * BLOCK_LEN
+        same = list.__eq__ if type(tokens) is type(sent) is list else _same_tokens
+        shared = 0
+        while shared < end and same(tokens[shared:shared + BLOCK_LEN],
+                                    sent[shared:shared + BLOCK_LEN]) is True:
+            shared += BLOCK_LEN
+        if shared == 0:  # a hash collision on the first block
+            return None
+        cached = [0] * num_ranks
+        cached[rank] = shared
+        return cached
+
+    def _pop_oldest(self) -> tuple[int, tuple[int, int, Sequence[int]]]:
+        key = next(iter(self._by_first))
+        return key, self._by_first.pop(key)
+
+
+def _same_tokens(a: Sequence[int], b: Sequence[int]) -> bool:
+    return tuple(a) == tuple(b)

@@ -1,0 +1,41 @@
+"""scheduler.pending_prefix: the dispatcher's memory of where a prompt nobody cached went."""
+
+from __future__ import annotations
+
+from scheduler import pending_prefix
+from scheduler.pending_prefix import PendingPrefixes
+from scheduler.prefix_hash import BLOCK_LEN
+
+S = 1_000_000_000  # ns
+
+
+def test_a_prompt_beginning_alike_finds_the_whole_blocks_it_shares_at_that_rank():
+    p = PendingPrefixes(ttl_s=10)
+    sent = list(range(3 * BLOCK_LEN + 10))
+    p.note(sent, 2, now_ns=0)
+    assert p.cached_tokens(sent[:2 * BLOCK_LEN] + [-1] * 90, 4, now_ns=S) == [0, 0, 2 * BLOCK_LEN, 0]
+    assert p.cached_tokens(sent, 4, now_ns=S) == [0, 0, 3 * BLOCK_LEN, 0]
+    assert p.cached_tokens(tuple(sent[:BLOCK_LEN + 5]), 4, now_ns=S) == [0, 0, BLOCK_LEN, 0]
+    assert p.cached_tokens([-1] + sent[1:], 4, now_ns=S) is None  # another first block
+    assert p.cached_tokens(sent[:BLOCK_LEN - 1], 4, now_ns=S) is None  # no whole block
+
+
+def test_entries_expire_and_the_memory_is_bounded(monkeypatch):
+    p = PendingPrefixes(ttl_s=1)
+    p.note(list(range(BLOCK_LEN)), 0, now_ns=0)
+    assert p.cached_tokens(list(range(BLOCK_LEN)), 2, now_ns=S) == [BLOCK_LEN, 0]
+    assert p.cached_tokens(list(range(BLOCK_LEN)), 2, now_ns=S + 1) is None and len(p) == 0
+    monkeypatch.setattr(pending_prefix, "PENDING_MAX", 3)
+    prompts = [[i] * BLOCK_LEN for i in range(5)]
+    for i, prompt in enumerate(prompts):
+        p.note(prompt, i % 2, now_ns=0)
+    assert len(p) == 3  # the oldest went first
+    assert p.cached_tokens(prompts[0], 2, now_ns=0) is None
+    assert p.cached_tokens(prompts[4], 2, now_ns=0) == [BLOCK_LEN, 0]
+    monkeypatch.setattr(pending_prefix, "PENDING_MAX_TOKENS", 2 * BLOCK_LEN)
+    p.note([9] * BLOCK_LEN, 1, now_ns=0)
+    assert len(p) == 2 and p._num_tokens == 2 * BLOCK_LEN
+    assert PendingPrefixes(ttl_s=0).cached_tokens(prompts[4], 2, 0) is None
+    off = PendingPrefixes(ttl_s=0)
+    off.note(prompts[4], 1, now_ns=0)
+    assert len(off) == 0
