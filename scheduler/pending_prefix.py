@@ -70,12 +70,17 @@ class PendingPrefixes:
             del self._by_first[first]
             self._num_tokens -= len(sent)
             return None
-        end = min(len(tokens), len(sent)) // BLOCK_LEN * BLOCK_LEN
-        same = list.__eq__ if type(tokens) is type(sent) is list else _same_tokens
-        shared = 0
-        while shared < end and same(tokens[shared:shared + BLOCK_LEN],
-                                    sent[shared:shared + BLOCK_LEN]) is True:
-            shared += BLOCK_LEN
+        # The most whole blocks the two share: a binary search over block counts whose
+        # comparisons cover each token about once (C-level slice compares).
+        same = _same_list if type(tokens) is type(sent) is list else _same_tokens
+        lo, hi = 0, min(len(tokens), len(sent)) // BLOCK_LEN
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if same(tokens[lo * BLOCK_LEN:mid * BLOCK_LEN], sent[lo * BLOCK_LEN:mid * BLOCK_LEN]):
+                lo = mid
+            else:
+                hi = mid - 1
+        shared = lo * BLOCK_LEN
         if shared == 0:  # a hash collision on the first block
             return None
         cached = [0] * num_ranks
@@ -85,6 +90,10 @@ class PendingPrefixes:
     def _pop_oldest(self) -> tuple[int, tuple[int, int, Sequence[int]]]:
         key = next(iter(self._by_first))
         return key, self._by_first.pop(key)
+
+
+def _same_list(a: list[int], b: list[int]) -> bool:
+    return a == b
 
 
 def _same_tokens(a: Sequence[int], b: Sequence[int]) -> bool:

@@ -39,3 +39,17 @@ def test_entries_expire_and_the_memory_is_bounded(monkeypatch):
     off = PendingPrefixes(ttl_s=0)
     off.note(prompts[4], 1, now_ns=0)
     assert len(off) == 0
+
+
+def test_the_shared_blocks_are_counted_wherever_the_prompts_part():
+    p = PendingPrefixes()
+    sent = list(range(5000, 5000 + 7 * BLOCK_LEN + 3))
+    p.note(sent, 1, now_ns=0)
+    for k in range(1, 8):
+        for cut in (k * BLOCK_LEN, k * BLOCK_LEN + 17):  # the first differing token
+            if cut >= len(sent):
+                continue
+            other = sent[:cut] + [-1] + sent[cut + 1:]
+            assert p.cached_tokens(other, 2, now_ns=0) == [0, cut // BLOCK_LEN * BLOCK_LEN]
+            assert p.cached_tokens(tuple(other), 2, now_ns=0) == [0, cut // BLOCK_LEN * BLOCK_LEN]
+    assert p.cached_tokens(sent + [1] * 200, 2, now_ns=0) == [0, 7 * BLOCK_LEN]

@@ -14,8 +14,10 @@ microseconds, all measured in this one run:
 - ``cache_aware_pick_us_n64_p4096_{miss,half,full}``: ``Dispatcher.pick`` with
   ``cache_aware`` for a 4,096-token prompt at 64 live ranks whose prefix-cache
   summaries each hold 64 blocks of other prompts, hashing included: no rank holds the
-  prompt's first block (``miss``); 16 ranks hold its first 2,048 tokens (``half``); one
-  rank holds all of it and 16 the first half (``full``). ``hash_floor_us_p4096`` is
+  prompt's first block (``miss``; nor was it sent before); 16 ranks hold its first
+  2,048 tokens (``half``); one rank holds all of it and 16 the first half (``full``);
+  no rank holds it but the same prompt was just sent (``pending``: the dispatcher's
+  memory of prompts being prefilled answers, ``scheduler.pending_prefix``). ``hash_floor_us_p4096`` is
   CPython's ``hash(tuple(prompt))`` over the same 4,096 tokens, the least any
   content hash of the whole prompt costs in pure Python (``scheduler.prefix_hash``).
 - ``bootstrap_lookup_us`` / ``bootstrap_insert_us``: a hit in a half-full table; an
@@ -103,7 +105,13 @@ def cache_aware_pick_us(num_ranks: int = 64, prompt_len: int = 4096) -> dict[str
             writer.on_cached([rng.randrange(150_000) for _ in range(4096)], 0)
         dispatcher = Dispatcher(board, 0, "cache_aware", stale_ns=FOREVER_NS, summary=summary)
         pick = functools.partial(dispatcher.pick, prompt_len, None, None)
-        figures["cache_aware_pick_us_n64_p4096_miss"] = median_us(pick, 500, 25, prompt)
+
+        def pick_new(tokens):  # a prompt no pick has seen: forget the last one first
+            dispatcher.pending._by_first.clear()
+            return pick(tokens)
+        figures["cache_aware_pick_us_n64_p4096_miss"] = median_us(pick_new, 500, 25, prompt)
+        # Just sent (the memory of prompts being prefilled answers): the whole prompt shared.
+        figures["cache_aware_pick_us_n64_p4096_pending"] = median_us(pick, 500, 25, prompt)
         for writer in writers[8:24]:
             writer.on_cached(prompt[:prompt_len // 2], 0)
         figures["cache_aware_pick_us_n64_p4096_half"] = median_us(pick, 500, 25, fresh)
