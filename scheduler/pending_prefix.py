@@ -27,7 +27,7 @@ from scheduler.prefix_hash import BLOCK_LEN, first_hash
 
 PENDING_S = 10.0
 PENDING_MAX = 4096
-PENDING_MAX_TOKENS = 1 << 22
+PENDING_MAX_TOKENS = 1 << 20  # about 36 MB at most held (the prompts, with their ints)
 
 
 class PendingPrefixes:
