@@ -68,12 +68,14 @@ def _by_prefill_tokens(d, alive, input_ids, bootstrap_room) -> int:
 
 
 def _by_cache_aware(d, alive, input_ids, bootstrap_room) -> int:
-    cached = d.summary.cached_tokens(input_ids)  # first: the loads read last are the freshest
+    # The first block's hash, once: both the summaries and the pending memory start there.
+    first = first_hash(input_ids) if len(input_ids) >= BLOCK_LEN else None
+    cached = d.summary.cached_tokens(input_ids, first)  # first: the loads read last are freshest
     new = False
-    if cached is None and d.pending.ttl_ns > 0 and len(input_ids) >= BLOCK_LEN:
+    if cached is None and first is not None and d.pending.ttl_ns > 0:
         # No rank caches its first block: maybe a prompt sent just before is being
         # prefilled with the same beginning (scheduler.pending_prefix).
-        now, first = time.monotonic_ns(), first_hash(input_ids)
+        now = time.monotonic_ns()
         cached = d.pending.cached_tokens(input_ids, d.num_ranks, now, first)
         new = cached is None
     loads = d.board.read_loads()

@@ -201,9 +201,10 @@ class PrefixSummary:
             pos = find(needle, pos + 1, end)
         return pos >= 0
 
-    def cached_tokens(self, tokens: Sequence[int]) -> list[int] | None:
+    def cached_tokens(self, tokens: Sequence[int], first: int | None = None) -> list[int] | None:
         """Per rank, how many leading tokens of ``tokens`` its cache holds, as its summary
         says (a multiple of ``BLOCK_LEN``); None when no rank holds even the first block.
+        ``first``: ``first_hash(tokens)`` when the caller has it already.
 
         Hashing is most of the cost, so it stops within ``STRIDE`` blocks of the deepest
         block any rank holds; one vectorised probe then reads every rank's lines for
@@ -212,7 +213,7 @@ class PrefixSummary:
         num_blocks = len(tokens) // BLOCK_LEN
         if num_blocks == 0:
             return None
-        hashes = [first_hash(tokens)]
+        hashes = [first_hash(tokens) if first is None else first]
         if not self.any_holds(summary_key(hashes[0])):
             return None  # the common miss: one block hashed, one row searched
         if num_blocks > 1:
