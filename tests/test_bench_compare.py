@@ -274,6 +274,35 @@ def test_cache_headline_ratios_come_from_the_named_runs():
     assert h["kv_tokens_per_rank"]["shared-prefix"] == 52600
 
 
+def test_cache_headline_repeats_give_paired_means_and_intervals():
+    """With --repeats, each key is the mean of the per-repeat ratios (run k of one method
+    against run k of the other: the same prompts), with a Student's t interval."""
+    from bench.compare.cache import LOAD, SATURATED, SMG, headline, mean_ci95
+
+    def run(frac, ttft, hit=0.5, mom=1.0, thr=1.0):
+        return {"fraction": frac, "mean_ttft_ms": ttft, "p99_ttft_ms": ttft, "cache_hit_rate": hit,
+                "request_throughput": thr, "max_over_mean_requests": mom}
+    shared = {"scenario": "shared-prefix", "runs": {
+        "round_robin": [run(LOAD, 1000), run(LOAD, 500), run(LOAD, 800), run(SATURATED, 0, thr=2)],
+        "cache_aware": [run(LOAD, 300, 0.7), run(LOAD, 200, 0.9), run(LOAD, 400, 0.8),
+                        run(SATURATED, 0, thr=3)],
+        SMG: [run(LOAD, 600), run(LOAD, 400), run(LOAD, 500)]}}
+    hot = {"scenario": "hot-prefix", "runs": {"cache_aware": [run(LOAD, 1, mom=1.2),
+                                                               run(LOAD, 1, mom=1.4)]}}
+    h = headline([shared, hot])
+    assert h["per_repeat"]["shared_prefix_ttft_ratio_rr"] == pytest.approx([0.3, 0.4, 0.5])
+    assert h["shared_prefix_ttft_ratio_rr"] == pytest.approx(0.4)
+    lo, hi = h["ci95"]["shared_prefix_ttft_ratio_rr"]
+    # sd 0.1 over 3 runs: 0.4 +- 4.303 * 0.1 / sqrt(3)
+    assert (lo, hi) == pytest.approx((0.4 - 0.24844, 0.4 + 0.24844), abs=1e-4)
+    assert h["shared_prefix_ttft_ratio_smg"] == pytest.approx((0.5 + 0.5 + 0.8) / 3)
+    assert h["hot_prefix_max_over_mean"] == pytest.approx(1.3)
+    assert h["shared_prefix_throughput_gain"] == pytest.approx(0.5)  # one saturated run
+    assert "shared_prefix_throughput_gain" not in h["ci95"]
+    assert h["cache_hit_rate"]["shared-prefix"]["cache_aware"] == pytest.approx(0.8)
+    assert mean_ci95([2.0, 2.0]) == [2.0, 2.0]
+
+
 def test_cache_scenarios_fit_the_pool_and_the_server_they_run_on():
     from bench.compare.cache import REAL_DIVISOR, SCENARIOS, server_flags
 

@@ -31,7 +31,12 @@ shared-prefix groups follows from it: each rank's share of the system prompts is
 ``PREFIX_SHARE`` of its pool (16 groups of 2,048 tokens per rank on that profile), so
 together they exceed any one rank's pool and fit in all of them, whatever the executor.
 
-Other shapes and servers:
+Other shapes, servers and samples:
+- ``--repeats N``: N runs at ``LOAD`` per method, each with its own prompts and arrivals
+  (the same for every method), from empty caches. One load's mean TTFT moves with its
+  arrivals (how many first questions come together while the caches are cold), so a
+  single run's ratio carries that; the keys are then the means of the N paired ratios,
+  with 95% intervals (Student's t) under ``ci95`` and each repeat's under ``per_repeat``.
 - ``--gsp-prompts-per-group 16``: SGLang's default shape (16 questions per system prompt);
   ``--gsp-groups-per-rank N`` fixes the groups instead of deriving them from the pool.
 - ``--executor real``: the tiny model on this machine (``--model-path``), every length
@@ -250,8 +255,9 @@ def run_scenario(s: CacheScenario, ranks: int, args) -> dict:
                 cap = one_run(s, ranks, server.url, 1.0, math.inf, args.seed + 7)
                 result["capacity_req_s"] = cap["request_throughput"]
                 result["capacity_run"] = cap
-            fractions = (LOAD, SATURATED) if s.saturated else (LOAD,)
-            # Each fraction its own prompts (the same for every method), from empty caches.
+            # Each run its own prompts (the same for every method), from empty caches:
+            # LOAD once per repeat, then (shared-prefix) SATURATED once.
+            fractions = [LOAD] * args.repeats + ([SATURATED] if s.saturated else [])
             seeds = [args.seed + 100 * i for i in range(len(fractions))]
             cap = result["capacity_req_s"]
             if method == SMG:
@@ -272,34 +278,58 @@ def run_scenario(s: CacheScenario, ranks: int, args) -> dict:
 
 def headline(results: list[dict]) -> dict:
     """The issue's keys (``None`` where a scenario or method did not run)."""
-    def run(scenario, method, frac=LOAD):
-        for r in results:
-            if r["scenario"] == scenario:
-                for x in r["runs"].get(method, []):
-                    if x["fraction"] == frac:
-                        return x
-        return None
+    def runs(scenario, method, frac=LOAD) -> list[dict]:
+        """The method's runs at ``frac``, in repeat order (one seed each)."""
+        return [x for r in results if r["scenario"] == scenario
+                for x in r["runs"].get(method, []) if x["fraction"] == frac]
 
-    def ratio(scenario, a, b, key, frac=LOAD):
-        x, y = run(scenario, a, frac), run(scenario, b, frac)
-        return x[key] / y[key] if x and y and x.get(key) and y.get(key) else None
+    def ratios(scenario, a, b, key, frac=LOAD) -> list[float]:
+        """``a``'s figure over ``b``'s, one per repeat (the same prompts for both)."""
+        return [x[key] / y[key] for x, y in zip(runs(scenario, a, frac), runs(scenario, b, frac))
+                if x.get(key) and y.get(key)]
 
-    gain = ratio("shared-prefix", "cache_aware", "round_robin", "request_throughput", SATURATED)
-    hot = run("hot-prefix", "cache_aware")
+    found = {
+        "shared_prefix_ttft_ratio_rr": ratios("shared-prefix", "cache_aware", "round_robin", "mean_ttft_ms"),
+        "shared_prefix_ttft_ratio_smg": ratios("shared-prefix", "cache_aware", SMG, "mean_ttft_ms"),
+        "shared_prefix_throughput_gain": [g - 1 for g in ratios(
+            "shared-prefix", "cache_aware", "round_robin", "request_throughput", SATURATED)],
+        "shared_prefix_p99_ratio_tt": ratios("shared-prefix", "cache_aware", "total_tokens", "p99_ttft_ms"),
+        "hot_prefix_max_over_mean": [x["max_over_mean_requests"] for x in runs(
+            "hot-prefix", "cache_aware") if x.get("max_over_mean_requests")],
+        "no_reuse_ttft_ratio_tt": ratios("no-reuse", "cache_aware", "total_tokens", "mean_ttft_ms"),
+        "no_reuse_ttft_ratio_pt": ratios("no-reuse", "cache_aware", "prefill_tokens", "mean_ttft_ms"),
+        "multi_turn_ttft_ratio_rr": ratios("multi-turn", "cache_aware", "round_robin", "mean_ttft_ms"),
+        "multi_turn_ttft_ratio_smg": ratios("multi-turn", "cache_aware", SMG, "mean_ttft_ms"),
+    }
+    # With --repeats N: the mean over the repeats, and its 95% interval in "ci95".
+    keys = {k: sum(v) / len(v) if v else None for k, v in found.items()}
+    ci95 = {k: mean_ci95(v) for k, v in found.items() if len(v) > 1}
     return {
-        "shared_prefix_ttft_ratio_rr": ratio("shared-prefix", "cache_aware", "round_robin", "mean_ttft_ms"),
-        "shared_prefix_ttft_ratio_smg": ratio("shared-prefix", "cache_aware", SMG, "mean_ttft_ms"),
-        "shared_prefix_throughput_gain": gain - 1 if gain else None,
-        "shared_prefix_p99_ratio_tt": ratio("shared-prefix", "cache_aware", "total_tokens", "p99_ttft_ms"),
-        "hot_prefix_max_over_mean": hot.get("max_over_mean_requests") if hot else None,
-        "no_reuse_ttft_ratio_tt": ratio("no-reuse", "cache_aware", "total_tokens", "mean_ttft_ms"),
-        "no_reuse_ttft_ratio_pt": ratio("no-reuse", "cache_aware", "prefill_tokens", "mean_ttft_ms"),
-        "multi_turn_ttft_ratio_rr": ratio("multi-turn", "cache_aware", "round_robin", "mean_ttft_ms"),
-        "multi_turn_ttft_ratio_smg": ratio("multi-turn", "cache_aware", SMG, "mean_ttft_ms"),
-        "cache_hit_rate": {r["scenario"]: {m: runs[0].get("cache_hit_rate")
-                                           for m, runs in r["runs"].items()} for r in results},
+        **keys,
+        **({"ci95": ci95, "per_repeat": {k: found[k] for k in ci95}} if ci95 else {}),
+        "cache_hit_rate": {r["scenario"]: {m: mean_of(x.get("cache_hit_rate") for x in runs_
+                                                      if x["fraction"] == LOAD)
+                                           for m, runs_ in r["runs"].items()} for r in results},
         "kv_tokens_per_rank": {r["scenario"]: r.get("kv_tokens_per_rank") for r in results},
     }
+
+
+# Student's t, two-sided 95%, by degrees of freedom (1-10); 1.96 beyond.
+_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def mean_ci95(values: list[float]) -> list[float]:
+    """The 95% confidence interval of the mean of ``values`` (at least two; Student's t)."""
+    n = len(values)
+    mean = sum(values) / n
+    sem = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+    t = _T95[n - 2] if n - 1 <= len(_T95) else 1.96
+    return [mean - t * sem, mean + t * sem]
+
+
+def mean_of(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -313,6 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="out/cache")
     p.add_argument("--json", default=None, help="default: OUT/summary.json")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs at 0.9x per method, each with its own prompts and arrivals "
+                        "(the same for every method); the keys are then means over the "
+                        "repeats, with 95%% intervals under ci95")
     p.add_argument("--executor", choices=("sim", "real"), default="sim",
                    help="real: the model at --model-path on this machine, lengths "
                         f"{REAL_DIVISOR}x shorter (at most 4 ranks)")
@@ -324,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gsp-groups-per-rank", type=int, default=None,
                    help="system prompts per rank (default: PREFIX_SHARE of the pool)")
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
     if args.executor == "real" and max(args.ranks) > 4:
         p.error("--executor real runs at most 4 ranks here")
     os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
