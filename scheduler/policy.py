@@ -215,24 +215,39 @@ def prefill_tokens(eff_prefill: list[int], eff_tokens: list[int], eff_reqs: list
     return total_tokens(eff_tokens, eff_reqs, least, state)
 
 
-# A rank carrying more than this many times the mean live rank's requests (and more than
-# HOT_RANK_SLACK above it) gets no preference for what it caches: a hot prefix spills to
-# the other ranks (which then cache it too) before one rank's queue runs away.
-HOT_RANK_RATIO = 1.5
-HOT_RANK_SLACK = 2
+# The guard: a rank carrying more than RATIO times the mean live rank's requests (and
+# more than SLACK above it) gets no preference for what it caches, so the request goes
+# where its first token comes soonest among the other ranks (which then cache its
+# prefix too). How tight depends on the prefix (``scheduler.prefix_traffic``):
+# - a hot one, carrying more than half a rank's share of the recent requests, is worth
+#   a copy on every rank its traffic needs: it leaves a rank as soon as that rank is
+#   past 1.25x the mean (no slack). With a slack of 1, or of 2 at 1.5x, the ranks
+#   holding it sat a request or two above the others whenever the mean was small (16
+#   ranks with 3.4 requests each: 1.28-1.41 max/mean of the requests each rank took);
+#   with none, 1.14;
+# - any other only once a rank's queue runs away (2x, and 4 above the mean). Spilling
+#   those on the chance differences between ranks recomputed whole prefixes elsewhere:
+#   SGLang's shared-prefix shape (16 questions per group, 4 ranks) with the 1.5x guard
+#   for every prefix reused 0.84 of the prompt tokens (0.88 possible) at a mean TTFT of
+#   211 ms; with this one, 0.87 and 175 ms.
+HOT_GUARD_RATIO = 1.25
+HOT_GUARD_SLACK = 0
+GUARD_RATIO = 2.0
+GUARD_SLACK = 4
 # What an uncached prompt token costs in the prediction, against a token of prefill
 # already queued: this request's first token waits for it, and so do the requests that
 # queue behind its prefill; and every spill computes the whole prefix again elsewhere.
-# Measured (simulated shared-prefix, 4 ranks, docs/results.md "Prefix caches"): weight
-# 1 spilled at the first miss queued (hit rate 0.46 of a possible 0.70); weight 2 with a
-# 1.25 guard kept 0.33 when the ranks were full (5.41 req/s); weight 8 with this guard
-# keeps 0.57 (7.08 req/s, smg's tree 7.05), with hot-prefix max/mean 1.08. Past 8 the
-# guard alone decides.
+# Measured (simulated shared-prefix, 4 ranks, docs/results.md "Prefix caches", with the
+# guard then at 1.5x for every prefix): weight 1 spilled at the first miss queued (hit
+# rate 0.46 of a possible 0.70); weight 2 with a 1.25 guard kept 0.33 when the ranks were
+# full (5.41 req/s); weight 8 kept 0.57 (7.08 req/s, smg's tree 7.05), with hot-prefix
+# max/mean 1.08. Past 8 the guard alone decides.
 MISS_WEIGHT = 8
 
 
 def cache_aware(cached_tokens: list[int] | None, eff_prefill: list[int], eff_tokens: list[int],
-                eff_reqs: list[int], alive: Sequence[bool], state: RotationState) -> int:
+                eff_reqs: list[int], alive: Sequence[bool], state: RotationState,
+                hot: bool = False) -> int:
     """The live rank where the request's first token comes soonest, weighing what each
     rank caches of its prompt against the prefill queued there; ties to ``total_tokens``.
 
@@ -243,8 +258,10 @@ def cache_aware(cached_tokens: list[int] | None, eff_prefill: list[int], eff_tok
     ``MISS_WEIGHT``, in prefill tokens; ``num_tokens`` is common to every rank, so the
     rank with the least ``eff_prefill[r] - MISS_WEIGHT * cached_tokens[r]`` wins.
 
-    Guard: a rank whose effective requests exceed ``HOT_RANK_RATIO`` times the live mean
-    (and ``HOT_RANK_SLACK`` above it) is not a candidate. The rank with the fewest
+    Guard: a rank whose effective requests exceed ``GUARD_RATIO`` times the live mean
+    (and ``GUARD_SLACK`` above it) is not a candidate; with ``hot`` (the prefix the
+    request reuses carries a large share of the traffic, ``scheduler.prefix_traffic``)
+    ``HOT_GUARD_RATIO`` and ``HOT_GUARD_SLACK`` instead. The rank with the fewest
     requests is always one, so something is picked whenever a rank is alive. Without it a
     prefix that half the traffic shares would pile onto the ranks that cache it, whose
     decode batches then grow without bound while its prefills stay cheap.
@@ -263,7 +280,8 @@ def cache_aware(cached_tokens: list[int] | None, eff_prefill: list[int], eff_tok
     if not live:
         raise NoLiveRankError("no rank is alive")
     mean = sum(live) / len(live)
-    limit = max(mean * HOT_RANK_RATIO, mean + HOT_RANK_SLACK)
+    limit = (max(mean * HOT_GUARD_RATIO, mean + HOT_GUARD_SLACK) if hot
+             else max(mean * GUARD_RATIO, mean + GUARD_SLACK))
     ttft = [p - MISS_WEIGHT * c if q <= limit else _DEAD_LOAD
             for p, c, q in zip(eff_prefill, cached_tokens, reqs)]
     least = _least_or_tied(ttft)

@@ -204,7 +204,14 @@ class PrefixSummary:
     def cached_tokens(self, tokens: Sequence[int], first: int | None = None) -> list[int] | None:
         """Per rank, how many leading tokens of ``tokens`` its cache holds, as its summary
         says (a multiple of ``BLOCK_LEN``); None when no rank holds even the first block.
-        ``first``: ``first_hash(tokens)`` when the caller has it already.
+        ``first``: ``first_hash(tokens)`` when the caller has it already."""
+        return self.lookup(tokens, first)[0]
+
+    def lookup(self, tokens: Sequence[int], first: int | None = None
+               ) -> tuple[list[int] | None, list[int]]:
+        """``cached_tokens``, and the chained hashes (``scheduler.prefix_hash``) of the
+        blocks it hashed: block j's is the key of ``tokens[:(j + 1) * BLOCK_LEN]``, so
+        the one at the deepest cached block names the prefix the request reuses.
 
         Hashing is most of the cost, so it stops within ``STRIDE`` blocks of the deepest
         block any rank holds; one vectorised probe then reads every rank's lines for
@@ -212,17 +219,17 @@ class PrefixSummary:
         """
         num_blocks = len(tokens) // BLOCK_LEN
         if num_blocks == 0:
-            return None
+            return None, []
         hashes = [first_hash(tokens) if first is None else first]
         if not self.any_holds(summary_key(hashes[0])):
-            return None  # the common miss: one block hashed, one row searched
+            return None, hashes  # the common miss: one block hashed, one row searched
         if num_blocks > 1:
             tokens = tuple(tokens)
             while len(hashes) < num_blocks:
                 chain_hashes(tokens, min(len(hashes) + STRIDE, num_blocks), hashes)
                 if not self.any_holds(summary_key(hashes[-1])):
                     break
-        return self.probe(hashes)
+        return self.probe(hashes), hashes
 
     def probe(self, hashes: list[int]) -> list[int]:
         """Per rank, ``BLOCK_LEN`` times (1 + the deepest j whose key ``hashes[j]`` is in

@@ -29,7 +29,8 @@ from scheduler.dispatcher import (Dispatcher, InvalidDpRankError, MissingBootstr
                                   NoLiveRankError, RankUnavailableError)
 from scheduler.policy import (InvalidLoadBalanceMethod, LoadBalanceMethod, RotationState,
                               cache_aware, prefill_tokens, total_requests, total_tokens)
-from scheduler.prefix_hash import BLOCK_LEN
+from scheduler.prefix_hash import BLOCK_LEN, block_keys
+from scheduler.prefix_traffic import HOT_MIN_REQUESTS, PrefixTraffic
 from shm.prefix_summary import PrefixSummary
 from shm.board import LoadBoard, RankStatus
 from shm.segment import SHM_DIR, new_launch_id
@@ -425,6 +426,7 @@ def test_cache_aware_pick_is_the_policy_over_summaries_and_loads(new_board, n, d
         held: list[list[tuple]] = [[] for _ in range(n)]  # the paths each rank's cache holds
         # The summaries alone (no memory of recent misses: the test below has it).
         disp = Dispatcher(board, 0, "cache_aware", summary=summary, pending_s=0)
+        traffic = PrefixTraffic()  # the oracle's count of the prefixes reused
         for op, a, b in ops:
             if op == "cache":
                 path = prompts[b]
@@ -443,14 +445,38 @@ def test_cache_aware_pick_is_the_policy_over_summaries_and_loads(new_board, n, d
                           // BLOCK_LEN * BLOCK_LEN for r in range(n)]
                 reqs, toks, prefill = effective(board)
                 expected_rotation = RotationState(disp.rotation.next_start)
+                depth = max(cached) // BLOCK_LEN
+                count = traffic.note(block_keys(prompt)[depth - 1] if depth else None)
                 expected = cache_aware(cached if any(cached) else None, prefill, toks, reqs,
-                                       (True,) * n, expected_rotation)
+                                       (True,) * n, expected_rotation,
+                                       depth > 0 and traffic.is_hot(count, n))
                 if not any(cached):
                     assert expected == prefill_tokens(prefill, toks, reqs, (True,) * n,
                                                       RotationState(disp.rotation.next_start))
                 assert dispatch(disp, ranks, len(prompt), input_ids=prompt) == expected
                 assert disp.rotation == expected_rotation
         del writers
+
+
+def test_cache_aware_spreads_a_hot_prefix_sooner(new_board):
+    """A prefix rank 0 caches, on ranks that each carry 10 requests: while few requests
+    have reused it, rank 0 takes them up to the loose guard (twice the mean); once it
+    carries more than half a rank's share of the requests (and HOT_MIN_REQUESTS of them)
+    the tight guard applies, and the next one goes elsewhere."""
+    system = list(range(1000, 1000 + 3 * BLOCK_LEN))
+    with new_board(4) as board, PrefixSummary.create(4, 64, new_launch_id()) as summary:
+        ranks = [SimRank(board, r, base_reqs=10, base_tokens=1000) for r in range(4)]
+        for r in ranks:
+            r.publish()
+        writer = summary.writer(0)
+        writer.on_cached(system, 0)
+        disp = Dispatcher(board, 0, "cache_aware", summary=summary)
+        picks = [dispatch(disp, ranks, 200, input_ids=system + [q] * 9)
+                 for q in range(HOT_MIN_REQUESTS)]
+        # The 8th: rank 0 at 17 requests, mean 11.75: under 2 x 11.75, over 1.25 x 11.75
+        # (the hot guard).
+        assert picks == [0] * (HOT_MIN_REQUESTS - 1) + [picks[-1]] and picks[-1] != 0
+        del writer
 
 
 def test_cancel_takes_back_a_pick_that_was_never_sent(new_board):
@@ -571,16 +597,17 @@ def test_two_dispatcher_processes_balance_as_one(new_board):
 def test_cache_aware_sends_a_prompt_to_where_its_prefix_is_being_prefilled(new_board):
     """No rank caches anything yet: a prompt that shares whole blocks with one just sent
     goes where that one went (it will find the prefix there once prefilled), whatever
-    the rotation, until the hot-rank guard spills it; a prompt sharing nothing is placed
+    the rotation, until the guard spills it; a prompt sharing nothing is placed
     on the loads alone."""
     system = list(range(1000, 1000 + 3 * BLOCK_LEN))
     with new_board(4) as board, PrefixSummary.create(4, 64, new_launch_id()) as summary:
         ranks = [SimRank(board, r) for r in range(4)]
         disp = Dispatcher(board, 0, "cache_aware", summary=summary)
         first = dispatch(disp, ranks, 200, input_ids=system + [1, 2, 3])
-        for q in range(2):
+        for q in range(5):
             assert dispatch(disp, ranks, 200, input_ids=system + [q] * 9) == first
-        # Three requests against a mean of 0.75: over the guard (mean + HOT_RANK_SLACK).
+        # Six requests against a mean of 1.5: over the guard (mean + GUARD_SLACK); the
+        # prefix is not hot yet (HOT_MIN_REQUESTS), so the loose guard.
         assert dispatch(disp, ranks, 200, input_ids=system + [5] * 9) != first
         other = dispatch(disp, ranks, 200, input_ids=list(range(5, 300)))
         assert other != first

@@ -17,7 +17,8 @@ from scheduler.policy import (InvalidDpRankError, InvalidLoadBalanceMethod, Inva
                               RankUnavailableError, RotationState, follow_bootstrap_room,
                               prefill_tokens, resolve_method, round_robin, routed_rank,
                               total_requests, total_tokens)
-from scheduler.policy import HOT_RANK_RATIO, HOT_RANK_SLACK, MISS_WEIGHT, cache_aware
+from scheduler.policy import (GUARD_RATIO, GUARD_SLACK, HOT_GUARD_RATIO, HOT_GUARD_SLACK, MISS_WEIGHT,
+                             cache_aware)
 
 FAST = settings(max_examples=150, deadline=None)
 
@@ -162,11 +163,12 @@ def test_cache_aware_with_no_cache_anywhere_is_prefill_tokens(data, toks, start,
 
 
 @FAST
-@given(data=st.data(), n=st.integers(1, 8), start=st.integers(0, 9))
-def test_cache_aware_picks_the_earliest_first_token_among_ranks_not_hot(data, n, start):
-    """The pick is live and not hot (at most max(HOT_RANK_RATIO * mean, mean +
-    HOT_RANK_SLACK) live requests), and no other such rank has less prefill queued
-    minus MISS_WEIGHT times cached; among those equal, the fewest tokens, then requests."""
+@given(data=st.data(), n=st.integers(1, 8), start=st.integers(0, 9), hot=st.booleans())
+def test_cache_aware_picks_the_earliest_first_token_among_ranks_not_hot(data, n, start, hot):
+    """The pick is live and within the guard (at most max(GUARD_RATIO * mean, mean +
+    GUARD_SLACK) live requests; HOT_GUARD_* for a hot prefix), and no other such rank has
+    less prefill queued minus MISS_WEIGHT times cached; among those equal, the fewest
+    tokens, then requests."""
     cached = data.draw(st.lists(st.sampled_from([0, 64, 128, 512]), min_size=n, max_size=n))
     prefill = data.draw(st.lists(st.integers(0, 700), min_size=n, max_size=n))
     toks = data.draw(st.lists(st.integers(0, 900), min_size=n, max_size=n))
@@ -174,10 +176,11 @@ def test_cache_aware_picks_the_earliest_first_token_among_ranks_not_hot(data, n,
     alive = data.draw(alive_for(n))
     if not any(alive) or not any(cached):
         return  # the no-cache case is the test above
-    rank = cache_aware(cached, prefill, toks, reqs, alive, RotationState(start))
+    rank = cache_aware(cached, prefill, toks, reqs, alive, RotationState(start), hot)
     live = [r for r in range(n) if alive[r]]
     mean = sum(reqs[r] for r in live) / len(live)
-    ok = [r for r in live if reqs[r] <= max(HOT_RANK_RATIO * mean, mean + HOT_RANK_SLACK)]
+    ratio, slack = (HOT_GUARD_RATIO, HOT_GUARD_SLACK) if hot else (GUARD_RATIO, GUARD_SLACK)
+    ok = [r for r in live if reqs[r] <= max(ratio * mean, mean + slack)]
     assert rank in ok
     key = lambda r: (prefill[r] - MISS_WEIGHT * cached[r], toks[r], reqs[r])  # noqa: E731
     assert key(rank) == min(key(r) for r in ok)
@@ -190,8 +193,12 @@ def test_cache_aware_spills_a_hot_prefix():
     state = RotationState()
     cached, toks = [2048, 0, 0, 0], [0, 0, 0, 0]
     assert cache_aware(cached, [100, 0, 0, 0], toks, [4, 2, 2, 2], [True] * 4, state) == 0
-    # 10 requests against a mean of 4: hot (limit max(1.5 * 4, 4 + 2) = 6).
-    assert cache_aware(cached, [100, 0, 50, 0], toks, [10, 2, 2, 2], [True] * 4, state) in (1, 3)
+    # 12 requests against a mean of 4.5: over the guard (max(2 * 4.5, 4.5 + 4) = 9).
+    assert cache_aware(cached, [100, 0, 50, 0], toks, [12, 2, 2, 2], [True] * 4, state) in (1, 3)
+    # 7 against a mean of 3.25: within it, but over the hot prefix's (1.25 * 3.25).
+    assert cache_aware(cached, [100, 0, 50, 0], toks, [7, 2, 2, 2], [True] * 4, state) == 0
+    assert cache_aware(cached, [100, 0, 50, 0], toks, [7, 2, 2, 2], [True] * 4, state,
+                       hot=True) in (1, 3)
     # A dead rank with the prefix is never picked.
     assert cache_aware(cached, [0, 5, 0, 0], toks, [0, 0, 0, 0], [False, True, True, True],
                        state) in (2, 3)
