@@ -473,7 +473,7 @@ def test_cache_aware_spreads_a_hot_prefix_sooner(new_board):
         disp = Dispatcher(board, 0, "cache_aware", summary=summary)
         picks = [dispatch(disp, ranks, 200, input_ids=system + [q] * 9)
                  for q in range(HOT_MIN_REQUESTS)]
-        # The 8th: rank 0 at 17 requests, mean 11.75: under 2 x 11.75, over 1.25 x 11.75
+        # The 8th: rank 0 at 17 requests, mean 11.75: under 2 x 11.75, above the mean
         # (the hot guard).
         assert picks == [0] * (HOT_MIN_REQUESTS - 1) + [picks[-1]] and picks[-1] != 0
         del writer

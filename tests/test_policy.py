@@ -195,7 +195,7 @@ def test_cache_aware_spills_a_hot_prefix():
     assert cache_aware(cached, [100, 0, 0, 0], toks, [4, 2, 2, 2], [True] * 4, state) == 0
     # 12 requests against a mean of 4.5: over the guard (max(2 * 4.5, 4.5 + 4) = 9).
     assert cache_aware(cached, [100, 0, 50, 0], toks, [12, 2, 2, 2], [True] * 4, state) in (1, 3)
-    # 7 against a mean of 3.25: within it, but over the hot prefix's (1.25 * 3.25).
+    # 7 against a mean of 3.25: within it, but above the mean (the hot prefix's guard).
     assert cache_aware(cached, [100, 0, 50, 0], toks, [7, 2, 2, 2], [True] * 4, state) == 0
     assert cache_aware(cached, [100, 0, 50, 0], toks, [7, 2, 2, 2], [True] * 4, state,
                        hot=True) in (1, 3)
