@@ -71,7 +71,7 @@ def _by_prefill_tokens(d, alive, input_ids, bootstrap_room) -> int:
 def _by_cache_aware(d, alive, input_ids, bootstrap_room) -> int:
     # The first block's hash, once: both the summaries and the pending memory start there.
     first = first_hash(input_ids) if len(input_ids) >= BLOCK_LEN else None
-    # first: the loads read last are freshest
+    # The summaries before the loads, so that the loads are the fresher read.
     cached, hashes = d.summary.lookup(input_ids, first)
     new = False
     if cached is None and first is not None and d.pending.ttl_ns > 0:
