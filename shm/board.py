@@ -32,7 +32,8 @@ tokens not computed yet. Cached tokens that no request reads are evictable at an
 and are not load: a rank whose pool is full of such entries reads as idle.
 
 Seqlock: the writer stores ``-(seq+1)`` (negative: "writing"), the fields, then
-``seq+2``; a reader retries while some row's seq is negative or changed. Negative
+``seq+2``; a reader reads every seq, copies the rows, reads every seq again, and
+retries while some row's seq was negative or changed. Negative
 rather than the textbook odd value so that "is any row mid-write" is one ``argmin``.
 Pure Python gives no fences, so this is correct only where the hardware keeps stores
 in order and loads in order (x86-64's TSO). ``LoadBoard`` refuses to open elsewhere
@@ -211,13 +212,20 @@ class LoadBoard:
     # ---- the seqlocked row read ---------------------------------------------------------
     def read_rows(self, num_cols: int) -> np.ndarray:
         """A copy of every row's first ``num_cols`` cells ([rank, column], seq first),
-        taken while no row was mid-write and no row's seq changed across the copy."""
+        taken while no row was mid-write and no row's seq changed across the copy.
+
+        The seqs are read on their own before the copy and again after it. The copy's
+        own seq cells cannot serve as the first read: numpy copies a block with
+        ``memcpy``, whose loads do not go in address order (glibc's vector copy loads
+        the block's tail first), so a row's fields could be loaded before its seq and
+        a publish landing in between would pass the check, torn.
+        """
         rows, seqs = self._rows, self._seqs
         tries = 0
         while True:
+            before = seqs.copy()
             copy = rows[:, :num_cols].copy()
-            seq = copy[:, SEQ]
-            if seq[seq.argmin()] >= 0 and seq.tobytes() == seqs.tobytes():
+            if before[before.argmin()] >= 0 and before.tobytes() == seqs.tobytes():
                 return copy
             tries += 1
             if tries & 7 == 0:
