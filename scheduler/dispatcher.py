@@ -25,7 +25,7 @@ from scheduler.policy import (InvalidDpRankError, InvalidLoadBalanceMethod, Load
                               RotationState, cache_aware, follow_bootstrap_room, prefill_tokens,
                               round_robin, routed_rank, total_requests, total_tokens)
 from scheduler.pending_prefix import PENDING_S, PendingPrefixes
-from scheduler.prefix_hash import BLOCK_LEN, chain_hashes, first_hash
+from scheduler.prefix_hash import BLOCK_LEN, first_hash
 from scheduler.prefix_traffic import PrefixTraffic
 
 if TYPE_CHECKING:
@@ -73,19 +73,21 @@ def _by_cache_aware(d, alive, input_ids, bootstrap_room) -> int:
     first = first_hash(input_ids) if len(input_ids) >= BLOCK_LEN else None
     # The summaries before the loads, so that the loads are the fresher read.
     cached, hashes = d.summary.lookup(input_ids, first)
-    new = False
-    if cached is None and first is not None and d.pending.ttl_ns > 0:
+    # The prefix the request would reuse, by the key of its deepest cached block.
+    key, new = None, False
+    if cached is not None:
+        depth = max(cached) // BLOCK_LEN
+        key = hashes[depth - 1] if depth else None
+    elif first is not None and d.pending.ttl_ns > 0:
         # No rank caches its first block: maybe a prompt sent just before is being
         # prefilled with the same beginning (scheduler.pending_prefix).
         now = time.monotonic_ns()
         cached = d.pending.cached_tokens(input_ids, d.num_ranks, now, first)
         new = cached is None
         if cached is not None:  # the key the summaries will have for that prefix
-            hashes = chain_hashes(tuple(input_ids), max(cached) // BLOCK_LEN, hashes[:1])
-    # The prefix the request would reuse, by the key of its deepest cached block.
-    depth = max(cached) // BLOCK_LEN if cached is not None else 0
-    count = d.traffic.note(hashes[depth - 1] if depth else None)
-    hot = depth > 0 and d.traffic.is_hot(count, alive.count(True))
+            key = d.pending.prefix_key(first, max(cached) // BLOCK_LEN)
+    count = d.traffic.note(key)
+    hot = key is not None and d.traffic.is_hot(count, alive.count(True))
     loads = d.board.read_loads()
     rank = cache_aware(cached, loads.prefill_tokens, loads.tokens, loads.reqs, alive, d.rotation,
                        hot)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from scheduler.prefix_hash import BLOCK_LEN, first_hash
+from scheduler.prefix_hash import BLOCK_LEN, chain_hashes, first_hash
 
 PENDING_S = 10.0
 PENDING_MAX = 4096
@@ -33,8 +33,9 @@ PENDING_MAX_TOKENS = 1 << 20  # about 36 MB at most held (the prompts, with thei
 class PendingPrefixes:
     def __init__(self, ttl_s: float = PENDING_S):
         self.ttl_ns = int(ttl_s * 1e9)
-        # first block's hash -> (rank, expiry in monotonic ns, the prompt): oldest first
-        self._by_first: dict[int, tuple[int, int, Sequence[int]]] = {}
+        # first block's hash -> (rank, expiry in monotonic ns, the prompt, the chained
+        # hashes of its blocks computed so far, from the first): oldest first
+        self._by_first: dict[int, tuple[int, int, Sequence[int], list[int]]] = {}
         self._num_tokens = 0
 
     def __len__(self) -> int:
@@ -49,10 +50,10 @@ class PendingPrefixes:
         old = self._by_first.pop(first, None)
         if old is not None:
             self._num_tokens -= len(old[2])
-        self._by_first[first] = (rank, now_ns + self.ttl_ns, tokens)
+        self._by_first[first] = (rank, now_ns + self.ttl_ns, tokens, [first])
         self._num_tokens += len(tokens)
         while len(self._by_first) > PENDING_MAX or self._num_tokens > PENDING_MAX_TOKENS:
-            _, (_, _, dropped) = self._pop_oldest()
+            _, (_, _, dropped, _) = self._pop_oldest()
             self._num_tokens -= len(dropped)
 
     def cached_tokens(self, tokens: Sequence[int], num_ranks: int, now_ns: int,
@@ -65,7 +66,7 @@ class PendingPrefixes:
         entry = self._by_first.get(first)
         if entry is None:
             return None
-        rank, expiry, sent = entry
+        rank, expiry, sent, _ = entry
         if now_ns > expiry or rank >= num_ranks:
             del self._by_first[first]
             self._num_tokens -= len(sent)
@@ -87,7 +88,17 @@ class PendingPrefixes:
         cached[rank] = shared
         return cached
 
-    def _pop_oldest(self) -> tuple[int, tuple[int, int, Sequence[int]]]:
+    def prefix_key(self, first: int, num_blocks: int) -> int:
+        """The chained hash (``scheduler.prefix_hash``) of the first ``num_blocks`` blocks
+        of the pending prompt beginning with block hash ``first``, which ``cached_tokens``
+        just found shared: the key the summaries will give that prefix once it is cached.
+        Each pending prompt's blocks are hashed once, however many requests share them."""
+        _, _, sent, hashes = self._by_first[first]
+        if len(hashes) < num_blocks:
+            chain_hashes(tuple(sent), num_blocks, hashes)
+        return hashes[num_blocks - 1]
+
+    def _pop_oldest(self) -> tuple[int, tuple[int, int, Sequence[int], list[int]]]:
         key = next(iter(self._by_first))
         return key, self._by_first.pop(key)
 

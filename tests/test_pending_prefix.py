@@ -53,3 +53,18 @@ def test_the_shared_blocks_are_counted_wherever_the_prompts_part():
             assert p.cached_tokens(other, 2, now_ns=0) == [0, cut // BLOCK_LEN * BLOCK_LEN]
             assert p.cached_tokens(tuple(other), 2, now_ns=0) == [0, cut // BLOCK_LEN * BLOCK_LEN]
     assert p.cached_tokens(sent + [1] * 200, 2, now_ns=0) == [0, 7 * BLOCK_LEN]
+
+
+def test_prefix_key_is_the_key_the_summaries_will_have():
+    """The key of the shared blocks of a pending prompt is the chained hash the ranks
+    publish for that prefix, and the same whichever depth was asked first."""
+    from scheduler.prefix_hash import chain_hashes, first_hash
+
+    sent = list(range(10, 10 + 5 * BLOCK_LEN))
+    pending = PendingPrefixes()
+    pending.note(sent, 1, 0)
+    first = first_hash(sent)
+    expected = chain_hashes(tuple(sent), 5, [])
+    assert pending.prefix_key(first, 3) == expected[2]
+    assert pending.prefix_key(first, 5) == expected[4]
+    assert pending.prefix_key(first, 1) == expected[0] == first
