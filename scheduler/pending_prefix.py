@@ -41,6 +41,11 @@ class PendingPrefixes:
     def __len__(self) -> int:
         return len(self._by_first)
 
+    def clear(self) -> None:
+        """Forget every pending prompt."""
+        self._by_first.clear()
+        self._num_tokens = 0
+
     def note(self, tokens: Sequence[int], rank: int, now_ns: int,
              first: int | None = None) -> None:
         """``tokens`` (a prompt no rank caches) was sent to ``rank`` at ``now_ns``."""

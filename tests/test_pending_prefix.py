@@ -68,3 +68,17 @@ def test_prefix_key_is_the_key_the_summaries_will_have():
     assert pending.prefix_key(first, 3) == expected[2]
     assert pending.prefix_key(first, 5) == expected[4]
     assert pending.prefix_key(first, 1) == expected[0] == first
+
+
+def test_clear_forgets_prompts_and_their_tokens():
+    """After clear the memory holds nothing and its token bound starts again from 0: a
+    prompt noted then is remembered (the bound does not count what was cleared)."""
+    prompt = list(range(10, 10 + 2 * BLOCK_LEN))
+    pending = PendingPrefixes()
+    for _ in range(pending_prefix.PENDING_MAX_TOKENS // len(prompt) + 2):
+        pending.clear()
+        pending.note(prompt, 2, 0)
+    assert len(pending) == 1
+    assert pending.cached_tokens(prompt, 4, 1)[2] == len(prompt)
+    pending.clear()
+    assert len(pending) == 0 and pending.cached_tokens(prompt, 4, 1) is None

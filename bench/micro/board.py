@@ -107,7 +107,7 @@ def cache_aware_pick_us(num_ranks: int = 64, prompt_len: int = 4096) -> dict[str
         pick = functools.partial(dispatcher.pick, prompt_len, None, None)
 
         def pick_new(tokens):  # a prompt no pick has seen: forget the last one first
-            dispatcher.pending._by_first.clear()
+            dispatcher.pending.clear()
             return pick(tokens)
         figures["cache_aware_pick_us_n64_p4096_miss"] = median_us(pick_new, 500, 25, prompt)
         # Just sent (the memory of prompts being prefilled answers): the whole prompt shared.
