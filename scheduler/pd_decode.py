@@ -10,7 +10,9 @@ rank loop keeps serving the others. Every step ``poll`` looks at each parked req
 2. look for the room in hand-off region p: KV_READY -> reserve this rank's KV
    (``admit``: whole request, as at any admission), claim the entry, copy the prompt's
    KV out of p's shared pool (``executor.import_kv``), release the claim, and return
-   the request with the first token to run as a decoding request; FAILED -> release it
+   the request with the first token to run as a decoding request (its
+   ``cached_tokens``, what p's prefix cache held, from the entry: the client sees it
+   from decode's answer, which is the one a gateway returns); FAILED -> release it
    and fail the request; missing -> keep waiting;
 3. fail it if its deadline passed: ``bootstrap_timeout_s`` after arrival while no
    prefill placed the room (an orphan: the gateway retried with a new room), else
@@ -291,6 +293,7 @@ class DecodeReceiver(PDRole):
         if not intact:  # prefill freed it under the copy (the claim outlived its grace)
             return f"bootstrap_room {room}: the KV was freed during the copy", SERVER_ERROR
         self.num_received += 1
+        req.cached_tokens = entry.cached_tokens
         ready.append(Ready(req, entry.first_token, logprob))
         return None
 

@@ -121,7 +121,7 @@ class PrefillSender(PDRole):
             slot = self.writer.insert(
                 req.bootstrap_room, self.dp_rank, time.monotonic_ns() + self.timeout_ns,
                 state=KV_READY, kv_location=off, kv_len=n, first_token=req.output_ids[-1],
-                prompt_hash=prompt_hash(req.input_ids))
+                prompt_hash=prompt_hash(req.input_ids), cached_tokens=req.cached_tokens)
         except BootstrapTableError as exc:
             self.arena.free(off, n + 1)
             return f"prefill rank {self.dp_rank}: cannot hand off: {exc}"

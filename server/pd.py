@@ -200,10 +200,11 @@ class PDEngineClient:
     decode ranks) behind the one interface the routes use. A request's handle is its
     decode half's; its prefill half runs alongside and its outputs are dropped (a
     failure there reaches the client through decode, which sees it in the tables),
-    except what only the prefill rank knows, which goes into decode's first output:
-    ``cached_tokens`` (the prefix cache lives on prefill ranks) and, when logprobs are
-    asked, the prompt's logprobs and the first token's (as SGLang's gateway prepends
-    prefill's ``input_token_logprobs`` to decode's)."""
+    except what only the prefill rank computed, which goes into decode's first output
+    when logprobs are asked: the prompt's logprobs and the first token's (as SGLang's
+    gateway prepends prefill's ``input_token_logprobs`` to decode's). ``cached_tokens``
+    (the prefix cache lives on prefill ranks) comes in decode's outputs already: the
+    hand-off entry carries it (``scheduler.pd_decode``)."""
 
     def __init__(self, args: ServerArgs, prefill: EngineClient, decode: EngineClient):
         self.args = args
@@ -337,12 +338,10 @@ class PDEngineClient:
 
 
 def _with_prefill_half(out, prefill_out):
-    """Decode's first output with what its prefill half found and computed: the prompt
-    tokens its prefix cache held; with logprobs, the prompt's logprobs and the first
-    token's logprob and top list (the hand-off carries the token only as a float32
-    logprob)."""
-    changes = {"cached_tokens": prefill_out.cached_tokens,
-               "input_token_logprobs": prefill_out.input_token_logprobs,
+    """Decode's first output with what its prefill half computed: with logprobs, the
+    prompt's logprobs and the first token's logprob and top list (the hand-off carries
+    the token only as a float32 logprob)."""
+    changes = {"input_token_logprobs": prefill_out.input_token_logprobs,
                "input_top_logprobs": prefill_out.input_top_logprobs}
     if out.output_logprobs and prefill_out.output_logprobs:
         changes["output_logprobs"] = prefill_out.output_logprobs[:1] + out.output_logprobs[1:]

@@ -16,21 +16,22 @@ from enum import IntEnum
 import msgspec
 
 MAGIC = 0x445053_424F4F54  # "DPS" "BOOT"
-LAYOUT_VERSION = 3  # 2: home_slot is room mod a prime; 3: prompt_hash, region heartbeat
+LAYOUT_VERSION = 4  # 2: home_slot is room mod a prime; 3: prompt_hash, region heartbeat;
+# 4: cached_tokens
 HEADER_LEN = 8
 H_MAGIC, H_VERSION, H_NUM_REGIONS, H_SLOTS, H_ENTRY_LEN, H_NUM_DECODE, H_OWNER = range(7)
 REGION_HDR_LEN = 8
 R_WRITER_PID, R_NUM_LIVE, R_NEXT_GEN, R_NUM_TOMBSTONES, R_HEARTBEAT = range(5)
 ENTRY_LEN = 16
 (E_SEQ, E_STATE, E_ROOM, E_GEN, E_PREFILL_RANK, E_DECODE_RANK, E_KV_LOCATION, E_KV_LEN,
- E_FIRST_TOKEN, E_DEADLINE, E_CREATED, E_REGION, E_SLOT, E_PROMPT_HASH) = range(14)
-# ENTRY_STRUCT: cells seq..prompt_hash in BootstrapEntry's field order, read in one struct
-# call (room is unsigned); FIELDS_STRUCT: state..prompt_hash, written in one call under
+ E_FIRST_TOKEN, E_DEADLINE, E_CREATED, E_REGION, E_SLOT, E_PROMPT_HASH, E_CACHED_TOKENS) = range(15)
+# ENTRY_STRUCT: cells seq..cached_tokens in BootstrapEntry's field order, read in one struct
+# call (room is unsigned); FIELDS_STRUCT: state..cached_tokens, written in one call under
 # the seqlock.
 # region and slot are stored (constant) so that a hit builds its BootstrapEntry straight
 # from the unpacked tuple (~90 ns, vs ~270 ns when extra arguments are spliced in).
-ENTRY_STRUCT = struct.Struct("<qqQqqqqqqqqqqq")
-FIELDS_STRUCT = struct.Struct("<qQqqqqqqqqqqq")
+ENTRY_STRUCT = struct.Struct("<qqQqqqqqqqqqqqq")
+FIELDS_STRUCT = struct.Struct("<qQqqqqqqqqqqqq")
 
 MAX_ROOM = 2**64 - 1
 MASK64 = 2**64 - 1
@@ -79,6 +80,9 @@ class BootstrapEntry(msgspec.Struct, frozen=True, gc=False):
     # Which request the entry belongs to (``scheduler.pd.prompt_hash`` of its prompt; 0
     # if the writer did not say): a room is not a secret, so decode checks this too.
     prompt_hash: int = 0
+    # How many leading prompt tokens the prefill rank's prefix cache held (0 if the
+    # writer did not say): decode reports it as the request's ``cached_tokens``.
+    cached_tokens: int = 0
 
 
 @functools.lru_cache(maxsize=64)

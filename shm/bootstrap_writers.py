@@ -94,7 +94,8 @@ class RegionWriter:
     # ---- the writer's API -----------------------------------------------------------
     def insert(self, room: int, prefill_rank: int, deadline_ns: int, *, decode_rank: int = -1,
                kv_location: int = -1, kv_len: int = 0, first_token: int = -1,
-               state: int = PLACED, now_ns: int | None = None, prompt_hash: int = 0) -> int:
+               state: int = PLACED, now_ns: int | None = None, prompt_hash: int = 0,
+               cached_tokens: int = 0) -> int:
         """Add ``room`` (state PLACED by default) and return its slot in this region.
 
         ``deadline_ns`` (CLOCK_MONOTONIC): when ``expire`` frees the entry if nobody
@@ -124,7 +125,7 @@ class RegionWriter:
             data = FIELDS_STRUCT.pack(
                 state, room, gen, prefill_rank, decode_rank, kv_location, kv_len, first_token,
                 deadline_ns, time.monotonic_ns() if now_ns is None else now_ns, self.region, slot,
-                prompt_hash)
+                prompt_hash, cached_tokens)
         except struct.error as exc:
             raise ValueError(f"entry field out of int64 range: {exc}") from exc
         mv = self._mv

@@ -570,14 +570,15 @@ def test_no_torn_entries_while_another_process_writes_flat_out(make_table):
 def test_an_entry_is_claimed_once_by_any_decode_rank(make_table):
     """A hand-off belongs to one request: after rank 1 claimed (or released) an entry,
     neither rank 1 nor rank 0 can claim it again; a claim racing another rank's backs
-    off; the entry keeps the prompt hash its writer gave it."""
+    off; the entry keeps the prompt hash and cached tokens its writer gave it."""
     table = make_table(num_decode_ranks=2)
     writer = table.region_writer(0)
     first, second = table.decode_claimer(1), table.decode_claimer(0)
     now = time.monotonic_ns()
-    writer.insert(21, prefill_rank=0, deadline_ns=now + 10**10, state=KV_READY, prompt_hash=-77)
+    writer.insert(21, prefill_rank=0, deadline_ns=now + 10**10, state=KV_READY, prompt_hash=-77,
+                  cached_tokens=1984)
     entry = table.lookup(21)
-    assert entry.prompt_hash == -77
+    assert entry.prompt_hash == -77 and entry.cached_tokens == 1984
     assert not first.was_claimed(entry)
     assert first.claim(entry)
     assert second.was_claimed(entry) and not second.claim(entry), "claimed by rank 1"

@@ -146,8 +146,11 @@ def test_a_request_never_dispatched_is_not_a_cache_lookup():
     assert last.cached_tokens == 0 and engine.observer.seen == []
 
 
-def test_pd_first_output_takes_the_prefill_ranks_cached_tokens():
-    decode_first = ReqOutput(rid="r", new_token_ids=[5], prompt_tokens=40, completion_tokens=1)
+def test_pd_first_output_keeps_the_cached_tokens_decode_read_from_the_hand_off():
+    """Decode's outputs carry the prefill rank's cached tokens (the hand-off entry has
+    them, ``scheduler.pd_decode``); merging the prefill half changes only logprobs."""
+    decode_first = ReqOutput(rid="r", new_token_ids=[5], prompt_tokens=40, completion_tokens=1,
+                             cached_tokens=32)
     prefill_first = ReqOutput(rid="r", new_token_ids=[5], prompt_tokens=40, completion_tokens=1,
                               cached_tokens=32, finish_reason={"type": "length", "length": 1})
     out = _with_prefill_half(decode_first, prefill_first)

@@ -55,6 +55,16 @@ async def stream_ids(client: httpx.AsyncClient, url: str, payload: dict) -> tupl
     return last["output_ids"], last["meta_info"]["finish_reason"]
 
 
+def _both(prefill_url: str, decode_url: str, payload: dict) -> tuple[dict, dict]:
+    """One request as a PD gateway sends it: the same body to both servers at once."""
+    with ThreadPoolExecutor(1) as pool:
+        dec = pool.submit(httpx.post, decode_url + "/generate", json=payload, timeout=60)
+        pre = httpx.post(prefill_url + "/generate", json=payload, timeout=60)
+        assert pre.status_code == 200, pre.text
+        assert dec.result().status_code == 200, dec.result().text
+        return pre.json(), dec.result().json()
+
+
 def assert_idle(url: str) -> None:
     for row in httpx.get(url + "/get_load", timeout=5).json():
         assert (row["num_reqs"], row["num_tokens"]) == (0, 0), row
@@ -143,6 +153,17 @@ def test_prefill_and_decode_servers_pair_like_a_gateway(tmp_path, workload, refe
             assert dec["output_ids"] == reference[rid], rid
             assert pre["meta_info"]["finish_reason"] == {"type": "length", "length": 1}
             assert pre["output_ids"] == reference[rid][:1]
+
+        # A prompt again on the prefill rank that ran it: the answer a gateway returns
+        # (decode's) reports what that rank's prefix cache held, as prefill's does.
+        rid, ids, n = workload[3]
+        again = body(ids, n, bootstrap_room=random.getrandbits(63), routed_dp_rank=1)
+        for _ in range(2):
+            pre, dec = _both(prefill.url, decode.url, again)
+            again["bootstrap_room"] += 1
+        assert dec["output_ids"] == reference[rid]
+        assert len(ids) - 1 <= dec["meta_info"]["cached_tokens"] < len(ids)
+        assert dec["meta_info"]["cached_tokens"] == pre["meta_info"]["cached_tokens"]
 
         # Orphans: a decode whose prefill never comes fails after the timeout; a prefill
         # whose decode never comes returns at once (its KV is freed at the timeout).
