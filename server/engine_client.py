@@ -345,6 +345,11 @@ class EngineClient:
                                      "limit); retry later")
 
     # ---- state for /health, /server_info -------------------------------------------------
+    @property
+    def num_cache_ranks(self) -> int:
+        """Ranks whose prefix caches requests meet (``RequestHandle.cache_rank``)."""
+        return len(self.ranks)
+
     def load_groups(self) -> list[tuple[str, "LoadBoard"]]:
         """(role, board) of every rank group this API serves: one, or two in PD mode."""
         return [(self.role, self.board)]

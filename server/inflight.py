@@ -26,6 +26,9 @@ class RequestHandle:
     rid: str
     dp_rank: int
     prompt_len: int
+    # The rank whose prefix cache the request's prompt met: ``dp_rank``, except for a
+    # PD front door's request (its prefill rank; ``server.pd`` sets it).
+    cache_rank: int = -1
     arrival_time: float = field(default_factory=time.monotonic)
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     first_token_time: float | None = None
@@ -44,10 +47,10 @@ class MetricsObserver:
     def on_first_token(self, ttft_s: float) -> None: ...
     def on_tokens(self, num_tokens: int, interval_s: float) -> None: ...
     def on_finish(self, e2e_s: float, prompt_tokens: int, completion_tokens: int) -> None: ...
-    def on_prompt_cache(self, prompt_tokens: int, cached_tokens: int) -> None:
+    def on_prompt_cache(self, prompt_tokens: int, cached_tokens: int, dp_rank: int) -> None:
         """A dispatched request finished; ``cached_tokens`` of its ``prompt_tokens`` came
-        from its rank's prefix cache (in PD, its prefill rank's). Told by the request flow
-        (``server.request_flow``), which sees a PD request's prefill half too."""
+        from rank ``dp_rank``'s prefix cache (in PD, its prefill rank's). Told by the
+        request flow (``server.request_flow``)."""
     def on_abort(self) -> None:
         """A request ended without its finish: aborted by its rank or by the API (the
         client left), or failed with its rank."""

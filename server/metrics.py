@@ -16,13 +16,16 @@ in one process (tests) do not share or collide.
   ``sglang:num_aborted_requests_total`` (requests that ended without their finish).
 - ``sglang:gen_throughput`` per ``dp_rank``: the rank's latest "Decode batch." figure
   (``scheduler.stats``), 0 until its first.
-- Prefix cache, from the finished requests' ``cached_tokens`` as the API returns them
-  (a PD request's from its prefill rank): ``sglang:cached_tokens_total`` (SGLang's
-  counter) and ``sglang:cache_hit_rate``, cached prompt tokens over prompt tokens of
-  those requests since start (0 before any), computed at scrape time from the summed
-  counters (``dpserve:cache_prompt_tokens_total`` is its denominator). SGLang's gauge is
-  each rank's latest prefill batch; for a recent window use
-  ``rate(sglang:cached_tokens_total)`` over ``rate(dpserve:cache_prompt_tokens_total)``.
+- Prefix cache, per ``dp_rank``, from the finished requests' ``cached_tokens`` as the
+  API returns them (a PD request's from its prefill rank, and labelled with it: in
+  ``--disaggregation-mode pd`` these ``dp_rank`` are prefill ranks, the gauges above
+  decode ranks): ``sglang:cached_tokens_total`` (SGLang's counter) and
+  ``sglang:cache_hit_rate``, cached prompt tokens over prompt tokens of those requests
+  since start (0 before any), computed at scrape time from the summed counters
+  (``dpserve:cache_prompt_tokens_total`` is its denominator). SGLang's gauge is each
+  rank's latest prefill batch; for a recent window use
+  ``rate(sglang:cached_tokens_total)`` over ``rate(dpserve:cache_prompt_tokens_total)``,
+  and sum both over ``dp_rank`` for the server's.
 - With ``--api-server-count N`` any API process answers for all: the gauges come from
   the board, the counters and histograms are summed over every API process
   (prometheus_client's multiprocess mode, ``shared_registry``).
@@ -113,13 +116,16 @@ class ServerMetrics(MetricsObserver):
         self._generation = Counter("sglang:generation_tokens", "Generated tokens of finished "
                                    "requests", **kw).labels(name)
         self._requests = Counter("sglang:num_requests", "Finished requests", **kw).labels(name)
-        self._cached = Counter("sglang:cached_tokens", "Prompt tokens of finished requests "
-                               "that their rank's prefix cache held", **kw).labels(name)
+        per_rank = {**kw, "labelnames": ["model_name", "dp_rank"]}
+        cached = Counter("sglang:cached_tokens", "Prompt tokens of finished requests that "
+                         "their rank's prefix cache held", **per_rank)
         # The hit rate's denominator: prompts of requests that ran on a rank
         # (max_new_tokens 0 does not); the rate itself is computed at scrape time.
-        self._cache_prompt = Counter("dpserve:cache_prompt_tokens", "Prompt tokens of "
-                                     "finished requests that ran on a rank (the cache hit "
-                                     "rate's denominator)", **kw).labels(name)
+        prompt = Counter("dpserve:cache_prompt_tokens", "Prompt tokens of finished requests "
+                         "that ran on a rank (the cache hit rate's denominator)", **per_rank)
+        # One series per rank from the start: a rank's hit rate is 0 before its first.
+        self._cache_counters = [(cached.labels(name, str(r)), prompt.labels(name, str(r)))
+                                for r in range(engine.num_cache_ranks)]
         self._aborted = Counter("sglang:num_aborted_requests", "Requests that ended before "
                                 "their finish: the client left, the rank refused or lost "
                                 "them", **kw).labels(name)
@@ -139,9 +145,10 @@ class ServerMetrics(MetricsObserver):
         self._generation.inc(completion_tokens)
         self._requests.inc()
 
-    def on_prompt_cache(self, prompt_tokens: int, cached_tokens: int) -> None:
-        self._cached.inc(cached_tokens)
-        self._cache_prompt.inc(prompt_tokens)
+    def on_prompt_cache(self, prompt_tokens: int, cached_tokens: int, dp_rank: int) -> None:
+        cached, prompt = self._cache_counters[dp_rank]
+        cached.inc(cached_tokens)
+        prompt.inc(prompt_tokens)
 
     def on_abort(self) -> None:
         self._aborted.inc()
@@ -165,12 +172,17 @@ class CacheHitRateCollector:
                     key = (sample.name, tuple(sorted(sample.labels.items())))
                     totals[key] = totals.get(key, 0.0) + sample.value
         rate = GaugeMetricFamily("sglang:cache_hit_rate", "Prefix cache hit rate: cached over "
-                                 "prompt tokens of finished requests since start",
-                                 labels=["model_name"])
+                                 "prompt tokens of the rank's finished requests since start",
+                                 labels=["model_name", "dp_rank"])
+        rows = []
         for (name, labels), prompt in totals.items():
             if name == "dpserve:cache_prompt_tokens_total":
                 cached = totals.get(("sglang:cached_tokens_total", labels), 0.0)
-                rate.add_metric([dict(labels)["model_name"]], cached / prompt if prompt else 0.0)
+                values = dict(labels)
+                rows.append((values["model_name"], int(values["dp_rank"]),
+                             cached / prompt if prompt else 0.0))
+        for model_name, dp_rank, value in sorted(rows):
+            rate.add_metric([model_name, str(dp_rank)], value)
         yield rate
 
 

@@ -229,6 +229,11 @@ class PDEngineClient:
                         lambda self, obs: setattr(self.decode, "observer", obs))
 
     @property
+    def num_cache_ranks(self) -> int:
+        """The prefill ranks: the prefix cache lives there."""
+        return len(self.prefill.ranks)
+
+    @property
     def is_serving(self) -> bool:
         return self.prefill.is_serving and self.decode.is_serving
 
@@ -261,6 +266,7 @@ class PDEngineClient:
             self.prefill.abort(p_handle, "its decode half was refused")
             raise
         self._prefill_of[handle] = p_handle
+        handle.cache_rank = p_handle.dp_rank  # the prefix cache lives on prefill ranks
         loop = asyncio.get_running_loop()
         first = self._prefill_first[handle] = loop.create_future()
         task = loop.create_task(self._drain_prefill(p_handle, first))

@@ -144,7 +144,10 @@ class RunningRequest:
                 else:  # trimming cut text already streamed: it cannot be taken back
                     delta = ""
                 if out.finish_reason is not None and self.dp_rank is not None:
-                    self.engine.observer.on_prompt_cache(out.prompt_tokens, cached)
+                    handle = self.handle
+                    self.engine.observer.on_prompt_cache(
+                        out.prompt_tokens, cached,
+                        handle.cache_rank if handle.cache_rank >= 0 else handle.dp_rank)
                 yield Progress(
                     rid=self.prepared.rid, dp_rank=self.dp_rank, text=text, delta=delta,
                     # Copies: a consumer may hold this step while the next one arrives.

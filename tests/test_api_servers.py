@@ -418,15 +418,19 @@ def test_pd_mode_over_two_api_processes(tmp_path):
                                                              "ignore_eos": True}}))
             assert all(r.status_code == 200 for r in results), [r.text for r in results]
             assert all(len(r.json()["output_ids"]) == 20 for r in results)
-            # The cache counters are summed over both API processes, and the hit rate is
-            # computed from the sums, whichever process is scraped.
+            # The cache counters (per prefill rank) are summed over both API processes,
+            # and each rank's hit rate is computed from its sums, whichever process is
+            # scraped.
             metas = [r.json()["meta_info"] for r in results]
             text = httpx.get(server.url + "/metrics", timeout=5).text
-            cached = metric(text, "sglang:cached_tokens_total")
-            prompt = metric(text, "dpserve:cache_prompt_tokens_total")
-            assert cached == sum(m["cached_tokens"] for m in metas)
-            assert prompt == sum(m["prompt_tokens"] for m in metas)
-            assert metric(text, "sglang:cache_hit_rate") == pytest.approx(cached / prompt)
+            cached = [metric(text, "sglang:cached_tokens_total", dp_rank=r) for r in range(2)]
+            prompt = [metric(text, "dpserve:cache_prompt_tokens_total", dp_rank=r)
+                      for r in range(2)]
+            assert sum(cached) == sum(m["cached_tokens"] for m in metas)
+            assert sum(prompt) == sum(m["prompt_tokens"] for m in metas)
+            for r in range(2):
+                assert metric(text, "sglang:cache_hit_rate", dp_rank=r) == pytest.approx(
+                    cached[r] / prompt[r] if prompt[r] else 0.0)
             for kind, board in boards.items():
                 snap = _wait_board(board, lambda s: (s.effective_reqs.sum() == 0
                                                      and s.in_flight_reqs.sum() == 0),

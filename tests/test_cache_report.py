@@ -95,8 +95,8 @@ class _Recorder(MetricsObserver):
     def __init__(self):
         self.seen = []
 
-    def on_prompt_cache(self, prompt_tokens: int, cached_tokens: int) -> None:
-        self.seen.append((prompt_tokens, cached_tokens))
+    def on_prompt_cache(self, prompt_tokens: int, cached_tokens: int, dp_rank: int) -> None:
+        self.seen.append((prompt_tokens, cached_tokens, dp_rank))
 
 
 def _engine():
@@ -113,8 +113,11 @@ def _engine():
                            observer=_Recorder())
 
 
-def test_cached_tokens_stay_once_reported_and_reach_the_observer_once():
+@pytest.mark.parametrize("cache_rank", [-1, 3])
+def test_cached_tokens_stay_once_reported_and_reach_the_observer_once(cache_rank):
     # A PD decode rank's later outputs say 0: the request keeps what its first said.
+    # The observer hears the rank whose cache it was: the handle's cache_rank (a PD
+    # front door's prefill rank) where set, else its dp_rank.
     outputs = [ReqOutput(rid="r", new_token_ids=[70], prompt_tokens=9, completion_tokens=1,
                          cached_tokens=6),
                ReqOutput(rid="r", new_token_ids=[71], prompt_tokens=9, completion_tokens=2,
@@ -122,7 +125,7 @@ def test_cached_tokens_stay_once_reported_and_reach_the_observer_once():
     engine = _engine()
     prepared = PreparedRequest(rid="r", input_ids=list(range(60, 69)),
                                params=SamplingParams(max_new_tokens=2))
-    handle = RequestHandle("r", dp_rank=0, prompt_len=9)
+    handle = RequestHandle("r", dp_rank=1, prompt_len=9, cache_rank=cache_rank)
     running = RunningRequest(engine, prepared, handle)
 
     async def run():
@@ -135,7 +138,7 @@ def test_cached_tokens_stay_once_reported_and_reach_the_observer_once():
         handle.queue.put_nowait(out)
     steps = asyncio.run(run())
     assert [p.cached_tokens for p in steps] == [6, 6]
-    assert engine.observer.seen == [(9, 6)]
+    assert engine.observer.seen == [(9, 6, 1 if cache_rank < 0 else cache_rank)]
 
 
 def test_a_request_never_dispatched_is_not_a_cache_lookup():
@@ -171,18 +174,23 @@ def test_usage_counts_each_prompts_cached_tokens_once():
     assert _usage([_progress(5, 1, 0)], 1)["prompt_tokens_details"] == {"cached_tokens": 0}
 
 
-def test_cache_hit_rate_and_cached_tokens_total_metrics():
+def test_cache_hit_rate_and_cached_tokens_total_metrics_per_rank():
+    """One series per rank from the start (0 before any request), each the rank's own
+    cached over prompt tokens; ranks ordered by number, not as strings."""
     board = SimpleNamespace(num_ranks=0, snapshot=lambda: SimpleNamespace(in_flight_reqs=[]))
     metrics = ServerMetrics(SimpleNamespace(args=SimpleNamespace(served_model_name="m"),
-                                            board=board, ranks=[]))
+                                            board=board, ranks=[], num_cache_ranks=11))
 
-    def scrape() -> dict:
+    def scrape(name: str) -> dict:
         text = generate_latest(metrics.registry).decode()
-        return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
-    assert scrape()["sglang:cache_hit_rate"] == 0.0
-    metrics.on_prompt_cache(100, 0)
-    metrics.on_prompt_cache(100, 60)
-    metrics.on_prompt_cache(50, 49)
-    values = scrape()
-    assert values["sglang:cached_tokens_total"] == 109
-    assert values["sglang:cache_hit_rate"] == pytest.approx(109 / 250)
+        return {s.labels["dp_rank"]: s.value for f in text_string_to_metric_families(text)
+                for s in f.samples if s.name == name}
+    assert scrape("sglang:cache_hit_rate") == {str(r): 0.0 for r in range(11)}
+    metrics.on_prompt_cache(100, 0, 10)
+    metrics.on_prompt_cache(100, 60, 10)
+    metrics.on_prompt_cache(50, 49, 2)
+    assert scrape("sglang:cached_tokens_total") == {**{str(r): 0 for r in range(11)},
+                                                    "10": 60, "2": 49}
+    rates = scrape("sglang:cache_hit_rate")
+    assert rates["10"] == pytest.approx(60 / 200) and rates["2"] == pytest.approx(49 / 50)
+    assert rates["0"] == 0.0 and list(rates) == [str(r) for r in range(11)]

@@ -385,9 +385,12 @@ def test_cached_tokens_in_every_response_shape(client):
     assert usage["prompt_tokens"] - 1 <= details(usage) < usage["prompt_tokens"]
 
     families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
-    (rate,) = families["sglang:cache_hit_rate"].samples
-    (cached,) = [s for s in families["sglang:cached_tokens"].samples if s.name.endswith("_total")]
-    assert 0 < rate.value < 1 and cached.value >= 10 * hit
+    # These requests ran on rank 0: its series (one per rank) count them.
+    rate = {s.labels["dp_rank"]: s.value for s in families["sglang:cache_hit_rate"].samples}
+    cached = {s.labels["dp_rank"]: s.value for s in families["sglang:cached_tokens"].samples
+              if s.name.endswith("_total")}
+    assert sorted(rate) == sorted(cached) == [str(r) for r in range(len(rate))]
+    assert len(rate) > 1 and 0 < rate["0"] < 1 and cached["0"] >= 10 * hit
 
 
 def test_disable_radix_cache(tmp_path):
