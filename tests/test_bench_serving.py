@@ -13,6 +13,7 @@ import math
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import pytest
 from aiohttp import web
@@ -131,7 +132,14 @@ def test_shared_prefix_flags_have_sglangs_names_and_defaults():
     (["--gsp-num-turns", "0"], "--gsp-num-turns must be >= 1"),
     (["--gsp-system-prompt-len", "0"], "--gsp-system-prompt-len must be >= 1"),
     (["--gsp-range-ratio", "1.5"], "--gsp-range-ratio must be in"),
-    (["--seeded-bootstrap-rooms"], "works with --dataset-name random")])
+    (["--seeded-bootstrap-rooms"], "works with --dataset-name random"),
+    (["--gsp-group-distribution", "zipf"], "needs --gsp-zipf-alpha"),
+    (["--gsp-group-distribution", "zipf", "--gsp-zipf-alpha", "0"], "needs --gsp-zipf-alpha"),
+    (["--gsp-group-distribution", "zipf", "--gsp-zipf-alpha", "nan"], "needs --gsp-zipf-alpha"),
+    (["--gsp-zipf-alpha", "1.2"], "only with --gsp-group-distribution zipf"),
+    (["--gsp-group-distribution", "pareto"], "invalid choice"),
+    (["--gsp-group-distribution", "zipf", "--gsp-zipf-alpha", "1", "--gsp-hot-share", "0.5"],
+     "give one")])
 def test_shared_prefix_flags_out_of_range_are_refused(flags, message, capsys):
     with pytest.raises(SystemExit):
         parse_config(["--dataset-name", "generated-shared-prefix", *flags])
@@ -155,6 +163,26 @@ def test_shared_prefix_groups_share_their_system_prompt_exactly():
     assert all(3 <= r.output_len <= 6 for r in ranged)
     text = shared_prefix_requests(2, 2, 30, 5, 4, 1.0, seed=7, as_text=True, ordered=True)
     assert isinstance(text[0].prompt, str) and text[0].prompt[:30] == text[1].prompt[:30]
+
+
+def test_zipf_groups_keep_the_uniform_questions_and_favour_low_ranks():
+    """SGLang's --gsp-group-distribution zipf: the same questions and lengths as the
+    uniform run of the seed, each request's system prompt drawn by 1/rank**alpha."""
+    uniform = shared_prefix_requests(40, 50, 64, 8, 6, 1.0, seed=5, ordered=True)
+    zipf = shared_prefix_requests(40, 50, 64, 8, 6, 1.0, seed=5, ordered=True,
+                                  group_distribution="zipf", zipf_alpha=1.5)
+    assert zipf == shared_prefix_requests(40, 50, 64, 8, 6, 1.0, seed=5, ordered=True,
+                                          group_distribution="zipf", zipf_alpha=1.5)
+    assert len(zipf) == len(uniform) == 2000
+    assert [r.prompt[64:] for r in zipf] == [r.prompt[64:] for r in uniform]
+    systems = [tuple(uniform[50 * g].prompt[:64]) for g in range(40)]
+    counts = Counter(systems.index(tuple(r.prompt[:64])) for r in zipf)
+    weights = [1 / (g + 1) ** 1.5 for g in range(40)]
+    share = [w / sum(weights) for w in weights]  # group 0: 0.41 of the requests
+    for g in (0, 1, 2):  # within 5 standard deviations of the binomial
+        sd = (2000 * share[g] * (1 - share[g])) ** 0.5
+        assert abs(counts[g] - 2000 * share[g]) < 5 * sd, (g, counts[g], 2000 * share[g])
+    assert counts[0] > counts[1] > counts[2] > max(counts[g] for g in range(10, 40))
 
 
 def test_a_later_turn_resends_the_conversation_and_its_answer():

@@ -8,7 +8,11 @@
 prompts, each followed by ``prompts_per_group`` random questions, so every prompt of a
 group begins with the group's system prompt; lengths as above with ``--gsp-range-ratio``
 (system prompts per group, questions and outputs per prompt), the prompts shuffled
-unless ordered. With ``num_turns`` > 1 each prompt is a conversation: turn t resends the
+unless ordered. ``--gsp-group-distribution zipf`` (SGLang's flag) keeps the same prompts
+but gives each of the ``num_groups * prompts_per_group`` requests a group drawn with
+probability proportional to ``1 / rank ** alpha`` (``--gsp-zipf-alpha``; group 0, rank 1,
+the hottest), from a stream of its own, so the questions and lengths are those of the
+uniform run with the same seed. With ``num_turns`` > 1 each prompt is a conversation: turn t resends the
 conversation so far (the previous turn's prompt and the answer the server gave) plus a
 new question (``BenchRequest.later_questions``), as SGLang's ``--gsp-num-turns`` does;
 the client sends turn t+1 when turn t has finished. SGLang puts "\n\n" between system
@@ -27,6 +31,7 @@ lengths and arrival times on any machine (numpy's PCG64 streams, one per purpose
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,7 +41,8 @@ import numpy as np
 DEFAULT_VOCAB_SIZE = 256
 TEXT_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789 "
 
-_DATASET_STREAM, _ARRIVAL_STREAM, _ROOM_STREAM, _SHARED_PREFIX_STREAM = 0, 1, 2, 3
+_DATASET_STREAM, _ARRIVAL_STREAM, _ROOM_STREAM, _SHARED_PREFIX_STREAM, _GROUP_STREAM = range(5)
+GROUP_DISTRIBUTIONS = ("uniform", "zipf")
 MAX_ROOM = 2**63 - 1
 
 
@@ -92,7 +98,8 @@ def random_requests(num_prompts: int, input_len: int, output_len: int, range_rat
 
 def check_shared_prefix(num_groups: int, prompts_per_group: int, system_prompt_len: int,
                         question_len: int, output_len: int, range_ratio: float,
-                        num_turns: int) -> None:
+                        num_turns: int, group_distribution: str = "uniform",
+                        zipf_alpha: float | None = None) -> None:
     """ValueError naming the first ``--gsp-*`` flag out of range."""
     for name, value in (("--gsp-num-groups", num_groups),
                         ("--gsp-prompts-per-group", prompts_per_group),
@@ -103,16 +110,34 @@ def check_shared_prefix(num_groups: int, prompts_per_group: int, system_prompt_l
             raise ValueError(f"{name} must be >= 1, got {value}")
     if not 0.0 <= range_ratio <= 1.0:
         raise ValueError(f"--gsp-range-ratio must be in [0, 1], got {range_ratio}")
+    if group_distribution not in GROUP_DISTRIBUTIONS:
+        raise ValueError(f"--gsp-group-distribution must be uniform or zipf, "
+                         f"got {group_distribution!r}")
+    if group_distribution == "zipf":
+        if zipf_alpha is None or not math.isfinite(zipf_alpha) or zipf_alpha <= 0:
+            raise ValueError(f"--gsp-group-distribution zipf needs --gsp-zipf-alpha, a finite "
+                             f"number > 0; got {zipf_alpha}")
+    elif zipf_alpha is not None:
+        raise ValueError("--gsp-zipf-alpha applies only with --gsp-group-distribution zipf")
+
+
+def zipf_groups(num_groups: int, num_requests: int, alpha: float, seed: int) -> list[int]:
+    """Each request's group: group g (rank g + 1) with probability proportional to
+    ``1 / (g + 1) ** alpha``."""
+    weights = 1.0 / np.arange(1, num_groups + 1, dtype=np.float64) ** alpha
+    rng = np.random.default_rng([seed, _GROUP_STREAM])
+    return rng.choice(num_groups, size=num_requests, p=weights / weights.sum()).tolist()
 
 
 def shared_prefix_requests(num_groups: int, prompts_per_group: int, system_prompt_len: int,
                            question_len: int, output_len: int, range_ratio: float, seed: int,
                            num_turns: int = 1, ordered: bool = False, as_text: bool = False,
-                           vocab_size: int = DEFAULT_VOCAB_SIZE) -> list[BenchRequest]:
+                           vocab_size: int = DEFAULT_VOCAB_SIZE, group_distribution: str = "uniform",
+                           zipf_alpha: float | None = None) -> list[BenchRequest]:
     """SGLang's ``generated-shared-prefix``: ``num_groups * prompts_per_group``
     conversations of ``num_turns`` turns (module docstring)."""
     check_shared_prefix(num_groups, prompts_per_group, system_prompt_len, question_len,
-                        output_len, range_ratio, num_turns)
+                        output_len, range_ratio, num_turns, group_distribution, zipf_alpha)
     rng = np.random.default_rng([seed, _SHARED_PREFIX_STREAM])
     num_prompts = num_groups * prompts_per_group
 
@@ -127,10 +152,13 @@ def shared_prefix_requests(num_groups: int, prompts_per_group: int, system_promp
     systems = [tokens(n) for n in lengths(system_prompt_len, num_groups)]
     question_lens = lengths(question_len, num_prompts * num_turns)
     output_lens = lengths(output_len, num_prompts)
+    groups = ([i // prompts_per_group for i in range(num_prompts)]
+              if group_distribution == "uniform"
+              else zipf_groups(num_groups, num_prompts, zipf_alpha, seed))
     requests = []
     for i in range(num_prompts):
         questions = [tokens(n) for n in question_lens[i * num_turns:(i + 1) * num_turns]]
-        system = systems[i // prompts_per_group]
+        system = systems[groups[i]]
         requests.append(BenchRequest(prompt=system + questions[0],
                                      prompt_len=len(system) + len(questions[0]),
                                      output_len=output_lens[i],

@@ -45,8 +45,8 @@ import aiohttp
 from tqdm.asyncio import tqdm
 
 from bench.client.backends import BACKENDS, RequestResult
-from bench.client.dataset import (DEFAULT_VOCAB_SIZE, BenchRequest, arrival_offsets,
-                                  check_shared_prefix, multi_turn_requests, random_requests,
+from bench.client.dataset import (DEFAULT_VOCAB_SIZE, GROUP_DISTRIBUTIONS, BenchRequest,
+                                  arrival_offsets, check_shared_prefix, multi_turn_requests, random_requests,
                                   shared_prefix_requests, skewed_prefix_requests)
 from bench.client.metrics import format_rate, format_summary, summarize
 
@@ -103,6 +103,14 @@ class BenchConfig:
         "conversation so far (prompt and the server's answer) plus a new question"))
     gsp_ordered: bool = field(default=False, **_opt(
         "generated-shared-prefix: send the prompts group by group instead of shuffled"))
+    gsp_group_distribution: str = field(default="uniform", **_opt(
+        "generated-shared-prefix: uniform (each group gets --gsp-prompts-per-group requests) "
+        "or zipf (each request's group drawn with probability proportional to "
+        "1/rank**alpha, rank starts at 1: group 0 is the hottest)",
+        choices=GROUP_DISTRIBUTIONS))
+    gsp_zipf_alpha: float | None = field(default=None, **_opt(
+        "generated-shared-prefix with --gsp-group-distribution zipf: alpha, a finite number "
+        "> 0 (larger: more skewed)"))
     gsp_hot_share: float = field(default=0.0, **_opt(
         "generated-shared-prefix: share of the requests in group 0 (0: groups equal; with "
         "one turn)"))
@@ -140,7 +148,11 @@ class BenchConfig:
                 raise ValueError("--seeded-bootstrap-rooms works with --dataset-name random")
             check_shared_prefix(self.gsp_num_groups, self.gsp_prompts_per_group,
                                 self.gsp_system_prompt_len, self.gsp_question_len,
-                                self.gsp_output_len, self.gsp_range_ratio, self.gsp_num_turns)
+                                self.gsp_output_len, self.gsp_range_ratio, self.gsp_num_turns,
+                                self.gsp_group_distribution, self.gsp_zipf_alpha)
+            if self.gsp_hot_share > 0 and self.gsp_group_distribution != "uniform":
+                raise ValueError("--gsp-hot-share and --gsp-group-distribution zipf each set "
+                                 "how requests spread over groups: give one")
 
     @property
     def url(self) -> str:
@@ -165,7 +177,8 @@ def make_requests(cfg: BenchConfig) -> list[BenchRequest]:
             cfg.gsp_num_groups, cfg.gsp_prompts_per_group, cfg.gsp_system_prompt_len,
             cfg.gsp_question_len, cfg.gsp_output_len, cfg.gsp_range_ratio, cfg.seed,
             num_turns=cfg.gsp_num_turns, ordered=cfg.gsp_ordered, as_text=as_text,
-            vocab_size=cfg.random_vocab_size)
+            vocab_size=cfg.random_vocab_size, group_distribution=cfg.gsp_group_distribution,
+            zipf_alpha=cfg.gsp_zipf_alpha)
     return random_requests(cfg.num_prompts, cfg.random_input_len, cfg.random_output_len,
                            cfg.random_range_ratio, cfg.seed, as_text=as_text,
                            vocab_size=cfg.random_vocab_size, rooms=cfg.seeded_bootstrap_rooms)
@@ -307,6 +320,8 @@ def describe_run(cfg: BenchConfig) -> str:
                    f"{cfg.gsp_prompts_per_group} prompts{turns}, system prompt "
                    f"{cfg.gsp_system_prompt_len}, question {cfg.gsp_question_len}, output "
                    f"{cfg.gsp_output_len} tokens (range ratio {cfg.gsp_range_ratio})")
+        if cfg.gsp_group_distribution == "zipf":
+            dataset += f", groups drawn by Zipf alpha {cfg.gsp_zipf_alpha}"
     else:
         dataset = (f"{cfg.num_prompts} prompts, input <= {cfg.random_input_len}, output <= "
                    f"{cfg.random_output_len} tokens (range ratio {cfg.random_range_ratio})")
