@@ -17,7 +17,8 @@ microseconds, all measured in this one run:
   prompt's first block (``miss``; nor was it sent before); 16 ranks hold its first
   2,048 tokens (``half``); one rank holds all of it and 16 the first half (``full``);
   no rank holds it but the same prompt was just sent (``pending``: the dispatcher's
-  memory of prompts being prefilled answers, ``scheduler.pending_prefix``). ``hash_floor_us_p4096`` is
+  memory of prompts being prefilled answers, ``scheduler.pending_prefix``; the prompt
+  asked is a copy with its own int objects, as another request's is). ``hash_floor_us_p4096`` is
   CPython's ``hash(tuple(prompt))`` over the same 4,096 tokens, the least any
   content hash of the whole prompt costs in pure Python (``scheduler.prefix_hash``).
 - ``bootstrap_lookup_us`` / ``bootstrap_insert_us``: a hit in a half-full table; an
@@ -111,7 +112,11 @@ def cache_aware_pick_us(num_ranks: int = 64, prompt_len: int = 4096) -> dict[str
             return pick(tokens)
         figures["cache_aware_pick_us_n64_p4096_miss"] = median_us(pick_new, 500, 25, prompt)
         # Just sent (the memory of prompts being prefilled answers): the whole prompt shared.
-        figures["cache_aware_pick_us_n64_p4096_pending"] = median_us(pick, 500, 25, prompt)
+        # Asked with a copy whose ints are other objects, as a second request's are (parsed
+        # from its own JSON): comparing the same objects would skip every compare.
+        again = [int(str(t)) for t in prompt]
+        assert all(a is not b for a, b in zip(again, prompt) if a > 256)  # small ints are shared
+        figures["cache_aware_pick_us_n64_p4096_pending"] = median_us(pick, 500, 25, again)
         for writer in writers[8:24]:
             writer.on_cached(prompt[:prompt_len // 2], 0)
         figures["cache_aware_pick_us_n64_p4096_half"] = median_us(pick, 500, 25, fresh)
