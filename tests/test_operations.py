@@ -113,6 +113,19 @@ def test_pd_front_door_lists_every_rank_and_serves_bench_serving(tmp_path):
     with ServerProcess(*flags, log_path=tmp_path / "pd.log") as server:
         generate(server.url, "pd-0")
         info = httpx.get(server.url + "/get_server_info", timeout=5).json()
+        # The prefix cache lives on prefill ranks: its series are theirs (two, not
+        # decode's one), and a request counts at the prefill rank that ran it.
+        for _ in range(2):
+            r = httpx.post(server.url + "/generate", json={
+                "text": "the same prompt " * 8, "disagg_prefill_dp_rank": 1,
+                "sampling_params": {"max_new_tokens": 2}}, timeout=30)
+            assert r.status_code == 200, r.text
+        text = httpx.get(server.url + "/metrics", timeout=5).text
+        assert metric(text, "sglang:cached_tokens_total", dp_rank=1) == \
+            r.json()["meta_info"]["cached_tokens"] > 0
+        assert 0 < metric(text, "sglang:cache_hit_rate", dp_rank=1) < 1
+        assert len([line for line in text.splitlines()
+                    if line.startswith("sglang:cache_hit_rate{")]) == 2
     states = info["internal_states"]
     assert [(s["disaggregation_mode"], s["dp_rank"]) for s in states] == [
         ("prefill", 0), ("prefill", 1), ("decode", 0)]
