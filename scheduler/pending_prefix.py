@@ -11,8 +11,8 @@ remembers what it routed, kept that reuse.
 ``PendingPrefixes`` is the dispatcher's short memory of its own recent misses: for
 ``PENDING_S`` seconds after a prompt whose first block no rank caches goes to rank r,
 a prompt beginning with the same 64 tokens is taken to find at rank r the whole blocks
-it shares with that prompt (compared by their chained block keys, as the summaries are), and
-``cache_aware`` weighs that as it weighs a cached prefix. Once the prefix is cached the
+it shares with that prompt (compared by their chained block keys, as the summaries are),
+and ``cache_aware`` weighs that as it weighs a cached prefix. Once the prefix is cached the
 summaries answer and this memory is not consulted. It is per dispatcher (several API
 processes each remember their own) and bounded (``PENDING_MAX`` prompts,
 ``PENDING_MAX_TOKENS`` tokens; the oldest go first). Wrong guesses cost one routing

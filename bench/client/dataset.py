@@ -12,10 +12,10 @@ unless ordered. ``--gsp-group-distribution zipf`` (SGLang's flag) keeps the same
 but gives each of the ``num_groups * prompts_per_group`` requests a group drawn with
 probability proportional to ``1 / rank ** alpha`` (``--gsp-zipf-alpha``; group 0, rank 1,
 the hottest), from a stream of its own, so the questions and lengths are those of the
-uniform run with the same seed. With ``num_turns`` > 1 each prompt is a conversation: turn t resends the
-conversation so far (the previous turn's prompt and the answer the server gave) plus a
-new question (``BenchRequest.later_questions``), as SGLang's ``--gsp-num-turns`` does;
-the client sends turn t+1 when turn t has finished. SGLang puts "\n\n" between system
+uniform run with the same seed. With ``num_turns`` > 1 each prompt is a conversation:
+turn t resends the conversation so far (the previous turn's prompt and the answer the
+server gave) plus a new question (``BenchRequest.later_questions``), as SGLang's
+``--gsp-num-turns`` does; the client sends turn t+1 when turn t has finished. SGLang puts "\n\n" between system
 prompt and question; here they are joined as they are, so the shared prefix is exactly
 the system prompt's tokens.
 
@@ -132,7 +132,8 @@ def zipf_groups(num_groups: int, num_requests: int, alpha: float, seed: int) -> 
 def shared_prefix_requests(num_groups: int, prompts_per_group: int, system_prompt_len: int,
                            question_len: int, output_len: int, range_ratio: float, seed: int,
                            num_turns: int = 1, ordered: bool = False, as_text: bool = False,
-                           vocab_size: int = DEFAULT_VOCAB_SIZE, group_distribution: str = "uniform",
+                           vocab_size: int = DEFAULT_VOCAB_SIZE,
+                           group_distribution: str = "uniform",
                            zipf_alpha: float | None = None) -> list[BenchRequest]:
     """SGLang's ``generated-shared-prefix``: ``num_groups * prompts_per_group``
     conversations of ``num_turns`` turns (module docstring)."""

@@ -46,8 +46,9 @@ from tqdm.asyncio import tqdm
 
 from bench.client.backends import BACKENDS, RequestResult
 from bench.client.dataset import (DEFAULT_VOCAB_SIZE, GROUP_DISTRIBUTIONS, BenchRequest,
-                                  arrival_offsets, check_shared_prefix, multi_turn_requests, random_requests,
-                                  shared_prefix_requests, skewed_prefix_requests)
+                                  arrival_offsets, check_shared_prefix, multi_turn_requests,
+                                  random_requests, shared_prefix_requests,
+                                  skewed_prefix_requests)
 from bench.client.metrics import format_rate, format_summary, summarize
 
 
