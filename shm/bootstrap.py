@@ -16,7 +16,8 @@ little-endian), laid out as::
     +-----+-------+------+-----+--------------+-------------+-------------+--------+
     | seq | state | room | gen | prefill_rank | decode_rank | kv_location | kv_len | ...
     +-----+-------+------+-----+--------------+-------------+-------------+--------+
-      ... | first_token | deadline_ns | created_ns | region | slot | prompt_hash | cached_tokens | reserved |
+      ... | first_token | deadline_ns | created_ns | region | slot | prompt_hash | ...
+      ... | cached_tokens | reserved |
     decode claims, cell claims_off + (r * slots + s) * num_decode + d:
     +--------------------+--------------------+-----+------------------------+
     | claim[r][s][0]     | claim[r][s][1]     | ... | claim[r][s][num_dec-1] |

@@ -10,14 +10,14 @@ group begins with the group's system prompt; lengths as above with ``--gsp-range
 (system prompts per group, questions and outputs per prompt), the prompts shuffled
 unless ordered. ``--gsp-group-distribution zipf`` (SGLang's flag) keeps the same prompts
 but gives each of the ``num_groups * prompts_per_group`` requests a group drawn with
-probability proportional to ``1 / rank ** alpha`` (``--gsp-zipf-alpha``; group 0, rank 1,
-the hottest), from a stream of its own, so the questions and lengths are those of the
+probability proportional to ``1 / rank ** alpha`` (``--gsp-zipf-alpha``; group 0, rank
+1, the hottest), from a stream of its own, so the questions and lengths are those of the
 uniform run with the same seed. With ``num_turns`` > 1 each prompt is a conversation:
 turn t resends the conversation so far (the previous turn's prompt and the answer the
 server gave) plus a new question (``BenchRequest.later_questions``), as SGLang's
-``--gsp-num-turns`` does; the client sends turn t+1 when turn t has finished. SGLang puts "\n\n" between system
-prompt and question; here they are joined as they are, so the shared prefix is exactly
-the system prompt's tokens.
+``--gsp-num-turns`` does; the client sends turn t+1 when turn t has finished. SGLang
+puts "\n\n" between system prompt and question; here they are joined as they are, so the
+shared prefix is exactly the system prompt's tokens.
 
 Prompts are random token ids (for ``/generate``, sent as ``input_ids``) or text (for
 OpenAI routes): one ASCII character per token id, so a byte-level tokenizer such as the
