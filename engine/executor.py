@@ -123,12 +123,12 @@ class ModelExecutor(Executor):
         )
 
     def import_kv(self, peer, src_slots, dst_slots: list[int]) -> None:
-        """PD decode: copy a peer pool's ``src_slots`` into this pool's ``dst_slots``."""
+        """Copy a peer pool's ``src_slots`` into this pool's ``dst_slots`` (PD decode;
+        a cached prefix from a peer, ``copy_prefix``)."""
         if self._importer is None:
             from engine.kv_transfer import KVImporter
             self._importer = KVImporter(self.runner.model_config, self.runner.kv_pool.kv_buffer)
         self._importer.import_kv(peer, src_slots, dst_slots)
-
 
 
 def _record_logprobs(item, top, values, tops) -> None:

@@ -47,6 +47,9 @@ class SchedulerConfig:
     # The prefix-summary segment (shm.prefix_summary) where this rank publishes what its
     # cache holds, for cache_aware dispatch; None: it publishes nothing (no cache).
     prefix_summary_name: str | None = None
+    # --enable-cross-rank-prefix-cache: copy a cached prefix's KV from the rank that holds
+    # it (scheduler.prefix_share); the pool then lives in a shared KV segment.
+    cross_rank_prefix_cache: bool = False
     # PD disaggregation (role prefill/decode): where the shared tables and peers are.
     pd: PDConfig | None = None
 

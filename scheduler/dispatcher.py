@@ -90,7 +90,7 @@ def _by_cache_aware(d, alive, input_ids, bootstrap_room) -> int:
     hot = key is not None and d.traffic.is_hot(count, alive.count(True))
     loads = d.board.read_loads()
     rank = cache_aware(cached, loads.prefill_tokens, loads.tokens, loads.reqs, alive, d.rotation,
-                       hot)
+                       hot, d.shared_prefixes)
     if new:
         d.pending.note(input_ids, rank, now, first)
     return rank
@@ -136,6 +136,8 @@ class Dispatcher:
                 raise ValueError(f"the summary has {summary.num_ranks} ranks, "
                                  f"the board {board.num_ranks}")
         self.summary = summary
+        # The ranks copy each other's cached prefixes (--enable-cross-rank-prefix-cache).
+        self.shared_prefixes = summary is not None and summary.records is not None
         self.pending = PendingPrefixes(pending_s)
         self.traffic = PrefixTraffic()
         self.board = board

@@ -31,9 +31,10 @@ class Executor(ABC):
     kv: KVSlotAllocator
     # Only stop strings need text on the scheduler side; None when there is none.
     tokenizer: Any = None
-    # PD prefill: the shared segment holding this rank's pool and hand-off arena, made
-    # through the factory ``scheduler.pd.kv_segment_factory`` gives the executor (which
-    # owns it and unlinks it at ``close()``). None on every other rank.
+    # PD prefill (and a mixed rank whose peers copy its cached prefixes): the shared
+    # segment holding this rank's pool and hand-off arena, made through the factory
+    # ``scheduler.pd.kv_segment_factory`` gives the executor (which owns it and unlinks
+    # it at ``close()``). None on every other rank.
     kv_segment: KVSegment | None = None
     # True when this rank's every step lasts as long as its peers' (DP attention with
     # expert parallelism; the simulated executor with --sim-lockstep). The scheduler
@@ -67,6 +68,11 @@ class Executor(ABC):
         """Called by a PD decode rank (``scheduler.pd_decode``) once it claimed a prefill
         peer's KV: copy the peer pool's ``src_slots`` into this pool's ``dst_slots``."""
         raise NotImplementedError(f"{type(self).__name__} cannot take KV from a peer")
+
+    def copy_prefix(self, peer: KVSegment, src_slots, dst_slots: list[int]) -> None:
+        """Called by a rank that shares its peers' prefix caches (``scheduler.prefix_share``):
+        copy a cached prefix's KV from a peer pool's ``src_slots`` into ``dst_slots``."""
+        self.import_kv(peer, src_slots, dst_slots)
 
     def close(self) -> None:
         """Called once at rank exit (and when the scheduler cannot be built): release

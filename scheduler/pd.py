@@ -108,6 +108,11 @@ def kv_segment_kind(prefill_rank: int) -> str:
     return f"kv-p{prefill_rank}"
 
 
+def shared_kv_kind(rank: int) -> str:
+    """The KV segment of a mixed rank whose peers copy its cached prefixes."""
+    return f"kv-m{rank}"
+
+
 def shared_launch_id(bootstrap_port: int) -> str:
     """The launch id two PD servers on one node share (``--disaggregation-bootstrap-port``)."""
     return f"pd{bootstrap_port}"
@@ -129,19 +134,25 @@ def create_tables(launch_id: str, num_prefill_ranks: int, num_decode_ranks: int,
     return route, handoff
 
 
-
 def kv_segment_factory(cfg) -> Callable[[int, int], KVSegment] | None:
-    """How a PD prefill rank creates its KV segment, or None for any other rank.
+    """How a PD prefill rank, or a mixed rank sharing its prefix cache
+    (``--enable-cross-rank-prefix-cache``), creates its KV segment; None for any other.
 
     The executor calls the factory with ``(capacity, token_bytes)`` once it knows its
     pool's size (bytes per token 0: the simulated executor keeps no KV data, only the
     hand-off arena). The executor owns the segment: it unlinks it at ``close()``.
-    Decode ranks find it by this name (``scheduler.pd_peers``).
+    Decode ranks find it by this name (``scheduler.pd_peers``), peers of a mixed rank by
+    theirs (``scheduler.prefix_share``).
     """
+    from shm.kv_segment import KVSegment
+    from shm.segment import launch_id_of, segment_name
+
+    if cfg.cross_rank_prefix_cache and cfg.role == Role.MIXED and cfg.prefix_summary_name:
+        # Peers copy cached prefixes out of it (scheduler.prefix_share); named like the
+        # summary's launch.
+        name = segment_name(shared_kv_kind(cfg.dp_rank), launch_id_of(cfg.prefix_summary_name))
+        return lambda capacity, token_bytes: KVSegment.create(name, capacity, token_bytes)
     if cfg.pd is None or cfg.role != Role.PREFILL:
         return None
-    from shm.kv_segment import KVSegment
-    from shm.segment import segment_name
-
     name = segment_name(kv_segment_kind(cfg.dp_rank), cfg.pd.launch_id)
     return lambda capacity, token_bytes: KVSegment.create(name, capacity, token_bytes)

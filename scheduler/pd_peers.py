@@ -22,7 +22,7 @@ import time
 
 from scheduler.pd import HANDOFF_KIND, ROUTE_KIND, kv_segment_kind
 from shm.bootstrap import BootstrapTable
-from shm.kv_segment import KVSegment
+from shm.kv_segment import KVSegment, PeerSegments
 from shm.segment import ShmError, find_segment, owner_pid, pid_alive, segment_name
 
 logger = logging.getLogger(__name__)
@@ -44,25 +44,14 @@ class PDPeers:
         self.route = route
         self.handoff = handoff
         self.claimer = handoff.decode_claimer(self.decode_rank)
-        self._segments: dict[int, KVSegment] = {}
+        self._segments = PeerSegments(
+            lambda rank, pid: segment_name(kv_segment_kind(rank), self.launch_id, pid),
+            "prefill rank")
         self._down_at: dict[int, tuple[int, str | None]] = {}
         self._owner = owner_pid(handoff.name)
 
     def kv_segment(self, prefill_rank: int) -> KVSegment | None:
-        pid = self.handoff.region_writer_pid(prefill_rank)
-        seg = self._segments.get(prefill_rank)
-        if seg is not None and seg.owner_pid == pid:
-            return seg
-        if not pid:
-            return None
-        try:
-            seg = KVSegment.attach(segment_name(kv_segment_kind(prefill_rank), self.launch_id, pid))
-        except ShmError as exc:
-            logger.warning("prefill rank %d: %s", prefill_rank, exc)
-            return None
-        # A replaced mapping is left to the process's end: a torch view may still use it.
-        self._segments[prefill_rank] = seg
-        return seg
+        return self._segments.get(prefill_rank, self.handoff.region_writer_pid(prefill_rank))
 
     def down_reason(self, prefill_rank: int, now_ns: int) -> str | None:
         checked = self._down_at.get(prefill_rank)

@@ -243,11 +243,18 @@ GUARD_SLACK = 4
 # full (5.41 req/s); weight 8 kept 0.57 (7.08 req/s, smg's tree 7.05), with hot-prefix
 # max/mean 1.08. Past 8 the guard alone decides.
 MISS_WEIGHT = 8
+# With --enable-cross-rank-prefix-cache a rank copies what a peer caches of the prompt
+# (scheduler.prefix_share): a rank short of the deepest cache by d tokens counts as
+# caching all but d / SHARED_DISCOUNT of them. The copy itself costs little (2,048
+# tokens of the simulated 235B profile: 16 ms, about 50 prefill tokens); the discount
+# keeps a request on a holder whose queue is that much shorter, so copies (which
+# duplicate a prefix in a second cache) happen only to avoid a wait.
+SHARED_DISCOUNT = 64
 
 
 def cache_aware(cached_tokens: list[int] | None, eff_prefill: list[int], eff_tokens: list[int],
                 eff_reqs: list[int], alive: Sequence[bool], state: RotationState,
-                hot: bool = False) -> int:
+                hot: bool = False, shared: bool = False) -> int:
     """The live rank where the request's first token comes soonest, weighing what each
     rank caches of its prompt against the prefill queued there; ties to ``total_tokens``.
 
@@ -272,9 +279,15 @@ def cache_aware(cached_tokens: list[int] | None, eff_prefill: list[int], eff_tok
     prefill queues are equal that is ``total_tokens``. (Falling back to ``total_tokens``
     instead doubled the mean TTFT of uncached prompts on mixed ranks: ``docs/results.md``,
     "Prefix caches".)
+
+    ``shared``: the ranks copy each other's cached prefixes: a rank short of the deepest
+    one by d tokens counts as caching all but ``d // SHARED_DISCOUNT`` of them.
     """
     if cached_tokens is None or not any(cached_tokens):
         return prefill_tokens(eff_prefill, eff_tokens, eff_reqs, alive, state)
+    if shared:
+        most = max(cached_tokens)
+        cached_tokens = [most - (most - c) // SHARED_DISCOUNT for c in cached_tokens]
     reqs = _masked(eff_reqs, alive)
     live = [x for x in reqs if x != _DEAD_LOAD]
     if not live:

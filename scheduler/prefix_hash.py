@@ -24,6 +24,8 @@ Keys are stored as unsigned 64-bit values with 0 reserved for "empty"
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from typing import Sequence
 
 BLOCK_LEN = 64
@@ -62,3 +64,24 @@ def block_keys(tokens: Sequence[int], first_block: int = 0) -> list[int]:
     path from the root: earlier blocks are hashed too, as the chain needs them)."""
     hashes = chain_hashes(tuple(tokens), len(tokens) // BLOCK_LEN, [])
     return [summary_key(h) for h in hashes[first_block:]]
+
+
+DIGEST_BYTES = 16
+
+
+def prefix_digests(tokens: Sequence[int], num_blocks: int, start: int = 0) -> list[bytes]:
+    """Chained BLAKE2b digests of blocks ``start..num_blocks-1``: block j's stands for
+    ``tokens[:(j + 1) * BLOCK_LEN]`` (it hashes block j's tokens with block j - 1's).
+
+    The keys above are fast, not collision-proof (a client can craft equal keys); a
+    rank that copies another rank's KV for a prefix (``scheduler.prefix_share``)
+    checks these instead, so a crafted collision can never put one prompt's KV under
+    another prompt's tokens. Hashes from block 0; returns only the blocks from ``start``.
+    """
+    out, digest = [], b""
+    for j in range(num_blocks):
+        block = array("q", tokens[j * BLOCK_LEN:(j + 1) * BLOCK_LEN]).tobytes()
+        digest = hashlib.blake2b(digest + block, digest_size=DIGEST_BYTES).digest()
+        if j >= start:
+            out.append(digest)
+    return out

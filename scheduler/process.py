@@ -95,9 +95,13 @@ def _start(cfg: SchedulerConfig, row, pipes: RankPipes, summary: PrefixSummary |
                          "dispatchers")
     try:
         observer = summary.writer(cfg.dp_rank) if summary is not None else None
+        importer = None
+        if cfg.cross_rank_prefix_cache and summary is not None:
+            from scheduler.prefix_share import PrefixImporter
+            importer = PrefixImporter(summary, cfg.dp_rank)
         scheduler = Scheduler(cfg, executor, row, pipes.send, executor.tokenizer,
                               send_stats=pipes.broadcast, send_to=pipes.send_to,
-                              cache_observer=observer)
+                              cache_observer=observer, prefix_importer=importer)
     except BaseException:
         executor.close()  # a PD prefill rank's shared KV segment
         raise

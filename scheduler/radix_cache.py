@@ -44,6 +44,9 @@ from engine.kv_slots import KVSlotAllocator
 
 
 class CacheObserver(Protocol):
+    # When true, ``on_cached`` also gets the KV slots of the whole path (``slots=``).
+    wants_slots: bool
+
     def on_cached(self, tokens: Sequence[int], start: int) -> None:
         """``tokens[start:]`` were just added; ``tokens`` is the whole path from the root
         (``tokens[:start]`` were cached before)."""
@@ -135,7 +138,7 @@ class RadixCache:
         adopts ``slots`` from there on."""
         if len(tokens) != len(slots):
             raise ValueError(f"{len(tokens)} tokens but {len(slots)} slots")
-        node, i, _ = self._walk(tokens)
+        node, i, held = self._walk(tokens)
         n = len(tokens)
         if i < n:
             leaf = _Node(list(tokens[i:]), list(slots[i:]), node)
@@ -143,7 +146,10 @@ class RadixCache:
             node.children[tokens[i]] = leaf
             self.evictable_size += n - i
             if self.observer is not None:
-                self.observer.on_cached(tokens, i)
+                if getattr(self.observer, "wants_slots", False):
+                    self.observer.on_cached(tokens, i, slots=held + leaf.slots)
+                else:
+                    self.observer.on_cached(tokens, i)
         return i
 
     def evict(self, num_tokens: int) -> int:

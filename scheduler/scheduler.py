@@ -54,6 +54,7 @@ from scheduler.messages import (CLIENT_ERROR, SERVER_ERROR, AbortReq, BatchOutpu
 from scheduler.pd_decode import DecodeReceiver
 from scheduler.pd_prefill import PrefillSender
 from scheduler.pd_role import MixedRole, PDRole
+from scheduler.prefix_share import PrefixImporter
 from scheduler.radix_cache import CacheObserver, RadixCache
 from scheduler.request import Req
 from scheduler.roles import Role
@@ -68,7 +69,8 @@ class Scheduler:
                  send: Callable[[BatchOutput], None], tokenizer=None,
                  send_stats: Callable[[RankStats], None] = lambda stats: None,
                  cache_observer: CacheObserver | None = None,
-                 send_to: Callable[[int, BatchOutput], None] | None = None):
+                 send_to: Callable[[int, BatchOutput], None] | None = None,
+                 prefix_importer: PrefixImporter | None = None):
         self.cfg = cfg
         self.executor = executor
         self.board_row = board_row
@@ -100,6 +102,9 @@ class Scheduler:
         self.cache: RadixCache | None = None
         if not cfg.disable_radix_cache and cfg.role != Role.DECODE:
             self.cache = RadixCache(executor.kv, cache_observer)
+        # --enable-cross-rank-prefix-cache: copy what a peer caches of a prompt beyond
+        # this rank's own cache (scheduler.prefix_share) when admitting it.
+        self.prefix_importer = prefix_importer if self.cache is not None else None
         self.decode_stats = DecodeStats(cfg.decode_log_interval)
 
     # ---- the loop --------------------------------------------------------------------
@@ -290,7 +295,11 @@ class Scheduler:
         self.reqs[req.rid] = req
         if not self.pd.park(req):
             if self.cache is not None:
-                req.queued_cached = self.cache.cached_len(req.input_ids[:self._match_limit(req)])
+                tokens = req.input_ids[:self._match_limit(req)]
+                req.queued_cached = self.cache.cached_len(tokens)
+                if self.prefix_importer is not None:  # admission will most likely copy it
+                    req.queued_cached = max(req.queued_cached,
+                                            self.prefix_importer.shared_len(tokens))
             self.waiting.append(req)
 
     def on_abort(self, msg: AbortReq) -> None:
@@ -388,8 +397,11 @@ class Scheduler:
                 return False
             req.slots = kv.alloc(need)
             return True
-        prefix, node = cache.match_prefix(req.input_ids[:self._match_limit(req)])
+        tokens = req.input_ids[:self._match_limit(req)]
+        prefix, node = cache.match_prefix(tokens)
         cache.lock(node)  # before evicting: the match itself must stay
+        if self.prefix_importer is not None:
+            prefix, node = self._copy_shared_prefix(tokens, prefix, node)
         own = need - len(prefix)
         if not kv.can_alloc(own):
             cache.evict(own - kv.num_free)
@@ -400,6 +412,33 @@ class Scheduler:
         req.prefix_len = req.num_computed = req.cached_tokens = len(prefix)
         req.cache_node = node
         return True
+
+    def _copy_shared_prefix(self, tokens, prefix: list[int], node):
+        """Where a peer caches more of ``tokens`` than the locked match (``prefix``,
+        ``node``): copy the difference's KV into fresh slots, cache it, and return the
+        longer match, locked in place of the old one. Unchanged when there is nothing to
+        copy, no room for it, or the peer evicted during the copy."""
+        cache, kv = self.cache, self.executor.kv
+        plan = self.prefix_importer.plan(tokens, len(prefix))
+        if plan is None:
+            return prefix, node
+        n = plan.end - plan.start
+        if not kv.can_alloc(n):
+            cache.evict(n - kv.num_free)
+            if not kv.can_alloc(n):
+                return prefix, node
+        slots = kv.alloc(n)
+        self.executor.copy_prefix(plan.segment, plan.src_slots, slots)
+        if not self.prefix_importer.still_good(plan):
+            kv.free(slots)
+            return prefix, node
+        had = cache.insert(tokens[:plan.end], prefix + slots)
+        if had > len(prefix):  # not seen: nothing else inserts meanwhile
+            kv.free(slots[:had - len(prefix)])
+        longer, new_node = cache.match_prefix(tokens)
+        cache.lock(new_node)
+        cache.unlock(node)
+        return longer, new_node
 
     @staticmethod
     def _match_limit(req: Req) -> int:

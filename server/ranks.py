@@ -43,7 +43,7 @@ import posix_ipc
 from scheduler.config import SchedulerConfig
 from scheduler.messages import RankError, RankReady, ShutdownReq, decode_to_server, encode
 from scheduler.roles import DisaggregationMode, Role
-from server.args import ServerArgs
+from server.args import InvalidServerArgs, ServerArgs
 from server.placement import LaunchPlan, plan_launch
 from server.internal_state import RankStatsLog
 from shm.board import LoadBoard, RankStatus
@@ -124,7 +124,15 @@ def scheduler_configs(args: ServerArgs, board_name: str, role: Role | None = Non
         executor=args.executor, sim_profile=args.sim_profile,
         sim_lockstep_name=sim_lockstep_name, sim_time_scale=args.sim_time_scale,
         log_level=args.log_level, decode_log_interval=args.decode_log_interval,
-        disable_radix_cache=args.disable_radix_cache)
+        disable_radix_cache=args.disable_radix_cache,
+        cross_rank_prefix_cache=args.enable_cross_rank_prefix_cache)
+    if args.enable_cross_rank_prefix_cache and args.executor != "sim":
+        gpu = [rank.device for rank in ranks if rank.device.startswith("cuda")]
+        if gpu:
+            raise InvalidServerArgs(
+                f"--enable-cross-rank-prefix-cache on {gpu[0]}: ranks copy each other's KV "
+                "through shared memory, which needs --device cpu (or --executor sim); CUDA "
+                "IPC is not implemented")
     # Each rank its own sampling stream (decode ranks after the prefill ranks of a pd
     # launch), so unseeded requests on different ranks do not draw the same samples.
     seed = args.random_seed or 0
@@ -181,8 +189,9 @@ class EngineProcesses:
             # The ranks' prefix caches publish into it; cache_aware dispatch reads it.
             kv_tokens = max(c.max_total_tokens or DEFAULT_SUMMARY_KV_TOKENS for c in cfgs)
             kind = "prefix" if self.role == Role.MIXED else f"prefix-{self.role}"
-            self.summary = PrefixSummary.create(self.dp_size, buckets_for(kv_tokens),
-                                                self.launch_id, kind=kind)
+            self.summary = PrefixSummary.create(
+                self.dp_size, buckets_for(kv_tokens), self.launch_id, kind=kind,
+                slot_records=cfgs[0].cross_rank_prefix_cache)
             cfgs = [dataclasses.replace(c, prefix_summary_name=self.summary.name) for c in cfgs]
         for cfg in cfgs:
             # One request pipe and one output pipe per dispatcher (API process).

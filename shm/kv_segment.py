@@ -38,12 +38,13 @@ CPU build only implements the shared-memory path (see ``engine.kv_transfer``).
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 
 import numpy as np
 
-from shm.segment import SharedSegment, ShmLayoutError
+from shm.segment import SharedSegment, ShmError, ShmLayoutError
 
 MAGIC = 0x4450534B5653_4547  # "DPSKVSEG"
 LAYOUT_VERSION = 1
@@ -54,6 +55,8 @@ _HEADER = struct.Struct("<8q")
 # pool's capacity (each slot belongs to one request), so twice that leaves first-fit
 # room for fragmentation. A record also carries one logprob cell.
 ARENA_FACTOR = 2
+
+logger = logging.getLogger(__name__)
 
 
 def _align(n: int) -> int:
@@ -142,4 +145,32 @@ class KVSegment:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class PeerSegments:
+    """Peers' KV segments by rank: each mapped on first use, and again once the rank
+    restarted (a new pid names a new segment). ``name_of(rank, pid)`` is the segment's
+    name. A replaced mapping is left to the process's end: a torch view may still use it."""
+
+    def __init__(self, name_of, what: str = "rank"):
+        self._name_of = name_of
+        self._what = what
+        self._segments: dict[int, KVSegment] = {}
+
+    def get(self, rank: int, pid: int) -> "KVSegment | None":
+        seg = self._segments.get(rank)
+        if seg is not None and seg.owner_pid == pid:
+            return seg
+        if not pid:
+            return None
+        try:
+            seg = KVSegment.attach(self._name_of(rank, pid))
+        except ShmError as exc:
+            logger.warning("%s %d: %s", self._what, rank, exc)
+            return None
+        self._segments[rank] = seg
+        return seg
+
+    def clear(self) -> None:
+        self._segments.clear()
 

@@ -6,13 +6,13 @@ and probes every rank at once for the longest prefix each one holds. One POSIX s
 of uint64 cells (native little-endian)::
 
     cell 0                                                                  HEADER_LEN
-    +-------+---------+-----------+-------------+------+-----------+-----------+-----+
-    | magic | version | num_ranks | num_buckets | ways | block_len | owner_pid | pad |
-    +-------+---------+-----------+-------------+------+-----------+-----------+-----+
+    +-------+---------+-----------+-------------+------+-----------+-----------+-------+
+    | magic | version | num_ranks | num_buckets | ways | block_len | owner_pid | slots |
+    +-------+---------+-----------+-------------+------+-----------+-----------+-------+
     rank lines, rank r at HEADER_LEN + r * LINE (LINE = 8 cells, 64 bytes):
-    +------------+----------+-------------+-----+
-    | writer_pid | num_keys | num_dropped | pad |
-    +------------+----------+-------------+-----+
+    +------------+----------+-------------+-----------+-----+
+    | writer_pid | num_keys | num_dropped | evictions | pad |
+    +------------+----------+-------------+-----------+-----+
     table at table_off = HEADER_LEN + num_ranks * LINE, bucket-major; bucket b holds
     WAYS cells per rank, side by side (cell (b * num_ranks + r) * WAYS + w):
     +----------------------+----------------------+-----+------------------------+
@@ -20,13 +20,34 @@ of uint64 cells (native little-endian)::
     +----------------------+----------------------+-----+------------------------+
       ... then bucket b + 1. A key k lives in bucket ``bucket_of(k)`` (Fibonacci hashing
       of the key's bits), in either way of its rank's cells there; 0 marks a free way.
+    only when the header's ``slots`` is 1 (ranks share cached prefixes,
+    ``scheduler.prefix_share``), two more parts:
+    stash at stash_off = table_off + num_buckets * num_ranks * WAYS, rank-major: rank r
+      has num_buckets / 16 stash buckets of STASH_WAYS cells (stash bucket of key k:
+      k's low bits), where its keys go whose table bucket is full;
+    slot records, int32 after the stash, RECORD_LEN each: key cell c (table or stash)
+      has record c - table_off: the KV slots, in the rank's own pool, of the block whose
+      key the cell holds (BLOCK_LEN cells), then that block's ``prefix_digests`` digest
+      (16 bytes), which a copier compares with its own prompt's: the keys are not
+      collision-proof, the digest is.
+    Probes read the table only; a copy needs every block's record, so the stash keeps a
+    dropped key's record (a prefix of 32 blocks in a full table would otherwise miss
+    one of them more often than not).
 
 Who writes what (one writer per cell):
 - header: the creator (the launcher, ``PrefixSummary.create``), once, before anyone
   attaches.
-- rank line r and rank r's cells of every bucket (its region): rank r's scheduler,
-  through its ``SummaryWriter`` (the prefix cache's observer), as it inserts, evicts
-  and flushes.
+- rank line r and rank r's cells of every bucket (its region), and their slot
+  records: rank r's scheduler, through its ``SummaryWriter`` (the prefix cache's
+  observer), as it inserts, evicts and flushes. It writes a record before the key
+  that points to it, and bumps its line's ``evictions`` whenever its cache lets slots
+  go (before they can be allocated again and written by a forward pass).
+
+How a peer copies a block's KV without its owner (``scheduler.prefix_share``): read
+``evictions``, find the key and read its record, copy those slots of the owner's pool,
+read ``evictions`` again; equal, and the copy is the block's KV (the owner frees a
+cached slot only by evicting, and writes one only after allocating it again, after
+the bump: x86-64 store order); changed, and the copy is thrown away.
 
 Why bucket-major: a probe reads, for each block of the prompt, the same bucket of every
 rank, so one bucket is one contiguous row and the dispatcher gathers the rows of all
@@ -58,7 +79,10 @@ Sizing: ``buckets_for(max_cached_tokens)`` gives a rank twice the cells of the b
 it can cache. Full (a KV pool of cached prompts), keys land Poisson(1) per bucket and
 about 10% are dropped, which under-states a shared prefix by about 7 tokens on
 average. A 1M-token KV pool per rank is 16,384 buckets, 256 KiB per rank, 16 MiB at 64
-ranks (a probe touches one 1 KiB row per block, whatever the size).
+ranks (a probe touches one 1 KiB row per block, whatever the size). Slot records add
+272 bytes per cell and the stash a quarter of the cells, about 11 bytes per token of
+the pool (11 MiB per rank at 1M tokens: next to the KV of a token, hundreds of KiB on a
+large model, nothing), in pages the kernel backs only once a rank writes them.
 
 Ownership: the launcher creates the segment (``create``) and unlinks it at close;
 ranks and dispatchers ``attach`` and never unlink.
@@ -71,19 +95,22 @@ from typing import Sequence
 
 import numpy as np
 
-from scheduler.prefix_hash import BLOCK_LEN, block_keys, chain_hashes, first_hash, summary_key
+from scheduler.prefix_hash import (BLOCK_LEN, DIGEST_BYTES, block_keys, chain_hashes, first_hash,
+                                   prefix_digests, summary_key)
 from shm.board import check_memory_order
 from shm.segment import SharedSegment, ShmError, ShmLayoutError, pid_alive, segment_name
 
 __all__ = ["PrefixSummary", "SummaryWriter", "buckets_for", "WAYS", "BLOCK_LEN"]
 
 MAGIC = 0x44505350_52464958  # "DPSP" "RFIX"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 HEADER_LEN = 8
-H_MAGIC, H_VERSION, H_NUM_RANKS, H_NUM_BUCKETS, H_WAYS, H_BLOCK_LEN, H_OWNER = range(7)
+H_MAGIC, H_VERSION, H_NUM_RANKS, H_NUM_BUCKETS, H_WAYS, H_BLOCK_LEN, H_OWNER, H_SLOTS = range(8)
 LINE = 8  # cells per rank line: 64 bytes
-L_WRITER_PID, L_NUM_KEYS, L_NUM_DROPPED = range(3)
+L_WRITER_PID, L_NUM_KEYS, L_NUM_DROPPED, L_EVICTIONS = range(4)
 WAYS = 2
+STASH_WAYS = 8
+RECORD_LEN = BLOCK_LEN + DIGEST_BYTES // 4  # int32 cells: the slots, then the digest
 _WAYS_AS_ONE = np.uint16  # WAYS booleans side by side, read as one integer
 FIB = 0x9E3779B97F4A7C15  # 2**64 / golden ratio: Fibonacci hashing
 MASK = (1 << 64) - 1
@@ -91,6 +118,15 @@ MASK = (1 << 64) - 1
 # blocks before hashing further: hashing stops within STRIDE blocks of the deepest one
 # any rank holds, at one cheap check per STRIDE blocks.
 STRIDE = 8
+
+
+def stash_shape(num_ranks: int, num_buckets: int, slot_records: bool) -> tuple[int, int]:
+    """(stash buckets per rank, stash cells in all): none without slot records. A
+    rank's stash has a quarter of its table's cells: a full table drops about 10%."""
+    if not slot_records:
+        return 1, 0
+    buckets = max(1, num_buckets // 16)
+    return buckets, num_ranks * buckets * STASH_WAYS
 
 
 def buckets_for(max_cached_tokens: int) -> int:
@@ -105,18 +141,30 @@ class PrefixSummary:
     Readers call ``cached_tokens(prompt)``; rank r gets its writer with ``writer(r)``.
     """
 
-    def __init__(self, segment: SharedSegment, num_ranks: int, num_buckets: int):
+    def __init__(self, segment: SharedSegment, num_ranks: int, num_buckets: int,
+                 slot_records: bool = False):
         self.segment = segment
         self.name = segment.name
         self.num_ranks = num_ranks
         self.num_buckets = num_buckets
+        self.slot_records = slot_records
         self._shift = 64 - (num_buckets.bit_length() - 1)
         self.table_off = HEADER_LEN + num_ranks * LINE
+        table_len = num_buckets * num_ranks * WAYS
+        self.stash_off = self.table_off + table_len
+        self.stash_buckets, stash_len = stash_shape(num_ranks, num_buckets, slot_records)
         self.cells = memoryview(segment.buf).cast("Q")
-        arr = np.frombuffer(segment.buf, dtype=np.uint64)
+        arr = np.frombuffer(segment.buf, dtype=np.uint64, count=self.stash_off + stash_len)
         self._lines = arr[HEADER_LEN:self.table_off].reshape(num_ranks, LINE)
         # [bucket, rank * WAYS + way]: one row per bucket, every rank's line side by side.
-        self._table = arr[self.table_off:].reshape(num_buckets, num_ranks * WAYS)
+        self._table = arr[self.table_off:self.stash_off].reshape(num_buckets, num_ranks * WAYS)
+        self._stash = arr[self.stash_off:].reshape(num_ranks, -1)
+        # [key cell - table_off, RECORD_LEN]: the KV slots of the block the cell's key
+        # names, then the block's digest.
+        num_records = table_len + stash_len
+        self.records = (np.frombuffer(segment.buf, dtype=np.int32, count=num_records * RECORD_LEN,
+                                      offset=(self.stash_off + stash_len) * 8)
+                        .reshape(num_records, RECORD_LEN) if slot_records else None)
         self._np_shift = np.uint64(self._shift)
         self._np_fib = np.uint64(FIB)
         self._depths = self._depth_tokens(1024)
@@ -126,19 +174,26 @@ class PrefixSummary:
     # ---- lifetime -------------------------------------------------------------------
     @classmethod
     def create(cls, num_ranks: int, num_buckets: int, launch_id: str,
-               kind: str = "prefix") -> "PrefixSummary":
+               kind: str = "prefix", slot_records: bool = False) -> "PrefixSummary":
+        """``slot_records``: keep each cached block's KV slots beside its key, for ranks
+        that copy each other's cached prefixes (``scheduler.prefix_share``)."""
         check_memory_order()
         if not 1 <= num_ranks <= 4096:
             raise ValueError(f"num_ranks must be in [1, 4096], got {num_ranks}")
         if num_buckets < 1 or num_buckets & (num_buckets - 1) or num_buckets > 1 << 24:
             raise ValueError(f"num_buckets must be a power of two in [1, 2**24], got {num_buckets}")
-        num_cells = HEADER_LEN + num_ranks * LINE + num_buckets * num_ranks * WAYS
-        seg = SharedSegment.create(segment_name(kind, launch_id), num_cells * 8)
-        summary = cls(seg, num_ranks, num_buckets)
+        table_len = num_buckets * num_ranks * WAYS
+        stash_len = stash_shape(num_ranks, num_buckets, slot_records)[1]
+        size = (HEADER_LEN + num_ranks * LINE + table_len + stash_len) * 8
+        if slot_records:
+            size += (table_len + stash_len) * RECORD_LEN * 4
+        seg = SharedSegment.create(segment_name(kind, launch_id), size)
+        summary = cls(seg, num_ranks, num_buckets, slot_records)
         cells = summary.cells
         for cell, value in ((H_VERSION, LAYOUT_VERSION), (H_NUM_RANKS, num_ranks),
                             (H_NUM_BUCKETS, num_buckets), (H_WAYS, WAYS),
-                            (H_BLOCK_LEN, BLOCK_LEN), (H_OWNER, os.getpid())):
+                            (H_BLOCK_LEN, BLOCK_LEN), (H_OWNER, os.getpid()),
+                            (H_SLOTS, int(slot_records))):
             cells[cell] = value
         cells[H_MAGIC] = MAGIC  # last (x86 store order): seen only over a whole header
         return summary
@@ -153,12 +208,12 @@ class PrefixSummary:
             seg.close()
             raise ShmLayoutError(f"{name} is not a prefix summary of layout version "
                                  f"{LAYOUT_VERSION} with {WAYS} ways of {BLOCK_LEN}-token blocks")
-        return cls(seg, header[H_NUM_RANKS], header[H_NUM_BUCKETS])
+        return cls(seg, header[H_NUM_RANKS], header[H_NUM_BUCKETS], bool(header[H_SLOTS]))
 
     def close(self) -> None:
         """Drop every view, then unmap (and unlink if this process created it)."""
         self.cells.release()
-        del self._lines, self._table
+        del self._lines, self._table, self._stash, self.records
         self.segment.__exit__(None, None, None) if self.segment.is_owner else self.segment.close()
 
     def __enter__(self) -> "PrefixSummary":
@@ -189,6 +244,40 @@ class PrefixSummary:
 
     def num_dropped(self, rank: int) -> int:
         return self.cells[HEADER_LEN + rank * LINE + L_NUM_DROPPED]
+
+    def evictions(self, rank: int) -> int:
+        """How many times rank ``rank``'s cache has let slots go: unchanged across a copy
+        of its KV means the copy is good (module docstring)."""
+        return self.cells[HEADER_LEN + rank * LINE + L_EVICTIONS]
+
+    def block_slots(self, rank: int, hashes: Sequence[int], digests: Sequence[bytes],
+                    first: int, end: int) -> list:
+        """The KV slots of blocks ``first..end-1`` (chained hashes ``hashes``, digests
+        ``digests[j - first]``) in rank ``rank``'s pool, up to the first block whose key
+        its cells lack or whose record has another digest: a list of int32 arrays,
+        copies. Read ``evictions(rank)`` before and after using them."""
+        if self.records is None:
+            raise ValueError(f"{self.name} keeps no slot records")
+        cells, out = self.cells, []
+        for j in range(first, end):
+            key = summary_key(hashes[j])
+            base = self.table_off + (self.bucket_of(key) * self.num_ranks + rank) * WAYS
+            stash = self.stash_cell(rank, key)
+            for cell in (*range(base, base + WAYS), *range(stash, stash + STASH_WAYS)):
+                if cells[cell] == key:
+                    record = self.records[cell - self.table_off].copy()
+                    break
+            else:
+                break
+            if record[0] < 0 or record[BLOCK_LEN:].tobytes() != digests[j - first]:
+                break  # published without its slots, or another prefix with this key
+            out.append(record[:BLOCK_LEN])
+        return out
+
+    def stash_cell(self, rank: int, key: int) -> int:
+        """The first cell of ``key``'s stash bucket in rank ``rank``'s stash."""
+        bucket = key & (self.stash_buckets - 1)
+        return self.stash_off + (rank * self.stash_buckets + bucket) * STASH_WAYS
 
     def any_holds(self, key: int) -> bool:
         """Whether some rank's summary has ``key``: one search of its bucket's row."""
@@ -262,42 +351,70 @@ class SummaryWriter:
         self.rank = rank
         self._cells = summary.cells
         self._line = HEADER_LEN + rank * LINE
+        self._records = summary.records
+        # The radix cache passes each path's slots to on_cached only when this is set.
+        self.wants_slots = summary.records is not None
         self._where: dict[int, int] = {}
         self._num_dropped = 0
         self.on_flush()  # a restarted rank's cache starts empty
         self._cells[self._line + L_WRITER_PID] = os.getpid()
 
     # ---- the CacheObserver interface ---------------------------------------------------
-    def on_cached(self, tokens: Sequence[int], start: int) -> None:
+    def on_cached(self, tokens: Sequence[int], start: int,
+                  slots: Sequence[int] | None = None) -> None:
         """``tokens[start:]`` were just cached (``tokens[:start]`` were already): publish
-        the blocks that became full."""
-        for key in block_keys(tokens, start // BLOCK_LEN):
-            self._insert(key)
+        the blocks that became full. ``slots``: the KV slots of the whole path, one per
+        token, when the summary keeps slot records."""
+        first = start // BLOCK_LEN
+        keys = block_keys(tokens, first)
+        digests = (prefix_digests(tokens, first + len(keys), first)
+                   if slots and self._records is not None else [None] * len(keys))
+        for j, key, digest in zip(range(first, first + len(keys)), keys, digests):
+            block = slots[j * BLOCK_LEN:(j + 1) * BLOCK_LEN] if digest is not None else None
+            self._insert(key, block, digest)
         self._publish_counts()
 
     def on_evicted(self, tokens: Sequence[int], start: int) -> None:
         """``tokens[start:]`` were just evicted (``tokens[:start]`` stay): withdraw the
         blocks that are no longer full."""
+        self._bump_evictions()
         for key in block_keys(tokens, start // BLOCK_LEN):
             self._remove(key)
         self._publish_counts()
 
     def on_flush(self) -> None:
         """The cache is empty: clear every line of this rank."""
+        self._bump_evictions()
         s = self.summary
         s._table.reshape(s.num_buckets, s.num_ranks, WAYS)[:, self.rank, :] = 0
+        s._stash[self.rank] = 0
         self._where.clear()
         self._publish_counts()
 
     # ---- cells ----------------------------------------------------------------------------
-    def _insert(self, key: int) -> None:
+    def _bump_evictions(self) -> None:
+        self._cells[self._line + L_EVICTIONS] = self._cells[self._line + L_EVICTIONS] + 1
+
+    def _insert(self, key: int, block_slots: Sequence[int] | None,
+                digest: bytes | None = None) -> None:
         if key in self._where:
             return  # already published (the same full block reported again)
         s = self.summary
         base = s.table_off + (s.bucket_of(key) * s.num_ranks + self.rank) * WAYS
         cells = self._cells
-        for cell in range(base, base + WAYS):
+        cells_to_try = range(base, base + WAYS)
+        if self._records is not None:  # a full bucket's key goes to the stash
+            stash = s.stash_cell(self.rank, key)
+            cells_to_try = (*cells_to_try, *range(stash, stash + STASH_WAYS))
+        for cell in cells_to_try:
             if cells[cell] == 0:
+                if self._records is not None:  # before the key; -1: slots not known
+                    record = self._records[cell - s.table_off]
+                    if block_slots is None:
+                        record[:] = -1
+                    else:
+                        record[:BLOCK_LEN] = block_slots
+                        record[BLOCK_LEN:] = np.frombuffer(digest, dtype=np.int32)
                 cells[cell] = key
                 self._where[key] = cell
                 return

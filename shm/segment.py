@@ -100,6 +100,15 @@ def segment_name(kind: str, launch_id: str, pid: int | None = None) -> str:
     return f"/{NAME_PREFIX}{pid or os.getpid()}.{launch_id}.{kind}"
 
 
+def launch_id_of(name: str) -> str:
+    """The launch id in a ``segment_name`` (the other segments of that launch share it)."""
+    base = name.lstrip("/")
+    parts = base[len(NAME_PREFIX):].split(".") if base.startswith(NAME_PREFIX) else []
+    if len(parts) != 3 or not parts[0].isdigit():
+        raise ValueError(f"{name!r} is not a segment name of this engine")
+    return parts[1]
+
+
 def owner_pid(name: str) -> int | None:
     """The creator pid encoded in a segment name, or None if the name is not ours."""
     base = name.lstrip("/")

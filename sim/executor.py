@@ -13,6 +13,8 @@ Cost model of one step (seconds), from the batch's plain data::
     + prefill_attn_s  * sum over prefill chunks of chunk_len * (start_pos + chunk_len / 2)
     + decode_seq_s    * (decoding requests in the batch)
     + decode_kv_s     * sum over decoding requests of their KV length
+    + kv_bytes_per_token / peer_copy_bytes_per_s * (tokens of cached prefixes copied
+      from peer ranks since the last step, ``--enable-cross-rank-prefix-cache``)
 
 Sleeping (not spinning) lets dozens of simulated ranks share two cores.
 
@@ -59,6 +61,10 @@ class SimProfile:
     max_total_num_tokens: int = 1 << 20
     context_len: int = 32768
     vocab_size: int = 32000
+    # A cached prefix copied from a peer rank (--enable-cross-rank-prefix-cache) costs
+    # kv_bytes_per_token / peer_copy_bytes_per_s a token, added to the next step; 0: free.
+    kv_bytes_per_token: int = 0
+    peer_copy_bytes_per_s: float = 0.0
     source: str = ""
 
     def step_time(self, items: list[ForwardItem]) -> float:
@@ -107,6 +113,7 @@ class SimExecutor(Executor):
         self.kv = KVSlotAllocator(max_total_num_tokens or profile.max_total_num_tokens)
         self.tokenizer = None
         self.busy_s = 0.0  # total simulated forward time, for reports
+        self.copy_s = 0.0  # modelled time of prefix copies, added to the next step
         self.lockstep_wait_s = 0.0  # modelled time spent waiting for slower lockstep peers
         # PD prefill: no KV data, but the same hand-off arena and protocol as the real pool.
         self.kv_segment = (new_kv_segment(self.max_total_num_tokens, 0)
@@ -133,6 +140,14 @@ class SimExecutor(Executor):
         if len(src_slots) != len(dst_slots):
             raise ValueError(f"copying {len(src_slots)} slots into {len(dst_slots)}")
 
+    def copy_prefix(self, peer, src_slots, dst_slots: list[int]) -> None:
+        """A cached prefix from a peer: no data, but the copy's modelled time is added
+        to the next step (the rank copies before that forward pass)."""
+        self.import_kv(peer, src_slots, dst_slots)
+        p = self.profile
+        if p.kv_bytes_per_token and p.peer_copy_bytes_per_s:
+            self.copy_s += len(dst_slots) * p.kv_bytes_per_token / p.peer_copy_bytes_per_s
+
     def close(self) -> None:
         """At rank exit: unlink the PD arena; leave the lockstep so peers stop waiting."""
         super().close()
@@ -158,7 +173,8 @@ class SimExecutor(Executor):
         slowest rank's step ends); an empty batch is a lockstep idle step and costs
         ``base_s``."""
         start_ns = time.monotonic_ns()
-        cost = self.profile.step_time(items)
+        cost = self.profile.step_time(items) + self.copy_s
+        self.copy_s = 0.0
         wall = cost * self.time_scale
         out = [(self._token(item), 0.0) for item in items if item.sample]
         if self.lockstep is not None:

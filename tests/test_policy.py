@@ -18,7 +18,7 @@ from scheduler.policy import (InvalidDpRankError, InvalidLoadBalanceMethod, Inva
                               prefill_tokens, resolve_method, round_robin, routed_rank,
                               total_requests, total_tokens)
 from scheduler.policy import (GUARD_RATIO, GUARD_SLACK, HOT_GUARD_RATIO, HOT_GUARD_SLACK, MISS_WEIGHT,
-                             cache_aware)
+                             SHARED_DISCOUNT, cache_aware)
 
 FAST = settings(max_examples=150, deadline=None)
 
@@ -295,3 +295,36 @@ def test_routed_rank_obeyed_or_named_error(data, n):
 def test_routed_rank_must_be_an_int(bad):
     with pytest.raises(InvalidDpRankError):
         routed_rank(bad, (True, True))
+
+
+def test_cache_aware_with_shared_caches_sends_a_hit_past_a_busy_holder():
+    """Ranks that copy each other's cached prefixes: a holder prefilling another prompt
+    loses the request to an idle rank (which copies the prefix); an idle holder, or one
+    whose queue is shorter than the copy's discount, keeps it."""
+    cached, toks, reqs, alive = [2048, 0, 0, 0], [0] * 4, [1, 1, 1, 1], [True] * 4
+    busy = [2176, 0, 0, 0]  # rank 0 prefills another group's first question
+    assert cache_aware(cached, busy, toks, reqs, alive, RotationState()) == 0
+    assert cache_aware(cached, busy, toks, reqs, alive, RotationState(), shared=True) in (1, 2, 3)
+    assert cache_aware(cached, [0] * 4, toks, reqs, alive, RotationState(), shared=True) == 0
+    short = [MISS_WEIGHT * 2048 // SHARED_DISCOUNT - 1, 0, 0, 0]
+    assert cache_aware(cached, short, toks, reqs, alive, RotationState(), shared=True) == 0
+
+
+@FAST
+@given(data=st.data(), n=st.integers(1, 8), start=st.integers(0, 9))
+def test_cache_aware_with_shared_caches_counts_every_rank_near_the_deepest(data, n, start):
+    """With shared caches the pick is cache_aware's over caches raised to the deepest one
+    less SHARED_DISCOUNT of the difference."""
+    cached = data.draw(st.lists(st.sampled_from([0, 64, 128, 2048]), min_size=n, max_size=n))
+    prefill = data.draw(st.lists(st.integers(0, 3000), min_size=n, max_size=n))
+    toks = data.draw(st.lists(st.integers(0, 900), min_size=n, max_size=n))
+    reqs = data.draw(st.lists(st.integers(0, 12), min_size=n, max_size=n))
+    alive = data.draw(alive_for(n))
+    if not any(alive):
+        return
+    most = max(cached)
+    raised = [most - (most - c) // SHARED_DISCOUNT for c in cached]
+    state, expected = RotationState(start), RotationState(start)
+    assert cache_aware(cached, prefill, toks, reqs, alive, state, shared=True) == \
+        cache_aware(raised if most else cached, prefill, toks, reqs, alive, expected)
+    assert state == expected
