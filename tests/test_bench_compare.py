@@ -328,3 +328,36 @@ def test_cache_scenarios_fit_the_pool_and_the_server_they_run_on():
     flags = server_flags("smg", 2, "p")
     assert flags[flags.index("--load-balance-method") + 1] == "round_robin"
     assert "--sim-profile" in flags and "--disaggregation-mode" not in flags
+
+
+def test_cache_compare_shares_caches_on_every_server_and_refuses_bad_flags(capsys):
+    from bench.compare.cache import main, server_flags
+
+    assert "--enable-cross-rank-prefix-cache" in server_flags("smg", 2, "p", cross_rank=True)
+    assert "--enable-cross-rank-prefix-cache" not in server_flags("cache_aware", 2, "p")
+    for argv in (["--request-rate", "0"], ["--request-rate", "inf"],
+                 ["--cross-rank-prefix-cache", "--pd"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+    assert "--request-rate" in capsys.readouterr().err
+
+
+def test_the_cache_bound_sits_between_the_alone_costs_and_their_queue():
+    """bench.models.cache_bound: a group's first request is a miss; with more ranks than
+    misses nothing queues, so the bound is the no-queueing floor; with one rank every
+    miss waits for the ones before, and the bound can only grow."""
+    from bench.models.cache_bound import bound, prefill_s
+    from sim.executor import load_profile
+
+    profile = load_profile("seed-qwen3-235b-dp4")
+    wide = bound(profile, 4, 4.656, 1, 52_600)
+    assert wide["misses"] == 64 and wide["requests"] == 256
+    assert wide["mean_ttft_bound_ms"] >= wide["mean_ttft_no_queueing_ms"]
+    alone_hit = profile.base_s + prefill_s(profile, 128, 2048)
+    assert wide["mean_ttft_no_queueing_ms"] >= 1e3 * alone_hit
+    # As many ranks as misses: each starts base_s after it arrives, no queue.
+    many = bound(profile, 64, 4.656, 1, 52_600)
+    assert many["miss_queueing_ms_of_mean"] == pytest.approx(0.0, abs=0.05)
+    # Saturating rate: every miss released at once queues ranks-wide.
+    burst = bound(profile, 4, 1e6, 1, 52_600)
+    assert burst["miss_queueing_ms_of_mean"] > 1000

@@ -44,6 +44,12 @@ Other shapes, servers and samples:
   16 full contexts per rank).
 - ``--pd``: one PD server (as many decode ranks as prefill ranks); each method places
   requests on the prefill ranks, decode ranks use ``auto``. smg does not run there.
+- ``--request-rate R``: the repeats run at R instead of ``LOAD`` x round robin's measured
+  capacity (no capacity run), so that two runs with different server flags share one
+  load.
+- ``--cross-rank-prefix-cache``: every server runs with
+  ``--enable-cross-rank-prefix-cache`` (a rank copies a prompt's cached prefix from the
+  rank that holds it; the profile's peer bandwidth prices the copy), for every method.
 """
 
 from __future__ import annotations
@@ -180,13 +186,16 @@ class SmgGateway:
 
 
 def server_flags(method: str, ranks: int, profile: str, executor: str = "sim",
-                 model_path: str = "tiny", pd: bool = False) -> list[str]:
+                 model_path: str = "tiny", pd: bool = False,
+                 cross_rank: bool = False) -> list[str]:
     if executor == "sim":
         flags = ["--executor", "sim", "--sim-profile", profile,
                  "--chunked-prefill-size", str(SIM_CHUNKED_PREFILL_SIZE)]
     else:
         flags = ["--executor", "real", "--model-path", model_path]
     flags += ["--log-level", "warning"]
+    if cross_rank:
+        flags.append("--enable-cross-rank-prefix-cache")
     method = "round_robin" if method == SMG else method
     if pd:
         return flags + ["--disaggregation-mode", "pd", "--prefill-dp-size", str(ranks),
@@ -239,22 +248,27 @@ def run_scenario(s: CacheScenario, ranks: int, args) -> dict:
     result = {"scenario": s.name, "ranks": ranks, "simulated": sim,
               "profile": args.sim_profile if sim else None,
               "executor": args.executor if sim else f"real ({args.model_path})",
-              "pd": args.pd, "runs": {}}
+              "pd": args.pd, "cross_rank_prefix_cache": args.cross_rank_prefix_cache,
+              "runs": {}}
     methods = [m for m in s.methods if not (args.pd and m == SMG)]
     for method in methods:
         tag = f"{s.name}_{ranks}_{method}" + ("_pd" if args.pd else "")
         log = os.path.join(args.out, "logs", f"{tag}.log")
         flags = server_flags(method, ranks, args.sim_profile, args.executor, args.model_path,
-                             args.pd)
+                             args.pd, args.cross_rank_prefix_cache)
         with ServerProcess(flags, log) as server:
             result["kv_tokens_per_rank"] = kv_tokens_per_rank(server.url)
             if "capacity_req_s" not in result:  # the first method: round_robin
                 s = s.fitted(result["kv_tokens_per_rank"], args.gsp_groups_per_rank,
                              args.gsp_prompts_per_group)
                 result["dataset"] = s.dataset
-                cap = one_run(s, ranks, server.url, 1.0, math.inf, args.seed + 7)
-                result["capacity_req_s"] = cap["request_throughput"]
-                result["capacity_run"] = cap
+                if args.request_rate is not None:  # LOAD x capacity is this rate
+                    result["capacity_req_s"] = args.request_rate / LOAD
+                    result["capacity_given"] = True
+                else:
+                    cap = one_run(s, ranks, server.url, 1.0, math.inf, args.seed + 7)
+                    result["capacity_req_s"] = cap["request_throughput"]
+                    result["capacity_run"] = cap
             # Each run its own prompts (the same for every method), from empty caches:
             # LOAD once per repeat, then (shared-prefix) SATURATED once.
             fractions = [LOAD] * args.repeats + ([SATURATED] if s.saturated else [])
@@ -357,9 +371,20 @@ def main(argv: list[str] | None = None) -> int:
                    help="questions per system prompt (default 4; SGLang's default is 16)")
     p.add_argument("--gsp-groups-per-rank", type=int, default=None,
                    help="system prompts per rank (default: PREFIX_SHARE of the pool)")
+    p.add_argument("--request-rate", type=float, default=None,
+                   help="run the 0.9x repeats at this rate instead of 0.9x round robin's "
+                        "measured capacity (to compare engine flags at one load: take the "
+                        "request_rate of the other run's summary.json)")
+    p.add_argument("--cross-rank-prefix-cache", action="store_true",
+                   help="every server (for every method, smg's engine too) runs with "
+                        "--enable-cross-rank-prefix-cache")
     args = p.parse_args(argv)
+    if args.cross_rank_prefix_cache and args.pd:
+        p.error("--cross-rank-prefix-cache shares the caches of mixed ranks: not with --pd")
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
+    if args.request_rate is not None and not 0 < args.request_rate < math.inf:
+        p.error("--request-rate must be a finite number > 0")
     if args.executor == "real" and max(args.ranks) > 4:
         p.error("--executor real runs at most 4 ranks here")
     os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
@@ -376,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     first = by_ranks[str(args.ranks[0])]
     summary = {**{k: v for k, v in first.items() if k != "results"},
                "simulated": args.executor == "sim", "pd": args.pd,
+               "cross_rank_prefix_cache": args.cross_rank_prefix_cache,
                "ranks": args.ranks, "by_ranks": by_ranks, "elapsed_s": time.time() - started}
     path = args.json or os.path.join(args.out, "summary.json")
     with open(path, "w") as f:
