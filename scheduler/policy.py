@@ -245,11 +245,15 @@ GUARD_SLACK = 4
 MISS_WEIGHT = 8
 # With --enable-cross-rank-prefix-cache a rank copies what a peer caches of the prompt
 # (scheduler.prefix_share): a rank short of the deepest cache by d tokens counts as
-# caching all but d / SHARED_DISCOUNT of them. The copy itself costs little (2,048
-# tokens of the simulated 235B profile: 16 ms, about 50 prefill tokens); the discount
-# keeps a request on a holder whose queue is that much shorter, so copies (which
-# duplicate a prefix in a second cache) happen only to avoid a wait.
-SHARED_DISCOUNT = 64
+# caching all but d / SHARED_DISCOUNT of them, d * MISS_WEIGHT / SHARED_DISCOUNT = d
+# prefill tokens: a request leaves a holder for a copy only when the holder has about
+# the copied length more prefill queued (another prompt's miss ahead of it). The copy
+# itself costs little (2,048 tokens of the simulated 235B profile: 16 ms, about 50
+# prefill tokens), but it duplicates the prefix in a second cache. Measured (simulated
+# shared-prefix, 4 ranks, three repeats at one rate, docs/results.md): 64 and 8 gave
+# the same mean TTFT (324 and 321 ms), 8 the higher saturated throughput (7.87 against
+# 7.67 req/s, one run each).
+SHARED_DISCOUNT = MISS_WEIGHT
 
 
 def cache_aware(cached_tokens: list[int] | None, eff_prefill: list[int], eff_tokens: list[int],
