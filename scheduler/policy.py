@@ -250,9 +250,9 @@ MISS_WEIGHT = 8
 # the copied length more prefill queued (another prompt's miss ahead of it). The copy
 # itself costs little (2,048 tokens of the simulated 235B profile: 16 ms, about 50
 # prefill tokens), but it duplicates the prefix in a second cache. Measured (simulated
-# shared-prefix, 4 ranks, three repeats at one rate, docs/results.md): 64 and 8 gave
-# the same mean TTFT (324 and 321 ms), 8 the higher saturated throughput (7.87 against
-# 7.67 req/s, one run each).
+# shared-prefix, 4 ranks, docs/results.md): 64 and 8 gave the same mean TTFT (303 and
+# 302 ms over five repeats at one rate); saturated 7.67 with 64, 7.87 and 7.41 with 8
+# (single runs: not told apart).
 SHARED_DISCOUNT = MISS_WEIGHT
 
 
