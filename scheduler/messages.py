@@ -121,6 +121,11 @@ class RankStats(msgspec.Struct, tag="rank_stats", kw_only=True):
     last_gen_throughput: float  # tokens/s decoded since the previous RankStats
     decode_step_time_s: float  # mean wall seconds per decoding batch, same span
     num_decode_batches: int  # since start
+    # --enable-cross-rank-prefix-cache: prompt tokens whose KV this rank copied from
+    # other ranks' caches, and copies dropped because the holder evicted meanwhile
+    # (since start; 0 without the flag)
+    num_copied_prefix_tokens: int = 0
+    num_dropped_prefix_copies: int = 0
 
 
 class FlushCacheResult(msgspec.Struct, tag="flush_cache_result", kw_only=True):

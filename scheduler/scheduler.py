@@ -235,6 +235,9 @@ class Scheduler:
             num_queue_reqs=len(self.waiting) + parked,
             last_gen_throughput=self.decode_stats.last_gen_throughput,
             decode_step_time_s=step_s, num_decode_batches=self.decode_stats.num_decode_batches)
+        if self.prefix_importer is not None:
+            stats.num_copied_prefix_tokens = self.prefix_importer.num_copied_tokens
+            stats.num_dropped_prefix_copies = self.prefix_importer.num_dropped
         logger.info("%s", decode_batch_line(stats))
         self.send_stats(stats)
 

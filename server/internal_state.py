@@ -65,6 +65,9 @@ def rank_internal_state(rank, role: Role, startup_time: float) -> dict:
         },
         "avg_spec_accept_length": None,  # no speculative decoding
         "num_decode_batches": latest.num_decode_batches if latest is not None else 0,
+        # --enable-cross-rank-prefix-cache (ours): prefix KV copied from other ranks
+        "copied_prefix_tokens": latest.num_copied_prefix_tokens if latest is not None else 0,
+        "dropped_prefix_copies": latest.num_dropped_prefix_copies if latest is not None else 0,
         "step_time_dict": {str(size): [round(t, 6) for t in times]
                            for size, times in sorted(rank.stats.step_times.items())},
         "lost_reason": rank.lost_reason,

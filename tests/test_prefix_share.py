@@ -6,6 +6,8 @@ is left held; the slot records and eviction count of the summary; the server fla
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -208,13 +210,22 @@ def test_a_served_prompt_reuses_another_ranks_cache_and_leaves_no_segment(tmp_pa
     prompt = _prompt(5, 400)
     body = {"input_ids": prompt, "sampling_params": {"max_new_tokens": 8, "temperature": 0}}
     with ServerProcess("--device", "cpu", "--dp-size", "2", "--enable-cross-rank-prefix-cache",
-                       log_path=tmp_path / "server.log") as server:
+                       "--decode-log-interval", "1", log_path=tmp_path / "server.log") as server:
         launch = launch_id_of(server.segments()[0])
         segments = [s for s in list_segments() if f".{launch}.kv-m" in s]  # the ranks' own
         assert len(segments) == 2
         answers = [httpx.post(server.url + "/generate", json={**body, "routed_dp_rank": r},
                               timeout=60).json() for r in (0, 1)]
+        deadline = time.monotonic() + 20  # the figures travel beside the outputs
+        while True:
+            states = httpx.get(server.url + "/server_info", timeout=10).json()["internal_states"]
+            if states[1]["copied_prefix_tokens"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
     assert [a["meta_info"]["cached_tokens"] for a in answers] == [0, 384]
+    # Each rank reports what it copied (with its periodic figures, every decode batch here).
+    assert [s["copied_prefix_tokens"] for s in states] == [0, 384]
+    assert [s["dropped_prefix_copies"] for s in states] == [0, 0]
     assert answers[0]["text"] == answers[1]["text"]
     assert segments and not set(segments) & set(list_segments())
 
