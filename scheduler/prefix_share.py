@@ -40,7 +40,7 @@ from typing import Sequence
 import numpy as np
 
 from scheduler.pd import shared_kv_kind
-from scheduler.prefix_hash import BLOCK_LEN, chain_hashes, prefix_digests
+from scheduler.prefix_hash import BLOCK_LEN, prefix_digests
 from shm.kv_segment import KVSegment, PeerSegments
 from shm.prefix_summary import PrefixSummary
 from shm.segment import launch_id_of, segment_name
@@ -79,7 +79,7 @@ class PrefixImporter:
 
     def peer_best(self, tokens: Sequence[int]) -> tuple[int, int, list[int]]:
         """(peer, how many leading tokens it caches, the prompt's chained hashes) for the
-        peer that caches most of ``tokens``; (-1, 0, []) when no peer caches any."""
+        peer that caches most of ``tokens``; peer -1 and 0 tokens when no peer caches any."""
         cached, hashes = self.summary.lookup(tokens)
         if cached is None:
             return -1, 0, hashes
@@ -102,9 +102,7 @@ class PrefixImporter:
         summary = self.summary
         pid = summary.writer_pid(peer)
         evictions = summary.evictions(peer)  # before the records: see the docstring
-        first, end = own // BLOCK_LEN, most // BLOCK_LEN
-        if len(hashes) < end:  # the lookup stopped hashing at the deepest block any rank holds
-            hashes = chain_hashes(tuple(tokens), end, list(hashes))
+        first, end = own // BLOCK_LEN, most // BLOCK_LEN  # the lookup hashed blocks < end
         records = summary.block_slots(peer, hashes, prefix_digests(tokens, end, first),
                                       first, end)
         if not records:

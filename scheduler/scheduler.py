@@ -406,15 +406,21 @@ class Scheduler:
         if self.prefix_importer is not None:
             prefix, node = self._copy_shared_prefix(tokens, prefix, node)
         own = need - len(prefix)
-        if not kv.can_alloc(own):
-            cache.evict(own - kv.num_free)
-            if not kv.can_alloc(own):
-                cache.unlock(node)
-                return False
+        if not self._room_for(own):
+            cache.unlock(node)
+            return False
         req.slots = prefix + kv.alloc(own)
         req.prefix_len = req.num_computed = req.cached_tokens = len(prefix)
         req.cache_node = node
         return True
+
+    def _room_for(self, n: int) -> bool:
+        """Whether ``n`` slots can be allocated now, evicting unlocked cache entries
+        (least recently used first) if the pool needs them."""
+        kv = self.executor.kv
+        if not kv.can_alloc(n):
+            self.cache.evict(n - kv.num_free)
+        return kv.can_alloc(n)
 
     def _copy_shared_prefix(self, tokens, prefix: list[int], node):
         """Where a peer caches more of ``tokens`` than the locked match (``prefix``,
@@ -426,10 +432,8 @@ class Scheduler:
         if plan is None:
             return prefix, node
         n = plan.end - plan.start
-        if not kv.can_alloc(n):
-            cache.evict(n - kv.num_free)
-            if not kv.can_alloc(n):
-                return prefix, node
+        if not self._room_for(n):
+            return prefix, node
         slots = kv.alloc(n)
         self.executor.copy_prefix(plan.segment, plan.src_slots, slots)
         if not self.prefix_importer.still_good(plan):

@@ -147,7 +147,6 @@ class PrefixSummary:
         self.name = segment.name
         self.num_ranks = num_ranks
         self.num_buckets = num_buckets
-        self.slot_records = slot_records
         self._shift = 64 - (num_buckets.bit_length() - 1)
         self.table_off = HEADER_LEN + num_ranks * LINE
         table_len = num_buckets * num_ranks * WAYS
