@@ -240,8 +240,11 @@ def test_no_torn_reads_while_another_process_writes_flat_out():
             assert started.wait(30)
             rows_checked = torn = 0
             seen = set()
-            deadline = time.monotonic() + 3.0
-            while time.monotonic() < deadline:
+            # At least 3 s, and on until enough rows were checked while the writer wrote:
+            # a loaded machine gets more time, not a failure (60 s at most).
+            start = time.monotonic()
+            while time.monotonic() - start < 60 and (time.monotonic() - start < 3.0
+                                                       or rows_checked <= 20_000 or len(seen) <= 100):
                 for _ in range(20):
                     reqs, toks, _ = read_effective(board, FOREVER)
                     torn += sum(not _fast_row_is_whole(r, t) for r, t in zip(reqs, toks))
@@ -261,7 +264,7 @@ def test_no_torn_reads_while_another_process_writes_flat_out():
             # Control: the same check on rows copied without the seqlock does catch
             # tearing, so a zero above means something.
             unprotected_torn = 0
-            deadline = time.monotonic() + 1.0
+            deadline = time.monotonic() + 20.0  # 10 tears seen, or 20 s
             while time.monotonic() < deadline and unprotected_torn < 10:
                 layout = board.layout
                 rows = np.asarray(board.cells)[layout.row(0):layout.live_off].reshape(
@@ -277,4 +280,4 @@ def test_no_torn_reads_while_another_process_writes_flat_out():
         assert torn == 0
         assert unprotected_torn > 0, "the torn-row check never fired even without the seqlock"
         assert len(seen) > 100, "the writer was not writing during the reads"
-        assert rows_checked > 20_000, rows_checked  # a floor, not a speed target: the machine may be busy
+        assert rows_checked > 20_000, rows_checked
