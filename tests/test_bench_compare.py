@@ -263,12 +263,20 @@ def test_cache_headline_ratios_come_from_the_named_runs():
         "total_tokens": [run(LOAD, 800, 1800, 2.0, 0.3)],
         SMG: [run(LOAD, 300, 2000, 2.0, 0.7)]}}
     hot = {"scenario": "hot-prefix", "runs": {"cache_aware": [run(LOAD, 1, 1, 1, 0.9, 1.2)]}}
-    h = headline([shared, hot])
+    zipf = {"scenario": "zipf-prefix", "runs": {
+        "round_robin": [run(LOAD, 800, 2000, 2.0, 0.3)],
+        "cache_aware": [run(LOAD, 200, 1000, 2.0, 0.8, 1.1)],
+        "total_tokens": [run(LOAD, 900, 4000, 2.0, 0.3)],
+        SMG: [run(LOAD, 250, 1500, 2.0, 0.7)]}}
+    h = headline([shared, hot, zipf])
     assert h["shared_prefix_ttft_ratio_rr"] == pytest.approx(0.15)
     assert h["shared_prefix_ttft_ratio_smg"] == pytest.approx(0.5)
     assert h["shared_prefix_throughput_gain"] == pytest.approx(0.5)
     assert h["shared_prefix_p99_ratio_tt"] == pytest.approx(0.5)
     assert h["hot_prefix_max_over_mean"] == 1.2
+    assert (h["zipf_prefix_ttft_ratio_rr"], h["zipf_prefix_ttft_ratio_smg"],
+            h["zipf_prefix_p99_ratio_tt"], h["zipf_prefix_max_over_mean"]) == pytest.approx(
+        (0.25, 0.8, 0.25, 1.1))
     assert h["no_reuse_ttft_ratio_tt"] is None  # not run
     assert h["cache_hit_rate"]["shared-prefix"]["cache_aware"] == 0.8
     assert h["kv_tokens_per_rank"]["shared-prefix"] == 52600
@@ -320,6 +328,10 @@ def test_cache_scenarios_fit_the_pool_and_the_server_they_run_on():
     assert SCENARIOS["multi-turn"].shortened(4).dataset["mt_turn_len"] == 128
     cfg = fitted.config(2, "http://x", 1.0, 1)
     assert cfg.gsp_num_groups == 2 * fitted.dataset["gsp_num_groups"] and cfg.text_prompts
+    # zipf-prefix: the shared-prefix shape, groups drawn as SGLang's client draws them.
+    zipf = SCENARIOS["zipf-prefix"].fitted(52_600).config(4, "http://x", 1.0, 1)
+    assert (zipf.gsp_group_distribution, zipf.gsp_zipf_alpha, zipf.gsp_num_groups,
+            zipf.gsp_hot_share) == ("zipf", 1.0, 64, 0)
 
     flags = server_flags("cache_aware", 4, "p", "real", "tiny", pd=True)
     assert flags[:4] == ["--executor", "real", "--model-path", "tiny"]

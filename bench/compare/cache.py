@@ -10,6 +10,10 @@ prefix cache, ``--executor sim`` pays only the uncached prefill):
   keep runs short). The system prompts of all groups exceed one rank's KV pool and fit
   in all of them: where a group's requests land decides what can be reused.
 - ``hot-prefix``: the same, with group 0 carrying half of the requests.
+- ``zipf-prefix``: the same, each request's group drawn by Zipf's law (SGLang's
+  ``--gsp-group-distribution zipf --gsp-zipf-alpha 1``: group k's share is proportional
+  to 1/(k+1); at 4 ranks group 0 carries 21% of the requests, the 32 least asked groups 14%
+  together), the skew of real system-prompt popularity.
 - ``multi-turn``: conversations that resend their history (``bench.client.dataset``).
 - ``no-reuse``: random prompts of the shared-prefix lengths: nothing to reuse.
 
@@ -77,6 +81,7 @@ SATURATION_CONCURRENCY = 8
 SMG = "smg"  # the gateway as a method name
 # A rank's share of all system prompts over its KV pool (16 x 2,048 / 52,600 on the profile).
 PREFIX_SHARE = 16 * 2048 / 52_600
+ZIPF_ALPHA = 1.0  # zipf-prefix: Zipf's own exponent
 REAL_DIVISOR = 2  # --executor real: lengths over this (the tiny model's context is 2,048)
 KEEP = ("completed", "failed", "duration_s", "request_throughput", "mean_ttft_ms",
         "p99_ttft_ms", "mean_tpot_ms", "cache_hit_rate", "hit_requests", "mean_ttft_hit_ms",
@@ -128,6 +133,8 @@ SCENARIOS = {s.name: s for s in (
                                     "prefill_tokens", SMG), GSP, saturated=True),
     CacheScenario("hot-prefix", ("round_robin", "cache_aware", "total_tokens"),
                   {**GSP, "gsp_hot_share": 0.5}),
+    CacheScenario("zipf-prefix", ("round_robin", "cache_aware", "total_tokens", SMG),
+                  {**GSP, "gsp_group_distribution": "zipf", "gsp_zipf_alpha": ZIPF_ALPHA}),
     CacheScenario("multi-turn", ("round_robin", "cache_aware", "total_tokens", "prefill_tokens",
                                  SMG),
                   dict(dataset_name="multi-turn", mt_num_conversations=8, mt_num_turns=4,
@@ -310,6 +317,11 @@ def headline(results: list[dict]) -> dict:
         "shared_prefix_p99_ratio_tt": ratios("shared-prefix", "cache_aware", "total_tokens", "p99_ttft_ms"),
         "hot_prefix_max_over_mean": [x["max_over_mean_requests"] for x in runs(
             "hot-prefix", "cache_aware") if x.get("max_over_mean_requests")],
+        "zipf_prefix_ttft_ratio_rr": ratios("zipf-prefix", "cache_aware", "round_robin", "mean_ttft_ms"),
+        "zipf_prefix_ttft_ratio_smg": ratios("zipf-prefix", "cache_aware", SMG, "mean_ttft_ms"),
+        "zipf_prefix_p99_ratio_tt": ratios("zipf-prefix", "cache_aware", "total_tokens", "p99_ttft_ms"),
+        "zipf_prefix_max_over_mean": [x["max_over_mean_requests"] for x in runs(
+            "zipf-prefix", "cache_aware") if x.get("max_over_mean_requests")],
         "no_reuse_ttft_ratio_tt": ratios("no-reuse", "cache_aware", "total_tokens", "mean_ttft_ms"),
         "no_reuse_ttft_ratio_pt": ratios("no-reuse", "cache_aware", "prefill_tokens", "mean_ttft_ms"),
         "multi_turn_ttft_ratio_rr": ratios("multi-turn", "cache_aware", "round_robin", "mean_ttft_ms"),
