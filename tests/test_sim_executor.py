@@ -77,7 +77,7 @@ def test_without_lockstep_a_rank_never_wants_idle_steps():
     assert ex.steps_in_lockstep is False  # the scheduler publishes after each batch only
     start = time.perf_counter()
     ex.forward(prefill_batch(5))
-    assert 0.009 <= time.perf_counter() - start < 0.1
+    assert 0.009 <= time.perf_counter() - start < 0.5  # 10 ms modelled; margin: a busy machine
 
 
 def test_a_stretched_step_sleeps_its_cost_times_the_scale_and_counts_modelled_time():
@@ -211,7 +211,7 @@ def test_a_lone_member_steps_at_its_own_pace(segment):
         assert ex.steps_in_lockstep  # the scheduler also publishes before each forward
         start = time.perf_counter()
         ex.forward(prefill_batch(5))
-        assert 0.009 <= time.perf_counter() - start < 0.1
+        assert 0.009 <= time.perf_counter() - start < 0.5  # 10 ms modelled; margin: a busy machine
         # It was busy: peers (none here) would be asked for one more step.
         assert ex.wants_idle_steps
         ex.forward([])
