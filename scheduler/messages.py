@@ -121,11 +121,15 @@ class RankStats(msgspec.Struct, tag="rank_stats", kw_only=True):
     last_gen_throughput: float  # tokens/s decoded since the previous RankStats
     decode_step_time_s: float  # mean wall seconds per decoding batch, same span
     num_decode_batches: int  # since start
-    # --enable-cross-rank-prefix-cache: prompt tokens whose KV this rank copied from
-    # other ranks' caches, and copies dropped because the holder evicted meanwhile
-    # (since start; 0 without the flag)
-    num_copied_prefix_tokens: int = 0
-    num_dropped_prefix_copies: int = 0
+
+
+class PrefixCopyStats(msgspec.Struct, tag="prefix_copy_stats", kw_only=True):
+    """With ``--enable-cross-rank-prefix-cache``, after a step that changed them (a PD
+    prefill rank never decodes, so these do not wait for a "Decode batch." line)."""
+
+    dp_rank: int
+    num_copied_prefix_tokens: int  # prompt tokens whose KV came from other ranks' caches
+    num_dropped_prefix_copies: int  # copies thrown away: the holder evicted meanwhile
 
 
 class FlushCacheResult(msgspec.Struct, tag="flush_cache_result", kw_only=True):
@@ -143,7 +147,7 @@ class RankError(msgspec.Struct, tag="rank_error", kw_only=True):
     message: str
 
 
-ToServer = BatchOutput | RankReady | RankStats | FlushCacheResult | RankError
+ToServer = BatchOutput | RankReady | RankStats | PrefixCopyStats | FlushCacheResult | RankError
 
 _encoder = msgspec.msgpack.Encoder()
 _to_scheduler = msgspec.msgpack.Decoder(ToScheduler)

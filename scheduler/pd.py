@@ -134,6 +134,25 @@ def create_tables(launch_id: str, num_prefill_ranks: int, num_decode_ranks: int,
     return route, handoff
 
 
+def shares_mixed_pool(cfg) -> bool:
+    """A mixed rank whose peers copy its cached prefixes (``scheduler.prefix_share``)."""
+    return bool(cfg.cross_rank_prefix_cache and cfg.role == Role.MIXED
+                and cfg.prefix_summary_name)
+
+
+def peer_kv_segment_name(cfg) -> Callable[[int, int], str]:
+    """The name of peer rank ``r``'s KV segment (created by process ``pid``) for a rank
+    that copies its peers' cached prefixes: the mixed ranks' shared pools, or on a PD
+    prefill rank its fellow prefill ranks' (the segments decode reads)."""
+    from shm.segment import launch_id_of, segment_name
+
+    if cfg.role == Role.PREFILL:
+        launch = cfg.pd.launch_id
+        return lambda r, pid: segment_name(kv_segment_kind(r), launch, pid)
+    launch = launch_id_of(cfg.prefix_summary_name)
+    return lambda r, pid: segment_name(shared_kv_kind(r), launch, pid)
+
+
 def kv_segment_factory(cfg) -> Callable[[int, int], KVSegment] | None:
     """How a PD prefill rank, or a mixed rank sharing its prefix cache
     (``--enable-cross-rank-prefix-cache``), creates its KV segment; None for any other.
@@ -147,7 +166,7 @@ def kv_segment_factory(cfg) -> Callable[[int, int], KVSegment] | None:
     from shm.kv_segment import KVSegment
     from shm.segment import launch_id_of, segment_name
 
-    if cfg.cross_rank_prefix_cache and cfg.role == Role.MIXED and cfg.prefix_summary_name:
+    if shares_mixed_pool(cfg):
         # Peers copy cached prefixes out of it (scheduler.prefix_share); named like the
         # summary's launch.
         name = segment_name(shared_kv_kind(cfg.dp_rank), launch_id_of(cfg.prefix_summary_name))

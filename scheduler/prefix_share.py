@@ -1,7 +1,9 @@
 """Cached prefixes shared across ranks: copy a peer's KV instead of computing it.
 
 With ``--enable-cross-rank-prefix-cache`` each mixed rank keeps its KV pool in a shared
-segment (``shm.kv_segment``, named by ``scheduler.pd.shared_kv_kind``) and its prefix
+segment (``shm.kv_segment``, named by ``scheduler.pd.shared_kv_kind``; a PD prefill
+rank's pool is in one already, the segment decode reads, and prefill ranks copy from
+each other's: ``scheduler.pd.peer_kv_segment_name``) and its prefix
 summary keeps, beside each cached block's key, the slots that hold the block's KV
 (``shm.prefix_summary``, slot records). When a rank admits a request whose prompt a
 peer caches further than its own cache does, it copies those tokens' KV out of the
@@ -35,7 +37,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -65,15 +67,20 @@ class CopyPlan:
 class PrefixImporter:
     """Rank ``rank``'s reader of its peers' summaries and pools."""
 
-    def __init__(self, summary: PrefixSummary, rank: int):
+    def __init__(self, summary: PrefixSummary, rank: int,
+                 segment_name_of: Callable[[int, int], str] | None = None):
+        """``segment_name_of(peer, pid)``: the name of a peer's KV segment
+        (``scheduler.pd.peer_kv_segment_name``); by default the mixed ranks' of the
+        summary's launch."""
         if summary.records is None:
             raise ValueError(f"{summary.name} keeps no slot records: the launch did not "
                              "enable cross-rank prefix sharing")
         self.summary = summary
         self.rank = rank
-        self.launch_id = launch_id_of(summary.name)
-        self._segments = PeerSegments(
-            lambda rank, pid: segment_name(shared_kv_kind(rank), self.launch_id, pid))
+        if segment_name_of is None:
+            launch = launch_id_of(summary.name)
+            segment_name_of = lambda r, pid: segment_name(shared_kv_kind(r), launch, pid)  # noqa: E731
+        self._segments = PeerSegments(segment_name_of)
         self.num_copied_tokens = 0  # tokens whose KV this rank copied from peers
         self.num_dropped = 0  # copies thrown away: the peer evicted meanwhile
 

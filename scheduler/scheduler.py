@@ -49,7 +49,7 @@ from scheduler.batching import ForwardItem, select_batch
 from scheduler.config import SchedulerConfig
 from scheduler.executor import Executor
 from scheduler.messages import (CLIENT_ERROR, SERVER_ERROR, AbortReq, BatchOutput,
-                                FlushCacheReq, FlushCacheResult, GenerateReq, RankStats, ReqOutput,
+                                FlushCacheReq, FlushCacheResult, GenerateReq, PrefixCopyStats, RankStats, ReqOutput,
                                 ShutdownReq)
 from scheduler.pd_decode import DecodeReceiver
 from scheduler.pd_prefill import PrefillSender
@@ -105,6 +105,7 @@ class Scheduler:
         # --enable-cross-rank-prefix-cache: copy what a peer caches of a prompt beyond
         # this rank's own cache (scheduler.prefix_share) when admitting it.
         self.prefix_importer = prefix_importer if self.cache is not None else None
+        self._copies_reported = (0, 0)  # what report_copies last sent
         self.decode_stats = DecodeStats(cfg.decode_log_interval)
 
     # ---- the loop --------------------------------------------------------------------
@@ -141,6 +142,8 @@ class Scheduler:
         self.publish_load()
         self.send_outputs()
         self.report_stats(batch, started)
+        if self.prefix_importer is not None:
+            self.report_copies()
 
     def receive(self, messages: list) -> None:
         for msg in messages:
@@ -218,6 +221,16 @@ class Scheduler:
                                self.acked_reqs, self.acked_tokens, num_prefill_tokens=prefill)
         self.board_row.heartbeat()
 
+    def report_copies(self) -> None:
+        """The prefix KV copied from other ranks, to the API when it changed."""
+        importer = self.prefix_importer
+        figures = (importer.num_copied_tokens, importer.num_dropped)
+        if figures != self._copies_reported:
+            self._copies_reported = figures
+            self.send_stats(PrefixCopyStats(dp_rank=self.cfg.dp_rank,
+                                            num_copied_prefix_tokens=figures[0],
+                                            num_dropped_prefix_copies=figures[1]))
+
     def report_stats(self, batch: list[ForwardItem], started: float) -> None:
         """Every ``--decode-log-interval`` decoding batches: SGLang's "Decode batch."
         line, and the same figures to the API (``scheduler.stats``)."""
@@ -235,9 +248,6 @@ class Scheduler:
             num_queue_reqs=len(self.waiting) + parked,
             last_gen_throughput=self.decode_stats.last_gen_throughput,
             decode_step_time_s=step_s, num_decode_batches=self.decode_stats.num_decode_batches)
-        if self.prefix_importer is not None:
-            stats.num_copied_prefix_tokens = self.prefix_importer.num_copied_tokens
-            stats.num_dropped_prefix_copies = self.prefix_importer.num_dropped
         logger.info("%s", decode_batch_line(stats))
         self.send_stats(stats)
 

@@ -213,7 +213,8 @@ class ServerArgs:
         "a rank copies the KV of a prompt's cached prefix from the rank that caches it "
         "(shared memory, no hop, without stopping that rank) instead of computing it, "
         "and cache_aware counts a prefix any rank caches as cached on every rank. Mixed "
-        "ranks on CPU or the simulated accelerator (CUDA IPC is not implemented)",
+        "and PD prefill ranks, on CPU or the simulated accelerator (CUDA IPC is not "
+        "implemented)",
         group="balancing"))
     max_queued_requests: int | None = field(default=None, **_flag(
         "per rank: past running + this many queued, new requests get 503 (default: no bound)",
@@ -371,10 +372,10 @@ def validate_args(args: ServerArgs) -> None:
     if args.chunked_prefill_size < 1:
         raise InvalidServerArgs("--chunked-prefill-size must be >= 1")
     if args.enable_cross_rank_prefix_cache and (
-            args.disable_radix_cache or args.disaggregation_mode != DisaggregationMode.NULL):
+            args.disable_radix_cache or args.disaggregation_mode == DisaggregationMode.DECODE):
         raise InvalidServerArgs("--enable-cross-rank-prefix-cache shares the prefix caches of "
-                                "mixed ranks: not with --disable-radix-cache or "
-                                "--disaggregation-mode")
+                                "mixed and prefill ranks: not with --disable-radix-cache or "
+                                "--disaggregation-mode decode (decode ranks cache none)")
     if args.sim_lockstep and args.executor != "sim":
         raise InvalidServerArgs("--sim-lockstep needs --executor sim")
     if args.http_stack == "fast" and not has_fast_http():

@@ -6,15 +6,16 @@ SGLang's scheduler answers ``get_internal_state`` with its resolved arguments pl
 SGLang's ``bench_serving`` (0.5.3 and older) indexes
 ``internal_states[0]["avg_spec_accept_length"]`` at the end of every run. Here the
 figures come from each rank's ``RankReady`` (capacity, memory) and its latest
-``RankStats`` (sent with every "Decode batch." line, ``scheduler.stats``), kept per rank
-by ``RankStatsLog`` on the API's event loop.
+``RankStats`` (sent with every "Decode batch." line, ``scheduler.stats``) and, with
+``--enable-cross-rank-prefix-cache``, its latest ``PrefixCopyStats``, kept per rank by
+``RankStatsLog`` on the API's event loop.
 """
 
 from __future__ import annotations
 
 from collections import deque
 
-from scheduler.messages import RankStats
+from scheduler.messages import PrefixCopyStats, RankStats
 from scheduler.roles import Role
 
 # Step times kept per running-batch size (SGLang's step_time_dict), the newest few.
@@ -27,6 +28,7 @@ class RankStatsLog:
 
     def __init__(self) -> None:
         self.latest: RankStats | None = None
+        self.copies: PrefixCopyStats | None = None  # --enable-cross-rank-prefix-cache
         self.step_times: dict[int, deque[float]] = {}
 
     def add(self, stats: RankStats) -> None:
@@ -45,7 +47,7 @@ class RankStatsLog:
 
 def rank_internal_state(rank, role: Role, startup_time: float) -> dict:
     """``rank``: a ready ``server.ranks.RankHandle``."""
-    ready, latest = rank.ready, rank.stats.latest
+    ready, latest, copies = rank.ready, rank.stats.latest, rank.stats.copies
     return {
         "dp_rank": rank.dp_rank,
         "disaggregation_mode": role,
@@ -66,8 +68,8 @@ def rank_internal_state(rank, role: Role, startup_time: float) -> dict:
         "avg_spec_accept_length": None,  # no speculative decoding
         "num_decode_batches": latest.num_decode_batches if latest is not None else 0,
         # --enable-cross-rank-prefix-cache (ours): prefix KV copied from other ranks
-        "copied_prefix_tokens": latest.num_copied_prefix_tokens if latest is not None else 0,
-        "dropped_prefix_copies": latest.num_dropped_prefix_copies if latest is not None else 0,
+        "copied_prefix_tokens": copies.num_copied_prefix_tokens if copies is not None else 0,
+        "dropped_prefix_copies": copies.num_dropped_prefix_copies if copies is not None else 0,
         "step_time_dict": {str(size): [round(t, 6) for t in times]
                            for size, times in sorted(rank.stats.step_times.items())},
         "lost_reason": rank.lost_reason,

@@ -32,8 +32,8 @@ from collections.abc import Callable
 
 import msgspec
 
-from scheduler.messages import (BatchOutput, FlushCacheResult, RankError, RankStats,
-                                decode_to_server)
+from scheduler.messages import (BatchOutput, FlushCacheResult, PrefixCopyStats, RankError,
+                                RankStats, decode_to_server)
 from server.errors import ServiceUnavailable
 from server.inflight import InFlight, RequestHandle
 from server.rank_pipe import FrameReader
@@ -126,6 +126,8 @@ class RankMonitor:
                 self.inflight.deliver(rank.dp_rank, out, now)
         elif isinstance(msg, RankStats):
             rank.stats.add(msg)
+        elif isinstance(msg, PrefixCopyStats):
+            rank.stats.copies = msg
         elif isinstance(msg, FlushCacheResult):
             self._on_flush_result(rank, msg)
         elif isinstance(msg, RankError):

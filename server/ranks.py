@@ -126,7 +126,7 @@ def scheduler_configs(args: ServerArgs, board_name: str, role: Role | None = Non
         log_level=args.log_level, decode_log_interval=args.decode_log_interval,
         disable_radix_cache=args.disable_radix_cache,
         cross_rank_prefix_cache=args.enable_cross_rank_prefix_cache)
-    if args.enable_cross_rank_prefix_cache and args.executor != "sim":
+    if args.enable_cross_rank_prefix_cache and args.executor != "sim" and role != Role.DECODE:
         gpu = [rank.device for rank in ranks if rank.device.startswith("cuda")]
         if gpu:
             raise InvalidServerArgs(

@@ -347,8 +347,9 @@ def test_cache_compare_shares_caches_on_every_server_and_refuses_bad_flags(capsy
 
     assert "--enable-cross-rank-prefix-cache" in server_flags("smg", 2, "p", cross_rank=True)
     assert "--enable-cross-rank-prefix-cache" not in server_flags("cache_aware", 2, "p")
-    for argv in (["--request-rate", "0"], ["--request-rate", "inf"],
-                 ["--cross-rank-prefix-cache", "--pd"]):
+    flags = server_flags("cache_aware", 2, "p", pd=True, cross_rank=True)  # prefill ranks share
+    assert "--enable-cross-rank-prefix-cache" in flags and "--disaggregation-mode" in flags
+    for argv in (["--request-rate", "0"], ["--request-rate", "inf"]):
         with pytest.raises(SystemExit):
             main(argv)
     assert "--request-rate" in capsys.readouterr().err

@@ -187,9 +187,11 @@ def test_no_segment_is_left_behind():
 
 
 def test_the_flag_is_refused_where_it_cannot_work():
-    for kw in ({"disable_radix_cache": True}, {"disaggregation_mode": "pd"}):
+    for kw in ({"disable_radix_cache": True}, {"disaggregation_mode": "decode"}):
         with pytest.raises(InvalidServerArgs, match="cross-rank-prefix-cache"):
             validate_args(ServerArgs(enable_cross_rank_prefix_cache=True, **kw))
+    for mode in ("pd", "prefill"):  # prefill ranks cache prefixes, and may share them
+        validate_args(ServerArgs(enable_cross_rank_prefix_cache=True, disaggregation_mode=mode))
     from server.ranks import scheduler_configs
     args = ServerArgs(enable_cross_rank_prefix_cache=True, device="cuda", dp_size=2)
     from scheduler.roles import Role
@@ -226,6 +228,39 @@ def test_a_served_prompt_reuses_another_ranks_cache_and_leaves_no_segment(tmp_pa
     # Each rank reports what it copied (with its periodic figures, every decode batch here).
     assert [s["copied_prefix_tokens"] for s in states] == [0, 384]
     assert [s["dropped_prefix_copies"] for s in states] == [0, 0]
+    assert answers[0]["text"] == answers[1]["text"]
+    assert segments and not set(segments) & set(list_segments())
+
+
+def test_pd_prefill_ranks_share_their_caches_and_decode_answers_the_same(tmp_path):
+    """``--disaggregation-mode pd --enable-cross-rank-prefix-cache``, two CPU prefill
+    ranks and one decode rank: a prompt sent through prefill rank 0 and then through
+    prefill rank 1 is prefilled there from rank 0's cached blocks (copied out of the
+    segment decode reads rank 0's hand-offs from), and decode answers it with the same
+    greedy text; the prefill ranks report what they copied."""
+    import httpx
+
+    from tests.server_helpers import ServerProcess
+
+    prompt = _prompt(6, 400)
+    body = {"input_ids": prompt, "sampling_params": {"max_new_tokens": 8, "temperature": 0}}
+    with ServerProcess("--device", "cpu", "--disaggregation-mode", "pd", "--prefill-dp-size",
+                       "2", "--decode-dp-size", "1", "--enable-cross-rank-prefix-cache",
+                       "--decode-log-interval", "1", log_path=tmp_path / "server.log") as server:
+        launch = launch_id_of(server.segments()[0])
+        answers = [httpx.post(server.url + "/generate", json={
+            **body, "disagg_prefill_dp_rank": r}, timeout=60).json() for r in (0, 1)]
+        deadline = time.monotonic() + 20  # the figures travel beside the outputs
+        while True:
+            states = httpx.get(server.url + "/server_info", timeout=10).json()["internal_states"]
+            prefill = [s for s in states if s["disaggregation_mode"] == "prefill"]
+            if prefill[1]["copied_prefix_tokens"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        segments = [s for s in list_segments() if f".{launch}." in s]
+    assert [a["meta_info"]["cached_tokens"] for a in answers] == [0, 384], answers
+    assert [s["copied_prefix_tokens"] for s in prefill] == [0, 384]
+    assert [s["dropped_prefix_copies"] for s in prefill] == [0, 0]
     assert answers[0]["text"] == answers[1]["text"]
     assert segments and not set(segments) & set(list_segments())
 

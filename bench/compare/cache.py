@@ -391,8 +391,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="every server (for every method, smg's engine too) runs with "
                         "--enable-cross-rank-prefix-cache")
     args = p.parse_args(argv)
-    if args.cross_rank_prefix_cache and args.pd:
-        p.error("--cross-rank-prefix-cache shares the caches of mixed ranks: not with --pd")
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
     if args.request_rate is not None and not 0 < args.request_rate < math.inf:
