@@ -49,8 +49,8 @@ from scheduler.batching import ForwardItem, select_batch
 from scheduler.config import SchedulerConfig
 from scheduler.executor import Executor
 from scheduler.messages import (CLIENT_ERROR, SERVER_ERROR, AbortReq, BatchOutput,
-                                FlushCacheReq, FlushCacheResult, GenerateReq, PrefixCopyStats, RankStats, ReqOutput,
-                                ShutdownReq)
+                                FlushCacheReq, FlushCacheResult, GenerateReq, PrefixCopyStats,
+                                RankStats, ReqOutput, ShutdownReq)
 from scheduler.pd_decode import DecodeReceiver
 from scheduler.pd_prefill import PrefillSender
 from scheduler.pd_role import MixedRole, PDRole
