@@ -265,6 +265,56 @@ def test_pd_prefill_ranks_share_their_caches_and_decode_answers_the_same(tmp_pat
     assert segments and not set(segments) & set(list_segments())
 
 
+def test_a_prefill_server_shares_its_ranks_caches_beside_a_decode_server(tmp_path):
+    """Two servers, as a gateway pairs them (``--disaggregation-mode prefill`` with the
+    flag, and ``decode``): prefill rank 1 copies rank 0's cached blocks, and the decode
+    server answers the prompt from either with the same text."""
+    import concurrent.futures
+    import random
+
+    import httpx
+
+    from tests.server_helpers import ServerProcess
+
+    port = random.randint(20_000, 60_000)  # names the shared tables; no socket
+    pair = ["--disaggregation-bootstrap-port", str(port), "--dp-size", "2", "--device", "cpu"]
+    decode = ServerProcess("--disaggregation-mode", "decode", *pair,
+                           log_path=tmp_path / "decode.log")
+    prefill = ServerProcess("--disaggregation-mode", "prefill", "--enable-cross-rank-prefix-cache",
+                            *pair, log_path=tmp_path / "prefill.log")
+    prompt = _prompt(7, 400)
+    answers = []
+    try:
+        decode.start()
+        prefill.start()
+        prefill.wait_healthy(90)
+        decode.wait_healthy(90)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            for r in (0, 1):
+                body = {"input_ids": prompt, "routed_dp_rank": r, "bootstrap_port": port,
+                        "bootstrap_host": "127.0.0.1", "bootstrap_room": 1000 + r,
+                        "sampling_params": {"max_new_tokens": 8, "temperature": 0}}
+                to_decode = pool.submit(httpx.post, decode.url + "/generate", json=body,
+                                        timeout=60)
+                httpx.post(prefill.url + "/generate", json=body, timeout=60)
+                answers.append(to_decode.result().json())
+        deadline = time.monotonic() + 20
+        while True:
+            states = httpx.get(prefill.url + "/server_info", timeout=10).json()["internal_states"]
+            if states[1]["copied_prefix_tokens"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    finally:
+        try:
+            decode.stop()
+        finally:
+            prefill.stop()
+    assert [a["meta_info"]["cached_tokens"] for a in answers] == [0, 384], answers
+    assert [s["copied_prefix_tokens"] for s in states] == [0, 384]
+    assert answers[0]["output_ids"] == answers[1]["output_ids"]
+    assert not prefill.segments() and not decode.segments()
+
+
 def test_keys_of_a_full_bucket_keep_their_records_in_the_stash():
     """One table bucket (two ways per rank): the third and later blocks of a prompt go to
     the rank's stash (eight ways), so a copy still finds every block's slots; past that
