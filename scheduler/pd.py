@@ -149,8 +149,14 @@ def peer_kv_segment_name(cfg) -> Callable[[int, int], str]:
     if cfg.role == Role.PREFILL:
         launch = cfg.pd.launch_id
         return lambda r, pid: segment_name(kv_segment_kind(r), launch, pid)
-    launch = launch_id_of(cfg.prefix_summary_name)
-    return lambda r, pid: segment_name(shared_kv_kind(r), launch, pid)
+    return mixed_kv_segment_name(launch_id_of(cfg.prefix_summary_name))
+
+
+def mixed_kv_segment_name(launch_id: str) -> Callable[[int, int], str]:
+    """The name of mixed rank ``r``'s shared KV segment (process ``pid``) in a launch."""
+    from shm.segment import segment_name
+
+    return lambda r, pid: segment_name(shared_kv_kind(r), launch_id, pid)
 
 
 def kv_segment_factory(cfg) -> Callable[[int, int], KVSegment] | None:

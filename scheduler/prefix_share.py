@@ -41,11 +41,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from scheduler.pd import shared_kv_kind
+from scheduler.pd import mixed_kv_segment_name
 from scheduler.prefix_hash import BLOCK_LEN, prefix_digests
 from shm.kv_segment import KVSegment, PeerSegments
 from shm.prefix_summary import PrefixSummary
-from shm.segment import launch_id_of, segment_name
+from shm.segment import launch_id_of
 
 logger = logging.getLogger(__name__)
 
@@ -77,10 +77,8 @@ class PrefixImporter:
                              "enable cross-rank prefix sharing")
         self.summary = summary
         self.rank = rank
-        if segment_name_of is None:
-            launch = launch_id_of(summary.name)
-            segment_name_of = lambda r, pid: segment_name(shared_kv_kind(r), launch, pid)  # noqa: E731
-        self._segments = PeerSegments(segment_name_of)
+        self._segments = PeerSegments(
+            segment_name_of or mixed_kv_segment_name(launch_id_of(summary.name)))
         self.num_copied_tokens = 0  # tokens whose KV this rank copied from peers
         self.num_dropped = 0  # copies thrown away: the peer evicted meanwhile
 

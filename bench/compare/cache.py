@@ -309,19 +309,22 @@ def headline(results: list[dict]) -> dict:
         return [x[key] / y[key] for x, y in zip(runs(scenario, a, frac), runs(scenario, b, frac))
                 if x.get(key) and y.get(key)]
 
+    def spread(scenario) -> list[float]:
+        """Max over mean of the requests each rank took, one per ``cache_aware`` run."""
+        return [x["max_over_mean_requests"] for x in runs(scenario, "cache_aware")
+                if x.get("max_over_mean_requests")]
+
     found = {
         "shared_prefix_ttft_ratio_rr": ratios("shared-prefix", "cache_aware", "round_robin", "mean_ttft_ms"),
         "shared_prefix_ttft_ratio_smg": ratios("shared-prefix", "cache_aware", SMG, "mean_ttft_ms"),
         "shared_prefix_throughput_gain": [g - 1 for g in ratios(
             "shared-prefix", "cache_aware", "round_robin", "request_throughput", SATURATED)],
         "shared_prefix_p99_ratio_tt": ratios("shared-prefix", "cache_aware", "total_tokens", "p99_ttft_ms"),
-        "hot_prefix_max_over_mean": [x["max_over_mean_requests"] for x in runs(
-            "hot-prefix", "cache_aware") if x.get("max_over_mean_requests")],
+        "hot_prefix_max_over_mean": spread("hot-prefix"),
         "zipf_prefix_ttft_ratio_rr": ratios("zipf-prefix", "cache_aware", "round_robin", "mean_ttft_ms"),
         "zipf_prefix_ttft_ratio_smg": ratios("zipf-prefix", "cache_aware", SMG, "mean_ttft_ms"),
         "zipf_prefix_p99_ratio_tt": ratios("zipf-prefix", "cache_aware", "total_tokens", "p99_ttft_ms"),
-        "zipf_prefix_max_over_mean": [x["max_over_mean_requests"] for x in runs(
-            "zipf-prefix", "cache_aware") if x.get("max_over_mean_requests")],
+        "zipf_prefix_max_over_mean": spread("zipf-prefix"),
         "no_reuse_ttft_ratio_tt": ratios("no-reuse", "cache_aware", "total_tokens", "mean_ttft_ms"),
         "no_reuse_ttft_ratio_pt": ratios("no-reuse", "cache_aware", "prefill_tokens", "mean_ttft_ms"),
         "multi_turn_ttft_ratio_rr": ratios("multi-turn", "cache_aware", "round_robin", "mean_ttft_ms"),
