@@ -311,6 +311,25 @@ def test_cache_headline_repeats_give_paired_means_and_intervals():
     assert mean_ci95([2.0, 2.0]) == [2.0, 2.0]
 
 
+def test_cache_saturated_repeats_pair_by_order():
+    """--saturated-repeats N: the throughput gain is the mean of N paired ratios (saturated
+    run k of one method against run k of round robin), with an interval; --repeats 0 with
+    it leaves the 0.9x keys empty; both 0 is refused."""
+    from bench.compare.cache import SATURATED, headline, main
+
+    def sat(thr):
+        return {"fraction": SATURATED, "mean_ttft_ms": 1.0, "p99_ttft_ms": 1.0,
+                "request_throughput": thr}
+    shared = {"scenario": "shared-prefix", "runs": {
+        "round_robin": [sat(4.0), sat(5.0)], "cache_aware": [sat(8.0), sat(7.5)]}}
+    h = headline([shared])
+    assert h["per_repeat"]["shared_prefix_throughput_gain"] == pytest.approx([1.0, 0.5])
+    assert h["shared_prefix_throughput_gain"] == pytest.approx(0.75)
+    assert h["shared_prefix_ttft_ratio_rr"] is None  # no 0.9x run
+    with pytest.raises(SystemExit):
+        main(["--repeats", "0", "--saturated-repeats", "0"])
+
+
 def test_cache_scenarios_fit_the_pool_and_the_server_they_run_on():
     from bench.compare.cache import REAL_DIVISOR, SCENARIOS, server_flags
 

@@ -41,6 +41,9 @@ Other shapes, servers and samples:
   arrivals (how many first questions come together while the caches are cold), so a
   single run's ratio carries that; the keys are then the means of the N paired ratios,
   with 95% intervals (Student's t) under ``ci95`` and each repeat's under ``per_repeat``.
+- ``--saturated-repeats N`` (default 1): N saturated runs per method, each with its own
+  prompts (the throughput gain is then a mean of N paired ratios); ``--repeats 0`` with
+  it runs only those.
 - ``--gsp-prompts-per-group 16``: SGLang's default shape (16 questions per system prompt);
   ``--gsp-groups-per-rank N`` fixes the groups instead of deriving them from the pool.
 - ``--executor real``: the tiny model on this machine (``--model-path``), every length
@@ -272,13 +275,16 @@ def run_scenario(s: CacheScenario, ranks: int, args) -> dict:
                 if args.request_rate is not None:  # LOAD x capacity is this rate
                     result["capacity_req_s"] = args.request_rate / LOAD
                     result["capacity_given"] = True
+                elif args.repeats == 0:  # saturated runs only: no rate to derive
+                    result["capacity_req_s"] = None
                 else:
                     cap = one_run(s, ranks, server.url, 1.0, math.inf, args.seed + 7)
                     result["capacity_req_s"] = cap["request_throughput"]
                     result["capacity_run"] = cap
             # Each run its own prompts (the same for every method), from empty caches:
-            # LOAD once per repeat, then (shared-prefix) SATURATED once.
-            fractions = [LOAD] * args.repeats + ([SATURATED] if s.saturated else [])
+            # LOAD once per repeat, then (shared-prefix) SATURATED once per saturated repeat.
+            fractions = [LOAD] * args.repeats + [SATURATED] * (
+                args.saturated_repeats if s.saturated else 0)
             seeds = [args.seed + 100 * i for i in range(len(fractions))]
             cap = result["capacity_req_s"]
             if method == SMG:
@@ -376,6 +382,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="runs at 0.9x per method, each with its own prompts and arrivals "
                         "(the same for every method); the keys are then means over the "
                         "repeats, with 95%% intervals under ci95")
+    p.add_argument("--saturated-repeats", type=int, default=1,
+                   help="saturated runs per method (shared-prefix), each with its own "
+                        "prompts; with --repeats 0 only these run")
     p.add_argument("--executor", choices=("sim", "real"), default="sim",
                    help="real: the model at --model-path on this machine, lengths "
                         f"{REAL_DIVISOR}x shorter (at most 4 ranks)")
@@ -394,8 +403,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="every server (for every method, smg's engine too) runs with "
                         "--enable-cross-rank-prefix-cache")
     args = p.parse_args(argv)
-    if args.repeats < 1:
-        p.error("--repeats must be at least 1")
+    if args.repeats < 0 or args.saturated_repeats < 0:
+        p.error("--repeats and --saturated-repeats must be at least 0")
+    if args.repeats + args.saturated_repeats == 0:
+        p.error("nothing to run: --repeats and --saturated-repeats are both 0")
     if args.request_rate is not None and not 0 < args.request_rate < math.inf:
         p.error("--request-rate must be a finite number > 0")
     if args.executor == "real" and max(args.ranks) > 4:
