@@ -350,7 +350,10 @@ class SummaryWriter:
         self.rank = rank
         self._cells = summary.cells
         self._line = HEADER_LEN + rank * LINE
-        self._records = summary.records
+        # No view of the records is kept here: a writer can outlive the summary's close (a
+        # rank's scheduler referenced from an exception's traceback), and a live view
+        # would make the unmap fail.
+        self._has_records = summary.records is not None
         # The radix cache passes each path's slots to on_cached only when this is set.
         self.wants_slots = summary.records is not None
         self._where: dict[int, int] = {}
@@ -367,7 +370,7 @@ class SummaryWriter:
         first = start // BLOCK_LEN
         keys = block_keys(tokens, first)
         digests = (prefix_digests(tokens, first + len(keys), first)
-                   if slots and self._records is not None else [None] * len(keys))
+                   if slots and self._has_records else [None] * len(keys))
         for j, key, digest in zip(range(first, first + len(keys)), keys, digests):
             block = slots[j * BLOCK_LEN:(j + 1) * BLOCK_LEN] if digest is not None else None
             self._insert(key, block, digest)
@@ -402,13 +405,13 @@ class SummaryWriter:
         base = s.table_off + (s.bucket_of(key) * s.num_ranks + self.rank) * WAYS
         cells = self._cells
         cells_to_try = range(base, base + WAYS)
-        if self._records is not None:  # a full bucket's key goes to the stash
+        if self._has_records:  # a full bucket's key goes to the stash
             stash = s.stash_cell(self.rank, key)
             cells_to_try = (*cells_to_try, *range(stash, stash + STASH_WAYS))
         for cell in cells_to_try:
             if cells[cell] == 0:
-                if self._records is not None:  # before the key; -1: slots not known
-                    record = self._records[cell - s.table_off]
+                if self._has_records:  # before the key; -1: slots not known
+                    record = s.records[cell - s.table_off]
                     if block_slots is None:
                         record[:] = -1
                     else:

@@ -204,3 +204,16 @@ TestTinySummaryAgainstModel.settings = _settings
 def test_an_empty_summary_reports_nothing(prompt):
     with PrefixSummary.create(2, 64, new_launch_id()) as s:
         assert s.cached_tokens(prompt) is None
+
+
+def test_a_summary_with_slot_records_closes_while_its_writer_lives():
+    """A rank's writer can outlive the close (its scheduler referenced from an exception's
+    traceback at shutdown): it keeps no view of the segment, so the unmap succeeds."""
+    with PrefixSummary.create(2, 64, new_launch_id(), slot_records=True) as owner:
+        ranks_view = PrefixSummary.attach(owner.name)
+        writer = ranks_view.writer(0)
+        prompt = list(range(3 * BLOCK_LEN))
+        writer.on_cached(prompt, 0, slots=list(range(len(prompt))))
+        assert owner.cached_tokens(prompt) == [3 * BLOCK_LEN, 0]
+        ranks_view.close()  # raised BufferError while the writer held a records view
+        del writer
