@@ -42,7 +42,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from scheduler.pd import mixed_kv_segment_name
-from scheduler.prefix_hash import BLOCK_LEN, prefix_digests
+from scheduler.prefix_hash import BLOCK_LEN, prefix_digests, summary_key
 from shm.kv_segment import KVSegment, PeerSegments
 from shm.prefix_summary import PrefixSummary
 from shm.segment import launch_id_of
@@ -53,7 +53,8 @@ logger = logging.getLogger(__name__)
 @dataclass
 class CopyPlan:
     """Copy ``src_slots`` of ``peer``'s pool (``segment``) for prompt tokens
-    ``[start, end)``; good if the peer's eviction count is still ``evictions``."""
+    ``[start, end)``; good if the peer's eviction count is still ``evictions``. ``key``:
+    the summary key of ``tokens[:end]`` (the copy's ``copy_key`` in this rank's cache)."""
 
     peer: int
     segment: KVSegment
@@ -62,6 +63,7 @@ class CopyPlan:
     end: int
     evictions: int
     writer_pid: int
+    key: int
 
 
 class PrefixImporter:
@@ -117,7 +119,13 @@ class PrefixImporter:
             return None
         end = (first + len(records)) * BLOCK_LEN
         src = np.concatenate(records)[own - first * BLOCK_LEN:]
-        return CopyPlan(peer, segment, src, own, end, evictions, pid)
+        return CopyPlan(peer, segment, src, own, end, evictions, pid,
+                        summary_key(hashes[end // BLOCK_LEN - 1]))
+
+    def held_by_peer(self, key: int) -> bool:
+        """Whether a peer's summary still has ``key`` (a copy's ``key``): the cache then
+        evicts the copy first (``scheduler.radix_cache``, "Copies first")."""
+        return self.summary.held_by_other(self.rank, key)
 
     def still_good(self, plan: CopyPlan) -> bool:
         """After the copy: nothing it read was freed (and so rewritten) meanwhile."""

@@ -11,7 +11,8 @@ from the root to a node spells a cached prefix. Children are keyed by their firs
 A running request that reuses a prefix *locks* the node where its match ends: every
 node on the path then has ``lock_ref > 0`` and is never evicted. Unlocked nodes are
 *evictable*: when the pool needs room, unlocked leaves go back to the allocator least
-recently used first (a leaf's parent becomes a leaf in turn). Three sizes, in tokens:
+recently used first (a leaf's parent becomes a leaf in turn), except that KV copied from
+a peer that still holds it goes before anything else (below). Three sizes, in tokens:
 ``protected_size`` (in locked nodes: KV some request reads), ``evictable_size`` (the
 rest) and ``total_size``. The board counts protected tokens as load and evictable ones
 not (``scheduler.scheduler``).
@@ -29,6 +30,16 @@ The owner contract (``scheduler.scheduler`` is the only caller):
 - A slot is owned either by the tree or by a request, never both, and never free while
   either owns it.
 
+Copies first (``--enable-cross-rank-prefix-cache``, ``scheduler.prefix_share``): a
+prefix whose KV was copied from a peer is inserted with a ``copy_key`` (the peer's
+summary key of its deepest copied block). Until another request reuses it here, it and
+everything cached below it is *cheap*: if ``held_elsewhere(copy_key)`` says a peer still
+holds the prefix, losing it costs one more copy, not a prefill, so evictions take cheap
+leaves first (least recently used among them), then the rest. A copy made for one request
+and never reused is a duplicate of what the peer keeps; left to plain LRU it would push
+out this rank's own prefixes when the pools are full (measured: docs/results.md). Once an
+admission reuses the copy (``match_prefix(..., reuse=True)``) it is this rank's own.
+
 An observer (``CacheObserver``) hears every addition and removal with the whole token
 path, so a summary of what is cached can be kept elsewhere (the board's prefix
 summaries). Plain Python: no torch, no shared memory.
@@ -37,7 +48,7 @@ summaries). Plain Python: no torch, no shared memory.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from engine.kv_slots import KVSlotAllocator
@@ -60,7 +71,7 @@ class CacheObserver(Protocol):
 
 
 class _Node:
-    __slots__ = ("children", "parent", "key", "slots", "lock_ref", "last_access")
+    __slots__ = ("children", "parent", "key", "slots", "lock_ref", "last_access", "copy_key")
 
     def __init__(self, key: list[int], slots: list[int], parent: _Node | None) -> None:
         self.children: dict[int, _Node] = {}
@@ -69,12 +80,17 @@ class _Node:
         self.slots = slots
         self.lock_ref = 0
         self.last_access = 0
+        self.copy_key = None  # copied from a peer and not reused since (module docstring)
 
 
 class RadixCache:
-    def __init__(self, allocator: KVSlotAllocator, observer: CacheObserver | None = None):
+    def __init__(self, allocator: KVSlotAllocator, observer: CacheObserver | None = None,
+                 held_elsewhere: Callable[[object], bool] | None = None):
+        """``held_elsewhere(copy_key)``: whether a peer still holds the prefix a copy was
+        made from (``insert(..., copy_key=)``); without it copies are evicted as any entry."""
         self.allocator = allocator
         self.observer = observer
+        self.held_elsewhere = held_elsewhere
         self._clock = 0
         self.root = _Node([], [], None)
         self.root.lock_ref = 1  # never evicted, never counted
@@ -91,10 +107,11 @@ class RadixCache:
         return self.evictable_size + self.protected_size
 
     # ---- lookups ---------------------------------------------------------------------
-    def match_prefix(self, tokens: Sequence[int]) -> tuple[list[int], _Node]:
+    def match_prefix(self, tokens: Sequence[int], reuse: bool = False) -> tuple[list[int], _Node]:
         """The slots of the longest cached prefix of ``tokens`` and the node it ends at
-        (the root for no match). Touches the path (least recently used goes first)."""
-        node, _, slots = self._walk(tokens)
+        (the root for no match). Touches the path (least recently used goes first).
+        ``reuse``: a new request's admission: copies on the path become this rank's own."""
+        node, _, slots = self._walk(tokens, reuse)
         return slots, node
 
     def cached_len(self, tokens: Sequence[int]) -> int:
@@ -132,10 +149,11 @@ class RadixCache:
             node = node.parent
 
     # ---- changes ---------------------------------------------------------------------
-    def insert(self, tokens: Sequence[int], slots: Sequence[int]) -> int:
+    def insert(self, tokens: Sequence[int], slots: Sequence[int], copy_key: object = None) -> int:
         """Cache ``tokens`` with their KV in ``slots`` (one each). Returns how many
         leading tokens were cached already: the tree keeps its own slots for them and
-        adopts ``slots`` from there on."""
+        adopts ``slots`` from there on. ``copy_key``: the KV of the new part was copied
+        from a peer (module docstring, "Copies first")."""
         if len(tokens) != len(slots):
             raise ValueError(f"{len(tokens)} tokens but {len(slots)} slots")
         node, i, held = self._walk(tokens)
@@ -143,6 +161,7 @@ class RadixCache:
         if i < n:
             leaf = _Node(list(tokens[i:]), list(slots[i:]), node)
             leaf.last_access = self._clock
+            leaf.copy_key = copy_key
             node.children[tokens[i]] = leaf
             self.evictable_size += n - i
             if self.observer is not None:
@@ -153,21 +172,36 @@ class RadixCache:
         return i
 
     def evict(self, num_tokens: int) -> int:
-        """Free at least ``num_tokens`` slots of unlocked entries, least recently used
-        leaves first, as far as there are such; returns how many were freed."""
+        """Free at least ``num_tokens`` slots of unlocked entries, cheap copies first, then
+        least recently used leaves, as far as there are such; returns how many were freed."""
         if num_tokens <= 0 or self.evictable_size == 0:
             return 0
-        heap = [(leaf.last_access, id(leaf), leaf) for leaf in self._evictable_leaves()]
+        heap = [self._eviction_order(leaf) for leaf in self._evictable_leaves()]
         heapq.heapify(heap)
         freed = 0
         while freed < num_tokens and heap:
-            _, _, leaf = heapq.heappop(heap)
+            leaf = heapq.heappop(heap)[-1]
             freed += len(leaf.key)
             parent = leaf.parent
             self._remove_leaf(leaf)
             if parent is not self.root and not parent.children and parent.lock_ref == 0:
-                heapq.heappush(heap, (parent.last_access, id(parent), parent))
+                heapq.heappush(heap, self._eviction_order(parent))
         return freed
+
+    def _eviction_order(self, leaf: _Node) -> tuple:
+        """Heap entry: cheap leaves (under a copy a peer still holds) before the rest,
+        each least recently used first."""
+        return (not self._cheap(leaf), leaf.last_access, id(leaf), leaf)
+
+    def _cheap(self, leaf: _Node) -> bool:
+        if self.held_elsewhere is None:
+            return False
+        node = leaf
+        while node is not self.root:
+            if node.copy_key is not None:  # the nearest copy above decides
+                return self.held_elsewhere(node.copy_key)
+            node = node.parent
+        return False
 
     def flush(self) -> bool:
         """Drop every entry; refused (False) while any is locked."""
@@ -182,9 +216,10 @@ class RadixCache:
         return True
 
     # ---- internals -------------------------------------------------------------------
-    def _walk(self, tokens: Sequence[int]) -> tuple[_Node, int, list[int]]:
+    def _walk(self, tokens: Sequence[int], reuse: bool = False) -> tuple[_Node, int, list[int]]:
         """Follow ``tokens`` down the tree as far as it holds them, splitting the node
-        where they part so that a node ends exactly there, and touching the path.
+        where they part so that a node ends exactly there, and touching the path (and,
+        with ``reuse``, making copies on it this rank's own).
         Returns (that node, how many tokens matched, their slots)."""
         node, slots, i, n = self.root, [], 0, len(tokens)
         self._clock += 1
@@ -196,6 +231,8 @@ class RadixCache:
             if common < len(child.key):
                 child = self._split(child, common)
             child.last_access = self._clock
+            if reuse:
+                child.copy_key = None
             slots += child.slots
             i += common
             node = child
@@ -206,6 +243,7 @@ class RadixCache:
         upper = _Node(child.key[:at], child.slots[:at], child.parent)
         upper.lock_ref = child.lock_ref
         upper.last_access = child.last_access
+        upper.copy_key = child.copy_key  # a peer holding the deeper prefix holds this part
         upper.parent.children[upper.key[0]] = upper
         child.key = child.key[at:]
         child.slots = child.slots[at:]

@@ -105,6 +105,8 @@ class Scheduler:
         # --enable-cross-rank-prefix-cache: copy what a peer caches of a prompt beyond
         # this rank's own cache (scheduler.prefix_share) when admitting it.
         self.prefix_importer = prefix_importer if self.cache is not None else None
+        if self.prefix_importer is not None:  # copies a peer still holds are evicted first
+            self.cache.held_elsewhere = self.prefix_importer.held_by_peer
         self._copies_reported = (0, 0)  # what report_copies last sent
         self.decode_stats = DecodeStats(cfg.decode_log_interval)
 
@@ -411,7 +413,7 @@ class Scheduler:
             req.slots = kv.alloc(need)
             return True
         tokens = req.input_ids[:self._match_limit(req)]
-        prefix, node = cache.match_prefix(tokens)
+        prefix, node = cache.match_prefix(tokens, reuse=True)
         cache.lock(node)  # before evicting: the match itself must stay
         if self.prefix_importer is not None:
             prefix, node = self._copy_shared_prefix(tokens, prefix, node)
@@ -449,7 +451,7 @@ class Scheduler:
         if not self.prefix_importer.still_good(plan):
             kv.free(slots)
             return prefix, node
-        had = cache.insert(tokens[:plan.end], prefix + slots)
+        had = cache.insert(tokens[:plan.end], prefix + slots, copy_key=plan.key)
         if had > len(prefix):  # not seen: nothing else inserts meanwhile
             kv.free(slots[:had - len(prefix)])
         longer, new_node = cache.match_prefix(tokens)

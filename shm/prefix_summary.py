@@ -280,12 +280,18 @@ class PrefixSummary:
 
     def any_holds(self, key: int) -> bool:
         """Whether some rank's summary has ``key``: one search of its bucket's row."""
+        return self.held_by_other(-1, key)
+
+    def held_by_other(self, rank: int, key: int) -> bool:
+        """Whether a rank other than ``rank`` has ``key`` in its table (as a probe finds
+        it: the stash is not searched): one search of the key's bucket row."""
         start = self._table_byte + self.bucket_of(key) * self._bucket_bytes
         end = start + self._bucket_bytes
         needle = key.to_bytes(8, "little")
         find = self.segment.buf.find
         pos = find(needle, start, end)
-        while pos >= 0 and (pos - start) & 7:  # a match across two cells is no match
+        # A match across two cells is no match; nor is one in ``rank``'s own cells.
+        while pos >= 0 and ((pos - start) & 7 or (pos - start) // (8 * WAYS) == rank):
             pos = find(needle, pos + 1, end)
         return pos >= 0
 

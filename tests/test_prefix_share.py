@@ -109,12 +109,17 @@ def test_a_rank_copies_what_a_peer_caches_and_answers_as_if_it_computed_it(execu
         assert cached == 256  # the full blocks rank 0 caches: 4 of 64 tokens
         importer = ranks.scheds[1].prefix_importer
         assert (importer.num_copied_tokens, importer.num_dropped) == (256, 0)
+        # Cached as a copy that rank 0 still holds: the first to go when rank 1 evicts.
+        cache1 = ranks.scheds[1].cache
+        copy = cache1.match_prefix(system[:256])[1]
+        assert copy.copy_key is not None and cache1.held_elsewhere(copy.copy_key)
         alone.send(1, "b", second)  # the same prompt computed whole
         assert ids == alone.output("b")[0] and alone.output("b")[1] == 0
         # The copy is rank 1's own cache now: the same prompt again copies nothing.
         ranks.send(1, "c", second)
         assert ranks.output("c")[1] == len(second) - 1
         assert importer.num_copied_tokens == 256
+        assert copy.copy_key is None  # reused here: rank 1's own, evicted as any entry
         # And rank 1 publishes what it copied: rank 0, flushed, copies it back.
         assert ranks.scheds[0].cache.flush()
         ranks.send(0, "d", first)

@@ -74,6 +74,19 @@ def test_probe_reports_each_ranks_longest_block_prefix(summary):
     assert summary.num_keys(0) == 2 and summary.num_keys(2) == 0
 
 
+def test_held_by_other_looks_past_a_ranks_own_cells(summary):
+    prompt = SEGMENTS[6] + SEGMENTS[3]  # 228 tokens: 3 full blocks
+    key = block_keys(prompt)[2]
+    summary.writer(1).on_cached(prompt, 0)
+    assert summary.any_holds(key) and summary.held_by_other(0, key)
+    assert not summary.held_by_other(1, key)  # rank 1 is the only holder
+    summary.writer(2).on_cached(prompt, 0)
+    assert summary.held_by_other(1, key)
+    summary.writer(2).on_flush()
+    summary.writer(1).on_evicted(prompt, 150)
+    assert not summary.any_holds(key) and not summary.held_by_other(0, key)
+
+
 def test_a_full_bucket_understates_never_overstates():
     with PrefixSummary.create(1, 1, new_launch_id()) as s:  # one bucket: WAYS keys at most
         w = s.writer(0)

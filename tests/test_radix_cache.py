@@ -183,3 +183,42 @@ def test_split_keeps_locks_and_a_prefix_of_another_prompt_matches_whole():
     assert not cache.flush()
     cache.unlock(node)
     assert cache.flush() and alloc.num_used == 0
+
+
+def test_a_copy_a_peer_still_holds_is_evicted_before_older_own_prefixes():
+    """Copies first: KV copied from a peer (``copy_key``), and what was cached below it,
+    goes before this rank's own entries, however recent, while the peer holds the copy's
+    prefix; once the peer lets it go, or another request here reuses it, plain LRU."""
+    peers_hold = {"sys-b"}
+    alloc = KVSlotAllocator(64)
+    cache = RadixCache(alloc, held_elsewhere=peers_hold.__contains__)
+    own = [1] * 8
+    cache.insert(own, alloc.alloc(8))  # the oldest entry: plain LRU would take it first
+    copied = [2] * 8
+    cache.insert(copied, alloc.alloc(8), copy_key="sys-b")
+    cache.insert(copied + [3, 3], cache.match_prefix(copied)[0] + alloc.alloc(2))  # its question
+    assert cache.evict(1) == 2 and cache.cached_len(copied + [3, 3]) == 8  # question first
+    assert cache.evict(1) == 8 and cache.cached_len(copied) == 0  # then the copy
+    assert cache.cached_len(own) == 8
+
+    # A copy whose prefix the peer let go is as precious as any: LRU again.
+    cache.insert(copied, alloc.alloc(8), copy_key="sys-c")
+    assert cache.evict(1) == 8 and cache.cached_len(own) == 0
+    assert cache.cached_len(copied) == 8
+
+    # Reused by another admission here: this rank's own from then on.
+    cache.insert(own, alloc.alloc(8))
+    cache.insert([4] * 8, alloc.alloc(8), copy_key="sys-b")
+    cache.match_prefix([4] * 8, reuse=True)
+    cache.match_prefix(own)  # own is now more recent than the reused copy
+    assert cache.evict(1) == 8 and cache.cached_len(copied) == 0  # the oldest: [2] * 8
+    assert cache.evict(1) == 8 and cache.cached_len([4] * 8) == 0  # then the reused copy
+    assert cache.cached_len(own) == 8
+
+
+def test_without_a_peer_check_copies_are_evicted_as_any_entry():
+    alloc = KVSlotAllocator(32)
+    cache = RadixCache(alloc)
+    cache.insert([1] * 4, alloc.alloc(4))
+    cache.insert([2] * 4, alloc.alloc(4), copy_key="k")
+    assert cache.evict(1) == 4 and cache.cached_len([1] * 4) == 0
