@@ -247,3 +247,11 @@ def _token_text(value: Any) -> str | None:
     if isinstance(value, dict):
         return value.get("content")
     return value if isinstance(value, str) else None
+
+
+def optional_tokenizer(model_path: str) -> Tokenizer | None:
+    """A rank's tokenizer, for stop strings (the only text a rank needs); None for a
+    checkpoint without a tokenizer.json, which can still serve input_ids requests."""
+    if model_path == "tiny" or Path(model_path, "tokenizer.json").is_file():
+        return Tokenizer.load(model_path)
+    return None
