@@ -272,6 +272,39 @@ def test_chat_stream(client):
     assert isinstance(text, str)
 
 
+BAD_CHATS = {
+    "unknown role": ([{"role": "wizard", "content": "hi"}], "messages[0].role"),
+    "tool role": ([{"role": "tool", "content": "42"}], "messages[0].role"),
+    "image part": ([{"role": "user", "content": [
+        {"type": "text", "text": "Describe this image."},
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}],
+        "messages[0].content[1].type"),
+    "text part without text": ([{"role": "user", "content": [{"type": "text"}]}],
+                               "messages[0].content[0].text"),
+    "text part of another type": ([{"role": "user", "content": [{"type": "text", "text": 5}]}],
+                                  "messages[0].content[0].text"),
+    "null content": ([{"role": "system", "content": "be brief"},
+                      {"role": "user", "content": None}], "messages[1].content"),
+    "no content": ([{"role": "user"}], "messages[0].content"),
+    "tool calls": ([{"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": "", "tool_calls": [{"id": "1"}]}],
+                   "messages[1].tool_calls"),
+    "no message": ([], "messages"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CHATS))
+def test_chat_messages_a_template_cannot_render_faithfully_are_400(client, case):
+    messages, field = BAD_CHATS[case]
+    r = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 1})
+    assert r.status_code == 400 and field in r.json()["error"]["message"], (case, r.text)
+    ok = [{"role": "developer", "content": "be brief"},
+          {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+          {"role": "assistant", "content": "hello"}, {"role": "user", "content": "again"}]
+    assert client.post("/v1/chat/completions",
+                       json={"messages": ok, "max_tokens": 1}).status_code == 200
+
+
 def test_models(client):
     body = client.get("/v1/models").json()
     assert body["object"] == "list" and body["data"][0]["id"] == "tiny"

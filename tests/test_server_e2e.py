@@ -192,6 +192,15 @@ def test_unseeded_samples_differ_across_ranks_and_copies(server):
     again = [httpx.post(server.url + "/generate", json={**seeded, "routed_dp_rank": r},
                         timeout=30).json()["output_ids"] for r in (0, 1)]
     assert again[0] == again[1]  # a request's own seed: the same on any rank
+    # n seeded copies: copy j is seeded seed + j, so they differ and are reproducible.
+    seeded_n = {"prompt": "Four copies", "n": 3, "max_tokens": 12, "temperature": 1.0,
+                "ignore_eos": True, "seed": 7}
+    texts = [[c["text"] for c in httpx.post(server.url + "/v1/completions", timeout=30,
+                                            json=seeded_n).json()["choices"]] for _ in range(2)]
+    assert len(set(texts[0])) == 3 and texts[0] == texts[1], texts
+    one = httpx.post(server.url + "/v1/completions", timeout=30,
+                     json={**seeded_n, "n": 1, "seed": 8}).json()["choices"][0]["text"]
+    assert one == texts[0][1]  # copy 1 is the request with seed 8
 
 
 def test_output_messages_larger_than_the_pipe_arrive_whole(server):
