@@ -228,6 +228,46 @@ def test_sigterm_leaves_no_process_and_no_segment(sim_dir):
         assert "ready" in s.log()
 
 
+def test_sigterm_ends_running_requests_with_retryable_errors(sim_dir):
+    """A stop lets running requests finish for DRAIN_S, then fails the rest as a lost
+    rank's: a 503 with Retry-After, a stream's error event and [DONE]; never a 500 or a
+    stream cut off (uvicorn would cancel them at its own bound)."""
+    from server.serving import DRAIN_S, GRACEFUL_SHUTDOWN_S
+    body = {"text": "long", "sampling_params": {"max_new_tokens": 1500, "ignore_eos": True}}
+    results: dict = {}
+
+    def plain():
+        results["plain"] = httpx.post(s.url + "/generate", json=body, timeout=60)
+
+    def streamed():
+        with httpx.stream("POST", s.url + "/v1/completions", timeout=60, json={
+                "prompt": "long", "max_tokens": 1500, "ignore_eos": True, "stream": True}) as r:
+            results["stream"] = [line for line in r.iter_lines() if line]
+
+    # 20 ms a step: 1,500 tokens would take 30 s.
+    s = ServerProcess("--dp-size", "2", *sim_flags(sim_dir, 0.02), log_path=sim_dir / "drain.log")
+    with s:
+        threads = [threading.Thread(target=f) for f in (plain, streamed)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 20
+        while sum(row["num_reqs"] for row in httpx.get(s.url + "/get_load").json()) < 2:
+            assert time.monotonic() < deadline and not results, (results, s.log())
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        assert s.terminate(30) == 0, s.log()
+        for t in threads:
+            t.join(30)
+        assert DRAIN_S - 0.5 < time.monotonic() - t0 < GRACEFUL_SHUTDOWN_S + 10
+        plain_r = results["plain"]
+        assert plain_r.status_code == 503 and "Retry-After" in plain_r.headers, plain_r.text
+        assert "shutting down" in plain_r.text
+        lines = results["stream"]
+        assert lines[-1] == "data: [DONE]" and '"error"' in lines[-2], lines[-3:]
+        assert "Cancel" not in s.log() and "Traceback" not in s.log(), s.log()
+        assert s.segments() == []
+
+
 def _get_health(conn) -> int:
     conn.request("GET", "/health")
     response = conn.getresponse()
