@@ -228,7 +228,8 @@ def test_sigterm_leaves_no_process_and_no_segment(sim_dir):
         assert "ready" in s.log()
 
 
-def test_sigterm_ends_running_requests_with_retryable_errors(sim_dir):
+@pytest.mark.parametrize("api_servers", ["1", "2"])
+def test_sigterm_ends_running_requests_with_retryable_errors(sim_dir, api_servers):
     """A stop lets running requests finish for DRAIN_S, then fails the rest as a lost
     rank's: a 503 with Retry-After, a stream's error event and [DONE]; never a 500 or a
     stream cut off (uvicorn would cancel them at its own bound)."""
@@ -245,7 +246,8 @@ def test_sigterm_ends_running_requests_with_retryable_errors(sim_dir):
             results["stream"] = [line for line in r.iter_lines() if line]
 
     # 20 ms a step: 1,500 tokens would take 30 s.
-    s = ServerProcess("--dp-size", "2", *sim_flags(sim_dir, 0.02), log_path=sim_dir / "drain.log")
+    s = ServerProcess("--dp-size", "2", "--api-server-count", api_servers, *sim_flags(sim_dir, 0.02),
+                      log_path=sim_dir / f"drain{api_servers}.log")
     with s:
         threads = [threading.Thread(target=f) for f in (plain, streamed)]
         for t in threads:
