@@ -5,9 +5,9 @@ is dispatched (so a bad request never costs a rank a thing). ``start`` dispatche
 ``progress`` then yields one ``Progress`` per output the rank sent: the new token ids,
 the text so far and the new text (incremental detokenization, holding back partial
 UTF-8 and any end of the text that may begin a stop string, so that a stream never
-sends what the stop would cut), and at the end the finish reason with the text trimmed as SGLang does: a
-matched stop string and what follows it is cut, and so is a matched stop token's
-text, unless ``no_stop_trim``.
+sends what the stop would cut), and at the end the finish reason with the text trimmed
+as SGLang does: a matched stop string and what follows it is cut, and so is a matched
+stop token's text, unless ``no_stop_trim``.
 
 ``max_new_tokens`` 0 asks for no token: such a request is not dispatched (there is
 nothing for a rank to compute that the client receives); it ends at once with

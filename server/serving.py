@@ -23,10 +23,10 @@ DRAIN_S = GRACEFUL_SHUTDOWN_S - 1
 
 class Server(uvicorn.Server):
     """uvicorn's server with a stop that ends every request with an answer a client or
-    gateway can retry: uvicorn stops accepting, lets running requests finish for
-    ``DRAIN_S``, then (left to itself) cancels what still runs, which a client sees as
-    a 500 or a stream cut off without ``[DONE]``. Here the engine fails those requests
-    first, so their routes answer as for a lost rank."""
+    gateway can retry. uvicorn stops accepting, lets running requests finish for
+    ``GRACEFUL_SHUTDOWN_S``, then cancels what still runs, which a client sees as a 500
+    or a stream cut off without ``[DONE]``. Here, ``DRAIN_S`` into the stop, the engine
+    fails those requests first, so their routes answer as for a lost rank."""
 
     def __init__(self, config: uvicorn.Config, engine: EngineClient):
         super().__init__(config)
