@@ -12,7 +12,6 @@ torch thread on CPU, loads the model and allocates the KV pool.
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from engine.config import ModelConfig, load_model_config
@@ -20,7 +19,7 @@ from engine.device import configure_worker_threads, resolve_device, resolve_dtyp
 from engine.kv_slots import KVSlotAllocator
 from engine.kv_transfer import create_kv_segment
 from engine.runner import ForwardReq, ModelRunner
-from engine.tokenizer import Tokenizer
+from engine.tokenizer import Tokenizer, optional_tokenizer
 from scheduler.executor import Executor
 from shm.kv_segment import KVSegment
 
@@ -76,7 +75,7 @@ class ModelExecutor(Executor):
             if kv_segment is not None:
                 kv_segment.close()
             raise
-        return cls(runner, context_len, _optional_tokenizer(cfg.model_path), kv_segment)
+        return cls(runner, context_len, optional_tokenizer(cfg.model_path), kv_segment)
 
     @property
     def max_total_num_tokens(self) -> int:
@@ -143,14 +142,6 @@ def _record_logprobs(item, top, values, tops) -> None:
         req.input_top_logprobs.extend(tops)
     if item.sample:
         req.output_top_logprobs.append(top)
-
-
-def _optional_tokenizer(model_path: str) -> Tokenizer | None:
-    # Only stop strings need text on the scheduler side; a checkpoint without a
-    # tokenizer.json can still serve input_ids requests.
-    if model_path == "tiny" or Path(model_path, "tokenizer.json").is_file():
-        return Tokenizer.load(model_path)
-    return None
 
 
 def default_max_total_tokens(config: ModelConfig, context_len: int, dtype_bytes: int = 4) -> int:

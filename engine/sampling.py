@@ -14,7 +14,8 @@ Conventions:
 - `sampling_seed` makes a request's tokens reproducible regardless of which requests
   share its batch (see `engine.sampler`); None draws from the runner's own generator;
 - `n` > 1 is accepted here (up to `MAX_N`, OpenAI's cap); fanning a request out into n
-  copies is the server's job;
+  copies is the server's job, each with `for_copy(j)`: copy j's `sampling_seed` is the
+  seed plus j, so that n seeded copies differ and stay reproducible (as vLLM's do);
 - `logit_bias` (OpenAI's) maps token ids, as strings, to a bias in [-100, 100] added
   to the logits before anything else;
 - integers that travel in rank messages (msgpack: 64-bit) are bounded here: `top_k` and
@@ -58,6 +59,14 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True):
     def is_greedy(self) -> bool:
         return self.temperature < GREEDY_EPS or self.top_k == 1
 
+    def for_copy(self, j: int) -> "SamplingParams":
+        """Copy ``j`` of the ``n`` a request fans out into (``n`` becomes 1): a seed, if
+        given, moves by ``j`` (wrapping within int64), or the copies would all be alike."""
+        seed = self.sampling_seed
+        if seed is not None:
+            seed = (seed + j - INT64_MIN) % 2**64 + INT64_MIN
+        return msgspec.structs.replace(self, n=1, sampling_seed=seed)
+
     @property
     def stop_strs(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -92,7 +101,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True):
         _check(self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature}")
         _check(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
         _check(-1 <= self.top_k <= INT64_MAX,
-               f"top_k must be -1 (disabled) or in [1, {INT64_MAX}], got {self.top_k}")
+               f"top_k must be -1 or 0 (disabled) or in [1, {INT64_MAX}], got {self.top_k}")
         _check(0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}")
         _check(1 <= self.n <= MAX_N, f"n must be in [1, {MAX_N}], got {self.n}")
         for name in ("frequency_penalty", "presence_penalty"):

@@ -111,8 +111,9 @@ def _favour_printable_ascii(model: CausalLM) -> None:
     column[printable] = ASCII_BIAS
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    # GPT-2's printable stand-in for each byte, which the ByteLevel pre-tokenizer uses.
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in for each byte, which ByteLevel vocabularies spell
+    their tokens with."""
     printable = [
         *range(ord("!"), ord("~") + 1),
         *range(ord("¡"), ord("¬") + 1),
@@ -131,7 +132,7 @@ def build_tokenizer_json() -> str:
     """tokenizer.json text: BPE without merges over byte characters = one id per byte."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-    vocab = {char: byte for byte, char in _bytes_to_unicode().items()}
+    vocab = {char: byte for byte, char in bytes_to_unicode().items()}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()

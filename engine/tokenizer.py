@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from engine.chat_template import chat_template_from_folder, render_chat_template
 from engine.config import ModelLoadError
+from engine.tiny import bytes_to_unicode
 
 REPLACEMENT_CHAR = "\ufffd"
 
@@ -102,6 +104,30 @@ class Tokenizer:
             decoded = self.backend.decode([token_id], skip_special_tokens=False)
             longest = max(longest, len(token.encode()), len(decoded.encode()))
         return longest
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for (OpenAI's logprobs ``bytes``). A token that is
+        part of a multi-byte character decodes alone to U+FFFD; its own bytes come from
+        the vocabulary's spelling instead: ByteLevel's byte characters, or
+        sentencepiece's ``<0xHH>`` byte fallback."""
+        text = self.backend.decode([token_id], skip_special_tokens=False)
+        if "\ufffd" not in text:
+            return text.encode()
+        token = self.backend.id_to_token(token_id) or ""
+        fallback = _BYTE_FALLBACK.fullmatch(token)
+        if fallback is not None:
+            return bytes([int(fallback.group(1), 16)])
+        if self._byte_level_decoder:
+            table = _unicode_to_bytes()
+            if token and all(c in table for c in token):
+                return bytes(table[c] for c in token)
+        return text.encode()
+
+    @functools.cached_property
+    def _byte_level_decoder(self) -> bool:
+        decoder = json.loads(self.backend.to_str()).get("decoder") or {}
+        return "ByteLevel" in {decoder.get("type"),
+                               *(d.get("type") for d in decoder.get("decoders") or ())}
 
     @property
     def chat_add_special_tokens(self) -> bool:
@@ -247,3 +273,19 @@ def _token_text(value: Any) -> str | None:
     if isinstance(value, dict):
         return value.get("content")
     return value if isinstance(value, str) else None
+
+
+@functools.cache
+def _unicode_to_bytes() -> dict[str, int]:
+    return {char: byte for byte, char in bytes_to_unicode().items()}
+
+
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def optional_tokenizer(model_path: str) -> Tokenizer | None:
+    """A rank's tokenizer, for stop strings (the only text a rank needs); None for a
+    checkpoint without a tokenizer.json, which can still serve input_ids requests."""
+    if model_path == "tiny" or Path(model_path, "tokenizer.json").is_file():
+        return Tokenizer.load(model_path)
+    return None

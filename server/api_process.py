@@ -32,7 +32,7 @@ from server.connections import event_loop_factory
 from server.engine_client import EngineClient
 from server.pd import pd_engine_client
 from server.ranks import RankHandle
-from server.serving import StopSignal, stop_on_signals, uvicorn_config
+from server.serving import StopSignal, make_server, stop_on_signals
 from shm.board import LoadBoard, RankStatus
 from shm.bootstrap import BootstrapTable
 from shm.prefix_summary import PrefixSummary
@@ -169,7 +169,7 @@ def api_server_main(args: ServerArgs, spec: ApiSpec, sock: socket.socket,
             writer = route.region_writer(d) if route is not None else None
             engine = pd_engine_client(args, groups, writer,
                                       spec.num_prefill_ranks)
-        server = uvicorn.Server(uvicorn_config(args, engine))
+        server = make_server(args, engine)
         status_conn.send_bytes(b"built")
         if not go.wait(API_START_TIMEOUT_S):
             return

@@ -13,8 +13,8 @@ connection, over either protocol (``BoundedH11Protocol``, and the httptools one 
 - a request-read deadline (``--timeout-request-read``), armed when the connection
   opens and, on a kept-alive connection, at the first byte of each later request (until
   then uvicorn's keep-alive timer runs); disarmed once the parser holds the whole
-  request, headers and body. On expiry the connection is closed; a route still reading
-  the body sees a disconnect.
+  request, headers and body. On expiry the connection gets a 408 (unless a response has
+  begun) and is closed; a route still reading the body sees a disconnect.
 - a connection bound (``--limit-concurrency``). A connection opened past it closes the
   oldest connection that is waiting for a request (none sent yet, headers incomplete, or
   kept alive after a response), as nginx reuses idle keep-alive connections: idle and
@@ -63,6 +63,12 @@ FDS_RESERVED = 64
 FDS_PER_RANK = 8
 # The target when the hard limit is unlimited (macOS); Linux's default fs.nr_open.
 UNLIMITED_NOFILE_TARGET = 1 << 20
+_TIMEOUT_BODY = (b'{"error": {"message": "no whole request within --timeout-request-read", '
+                 b'"type": "RequestTimeout", "code": 408}}')
+# What a connection whose request did not arrive in time gets before it is closed.
+REQUEST_TIMEOUT = (b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+                   b"Connection: close\r\nContent-Length: " + str(len(_TIMEOUT_BODY)).encode()
+                   + b"\r\n\r\n" + _TIMEOUT_BODY)
 
 
 def raise_open_file_limit() -> int:
@@ -216,6 +222,8 @@ class ConnectionBounds:
         # Debug, not info: a flood of slow clients must not flood the log too.
         logger.debug("closing the connection from %s: no whole request within %g s "
                      "(--timeout-request-read)", self.client, self.timeout_request_read)
+        if not (self.cycle is not None and self.cycle.response_started):
+            self.transport.write(REQUEST_TIMEOUT)  # nothing answered yet: say why
         self.transport.close()
 
     async def _admit(self, scope, receive, send) -> None:

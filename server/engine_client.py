@@ -143,10 +143,15 @@ class EngineClient:
         self.monitor.start(loop)
         self.is_serving = True
 
+    def fail_inflight(self, message: str) -> None:
+        """End every running request with ``message`` (a 503, or a stream's error
+        event): a server stop whose drain ran out (``server.serving.Server``)."""
+        self.inflight.fail_all(message)
+
     async def stop(self) -> None:
         self.is_serving = False
         self.monitor.stop()
-        self.inflight.fail_all("the server is shutting down")
+        self.fail_inflight("the server is shutting down")
         for rank in self.ranks:
             pipe = self._pipes.pop(rank.dp_rank, None)
             if pipe is not None and not pipe.detach() and rank.lost_reason is None:

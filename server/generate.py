@@ -11,7 +11,6 @@ copies under ``n`` are ``rid_0`` ... ``rid_{n-1}``; two equal rids in one body a
 
 from __future__ import annotations
 
-import msgspec
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -108,11 +107,10 @@ async def prepare_generate(engine: EngineClient,
         check_request(engine, ids, params)
         copies = params.n
         rid = rids[i] or new_rid()
-        if copies > 1:
-            params = msgspec.structs.replace(params, n=1)
         for j in range(copies):
             prepared.append(PreparedRequest(
-                rid=rid if copies == 1 else f"{rid}_{j}", input_ids=ids, params=params,
+                rid=rid if copies == 1 else f"{rid}_{j}", input_ids=ids,
+                params=params.for_copy(j),
                 return_logprob=bool(logprob[i]), top_logprobs_num=top_n[i] or 0,
                 logprob_start_len=start_len[i] if start_len[i] is not None else -1,
                 routed_dp_rank=routed_list[i],

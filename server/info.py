@@ -81,6 +81,7 @@ async def server_info(request: Request) -> Response:
         **dataclasses.asdict(args),
         "model_path": local_model_path(args.model_path),
         "api_key": None if args.api_key is None else "<set>",  # never echo the key
+        "enable_metrics": True,  # /metrics is always served, flag or not
         "tp_size": 1,
         "context_length": engine.context_len,
         "max_total_num_tokens": engine.max_total_num_tokens,

@@ -36,7 +36,7 @@ from server.engine_client import EngineClient
 from server.pd import PDLaunchError, PDProcesses
 from server.placement import LaunchError, LaunchPlan, plan_launch
 from server.ranks import EngineProcesses, RankMain, RankStartupError
-from server.serving import StopSignal, pd_summary, stop_on_signals, uvicorn_config
+from server.serving import StopSignal, make_server, pd_summary, stop_on_signals
 
 logger = logging.getLogger("dpserve")
 
@@ -94,10 +94,10 @@ def serve(args: ServerArgs, sock: socket.socket, rank_main: RankMain | None = No
                     args.dp_size, processes.board.name)
         processes.wait_ready(args.startup_timeout_s)
         engine = processes.engine_client() if pd_mode else EngineClient.from_processes(args, processes)
-        config = uvicorn_config(args, engine)
+        server = make_server(args, engine)
         # uvicorn's own loop setting applies only to uvicorn.run.
         with asyncio.Runner(loop_factory=event_loop_factory(args)) as runner:
-            started = runner.run(_serve(uvicorn.Server(config), sock, args))
+            started = runner.run(_serve(server, sock, args))
         return 0 if started else EXIT_STARTUP_FAILED
     except (RankStartupError, PDLaunchError) as exc:
         logger.error("%s", exc)

@@ -9,7 +9,8 @@ likely first; None where unknown), and the prompt's logprobs from
   ``return_text_in_logprobs``); a top list per position (None for position 0).
 - OpenAI completions: ``{tokens, token_logprobs, top_logprobs, text_offset}``, the top
   lists as ``{token text: logprob}``; ``echo`` puts the prompt's positions first.
-- OpenAI chat: ``{"content": [{token, logprob, bytes, top_logprobs: [...]}]}``.
+- OpenAI chat: ``{"content": [{token, logprob, bytes, top_logprobs: [...]}]}``; ``bytes``
+  are the token's own (a client joins them to rebuild a character split over tokens).
 
 JSON has no infinity: a logprob of -inf (a token the sampler masked) is sent as
 ``MIN_LOGPROB``, as vLLM does.
@@ -42,6 +43,11 @@ class TokenTexts:
             text = self._cache[token_id] = self.tokenizer.decode([token_id],
                                                                  skip_special_tokens=False)
         return text
+
+    def raw(self, token_id: int) -> bytes:
+        """The token's own bytes: those of a part of a multi-byte character too, whose
+        text alone is U+FFFD (``Tokenizer.token_bytes``)."""
+        return self.tokenizer.token_bytes(token_id)
 
 
 # ---- SGLang /generate ---------------------------------------------------------------------
@@ -104,8 +110,7 @@ def join_parts(first: dict, second: dict) -> dict:
 def chat_logprobs(texts: TokenTexts, ids: Sequence[int], logprobs: Sequence[float],
                   tops: Sequence) -> dict:
     def item(tid, lp):
-        text = texts(tid)
-        return {"token": text, "logprob": finite(lp), "bytes": list(text.encode())}
+        return {"token": texts(tid), "logprob": finite(lp), "bytes": list(texts.raw(tid))}
 
     return {"content": [
         {**item(tid, lp), "top_logprobs": [item(t, v) for v, t in (top or ())]}

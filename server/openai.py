@@ -31,7 +31,7 @@ from server.errors import ApiError, BadRequest
 from server.prompts import encode_chat, encode_texts
 from server.logprobs import CompletionLogprobs, TokenTexts, chat_logprobs, join_parts
 from server.protocol import (ChatCompletionRequest, CompletionRequest, OpenAISampling,
-                             decode_body)
+                             check_messages, decode_body)
 from server.prepared import PreparedRequest
 from server.request_flow import (Progress, RunningRequest, new_rid, release, run_all,
                                  start_all)
@@ -64,8 +64,7 @@ async def chat_completions(request: Request) -> Response:
     engine: EngineClient = request.state.engine
     body = decode_body(await request.body(), ChatCompletionRequest)
     _check_supported(body)
-    if not body.messages:
-        raise BadRequest("messages is empty")
+    check_messages(body.messages)
     if body.top_logprobs is not None and not body.logprobs:
         raise BadRequest("top_logprobs needs logprobs: true")
     check_int(body.top_logprobs, 0, engine.model_config.vocab_size, "top_logprobs")
@@ -183,7 +182,7 @@ def _prepare(engine: EngineClient, body: OpenAISampling, prompts: list[list[int]
             index = i * body.n + j
             prepared.append(PreparedRequest(
                 rid=rid if num * body.n == 1 else f"{rid}_{index}", input_ids=ids,
-                params=params, return_logprob=return_logprob,
+                params=params.for_copy(j), return_logprob=return_logprob,
                 top_logprobs_num=top_logprobs_num, logprob_start_len=logprob_start_len,
                 routed_dp_rank=_of_prompt(routed, i, num, "routed_dp_rank"),
                 disagg_prefill_dp_rank=_of_prompt(body.disagg_prefill_dp_rank, i, num,

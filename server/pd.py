@@ -246,6 +246,10 @@ class PDEngineClient:
         await self.prefill.start()
         await self.decode.start()
 
+    def fail_inflight(self, message: str) -> None:
+        self.decode.fail_inflight(message)
+        self.prefill.fail_inflight(message)
+
     async def stop(self) -> None:
         for task in list(self._drains):
             task.cancel()

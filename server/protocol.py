@@ -50,7 +50,7 @@ class GenerateRequest(msgspec.Struct, kw_only=True):
 # OpenAI fields not implemented, with the values that ask for nothing (accepted).
 UNSUPPORTED: dict[str, tuple] = {
     "response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none",),
-    "functions": ([],), "function_call": ("none",), "parallel_tool_calls": (),
+    "functions": ([],), "function_call": ("none",), "parallel_tool_calls": (False,),
     "audio": (), "modalities": (["text"],), "prediction": (), "web_search_options": (),
     "reasoning_effort": (), "store": (False,),
 }
@@ -106,6 +106,8 @@ class OpenAISampling(msgspec.Struct, kw_only=True):
 
     def unsupported_field(self) -> str | None:
         """The first unimplemented field given a value that changes the answer."""
+        if self.stream_options is not None and not self.stream:
+            return "stream_options without stream: true"
         for name, harmless in self._unsupported().items():
             value = getattr(self, name)
             if value is not None and not any(type(value) is type(h) and value == h
@@ -146,10 +148,44 @@ class CompletionRequest(OpenAISampling, kw_only=True):
         return {**UNSUPPORTED, "suffix": ("",), "best_of": (1,)}
 
 
+CHAT_ROLES = ("system", "developer", "user", "assistant")
+
+
 class ChatMessage(msgspec.Struct, kw_only=True):
+    """One chat message: a role of ``CHAT_ROLES`` (tool messages need tools, which this
+    server does not implement) and text content, a string or a list of text parts;
+    ``check_messages`` turns anything else into a 400 naming it."""
+
     role: str
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: Any = None
+
+
+def check_messages(messages: list[ChatMessage]) -> None:
+    """400 naming the field for what the chat template cannot render faithfully: an
+    unknown role, missing content, a part that is not text (images, audio, files are
+    not supported: dropping them would answer a question nobody asked)."""
+    if not messages:
+        raise BadRequest("messages is empty")
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if m.role not in CHAT_ROLES:
+            raise BadRequest(f"{where}.role must be one of {', '.join(CHAT_ROLES)}; "
+                             f"got {m.role!r}")
+        if m.tool_calls:
+            raise BadRequest(f"{where}.tool_calls is not supported by this server")
+        if m.content is None:
+            raise BadRequest(f"{where}.content is required")
+        if isinstance(m.content, str):
+            continue
+        for j, part in enumerate(m.content):
+            kind = part.get("type")
+            if kind != "text":
+                raise BadRequest(f"{where}.content[{j}].type must be 'text' (this server "
+                                 f"serves text only); got {kind!r}")
+            if not isinstance(part.get("text"), str):
+                raise BadRequest(f"{where}.content[{j}].text must be a string")
 
 
 class ChatCompletionRequest(OpenAISampling, kw_only=True):

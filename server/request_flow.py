@@ -4,9 +4,10 @@
 is dispatched (so a bad request never costs a rank a thing). ``start`` dispatches;
 ``progress`` then yields one ``Progress`` per output the rank sent: the new token ids,
 the text so far and the new text (incremental detokenization, holding back partial
-UTF-8), and at the end the finish reason with the text trimmed as SGLang does: a
-matched stop string and what follows it is cut, and so is a matched stop token's
-text, unless ``no_stop_trim``.
+UTF-8 and any end of the text that may begin a stop string, so that a stream never
+sends what the stop would cut), and at the end the finish reason with the text trimmed
+as SGLang does: a matched stop string and what follows it is cut, and so is a matched
+stop token's text, unless ``no_stop_trim``.
 
 ``max_new_tokens`` 0 asks for no token: such a request is not dispatched (there is
 nothing for a rank to compute that the client receives); it ends at once with
@@ -83,6 +84,9 @@ class RunningRequest:
         params = prepared.params
         self._decoder = engine.tokenizer.incremental_decoder(params.skip_special_tokens)
         self._emitted = ""
+        # Stop strings the client's text is cut at: text that may be the start of one
+        # is held back until the next tokens tell (it cannot be taken back once sent).
+        self._held_stops = () if params.no_stop_trim else params.stop_strs
         # max_new_tokens 0 with prompt logprobs: its one token is computed, not shown.
         self._hides_output = wants_prompt_only(prepared)
 
@@ -137,11 +141,13 @@ class RunningRequest:
                 self._decoder.step(out.new_token_ids)
                 if out.finish_reason is None:
                     text = self._decoder.text
+                    if self._held_stops:
+                        text = text[:len(text) - stop_prefix_len(text, self._held_stops)]
                 else:
                     text = self._final_text(output_ids, out.finish_reason)
                 if text.startswith(self._emitted):
                     delta, self._emitted = text[len(self._emitted):], text
-                else:  # trimming cut text already streamed: it cannot be taken back
+                else:  # a stop token's text trimmed at the end: already streamed
                     delta = ""
                 if out.finish_reason is not None and self.dp_rank is not None:
                     handle = self.handle
@@ -169,6 +175,19 @@ class RunningRequest:
         if trim and isinstance(matched, str):
             text = trim_stop_str(text, matched)
         return text
+
+
+def stop_prefix_len(text: str, stops: tuple[str, ...]) -> int:
+    """The length of the longest end of ``text`` that begins one of ``stops`` (and is
+    not all of it): what a stream holds back until the next tokens show whether a stop
+    string follows."""
+    longest = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:k]):
+                longest = k
+                break
+    return longest
 
 
 def wants_prompt_only(prepared: PreparedRequest) -> bool:

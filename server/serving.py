@@ -4,6 +4,7 @@ several)."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 
 import uvicorn
@@ -15,6 +16,36 @@ from server.connections import accept_backlog, protocol_for
 from server.engine_client import EngineClient
 
 GRACEFUL_SHUTDOWN_S = 5
+# Requests still running this long after a stop began are failed (a 503 with
+# Retry-After, or a stream's error event and [DONE]) before uvicorn's bound cancels them.
+DRAIN_S = GRACEFUL_SHUTDOWN_S - 1
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server with a stop that ends every request with an answer a client or
+    gateway can retry. uvicorn stops accepting, lets running requests finish for
+    ``GRACEFUL_SHUTDOWN_S``, then cancels what still runs, which a client sees as a 500
+    or a stream cut off without ``[DONE]``. Here, ``DRAIN_S`` into the stop, the engine
+    fails those requests first, so their routes answer as for a lost rank."""
+
+    def __init__(self, config: uvicorn.Config, engine: EngineClient):
+        super().__init__(config)
+        self.engine = engine
+
+    async def shutdown(self, sockets=None) -> None:
+        drain = asyncio.create_task(self._fail_after_drain())
+        try:
+            await super().shutdown(sockets)
+        finally:
+            drain.cancel()
+
+    async def _fail_after_drain(self) -> None:
+        await asyncio.sleep(DRAIN_S)
+        self.engine.fail_inflight("the server is shutting down")
+
+
+def make_server(args: ServerArgs, engine: EngineClient) -> Server:
+    return Server(uvicorn_config(args, engine), engine)
 
 
 def uvicorn_config(args: ServerArgs, engine: EngineClient) -> uvicorn.Config:

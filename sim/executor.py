@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from engine.kv_slots import KVSlotAllocator
+from engine.tokenizer import optional_tokenizer
 from scheduler.batching import ForwardItem
 from scheduler.executor import Executor
 from shm.kv_segment import KVSegment
@@ -99,7 +100,10 @@ class SimExecutor(Executor):
 
     def __init__(self, profile: SimProfile, max_total_num_tokens: int | None = None,
                  lockstep=None, time_scale: float = 1.0,
-                 new_kv_segment: Callable[[int, int], KVSegment] | None = None):
+                 new_kv_segment: Callable[[int, int], KVSegment] | None = None,
+                 tokenizer=None):
+        """``tokenizer``: the served model's (``--model-path``), which the API detokenizes
+        with: the rank decodes its simulated tokens with it to match stop strings."""
         if not time_scale > 0:
             raise ValueError(f"time_scale must be > 0, got {time_scale}")
         self.profile = profile
@@ -111,7 +115,7 @@ class SimExecutor(Executor):
         # No eos: simulated requests run to max_new_tokens, like ignore_eos benchmarks.
         self.eos_token_ids: frozenset[int] = frozenset()
         self.kv = KVSlotAllocator(max_total_num_tokens or profile.max_total_num_tokens)
-        self.tokenizer = None
+        self.tokenizer = tokenizer
         self.busy_s = 0.0  # total simulated forward time, for reports
         self.copy_s = 0.0  # modelled time of prefix copies, added to the next step
         self.lockstep_wait_s = 0.0  # modelled time spent waiting for slower lockstep peers
@@ -129,7 +133,7 @@ class SimExecutor(Executor):
             lockstep = LockstepMember.attach(cfg.sim_lockstep_name, cfg.dp_rank)
         try:
             return cls(load_profile(cfg.sim_profile), cfg.max_total_tokens, lockstep,
-                       cfg.sim_time_scale, new_kv_segment)
+                       cfg.sim_time_scale, new_kv_segment, optional_tokenizer(cfg.model_path))
         except BaseException:
             if lockstep is not None:
                 lockstep.close()

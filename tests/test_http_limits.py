@@ -228,6 +228,7 @@ def test_idle_and_slow_clients_do_not_starve_a_new_request_and_are_closed(sim_fl
                 sock.setblocking(False)
                 selector.register(sock, selectors.EVENT_READ)
             closed_at: dict[socket.socket, float] = {}
+            received: dict[socket.socket, bytes] = {}
             deadline = opened + READ_TIMEOUT_S + 15
             next_byte = 0.0
             while len(closed_at) < len(everyone) and time.monotonic() < deadline:
@@ -241,9 +242,11 @@ def test_idle_and_slow_clients_do_not_starve_a_new_request_and_are_closed(sim_fl
                                 pass  # closed: the read below sees it
                 for key, _ in selector.select(timeout=0.05):
                     try:
-                        gone = key.fileobj.recv(4096) == b""
+                        data = key.fileobj.recv(4096)
                     except ConnectionResetError:
-                        gone = True
+                        data = b""
+                    received[key.fileobj] = received.get(key.fileobj, b"") + data
+                    gone = data == b""
                     if gone:
                         closed_at[key.fileobj] = time.monotonic()
                         selector.unregister(key.fileobj)
@@ -254,6 +257,8 @@ def test_idle_and_slow_clients_do_not_starve_a_new_request_and_are_closed(sim_fl
             # they made room for newer connections).
             earliest = min(closed_at[s] for s in slow_bodies) - bodies_opened
             assert earliest > READ_TIMEOUT_S * 0.9, earliest
+            # Told why: a 408 before the close (nothing had been answered on them).
+            assert all(received.get(s, b"").startswith(b"HTTP/1.1 408 ") for s in slow_bodies)
             assert httpx.post(server.url + "/generate", json=GENERATE, timeout=10).status_code == 200
         finally:
             selector.close()

@@ -189,6 +189,12 @@ def test_chat_logprobs_streamed_and_not(server):
     assert streamed == content
     r = post(server, "/v1/chat/completions", {**body, "logprobs": False})
     assert r.status_code == 400 and "top_logprobs" in r.text
+    # A token that is one byte of a multi-byte character: its text alone is U+FFFD, its
+    # bytes are its own (a client joins them into the character).
+    forced = post(server, "/v1/chat/completions", {**body, "max_tokens": 2,
+                                                   "logit_bias": {"240": 100}}).json()
+    items = forced["choices"][0]["logprobs"]["content"]
+    assert [(x["token"], x["bytes"]) for x in items] == [("\ufffd", [240])] * 2
 
 
 # ---- logit_bias and unimplemented fields ----------------------------------------------
@@ -230,6 +236,8 @@ UNSUPPORTED = [
     ("/v1/completions", "suffix", "tail"),
     ("/v1/completions", "best_of", 2),
     ("/v1/completions", "response_format", {"type": "json_object"}),
+    ("/v1/completions", "stream_options", {"include_usage": True}),  # without stream
+    ("/v1/chat/completions", "stream_options", {"include_usage": False}),
 ]
 
 
@@ -247,7 +255,7 @@ def test_values_that_ask_for_nothing_are_accepted(server):
     assert r.status_code == 200, r.text
     r = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                                               "max_tokens": 1, "response_format": {"type": "text"},
-                                              "tool_choice": "none"})
+                                              "tool_choice": "none", "parallel_tool_calls": False})
     assert r.status_code == 200, r.text
 
 

@@ -10,7 +10,7 @@ import torch
 
 from engine.finish import check_finish, find_stop_str, trim_stop_str
 from engine.sampler import SampleRow, sample
-from engine.sampling import InvalidSamplingParams, SamplingParams
+from engine.sampling import INT64_MAX, INT64_MIN, InvalidSamplingParams, SamplingParams
 
 torch.set_num_threads(1)
 
@@ -239,3 +239,11 @@ def test_logit_bias_is_validated(bias, word):
     with pytest.raises(InvalidSamplingParams, match="logit_bias") as exc:
         SamplingParams(logit_bias=bias).validate(vocab_size=10, context_len=100)
     assert word in str(exc.value)
+
+
+def test_copies_of_a_seeded_request_get_consecutive_seeds():
+    params = SamplingParams(n=3, sampling_seed=INT64_MAX - 1)
+    seeds = [params.for_copy(j).sampling_seed for j in range(3)]
+    assert seeds == [INT64_MAX - 1, INT64_MAX, INT64_MIN]  # wraps within int64
+    assert all(params.for_copy(j).n == 1 for j in range(3))
+    assert SamplingParams(n=2).for_copy(1).sampling_seed is None  # unseeded stays so

@@ -272,6 +272,39 @@ def test_chat_stream(client):
     assert isinstance(text, str)
 
 
+BAD_CHATS = {
+    "unknown role": ([{"role": "wizard", "content": "hi"}], "messages[0].role"),
+    "tool role": ([{"role": "tool", "content": "42"}], "messages[0].role"),
+    "image part": ([{"role": "user", "content": [
+        {"type": "text", "text": "Describe this image."},
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}],
+        "messages[0].content[1].type"),
+    "text part without text": ([{"role": "user", "content": [{"type": "text"}]}],
+                               "messages[0].content[0].text"),
+    "text part of another type": ([{"role": "user", "content": [{"type": "text", "text": 5}]}],
+                                  "messages[0].content[0].text"),
+    "null content": ([{"role": "system", "content": "be brief"},
+                      {"role": "user", "content": None}], "messages[1].content"),
+    "no content": ([{"role": "user"}], "messages[0].content"),
+    "tool calls": ([{"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": "", "tool_calls": [{"id": "1"}]}],
+                   "messages[1].tool_calls"),
+    "no message": ([], "messages"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CHATS))
+def test_chat_messages_a_template_cannot_render_faithfully_are_400(client, case):
+    messages, field = BAD_CHATS[case]
+    r = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 1})
+    assert r.status_code == 400 and field in r.json()["error"]["message"], (case, r.text)
+    ok = [{"role": "developer", "content": "be brief"},
+          {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+          {"role": "assistant", "content": "hello"}, {"role": "user", "content": "again"}]
+    assert client.post("/v1/chat/completions",
+                       json={"messages": ok, "max_tokens": 1}).status_code == 200
+
+
 def test_models(client):
     body = client.get("/v1/models").json()
     assert body["object"] == "list" and body["data"][0]["id"] == "tiny"
@@ -564,3 +597,30 @@ def test_stopped_rank_never_blocks_the_api(tmp_path):
         r = client.post("/generate", json={"text": "x", "routed_dp_rank": 1,
                                            "sampling_params": {"max_new_tokens": 1}})
         assert r.status_code == 200
+
+
+def test_a_stream_never_sends_text_a_stop_string_then_cuts(client):
+    """The start of a stop string is held back until the next tokens show whether the
+    stop follows: streamed and non-streamed text agree (a one-byte-a-token vocabulary,
+    so a two-character stop spans two tokens)."""
+    body = {"prompt": "Once", "max_tokens": 24, "rid": "stop-holdback"}
+    text = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    # A two-character stop whose first occurrence starts at i >= 1 (sim tokens depend
+    # only on the request id and position, so the same rid gives the same text).
+    i = next(i for i in range(1, len(text) - 1)
+             if text.find(text[i:i + 2]) == i and text[i:i + 2].isascii()
+             and text[i:i + 2].isprintable())
+    stop = text[i:i + 2]
+    plain = client.post("/v1/completions", json={**body, "stop": stop}).json()["choices"][0]
+    assert plain["text"] == text[:i] and plain["finish_reason"] == "stop"
+    events = sse_events(client.post("/v1/completions",
+                                    json={**body, "stop": [stop], "stream": True}).text)
+    assert "".join(e["choices"][0]["text"] for e in events) == text[:i]
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 24, "rid": "stop-chat"}
+    text = client.post("/v1/chat/completions", json=chat).json()["choices"][0]["message"]["content"]
+    i = next(i for i in range(1, len(text) - 1)
+             if text.find(text[i:i + 2]) == i and text[i:i + 2].isascii()
+             and text[i:i + 2].isprintable())
+    events = sse_events(client.post("/v1/chat/completions", json={
+        **chat, "stop": text[i:i + 2], "stream": True}).text)
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == text[:i]

@@ -192,6 +192,15 @@ def test_unseeded_samples_differ_across_ranks_and_copies(server):
     again = [httpx.post(server.url + "/generate", json={**seeded, "routed_dp_rank": r},
                         timeout=30).json()["output_ids"] for r in (0, 1)]
     assert again[0] == again[1]  # a request's own seed: the same on any rank
+    # n seeded copies: copy j is seeded seed + j, so they differ and are reproducible.
+    seeded_n = {"prompt": "Four copies", "n": 3, "max_tokens": 12, "temperature": 1.0,
+                "ignore_eos": True, "seed": 7}
+    texts = [[c["text"] for c in httpx.post(server.url + "/v1/completions", timeout=30,
+                                            json=seeded_n).json()["choices"]] for _ in range(2)]
+    assert len(set(texts[0])) == 3 and texts[0] == texts[1], texts
+    one = httpx.post(server.url + "/v1/completions", timeout=30,
+                     json={**seeded_n, "n": 1, "seed": 8}).json()["choices"][0]["text"]
+    assert one == texts[0][1]  # copy 1 is the request with seed 8
 
 
 def test_output_messages_larger_than_the_pipe_arrive_whole(server):
@@ -217,6 +226,48 @@ def test_sigterm_leaves_no_process_and_no_segment(sim_dir):
                    for p in ranks)
         assert s.segments() == []
         assert "ready" in s.log()
+
+
+@pytest.mark.parametrize("api_servers", ["1", "2"])
+def test_sigterm_ends_running_requests_with_retryable_errors(sim_dir, api_servers):
+    """A stop lets running requests finish for DRAIN_S, then fails the rest as a lost
+    rank's: a 503 with Retry-After, a stream's error event and [DONE]; never a 500 or a
+    stream cut off (uvicorn would cancel them at its own bound)."""
+    from server.serving import DRAIN_S, GRACEFUL_SHUTDOWN_S
+    body = {"text": "long", "sampling_params": {"max_new_tokens": 1500, "ignore_eos": True}}
+    results: dict = {}
+
+    def plain():
+        results["plain"] = httpx.post(s.url + "/generate", json=body, timeout=60)
+
+    def streamed():
+        with httpx.stream("POST", s.url + "/v1/completions", timeout=60, json={
+                "prompt": "long", "max_tokens": 1500, "ignore_eos": True, "stream": True}) as r:
+            results["stream"] = [line for line in r.iter_lines() if line]
+
+    # 20 ms a step: 1,500 tokens would take 30 s.
+    s = ServerProcess("--dp-size", "2", "--api-server-count", api_servers, *sim_flags(sim_dir, 0.02),
+                      log_path=sim_dir / f"drain{api_servers}.log")
+    with s:
+        threads = [threading.Thread(target=f) for f in (plain, streamed)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 20
+        while sum(row["num_reqs"] for row in httpx.get(s.url + "/get_load").json()) < 2:
+            assert time.monotonic() < deadline and not results, (results, s.log())
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        assert s.terminate(30) == 0, s.log()
+        for t in threads:
+            t.join(30)
+        assert DRAIN_S - 0.5 < time.monotonic() - t0 < GRACEFUL_SHUTDOWN_S + 10
+        plain_r = results["plain"]
+        assert plain_r.status_code == 503 and "Retry-After" in plain_r.headers, plain_r.text
+        assert "shutting down" in plain_r.text
+        lines = results["stream"]
+        assert lines[-1] == "data: [DONE]" and '"error"' in lines[-2], lines[-3:]
+        assert "Cancel" not in s.log() and "Traceback" not in s.log(), s.log()
+        assert s.segments() == []
 
 
 def _get_health(conn) -> int:
