@@ -45,6 +45,7 @@ from starlette.routing import Route
 
 from server.engine_client import EngineClient
 from server.inflight import MetricsObserver
+from shm.board import RankStatus
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1, 2, 4, 6, 8, 10,
                 20, 40, 60, 80, 120, 160)
@@ -88,6 +89,12 @@ class BoardCollector:
         in_flight = snap.in_flight_reqs
         for r in range(engine.board.num_ranks):
             values = [engine.args.served_model_name, str(r)]
+            if RankStatus(int(snap.status[r])) == RankStatus.DEAD:
+                # A dead rank runs nothing: its row's last figures are history (as in
+                # /get_load).
+                for name in ("running", "queue", "used", "usage", "throughput"):
+                    families[name].add_metric(values, 0)
+                continue
             waiting = int(snap.num_waiting_reqs[r])
             used = int(snap.num_tokens[r])
             capacity = int(snap.max_total_num_tokens[r])

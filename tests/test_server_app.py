@@ -529,6 +529,11 @@ def test_rank_killed_mid_request_fails_fast_and_others_serve(tmp_path):
         dead = client.get("/get_load").json()[1]  # marked, and not its last load
         assert dead == {"dp_rank": 1, "num_reqs": 0, "num_waiting_reqs": 0, "num_tokens": 0,
                         "status": "dead"}, dead
+        # /metrics likewise: not the two requests the rank ran when it died.
+        gauges = [line for line in client.get("/metrics").text.splitlines()
+                  if line.startswith(("sglang:num_running_reqs{", "sglang:num_used_tokens{"))
+                  and 'dp_rank="1"' in line]
+        assert len(gauges) == 2 and all(line.endswith(" 0.0") for line in gauges), gauges
         for _ in range(4):
             r = client.post("/generate", json={"text": "x", "sampling_params": {"max_new_tokens": 2}})
             assert r.status_code == 200 and r.json()["meta_info"]["dp_rank"] == 0
