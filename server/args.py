@@ -236,7 +236,8 @@ class ServerArgs:
         group="disaggregation"))
     prefill_load_balance_method: str | None = field(default=None, **_flag(
         "pd and prefill modes: method for prefill ranks (default: --load-balance-method; "
-        "auto = total_tokens)", group="disaggregation"))
+        "auto = cache_aware, or total_tokens with --disable-radix-cache)",
+        group="disaggregation"))
     decode_load_balance_method: str | None = field(default=None, **_flag(
         "pd and decode modes: method for decode ranks (default: --load-balance-method; "
         "auto = total_requests)", group="disaggregation"))

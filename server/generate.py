@@ -20,7 +20,7 @@ from server.bounds import MAX_BATCH_REQUESTS, MAX_PORT, check_fan_out, check_int
 from server.errors import ApiError, BadRequest
 from server.prompts import encode_texts
 from server.logprobs import TokenTexts, sglang_logprobs
-from server.protocol import GenerateRequest, decode_body, to_sampling_params
+from server.protocol import GenerateRequest, decode_body, routed_rank_of, to_sampling_params
 from server.prepared import PreparedRequest
 from server.request_flow import (Progress, RunningRequest, new_rid, release, run_all,
                                  start_all)
@@ -96,7 +96,7 @@ async def prepare_generate(engine: EngineClient,
     start_len = _per_item(body.logprob_start_len, size, "logprob_start_len")
     check_ints(start_len, -1, engine.context_len - 1, "logprob_start_len")
     check_ints(body.bootstrap_port, 0, MAX_PORT, "bootstrap_port")
-    routed = body.routed_dp_rank if body.routed_dp_rank is not None else body.data_parallel_rank
+    routed = routed_rank_of(body)
     routed_list = _per_item(routed, size, "routed_dp_rank")
     prefill_rank = _per_item(body.disagg_prefill_dp_rank, size, "disagg_prefill_dp_rank")
     rooms = _rooms(body.bootstrap_room, size)

@@ -31,7 +31,7 @@ from server.errors import ApiError, BadRequest
 from server.prompts import encode_chat, encode_texts
 from server.logprobs import CompletionLogprobs, TokenTexts, chat_logprobs, join_parts
 from server.protocol import (ChatCompletionRequest, CompletionRequest, OpenAISampling,
-                             check_messages, decode_body)
+                             check_messages, decode_body, routed_rank_of)
 from server.prepared import PreparedRequest
 from server.request_flow import (Progress, RunningRequest, new_rid, release, run_all,
                                  start_all)
@@ -172,7 +172,7 @@ def _prepare(engine: EngineClient, body: OpenAISampling, prompts: list[list[int]
              max_tokens_for, return_logprob: bool, top_logprobs_num: int = 0,
              logprob_start_len: int = -1) -> list[PreparedRequest]:
     check_fan_out(len(prompts), [body.n] * len(prompts))
-    routed = body.routed_dp_rank if body.routed_dp_rank is not None else body.data_parallel_rank
+    routed = routed_rank_of(body)
     num = len(prompts)
     prepared = []
     for i, ids in enumerate(prompts):

@@ -204,6 +204,16 @@ class ChatCompletionRequest(OpenAISampling, kw_only=True):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
+def routed_rank_of(body: GenerateRequest | OpenAISampling):
+    """``routed_dp_rank``, or its older name ``data_parallel_rank``; both given and
+    different is a 400 (which one the client meant is not ours to guess)."""
+    new, old = body.routed_dp_rank, body.data_parallel_rank
+    if new is not None and old is not None and new != old:
+        raise BadRequest(f"routed_dp_rank ({new!r}) and data_parallel_rank, its older name "
+                         f"({old!r}), disagree; give one")
+    return new if new is not None else old
+
+
 def decode_body(body: bytes, kind: type[T]) -> T:
     """Parse a JSON object body into ``kind`` (rules in the module docstring)."""
     try:

@@ -173,6 +173,11 @@ def test_openai_routes_take_the_routing_keys(client):
         r = client.post("/v1/completions", json={**ok, **bad})
         assert r.status_code == 400, (bad, r.text)
     assert client.post("/v1/chat/completions", json={**chat, "routed_dp_rank": 7}).status_code == 400
+    both = {"routed_dp_rank": 1, "data_parallel_rank": 0}
+    assert client.post("/v1/chat/completions", json={**chat, **both}).status_code == 400
+    agree = client.post("/v1/completions", json={"prompt": "a", "max_tokens": 1,
+                                                "routed_dp_rank": 1, "data_parallel_rank": 1})
+    assert agree.status_code == 200
 
 
 def test_return_logprob(client):
@@ -199,6 +204,7 @@ BAD_BODIES = {
     "bad temperature": {"text": "x", "sampling_params": {"temperature": -1}},
     "text of wrong type": {"text": 5},
     "batch size mismatch": {"text": ["a", "b"], "rid": ["only-one"]},
+    "two rank names that disagree": {"text": "x", "routed_dp_rank": 0, "data_parallel_rank": 1},
 }
 
 
