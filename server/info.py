@@ -5,7 +5,8 @@
   gateways mark a worker unhealthy on non-2xx, and a degraded engine still serves.
   ``dead_ranks`` lists the ranks that cannot serve (dead or stale); a PD front door
   lists them by role, ``{"prefill": [...], "decode": [...]}``.
-- ``/health_generate``: one greedy token through every live rank.
+- ``/health_generate``: one greedy token through every live rank (a PD prefill or decode
+  server, which cannot generate alone: its ranks' liveness).
 - ``/server_info`` (``/get_server_info``), ``/model_info`` (``/get_model_info``): the
   resolved arguments and model facts; paths are local folders so a gateway never
   tries to fetch a tokenizer from a hub.
@@ -31,6 +32,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from engine.sampling import SamplingParams
+from scheduler.roles import Role
 from server import __version__
 from server.args import local_model_path
 from server.bounds import query_int
@@ -57,6 +59,12 @@ async def health_generate(request: Request) -> Response:
     live = engine.live_ranks()
     if not engine.is_serving or not live:
         raise ServiceUnavailable(f"no rank can serve (status {engine.status})")
+    if engine.role in (Role.PREFILL, Role.DECODE):
+        # Half of a PD pair generates nothing alone (a request needs both servers): its
+        # ranks' liveness (heartbeats within --stale-after-s) is what it can vouch for.
+        return JSONResponse({"status": engine.status, "ranks": live,
+                             "checked": f"liveness only: a PD {engine.role} server cannot "
+                                        "generate without its peer"})
     params = SamplingParams(max_new_tokens=1, temperature=0.0)
     ids = engine.tokenizer.encode("ping") or [0]
     running = []

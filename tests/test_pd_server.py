@@ -136,6 +136,9 @@ def test_prefill_and_decode_servers_pair_like_a_gateway(tmp_path, workload, refe
         assert info["disaggregation_roles"] == {"prefill": "round_robin"}
         assert httpx.get(decode.url + "/server_info").json()["disaggregation_roles"] == \
             {"decode": "total_requests"}
+        for server in (prefill, decode):  # half a pair cannot generate: liveness, 200
+            health = httpx.get(server.url + "/health_generate", timeout=10)
+            assert health.status_code == 200 and health.json()["ranks"] == [0, 1], health.text
 
         async def run():
             async with httpx.AsyncClient(timeout=60) as client:
