@@ -254,6 +254,9 @@ class DecodeReceiver(PDRole):
                 return None, (f"bootstrap_room {room}: no prefill placed it within "
                               f"{self.bootstrap_ns / 1e9:g} s (prefill never came, or the "
                               "gateway retried with a new room)", SERVER_ERROR)
+            if (down := self.peers.none_running(now)) is not None:  # nobody will place it
+                return None, (f"bootstrap_room {room}: no prefill rank can place it ({down})",
+                              SERVER_ERROR)
         elif waited > self.waiting_ns:
             return None, (f"bootstrap_room {room}: the KV from prefill rank {p} was not "
                           f"ready within {self.waiting_ns / 1e9:g} s", SERVER_ERROR)

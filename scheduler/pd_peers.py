@@ -68,6 +68,13 @@ class PDPeers:
         self._down_at[prefill_rank] = (now_ns, reason)
         return reason
 
+    def none_running(self, now_ns: int) -> str | None:
+        """Why no prefill rank can place a room now (every one down), or None if one can."""
+        reasons = [self.down_reason(r, now_ns) for r in range(self.handoff.num_regions)]
+        if any(reason is None for reason in reasons):
+            return None
+        return "; ".join(f"prefill rank {r} {why}" for r, why in enumerate(reasons))
+
     def refresh(self, now_ns: int) -> bool:
         if now_ns < self._next_refresh_ns:
             return False

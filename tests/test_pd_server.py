@@ -202,6 +202,22 @@ def test_prefill_and_decode_servers_pair_like_a_gateway(tmp_path, workload, refe
     assert not prefill.segments() and not decode.segments()
 
 
+def test_decode_fails_at_once_when_no_prefill_rank_is_running(tmp_path):
+    """Two servers, one prefill rank, killed: a decode request whose room nobody placed
+    fails with a 503 within the liveness check, not after the bootstrap timeout."""
+    port = random.randint(20_000, 60_000)
+    pair = ["--disaggregation-bootstrap-port", str(port), "--dp-size", "1", *COMMON]
+    with _pair(tmp_path, pair) as (prefill, decode):
+        ranks = httpx.get(prefill.url + "/server_info", timeout=5).json()["ranks"]
+        os.kill(ranks[0]["pid"], signal.SIGKILL)
+        start = time.monotonic()
+        r = httpx.post(decode.url + "/generate", json=body([5, 6, 7], 3, bootstrap_room=77),
+                       timeout=60)
+        assert r.status_code == 503 and "no prefill rank can place it" in r.text, r.text
+        assert "prefill rank 0 is not running" in r.text
+        assert time.monotonic() - start < 10  # the bootstrap timeout is 300 s
+
+
 class _pair:
     """Start the decode server first (it waits for the prefill server's tables), then
     the prefill server; stop both whatever happens."""
