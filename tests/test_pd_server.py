@@ -139,6 +139,15 @@ def test_prefill_and_decode_servers_pair_like_a_gateway(tmp_path, workload, refe
         for server in (prefill, decode):  # half a pair cannot generate: liveness, 200
             health = httpx.get(server.url + "/health_generate", timeout=10)
             assert health.status_code == 200 and health.json()["ranks"] == [0, 1], health.text
+        # Prompt logprobs (lm-eval's loglikelihood): the prefill server has them, the
+        # decode server says it has none rather than answer with nulls.
+        echo = {"prompt": "hello world", "max_tokens": 0, "echo": True, "logprobs": 1,
+                "bootstrap_room": random.getrandbits(63)}
+        r = httpx.post(decode.url + "/v1/completions", json=echo, timeout=30)
+        assert r.status_code == 400 and "prefill server" in r.text, r.text
+        lps = httpx.post(prefill.url + "/v1/completions", json=echo,
+                         timeout=30).json()["choices"][0]["logprobs"]["token_logprobs"]
+        assert lps[0] is None and all(isinstance(x, float) for x in lps[1:]), lps
 
         async def run():
             async with httpx.AsyncClient(timeout=60) as client:
