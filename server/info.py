@@ -138,16 +138,18 @@ async def model_info(request: Request) -> Response:
 
 async def get_load(request: Request) -> Response:
     engine: EngineClient = request.state.engine
-    return JSONResponse([{k: row[k] for k in ("dp_rank", "num_reqs", "num_waiting_reqs",
-                                              "num_tokens", "status")} for row in _loads(engine)])
+    keys = ("dp_rank", "num_reqs", "num_waiting_reqs", "num_tokens", "status")
+    if engine.role == Role.PD:  # prefill rank 0 and decode rank 0 are two rows
+        keys += ("role",)
+    return JSONResponse([{k: row[k] for k in keys} for row in _loads(engine)])
 
 
 async def v1_loads(request: Request) -> Response:
     engine: EngineClient = request.state.engine
     rows = _loads(engine)
-    dp_rank = query_int(request, "dp_rank", 0, len(rows) - 1)
-    if dp_rank is not None:
-        rows = [rows[dp_rank]]
+    dp_rank = query_int(request, "dp_rank", 0, max(row["dp_rank"] for row in rows))
+    if dp_rank is not None:  # in PD, that rank of each role
+        rows = [row for row in rows if row["dp_rank"] == dp_rank]
     n = max(len(rows), 1)
     return JSONResponse({
         "timestamp": datetime.now(timezone.utc).isoformat(),

@@ -79,6 +79,11 @@ def test_front_door_outputs_equal_non_pd(tmp_path, workload, reference):
         assert info["disaggregation_roles"] == {"prefill": "total_tokens",
                                                 "decode": "total_requests"}
         assert sorted(r["role"] for r in info["ranks"]) == ["decode"] * 2 + ["prefill"] * 2
+        rows = httpx.get(server.url + "/get_load", timeout=5).json()
+        assert [(r["role"], r["dp_rank"]) for r in rows] == [
+            ("prefill", 0), ("prefill", 1), ("decode", 0), ("decode", 1)], rows
+        loads = httpx.get(server.url + "/v1/loads?dp_rank=1", timeout=5).json()["loads"]
+        assert sorted((r["role"], r["dp_rank"]) for r in loads) == [("decode", 1), ("prefill", 1)]
 
         async def run():
             async with httpx.AsyncClient(timeout=60) as client:
