@@ -27,6 +27,11 @@ class Role(StrEnum):
 RANK_ROLES = (Role.MIXED, Role.PREFILL, Role.DECODE)
 
 
+def rank_name(role: Role, dp_rank: int) -> str:
+    """How logs name a rank: ``rank 1``, or ``prefill rank 1`` / ``decode rank 1``."""
+    return f"rank {dp_rank}" if role == Role.MIXED else f"{role} rank {dp_rank}"
+
+
 class DisaggregationMode(StrEnum):
     NULL = "null"
     PREFILL = "prefill"

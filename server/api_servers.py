@@ -93,10 +93,9 @@ def serve_api_servers(args: ServerArgs, sock: socket.socket, rank_main: RankMain
         if not wait_serving(apis, go):
             return EXIT_STARTUP_FAILED
         url = args.url.rsplit(":", 1)[0] + f":{sock.getsockname()[1]}"
-        logger.info("ready: %s serving %s with %d rank(s) behind %d API processes, load "
-                    "balance method %s%s", url, args.served_model_name,
-                    sum(g.dp_size for g in groups.values()), len(apis),
-                    args.load_balance_method, pd_summary(args))
+        logger.info("ready: %s serving %s with %d rank(s) behind %d API processes%s", url,
+                    args.served_model_name, sum(g.dp_size for g in groups.values()), len(apis),
+                    pd_summary(args))
         supervise(apis)
         return 0
     except (RankStartupError, PDLaunchError) as exc:

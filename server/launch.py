@@ -36,7 +36,7 @@ from server.engine_client import EngineClient
 from server.pd import PDLaunchError, PDProcesses
 from server.placement import LaunchError, LaunchPlan, plan_launch
 from server.ranks import EngineProcesses, RankMain, RankStartupError
-from server.serving import StopSignal, make_server, pd_summary, stop_on_signals
+from server.serving import StopSignal, make_server, num_ranks, pd_summary, stop_on_signals
 
 logger = logging.getLogger("dpserve")
 
@@ -90,8 +90,7 @@ def serve(args: ServerArgs, sock: socket.socket, rank_main: RankMain | None = No
                  else EngineProcesses(args, rank_main, plan=plan))
     try:
         processes.start()
-        logger.info("started %d rank(s) on board %s; waiting until they are ready",
-                    args.dp_size, processes.board.name)
+        logger.info("started %d rank(s); waiting until they are ready", num_ranks(args))
         processes.wait_ready(args.startup_timeout_s)
         engine = processes.engine_client() if pd_mode else EngineClient.from_processes(args, processes)
         server = make_server(args, engine)
@@ -118,9 +117,8 @@ async def _serve(server: uvicorn.Server, sock: socket.socket, args: ServerArgs) 
         await asyncio.sleep(0.02)
     if server.started:
         url = args.url.rsplit(":", 1)[0] + f":{sock.getsockname()[1]}"
-        logger.info("ready: %s serving %s with %d rank(s), load balance method %s%s",
-                    url, args.served_model_name, args.dp_size, args.load_balance_method,
-                    pd_summary(args))
+        logger.info("ready: %s serving %s with %d rank(s)%s", url, args.served_model_name,
+                    num_ranks(args), pd_summary(args))
     await task
     return server.started
 

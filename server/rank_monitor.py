@@ -34,6 +34,7 @@ import msgspec
 
 from scheduler.messages import (BatchOutput, FlushCacheResult, PrefixCopyStats, RankError,
                                 RankStats, decode_to_server)
+from scheduler.roles import rank_name
 from server.errors import ServiceUnavailable
 from server.inflight import InFlight, RequestHandle
 from server.rank_pipe import FrameReader
@@ -85,8 +86,8 @@ class RankMonitor:
         if rank.lost_reason is None:
             rank.lost_reason = reason
             rank.lost_at = time.monotonic()
-            logger.error("rank %d lost: %s; its requests fail, the others keep serving",
-                         rank.dp_rank, reason)
+            logger.error("%s lost: %s; its requests fail, the others keep serving",
+                         rank_name(self.processes.role, rank.dp_rank), reason)
             self.inflight.fail_rank(rank.dp_rank, f"rank {rank.dp_rank} failed: {reason}")
             self._fail_flushes(rank, f"rank {rank.dp_rank} failed: {reason}")
         if rank.process.is_alive():

@@ -42,7 +42,7 @@ import posix_ipc
 
 from scheduler.config import SchedulerConfig
 from scheduler.messages import RankError, RankReady, ShutdownReq, decode_to_server, encode
-from scheduler.roles import DisaggregationMode, Role
+from scheduler.roles import DisaggregationMode, Role, rank_name
 from server.args import InvalidServerArgs, ServerArgs
 from server.placement import LaunchPlan, plan_launch
 from server.internal_state import RankStatsLog
@@ -237,8 +237,8 @@ class EngineProcesses:
                 eof = True
         if isinstance(msg, RankReady):
             rank.ready = msg
-            logger.info("rank %d ready (pid %d, %s, %d KV tokens)", rank.dp_rank, msg.pid,
-                        msg.device, msg.max_total_num_tokens)
+            logger.info("%s ready (pid %d, %s, %d KV tokens)", rank_name(self.role, rank.dp_rank),
+                        msg.pid, msg.device, msg.max_total_num_tokens)
         elif isinstance(msg, RankError):
             raise RankStartupError(rank.dp_rank, msg.message)
         elif msg is not None:

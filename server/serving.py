@@ -56,14 +56,24 @@ def uvicorn_config(args: ServerArgs, engine: EngineClient) -> uvicorn.Config:
                           http=protocol_for(args), backlog=accept_backlog())
 
 
+def num_ranks(args: ServerArgs) -> int:
+    """The ranks one launch runs: both roles' in ``--disaggregation-mode pd``."""
+    if args.disaggregation_mode == DisaggregationMode.PD:
+        return args.prefill_dp_size + args.decode_dp_size
+    return args.dp_size
+
+
 def pd_summary(args: ServerArgs) -> str:
+    """The ready line's tail: each role's ranks and load balance method."""
     mode = args.disaggregation_mode
     if mode == DisaggregationMode.PD:
-        return (f"; PD: {args.prefill_dp_size} prefill ranks ({args.method_for(Role.PREFILL)}), "
+        return (f": {args.prefill_dp_size} prefill ranks ({args.method_for(Role.PREFILL)}), "
                 f"{args.decode_dp_size} decode ranks ({args.method_for(Role.DECODE)})")
+    method = args.method_for(args.role)
     if mode != DisaggregationMode.NULL:
-        return f"; PD {mode} server, bootstrap port {args.disaggregation_bootstrap_port}"
-    return ""
+        return (f", PD {mode} server ({method}), bootstrap port "
+                f"{args.disaggregation_bootstrap_port}")
+    return f", load balance method {method}"
 
 
 class StopSignal(BaseException):
