@@ -196,8 +196,12 @@ def supervise(apis: list[ApiProcess]) -> None:
     while live := [a for a in apis if a.state != "exited"]:
         by_conn = {a.status_conn: a for a in live}
         by_sentinel = {a.process.sentinel: a for a in live}
-        for obj in wait([*by_conn, *by_sentinel]):
+        # Exits first: a process that died shows both its sentinel and its pipe's EOF,
+        # and is logged once, by the sentinel.
+        for obj in sorted(wait([*by_conn, *by_sentinel]), key=lambda o: o not in by_sentinel):
             api = by_conn.get(obj) or by_sentinel[obj]
+            if api.state == "exited":
+                continue
             if obj in by_sentinel:
                 api.process.join(1.0)
                 api.state = "exited"
