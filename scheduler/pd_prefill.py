@@ -9,7 +9,10 @@ allocated, *held* for decode, until:
 - a decode rank released its claim on the entry (``RegionWriter.reap_released``), or
 - the entry's deadline (``bootstrap_timeout_s`` after the hand-off) passed with no
   decode (``RegionWriter.expire``; a claimed entry gets a grace period, see
-  ``shm.bootstrap_writers``).
+  ``shm.bootstrap_writers``), or
+- the API aborted the finished request because its decode half ended without the KV
+  (aborted, or its decode rank died) and no decode rank has claimed the entry
+  (``release_handed_off``; a PD front door's, ``server.pd``).
 A request aborted or refused before its hand-off gets a FAILED entry (no KV) so the
 decode side fails it at once instead of waiting out its timeout.
 
@@ -70,6 +73,7 @@ class PrefillSender(PDRole):
         self.arena = RangeAllocator(len(segment.arena))
         self.timeout_ns = int(cfg.pd.bootstrap_timeout_s * 1e9)
         self.held: dict[int, Held] = {}  # hand-off table slot -> what it holds
+        self.num_freed_aborted = 0  # held KV freed because its decode half ended without it
         self.num_handed_off = 0
         self.num_freed_released = 0
         self.num_freed_expired = 0
@@ -154,6 +158,23 @@ class PrefillSender(PDRole):
 
     def discard(self, req: Req) -> bool:
         return False  # a prefill rank parks nothing
+
+    def release_handed_off(self, rid: str, message: str) -> bool:
+        """The request's decode half ended without its KV (aborted, or its decode rank
+        died): free the held KV now, not at the deadline, unless a decode rank claimed
+        it (then that claim's release frees it; a claim taken between this check and the
+        removal finds the entry changed and drops its copy, ``claimer.release``)."""
+        for slot, held in self.held.items():
+            if held.req is not None and held.req.rid == rid:
+                if self.writer.claim_of(slot) is not None:
+                    return False
+                logger.info("bootstrap_room %d: its decode request ended (%s) before taking "
+                            "the KV; freed", held.room, message)
+                self.writer.remove(slot)
+                self._free(slot)
+                self.num_freed_aborted += 1
+                return True
+        return False
 
     # ---- freeing ------------------------------------------------------------------------
     def poll(self, admit=None) -> tuple[tuple, tuple]:

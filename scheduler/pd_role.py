@@ -93,6 +93,12 @@ class PDRole(ABC):
         """Called when a request is refused at admission or its hand-off failed, so peers
         waiting on it learn at once."""
 
+    def release_handed_off(self, rid: str, message: str) -> bool:
+        """Called when a request that already finished here is aborted: a prefill rank
+        frees the KV it holds for it if no decode rank has claimed it (its decode half
+        ended, or died, without taking it). True if something was freed."""
+        return False
+
     @abstractmethod
     def close(self) -> None:
         """Called once at rank exit: release what the role holds in shared memory."""

@@ -323,8 +323,9 @@ class Scheduler:
     def _abort(self, rid: str, message: str, status_code: int | None = None) -> None:
         """End request ``rid`` here; ``status_code`` when the rank, not the API, ends it."""
         req = self.reqs.get(rid)
-        if req is None:
-            return  # already finished: nothing to free
+        if req is None:  # finished here: a prefill rank may still hold its KV for decode
+            self.pd.release_handed_off(rid, message)
+            return
         if req in self.running:
             self.running.remove(req)
         elif not self.pd.discard(req):

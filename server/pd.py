@@ -31,6 +31,7 @@ import time
 
 import msgspec
 
+from engine.finish import FinishAbort
 from scheduler.messages import FlushCacheResult
 from scheduler.pd import (HANDOFF_KIND, ROUTE_KIND, PDConfig, create_tables, shared_launch_id)
 from scheduler.pd_router import new_room
@@ -291,6 +292,7 @@ class PDEngineClient:
 
     async def outputs(self, handle: RequestHandle):
         first = self._prefill_first.get(handle)
+        finished = False
         try:
             async for out in self.decode.outputs(handle):
                 if first is not None:
@@ -298,18 +300,26 @@ class PDEngineClient:
                     if prefill_out is not None:
                         out = _with_prefill_half(out, prefill_out)
                     first = None
+                # A rank's abort (a timeout, a refusal) did not take the KV either.
+                finished = out.finish_reason is not None and not isinstance(out.finish_reason,
+                                                                            FinishAbort)
                 yield out
         finally:
             self._prefill_first.pop(handle, None)
-            self._end_prefill(handle, "its decode half ended")
+            self._end_prefill(handle, "its decode half ended", finished)
 
     def abort(self, handle: RequestHandle, message: str) -> None:
         self.decode.abort(handle, message)
         self._end_prefill(handle, message)
 
-    def _end_prefill(self, handle: RequestHandle, message: str) -> None:
+    def _end_prefill(self, handle: RequestHandle, message: str, decode_finished: bool = False
+                     ) -> None:
+        """Abort the prefill half if it still runs; if it handed its KV off and the decode
+        half ended without finishing (aborted, or its decode rank died before taking the
+        KV), the abort tells the prefill rank to free that KV now, not at the room's
+        deadline."""
         p_handle = self._prefill_of.pop(handle, None)
-        if p_handle is not None and not p_handle.is_finished:
+        if p_handle is not None and (not p_handle.is_finished or not decode_finished):
             self.prefill.abort(p_handle, message)
 
     async def flush_cache(self, timeout_s: float) -> list[FlushCacheResult]:

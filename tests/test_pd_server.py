@@ -232,6 +232,31 @@ def test_decode_fails_at_once_when_no_prefill_rank_is_running(tmp_path):
         assert time.monotonic() - start < 10  # the bootstrap timeout is 300 s
 
 
+def test_kv_held_for_a_dead_decode_rank_is_freed_at_once(tmp_path):
+    """Requests wait on decode rank 0 (stopped) while prefill holds their KV; rank 0 is
+    then killed: its requests fail (503) and prefill frees their KV at once, so the
+    caches flush, instead of holding it until the 300 s bootstrap timeout."""
+    flags = ["--disaggregation-mode", "pd", "--prefill-dp-size", "1", "--decode-dp-size", "2",
+             "--executor", "sim", "--sim-profile", write_sim_profile(tmp_path / "p.json"),
+             "--log-level", "info"]
+    with ServerProcess(*flags, log_path=tmp_path / "held.log") as server:
+        ranks = httpx.get(server.url + "/server_info", timeout=5).json()["ranks"]
+        victim = next(r["pid"] for r in ranks if r["role"] == "decode" and r["dp_rank"] == 0)
+        os.kill(victim, signal.SIGSTOP)
+        with ThreadPoolExecutor(3) as pool:
+            replies = [pool.submit(httpx.post, server.url + "/generate", timeout=60,
+                                   json=body([5, 6, 7 + i], 4, routed_dp_rank=0))
+                       for i in range(3)]
+            time.sleep(1.0)  # their prefill (instant here) is done: prefill holds the KV
+            os.kill(victim, signal.SIGKILL)
+            assert all(r.result().status_code == 503 for r in replies)
+        deadline = time.monotonic() + 10
+        while httpx.post(server.url + "/flush_cache", timeout=10).status_code != 200:
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.1)
+        assert server.log().count("before taking the KV; freed") == 3, server.log()
+
+
 class _pair:
     """Start the decode server first (it waits for the prefill server's tables), then
     the prefill server; stop both whatever happens."""
