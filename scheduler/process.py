@@ -23,7 +23,7 @@ from scheduler.log_format import configure_logging
 from scheduler.messages import RankError, RankReady, encode
 from scheduler.pd import kv_segment_factory
 from scheduler.rank_io import RankPipes, owned_by, retire_dispatcher
-from scheduler.roles import Role
+from scheduler.roles import rank_name
 from shm.board import LoadBoard, RankStatus
 from shm.prefix_summary import PrefixSummary
 
@@ -33,8 +33,7 @@ logger = logging.getLogger(__name__)
 def run_scheduler(cfg: SchedulerConfig, req_conn, out_conn) -> None:
     """``req_conn``/``out_conn``: this rank's pipes, one of each, or a list of each with
     one per dispatcher (``--api-server-count``, ``scheduler.rank_io``)."""
-    configure_logging(cfg.log_level, f"rank {cfg.dp_rank}" if cfg.role == Role.MIXED
-                      else f"{cfg.role} rank {cfg.dp_rank}")
+    configure_logging(cfg.log_level, rank_name(cfg.role, cfg.dp_rank))
     pipes = RankPipes(*(c if isinstance(c, (list, tuple)) else [c] for c in (req_conn, out_conn)))
     board = LoadBoard.attach(cfg.board_name)
     row = board.rank_writer(cfg.dp_rank)

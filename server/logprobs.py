@@ -36,6 +36,7 @@ class TokenTexts:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self._cache: dict[int, str] = {}
+        self._raw: dict[int, bytes] = {}
 
     def __call__(self, token_id: int) -> str:
         text = self._cache.get(token_id)
@@ -47,7 +48,10 @@ class TokenTexts:
     def raw(self, token_id: int) -> bytes:
         """The token's own bytes: those of a part of a multi-byte character too, whose
         text alone is U+FFFD (``Tokenizer.token_bytes``)."""
-        return self.tokenizer.token_bytes(token_id)
+        raw = self._raw.get(token_id)
+        if raw is None:
+            raw = self._raw[token_id] = self.tokenizer.token_bytes(token_id)
+        return raw
 
 
 # ---- SGLang /generate ---------------------------------------------------------------------
