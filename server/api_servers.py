@@ -52,7 +52,7 @@ from server.metrics import MULTIPROC_ENV
 from server.pd import PDLaunchError, PDProcesses
 from server.placement import LaunchPlan
 from server.ranks import EngineProcesses, RankMain, RankStartupError
-from server.serving import pd_summary
+from server.serving import num_ranks, pd_summary
 
 logger = logging.getLogger("dpserve")
 
@@ -85,7 +85,7 @@ def serve_api_servers(args: ServerArgs, sock: socket.socket, rank_main: RankMain
         processes.start()
         groups = processes.groups if pd_mode else {processes.role: processes}
         logger.info("started %d rank(s) on board(s) %s; waiting until they are ready",
-                    sum(g.dp_size for g in groups.values()),
+                    num_ranks(args),
                     ", ".join(g.board.name for g in groups.values()))
         processes.wait_ready(args.startup_timeout_s)
         apis, go = start_api_processes(args, sock, groups, processes if pd_mode else None)
@@ -94,7 +94,7 @@ def serve_api_servers(args: ServerArgs, sock: socket.socket, rank_main: RankMain
             return EXIT_STARTUP_FAILED
         url = args.url.rsplit(":", 1)[0] + f":{sock.getsockname()[1]}"
         logger.info("ready: %s serving %s with %d rank(s) behind %d API processes%s", url,
-                    args.served_model_name, sum(g.dp_size for g in groups.values()), len(apis),
+                    args.served_model_name, num_ranks(args), len(apis),
                     pd_summary(args))
         supervise(apis)
         return 0
