@@ -73,6 +73,7 @@ class ApiSpec:
     groups: list[GroupEnds]
     route_name: str | None = None  # PD prefill: the route table; it writes region d
     num_prefill_ranks: int = 0  # PD decode: the range of disagg_prefill_dp_rank
+    handoff_name: str | None = None  # a decode server: where lost ranks' rooms are released
     launcher_pid: int = 0  # the process that spawned it (0: do not watch it)
 
 
@@ -167,8 +168,8 @@ def api_server_main(args: ServerArgs, spec: ApiSpec, sock: socket.socket,
         else:
             route = BootstrapTable.attach(spec.route_name) if spec.route_name else None
             writer = route.region_writer(d) if route is not None else None
-            engine = pd_engine_client(args, groups, writer,
-                                      spec.num_prefill_ranks)
+            engine = pd_engine_client(args, groups, writer, spec.num_prefill_ranks,
+                                      spec.handoff_name)
         server = make_server(args, engine)
         status_conn.send_bytes(b"built")
         if not go.wait(API_START_TIMEOUT_S):

@@ -42,11 +42,13 @@ from server.args import ServerArgs
 from server.errors import ApiError, BadRequest, RequestFailed, ServiceUnavailable
 from server.inflight import InFlight, MetricsObserver, RequestHandle
 from server.internal_state import rank_internal_state
+from server.pd_orphans import POLL_S as ORPHAN_POLL_S, OrphanedRooms
 from server.prepared import PreparedRequest
 from server.rank_monitor import RankMonitor
 from server.rank_pipe import PipeBackedUp, RequestPipe
 from server.ranks import EngineProcesses, RankHandle
 from shm.board import RankStatus
+from shm.bootstrap import BootstrapTable
 from shm.bootstrap_layout import BootstrapTableFullError, DuplicateRoomError
 
 __all__ = ["EngineClient", "MetricsObserver", "RequestHandle", "failure_error", "wait_flushes"]
@@ -86,9 +88,13 @@ async def wait_flushes(waiters: list[asyncio.Future], timeout_s: float) -> list[
 
 class EngineClient:
     def __init__(self, args: ServerArgs, processes: EngineProcesses, tokenizer: Tokenizer,
-                 model_config: ModelConfig, route_writer=None, num_prefill_ranks: int = 0):
+                 model_config: ModelConfig, route_writer=None, num_prefill_ranks: int = 0,
+                 handoff_name: str | None = None):
         """``route_writer`` (PD prefill ranks): this process's region of the route table;
-        ``num_prefill_ranks`` (PD decode ranks): the range of ``disagg_prefill_dp_rank``."""
+        ``num_prefill_ranks`` (PD decode ranks): the range of ``disagg_prefill_dp_rank``;
+        ``handoff_name`` (a decode server apart from its prefill server): the hand-off
+        table, where the rooms of a lost decode rank are released for it
+        (``server.pd_orphans``)."""
         if any(r.ready is None for r in processes.ranks):
             raise ValueError("every rank must be ready before the API serves")
         self.args = args
@@ -110,6 +116,11 @@ class EngineClient:
             self.router = PDRouter(self.dispatcher, None, route_writer,
                                    args.wall_s(args.disaggregation_bootstrap_timeout))
         self.num_prefill_ranks = num_prefill_ranks
+        self.orphans = None
+        if handoff_name:
+            self.orphans = OrphanedRooms(BootstrapTable.attach(handoff_name),
+                                         args.wall_s(args.disaggregation_bootstrap_timeout))
+        self._orphan_task: asyncio.Task | None = None
         self.inflight = InFlight()
         self.monitor = RankMonitor(processes, self.inflight, args.stale_ns, self.abort)
         self.is_serving = False
@@ -152,6 +163,10 @@ class EngineClient:
         self.is_serving = False
         self.monitor.stop()
         self.fail_inflight("the server is shutting down")
+        if self._orphan_task is not None:
+            self._orphan_task.cancel()
+        if self.orphans is not None:
+            self.orphans.close()
         for rank in self.ranks:
             pipe = self._pipes.pop(rank.dp_rank, None)
             if pipe is not None and not pipe.detach() and rank.lost_reason is None:
@@ -240,6 +255,9 @@ class EngineClient:
         handle = RequestHandle(msg.rid, dp_rank, msg.counted_tokens)
         if self.router is not None:  # the route lives as long as the prefill request
             handle.on_exit = functools.partial(self.router.prefill_finished, msg.bootstrap_room)
+        elif self.orphans is not None:
+            handle.on_exit = functools.partial(self._on_decode_exit, dp_rank,
+                                               msg.bootstrap_room, msg.input_ids)
         self.inflight.add(handle)
         try:
             self._send_payload(rank, payload)  # the last step: nothing after it can fail
@@ -248,6 +266,21 @@ class EngineClient:
             self.inflight.remove(handle)
             raise
         return handle
+
+    def _on_decode_exit(self, dp_rank: int, room: int, input_ids: list[int], ok: bool) -> None:
+        """A decode request left the registry: if its rank was lost, release the KV its
+        prefill holds for it (``server.pd_orphans``); a live rank releases its own."""
+        rank = self.ranks[dp_rank]
+        if ok or rank.lost_reason is None or self.orphans is None:
+            return
+        self.orphans.adopt(dp_rank, rank.ready.pid, room, input_ids)
+        if self._orphan_task is None or self._orphan_task.done():
+            self._orphan_task = asyncio.get_running_loop().create_task(self._release_orphans())
+
+    async def _release_orphans(self) -> None:
+        while self.orphans:
+            self.orphans.poll()
+            await asyncio.sleep(ORPHAN_POLL_S)
 
     async def outputs(self, handle: RequestHandle) -> AsyncIterator[ReqOutput]:
         """The request's outputs up to and including the one with a finish reason.

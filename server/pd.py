@@ -166,7 +166,15 @@ class PDProcesses:
 
     def engine_client(self) -> "EngineClient | PDEngineClient":
         return pd_engine_client(self.args, self.groups, self.route_writer,
-                                self.handoff.num_regions)
+                                self.handoff.num_regions, self.orphan_table())
+
+    def orphan_table(self) -> str | None:
+        """The hand-off table's name where the API releases a lost decode rank's rooms
+        (``server.pd_orphans``): a decode server's only (in one ``pd`` server the front
+        door aborts the prefill half instead, which frees the KV itself)."""
+        if self.args.disaggregation_mode != DisaggregationMode.DECODE:
+            return None
+        return self.handoff.name
 
     def close(self) -> None:
         """Stop the ranks (decode first: they read prefill's KV), then the tables."""
@@ -181,16 +189,18 @@ class PDProcesses:
             self.handoff = self.route = self.route_writer = None
 
 
-def pd_engine_client(args: ServerArgs, groups: dict, route_writer,
-                     num_prefill_ranks: int) -> "EngineClient | PDEngineClient":
+def pd_engine_client(args: ServerArgs, groups: dict, route_writer, num_prefill_ranks: int,
+                     handoff_name: str | None = None) -> "EngineClient | PDEngineClient":
     """The front door over the rank groups of a PD mode: one ``EngineClient`` per group
     (the prefill one publishes routes through ``route_writer``, this API process's
-    region of the route table), joined by ``PDEngineClient`` when there are both."""
+    region of the route table; a decode server's releases its lost ranks' rooms in the
+    hand-off table ``handoff_name``), joined by ``PDEngineClient`` when there are both."""
     clients = {}
     for role, group in groups.items():
         clients[role] = EngineClient.from_processes(
             args, group, route_writer=route_writer if role == Role.PREFILL else None,
-            num_prefill_ranks=num_prefill_ranks)
+            num_prefill_ranks=num_prefill_ranks,
+            handoff_name=handoff_name if role == Role.DECODE else None)
     if len(clients) == 1:
         return next(iter(clients.values()))
     return PDEngineClient(args, clients[Role.PREFILL], clients[Role.DECODE])

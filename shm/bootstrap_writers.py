@@ -329,7 +329,7 @@ class DecodeClaimer:
             return False
         cell = self._cell(entry)
         self.table._mv[cell] = entry.gen
-        if not self._intact(entry) or self._claimed_by_other(entry):
+        if not self._intact(entry) or self.claimed_by_other(entry):
             self.table._mv[cell] = 0
             return False
         return True
@@ -357,7 +357,8 @@ class DecodeClaimer:
         first = table.layout.claims(entry.region, entry.slot)
         return table._mv[first:first + table.num_decode_ranks]
 
-    def _claimed_by_other(self, entry: BootstrapEntry) -> bool:
+    def claimed_by_other(self, entry: BootstrapEntry) -> bool:
+        """Whether a decode rank other than this one holds or held a claim on it."""
         return any(c in (entry.gen, -entry.gen) for d, c in enumerate(self._claims(entry))
                    if d != self.decode_rank)
 

@@ -296,3 +296,38 @@ def test_frozen_prefill_rank_fails_decode_within_the_stale_bound():
         assert reason is not None and reason["status_code"] == 503, reason
         assert "prefill rank 0 has not stepped" in reason["message"], reason
         assert elapsed < stale_s + timeout_s / 4  # the message says it was not early
+
+
+# ---- a decode server releases the rooms of a decode rank it lost ------------------------
+def test_orphaned_rooms_release_only_their_own_unclaimed_hand_offs():
+    """``server.pd_orphans``: a lost decode rank's rooms are released for it once its
+    process is gone and the hand-off is there; never another prompt's entry, never one
+    another decode rank claimed; a room whose hand-off never comes is forgotten after
+    the timeout."""
+    from scheduler.pd import create_tables, prompt_hash
+    from server.pd_orphans import OrphanedRooms
+    from shm.bootstrap import BootstrapTable
+    from shm.bootstrap_layout import KV_READY
+
+    route, handoff = create_tables(new_launch_id(), 2, 2)
+    try:
+        writer = handoff.region_writer(1)
+        orphans = OrphanedRooms(BootstrapTable.attach(handoff.name), timeout_s=1.0)
+        far = time.monotonic_ns() + 60 * 10**9
+        ours, theirs, taken, never, alive = [1, 2], [3, 4], [5, 6], [7, 8], [9, 10]
+        for room, ids in ((11, ours), (12, theirs), (13, taken), (14, never)):
+            orphans.adopt(0, 0, room, ids, now_ns=0)
+        orphans.adopt(0, os.getpid(), 15, alive)  # the rank's process still runs
+        assert orphans.poll(now_ns=1) == 0 and len(orphans) == 5  # nothing handed off yet
+        slots = {room: writer.insert(room, 1, far, state=KV_READY, prompt_hash=prompt_hash(ids))
+                 for room, ids in ((11, ours), (12, [3, 5]), (13, taken), (15, alive))}
+        handoff.decode_claimer(1).claim(writer.entry(slots[13]))  # a live rank took it
+        assert orphans.poll(now_ns=2) == 1
+        assert [e.room for e in writer.reap_released()] == [11]
+        assert len(orphans) == 2  # 14 (no hand-off yet) and 15 (its rank still runs)
+        assert orphans.poll(now_ns=2 * 10**9) == 0 and len(orphans) == 1  # 14 timed out
+        assert writer.claim_of(slots[13]) == (1, False) and writer.claim_of(slots[12]) is None
+        orphans.close()
+    finally:
+        handoff.close()
+        route.close()

@@ -257,6 +257,43 @@ def test_kv_held_for_a_dead_decode_rank_is_freed_at_once(tmp_path):
         assert server.log().count("before taking the KV; freed") == 3, server.log()
 
 
+def test_kv_held_for_a_lost_decode_rank_of_a_decode_server_is_released(tmp_path):
+    """Two servers: requests wait on decode rank 0 (stopped) while the prefill server
+    holds their KV; rank 0 is then killed: the decode server fails them (503) and
+    releases their hand-offs for the dead rank, so the prefill server frees the KV (its
+    caches flush) at once instead of at the 300 s bootstrap timeout."""
+    port = random.randint(20_000, 60_000)
+    pair = ["--disaggregation-bootstrap-port", str(port), "--dp-size", "2", "--executor", "sim",
+            "--sim-profile", write_sim_profile(tmp_path / "p.json"), "--log-level", "info"]
+    with _pair(tmp_path, pair) as (prefill, decode):
+        ranks = httpx.get(decode.url + "/server_info", timeout=5).json()["ranks"]
+        victim = next(r["pid"] for r in ranks if r["dp_rank"] == 0)
+        os.kill(victim, signal.SIGSTOP)
+        rooms = [random.getrandbits(63) for _ in range(3)]
+        with ThreadPoolExecutor(3) as pool:
+            replies = [pool.submit(httpx.post, decode.url + "/generate", timeout=60,
+                                   json=body([5, 6, 7 + i], 4, routed_dp_rank=0,
+                                             bootstrap_room=room))
+                       for i, room in enumerate(rooms)]
+            for i, room in enumerate(rooms):  # prefill (instant here) hands each one off
+                pre = httpx.post(prefill.url + "/generate", timeout=30,
+                                 json=body([5, 6, 7 + i], 4, bootstrap_room=room))
+                assert pre.status_code == 200, pre.text
+            assert httpx.post(prefill.url + "/flush_cache", timeout=10).status_code == 400
+            os.kill(victim, signal.SIGKILL)
+            assert all(r.result().status_code == 503 for r in replies)
+        deadline = time.monotonic() + 10
+        while httpx.post(prefill.url + "/flush_cache", timeout=10).status_code != 200:
+            assert time.monotonic() < deadline, decode.log()
+            time.sleep(0.1)
+        assert decode.log().count("was lost; released the KV") == 3, decode.log()
+        # The live rank still serves a whole request.
+        room = random.getrandbits(63)
+        pre, dec = _both(prefill.url, decode.url, body([5, 6, 9], 4, bootstrap_room=room,
+                                                       routed_dp_rank=1))
+        assert len(dec["output_ids"]) == 4, dec
+
+
 class _pair:
     """Start the decode server first (it waits for the prefill server's tables), then
     the prefill server; stop both whatever happens."""
