@@ -250,10 +250,7 @@ def test_kv_held_for_a_dead_decode_rank_is_freed_at_once(tmp_path):
             time.sleep(1.0)  # their prefill (instant here) is done: prefill holds the KV
             os.kill(victim, signal.SIGKILL)
             assert all(r.result().status_code == 503 for r in replies)
-        deadline = time.monotonic() + 10
-        while httpx.post(server.url + "/flush_cache", timeout=10).status_code != 200:
-            assert time.monotonic() < deadline, server.log()
-            time.sleep(0.1)
+        _wait_flushed(server, server)
         assert server.log().count("before taking the KV; freed") == 3, server.log()
 
 
@@ -282,16 +279,22 @@ def test_kv_held_for_a_lost_decode_rank_of_a_decode_server_is_released(tmp_path)
             assert httpx.post(prefill.url + "/flush_cache", timeout=10).status_code == 400
             os.kill(victim, signal.SIGKILL)
             assert all(r.result().status_code == 503 for r in replies)
-        deadline = time.monotonic() + 10
-        while httpx.post(prefill.url + "/flush_cache", timeout=10).status_code != 200:
-            assert time.monotonic() < deadline, decode.log()
-            time.sleep(0.1)
+        _wait_flushed(prefill, decode)
         assert decode.log().count("was lost; released the KV") == 3, decode.log()
         # The live rank still serves a whole request.
         room = random.getrandbits(63)
         pre, dec = _both(prefill.url, decode.url, body([5, 6, 9], 4, bootstrap_room=room,
                                                        routed_dp_rank=1))
         assert len(dec["output_ids"]) == 4, dec
+
+
+def _wait_flushed(server: ServerProcess, logged: ServerProcess, timeout_s: float = 10) -> None:
+    """Until ``server``'s caches flush (nothing held for decode any more); on timeout,
+    fail with ``logged``'s log."""
+    deadline = time.monotonic() + timeout_s
+    while httpx.post(server.url + "/flush_cache", timeout=10).status_code != 200:
+        assert time.monotonic() < deadline, logged.log()
+        time.sleep(0.1)
 
 
 class _pair:
