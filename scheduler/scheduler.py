@@ -84,7 +84,9 @@ class Scheduler:
         self.running: list[Req] = []
         self.reqs: dict[str, Req] = {}
         self.acked_reqs, self.acked_tokens = board_row.acked_counts()
-        self.outbox: dict[str, Req] = {}  # requests with something to send this step
+        # Requests with something to send this step, by object: a refused duplicate rid
+        # (another API process's) must not replace the running request's output.
+        self.outbox: dict[int, Req] = {}
         self.stopped = False
         self._decoders: dict[str, object] = {}
         self._handlers = {
@@ -188,7 +190,7 @@ class Scheduler:
         for req, message, status_code in failed:
             req.finish_reason = FinishAbort(message, status_code)
             self._release(req)
-            self.outbox[req.rid] = req
+            self.outbox[id(req)] = req
         for r in ready:
             r.req.num_computed = r.req.prompt_len
             if r.req.return_logprob:  # its top list stayed with the prefill rank
@@ -304,7 +306,7 @@ class Scheduler:
         error = self._admission_error(req)
         if error is not None or msg.rid in self.reqs:
             req.finish_reason = FinishAbort(error or f"duplicate rid {msg.rid!r}", CLIENT_ERROR)
-            self.outbox[req.rid] = req
+            self.outbox[id(req)] = req
             self.pd.on_refused(req, req.finish_reason.message)
             return
         self.reqs[req.rid] = req
@@ -333,7 +335,7 @@ class Scheduler:
         req.finish_reason = FinishAbort(message, status_code)
         self.pd.on_abort(req, message)
         self._release(req)
-        self.outbox[req.rid] = req
+        self.outbox[id(req)] = req
 
     def on_flush_cache(self, msg: FlushCacheReq) -> None:
         """Empty the prefix cache, unless this rank holds any request (SGLang refuses
@@ -386,7 +388,7 @@ class Scheduler:
         req.output_ids.append(token)
         if req.return_logprob:
             req.output_logprobs.append(logprob)
-        self.outbox[req.rid] = req
+        self.outbox[id(req)] = req
         req.finish_reason = self._check_finish(req)
         if self.hands_off:  # PD prefill: the first token ends the request on this rank
             error = self.pd.hand_off(req, logprob)

@@ -214,3 +214,24 @@ def test_a_queued_request_counts_only_what_the_cache_does_not_hold(board):
     assert snap.num_prefill_tokens[0] == (sum(r.prompt_len - r.num_computed for r in sched.running
                                               if r.is_prefilling) + (150 - 120) + 30)
     assert_board_matches(board, sched)
+
+
+def test_a_duplicate_rid_from_another_api_process_is_refused_beside_the_running_one(board):
+    """Two API processes may send one rid to one rank: the second is refused (400) in
+    the very step the first one's next token goes out, and both outputs are sent (the
+    refusal once replaced the token in the step's outbox, and that client waited for
+    ever)."""
+    sched, sent = make_scheduler(board)
+    sched.step([gen("dup", 5, 6, dispatcher=0)])
+    before = len(sent)
+    sched.step([gen("dup", 3, 2, dispatcher=1)])
+    outs = [o for b in sent[before:] for o in b.outputs]
+    refused = [o for o in outs if o.finish_reason and o.finish_reason["type"] == "abort"]
+    assert len(refused) == 1 and "duplicate rid" in refused[0].finish_reason["message"]
+    assert any(o.new_token_ids and o.finish_reason is None for o in outs), outs
+    while sched.has_work:
+        sched.step([])
+    finished = [o for b in sent for o in b.outputs if o.finish_reason]
+    assert [o.finish_reason["type"] for o in finished] == ["abort", "length"]
+    assert_board_matches(board, sched)
+    assert read_effective(board, FOREVER)[:2] == ([0], [0])
