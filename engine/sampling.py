@@ -29,6 +29,7 @@ import msgspec
 GREEDY_EPS = 1e-5
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_N = 128  # OpenAI's cap on n
+MAX_STOP_CHARS = 4096  # all of a request's stop strings together
 
 
 class InvalidSamplingParams(ValueError):
@@ -113,13 +114,18 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True):
         )
         for s in self.stop_strs:
             _check(bool(s), "stop strings must be non-empty")
+        # Every output is checked against every stop string (on the rank, and in the API
+        # for what a stream holds back): bounded, so one request cannot stall the others.
+        chars = sum(map(len, self.stop_strs))
+        _check(chars <= MAX_STOP_CHARS, f"stop strings may have at most {MAX_STOP_CHARS} "
+                                        f"characters in all; got {chars}")
         for token_id in self.stop_token_ids or ():
             _check(
                 0 <= token_id < vocab_size,
                 f"stop_token_ids entry {token_id} is outside the vocabulary [0, {vocab_size})",
             )
         for key, bias in (self.logit_bias or {}).items():
-            _check(key.isdigit() and len(key) <= 12 and int(key) < vocab_size,
+            _check(key.isascii() and key.isdigit() and len(key) <= 12 and int(key) < vocab_size,
                    f"logit_bias key {key!r} is not a token id in [0, {vocab_size})")
             _check(-100.0 <= bias <= 100.0,
                    f"logit_bias for token {key} must be in [-100, 100], got {bias}")

@@ -181,12 +181,20 @@ def stop_prefix_len(text: str, stops: tuple[str, ...]) -> int:
     """The length of the longest end of ``text`` that begins one of ``stops`` (and is
     not all of it): what a stream holds back until the next tokens show whether a stop
     string follows."""
-    longest = 0
+    longest, end = 0, len(text)
     for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), longest, -1):
-            if text.endswith(stop[:k]):
-                longest = k
+        k = min(len(stop) - 1, end)
+        if k <= longest:
+            continue
+        # Candidates start where the stop's first character does, longest first: one
+        # C-level find each, instead of a slice and compare for every length.
+        first = stop[0]
+        i = text.find(first, end - k)
+        while 0 <= i < end - longest:
+            if text.startswith(stop[:end - i], i):
+                longest = end - i
                 break
+            i = text.find(first, i + 1)
     return longest
 
 

@@ -7,6 +7,8 @@ import math
 import msgspec
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.finish import check_finish, find_stop_str, trim_stop_str
 from engine.sampler import SampleRow, sample
@@ -233,6 +235,8 @@ def test_logit_bias_moves_only_its_rows_tokens():
 
 @pytest.mark.parametrize("bias, word", [({"10": 1.0}, "token id"), ({"x": 1.0}, "token id"),
                                         ({"1" * 5000: 1.0}, "token id"),
+                                        ({"\u00b9": 1.0}, "token id"),  # isdigit, not int()
+                                        ({"\u0663": 1.0}, "token id"),  # int() reads 3
                                         ({"3": -100.01}, "[-100, 100]"),
                                         ({"3": math.nan}, "[-100, 100]")])
 def test_logit_bias_is_validated(bias, word):
@@ -247,3 +251,23 @@ def test_copies_of_a_seeded_request_get_consecutive_seeds():
     assert seeds == [INT64_MAX - 1, INT64_MAX, INT64_MIN]  # wraps within int64
     assert all(params.for_copy(j).n == 1 for j in range(3))
     assert SamplingParams(n=2).for_copy(1).sampling_seed is None  # unseeded stays so
+
+
+def test_stop_strings_are_bounded_in_all():
+    ok = SamplingParams(stop=["x" * 2048, "y" * 2048])
+    ok.validate(vocab_size=10, context_len=1000)
+    with pytest.raises(InvalidSamplingParams, match="stop strings") as exc:
+        SamplingParams(stop=["x" * 2048, "y" * 2049]).validate(vocab_size=10, context_len=1000)
+    assert "4096" in str(exc.value) and "4097" in str(exc.value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text("ab\u00e9", max_size=14), st.lists(st.text("ab\u00e9", min_size=1, max_size=8),
+                                                 min_size=1, max_size=4))
+def test_held_back_stop_prefix_is_the_longest_by_definition(text, stops):
+    """``stop_prefix_len`` (what a stream holds back): the longest end of the text that
+    is a proper prefix of some stop string."""
+    from server.request_flow import stop_prefix_len
+    expected = max((k for stop in stops for k in range(1, min(len(stop) - 1, len(text)) + 1)
+                    if text.endswith(stop[:k])), default=0)
+    assert stop_prefix_len(text, tuple(stops)) == expected
