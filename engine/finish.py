@@ -4,6 +4,8 @@ Finish reasons are types, one class per kind, each built by its constructor:
     FinishLength(length)            {"type": "length", "length": N}
     FinishStop(matched)             {"type": "stop", "matched": <token id or stop string>}
     FinishAbort(message, status)    {"type": "abort", "message": ..., ["status_code": ...]}
+(status ``ABORT_REQUESTED``: asked for through ``/abort_request``, not a failure; the API
+drops the status before its client sees the reason)
 (an abort is the scheduler's or the API's, never decided by `check_finish`). A finish
 reason's value is its wire form, SGLang's JSON object on the right: it is a read-only
 dict (not a Struct: value and wire form are one, so it equals the JSON a client reads),
@@ -69,6 +71,11 @@ class FinishStop(FinishReason):
     @property
     def matched(self) -> int | str:
         return self["matched"]
+
+
+# The status of an abort a client asked for (``/abort_request``): the request ends with
+# what it has so far, as SGLang's do, where any other abort is an HTTP error.
+ABORT_REQUESTED = 200
 
 
 class FinishAbort(FinishReason):

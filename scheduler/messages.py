@@ -37,10 +37,17 @@ class GenerateReq(msgspec.Struct, tag="generate", kw_only=True):
 
 
 class AbortReq(msgspec.Struct, tag="abort", kw_only=True):
-    """Drop a request (client gone): free its KV and its load at once."""
+    """Drop a request (client gone): free its KV and its load at once.
 
-    rid: str
+    ``requested``: asked through ``/abort_request`` (SGLang's), by any API process: the
+    request ends with an abort finish of status ``ABORT_REQUESTED``, which its client
+    receives as the end of its output (a 200, as SGLang answers); ``abort_all``: every
+    request the rank holds, ``rid`` ignored."""
+
+    rid: str = ""
     message: str = "aborted by client"
+    requested: bool = False
+    abort_all: bool = False
 
 
 class FlushCacheReq(msgspec.Struct, tag="flush_cache"):

@@ -129,8 +129,10 @@ def retire_dispatcher(scheduler, board, dispatcher: int, message: str) -> int:
 
 def owned_by(scheduler, dispatcher: int, msg) -> bool:
     """An ``AbortReq`` acts only on a request of the dispatcher that sent it: two API
-    processes may use the same rid."""
+    processes may use the same rid (``/abort_request``'s act on any)."""
     if isinstance(msg, AbortReq):
+        if msg.requested:  # /abort_request: whichever API process it came through
+            return True
         req = scheduler.reqs.get(msg.rid)
         return req is None or req.dispatcher_id == dispatcher
     return True

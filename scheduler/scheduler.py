@@ -43,7 +43,7 @@ import logging
 from collections import deque
 from collections.abc import Callable
 
-from engine.finish import FinishAbort, FinishLength, FinishReason, check_finish
+from engine.finish import ABORT_REQUESTED, FinishAbort, FinishLength, FinishReason, check_finish
 from engine.sampling import InvalidSamplingParams
 from scheduler.batching import ForwardItem, select_batch
 from scheduler.config import SchedulerConfig
@@ -320,7 +320,9 @@ class Scheduler:
             self.waiting.append(req)
 
     def on_abort(self, msg: AbortReq) -> None:
-        self._abort(msg.rid, msg.message)
+        status = ABORT_REQUESTED if msg.requested else None
+        for rid in (list(self.reqs) if msg.abort_all else (msg.rid,)):
+            self._abort(rid, msg.message, status)
 
     def _abort(self, rid: str, message: str, status_code: int | None = None) -> None:
         """End request ``rid`` here; ``status_code`` when the rank, not the API, ends it."""

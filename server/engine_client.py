@@ -295,7 +295,7 @@ class EngineClient:
                 item = await handle.queue.get()
                 if isinstance(item, RequestFailed):
                     raise item
-                if isinstance(item.finish_reason, FinishAbort):
+                if isinstance(item.finish_reason, FinishAbort) and not handle.abort_requested:
                     raise failure_error(item.finish_reason)  # its tokens are of no use now
                 yield item
                 if item.finish_reason is not None:
@@ -315,6 +315,22 @@ class EngineClient:
                 self._send(rank, AbortReq(rid=handle.rid, message=message))
             except ServiceUnavailable:
                 pass  # the rank is gone or not reading: nothing to free there now
+
+    def abort_requests(self, rid: str | None, message: str) -> int:
+        """``/abort_request``: end request ``rid`` (None: every request) wherever it runs,
+        also a request another API process sent: every usable rank is told (the rank
+        that holds it ends it and answers that request's API process). Its client gets
+        what was generated so far and an abort finish. Returns how many ranks were told."""
+        msg = AbortReq(rid=rid or "", message=message, requested=True, abort_all=rid is None)
+        told = 0
+        for rank in self.ranks:
+            if rank.is_usable and self.is_serving:
+                try:
+                    self._send(rank, msg)
+                    told += 1
+                except ServiceUnavailable:
+                    pass  # lost meanwhile: its requests fail with it
+        return told
 
     async def flush_cache(self, timeout_s: float) -> list[FlushCacheResult]:
         """Ask every usable rank to empty its prefix cache; every rank's answer

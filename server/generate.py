@@ -20,7 +20,8 @@ from server.bounds import MAX_BATCH_REQUESTS, MAX_PORT, check_fan_out, check_int
 from server.errors import ApiError, BadRequest
 from server.prompts import encode_texts
 from server.logprobs import TokenTexts, sglang_logprobs
-from server.protocol import GenerateRequest, decode_body, routed_rank_of, to_sampling_params
+from server.protocol import (AbortRequest, GenerateRequest, decode_body, routed_rank_of,
+                             to_sampling_params)
 from server.prepared import PreparedRequest
 from server.request_flow import (Progress, RunningRequest, new_rid, release, run_all,
                                  start_all)
@@ -162,5 +163,20 @@ def _copy_room(room, prompt_room: int | None, copy: int, index: int) -> int | No
     return room + index if isinstance(room, int) else prompt_room + copy
 
 
+async def abort_request(request: Request) -> Response:
+    """SGLang's ``/abort_request``: the request with ``rid`` (any API process's), or with
+    ``abort_all`` every request, ends on its rank; its client receives what was generated
+    so far with finish reason ``{"type": "abort", ...}`` (a 200, as SGLang answers). An
+    empty 200 whether or not such a request was running, as SGLang's."""
+    engine: EngineClient = request.state.engine
+    body = decode_body(await request.body(), AbortRequest)
+    if not body.abort_all and not body.rid:
+        raise BadRequest("abort_request needs rid (the request's id) or abort_all: true")
+    message = body.abort_message or "aborted by /abort_request"
+    engine.abort_requests(None if body.abort_all else body.rid, message)
+    return Response(status_code=200)
+
+
 def generate_routes() -> list[Route]:
-    return [Route("/generate", generate, methods=["POST", "PUT"])]
+    return [Route("/generate", generate, methods=["POST", "PUT"]),
+            Route("/abort_request", abort_request, methods=["POST"])]

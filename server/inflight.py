@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from engine.finish import FinishAbort, finish_from_json
+from engine.finish import ABORT_REQUESTED, FinishAbort, finish_from_json
 from scheduler.messages import ReqOutput
 from server.errors import RequestFailed
 
@@ -34,6 +34,8 @@ class RequestHandle:
     first_token_time: float | None = None
     last_token_time: float | None = None
     is_finished: bool = False
+    # Ended by /abort_request: its abort finish is the client's answer, not an error.
+    abort_requested: bool = False
     # Called once when the handle leaves the registry: True if it ended well (a finish
     # output, or the route aborted it), False if it failed (its rank was lost, or the
     # rank aborted it: a timeout, a refusal, a hand-off it could not publish).
@@ -96,7 +98,13 @@ class InFlight:
         reason = out.finish_reason = finish_from_json(out.finish_reason)
         if reason is not None:
             aborted = isinstance(reason, FinishAbort)
-            if aborted:
+            if aborted and reason.status_code == ABORT_REQUESTED:
+                # Asked for (/abort_request): the client gets what it has, and this end.
+                logger.info("request %s aborted on rank %d: %s", out.rid, dp_rank, reason.message)
+                out.finish_reason = FinishAbort(reason.message)
+                handle.abort_requested, aborted = True, False
+                self.observer.on_abort()
+            elif aborted:
                 # The rank ended it (a timeout, a request it could not take): the
                 # route's own aborts have left the registry before their echo.
                 logger.warning("request %s aborted on rank %d: %s", out.rid, dp_rank,

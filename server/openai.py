@@ -38,7 +38,8 @@ from server.request_flow import (Progress, RunningRequest, new_rid, release, run
                                  start_all)
 from server.sse import DONE, SSEResponse, error_event, event, merged, unless_disconnected
 
-# OpenAI's finish_reason for each kind (an abort never gets here: it is an error).
+# OpenAI's finish_reason for each kind (an abort gets here only when /abort_request asked
+# for it; any other is an error).
 FINISH_REASONS = {FinishLength: "length", FinishStop: "stop", FinishAbort: "abort"}
 
 

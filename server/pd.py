@@ -332,6 +332,11 @@ class PDEngineClient:
         if p_handle is not None and (not p_handle.is_finished or not decode_finished):
             self.prefill.abort(p_handle, message)
 
+    def abort_requests(self, rid: str | None, message: str) -> int:
+        """Both halves (they share the rid): decode's abort finish is the client's answer."""
+        return (self.decode.abort_requests(rid, message)
+                + self.prefill.abort_requests(rid, message))
+
     async def flush_cache(self, timeout_s: float) -> list[FlushCacheResult]:
         """Both groups' ranks, asked at once and awaited under one timeout."""
         waiters = self.prefill.ask_flush()

@@ -47,6 +47,14 @@ class GenerateRequest(msgspec.Struct, kw_only=True):
     disagg_prefill_dp_rank: int | list[int] | None = None
 
 
+class AbortRequest(msgspec.Struct, kw_only=True):
+    """SGLang ``POST /abort_request``: end one request by its ``rid``, or all of them."""
+
+    rid: str = ""
+    abort_all: bool = False
+    abort_message: str | None = None  # what the aborted requests' finish reasons say
+
+
 # OpenAI fields not implemented, with the values that ask for nothing (accepted).
 UNSUPPORTED: dict[str, tuple] = {
     "response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none",),

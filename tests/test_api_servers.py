@@ -93,6 +93,34 @@ def test_a_dead_dispatchers_requests_end_and_its_counts_retire(rank_on_board):
     assert sched.reqs.keys() == {"keep"} and int(board.snapshot().effective_reqs[0]) == 1
 
 
+def test_abort_request_ends_any_dispatchers_request_and_answers_its_owner(rank_on_board):
+    """/abort_request reaches a rank through one API process but acts on a request of
+    another (a client abort acts on its own process's only); the abort finish goes to
+    the request's own process, with the status that tells it from a failure."""
+    from engine.finish import ABORT_REQUESTED
+    from scheduler.messages import AbortReq
+    from scheduler.rank_io import owned_by
+
+    board, sched, sent = rank_on_board
+    writers = [board.dispatcher_writer(d) for d in range(2)]
+    msgs = [_gen("a", 0), _gen("b", 0), _gen("c", 1)]
+    for m in msgs:
+        writers[m.dispatcher_id].bump(0, m.counted_tokens)
+    sched.step(msgs)
+    assert not owned_by(sched, 1, AbortReq(rid="a"))
+    asked = AbortReq(rid="a", message="stop it", requested=True)
+    assert owned_by(sched, 1, asked)
+    sched.step([asked])
+    ended = [o for batch in sent[0] for o in batch.outputs if o.finish_reason]
+    assert [(o.rid, o.finish_reason) for o in ended] == [
+        ("a", {"type": "abort", "message": "stop it", "status_code": ABORT_REQUESTED})]
+    sched.step([AbortReq(requested=True, abort_all=True, message="all")])
+    assert not sched.reqs
+    assert {o.rid for d in (0, 1) for batch in sent[d] for o in batch.outputs
+            if o.finish_reason and o.finish_reason["message"] == "all"} == {"b", "c"}
+    assert int(board.snapshot().effective_reqs[0]) == 0
+
+
 def test_rank_pipes_route_replies_and_report_a_closed_dispatcher():
     """A flush result goes to the API process that asked, stats to all; a request pipe
     that closes is reported once, as that dispatcher gone, and the others stay open."""

@@ -126,7 +126,8 @@ TYPED = {path: st.one_of(fixed_dict(**fields), one_changed(base, fields),
                          one_changed(base, fields))
          for path, (base, fields) in BASES.items()}
 
-POST_ROUTES = ["/generate", "/v1/completions", "/v1/chat/completions", "/flush_cache"]
+POST_ROUTES = ["/generate", "/v1/completions", "/v1/chat/completions", "/flush_cache",
+               "/abort_request"]
 GET_ROUTES = ["/health", "/health_generate", "/server_info", "/get_server_info", "/model_info",
               "/get_model_info", "/get_load", "/v1/loads", "/loads", "/metrics", "/v1/models",
               "/flush_cache", "/no_such_route"]

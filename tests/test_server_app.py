@@ -380,6 +380,58 @@ def test_flush_cache_is_refused_while_a_request_runs(client):
     assert client.post("/flush_cache").status_code == 200
 
 
+def test_abort_request_ends_a_request_with_what_it_has(client):
+    """SGLang's /abort_request: by rid, the client gets its tokens so far and an abort
+    finish (a 200); abort_all ends every request, streams included (a last event with
+    the abort finish, then [DONE]); the load is back to zero; no rid is a 400."""
+    import threading
+
+    def long(rid: str, rank: int, out: list, **extra) -> threading.Thread:
+        body = {"text": "x", "rid": rid, "routed_dp_rank": rank, **extra,
+                "sampling_params": {"max_new_tokens": 2000, "ignore_eos": True}}
+        thread = threading.Thread(target=lambda: out.append(client.post("/generate", json=body)))
+        thread.start()
+        return thread
+
+    def wait_running(n: int) -> None:
+        deadline = time.monotonic() + 10
+        while sum(r["num_reqs"] for r in client.get("/get_load").json()) < n:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
+    one: list = []
+    thread = long("to-abort", 1, one)
+    try:
+        wait_running(1)
+        time.sleep(0.05)  # a few tokens
+        assert client.post("/abort_request", json={"rid": "to-abort"}).status_code == 200
+    finally:
+        thread.join(30)
+    r = one[0]
+    assert r.status_code == 200, r.text
+    meta = r.json()["meta_info"]
+    assert meta["finish_reason"] == {"type": "abort", "message": "aborted by /abort_request"}
+    assert 0 < meta["completion_tokens"] < 2000
+    both: list = []
+    threads = [long("a1", 0, both), long("a2", 1, both, stream=True)]
+    try:
+        wait_running(2)
+        assert client.post("/abort_request", json={"abort_all": True,
+                                                   "abort_message": "maintenance"}).status_code == 200
+    finally:
+        for thread in threads:
+            thread.join(30)
+    plain, stream = sorted(both, key=lambda r: r.text.startswith("data:"))
+    assert plain.json()["meta_info"]["finish_reason"]["message"] == "maintenance"
+    last = sse_events(stream.text)[-1]
+    assert last["meta_info"]["finish_reason"] == {"type": "abort", "message": "maintenance"}
+    rows = client.get("/get_load").json()
+    assert all(row["num_reqs"] == 0 and row["num_tokens"] == 0 for row in rows), rows
+    r = client.post("/abort_request", json={})
+    assert r.status_code == 400 and "rid" in r.text
+    assert client.post("/abort_request", json={"rid": "nobody"}).status_code == 200
+
+
 # ---- prefix cache: cached_tokens in every response shape ----------------------------------
 PREFIX = [5 + i % 250 for i in range(300)]  # tiny has 259 ids; later prompts begin with it
 
