@@ -55,13 +55,17 @@ def rank_on_board():
         board.close()
 
 
-def test_outputs_go_to_the_dispatcher_that_sent_the_request(rank_on_board):
-    board, sched, sent = rank_on_board
+def _dispatch(board, sched, msgs: list[GenerateReq]) -> None:
+    """As the API processes do: each counts its requests on the board, then sends."""
     writers = [board.dispatcher_writer(d) for d in range(2)]
-    msgs = [_gen("a", 0), _gen("b", 1), _gen("c", 1)]
     for m in msgs:
         writers[m.dispatcher_id].bump(0, m.counted_tokens)
     sched.step(msgs)
+
+
+def test_outputs_go_to_the_dispatcher_that_sent_the_request(rank_on_board):
+    board, sched, sent = rank_on_board
+    _dispatch(board, sched, [_gen("a", 0), _gen("b", 1), _gen("c", 1)])
     sched.step([])
     got = {d: {out.rid for batch in batches for out in batch.outputs}
            for d, batches in sent.items()}
@@ -102,11 +106,7 @@ def test_abort_request_ends_any_dispatchers_request_and_answers_its_owner(rank_o
     from scheduler.rank_io import owned_by
 
     board, sched, sent = rank_on_board
-    writers = [board.dispatcher_writer(d) for d in range(2)]
-    msgs = [_gen("a", 0), _gen("b", 0), _gen("c", 1)]
-    for m in msgs:
-        writers[m.dispatcher_id].bump(0, m.counted_tokens)
-    sched.step(msgs)
+    _dispatch(board, sched, [_gen("a", 0), _gen("b", 0), _gen("c", 1)])
     assert not owned_by(sched, 1, AbortReq(rid="a"))
     asked = AbortReq(rid="a", message="stop it", requested=True)
     assert owned_by(sched, 1, asked)
