@@ -151,13 +151,22 @@ class Tokenizer:
         return IncrementalDecoder(self, skip_special_tokens)
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+        template_kwargs: dict[str, Any] | None = None,
     ) -> str:
+        """``template_kwargs``: more variables for the template (a request's
+        ``chat_template_kwargs``, e.g. ``enable_thinking``); they cannot replace the
+        messages, the generation prompt flag or the special tokens (``ValueError``)."""
         messages = [{**m, "content": _content_text(m.get("content"))} for m in messages]
         if self.chat_template is None:
             return fallback_chat_prompt(messages, add_generation_prompt)
+        taken = {"messages", "add_generation_prompt", *self.special_tokens}
+        clash = sorted(taken & set(template_kwargs or ()))
+        if clash:
+            raise ValueError(f"chat_template_kwargs cannot set {', '.join(clash)}")
         return render_chat_template(
             self.chat_template,
+            **(template_kwargs or {}),
             messages=messages,
             add_generation_prompt=add_generation_prompt,
             **self.special_tokens,

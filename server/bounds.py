@@ -31,6 +31,7 @@ parameters of the info routes go through ``query_int``.
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 from engine.sampling import MAX_N, InvalidSamplingParams, SamplingParams
@@ -74,8 +75,22 @@ def check_fan_out(num_prompts: int, ns: list[int]) -> None:
                          f"at most {MAX_BATCH_REQUESTS} in one body")
 
 
-def check_request(engine: EngineClient, input_ids: list[int], params: SamplingParams) -> None:
-    """Raise ``BadRequest`` for a prompt or parameters the engine cannot serve."""
+def check_request(engine: EngineClient, input_ids: list[int], params: SamplingParams,
+                  names: dict[str, str] | None = None) -> None:
+    """Raise ``BadRequest`` for a prompt or parameters the engine cannot serve.
+    ``names``: the request's own names of ``SamplingParams`` fields (OpenAI's
+    ``max_tokens`` for ``max_new_tokens`` ...), so the message names what was sent."""
+    try:
+        _check_request(engine, input_ids, params)
+    except BadRequest as exc:
+        if not names:
+            raise
+        message = re.sub(r"\b(" + "|".join(map(re.escape, names)) + r")\b",
+                         lambda m: names[m.group(1)], exc.message)
+        raise BadRequest(message) from None
+
+
+def _check_request(engine: EngineClient, input_ids: list[int], params: SamplingParams) -> None:
     if not input_ids:
         raise BadRequest("the prompt is empty")
     # The size checks first: they are O(1), the per-id loop is not (on the event loop).

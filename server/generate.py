@@ -81,6 +81,9 @@ async def prepare_generate(engine: EngineClient,
                            body: GenerateRequest) -> tuple[list[PreparedRequest], bool]:
     """Validate and tokenize; returns one ``PreparedRequest`` per (prompt, n) and
     whether the body was a batch. Raises ``BadRequest``."""
+    name = body.unsupported_field()
+    if name is not None:
+        raise BadRequest(f"{name} is not supported by this server")
     texts, ids_list, is_batch = _prompt_inputs(body)
     size = len(texts if texts is not None else ids_list)
     if size > MAX_BATCH_REQUESTS:
@@ -92,6 +95,8 @@ async def prepare_generate(engine: EngineClient,
         raise BadRequest("rid must be a list with one rid per prompt for a batch, "
                          f"got the single rid {body.rid!r}")
     rids = _per_item(body.rid, size, "rid")
+    if "" in rids:
+        raise BadRequest("rid must not be empty (leave it out and the server makes one)")
     logprob = _per_item(body.return_logprob, size, "return_logprob")
     top_n = _per_item(body.top_logprobs_num, size, "top_logprobs_num")
     start_len = _per_item(body.logprob_start_len, size, "logprob_start_len")

@@ -76,7 +76,8 @@ async def chat_completions(request: Request) -> Response:
         raise BadRequest("top_logprobs needs logprobs: true")
     check_int(body.top_logprobs, 0, engine.model_config.vocab_size, "top_logprobs")
     check_fan_out(1, [body.n])
-    ids = await encode_chat(engine, [msgspec.structs.asdict(m) for m in body.messages])
+    ids = await encode_chat(engine, [msgspec.structs.asdict(m) for m in body.messages],
+                            body.chat_template_kwargs)
     rid = body.rid or new_rid()
     requested = body.requested_max_tokens
     room = min(engine.context_len, engine.max_total_num_tokens)
@@ -172,7 +173,10 @@ class _ChoiceLogprobs:
 def _check_supported(body: OpenAISampling) -> None:
     name = body.unsupported_field()
     if name is not None:
-        raise BadRequest(f"{name} is not supported by this server")
+        hint = "; /v1/completions takes logprobs: N for the N most likely" if name == "top_logprobs" else ""
+        raise BadRequest(f"{name} is not supported by this server{hint}")
+    if body.rid == "":
+        raise BadRequest("rid must not be empty (leave it out and the server makes one)")
 
 
 def _prepare(engine: EngineClient, body: OpenAISampling, prompts: list[list[int]], rid: str,
@@ -184,7 +188,7 @@ def _prepare(engine: EngineClient, body: OpenAISampling, prompts: list[list[int]
     prepared = []
     for i, ids in enumerate(prompts):
         params = body.sampling_params(max_tokens_for(ids))
-        check_request(engine, ids, params)
+        check_request(engine, ids, params, body.param_names())
         for j in range(body.n):
             index = i * body.n + j
             prepared.append(PreparedRequest(

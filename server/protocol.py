@@ -45,6 +45,41 @@ class GenerateRequest(msgspec.Struct, kw_only=True):
     routed_dp_rank: int | list[int] | None = None
     data_parallel_rank: int | list[int] | None = None  # older name of routed_dp_rank
     disagg_prefill_dp_rank: int | list[int] | None = None
+    # Not implemented (SGLang's multimodal, LoRA, session, hidden-state and custom
+    # sampling inputs): any value but null or the harmless one is a 400 naming it.
+    image_data: Any = None
+    video_data: Any = None
+    audio_data: Any = None
+    input_embeds: Any = None
+    lora_path: Any = None
+    lora_id: Any = None
+    session_params: Any = None
+    custom_logit_processor: Any = None
+    return_hidden_states: Any = None
+    token_ids_logprob: Any = None
+
+    def unsupported_field(self) -> str | None:
+        return first_asked(self, GENERATE_UNSUPPORTED, batch=True)
+
+
+GENERATE_UNSUPPORTED: dict[str, tuple] = {
+    "image_data": (), "video_data": (), "audio_data": (), "input_embeds": (),
+    "lora_path": (), "lora_id": (), "session_params": (), "custom_logit_processor": (),
+    "return_hidden_states": (False,), "token_ids_logprob": (),
+}
+
+
+def first_asked(body: msgspec.Struct, unsupported: dict[str, tuple],
+                batch: bool = False) -> str | None:
+    """The first of ``unsupported`` that ``body`` gives a value asking for something:
+    not null, not a harmless value (with ``batch``, nor a list of those: one per prompt)."""
+    for name, harmless in unsupported.items():
+        value = getattr(body, name)
+        items = value if batch and isinstance(value, list) else [value]
+        if any(v is not None and not any(type(v) is type(h) and v == h for h in harmless)
+               for v in items):
+            return name
+    return None
 
 
 class AbortRequest(msgspec.Struct, kw_only=True):
@@ -61,11 +96,15 @@ UNSUPPORTED: dict[str, tuple] = {
     "functions": ([],), "function_call": ("none",), "parallel_tool_calls": (False,),
     "audio": (), "modalities": (["text"],), "prediction": (), "web_search_options": (),
     "reasoning_effort": (), "store": (False,),
+    # SGLang's extras on the OpenAI routes
+    "regex": (), "json_schema": (), "ebnf": (), "stop_regex": (), "lora_path": (),
+    "return_hidden_states": (False,),
 }
 
 
 class StreamOptions(msgspec.Struct, kw_only=True):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: usage in every chunk (not implemented)
 
 
 class OpenAISampling(msgspec.Struct, kw_only=True):
@@ -111,17 +150,20 @@ class OpenAISampling(msgspec.Struct, kw_only=True):
     web_search_options: Any = None
     reasoning_effort: Any = None
     store: Any = None
+    regex: Any = None
+    json_schema: Any = None
+    ebnf: Any = None
+    stop_regex: Any = None
+    lora_path: Any = None
+    return_hidden_states: Any = None
 
     def unsupported_field(self) -> str | None:
         """The first unimplemented field given a value that changes the answer."""
         if self.stream_options is not None and not self.stream:
             return "stream_options without stream: true"
-        for name, harmless in self._unsupported().items():
-            value = getattr(self, name)
-            if value is not None and not any(type(value) is type(h) and value == h
-                                             for h in harmless):
-                return name
-        return None
+        if self.stream_options is not None and self.stream_options.continuous_usage_stats:
+            return "stream_options.continuous_usage_stats"
+        return first_asked(self, self._unsupported())
 
     def _unsupported(self) -> dict[str, tuple]:
         return UNSUPPORTED
@@ -137,6 +179,11 @@ class OpenAISampling(msgspec.Struct, kw_only=True):
             skip_special_tokens=self.skip_special_tokens, no_stop_trim=self.no_stop_trim,
             sampling_seed=self.seed, logit_bias=self.logit_bias or None))
 
+    def param_names(self) -> dict[str, str]:
+        """This request's names of the ``SamplingParams`` fields OpenAI calls otherwise,
+        for error messages (``server.bounds.check_request``)."""
+        return {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
+
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
@@ -151,9 +198,10 @@ class CompletionRequest(OpenAISampling, kw_only=True):
     echo: bool = False
     suffix: Any = None
     best_of: Any = None
+    top_logprobs: Any = None  # chat's name; completions take logprobs: N
 
     def _unsupported(self) -> dict[str, tuple]:
-        return {**UNSUPPORTED, "suffix": ("",), "best_of": (1,)}
+        return {**UNSUPPORTED, "suffix": ("",), "best_of": (1,), "top_logprobs": ()}
 
 
 CHAT_ROLES = ("system", "developer", "user", "assistant")
@@ -206,6 +254,17 @@ class ChatCompletionRequest(OpenAISampling, kw_only=True):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    # Extra variables for the chat template (SGLang's and vLLM's; e.g. enable_thinking).
+    chat_template_kwargs: dict[str, Any] | None = None
+    continue_final_message: Any = None
+    echo: Any = None
+
+    def _unsupported(self) -> dict[str, tuple]:
+        return {**UNSUPPORTED, "continue_final_message": (False,), "echo": (False,)}
+
+    def param_names(self) -> dict[str, str]:
+        given = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+        return {**super().param_names(), "max_new_tokens": given}
 
     @property
     def requested_max_tokens(self) -> int | None:

@@ -84,6 +84,20 @@ def test_strftime_now_and_generation_block(folder):
     assert text == f"{datetime.datetime.now().year}|a"
 
 
+def test_chat_template_kwargs_reach_the_template_and_cannot_replace_its_inputs(folder):
+    """A request's ``chat_template_kwargs`` (e.g. Qwen3's ``enable_thinking``) are
+    variables of the template; messages, the generation flag and special tokens stay."""
+    (folder / "chat_template.jinja").write_text(
+        "{% if enable_thinking is defined and not enable_thinking %}/no_think {% endif %}"
+        "{{ messages[0]['content'] }}")
+    tok = Tokenizer.from_folder(folder)
+    user = [{"role": "user", "content": "a"}]
+    assert tok.apply_chat_template(user) == "a"
+    assert tok.apply_chat_template(user, True, {"enable_thinking": False}) == "/no_think a"
+    with pytest.raises(ValueError, match="cannot set add_generation_prompt, messages"):
+        tok.apply_chat_template(user, True, {"messages": [], "add_generation_prompt": False})
+
+
 def test_chat_template_flag_file_text_or_error(tmp_path):
     path = tmp_path / "t.jinja"
     path.write_text("{{ messages[0]['content'] }}!")

@@ -238,20 +238,64 @@ UNSUPPORTED = [
     ("/v1/completions", "response_format", {"type": "json_object"}),
     ("/v1/completions", "stream_options", {"include_usage": True}),  # without stream
     ("/v1/chat/completions", "stream_options", {"include_usage": False}),
+    # SGLang's extras on the OpenAI routes (constrained decoding, LoRA) and vLLM's
+    ("/v1/chat/completions", "regex", "[ab]+"),
+    ("/v1/chat/completions", "json_schema", '{"type": "object"}'),
+    ("/v1/completions", "ebnf", "root ::= 'a'"),
+    ("/v1/completions", "lora_path", "adapter"),
+    ("/v1/chat/completions", "return_hidden_states", True),
+    ("/v1/chat/completions", "continue_final_message", True),
+    ("/v1/chat/completions", "echo", True),
+    ("/v1/completions", "top_logprobs", 2),
+    ("/generate", "image_data", "http://x/img.png"),
+    ("/generate", "input_embeds", [[0.1, 0.2]]),
+    ("/generate", "lora_path", ["adapter"]),
+    ("/generate", "session_params", {"id": "s"}),
+    ("/generate", "custom_logit_processor", "x"),
+    ("/generate", "return_hidden_states", True),
+    ("/generate", "token_ids_logprob", [1, 2]),
 ]
 
 
 @pytest.mark.parametrize("route, field, value", UNSUPPORTED)
-def test_unimplemented_openai_field_is_a_400_naming_it(server, route, field, value):
-    base = ({"prompt": "x"} if route == "/v1/completions"
-            else {"messages": [{"role": "user", "content": "x"}]})
-    r = post(server, route, {**base, "max_tokens": 1, field: value})
+def test_unimplemented_field_is_a_400_naming_it(server, route, field, value):
+    base = {"/v1/completions": {"prompt": "x", "max_tokens": 1},
+            "/v1/chat/completions": {"messages": [{"role": "user", "content": "x"}],
+                                     "max_tokens": 1},
+            "/generate": {"text": "x", "sampling_params": {"max_new_tokens": 1}}}[route]
+    r = post(server, route, {**base, field: value})
     assert r.status_code == 400 and field in r.json()["error"]["message"], r.text
+
+
+def test_stream_usage_in_every_chunk_is_a_400(server):
+    r = post(server, "/v1/completions", {"prompt": "x", "max_tokens": 1, "stream": True,
+                                         "stream_options": {"continuous_usage_stats": True}})
+    assert r.status_code == 400 and "continuous_usage_stats" in r.text
+
+
+def test_openai_errors_name_the_fields_sent(server):
+    chat = {"messages": [{"role": "user", "content": "x"}]}
+    for route, body, name in [
+            ("/v1/completions", {"prompt": "x", "max_tokens": -1}, "max_tokens"),
+            ("/v1/chat/completions", {**chat, "max_completion_tokens": 10**6},
+             "max_completion_tokens"),
+            ("/v1/chat/completions", {**chat, "max_tokens": 3, "min_tokens": 5}, "min_tokens")]:
+        message = post(server, route, body).json()["error"]["message"]
+        assert name in message and "_new_tokens" not in message, message
+    for route, body in [("/generate", {"text": "x", "rid": ""}),
+                        ("/generate", {"text": ["x", "y"], "rid": ["a", ""]}),
+                        ("/v1/completions", {"prompt": "x", "rid": ""})]:
+        r = post(server, route, body)
+        assert r.status_code == 400 and "rid" in r.text, r.text
 
 
 def test_values_that_ask_for_nothing_are_accepted(server):
     r = post(server, "/v1/completions", {"prompt": "x", "max_tokens": 1, "best_of": 1,
                                          "suffix": None})
+    assert r.status_code == 200, r.text
+    r = post(server, "/generate", {"text": ["x", "y"], "lora_path": [None, None],
+                                   "image_data": None, "return_hidden_states": False,
+                                   "sampling_params": {"max_new_tokens": 1}})
     assert r.status_code == 200, r.text
     r = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                                               "max_tokens": 1, "response_format": {"type": "text"},
