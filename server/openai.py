@@ -28,7 +28,7 @@ from engine.finish import FinishAbort, FinishLength, FinishStop
 from scheduler.roles import Role
 from server.engine_client import EngineClient
 from server.bounds import MAX_BATCH_REQUESTS, check_fan_out, check_int, check_request
-from server.errors import ApiError, BadRequest
+from server.errors import ApiError, BadRequest, NotFound
 from server.prompts import encode_chat, encode_texts
 from server.logprobs import CompletionLogprobs, TokenTexts, chat_logprobs, join_parts
 from server.protocol import (ChatCompletionRequest, CompletionRequest, OpenAISampling,
@@ -89,12 +89,24 @@ async def chat_completions(request: Request) -> Response:
 
 
 async def models(request: Request) -> Response:
+    return JSONResponse({"object": "list", "data": [_model_card(request.state.engine)]})
+
+
+async def model(request: Request) -> Response:
+    """OpenAI's retrieve-model: the served model's card, or a 404 for another name."""
     engine: EngineClient = request.state.engine
+    name = request.path_params["model"]
+    if name != engine.args.served_model_name:
+        raise NotFound(f"model {name!r} is not served here; this server serves "
+                       f"{engine.args.served_model_name!r}")
+    return JSONResponse(_model_card(engine))
+
+
+def _model_card(engine: EngineClient) -> dict:
     args = engine.args
-    return JSONResponse({"object": "list", "data": [{
-        "id": args.served_model_name, "object": "model", "created": int(engine.started_at),
-        "owned_by": "dpserve", "root": args.tokenizer_path, "max_model_len": engine.context_len,
-    }]})
+    return {"id": args.served_model_name, "object": "model", "created": int(engine.started_at),
+            "owned_by": "dpserve", "root": args.tokenizer_path,
+            "max_model_len": engine.context_len}
 
 
 # ---- shared machinery --------------------------------------------------------------------
@@ -297,4 +309,5 @@ def openai_routes() -> list[Route]:
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/models/{model:path}", model, methods=["GET"]),
     ]

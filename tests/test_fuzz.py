@@ -130,7 +130,7 @@ POST_ROUTES = ["/generate", "/v1/completions", "/v1/chat/completions", "/flush_c
                "/abort_request"]
 GET_ROUTES = ["/health", "/health_generate", "/server_info", "/get_server_info", "/model_info",
               "/get_model_info", "/get_load", "/v1/loads", "/loads", "/metrics", "/v1/models",
-              "/flush_cache", "/no_such_route"]
+              "/v1/models/tiny", "/flush_cache", "/no_such_route"]
 query_values = st.one_of(st.text(max_size=8), st.sampled_from(["0", "1", "2", "-1", "²", "１",
                                                                "99999999999999999999999"]))
 queries = st.dictionaries(st.sampled_from(["dp_rank", "include", "model", "x"]), query_values,

@@ -314,6 +314,9 @@ def test_chat_messages_a_template_cannot_render_faithfully_are_400(client, case)
 def test_models(client):
     body = client.get("/v1/models").json()
     assert body["object"] == "list" and body["data"][0]["id"] == "tiny"
+    assert client.get("/v1/models/tiny").json() == body["data"][0]
+    r = client.get("/v1/models/org/other-model")
+    assert r.status_code == 404 and "tiny" in r.json()["error"]["message"]
 
 
 # ---- info, load, metrics ------------------------------------------------------------------
