@@ -52,13 +52,13 @@ OUT_OF_RANGE = [
      "bootstrap_room"),
     ("/v1/completions", {**COMPLETION, "disagg_prefill_dp_rank": 2**64}, "disagg_prefill_dp_rank"),
     ("/v1/completions", {**COMPLETION, "logprobs": 2**64}, "logprobs"),
-    ("/v1/completions", {**COMPLETION, "max_tokens": 2**64}, "max_new_tokens"),
+    ("/v1/completions", {**COMPLETION, "max_tokens": 2**64}, "max_tokens"),
     ("/v1/completions", {**COMPLETION, "top_k": 2**64}, "top_k"),
     ("/v1/chat/completions", {**CHAT, "seed": 2**64}, "seed"),
     ("/v1/chat/completions", {**CHAT, "bootstrap_room": 2**64}, "bootstrap_room"),
     ("/v1/chat/completions", {**CHAT, "routed_dp_rank": 2**64}, "routed_dp_rank"),
-    ("/v1/chat/completions", {**CHAT, "max_tokens": 2**64}, "max_new_tokens"),
-    ("/v1/chat/completions", {**CHAT, "min_tokens": 2**64}, "min_new_tokens"),
+    ("/v1/chat/completions", {**CHAT, "max_tokens": 2**64}, "max_tokens"),
+    ("/v1/chat/completions", {**CHAT, "min_tokens": 2**64}, "min_tokens"),
     ("/v1/chat/completions", {**CHAT, "stop_token_ids": [-1]}, "stop_token_ids"),
 ]
 
