@@ -117,15 +117,24 @@ def _check_request(engine: EngineClient, input_ids: list[int], params: SamplingP
                          "max_new_tokens or start the server with a larger --max-total-tokens")
 
 
+# Logprob entries (a token's logprob, or one of its top list) one body may ask for: each
+# is an object in the API process and about 25 bytes of JSON. 2,048 prompts of 2,000
+# tokens scored with their top 259 would be a billion (tens of GB: the API process killed
+# for memory); this is about 100 MB of JSON.
+MAX_LOGPROB_ENTRIES = 1 << 22
+
+
 def check_prepared(engine: EngineClient, prepared: list[PreparedRequest]) -> None:
     """Every request of one body, after expansion, before the first is dispatched:
-    rooms (derived ones too), ranks, logprob counts, and one rid per request."""
+    rooms (derived ones too), ranks, logprob counts (``MAX_LOGPROB_ENTRIES``), and one
+    rid per request."""
     num_ranks = len(engine.ranks)
     # A decode server or PD front door: the prefill ranks the KV comes from; a plain or
     # prefill server has no other group, so the field can only name one of its own.
     num_prefill = engine.num_prefill_ranks or num_ranks
     vocab = engine.model_config.vocab_size
     rids = set()
+    entries = 0
     for p in prepared:
         check_int(p.bootstrap_room, 0, MAX_ROOM,
                   "bootstrap_room (with room + i for a batch's request i)")
@@ -135,11 +144,18 @@ def check_prepared(engine: EngineClient, prepared: list[PreparedRequest]) -> Non
         if p.return_logprob and p.logprob_start_len >= len(p.input_ids):
             raise BadRequest(f"logprob_start_len ({p.logprob_start_len}) must be less than the "
                              f"prompt's length ({len(p.input_ids)} tokens)")
+        if p.return_logprob:
+            scored = len(p.input_ids) - p.logprob_start_len if p.logprob_start_len >= 0 else 0
+            entries += (scored + p.params.max_new_tokens) * (1 + (p.top_logprobs_num or 0))
         if p.rid in rids:
             raise BadRequest(f"rid {p.rid!r} is given twice in one body; every request needs "
                              "its own rid")
         rids.add(p.rid)
-
+    if entries > MAX_LOGPROB_ENTRIES:
+        raise BadRequest(f"the body asks for {entries} logprob entries ((prompt positions "
+                         "scored + max_new_tokens) x (1 + top_logprobs_num), over its "
+                         f"requests); at most {MAX_LOGPROB_ENTRIES}: ask for fewer top "
+                         "logprobs, positions or requests")
 
 def query_int(request: Request, name: str, lo: int, hi: int) -> int | None:
     """An optional integer query parameter in [lo, hi]; anything else is a 400."""

@@ -60,6 +60,11 @@ OUT_OF_RANGE = [
     ("/v1/chat/completions", {**CHAT, "max_tokens": 2**64}, "max_tokens"),
     ("/v1/chat/completions", {**CHAT, "min_tokens": 2**64}, "min_tokens"),
     ("/v1/chat/completions", {**CHAT, "stop_token_ids": [-1]}, "stop_token_ids"),
+    # more logprob entries than one body may carry (server.bounds.MAX_LOGPROB_ENTRIES)
+    ("/generate", {"text": ["hi"] * 9, "return_logprob": True, "top_logprobs_num": 259,
+                   "sampling_params": {"max_new_tokens": 2000}}, "logprob entries"),
+    ("/v1/completions", {**COMPLETION, "prompt": ["hi"] * 9, "logprobs": 259,
+                         "max_tokens": 2000}, "logprob entries"),
 ]
 
 
