@@ -48,6 +48,7 @@ def test_server_flags_follow_the_scenario():
     assert flags[flags.index("--prefill-dp-size") + 1] == "8"
     assert flags[flags.index("--prefill-load-balance-method") + 1] == "total_tokens"
     assert "--sim-lockstep" in flags
+    assert "--disable-radix-cache" in flags  # the same prompts at every rate: no reuse
     assert "--sim-lockstep" not in server_flags(s, "round_robin", 8, "real", "instant")
     assert "--sim-time-scale" not in flags
     stretched = server_flags(s, "total_tokens", 8, "sim", "instant", 4.0)

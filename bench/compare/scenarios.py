@@ -157,8 +157,14 @@ def get_scenarios(names: list[str], quick: bool) -> list[Scenario]:
 def server_flags(s: Scenario, method: str, ranks: int, executor: str, profile: str,
                  time_scale: float = 1.0) -> list[str]:
     """``engine.serve`` flags for one method of a scenario at ``ranks`` ranks
-    (``time_scale``: ``--sim-time-scale``)."""
-    flags = ["--executor", executor, "--log-level", "warning"]
+    (``time_scale``: ``--sim-time-scale``).
+
+    The ranks' prefix caches are off: every method sends the same prompts at every
+    rate, so a cache would answer each rate after the first from what the earlier ones
+    left (a 3,500-token prefill measured at 27 ms instead of about 1.25 s); these
+    scenarios compare load-only balancing, as measured before the caches existed
+    (``bench.compare.cache`` compares cache-aware balancing, flushing between runs)."""
+    flags = ["--executor", executor, "--log-level", "warning", "--disable-radix-cache"]
     if executor == "sim":
         flags += ["--sim-profile", profile, "--chunked-prefill-size", str(SIM_CHUNKED_PREFILL_SIZE)]
         if time_scale != 1.0:
