@@ -73,7 +73,9 @@ class ApiSpec:
     groups: list[GroupEnds]
     route_name: str | None = None  # PD prefill: the route table; it writes region d
     num_prefill_ranks: int = 0  # PD decode: the range of disagg_prefill_dp_rank
-    handoff_name: str | None = None  # a decode server: where lost ranks' rooms are released
+    # A decode server: the route and hand-off tables, where rooms left without KV are
+    # released (server.pd_orphans).
+    orphan_tables: tuple[str, str] | None = None
     launcher_pid: int = 0  # the process that spawned it (0: do not watch it)
 
 
@@ -169,7 +171,7 @@ def api_server_main(args: ServerArgs, spec: ApiSpec, sock: socket.socket,
             route = BootstrapTable.attach(spec.route_name) if spec.route_name else None
             writer = route.region_writer(d) if route is not None else None
             engine = pd_engine_client(args, groups, writer, spec.num_prefill_ranks,
-                                      spec.handoff_name)
+                                      spec.orphan_tables)
         server = make_server(args, engine)
         status_conn.send_bytes(b"built")
         if not go.wait(API_START_TIMEOUT_S):

@@ -134,7 +134,7 @@ def start_api_processes(args: ServerArgs, sock: socket.socket,
                            for role, g in groups.items()],
                        route_name=route_name,
                        num_prefill_ranks=pd.handoff.num_regions if pd is not None else 0,
-                       handoff_name=pd.orphan_table() if pd is not None else None,
+                       orphan_tables=pd.orphan_tables() if pd is not None else None,
                        launcher_pid=os.getpid())
         status_recv, status_send = ctx.Pipe(duplex=False)
         process = ctx.Process(target=api_server_main, name=f"dpserve-api-{d}",

@@ -35,6 +35,7 @@ import re
 from typing import TYPE_CHECKING
 
 from engine.sampling import MAX_N, InvalidSamplingParams, SamplingParams
+from scheduler.roles import Role
 from server.errors import BadRequest
 from shm.bootstrap_layout import MAX_ROOM
 
@@ -144,6 +145,11 @@ def check_prepared(engine: EngineClient, prepared: list[PreparedRequest]) -> Non
         if p.return_logprob and p.logprob_start_len >= len(p.input_ids):
             raise BadRequest(f"logprob_start_len ({p.logprob_start_len}) must be less than the "
                              f"prompt's length ({len(p.input_ids)} tokens)")
+        if p.return_logprob and p.logprob_start_len >= 0 and engine.role == Role.DECODE:
+            raise BadRequest("prompt logprobs (logprob_start_len >= 0, or echo with logprobs): "
+                             "a PD decode server has none (its prefill server computed them); "
+                             "send the request to the prefill server or to a "
+                             "--disaggregation-mode pd server")
         if p.return_logprob:
             scored = len(p.input_ids) - p.logprob_start_len if p.logprob_start_len >= 0 else 0
             entries += (scored + p.params.max_new_tokens) * (1 + (p.top_logprobs_num or 0))

@@ -89,12 +89,12 @@ async def wait_flushes(waiters: list[asyncio.Future], timeout_s: float) -> list[
 class EngineClient:
     def __init__(self, args: ServerArgs, processes: EngineProcesses, tokenizer: Tokenizer,
                  model_config: ModelConfig, route_writer=None, num_prefill_ranks: int = 0,
-                 handoff_name: str | None = None):
+                 orphan_tables: tuple[str, str] | None = None):
         """``route_writer`` (PD prefill ranks): this process's region of the route table;
         ``num_prefill_ranks`` (PD decode ranks): the range of ``disagg_prefill_dp_rank``;
-        ``handoff_name`` (a decode server apart from its prefill server): the hand-off
-        table, where the rooms of a lost decode rank are released for it
-        (``server.pd_orphans``)."""
+        ``orphan_tables`` (a decode server apart from its prefill server): the route and
+        hand-off tables' names, where the rooms its requests leave without the KV are
+        released (``server.pd_orphans``)."""
         if any(r.ready is None for r in processes.ranks):
             raise ValueError("every rank must be ready before the API serves")
         self.args = args
@@ -117,8 +117,15 @@ class EngineClient:
                                    args.wall_s(args.disaggregation_bootstrap_timeout))
         self.num_prefill_ranks = num_prefill_ranks
         self.orphans = None
-        if handoff_name:
-            self.orphans = OrphanedRooms(BootstrapTable.attach(handoff_name),
+        if orphan_tables:
+            route_name, handoff_name = orphan_tables
+            route = BootstrapTable.attach(route_name)
+            try:
+                handoff = BootstrapTable.attach(handoff_name)
+            except BaseException:
+                route.close()
+                raise
+            self.orphans = OrphanedRooms(route, handoff,
                                          args.wall_s(args.disaggregation_bootstrap_timeout))
         self._orphan_task: asyncio.Task | None = None
         self.inflight = InFlight()
@@ -256,7 +263,7 @@ class EngineClient:
         if self.router is not None:  # the route lives as long as the prefill request
             handle.on_exit = functools.partial(self.router.prefill_finished, msg.bootstrap_room)
         elif self.orphans is not None:
-            handle.on_exit = functools.partial(self._on_decode_exit, dp_rank,
+            handle.on_exit = functools.partial(self._on_decode_exit, handle,
                                                msg.bootstrap_room, msg.input_ids)
         self.inflight.add(handle)
         try:
@@ -267,13 +274,27 @@ class EngineClient:
             raise
         return handle
 
-    def _on_decode_exit(self, dp_rank: int, room: int, input_ids: list[int], ok: bool) -> None:
-        """A decode request left the registry: if its rank was lost, release the KV its
-        prefill holds for it (``server.pd_orphans``); a live rank releases its own."""
-        rank = self.ranks[dp_rank]
-        if ok or rank.lost_reason is None or self.orphans is None:
+    def _on_decode_exit(self, handle: RequestHandle, room: int, input_ids: list[int],
+                        ok: bool) -> None:
+        """A decode request left the registry: if it ended without its KV (no token came:
+        refused, aborted, its rank lost), release what its prefill holds or will hold
+        for it (``server.pd_orphans``)."""
+        if handle.first_token_time is not None or not self.is_serving:
+            return  # its rank took the KV (and released it), or the server is stopping
+        rank = self.ranks[handle.dp_rank]
+        if rank.lost_reason is None:
+            self.release_room(room, input_ids)
+        else:
+            self.release_room(room, input_ids, handle.dp_rank, rank.ready.pid)
+
+    def release_room(self, room: int | None, input_ids: list[int], lost_rank: int = -1,
+                     lost_pid: int = 0) -> None:
+        """A decode server: the request for ``room`` will not take its KV (refused here,
+        aborted, or its decode rank ``lost_rank`` died): release the hand-off once it is
+        there, so prefill frees the KV at once (``server.pd_orphans``)."""
+        if self.orphans is None or room is None:
             return
-        self.orphans.adopt(dp_rank, rank.ready.pid, room, input_ids)
+        self.orphans.adopt(room, input_ids, lost_rank, lost_pid)
         if self._orphan_task is None or self._orphan_task.done():
             self._orphan_task = asyncio.get_running_loop().create_task(self._release_orphans())
 

@@ -25,7 +25,6 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from engine.finish import FinishAbort, FinishLength, FinishStop
-from scheduler.roles import Role
 from server.engine_client import EngineClient
 from server.bounds import MAX_BATCH_REQUESTS, check_fan_out, check_int, check_request
 from server.errors import ApiError, BadRequest, NotFound
@@ -48,11 +47,6 @@ async def completions(request: Request) -> Response:
     body = decode_body(await request.body(), CompletionRequest)
     _check_supported(body)
     check_int(body.logprobs, 0, engine.model_config.vocab_size, "logprobs")
-    if body.echo and body.logprobs is not None and engine.role == Role.DECODE:
-        # The prompt was scored on the prefill server; this half has no logprobs for it.
-        raise BadRequest("echo with logprobs: a PD decode server has no prompt logprobs "
-                         "(its prefill server computed them); send it to the prefill server "
-                         "or to a --disaggregation-mode pd server")
     prompts, texts = await _completion_prompts(engine, body)
     rid = body.rid or new_rid()
     want = body.logprobs is not None

@@ -52,6 +52,7 @@ logger = logging.getLogger(__name__)
 # Claim columns a prefill server reserves for the decode server's ranks. Each costs a
 # prefill rank one cell read per held hand-off per step when it looks for releases
 # (measured: 200 held entries, 2/8/32/64 columns: 59/82/186/381 us), so not 1024.
+# One more, the last, is the decode server's API processes' (``server.pd_orphans``).
 DEFAULT_DECODE_DP = 32
 ATTACH_POLL_S = 0.2
 
@@ -105,11 +106,12 @@ class PDProcesses:
         args, mode = self.args, self.args.disaggregation_mode
         if mode == DisaggregationMode.DECODE:
             self.route, self.handoff = self._attach_tables()
-            if self.handoff.num_decode_ranks < args.dp_size:
+            if self.handoff.num_decode_ranks - 1 < args.dp_size:  # the last: the API's
                 raise PDLaunchError(
-                    f"the prefill server takes KV claims from {self.handoff.num_decode_ranks} "
-                    f"decode ranks, this server has {args.dp_size}: start the prefill server "
-                    f"with --disaggregation-decode-dp {args.dp_size}")
+                    f"the prefill server takes KV claims from "
+                    f"{self.handoff.num_decode_ranks - 1} decode ranks, this server has "
+                    f"{args.dp_size}: start the prefill server with --disaggregation-decode-dp "
+                    f"{args.dp_size}")
         else:
             if mode == DisaggregationMode.PREFILL and (
                     find_segment(ROUTE_KIND, self.launch_id)
@@ -119,8 +121,8 @@ class PDProcesses:
                     f"{args.disaggregation_bootstrap_port}; give each pair its own port")
             is_pd = mode == DisaggregationMode.PD
             num_prefill = args.prefill_dp_size if is_pd else args.dp_size
-            num_decode = (args.decode_dp_size if is_pd
-                          else args.disaggregation_decode_dp or DEFAULT_DECODE_DP)
+            num_decode = (args.decode_dp_size if is_pd  # + the decode API's column:
+                          else (args.disaggregation_decode_dp or DEFAULT_DECODE_DP) + 1)
             # One route region per API process; with several (server.api_servers) each
             # takes its own region, the launcher none.
             self.route, self.handoff = create_tables(
@@ -166,15 +168,16 @@ class PDProcesses:
 
     def engine_client(self) -> "EngineClient | PDEngineClient":
         return pd_engine_client(self.args, self.groups, self.route_writer,
-                                self.handoff.num_regions, self.orphan_table())
+                                self.handoff.num_regions, self.orphan_tables())
 
-    def orphan_table(self) -> str | None:
-        """The hand-off table's name where the API releases a lost decode rank's rooms
-        (``server.pd_orphans``): a decode server's only (in one ``pd`` server the front
-        door aborts the prefill half instead, which frees the KV itself)."""
+    def orphan_tables(self) -> tuple[str, str] | None:
+        """The route and hand-off tables' names, where a decode server's API releases
+        the rooms its requests left without the KV (``server.pd_orphans``); None but
+        on a decode server (in one ``pd`` server the front door aborts the prefill half
+        instead, which frees the KV itself)."""
         if self.args.disaggregation_mode != DisaggregationMode.DECODE:
             return None
-        return self.handoff.name
+        return self.route.name, self.handoff.name
 
     def close(self) -> None:
         """Stop the ranks (decode first: they read prefill's KV), then the tables."""
@@ -190,17 +193,19 @@ class PDProcesses:
 
 
 def pd_engine_client(args: ServerArgs, groups: dict, route_writer, num_prefill_ranks: int,
-                     handoff_name: str | None = None) -> "EngineClient | PDEngineClient":
+                     orphan_tables: tuple[str, str] | None = None
+                     ) -> "EngineClient | PDEngineClient":
     """The front door over the rank groups of a PD mode: one ``EngineClient`` per group
     (the prefill one publishes routes through ``route_writer``, this API process's
-    region of the route table; a decode server's releases its lost ranks' rooms in the
-    hand-off table ``handoff_name``), joined by ``PDEngineClient`` when there are both."""
+    region of the route table; a decode server's releases the rooms its requests left
+    without the KV, in ``orphan_tables``: route and hand-off table names), joined by
+    ``PDEngineClient`` when there are both."""
     clients = {}
     for role, group in groups.items():
         clients[role] = EngineClient.from_processes(
             args, group, route_writer=route_writer if role == Role.PREFILL else None,
             num_prefill_ranks=num_prefill_ranks,
-            handoff_name=handoff_name if role == Role.DECODE else None)
+            orphan_tables=orphan_tables if role == Role.DECODE else None)
     if len(clients) == 1:
         return next(iter(clients.values()))
     return PDEngineClient(args, clients[Role.PREFILL], clients[Role.DECODE])
@@ -331,6 +336,10 @@ class PDEngineClient:
         p_handle = self._prefill_of.pop(handle, None)
         if p_handle is not None and (not p_handle.is_finished or not decode_finished):
             self.prefill.abort(p_handle, message)
+
+    def release_room(self, room: int | None, input_ids: list[int]) -> None:
+        """Nothing to release: a request this front door refuses was sent to neither
+        half (``EngineClient.release_room`` is a decode server's)."""
 
     def abort_requests(self, rid: str | None, message: str) -> int:
         """Both halves (they share the rid): decode's abort finish is the client's answer."""

@@ -1,26 +1,31 @@
-"""Rooms a lost decode rank left behind: release their hand-off entries for it.
+"""Rooms whose decode half ended without the KV: release their hand-offs for them.
 
-With two servers (``--disaggregation-mode prefill`` and ``decode``), a decode rank that
-dies takes its parked requests with it. Their prefill halves may be done already (the
-KV held in a hand-off entry, ``scheduler.pd_prefill``) or still coming, and nobody
-would ever release those entries: the prefill ranks would hold that KV, and refuse to
-flush their caches, until ``--disaggregation-bootstrap-timeout`` (300 s by default).
-The prefill server cannot tell: it does not know which decode rank a room went to.
+With two servers (``--disaggregation-mode prefill`` and ``decode``) a gateway sends one
+body to both. When the decode half ends without taking its KV (the decode server
+refused it, its client left, ``/abort_request`` ended it, its rank died), the prefill
+half may be done already (the KV held in a hand-off entry, ``scheduler.pd_prefill``) or
+still coming, and nobody would release that entry: the prefill rank would hold the KV,
+refuse to flush its cache, and with enough of them stall admission, until
+``--disaggregation-bootstrap-timeout`` (300 s by default). A decode rank releases an
+entry it finds when it drops a parked request (``DecodeReceiver.discard``), but not one
+written after; and the prefill server cannot tell which rooms are orphans.
 
-The decode server's API process knows: each request's room, prompt and decode rank.
-When a rank is lost, ``OrphanedRooms`` takes over that rank's claim cells in the
-hand-off table (``shm.bootstrap``: cell ``claim[p][s][d]`` has one writer, decode rank
-d, and it is gone) and writes, for each of its requests, the release the rank would
-have written had it lived: once the rank's process has exited (never beside it), for
-the entry with the request's room and prompt (never another request's), unless
-another decode rank claimed it. The prefill rank then frees the KV at its next step.
-A room whose prefill has not handed off yet is looked for again every ``POLL_S``
-until its hand-off appears or the bootstrap timeout passes (then the prefill rank's
-own expiry frees it).
+The decode server's API process knows each request's room and prompt. ``OrphanedRooms``
+writes the release a decode rank would have written, for the entry with the request's
+room and prompt (never another request's), once the entry is there: looked for every
+``POLL_S`` until it appears, the room's route shows its prefill ended without one, or
+the bootstrap timeout passes (then the prefill rank's own expiry frees it). It writes
+in its own claim column, the hand-off table's last (a prefill server keeps one for the
+decode server's API processes, ``server.pd``: one writer per cell, as decode ranks
+have theirs), unless the request's decode rank died holding a claim: that claim would
+keep the entry held, so the release goes into the dead rank's cell instead, once its
+process has exited (never beside it).
 
-One per decode API process; each releases only its own requests' rooms, so two API
-processes never write one cell (a room sent to both is a client error that decode
-ranks refuse anyway). Event-loop thread only.
+An entry another decode request claimed is left to that claim (its own release frees
+it). One per decode API process; each releases only its own requests' rooms (a room
+sent to two at once is a client error the decode ranks refuse). At most ``MAX_ROOMS``
+are watched (the oldest dropped first: their KV expires at the timeout, as before).
+Event-loop thread only.
 """
 
 from __future__ import annotations
@@ -37,19 +42,23 @@ from shm.segment import pid_alive
 logger = logging.getLogger(__name__)
 
 POLL_S = 0.1
+MAX_ROOMS = 4096  # about 2 us a poll each: a few ms per poll at most
 
 
 @dataclass(slots=True)
 class Orphan:
-    decode_rank: int
-    rank_pid: int  # the lost rank's process: nothing is written while it lives
     prompt_hash: int
     give_up_ns: int  # the bootstrap timeout: past it, prefill's own expiry frees the KV
+    lost_rank: int  # the decode rank that died with it, -1 if none did
+    lost_pid: int  # that rank's process: nothing is written while it lives
+    saw_route: bool = False
 
 
 class OrphanedRooms:
-    def __init__(self, handoff: BootstrapTable, timeout_s: float):
+    def __init__(self, route: BootstrapTable | None, handoff: BootstrapTable, timeout_s: float):
+        self.route = route
         self.handoff = handoff
+        self.column = handoff.num_decode_ranks - 1  # the decode API processes' claim column
         self.timeout_ns = int(timeout_s * 1e9)
         self._rooms: dict[int, Orphan] = {}
         self.num_released = 0
@@ -57,42 +66,60 @@ class OrphanedRooms:
     def __len__(self) -> int:
         return len(self._rooms)
 
-    def adopt(self, decode_rank: int, rank_pid: int, room: int, input_ids: list[int],
+    def adopt(self, room: int, input_ids: list[int], lost_rank: int = -1, lost_pid: int = 0,
               now_ns: int | None = None) -> None:
-        """Release ``room``'s hand-off for lost decode rank ``decode_rank`` as soon as
-        its process (``rank_pid``) has exited and the entry is there."""
-        if not 0 <= decode_rank < self.handoff.num_decode_ranks:
-            return  # a column this table does not have: nothing can have been claimed
+        """Release ``room``'s hand-off (for the prompt ``input_ids``) once it is there;
+        ``lost_rank``/``lost_pid``: the request's decode rank died (its process)."""
         now = time.monotonic_ns() if now_ns is None else now_ns
-        self._rooms[room] = Orphan(decode_rank, rank_pid, prompt_hash(input_ids),
-                                   now + self.timeout_ns)
+        self._rooms.pop(room, None)
+        self._rooms[room] = Orphan(prompt_hash(input_ids), now + self.timeout_ns,
+                                   lost_rank, lost_pid)
+        while len(self._rooms) > MAX_ROOMS:
+            del self._rooms[next(iter(self._rooms))]
 
     def poll(self, now_ns: int | None = None) -> int:
-        """Release every adopted room whose hand-off is there; forget those released,
-        someone else's, or past the timeout. Returns how many were released."""
+        """Release every watched room whose hand-off is there; forget those released,
+        someone else's, ended without one, or past the timeout. Returns how many were
+        released."""
         now = time.monotonic_ns() if now_ns is None else now_ns
         released = 0
         for room, orphan in list(self._rooms.items()):
-            if orphan.rank_pid and pid_alive(orphan.rank_pid):
+            if orphan.lost_pid and pid_alive(orphan.lost_pid):
                 continue  # still exiting: its cells may still be written by it
             entry = self.handoff.lookup(room)
             if entry is None:
-                if now > orphan.give_up_ns:
-                    del self._rooms[room]
+                placed = self.route.lookup(room) if self.route is not None else None
+                if placed is not None:
+                    orphan.saw_route = True
+                elif orphan.saw_route or now > orphan.give_up_ns:
+                    del self._rooms[room]  # its prefill ended without a hand-off, or never came
                 continue
             del self._rooms[room]
             if entry.prompt_hash != orphan.prompt_hash or entry.state not in (KV_READY, FAILED):
-                continue  # another request's room (the decode rank would have refused it)
-            claimer = self.handoff.decode_claimer(orphan.decode_rank)
-            if claimer.claimed_by_other(entry):
-                continue  # another decode rank took it: its release frees it
-            claimer.release(entry)
-            released += 1
-            logger.info("bootstrap_room %d: its decode rank %d was lost; released the KV "
-                        "prefill rank %d held for it", room, orphan.decode_rank, entry.region)
+                continue  # another request's room (a decode rank would have refused it)
+            if self._release(entry, orphan):
+                released += 1
+                logger.info("bootstrap_room %d: its decode request ended without the KV; "
+                            "released what prefill rank %d held for it", room, entry.region)
         self.num_released += released
         return released
 
+    def _release(self, entry, orphan: Orphan) -> bool:
+        """Write the release, unless a live decode request claimed the entry."""
+        lost = orphan.lost_rank
+        if 0 <= lost < self.handoff.num_decode_ranks:
+            claimer = self.handoff.decode_claimer(lost)
+            if not claimer.claimed_by_other(entry):
+                claimer.release(entry)  # the dead rank's cell: no other writer now
+                return True
+        claimer = self.handoff.decode_claimer(self.column)
+        if claimer.was_claimed(entry):
+            return False  # a decode rank took it (or it was released already)
+        claimer.release(entry)
+        return True
+
     def close(self) -> None:
         self._rooms.clear()
-        self.handoff.close()
+        for table in (self.handoff, self.route):
+            if table is not None:
+                table.close()

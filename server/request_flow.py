@@ -248,14 +248,18 @@ def _finished_at_once(prepared: PreparedRequest) -> RequestHandle:
 
 def start_all(engine: EngineClient, prepared: list[PreparedRequest]) -> list[RunningRequest]:
     """Check a body's requests (``bounds.check_prepared``), then dispatch them; if one
-    fails, the ones already dispatched are aborted."""
-    check_prepared(engine, prepared)
+    fails, the ones already dispatched are aborted, and on a PD decode server the rooms
+    of the others are released (``EngineClient.release_room``): their prefill halves,
+    sent to the prefill server too, would otherwise hold their KV until the timeout."""
     running: list[RunningRequest] = []
     try:
+        check_prepared(engine, prepared)
         for p in prepared:
             running.append(start(engine, p))
     except BaseException:
         release(running, "another request of its batch was refused")
+        for p in prepared[len(running):]:
+            engine.release_room(p.bootstrap_room, p.input_ids)
         raise
     return running
 

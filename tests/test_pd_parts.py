@@ -298,35 +298,42 @@ def test_frozen_prefill_rank_fails_decode_within_the_stale_bound():
         assert elapsed < stale_s + timeout_s / 4  # the message says it was not early
 
 
-# ---- a decode server releases the rooms of a decode rank it lost ------------------------
+# ---- a decode server releases the rooms its requests left without the KV ---------------
 def test_orphaned_rooms_release_only_their_own_unclaimed_hand_offs():
-    """``server.pd_orphans``: a lost decode rank's rooms are released for it once its
-    process is gone and the hand-off is there; never another prompt's entry, never one
-    another decode rank claimed; a room whose hand-off never comes is forgotten after
-    the timeout."""
+    """``server.pd_orphans``: a room whose decode request ended without the KV is
+    released in the API's own claim column once its hand-off is there; never another
+    prompt's entry, never one a live decode rank claimed; a dead rank's own claim is
+    released in its cell once its process is gone; a room whose prefill ended without
+    a hand-off, or that never came, is forgotten."""
     from scheduler.pd import create_tables, prompt_hash
     from server.pd_orphans import OrphanedRooms
     from shm.bootstrap import BootstrapTable
     from shm.bootstrap_layout import KV_READY
 
-    route, handoff = create_tables(new_launch_id(), 2, 2)
+    route, handoff = create_tables(new_launch_id(), 2, 3)  # 2 decode ranks + the API's
     try:
-        writer = handoff.region_writer(1)
-        orphans = OrphanedRooms(BootstrapTable.attach(handoff.name), timeout_s=1.0)
+        writer, placer = handoff.region_writer(1), route.region_writer(0)
+        orphans = OrphanedRooms(BootstrapTable.attach(route.name),
+                                BootstrapTable.attach(handoff.name), timeout_s=1.0)
         far = time.monotonic_ns() + 60 * 10**9
-        ours, theirs, taken, never, alive = [1, 2], [3, 4], [5, 6], [7, 8], [9, 10]
-        for room, ids in ((11, ours), (12, theirs), (13, taken), (14, never)):
-            orphans.adopt(0, 0, room, ids, now_ns=0)
-        orphans.adopt(0, os.getpid(), 15, alive)  # the rank's process still runs
-        assert orphans.poll(now_ns=1) == 0 and len(orphans) == 5  # nothing handed off yet
-        slots = {room: writer.insert(room, 1, far, state=KV_READY, prompt_hash=prompt_hash(ids))
-                 for room, ids in ((11, ours), (12, [3, 5]), (13, taken), (15, alive))}
+        ids = {room: [room, room + 1] for room in range(11, 18)}
+        for room in (11, 12, 13, 14, 16):
+            orphans.adopt(room, ids[room], now_ns=0)
+        orphans.adopt(15, ids[15], lost_rank=0, lost_pid=os.getpid())  # dying: wait for it
+        orphans.adopt(17, ids[17], lost_rank=0)  # its rank died holding a claim
+        placer.insert(16, 1, far)  # 16's prefill is running
+        assert orphans.poll(now_ns=1) == 0 and len(orphans) == 7  # nothing handed off yet
+        slots = {room: writer.insert(room, 1, far, state=KV_READY,
+                                     prompt_hash=prompt_hash(ids[room] if room != 12 else [0]))
+                 for room in (11, 12, 13, 15, 17)}
         handoff.decode_claimer(1).claim(writer.entry(slots[13]))  # a live rank took it
-        assert orphans.poll(now_ns=2) == 1
-        assert [e.room for e in writer.reap_released()] == [11]
+        handoff.decode_claimer(0).claim(writer.entry(slots[17]))  # the dead rank's claim
+        placer.remove(placer.slot_of(16))  # 16's prefill ended without a hand-off
+        assert orphans.poll(now_ns=2) == 2
+        assert sorted(e.room for e in writer.reap_released()) == [11, 17]
+        assert writer.claim_of(slots[13]) == (1, False) and writer.claim_of(slots[12]) is None
         assert len(orphans) == 2  # 14 (no hand-off yet) and 15 (its rank still runs)
         assert orphans.poll(now_ns=2 * 10**9) == 0 and len(orphans) == 1  # 14 timed out
-        assert writer.claim_of(slots[13]) == (1, False) and writer.claim_of(slots[12]) is None
         orphans.close()
     finally:
         handoff.close()

@@ -280,12 +280,45 @@ def test_kv_held_for_a_lost_decode_rank_of_a_decode_server_is_released(tmp_path)
             os.kill(victim, signal.SIGKILL)
             assert all(r.result().status_code == 503 for r in replies)
         _wait_flushed(prefill, decode)
-        assert decode.log().count("was lost; released the KV") == 3, decode.log()
+        assert decode.log().count("ended without the KV; released") == 3, decode.log()
         # The live rank still serves a whole request.
         room = random.getrandbits(63)
         pre, dec = _both(prefill.url, decode.url, body([5, 6, 9], 4, bootstrap_room=room,
                                                        routed_dp_rank=1))
         assert len(dec["output_ids"]) == 4, dec
+
+
+def test_kv_for_a_decode_half_refused_or_aborted_before_the_hand_off_is_released(tmp_path):
+    """Two servers, the same body to both: when the decode half ends before the prefill
+    half has handed off (the decode server refused it, or it was aborted while parked),
+    the decode server releases the hand-off once it is written: the prefill server's
+    caches flush at once instead of holding the KV until the bootstrap timeout."""
+    port = random.randint(20_000, 60_000)
+    pair = ["--disaggregation-bootstrap-port", str(port), "--dp-size", "1", "--executor", "sim",
+            "--sim-profile", write_sim_profile(tmp_path / "p.json"), "--log-level", "info"]
+    with _pair(tmp_path, pair) as (prefill, decode):
+        # Prompt logprobs: prefill computes them; the decode server has none (a 400).
+        echo = {"prompt": [5, 6, 7], "max_tokens": 0, "echo": True, "logprobs": 1,
+                "bootstrap_room": random.getrandbits(63)}
+        r = httpx.post(decode.url + "/v1/completions", json=echo, timeout=30)
+        assert r.status_code == 400 and "prefill server" in r.text, r.text
+        assert httpx.post(prefill.url + "/v1/completions", json=echo, timeout=30).status_code == 200
+        _wait_flushed(prefill, decode)
+        # Parked on decode, aborted, and only then prefilled.
+        room = random.getrandbits(63)
+        parked = body([5, 6, 8], 4, rid="parked", bootstrap_room=room)
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(httpx.post, decode.url + "/generate", json=parked, timeout=60)
+            deadline = time.monotonic() + 10
+            while httpx.get(decode.url + "/get_load", timeout=5).json()[0]["num_reqs"] < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            assert httpx.post(decode.url + "/abort_request", json={"rid": "parked"},
+                              timeout=10).status_code == 200
+            assert waiting.result().json()["meta_info"]["finish_reason"]["type"] == "abort"
+        assert httpx.post(prefill.url + "/generate", json=parked, timeout=30).status_code == 200
+        _wait_flushed(prefill, decode)
+        assert decode.log().count("ended without the KV; released") == 2, decode.log()
 
 
 def _wait_flushed(server: ServerProcess, logged: ServerProcess, timeout_s: float = 10) -> None:
