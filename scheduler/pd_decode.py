@@ -55,6 +55,9 @@ logger = logging.getLogger(__name__)
 
 FIRST_SLEEP_S = 20e-6
 MAX_SLEEP_S = 500e-6
+# How long a parked request waits for its prefill rank to publish a failure once the
+# route is gone with no hand-off (a prefill rank steps well within it).
+ROUTE_GONE_GRACE_NS = 1_000_000_000
 MAX_STATS = 100_000
 
 
@@ -67,6 +70,7 @@ class Parked:
     known_ns: int = 0
     saw_route: bool = False  # the route entry was there once: its prefill was dispatched
     saw_handoff: bool = False  # its own hand-off entry (prompt hash matched) was there once
+    route_gone_ns: int = 0  # when the route was first missing with no hand-off seen
 
 
 class Failure(NamedTuple):
@@ -242,12 +246,20 @@ class DecodeReceiver(PDRole):
             return entry, None
         if placed is not None and placed.state == FAILED:
             return None, (f"bootstrap_room {room}: the prefill request failed", SERVER_ERROR)
-        if placed is None and parked.saw_route:  # its hand-off was written, and is gone
+        if placed is None and parked.saw_route:  # its prefill ended: a hand-off, or none
             if parked.saw_handoff:
                 return None, (f"bootstrap_room {room}: the KV from prefill rank {p} expired "
                               "before this decode rank could take it", SERVER_ERROR)
-            return None, (f"bootstrap_room {room}: its KV was claimed by another request with "
-                          "the same room; every request needs its own room", CLIENT_ERROR)
+            # The route goes when the prefill request ends. An API that aborted it (its
+            # client left) removes the route before its rank publishes the failure, so
+            # wait a moment for that before calling the hand-off gone.
+            if not parked.route_gone_ns:
+                parked.route_gone_ns = now
+            if now - parked.route_gone_ns < ROUTE_GONE_GRACE_NS:
+                return None, None
+            return None, (f"bootstrap_room {room}: its prefill ended without handing the KV "
+                          "to this request (aborted, or another request with the same room "
+                          "took it)", SERVER_ERROR)
         waited = now - parked.arrival_ns
         if p is None:
             if waited > self.bootstrap_ns:

@@ -338,3 +338,23 @@ def test_orphaned_rooms_release_only_their_own_unclaimed_hand_offs():
     finally:
         handoff.close()
         route.close()
+
+
+def test_a_prefill_aborted_by_its_api_fails_the_waiting_decode_with_a_503():
+    """The prefill API aborts a request (its client left): the route goes at once, the
+    rank publishes the failure at its next step. A decode waiting on the room meanwhile
+    waits for that (not a 400 for a room "claimed by another request") and fails with
+    the prefill's failure, a 503 a gateway retries."""
+    with LocalPD(1, 1, sim_executor_factory("instant", 4096)) as pd:
+        pd.submit("r", [5, 6, 7], greedy(4), room=42)
+        pd.step(roles=("decode",))  # parked, the route seen
+        pd.router.prefill_finished(pd.rooms.pop("r"))  # as the API's abort does
+        pd.abort("r", decode=False)
+        for _ in range(20):
+            pd.step(roles=("decode",))
+        assert pd.finish_reason("r") is None  # within the grace: waits for prefill's word
+        pd.run()
+        reason = pd.finish_reason("r")
+        assert reason["status_code"] == 503 and "failed the request" in reason["message"], reason
+        pd.step()  # prefill frees the FAILED entry decode released
+        assert not any(pd.leftovers().values()), pd.leftovers()
