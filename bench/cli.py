@@ -1,0 +1,32 @@
+"""Argument types the benchmarks' command lines share.
+
+Each is an argparse ``type``: it checks one value when the arguments are parsed, so a
+value the run cannot use stops the tool at once with an argparse error naming the flag
+(exit code 2), instead of a traceback after the run, or a server's log, or a statistic
+of nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def writable_file(text: str) -> str:
+    """A path a run writes its figures to when it ends: a file that can be written, or a
+    new name in a folder that exists and can be written. Checked before the run, which
+    would otherwise end in an error and lose its figures. The file is not created."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a file path, got ''")
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file path")
+    if os.path.exists(text):
+        if not os.access(text, os.W_OK):
+            raise argparse.ArgumentTypeError(f"{text} cannot be written")
+        return text
+    folder = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"folder {folder} does not exist (for {text})")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"folder {folder} cannot be written (for {text})")
+    return text

@@ -1,0 +1,82 @@
+"""The benchmarks' command lines refuse what a run cannot use before the run: an
+argparse error (exit code 2) naming the flag, no server started, no traceback.
+
+Every case here parses arguments only, or stops in ``main`` before anything starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from bench.cli import writable_file
+from server_helpers import free_port
+
+MISSING_FOLDER = "/nonexistent-dpserve-folder/x.json"
+
+
+def _refused(call, capsys) -> str:
+    """``call()`` ends in an argparse error; its message."""
+    with pytest.raises(SystemExit) as exit_info:
+        call()
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+# ---- the shared types ------------------------------------------------------------------------
+def test_writable_file_is_checked_without_creating_it(tmp_path):
+    new = tmp_path / "figures.json"
+    assert writable_file(str(new)) == str(new) and not new.exists()
+    new.write_text("{}")
+    assert writable_file(str(new)) == str(new)
+    for bad, why in ((MISSING_FOLDER, "does not exist"), (str(tmp_path), "is a folder"),
+                     ("", "expected a file path")):
+        with pytest.raises(argparse.ArgumentTypeError, match=why):
+            writable_file(bad)
+
+
+# ---- bench.client.serving --------------------------------------------------------------------
+@pytest.mark.parametrize("flags,message", [
+    (["--num-prompts", "0"], "--num-prompts must be >= 1"),
+    (["--request-rate", "0"], "--request-rate must be > 0"),
+    (["--request-rate", "-2"], "--request-rate must be > 0"),
+    (["--request-rate", "nan"], "--request-rate must be > 0"),
+    (["--max-concurrency", "-1"], "--max-concurrency must be >= 1, or 0"),
+    (["--random-input-len", "0"], "--random-input-len must be >= 1"),
+    (["--random-output-len", "0"], "--random-output-len must be >= 1"),
+    (["--random-range-ratio", "2"], "--random-range-ratio must be in [0, 1]"),
+    (["--random-range-ratio", "-0.5"], "--random-range-ratio must be in [0, 1]"),
+    (["--dataset-name", "multi-turn", "--mt-num-turns", "0"], "--mt-num-turns must be >= 1"),
+    (["--dataset-name", "multi-turn", "--mt-turn-len", "0"], "--mt-turn-len must be >= 1"),
+    (["--dataset-name", "generated-shared-prefix", "--gsp-hot-share", "1"],
+     "--gsp-hot-share must be in [0, 1)"),
+    (["--dataset-name", "generated-shared-prefix", "--gsp-hot-share", "0.5",
+      "--gsp-num-turns", "2"], "--gsp-hot-share needs --gsp-num-turns 1"),
+    (["--warmup-requests", "-1"], "--warmup-requests must be >= 0"),
+    (["--output-file", MISSING_FOLDER], "argument --output-file: folder"),
+])
+def test_serving_refuses_values_a_run_cannot_use(flags, message, capsys):
+    from bench.client.serving import parse_config
+    assert message in _refused(lambda: parse_config(flags), capsys)
+
+
+def test_serving_keeps_sglangs_valid_values():
+    from bench.client.serving import describe_run, parse_config
+    cfg = parse_config(["--request-rate", "inf", "--random-range-ratio", "1",
+                        "--num-prompts", "1", "--random-input-len", "1"])
+    assert cfg.request_rate == float("inf") and cfg.random_range_ratio == 1.0
+    assert parse_config(["--random-range-ratio", "0"]).random_range_ratio == 0.0
+    # SGLang's bench_serving reads --max-concurrency 0 as no cap, and prints "not set".
+    assert describe_run(parse_config(["--max-concurrency", "0"])).endswith("not set")
+    # The ranges of one dataset do not apply to another's run.
+    assert parse_config(["--dataset-name", "multi-turn", "--num-prompts", "0"]).num_prompts == 0
+
+
+def test_serving_checks_the_output_file_before_any_request(tmp_path, capsys):
+    """Nothing listens on the port: a run would fail its warm-up (exit code 1); the
+    output file is refused before that."""
+    from bench.client.serving import main
+    argv = ["--port", str(free_port()), "--num-prompts", "1", "--disable-tqdm"]
+    err = _refused(lambda: main([*argv, "--output-file", MISSING_FOLDER]), capsys)
+    assert "argument --output-file" in err and "warm-up" not in err
