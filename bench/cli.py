@@ -12,6 +12,17 @@ import argparse
 import os
 
 
+def positive_int(text: str) -> int:
+    """An integer >= 1: a count (rounds, pairs, ranks) a run needs at least one of."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def writable_file(text: str) -> str:
     """A path a run writes its figures to when it ends: a file that can be written, or a
     new name in a folder that exists and can be written. Checked before the run, which
@@ -30,3 +41,21 @@ def writable_file(text: str) -> str:
     if not os.access(folder, os.W_OK | os.X_OK):
         raise argparse.ArgumentTypeError(f"folder {folder} cannot be written (for {text})")
     return text
+
+
+def out_folder(parser: argparse.ArgumentParser, args: argparse.Namespace,
+               summary_name: str) -> str:
+    """``--out`` and ``--json`` of a tool that writes a folder of server logs and a
+    summary: makes ``OUT/logs`` and checks the summary's path (``--json``, else
+    ``OUT/summary_name``) before the run; returns that path. Either one unusable is a
+    ``parser.error`` naming its flag."""
+    try:
+        os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
+    except OSError as exc:
+        parser.error(f"argument --out: cannot make {args.out}/logs: {exc.strerror}")
+    path = args.json or os.path.join(args.out, summary_name)
+    try:
+        writable_file(path)
+    except argparse.ArgumentTypeError as exc:
+        parser.error(f"argument --json: {exc}")
+    return path

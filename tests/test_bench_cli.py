@@ -7,10 +7,11 @@ Every case here parses arguments only, or stops in ``main`` before anything star
 from __future__ import annotations
 
 import argparse
+import os
 
 import pytest
 
-from bench.cli import writable_file
+from bench.cli import positive_int, writable_file
 from server_helpers import free_port
 
 MISSING_FOLDER = "/nonexistent-dpserve-folder/x.json"
@@ -25,6 +26,13 @@ def _refused(call, capsys) -> str:
 
 
 # ---- the shared types ------------------------------------------------------------------------
+def test_positive_int():
+    assert positive_int("3") == 3
+    for bad in ("0", "-1", "two", "1.5"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            positive_int(bad)
+
+
 def test_writable_file_is_checked_without_creating_it(tmp_path):
     new = tmp_path / "figures.json"
     assert writable_file(str(new)) == str(new) and not new.exists()
@@ -80,3 +88,74 @@ def test_serving_checks_the_output_file_before_any_request(tmp_path, capsys):
     argv = ["--port", str(free_port()), "--num-prompts", "1", "--disable-tqdm"]
     err = _refused(lambda: main([*argv, "--output-file", MISSING_FOLDER]), capsys)
     assert "argument --output-file" in err and "warm-up" not in err
+
+
+# ---- bench.compare, bench.compare.cache, bench.compare.scale ---------------------------------
+@pytest.mark.parametrize("module", ["bench.compare.run", "bench.compare.cache"])
+def test_compare_checks_json_before_any_server(module, tmp_path, capsys):
+    import importlib
+    main = importlib.import_module(module).main
+    err = _refused(lambda: main(["--json", MISSING_FOLDER, "--out", str(tmp_path)]), capsys)
+    assert "argument --json: folder" in err
+    assert list((tmp_path / "logs").iterdir()) == []  # made, and no server's log in it
+
+
+def test_compare_refuses_an_out_folder_it_cannot_make(tmp_path, capsys):
+    from bench.compare.run import main
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    assert "argument --out" in _refused(lambda: main(["--out", str(a_file / "x")]), capsys)
+
+
+def test_compare_json_may_go_in_the_out_folder_it_makes(tmp_path):
+    from bench.cli import out_folder
+    from bench.compare.run import build_parser
+    parser = build_parser()
+    out = tmp_path / "fresh"
+    args = parser.parse_args(["--out", str(out), "--json", str(out / "summary.json")])
+    assert out_folder(parser, args, "summary.json") == str(out / "summary.json")
+    assert (out / "logs").is_dir()
+    args = parser.parse_args(["--out", str(out)])
+    assert out_folder(parser, args, "summary.json") == os.path.join(str(out), "summary.json")
+
+
+def test_scale_refuses_bad_counts_and_json(tmp_path, capsys):
+    from bench.compare.scale import main
+    out = str(tmp_path / "out")
+    for flags in (["--ranks", "0"], ["--num-prompts", "0"], ["--max-concurrency", "0"],
+                  ["--json", MISSING_FOLDER]):
+        assert flags[0] in _refused(lambda: main([*flags, "--out", out]), capsys)
+
+
+# ---- the micro benchmarks and the others that write --json -----------------------------------
+@pytest.mark.parametrize("module,flags", [
+    ("bench.micro.prefix_cache", ["--rounds", "0"]),
+    ("bench.micro.pd", ["--pairs", "0"]),
+    ("bench.micro.pd", ["--requests", "0"]),
+])
+def test_micro_counts_must_be_positive(module, flags, capsys):
+    import importlib
+    parser = importlib.import_module(module).build_parser()
+    assert f"argument {flags[0]}: must be >= 1" in _refused(lambda: parser.parse_args(flags),
+                                                            capsys)
+
+
+@pytest.mark.parametrize("module", ["bench.micro.prefix_cache", "bench.micro.pd"])
+def test_micro_json_is_checked_when_parsed(module, capsys):
+    import importlib
+    parser = importlib.import_module(module).build_parser()
+    assert "argument --json: folder" in _refused(
+        lambda: parser.parse_args(["--json", MISSING_FOLDER]), capsys)
+
+
+@pytest.mark.parametrize("module,extra", [
+    ("bench.micro.board", ["--skip-baselines"]),
+    ("bench.compare.balance", []),
+    ("bench.compare.pool", ["some-summary.json"]),
+    ("bench.models.lockstep_model", []),
+])
+def test_json_is_checked_before_the_run(module, extra, capsys):
+    import importlib
+    main = importlib.import_module(module).main
+    assert "argument --json: folder" in _refused(
+        lambda: main([*extra, "--json", MISSING_FOLDER]), capsys)

@@ -74,6 +74,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 
+from bench.cli import out_folder
 from bench.client.server import ServerProcess, exit_on_sigterm, free_port
 from bench.client.serving import BenchConfig, run_benchmark
 from bench.compare.scenarios import SIM_CHUNKED_PREFILL_SIZE
@@ -411,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--request-rate must be a finite number > 0")
     if args.executor == "real" and max(args.ranks) > 4:
         p.error("--executor real runs at most 4 ranks here")
-    os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
+    summary_path = out_folder(p, args, "summary.json")
     started = time.time()
     by_ranks = {}
     for n in args.ranks:
@@ -427,8 +428,7 @@ def main(argv: list[str] | None = None) -> int:
                "simulated": args.executor == "sim", "pd": args.pd,
                "cross_rank_prefix_cache": args.cross_rank_prefix_cache,
                "ranks": args.ranks, "by_ranks": by_ranks, "elapsed_s": time.time() - started}
-    path = args.json or os.path.join(args.out, "summary.json")
-    with open(path, "w") as f:
+    with open(summary_path, "w") as f:
         json.dump(summary, f, indent=1)
     print(json.dumps({k: v for k, v in summary.items() if k != "by_ranks"}, indent=1))
     return 0

@@ -40,6 +40,7 @@ import time
 
 from tqdm import tqdm
 
+from bench.cli import out_folder
 from bench.client.server import LoadSampler, ServerProcess, dispatch_stats, exit_on_sigterm
 from bench.client.serving import BenchConfig, run_benchmark
 from bench.compare.report import write_reports
@@ -306,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     ranks = args.ranks or ([2] if args.executor == "real" else [4])
     if args.executor == "real" and args.sim_time_scale not in ("auto", 1.0):
         print("--sim-time-scale needs --executor sim", file=sys.stderr)
@@ -314,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.executor == "real" and max(ranks) > 4:
         print("--executor real runs at most 4 ranks here (2 cores)", file=sys.stderr)
         return 2
-    os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
+    args.json = out_folder(parser, args, "summary.json")
     scenarios = with_lockstep(get_scenarios(args.scenarios, args.quick), args.lockstep)
     if args.executor == "real":
         scenarios = [s.for_real() for s in scenarios]
