@@ -43,6 +43,17 @@ def writable_file(text: str) -> str:
     return text
 
 
+def sim_profile(text: str) -> str:
+    """A simulated accelerator's profile as ``engine.serve --sim-profile`` loads it: a
+    name in ``sim/profiles/`` or the path to a profile file (``bench/PROFILES.md``)."""
+    from sim.executor import load_profile  # here: the tools that never simulate skip it
+    try:
+        load_profile(text)
+    except (ValueError, TypeError, OSError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def out_folder(parser: argparse.ArgumentParser, args: argparse.Namespace,
                summary_name: str) -> str:
     """``--out`` and ``--json`` of a tool that writes a folder of server logs and a

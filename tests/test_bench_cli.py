@@ -11,8 +11,8 @@ import os
 
 import pytest
 
-from bench.cli import positive_int, writable_file
-from server_helpers import free_port
+from bench.cli import positive_int, sim_profile, writable_file
+from server_helpers import free_port, write_sim_profile
 
 MISSING_FOLDER = "/nonexistent-dpserve-folder/x.json"
 
@@ -42,6 +42,16 @@ def test_writable_file_is_checked_without_creating_it(tmp_path):
                      ("", "expected a file path")):
         with pytest.raises(argparse.ArgumentTypeError, match=why):
             writable_file(bad)
+
+
+def test_sim_profile_is_a_known_name_or_a_profile_file(tmp_path):
+    assert sim_profile("instant") == "instant"
+    path = write_sim_profile(tmp_path / "mine.json")
+    assert sim_profile(path) == path
+    with pytest.raises(argparse.ArgumentTypeError, match="known: .*instant"):
+        sim_profile("nope")
+    with pytest.raises(argparse.ArgumentTypeError):
+        sim_profile(str(tmp_path / "missing.json"))
 
 
 # ---- bench.client.serving --------------------------------------------------------------------
@@ -91,6 +101,20 @@ def test_serving_checks_the_output_file_before_any_request(tmp_path, capsys):
 
 
 # ---- bench.compare, bench.compare.cache, bench.compare.scale ---------------------------------
+@pytest.mark.parametrize("flags,message", [
+    (["--ranks", "0"], "argument --ranks: must be >= 1"),
+    (["--ranks", "4", "-2"], "argument --ranks: must be >= 1"),
+    (["--sim-profile", "nope"], "unknown simulation profile 'nope'"),
+])
+@pytest.mark.parametrize("module", ["bench.compare.run", "bench.compare.cache"])
+def test_compare_refuses_bad_flags_before_any_server(module, flags, message, tmp_path, capsys):
+    import importlib
+    main = importlib.import_module(module).main
+    out = tmp_path / "out"
+    assert message in _refused(lambda: main([*flags, "--out", str(out)]), capsys)
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("module", ["bench.compare.run", "bench.compare.cache"])
 def test_compare_checks_json_before_any_server(module, tmp_path, capsys):
     import importlib

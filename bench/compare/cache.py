@@ -74,7 +74,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 
-from bench.cli import out_folder
+from bench.cli import out_folder, positive_int, sim_profile
 from bench.client.server import ServerProcess, exit_on_sigterm, free_port
 from bench.client.serving import BenchConfig, run_benchmark
 from bench.compare.scenarios import SIM_CHUNKED_PREFILL_SIZE
@@ -371,11 +371,12 @@ def mean_of(values) -> float | None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.compare.cache", description=__doc__.split("\n")[0])
     p.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
-    p.add_argument("--ranks", nargs="+", type=int, default=[4])
+    p.add_argument("--ranks", nargs="+", type=positive_int, default=[4])
     p.add_argument("--methods", nargs="+", default=None,
                    help="only these of each scenario's methods (round_robin, which measures "
                         "capacity, always runs)")
-    p.add_argument("--sim-profile", default="seed-qwen3-235b-dp4")
+    p.add_argument("--sim-profile", type=sim_profile, default="seed-qwen3-235b-dp4",
+                   help="a name in sim/profiles/ or a profile file (default: %(default)s)")
     p.add_argument("--out", default="out/cache")
     p.add_argument("--json", default=None, help="default: OUT/summary.json")
     p.add_argument("--seed", type=int, default=1)
