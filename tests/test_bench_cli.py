@@ -143,6 +143,16 @@ def test_compare_json_may_go_in_the_out_folder_it_makes(tmp_path):
     assert out_folder(parser, args, "summary.json") == os.path.join(str(out), "summary.json")
 
 
+def test_cache_compare_refuses_an_unknown_method(tmp_path, capsys):
+    from bench.compare.cache import METHODS, main
+    assert set(METHODS) == {"round_robin", "cache_aware", "total_tokens", "prefill_tokens", "smg"}
+    for bad in ("bogus", "cache-aware"):
+        err = _refused(lambda: main(["--methods", "cache_aware", bad, "--out",
+                                     str(tmp_path)]), capsys)
+        assert "argument --methods: invalid choice" in err and all(m in err for m in METHODS)
+    assert not (tmp_path / "logs").exists()
+
+
 def test_scale_refuses_bad_counts_and_json(tmp_path, capsys):
     from bench.compare.scale import main
     out = str(tmp_path / "out")

@@ -147,6 +147,7 @@ SCENARIOS = {s.name: s for s in (
                   dict(dataset_name="random", random_input_len=2176, random_output_len=64,
                        random_range_ratio=1.0, num_prompts=64)),
 )}
+METHODS = tuple(dict.fromkeys(m for s in SCENARIOS.values() for m in s.methods))
 
 
 class SmgGateway:
@@ -372,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.compare.cache", description=__doc__.split("\n")[0])
     p.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
     p.add_argument("--ranks", nargs="+", type=positive_int, default=[4])
-    p.add_argument("--methods", nargs="+", default=None,
+    p.add_argument("--methods", nargs="+", default=None, choices=METHODS,
                    help="only these of each scenario's methods (round_robin, which measures "
                         "capacity, always runs)")
     p.add_argument("--sim-profile", type=sim_profile, default="seed-qwen3-235b-dp4",
