@@ -222,6 +222,33 @@ def test_figures_follow_sglangs_definitions():
     assert f["output_tokens_per_dp_rank"] == {"0": 5, "1": 10}
 
 
+def _streamed(start, times, tokens_each=1) -> RequestResult:
+    """A request sent at ``start`` whose tokens arrived at ``times`` (s after sending)."""
+    return RequestResult(prompt_len=10, output_len=tokens_each * len(times), success=True,
+                         start_time=start, ttft=times[0], latency=times[-1],
+                         chunks=[(t, tokens_each) for t in times])
+
+
+def test_peak_output_throughput_counts_full_seconds_and_is_never_below_the_mean():
+    # A 0.63 s run: no full second; its tokens per second over the run, not per bucket.
+    short = [_streamed(0.0, [0.01 * i for i in range(1, 64)], tokens_each=5)]
+    f = summarize(short, duration_s=0.63, bench_start=0.0)
+    assert f["peak_output_throughput"] == pytest.approx(f["output_throughput"]) == \
+        pytest.approx(315 / 0.63)
+    # 1.5 s: a quiet first second (10 tokens), a busy last half second (90): the partial
+    # bucket is left out and the whole run's 100 / 1.5 sets the figure.
+    tail = [_streamed(0.0, [0.1 * i for i in range(1, 11)]),
+            _streamed(0.0, [1.0 + 0.005 * i for i in range(1, 91)])]
+    f = summarize(tail, duration_s=1.5, bench_start=0.0)
+    assert f["peak_output_throughput"] == pytest.approx(100 / 1.5)
+    # A busy full second beats the mean: 80 tokens in [1, 2), 20 spread over [0, 1) and [2, 3).
+    burst = [_streamed(10.0, [0.05 + 0.1 * i for i in range(10)]),
+             _streamed(10.0, [1.0 + 0.01 * i for i in range(80)]),
+             _streamed(10.0, [2.0 + 0.1 * i for i in range(10)])]
+    f = summarize(burst, duration_s=3.0, bench_start=10.0)
+    assert f["peak_output_throughput"] == 80.0 > f["output_throughput"]
+
+
 def test_summary_block_has_sglangs_layout():
     f = summarize([_result(0.0, 0.1, 0.5, 5, [0.1] * 4)], 1.0, 0.0)
     f.update(backend="sglang", request_rate=3.2, max_concurrency=200)

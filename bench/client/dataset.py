@@ -73,13 +73,28 @@ def length_range(max_len: int, range_ratio: float) -> tuple[int, int]:
     return max(1, int(max_len * range_ratio)), max_len
 
 
+def check_counts(named_values) -> None:
+    """ValueError naming the first of the ``(flag, value)`` pairs below 1."""
+    for name, value in named_values:
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def check_random(num_prompts: int, input_len: int, output_len: int, range_ratio: float) -> None:
+    """ValueError naming the first ``random`` dataset flag out of range (SGLang's client
+    fails on the same values: nothing to send, or an empty length interval)."""
+    check_counts((("--num-prompts", num_prompts), ("--random-input-len", input_len),
+                  ("--random-output-len", output_len)))
+    if not 0.0 <= range_ratio <= 1.0:
+        raise ValueError(f"--random-range-ratio must be in [0, 1], got {range_ratio}")
+
+
 def random_requests(num_prompts: int, input_len: int, output_len: int, range_ratio: float,
                     seed: int, as_text: bool = False, vocab_size: int = DEFAULT_VOCAB_SIZE,
                     rooms: bool = False) -> list[BenchRequest]:
     """``rooms``: give each request a ``bootstrap_room`` from its own stream of the seed
     (the prompts and lengths stay the same as without)."""
-    if num_prompts < 1:
-        raise ValueError(f"--num-prompts must be >= 1, got {num_prompts}")
+    check_random(num_prompts, input_len, output_len, range_ratio)
     rng = np.random.default_rng([seed, _DATASET_STREAM])
     in_lo, in_hi = length_range(input_len, range_ratio)
     out_lo, out_hi = length_range(output_len, range_ratio)
@@ -101,13 +116,10 @@ def check_shared_prefix(num_groups: int, prompts_per_group: int, system_prompt_l
                         num_turns: int, group_distribution: str = "uniform",
                         zipf_alpha: float | None = None) -> None:
     """ValueError naming the first ``--gsp-*`` flag out of range."""
-    for name, value in (("--gsp-num-groups", num_groups),
-                        ("--gsp-prompts-per-group", prompts_per_group),
-                        ("--gsp-system-prompt-len", system_prompt_len),
-                        ("--gsp-question-len", question_len),
-                        ("--gsp-output-len", output_len), ("--gsp-num-turns", num_turns)):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+    check_counts((("--gsp-num-groups", num_groups), ("--gsp-prompts-per-group", prompts_per_group),
+                  ("--gsp-system-prompt-len", system_prompt_len),
+                  ("--gsp-question-len", question_len), ("--gsp-output-len", output_len),
+                  ("--gsp-num-turns", num_turns)))
     if not 0.0 <= range_ratio <= 1.0:
         raise ValueError(f"--gsp-range-ratio must be in [0, 1], got {range_ratio}")
     if group_distribution not in GROUP_DISTRIBUTIONS:
@@ -219,6 +231,13 @@ def skewed_prefix_requests(num_groups: int, prompts_per_group: int, system_promp
     return [requests[i] for i in order]
 
 
+def check_multi_turn(num_conversations: int, num_turns: int, turn_len: int,
+                     output_len: int) -> None:
+    """ValueError naming the first ``--mt-*`` flag below 1."""
+    check_counts((("--mt-num-conversations", num_conversations), ("--mt-num-turns", num_turns),
+                  ("--mt-turn-len", turn_len), ("--mt-output-len", output_len)))
+
+
 def multi_turn_requests(num_conversations: int, num_turns: int, turn_len: int,
                         output_len: int, seed: int, as_text: bool = False,
                         vocab_size: int = DEFAULT_VOCAB_SIZE) -> list[BenchRequest]:
@@ -229,8 +248,7 @@ def multi_turn_requests(num_conversations: int, num_turns: int, turn_len: int,
     (every conversation's turn 0, then every turn 1, ...), conversations shuffled within
     a turn, so a conversation's next turn usually arrives after its last one finished.
     """
-    if num_conversations < 1 or num_turns < 1:
-        raise ValueError("num_conversations and num_turns must be >= 1")
+    check_multi_turn(num_conversations, num_turns, turn_len, output_len)
     rng = np.random.default_rng([seed, _DATASET_STREAM])
     history = [[] for _ in range(num_conversations)]
     requests = []

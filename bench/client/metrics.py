@@ -7,8 +7,9 @@ Definitions (SGLang's):
 - concurrency: sum of E2E latencies / duration (mean requests in flight);
 - TPOT: (E2E - TTFT) / (output_len - 1), over requests with more than one token;
 - ITL: every inter-token gap of every request (see ``bench.client.backends``);
-- peak output token throughput: the most output tokens in one 1-second window
-  (aligned to the start); peak concurrent requests: the most requests in flight;
+- peak output token throughput: the most output tokens in one full 1-second window
+  (aligned to the start), or the mean output throughput when that is higher
+  (``peak_output_throughput``); peak concurrent requests: the most requests in flight;
 - prefix cache (ours): ``total_cached_tokens``, the prompt tokens the server said it
   reused (``cached_tokens``), and ``cache_hit_rate``, those over the input tokens of
   the requests that reported it; None (and not printed) when no request did. With it,
@@ -61,7 +62,7 @@ def summarize(results: list[RequestResult], duration_s: float, bench_start: floa
         "input_throughput": total_in / duration,
         "output_throughput": total_out / duration,
         "total_throughput": (total_in + total_out) / duration,
-        "peak_output_throughput": peak_output_throughput(ok, bench_start),
+        "peak_output_throughput": peak_output_throughput(ok, bench_start, duration_s),
         "peak_concurrent_requests": peak_concurrency(results),
         "concurrency": sum(r.latency for r in ok) / duration,
     }
@@ -106,12 +107,22 @@ def per_rank(ok: list[RequestResult]) -> dict:
             "output_tokens_per_dp_rank": {str(k): toks_out[k] for k in order}}
 
 
-def peak_output_throughput(ok: list[RequestResult], bench_start: float) -> float:
+def peak_output_throughput(ok: list[RequestResult], bench_start: float,
+                           duration_s: float) -> float:
+    """Output tokens per second in the busiest window of the run: its full 1-second
+    windows from the start, and the whole run as one more window.
+
+    Only full windows count: a run shorter than a second, or its last partial second,
+    would otherwise give a fraction of a second's tokens as a second's worth. The whole
+    run as a window makes the figure at least the mean output throughput (on a run
+    shorter than a second, it is that mean)."""
     per_second: Counter = Counter()
     for r in ok:
         for since_sent, tokens in r.chunks:
             per_second[int(r.start_time - bench_start + since_sent)] += tokens
-    return float(max(per_second.values(), default=0))
+    full = [n for second, n in per_second.items() if second + 1 <= duration_s]
+    whole_run = sum(r.output_len for r in ok) / max(duration_s, 1e-9)  # output_throughput
+    return float(max([*full, whole_run]))
 
 
 def peak_concurrency(results: list[RequestResult]) -> int:

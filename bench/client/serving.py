@@ -44,9 +44,11 @@ from dataclasses import dataclass, field
 import aiohttp
 from tqdm.asyncio import tqdm
 
+from bench.cli import writable_file
 from bench.client.backends import BACKENDS, RequestResult
 from bench.client.dataset import (DEFAULT_VOCAB_SIZE, GROUP_DISTRIBUTIONS, BenchRequest,
-                                  arrival_offsets, check_shared_prefix, multi_turn_requests,
+                                  arrival_offsets, check_counts, check_multi_turn,
+                                  check_random, check_shared_prefix, multi_turn_requests,
                                   random_requests, shared_prefix_requests,
                                   skewed_prefix_requests)
 from bench.client.metrics import format_rate, format_summary, summarize
@@ -123,8 +125,10 @@ class BenchConfig:
     text_prompts: bool = field(default=False, **_opt(
         "send prompts as text (sglang backend), as a gateway that routes by text needs"))
     num_prompts: int = field(default=1000, **_opt("requests in the run (random dataset)"))
-    request_rate: float = field(default=math.inf, **_opt("Poisson arrivals per second, or inf"))
-    max_concurrency: int | None = field(default=None, **_opt("cap on requests in flight"))
+    request_rate: float = field(default=math.inf, **_opt(
+        "Poisson arrivals per second (> 0), or inf: all at once"))
+    max_concurrency: int | None = field(default=None, **_opt(
+        "cap on requests in flight; 0 or not given: no cap (as in SGLang)"))
     seed: int = field(default=1, **_opt("seed of prompts, lengths and arrivals"))
     seeded_bootstrap_rooms: bool = field(default=False, **_opt(
         "send each request a bootstrap_room drawn from --seed (sglang backend; PD servers): "
@@ -135,36 +139,66 @@ class BenchConfig:
         "POST /flush_cache after the warm-up, so the run starts with empty prefix caches"))
     request_timeout_s: float = field(default=6 * 3600.0, **_opt(
         "per request, wall-clock seconds"))
-    output_file: str | None = field(default=None, **_opt("append the figures as a JSON line"))
+    output_file: str | None = field(default=None, **_opt(
+        "append the figures as a JSON line (checked before the run)", type=writable_file))
     disable_tqdm: bool = field(default=False, **_opt("no progress bar"))
     # In-process only: also return every request's timings under "requests".
     return_requests: bool = field(default=False, metadata={"cli": False})
 
     def __post_init__(self) -> None:
+        """ValueError naming the first flag a run could not use, before any request."""
+        check_sending(self)
         if self.seeded_bootstrap_rooms and self.backend != "sglang":
             raise ValueError("--seeded-bootstrap-rooms needs --backend sglang (OpenAI requests "
                              "carry no bootstrap_room)")
+        if self.seeded_bootstrap_rooms and self.dataset_name != "random":
+            raise ValueError("--seeded-bootstrap-rooms works with --dataset-name random")
         if self.dataset_name == "generated-shared-prefix":
-            if self.seeded_bootstrap_rooms:
-                raise ValueError("--seeded-bootstrap-rooms works with --dataset-name random")
             check_shared_prefix(self.gsp_num_groups, self.gsp_prompts_per_group,
                                 self.gsp_system_prompt_len, self.gsp_question_len,
                                 self.gsp_output_len, self.gsp_range_ratio, self.gsp_num_turns,
                                 self.gsp_group_distribution, self.gsp_zipf_alpha)
-            if self.gsp_hot_share > 0 and self.gsp_group_distribution != "uniform":
-                raise ValueError("--gsp-hot-share and --gsp-group-distribution zipf each set "
-                                 "how requests spread over groups: give one")
+            check_hot_share(self)
+        elif self.dataset_name == "multi-turn":
+            check_multi_turn(self.mt_num_conversations, self.mt_num_turns, self.mt_turn_len,
+                             self.mt_output_len)
+        else:
+            check_random(self.num_prompts, self.random_input_len, self.random_output_len,
+                         self.random_range_ratio)
 
     @property
     def url(self) -> str:
         return (self.base_url or f"http://{self.host}:{self.port}").rstrip("/")
 
 
+def check_sending(cfg: BenchConfig) -> None:
+    """ValueError naming the first flag of how requests are sent that is out of range."""
+    if not cfg.request_rate > 0:  # NaN too
+        raise ValueError(f"--request-rate must be > 0, or inf to send all at once; "
+                         f"got {cfg.request_rate}")
+    if cfg.max_concurrency is not None and cfg.max_concurrency < 0:
+        raise ValueError(f"--max-concurrency must be >= 1, or 0 for no cap; "
+                         f"got {cfg.max_concurrency}")
+    if cfg.warmup_requests < 0:
+        raise ValueError(f"--warmup-requests must be >= 0, got {cfg.warmup_requests}")
+    if not cfg.request_timeout_s > 0:
+        raise ValueError(f"--request-timeout-s must be > 0, got {cfg.request_timeout_s}")
+    check_counts((("--random-vocab-size", cfg.random_vocab_size),))
+
+
+def check_hot_share(cfg: BenchConfig) -> None:
+    if not 0.0 <= cfg.gsp_hot_share < 1.0:
+        raise ValueError(f"--gsp-hot-share must be in [0, 1), got {cfg.gsp_hot_share}")
+    if cfg.gsp_hot_share > 0 and cfg.gsp_group_distribution != "uniform":
+        raise ValueError("--gsp-hot-share and --gsp-group-distribution zipf each set "
+                         "how requests spread over groups: give one")
+    if cfg.gsp_hot_share > 0 and cfg.gsp_num_turns != 1:
+        raise ValueError("--gsp-hot-share needs --gsp-num-turns 1")
+
+
 def make_requests(cfg: BenchConfig) -> list[BenchRequest]:
     as_text = cfg.backend == "openai" or cfg.text_prompts
     if cfg.dataset_name == "generated-shared-prefix" and cfg.gsp_hot_share > 0:
-        if cfg.gsp_num_turns != 1:
-            raise ValueError("--gsp-hot-share needs --gsp-num-turns 1")
         return skewed_prefix_requests(
             cfg.gsp_num_groups, cfg.gsp_prompts_per_group, cfg.gsp_system_prompt_len,
             cfg.gsp_question_len, cfg.gsp_output_len, cfg.seed, as_text=as_text,
@@ -190,7 +224,7 @@ async def run_benchmark(cfg: BenchConfig) -> dict:
     ``bench.client.metrics.summarize``) plus the run's settings and server facts."""
     requests = make_requests(cfg)
     send = BACKENDS[cfg.backend]
-    limit = cfg.max_concurrency or len(requests)
+    limit = cfg.max_concurrency or len(requests)  # 0: no cap, as SGLang reads it
     connector = aiohttp.TCPConnector(limit=limit + cfg.warmup_requests, limit_per_host=0,
                                      ttl_dns_cache=None, keepalive_timeout=KEEPALIVE_S)
     timeout = aiohttp.ClientTimeout(total=cfg.request_timeout_s)
@@ -357,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
         if f.type in (bool, "bool"):
             parser.add_argument(flag, dest=f.name, action="store_true", help=help_text)
             continue
-        kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
+        kind = f.metadata.get("type") or {"int": int, "float": float}.get(
+            str(f.type).split(" ")[0], str)
         parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=help_text,
                             choices=f.metadata.get("choices"))
     return parser

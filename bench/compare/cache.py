@@ -74,6 +74,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 
+from bench.cli import out_folder, positive_int, sim_profile
 from bench.client.server import ServerProcess, exit_on_sigterm, free_port
 from bench.client.serving import BenchConfig, run_benchmark
 from bench.compare.scenarios import SIM_CHUNKED_PREFILL_SIZE
@@ -146,6 +147,7 @@ SCENARIOS = {s.name: s for s in (
                   dict(dataset_name="random", random_input_len=2176, random_output_len=64,
                        random_range_ratio=1.0, num_prompts=64)),
 )}
+METHODS = tuple(dict.fromkeys(m for s in SCENARIOS.values() for m in s.methods))
 
 
 class SmgGateway:
@@ -370,11 +372,12 @@ def mean_of(values) -> float | None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.compare.cache", description=__doc__.split("\n")[0])
     p.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
-    p.add_argument("--ranks", nargs="+", type=int, default=[4])
-    p.add_argument("--methods", nargs="+", default=None,
+    p.add_argument("--ranks", nargs="+", type=positive_int, default=[4])
+    p.add_argument("--methods", nargs="+", default=None, choices=METHODS,
                    help="only these of each scenario's methods (round_robin, which measures "
                         "capacity, always runs)")
-    p.add_argument("--sim-profile", default="seed-qwen3-235b-dp4")
+    p.add_argument("--sim-profile", type=sim_profile, default="seed-qwen3-235b-dp4",
+                   help="a name in sim/profiles/ or a profile file (default: %(default)s)")
     p.add_argument("--out", default="out/cache")
     p.add_argument("--json", default=None, help="default: OUT/summary.json")
     p.add_argument("--seed", type=int, default=1)
@@ -411,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--request-rate must be a finite number > 0")
     if args.executor == "real" and max(args.ranks) > 4:
         p.error("--executor real runs at most 4 ranks here")
-    os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
+    summary_path = out_folder(p, args, "summary.json")
     started = time.time()
     by_ranks = {}
     for n in args.ranks:
@@ -427,8 +430,7 @@ def main(argv: list[str] | None = None) -> int:
                "simulated": args.executor == "sim", "pd": args.pd,
                "cross_rank_prefix_cache": args.cross_rank_prefix_cache,
                "ranks": args.ranks, "by_ranks": by_ranks, "elapsed_s": time.time() - started}
-    path = args.json or os.path.join(args.out, "summary.json")
-    with open(path, "w") as f:
+    with open(summary_path, "w") as f:
         json.dump(summary, f, indent=1)
     print(json.dumps({k: v for k, v in summary.items() if k != "by_ranks"}, indent=1))
     return 0

@@ -23,6 +23,7 @@ import json
 import os
 import sys
 
+from bench.cli import writable_file
 from bench.compare.report import headline, method_run, scenario_table, ttft_figures
 
 # What must match for two runs to be pooled.
@@ -123,7 +124,7 @@ def report(pooled: list[dict], sources: list[str]) -> tuple[str, dict]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.compare.pool", description=__doc__.split("\n")[0])
     p.add_argument("inputs", nargs="+", help="bench.compare --out folders or summary files")
-    p.add_argument("--json", help="write the pooled figures here")
+    p.add_argument("--json", type=writable_file, help="write the pooled figures here")
     args = p.parse_args(argv)
     try:
         text, summary = report(pool([load_summary(x) for x in args.inputs]), args.inputs)

@@ -40,6 +40,7 @@ import time
 
 from tqdm import tqdm
 
+from bench.cli import out_folder, positive_int, sim_profile
 from bench.client.server import LoadSampler, ServerProcess, dispatch_stats, exit_on_sigterm
 from bench.client.serving import BenchConfig, run_benchmark
 from bench.compare.report import write_reports
@@ -287,18 +288,19 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=list(SCENARIOS),
                    help="default: the published SGLang runs' shapes (%(default)s)")
     p.add_argument("--executor", choices=("real", "sim"), default="sim")
-    p.add_argument("--sim-profile", default=DEFAULT_SIM_PROFILE)
+    p.add_argument("--sim-profile", type=sim_profile, default=DEFAULT_SIM_PROFILE,
+                   help="a name in sim/profiles/ or a profile file (default: %(default)s)")
     p.add_argument("--sim-time-scale", type=parse_time_scale, default="auto",
                    help="sim: steps take this many times their modelled time (engine.serve "
                         "--sim-time-scale; figures stay in simulated time, a run takes that "
                         "much longer); auto: 1 up to %d rank processes per core, more above "
                         "(default: %%(default)s)" % PROCESSES_PER_CORE)
-    p.add_argument("--ranks", nargs="+", type=int, default=None,
+    p.add_argument("--ranks", nargs="+", type=positive_int, default=None,
                    help="rank counts (default: 4; --executor real: 2)")
     p.add_argument("--quick", action="store_true", help="the reduced set, < 3 minutes")
     p.add_argument("--lockstep", choices=("scenario", "on", "off"), default="scenario",
                    help="--sim-lockstep as each scenario says, or on/off for all of them")
-    p.add_argument("--dispatch-ranks", nargs="*", type=int, default=[4, 8, 16, 32, 64])
+    p.add_argument("--dispatch-ranks", nargs="*", type=positive_int, default=[4, 8, 16, 32, 64])
     p.add_argument("--out", default="out/compare")
     p.add_argument("--json", default=None, help="write every figure here (default: OUT/summary.json)")
     p.add_argument("--seed", type=int, default=1)
@@ -306,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     ranks = args.ranks or ([2] if args.executor == "real" else [4])
     if args.executor == "real" and args.sim_time_scale not in ("auto", 1.0):
         print("--sim-time-scale needs --executor sim", file=sys.stderr)
@@ -314,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.executor == "real" and max(ranks) > 4:
         print("--executor real runs at most 4 ranks here (2 cores)", file=sys.stderr)
         return 2
-    os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
+    args.json = out_folder(parser, args, "summary.json")
     scenarios = with_lockstep(get_scenarios(args.scenarios, args.quick), args.lockstep)
     if args.executor == "real":
         scenarios = [s.for_real() for s in scenarios]

@@ -29,6 +29,7 @@ import os
 
 from tqdm import tqdm
 
+from bench.cli import out_folder, positive_int
 from bench.client.server import ServerProcess, dispatch_stats, exit_on_sigterm
 from bench.client.serving import BenchConfig, run_benchmark
 
@@ -85,17 +86,17 @@ def print_table(summary: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.compare.scale",
                                 description=__doc__.splitlines()[0])
-    p.add_argument("--ranks", nargs="+", type=int, default=[4, 8, 16, 32, 64])
+    p.add_argument("--ranks", nargs="+", type=positive_int, default=[4, 8, 16, 32, 64])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--num-prompts", type=int, default=400)
-    p.add_argument("--max-concurrency", type=int, default=16)
-    p.add_argument("--input-len", type=int, default=256)
-    p.add_argument("--output-len", type=int, default=4)
+    p.add_argument("--num-prompts", type=positive_int, default=400)
+    p.add_argument("--max-concurrency", type=positive_int, default=16)
+    p.add_argument("--input-len", type=positive_int, default=256)
+    p.add_argument("--output-len", type=positive_int, default=4)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", default="out/scale")
     p.add_argument("--json", default=None, help="write every figure here (default: OUT/scale.json)")
     args = p.parse_args(argv)
-    os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
+    path = out_folder(p, args, "scale.json")
     rows = []
     with tqdm(total=len(args.ranks) * len(args.methods), desc="bench.compare.scale") as bar:
         for ranks in args.ranks:
@@ -105,7 +106,6 @@ def main(argv: list[str] | None = None) -> int:
                 bar.update(1)
     summary = summarize(rows, args.ranks)
     print_table(summary)
-    path = args.json or os.path.join(args.out, "scale.json")
     with open(path, "w") as f:
         json.dump(summary, f, indent=2)
     print(f"wrote {path}")

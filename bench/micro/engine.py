@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from bench.cli import writable_file
 from engine.device import configure_worker_threads, resolve_device
 from engine.runner import ForwardReq, ModelRunner
 from engine.sampling import SamplingParams
@@ -87,7 +88,7 @@ def run(runner: ModelRunner, args: argparse.Namespace) -> dict[str, list[float]]
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.micro.engine",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--json", type=writable_file, help="also write the figures to this file")
     parser.add_argument("--device", default="cpu", help="auto, cpu or cuda")
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--decode-prompt-len", type=int, default=128)

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import httpx
 
+from bench.cli import positive_int, writable_file
 from bench.client.server import exit_on_sigterm, free_port, wait_healthy
 
 REPO = Path(__file__).resolve().parent.parent
@@ -175,15 +176,22 @@ def _stop(proc: subprocess.Popen) -> None:
     proc.wait(10)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.micro.pd",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--json", metavar="PATH", help="also write the figures here")
-    parser.add_argument("--requests", type=int, default=2000, help="for the resolve figure")
-    parser.add_argument("--pairs", type=int, default=300, help="TTFT pairs (bootstrap, explicit)")
+    parser.add_argument("--json", metavar="PATH", type=writable_file,
+                        help="also write the figures here")
+    parser.add_argument("--requests", type=positive_int, default=2000,
+                        help="for the resolve figure")
+    parser.add_argument("--pairs", type=positive_int, default=300,
+                        help="TTFT pairs (bootstrap, explicit)")
     parser.add_argument("--executor", choices=("real", "sim"), default="real",
                         help="the PD server's executor for the TTFT figure")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     figures = {**measure_resolve(args.requests), **measure_penalty(args.pairs, args.executor)}
     figures["targets"] = {"bootstrap_resolve_us": TARGET_RESOLVE_US,
                           "bootstrap_ttft_penalty_ms": TARGET_PENALTY_MS}

@@ -31,6 +31,7 @@ import random
 import statistics
 import time
 
+from bench.cli import positive_int, writable_file
 from scheduler.config import SchedulerConfig
 from scheduler.messages import GenerateReq
 from scheduler.scheduler import Scheduler
@@ -196,13 +197,18 @@ def run(executor, rounds: int, vocab: int, seed: int = 0, pair: PeerPair | None 
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=7)
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m bench.micro.prefix_cache",
+                                 description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=positive_int, default=7)
     ap.add_argument("--model-path", default="tiny",
                     help="tiny (its weights with a 4,096-token context) or a checkpoint folder")
-    ap.add_argument("--json", help="write the figures here too")
-    args = ap.parse_args(argv)
+    ap.add_argument("--json", type=writable_file, help="write the figures here too")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.model_path == "tiny":
         executor = tiny_long_context_executor()
         pair = PeerPair(lambda new_segment, cfg: tiny_long_context_executor(

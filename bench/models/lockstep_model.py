@@ -53,6 +53,7 @@ from collections import deque
 
 import numpy as np
 
+from bench.cli import writable_file
 from bench.client.dataset import MAX_ROOM
 from scheduler import policy
 from scheduler.policy import RotationState
@@ -334,7 +335,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--range-ratio", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--skip-decode", action="store_true")
-    ap.add_argument("--json", help="write the figures here")
+    ap.add_argument("--json", type=writable_file, help="write the figures here")
     a = ap.parse_args(argv)
     if a.ranks < 1 or a.reps < 1 or a.prompts < 1 or a.chunk < 1:
         ap.error("--ranks, --reps, --prompts and --chunk must be >= 1")
