@@ -81,6 +81,27 @@ def test_sim_lockstep_needs_sim_and_sim_context_comes_from_profile():
         resolve_args(ServerArgs(model_path="tiny", executor="sim", sim_profile="no-such-profile"))
 
 
+@pytest.mark.parametrize("flag, value", [
+    ("sim_profile", "/nonexistent.json"), ("sim_lockstep", True), ("sim_time_scale", 2.0)])
+def test_sim_flags_need_the_sim_executor(flag, value):
+    with pytest.raises(InvalidServerArgs, match=f"--{flag.replace('_', '-')} needs --executor sim"):
+        resolve_args(ServerArgs(model_path="tiny", **{flag: value}))
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("disaggregation_bootstrap_timeout", 5.0), ("disaggregation_waiting_timeout", 5.0),
+    ("disaggregation_bootstrap_port", 9999), ("disaggregation_transfer_backend", "nixl")])
+def test_pd_flags_are_refused_by_a_plain_server_at_their_default_accepted(flag, value):
+    with pytest.raises(InvalidServerArgs, match=f"--{flag.replace('_', '-')} {value}: "
+                                                "--disaggregation-mode null runs no"):
+        resolve_args(ServerArgs(model_path="tiny", **{flag: value}))
+    default = getattr(ServerArgs(), flag)
+    assert getattr(resolve_args(ServerArgs(model_path="tiny", **{flag: default})), flag) == default
+    for mode in ("pd", "prefill", "decode"):
+        assert getattr(resolve_args(ServerArgs(model_path="tiny", disaggregation_mode=mode,
+                                               **{flag: value})), flag) == value
+
+
 def test_sim_lockstep_segment_reaches_every_rank_config():
     from server.ranks import scheduler_configs
     args = resolve_args(ServerArgs(model_path="tiny", executor="sim", sim_profile="instant", sim_lockstep=True,
