@@ -68,7 +68,13 @@ DTYPES = ("auto", "float32", "bfloat16", "float16", "float", "half")
 DTYPE_ALIASES = {"float": "float32", "half": "float16"}  # SGLang's short names
 # SGLang's KV transfer backends, all served by node-local shared memory here.
 TRANSFER_BACKENDS = ("shm", "mooncake", "nixl")
-# Environment variables SGLang reads for flags left unset (seconds).
+# Flags only the simulated executor reads, and flags only PD servers read: given to a
+# server that would ignore them, they are refused.
+SIM_FLAGS = ("sim_profile", "sim_lockstep", "sim_time_scale")
+PD_FLAGS = ("disaggregation_bootstrap_port", "disaggregation_transfer_backend",
+            "disaggregation_bootstrap_timeout", "disaggregation_waiting_timeout")
+# Environment variables SGLang's PD servers read for flags left unset (seconds); a plain
+# server reads none, as SGLang's does not.
 ENV_OF_FLAG = {
     "disaggregation_bootstrap_timeout": "SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT",
     "disaggregation_waiting_timeout": "SGLANG_DISAGGREGATION_WAITING_TIMEOUT",
@@ -352,7 +358,7 @@ def validate_args(args: ServerArgs) -> None:
     for name in ("prefill_dp_size", "decode_dp_size", "disaggregation_decode_dp"):
         value = getattr(args, name)
         if value is not None and not 1 <= value <= 1024:
-            raise InvalidServerArgs(f"--{name.replace('_', '-')} must be in [1, 1024], got {value}")
+            raise InvalidServerArgs(f"{_flag_name(name)} must be in [1, 1024], got {value}")
     if args.disaggregation_bootstrap_timeout <= 0 or args.disaggregation_waiting_timeout <= 0:
         raise InvalidServerArgs("--disaggregation-bootstrap-timeout and "
                                 "--disaggregation-waiting-timeout must be > 0")
@@ -361,7 +367,7 @@ def validate_args(args: ServerArgs) -> None:
     for name in ("max_running_requests", "max_total_tokens", "context_length"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            raise InvalidServerArgs(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+            raise InvalidServerArgs(f"{_flag_name(name)} must be >= 1, got {value}")
     if args.base_gpu_id < 0 or args.gpu_id_step < 1:
         raise InvalidServerArgs(f"--base-gpu-id must be >= 0 and --gpu-id-step >= 1, got "
                                 f"{args.base_gpu_id} and {args.gpu_id_step}")
@@ -377,14 +383,13 @@ def validate_args(args: ServerArgs) -> None:
         raise InvalidServerArgs("--enable-cross-rank-prefix-cache shares the prefix caches of "
                                 "mixed and prefill ranks: not with --disable-radix-cache or "
                                 "--disaggregation-mode decode (decode ranks cache none)")
-    if args.sim_lockstep and args.executor != "sim":
-        raise InvalidServerArgs("--sim-lockstep needs --executor sim")
     if args.http_stack == "fast" and not has_fast_http():
         raise InvalidServerArgs("--http-stack fast needs uvloop and httptools installed "
                                 "(pip install uvloop httptools)")
     check_sim_time_scale(args.sim_time_scale)
-    if args.sim_time_scale != 1.0 and args.executor != "sim":
-        raise InvalidServerArgs("--sim-time-scale needs --executor sim")
+    for name in SIM_FLAGS:
+        if args.executor != "sim" and _is_given(args, name):
+            raise InvalidServerArgs(f"{_flag_name(name)} needs --executor sim")
     if args.heartbeat_interval_s <= 0 or args.stale_after_s <= 4 * args.heartbeat_interval_s:
         raise InvalidServerArgs("--stale-after-s must exceed several --heartbeat-interval-s (> 0)")
 
@@ -414,6 +419,22 @@ def _check_pd_flags(args: ServerArgs) -> None:
         raise InvalidServerArgs(
             "--disaggregation-decode-dp is for --disaggregation-mode prefill (pd mode: "
             "--decode-dp-size)")
+    for name in PD_FLAGS:
+        if mode == DisaggregationMode.NULL and _is_given(args, name):
+            raise InvalidServerArgs(
+                f"{_flag_name(name)} {getattr(args, name)}: --disaggregation-mode null runs "
+                f"no prefill or decode ranks; the flag is for --disaggregation-mode pd, "
+                f"prefill or decode")
+
+
+def _is_given(args: ServerArgs, name: str) -> bool:
+    """The flag was given, as far as the arguments tell: its value is not the field's
+    default (a flag given at its default changes nothing, so it is never refused)."""
+    return getattr(args, name) != _field_default(name)
+
+
+def _flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def _is_header_token(key: str) -> bool:
@@ -546,7 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["metavar"] = f.name.upper()
         if f.name in ENV_OF_FLAG:
             kwargs["default"] = None  # unset: parse_args reads the environment
-        flags = ["--" + f.name.replace("_", "-"), *meta.get("aliases", ())]
+        flags = [_flag_name(f.name), *meta.get("aliases", ())]
         groups[meta.get("group", "server")].add_argument(*flags, **kwargs)
     return parser
 
@@ -565,9 +586,11 @@ def _help_of(f: dataclasses.Field) -> str:
 def parse_args(argv: list[str] | None = None) -> ServerArgs:
     parser = build_parser()
     values = vars(parser.parse_args(argv))
+    is_pd = values["disaggregation_mode"] != DisaggregationMode.NULL
     for name, env in ENV_OF_FLAG.items():
         if values[name] is None:
-            values[name] = _env_seconds(parser, env, _field_default(name))
+            default = _field_default(name)
+            values[name] = _env_seconds(parser, env, default) if is_pd else default
     return ServerArgs(**values)
 
 

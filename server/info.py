@@ -11,7 +11,9 @@
   resolved arguments and model facts; paths are local folders so a gateway never
   tries to fetch a tokenizer from a hub.
 - ``/get_load``: a JSON list, one object per rank (sglang-router sums ``num_tokens``);
-  ``/v1/loads`` (alias ``/loads``): SGLang's richer shape, as smg polls it. Loads are
+  ``/v1/loads`` (alias ``/loads``): SGLang's richer shape, as smg polls it. A row says
+  its rank's ``role`` (``/get_load``: on a PD server only, plain rows keep SGLang's
+  keys). Loads are
   the *effective* ones the dispatcher balances on: what the rank reported plus what
   was dispatched to it and not yet received. Each row has a ``status``: ``ready``,
   ``starting``, ``draining``, ``stale`` (no heartbeat within ``--stale-after-s``: its
@@ -139,7 +141,9 @@ async def model_info(request: Request) -> Response:
 async def get_load(request: Request) -> Response:
     engine: EngineClient = request.state.engine
     keys = ("dp_rank", "num_reqs", "num_waiting_reqs", "num_tokens", "status")
-    if engine.role == Role.PD:  # prefill rank 0 and decode rank 0 are two rows
+    # A PD server's rows are prefill or decode ranks (pd: prefill rank 0 and decode rank 0
+    # are two rows); a plain server's keep SGLang's keys.
+    if engine.role != Role.MIXED:
         keys += ("role",)
     return JSONResponse([{k: row[k] for k in keys} for row in _loads(engine)])
 
@@ -177,8 +181,8 @@ async def flush_cache(request: Request) -> Response:
 
 
 def _loads(engine: EngineClient) -> list[dict]:
-    """One row per rank; a PD front door lists its prefill ranks, then its decode ranks
-    (each row says its ``role``)."""
+    """One row per rank, each saying its ``role``; a PD front door lists its prefill
+    ranks, then its decode ranks."""
     rows = []
     for role, board in engine.load_groups():
         rows += _board_loads(board, role, engine.args.stale_ns)

@@ -88,8 +88,9 @@ class RankMonitor:
             rank.lost_at = time.monotonic()
             logger.error("%s lost: %s; its requests fail, the others keep serving",
                          rank_name(self.processes.role, rank.dp_rank), reason)
-            self.inflight.fail_rank(rank.dp_rank, f"rank {rank.dp_rank} failed: {reason}")
-            self._fail_flushes(rank, f"rank {rank.dp_rank} failed: {reason}")
+            message = f"{rank_name(self.processes.role, rank.dp_rank)} failed: {reason}"
+            self.inflight.fail_rank(rank.dp_rank, message)
+            self._fail_flushes(rank, message)
         if rank.process.is_alive():
             # Nobody listens to it any more, so stop it; its exit then marks it DEAD.
             if time.monotonic() - rank.lost_at < KILL_AFTER_S:
@@ -190,7 +191,7 @@ class RankMonitor:
         oldest = time.monotonic_ns() - self.stale_ns
         for rank in self.ranks:
             if rank.lost_reason is None and snap.heartbeat_ns[rank.dp_rank] < oldest:
-                message = (f"rank {rank.dp_rank} stopped responding (no heartbeat for "
-                           f"{self.stale_ns / 1e9:.1f} s)")
+                message = (f"{rank_name(self.processes.role, rank.dp_rank)} stopped "
+                           f"responding (no heartbeat for {self.stale_ns / 1e9:.1f} s)")
                 for handle in self.inflight.fail_rank(rank.dp_rank, message):
                     self.abort(handle, "rank stalled")

@@ -35,10 +35,12 @@ class _Process:
         return False
 
 
-def _monitor(num_ranks: int = 2) -> tuple[RankMonitor, list]:
+def _monitor(num_ranks: int = 2, role: str = "mixed") -> tuple[RankMonitor, list]:
     ranks = [SimpleNamespace(dp_rank=r, process=_Process(), lost_reason=None, lost_at=0.0)
              for r in range(num_ranks)]
-    processes = SimpleNamespace(ranks=ranks, role="mixed", mark_dead=lambda rank: None)
+    never_beat = SimpleNamespace(heartbeat_ns=[0] * num_ranks)
+    processes = SimpleNamespace(ranks=ranks, role=role, mark_dead=lambda rank: None,
+                                board=SimpleNamespace(snapshot=lambda: never_beat))
     return RankMonitor(processes, InFlight(), stale_ns=10**9, abort=lambda h, m: None), ranks
 
 
@@ -68,6 +70,19 @@ def test_a_lost_rank_fails_its_flush_waiters_and_only_its_own():
             lost.result()
         assert not kept.done()
     asyncio.run(run())
+
+
+def test_a_pd_rank_that_fails_or_stalls_is_named_with_its_role():
+    """The message a request's client gets (a stream's error event) says which rank
+    failed: on a PD server, a prefill or a decode rank."""
+    monitor, ranks = _monitor(role="decode")
+    lost, stalled = RequestHandle("a", dp_rank=1, prompt_len=4), RequestHandle("b", 0, 4)
+    for handle in (lost, stalled):
+        monitor.inflight.add(handle)
+    monitor.rank_lost(ranks[1], "its process exited with code -9")
+    assert str(lost.queue.get_nowait()) == "decode rank 1 failed: its process exited with code -9"
+    monitor._fail_stalled()  # rank 0 never beat
+    assert str(stalled.queue.get_nowait()).startswith("decode rank 0 stopped responding")
 
 
 def test_wait_flushes_gives_every_answer_or_a_503():

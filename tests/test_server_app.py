@@ -13,6 +13,7 @@ import dataclasses
 
 import json
 import os
+import random
 import signal
 import time
 
@@ -23,6 +24,7 @@ from starlette.testclient import TestClient
 from server.app import create_app
 from server.args import ServerArgs, resolve_args
 from server.engine_client import EngineClient
+from server.pd import PDProcesses
 from server.ranks import EngineProcesses, RankStartupError
 from shm.board import RankStatus
 from shm.segment import list_segments
@@ -351,7 +353,29 @@ def test_loads(client):
         assert body["timestamp"] and len(body["loads"]) == 2
         assert {"num_running_reqs", "num_waiting_reqs", "token_usage",
                 "num_prefill_tokens"} <= set(body["loads"][0])
+        assert [r["role"] for r in body["loads"]] == ["mixed", "mixed"]
     assert client.get("/v1/loads?dp_rank=1").json()["loads"][0]["dp_rank"] == 1
+
+
+def test_pd_pair_load_rows_say_their_role(tmp_path):
+    """A prefill and a decode server (one rank each, in-process): their /get_load and
+    /v1/loads rows say their role, as a pd server's do (a gateway polling both sees which
+    is which); a plain server's /get_load keeps SGLang's keys (test_loads)."""
+    port = random.randint(20_000, 60_000)  # names the pair's shared tables; no socket
+    servers = []
+    try:
+        for mode in ("prefill", "decode"):
+            args = make_args(tmp_path, disaggregation_mode=mode, dp_size=1,
+                             disaggregation_bootstrap_port=port)
+            servers.append(procs := PDProcesses(args))
+            procs.start()
+            procs.wait_ready(60)
+            with TestClient(create_app(procs.engine_client())) as client:
+                assert [r["role"] for r in client.get("/get_load").json()] == [mode]
+                assert [r["role"] for r in client.get("/v1/loads").json()["loads"]] == [mode]
+    finally:
+        for procs in reversed(servers):
+            procs.close()
 
 
 FLUSHED = ("Cache flushed.\nPlease check backend logs for more details. (When there are "

@@ -47,7 +47,8 @@ def test_resolve_fills_auto_values_once():
     {"model_path": "/nonexistent"}, {"context_length": 10**6}, {"max_total_tokens": 0},
     {"disaggregation_mode": "pd", "prefill_dp_size": 0}, {"max_queued_requests": -1},
     {"disaggregation_mode": "pd", "prefill_load_balance_method": "fastest"},
-    {"disaggregation_bootstrap_timeout": 0}, {"stale_after_s": 0.01},
+    {"disaggregation_mode": "decode", "disaggregation_bootstrap_timeout": 0},
+    {"stale_after_s": 0.01},
     {"timeout_keep_alive": 0}, {"timeout_keep_alive": float("nan")},
     {"timeout_keep_alive": float("inf")}, {"random_seed": -1}, {"random_seed": 2**63},
     {"timeout_request_read": 0}, {"timeout_request_read": float("nan")},
@@ -79,6 +80,27 @@ def test_sim_lockstep_needs_sim_and_sim_context_comes_from_profile():
     assert args.sim_lockstep and args.context_length == 32768  # not the tiny model's 2048
     with pytest.raises(InvalidServerArgs, match="--sim-profile"):
         resolve_args(ServerArgs(model_path="tiny", executor="sim", sim_profile="no-such-profile"))
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("sim_profile", "/nonexistent.json"), ("sim_lockstep", True), ("sim_time_scale", 2.0)])
+def test_sim_flags_need_the_sim_executor(flag, value):
+    with pytest.raises(InvalidServerArgs, match=f"--{flag.replace('_', '-')} needs --executor sim"):
+        resolve_args(ServerArgs(model_path="tiny", **{flag: value}))
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("disaggregation_bootstrap_timeout", 5.0), ("disaggregation_waiting_timeout", 5.0),
+    ("disaggregation_bootstrap_port", 9999), ("disaggregation_transfer_backend", "nixl")])
+def test_pd_flags_are_refused_by_a_plain_server_at_their_default_accepted(flag, value):
+    with pytest.raises(InvalidServerArgs, match=f"--{flag.replace('_', '-')} {value}: "
+                                                "--disaggregation-mode null runs no"):
+        resolve_args(ServerArgs(model_path="tiny", **{flag: value}))
+    default = getattr(ServerArgs(), flag)
+    assert getattr(resolve_args(ServerArgs(model_path="tiny", **{flag: default})), flag) == default
+    for mode in ("pd", "prefill", "decode"):
+        assert getattr(resolve_args(ServerArgs(model_path="tiny", disaggregation_mode=mode,
+                                               **{flag: value})), flag) == value
 
 
 def test_sim_lockstep_segment_reaches_every_rank_config():

@@ -13,14 +13,14 @@ from tests.server_helpers import REPO
 
 BOOTSTRAP_ENV = "SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT"
 WAITING_ENV = "SGLANG_DISAGGREGATION_WAITING_TIMEOUT"
+NO_MODEL = ["--model-path", "/nonexistent"]
 
 
 def test_deployment_script_flags_are_accepted_with_their_meaning():
     args = resolve_args(parse_args([
         "--enable-metrics", "--tp-size", "1", "--trust-remote-code", "--dtype", "half",
         "--log-requests", "--api-key", "k", "--decode-log-interval", "5",
-        "--enable-dp-attention", "--disaggregation-transfer-backend", "mooncake",
-        "--data-parallel-size", "2", "--tensor-parallel-size", "1"]))
+        "--enable-dp-attention", "--data-parallel-size", "2", "--tensor-parallel-size", "1"]))
     assert (args.dp_size, args.tp_size, args.dtype) == (2, 1, "float16")
     assert args.log_requests and args.enable_metrics and args.trust_remote_code
     assert args.decode_log_interval == 5 and args.api_key == "k"
@@ -29,6 +29,9 @@ def test_deployment_script_flags_are_accepted_with_their_meaning():
     sim = resolve_args(parse_args(["--executor", "sim", "--sim-profile", "instant",
                                    "--enable-dp-attention", "--dp-size", "2"]))
     assert sim.sim_lockstep  # DP attention with expert parallelism steps the ranks together
+    pd = resolve_args(parse_args(["--disaggregation-mode", "pd",
+                                  "--disaggregation-transfer-backend", "mooncake"]))
+    assert pd.disaggregation_transfer_backend == "mooncake"  # the same shared-memory transfer
 
 
 def test_dtype_reaches_every_rank():
@@ -50,10 +53,14 @@ def test_disable_radix_cache_reaches_every_rank_but_is_off_by_default():
 def test_pd_timeouts_come_from_sglang_environment_unless_given(monkeypatch):
     monkeypatch.setenv(BOOTSTRAP_ENV, "12.5")
     monkeypatch.setenv(WAITING_ENV, "7")
-    args = parse_args([])
+    decode = ["--disaggregation-mode", "decode"]
+    args = parse_args(decode)
     assert (args.disaggregation_bootstrap_timeout, args.disaggregation_waiting_timeout) == (12.5, 7.0)
-    args = parse_args(["--disaggregation-bootstrap-timeout", "3"])
+    args = parse_args([*decode, "--disaggregation-bootstrap-timeout", "3"])
     assert (args.disaggregation_bootstrap_timeout, args.disaggregation_waiting_timeout) == (3.0, 7.0)
+    # A plain server has no rooms: it reads neither variable (nor does SGLang's), so a
+    # PD deployment's environment does not stop it from starting.
+    assert resolve_args(parse_args([])).disaggregation_bootstrap_timeout == 300.0
     monkeypatch.delenv(BOOTSTRAP_ENV)
     monkeypatch.delenv(WAITING_ENV)
     assert parse_args([]) == ServerArgs()  # 300 s each, SGLang's defaults
@@ -89,7 +96,12 @@ def _serve(*flags: str, env: dict | None = None) -> subprocess.CompletedProcess:
     (["--dtype", "float8"], None, "--dtype"),
     (["--decode-log-interval", "0"], None, "--decode-log-interval"),
     (["--disaggregation-transfer-backend", "ascend"], None, "--disaggregation-transfer-backend"),
-    ([], {BOOTSTRAP_ENV: "soon"}, BOOTSTRAP_ENV),
+    (["--disaggregation-mode", "decode"], {BOOTSTRAP_ENV: "soon"}, BOOTSTRAP_ENV),
+    # Flags a plain server would ignore; the model cannot load, so that a server that
+    # ignored them would stop at once rather than start.
+    (["--sim-profile", "/nonexistent.json", *NO_MODEL], None, "--sim-profile needs --executor sim"),
+    (["--disaggregation-bootstrap-port", "9999", *NO_MODEL], None,
+     "--disaggregation-bootstrap-port 9999: --disaggregation-mode null runs no"),
 ])
 def test_each_bad_flag_is_one_clear_line(flags, env, names):
     done = _serve(*flags, env=env)
