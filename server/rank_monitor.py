@@ -15,7 +15,7 @@ answers still meet their own callers. A lost rank fails its waiters at once.
 A rank whose process exits, whose output pipe reaches EOF or that sends ``RankError``
 is *lost*: every request in flight on it fails at once (so a client learns within
 well under 2 s), it is never sent anything again, an alive-but-lost rank is
-terminated (killed after ``KILL_AFTER_S``), and once its process has exited its board
+killed (ranks ignore SIGTERM: ``server.ranks``), and once its process has exited its board
 row is set DEAD so no dispatcher picks it. A rank whose heartbeat is older than the
 stale bound fails its in-flight requests too (they might never end) and is asked to
 abort them, but is kept: the dispatcher skips it while stale and picks it again if
@@ -43,7 +43,6 @@ from server.ranks import EngineProcesses, RankHandle
 logger = logging.getLogger(__name__)
 
 MONITOR_INTERVAL_S = 0.25
-KILL_AFTER_S = 2.0
 
 
 class RankMonitor:
@@ -92,11 +91,9 @@ class RankMonitor:
             self.inflight.fail_rank(rank.dp_rank, message)
             self._fail_flushes(rank, message)
         if rank.process.is_alive():
-            # Nobody listens to it any more, so stop it; its exit then marks it DEAD.
-            if time.monotonic() - rank.lost_at < KILL_AFTER_S:
-                rank.process.terminate()
-            else:
-                rank.process.kill()
+            # Nobody listens to it any more, so stop it (it ignores SIGTERM: server.ranks);
+            # its exit then marks it DEAD.
+            rank.process.kill()
         else:
             self._stop_watching(rank)
             self.processes.mark_dead(rank)

@@ -22,8 +22,10 @@ In PD modes one launch has a group per role (``server.pd``): each group is one
 ``board-<role>``) and the shared ``PDConfig``. Ranks exit by
   themselves if the API process dies, since their request pipe then reads EOF.
 
-Ranks ignore SIGINT: Ctrl-C in a terminal reaches the whole process group, and the
-API process is the one that stops them, in order, with ``ShutdownReq``.
+Ranks ignore SIGINT and SIGTERM: Ctrl-C in a terminal reaches the whole process group,
+and a service manager's stop every process of the server at once (systemd's default
+``KillMode=control-group``); the API process is the one that stops them, in order, with
+``ShutdownReq`` once its requests are done, and SIGKILL for a rank that does not listen.
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ def rank_entry(rank_main: RankMain, cfg: SchedulerConfig, req_conn: Connection,
                out_conn: Connection) -> None:
     """What each rank process runs (module level, so spawn can pickle it)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     rank_main(cfg, req_conn, out_conn)
 
 
@@ -296,17 +299,15 @@ class EngineProcesses:
                     raise OSError("request pipe full")
                 rank.req_conn.send_bytes(encode(ShutdownReq()))
             except (OSError, ValueError):
-                rank.process.terminate()
+                rank.process.kill()  # it ignores SIGTERM (module docstring)
         deadline = time.monotonic() + timeout_s
         for rank in self.ranks:
             rank.process.join(max(0.0, deadline - time.monotonic()))
-        for stop in ("terminate", "kill"):
-            alive = [r for r in self.ranks if r.process.is_alive()]
-            if not alive:
-                break
-            logger.warning("%s ranks %s", stop, [r.dp_rank for r in alive])
+        alive = [r for r in self.ranks if r.process.is_alive()]
+        if alive:  # they ignore SIGTERM (module docstring)
+            logger.warning("kill ranks %s", [r.dp_rank for r in alive])
             for rank in alive:
-                getattr(rank.process, stop)()
+                rank.process.kill()
             for rank in alive:
                 rank.process.join(2.0)
         for rank in self.ranks:

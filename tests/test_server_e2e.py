@@ -232,11 +232,13 @@ def test_sigterm_leaves_no_process_and_no_segment(sim_dir):
         assert "ready" in s.log()
 
 
-@pytest.mark.parametrize("api_servers", ["1", "2"])
-def test_sigterm_ends_running_requests_with_retryable_errors(sim_dir, api_servers):
+@pytest.mark.parametrize("api_servers, group", [("1", False), ("2", False), ("1", True)])
+def test_sigterm_ends_running_requests_with_retryable_errors(sim_dir, api_servers, group):
     """A stop lets running requests finish for DRAIN_S, then fails the rest as a lost
     rank's: a 503 with Retry-After, a stream's error event and [DONE]; never a 500 or a
-    stream cut off (uvicorn would cancel them at its own bound)."""
+    stream cut off (uvicorn would cancel them at its own bound). ``group``: SIGTERM to
+    every process of the server at once (a service manager's stop, systemd's default
+    KillMode): the ranks keep serving until the API stops them in order."""
     from server.serving import DRAIN_S, GRACEFUL_SHUTDOWN_S
     body = {"text": "long", "sampling_params": {"max_new_tokens": 1500, "ignore_eos": True}}
     results: dict = {}
@@ -261,7 +263,11 @@ def test_sigterm_ends_running_requests_with_retryable_errors(sim_dir, api_server
             assert time.monotonic() < deadline and not results, (results, s.log())
             time.sleep(0.05)
         t0 = time.monotonic()
-        assert s.terminate(30) == 0, s.log()
+        if group:
+            os.killpg(s.pid, signal.SIGTERM)
+            assert s.proc.wait(30) == 0, s.log()
+        else:
+            assert s.terminate(30) == 0, s.log()
         for t in threads:
             t.join(30)
         assert DRAIN_S - 0.5 < time.monotonic() - t0 < GRACEFUL_SHUTDOWN_S + 10
@@ -271,6 +277,7 @@ def test_sigterm_ends_running_requests_with_retryable_errors(sim_dir, api_server
         lines = results["stream"]
         assert lines[-1] == "data: [DONE]" and '"error"' in lines[-2], lines[-3:]
         assert "Cancel" not in s.log() and "Traceback" not in s.log(), s.log()
+        assert "lost" not in s.log(), s.log()
         assert s.segments() == []
 
 
