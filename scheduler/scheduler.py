@@ -320,8 +320,16 @@ class Scheduler:
             self.waiting.append(req)
 
     def on_abort(self, msg: AbortReq) -> None:
+        if msg.abort_all:
+            rids = list(self.reqs)
+        elif msg.requested:  # a body's copies under n, or its prompts, are rid_0, rid_1, ...
+            prefix = msg.rid + "_"
+            rids = [msg.rid, *(rid for rid in self.reqs
+                               if rid.startswith(prefix) and rid[len(prefix):].isdigit())]
+        else:
+            rids = [msg.rid]
         status = ABORT_REQUESTED if msg.requested else None
-        for rid in (list(self.reqs) if msg.abort_all else (msg.rid,)):
+        for rid in rids:
             self._abort(rid, msg.message, status)
 
     def _abort(self, rid: str, message: str, status_code: int | None = None) -> None:

@@ -114,10 +114,13 @@ def test_abort_request_ends_any_dispatchers_request_and_answers_its_owner(rank_o
     ended = [o for batch in sent[0] for o in batch.outputs if o.finish_reason]
     assert [(o.rid, o.finish_reason) for o in ended] == [
         ("a", {"type": "abort", "message": "stop it", "status_code": ABORT_REQUESTED})]
+    _dispatch(board, sched, [_gen("n_0", 1), _gen("n_1", 0), _gen("n_x", 0)])
+    sched.step([AbortReq(rid="n", requested=True)])  # a body's copies (n > 1) go with it
+    assert {"n_0", "n_1"}.isdisjoint(sched.reqs) and "n_x" in sched.reqs
     sched.step([AbortReq(requested=True, abort_all=True, message="all")])
     assert not sched.reqs
     assert {o.rid for d in (0, 1) for batch in sent[d] for o in batch.outputs
-            if o.finish_reason and o.finish_reason["message"] == "all"} == {"b", "c"}
+            if o.finish_reason and o.finish_reason["message"] == "all"} == {"b", "c", "n_x"}
     assert int(board.snapshot().effective_reqs[0]) == 0
 
 
