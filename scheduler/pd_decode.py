@@ -86,6 +86,7 @@ class Ready:
     req: Req
     first_token: int
     logprob: float
+    top: list[tuple[float, int]] | None = None  # the first token's top list, if asked
 
 
 class DecodeReceiver(PDRole):
@@ -301,7 +302,7 @@ class DecodeReceiver(PDRole):
             return (f"bootstrap_room {room}: the KV expired before decode could claim it",
                     SERVER_ERROR)
         try:
-            logprob, src_slots = peer.read_record(entry.kv_location, entry.kv_len)
+            logprob, top, src_slots = peer.read_record(entry.kv_location, entry.kv_len)
             self.executor.import_kv(peer, src_slots, req.slots[:entry.kv_len])
         finally:
             intact = claimer.release(entry)
@@ -309,7 +310,7 @@ class DecodeReceiver(PDRole):
             return f"bootstrap_room {room}: the KV was freed during the copy", SERVER_ERROR
         self.num_received += 1
         req.cached_tokens = entry.cached_tokens
-        ready.append(Ready(req, entry.first_token, logprob))
+        ready.append(Ready(req, entry.first_token, logprob, top))
         return None
 
     def _refresh(self, now: int) -> list["Failure"]:

@@ -116,20 +116,23 @@ class PrefillSender(PDRole):
         already live): the caller then aborts the request and frees its KV as usual.
         """
         n = req.prompt_len
-        off = self.arena.alloc(n + 1)
+        # The first token's top list, when asked: decode's first output carries it.
+        top = req.output_top_logprobs[-1] if req.return_logprob and req.output_top_logprobs else None
+        size = self.segment.record_len(n, top)
+        off = self.arena.alloc(size)
         if off is None:
             return (f"prefill rank {self.dp_rank}: hand-off arena full ({self.arena.num_used} "
                     "cells held for decode); decode ranks are not taking requests")
-        self.segment.write_record(off, logprob, req.slots[:n])
+        self.segment.write_record(off, logprob, req.slots[:n], top)
         try:  # the record is written before the entry that points to it (x86 store order)
             slot = self.writer.insert(
                 req.bootstrap_room, self.dp_rank, time.monotonic_ns() + self.timeout_ns,
                 state=KV_READY, kv_location=off, kv_len=n, first_token=req.output_ids[-1],
                 prompt_hash=prompt_hash(req.input_ids), cached_tokens=req.cached_tokens)
         except BootstrapTableError as exc:
-            self.arena.free(off, n + 1)
+            self.arena.free(off, size)
             return f"prefill rank {self.dp_rank}: cannot hand off: {exc}"
-        self.held[slot] = Held(req.bootstrap_room, req, off, n + 1)
+        self.held[slot] = Held(req.bootstrap_room, req, off, size)
         req.kv_held = True
         self.num_handed_off += 1
         return None

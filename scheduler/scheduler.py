@@ -193,8 +193,8 @@ class Scheduler:
             self.outbox[id(req)] = req
         for r in ready:
             r.req.num_computed = r.req.prompt_len
-            if r.req.return_logprob:  # its top list stayed with the prefill rank
-                r.req.output_top_logprobs.append(None)
+            if r.req.return_logprob:  # the top list prefill computed, in the hand-off
+                r.req.output_top_logprobs.append(r.top)
             self._append_token(r.req, r.first_token, r.logprob)
         if ready or failed:
             self.send_outputs()  # the first token goes out now, not after this step's batch

@@ -383,8 +383,8 @@ class PDEngineClient:
 
 def _with_prefill_half(out, prefill_out):
     """Decode's first output with what its prefill half computed: with logprobs, the
-    prompt's logprobs and the first token's logprob and top list (the hand-off carries
-    the token only as a float32 logprob)."""
+    prompt's logprobs and the first token's logprob at full precision (the hand-off
+    carries it, and its top list, as float32)."""
     changes = {"input_token_logprobs": prefill_out.input_token_logprobs,
                "input_top_logprobs": prefill_out.input_top_logprobs}
     if out.output_logprobs and prefill_out.output_logprobs:

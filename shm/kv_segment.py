@@ -13,8 +13,10 @@ the arena next to the pool tells them which slots hold that KV. Layout (bytes)::
     kv pool: ``capacity * token_bytes`` bytes, in ``engine.kv_cache.KVPool``'s layout
              [layers, capacity, 2, kv_heads, head_dim] (64-byte aligned).
     arena:   ``arena_len`` int32 cells; a hand-off record at offset o (``kv_location``
-             in the hand-off table) is ``[logprob bits, slot_0, ..., slot_{n-1}]``: the
-             first token's logprob (float32 bits) then the n KV slots in position order.
+             in the hand-off table) is ``[logprob bits, k, id_0, logprob bits_0, ...,
+             id_{k-1}, logprob bits_{k-1}, slot_0, ..., slot_{n-1}]``: the first token's
+             logprob (float32 bits), its top-k list (k = -1: none asked, no pairs) as
+             (token id, float32 logprob) pairs, then the n KV slots in position order.
 
 Who writes what (one writer per byte):
 - header: the creator, once, before it publishes the segment's existence;
@@ -47,13 +49,13 @@ import numpy as np
 from shm.segment import SharedSegment, ShmError, ShmLayoutError
 
 MAGIC = 0x4450534B5653_4547  # "DPSKVSEG"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 HEADER_BYTES = 64
 ALIGN = 64
 _HEADER = struct.Struct("<8q")
 # The arena holds every live hand-off's slot list; live lists never total more than the
 # pool's capacity (each slot belongs to one request), so twice that leaves first-fit
-# room for fragmentation. A record also carries one logprob cell.
+# room for fragmentation. A record also carries the first token's logprob and top list.
 ARENA_FACTOR = 2
 
 logger = logging.getLogger(__name__)
@@ -111,17 +113,40 @@ class KVSegment:
     def is_owner(self) -> bool:
         return self.segment.is_owner
 
-    def read_record(self, offset: int, num_slots: int) -> tuple[float, np.ndarray]:
-        """``(first-token logprob, slot array)`` of the hand-off record at ``offset``.
-        The slots are a copy: the caller may keep them after the release."""
+    def read_record(self, offset: int, num_slots: int
+                    ) -> tuple[float, list[tuple[float, int]] | None, np.ndarray]:
+        """``(first-token logprob, its top list or None, slot array)`` of the hand-off
+        record at ``offset``. The slots are a copy: the caller may keep them after the
+        release."""
         arena = self.arena
         logprob = float(arena[offset:offset + 1].view(np.float32)[0])
-        return logprob, arena[offset + 1:offset + 1 + num_slots].copy()
+        k = int(arena[offset + 1])
+        top = None
+        if k >= 0:
+            pairs = arena[offset + 2:offset + 2 + 2 * k].reshape(k, 2)
+            top = list(zip(pairs[:, 1].copy().view(np.float32).tolist(),
+                           pairs[:, 0].tolist()))
+        start = offset + 2 + 2 * max(k, 0)
+        return logprob, top, arena[start:start + num_slots].copy()
 
-    def write_record(self, offset: int, logprob: float, slots) -> None:
+    def write_record(self, offset: int, logprob: float, slots,
+                     top: list[tuple[float, int]] | None = None) -> None:
+        """Write a hand-off record of ``record_len(len(slots), top)`` cells at ``offset``;
+        ``top``: the first token's top list, (logprob, token id) pairs, or None."""
         arena = self.arena
         arena[offset:offset + 1].view(np.float32)[0] = logprob
-        arena[offset + 1:offset + 1 + len(slots)] = slots
+        arena[offset + 1] = -1 if top is None else len(top)
+        if top:
+            pairs = arena[offset + 2:offset + 2 + 2 * len(top)].reshape(len(top), 2)
+            pairs[:, 0] = [token for _, token in top]
+            pairs[:, 1] = np.array([lp for lp, _ in top], dtype=np.float32).view(np.int32)
+        start = offset + 2 + 2 * len(top or ())
+        arena[start:start + len(slots)] = slots
+
+    @staticmethod
+    def record_len(num_slots: int, top: list | None = None) -> int:
+        """Arena cells of a record with ``num_slots`` slots and the top list ``top``."""
+        return 2 + 2 * len(top or ()) + num_slots
 
     def close(self, unmap: bool = False) -> None:
         """Unlink the name if owner; unmap only if ``unmap``.

@@ -80,8 +80,15 @@ def test_kv_segment_records_round_trip_and_owner_unlinks():
     try:
         peer = KVSegment.attach(name)
         seg.write_record(10, -0.25, [5, 3, 9])
-        logprob, slots = peer.read_record(10, 3)
-        assert logprob == -0.25 and slots.tolist() == [5, 3, 9]
+        logprob, top, slots = peer.read_record(10, 3)
+        assert logprob == -0.25 and top is None and slots.tolist() == [5, 3, 9]
+        asked = [(-0.25, 7), (-1.5, 2)]  # the first token's top list travels with it
+        seg.write_record(20, -0.25, [4, 1], asked)
+        assert KVSegment.record_len(2, asked) == 8
+        logprob, top, slots = peer.read_record(20, 2)
+        assert top == asked and slots.tolist() == [4, 1]
+        seg.write_record(30, -0.5, [6], [])  # logprobs asked, no top list
+        assert peer.read_record(30, 1)[1] == []
         assert peer.capacity == 64 and peer.token_bytes == 16 and peer.owner_pid == os.getpid()
         assert len(peer.kv_buf) == 64 * 16 and not peer.is_owner
         peer.close(unmap=True)

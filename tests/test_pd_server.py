@@ -144,6 +144,15 @@ def test_prefill_and_decode_servers_pair_like_a_gateway(tmp_path, workload, refe
         for server in (prefill, decode):  # half a pair cannot generate: liveness, 200
             health = httpx.get(server.url + "/health_generate", timeout=10)
             assert health.status_code == 200 and health.json()["ranks"] == [0, 1], health.text
+        # The first token's top list travels in the hand-off: decode's answer (the one a
+        # gateway returns) has it, as prefill computed it.
+        asked = body([5, 6, 7, 8], 3, return_logprob=True, top_logprobs_num=3,
+                     bootstrap_room=random.getrandbits(63))
+        pre, dec = _both(prefill.url, decode.url, asked)
+        first = pre["meta_info"]["output_top_logprobs"][0]
+        assert len(first) == 3 and dec["meta_info"]["output_top_logprobs"][0] == first, dec
+        assert dec["meta_info"]["output_token_logprobs"][0] == \
+            pre["meta_info"]["output_token_logprobs"][0]
         # Prompt logprobs (lm-eval's loglikelihood): the prefill server has them, the
         # decode server says it has none rather than answer with nulls.
         echo = {"prompt": "hello world", "max_tokens": 0, "echo": True, "logprobs": 1,
