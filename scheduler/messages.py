@@ -34,15 +34,16 @@ class GenerateReq(msgspec.Struct, tag="generate", kw_only=True):
     arrival_time: float = 0.0
     bootstrap_room: int | None = None
     disagg_prefill_dp_rank: int | None = None
+    group_rid: str | None = None  # the body's rid when it became several requests
 
 
 class AbortReq(msgspec.Struct, tag="abort", kw_only=True):
     """Drop a request (client gone): free its KV and its load at once.
 
     ``requested``: asked through ``/abort_request`` (SGLang's), by any API process: the
-    request ends with an abort finish of status ``ABORT_REQUESTED``, which its client
-    receives as the end of its output (a 200, as SGLang answers); ``abort_all``: every
-    request the rank holds, ``rid`` ignored."""
+    request ``rid``, and those whose ``group_rid`` it is, end with an abort finish of
+    status ``ABORT_REQUESTED``, which their clients receive as the end of their output
+    (a 200, as SGLang answers); ``abort_all``: every request the rank holds."""
 
     rid: str = ""
     message: str = "aborted by client"

@@ -134,6 +134,17 @@ def create_tables(launch_id: str, num_prefill_ranks: int, num_decode_ranks: int,
     return route, handoff
 
 
+def attach_tables(route_name: str, handoff_name: str):
+    """Attach (never unlink) the route and hand-off tables; returns ``(route, handoff)``."""
+    from shm.bootstrap import BootstrapTable
+    route = BootstrapTable.attach(route_name)
+    try:
+        return route, BootstrapTable.attach(handoff_name)
+    except BaseException:
+        route.close()
+        raise
+
+
 def shares_mixed_pool(cfg) -> bool:
     """A mixed rank whose peers copy its cached prefixes (``scheduler.prefix_share``)."""
     return bool(cfg.cross_rank_prefix_cache and cfg.role == Role.MIXED

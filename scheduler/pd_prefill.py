@@ -163,18 +163,22 @@ class PrefillSender(PDRole):
         return False  # a prefill rank parks nothing
 
     def release_handed_off(self, rid: str, message: str) -> bool:
-        """The request's decode half ended without its KV (aborted, or its decode rank
-        died): free the held KV now, not at the deadline, unless a decode rank claimed
-        it (then that claim's release frees it; a claim taken between this check and the
-        removal finds the entry changed and drops its copy, ``claimer.release``)."""
+        """The request was aborted after its hand-off (its decode half ended without the
+        KV, or its prefill client left): free the held KV now, not at the deadline,
+        unless a decode rank claimed it (then that claim's release frees it; a claim
+        taken between this check and the change finds the entry changed and drops its
+        copy, ``claimer.release``). The entry stays, FAILED, until its deadline or a
+        decode's release, so a decode request that comes for the room later fails at
+        once instead of waiting out the bootstrap timeout for a prefill that ended."""
         for slot, held in self.held.items():
             if held.req is not None and held.req.rid == rid:
                 if self.writer.claim_of(slot) is not None:
                     return False
-                logger.info("bootstrap_room %d: its decode request ended (%s) before taking "
-                            "the KV; freed", held.room, message)
-                self.writer.remove(slot)
+                logger.info("bootstrap_room %d: aborted (%s) before a decode took the KV; "
+                            "freed", held.room, message)
+                self.writer.update(slot, state=FAILED)  # before the KV can be reused
                 self._free(slot)
+                self.held[slot] = Held(held.room, None, -1, 0)
                 self.num_freed_aborted += 1
                 return True
         return False

@@ -63,6 +63,9 @@ class Req:
     # the prefill rank holding its KV when the client named it.
     bootstrap_room: int | None = None
     disagg_prefill_dp_rank: int | None = None
+    # The rid of the body this request is one of (``rid_0``, ``rid_1``, ...: copies under
+    # n, or a list of prompts), which /abort_request ends whole; None for a lone request.
+    group_rid: str | None = None
 
     @property
     def prompt_len(self) -> int:

@@ -302,7 +302,7 @@ class Scheduler:
                   logprob_start_len=msg.logprob_start_len,
                   top_logprobs_num=msg.top_logprobs_num,
                   bootstrap_room=msg.bootstrap_room,
-                  disagg_prefill_dp_rank=msg.disagg_prefill_dp_rank)
+                  disagg_prefill_dp_rank=msg.disagg_prefill_dp_rank, group_rid=msg.group_rid)
         error = self._admission_error(req)
         if error is not None or msg.rid in self.reqs:
             req.finish_reason = FinishAbort(error or f"duplicate rid {msg.rid!r}", CLIENT_ERROR)
@@ -322,10 +322,9 @@ class Scheduler:
     def on_abort(self, msg: AbortReq) -> None:
         if msg.abort_all:
             rids = list(self.reqs)
-        elif msg.requested:  # a body's copies under n, or its prompts, are rid_0, rid_1, ...
-            prefix = msg.rid + "_"
-            rids = [msg.rid, *(rid for rid in self.reqs
-                               if rid.startswith(prefix) and rid[len(prefix):].isdigit())]
+        elif msg.requested:  # and the body's other requests (copies under n, its prompts)
+            rids = [msg.rid, *(rid for rid, req in self.reqs.items()
+                               if req.group_rid == msg.rid and rid != msg.rid)]
         else:
             rids = [msg.rid]
         status = ABORT_REQUESTED if msg.requested else None

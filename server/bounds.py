@@ -134,7 +134,7 @@ def check_prepared(engine: EngineClient, prepared: list[PreparedRequest]) -> Non
     # prefill server has no other group, so the field can only name one of its own.
     num_prefill = engine.num_prefill_ranks or num_ranks
     vocab = engine.model_config.vocab_size
-    rids = set()
+    rids, rooms = set(), set()
     entries = 0
     for p in prepared:
         check_int(p.bootstrap_room, 0, MAX_ROOM,
@@ -157,11 +157,16 @@ def check_prepared(engine: EngineClient, prepared: list[PreparedRequest]) -> Non
             raise BadRequest(f"rid {p.rid!r} is given twice in one body; every request needs "
                              "its own rid")
         rids.add(p.rid)
+        if p.bootstrap_room is not None and engine.role != Role.MIXED:
+            if p.bootstrap_room in rooms:  # one room pairs one prefill with one decode
+                raise BadRequest(f"bootstrap_room {p.bootstrap_room} is given twice in one "
+                                 "body; every request needs its own room")
+            rooms.add(p.bootstrap_room)
     if entries > MAX_LOGPROB_ENTRIES:
         raise BadRequest(f"the body asks for {entries} logprob entries ((prompt positions "
-                         "scored + max_new_tokens) x (1 + top_logprobs_num), over its "
-                         f"requests); at most {MAX_LOGPROB_ENTRIES}: ask for fewer top "
-                         "logprobs, positions or requests")
+                         "scored + new tokens) x (1 + top logprobs), over its requests); at "
+                         f"most {MAX_LOGPROB_ENTRIES}: ask for fewer top logprobs, tokens "
+                         "or requests")
 
 def query_int(request: Request, name: str, lo: int, hi: int) -> int | None:
     """An optional integer query parameter in [lo, hi]; anything else is a 400."""

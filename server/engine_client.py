@@ -34,6 +34,7 @@ from engine.tokenizer import Tokenizer
 from scheduler.dispatcher import Dispatcher
 from scheduler.messages import (CLIENT_ERROR, AbortReq, FlushCacheReq, FlushCacheResult,
                                 GenerateReq, ReqOutput, encode)
+from scheduler.pd import attach_tables
 from scheduler.pd_router import PDRouter
 from scheduler.policy import (InvalidDpRankError, MissingBootstrapRoomError,
                               RankUnavailableError)
@@ -48,7 +49,6 @@ from server.rank_monitor import RankMonitor
 from server.rank_pipe import PipeBackedUp, RequestPipe
 from server.ranks import EngineProcesses, RankHandle
 from shm.board import RankStatus
-from shm.bootstrap import BootstrapTable
 from shm.bootstrap_layout import BootstrapTableFullError, DuplicateRoomError
 
 __all__ = ["EngineClient", "MetricsObserver", "RequestHandle", "failure_error", "wait_flushes"]
@@ -118,14 +118,7 @@ class EngineClient:
         self.num_prefill_ranks = num_prefill_ranks
         self.orphans = None
         if orphan_tables:
-            route_name, handoff_name = orphan_tables
-            route = BootstrapTable.attach(route_name)
-            try:
-                handoff = BootstrapTable.attach(handoff_name)
-            except BaseException:
-                route.close()
-                raise
-            self.orphans = OrphanedRooms(route, handoff,
+            self.orphans = OrphanedRooms(*attach_tables(*orphan_tables),
                                          args.wall_s(args.disaggregation_bootstrap_timeout))
         self._orphan_task: asyncio.Task | None = None
         self.inflight = InFlight()
@@ -244,7 +237,7 @@ class EngineClient:
                 # the prompt is scored only for a request that asks for logprobs
                 logprob_start_len=p.logprob_start_len if p.return_logprob else -1,
                 arrival_time=time.time(), bootstrap_room=p.bootstrap_room,
-                disagg_prefill_dp_rank=p.disagg_prefill_dp_rank))
+                disagg_prefill_dp_rank=p.disagg_prefill_dp_rank, group_rid=p.group_rid))
         except BaseException:
             # Never delivered, so never acked: take the board count and the route back.
             self.dispatcher.cancel(dp_rank, num_tokens)

@@ -115,7 +115,8 @@ async def prepare_generate(engine: EngineClient,
         rid = rids[i] or new_rid()
         for j in range(copies):
             prepared.append(PreparedRequest(
-                rid=rid if copies == 1 else f"{rid}_{j}", input_ids=ids,
+                rid=rid if copies == 1 else f"{rid}_{j}", group_rid=None if copies == 1 else rid,
+                input_ids=ids,
                 params=params.for_copy(j),
                 return_logprob=bool(logprob[i]), top_logprobs_num=top_n[i] or 0,
                 logprob_start_len=start_len[i] if start_len[i] is not None else -1,

@@ -198,7 +198,8 @@ def _prepare(engine: EngineClient, body: OpenAISampling, prompts: list[list[int]
         for j in range(body.n):
             index = i * body.n + j
             prepared.append(PreparedRequest(
-                rid=rid if num * body.n == 1 else f"{rid}_{index}", input_ids=ids,
+                rid=rid if num * body.n == 1 else f"{rid}_{index}",
+                group_rid=None if num * body.n == 1 else rid, input_ids=ids,
                 params=params.for_copy(j), return_logprob=return_logprob,
                 top_logprobs_num=top_logprobs_num, logprob_start_len=logprob_start_len,
                 routed_dp_rank=_of_prompt(routed, i, num, "routed_dp_rank"),

@@ -33,7 +33,8 @@ import msgspec
 
 from engine.finish import FinishAbort
 from scheduler.messages import FlushCacheResult
-from scheduler.pd import (HANDOFF_KIND, ROUTE_KIND, PDConfig, create_tables, shared_launch_id)
+from scheduler.pd import (HANDOFF_KIND, ROUTE_KIND, PDConfig, attach_tables, create_tables,
+                          shared_launch_id)
 from scheduler.pd_router import new_room
 from scheduler.roles import DisaggregationMode, Role
 from server.args import ServerArgs
@@ -140,7 +141,7 @@ class PDProcesses:
             handoff_name = find_segment(HANDOFF_KIND, self.launch_id)
             if route_name and handoff_name:
                 try:
-                    return self._attach_pair(route_name, handoff_name)
+                    return attach_tables(route_name, handoff_name)
                 except ShmNotReadyError:
                     pass  # the prefill server is making them right now
             if time.monotonic() > deadline:
@@ -151,15 +152,6 @@ class PDProcesses:
                 logger.info("waiting for the prefill server (bootstrap port %d)", port)
                 logged = True
             time.sleep(ATTACH_POLL_S)
-
-    @staticmethod
-    def _attach_pair(route_name: str, handoff_name: str) -> tuple[BootstrapTable, BootstrapTable]:
-        route = BootstrapTable.attach(route_name)
-        try:
-            return route, BootstrapTable.attach(handoff_name)
-        except BaseException:
-            route.close()
-            raise
 
     def wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

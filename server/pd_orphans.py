@@ -25,6 +25,8 @@ An entry another decode request claimed is left to that claim (its own release f
 it). One per decode API process; each releases only its own requests' rooms (a room
 sent to two at once is a client error the decode ranks refuse). At most ``MAX_ROOMS``
 are watched (the oldest dropped first: their KV expires at the timeout, as before).
+When the prefill server restarts (new tables, as the decode ranks find them:
+``scheduler.pd_peers``), rooms of the old one are dropped and the new tables used.
 Event-loop thread only.
 """
 
@@ -34,10 +36,10 @@ import logging
 import time
 from dataclasses import dataclass
 
-from scheduler.pd import prompt_hash
+from scheduler.pd import HANDOFF_KIND, ROUTE_KIND, attach_tables, prompt_hash
 from shm.bootstrap import BootstrapTable
 from shm.bootstrap_layout import FAILED, KV_READY
-from shm.segment import pid_alive
+from shm.segment import ShmError, find_segment, launch_id_of, owner_pid, pid_alive
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +58,39 @@ class Orphan:
 
 class OrphanedRooms:
     def __init__(self, route: BootstrapTable | None, handoff: BootstrapTable, timeout_s: float):
-        self.route = route
-        self.handoff = handoff
-        self.column = handoff.num_decode_ranks - 1  # the decode API processes' claim column
+        self._set_tables(route, handoff)
+        self.launch_id = launch_id_of(handoff.name)
         self.timeout_ns = int(timeout_s * 1e9)
         self._rooms: dict[int, Orphan] = {}
         self.num_released = 0
+
+    def _set_tables(self, route: BootstrapTable | None, handoff: BootstrapTable) -> None:
+        self.route = route
+        self.handoff = handoff
+        self.column = handoff.num_decode_ranks - 1  # the decode API processes' claim column
+        self._owner = owner_pid(handoff.name)
+
+    def refresh(self) -> bool:
+        """If the prefill server that made the tables is gone and a new one made new
+        ones, switch to them and forget the old rooms; True on a switch."""
+        if self._owner is None or pid_alive(self._owner):
+            return False
+        try:
+            handoff_name = find_segment(HANDOFF_KIND, self.launch_id)
+            route_name = find_segment(ROUTE_KIND, self.launch_id)
+        except ShmError:
+            return False
+        if handoff_name is None or route_name is None or handoff_name == self.handoff.name:
+            return False  # the new prefill server is not up yet
+        route, handoff = attach_tables(route_name, handoff_name)
+        old = (self.route, self.handoff)
+        self._set_tables(route, handoff)
+        for table in old:
+            if table is not None:
+                table.close()
+        self._rooms.clear()  # their KV died with the old prefill server
+        logger.info("the prefill server restarted: releasing rooms in %s", handoff_name)
+        return True
 
     def __len__(self) -> int:
         return len(self._rooms)
@@ -71,6 +100,7 @@ class OrphanedRooms:
         """Release ``room``'s hand-off (for the prompt ``input_ids``) once it is there;
         ``lost_rank``/``lost_pid``: the request's decode rank died (its process)."""
         now = time.monotonic_ns() if now_ns is None else now_ns
+        self.refresh()
         self._rooms.pop(room, None)
         self._rooms[room] = Orphan(prompt_hash(input_ids), now + self.timeout_ns,
                                    lost_rank, lost_pid)

@@ -27,3 +27,6 @@ class PreparedRequest:
     bootstrap_room: int | None = None
     # PD decode: the prefill rank that holds the KV, when the client names it.
     disagg_prefill_dp_rank: int | None = None
+    # The body's rid when it became several requests (rid_0, rid_1, ...): what
+    # /abort_request with that rid ends.
+    group_rid: str | None = None

@@ -63,9 +63,10 @@ class GenerateRequest(msgspec.Struct, kw_only=True):
 
 
 GENERATE_UNSUPPORTED: dict[str, tuple] = {
-    "image_data": (), "video_data": (), "audio_data": (), "input_embeds": (),
-    "lora_path": (), "lora_id": (), "session_params": (), "custom_logit_processor": (),
-    "return_hidden_states": (False,), "token_ids_logprob": (),
+    "image_data": ("", []), "video_data": ("", []), "audio_data": ("", []),
+    "input_embeds": ([],), "lora_path": ("",), "lora_id": ("",), "session_params": ({},),
+    "custom_logit_processor": ("",), "return_hidden_states": (False,),
+    "token_ids_logprob": ([],),
 }
 
 
@@ -104,7 +105,7 @@ UNSUPPORTED: dict[str, tuple] = {
 
 class StreamOptions(msgspec.Struct, kw_only=True):
     include_usage: bool = False
-    continuous_usage_stats: bool = False  # vLLM's: usage in every chunk (not implemented)
+    continuous_usage_stats: bool | None = None  # vLLM's: usage in every chunk (not implemented)
 
 
 class OpenAISampling(msgspec.Struct, kw_only=True):
@@ -201,7 +202,7 @@ class CompletionRequest(OpenAISampling, kw_only=True):
     top_logprobs: Any = None  # chat's name; completions take logprobs: N
 
     def _unsupported(self) -> dict[str, tuple]:
-        return {**UNSUPPORTED, "suffix": ("",), "best_of": (1,), "top_logprobs": ()}
+        return {**UNSUPPORTED, "suffix": ("",), "best_of": (1,), "top_logprobs": (0,)}
 
 
 CHAT_ROLES = ("system", "developer", "user", "assistant")
@@ -305,7 +306,7 @@ def to_struct(kind: type[T], data: dict) -> T:
 
 def to_sampling_params(data: dict[str, Any] | None) -> SamplingParams:
     """SGLang ``sampling_params`` -> ``SamplingParams``; unknown keys are a 400."""
-    data = data or {}
+    data = {k: v for k, v in (data or {}).items() if v is not None}  # null: not given
     unknown = sorted(set(data) - SAMPLING_KEYS)
     if unknown:
         raise BadRequest(f"unknown sampling_params key(s) {unknown}; valid keys: "

@@ -114,13 +114,16 @@ def test_abort_request_ends_any_dispatchers_request_and_answers_its_owner(rank_o
     ended = [o for batch in sent[0] for o in batch.outputs if o.finish_reason]
     assert [(o.rid, o.finish_reason) for o in ended] == [
         ("a", {"type": "abort", "message": "stop it", "status_code": ABORT_REQUESTED})]
-    _dispatch(board, sched, [_gen("n_0", 1), _gen("n_1", 0), _gen("n_x", 0)])
-    sched.step([AbortReq(rid="n", requested=True)])  # a body's copies (n > 1) go with it
-    assert {"n_0", "n_1"}.isdisjoint(sched.reqs) and "n_x" in sched.reqs
+    copies = [_gen("n_0", 1), _gen("n_1", 0)]
+    for copy in copies:
+        copy.group_rid = "n"  # a body's copies (n > 1) go with it; a lone n_2 does not
+    _dispatch(board, sched, [*copies, _gen("n_2", 0)])
+    sched.step([AbortReq(rid="n", requested=True)])
+    assert {"n_0", "n_1"}.isdisjoint(sched.reqs) and "n_2" in sched.reqs
     sched.step([AbortReq(requested=True, abort_all=True, message="all")])
     assert not sched.reqs
     assert {o.rid for d in (0, 1) for batch in sent[d] for o in batch.outputs
-            if o.finish_reason and o.finish_reason["message"] == "all"} == {"b", "c", "n_x"}
+            if o.finish_reason and o.finish_reason["message"] == "all"} == {"b", "c", "n_2"}
     assert int(board.snapshot().effective_reqs[0]) == 0
 
 

@@ -294,8 +294,14 @@ def test_values_that_ask_for_nothing_are_accepted(server):
                                          "suffix": None})
     assert r.status_code == 200, r.text
     r = post(server, "/generate", {"text": ["x", "y"], "lora_path": [None, None],
-                                   "image_data": None, "return_hidden_states": False,
-                                   "sampling_params": {"max_new_tokens": 1}})
+                                   "image_data": "", "return_hidden_states": False,
+                                   "session_params": {},
+                                   "sampling_params": {"max_new_tokens": 1, "regex": None,
+                                                       "json_schema": None}})
+    assert r.status_code == 200, r.text
+    r = post(server, "/v1/completions", {"prompt": "x", "max_tokens": 1, "top_logprobs": 0,
+                                         "stream": True,
+                                         "stream_options": {"continuous_usage_stats": None}})
     assert r.status_code == 200, r.text
     r = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                                               "max_tokens": 1, "response_format": {"type": "text"},

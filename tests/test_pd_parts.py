@@ -360,8 +360,66 @@ def test_a_prefill_aborted_by_its_api_fails_the_waiting_decode_with_a_503():
         for _ in range(20):
             pd.step(roles=("decode",))
         assert pd.finish_reason("r") is None  # within the grace: waits for prefill's word
+        _fails_as_prefill_failed(pd, "r")
+
+
+def test_a_decode_arriving_after_its_handed_off_prefill_was_aborted_fails_at_once():
+    """Prefill hands off, then its API aborts the request (its client left): the KV is
+    freed at once and the entry stays FAILED, so a decode request arriving later fails
+    with a 503 at once instead of waiting the bootstrap timeout for a prefill that
+    ended (it could tell no route from a prefill not come yet)."""
+    with LocalPD(1, 1, sim_executor_factory("instant", 4096)) as pd:
+        pd.submit("r", [5, 6, 7], greedy(4), room=42, decode=False)
         pd.run()
-        reason = pd.finish_reason("r")
-        assert reason["status_code"] == 503 and "failed the request" in reason["message"], reason
-        pd.step()  # prefill frees the FAILED entry decode released
-        assert not any(pd.leftovers().values()), pd.leftovers()
+        assert pd.schedulers["prefill"][0].pd.num_held == 1
+        pd.ranks_of["r"] = (0, None)
+        pd.abort("r", decode=False)
+        pd.step()
+        assert pd.schedulers["prefill"][0].pd.num_held == 0  # the KV is free
+        pd.submit("r", [5, 6, 7], greedy(4), room=42, prefill=False)
+        _fails_as_prefill_failed(pd, "r")
+
+
+def test_orphaned_rooms_follow_a_restarted_prefill_server():
+    """The prefill server that made the tables died and a new one made new ones (same
+    launch id): the decode API's release switches to them, as the decode ranks do."""
+    import subprocess
+    import sys
+
+    from scheduler.pd import create_tables
+    from server.pd_orphans import OrphanedRooms
+    from shm.bootstrap import BootstrapTable
+    from shm.segment import find_segment, reclaim_stale_segments
+
+    launch = new_launch_id()
+    make = ("import os, sys; from scheduler.pd import create_tables; "
+            f"create_tables({launch!r}, 1, 2); print('made', flush=True); sys.stdin.read()")
+    old = subprocess.Popen([sys.executable, "-c", make], stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        assert old.stdout.readline().strip() == "made"
+        orphans = OrphanedRooms(BootstrapTable.attach(find_segment("route", launch)),
+                                BootstrapTable.attach(find_segment("handoff", launch)), 1.0)
+        old_name = orphans.handoff.name
+        assert not orphans.refresh()  # its maker still runs
+    finally:
+        old.kill()
+        old.wait(10)
+    route, handoff = create_tables(launch, 1, 2)
+    try:
+        orphans.adopt(7, [1, 2])
+        assert orphans.handoff.name == handoff.name != old_name and len(orphans) == 1
+        orphans.close()
+    finally:
+        handoff.close()
+        route.close()
+        reclaim_stale_segments()
+
+
+def _fails_as_prefill_failed(pd: LocalPD, rid: str) -> None:
+    """Run to the end: ``rid`` failed with a 503 naming its prefill, nothing left."""
+    pd.run()
+    reason = pd.finish_reason(rid)
+    assert reason["status_code"] == 503 and "failed the request" in reason["message"], reason
+    pd.step()  # prefill frees the FAILED entry decode released
+    assert not any(pd.leftovers().values()), pd.leftovers()

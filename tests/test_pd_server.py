@@ -260,7 +260,7 @@ def test_kv_held_for_a_dead_decode_rank_is_freed_at_once(tmp_path):
             os.kill(victim, signal.SIGKILL)
             assert all(r.result().status_code == 503 for r in replies)
         _wait_flushed(server, server)
-        assert server.log().count("before taking the KV; freed") == 3, server.log()
+        assert server.log().count("before a decode took the KV; freed") == 3, server.log()
 
 
 def test_kv_held_for_a_lost_decode_rank_of_a_decode_server_is_released(tmp_path):
@@ -313,6 +313,11 @@ def test_kv_for_a_decode_half_refused_or_aborted_before_the_hand_off_is_released
         assert r.status_code == 400 and "prefill server" in r.text, r.text
         assert httpx.post(prefill.url + "/v1/completions", json=echo, timeout=30).status_code == 200
         _wait_flushed(prefill, decode)
+        # One room twice in one body: both servers refuse it, and no KV is held.
+        twice = {"text": ["a", "b"], "bootstrap_room": [11, 11]}
+        for server in (decode, prefill):
+            r = httpx.post(server.url + "/generate", json=twice, timeout=30)
+            assert r.status_code == 400 and "bootstrap_room" in r.text, r.text
         # Parked on decode, aborted, and only then prefilled.
         room = random.getrandbits(63)
         parked = body([5, 6, 8], 4, rid="parked", bootstrap_room=room)

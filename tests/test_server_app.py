@@ -414,8 +414,8 @@ def test_abort_request_ends_a_request_with_what_it_has(client):
     import threading
 
     def long(rid: str, rank: int, out: list, **extra) -> threading.Thread:
-        body = {"text": "x", "rid": rid, "routed_dp_rank": rank, **extra,
-                "sampling_params": {"max_new_tokens": 2000, "ignore_eos": True}}
+        body = {"text": "x", "rid": rid, "routed_dp_rank": rank,
+                "sampling_params": {"max_new_tokens": 2000, "ignore_eos": True}, **extra}
         thread = threading.Thread(target=lambda: out.append(client.post("/generate", json=body)))
         thread.start()
         return thread
@@ -454,6 +454,15 @@ def test_abort_request_ends_a_request_with_what_it_has(client):
     assert last["meta_info"]["finish_reason"] == {"type": "abort", "message": "maintenance"}
     rows = client.get("/get_load").json()
     assert all(row["num_reqs"] == 0 and row["num_tokens"] == 0 for row in rows), rows
+    copies: list = []
+    thread = long("nn", 0, copies, sampling_params={"max_new_tokens": 2000, "ignore_eos": True,
+                                                     "n": 2})
+    try:
+        wait_running(2)
+        assert client.post("/abort_request", json={"rid": "nn"}).status_code == 200
+    finally:
+        thread.join(30)
+    assert [c["meta_info"]["finish_reason"]["type"] for c in copies[0].json()] == ["abort"] * 2
     r = client.post("/abort_request", json={})
     assert r.status_code == 400 and "rid" in r.text
     assert client.post("/abort_request", json={"rid": "nobody"}).status_code == 200
