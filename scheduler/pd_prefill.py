@@ -117,7 +117,8 @@ class PrefillSender(PDRole):
         """
         n = req.prompt_len
         # The first token's top list, when asked: decode's first output carries it.
-        top = req.output_top_logprobs[-1] if req.return_logprob and req.output_top_logprobs else None
+        top = (req.output_top_logprobs[-1]
+               if req.return_logprob and req.output_top_logprobs else None)
         size = self.segment.record_len(n, top)
         off = self.arena.alloc(size)
         if off is None:

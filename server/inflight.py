@@ -37,8 +37,9 @@ class RequestHandle:
     # Ended by /abort_request: its abort finish is the client's answer, not an error.
     abort_requested: bool = False
     # Called once when the handle leaves the registry: True if it ended well (a finish
-    # output, or the route aborted it), False if it failed (its rank was lost, or the
-    # rank aborted it: a timeout, a refusal, a hand-off it could not publish).
+    # output, an abort /abort_request asked for included, or the route aborted it),
+    # False if it failed (its rank was lost, or the rank aborted it: a timeout, a
+    # refusal, a hand-off it could not publish).
     # PD prefill uses it to retire the room's route entry (scheduler.pd_router).
     on_exit: Callable[[bool], None] | None = None
 

@@ -179,7 +179,8 @@ class _ChoiceLogprobs:
 def _check_supported(body: OpenAISampling) -> None:
     name = body.unsupported_field()
     if name is not None:
-        hint = "; /v1/completions takes logprobs: N for the N most likely" if name == "top_logprobs" else ""
+        hint = ("; /v1/completions takes logprobs: N for the N most likely"
+                if name == "top_logprobs" else "")
         raise BadRequest(f"{name} is not supported by this server{hint}")
     if body.rid == "":
         raise BadRequest("rid must not be empty (leave it out and the server makes one)")

@@ -198,7 +198,8 @@ def replay(trace: list[list[TraceReq]], method: str, args) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.compare.balance",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--json", metavar="PATH", type=writable_file, help="also write the ratios to PATH")
+    parser.add_argument("--json", metavar="PATH", type=writable_file,
+                        help="also write the ratios to PATH")
     parser.add_argument("--ranks", type=int, default=4)
     parser.add_argument("--dispatchers", type=int, default=1, help="API processes taking turns")
     parser.add_argument("--steps", type=int, default=300, help="scheduler steps per rank")

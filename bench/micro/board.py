@@ -203,7 +203,8 @@ def bootstrap_us(slots: int = 4096) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.micro.board",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--json", metavar="PATH", type=writable_file, help="write every figure to PATH")
+    parser.add_argument("--json", metavar="PATH", type=writable_file,
+                        help="write every figure to PATH")
     parser.add_argument("--skip-baselines", action="store_true", help="skip the ZMQ and HTTP baselines")
     args = parser.parse_args(argv)
 
