@@ -43,6 +43,23 @@ def writable_file(text: str) -> str:
     return text
 
 
+def log_folder(text: str) -> str:
+    """A folder the run writes server logs into: made now (with its parents) when it does
+    not exist, and checked to be writable, so a bad path stops the tool before the servers
+    start rather than when they do."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a folder path, got ''")
+    try:
+        os.makedirs(text, exist_ok=True)
+    except FileExistsError:
+        raise argparse.ArgumentTypeError(f"{text} is a file; give a folder") from None
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot make {text}: {exc.strerror}") from None
+    if not os.access(text, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"folder {text} cannot be written")
+    return text
+
+
 def sim_profile(text: str) -> str:
     """A simulated accelerator's profile as ``engine.serve --sim-profile`` loads it: a
     name in ``sim/profiles/`` or the path to a profile file (``bench/PROFILES.md``)."""

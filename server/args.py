@@ -425,6 +425,12 @@ def _check_pd_flags(args: ServerArgs) -> None:
                 f"{_flag_name(name)} {getattr(args, name)}: --disaggregation-mode null runs "
                 f"no prefill or decode ranks; the flag is for --disaggregation-mode pd, "
                 f"prefill or decode")
+    if mode == DisaggregationMode.PD and _is_given(args, "disaggregation_bootstrap_port"):
+        raise InvalidServerArgs(
+            f"--disaggregation-bootstrap-port {args.disaggregation_bootstrap_port}: "
+            f"--disaggregation-mode pd runs both halves in this server, which pair through "
+            f"tables of their own; the port names the tables a prefill and a decode server "
+            f"share (--disaggregation-mode prefill / decode)")
 
 
 def _is_given(args: ServerArgs, name: str) -> bool:

@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from bench.cli import positive_int, sim_profile, writable_file
+from bench.cli import log_folder, positive_int, sim_profile, writable_file
 from server_helpers import free_port, write_sim_profile
 
 MISSING_FOLDER = "/nonexistent-dpserve-folder/x.json"
@@ -42,6 +42,26 @@ def test_writable_file_is_checked_without_creating_it(tmp_path):
                      ("", "expected a file path")):
         with pytest.raises(argparse.ArgumentTypeError, match=why):
             writable_file(bad)
+
+
+def test_log_folder_is_made_and_checked_before_the_run(tmp_path):
+    new = tmp_path / "a" / "logs"
+    assert log_folder(str(new)) == str(new) and new.is_dir()
+    a_file = tmp_path / "f.txt"
+    a_file.write_text("")
+    for bad, why in ((str(a_file), "is a file"), (str(a_file / "sub"), "cannot make"),
+                     ("", "expected a folder path")):
+        with pytest.raises(argparse.ArgumentTypeError, match=why):
+            log_folder(bad)
+
+
+def test_calibrate_checks_its_profile_path_before_timing(tmp_path, capsys):
+    from bench.models.calibrate import main
+    with pytest.raises(SystemExit) as exc:  # a folder: refused at once, nothing timed
+        main(["--out", str(tmp_path), "--repeats", "1"])
+    assert exc.value.code == 2
+    err = capsys.readouterr()
+    assert "argument --out" in err.err and "timing" not in err.out
 
 
 def test_sim_profile_is_a_known_name_or_a_profile_file(tmp_path):

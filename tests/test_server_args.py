@@ -99,6 +99,11 @@ def test_pd_flags_are_refused_by_a_plain_server_at_their_default_accepted(flag, 
     default = getattr(ServerArgs(), flag)
     assert getattr(resolve_args(ServerArgs(model_path="tiny", **{flag: default})), flag) == default
     for mode in ("pd", "prefill", "decode"):
+        if mode == "pd" and flag == "disaggregation_bootstrap_port":  # the pair's, not pd's
+            with pytest.raises(InvalidServerArgs, match="--disaggregation-mode pd runs both"):
+                resolve_args(ServerArgs(model_path="tiny", disaggregation_mode=mode,
+                                        **{flag: value}))
+            continue
         assert getattr(resolve_args(ServerArgs(model_path="tiny", disaggregation_mode=mode,
                                                **{flag: value})), flag) == value
 

@@ -102,6 +102,8 @@ def _serve(*flags: str, env: dict | None = None) -> subprocess.CompletedProcess:
     (["--sim-profile", "/nonexistent.json", *NO_MODEL], None, "--sim-profile needs --executor sim"),
     (["--disaggregation-bootstrap-port", "9999", *NO_MODEL], None,
      "--disaggregation-bootstrap-port 9999: --disaggregation-mode null runs no"),
+    (["--disaggregation-mode", "pd", "--disaggregation-bootstrap-port", "9999", *NO_MODEL],
+     None, "--disaggregation-bootstrap-port 9999: --disaggregation-mode pd runs both"),
 ])
 def test_each_bad_flag_is_one_clear_line(flags, env, names):
     done = _serve(*flags, env=env)

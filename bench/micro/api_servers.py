@@ -25,6 +25,7 @@ import time
 
 import httpx
 
+from bench.cli import log_folder, positive_int
 from bench.client.server import ServerProcess, exit_on_sigterm
 from bench.micro.http_stack import cpu_seconds, send
 
@@ -114,13 +115,13 @@ def measure(server: ServerProcess, groups: dict[str, list[int]], num_requests: i
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.micro.api_servers",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("--requests", type=int, default=3000, help="requests per round and server")
-    p.add_argument("--concurrency", type=int, default=32,
+    p.add_argument("--requests", type=positive_int, default=3000, help="requests per round and server")
+    p.add_argument("--concurrency", type=positive_int, default=32,
                    help="kept-alive connections sending at once")
-    p.add_argument("--rounds", type=int, default=3, help="turns each server takes")
+    p.add_argument("--rounds", type=positive_int, default=3, help="turns each server takes")
     p.add_argument("--warmup", type=int, default=500, help="requests before measuring")
-    p.add_argument("--dp-size", type=int, default=4, help="simulated ranks per server")
-    p.add_argument("--log-dir", default=None, help="server logs (default: a temporary folder)")
+    p.add_argument("--dp-size", type=positive_int, default=4, help="simulated ranks per server")
+    p.add_argument("--log-dir", type=log_folder, default=None, help="server logs (default: a temporary folder)")
     return p
 
 

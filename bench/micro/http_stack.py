@@ -22,6 +22,7 @@ import time
 
 import aiohttp
 
+from bench.cli import log_folder, positive_int
 from bench.client.server import ServerProcess, exit_on_sigterm
 
 STACKS = ("fast", "asyncio")
@@ -64,12 +65,12 @@ def measure(server: ServerProcess, num_requests: int, concurrency: int) -> tuple
 def add_load_flags(p: argparse.ArgumentParser, requests: int, what: str) -> None:
     """The load flags of a benchmark built on ``measure``: rounds of ``requests`` one-token
     requests per ``what`` (a stack, a method), after a warm-up."""
-    p.add_argument("--requests", type=int, default=requests,
+    p.add_argument("--requests", type=positive_int, default=requests,
                    help=f"requests per round and {what}")
-    p.add_argument("--concurrency", type=int, default=4, help="clients sending at once")
-    p.add_argument("--rounds", type=int, default=3, help=f"turns each {what} takes")
+    p.add_argument("--concurrency", type=positive_int, default=4, help="clients sending at once")
+    p.add_argument("--rounds", type=positive_int, default=3, help=f"turns each {what} takes")
     p.add_argument("--warmup", type=int, default=300, help="requests before measuring")
-    p.add_argument("--log-dir", default=None, help="server logs (default: a temporary folder)")
+    p.add_argument("--log-dir", type=log_folder, default=None, help="server logs (default: a temporary folder)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.cli import positive_int, writable_file
 from engine.sampling import SamplingParams
 from scheduler.batching import ForwardItem
 from scheduler.config import SchedulerConfig
@@ -198,9 +199,17 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(PROFILE_DIR / "tiny-cpu.json"),
                         help="profile JSON to write (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=7, help="timed runs per batch shape")
+    parser.add_argument("--repeats", type=positive_int, default=7, help="timed runs per batch shape")
     parser.add_argument("--dry-run", action="store_true", help="fit and print, write nothing")
     args = parser.parse_args(argv)
+    if not args.dry_run:  # the profile's path, checked before minutes of timing
+        try:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            writable_file(args.out)
+        except OSError as exc:
+            parser.error(f"argument --out: cannot make {Path(args.out).parent}: {exc.strerror}")
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"argument --out: {exc}")
     print("timing the tiny model's forward pass (1 torch thread) ...")
     profile, q, residuals = calibrate(args.repeats)
     print("\nper shape, measured -> model (worst 8 by relative error):")
