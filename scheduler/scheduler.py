@@ -222,7 +222,8 @@ class Scheduler:
         parked, parked_tokens = self.pd.pending_load()
         self.board_row.publish(len(running) + len(self.waiting) + parked,
                                len(self.waiting) + parked, tokens + parked_tokens,
-                               self.acked_reqs, self.acked_tokens, num_prefill_tokens=prefill)
+                               self.acked_reqs, self.acked_tokens, num_prefill_tokens=prefill,
+                               num_kv_tokens=self.num_kv_in_use)
         self.board_row.heartbeat()
 
     def report_copies(self) -> None:

@@ -418,9 +418,10 @@ class EngineClient:
         """Ranks whose prefix caches requests meet (``RequestHandle.cache_rank``)."""
         return len(self.ranks)
 
-    def load_groups(self) -> list[tuple[str, "LoadBoard"]]:
-        """(role, board) of every rank group this API serves: one, or two in PD mode."""
-        return [(self.role, self.board)]
+    def rank_groups(self) -> list["EngineClient"]:
+        """Every rank group this API serves, each with its ``role``, ``board`` and
+        ``ranks``: itself, or in PD mode its prefill and its decode half."""
+        return [self]
 
     def live_ranks(self) -> list[int]:
         """Ranks a request can go to now: not lost, READY on the board, heartbeat fresh."""

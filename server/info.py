@@ -13,9 +13,12 @@
 - ``/get_load``: a JSON list, one object per rank (sglang-router sums ``num_tokens``);
   ``/v1/loads`` (alias ``/loads``): SGLang's richer shape, as smg polls it. A row says
   its rank's ``role`` (``/get_load``: on a PD server only, plain rows keep SGLang's
-  keys). Loads are
-  the *effective* ones the dispatcher balances on: what the rank reported plus what
-  was dispatched to it and not yet received. Each row has a ``status``: ``ready``,
+  keys). ``num_reqs`` and ``num_tokens`` are
+  the *effective* loads the dispatcher balances on: what the rank reported plus what
+  was dispatched to it and not yet received (``num_tokens``: KV in use plus prompt
+  tokens still to prefill; a PD prefill rank's, the prompt tokens only). Memory is
+  ``num_used_tokens`` and ``token_usage``, as SGLang's: the KV tokens the rank holds for
+  requests, those a PD prefill rank keeps for decode included, and that over its pool. Each row has a ``status``: ``ready``,
   ``starting``, ``draining``, ``stale`` (no heartbeat within ``--stale-after-s``: its
   load is its last report) or ``dead`` (its load is 0: a dead rank holds nothing).
 - ``/flush_cache`` (GET or POST): every rank empties its prefix cache, or the answer
@@ -99,7 +102,7 @@ async def server_info(request: Request) -> Response:
         "device": ready[0].device,
         "version": __version__,
         # PD: which rank roles this server runs and the method each one's dispatch uses.
-        "disaggregation_roles": {role: args.method_for(role) for role, _ in engine.load_groups()},
+        "disaggregation_roles": {g.role: args.method_for(g.role) for g in engine.rank_groups()},
         "status": engine.status,
         "dead_ranks": _down_ranks(engine),
         "ranks": engine.rank_summaries(),
@@ -184,8 +187,8 @@ def _loads(engine: EngineClient) -> list[dict]:
     """One row per rank, each saying its ``role``; a PD front door lists its prefill
     ranks, then its decode ranks."""
     rows = []
-    for role, board in engine.load_groups():
-        rows += _board_loads(board, role, engine.args.stale_ns)
+    for group in engine.rank_groups():
+        rows += _board_loads(group.board, group.role, engine.args.stale_ns)
     return rows
 
 
@@ -206,6 +209,7 @@ def _board_loads(board, role: str, stale_ns: int) -> list[dict]:
         waiting = int(snap.num_waiting_reqs[r]) + max(int(in_flight[r]), 0)
         running = max(int(eff_reqs[r]) - waiting, 0)
         tokens = int(eff_tokens[r])
+        kv_used = int(snap.num_kv_tokens[r])
         capacity = int(snap.max_total_num_tokens[r])
         rows.append({
             "dp_rank": r,
@@ -214,11 +218,11 @@ def _board_loads(board, role: str, stale_ns: int) -> list[dict]:
             "num_waiting_reqs": waiting,
             "num_total_reqs": running + waiting,
             "num_tokens": tokens,
-            "num_used_tokens": tokens,
+            "num_used_tokens": kv_used,
             "num_prefill_tokens": int(eff_prefill[r]),  # prompt tokens not prefilled yet
             "max_total_num_tokens": capacity,
             "max_running_requests": int(snap.max_running_requests[r]),
-            "token_usage": round(tokens / capacity, 4) if capacity > 0 else 0.0,
+            "token_usage": round(kv_used / capacity, 4) if capacity > 0 else 0.0,
             "status": status,
             "role": role,
         })

@@ -2,13 +2,16 @@
 
 Each app has its own ``CollectorRegistry`` (never the process-global one), so two apps
 in one process (tests) do not share or collide.
-- Gauges per ``dp_rank`` are read from the load board at scrape time, so they are as
-  fresh as the ranks' last batch and cost nothing between scrapes:
+- Gauges per ``dp_rank`` and ``engine_type`` (SGLang's label: ``unified`` on a plain
+  server, ``prefill`` or ``decode`` on a PD one; ``--disaggregation-mode pd`` has a row
+  of each for its prefill and its decode ranks) are read from the load boards at scrape
+  time, so they are as fresh as the ranks' last batch and cost nothing between scrapes:
   ``sglang:num_running_reqs``, ``sglang:num_queue_reqs`` (waiting in the rank plus
-  dispatched but not yet received), ``sglang:num_used_tokens`` (the rank's
-  ``num_tokens``: KV tokens in use plus prompt tokens still to prefill; on a PD
-  prefill rank the prompt tokens still to prefill only, see ``scheduler.scheduler``) and
-  ``sglang:token_usage`` (that over the rank's KV pool size).
+  dispatched but not yet received), ``sglang:num_used_tokens`` (KV tokens the rank holds
+  for requests, as SGLang's: running requests' and, on a PD prefill rank, those kept
+  for decode; cached tokens no request reads are free) and ``sglang:token_usage`` (that
+  over the rank's KV pool size). The load the dispatcher balances on, which also counts
+  prompt tokens still to prefill, is ``/get_load``'s ``num_tokens``.
 - Histograms are observed by the engine client as outputs arrive:
   ``sglang:time_to_first_token_seconds``, ``sglang:inter_token_latency_seconds``
   (a batch output carrying k tokens after an interval t counts k intervals of t/k),
@@ -18,8 +21,7 @@ in one process (tests) do not share or collide.
   (``scheduler.stats``), 0 until its first.
 - Prefix cache, per ``dp_rank``, from the finished requests' ``cached_tokens`` as the
   API returns them (a PD request's from its prefill rank, and labelled with it: in
-  ``--disaggregation-mode pd`` these ``dp_rank`` are prefill ranks, the gauges above
-  decode ranks): ``sglang:cached_tokens_total`` (SGLang's counter) and
+  ``--disaggregation-mode pd`` these ``dp_rank`` are prefill ranks): ``sglang:cached_tokens_total`` (SGLang's counter) and
   ``sglang:cache_hit_rate``, cached prompt tokens over prompt tokens of those requests
   since start (0 before any), computed at scrape time from the summed counters
   (``dpserve:cache_prompt_tokens_total`` is its denominator). SGLang's gauge is each
@@ -45,6 +47,7 @@ from starlette.routing import Route
 
 from server.engine_client import EngineClient
 from server.inflight import MetricsObserver
+from scheduler.roles import Role
 from shm.board import RankStatus
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1, 2, 4, 6, 8, 10,
@@ -56,6 +59,8 @@ E2E_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1, 2, 4, 6, 8, 10, 20, 40, 6
 # prometheus_client's multiprocess mode: read when it is imported, so set by the launcher.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 MAX_ITL_OBSERVATIONS = 64  # per output message; a huge batch output is rare
+# SGLang's ``engine_type`` label of a rank's gauges, by the rank's role.
+ENGINE_TYPES = {Role.MIXED: "unified", Role.PREFILL: "prefill", Role.DECODE: "decode"}
 
 
 class BoardCollector:
@@ -69,8 +74,7 @@ class BoardCollector:
 
     def collect(self):
         engine = self.engine
-        snap = engine.board.snapshot()
-        labels = ["model_name", "dp_rank"]
+        labels = ["model_name", "engine_type", "dp_rank"]
         families = {
             "running": GaugeMetricFamily("sglang:num_running_reqs",
                                          "Requests running in the rank's batch", labels=labels),
@@ -78,31 +82,34 @@ class BoardCollector:
                                        "Requests waiting for the rank (queued or in transit)",
                                        labels=labels),
             "used": GaugeMetricFamily("sglang:num_used_tokens",
-                                      "KV tokens in use plus prompt tokens still to prefill",
-                                      labels=labels),
+                                      "KV tokens the rank holds for requests", labels=labels),
             "usage": GaugeMetricFamily("sglang:token_usage", "num_used_tokens / KV pool size",
                                        labels=labels),
             "throughput": GaugeMetricFamily(
                 "sglang:gen_throughput", "Tokens/s the rank decoded over its last "
                 "--decode-log-interval decoding batches", labels=labels),
         }
-        in_flight = snap.in_flight_reqs
-        for r in range(engine.board.num_ranks):
-            values = [engine.args.served_model_name, str(r)]
-            if RankStatus(int(snap.status[r])) == RankStatus.DEAD:
-                # A dead rank runs nothing: its row's last figures are history (as in
-                # /get_load).
-                for name in ("running", "queue", "used", "usage", "throughput"):
-                    families[name].add_metric(values, 0)
-                continue
-            waiting = int(snap.num_waiting_reqs[r])
-            used = int(snap.num_tokens[r])
-            capacity = int(snap.max_total_num_tokens[r])
-            families["running"].add_metric(values, int(snap.num_reqs[r]) - waiting)
-            families["queue"].add_metric(values, waiting + max(int(in_flight[r]), 0))
-            families["used"].add_metric(values, used)
-            families["usage"].add_metric(values, used / capacity if capacity > 0 else 0.0)
-            families["throughput"].add_metric(values, engine.ranks[r].stats.last_gen_throughput)
+        for group in engine.rank_groups():
+            snap = group.board.snapshot()
+            in_flight = snap.in_flight_reqs
+            engine_type = ENGINE_TYPES[group.role]
+            for r in range(group.board.num_ranks):
+                values = [engine.args.served_model_name, engine_type, str(r)]
+                if RankStatus(int(snap.status[r])) == RankStatus.DEAD:
+                    # A dead rank runs nothing: its row's last figures are history (as in
+                    # /get_load).
+                    for name in ("running", "queue", "used", "usage", "throughput"):
+                        families[name].add_metric(values, 0)
+                    continue
+                waiting = int(snap.num_waiting_reqs[r])
+                used = int(snap.num_kv_tokens[r])
+                capacity = int(snap.max_total_num_tokens[r])
+                families["running"].add_metric(values, int(snap.num_reqs[r]) - waiting)
+                families["queue"].add_metric(values, waiting + max(int(in_flight[r]), 0))
+                families["used"].add_metric(values, used)
+                families["usage"].add_metric(values, used / capacity if capacity > 0 else 0.0)
+                families["throughput"].add_metric(values,
+                                                  group.ranks[r].stats.last_gen_throughput)
         return list(families.values())
 
 

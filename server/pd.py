@@ -223,7 +223,7 @@ class PDEngineClient:
         self.model_config = decode.model_config
         self.context_len = min(prefill.context_len, decode.context_len)
         self.max_total_num_tokens = decode.max_total_num_tokens
-        self.board = decode.board  # /metrics gauges: the decode ranks
+        self.board = decode.board
         self.ranks = decode.ranks
         self.num_prefill_ranks = len(prefill.ranks)  # disagg_prefill_dp_rank's range
         self.started_at = decode.started_at
@@ -369,8 +369,8 @@ class PDEngineClient:
     def internal_state_groups(self) -> dict[str, list[dict]]:
         return {**self.prefill.internal_state_groups(), **self.decode.internal_state_groups()}
 
-    def load_groups(self) -> list:
-        return self.prefill.load_groups() + self.decode.load_groups()
+    def rank_groups(self) -> list[EngineClient]:
+        return [self.prefill, self.decode]
 
 
 def _with_prefill_half(out, prefill_out):

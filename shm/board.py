@@ -54,8 +54,8 @@ import numpy as np
 from shm.board_layout import (ACKED, BASE_PREFILL, BASE_REQS, BASE_TOKENS, H_DISP_OFF, H_MAGIC,
                               H_NUM_DISP, H_NUM_RANKS, H_ROW_LEN, H_VERSION, HEADER_LEN,
                               HEARTBEAT_COL, LAYOUT_VERSION, LOAD_COLS, MAGIC, MAX_RUNNING,
-                              MAX_TOTAL_TOKENS, NUM_PREFILL, NUM_REQS, NUM_TOKENS, NUM_WAITING,
-                              PID, SEQ, STATUS_COL, BoardLayout, RankStatus)
+                              MAX_TOTAL_TOKENS, NUM_KV, NUM_PREFILL, NUM_REQS, NUM_TOKENS,
+                              NUM_WAITING, PID, SEQ, STATUS_COL, BoardLayout, RankStatus)
 from shm.board_liveness import Liveness
 from shm.segment import SharedSegment, ShmLayoutError, segment_name
 
@@ -91,6 +91,7 @@ class BoardSnapshot:
     num_waiting_reqs: np.ndarray
     num_tokens: np.ndarray
     num_prefill_tokens: np.ndarray  # prompt tokens not prefilled yet
+    num_kv_tokens: np.ndarray  # KV slots held for requests (memory, not load)
     max_total_num_tokens: np.ndarray
     max_running_requests: np.ndarray
     heartbeat_ns: np.ndarray
@@ -250,6 +251,7 @@ class LoadBoard:
         return BoardSnapshot(
             num_reqs=rows[:, NUM_REQS], num_waiting_reqs=rows[:, NUM_WAITING],
             num_tokens=rows[:, NUM_TOKENS], num_prefill_tokens=rows[:, NUM_PREFILL],
+            num_kv_tokens=rows[:, NUM_KV],
             max_total_num_tokens=rows[:, MAX_TOTAL_TOKENS],
             max_running_requests=rows[:, MAX_RUNNING], heartbeat_ns=self._heartbeats.copy(),
             status=self._statuses.copy(), pid=rows[:, PID],

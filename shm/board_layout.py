@@ -13,9 +13,10 @@ little-endian)::
     +-----+-----------+-----------+------------+----------+----------+----------+-----------+
     | seq | base_reqs | base_toks | base_pfill | num_reqs | num_wait | num_toks | num_pfill | ...
     +-----+-----------+-----------+------------+----------+----------+----------+-----------+
-      ... | max_tok | max_run | pid | acked_reqs[0..D) | acked_tokens[0..D) | pad |
+      ... | max_tok | max_run | pid | num_kv | acked_reqs[0..D) | acked_tokens[0..D) | pad |
       column: SEQ, BASE_REQS, BASE_TOKENS, BASE_PREFILL, NUM_REQS, NUM_WAITING, NUM_TOKENS,
-              NUM_PREFILL, MAX_TOTAL_TOKENS, MAX_RUNNING, PID, ACKED + d, ACKED + D + d
+              NUM_PREFILL, MAX_TOTAL_TOKENS, MAX_RUNNING, PID, NUM_KV, ACKED + d,
+              ACKED + D + d
 
     liveness block at live_off = HEADER_LEN + N * row_len, column-major (each column
     padded to live_col_len = N rounded up to 8; cell r of a column is rank r's):
@@ -38,6 +39,9 @@ Who writes what (exactly one writer per cell; ``+=`` on shared memory is not ato
   sum(acked_tokens)`` are derived by the writer so that a reader needs one cell per
   quantity, not 1 + 2D, to get the rank's load net of what it has acknowledged.
   ``num_pfill``: the prompt tokens the rank has yet to prefill (queued or mid-prefill).
+  ``num_kv``: the KV slots the rank holds for requests (its pool's use less the cached
+  tokens no request reads), KV a PD prefill rank keeps for decode included: memory, where
+  ``num_toks`` is load (never balanced on; ``/get_load``'s ``token_usage``).
 - ``heartbeat_ns[r]`` (CLOCK_MONOTONIC, shared by all processes on the node, so it only
   grows, also across a restart of the rank) and ``status[r]``: rank r's scheduler, as
   single-cell stores outside the seqlock; the launcher may set ``status`` to DEAD only
@@ -53,15 +57,15 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 MAGIC = 0x445053_424F415244  # "DPS" "BOARD"
-LAYOUT_VERSION = 3
+LAYOUT_VERSION = 4
 HEADER_LEN = 8
 H_MAGIC, H_VERSION, H_NUM_RANKS, H_NUM_DISP, H_ROW_LEN, H_DISP_OFF, H_DISP_LEN, H_OWNER = range(8)
 
 # Rank-row columns.
 SEQ, BASE_REQS, BASE_TOKENS, BASE_PREFILL = range(4)
 NUM_REQS, NUM_WAITING, NUM_TOKENS, NUM_PREFILL = range(4, 8)
-MAX_TOTAL_TOKENS, MAX_RUNNING, PID = range(8, 11)
-ACKED = 11  # acked_reqs[0..D) then acked_tokens[0..D)
+MAX_TOTAL_TOKENS, MAX_RUNNING, PID, NUM_KV = range(8, 12)
+ACKED = 12  # acked_reqs[0..D) then acked_tokens[0..D)
 LOAD_COLS = BASE_PREFILL + 1  # seq and the three base columns: what a pick reads
 # Liveness-block columns (cell offsets from live_off are column * live_col_len + rank).
 HEARTBEAT_COL, STATUS_COL = 0, 1

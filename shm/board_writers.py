@@ -12,7 +12,8 @@ import time
 from typing import TYPE_CHECKING, Sequence
 
 from shm.board_layout import (BASE_PREFILL, BASE_REQS, BASE_TOKENS, MAX_RUNNING,
-                              MAX_TOTAL_TOKENS, NUM_PREFILL, NUM_REQS, NUM_TOKENS, NUM_WAITING, PID,
+                              MAX_TOTAL_TOKENS, NUM_KV, NUM_PREFILL, NUM_REQS, NUM_TOKENS,
+                              NUM_WAITING, PID,
                               SEQ, RankStatus)
 
 if TYPE_CHECKING:
@@ -39,14 +40,15 @@ class RankWriter:
 
     def publish(self, num_reqs: int, num_waiting_reqs: int, num_tokens: int,
                 acked_reqs: Sequence[int], acked_tokens: Sequence[int], *,
-                num_prefill_tokens: int) -> None:
+                num_prefill_tokens: int, num_kv_tokens: int) -> None:
         """Store the load and the per-dispatcher acknowledged totals, atomically to readers.
 
         ``acked_reqs[d]``/``acked_tokens[d]``: how many requests (and their dispatched
         token counts) from dispatcher d this rank has received so far, all of which
         are already inside ``num_reqs``/``num_tokens`` or finished. They only grow.
         ``num_prefill_tokens``: prompt tokens received and not prefilled yet (0 on a
-        rank that prefills nothing, such as a PD decode rank).
+        rank that prefills nothing, such as a PD decode rank). ``num_kv_tokens``: KV
+        slots held for requests (``shm.board_layout``'s ``num_kv``).
         """
         d = self._d
         if len(acked_reqs) != d or len(acked_tokens) != d:
@@ -62,6 +64,7 @@ class RankWriter:
         mv[b + NUM_WAITING] = num_waiting_reqs
         mv[b + NUM_TOKENS] = num_tokens
         mv[b + NUM_PREFILL] = num_prefill_tokens
+        mv[b + NUM_KV] = num_kv_tokens
         for i in range(d):
             mv[self._acked_reqs[i]] = acked_reqs[i]
             mv[self._acked_tokens[i]] = acked_tokens[i]

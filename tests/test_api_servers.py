@@ -373,8 +373,8 @@ def _rank_proc(board_name: str, r: int, seed: int, inbox, finish) -> None:
         acked_tokens[d] += tokens
         held, held_tokens = held + 1, held_tokens + tokens
         row.publish(held, held, held_tokens, acked_reqs, acked_tokens,
-                    num_prefill_tokens=held_tokens)
-    row.publish(0, 0, 0, acked_reqs, acked_tokens, num_prefill_tokens=0)
+                    num_prefill_tokens=held_tokens, num_kv_tokens=0)
+    row.publish(0, 0, 0, acked_reqs, acked_tokens, num_prefill_tokens=0, num_kv_tokens=0)
     del row
     board.close()
 

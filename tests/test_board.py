@@ -14,8 +14,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 import numpy as np
 
 from shm.board import LoadBoard, RankStatus
-from shm.board_layout import (ACKED, BASE_REQS, BASE_TOKENS, LOAD_COLS, NUM_PREFILL, NUM_REQS,
-                              NUM_TOKENS, NUM_WAITING)
+from shm.board_layout import (ACKED, BASE_REQS, BASE_TOKENS, LOAD_COLS, NUM_KV, NUM_PREFILL,
+                              NUM_REQS, NUM_TOKENS, NUM_WAITING)
 from shm.segment import new_launch_id
 from tests.board_helpers import read_effective
 
@@ -47,7 +47,7 @@ class SimScheduler:
     def publish(self):
         reqs, toks = len(self.running), sum(self.running)
         self.writer.publish(reqs, 0, toks, self.acked_reqs, self.acked_tokens,
-                            num_prefill_tokens=0)
+                            num_prefill_tokens=0, num_kv_tokens=toks)
         self.published = (reqs, toks, list(self.acked_reqs), list(self.acked_tokens))
 
 
@@ -210,15 +210,15 @@ def _hammer(name: str, stop, started) -> None:
             k += 1
             # Every field is a function of k, so a torn row is detectable.
             writers[k % len(writers)].publish(k, k % 7, 3 * k, [k // 2], [k],
-                                              num_prefill_tokens=5 * k)
+                                              num_prefill_tokens=5 * k, num_kv_tokens=2 * k)
     del writers
     board.close()
 
 
-def _row_is_whole(num_reqs, waiting, tokens, acked_reqs, acked_tokens, prefill) -> bool:
+def _row_is_whole(num_reqs, waiting, tokens, acked_reqs, acked_tokens, prefill, kv) -> bool:
     k = num_reqs
     return (waiting == k % 7 and tokens == 3 * k and acked_reqs == k // 2 and acked_tokens == k
-            and prefill == 5 * k)
+            and prefill == 5 * k and kv == 2 * k)
 
 
 def _fast_row_is_whole(base_reqs: int, base_tokens: int) -> bool:
@@ -258,7 +258,8 @@ def test_no_torn_reads_while_another_process_writes_flat_out():
                         k = int(snap.num_reqs[r])
                         torn += not _row_is_whole(k, int(snap.num_waiting_reqs[r]), int(snap.num_tokens[r]),
                                                   int(snap.acked_reqs[r, 0]), int(snap.acked_tokens[r, 0]),
-                                                  int(snap.num_prefill_tokens[r]))
+                                                  int(snap.num_prefill_tokens[r]),
+                                                  int(snap.num_kv_tokens[r]))
                     seen.add(int(snap.num_reqs[3]))
                     rows_checked += 8
             # Control: the same check on rows copied without the seqlock does catch
@@ -269,7 +270,8 @@ def test_no_torn_reads_while_another_process_writes_flat_out():
                 layout = board.layout
                 rows = np.asarray(board.cells)[layout.row(0):layout.live_off].reshape(
                     board.num_ranks, layout.row_len).copy()
-                unprotected_torn += sum(not _row_is_whole(*(int(row[c]) for c in (NUM_REQS, NUM_WAITING, NUM_TOKENS, ACKED, ACKED + 1, NUM_PREFILL)))
+                unprotected_torn += sum(not _row_is_whole(*(int(row[c]) for c in (NUM_REQS, NUM_WAITING, NUM_TOKENS, ACKED, ACKED + 1, NUM_PREFILL,
+                                                                           NUM_KV)))
                                         for row in rows)
         finally:
             stop.set()

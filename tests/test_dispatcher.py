@@ -124,7 +124,8 @@ class SimRank:
     def publish(self) -> None:
         prefill = sum(r.counted_tokens for r in self.running if not r.prefilled)
         self.writer.publish(len(self.running), 0, sum(r.kv_tokens for r in self.running),
-                            self.acked_reqs, self.acked_tokens, num_prefill_tokens=prefill)
+                            self.acked_reqs, self.acked_tokens, num_prefill_tokens=prefill,
+                            num_kv_tokens=sum(r.kv_tokens for r in self.running))
         self.writer.heartbeat()
         for req in self.running:
             req.board_tokens = req.kv_tokens
@@ -546,7 +547,7 @@ def _ack_everything_dispatched(board: LoadBoard, writers: list) -> int:
         acked_reqs = snap.dispatched_reqs[:, r].tolist()
         acked_tokens = snap.dispatched_tokens[:, r].tolist()
         writer.publish(sum(acked_reqs), 0, sum(acked_tokens), acked_reqs, acked_tokens,
-                       num_prefill_tokens=0)
+                       num_prefill_tokens=0, num_kv_tokens=sum(acked_tokens))
         writer.heartbeat()
     per_rank = snap.dispatched_reqs.sum(axis=0)
     return int(per_rank.max() - per_rank.min())

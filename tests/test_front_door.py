@@ -106,7 +106,7 @@ def assert_nothing_left(engine) -> None:
     deadline = time.monotonic() + 5
     while True:
         loads = [(int(s.effective_reqs.sum()), int(s.effective_tokens.sum()))
-                 for s in (board.snapshot() for _, board in engine.load_groups())]
+                 for s in (g.board.snapshot() for g in engine.rank_groups())]
         rooms = engine.prefill.router.num_rooms if hasattr(engine, "prefill") else 0
         registered = sum(len(c.inflight) for c in _clients(engine))
         if (all(load == (0, 0) for load in loads) and rooms == 0 and registered == 0) \

@@ -257,10 +257,27 @@ def test_kv_held_for_a_dead_decode_rank_is_freed_at_once(tmp_path):
                                    json=body([5, 6, 7 + i], 4, routed_dp_rank=0))
                        for i in range(3)]
             time.sleep(1.0)  # their prefill (instant here) is done: prefill holds the KV
+            # 3 prompts of 3 tokens, their first two ([5, 6]) held once by the prefix cache
+            _assert_prefill_shows_held_kv(server.url, at_least=5)
             os.kill(victim, signal.SIGKILL)
             assert all(r.result().status_code == 503 for r in replies)
         _wait_flushed(server, server)
         assert server.log().count("before a decode took the KV; freed") == 3, server.log()
+
+
+def _assert_prefill_shows_held_kv(url: str, at_least: int) -> None:
+    """KV a prefill rank keeps for decode is memory in use (``num_used_tokens``,
+    ``token_usage``, and the ``engine_type="prefill"`` gauge), not load (``num_tokens``)."""
+    row = next(r for r in httpx.get(url + "/v1/loads", timeout=5).json()["loads"]
+               if r["role"] == "prefill")
+    assert row["num_used_tokens"] >= at_least and row["token_usage"] > 0, row
+    assert row["num_tokens"] == 0, row
+    gauges = [line for line in httpx.get(url + "/metrics", timeout=5).text.splitlines()
+              if line.startswith("sglang:num_used_tokens{")]
+    assert len(gauges) == 3, gauges  # one prefill and two decode ranks
+    prefill = next(line for line in gauges if 'engine_type="prefill"' in line)
+    assert float(prefill.rsplit(" ", 1)[1]) == row["num_used_tokens"], gauges
+    assert sum('engine_type="decode"' in line for line in gauges) == 2, gauges
 
 
 def test_kv_held_for_a_lost_decode_rank_of_a_decode_server_is_released(tmp_path):

@@ -115,7 +115,8 @@ class TraceRank:
 
     def publish(self) -> None:
         self.writer.publish(len(self.running), 0, sum(e[0] for e in self.running),
-                            self.acked_reqs, self.acked_tokens, num_prefill_tokens=0)
+                            self.acked_reqs, self.acked_tokens, num_prefill_tokens=0,
+                            num_kv_tokens=sum(e[0] for e in self.running))
         self.writer.heartbeat()
 
     def load(self) -> tuple[int, int]:

@@ -143,7 +143,8 @@ def _publisher(name: str, rows_per_s: int, stop, started) -> None:
         for _ in range(100):  # 100 rows, then pace to the target rate
             k += 1
             writers[k % len(writers)].publish(k % 50, 0, k % 5000, [0], [0],
-                                              num_prefill_tokens=k % 500)
+                                              num_prefill_tokens=k % 500,
+                                              num_kv_tokens=k % 4500)
         t_next += 100 / rows_per_s
         delay = t_next - time.perf_counter()
         if delay > 0:
