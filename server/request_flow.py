@@ -173,7 +173,11 @@ class RunningRequest:
             ids = ids[:-1]
         text = self.engine.tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)
         if trim and isinstance(matched, str):
-            text = trim_stop_str(text, matched)
+            unchecked = ""  # the text of the tokens before min_new_tokens: never searched
+            if params.min_new_tokens > 1:
+                unchecked = self.engine.tokenizer.decode(
+                    ids[:params.min_new_tokens - 1], skip_special_tokens=params.skip_special_tokens)
+            text = trim_stop_str(text, matched, ends_after=len(unchecked))
         return text
 
 

@@ -723,3 +723,27 @@ def test_a_stream_never_sends_text_a_stop_string_then_cuts(client):
     events = sse_events(client.post("/v1/chat/completions", json={
         **chat, "stop": text[i:i + 2], "stream": True}).text)
     assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == text[:i]
+
+
+def test_a_stop_string_seen_before_min_tokens_is_not_where_the_text_ends(client):
+    """With min_tokens, stop strings in the first tokens are not checked (and are
+    streamed); the text ends at the occurrence that did stop it, streamed or not."""
+    def text_of(rid, n):  # sim tokens depend only on the rid and the position
+        body = {"prompt": "Once", "max_tokens": n, "rid": rid}
+        return client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+
+    m = 12
+    for rid in (f"stop-min-{k}" for k in range(20)):
+        text = text_of(rid, 32)
+        unchecked = text_of(rid, m - 1)  # the first m - 1 tokens' text: never checked
+        stops = [c for c in unchecked if c.isascii() and c.isprintable()
+                 and c in text[len(unchecked):]]
+        if stops:
+            break
+    stop = stops[0]
+    j = text.index(stop, len(unchecked))
+    asked = {"prompt": "Once", "max_tokens": 32, "rid": rid, "stop": [stop], "min_tokens": m}
+    whole = client.post("/v1/completions", json=asked).json()["choices"][0]
+    assert whole["text"] == text[:j] and whole["finish_reason"] == "stop", (stop, text)
+    events = sse_events(client.post("/v1/completions", json={**asked, "stream": True}).text)
+    assert "".join(e["choices"][0]["text"] for e in events) == text[:j]
