@@ -66,6 +66,9 @@ def sample_tensors(
             _apply_logit_bias(logits[i], row)
             _apply_penalties(logits[i], row)
             _mask_early_stop(logits[i], row, eos_token_ids)
+        # A tiny repetition_penalty divides a logit past the dtype's range: +inf would
+        # turn softmax into NaN. The largest finite value keeps the order it meant.
+        logits.clamp_(max=torch.finfo(logits.dtype).max)
     greedy = [row.params.is_greedy for row in rows]
     if all(greedy):
         return logits.argmax(dim=-1), logits
@@ -74,7 +77,8 @@ def sample_tensors(
         dtype=logits.dtype,
         device=logits.device,
     )
-    scaled = logits / temps[:, None]
+    # (again here: a huge logit over a small temperature overflows as well)
+    scaled = (logits / temps[:, None]).clamp_(max=torch.finfo(logits.dtype).max)
     probs = _filtered_probs(scaled, rows)
     drawn = (probs / _exponential_noise(probs, rows, generator)).argmax(dim=-1)
     is_greedy = torch.tensor(greedy, device=logits.device)

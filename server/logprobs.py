@@ -27,7 +27,7 @@ MIN_LOGPROB = -9999.0
 def finite(logprob: float | None) -> float | None:
     if logprob is None or math.isfinite(logprob):
         return logprob
-    return MIN_LOGPROB if logprob < 0 else 0.0
+    return 0.0 if logprob > 0 else MIN_LOGPROB  # NaN is no probability of 1
 
 
 class TokenTexts:

@@ -154,6 +154,17 @@ def test_repetition_penalty_discourages_seen_tokens():
     assert sample(logits, [row], EOS)[0] == [0]
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_a_tiny_repetition_penalty_keeps_the_distribution_a_distribution(temperature):
+    """Dividing a seen positive logit by 1e-40 overflows float32: the sampler keeps it the
+    largest finite value, so the seen token is favoured, not every logprob NaN."""
+    logits = torch.tensor([[2.0, 1.0, -1.0, 0.5]])
+    row = SampleRow(SamplingParams(temperature=temperature, repetition_penalty=1e-40,
+                                   sampling_seed=3), prompt_ids=[1])
+    ids, logprobs = sample(logits, [row], EOS, return_logprob=True)
+    assert ids == [1] and math.isfinite(logprobs[0]) and logprobs[0] <= 0.0
+
+
 def test_frequency_and_presence_penalties_use_output_counts():
     logits = torch.tensor([[2.0, 1.5, 0.0]])
     freq = SampleRow(SamplingParams(temperature=0.0, frequency_penalty=0.3), output_ids=[0, 0])
