@@ -8,7 +8,9 @@ likely first; None where unknown), and the prompt's logprobs from
 - SGLang ``/generate``: entries ``[logprob, token_id, text or None]`` (text with
   ``return_text_in_logprobs``); a top list per position (None for position 0).
 - OpenAI completions: ``{tokens, token_logprobs, top_logprobs, text_offset}``, the top
-  lists as ``{token text: logprob}``; ``echo`` puts the prompt's positions first.
+  lists as ``{token text: logprob}``; ``echo`` puts the prompt's positions first. A
+  token that is part of a multi-byte character is named ``bytes:\\xHH...``, as OpenAI
+  does (its text alone would be U+FFFD, the same for every such token).
 - OpenAI chat: ``{"content": [{token, logprob, bytes, top_logprobs: [...]}]}``; ``bytes``
   are the token's own (a client joins them to rebuild a character split over tokens).
 
@@ -18,6 +20,7 @@ JSON has no infinity: a logprob of -inf (a token the sampler masked) is sent as
 
 from __future__ import annotations
 
+import codecs
 import math
 from collections.abc import Sequence
 
@@ -44,6 +47,18 @@ class TokenTexts:
             text = self._cache[token_id] = self.tokenizer.decode([token_id],
                                                                  skip_special_tokens=False)
         return text
+
+    def label(self, token_id: int) -> str:
+        """The token as OpenAI's completions name it: its text, or for a part of a
+        multi-byte character (alone it reads U+FFFD) ``bytes:`` and its bytes as
+        ``\\xHH``, so distinct byte tokens keep distinct names."""
+        text = self(token_id)
+        if "\ufffd" not in text:
+            return text
+        raw = self.raw(token_id)
+        if raw == text.encode():  # a real U+FFFD, or bytes the vocabulary does not spell
+            return text
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
     def raw(self, token_id: int) -> bytes:
         """The token's own bytes: those of a part of a multi-byte character too, whose
@@ -79,20 +94,23 @@ def sglang_logprobs(texts: TokenTexts, p, scored_prompt: Sequence[int], with_tex
 # ---- OpenAI -------------------------------------------------------------------------------
 class CompletionLogprobs:
     """Builds ``choices[].logprobs`` of completions, whole or a streamed chunk at a time;
-    ``text_offset`` runs on across chunks, from the start of the choice's text."""
+    ``text_offset`` runs on across chunks, from the start of the choice's text: each
+    token's is the number of characters its earlier tokens' bytes make (a character
+    split over tokens counts once, from its last; its parts share the offset where it
+    starts)."""
 
     def __init__(self, texts: TokenTexts):
         self.texts = texts
         self.offset = 0
+        self._chars = codecs.getincrementaldecoder("utf-8")("replace")
 
     def part(self, ids: Sequence[int], logprobs: Sequence[float | None],
              tops: Sequence) -> dict:
         tokens, offsets = [], []
         for tid in ids:
-            text = self.texts(tid)
-            tokens.append(text)
+            tokens.append(self.texts.label(tid))
             offsets.append(self.offset)
-            self.offset += len(text)
+            self.offset += len(self._chars.decode(self.texts.raw(tid)))
         return {"tokens": tokens,
                 "token_logprobs": [finite(lp) for lp in _padded(logprobs, len(ids))],
                 "top_logprobs": [self._top(top) for top in _padded(tops, len(ids))],
@@ -102,8 +120,8 @@ class CompletionLogprobs:
         if top is None:
             return None
         out: dict[str, float] = {}
-        for lp, tid in top:  # most likely first: two ids with one text keep the larger
-            out.setdefault(self.texts(tid), finite(lp))
+        for lp, tid in top:  # most likely first: two ids with one name keep the larger
+            out.setdefault(self.texts.label(tid), finite(lp))
         return out
 
 

@@ -139,7 +139,7 @@ def test_lm_eval_loglikelihood_request(server, reference, max_tokens):
         (value,) = lp["top_logprobs"][p].values()  # logprobs: 1
         assert value == pytest.approx(float(reference[p - 1].max()), abs=TOL)
     assert lp["text_offset"] == sorted(lp["text_offset"]) and lp["text_offset"][0] == 0
-    assert choice["text"].startswith("".join(lp["tokens"][:len(PROMPT)]))
+    _assert_tokens_at_their_offsets(choice["text"], lp)
     usage = r.json()["usage"]
     assert (usage["prompt_tokens"], usage["completion_tokens"]) == (len(PROMPT), max_tokens)
 
@@ -150,6 +150,14 @@ def test_echo_of_a_text_prompt(server):
     assert r.status_code == 200 and r.json()["choices"][0]["text"].startswith("Hello there")
     r = post(server, "/v1/completions", {"prompt": "Hello there", "echo": True, "max_tokens": 0})
     assert r.json()["choices"][0]["text"] == "Hello there"
+
+
+def _assert_tokens_at_their_offsets(text: str, lp: dict) -> None:
+    """Each token named by its text is that text at its ``text_offset`` (a byte token,
+    ``bytes:\\xHH``, is a part of a character the text shows whole, or as U+FFFD)."""
+    for token, offset in zip(lp["tokens"], lp["text_offset"]):
+        if not token.startswith("bytes:"):
+            assert text[offset:offset + len(token)] == token, (token, offset, text)
 
 
 def _joined(chunks: list[dict]) -> dict:
@@ -195,6 +203,22 @@ def test_chat_logprobs_streamed_and_not(server):
                                                    "logit_bias": {"240": 100}}).json()
     items = forced["choices"][0]["logprobs"]["content"]
     assert [(x["token"], x["bytes"]) for x in items] == [("\ufffd", [240])] * 2
+
+
+def test_completion_logprobs_of_a_character_split_over_tokens(server):
+    """Byte tokens of one character are named by their bytes (distinct names, so a top
+    list keeps k entries), share the character's offset, and every later
+    ``text_offset`` points at its token in the text."""
+    body = {"prompt": "\U0001f40d is a snake", "echo": True, "logprobs": 5, "max_tokens": 0}
+    choice = post(server, "/v1/completions", body).json()["choices"][0]
+    text, lp = choice["text"], choice["logprobs"]
+    assert text == "\U0001f40d is a snake"
+    parts = [t for t in lp["tokens"] if t.startswith("bytes:")]
+    assert parts and "".join(parts).count("\\x") == 4  # the snake's 4 UTF-8 bytes
+    assert "".join(t for t in lp["tokens"] if not t.startswith("bytes:")) == text[1:]
+    assert all(o == 0 for t, o in zip(lp["tokens"], lp["text_offset"]) if t.startswith("bytes:"))
+    _assert_tokens_at_their_offsets(text, lp)
+    assert all(len(top) == 5 for top in lp["top_logprobs"][1:]), lp["top_logprobs"]
 
 
 # ---- logit_bias and unimplemented fields ----------------------------------------------
