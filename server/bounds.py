@@ -164,9 +164,10 @@ def check_prepared(engine: EngineClient, prepared: list[PreparedRequest]) -> Non
             rooms.add(p.bootstrap_room)
     if entries > MAX_LOGPROB_ENTRIES:
         raise BadRequest(f"the body asks for {entries} logprob entries ((prompt positions "
-                         "scored + new tokens) x (1 + top logprobs), over its requests); at "
-                         f"most {MAX_LOGPROB_ENTRIES}: ask for fewer top logprobs, tokens "
-                         "or requests")
+                         "scored + new tokens) x (1 + top logprobs), over its requests; new "
+                         "tokens: max_tokens, or all the context left where it is not given); "
+                         f"at most {MAX_LOGPROB_ENTRIES}: give max_tokens, or ask for fewer "
+                         "top logprobs, tokens or requests")
 
 def query_int(request: Request, name: str, lo: int, hi: int) -> int | None:
     """An optional integer query parameter in [lo, hi]; anything else is a 400."""
