@@ -99,7 +99,8 @@ class RunningRequest:
         return self._logged_progress() if self.engine.args.log_requests else self._progress()
 
     async def _logged_progress(self) -> AsyncIterator[Progress]:
-        last, ended = None, "ended: the client disconnected"
+        # Closed before its finish: its client left, or another request of its body failed.
+        last, ended = None, "ended: closed before its finish (client gone, or its body failed)"
         try:
             async with aclosing(self._progress()) as steps:
                 async for last in steps:
