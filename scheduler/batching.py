@@ -36,7 +36,7 @@ def select_batch(
 ) -> list[ForwardItem]:
     """Build the next batch; admitted requests move from ``waiting`` to ``running``.
 
-    ``try_reserve(req)`` reserves the request's whole KV and returns False if the pool
+    ``try_reserve(req)`` reserves the request's KV and returns False if the pool
     cannot hold it now (admission then stops, keeping arrival order: no overtaking).
     """
     items: list[ForwardItem] = []
@@ -61,4 +61,4 @@ def select_batch(
 
 def _prefill_item(req: Req, budget: int) -> ForwardItem:
     tokens = req.tokens_to_compute(budget)
-    return ForwardItem(req, tokens, req.num_computed, req.num_computed + len(tokens) == req.prompt_len)
+    return ForwardItem(req, tokens, req.num_computed, req.num_computed + len(tokens) == req.fill_len)

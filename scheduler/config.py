@@ -25,6 +25,8 @@ class SchedulerConfig:
     max_running_requests: int | None = None
     max_total_tokens: int | None = None
     chunked_prefill_size: int = 512
+    # KV reserved at admission for a request's new tokens, at most (scheduler.request).
+    clip_max_new_tokens_estimation: int = 4096
     context_length: int | None = None
     random_seed: int = 0
     # How often an idle rank wakes to refresh its heartbeat; the dispatcher treats a

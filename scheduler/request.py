@@ -5,9 +5,15 @@ them have their KV in ``slots``. A prefilling request has ``num_computed <
 prompt_len``; a decoding one has every token but the newest sampled one computed, so
 each decode step computes exactly one token and samples the next.
 
-KV is reserved at admission for the whole request (prompt + max_new_tokens, capped by
-the context length), so a running request never waits for memory and nothing is ever
-preempted; the slots go back to the pool the moment the request finishes or aborts.
+KV is reserved at admission for the prompt and up to ``reserve_new`` new tokens
+(``--clip-max-new-tokens-estimation``; the request's ``max_new_tokens`` when fewer, so
+a request that names a modest limit is never short of memory). One that decodes past
+its reservation grows it as it goes; when the pool has no room left for that, the
+scheduler *retracts* the newest running request: its KV goes back (what it computed into
+the prefix cache), it returns to the head of the queue with its output so far, and is
+computed again when admitted (``recompute_len``: every token it knows, prompt and
+output, before it samples the next; the prompt's logprobs are not scored twice). The
+slots go back to the pool the moment a request finishes or aborts.
 """
 
 from __future__ import annotations
@@ -52,6 +58,10 @@ class Req:
     # counts only the rest as its load (the cached part is evictable until admission
     # locks it), so a rank is not charged a whole prompt for a hit it will mostly reuse.
     queued_cached: int = 0
+    # Retracted (module docstring): the tokens, prompt and output, to compute again
+    # before the next sample (0: never retracted); and how many times it was.
+    recompute_len: int = 0
+    num_retractions: int = 0
     # PD prefill: the KV is held for decode after the hand-off (freed by the PD role).
     kv_held: bool = False
     finish_reason: FinishReason | None = None
@@ -76,8 +86,14 @@ class Req:
         return len(self.input_ids) + len(self.output_ids)
 
     @property
+    def fill_len(self) -> int:
+        """The tokens to compute before the first sample: the prompt, or (retracted)
+        everything the request knew when it was retracted."""
+        return max(len(self.input_ids), self.recompute_len)
+
+    @property
     def is_prefilling(self) -> bool:
-        return self.num_computed < len(self.input_ids)
+        return self.num_computed < self.fill_len
 
     @property
     def is_finished(self) -> bool:
@@ -88,11 +104,17 @@ class Req:
         the context (the newest sampled token never needs a slot of its own)."""
         return min(self.prompt_len + self.params.max_new_tokens, context_len)
 
+    def initial_len(self, most: int, reserve_new: int) -> int:
+        """KV slots to reserve at admission: what it must compute now and up to
+        ``reserve_new`` tokens more, at most ``most`` (its ``reserve_len``)."""
+        new_left = self.params.max_new_tokens - len(self.output_ids)
+        return min(most, self.fill_len + min(new_left, reserve_new))
+
     def prompt_logprob_rows(self, start_pos: int, num_tokens: int) -> tuple[int, list[int]]:
         """For a pass computing positions [start_pos, + num_tokens): the first of its rows
         to score and the prompt tokens those rows predict (none: ``(0, [])``)."""
-        if not self.return_logprob or self.logprob_start_len < 0:
-            return 0, []
+        if not self.return_logprob or self.logprob_start_len < 0 or self.recompute_len:
+            return 0, []  # (retracted after its prompt was scored: not again)
         lo = max(max(self.logprob_start_len, 1) - 1, start_pos)
         hi = min(start_pos + num_tokens, self.prompt_len - 1)
         if hi <= lo:
@@ -100,9 +122,14 @@ class Req:
         return lo - start_pos, self.input_ids[lo + 1:hi + 1]
 
     def tokens_to_compute(self, limit: int) -> list[int]:
-        """The next at most ``limit`` tokens whose KV is not computed yet."""
+        """The next at most ``limit`` tokens whose KV is not computed yet (while it
+        prefills, those before its first sample only)."""
         start = self.num_computed
+        fill = self.fill_len
+        end = min(start + limit, fill if start < fill else self.seq_len)
         prompt_len = len(self.input_ids)
-        if start < prompt_len:
-            return self.input_ids[start:min(prompt_len, start + limit)]
-        return self.output_ids[start - prompt_len:start - prompt_len + limit]
+        if end <= prompt_len:
+            return self.input_ids[start:end]
+        if start >= prompt_len:
+            return self.output_ids[start - prompt_len:end - prompt_len]
+        return self.input_ids[start:] + self.output_ids[:end - prompt_len]

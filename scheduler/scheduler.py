@@ -63,6 +63,9 @@ from shm.board_writers import RankWriter
 
 logger = logging.getLogger(__name__)
 
+# A decoding request past its reservation grows it by this many slots at a time.
+GROW_SLOTS = 64
+
 
 class Scheduler:
     def __init__(self, cfg: SchedulerConfig, executor: Executor, board_row: RankWriter,
@@ -111,6 +114,7 @@ class Scheduler:
             self.cache.held_elsewhere = self.prefix_importer.held_by_peer
         self._copies_reported = (0, 0)  # what report_copies last sent
         self.decode_stats = DecodeStats(cfg.decode_log_interval)
+        self.num_retracted = 0  # requests sent back to the queue for want of KV
 
     # ---- the loop --------------------------------------------------------------------
     @property
@@ -154,6 +158,7 @@ class Scheduler:
             self._handlers[type(msg)](msg)
 
     def schedule(self) -> list[ForwardItem]:
+        self._grow_decoding()
         num_waiting = len(self.waiting)
         batch = select_batch(self.running, self.waiting, self.cfg.chunked_prefill_size,
                              self.max_running_requests, self._try_reserve)
@@ -204,16 +209,16 @@ class Scheduler:
         should show the load as it will stand after it (lockstep; module docstring)."""
         leaving = self._leaving(in_flight) if in_flight else ()
         running = [r for r in self.running if r not in leaving] if leaving else self.running
-        queued = sum(r.prompt_len - r.queued_cached for r in self.waiting)
+        queued = sum(r.fill_len - r.queued_cached for r in self.waiting)
         if self.hands_off:  # PD prefill: the prompt work left
             done_now = sum(len(i.token_ids) for i in in_flight if i.req not in leaving)
-            tokens = prefill = (sum(r.prompt_len - r.num_computed for r in running)
+            tokens = prefill = (sum(r.fill_len - r.num_computed for r in running)
                                 - done_now + queued)
         else:
             computed = sum(r.num_computed - r.prefix_len for r in running)
             if self.cache is not None:  # cached prefixes requests read, each once
                 computed += self.cache.protected_size
-            uncomputed = sum(r.prompt_len - r.num_computed for r in running if r.is_prefilling)
+            uncomputed = sum(r.fill_len - r.num_computed for r in running if r.is_prefilling)
             tokens = computed + uncomputed + queued
             done_now = sum(len(i.token_ids) for i in in_flight
                            if i.req.is_prefilling and i.req not in leaving)
@@ -419,13 +424,14 @@ class Scheduler:
         """Reserve the request's KV: the longest cached prefix of its prompt (locked),
         then free slots for the rest, evicting unused cache entries if the pool needs
         them. False, with nothing held, when the pool cannot fit it now."""
-        need, kv, cache = self._reserve_len(req), self.executor.kv, self.cache
+        need = req.initial_len(self._reserve_len(req), self.cfg.clip_max_new_tokens_estimation)
+        kv, cache = self.executor.kv, self.cache
         if cache is None:
             if not kv.can_alloc(need):
                 return False
             req.slots = kv.alloc(need)
             return True
-        tokens = req.input_ids[:self._match_limit(req)]
+        tokens = self._match_tokens(req)
         prefix, node = cache.match_prefix(tokens, reuse=True)
         cache.lock(node)  # before evicting: the match itself must stay
         if self.prefix_importer is not None:
@@ -435,9 +441,54 @@ class Scheduler:
             cache.unlock(node)
             return False
         req.slots = prefix + kv.alloc(own)
-        req.prefix_len = req.num_computed = req.cached_tokens = len(prefix)
+        req.prefix_len = req.num_computed = len(prefix)
+        if not req.num_retractions:  # what the client is told: its first admission's hit
+            req.cached_tokens = len(prefix)
         req.cache_node = node
         return True
+
+    def _match_tokens(self, req: Req) -> list[int]:
+        """The tokens a cache hit may cover at admission (``_match_limit``)."""
+        if req.recompute_len:  # all it knows but the last, whose forward samples
+            return (req.input_ids + req.output_ids)[:req.recompute_len - 1]
+        return req.input_ids[:self._match_limit(req)]
+
+    def _grow_decoding(self) -> None:
+        """Give every decoding request a slot for the token this step computes: one past
+        its reservation grows it by up to ``GROW_SLOTS``; where the pool (after evicting
+        unused cache) has no room, the newest running requests are retracted until it
+        does, or the request itself is the newest."""
+        for req in list(self.running):  # oldest first: the newest give way
+            if req.is_prefilling or req.num_computed < len(req.slots) or req.kv_held:
+                continue
+            grow = min(GROW_SLOTS, self._reserve_len(req) - len(req.slots))
+            while req in self.running and not self._room_for_slots(grow):
+                self._retract(self.running[-1])
+            if req in self.running:
+                req.slots += self.executor.kv.alloc(grow)
+
+    def _room_for_slots(self, n: int) -> bool:
+        if self.cache is not None:
+            return self._room_for(n)
+        return self.executor.kv.can_alloc(n)
+
+    def _retract(self, req: Req) -> None:
+        """Send a running request back to the head of the queue, its KV freed (what it
+        computed into the prefix cache), to be computed again when admitted."""
+        self._free_kv(req)
+        self.running.remove(req)
+        if req.output_ids:
+            req.recompute_len = req.seq_len
+        else:  # still in its first prefill: its prompt logprobs are computed again
+            req.input_token_logprobs.clear()
+            req.input_top_logprobs.clear()
+        req.num_computed = req.prefix_len = req.queued_cached = 0
+        req.num_retractions += 1
+        self.num_retracted += 1
+        self.waiting.appendleft(req)
+        logger.info("rank %d: KV pool full; retracted request %s (%d tokens to compute "
+                    "again; %d retractions so far)", self.cfg.dp_rank, req.rid, req.fill_len,
+                    self.num_retracted)
 
     def _room_for(self, n: int) -> bool:
         """Whether ``n`` slots can be allocated now, evicting unlocked cache entries

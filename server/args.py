@@ -210,6 +210,13 @@ class ServerArgs:
         group="balancing"))
     chunked_prefill_size: int = field(default=512, **_flag(
         "prefill tokens per batch", group="balancing"))
+    clip_max_new_tokens_estimation: int = field(default=4096, **_flag(
+        "KV a rank reserves when it admits a request: its prompt and at most this many new "
+        "tokens (its max_new_tokens when fewer; SGLang's estimate clips at the same 4096). "
+        "A request that decodes past it grows its KV as it goes; when the pool is full "
+        "the newest running request is retracted and computed again later. A request "
+        "sent without a max_tokens (all the context left) so no longer holds a whole "
+        "context of KV", group="balancing"))
     disable_radix_cache: bool = field(default=False, **_flag(
         "turn off each rank's prefix cache (SGLang's RadixAttention flag): every prompt is "
         "prefilled whole and cached_tokens is 0. On by default: a prompt that begins like "
@@ -378,6 +385,8 @@ def validate_args(args: ServerArgs) -> None:
         raise InvalidServerArgs(f"--max-queued-requests must be >= 0, got {args.max_queued_requests}")
     if args.chunked_prefill_size < 1:
         raise InvalidServerArgs("--chunked-prefill-size must be >= 1")
+    if args.clip_max_new_tokens_estimation < 1:
+        raise InvalidServerArgs("--clip-max-new-tokens-estimation must be >= 1")
     if args.enable_cross_rank_prefix_cache and (
             args.disable_radix_cache or args.disaggregation_mode == DisaggregationMode.DECODE):
         raise InvalidServerArgs("--enable-cross-rank-prefix-cache shares the prefix caches of "

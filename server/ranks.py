@@ -123,6 +123,7 @@ def scheduler_configs(args: ServerArgs, board_name: str, role: Role | None = Non
         role=role, pd=pd, model_path=args.model_path,
         dtype=args.dtype, max_running_requests=args.max_running_requests,
         chunked_prefill_size=args.chunked_prefill_size, context_length=args.context_length,
+        clip_max_new_tokens_estimation=args.clip_max_new_tokens_estimation,
         random_seed=args.random_seed, heartbeat_interval_s=args.heartbeat_interval_s,
         executor=args.executor, sim_profile=args.sim_profile,
         sim_lockstep_name=sim_lockstep_name, sim_time_scale=args.sim_time_scale,

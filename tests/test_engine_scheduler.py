@@ -3,6 +3,7 @@ and the rank process's start-up/shutdown handshake."""
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import random
 
@@ -36,11 +37,14 @@ def board():
         b.close()
 
 
-def run_all(board, executor, msgs_by_step, **cfg_kw):
+def run_all(board, executor, msgs_by_step, sent: list | None = None, free_slots: int = 0,
+            **cfg_kw):
     """Deliver ``msgs_by_step[i]`` at step i (dispatching each first), step until idle.
-    Returns {rid: output ids}, checking the board row after every batch."""
+    Returns {rid: output ids}, checking the board row after every batch; ``sent`` gets
+    the outputs; ``free_slots``: the pool has only this many (the rest held meanwhile)."""
     cfg = SchedulerConfig(dp_rank=0, board_name=board.name, **cfg_kw)
-    sent: list[BatchOutput] = []
+    sent = [] if sent is None else sent
+    held_slots = executor.kv.alloc(executor.kv.num_free - free_slots) if free_slots else []
     sched = Scheduler(cfg, executor, board.rank_writer(0), sent.append, executor.tokenizer)
     dispatcher = board.dispatcher_writer(0)
     step = 0
@@ -55,9 +59,10 @@ def run_all(board, executor, msgs_by_step, **cfg_kw):
         locked = sched.cache.protected_size if sched.cache is not None else 0
         assert snap.num_tokens[0] == locked + sum(
             r.num_computed - r.prefix_len for r in sched.running) + sum(
-            r.prompt_len - r.num_computed for r in held if r.is_prefilling)
+            r.fill_len - r.num_computed for r in held if r.is_prefilling)
         step += 1
         assert step < 5000
+    executor.kv.free(held_slots)
     assert sched.num_kv_in_use == 0
     if sched.cache is not None:  # the executor is shared by the module's tests
         assert sched.cache.flush()
@@ -93,6 +98,48 @@ def test_sixteen_requests_together_equal_each_alone(board, executor):
     together = run_all(board, executor, by_step, chunked_prefill_size=48, max_running_requests=10)
     assert together == alone
     assert all(len(alone[rid]) == m for rid, _, m, _ in reqs)
+
+
+def test_retracted_requests_end_as_they_would_alone(board, executor, caplog):
+    """Six requests reserving 8 new tokens each in a pool of 560 free slots: decoding
+    40 tokens, the newest are retracted and computed again. Greedy and seeded outputs,
+    the sampled tokens' logprobs and the prompt's (scored once) match each run alone."""
+    rng = random.Random(3)
+    reqs = []
+    for i in range(6):
+        prompt = [rng.randrange(3, 259) for _ in range(rng.randint(60, 100))]
+        params = {"temperature": 0.8, "sampling_seed": i} if i % 2 else {}
+        reqs.append(GenerateReq(
+            rid=f"t{i}", input_ids=prompt, dispatcher_id=0, counted_tokens=len(prompt),
+            return_logprob=True, logprob_start_len=len(prompt) - 5, top_logprobs_num=2,
+            sampling_params=SamplingParams(max_new_tokens=40, ignore_eos=True,
+                                           **{"temperature": 0.0, **params})))
+    alone_sent: list[BatchOutput] = []
+    for m in reqs:
+        run_all(board, executor, [[m]], sent=alone_sent)
+    together_sent: list[BatchOutput] = []
+    with caplog.at_level(logging.INFO, logger="scheduler.scheduler"):
+        run_all(board, executor, [reqs], sent=together_sent, free_slots=560,
+                clip_max_new_tokens_estimation=8)
+
+    def joined(sent):
+        out = {}
+        for o in (o for b in sent for o in b.outputs):
+            r = out.setdefault(o.rid, {"ids": [], "lp": [], "top": [], "prompt": []})
+            r["ids"] += o.new_token_ids
+            r["lp"] += o.output_logprobs
+            r["top"] += [[t for _, t in top] for top in o.output_top_logprobs]
+            r["prompt"] += o.input_token_logprobs or []
+        return out
+
+    alone, together = joined(alone_sent), joined(together_sent)
+    assert "retracted request" in caplog.text
+    for rid, a in alone.items():
+        t = together[rid]
+        assert t["ids"] == a["ids"] and len(a["ids"]) == 40, rid
+        assert t["top"] == a["top"], rid
+        assert t["lp"] == pytest.approx(a["lp"], abs=1e-4), rid
+        assert len(a["prompt"]) == 5 and t["prompt"] == pytest.approx(a["prompt"], abs=1e-4)
 
 
 def test_stop_strings_and_eos_finish_requests(board, executor):

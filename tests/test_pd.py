@@ -161,3 +161,33 @@ def test_real_model_leak_run_with_aborts_and_orphans():
                 pd.abort(f"m{i}")
         left = _drain(pd, 10)
         assert not any(left.values()), left
+
+
+def test_decode_rank_retracts_and_recomputes_when_its_pool_runs_out(caplog):
+    """A decode rank whose requests decode past their reservation (4 new tokens each)
+    in a 700-token pool retracts the newest and computes them again itself: outputs
+    still equal non-PD greedy, and nothing is left."""
+    import dataclasses
+    import logging
+
+    from scheduler.process import make_executor
+    rng = random.Random(5)
+    workload = [(f"d{i}", [rng.randrange(3, 259) for _ in range(rng.randint(60, 100))], 40)
+                for i in range(6)]
+    reference = non_pd_outputs(workload)
+
+    def small_pool(cfg):
+        return make_executor(dataclasses.replace(cfg, executor="real", max_total_tokens=700,
+                                                 device="cpu"))
+
+    with caplog.at_level(logging.INFO, logger="scheduler.scheduler"), \
+            LocalPD(1, 1, small_pool, chunked_prefill_size=128,
+                    clip_max_new_tokens_estimation=4) as pd:
+        for i, (rid, ids, n) in enumerate(workload):
+            pd.submit(rid, ids, greedy(n), room=1000 + i)
+        pd.run()
+        for rid, _, n in workload:
+            assert pd.output_ids(rid) == reference[rid], rid
+            assert pd.finish_reason(rid) == {"type": "length", "length": n}
+        assert pd.schedulers["decode"][0].num_retracted > 0, caplog.text
+        assert all(v == 0 for v in pd.leftovers().values()), pd.leftovers()

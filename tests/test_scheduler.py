@@ -67,11 +67,11 @@ def assert_board_matches(board, sched):
     # Cached prefixes running requests read count once; unread cached tokens not at all.
     locked = sched.cache.protected_size if sched.cache is not None else 0
     expected_tokens = locked + sum(
-        r.num_computed - r.prefix_len + (r.prompt_len - r.num_computed if r.is_prefilling else 0)
-        for r in sched.running) + sum(r.prompt_len - r.queued_cached for r in sched.waiting)
+        r.num_computed - r.prefix_len + (r.fill_len - r.num_computed if r.is_prefilling else 0)
+        for r in sched.running) + sum(r.fill_len - r.queued_cached for r in sched.waiting)
     assert snap.num_tokens[0] == expected_tokens
-    expected_prefill = (sum(r.prompt_len - r.num_computed for r in sched.running if r.is_prefilling)
-                        + sum(r.prompt_len - r.queued_cached for r in sched.waiting))
+    expected_prefill = (sum(r.fill_len - r.num_computed for r in sched.running if r.is_prefilling)
+                        + sum(r.fill_len - r.queued_cached for r in sched.waiting))
     assert snap.num_prefill_tokens[0] == expected_prefill
     cached = sched.cache.total_size if sched.cache is not None else 0
     assert sched.executor.kv.num_used == cached + sum(len(r.slots) - r.prefix_len
@@ -146,6 +146,46 @@ def test_full_pool_queues_instead_of_failing(board):
         sched.step([])
     done = [o for b in sent for o in b.outputs if o.finish_reason]
     assert sorted(o.rid for o in done) == ["q0", "q1", "q2", "q3"]
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_requests_past_their_reservation_grow_and_the_newest_are_retracted(board, cache):
+    """Reserving 16 new tokens each, eight requests of 300 run at once in a pool that
+    holds two whole; decoding on, the pool fills, the newest give way (back to the queue
+    head, their KV into the cache) and are computed again. Every request ends with all
+    its tokens, the same as alone, with the board exact after every batch and no slot
+    left."""
+    sched, sent = make_scheduler(board, pool_tokens=800, clip_max_new_tokens_estimation=16,
+                                 chunked_prefill_size=256, disable_radix_cache=not cache)
+    msgs = [gen(f"g{i}", 50 + i, 300) for i in range(8)]
+    sched.step(msgs)
+    most_running, steps = len(sched.running), 0
+    while sched.has_work:
+        sched.step([])
+        assert_board_matches(board, sched)
+        most_running = max(most_running, len(sched.running))
+        steps += 1
+        assert steps < 20_000
+    assert most_running >= 4 and sched.num_retracted > 0
+    tokens = {}
+    for batch in sent:
+        for o in batch.outputs:
+            tokens.setdefault(o.rid, []).extend(o.new_token_ids)
+            assert o.completion_tokens == len(tokens[o.rid])
+    finished = {o.rid: o.finish_reason for b in sent for o in b.outputs if o.finish_reason}
+    assert all(f == {"type": "length", "length": 300} for f in finished.values()), finished
+    alone, alone_sent = make_scheduler(board, pool_tokens=800)
+    for m in msgs:  # one at a time, never short of KV
+        alone.step([m])
+        while alone.has_work:
+            alone.step([])
+    assert alone.num_retracted == 0
+    expected = {}
+    for batch in alone_sent:
+        for o in batch.outputs:
+            expected.setdefault(o.rid, []).extend(o.new_token_ids)
+    assert tokens == expected
+    assert sched.num_kv_in_use == 0 and read_effective(board, FOREVER)[:2] == ([0], [0])
 
 
 def test_shutdown_aborts_what_is_held(board):
