@@ -198,7 +198,8 @@ class ServerArgs:
     load_balance_method: str = field(default="auto", **_flag(
         "round_robin, follow_bootstrap_room, total_requests, total_tokens, prefill_tokens "
         "(fewest prompt tokens waiting for prefill, then total_tokens), cache_aware (the "
-        "earliest first token given what each rank's prefix cache holds of the prompt) or "
+        "earliest first token given what each rank's prefix cache holds of the prompt, in "
+        "whole 64-token blocks: a shorter prompt goes by load) or "
         "auto (by role: cache_aware for mixed and prefill ranks; with "
         "--disable-radix-cache prefill_tokens for mixed and total_tokens for prefill "
         "ranks; total_requests for decode ranks)", group="balancing"))

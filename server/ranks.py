@@ -258,6 +258,10 @@ class EngineProcesses:
         if rank.is_marked_dead or rank.process.is_alive() or self.board is None:
             return
         self.board.rank_writer(rank.dp_rank).set_status(RankStatus.DEAD)
+        if self.summary is not None:
+            # Its cache died with it: withdraw its summary (this process is the region's
+            # only writer now), so peers neither copy from its pool nor count its hits.
+            self.summary.writer(rank.dp_rank).close()
         rank.is_marked_dead = True
 
     def close(self) -> None:

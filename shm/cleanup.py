@@ -9,16 +9,28 @@ from __future__ import annotations
 import argparse
 import sys
 
-from shm.segment import NAME_PREFIX, list_segments, owner_pid, pid_alive, reclaim_stale_segments
+from shm.segment import (NAME_PREFIX, list_segments, name_prefix, owner_pid, pid_alive,
+                         reclaim_stale_segments)
+
+
+def _prefix(text: str) -> str:
+    """``--prefix``: a namespace as ``DPSERVE_SHM_PREFIX`` takes it, the dot optional."""
+    try:
+        return name_prefix(text.removesuffix("."))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m shm.cleanup", description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="list what would be removed")
-    parser.add_argument("--prefix", default=NAME_PREFIX, help="segment name prefix (default: %(default)s)")
+    parser.add_argument("--prefix", type=_prefix, default=NAME_PREFIX,
+                        help="the segments' namespace, as a server's DPSERVE_SHM_PREFIX "
+                             "(default: %(default)s)")
     args = parser.parse_args(argv)
     if args.dry_run:
-        stale = [n for n in list_segments(args.prefix) if (p := owner_pid(n)) is not None and not pid_alive(p)]
+        stale = [n for n in list_segments(args.prefix)
+                 if (p := owner_pid(n, args.prefix)) is not None and not pid_alive(p)]
         for name in stale:
             print(f"would remove {name}")
         print(f"{len(stale)} stale segment(s)")

@@ -35,7 +35,7 @@ SHM_DIR = "/dev/shm"
 SHM_PREFIX_ENV = "DPSERVE_SHM_PREFIX"
 
 
-def _name_prefix(namespace: str) -> str:
+def name_prefix(namespace: str) -> str:
     """``dpserve.``, or ``$DPSERVE_SHM_PREFIX.``: a namespace for every segment name.
 
     Processes inherit it, so a launch and its ranks agree; two servers that pair through
@@ -48,7 +48,7 @@ def _name_prefix(namespace: str) -> str:
     return namespace + "."
 
 
-NAME_PREFIX = _name_prefix(os.environ.get(SHM_PREFIX_ENV, "dpserve"))
+NAME_PREFIX = name_prefix(os.environ.get(SHM_PREFIX_ENV, "dpserve"))
 
 
 class ShmError(RuntimeError):
@@ -109,12 +109,13 @@ def launch_id_of(name: str) -> str:
     return parts[1]
 
 
-def owner_pid(name: str) -> int | None:
-    """The creator pid encoded in a segment name, or None if the name is not ours."""
+def owner_pid(name: str, prefix: str = NAME_PREFIX) -> int | None:
+    """The creator pid encoded in a segment name, or None if the name is not ours
+    (does not start with ``prefix``)."""
     base = name.lstrip("/")
-    if not base.startswith(NAME_PREFIX):
+    if not base.startswith(prefix):
         return None
-    pid_text = base[len(NAME_PREFIX):].split(".", 1)[0]
+    pid_text = base[len(prefix):].split(".", 1)[0]
     return int(pid_text) if pid_text.isdigit() else None
 
 
@@ -276,7 +277,7 @@ def reclaim_stale_segments(prefix: str = NAME_PREFIX) -> list[str]:
     """Unlink our segments whose creator pid is dead. Returns the names removed."""
     removed = []
     for name in list_segments(prefix):
-        pid = owner_pid(name)
+        pid = owner_pid(name, prefix)
         if pid is None or pid_alive(pid):
             continue
         try:

@@ -193,8 +193,10 @@ def test_cache_hit_rate_and_cached_tokens_total_metrics_per_rank():
     """One series per rank from the start (0 before any request), each the rank's own
     cached over prompt tokens; ranks ordered by number, not as strings."""
     board = SimpleNamespace(num_ranks=0, snapshot=lambda: SimpleNamespace(in_flight_reqs=[]))
-    metrics = ServerMetrics(SimpleNamespace(args=SimpleNamespace(served_model_name="m"),
-                                            board=board, ranks=[], num_cache_ranks=11))
+    engine = SimpleNamespace(args=SimpleNamespace(served_model_name="m"), board=board,
+                             ranks=[], num_cache_ranks=11, role="mixed")
+    engine.rank_groups = lambda: [engine]
+    metrics = ServerMetrics(engine)
 
     def scrape(name: str) -> dict:
         text = generate_latest(metrics.registry).decode()

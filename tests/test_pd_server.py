@@ -415,6 +415,11 @@ def test_killed_prefill_rank_fails_its_requests_fast_and_its_segment_is_reclaime
             assert "prefill" in reply.json()["error"]["message"], reply.text
             ok = client.post(server.url + "/generate", json=body([5, 6, 7], 3)).json()
             assert ok["meta_info"]["finish_reason"] == {"type": "length", "length": 3}
+            # Naming the dead prefill rank: the answer names the field the client gave.
+            named = client.post(server.url + "/generate",
+                                json=body([5, 6, 7], 3, disagg_prefill_dp_rank=0))
+            assert named.status_code == 503, named.text
+            assert "disagg_prefill_dp_rank 0" in named.json()["error"]["message"], named.text
             health = client.get(server.url + "/health")
             assert health.status_code == 200, health.text
             assert health.json() == {"status": "degraded",

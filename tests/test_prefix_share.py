@@ -237,6 +237,35 @@ def test_a_served_prompt_reuses_another_ranks_cache_and_leaves_no_segment(tmp_pa
     assert segments and not set(segments) & set(list_segments())
 
 
+def test_a_dead_ranks_cache_is_not_copied(tmp_path):
+    """Rank 0 caches a prompt and is killed: the same prompt then runs on rank 1 as a
+    miss (rank 0's summary is withdrawn when it is marked dead; its segment, left until
+    shutdown, is never read)."""
+    import os
+    import signal
+
+    import httpx
+
+    from tests.server_helpers import ServerProcess
+
+    prompt = _prompt(7, 300)
+    body = {"input_ids": prompt, "sampling_params": {"max_new_tokens": 2, "temperature": 0}}
+    with ServerProcess("--device", "cpu", "--dp-size", "2", "--enable-cross-rank-prefix-cache",
+                       log_path=tmp_path / "server.log") as server:
+        first = httpx.post(server.url + "/generate", json={**body, "routed_dp_rank": 0},
+                           timeout=60).json()
+        ranks = httpx.get(server.url + "/server_info", timeout=10).json()["ranks"]
+        os.kill(next(r["pid"] for r in ranks if r["dp_rank"] == 0), signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while httpx.get(server.url + "/health", timeout=10).json()["dead_ranks"] != [0]:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        again = httpx.post(server.url + "/generate", json=body, timeout=60).json()
+    assert again["meta_info"]["dp_rank"] == 1
+    assert again["meta_info"]["cached_tokens"] == 0, again["meta_info"]
+    assert again["text"] == first["text"]
+
+
 def test_pd_prefill_ranks_share_their_caches_and_decode_answers_the_same(tmp_path):
     """``--disaggregation-mode pd --enable-cross-rank-prefix-cache``, two CPU prefill
     ranks and one decode rank: a prompt sent through prefill rank 0 and then through

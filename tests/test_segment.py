@@ -11,8 +11,8 @@ import sys
 import pytest
 
 from shm.board import LoadBoard
-from shm.segment import (ShmError, ShmOwnerError, ShmSpaceError, SharedSegment, find_segment,
-                         list_segments, new_launch_id, segment_name)
+from shm.segment import (NAME_PREFIX, ShmError, ShmOwnerError, ShmSpaceError, SharedSegment,
+                         find_segment, list_segments, new_launch_id, segment_name)
 
 
 def test_creator_unlinks_attacher_does_not():
@@ -73,6 +73,12 @@ def test_segments_of_a_sigkilled_creator_are_reclaimed_by_cleanup():
         os.kill(child.pid, signal.SIGKILL)
         child.join(10)
         assert name in list_segments(), "SIGKILL leaves the segment behind"
+        # --prefix finds them from a shell whose own namespace is another one.
+        other = {**os.environ, "DPSERVE_SHM_PREFIX": "elsewhere"}
+        for given in (NAME_PREFIX, NAME_PREFIX.rstrip(".")):
+            out = subprocess.run([sys.executable, "-m", "shm.cleanup", "--dry-run", "--prefix",
+                                  given], capture_output=True, text=True, timeout=60, env=other)
+            assert f"would remove {name}" in out.stdout, (given, out.stdout, out.stderr)
         out = subprocess.run([sys.executable, "-m", "shm.cleanup"], capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         assert f"removed {name}" in out.stdout
@@ -86,12 +92,12 @@ def test_segments_of_a_sigkilled_creator_are_reclaimed_by_cleanup():
 
 
 def test_name_prefix_namespace_is_checked():
-    from shm.segment import _name_prefix
-    assert _name_prefix("dpserve") == "dpserve."
-    assert _name_prefix("my-run_2") == "my-run_2."
+    from shm.segment import name_prefix
+    assert name_prefix("dpserve") == "dpserve."
+    assert name_prefix("my-run_2") == "my-run_2."
     for bad in ("", "a/b", "a.b", "ü"):
         with pytest.raises(ValueError, match="DPSERVE_SHM_PREFIX"):
-            _name_prefix(bad)
+            name_prefix(bad)
 
 
 def _squat(name: str, mode: int, uid: int | None = None) -> str:
