@@ -61,4 +61,5 @@ def select_batch(
 
 def _prefill_item(req: Req, budget: int) -> ForwardItem:
     tokens = req.tokens_to_compute(budget)
-    return ForwardItem(req, tokens, req.num_computed, req.num_computed + len(tokens) == req.fill_len)
+    return ForwardItem(req, tokens, req.num_computed,
+                       req.num_computed + len(tokens) == req.fill_len)

@@ -1,12 +1,13 @@
 """A request as one rank's scheduler holds it. Plain Python: no torch, no shm.
 
 Token bookkeeping: ``all_ids = input_ids + output_ids``; the first ``num_computed`` of
-them have their KV in ``slots``. A prefilling request has ``num_computed <
-prompt_len``; a decoding one has every token but the newest sampled one computed, so
-each decode step computes exactly one token and samples the next.
+them have their KV in ``slots``. A prefilling request has ``num_computed < fill_len``
+(its prompt; a retracted one's, everything it knew); a decoding one has every token but
+the newest sampled one computed, so each decode step computes exactly one token and
+samples the next.
 
 KV is reserved at admission for the prompt and up to ``reserve_new`` new tokens
-(``--clip-max-new-tokens-estimation``; the request's ``max_new_tokens`` when fewer, so
+(``--clip-max-new-tokens-estimation``, ``initial_len``; the request's ``max_new_tokens`` when fewer, so
 a request that names a modest limit is never short of memory). One that decodes past
 its reservation grows it as it goes; when the pool has no room left for that, the
 scheduler *retracts* the newest running request: its KV goes back (what it computed into

@@ -13,12 +13,12 @@
 - ``/get_load``: a JSON list, one object per rank (sglang-router sums ``num_tokens``);
   ``/v1/loads`` (alias ``/loads``): SGLang's richer shape, as smg polls it. A row says
   its rank's ``role`` (``/get_load``: on a PD server only, plain rows keep SGLang's
-  keys). ``num_reqs`` and ``num_tokens`` are
-  the *effective* loads the dispatcher balances on: what the rank reported plus what
-  was dispatched to it and not yet received (``num_tokens``: KV in use plus prompt
-  tokens still to prefill; a PD prefill rank's, the prompt tokens only). Memory is
-  ``num_used_tokens`` and ``token_usage``, as SGLang's: the KV tokens the rank holds for
-  requests, those a PD prefill rank keeps for decode included, and that over its pool. Each row has a ``status``: ``ready``,
+  keys). ``num_reqs`` and ``num_tokens`` are the *effective* loads the dispatcher
+  balances on: what the rank reported plus what was dispatched to it and not yet
+  received (``num_tokens``: KV in use plus prompt tokens still to prefill; a PD prefill
+  rank's, the prompt tokens only). Memory is ``num_used_tokens`` and ``token_usage``, as
+  SGLang's: the KV tokens the rank holds for requests, those a PD prefill rank keeps for
+  decode included, and that over its pool. Each row has a ``status``: ``ready``,
   ``starting``, ``draining``, ``stale`` (no heartbeat within ``--stale-after-s``: its
   load is its last report) or ``dead`` (its load is 0: a dead rank holds nothing).
 - ``/flush_cache`` (GET or POST): every rank empties its prefix cache, or the answer

@@ -21,9 +21,10 @@ in one process (tests) do not share or collide.
   (``scheduler.stats``), 0 until its first.
 - Prefix cache, per ``dp_rank``, from the finished requests' ``cached_tokens`` as the
   API returns them (a PD request's from its prefill rank, and labelled with it: in
-  ``--disaggregation-mode pd`` these ``dp_rank`` are prefill ranks): ``sglang:cached_tokens_total`` (SGLang's counter) and
-  ``sglang:cache_hit_rate``, cached prompt tokens over prompt tokens of those requests
-  since start (0 before any), computed at scrape time from the summed counters
+  ``--disaggregation-mode pd`` these ``dp_rank`` are prefill ranks):
+  ``sglang:cached_tokens_total`` (SGLang's counter) and ``sglang:cache_hit_rate``,
+  cached prompt tokens over prompt tokens of those requests since start (0 before
+  any), computed at scrape time from the summed counters
   (``dpserve:cache_prompt_tokens_total`` is its denominator). SGLang's gauge is each
   rank's latest prefill batch; for a recent window use
   ``rate(sglang:cached_tokens_total)`` over ``rate(dpserve:cache_prompt_tokens_total)``,
@@ -45,9 +46,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from scheduler.roles import Role
 from server.engine_client import EngineClient
 from server.inflight import MetricsObserver
-from scheduler.roles import Role
 from shm.board import RankStatus
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1, 2, 4, 6, 8, 10,

@@ -270,8 +270,9 @@ def test_no_torn_reads_while_another_process_writes_flat_out():
                 layout = board.layout
                 rows = np.asarray(board.cells)[layout.row(0):layout.live_off].reshape(
                     board.num_ranks, layout.row_len).copy()
-                unprotected_torn += sum(not _row_is_whole(*(int(row[c]) for c in (NUM_REQS, NUM_WAITING, NUM_TOKENS, ACKED, ACKED + 1, NUM_PREFILL,
-                                                                           NUM_KV)))
+                columns = (NUM_REQS, NUM_WAITING, NUM_TOKENS, ACKED, ACKED + 1, NUM_PREFILL,
+                           NUM_KV)
+                unprotected_torn += sum(not _row_is_whole(*(int(row[c]) for c in columns))
                                         for row in rows)
         finally:
             stop.set()

@@ -115,13 +115,15 @@ def measure(server: ServerProcess, groups: dict[str, list[int]], num_requests: i
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.micro.api_servers",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("--requests", type=positive_int, default=3000, help="requests per round and server")
+    p.add_argument("--requests", type=positive_int, default=3000,
+                   help="requests per round and server")
     p.add_argument("--concurrency", type=positive_int, default=32,
                    help="kept-alive connections sending at once")
     p.add_argument("--rounds", type=positive_int, default=3, help="turns each server takes")
     p.add_argument("--warmup", type=int, default=500, help="requests before measuring")
     p.add_argument("--dp-size", type=positive_int, default=4, help="simulated ranks per server")
-    p.add_argument("--log-dir", type=log_folder, default=None, help="server logs (default: a temporary folder)")
+    p.add_argument("--log-dir", type=log_folder, default=None,
+                   help="server logs (default: a temporary folder)")
     return p
 
 

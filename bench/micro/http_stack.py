@@ -70,7 +70,8 @@ def add_load_flags(p: argparse.ArgumentParser, requests: int, what: str) -> None
     p.add_argument("--concurrency", type=positive_int, default=4, help="clients sending at once")
     p.add_argument("--rounds", type=positive_int, default=3, help=f"turns each {what} takes")
     p.add_argument("--warmup", type=int, default=300, help="requests before measuring")
-    p.add_argument("--log-dir", type=log_folder, default=None, help="server logs (default: a temporary folder)")
+    p.add_argument("--log-dir", type=log_folder, default=None,
+                   help="server logs (default: a temporary folder)")
 
 
 def build_parser() -> argparse.ArgumentParser:

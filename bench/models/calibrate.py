@@ -199,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(PROFILE_DIR / "tiny-cpu.json"),
                         help="profile JSON to write (default: %(default)s)")
-    parser.add_argument("--repeats", type=positive_int, default=7, help="timed runs per batch shape")
+    parser.add_argument("--repeats", type=positive_int, default=7,
+                        help="timed runs per batch shape")
     parser.add_argument("--dry-run", action="store_true", help="fit and print, write nothing")
     args = parser.parse_args(argv)
     if not args.dry_run:  # the profile's path, checked before minutes of timing
