@@ -7,8 +7,9 @@ the newest sampled one computed, so each decode step computes exactly one token 
 samples the next.
 
 KV is reserved at admission for the prompt and up to ``reserve_new`` new tokens
-(``--clip-max-new-tokens-estimation``, ``initial_len``; the request's ``max_new_tokens`` when fewer, so
-a request that names a modest limit is never short of memory). One that decodes past
+(``--clip-max-new-tokens-estimation``, ``initial_len``; the request's
+``max_new_tokens`` when fewer, so a request that names a modest limit is never short of
+memory). One that decodes past
 its reservation grows it as it goes; when the pool has no room left for that, the
 scheduler *retracts* the newest running request: its KV goes back (what it computed into
 the prefix cache), it returns to the head of the queue with its output so far, and is
