@@ -215,7 +215,9 @@ def test_prefill_and_decode_servers_pair_like_a_gateway(tmp_path, workload, refe
                 return await intruder, await dec
 
         intruder, owner = asyncio.run(hijack())
-        assert intruder.status_code == 400, intruder.text
+        # 400 when it saw the owner's hand-off; 503 when the owner took and released it
+        # between two of its polls (then all it sees is the route gone, as after an abort).
+        assert intruder.status_code in (400, 503), intruder.text
         assert "another request" in intruder.json()["error"]["message"]  # whichever it saw first
         assert owner.status_code == 200 and owner.json()["output_ids"] == reference[rid]
         bad = httpx.post(decode.url + "/generate", json=body([5], 2), timeout=10)
