@@ -66,9 +66,6 @@ def sample_tensors(
             _apply_logit_bias(logits[i], row)
             _apply_penalties(logits[i], row)
             _mask_early_stop(logits[i], row, eos_token_ids)
-        # A tiny repetition_penalty divides a logit past the dtype's range: +inf would
-        # turn softmax into NaN. The largest finite value keeps the order it meant.
-        logits.clamp_(max=torch.finfo(logits.dtype).max)
     greedy = [row.params.is_greedy for row in rows]
     if all(greedy):
         return logits.argmax(dim=-1), logits
@@ -77,8 +74,7 @@ def sample_tensors(
         dtype=logits.dtype,
         device=logits.device,
     )
-    # (again here: a huge logit over a small temperature overflows as well)
-    scaled = (logits / temps[:, None]).clamp_(max=torch.finfo(logits.dtype).max)
+    scaled = logits / temps[:, None]
     probs = _filtered_probs(scaled, rows)
     drawn = (probs / _exponential_noise(probs, rows, generator)).argmax(dim=-1)
     is_greedy = torch.tensor(greedy, device=logits.device)
@@ -114,7 +110,15 @@ def _apply_penalties(logits: torch.Tensor, row: SampleRow) -> None:
         if seen.numel():
             vals = logits[seen]
             p = params.repetition_penalty
-            logits[seen] = torch.where(vals > 0, vals / p, vals * p)
+            penalized = torch.where(vals > 0, vals / p, vals * p)
+            if torch.isfinite(penalized).all():
+                logits[seen] = penalized
+            else:  # so tiny a penalty that a logit overflows: its limit, all the mass on
+                # the seen tokens of the largest positive logit (every gap is infinite),
+                # kept finite (10,000 above the rest: exp underflows to exactly 0) so a
+                # later mask or temperature leaves a distribution
+                top = seen[vals == vals.max()]
+                logits[top] = logits.max() + 1e4
     if row.output_ids and (params.frequency_penalty or params.presence_penalty):
         out = torch.tensor(list(row.output_ids), dtype=torch.int64, device=device)
         counts = torch.bincount(out, minlength=vocab).to(logits.dtype)

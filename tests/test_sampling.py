@@ -156,13 +156,20 @@ def test_repetition_penalty_discourages_seen_tokens():
 
 @pytest.mark.parametrize("temperature", [0.0, 0.7])
 def test_a_tiny_repetition_penalty_keeps_the_distribution_a_distribution(temperature):
-    """Dividing a seen positive logit by 1e-40 overflows float32: the sampler keeps it the
-    largest finite value, so the seen token is favoured, not every logprob NaN."""
-    logits = torch.tensor([[2.0, 1.0, -1.0, 0.5]])
+    """Dividing a seen positive logit by 1e-40 overflows float32: the sampler takes the
+    limit, every token but the seen one of the largest logit at probability 0, not every
+    logprob NaN (which went out as 0.0)."""
+    logits = torch.tensor([[2.0, 1.0, 5.0, 0.5]])
     row = SampleRow(SamplingParams(temperature=temperature, repetition_penalty=1e-40,
-                                   sampling_seed=3), prompt_ids=[1])
+                                   sampling_seed=3), prompt_ids=[1, 2])
     ids, logprobs = sample(logits, [row], EOS, return_logprob=True)
-    assert ids == [1] and math.isfinite(logprobs[0]) and logprobs[0] <= 0.0
+    assert ids == [2] and logprobs == [0.0]
+    # The seen token of the largest logit is masked (min_new_tokens): still a distribution.
+    row = SampleRow(SamplingParams(temperature=temperature, repetition_penalty=1e-40,
+                                   min_new_tokens=1, stop_token_ids=[2], sampling_seed=3),
+                    prompt_ids=[1, 2])
+    ids, logprobs = sample(logits, [row], EOS, return_logprob=True)
+    assert ids[0] != 2 and math.isfinite(logprobs[0])
 
 
 def test_frequency_and_presence_penalties_use_output_counts():
