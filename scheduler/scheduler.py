@@ -393,8 +393,11 @@ class Scheduler:
         return self.pd.reserve_len(req, self.executor.context_len)
 
     def _admit_transferred(self, req: Req) -> bool:
-        """PD decode: reserve KV for a request whose prompt KV is ready to copy in."""
-        if len(self.running) >= self.max_running_requests or not self._try_reserve(req):
+        """PD decode: reserve KV for a request whose prompt KV is ready to copy in; not
+        while retracted requests wait (they came first: a new hand-off would take the
+        room they need and be retracted ahead of them in turn)."""
+        if self.waiting or len(self.running) >= self.max_running_requests \
+                or not self._try_reserve(req):
             return False
         self.running.append(req)
         return True
@@ -455,15 +458,18 @@ class Scheduler:
 
     def _grow_decoding(self) -> None:
         """Give every decoding request a slot for the token this step computes: one past
-        its reservation grows it by up to ``GROW_SLOTS``; where the pool (after evicting
-        unused cache) has no room, the newest running requests are retracted until it
-        does, or the request itself is the newest."""
+        its reservation grows it by up to ``GROW_SLOTS`` (by one when the pool is short of
+        that); where the pool (after evicting unused cache) has no room even for one, the
+        newest running requests are retracted until it does, or the request itself is
+        the newest."""
         for req in list(self.running):  # oldest first: the newest give way
             if req.is_prefilling or req.num_computed < len(req.slots) or req.kv_held:
                 continue
             grow = min(GROW_SLOTS, self._reserve_len(req) - len(req.slots))
-            while req in self.running and not self._room_for_slots(grow):
-                self._retract(self.running[-1])
+            if not self._room_for_slots(grow):
+                grow = 1  # what this step needs: retract only when not even that fits
+                while req in self.running and not self._room_for_slots(grow):
+                    self._retract(self.running[-1])
             if req in self.running:
                 req.slots += self.executor.kv.alloc(grow)
 

@@ -191,3 +191,44 @@ def test_decode_rank_retracts_and_recomputes_when_its_pool_runs_out(caplog):
             assert pd.finish_reason(rid) == {"type": "length", "length": n}
         assert pd.schedulers["decode"][0].num_retracted > 0, caplog.text
         assert all(v == 0 for v in pd.leftovers().values()), pd.leftovers()
+
+
+def test_a_retracted_decode_request_is_not_overtaken_by_later_hand_offs(monkeypatch):
+    """A decode rank short of KV (600 slots, 4 new tokens reserved per request) under a
+    steady arrival of requests (more than it serves, not so many that prefill's hand-off
+    arena overflows): a retracted request goes back in before any request that arrived
+    after it is admitted (new hand-offs used to take the room it waited for, and
+    one waited 1,700 steps while 123 later requests finished)."""
+    from engine.sampling import SamplingParams
+    from scheduler.scheduler import Scheduler
+    step, retracted, overtaken = [0], {}, []
+    original_retract, original_admit = Scheduler._retract, Scheduler._admit_transferred
+
+    def retract(self, req):
+        retracted[req.rid] = step[0]
+        original_retract(self, req)
+
+    def admit(self, req):
+        ok = original_admit(self, req)
+        if ok:  # a new hand-off admitted while an earlier request waits retracted
+            overtaken.extend(r.rid for r in self.waiting
+                             if int(r.rid[1:]) < int(req.rid[1:]))
+        return ok
+
+    monkeypatch.setattr(Scheduler, "_retract", retract)
+    monkeypatch.setattr(Scheduler, "_admit_transferred", admit)
+    params = SamplingParams(max_new_tokens=80, temperature=0.0, ignore_eos=True)
+    with LocalPD(1, 1, sim_executor_factory("instant", 600),
+                 clip_max_new_tokens_estimation=4) as pd:
+        i = 0
+        while step[0] < 200 or pd.busy:
+            if step[0] < 200 and step[0] % 6 == 0:
+                pd.submit(f"a{i}", list(range(1, 41)), params, room=5000 + i)
+                i += 1
+            pd.step()
+            step[0] += 1
+            assert step[0] < 5000
+        assert retracted and not overtaken, overtaken
+        for k in range(i):
+            assert pd.finish_reason(f"a{k}") == {"type": "length", "length": 80}
+        assert all(v == 0 for v in pd.leftovers().values()), pd.leftovers()

@@ -188,6 +188,22 @@ def test_requests_past_their_reservation_grow_and_the_newest_are_retracted(board
     assert sched.num_kv_in_use == 0 and read_effective(board, FOREVER)[:2] == ([0], [0])
 
 
+def test_no_request_is_retracted_while_the_pool_has_the_slot_this_step_needs(board):
+    """Two requests that fit together to the end (about 380 of 400 slots) though not with
+    64-slot growth steps: growth falls back to one slot, and nothing is retracted (a
+    retraction here recomputed 179 tokens 11 before the request ended)."""
+    sched, sent = make_scheduler(board, pool_tokens=400, clip_max_new_tokens_estimation=16,
+                                 disable_radix_cache=True, chunked_prefill_size=64)
+    sched.step([gen("A", 100, 250), gen("B", 100, 90)])
+    while sched.has_work:
+        sched.step([])
+        assert_board_matches(board, sched)
+    assert sched.num_retracted == 0
+    finished = {o.rid: o.finish_reason for b in sent for o in b.outputs if o.finish_reason}
+    assert finished == {"A": {"type": "length", "length": 250},
+                        "B": {"type": "length", "length": 90}}
+
+
 def test_shutdown_aborts_what_is_held(board):
     sched, sent = make_scheduler(board)
     sched.step([gen("x", 10, 100)])
