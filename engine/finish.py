@@ -161,10 +161,10 @@ def find_stop_str(
     return None
 
 
-def trim_stop_str(text: str, matched: str, ends_after: int = 0) -> str:
+def trim_stop_str(text: str, matched: str, start: int = 0) -> str:
     """The output text without the matched stop string and anything after it
-    (SGLang's default unless `no_stop_trim`). The match is the first occurrence that
-    ends past ``ends_after`` characters: with `min_new_tokens`, occurrences within the
-    text of the tokens before the minimum were never checked (and may have been streamed)."""
-    index = text.find(matched, max(ends_after - len(matched) + 1, 0))
+    (SGLang's default unless `no_stop_trim`). The match is the first occurrence from
+    ``start``, where the search began: with `min_new_tokens`, occurrences in the text of
+    the tokens before the minimum were never checked (and may have been streamed)."""
+    index = text.find(matched, start)
     return text if index < 0 else text[:index]

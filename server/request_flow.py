@@ -143,7 +143,7 @@ class RunningRequest:
                 if out.finish_reason is None:
                     text = self._decoder.text
                     if self._held_stops:
-                        text = text[:len(text) - stop_prefix_len(text, self._held_stops)]
+                        text = text[:len(text) - self._held_back(text, len(output_ids))]
                 else:
                     text = self._final_text(output_ids, out.finish_reason)
                 if text.startswith(self._emitted):
@@ -165,6 +165,15 @@ class RunningRequest:
                     output_logprobs=list(logprobs), output_top_logprobs=list(tops),
                     input_token_logprobs=inputs[0], input_top_logprobs=inputs[1])
 
+    def _held_back(self, text: str, num_out: int) -> int:
+        """How much of the end of ``text`` a stream keeps back: what may begin a stop
+        string; and before ``min_new_tokens``, also what the rank's first check will
+        look back over (``_stop_search_start``): a stop string there still ends it."""
+        held = stop_prefix_len(text, self._held_stops)
+        if num_out < self.prepared.params.min_new_tokens:
+            held = max(held, min(len(text), max(map(len, self._held_stops)) - 1))
+        return held
+
     def _final_text(self, output_ids: list[int], finish_reason: FinishReason) -> str:
         params = self.prepared.params
         ids = output_ids
@@ -174,12 +183,24 @@ class RunningRequest:
             ids = ids[:-1]
         text = self.engine.tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)
         if trim and isinstance(matched, str):
-            unchecked = ""  # the text of the tokens before min_new_tokens: never searched
-            if params.min_new_tokens > 1:
-                unchecked = self.engine.tokenizer.decode(
-                    ids[:params.min_new_tokens - 1], skip_special_tokens=params.skip_special_tokens)
-            text = trim_stop_str(text, matched, ends_after=len(unchecked))
+            text = trim_stop_str(text, matched, self._stop_search_start(ids, text))
         return text
+
+    def _stop_search_start(self, ids: list[int], text: str) -> int:
+        """Where in ``text`` (the output's) the rank's stop-string search began
+        (``engine.finish.check_finish``): at its first check, after ``min_new_tokens``
+        tokens, it looked back the longest stop string less one character from the end
+        of the text of the tokens before (a character those tokens only began not
+        counted: its replacement character is not in ``text`` there)."""
+        params = self.prepared.params
+        if params.min_new_tokens <= 1:
+            return 0
+        before = self.engine.tokenizer.decode(ids[:params.min_new_tokens - 1],
+                                              skip_special_tokens=params.skip_special_tokens)
+        end = len(before)
+        while end and before[end - 1] == "\ufffd" and text[end - 1:end] != "\ufffd":
+            end -= 1
+        return max(end - max(len(s) for s in params.stop_strs) + 1, 0)
 
 
 def stop_prefix_len(text: str, stops: tuple[str, ...]) -> int:

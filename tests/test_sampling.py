@@ -230,9 +230,9 @@ def test_finish_on_stop_strings_in_new_text_only():
     assert find_stop_str("END then more", ["END"], num_new_chars=4) is None
     assert find_stop_str("x\n\ny", ["END", "\n\n"]) == "\n\n"
     assert trim_stop_str("hello END rest", "END") == "hello "
-    # An occurrence ending within the first 6 characters was never checked: the next one.
-    assert trim_stop_str("a END b END c", "END", ends_after=6) == "a END b "
-    assert trim_stop_str("a END b END c", "END", ends_after=4) == "a "
+    # A search that began past the first occurrence stopped at the next one.
+    assert trim_stop_str("a END b END c", "END", 3) == "a END b "
+    assert trim_stop_str("a END b END c", "END", 2) == "a "
 
 
 def test_min_new_tokens_defers_every_stop():

@@ -725,24 +725,33 @@ def test_a_stream_never_sends_text_a_stop_string_then_cuts(client):
     assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == text[:i]
 
 
-def test_a_stop_string_seen_before_min_tokens_is_not_where_the_text_ends(client):
+@pytest.mark.parametrize("longer", [None, "~~~~~"])
+def test_a_stop_string_seen_before_min_tokens_is_not_where_the_text_ends(client, longer):
     """With min_tokens, stop strings in the first tokens are not checked (and are
-    streamed); the text ends at the occurrence that did stop it, streamed or not."""
+    streamed); the text ends at the occurrence that did stop it, streamed or not. The
+    rank's first check looks back the longest stop string less one character (so a
+    second, longer stop string moves where its search, and the trim, begin)."""
     def text_of(rid, n):  # sim tokens depend only on the rid and the position
         body = {"prompt": "Once", "max_tokens": n, "rid": rid}
         return client.post("/v1/completions", json=body).json()["choices"][0]["text"]
 
-    m = 12
-    for rid in (f"stop-min-{k}" for k in range(20)):
+    m, back = 12, len(longer) - 1 if longer else 0
+    for rid in (f"stop-min-{k}" for k in range(400)):
         text = text_of(rid, 32)
         unchecked = text_of(rid, m - 1)  # the first m - 1 tokens' text: never checked
-        stops = [c for c in unchecked if c.isascii() and c.isprintable()
-                 and c in text[len(unchecked):]]
+        if unchecked.endswith("\ufffd") or not text.startswith(unchecked):
+            continue  # (a character split at its end would blur where it ends)
+        start = len(unchecked) - back  # where the rank's first check begins
+        # Seen before the search began, and found by it: with a longer stop string,
+        # within the look-back (in the first m - 1 tokens' text).
+        stops = [c for c in unchecked[:start] if c.isprintable() and c != "\ufffd"
+                 and 0 <= text.find(c, start) < (len(unchecked) if longer else len(text))]
         if stops:
             break
     stop = stops[0]
-    j = text.index(stop, len(unchecked))
-    asked = {"prompt": "Once", "max_tokens": 32, "rid": rid, "stop": [stop], "min_tokens": m}
+    j = text.index(stop, start)
+    asked = {"prompt": "Once", "max_tokens": 32, "rid": rid, "min_tokens": m,
+             "stop": [stop] + ([longer] if longer else [])}
     whole = client.post("/v1/completions", json=asked).json()["choices"][0]
     assert whole["text"] == text[:j] and whole["finish_reason"] == "stop", (stop, text)
     events = sse_events(client.post("/v1/completions", json={**asked, "stream": True}).text)
