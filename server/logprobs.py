@@ -96,8 +96,8 @@ class CompletionLogprobs:
     """Builds ``choices[].logprobs`` of completions, whole or a streamed chunk at a time;
     ``text_offset`` runs on across chunks, from the start of the choice's text: each
     token's is the number of characters its earlier tokens' bytes make (a character
-    split over tokens counts once, from its last; its parts share the offset where it
-    starts)."""
+    split over tokens counts once; its parts share the offset where it starts; bytes
+    that began a character the next token does not finish are a U+FFFD before it)."""
 
     def __init__(self, texts: TokenTexts):
         self.texts = texts
@@ -108,13 +108,25 @@ class CompletionLogprobs:
              tops: Sequence) -> dict:
         tokens, offsets = [], []
         for tid in ids:
+            raw = self.texts.raw(tid)
             tokens.append(self.texts.label(tid))
-            offsets.append(self.offset)
-            self.offset += len(self._chars.decode(self.texts.raw(tid)))
+            offsets.append(self.offset + self._cut_short(raw))
+            self.offset += len(self._chars.decode(raw))
         return {"tokens": tokens,
                 "token_logprobs": [finite(lp) for lp in _padded(logprobs, len(ids))],
                 "top_logprobs": [self._top(top) for top in _padded(tops, len(ids))],
                 "text_offset": offsets}
+
+    def _cut_short(self, raw: bytes) -> int:
+        """Characters that bytes held back from earlier tokens (the start of a sequence)
+        become because ``raw`` does not continue them: they come before this token."""
+        pending = self._chars.getstate()[0]
+        if not pending or not raw:
+            return 0
+        probe = codecs.getincrementaldecoder("utf-8")("replace").decode(pending + raw)
+        if not probe.startswith("\ufffd"):
+            return 0  # continued (or not yet decided): this token is inside that character
+        return len(pending.decode("utf-8", "replace"))
 
     def _top(self, top) -> dict | None:
         if top is None:

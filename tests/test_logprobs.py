@@ -152,6 +152,29 @@ def test_echo_of_a_text_prompt(server):
     assert r.json()["choices"][0]["text"] == "Hello there"
 
 
+def test_text_offsets_of_split_and_cut_short_characters():
+    """Unit: a character split over tokens shares its start; a byte that began a
+    character the next token does not finish is a U+FFFD of its own, before that token."""
+    from server.logprobs import CompletionLogprobs
+
+    pieces = [b"h", b"\xe2", b"J", b"\xc3", b"\xa9", b"L", b"\xf0", b"\x9f\x90", b"\x8d", b" x"]
+
+    class Texts:
+        def __call__(self, tid):
+            return pieces[tid].decode("utf-8", "replace")
+
+        def raw(self, tid):
+            return pieces[tid]
+
+        label = __call__
+
+    text = b"".join(pieces).decode("utf-8", "replace")
+    assert text == "h\ufffdJ\u00e9L\U0001f40d x"
+    part = CompletionLogprobs(Texts()).part(range(len(pieces)), [0.0] * len(pieces),
+                                            [None] * len(pieces))
+    assert part["text_offset"] == [0, 1, 2, 3, 3, 4, 5, 5, 5, 6]
+
+
 def _assert_tokens_at_their_offsets(text: str, lp: dict) -> None:
     """Each token named by its text is that text at its ``text_offset`` (a byte token,
     ``bytes:\\xHH``, is a part of a character the text shows whole, or as U+FFFD)."""
