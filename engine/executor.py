@@ -134,7 +134,7 @@ def _record_logprobs(item, top, values, tops) -> None:
     req = item.req
     if not req.return_logprob:
         return
-    if item.start_pos == 0 and req.logprob_start_len == 0:
+    if item.start_pos == 0 and req.logprob_start_len == 0 and not req.recompute_len:
         req.input_token_logprobs.append(None)  # the first prompt token has no logprob
         req.input_top_logprobs.append(None)
     if values is not None:

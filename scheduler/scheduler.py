@@ -17,7 +17,8 @@ Load accounting (what the board row says, see ``shm.board``):
   only the prompt tokens not computed yet: that is its work, and the KV it computed
   leaves with the hand-off;
 - ``num_prefill_tokens`` = prompt tokens not computed yet (queued or mid-prefill), on
-  every rank (so on a PD prefill rank it equals ``num_tokens``; 0 on a decode rank);
+  every rank (so on a PD prefill rank it equals ``num_tokens``; 0 on a decode rank but
+  for retracted requests, whose prompt and output are computed again there);
 - ``acked[d]`` grows the moment a request from dispatcher d is taken off the pipe, and
   reaches the board in the same publish that first counts the request, so the board's
   in-flight term (dispatched - acked) hands over to the reported term exactly.
@@ -244,7 +245,7 @@ class Scheduler:
     def report_stats(self, batch: list[ForwardItem], started: float) -> None:
         """Every ``--decode-log-interval`` decoding batches: SGLang's "Decode batch."
         line, and the same figures to the API (``scheduler.stats``)."""
-        num_decoded = sum(1 for item in batch if item.start_pos >= item.req.prompt_len)
+        num_decoded = sum(1 for item in batch if item.start_pos >= item.req.fill_len)
         step_s = self.decode_stats.on_step(len(batch), num_decoded, started)
         if step_s is None:
             return
@@ -488,7 +489,10 @@ class Scheduler:
         else:  # still in its first prefill: its prompt logprobs are computed again
             req.input_token_logprobs.clear()
             req.input_top_logprobs.clear()
-        req.num_computed = req.prefix_len = req.queued_cached = 0
+        req.num_computed = req.prefix_len = 0
+        # Its load while queued: what the cache will not give back (as at arrival).
+        req.queued_cached = (self.cache.cached_len(self._match_tokens(req))
+                             if self.cache is not None else 0)
         req.num_retractions += 1
         self.num_retracted += 1
         self.waiting.appendleft(req)

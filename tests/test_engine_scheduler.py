@@ -59,7 +59,8 @@ def run_all(board, executor, msgs_by_step, sent: list | None = None, free_slots:
         locked = sched.cache.protected_size if sched.cache is not None else 0
         assert snap.num_tokens[0] == locked + sum(
             r.num_computed - r.prefix_len for r in sched.running) + sum(
-            r.fill_len - r.num_computed for r in held if r.is_prefilling)
+            r.fill_len - r.num_computed for r in sched.running if r.is_prefilling) + sum(
+            r.fill_len - r.queued_cached for r in sched.waiting)
         step += 1
         assert step < 5000
     executor.kv.free(held_slots)
