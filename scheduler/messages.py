@@ -74,7 +74,7 @@ class ReqOutput(msgspec.Struct, kw_only=True, array_like=True):
     request itself (it cannot serve it) gives its abort a ``status_code``, as SGLang's
     ``FINISH_ABORT`` does: 400 when the request is at fault (``CLIENT_ERROR``), 503 when
     the server is (``SERVER_ERROR``); the API answers with that status
-    (``server.engine_client.outputs``). The echo of the API's own ``AbortReq`` has none.
+    (``EngineClient.outputs``). The echo of the API's own ``AbortReq`` has none.
     """
 
     rid: str

@@ -8,7 +8,9 @@ rank loop keeps serving the others. Every step ``poll`` looks at each parked req
    the route table (``lookup``, ~1 us), else the hand-off table over every region (the
    prefill may have finished and its route entry gone already);
 2. look for the room in hand-off region p: KV_READY -> reserve this rank's KV
-   (``admit``: whole request, as at any admission), claim the entry, copy the prompt's
+   (``admit``: as at any admission, the prompt and up to
+   ``--clip-max-new-tokens-estimation`` new tokens; none while a retracted request
+   waits), claim the entry, copy the prompt's
    KV out of p's shared pool (``executor.import_kv``), release the claim, and return
    the request with the first token to run as a decoding request (its
    ``cached_tokens``, what p's prefix cache held, from the entry: the client sees it

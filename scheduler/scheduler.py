@@ -249,9 +249,7 @@ class Scheduler:
         step_s = self.decode_stats.on_step(len(batch), num_decoded, started)
         if step_s is None:
             return
-        used = sum(r.num_computed - r.prefix_len for r in self.running)
-        if self.cache is not None:
-            used += self.cache.protected_size
+        used = self.num_kv_in_use  # as the board's and the "Prefill batch." line's
         parked = self.pd.pending_load()[0]
         stats = RankStats(
             dp_rank=self.cfg.dp_rank, num_running_reqs=len(self.running), num_used_tokens=used,

@@ -123,8 +123,9 @@ class ServerArgs:
         "log one line per finished request at info: id, rank, prompt and output tokens, "
         "finish reason, latency"))
     decode_log_interval: int = field(default=40, **_flag(
-        "each rank logs SGLang's 'Decode batch.' line (running requests, KV tokens, token "
-        "usage, generation throughput, queue) every this many decoding batches"))
+        "each rank logs SGLang's 'Decode batch.' line (running requests, KV tokens held, "
+        "reservations included, token usage, generation throughput, queue) every this "
+        "many decoding batches"))
     enable_metrics: bool = field(default=False, **_flag(
         "SGLang's flag, accepted: GET /metrics (Prometheus, SGLang's metric names) is "
         "always served"))

@@ -18,8 +18,8 @@ Modes (``--disaggregation-mode``; ``scheduler.pd`` has the shared-memory design)
 Ownership: ``PDProcesses`` creates (and at ``close`` unlinks) what its mode owns; the
 decode server only attaches. Each rank group is an ``EngineProcesses``; rank
 processes create and unlink their own KV segments (the group reclaims those of
-killed ranks). Restarting the prefill server means restarting the decode server too
-(it keeps the old tables mapped).
+killed ranks). A decode server follows a restarted prefill server: its ranks and its
+API re-find the new tables (``scheduler.pd_peers``, ``server.pd_orphans``).
 """
 
 from __future__ import annotations

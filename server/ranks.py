@@ -12,8 +12,8 @@
   processes;
 - ``wait_ready`` blocks until every rank sent ``RankReady``; a ``RankError``, a rank
   exiting or the timeout raises ``RankStartupError``;
-- ``close`` sends ``ShutdownReq`` to every rank, waits a bound, then terminates and
-  finally kills what is left, unlinks any segment a rank created and could not
+- ``close`` sends ``ShutdownReq`` to every rank, waits a bound, then kills what is
+  left (ranks ignore SIGTERM), unlinks any segment a rank created and could not
   unlink itself (a PD prefill rank's KV pool, if it was killed), and only then
   unlinks the board.
 
@@ -265,7 +265,7 @@ class EngineProcesses:
         rank.is_marked_dead = True
 
     def close(self) -> None:
-        """Stop every rank (ShutdownReq, then terminate, then kill) and unlink the board."""
+        """Stop every rank (ShutdownReq, then kill) and unlink the board."""
         try:
             self._stop_ranks(self.args.shutdown_timeout_s)
         finally:

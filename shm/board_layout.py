@@ -40,8 +40,9 @@ Who writes what (exactly one writer per cell; ``+=`` on shared memory is not ato
   quantity, not 1 + 2D, to get the rank's load net of what it has acknowledged.
   ``num_pfill``: the prompt tokens the rank has yet to prefill (queued or mid-prefill).
   ``num_kv``: the KV slots the rank holds for requests (its pool's use less the cached
-  tokens no request reads), KV a PD prefill rank keeps for decode included: memory, where
-  ``num_toks`` is load (never balanced on; ``/get_load``'s ``token_usage``).
+  tokens no request reads: reservations, and KV a PD prefill rank keeps for decode,
+  included): memory, where ``num_toks`` is load; never balanced on (``/v1/loads``'
+  ``num_used_tokens`` and ``token_usage``, the ``/metrics`` gauges of those names).
 - ``heartbeat_ns[r]`` (CLOCK_MONOTONIC, shared by all processes on the node, so it only
   grows, also across a restart of the rank) and ``status[r]``: rank r's scheduler, as
   single-cell stores outside the seqlock; the launcher may set ``status`` to DEAD only

@@ -46,9 +46,10 @@ class RankWriter:
         ``acked_reqs[d]``/``acked_tokens[d]``: how many requests (and their dispatched
         token counts) from dispatcher d this rank has received so far, all of which
         are already inside ``num_reqs``/``num_tokens`` or finished. They only grow.
-        ``num_prefill_tokens``: prompt tokens received and not prefilled yet (0 on a
-        rank that prefills nothing, such as a PD decode rank). ``num_kv_tokens``: KV
-        slots held for requests (``shm.board_layout``'s ``num_kv``).
+        ``num_prefill_tokens``: tokens received and not prefilled yet (prompts; a
+        retracted request's output too; 0 on a PD decode rank but for retracted
+        requests). ``num_kv_tokens``: KV slots held for requests
+        (``shm.board_layout``'s ``num_kv``).
         """
         d = self._d
         if len(acked_reqs) != d or len(acked_tokens) != d:

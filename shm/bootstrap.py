@@ -25,8 +25,9 @@ little-endian), laid out as::
 
 Who writes what (exactly one writer per cell; ``+=`` on shared memory is not atomic):
 - header: the creator, once, before anyone attaches.
-- region header r and every entry of region r: the region's writer (the prefill-side
-  dispatcher that owns region r, through ``table.region_writer(r)``), and nobody else.
+- region header r and every entry of region r: the region's writer (through
+  ``table.region_writer(r)``: in the route table the API process that owns region r,
+  in the hand-off table prefill rank r), and nobody else.
   It fills an entry on ``insert``; later it may change ``state`` (PLACED -> KV_READY or
   FAILED), ``decode_rank``, ``kv_location``, ``kv_len``, ``first_token`` and
   ``deadline_ns`` (``update``), and frees the slot (``remove``/``expire``). ``room``,

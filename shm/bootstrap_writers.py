@@ -1,16 +1,18 @@
 """Single-writer handles onto the bootstrap table (layout in ``shm.bootstrap``).
 
-A ``RegionWriter`` lives in the prefill-side dispatcher that owns one region: it is
-the only process writing that region's header and entries. A ``DecodeClaimer`` lives
-in one decode rank: it writes only that rank's claim cells.
+A ``RegionWriter`` lives in the one process that owns a region and is the only one
+writing that region's header and entries: in the route table, an API process (its
+dispatcher: PLACED, FAILED, removal); in the hand-off table, prefill rank r (KV_READY
+entries, reaping and expiry). A ``DecodeClaimer`` lives in one decode rank: it writes
+only that rank's claim cells.
 
-The hand-off, as PD uses it::
+The hand-off, as PD uses it (hand-off table)::
 
-    prefill dispatcher (region r)          decode rank d
-    slot = insert(room, rank, deadline)    entry = lookup(room)   # each step, till KV_READY
-    ... prefill runs ...                   claimer.claim(entry)   # before reading KV
-    update(slot, state=KV_READY,           ... copy KV at entry.kv_location ...
-           kv_location=..., first_token=.) ok = claimer.release(entry)  # after
+    prefill rank r (region r)              decode rank d
+    ... prefill runs ...                   entry = lookup(room)   # each step, till KV_READY
+    slot = insert(room, rank, deadline,    claimer.claim(entry)   # before reading KV
+           state=KV_READY, kv_location=.,  ... copy KV at entry.kv_location ...
+           first_token=...)                ok = claimer.release(entry)  # after
     reap_released() -> free their KV       (ok False: the KV may have been freed under
     expire(now)     -> free their KV        the copy; fail the request)
 

@@ -175,7 +175,7 @@ def write_reports(results: list[dict], probe: dict, args, elapsed_s: float) -> s
              f"executor {args.executor}; {elapsed_s:.0f} s; "
              f"capacity = completed req/s of a saturating run (rate inf) of the first method; for "
              f"decode-bound PD shapes its rate while it was full, without ramp and drain "
-             f"(bench.compare.capacity_estimate)", ""]
+             f"(bench.compare.run.capacity_estimate)", ""]
     timelines = {}
     for r in results:
         stem = f"{r['scenario'].replace('-', '_')}_{r['ranks']}"

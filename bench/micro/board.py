@@ -11,7 +11,7 @@ microseconds, all measured in this one run:
 - ``seqlock_pick_us_n8_contended``: ``Dispatcher.pick`` with ``total_tokens``, whose
   read goes through every row's seqlock, at N=8 while another process publishes rows
   at about 100k rows/s (so readers do meet rows mid-write and retry).
-- ``cache_aware_pick_us_n64_p4096_{miss,half,full}``: ``Dispatcher.pick`` with
+- ``cache_aware_pick_us_n64_p4096_{miss,pending,half,full}``: ``Dispatcher.pick`` with
   ``cache_aware`` for a 4,096-token prompt at 64 live ranks whose prefix-cache
   summaries each hold 64 blocks of other prompts, hashing included: no rank holds the
   prompt's first block (``miss``; nor was it sent before); 16 ranks hold its first
