@@ -22,7 +22,7 @@ from server.prompts import encode_texts
 from server.logprobs import TokenTexts, sglang_logprobs
 from server.protocol import (AbortRequest, GenerateRequest, decode_body, routed_rank_of,
                              to_sampling_params)
-from server.prepared import PreparedRequest
+from server.prepared import PreparedRequest, request_rooms
 from server.request_flow import (Progress, RunningRequest, new_rid, release, run_all,
                                  start_all)
 from server.sse import DONE, SSEResponse, error_event, event, merged, unless_disconnected
@@ -105,7 +105,7 @@ async def prepare_generate(engine: EngineClient,
     routed = routed_rank_of(body)
     routed_list = _per_item(routed, size, "routed_dp_rank")
     prefill_rank = _per_item(body.disagg_prefill_dp_rank, size, "disagg_prefill_dp_rank")
-    rooms = _rooms(body.bootstrap_room, size)
+    rooms = request_rooms(body.bootstrap_room, [p.n for p in params_list])
     prompts = ids_list if texts is None else await encode_texts(engine, texts, "text")
     prepared = []
     for i, ids in enumerate(prompts):
@@ -121,7 +121,7 @@ async def prepare_generate(engine: EngineClient,
                 return_logprob=bool(logprob[i]), top_logprobs_num=top_n[i] or 0,
                 logprob_start_len=start_len[i] if start_len[i] is not None else -1,
                 routed_dp_rank=routed_list[i],
-                bootstrap_room=_copy_room(body.bootstrap_room, rooms[i], j, len(prepared)),
+                bootstrap_room=rooms[len(prepared)],
                 disagg_prefill_dp_rank=prefill_rank[i]))
     return prepared, is_batch or len(prepared) > 1
 
@@ -150,23 +150,6 @@ def _per_item(value, size: int, name: str) -> list:
             raise BadRequest(f"{name} has {len(value)} entries for a batch of {size}")
         return value
     return [value] * size
-
-
-def _rooms(room, size: int) -> list[int | None]:
-    """A scalar ``bootstrap_room`` in a batch means room + i (SGLang's rule)."""
-    if isinstance(room, list):
-        return _per_item(room, size, "bootstrap_room")
-    return [None if room is None else room + i for i in range(size)]
-
-
-def _copy_room(room, prompt_room: int | None, copy: int, index: int) -> int | None:
-    """Every request of the body needs its own room (PD: one room pairs one prefill with
-    one decode), derived identically on the prefill and the decode server: a scalar
-    means room + request index over the expanded batch (prompts times ``n``; with n=1
-    SGLang's room + i); a list gives each prompt's, + the copy's index under ``n``."""
-    if prompt_room is None:
-        return None
-    return room + index if isinstance(room, int) else prompt_room + copy
 
 
 async def abort_request(request: Request) -> Response:

@@ -32,7 +32,7 @@ from server.prompts import encode_chat, encode_texts
 from server.logprobs import CompletionLogprobs, TokenTexts, chat_logprobs, join_parts
 from server.protocol import (ChatCompletionRequest, CompletionRequest, OpenAISampling,
                              check_messages, decode_body, routed_rank_of)
-from server.prepared import PreparedRequest
+from server.prepared import PreparedRequest, request_rooms
 from server.request_flow import (Progress, RunningRequest, new_rid, release, run_all,
                                  start_all)
 from server.sse import DONE, SSEResponse, error_event, event, merged, unless_disconnected
@@ -192,6 +192,7 @@ def _prepare(engine: EngineClient, body: OpenAISampling, prompts: list[list[int]
     check_fan_out(len(prompts), [body.n] * len(prompts))
     routed = routed_rank_of(body)
     num = len(prompts)
+    rooms = request_rooms(body.bootstrap_room, [body.n] * num)
     prepared = []
     for i, ids in enumerate(prompts):
         params = body.sampling_params(max_tokens_for(ids))
@@ -206,7 +207,7 @@ def _prepare(engine: EngineClient, body: OpenAISampling, prompts: list[list[int]
                 routed_dp_rank=_of_prompt(routed, i, num, "routed_dp_rank"),
                 disagg_prefill_dp_rank=_of_prompt(body.disagg_prefill_dp_rank, i, num,
                                                   "disagg_prefill_dp_rank"),
-                bootstrap_room=_room(body.bootstrap_room, i, j, index, num)))
+                bootstrap_room=rooms[index]))
     return prepared
 
 
@@ -217,15 +218,6 @@ def _of_prompt(value, i: int, num_prompts: int, name: str):
     if len(value) != num_prompts:
         raise BadRequest(f"{name} has {len(value)} entries for {num_prompts} prompt(s)")
     return value[i]
-
-
-def _room(room, i: int, j: int, index: int, num_prompts: int) -> int | None:
-    """Each request of the body gets its own room, the same on the prefill and the decode
-    server (both apply this to the identical body): a scalar means room + request index
-    (SGLang's rule for a batch); a list gives each prompt's, + copy index under ``n``."""
-    if isinstance(room, list):
-        return _of_prompt(room, i, num_prompts, "bootstrap_room") + j
-    return None if room is None else room + index
 
 
 async def _respond(request: Request, engine: EngineClient, body: OpenAISampling,

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.sampling import SamplingParams
+from server.errors import BadRequest
 
 
 @dataclass(frozen=True)
@@ -30,3 +31,23 @@ class PreparedRequest:
     # The body's rid when it became several requests (rid_0, rid_1, ...): what
     # /abort_request with that rid ends.
     group_rid: str | None = None
+
+
+def request_rooms(room: int | list[int] | None, copies: list[int]) -> list[int | None]:
+    """One ``bootstrap_room`` per request of a body whose prompts fan out into ``copies``
+    requests each (``n``), in order (prompt by prompt, its copies together), derived
+    identically on a prefill and a decode server that get the same body: a scalar means
+    room + request index (SGLang's rule for a batch); a list with one room per prompt
+    gives each copy its prompt's + the copy's index; a list with one room per request
+    (what gateways send for a chat with ``n``: a room per choice) is taken as it is."""
+    total = sum(copies)
+    if room is None:
+        return [None] * total
+    if not isinstance(room, list):
+        return [room + k for k in range(total)]
+    if len(room) == len(copies):
+        return [r + j for r, n in zip(room, copies) for j in range(n)]
+    if len(room) == total:
+        return list(room)
+    raise BadRequest(f"bootstrap_room has {len(room)} entries: give one per prompt "
+                     f"({len(copies)}) or one per request ({total}, the prompts times n)")

@@ -199,3 +199,30 @@ def test_prompt_certainly_longer_than_the_context_is_400_without_tokenizing(clie
         assert r.status_code == 400, r.text[:300]
         assert "too long" in r.json()["error"]["message"]
         assert time.monotonic() - t0 < 1.0, route
+
+
+def test_one_room_per_prompt_or_per_request():
+    """A room list may give each prompt's (its copies under n add their index) or each
+    request's, as gateways send for a chat with n (a room per choice); else a 400."""
+    from server.errors import BadRequest
+    from server.prepared import request_rooms
+    assert request_rooms(None, [2]) == [None, None]
+    assert request_rooms(10, [2, 1]) == [10, 11, 12]
+    assert request_rooms([10, 20], [2, 1]) == [10, 11, 20]
+    assert request_rooms([7, 3], [2]) == [7, 3]  # smg: one room per choice of one prompt
+    assert request_rooms([7, 3, 5], [2, 1]) == [7, 3, 5]
+    with pytest.raises(BadRequest, match="one per prompt \\(2\\) or one per request \\(4"):
+        request_rooms([1, 2, 3], [2, 2])
+
+
+def test_a_chat_with_n_and_a_room_per_choice_is_served(client):
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "n": 2,
+            "bootstrap_room": [5, 9], "bootstrap_host": ["h", "h"], "bootstrap_port": [1, 1]}
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert [c["index"] for c in r.json()["choices"]] == [0, 1]
+    r = client.post("/generate", json={**HI, "sampling_params": {"max_new_tokens": 1, "n": 2},
+                                       "bootstrap_room": [5, 9]})
+    assert r.status_code == 200 and len(r.json()) == 2, r.text
+    assert_idle(client)
+

@@ -162,6 +162,19 @@ def test_prefill_and_decode_servers_pair_like_a_gateway(tmp_path, workload, refe
         lps = httpx.post(prefill.url + "/v1/completions", json=echo,
                          timeout=30).json()["choices"][0]["logprobs"]["token_logprobs"]
         assert lps[0] is None and all(isinstance(x, float) for x in lps[1:]), lps
+        # A chat with n through a gateway: one room per choice (smg, sglang-router).
+        rooms = [random.getrandbits(63), random.getrandbits(63)]
+        chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "n": 2,
+                "temperature": 0, "bootstrap_room": rooms, "bootstrap_host": ["127.0.0.1"] * 2,
+                "bootstrap_port": [port] * 2}
+        with ThreadPoolExecutor(1) as pool:
+            dec = pool.submit(httpx.post, decode.url + "/v1/chat/completions", json=chat,
+                              timeout=60)
+            pre = httpx.post(prefill.url + "/v1/chat/completions", json=chat, timeout=60)
+            assert pre.status_code == 200, pre.text
+            assert dec.result().status_code == 200, dec.result().text
+        choices = dec.result().json()["choices"]
+        assert [c["index"] for c in choices] == [0, 1] and choices[0] == {**choices[1], "index": 0}
 
         async def run():
             async with httpx.AsyncClient(timeout=60) as client:
