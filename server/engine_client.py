@@ -20,6 +20,7 @@ Request life cycle:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import os
 import statistics
@@ -213,6 +214,8 @@ class EngineClient:
         """
         if not self.is_serving:
             raise ServiceUnavailable("the server is not serving (starting or stopping)")
+        if self.role == Role.PREFILL and p.disagg_prefill_dp_rank is not None:
+            p = self._on_named_prefill_rank(p)
         if p.rid in self.inflight:
             raise BadRequest(f"rid {p.rid!r} is already in use by a running request")
         self._check_pd(p.bootstrap_room)
@@ -381,6 +384,16 @@ class EngineClient:
         except (OSError, ValueError, KeyError) as exc:
             self.monitor.rank_lost(rank, f"its request pipe failed ({exc!r})")
             raise ServiceUnavailable(f"rank {rank.dp_rank} is unavailable") from None
+
+    def _on_named_prefill_rank(self, p: PreparedRequest) -> PreparedRequest:
+        """A prefill server places a request whose body names its prefill rank
+        (``disagg_prefill_dp_rank``) there: the decode half, given the same body, looks
+        for the KV on that rank. The field wins over ``routed_dp_rank``, which in a body
+        sent to both servers may name the decode rank."""
+        named = p.disagg_prefill_dp_rank
+        if named not in self.live_ranks():
+            raise ServiceUnavailable(f"disagg_prefill_dp_rank {named} is not alive")
+        return dataclasses.replace(p, routed_dp_rank=named, disagg_prefill_dp_rank=None)
 
     def _check_pd(self, room: int | None) -> None:
         if self.role not in (Role.PREFILL, Role.DECODE):

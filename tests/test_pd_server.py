@@ -175,6 +175,14 @@ def test_prefill_and_decode_servers_pair_like_a_gateway(tmp_path, workload, refe
             assert dec.result().status_code == 200, dec.result().text
         choices = dec.result().json()["choices"]
         assert [c["index"] for c in choices] == [0, 1] and choices[0] == {**choices[1], "index": 0}
+        # The same body names the prefill rank for both: the prefill server places it
+        # there (routed_dp_rank, in a body both servers get, may name the decode rank).
+        for named in (0, 1):
+            pinned = body([5, 6, 7], 3, bootstrap_room=random.getrandbits(63),
+                          disagg_prefill_dp_rank=named, routed_dp_rank=1 - named)
+            pre, dec = _both(prefill.url, decode.url, pinned)
+            assert pre["meta_info"]["dp_rank"] == named, pre
+            assert len(dec["output_ids"]) == 3, dec
 
         async def run():
             async with httpx.AsyncClient(timeout=60) as client:
