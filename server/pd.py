@@ -39,7 +39,7 @@ from scheduler.pd_router import new_room
 from scheduler.roles import DisaggregationMode, Role
 from server.args import ServerArgs
 from server.engine_client import EngineClient, wait_flushes
-from server.errors import ApiError, ServiceUnavailable
+from server.errors import ApiError
 from server.inflight import RequestHandle
 from server.placement import LaunchPlan, plan_launch
 from server.prepared import PreparedRequest
@@ -268,14 +268,10 @@ class PDEngineClient:
         """Both halves under one room: prefill on the rank the client named for it (if
         any), scoring the prompt; decode on ``routed_dp_rank``, told where the KV is."""
         room = new_room() if prepared.bootstrap_room is None else prepared.bootstrap_room
-        named = prepared.disagg_prefill_dp_rank
-        if named is not None and named not in self.prefill.live_ranks():
-            # (the prefill half names it as its routed_dp_rank: say what the client named)
-            raise ServiceUnavailable(f"disagg_prefill_dp_rank {named} (a prefill rank) is not "
-                                     "alive")
+        # routed_dp_rank names the decode rank; the prefill group places the half on
+        # disagg_prefill_dp_rank when given (EngineClient._on_named_prefill_rank).
         p_handle = self.prefill.submit(dataclasses.replace(
-            prepared, routed_dp_rank=prepared.disagg_prefill_dp_rank, bootstrap_room=room,
-            disagg_prefill_dp_rank=None))
+            prepared, routed_dp_rank=None, bootstrap_room=room))
         try:
             handle = self.decode.submit(dataclasses.replace(
                 prepared, bootstrap_room=room, logprob_start_len=-1))
