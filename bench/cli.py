@@ -9,18 +9,135 @@ of nothing.
 from __future__ import annotations
 
 import argparse
+import math
 import os
+from urllib.parse import urlsplit
+
+# LoadBoard.create's limits (shm/board.py checks them with literals; no constant to import):
+# tests/test_bench_cli.py pins these to what the board refuses.
+MAX_BOARD_RANKS = 4096
+MAX_BOARD_DISPATCHERS = 256
 
 
 def positive_int(text: str) -> int:
     """An integer >= 1: a count (rounds, pairs, ranks) a run needs at least one of."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    value = _int(text, "an integer >= 1")
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def _int(text: str, expected: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+
+
+def _float(text: str, expected: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0: a count a run may skip (warm-up requests, repeats)."""
+    value = _int(text, "an integer >= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0: a rate, a duration, a size (not 0, inf or nan)."""
+    value = _float(text, "a number > 0")
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0: a jitter, an offset, a share that may be nothing."""
+    value = _float(text, "a number >= 0")
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def unit_fraction(text: str) -> float:
+    """A number in [0, 1]: a length range ratio, a share."""
+    value = _float(text, "a number in [0, 1]")
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def open_unit_fraction(text: str) -> float:
+    """A number in (0, 1]: a memory fraction, a fraction of capacity."""
+    value = _float(text, "a number in (0, 1]")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def rank_count(text: str) -> int:
+    """A number of ranks a load board holds: 1 to ``MAX_BOARD_RANKS``."""
+    value = _int(text, f"an integer in [1, {MAX_BOARD_RANKS}]")
+    if not 1 <= value <= MAX_BOARD_RANKS:
+        raise argparse.ArgumentTypeError(f"must be in [1, {MAX_BOARD_RANKS}] (the load "
+                                         f"board's limit), got {value}")
+    return value
+
+
+def dispatcher_count(text: str) -> int:
+    """A number of dispatchers (API processes) a load board holds: 1 to ``MAX_BOARD_DISPATCHERS``."""
+    value = _int(text, f"an integer in [1, {MAX_BOARD_DISPATCHERS}]")
+    if not 1 <= value <= MAX_BOARD_DISPATCHERS:
+        raise argparse.ArgumentTypeError(f"must be in [1, {MAX_BOARD_DISPATCHERS}] (the load "
+                                         f"board's limit), got {value}")
+    return value
+
+
+def port(text: str) -> int:
+    """A TCP port, 1 to 65535."""
+    value = _int(text, "a port in [1, 65535]")
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port in [1, 65535], got {value}")
+    return value
+
+
+def http_url(text: str) -> str:
+    """An http:// or https:// URL with a host (a server's base URL)."""
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"expected an http:// or https:// URL with a host, "
+                                         f"got {text!r}")
+    try:
+        parts.port  # noqa: B018 (raises on a port out of range)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+    return text
+
+
+def model_path(text: str) -> str:
+    """What ``engine.serve --model-path`` loads (``engine.model_source``): ``tiny``, a
+    folder or ``.gguf`` file that exists, the default model's name or a Hugging Face
+    repo id (owner/name); checked without fetching anything."""
+    from engine.model_source import DEFAULT_MODEL  # imports no torch
+    path = os.path.expanduser(text)
+    if text in ("tiny", DEFAULT_MODEL) or os.path.isdir(path):
+        return text
+    if os.path.isfile(path):
+        if not path.endswith(".gguf"):
+            raise argparse.ArgumentTypeError(f"{text} is a file but not a .gguf")
+        return text
+    looks_like_path = text.startswith(("/", ".", "~")) or text.count("/") != 1
+    if looks_like_path:
+        raise argparse.ArgumentTypeError(
+            f"{text} does not exist (expected 'tiny', a model folder, a .gguf file, "
+            f"{DEFAULT_MODEL!r} or a Hugging Face repo id owner/name)")
+    return text
 
 
 def writable_file(text: str) -> str:

@@ -11,7 +11,10 @@ import os
 
 import pytest
 
-from bench.cli import log_folder, positive_int, sim_profile, writable_file
+from bench.cli import (MAX_BOARD_DISPATCHERS, MAX_BOARD_RANKS, dispatcher_count, http_url,
+                       log_folder, model_path, non_negative_float, non_negative_int,
+                       open_unit_fraction, port, positive_float, positive_int, rank_count,
+                       sim_profile, unit_fraction, writable_file)
 from server_helpers import free_port, write_sim_profile
 
 MISSING_FOLDER = "/nonexistent-dpserve-folder/x.json"
@@ -31,6 +34,47 @@ def test_positive_int():
     for bad in ("0", "-1", "two", "1.5"):
         with pytest.raises(argparse.ArgumentTypeError):
             positive_int(bad)
+
+
+@pytest.mark.parametrize("kind,good,bad", [
+    (non_negative_int, {"0": 0, "7": 7}, ("-1", "x", "1.5")),
+    (positive_float, {"0.5": 0.5, "3": 3.0}, ("0", "-1", "inf", "nan", "x")),
+    (non_negative_float, {"0": 0.0, "2.5": 2.5}, ("-0.1", "inf", "nan")),
+    (unit_fraction, {"0": 0.0, "1": 1.0}, ("-0.1", "1.5", "nan")),
+    (open_unit_fraction, {"0.5": 0.5, "1": 1.0}, ("0", "7", "nan")),
+    (rank_count, {"1": 1, str(MAX_BOARD_RANKS): MAX_BOARD_RANKS},
+     ("0", "-2", str(MAX_BOARD_RANKS + 1))),
+    (dispatcher_count, {"1": 1}, ("0", str(MAX_BOARD_DISPATCHERS + 1))),
+    (port, {"1": 1, "65535": 65535}, ("0", "-3", "70000", "http")),
+    (http_url, {"http://127.0.0.1:30000": "http://127.0.0.1:30000"},
+     ("notaurl", "ftp://x", "http://", "http://h:70000")),
+])
+def test_shared_types(kind, good, bad):
+    for text, value in good.items():
+        assert kind(text) == value
+    for text in bad:
+        with pytest.raises(argparse.ArgumentTypeError):
+            kind(text)
+
+
+def test_board_limits_are_the_boards_own():
+    """The limits ``rank_count`` and ``dispatcher_count`` check are those
+    ``LoadBoard.create`` refuses beyond (checked before any segment is made)."""
+    from shm.board import LoadBoard
+    with pytest.raises(ValueError, match="num_ranks"):
+        LoadBoard.create(MAX_BOARD_RANKS + 1, launch_id="limits")
+    with pytest.raises(ValueError, match="num_dispatchers"):
+        LoadBoard.create(1, MAX_BOARD_DISPATCHERS + 1, launch_id="limits")
+
+
+def test_model_path_is_checked_without_fetching(tmp_path):
+    (tmp_path / "m.gguf").write_text("")
+    (tmp_path / "m.txt").write_text("")
+    for good in ("tiny", str(tmp_path), str(tmp_path / "m.gguf"), "owner/name"):
+        assert model_path(good) == good
+    for bad in ("/nonexistent", str(tmp_path / "m.txt"), "./missing", "a/b/c"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            model_path(bad)
 
 
 def test_writable_file_is_checked_without_creating_it(tmp_path):
