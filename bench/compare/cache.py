@@ -78,6 +78,7 @@ from bench.cli import out_folder, positive_int, sim_profile
 from bench.client.server import ServerProcess, exit_on_sigterm, free_port
 from bench.client.serving import BenchConfig, run_benchmark
 from bench.compare.scenarios import SIM_CHUNKED_PREFILL_SIZE
+from bench.stats import mean_ci95
 
 LOAD = 0.9
 SATURATED = "saturated"  # rate inf, at most SATURATION_CONCURRENCY requests per rank
@@ -349,19 +350,6 @@ def headline(results: list[dict]) -> dict:
                                            for m, runs_ in r["runs"].items()} for r in results},
         "kv_tokens_per_rank": {r["scenario"]: r.get("kv_tokens_per_rank") for r in results},
     }
-
-
-# Student's t, two-sided 95%, by degrees of freedom (1-10); 1.96 beyond.
-_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
-
-
-def mean_ci95(values: list[float]) -> list[float]:
-    """The 95% confidence interval of the mean of ``values`` (at least two; Student's t)."""
-    n = len(values)
-    mean = sum(values) / n
-    sem = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
-    t = _T95[n - 2] if n - 1 <= len(_T95) else 1.96
-    return [mean - t * sem, mean + t * sem]
 
 
 def mean_of(values) -> float | None:
