@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 from urllib.parse import urlsplit
 
 # LoadBoard.create's limits (shm/board.py checks them with literals; no constant to import):
@@ -99,7 +100,7 @@ def dispatcher_count(text: str) -> int:
     return value
 
 
-def port(text: str) -> int:
+def tcp_port(text: str) -> int:
     """A TCP port, 1 to 65535."""
     value = _int(text, "a port in [1, 65535]")
     if not 1 <= value <= 65535:
@@ -204,3 +205,10 @@ def out_folder(parser: argparse.ArgumentParser, args: argparse.Namespace,
     except argparse.ArgumentTypeError as exc:
         parser.error(f"argument --json: {exc}")
     return path
+
+
+def interrupted(what: str) -> int:
+    """Ctrl-C in a tool's ``main``: one line on stderr saying what was kept or lost (its
+    ``finally`` blocks have already stopped its servers); returns the exit code, 130."""
+    print(f"interrupted: {what}", file=sys.stderr)
+    return 130

@@ -13,8 +13,8 @@ import pytest
 
 from bench.cli import (MAX_BOARD_DISPATCHERS, MAX_BOARD_RANKS, dispatcher_count, http_url,
                        log_folder, model_path, non_negative_float, non_negative_int,
-                       open_unit_fraction, port, positive_float, positive_int, rank_count,
-                       sim_profile, unit_fraction, writable_file)
+                       open_unit_fraction, positive_float, positive_int, rank_count,
+                       sim_profile, tcp_port, unit_fraction, writable_file)
 from server_helpers import free_port, write_sim_profile
 
 MISSING_FOLDER = "/nonexistent-dpserve-folder/x.json"
@@ -45,7 +45,7 @@ def test_positive_int():
     (rank_count, {"1": 1, str(MAX_BOARD_RANKS): MAX_BOARD_RANKS},
      ("0", "-2", str(MAX_BOARD_RANKS + 1))),
     (dispatcher_count, {"1": 1}, ("0", str(MAX_BOARD_DISPATCHERS + 1))),
-    (port, {"1": 1, "65535": 65535}, ("0", "-3", "70000", "http")),
+    (tcp_port, {"1": 1, "65535": 65535}, ("0", "-3", "70000", "http")),
     (http_url, {"http://127.0.0.1:30000": "http://127.0.0.1:30000"},
      ("notaurl", "ftp://x", "http://", "http://h:70000")),
 ])
@@ -137,6 +137,10 @@ def test_sim_profile_is_a_known_name_or_a_profile_file(tmp_path):
       "--gsp-num-turns", "2"], "--gsp-hot-share needs --gsp-num-turns 1"),
     (["--warmup-requests", "-1"], "--warmup-requests must be >= 0"),
     (["--output-file", MISSING_FOLDER], "argument --output-file: folder"),
+    (["--request-timeout-s", "inf"], "--request-timeout-s must be a finite number"),
+    (["--port", "70000"], "argument --port: must be a port in [1, 65535]"),
+    (["--port", "-3"], "argument --port"),
+    (["--base-url", "notaurl"], "argument --base-url: expected an http:// or https:// URL"),
 ])
 def test_serving_refuses_values_a_run_cannot_use(flags, message, capsys):
     from bench.client.serving import parse_config
@@ -153,6 +157,18 @@ def test_serving_keeps_sglangs_valid_values():
     assert describe_run(parse_config(["--max-concurrency", "0"])).endswith("not set")
     # The ranges of one dataset do not apply to another's run.
     assert parse_config(["--dataset-name", "multi-turn", "--num-prompts", "0"]).num_prompts == 0
+
+
+def test_serving_describes_and_records_a_multi_turn_run():
+    from bench.client.serving import describe_run, parse_config, settings
+    cfg = parse_config(["--dataset-name", "multi-turn", "--mt-num-conversations", "2",
+                        "--mt-num-turns", "2", "--mt-turn-len", "64", "--mt-output-len", "8"])
+    line = describe_run(cfg)
+    assert "multi-turn: 2 conversations x 2 turns (4 requests)" in line
+    assert "1000 prompts" not in line and "input <=" not in line
+    row = settings(cfg)
+    assert row["mt_num_conversations"] == 2 and row["mt_num_turns"] == 2
+    assert "num_prompts" not in row and "random_input_len" not in row
 
 
 def test_serving_checks_the_output_file_before_any_request(tmp_path, capsys):

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 import aiohttp
 from tqdm.asyncio import tqdm
 
-from bench.cli import writable_file
+from bench.cli import http_url, interrupted, tcp_port, writable_file
 from bench.client.backends import BACKENDS, RequestResult
 from bench.client.dataset import (DEFAULT_VOCAB_SIZE, GROUP_DISTRIBUTIONS, BenchRequest,
                                   arrival_offsets, check_counts, check_multi_turn,
@@ -74,9 +74,10 @@ def _opt(help_text: str, **extra) -> dict:
 class BenchConfig:
     backend: str = field(default="sglang", **_opt("sglang (/generate) or openai (/v1/completions)",
                                                   choices=tuple(BACKENDS)))
-    base_url: str | None = field(default=None, **_opt("server URL; overrides --host/--port"))
+    base_url: str | None = field(default=None, **_opt("server URL; overrides --host/--port",
+                                                      type=http_url))
     host: str = field(default="127.0.0.1", **_opt("server host"))
-    port: int = field(default=30000, **_opt("server port"))
+    port: int = field(default=30000, **_opt("server port", type=tcp_port))
     model: str | None = field(default=None, **_opt("model name for the openai backend"))
     dataset_name: str = field(default="random", **_opt(
         "random, or generated-shared-prefix (groups of prompts sharing a system prompt, for "
@@ -181,8 +182,9 @@ def check_sending(cfg: BenchConfig) -> None:
                          f"got {cfg.max_concurrency}")
     if cfg.warmup_requests < 0:
         raise ValueError(f"--warmup-requests must be >= 0, got {cfg.warmup_requests}")
-    if not cfg.request_timeout_s > 0:
-        raise ValueError(f"--request-timeout-s must be > 0, got {cfg.request_timeout_s}")
+    if not 0 < cfg.request_timeout_s < math.inf:  # aiohttp cannot wait forever
+        raise ValueError(f"--request-timeout-s must be a finite number of seconds > 0, "
+                         f"got {cfg.request_timeout_s}")
     check_counts((("--random-vocab-size", cfg.random_vocab_size),))
 
 
@@ -341,9 +343,10 @@ async def warm_up(session, cfg: BenchConfig, send, model: str | None) -> None:
 def settings(cfg: BenchConfig) -> dict:
     keep = ("dataset_name", "random_input_len", "random_output_len", "random_range_ratio",
             "num_prompts", "seed")
-    if cfg.dataset_name == "generated-shared-prefix":
-        keep = ("dataset_name", "seed", "flush_cache",
-                *(f.name for f in dataclasses.fields(cfg) if f.name.startswith("gsp_")))
+    for dataset, prefix in (("generated-shared-prefix", "gsp_"), ("multi-turn", "mt_")):
+        if cfg.dataset_name == dataset:
+            keep = ("dataset_name", "seed", "flush_cache",
+                    *(f.name for f in dataclasses.fields(cfg) if f.name.startswith(prefix)))
     return {"url": cfg.url, **{k: getattr(cfg, k) for k in keep}, "timestamp": time.time()}
 
 
@@ -357,6 +360,11 @@ def describe_run(cfg: BenchConfig) -> str:
                    f"{cfg.gsp_output_len} tokens (range ratio {cfg.gsp_range_ratio})")
         if cfg.gsp_group_distribution == "zipf":
             dataset += f", groups drawn by Zipf alpha {cfg.gsp_zipf_alpha}"
+    elif cfg.dataset_name == "multi-turn":
+        dataset = (f"multi-turn: {cfg.mt_num_conversations} conversations x "
+                   f"{cfg.mt_num_turns} turns ({cfg.mt_num_conversations * cfg.mt_num_turns} "
+                   f"requests), {cfg.mt_turn_len} tokens per user message, output "
+                   f"{cfg.mt_output_len} tokens per turn")
     else:
         dataset = (f"{cfg.num_prompts} prompts, input <= {cfg.random_input_len}, output <= "
                    f"{cfg.random_output_len} tokens (range ratio {cfg.random_range_ratio})")
@@ -414,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as exc:  # the server is not there or cannot serve
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return interrupted("the run's figures are incomplete; nothing written")
     if figures["simulated"]:
         lockstep = ", lockstep" if figures.get("sim_lockstep") else ""
         scale = figures.get("sim_time_scale", 1.0)
