@@ -37,7 +37,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.cli import positive_int, writable_file
+from bench.cli import DefaultsHelpFormatter, positive_int, writable_file
 from bench.client.server import exit_on_sigterm, free_port, wait_healthy
 from bench.stats import mean_ci95
 
@@ -209,7 +209,7 @@ def pair_count(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.micro.pd",
                                      description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--json", metavar="PATH", type=writable_file,
                         help="also write the figures here")
     parser.add_argument("--requests", type=positive_int, default=2000,
