@@ -120,6 +120,31 @@ def test_headline_gains_count_board_methods_only():
     assert abs(out["variable_length_tpot_gain"] + 0.1) < 1e-9
 
 
+def test_ttft_plot_shows_the_figures_the_table_uses():
+    """With a TTFT pass (``ttft_output_len``) the plot's points are that pass's rates and
+    mean TTFTs, as in the table and the headline, not the full-length pass's."""
+    from bench.compare.report import ttft_points
+    runs = [{"fraction": f, "request_rate": 10 * f, "mean_ttft_ms": 900.0,
+             "ttft_pass": {"request_rate": 20 * f, "mean_ttft_ms": 50.0 * f}} for f in (0.5, 1.0)]
+    result = {"methods": ["a"], "runs": {"a": runs}, "ttft_output_len": 1}
+    assert ttft_points(result, "a") == ([10.0, 20.0], [25.0, 50.0])
+    plain = {"methods": ["a"], "runs": {"a": [{k: v for k, v in r.items() if k != "ttft_pass"}
+                                              for r in runs]}}
+    assert ttft_points(plain, "a") == ([5.0, 10.0], [900.0, 900.0])
+
+
+def test_the_summary_records_the_time_scale_used():
+    from bench.compare.report import scenario_table, time_scales_used
+    one = [{"scenario": "mixed", "ranks": 4, "sim_time_scale": 1.0},
+           {"scenario": "mixed", "ranks": 64, "sim_time_scale": 1.0}]
+    assert time_scales_used(one) == 1.0
+    two = [one[0], {**one[1], "sim_time_scale": 8.0}]
+    assert time_scales_used(two) == {"mixed@4": 1.0, "mixed@64": 8.0}
+    table = scenario_table({"methods": ["a"], "baseline": "a", "fractions": [1.0],
+                            "runs": {"a": [{"fraction": 1.0, "request_rate": 2.0}]}})
+    assert "offered req/s" in table.splitlines()[0]
+
+
 def test_default_scenarios_are_the_seeds_shapes():
     args = build_parser().parse_args([])
     assert args.scenarios == ["prefill-heavy", "variable-length", "decode-heavy"]
@@ -135,8 +160,15 @@ def test_a_bad_time_scale_stops_compare_before_any_server(tmp_path, capsys):
         assert exit_info.value.code == 2
         assert "--sim-time-scale must be" in capsys.readouterr().err
     never = str(tmp_path / "never")
-    assert main(["--executor", "real", "--sim-time-scale", "4", "--out", never]) == 2
-    assert "--sim-time-scale needs --executor sim" in capsys.readouterr().err
+    for flags in (["--sim-time-scale", "4"], ["--sim-profile", "instant"], ["--lockstep", "on"]):
+        with pytest.raises(SystemExit) as exit_info:  # --executor real would ignore them
+            main(["--executor", "real", *flags, "--out", never])
+        assert exit_info.value.code == 2
+        assert f"{flags[0]} needs --executor sim" in capsys.readouterr().err
+    for flags in (["--ranks", "5000"], ["--dispatch-ranks", "4", "5000"]):
+        with pytest.raises(SystemExit) as exit_info:  # past the board's limit: before the run
+            main([*flags, "--out", never])
+        assert exit_info.value.code == 2 and f"argument {flags[0]}" in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
     assert build_parser().parse_args([]).sim_time_scale == "auto"
     assert build_parser().parse_args(["--sim-time-scale", "2.5"]).sim_time_scale == 2.5

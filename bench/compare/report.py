@@ -17,6 +17,7 @@ lower than ``round_robin`` at the highest rate), ``dispatch_probe_us`` and ``sim
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import matplotlib
@@ -56,7 +57,7 @@ def scenario_table(result: dict) -> str:
     methods, base = result["methods"], result["baseline"]
     others = [m for m in methods if m != base]
     probe = bool(result.get("ttft_output_len"))
-    head = (["rate (x cap)", "req/s"] + (["TTFT pass req/s"] if probe else [])
+    head = (["rate (x cap)", "offered req/s"] + (["TTFT pass offered req/s"] if probe else [])
             + [f"TTFT {m}" for m in methods]
             + [f"{m} vs {base}" for m in others] + [f"TPOT {m}" for m in methods]
             + [f"{m} vs {base}" for m in others]
@@ -127,13 +128,21 @@ def headline(results: list[dict], simulated: bool) -> dict:
     return out
 
 
+def ttft_points(result: dict, method: str) -> tuple[list, list]:
+    """(offered rates, mean TTFTs) of ``method``'s runs: the figures the table and the
+    headline use (``ttft_figures``: the TTFT pass, at its own rates, where there is one)."""
+    runs = [ttft_figures(r) for r in result["runs"].get(method, [])]
+    return [r.get("request_rate") for r in runs], [r.get("mean_ttft_ms") for r in runs]
+
+
 def plot_ttft(result: dict, path: str, label: str) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=90)
     for m in result["methods"]:
-        runs = result["runs"].get(m, [])
-        ax.plot([r["request_rate"] for r in runs], [r["mean_ttft_ms"] for r in runs],
-                marker="o", label=m)
-    ax.set_xlabel("request rate (req/s)")
+        rates, ttfts = ttft_points(result, m)
+        ax.plot(rates, [math.nan if t is None else t for t in ttfts], marker="o", label=m)
+    probe = result.get("ttft_output_len")
+    ax.set_xlabel("offered request rate (req/s)" + (
+        f", TTFT pass ({probe} output token(s))" if probe else ""))
     ax.set_ylabel("mean TTFT (ms)")
     ax.set_title(f"{result['scenario']}, {result['ranks']} ranks{label}", fontsize=10)
     ax.grid(alpha=0.3)
@@ -166,6 +175,16 @@ def plot_load(result: dict, path: str, label: str) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def time_scales_used(results: list[dict]) -> float | dict | None:
+    """The ``--sim-time-scale`` factor the runs used (``auto`` resolved): one number
+    when every scenario and rank count used the same, else one per "scenario@ranks"."""
+    used = {f"{r['scenario']}@{r['ranks']}": r.get("sim_time_scale") for r in results}
+    values = set(used.values())
+    if not values:
+        return None
+    return values.pop() if len(values) == 1 else used
 
 
 def write_reports(results: list[dict], probe: dict, args, elapsed_s: float) -> str:
@@ -204,12 +223,14 @@ def write_reports(results: list[dict], probe: dict, args, elapsed_s: float) -> s
                      f"{r.get('ttft_capacity_req_s') or 0:.2f} req/s; TPOT and output "
                      f"throughput: the full-length pass", ""] if r.get("ttft_output_len") else []),
                   scenario_table(r), "",
+                  "one run per method and rate: no interval on these figures (pool runs of "
+                  "several --seed values with python -m bench.compare.pool for one)", "",
                   "dispatch (server front door, mean us/request): " + ", ".join(
                       f"{m} {_fig((d or {}).get('mean_us'), '{:.0f}')}"
                       for m, d in r.get("dispatch", {}).items()), ""]
     summary = {**headline(results, simulated), "dispatch_probe_us": probe,
                "sim_profile": args.sim_profile if simulated else None,
-               "sim_time_scale": getattr(args, "sim_time_scale", 1.0) if simulated else None,
+               "sim_time_scale": time_scales_used(results) if simulated else None,
                "executor": args.executor, "quick": args.quick, "seed": args.seed,
                "elapsed_s": elapsed_s,
                "scenarios": results}

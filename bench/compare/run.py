@@ -40,7 +40,7 @@ import time
 
 from tqdm import tqdm
 
-from bench.cli import out_folder, positive_int, sim_profile
+from bench.cli import DefaultsHelpFormatter, interrupted, out_folder, rank_count, sim_profile
 from bench.client.server import LoadSampler, ServerProcess, dispatch_stats, exit_on_sigterm
 from bench.client.serving import BenchConfig, run_benchmark
 from bench.compare.report import write_reports
@@ -283,40 +283,56 @@ def with_lockstep(scenarios: list[Scenario], mode: str) -> list[Scenario]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.split("\n")[0],
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--scenarios", nargs="+", default=list(DEFAULT_SCENARIOS),
                    choices=list(SCENARIOS),
-                   help="default: the published SGLang runs' shapes (%(default)s)")
-    p.add_argument("--executor", choices=("real", "sim"), default="sim")
+                   help="scenarios to run (default: %(default)s, the published SGLang runs' shapes)")
+    p.add_argument("--executor", choices=("real", "sim"), default="sim",
+                   help="sim: the simulated accelerator (--sim-profile); real: the tiny model "
+                        "on this machine")
     p.add_argument("--sim-profile", type=sim_profile, default=DEFAULT_SIM_PROFILE,
-                   help="a name in sim/profiles/ or a profile file (default: %(default)s)")
+                   help="--executor sim: a name in sim/profiles/ or a profile file")
     p.add_argument("--sim-time-scale", type=parse_time_scale, default="auto",
-                   help="sim: steps take this many times their modelled time (engine.serve "
-                        "--sim-time-scale; figures stay in simulated time, a run takes that "
-                        "much longer); auto: 1 up to %d rank processes per core, more above "
-                        "(default: %%(default)s)" % PROCESSES_PER_CORE)
-    p.add_argument("--ranks", nargs="+", type=positive_int, default=None,
+                   help="--executor sim: steps take this many times their modelled time "
+                        "(engine.serve --sim-time-scale; figures stay in simulated time, a run "
+                        "takes that much longer); auto: 1 up to %d rank processes per core, "
+                        "more above" % PROCESSES_PER_CORE)
+    p.add_argument("--ranks", nargs="+", type=rank_count, default=None,
                    help="rank counts (default: 4; --executor real: 2)")
     p.add_argument("--quick", action="store_true", help="the reduced set, < 3 minutes")
     p.add_argument("--lockstep", choices=("scenario", "on", "off"), default="scenario",
-                   help="--sim-lockstep as each scenario says, or on/off for all of them")
-    p.add_argument("--dispatch-ranks", nargs="*", type=positive_int, default=[4, 8, 16, 32, 64])
-    p.add_argument("--out", default="out/compare")
-    p.add_argument("--json", default=None, help="write every figure here (default: OUT/summary.json)")
-    p.add_argument("--seed", type=int, default=1)
+                   help="--executor sim: --sim-lockstep as each scenario says, or on/off for "
+                        "all of them")
+    p.add_argument("--dispatch-ranks", nargs="*", type=rank_count, default=[4, 8, 16, 32, 64],
+                   help="rank counts at which to time Dispatcher.pick + encoding in this "
+                        "process (us; no servers); none given: skip")
+    p.add_argument("--out", default="out/compare",
+                   help="folder for the report, plots, timelines and server logs")
+    p.add_argument("--json", default=None,
+                   help="write every figure here (default: OUT/summary.json)")
+    p.add_argument("--seed", type=int, default=1, help="seed of prompts, lengths and arrivals")
     return p
+
+
+def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``parser.error`` for flags the executor would ignore or cannot run."""
+    if args.executor == "real":
+        for flag, value, default in (("--sim-time-scale", args.sim_time_scale, "auto"),
+                                     ("--sim-profile", args.sim_profile, DEFAULT_SIM_PROFILE),
+                                     ("--lockstep", args.lockstep, "scenario")):
+            if value != default and not (flag == "--sim-time-scale" and value == 1.0):
+                parser.error(f"{flag} needs --executor sim (--executor real ignores it)")
+        if args.ranks and max(args.ranks) > 4:
+            parser.error("--executor real runs at most 4 ranks here (2 cores): "
+                         "--ranks too large for --executor real")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_flags(parser, args)
     ranks = args.ranks or ([2] if args.executor == "real" else [4])
-    if args.executor == "real" and args.sim_time_scale not in ("auto", 1.0):
-        print("--sim-time-scale needs --executor sim", file=sys.stderr)
-        return 2
-    if args.executor == "real" and max(ranks) > 4:
-        print("--executor real runs at most 4 ranks here (2 cores)", file=sys.stderr)
-        return 2
     args.json = out_folder(parser, args, "summary.json")
     scenarios = with_lockstep(get_scenarios(args.scenarios, args.quick), args.lockstep)
     if args.executor == "real":
@@ -324,11 +340,19 @@ def main(argv: list[str] | None = None) -> int:
     total = sum(len(s.methods) * len(s.fractions) for s in scenarios) * len(ranks)
     results = []
     started = time.time()
-    with tqdm(total=total, desc="compare runs", file=sys.stderr) as bar:
-        for s in scenarios:
-            for n in ranks:
-                results.append(run_scenario(s, n, args, bar))
+    # The probe first: it starts no server, and a failure there loses no run.
     probe = dispatch_probe(args.dispatch_ranks) if args.dispatch_ranks else {}
+    try:
+        with tqdm(total=total, desc="compare runs", file=sys.stderr) as bar:
+            for s in scenarios:
+                for n in ranks:
+                    results.append(run_scenario(s, n, args, bar))
+    except KeyboardInterrupt:  # each server was stopped by its ``with`` block
+        if not results:
+            return interrupted("no scenario finished; nothing written")
+        write_reports(results, probe, args, time.time() - started)
+        return interrupted(f"{len(results)} finished scenario run(s) written to {args.json} "
+                           f"and {args.out}/report.md")
     summary = write_reports(results, probe, args, time.time() - started)
     print(summary)
     return 0
