@@ -69,3 +69,26 @@ def test_cli_reads_folders_and_reports_bad_input(tmp_path, capsys):
     assert json.loads(out.read_text())["prefill_heavy_ttft_ratio_1_0"] == pytest.approx(3 / 7)
     assert main([str(tmp_path / "missing")]) == 2
     assert "not a bench.compare summary" in capsys.readouterr().err
+
+
+def test_the_same_run_or_seed_is_not_pooled_twice(tmp_path, capsys):
+    for i, seed in enumerate((1, 1, 2)):
+        (tmp_path / f"run{i}").mkdir()
+        (tmp_path / f"run{i}" / "summary.json").write_text(
+            json.dumps({**summary(1000, 2000), "seed": seed}))
+    run0 = str(tmp_path / "run0")
+    assert main([run0, run0]) == 2
+    assert "are the same run" in capsys.readouterr().err
+    assert main([run0, str(tmp_path / "run0" / "summary.json")]) == 2  # a folder and its file
+    assert "are the same run" in capsys.readouterr().err
+    assert main([run0, str(tmp_path / "run1")]) == 2
+    assert "both ran --seed 1" in capsys.readouterr().err
+    assert main([run0, str(tmp_path / "run2")]) == 0
+
+
+def test_pooled_ratios_come_with_an_interval():
+    pooled = pool([summary(1000, 4000), summary(2000, 4000), summary(3000, 4000)])
+    lo, hi = pooled[0]["ci95"]["total_tokens@1"]  # 0.5 +- 4.303 * 0.25 / sqrt(3)
+    assert (lo, hi) == pytest.approx((0.5 - 0.6211, 0.5 + 0.6211), abs=1e-3)
+    text, _ = report(pooled, ["a", "b", "c"])
+    assert "95% interval" in text and "offered req/s" in text

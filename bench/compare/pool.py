@@ -11,9 +11,13 @@ target on a mean is read on the pooled runs:
 Each input is a ``bench.compare`` output folder (its ``summary.json``) or a summary file.
 Runs of the same scenario, rank count and shape are pooled per method and rate: mean
 TTFT and TPOT weighted by completed requests (the mean over every request of every
-run), output throughput and request rate averaged; P99s are not pooled. The table has
-``bench.compare``'s layout, plus each method's per-run ratio to the baseline (min-max);
+run), output throughput and offered request rate averaged; P99s are not pooled. The table
+has ``bench.compare``'s layout, plus each method's per-run ratio to the baseline (min-max,
+and with two runs or more the 95% interval of its mean, Student's t, under ``ci95``);
 the headline JSON keys are ``bench.compare``'s, computed on the pooled figures.
+
+Pooled runs must be independent samples: the same input twice, or two runs of one
+``--seed`` (the same prompts and arrivals), are refused.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ import json
 import os
 import sys
 
-from bench.cli import writable_file
+from bench.cli import DefaultsHelpFormatter, writable_file
 from bench.compare.report import headline, method_run, scenario_table, ttft_figures
+from bench.stats import mean_ci95
 
 # What must match for two runs to be pooled.
 SHAPE = ("scenario", "ranks", "baseline", "methods", "fractions", "input_len", "output_len",
@@ -38,8 +43,33 @@ class PoolError(ValueError):
     """Inputs that cannot be pooled (missing, unreadable or of different shapes)."""
 
 
+def summary_file(path: str) -> str:
+    """The summary file an input names (a ``bench.compare`` --out folder or the file)."""
+    return os.path.join(path, "summary.json") if os.path.isdir(path) else path
+
+
+def check_independent(sources: list[str], summaries: list[dict]) -> None:
+    """PoolError when two inputs are one run (the same file) or runs of one seed (the
+    same prompts and arrivals: pooled, one sample would count twice)."""
+    seen: dict[str, str] = {}
+    for source in sources:
+        real = os.path.realpath(summary_file(source))
+        if real in seen:
+            raise PoolError(f"{source} and {seen[real]} are the same run; pool each run once")
+        seen[real] = source
+    seeds: dict[int, str] = {}
+    for source, summary in zip(sources, summaries):
+        seed = summary.get("seed")
+        if seed is None:
+            continue
+        if seed in seeds:
+            raise PoolError(f"{source} and {seeds[seed]} both ran --seed {seed} (the same "
+                            "prompts and arrivals): pool runs of different seeds")
+        seeds[seed] = source
+
+
 def load_summary(path: str) -> dict:
-    file = os.path.join(path, "summary.json") if os.path.isdir(path) else path
+    file = summary_file(path)
     try:
         with open(file) as f:
             summary = json.load(f)
@@ -82,7 +112,7 @@ def pool(summaries: list[dict]) -> list[dict]:
         merged = {k: first.get(k) for k in SHAPE}
         merged.update(prompts=sum(r.get("prompts") or 0 for r in results),
                       simulated=any(r.get("simulated") for r in results),
-                      pooled_runs=len(results), runs={}, spread={})
+                      pooled_runs=len(results), runs={}, spread={}, ci95={})
         base = first["baseline"]
         for m in first["methods"]:
             for frac in first["fractions"]:
@@ -100,6 +130,8 @@ def pool(summaries: list[dict]) -> list[dict]:
                           and (b := ttft_figures(method_run(r, base, frac)).get("mean_ttft_ms"))]
                 if ratios:
                     merged["spread"][f"{m}@{frac:g}"] = [min(ratios), max(ratios)]
+                if len(ratios) > 1:
+                    merged["ci95"][f"{m}@{frac:g}"] = mean_ci95(ratios)
         pooled.append(merged)
     return pooled
 
@@ -111,10 +143,12 @@ def report(pooled: list[dict], sources: list[str]) -> tuple[str, dict]:
     for r in pooled:
         parts += [f"## {r['scenario']}, {r['ranks']} ranks: {r['pooled_runs']} runs, "
                   f"{r['prompts']} prompts per method and rate", "",
-                  "mean TTFT/TPOT: over every request of every run (ms); req/s and out tok/s: "
-                  "the runs' average; P99: not pooled", "", scenario_table(r), "",
-                  f"one run's mean TTFT over {r['baseline']} (min-max): " + ", ".join(
-                      f"{k} {lo:.2f}-{hi:.2f}" for k, (lo, hi) in r["spread"].items()), ""]
+                  "mean TTFT/TPOT: over every request of every run (ms); offered req/s and out "
+                  "tok/s: the runs' average; P99: not pooled", "", scenario_table(r), "",
+                  f"one run's mean TTFT over {r['baseline']} (min-max; mean's 95% interval): "
+                  + ", ".join(f"{k} {lo:.2f}-{hi:.2f}" + (
+                      "; {:.2f}-{:.2f}".format(*r["ci95"][k]) if k in r.get("ci95", {}) else "")
+                      for k, (lo, hi) in r["spread"].items()), ""]
     summary = {**headline(pooled, simulated), "sources": sources, "scenarios": pooled}
     parts += ["## headline (pooled)", "", "```", json.dumps(
         {k: v for k, v in summary.items() if k != "scenarios"}, indent=1), "```"]
@@ -122,12 +156,15 @@ def report(pooled: list[dict], sources: list[str]) -> tuple[str, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.compare.pool", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.compare.pool", description=__doc__.split("\n")[0],
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("inputs", nargs="+", help="bench.compare --out folders or summary files")
     p.add_argument("--json", type=writable_file, help="write the pooled figures here")
     args = p.parse_args(argv)
     try:
-        text, summary = report(pool([load_summary(x) for x in args.inputs]), args.inputs)
+        summaries = [load_summary(x) for x in args.inputs]
+        check_independent(args.inputs, summaries)
+        text, summary = report(pool(summaries), args.inputs)
     except PoolError as e:
         print(f"bench.compare.pool: {e}", file=sys.stderr)
         return 2
