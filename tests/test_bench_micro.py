@@ -36,3 +36,41 @@ def test_pd_needs_two_pairs(capsys):
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args(["--pairs", "1"])
     assert exc.value.code == 2 and "argument --pairs: must be >= 2" in capsys.readouterr().err
+
+
+def test_a_cpu_figure_needs_enough_clock_ticks():
+    from bench.micro.http_stack import MIN_CPU_TICKS, too_few_ticks
+    assert too_few_ticks(MIN_CPU_TICKS, 3000, "API CPU") is None
+    line = too_few_ticks(5, 100, "API CPU")
+    assert "not printed" in line and "5 CPU tick(s)" in line
+    assert "about 1200 requests" in line  # 100 x 50 / 5, plus a fifth for spread
+    assert "more than 500 requests" in too_few_ticks(0, 10, "API CPU", min_ticks=50)
+
+
+def test_api_servers_leaves_out_figures_on_too_few_ticks():
+    from bench.micro.api_servers import medians
+    rounds = [{"rate": 100.0, "api_cpu_us": 500.0, "api_cores": 0.5, "rank_cores": 0.3,
+               "client_cores": 0.2, "machine_cores": 2.11, "api_ticks": 5,
+               "rank_ticks": 300, "machine_ticks": 3}]
+    med, notes = medians(rounds, 100)
+    assert med["api_cpu_us"] is None and med["api_cores"] is None
+    assert med["machine_cores"] is None and med["rank_cores"] == 0.3
+    assert len(notes) == 2
+
+
+@pytest.mark.parametrize("module", ["bench.micro.http_stack", "bench.micro.pick_share",
+                                    "bench.micro.api_servers"])
+def test_cpu_benchmarks_check_warmup_and_take_sglangs_names(module, capsys):
+    import importlib
+    parser = importlib.import_module(module).build_parser()
+    for flags in (["--warmup", "-1"], ["--warmup-requests", "x"], ["--num-prompts", "0"]):
+        with pytest.raises(SystemExit) as exc:
+            parser.parse_args(flags)
+        assert exc.value.code == 2 and "argument --" in capsys.readouterr().err
+    args = parser.parse_args(["--num-prompts", "7", "--max-concurrency", "3",
+                              "--warmup-requests", "0"])
+    assert (args.requests, args.concurrency, args.warmup) == (7, 3, 0)
+    assert parser.parse_args(["--requests", "9"]).requests == 9  # the old spelling stays
+    if module != "bench.micro.http_stack":
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--dp-size", "0"])
