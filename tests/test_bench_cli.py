@@ -182,8 +182,8 @@ def test_serving_checks_the_output_file_before_any_request(tmp_path, capsys):
 
 # ---- bench.compare, bench.compare.cache, bench.compare.scale ---------------------------------
 @pytest.mark.parametrize("flags,message", [
-    (["--ranks", "0"], "argument --ranks: must be >= 1"),
-    (["--ranks", "4", "-2"], "argument --ranks: must be >= 1"),
+    (["--ranks", "0"], "argument --ranks: must be in [1, 4096]"),
+    (["--ranks", "4", "-2"], "argument --ranks: must be in [1, 4096]"),
     (["--sim-profile", "nope"], "unknown simulation profile 'nope'"),
 ])
 @pytest.mark.parametrize("module", ["bench.compare.run", "bench.compare.cache"])
@@ -231,6 +231,36 @@ def test_cache_compare_refuses_an_unknown_method(tmp_path, capsys):
                                      str(tmp_path)]), capsys)
         assert "argument --methods: invalid choice" in err and all(m in err for m in METHODS)
     assert not (tmp_path / "logs").exists()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--gsp-prompts-per-group", "-1"], "argument --gsp-prompts-per-group: must be >= 1"),
+    (["--gsp-prompts-per-group", "0"], "argument --gsp-prompts-per-group: must be >= 1"),
+    (["--gsp-groups-per-rank", "0"], "argument --gsp-groups-per-rank: must be >= 1"),
+    (["--gsp-groups-per-rank", "-3"], "argument --gsp-groups-per-rank: must be >= 1"),
+    (["--repeats", "-1"], "argument --repeats: must be >= 0"),
+    (["--ranks", "5000"], "argument --ranks: must be in [1, 4096]"),
+    (["--executor", "real", "--model-path", "/nonexistent"], "argument --model-path"),
+    (["--executor", "real", "--sim-profile", "instant"], "--sim-profile needs --executor sim"),
+    (["--model-path", "tiny"], "--model-path needs --executor real"),
+    (["--repeats", "0", "--request-rate", "2"], "--request-rate sets the rate"),
+    (["--scenarios", "multi-turn", "no-reuse", "--gsp-groups-per-rank", "2"],
+     "--gsp-groups-per-rank shapes the shared-prefix scenarios"),
+])
+def test_cache_compare_refuses_flags_it_cannot_use_or_would_ignore(flags, message, tmp_path,
+                                                                   capsys):
+    from bench.compare.cache import main
+    out = tmp_path / "out"
+    assert message in _refused(lambda: main([*flags, "--out", str(out)]), capsys)
+    assert not out.exists()
+
+
+def test_cache_compare_prints_a_missing_figure_as_a_dash():
+    from bench.compare.cache import describe
+    line = describe({"fraction": 0.9, "mean_ttft_ms": 120.4, "p99_ttft_ms": 300.0,
+                     "mean_ttft_hit_ms": None, "mean_ttft_miss_ms": 1372.0,
+                     "request_throughput": 2.5, "cache_hit_rate": 0.0})
+    assert "hits -, misses 1372" in line and "2.50 req/s" in line
 
 
 def test_scale_refuses_bad_counts_and_json(tmp_path, capsys):

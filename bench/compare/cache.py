@@ -74,7 +74,10 @@ import time
 import urllib.request
 from dataclasses import dataclass
 
-from bench.cli import out_folder, positive_int, sim_profile
+from tqdm import tqdm
+
+from bench.cli import (DefaultsHelpFormatter, interrupted, model_path, non_negative_int,
+                       out_folder, positive_float, positive_int, rank_count, sim_profile)
 from bench.client.server import ServerProcess, exit_on_sigterm, free_port
 from bench.client.serving import BenchConfig, run_benchmark
 from bench.compare.scenarios import SIM_CHUNKED_PREFILL_SIZE
@@ -124,9 +127,9 @@ class CacheScenario:
             return self
         if groups_per_rank is None and kv_tokens:
             groups_per_rank = round(PREFIX_SHARE * kv_tokens / d["gsp_system_prompt_len"])
-        if groups_per_rank:
+        if groups_per_rank is not None:
             d["gsp_num_groups"] = max(1, groups_per_rank)
-        if prompts_per_group:
+        if prompts_per_group is not None:
             d["gsp_prompts_per_group"] = prompts_per_group
         return dataclasses.replace(self, dataset=d)
 
@@ -254,7 +257,7 @@ def one_run(s: CacheScenario, ranks: int, url: str, fraction: float | str, capac
     return run
 
 
-def run_scenario(s: CacheScenario, ranks: int, args) -> dict:
+def run_scenario(s: CacheScenario, ranks: int, args, bar: tqdm) -> dict:
     sim = args.executor == "sim"
     if not sim:
         s = s.shortened(REAL_DIVISOR)
@@ -281,7 +284,9 @@ def run_scenario(s: CacheScenario, ranks: int, args) -> dict:
                 elif args.repeats == 0:  # saturated runs only: no rate to derive
                     result["capacity_req_s"] = None
                 else:
+                    bar.set_postfix_str(f"{s.name} x{ranks}: capacity")
                     cap = one_run(s, ranks, server.url, 1.0, math.inf, args.seed + 7)
+                    bar.update(1)
                     result["capacity_req_s"] = cap["request_throughput"]
                     result["capacity_run"] = cap
             # Each run its own prompts (the same for every method), from empty caches:
@@ -290,20 +295,50 @@ def run_scenario(s: CacheScenario, ranks: int, args) -> dict:
                 args.saturated_repeats if s.saturated else 0)
             seeds = [args.seed + 100 * i for i in range(len(fractions))]
             cap = result["capacity_req_s"]
+            def runs_through(url: str, engine_url: str | None = None) -> list[dict]:
+                runs = []
+                for f, seed in zip(fractions, seeds):
+                    bar.set_postfix_str(f"{s.name} x{ranks}: {method} @ {f}")
+                    runs.append(one_run(s, ranks, url, f, cap, seed, engine_url))
+                    bar.update(1)
+                return runs
+
             if method == SMG:
                 with SmgGateway(server.url, ranks, log.replace(".log", "_gateway.log")) as gw:
-                    runs = [one_run(s, ranks, gw.url, f, cap, seed, server.url)
-                            for f, seed in zip(fractions, seeds)]
+                    runs = runs_through(gw.url, server.url)
             else:
-                runs = [one_run(s, ranks, server.url, f, cap, seed)
-                        for f, seed in zip(fractions, seeds)]
+                runs = runs_through(server.url)
         result["runs"][method] = runs
-        print(f"{s.name} x{ranks}{' pd' if args.pd else ''} {method}: " + ", ".join(
-            f"{r['fraction']}: ttft {r['mean_ttft_ms'] or 0:.0f} ms (p99 {r['p99_ttft_ms'] or 0:.0f};"
-            f" hits {r.get('mean_ttft_hit_ms') or 0:.0f}, misses {r.get('mean_ttft_miss_ms') or 0:.0f}),"
-            f" {r['request_throughput'] or 0:.2f} req/s, hit {r.get('cache_hit_rate') or 0:.2f}"
-            for r in runs), flush=True)
+        bar.write(f"{s.name} x{ranks}{' pd' if args.pd else ''} {method}: "
+                  + ", ".join(describe(r) for r in runs))
     return result
+
+
+def _ms(value: float | None) -> str:
+    """A figure in ms, "-" where there is none (no hit request: no hit TTFT)."""
+    return "-" if value is None else f"{value:.0f}"
+
+
+def describe(run: dict) -> str:
+    """One run's line: TTFTs, throughput and hit rate; a missing figure prints as "-"."""
+    tput, hit = run.get("request_throughput"), run.get("cache_hit_rate")
+    return (f"{run['fraction']}: ttft {_ms(run.get('mean_ttft_ms'))} ms "
+            f"(p99 {_ms(run.get('p99_ttft_ms'))}; hits {_ms(run.get('mean_ttft_hit_ms'))}, "
+            f"misses {_ms(run.get('mean_ttft_miss_ms'))}), "
+            f"{'-' if tput is None else f'{tput:.2f}'} req/s completed, "
+            f"hit {'-' if hit is None else f'{hit:.2f}'}")
+
+
+def num_runs(scenarios: list[CacheScenario], args) -> int:
+    """The benchmark runs ahead (the progress bar's total): per scenario a capacity run
+    (unless --request-rate gives the rate or --repeats is 0), then per method the repeats
+    and the saturated repeats."""
+    total = 0
+    for s in scenarios:
+        methods = [m for m in s.methods if not (args.pd and m == SMG)]
+        total += int(args.request_rate is None and args.repeats > 0)
+        total += len(methods) * (args.repeats + (args.saturated_repeats if s.saturated else 0))
+    return total
 
 
 def headline(results: list[dict]) -> dict:
@@ -357,71 +392,120 @@ def mean_of(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.compare.cache", description=__doc__.split("\n")[0])
-    p.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
-    p.add_argument("--ranks", nargs="+", type=positive_int, default=[4])
+GSP_FLAGS = ("--gsp-prompts-per-group", "--gsp-groups-per-rank")
+DEFAULT_SIM_PROFILE = "seed-qwen3-235b-dp4"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.compare.cache",
+                                description=__doc__.split("\n")[0],
+                                formatter_class=DefaultsHelpFormatter)
+    p.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS),
+                   help="scenarios to run (default: all)")
+    p.add_argument("--ranks", nargs="+", type=rank_count, default=[4],
+                   help="rank counts, one run of every scenario each")
     p.add_argument("--methods", nargs="+", default=None, choices=METHODS,
                    help="only these of each scenario's methods (round_robin, which measures "
                         "capacity, always runs)")
-    p.add_argument("--sim-profile", type=sim_profile, default="seed-qwen3-235b-dp4",
-                   help="a name in sim/profiles/ or a profile file (default: %(default)s)")
-    p.add_argument("--out", default="out/cache")
-    p.add_argument("--json", default=None, help="default: OUT/summary.json")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=1,
+    p.add_argument("--sim-profile", type=sim_profile, default=DEFAULT_SIM_PROFILE,
+                   help="--executor sim: a name in sim/profiles/ or a profile file")
+    p.add_argument("--out", default="out/cache", help="folder for the summary and server logs")
+    p.add_argument("--json", default=None, help="write every figure here (default: "
+                   "OUT/summary.json)")
+    p.add_argument("--seed", type=int, default=1,
+                   help="seed of the first repeat's prompts and arrivals (repeat k: +100k)")
+    p.add_argument("--repeats", type=non_negative_int, default=1,
                    help="runs at 0.9x per method, each with its own prompts and arrivals "
                         "(the same for every method); the keys are then means over the "
-                        "repeats, with 95%% intervals under ci95")
-    p.add_argument("--saturated-repeats", type=int, default=1,
+                        "repeats, with 95%% intervals under ci95 from 2 on")
+    p.add_argument("--saturated-repeats", type=non_negative_int, default=1,
                    help="saturated runs per method (shared-prefix), each with its own "
                         "prompts; with --repeats 0 only these run")
     p.add_argument("--executor", choices=("sim", "real"), default="sim",
                    help="real: the model at --model-path on this machine, lengths "
                         f"{REAL_DIVISOR}x shorter (at most 4 ranks)")
-    p.add_argument("--model-path", default="tiny", help="--executor real: the model")
+    p.add_argument("--model-path", type=model_path, default=None,
+                   help="--executor real: the model (default: tiny)")
     p.add_argument("--pd", action="store_true",
                    help="a PD server: methods place requests on its prefill ranks")
-    p.add_argument("--gsp-prompts-per-group", type=int, default=None,
-                   help="questions per system prompt (default 4; SGLang's default is 16)")
-    p.add_argument("--gsp-groups-per-rank", type=int, default=None,
-                   help="system prompts per rank (default: PREFIX_SHARE of the pool)")
-    p.add_argument("--request-rate", type=float, default=None,
-                   help="run the 0.9x repeats at this rate instead of 0.9x round robin's "
-                        "measured capacity (to compare engine flags at one load: take the "
-                        "request_rate of the other run's summary.json)")
+    p.add_argument("--gsp-prompts-per-group", type=positive_int, default=None,
+                   help="shared-prefix scenarios: questions per system prompt (default 4; "
+                        "SGLang's default is 16)")
+    p.add_argument("--gsp-groups-per-rank", type=positive_int, default=None,
+                   help="shared-prefix scenarios: system prompts per rank (default: "
+                        "PREFIX_SHARE of the pool)")
+    p.add_argument("--request-rate", type=positive_float, default=None,
+                   help="req/s: run the 0.9x repeats at this rate instead of 0.9x round "
+                        "robin's measured capacity (to compare engine flags at one load: take "
+                        "the request_rate of the other run's summary.json)")
     p.add_argument("--cross-rank-prefix-cache", action="store_true",
                    help="every server (for every method, smg's engine too) runs with "
                         "--enable-cross-rank-prefix-cache")
-    args = p.parse_args(argv)
-    if args.repeats < 0 or args.saturated_repeats < 0:
-        p.error("--repeats and --saturated-repeats must be at least 0")
+    return p
+
+
+def check_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``parser.error`` for runs that cannot be made and flags the run would ignore."""
     if args.repeats + args.saturated_repeats == 0:
         p.error("nothing to run: --repeats and --saturated-repeats are both 0")
-    if args.request_rate is not None and not 0 < args.request_rate < math.inf:
-        p.error("--request-rate must be a finite number > 0")
-    if args.executor == "real" and max(args.ranks) > 4:
-        p.error("--executor real runs at most 4 ranks here")
+    if args.request_rate is not None and args.repeats == 0:
+        p.error("--request-rate sets the rate of the 0.9x repeats: --repeats 0 runs none")
+    if args.executor == "real":
+        if max(args.ranks) > 4:
+            p.error("--executor real runs at most 4 ranks here: --ranks too large")
+        if args.sim_profile != DEFAULT_SIM_PROFILE:
+            p.error("--sim-profile needs --executor sim (--executor real ignores it)")
+    elif args.model_path is not None:
+        p.error("--model-path needs --executor real (--executor sim ignores it)")
+    args.model_path = args.model_path or "tiny"
+    given = [f for f in GSP_FLAGS if getattr(args, f[2:].replace("-", "_")) is not None]
+    if given and not any("gsp_num_groups" in SCENARIOS[n].dataset for n in args.scenarios):
+        p.error(f"{given[0]} shapes the shared-prefix scenarios; --scenarios "
+                f"{' '.join(args.scenarios)} has none")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    check_flags(p, args)
     summary_path = out_folder(p, args, "summary.json")
     started = time.time()
     by_ranks = {}
-    for n in args.ranks:
-        scenarios = [SCENARIOS[name] for name in args.scenarios]
-        if args.methods:
-            scenarios = [dataclasses.replace(s, methods=tuple(
-                m for m in s.methods if m == "round_robin" or m in args.methods))
-                for s in scenarios]
-        results = [run_scenario(s, n, args) for s in scenarios]
-        by_ranks[str(n)] = {**headline(results), "results": results}
-    first = by_ranks[str(args.ranks[0])]
+    scenarios = [SCENARIOS[name] for name in args.scenarios]
+    if args.methods:
+        scenarios = [dataclasses.replace(s, methods=tuple(
+            m for m in s.methods if m == "round_robin" or m in args.methods))
+            for s in scenarios]
+    try:
+        with tqdm(total=num_runs(scenarios, args) * len(args.ranks), desc="cache runs",
+                  file=sys.stderr) as bar:
+            for n in args.ranks:
+                results = [run_scenario(s, n, args, bar) for s in scenarios]
+                by_ranks[str(n)] = {**headline(results), "results": results}
+    except KeyboardInterrupt:  # each server and gateway was stopped by its ``with`` block
+        if not by_ranks:
+            return interrupted("no rank count finished; nothing written")
+        write_summary(summary_path, by_ranks, args, started)
+        return interrupted(f"the finished rank count(s) {', '.join(by_ranks)} written to "
+                           f"{summary_path}")
+    summary = write_summary(summary_path, by_ranks, args, started)
+    print(json.dumps({k: v for k, v in summary.items() if k != "by_ranks"}, indent=1))
+    if args.repeats == 1:
+        print("one repeat: the ratios above carry no interval (--repeats N, N >= 2, gives "
+              "each a 95% interval under ci95)", file=sys.stderr)
+    return 0
+
+
+def write_summary(path: str, by_ranks: dict, args, started: float) -> dict:
+    first = next(iter(by_ranks.values()))
     summary = {**{k: v for k, v in first.items() if k != "results"},
                "simulated": args.executor == "sim", "pd": args.pd,
                "cross_rank_prefix_cache": args.cross_rank_prefix_cache,
-               "ranks": args.ranks, "by_ranks": by_ranks, "elapsed_s": time.time() - started}
-    with open(summary_path, "w") as f:
+               "ranks": [int(n) for n in by_ranks], "by_ranks": by_ranks,
+               "elapsed_s": time.time() - started}
+    with open(path, "w") as f:
         json.dump(summary, f, indent=1)
-    print(json.dumps({k: v for k, v in summary.items() if k != "by_ranks"}, indent=1))
-    return 0
+    return summary
 
 
 if __name__ == "__main__":
