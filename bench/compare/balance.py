@@ -45,7 +45,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bench.cli import writable_file
+from bench.cli import (DefaultsHelpFormatter, dispatcher_count, non_negative_float,
+                       non_negative_int, positive_int, rank_count, writable_file)
 from scheduler.dispatcher import Dispatcher
 from scheduler.policy import LoadBalanceMethod, RotationState, total_requests
 from shm.board import LoadBoard, RankStatus
@@ -198,21 +199,29 @@ def replay(trace: list[list[TraceReq]], method: str, args) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.compare.balance",
-                                     description=__doc__.splitlines()[0])
+                                     description=__doc__.splitlines()[0],
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--json", metavar="PATH", type=writable_file,
                         help="also write the ratios to PATH")
-    parser.add_argument("--ranks", type=int, default=4)
-    parser.add_argument("--dispatchers", type=int, default=1, help="API processes taking turns")
-    parser.add_argument("--steps", type=int, default=300, help="scheduler steps per rank")
-    parser.add_argument("--ticks-per-step", type=int, default=4)
-    parser.add_argument("--rate", type=float, default=2.0, help="background requests per step")
-    parser.add_argument("--burst", type=int, default=100)
-    parser.add_argument("--burst-ticks", type=int, default=8, help="ticks one burst spans")
-    parser.add_argument("--burst-every", type=int, default=50, help="steps between bursts")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ranks", type=rank_count, default=4, help="ranks on the board")
+    parser.add_argument("--dispatchers", type=dispatcher_count, default=1,
+                        help="API processes taking turns")
+    parser.add_argument("--steps", type=positive_int, default=300, help="scheduler steps per rank")
+    parser.add_argument("--ticks-per-step", type=positive_int, default=4,
+                        help="trace ticks per scheduler step (arrivals land on ticks)")
+    parser.add_argument("--rate", type=non_negative_float, default=2.0,
+                        help="background requests per step")
+    parser.add_argument("--burst", type=non_negative_int, default=100,
+                        help="requests per burst")
+    parser.add_argument("--burst-ticks", type=positive_int, default=8, help="ticks one burst spans")
+    parser.add_argument("--burst-every", type=positive_int, default=50,
+                        help="steps between bursts")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the trace")
     args = parser.parse_args(argv)
     trace = make_trace(args)
     num_reqs = sum(len(s) for s in trace)
+    if num_reqs == 0:  # every ratio would be 0 / 0
+        parser.error(f"--rate {args.rate:g} and --burst {args.burst} give a trace with no request")
     print(f"burst-and-report trace: {args.ranks} ranks, {args.dispatchers} dispatcher(s), "
           f"{args.steps} steps of {args.ticks_per_step} ticks, {num_reqs} requests (bursts of "
           f"{args.burst} over {args.burst_ticks} ticks every {args.burst_every} steps), "
