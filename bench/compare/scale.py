@@ -29,7 +29,7 @@ import os
 
 from tqdm import tqdm
 
-from bench.cli import out_folder, positive_int
+from bench.cli import DefaultsHelpFormatter, out_folder, positive_int, rank_count
 from bench.client.server import ServerProcess, dispatch_stats, exit_on_sigterm
 from bench.client.serving import BenchConfig, run_benchmark
 
@@ -59,8 +59,12 @@ def run_one(ranks: int, method: str, args) -> dict:
 
 
 def summarize(rows: list[dict], ranks: list[int]) -> dict:
+    """Every row, and per method the ratios of the largest rank count's figures to the
+    smallest's (none with one rank count: a ratio to itself says nothing)."""
     lo, hi = min(ranks), max(ranks)
     out = {"simulated": True, "rows": rows}
+    if lo == hi:
+        return out
     for method in {r["method"] for r in rows}:
         by_n = {r["ranks"]: r for r in rows if r["method"] == method}
         for key, name in (("dispatch_cpu_us", "dispatch_ratio"), ("dispatch_us", "wall_dispatch_ratio")):
@@ -72,28 +76,36 @@ def summarize(rows: list[dict], ranks: list[int]) -> dict:
 def print_table(summary: dict) -> None:
     print("simulated (sim executor, instant profile): front door cost per request")
     print(f"{'method':<16}{'ranks':>6}{'cpu us':>8}{'wall us':>9}{'TTFT ms':>10}{'E2E ms':>9}"
-          f"{'req/s':>8}{'failed':>8}")
+          f"{'done/s':>8}{'failed':>8}")
     for r in summary["rows"]:
         print(f"{r['method']:<16}{r['ranks']:>6}{r['dispatch_cpu_us'] or float('nan'):>8.1f}"
               f"{r['dispatch_us'] or float('nan'):>9.1f}"
               f"{r['mean_ttft_ms'] or float('nan'):>10.2f}{r['mean_e2e_ms'] or float('nan'):>9.2f}"
               f"{r['request_throughput'] or float('nan'):>8.1f}{r['failed'] or 0:>8}")
-    for key, value in summary.items():
-        if "dispatch_ratio" in key:
-            print(f"{key}: {value:.2f} (target <= 2)")
+    ratios = {k: v for k, v in summary.items() if "dispatch_ratio" in k}
+    for key, value in ratios.items():
+        print(f"{key}: {value:.2f} (target <= 2)")
+    if not ratios:
+        print("dispatch ratio: n/a (one rank count; give --ranks two or more to compare)")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.compare.scale",
-                                description=__doc__.splitlines()[0])
-    p.add_argument("--ranks", nargs="+", type=positive_int, default=[4, 8, 16, 32, 64])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--num-prompts", type=positive_int, default=400)
-    p.add_argument("--max-concurrency", type=positive_int, default=16)
-    p.add_argument("--input-len", type=positive_int, default=256)
-    p.add_argument("--output-len", type=positive_int, default=4)
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--out", default="out/scale")
+                                description=__doc__.splitlines()[0],
+                                formatter_class=DefaultsHelpFormatter)
+    p.add_argument("--ranks", nargs="+", type=rank_count, default=[4, 8, 16, 32, 64],
+                   help="rank counts, one server per count and method")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                   help="balancing methods")
+    p.add_argument("--num-prompts", type=positive_int, default=400, help="requests per run")
+    p.add_argument("--max-concurrency", type=positive_int, default=16,
+                   help="requests in flight at most")
+    p.add_argument("--random-input-len", "--input-len", dest="input_len", type=positive_int,
+                   default=256, help="max input length in tokens (range ratio 0.5)")
+    p.add_argument("--random-output-len", "--output-len", dest="output_len", type=positive_int,
+                   default=4, help="max output length in tokens (range ratio 0.5)")
+    p.add_argument("--seed", type=int, default=1, help="seed of prompts and lengths")
+    p.add_argument("--out", default="out/scale", help="folder for the summary and server logs")
     p.add_argument("--json", default=None, help="write every figure here (default: OUT/scale.json)")
     args = p.parse_args(argv)
     path = out_folder(p, args, "scale.json")
