@@ -39,7 +39,7 @@ import random
 import statistics
 import time
 
-from bench.cli import writable_file
+from bench.cli import interrupted, writable_file
 from scheduler.dispatcher import Dispatcher
 from shm.board import LoadBoard, RankStatus
 from shm.bootstrap import BootstrapTable
@@ -208,7 +208,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="write every figure to PATH")
     parser.add_argument("--skip-baselines", action="store_true", help="skip the ZMQ and HTTP baselines")
     args = parser.parse_args(argv)
+    try:
+        figures = measure(args.skip_baselines)
+    except KeyboardInterrupt:  # the contending writer process is stopped in its finally
+        return interrupted("no figures")
+    print_figures(figures)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
 
+
+def measure(skip_baselines: bool) -> dict[str, float]:
+    """Every figure of the table."""
     figures: dict[str, float] = {}
     for n in (4, 8, 64):
         figures[f"pick_bump_us_n{n}"] = pick_bump_us(n)
@@ -217,31 +230,31 @@ def main(argv: list[str] | None = None) -> int:
     figures["seqlock_pick_us_n8_contended"], figures["contending_rows_per_s"] = seqlock_pick_contended_us()
     figures.update(cache_aware_pick_us())
     figures["bootstrap_lookup_us"], figures["bootstrap_insert_us"] = bootstrap_us()
-    if not args.skip_baselines:
+    if not skip_baselines:
         from bench.micro.baselines import http_bootstrap_get_us, zmq_pickle_report_us
         figures["zmq_pickle_report_us"] = zmq_pickle_report_us()
         figures["http_bootstrap_get_us"] = http_bootstrap_get_us()
         figures["board_speedup_vs_zmq"] = figures["zmq_pickle_report_us"] / figures["pick_bump_us_n8"]
         figures["table_speedup_vs_http"] = figures["http_bootstrap_get_us"] / figures["bootstrap_lookup_us"]
+    return figures
 
+
+def print_figures(figures: dict[str, float]) -> None:
+    """The table: each figure, and its target where it has one."""
     targets = {"pick_bump_us_n8": ("<=", 2.0), "pick_bump_us_n64": ("<=", 4.0),
                "bootstrap_lookup_us": ("<=", 1.0),
                **{f"cache_aware_pick_us_n64_p4096_{case}": ("<=", 30.0)
                   for case in ("miss", "half", "full")}, "board_speedup_vs_zmq": (">=", 20.0),
                "table_speedup_vs_http": (">=", 300.0)}
-    print(f"{'figure':<32}{'value':>12}  target")
+    width = max(len("figure"), *map(len, figures)) + 2
+    print(f"{'figure':<{width}}{'value':>12}  target")
     for key, value in figures.items():
         target = ""
         if key in targets:
             op, bound = targets[key]
             ok = value <= bound if op == "<=" else value >= bound
             target = f"{op} {bound:g}  {'ok' if ok else 'MISSED'}"
-        print(f"{key:<32}{value:>12.2f}  {target}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(figures, f, indent=2)
-        print(f"wrote {args.json}")
-    return 0
+        print(f"{key:<{width}}{value:>12.2f}  {target}")
 
 
 if __name__ == "__main__":
