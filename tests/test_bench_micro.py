@@ -74,3 +74,31 @@ def test_cpu_benchmarks_check_warmup_and_take_sglangs_names(module, capsys):
     if module != "bench.micro.http_stack":
         with pytest.raises(SystemExit):
             parser.parse_args(["--dp-size", "0"])
+
+
+def test_board_table_aligns_long_names(capsys):
+    from bench.micro.board import print_figures
+    print_figures({"pick_bump_us_n8": 1.0, "cache_aware_pick_us_n64_p4096_miss": 12.0})
+    lines = capsys.readouterr().out.splitlines()
+    ends = {line.index(".") for line in lines[1:]}  # every value's decimal point in one column
+    assert len(ends) == 1
+
+
+def test_balance_refuses_values_that_break_the_trace(capsys):
+    from bench.compare.balance import main
+    for flags in (["--ranks", "0"], ["--ranks", "-2"], ["--dispatchers", "0"], ["--rate", "-1"],
+                  ["--burst-every", "0"], ["--steps", "0"], ["--ticks-per-step", "0"],
+                  ["--rate", "0", "--burst", "0"]):
+        with pytest.raises(SystemExit) as exc:
+            main(flags)
+        assert exc.value.code == 2 and flags[-2] in capsys.readouterr().err
+
+
+def test_scale_with_one_rank_count_claims_no_ratio(capsys):
+    from bench.compare.scale import print_table, summarize
+    rows = [{"ranks": 2, "method": "total_requests", "dispatch_cpu_us": 5.0, "dispatch_us": 9.0,
+             "mean_ttft_ms": 1.0, "mean_e2e_ms": 2.0, "request_throughput": 3.0, "failed": 0}]
+    summary = summarize(rows, [2])
+    assert not any("ratio" in k for k in summary)
+    print_table(summary)
+    assert "n/a" in capsys.readouterr().out
