@@ -136,3 +136,24 @@ def test_cli_writes_every_figure(tmp_path):
         assert set(data[key]["1.0"]["mean_ttft_ms"]) == set(PREFILL_SIGNALS)
     assert set(data["decode"]["1.0"]["mean_tpot_ms"]) == set(DECODE_SIGNALS)
     assert "simulated" in data["model"]
+
+
+def test_lockstep_model_checks_its_flags_and_takes_sglangs_names(capsys):
+    from bench.models.lockstep_model import main
+    for flags in (["--profile", "nope"], ["--fractions", "-1"], ["--range-ratio", "3"],
+                  ["--random-input-len", "0"]):
+        with pytest.raises(SystemExit) as exc:
+            main(flags)
+        assert exc.value.code == 2 and flags[0] in capsys.readouterr().err
+
+
+def test_cache_bound_checks_its_flags(capsys):
+    from bench.models.cache_bound import main
+    for flags, name in ((["--rate", "0"], "--request-rate"), (["--rate", "-1"], "--request-rate"),
+                        (["--rate", "1", "--ranks", "0"], "--ranks"),
+                        (["--request-rate", "1", "--sim-profile", "nope"], "--sim-profile"),
+                        (["--rate", "1", "--gsp-prompts-per-group", "0"],
+                         "--gsp-prompts-per-group")):
+        with pytest.raises(SystemExit) as exc:
+            main(flags)
+        assert exc.value.code == 2 and name in capsys.readouterr().err

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from bench.cli import DefaultsHelpFormatter, positive_float, positive_int, sim_profile
 from bench.client.dataset import arrival_offsets
 from bench.client.serving import make_requests
 from bench.compare.cache import SCENARIOS
@@ -85,15 +86,20 @@ def bound(profile, ranks: int, rate: float, seed: int, kv_tokens: int,
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.models.cache_bound",
-                                 description=__doc__.split("\n\n")[0])
-    ap.add_argument("--ranks", type=int, default=4)
-    ap.add_argument("--rate", type=float, required=True,
-                    help="the run's request rate at 0.9x (request_rate in its summary.json)")
+                                 description=__doc__.split("\n\n")[0],
+                                 formatter_class=DefaultsHelpFormatter)
+    ap.add_argument("--ranks", type=positive_int, default=4, help="data-parallel ranks")
+    ap.add_argument("--request-rate", "--rate", dest="rate", type=positive_float, required=True,
+                    help="req/s: the run's request rate at 0.9x (request_rate in its "
+                         "summary.json)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1],
                     help="the repeats' seeds: bench.compare.cache --seed S gives S, S+100, ...")
-    ap.add_argument("--sim-profile", default="seed-qwen3-235b-dp4")
-    ap.add_argument("--gsp-prompts-per-group", type=int, default=None)
-    ap.add_argument("--compare", type=float, nargs="*", default=None,
+    ap.add_argument("--sim-profile", type=sim_profile, default="seed-qwen3-235b-dp4",
+                    help="the simulated accelerator: a name in sim/profiles/ or a profile file")
+    ap.add_argument("--gsp-prompts-per-group", type=positive_int, default=None,
+                    help="questions per system prompt, as the run had (default: "
+                         "bench.compare.cache's, 4)")
+    ap.add_argument("--compare", type=positive_float, nargs="*", default=None,
                     help="measured mean TTFTs (ms), one per seed: prints bound / measured")
     args = ap.parse_args(argv)
     profile = load_profile(args.sim_profile)

@@ -53,7 +53,8 @@ from collections import deque
 
 import numpy as np
 
-from bench.cli import writable_file
+from bench.cli import (DefaultsHelpFormatter, positive_float, positive_int, sim_profile,
+                       unit_fraction, writable_file)
 from bench.client.dataset import MAX_ROOM
 from scheduler import policy
 from scheduler.policy import RotationState
@@ -318,27 +319,35 @@ def decode_table(p: SimProfile, ranks: int, reps: int, prompts: int, rates, pool
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m bench.models.lockstep_model",
-                                 description=__doc__.split("\n\n")[0])
-    ap.add_argument("--profile", default="seed-qwen3-235b-dp4")
-    ap.add_argument("--ranks", type=int, default=4)
-    ap.add_argument("--reps", type=int, default=20, help="prompt sets averaged per figure")
-    ap.add_argument("--prompts", type=int, default=96, help="prefill prompts per set")
-    ap.add_argument("--decode-prompts", type=int, default=200)
-    ap.add_argument("--chunk", type=int, default=16384, help="--chunked-prefill-size")
-    ap.add_argument("--fractions", type=float, nargs="+", default=[0.8, 0.9, 1.0])
-    ap.add_argument("--decode-rates", type=float, nargs="+", default=[1.0, 2.0],
+                                 description=__doc__.split("\n\n")[0],
+                                 formatter_class=DefaultsHelpFormatter)
+    ap.add_argument("--sim-profile", "--profile", dest="profile", type=sim_profile,
+                    default="seed-qwen3-235b-dp4",
+                    help="the simulated accelerator: a name in sim/profiles/ or a profile file")
+    ap.add_argument("--ranks", type=positive_int, default=4, help="data-parallel ranks")
+    ap.add_argument("--reps", type=positive_int, default=20, help="prompt sets averaged per figure")
+    ap.add_argument("--num-prompts", "--prompts", dest="prompts", type=positive_int, default=96,
+                    help="prefill prompts per set")
+    ap.add_argument("--decode-prompts", type=positive_int, default=200,
+                    help="requests per decode run")
+    ap.add_argument("--chunk", type=positive_int, default=16384, help="--chunked-prefill-size")
+    ap.add_argument("--fractions", type=positive_float, nargs="+", default=[0.8, 0.9, 1.0],
+                    help="request rates as fractions of the prefill capacity")
+    ap.add_argument("--decode-rates", type=positive_float, nargs="+", default=[1.0, 2.0],
                     help="decode arrivals, req/s over all ranks")
-    ap.add_argument("--pool", type=int, default=None, help="decode KV pool per rank "
-                    "(default: the profile's)")
-    ap.add_argument("--input-len", type=int, default=4096)
-    ap.add_argument("--output-len", type=int, default=2048)
-    ap.add_argument("--range-ratio", type=float, default=0.1)
-    ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--skip-decode", action="store_true")
+    ap.add_argument("--pool", type=positive_int, default=None, help="decode KV pool per rank "
+                    "in tokens (default: the profile's)")
+    ap.add_argument("--random-input-len", "--input-len", dest="input_len", type=positive_int,
+                    default=4096, help="max input length in tokens")
+    ap.add_argument("--random-output-len", "--output-len", dest="output_len", type=positive_int,
+                    default=2048, help="max output length in tokens")
+    ap.add_argument("--random-range-ratio", "--range-ratio", dest="range_ratio",
+                    type=unit_fraction, default=0.1,
+                    help="lengths are uniform in [len * ratio, len]")
+    ap.add_argument("--seed", type=int, default=1, help="seed of prompts, lengths and arrivals")
+    ap.add_argument("--skip-decode", action="store_true", help="the prefill tables only")
     ap.add_argument("--json", type=writable_file, help="write the figures here")
     a = ap.parse_args(argv)
-    if a.ranks < 1 or a.reps < 1 or a.prompts < 1 or a.chunk < 1:
-        ap.error("--ranks, --reps, --prompts and --chunk must be >= 1")
     p = load_profile(a.profile)
     in_lo, out_lo = int(a.input_len * a.range_ratio), int(a.output_len * a.range_ratio)
     result = {"model": "bench.models.lockstep_model (queueing model, simulated costs)",
