@@ -34,6 +34,8 @@ import time
 import urllib.error
 import urllib.request
 
+from bench.cli import model_path, open_unit_fraction, positive_float
+
 from engine.config import load_model_config
 from server.memory import DTYPE_BYTES, GpuMemory, format_bytes, probe_gpus, weight_bytes
 
@@ -179,10 +181,14 @@ def check_pd_refused(checks: Checks, args) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.cuda_check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-path", default="tiny")
-    parser.add_argument("--mem-fraction-static", type=float, default=0.5)
-    parser.add_argument("--timeout-s", type=float, default=300.0,
-                        help="bound on each server's start-up")
+    parser.add_argument("--model-path", type=model_path, default="tiny",
+                        help="the model each server loads (engine.serve --model-path; "
+                             "default: %(default)s)")
+    parser.add_argument("--mem-fraction-static", type=open_unit_fraction, default=0.5,
+                        help="share of GPU memory for weights and KV, in (0, 1] "
+                             "(default: %(default)s)")
+    parser.add_argument("--timeout-s", type=positive_float, default=300.0,
+                        help="bound on each server's start-up, seconds (default: %(default)s)")
     args = parser.parse_args(argv)
     gpus = probe_gpus()
     if not gpus:

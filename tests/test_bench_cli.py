@@ -303,3 +303,21 @@ def test_json_is_checked_before_the_run(module, extra, capsys):
     main = importlib.import_module(module).main
     assert "argument --json: folder" in _refused(
         lambda: main([*extra, "--json", MISSING_FOLDER]), capsys)
+
+
+@pytest.mark.parametrize("module,flags", [
+    ("bench.micro.engine", ["--rounds", "0"]),
+    ("bench.micro.engine", ["--prompt-len", "0"]),
+    ("bench.micro.engine", ["--device", "bogus"]),
+    ("bench.cuda_check", ["--mem-fraction-static", "7"]),
+    ("bench.cuda_check", ["--timeout-s", "-1"]),
+    ("bench.micro.prefix_cache", ["--model-path", "/nonexistent"]),
+    ("bench.micro.keepalive", ["--jitter-s", "-1"]),
+])
+def test_the_other_tools_refuse_bad_values_at_parse_time(module, flags, capsys):
+    import importlib
+    tool = importlib.import_module(module)
+    call = (lambda: tool.build_parser().parse_args(flags)) if hasattr(tool, "build_parser") \
+        else (lambda: tool.parse_args(flags)) if module.endswith("keepalive") \
+        else (lambda: tool.main(flags))
+    assert f"argument {flags[0]}" in _refused(call, capsys)

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from bench.cli import writable_file
+from bench.cli import DefaultsHelpFormatter, positive_int, writable_file
 from engine.device import configure_worker_threads, resolve_device
 from engine.runner import ForwardReq, ModelRunner
 from engine.sampling import SamplingParams
@@ -85,16 +85,21 @@ def run(runner: ModelRunner, args: argparse.Namespace) -> dict[str, list[float]]
     return rounds
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.micro.engine",
-                                     description=__doc__.splitlines()[0])
+                                     description=__doc__.splitlines()[0],
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--json", type=writable_file, help="also write the figures to this file")
-    parser.add_argument("--device", default="cpu", help="auto, cpu or cuda")
-    parser.add_argument("--prompt-len", type=int, default=512)
-    parser.add_argument("--decode-prompt-len", type=int, default=128)
-    parser.add_argument("--decode-steps", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args()
+    parser.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"),
+                        help="where the model runs")
+    parser.add_argument("--prompt-len", type=positive_int, default=512,
+                        help="prefill prompt length in tokens")
+    parser.add_argument("--decode-prompt-len", type=positive_int, default=128,
+                        help="prompt length in tokens of each decoding sequence")
+    parser.add_argument("--decode-steps", type=positive_int, default=32,
+                        help="decode steps timed per round")
+    parser.add_argument("--rounds", type=positive_int, default=5, help="timed rounds (median)")
+    args = parser.parse_args(argv)
     device = resolve_device(args.device)
     configure_worker_threads(device)
     capacity = args.prompt_len + 33 * (args.decode_prompt_len + args.decode_steps) + 64

@@ -26,6 +26,7 @@ import random
 import subprocess
 import sys
 
+from bench.cli import DefaultsHelpFormatter, non_negative_float
 from bench.client.serving import KEEPALIVE_S
 
 AIOHTTP_DEFAULT_KEEPALIVE_S = 15.0
@@ -112,19 +113,21 @@ def run(args) -> dict[float, dict[str, int]]:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.micro.keepalive",
-                                description=__doc__.split("\n\n")[0])
-    p.add_argument("--connections", type=int, default=100)
+                                description=__doc__.split("\n\n")[0],
+                                formatter_class=DefaultsHelpFormatter)
+    p.add_argument("--connections", type=int, default=100, help="kept-alive connections probed")
     p.add_argument("--cycles", type=int, default=8, help="requests per connection")
     p.add_argument("--idle-s", type=float, default=float(UVICORN_DEFAULT_KEEPALIVE_S),
                    help="idle time between a connection's requests (default: the server's keep-alive)")
-    p.add_argument("--jitter-s", type=float, default=0.01)
+    p.add_argument("--jitter-s", type=non_negative_float, default=0.01,
+                   help="each idle time is --idle-s +- up to this, seconds")
     p.add_argument("--server-keepalive-s", type=float, default=float(UVICORN_DEFAULT_KEEPALIVE_S),
                    help="uvicorn's timeout_keep_alive (default: uvicorn's, which engine.serve uses)")
     p.add_argument("--client-keepalive-s", type=float, nargs="+",
                    default=[AIOHTTP_DEFAULT_KEEPALIVE_S, KEEPALIVE_S],
                    help="aiohttp keepalive_timeout values to probe (default: aiohttp's and "
                         "bench.client.serving's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the jitter")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     for name in ("connections", "cycles"):

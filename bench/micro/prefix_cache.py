@@ -27,11 +27,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import random
 import statistics
 import time
 
-from bench.cli import positive_int, writable_file
+from bench.cli import DefaultsHelpFormatter, positive_int, writable_file
 from scheduler.config import SchedulerConfig
 from scheduler.messages import GenerateReq
 from scheduler.scheduler import Scheduler
@@ -197,11 +198,19 @@ def run(executor, rounds: int, vocab: int, seed: int = 0, pair: PeerPair | None 
     return result
 
 
+def tiny_or_folder(text: str) -> str:
+    """``tiny`` or a checkpoint folder that exists (what this benchmark loads)."""
+    if text != "tiny" and not os.path.isdir(os.path.expanduser(text)):
+        raise argparse.ArgumentTypeError(f"{text} is not 'tiny' or a checkpoint folder")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m bench.micro.prefix_cache",
-                                 description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=positive_int, default=7)
-    ap.add_argument("--model-path", default="tiny",
+                                 description=__doc__.split("\n\n")[0],
+                                 formatter_class=DefaultsHelpFormatter)
+    ap.add_argument("--rounds", type=positive_int, default=7, help="timed rounds per figure")
+    ap.add_argument("--model-path", type=tiny_or_folder, default="tiny",
                     help="tiny (its weights with a 4,096-token context) or a checkpoint folder")
     ap.add_argument("--json", type=writable_file, help="write the figures here too")
     return ap
