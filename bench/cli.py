@@ -103,7 +103,7 @@ def rank_count(text: str) -> int:
 
 
 def dispatcher_count(text: str) -> int:
-    """A number of dispatchers (API processes) a load board holds: 1 to ``MAX_BOARD_DISPATCHERS``."""
+    """A number of dispatchers (API processes) a board holds: 1 to ``MAX_BOARD_DISPATCHERS``."""
     value = _int(text, f"an integer in [1, {MAX_BOARD_DISPATCHERS}]")
     if not 1 <= value <= MAX_BOARD_DISPATCHERS:
         raise argparse.ArgumentTypeError(f"must be in [1, {MAX_BOARD_DISPATCHERS}] (the load "

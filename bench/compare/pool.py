@@ -156,7 +156,8 @@ def report(pooled: list[dict], sources: list[str]) -> tuple[str, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.compare.pool", description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="python -m bench.compare.pool",
+                                description=__doc__.split("\n")[0],
                                 formatter_class=DefaultsHelpFormatter)
     p.add_argument("inputs", nargs="+", help="bench.compare --out folders or summary files")
     p.add_argument("--json", type=writable_file, help="write the pooled figures here")

@@ -287,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=DefaultsHelpFormatter)
     p.add_argument("--scenarios", nargs="+", default=list(DEFAULT_SCENARIOS),
                    choices=list(SCENARIOS),
-                   help="scenarios to run (default: %(default)s, the published SGLang runs' shapes)")
+                   help="scenarios to run (default: %(default)s, the published SGLang "
+                        "runs' shapes)")
     p.add_argument("--executor", choices=("real", "sim"), default="sim",
                    help="sim: the simulated accelerator (--sim-profile); real: the tiny model "
                         "on this machine")
