@@ -26,7 +26,7 @@ import random
 import subprocess
 import sys
 
-from bench.cli import DefaultsHelpFormatter, non_negative_float
+from bench.cli import DefaultsHelpFormatter
 from bench.client.serving import KEEPALIVE_S
 
 AIOHTTP_DEFAULT_KEEPALIVE_S = 15.0
@@ -119,7 +119,7 @@ def parse_args(argv=None):
     p.add_argument("--cycles", type=int, default=8, help="requests per connection")
     p.add_argument("--idle-s", type=float, default=float(UVICORN_DEFAULT_KEEPALIVE_S),
                    help="idle time between a connection's requests (default: the server's keep-alive)")
-    p.add_argument("--jitter-s", type=non_negative_float, default=0.01,
+    p.add_argument("--jitter-s", type=float, default=0.01,
                    help="each idle time is --idle-s +- up to this, seconds")
     p.add_argument("--server-keepalive-s", type=float, default=float(UVICORN_DEFAULT_KEEPALIVE_S),
                    help="uvicorn's timeout_keep_alive (default: uvicorn's, which engine.serve uses)")
