@@ -14,10 +14,8 @@ import os
 import sys
 from urllib.parse import urlsplit
 
-# LoadBoard.create's limits (shm/board.py checks them with literals; no constant to import):
-# tests/test_bench_cli.py pins these to what the board refuses.
-MAX_BOARD_RANKS = 4096
-MAX_BOARD_DISPATCHERS = 256
+from shm.board_layout import MAX_DISPATCHERS as MAX_BOARD_DISPATCHERS
+from shm.board_layout import MAX_RANKS as MAX_BOARD_RANKS  # what LoadBoard.create refuses past
 
 
 def positive_int(text: str) -> int:

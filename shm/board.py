@@ -53,9 +53,10 @@ import numpy as np
 
 from shm.board_layout import (ACKED, BASE_PREFILL, BASE_REQS, BASE_TOKENS, H_DISP_OFF, H_MAGIC,
                               H_NUM_DISP, H_NUM_RANKS, H_ROW_LEN, H_VERSION, HEADER_LEN,
-                              HEARTBEAT_COL, LAYOUT_VERSION, LOAD_COLS, MAGIC, MAX_RUNNING,
-                              MAX_TOTAL_TOKENS, NUM_KV, NUM_PREFILL, NUM_REQS, NUM_TOKENS,
-                              NUM_WAITING, PID, SEQ, STATUS_COL, BoardLayout, RankStatus)
+                              HEARTBEAT_COL, LAYOUT_VERSION, LOAD_COLS, MAGIC, MAX_DISPATCHERS,
+                              MAX_RANKS, MAX_RUNNING, MAX_TOTAL_TOKENS, NUM_KV, NUM_PREFILL,
+                              NUM_REQS, NUM_TOKENS, NUM_WAITING, PID, SEQ, STATUS_COL,
+                              BoardLayout, RankStatus)
 from shm.board_liveness import Liveness
 from shm.segment import SharedSegment, ShmLayoutError, segment_name
 
@@ -159,10 +160,11 @@ class LoadBoard:
     def create(cls, num_ranks: int, num_dispatchers: int = 1, launch_id: str = "board",
                kind: str = "board") -> "LoadBoard":
         check_memory_order()
-        if not 1 <= num_ranks <= 4096:
-            raise ValueError(f"num_ranks must be in [1, 4096], got {num_ranks}")
-        if not 1 <= num_dispatchers <= 256:
-            raise ValueError(f"num_dispatchers must be in [1, 256], got {num_dispatchers}")
+        if not 1 <= num_ranks <= MAX_RANKS:
+            raise ValueError(f"num_ranks must be in [1, {MAX_RANKS}], got {num_ranks}")
+        if not 1 <= num_dispatchers <= MAX_DISPATCHERS:
+            raise ValueError(
+                f"num_dispatchers must be in [1, {MAX_DISPATCHERS}], got {num_dispatchers}")
         layout = BoardLayout(num_ranks, num_dispatchers)
         seg = SharedSegment.create(segment_name(kind, launch_id), layout.num_cells * 8)
         header = np.frombuffer(seg.buf, dtype=np.int64, count=HEADER_LEN)

@@ -60,6 +60,8 @@ from enum import IntEnum
 MAGIC = 0x445053_424F415244  # "DPS" "BOARD"
 LAYOUT_VERSION = 4
 HEADER_LEN = 8
+MAX_RANKS = 4096  # rows a board holds (LoadBoard.create refuses more)
+MAX_DISPATCHERS = 256  # dispatcher blocks (API processes) a board holds
 H_MAGIC, H_VERSION, H_NUM_RANKS, H_NUM_DISP, H_ROW_LEN, H_DISP_OFF, H_DISP_LEN, H_OWNER = range(8)
 
 # Rank-row columns.
