@@ -256,7 +256,7 @@ def test_cache_compare_refuses_flags_it_cannot_use_or_would_ignore(flags, messag
 
 
 def test_cache_compare_prints_a_missing_figure_as_a_dash():
-    from bench.compare.cache import describe
+    from bench.compare.cache_summary import describe
     line = describe({"fraction": 0.9, "mean_ttft_ms": 120.4, "p99_ttft_ms": 300.0,
                      "mean_ttft_hit_ms": None, "mean_ttft_miss_ms": 1372.0,
                      "request_throughput": 2.5, "cache_hit_rate": 0.0})

@@ -285,7 +285,7 @@ def test_sigterm_stops_the_server_of_a_running_compare(tmp_path):
 
 
 def test_cache_headline_ratios_come_from_the_named_runs():
-    from bench.compare.cache import LOAD, SATURATED, SMG, headline
+    from bench.compare.cache_summary import LOAD, SATURATED, SMG, headline
 
     def run(frac, ttft, p99, thr, hit, mom=1.0):
         return {"fraction": frac, "mean_ttft_ms": ttft, "p99_ttft_ms": p99,
@@ -318,7 +318,8 @@ def test_cache_headline_ratios_come_from_the_named_runs():
 def test_cache_headline_repeats_give_paired_means_and_intervals():
     """With --repeats, each key is the mean of the per-repeat ratios (run k of one method
     against run k of the other: the same prompts), with a Student's t interval."""
-    from bench.compare.cache import LOAD, SATURATED, SMG, headline, mean_ci95
+    from bench.compare.cache_summary import LOAD, SATURATED, SMG, headline
+    from bench.stats import mean_ci95
 
     def run(frac, ttft, hit=0.5, mom=1.0, thr=1.0):
         return {"fraction": frac, "mean_ttft_ms": ttft, "p99_ttft_ms": ttft, "cache_hit_rate": hit,
@@ -348,7 +349,8 @@ def test_cache_saturated_repeats_pair_by_order():
     """--saturated-repeats N: the throughput gain is the mean of N paired ratios (saturated
     run k of one method against run k of round robin), with an interval; --repeats 0 with
     it leaves the 0.9x keys empty; both 0 is refused."""
-    from bench.compare.cache import SATURATED, headline, main
+    from bench.compare.cache import main
+    from bench.compare.cache_summary import SATURATED, headline
 
     def sat(thr):
         return {"fraction": SATURATED, "mean_ttft_ms": 1.0, "p99_ttft_ms": 1.0,

@@ -67,8 +67,6 @@ import dataclasses
 import json
 import math
 import os
-import signal
-import subprocess
 import sys
 import time
 import urllib.request
@@ -78,15 +76,13 @@ from tqdm import tqdm
 
 from bench.cli import (DefaultsHelpFormatter, interrupted, model_path, non_negative_int,
                        out_folder, positive_float, positive_int, rank_count, sim_profile)
-from bench.client.server import ServerProcess, exit_on_sigterm, free_port
+from bench.client.server import ServerProcess, exit_on_sigterm
 from bench.client.serving import BenchConfig, run_benchmark
+from bench.compare.cache_summary import LOAD, SATURATED, SMG, describe, headline, write_summary
 from bench.compare.scenarios import SIM_CHUNKED_PREFILL_SIZE
-from bench.stats import mean_ci95
+from bench.compare.smg import SmgGateway
 
-LOAD = 0.9
-SATURATED = "saturated"  # rate inf, at most SATURATION_CONCURRENCY requests per rank
-SATURATION_CONCURRENCY = 8
-SMG = "smg"  # the gateway as a method name
+SATURATION_CONCURRENCY = 8  # per rank, in the saturated runs
 # A rank's share of all system prompts over its KV pool (16 x 2,048 / 52,600 on the profile).
 PREFIX_SHARE = 16 * 2048 / 52_600
 ZIPF_ALPHA = 1.0  # zipf-prefix: Zipf's own exponent
@@ -152,53 +148,6 @@ SCENARIOS = {s.name: s for s in (
                        random_range_ratio=1.0, num_prompts=64)),
 )}
 METHODS = tuple(dict.fromkeys(m for s in SCENARIOS.values() for m in s.methods))
-
-
-class SmgGateway:
-    """smg in front of one engine (``--dp-aware``: one worker per rank); always stopped."""
-
-    def __init__(self, engine_url: str, ranks: int, log_path: str):
-        self.port, self.prometheus_port = free_port(), free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.ranks = ranks
-        self.cmd = [sys.executable, "-m", "smg", "launch", "--shutdown-grace-period-secs", "0",
-                    "--host", "127.0.0.1", "--port", str(self.port), "--prometheus-host",
-                    "127.0.0.1", "--prometheus-port", str(self.prometheus_port),
-                    "--worker-urls", engine_url, "--policy", "cache_aware", "--dp-aware"]
-        self.log_path = log_path
-        self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> "SmgGateway":
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"smg exited with {self.proc.returncode}; see {self.log_path}")
-                try:
-                    with urllib.request.urlopen(self.url + "/workers", timeout=2) as r:
-                        workers = json.load(r)["workers"]
-                    if len(workers) == self.ranks and all(w.get("is_healthy") for w in workers):
-                        return self
-                except (OSError, ValueError, KeyError):
-                    pass
-                time.sleep(0.2)
-            raise RuntimeError(f"smg: {self.ranks} workers not ready after 60 s; see {self.log_path}")
-        except BaseException:
-            self.__exit__()
-            raise
-
-    def __exit__(self, *exc) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
 
 
 def server_flags(method: str, ranks: int, profile: str, executor: str = "sim",
@@ -314,21 +263,6 @@ def run_scenario(s: CacheScenario, ranks: int, args, bar: tqdm) -> dict:
     return result
 
 
-def _ms(value: float | None) -> str:
-    """A figure in ms, "-" where there is none (no hit request: no hit TTFT)."""
-    return "-" if value is None else f"{value:.0f}"
-
-
-def describe(run: dict) -> str:
-    """One run's line: TTFTs, throughput and hit rate; a missing figure prints as "-"."""
-    tput, hit = run.get("request_throughput"), run.get("cache_hit_rate")
-    return (f"{run['fraction']}: ttft {_ms(run.get('mean_ttft_ms'))} ms "
-            f"(p99 {_ms(run.get('p99_ttft_ms'))}; hits {_ms(run.get('mean_ttft_hit_ms'))}, "
-            f"misses {_ms(run.get('mean_ttft_miss_ms'))}), "
-            f"{'-' if tput is None else f'{tput:.2f}'} req/s completed, "
-            f"hit {'-' if hit is None else f'{hit:.2f}'}")
-
-
 def num_runs(scenarios: list[CacheScenario], args) -> int:
     """The benchmark runs ahead (the progress bar's total): per scenario a capacity run
     (unless --request-rate gives the rate or --repeats is 0), then per method the repeats
@@ -339,57 +273,6 @@ def num_runs(scenarios: list[CacheScenario], args) -> int:
         total += int(args.request_rate is None and args.repeats > 0)
         total += len(methods) * (args.repeats + (args.saturated_repeats if s.saturated else 0))
     return total
-
-
-def headline(results: list[dict]) -> dict:
-    """The issue's keys (``None`` where a scenario or method did not run)."""
-    def runs(scenario, method, frac=LOAD) -> list[dict]:
-        """The method's runs at ``frac``, in repeat order (one seed each)."""
-        return [x for r in results if r["scenario"] == scenario
-                for x in r["runs"].get(method, []) if x["fraction"] == frac]
-
-    def ratios(scenario, a, b, key, frac=LOAD) -> list[float]:
-        """``a``'s figure over ``b``'s, one per repeat (the same prompts for both)."""
-        return [x[key] / y[key] for x, y in zip(runs(scenario, a, frac), runs(scenario, b, frac))
-                if x.get(key) and y.get(key)]
-
-    def spread(scenario) -> list[float]:
-        """Max over mean of the requests each rank took, one per ``cache_aware`` run."""
-        return [x["max_over_mean_requests"] for x in runs(scenario, "cache_aware")
-                if x.get("max_over_mean_requests")]
-
-    found = {
-        "shared_prefix_ttft_ratio_rr": ratios("shared-prefix", "cache_aware", "round_robin", "mean_ttft_ms"),
-        "shared_prefix_ttft_ratio_smg": ratios("shared-prefix", "cache_aware", SMG, "mean_ttft_ms"),
-        "shared_prefix_throughput_gain": [g - 1 for g in ratios(
-            "shared-prefix", "cache_aware", "round_robin", "request_throughput", SATURATED)],
-        "shared_prefix_p99_ratio_tt": ratios("shared-prefix", "cache_aware", "total_tokens", "p99_ttft_ms"),
-        "hot_prefix_max_over_mean": spread("hot-prefix"),
-        "zipf_prefix_ttft_ratio_rr": ratios("zipf-prefix", "cache_aware", "round_robin", "mean_ttft_ms"),
-        "zipf_prefix_ttft_ratio_smg": ratios("zipf-prefix", "cache_aware", SMG, "mean_ttft_ms"),
-        "zipf_prefix_p99_ratio_tt": ratios("zipf-prefix", "cache_aware", "total_tokens", "p99_ttft_ms"),
-        "zipf_prefix_max_over_mean": spread("zipf-prefix"),
-        "no_reuse_ttft_ratio_tt": ratios("no-reuse", "cache_aware", "total_tokens", "mean_ttft_ms"),
-        "no_reuse_ttft_ratio_pt": ratios("no-reuse", "cache_aware", "prefill_tokens", "mean_ttft_ms"),
-        "multi_turn_ttft_ratio_rr": ratios("multi-turn", "cache_aware", "round_robin", "mean_ttft_ms"),
-        "multi_turn_ttft_ratio_smg": ratios("multi-turn", "cache_aware", SMG, "mean_ttft_ms"),
-    }
-    # With --repeats N: the mean over the repeats, and its 95% interval in "ci95".
-    keys = {k: sum(v) / len(v) if v else None for k, v in found.items()}
-    ci95 = {k: mean_ci95(v) for k, v in found.items() if len(v) > 1}
-    return {
-        **keys,
-        **({"ci95": ci95, "per_repeat": {k: found[k] for k in ci95}} if ci95 else {}),
-        "cache_hit_rate": {r["scenario"]: {m: mean_of(x.get("cache_hit_rate") for x in runs_
-                                                      if x["fraction"] == LOAD)
-                                           for m, runs_ in r["runs"].items()} for r in results},
-        "kv_tokens_per_rank": {r["scenario"]: r.get("kv_tokens_per_rank") for r in results},
-    }
-
-
-def mean_of(values) -> float | None:
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
 
 
 GSP_FLAGS = ("--gsp-prompts-per-group", "--gsp-groups-per-rank")
@@ -494,18 +377,6 @@ def main(argv: list[str] | None = None) -> int:
         print("one repeat: the ratios above carry no interval (--repeats N, N >= 2, gives "
               "each a 95% interval under ci95)", file=sys.stderr)
     return 0
-
-
-def write_summary(path: str, by_ranks: dict, args, started: float) -> dict:
-    first = next(iter(by_ranks.values()))
-    summary = {**{k: v for k, v in first.items() if k != "results"},
-               "simulated": args.executor == "sim", "pd": args.pd,
-               "cross_rank_prefix_cache": args.cross_rank_prefix_cache,
-               "ranks": [int(n) for n in by_ranks], "by_ranks": by_ranks,
-               "elapsed_s": time.time() - started}
-    with open(path, "w") as f:
-        json.dump(summary, f, indent=1)
-    return summary
 
 
 if __name__ == "__main__":
