@@ -129,6 +129,10 @@ class ModelExecutor(Executor):
             self._importer = KVImporter(self.runner.model_config, self.runner.kv_pool.kv_buffer)
         self._importer.import_kv(peer, src_slots, dst_slots)
 
+    def forget_peer(self, peer) -> None:
+        if self._importer is not None:
+            self._importer.forget(peer)
+
 
 def _record_logprobs(item, top, values, tops) -> None:
     req = item.req

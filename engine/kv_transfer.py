@@ -86,3 +86,7 @@ class KVImporter:
         if view is None:
             view = self._views[key] = peer_pool_view(peer, self.config, self.dst_pool.dtype)
         copy_kv(view, src_slots, self.dst_pool, dst_slots)
+
+    def forget(self, peer: KVSegment) -> None:
+        """Drop the view over ``peer``'s pool: the segment is about to be unmapped."""
+        self._views.pop((peer.name, id(peer)), None)

@@ -69,6 +69,10 @@ class Executor(ABC):
         peer's KV: copy the peer pool's ``src_slots`` into this pool's ``dst_slots``."""
         raise NotImplementedError(f"{type(self).__name__} cannot take KV from a peer")
 
+    def forget_peer(self, peer: KVSegment) -> None:
+        """Called before a peer's segment is unmapped (``shm.kv_segment.PeerSegments``: the
+        peer restarted or its server did): drop anything that reads its pool."""
+
     def copy_prefix(self, peer: KVSegment, src_slots, dst_slots: list[int]) -> None:
         """Called by a rank that shares its peers' prefix caches (``scheduler.prefix_share``):
         copy a cached prefix's KV from a peer pool's ``src_slots`` into ``dst_slots``."""

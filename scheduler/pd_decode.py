@@ -97,7 +97,7 @@ class DecodeReceiver(PDRole):
         self.dp_rank = cfg.dp_rank
         self.executor = executor
         self.peers = PDPeers(route_table, handoff_table, cfg.pd.launch_id, cfg.dp_rank,
-                             int(cfg.pd.stale_after_s * 1e9))
+                             int(cfg.pd.stale_after_s * 1e9), executor.forget_peer)
         self.bootstrap_ns = int(cfg.pd.bootstrap_timeout_s * 1e9)
         self.waiting_ns = int(cfg.pd.waiting_timeout_s * 1e9)
         self.parked: dict[str, Parked] = {}  # by rid, in arrival order

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from scheduler.pd import HANDOFF_KIND, ROUTE_KIND, kv_segment_kind
 from shm.bootstrap import BootstrapTable
@@ -33,8 +34,12 @@ REFRESH_EVERY_NS = 200_000_000
 
 class PDPeers:
     def __init__(self, route: BootstrapTable | None, handoff: BootstrapTable, launch_id: str,
-                 decode_rank: int, stale_ns: int):
+                 decode_rank: int, stale_ns: int,
+                 on_retire: Callable[[KVSegment], None] | None = None):
+        """``on_retire``: called with a prefill rank's KV segment before it is unmapped
+        (``PeerSegments``; the executor's ``forget_peer``)."""
         self.launch_id = launch_id
+        self.on_retire = on_retire
         self.decode_rank = decode_rank
         self.stale_ns = stale_ns
         self._set_tables(route, handoff)
@@ -46,7 +51,7 @@ class PDPeers:
         self.claimer = handoff.decode_claimer(self.decode_rank)
         self._segments = PeerSegments(
             lambda rank, pid: segment_name(kv_segment_kind(rank), self.launch_id, pid),
-            "prefill rank")
+            "prefill rank", self.on_retire)
         self._down_at: dict[int, tuple[int, str | None]] = {}
         self._owner = owner_pid(handoff.name)
 
@@ -98,6 +103,7 @@ class PDPeers:
             return False
         route = BootstrapTable.attach(route_name) if self.route is not None else None
         old = (self.route, self.handoff)
+        self._segments.clear()  # the old server's pools: unmapped (PeerSegments)
         self._set_tables(route, handoff)
         for table in old:
             if table is not None:

@@ -70,17 +70,20 @@ class PrefixImporter:
     """Rank ``rank``'s reader of its peers' summaries and pools."""
 
     def __init__(self, summary: PrefixSummary, rank: int,
-                 segment_name_of: Callable[[int, int], str] | None = None):
+                 segment_name_of: Callable[[int, int], str] | None = None,
+                 on_retire: Callable[[KVSegment], None] | None = None):
         """``segment_name_of(peer, pid)``: the name of a peer's KV segment
         (``scheduler.pd.peer_kv_segment_name``); by default the mixed ranks' of the
-        summary's launch."""
+        summary's launch. ``on_retire``: called with a peer's segment before it is
+        unmapped (``PeerSegments``; the executor's ``forget_peer``)."""
         if summary.records is None:
             raise ValueError(f"{summary.name} keeps no slot records: the launch did not "
                              "enable cross-rank prefix sharing")
         self.summary = summary
         self.rank = rank
         self._segments = PeerSegments(
-            segment_name_of or mixed_kv_segment_name(launch_id_of(summary.name)))
+            segment_name_of or mixed_kv_segment_name(launch_id_of(summary.name)),
+            on_retire=on_retire)
         self.num_copied_tokens = 0  # tokens whose KV this rank copied from peers
         self.num_dropped = 0  # copies thrown away: the peer evicted meanwhile
 

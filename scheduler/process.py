@@ -98,7 +98,8 @@ def _start(cfg: SchedulerConfig, row, pipes: RankPipes, summary: PrefixSummary |
         if cfg.cross_rank_prefix_cache and summary is not None:
             from scheduler.prefix_share import PrefixImporter
             from scheduler.pd import peer_kv_segment_name
-            importer = PrefixImporter(summary, cfg.dp_rank, peer_kv_segment_name(cfg))
+            importer = PrefixImporter(summary, cfg.dp_rank, peer_kv_segment_name(cfg),
+                                      executor.forget_peer)
         scheduler = Scheduler(cfg, executor, row, pipes.send, executor.tokenizer,
                               send_stats=pipes.broadcast, send_to=pipes.send_to,
                               cache_observer=observer, prefix_importer=importer)

@@ -43,6 +43,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+from collections.abc import Callable
 
 import numpy as np
 
@@ -152,9 +153,10 @@ class KVSegment:
         """Unlink the name if owner; unmap only if ``unmap``.
 
         Why not unmap by default: ``torch.frombuffer`` does not pin the mmap (measured:
-        the mapping closes under a live tensor, and reading it then segfaults), and the
-        executor keeps tensors over ``kv_buf`` for the process's life. The OS unmaps at
-        exit; pass ``unmap=True`` only when no tensor over ``kv_buf`` can be used again.
+        the mapping closes under a live tensor, and reading it then segfaults), and a
+        rank keeps tensors over ``kv_buf`` (its own pool; a peer's until the executor
+        forgets it, ``PeerSegments``). The OS unmaps at exit; pass ``unmap=True`` only
+        when no tensor over ``kv_buf`` can be used again.
         """
         if self.segment.is_owner:
             self.segment.unlink()
@@ -175,17 +177,30 @@ class KVSegment:
 class PeerSegments:
     """Peers' KV segments by rank: each mapped on first use, and again once the rank
     restarted (a new pid names a new segment). ``name_of(rank, pid)`` is the segment's
-    name. A replaced mapping is left to the process's end: a torch view may still use it."""
+    name.
 
-    def __init__(self, name_of, what: str = "rank"):
+    A mapping that is replaced (the rank restarted), or dropped by ``clear`` (the peers'
+    server restarted: new tables, new segments), is *retired*: ``on_retire(segment)``
+    first (the executor drops its tensors over the segment's pool, which do not pin the
+    mapping: ``KVSegment.close``), then unmapped, so the old pool's memory goes back
+    once its owner unlinked it. Without this a decode rank kept every pool of every
+    prefill server it had followed mapped until it exited: /dev/shm grew by the prefill
+    server's whole KV on each of its restarts. A mapping some view still pins
+    (``BufferError``) is left to the process's end."""
+
+    def __init__(self, name_of, what: str = "rank",
+                 on_retire: Callable[[KVSegment], None] | None = None):
         self._name_of = name_of
         self._what = what
+        self._on_retire = on_retire
         self._segments: dict[int, KVSegment] = {}
 
     def get(self, rank: int, pid: int) -> "KVSegment | None":
         seg = self._segments.get(rank)
         if seg is not None and seg.owner_pid == pid:
             return seg
+        if seg is not None:
+            self._retire(self._segments.pop(rank))
         if not pid:
             return None
         try:
@@ -197,5 +212,14 @@ class PeerSegments:
         return seg
 
     def clear(self) -> None:
-        self._segments.clear()
+        segments, self._segments = self._segments, {}
+        for seg in segments.values():
+            self._retire(seg)
 
+    def _retire(self, seg: KVSegment) -> None:
+        if self._on_retire is not None:
+            self._on_retire(seg)
+        try:
+            seg.close(unmap=True)
+        except BufferError:
+            logger.debug("%s stays mapped: a view still uses it", seg.name)

@@ -97,6 +97,52 @@ def test_kv_segment_records_round_trip_and_owner_unlinks():
     assert name not in list_segments()
 
 
+def test_peer_segments_unmap_the_pools_they_stop_using():
+    """A decode rank follows restarted prefill ranks and servers: each pool it stops
+    using is forgotten by the executor (its tensor view dropped) and unmapped, so the
+    memory goes back once the owner unlinked it (it stayed mapped until the rank exited,
+    a whole KV pool per prefill restart)."""
+    import numpy as np
+    import torch
+
+    from engine.config import ModelConfig
+    from engine.kv_transfer import KVImporter
+    from engine.tiny import TINY_HF_CONFIG
+    from shm.kv_segment import PeerSegments
+
+    config = ModelConfig.from_hf_dict(TINY_HF_CONFIG)
+    token_bytes = config.kv_bytes_per_token(4)
+    names = [segment_name("kv-test", new_launch_id()) for _ in range(2)]
+    owners = [KVSegment.create(name, capacity=8, token_bytes=token_bytes) for name in names]
+    dst = torch.zeros(config.num_hidden_layers, 8, 2, config.num_key_value_heads,
+                      config.head_dim)
+    importer = KVImporter(config, dst)
+    current = {"name": names[0]}
+    retired = []
+
+    def forget(seg):
+        retired.append(seg)
+        importer.forget(seg)
+
+    peers = PeerSegments(lambda rank, pid: current["name"], on_retire=forget)
+    try:
+        first = peers.get(0, os.getpid())
+        importer.import_kv(first, np.array([1, 2]), [3, 4])  # a view over its pool
+        assert peers.get(0, os.getpid()) is first and not retired
+        assert peers.get(0, 0) is None  # the rank is gone: its pool is let go
+        assert retired == [first] and first.segment.buf.closed and not importer._views
+        current["name"] = names[1]
+        second = peers.get(0, os.getpid())
+        importer.import_kv(second, np.array([0]), [0])
+        peers.clear()  # the prefill server restarted: new tables, new pools
+        assert retired == [first, second] and second.segment.buf.closed
+        assert not importer._views
+    finally:
+        for owner in owners:
+            owner.close(unmap=True)
+    assert not set(names) & set(list_segments())
+
+
 def test_kv_segment_attach_refuses_other_segments():
     name = segment_name("not-kv", new_launch_id())
     with SharedSegment.create(name, 4096):
