@@ -151,13 +151,16 @@ class Dispatcher:
         self._liveness = board.liveness
 
     def pick(self, num_tokens: int, routed_dp_rank: int | None = None,
-             bootstrap_room: int | None = None, input_ids: Sequence[int] = ()) -> int:
+             bootstrap_room: int | None = None, input_ids: Sequence[int] = (),
+             has_room: Sequence[bool] | None = None) -> int:
         """Choose the rank for one request, count it there, return the rank.
 
         ``num_tokens`` is the request's prompt length: the load it adds until the
         rank's scheduler reports it. ``input_ids``: the prompt, which ``cache_aware``
         looks up in the ranks' prefix-cache summaries (the other methods ignore it). ``routed_dp_rank`` (the API maps the
-        ``data_parallel_rank`` alias onto it) wins over the method. The bump happens
+        ``data_parallel_rank`` alias onto it) wins over the method. ``has_room``: per
+        rank, whether its queue takes another request (``--max-queued-requests``); a
+        rank without room is no candidate, as a dead one is not. The bump happens
         here, before the caller sends, so a concurrent reader never misses the request;
         if the send then fails the caller takes it back with ``cancel``.
 
@@ -167,6 +170,8 @@ class Dispatcher:
         if num_tokens < 0:
             raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
         alive = self._liveness.check(self.stale_ns)
+        if has_room is not None:
+            alive = [a and r for a, r in zip(alive, has_room)]
         if routed_dp_rank is None:
             rank = self._choose(self, alive, input_ids, bootstrap_room)
         else:

@@ -47,9 +47,11 @@ class PDRouter:
         self.failed_linger_ns = int(failed_linger_s * 1e9)
 
     def dispatch_prefill(self, room: int, num_tokens: int, routed_dp_rank: int | None = None,
-                         input_ids: Sequence[int] = ()) -> int:
+                         input_ids: Sequence[int] = (),
+                         has_room: Sequence[bool] | None = None) -> int:
         """Pick the prefill rank for ``room`` and publish the route (``input_ids``: the
-        prompt, for ``cache_aware``; see ``Dispatcher.pick``). Raises
+        prompt, for ``cache_aware``; ``has_room``: the ranks whose queues take it; see
+        ``Dispatcher.pick``). Raises
         ``DuplicateRoomError`` / ``BootstrapTableFullError`` with nothing counted, or
         the dispatcher's errors."""
         route = self.route
@@ -60,7 +62,7 @@ class PDRouter:
         if route.num_live >= route.num_slots:
             raise BootstrapTableFullError(
                 f"{route.num_live} rooms in flight fill the route table; retry later")
-        rank = self.prefill.pick(num_tokens, routed_dp_rank, room, input_ids)
+        rank = self.prefill.pick(num_tokens, routed_dp_rank, room, input_ids, has_room)
         try:
             # Never expires by itself: removed when the prefill request ends, however it ends.
             route.insert(room, rank, _FOREVER)

@@ -219,15 +219,15 @@ class EngineClient:
         if p.rid in self.inflight:
             raise BadRequest(f"rid {p.rid!r} is already in use by a running request")
         self._check_pd(p.bootstrap_room)
-        self._check_capacity(p.routed_dp_rank)
+        has_room = self._check_capacity(p.routed_dp_rank)
         num_tokens = len(p.input_ids)
         try:
             if self.router is not None:
                 dp_rank = self.router.dispatch_prefill(p.bootstrap_room, num_tokens,
-                                                       p.routed_dp_rank, p.input_ids)
+                                                       p.routed_dp_rank, p.input_ids, has_room)
             else:
                 dp_rank = self.dispatcher.pick(num_tokens, p.routed_dp_rank, p.bootstrap_room,
-                                               p.input_ids)
+                                               p.input_ids, has_room)
         except (InvalidDpRankError, MissingBootstrapRoomError, DuplicateRoomError) as exc:
             raise BadRequest(str(exc)) from None
         except (RankUnavailableError, BootstrapTableFullError) as exc:
@@ -402,28 +402,34 @@ class EngineClient:
             raise BadRequest(f"a PD {self.role} server needs bootstrap_room in every request "
                              "(the gateway adds it; the same room goes to prefill and decode)")
 
-    def _check_capacity(self, routed_dp_rank: int | None) -> None:
-        """503 unless some live rank (or the routed one) has room in its queue.
+    def _check_capacity(self, routed_dp_rank: int | None) -> list[bool] | None:
+        """Per rank, whether its queue takes another request (``pick``'s ``has_room``);
+        503 unless some live rank (or the routed one) does.
 
-        Only with ``--max-queued-requests``: without a queue limit there is nothing to
-        check here, and a board with no live rank is already a 503 from ``pick``, so
-        the hot path reads the board once, not twice.
+        Only with ``--max-queued-requests`` (None without it): without a queue limit
+        there is nothing to check here, and a board with no live rank is already a 503
+        from ``pick``, so the hot path reads the board once, not twice. The method then
+        chooses among the ranks with room: a limit checked on any rank but not on the
+        one chosen let ``cache_aware`` queue six requests on one rank behind a limit of
+        three while another rank idled.
         """
         max_queued = self.args.max_queued_requests
         if max_queued is None:
-            return
+            return None
         eff_reqs = self.board.read_requests()
         alive = [a and r.lost_reason is None
                  for a, r in zip(self.board.liveness.check(self.args.stale_ns), self.ranks)]
         if not any(alive):
             raise ServiceUnavailable("no rank is alive")
+        has_room = [alive[r] and eff_reqs[r] < rank.ready.max_running_requests + max_queued
+                    for r, rank in enumerate(self.ranks)]
         candidates = range(len(self.ranks))
         if isinstance(routed_dp_rank, int) and 0 <= routed_dp_rank < len(self.ranks):
             candidates = [routed_dp_rank]
-        if not any(alive[r] and eff_reqs[r] < self.ranks[r].ready.max_running_requests + max_queued
-                   for r in candidates):
+        if not any(has_room[r] for r in candidates):
             raise ServiceUnavailable("every rank is full (running + queued requests at the "
                                      "limit); retry later")
+        return has_room
 
     # ---- state for /health, /server_info -------------------------------------------------
     @property

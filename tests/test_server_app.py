@@ -587,6 +587,32 @@ def test_full_engine_gets_503_with_retry_after(tmp_path):
             "max_new_tokens": 1}}).status_code == 200
 
 
+def test_queue_limit_holds_on_the_rank_chosen(tmp_path):
+    """--max-queued-requests is per rank: the method chooses among ranks with room (the
+    rotation pointed at the full rank, which took the request past its limit while the
+    other rank was idle)."""
+    args = make_args(tmp_path, step_s=0.01, dp_size=2, max_running_requests=1,
+                     max_queued_requests=0, load_balance_method="round_robin")
+    with serve(args) as (procs, client):
+        import threading
+        long = threading.Thread(target=client.post, args=("/generate",), kwargs={"json": {
+            "text": "x", "sampling_params": {"max_new_tokens": 300}}})
+        long.start()
+        try:
+            deadline = time.monotonic() + 5
+            while (not any(r["num_reqs"] for r in client.get("/get_load").json())
+                   and time.monotonic() < deadline):
+                time.sleep(0.01)
+            busy = next(r["dp_rank"] for r in client.get("/get_load").json() if r["num_reqs"])
+            for _ in range(3):  # round robin alone would send one of these to the busy rank
+                r = client.post("/generate", json={"text": "y", "sampling_params": {
+                    "max_new_tokens": 1}})
+                assert r.status_code == 200, r.text
+                assert r.json()["meta_info"]["dp_rank"] == 1 - busy
+        finally:
+            long.join(15)
+
+
 def test_rank_killed_mid_request_fails_fast_and_others_serve(tmp_path):
     args = make_args(tmp_path, step_s=0.01, dp_size=2)
     with serve(args) as (procs, client):
