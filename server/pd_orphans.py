@@ -6,9 +6,11 @@ refused it, its client left, ``/abort_request`` ended it, its rank died), the pr
 half may be done already (the KV held in a hand-off entry, ``scheduler.pd_prefill``) or
 still coming, and nobody would release that entry: the prefill rank would hold the KV,
 refuse to flush its cache, and with enough of them stall admission, until
-``--disaggregation-bootstrap-timeout`` (300 s by default). A decode rank releases an
-entry it finds when it drops a parked request (``DecodeReceiver.discard``), but not one
-written after; and the prefill server cannot tell which rooms are orphans.
+``--disaggregation-bootstrap-timeout`` (300 s by default). A decode rank releases the
+entry of a parked request it drops, now or when the entry appears
+(``DecodeReceiver.discard``), but a request the decode server refused never reached a
+rank, and a rank that died releases nothing; the prefill server cannot tell which rooms
+are orphans.
 
 The decode server's API process knows each request's room and prompt. ``OrphanedRooms``
 writes the release a decode rank would have written, for the entry with the request's

@@ -247,6 +247,27 @@ def test_aborting_a_parked_request_releases_kv_already_handed_off(pd):
     assert not any(pd.leftovers().values()), pd.leftovers()
 
 
+def test_a_hand_off_written_after_its_decode_half_was_dropped_is_released():
+    """A decode rank that drops a parked request before its KV arrives watches the room
+    and releases the hand-off when it comes. Only it can: when the request's API process
+    died, the rank ended the request, and the KV was held until the bootstrap timeout
+    (300 s) with no API left to release it."""
+    with LocalPD(1, 1, sim_executor_factory("instant", 4096)) as pd:  # 300 s timeouts
+        pd.submit("r", [1, 2, 3, 4], greedy(4), room=19, prefill=False)
+        pd.step()
+        pd.abort("r", prefill=False)  # as retire_dispatcher ends it: parked, no KV yet
+        pd.step()
+        assert pd.finish_reason("r")["type"] == "abort"
+        pd.submit("r", [1, 2, 3, 4], greedy(4), room=19, decode=False)
+        pd.step()
+        assert pd.leftovers()["prefill_held"] == 1  # prefilled: its KV waits for decode
+        deadline = time.monotonic() + 5
+        while any(pd.leftovers().values()):
+            assert time.monotonic() < deadline, pd.leftovers()  # held until 300 s before
+            pd.step()
+            time.sleep(0.005)
+
+
 # ---- what a prefill rank's board row counts ------------------------------------------------
 @pytest.mark.parametrize("lockstep", [False, True])
 def test_prefill_rank_counts_prompt_work_left(lockstep):
