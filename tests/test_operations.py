@@ -147,7 +147,12 @@ def test_http_stack_benchmark_prints_both_stacks_side_by_side():
     done = subprocess.run([sys.executable, "-m", "bench.micro.http_stack", "--requests", "40",
                            "--rounds", "1", "--warmup", "5"], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
     rows = {line.split("  ")[0]: line for line in done.stdout.splitlines()}
     assert "uvloop + httptools" in rows and "asyncio + h11" in rows, done.stdout
-    assert "less API CPU per request" in done.stdout
+    # 40 requests rest on a few 10 ms CPU ticks: the CPU figures are then withheld (exit
+    # 1, saying how many requests would do) rather than printed as noise.
+    if done.returncode == 0:
+        assert "less API CPU per request" in done.stdout
+    else:
+        assert done.returncode == 1 and "not printed" in done.stdout, done.stderr[-2000:]
+        assert "requests per round" in done.stdout
