@@ -106,6 +106,8 @@ class PrefixImporter:
     def plan(self, tokens: Sequence[int], own: int) -> CopyPlan | None:
         """What to copy so that this rank holds more of ``tokens`` than the ``own``
         leading tokens its cache holds; None when no peer holds a block more."""
+        # A peer that died (its summary withdrawn) or restarted: its old pool is let go.
+        self._segments.prune(self.summary.writer_pid)
         peer, most, hashes = self.peer_best(tokens)
         if most < (own // BLOCK_LEN + 1) * BLOCK_LEN or most - own < BLOCK_LEN // 2:
             return None

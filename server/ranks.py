@@ -262,6 +262,9 @@ class EngineProcesses:
             # Its cache died with it: withdraw its summary (this process is the region's
             # only writer now), so peers neither copy from its pool nor count its hits.
             self.summary.writer(rank.dp_rank).close()
+        # Its KV segment (a PD or cross-rank pool) goes now, not at shutdown: peers that
+        # mapped it unmap it when they next look (shm.kv_segment.PeerSegments).
+        self._unlink_segments_of({rank.process.pid})
         rank.is_marked_dead = True
 
     def close(self) -> None:
@@ -282,7 +285,10 @@ class EngineProcesses:
 
     def _reclaim_rank_segments(self) -> None:
         """Unlink segments our ranks created and left (killed before their cleanup)."""
-        pids = {r.process.pid for r in self.ranks if not r.process.is_alive()}
+        self._unlink_segments_of({r.process.pid for r in self.ranks if not r.process.is_alive()})
+
+    @staticmethod
+    def _unlink_segments_of(pids: set[int]) -> None:
         for name in list_segments():
             if owner_pid(name) in pids:
                 try:

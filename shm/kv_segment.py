@@ -211,6 +211,13 @@ class PeerSegments:
         self._segments[rank] = seg
         return seg
 
+    def prune(self, pid_of: Callable[[int], int]) -> None:
+        """Retire each mapping whose rank's process is no longer its owner
+        (``pid_of(rank)``: the rank's pid now, 0 when it is gone)."""
+        for rank, seg in list(self._segments.items()):
+            if seg.owner_pid != pid_of(rank):
+                self._retire(self._segments.pop(rank))
+
     def clear(self) -> None:
         segments, self._segments = self._segments, {}
         for seg in segments.values():

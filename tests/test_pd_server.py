@@ -417,7 +417,7 @@ def test_killed_prefill_rank_fails_its_requests_fast_and_its_segment_is_reclaime
     """Simulated ranks whose prefill takes 20 ms a token: a request is mid-prefill on
     rank 0 when rank 0 is killed. Its decode half fails within seconds (not the 300 s
     room timeout); new requests go to prefill rank 1; the dead rank's KV segment is
-    unlinked when the server stops."""
+    unlinked once the rank is marked dead, not left until the server stops."""
     profile = write_sim_profile(tmp_path / "slow_prefill.json", prefill_token_s=0.02)
     flags = ["--disaggregation-mode", "pd", "--prefill-dp-size", "2", "--decode-dp-size", "1",
              "--executor", "sim", "--sim-profile", profile, "--log-level", "warning"]
@@ -450,7 +450,7 @@ def test_killed_prefill_rank_fails_its_requests_fast_and_its_segment_is_reclaime
             rows = client.get(server.url + "/get_load").json()
             assert [r["status"] for r in rows] == ["dead", "ready", "ready"], rows
             assert (rows[0]["num_reqs"], rows[0]["num_tokens"]) == (0, 0), rows
-    assert not list_segments(f"{NAME_PREFIX}{victim}.")
+            assert not list_segments(f"{NAME_PREFIX}{victim}.")
 
 
 def test_frozen_prefill_rank_fails_decode_within_the_stale_bound(tmp_path):

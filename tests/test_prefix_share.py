@@ -239,8 +239,9 @@ def test_a_served_prompt_reuses_another_ranks_cache_and_leaves_no_segment(tmp_pa
 
 def test_a_dead_ranks_cache_is_not_copied(tmp_path):
     """Rank 0 caches a prompt and is killed: the same prompt then runs on rank 1 as a
-    miss (rank 0's summary is withdrawn when it is marked dead; its segment, left until
-    shutdown, is never read)."""
+    miss (rank 0's summary is withdrawn when it is marked dead). Its KV segment is
+    unlinked then, and rank 1, which had mapped it to copy another prompt, unmaps it
+    (both stayed until shutdown: a whole KV pool held by a dead rank)."""
     import os
     import signal
 
@@ -250,17 +251,27 @@ def test_a_dead_ranks_cache_is_not_copied(tmp_path):
 
     prompt = _prompt(7, 300)
     body = {"input_ids": prompt, "sampling_params": {"max_new_tokens": 2, "temperature": 0}}
+    copied = {"input_ids": _prompt(8, 300), "sampling_params": {"max_new_tokens": 1}}
     with ServerProcess("--device", "cpu", "--dp-size", "2", "--enable-cross-rank-prefix-cache",
                        log_path=tmp_path / "server.log") as server:
         first = httpx.post(server.url + "/generate", json={**body, "routed_dp_rank": 0},
                            timeout=60).json()
+        for rank in (0, 1):  # rank 1 copies this one from rank 0: it maps rank 0's pool
+            reply = httpx.post(server.url + "/generate", json={**copied, "routed_dp_rank": rank},
+                               timeout=60).json()
+        assert reply["meta_info"]["cached_tokens"] > 0, reply["meta_info"]
         ranks = httpx.get(server.url + "/server_info", timeout=10).json()["ranks"]
-        os.kill(next(r["pid"] for r in ranks if r["dp_rank"] == 0), signal.SIGKILL)
+        victim, peer = (next(r["pid"] for r in ranks if r["dp_rank"] == d) for d in (0, 1))
+        pool = f".{victim}."  # segment names carry their creator's pid
+        assert pool in open(f"/proc/{peer}/maps").read()
+        os.kill(victim, signal.SIGKILL)
         deadline = time.monotonic() + 20
         while httpx.get(server.url + "/health", timeout=10).json()["dead_ranks"] != [0]:
             assert time.monotonic() < deadline
             time.sleep(0.05)
         again = httpx.post(server.url + "/generate", json=body, timeout=60).json()
+        assert not [s for s in list_segments() if pool in s]
+        assert pool not in open(f"/proc/{peer}/maps").read()
     assert again["meta_info"]["dp_rank"] == 1
     assert again["meta_info"]["cached_tokens"] == 0, again["meta_info"]
     assert again["text"] == first["text"]
