@@ -54,6 +54,11 @@ def run_scheduler(cfg: SchedulerConfig, req_conn, out_conn) -> None:
     try:
         _loop(scheduler, pipes, board, cfg.heartbeat_interval_s)
     except BaseException as exc:
+        if pipes.num_dispatchers == 1 and isinstance(exc, (BrokenPipeError, ConnectionResetError)):
+            # The only API process is gone (killed with its launcher): nobody reads this
+            # rank's outputs and nothing more can come; stop as on its request pipe's EOF.
+            logger.info("the API process is gone (its output pipe is closed): stopping")
+            return
         for conn in pipes.out_conns:
             _try_send(conn, RankError(dp_rank=cfg.dp_rank, message=_describe(exc)))
         raise
