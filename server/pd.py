@@ -43,10 +43,9 @@ from server.errors import ApiError
 from server.inflight import RequestHandle
 from server.placement import LaunchPlan, plan_launch
 from server.prepared import PreparedRequest
-from server.ranks import EngineProcesses, RankMain
+from server.ranks import EngineProcesses, RankMain, reclaim_stale
 from shm.bootstrap import BootstrapTable
-from shm.segment import (ShmNotReadyError, ShmOwnerError, find_segment, new_launch_id,
-                         reclaim_stale_segments)
+from shm.segment import ShmNotReadyError, ShmOwnerError, find_segment, new_launch_id
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +83,7 @@ class PDProcesses:
 
     def start(self) -> "PDProcesses":
         args, mode = self.args, self.args.disaggregation_mode
-        reclaim_stale_segments()
+        reclaim_stale()
         try:
             self._open_tables()
         except ShmOwnerError as exc:  # a squatted name: refuse, clearly, having made nothing

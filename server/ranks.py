@@ -147,6 +147,14 @@ def scheduler_configs(args: ServerArgs, board_name: str, role: Role | None = Non
             for r, rank in enumerate(ranks)]
 
 
+def reclaim_stale() -> None:
+    """Unlink the segments crashed runs left (``shm.segment.reclaim_stale_segments``),
+    saying which: run before a launch creates its own."""
+    removed = reclaim_stale_segments()
+    if removed:
+        logger.info("reclaimed %d stale shared-memory segment(s): %s", len(removed), removed)
+
+
 class EngineProcesses:
     """The board plus the rank processes of one launch; ``close`` releases everything."""
 
@@ -176,9 +184,7 @@ class EngineProcesses:
 
     def start(self) -> "EngineProcesses":
         """Create the board and spawn every rank (does not wait for them)."""
-        removed = reclaim_stale_segments()
-        if removed:
-            logger.info("reclaimed %d stale shared-memory segment(s): %s", len(removed), removed)
+        reclaim_stale()
         kind = "board" if self.role == Role.MIXED else f"board-{self.role}"
         self.board = LoadBoard.create(self.dp_size, self.num_dispatchers,
                                       launch_id=self.launch_id, kind=kind)
