@@ -354,10 +354,13 @@ class Scheduler:
     def on_flush_cache(self, msg: FlushCacheReq) -> None:
         """Empty the prefix cache, unless this rank holds any request (SGLang refuses
         then too: their KV is in use, and the cache could not be emptied)."""
-        busy = len(self.reqs) + self.pd.num_held
-        if busy:
+        held = self.pd.num_held
+        if self.reqs or held:
+            what = [f"{len(self.reqs)} request(s)"] if self.reqs else []
+            what += [f"the KV of {held} request(s) handed off, until decode takes it or "
+                     "the bootstrap timeout"] if held else []
             result = FlushCacheResult(dp_rank=self.cfg.dp_rank, success=False, message=(
-                f"rank {self.cfg.dp_rank} holds {busy} requests; the cache is flushed "
+                f"rank {self.cfg.dp_rank} holds {' and '.join(what)}; the cache is flushed "
                 "only when no request is running or waiting"))
         elif self.cache is not None and not self.cache.flush():
             result = FlushCacheResult(dp_rank=self.cfg.dp_rank, success=False, message=(
