@@ -8,7 +8,9 @@ API process d gets the listening socket (all of them accept on it), the board's 
 and, for every rank, the API ends of that rank's pipes to dispatcher d and its
 ``RankReady``. It then drops its own copies of every pipe end, so the only writer of
 a rank's request pipe d is API process d: when that process exits, however it
-exits, the rank reads EOF there and ends its requests (``scheduler.rank_io``).
+exits, the rank reads EOF there and ends its requests (``scheduler.rank_io``); and of
+the listening socket, so that a stop, which closes the API processes' copies, leaves
+the port refusing connections rather than queueing them for nobody.
 
 Each API process (``server.api_process``) runs the same ``EngineClient`` and app as a
 single API process does, over ranks it did not start. The board is shared, so
@@ -88,11 +90,16 @@ def serve_api_servers(args: ServerArgs, sock: socket.socket, rank_main: RankMain
                     num_ranks(args),
                     ", ".join(g.board.name for g in groups.values()))
         processes.wait_ready(args.startup_timeout_s)
+        port = sock.getsockname()[1]
         apis, go = start_api_processes(args, sock, groups, processes if pd_mode else None)
         release_pipes(groups)  # each pipe's API end now lives in one API process only
+        # Every API process has its copy (spawn passed the descriptor at exec). Ours
+        # would keep the port listening after they all closed theirs in a stop: the
+        # kernel would queue new connections that nobody accepts, not refuse them.
+        sock.close()
         if not wait_serving(apis, go):
             return EXIT_STARTUP_FAILED
-        url = args.url.rsplit(":", 1)[0] + f":{sock.getsockname()[1]}"
+        url = args.url.rsplit(":", 1)[0] + f":{port}"
         logger.info("ready: %s serving %s with %d rank(s) behind %d API processes%s", url,
                     args.served_model_name, num_ranks(args), len(apis),
                     pd_summary(args))

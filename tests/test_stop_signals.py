@@ -1,0 +1,96 @@
+"""How a stop signal ends a running server: new connections made while it drains.
+
+Each test runs the real command over simulated ranks (20 ms a step, so a request for
+1,500 tokens runs for 30 s unless the stop ends it) in its own process group, which
+``ServerProcess`` always stops; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.server_helpers import ServerProcess, wait_group_gone, write_sim_profile
+
+pytestmark = pytest.mark.slow
+
+LONG = {"text": "long", "sampling_params": {"max_new_tokens": 1500, "ignore_eos": True}}
+
+
+class RunningRequests:
+    """A plain /generate and a streamed /v1/completions, each in a thread, running
+    until the server ends them."""
+
+    def __init__(self, server: ServerProcess):
+        self.server = server
+        self.results: dict = {}
+        self.threads = [threading.Thread(target=f) for f in (self._plain, self._streamed)]
+
+    def _plain(self):
+        self.results["plain"] = httpx.post(self.server.url + "/generate", json=LONG, timeout=60)
+
+    def _streamed(self):
+        with httpx.stream("POST", self.server.url + "/v1/completions", timeout=60, json={
+                "prompt": "long", "max_tokens": 1500, "ignore_eos": True, "stream": True}) as r:
+            self.results["stream"] = [line for line in r.iter_lines() if line]
+
+    def start(self) -> "RunningRequests":
+        for t in self.threads:
+            t.start()
+        deadline = time.monotonic() + 20
+        while sum(row["num_reqs"] for row in httpx.get(self.server.url + "/get_load").json()) < 2:
+            assert time.monotonic() < deadline and not self.results, (self.results,
+                                                                      self.server.log())
+            time.sleep(0.05)
+        return self
+
+    def join(self) -> None:
+        for t in self.threads:
+            t.join(30)
+
+    def assert_retryable(self) -> None:
+        """Both were ended as a stop ends them: a 503 with Retry-After, a stream's error
+        event then [DONE]; never a 500 or a connection cut."""
+        plain = self.results["plain"]
+        assert plain.status_code == 503 and "Retry-After" in plain.headers, plain.text
+        assert "shutting down" in plain.text
+        lines = self.results["stream"]
+        assert lines[-1] == "data: [DONE]" and '"error"' in lines[-2], lines[-3:]
+
+
+def sim_server(tmp_path, name: str, *flags: str) -> ServerProcess:
+    profile = write_sim_profile(tmp_path / "step.json", step_s=0.02)
+    return ServerProcess("--dp-size", "2", "--executor", "sim", "--sim-profile", profile,
+                         *flags, log_path=tmp_path / f"{name}.log")
+
+
+def assert_stopped_cleanly(s: ServerProcess) -> None:
+    assert wait_group_gone(s.pid) == [], s.log()
+    assert s.segments() == []
+    log = s.log()
+    assert "Traceback" not in log and "Cancel" not in log and "ERROR" not in log, log
+
+
+def test_new_connections_during_the_drain_are_refused(tmp_path):
+    """Two API processes draining after SIGTERM: a new connection is refused at once
+    (the launcher kept a listening copy of the socket: the kernel accepted it into a
+    backlog nobody reads, and the client hung until the launcher exited)."""
+    with sim_server(tmp_path, "newconn", "--api-server-count", "2") as s:
+        requests = RunningRequests(s).start()
+        s.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        try:
+            late = httpx.post(s.url + "/generate", json=LONG, timeout=2).status_code
+        except httpx.ConnectError:
+            late = "refused"
+        except httpx.TimeoutException:
+            late = "hung"
+        assert late in ("refused", 503), late
+        assert s.proc.wait(30) == 0, s.log()
+        requests.join()
+        requests.assert_retryable()
+        assert_stopped_cleanly(s)
