@@ -5,6 +5,7 @@ several)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 
 import uvicorn
@@ -14,6 +15,8 @@ from scheduler.roles import DisaggregationMode, Role
 from server.args import ServerArgs
 from server.connections import accept_backlog, protocol_for
 from server.engine_client import EngineClient
+
+logger = logging.getLogger("dpserve")
 
 GRACEFUL_SHUTDOWN_S = 5
 # Requests still running this long after a stop began are failed (a 503 with
@@ -26,11 +29,23 @@ class Server(uvicorn.Server):
     gateway can retry. uvicorn stops accepting, lets running requests finish for
     ``GRACEFUL_SHUTDOWN_S``, then cancels what still runs, which a client sees as a 500
     or a stream cut off without ``[DONE]``. Here, ``DRAIN_S`` into the stop, the engine
-    fails those requests first, so their routes answer as for a lost rank."""
+    fails those requests first, so their routes answer as for a lost rank.
+
+    A second SIGINT (Ctrl-C pressed again) ends the drain at once: the running requests
+    are failed the same way, where uvicorn would cancel them."""
 
     def __init__(self, config: uvicorn.Config, engine: EngineClient):
         super().__init__(config)
         self.engine = engine
+        self.is_hurried = False  # set by a second SIGINT; read by the drain
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if self.should_exit and sig == signal.SIGINT:
+            # Not uvicorn's force_exit: that cancels the running requests unanswered.
+            # A signal handler only sets a flag; the drain polls it.
+            self.is_hurried = True
+            return
+        super().handle_exit(sig, frame)
 
     async def shutdown(self, sockets=None) -> None:
         drain = asyncio.create_task(self._fail_after_drain())
@@ -40,7 +55,12 @@ class Server(uvicorn.Server):
             drain.cancel()
 
     async def _fail_after_drain(self) -> None:
-        await asyncio.sleep(DRAIN_S)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DRAIN_S
+        while not self.is_hurried and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if self.is_hurried:
+            logger.info("second SIGINT: failing the running requests now")
         self.engine.fail_inflight("the server is shutting down")
 
 

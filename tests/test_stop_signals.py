@@ -1,4 +1,5 @@
-"""How a stop signal ends a running server: new connections made while it drains.
+"""How a stop signal ends a running server: a second Ctrl-C, and new connections made
+while it drains.
 
 Each test runs the real command over simulated ranks (20 ms a step, so a request for
 1,500 tokens runs for 30 s unless the stop ends it) in its own process group, which
@@ -73,6 +74,25 @@ def assert_stopped_cleanly(s: ServerProcess) -> None:
     assert s.segments() == []
     log = s.log()
     assert "Traceback" not in log and "Cancel" not in log and "ERROR" not in log, log
+
+
+def test_second_sigint_fails_running_requests_at_once(tmp_path):
+    """Ctrl-C twice, 1 s apart, with one API process: the second ends the drain and the
+    running requests get their retryable answers at once (uvicorn's own force exit
+    cancelled them: a 500, a stream cut off, tracebacks)."""
+    from server.serving import DRAIN_S
+    with sim_server(tmp_path, "sigint2") as s:
+        requests = RunningRequests(s).start()
+        s.proc.send_signal(signal.SIGINT)
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        s.proc.send_signal(signal.SIGINT)
+        requests.join()
+        assert time.monotonic() - t0 < DRAIN_S - 1.5, "the second SIGINT did not shorten the drain"
+        assert s.proc.wait(30) == 0, s.log()
+        requests.assert_retryable()
+        assert "second SIGINT" in s.log()
+        assert_stopped_cleanly(s)
 
 
 def test_new_connections_during_the_drain_are_refused(tmp_path):
