@@ -32,7 +32,7 @@ from server.connections import event_loop_factory
 from server.engine_client import EngineClient
 from server.pd import pd_engine_client
 from server.ranks import RankHandle
-from server.serving import StopSignal, make_server, stop_on_signals
+from server.serving import StopSignal, ignore_stop_signals, make_server, stop_on_signals
 from shm.board import LoadBoard, RankStatus
 from shm.bootstrap import BootstrapTable
 from shm.prefix_summary import PrefixSummary
@@ -155,7 +155,8 @@ class SiblingRanks:
 def api_server_main(args: ServerArgs, spec: ApiSpec, sock: socket.socket,
                     status_conn: Connection, go) -> None:
     """The body of API process ``spec.dispatcher_id``: build the engine client and the
-    app, wait for ``go`` (every API process built its app), serve until SIGTERM/SIGINT."""
+    app, wait for ``go`` (every API process built its app), serve until a stop signal
+    (``server.serving.STOP_SIGNALS``)."""
     d = spec.dispatcher_id
     configure_logging(args.log_level, f"api {d}")
     stop_on_signals()
@@ -185,8 +186,7 @@ def api_server_main(args: ServerArgs, spec: ApiSpec, sock: socket.socket,
         _try_send(status_conn, f"failed {type(exc).__name__}: {exc}".encode())
         raise SystemExit(EXIT_STARTUP_FAILED) from None
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        ignore_stop_signals()
         if route is not None:
             route.close()  # gives up its region
         for group in groups.values():

@@ -27,7 +27,7 @@ Lifecycle:
 - an API process that dies: its clients' connections break; the ranks end its
   requests and retire its in-flight counts, so the board returns to zero; the others
   keep serving. The launcher logs it and carries on while any is left.
-- SIGTERM/SIGINT to the launcher (or the last API process gone): each API process
+- SIGTERM/SIGINT/SIGHUP to the launcher (or the last API process gone): each API process
   gets SIGTERM (uvicorn's graceful stop), then SIGKILL after a bound; the ranks, whose
   request pipes all read EOF, stop themselves; then ``EngineProcesses.close`` stops
   what is left and unlinks every segment.
@@ -39,7 +39,6 @@ import logging
 import multiprocessing
 import os
 import shutil
-import signal
 import socket
 import tempfile
 import time
@@ -54,7 +53,7 @@ from server.metrics import MULTIPROC_ENV
 from server.pd import PDLaunchError, PDProcesses
 from server.placement import LaunchPlan
 from server.ranks import EngineProcesses, RankMain, RankStartupError
-from server.serving import num_ranks, pd_summary
+from server.serving import ignore_stop_signals, num_ranks, pd_summary
 
 logger = logging.getLogger("dpserve")
 
@@ -109,8 +108,7 @@ def serve_api_servers(args: ServerArgs, sock: socket.socket, rank_main: RankMain
         logger.error("%s", exc)
         return EXIT_STARTUP_FAILED
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        ignore_stop_signals()
         stop_api_processes(apis)
         # With every API process gone each rank reads EOF on all its request pipes and
         # stops by itself (its requests ended, its row DEAD); close stops what is left.

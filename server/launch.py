@@ -13,9 +13,9 @@ Order, and why:
 4. serve with uvicorn, over ``server.connections``' protocol (request-read deadline,
    connection bound; uvloop and httptools when installed); log the "ready" line with
    the URL once it accepts.
-Exit: SIGINT/SIGTERM stop uvicorn (it handles them while serving; before that our
-handler turns them into ``SystemExit``), then ``finally`` stops the ranks and unlinks
-every segment, whatever happened before.
+Exit: SIGINT, SIGTERM or SIGHUP stop uvicorn (``server.serving.Server`` handles them
+while serving; before that our handler turns them into ``StopSignal``), then
+``finally`` stops the ranks and unlinks every segment, whatever happened before.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ from server.engine_client import EngineClient
 from server.pd import PDLaunchError, PDProcesses
 from server.placement import LaunchError, LaunchPlan, plan_launch
 from server.ranks import EngineProcesses, RankMain, RankStartupError
-from server.serving import StopSignal, make_server, num_ranks, pd_summary, stop_on_signals
+from server.serving import (StopSignal, ignore_stop_signals, make_server, num_ranks, pd_summary,
+                            stop_on_signals)
 
 logger = logging.getLogger("dpserve")
 
@@ -45,7 +46,7 @@ EXIT_BAD_ARGS = 2
 
 
 def main(argv: list[str] | None = None, rank_main: RankMain | None = None) -> int:
-    """Run the server until SIGINT/SIGTERM; returns the exit code (0 after a signal).
+    """Run the server until a stop signal; returns the exit code (0 after a signal).
 
     ``rank_main`` replaces ``scheduler.process.run_scheduler`` as the body of every rank
     process (tests use it to run the API over stand-in ranks)."""
@@ -102,10 +103,7 @@ def serve(args: ServerArgs, sock: socket.socket, rank_main: RankMain | None = No
         logger.error("%s", exc)
         return EXIT_STARTUP_FAILED
     finally:
-        # Cleanup is bounded (shutdown_timeout_s, then terminate, then kill); a second
-        # Ctrl-C must not cut it short and leave ranks or segments behind.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        ignore_stop_signals()
         processes.close()
         logger.info("stopped: every rank exited and every segment is unlinked")
 

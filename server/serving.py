@@ -5,8 +5,10 @@ several)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+import threading
 
 import uvicorn
 
@@ -22,6 +24,9 @@ GRACEFUL_SHUTDOWN_S = 5
 # Requests still running this long after a stop began are failed (a 503 with
 # Retry-After, or a stream's error event and [DONE]) before uvicorn's bound cancels them.
 DRAIN_S = GRACEFUL_SHUTDOWN_S - 1
+# What stops a server gracefully: Ctrl-C, a service manager's stop, and SIGHUP, which a
+# server started from a terminal gets when the terminal closes or the ssh session drops.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class Server(uvicorn.Server):
@@ -31,13 +36,27 @@ class Server(uvicorn.Server):
     or a stream cut off without ``[DONE]``. Here, ``DRAIN_S`` into the stop, the engine
     fails those requests first, so their routes answer as for a lost rank.
 
-    A second SIGINT (Ctrl-C pressed again) ends the drain at once: the running requests
-    are failed the same way, where uvicorn would cancel them."""
+    Signals: SIGHUP stops as SIGINT and SIGTERM do. A second SIGINT (Ctrl-C pressed
+    again) ends the drain at once: the running requests are failed the same way, where
+    uvicorn would cancel them."""
 
     def __init__(self, config: uvicorn.Config, engine: EngineClient):
         super().__init__(config)
         self.engine = engine
         self.is_hurried = False  # set by a second SIGINT; read by the drain
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        with super().capture_signals():
+            if threading.current_thread() is not threading.main_thread():
+                yield  # signals reach the main thread only, as in uvicorn
+                return
+            previous = signal.signal(signal.SIGHUP, self.handle_exit)
+            try:
+                yield
+            finally:
+                # Restored before uvicorn re-raises what it captured, SIGHUP included.
+                signal.signal(signal.SIGHUP, previous)
 
     def handle_exit(self, sig: int, frame) -> None:
         if self.should_exit and sig == signal.SIGINT:
@@ -97,7 +116,7 @@ def pd_summary(args: ServerArgs) -> str:
 
 
 class StopSignal(BaseException):
-    """SIGINT/SIGTERM arrived outside uvicorn's own handling (start-up, or re-raised by
+    """A stop signal arrived outside uvicorn's own handling (start-up, or re-raised by
     uvicorn after its graceful exit). A BaseException so that only ``main`` catches it
     and every ``finally`` on the way cleans up."""
 
@@ -109,5 +128,13 @@ class StopSignal(BaseException):
 def stop_on_signals() -> None:
     def handler(signum, frame):
         raise StopSignal(signum)
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, handler)
+
+
+def ignore_stop_signals() -> None:
+    """For the cleanup after a stop: it is bounded (a bounded wait, then terminate, then
+    kill), and a second signal must not cut it short and leave processes or segments
+    behind."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)

@@ -1,5 +1,5 @@
-"""How a stop signal ends a running server: a second Ctrl-C, and new connections made
-while it drains.
+"""How a stop signal ends a running server: a second Ctrl-C, SIGHUP, and new connections
+made while it drains.
 
 Each test runs the real command over simulated ranks (20 ms a step, so a request for
 1,500 tokens runs for 30 s unless the stop ends it) in its own process group, which
@@ -8,14 +8,16 @@ Each test runs the real command over simulated ranks (20 ms a step, so a request
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.server_helpers import ServerProcess, wait_group_gone, write_sim_profile
+from tests.server_helpers import ServerProcess, child_pids, wait_group_gone, write_sim_profile
 
 pytestmark = pytest.mark.slow
 
@@ -114,3 +116,29 @@ def test_new_connections_during_the_drain_are_refused(tmp_path):
         requests.join()
         requests.assert_retryable()
         assert_stopped_cleanly(s)
+
+
+@pytest.mark.parametrize("api_servers, num_api_processes", [("1", 0), ("2", 2)])
+def test_sighup_stops_as_sigterm_does(tmp_path, api_servers, num_api_processes):
+    """SIGHUP (the terminal closed, the ssh session dropped) to the launcher and, with
+    several, to the API processes too: the graceful stop, every segment unlinked (it
+    killed the launcher at once, leaving segments and cut connections)."""
+    with sim_server(tmp_path, f"hup{api_servers}", "--api-server-count", api_servers) as s:
+        requests = RunningRequests(s).start()
+        api_pids = api_process_pids(s)
+        assert len(api_pids) == num_api_processes
+        for pid in [s.pid, *api_pids]:
+            os.kill(pid, signal.SIGHUP)
+        assert s.proc.wait(30) == 0, s.log()
+        requests.join()
+        requests.assert_retryable()
+        assert "received SIGHUP" in s.log()
+        assert_stopped_cleanly(s)
+
+
+def api_process_pids(s: ServerProcess) -> list[int]:
+    """The launcher's children that are neither ranks nor multiprocessing's resource
+    tracker: the API processes of ``--api-server-count`` (none with one)."""
+    ranks = set(s.rank_pids())
+    return [p for p in child_pids(s.pid) if p not in ranks
+            and b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes()]
