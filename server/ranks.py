@@ -103,9 +103,12 @@ def default_rank_main() -> RankMain:
 
 def rank_entry(rank_main: RankMain, cfg: SchedulerConfig, req_conn: Connection,
                out_conn: Connection) -> None:
-    """What each rank process runs (module level, so spawn can pickle it)."""
+    """What each rank process runs (module level, so spawn can pickle it). A rank ignores
+    the stop signals (a closed terminal sends SIGHUP to every process of the server):
+    the API stops it, after failing or finishing its requests."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     rank_main(cfg, req_conn, out_conn)
 
 

@@ -120,19 +120,20 @@ def test_new_connections_during_the_drain_are_refused(tmp_path):
 
 @pytest.mark.parametrize("api_servers, num_api_processes", [("1", 0), ("2", 2)])
 def test_sighup_stops_as_sigterm_does(tmp_path, api_servers, num_api_processes):
-    """SIGHUP (the terminal closed, the ssh session dropped) to the launcher and, with
-    several, to the API processes too: the graceful stop, every segment unlinked (it
-    killed the launcher at once, leaving segments and cut connections)."""
+    """SIGHUP (the terminal closed, the ssh session dropped) to the launcher, the ranks
+    and, with several, the API processes: the graceful stop, every segment unlinked (it
+    killed the launcher and the ranks at once, leaving segments and cut connections)."""
     with sim_server(tmp_path, f"hup{api_servers}", "--api-server-count", api_servers) as s:
         requests = RunningRequests(s).start()
         api_pids = api_process_pids(s)
         assert len(api_pids) == num_api_processes
-        for pid in [s.pid, *api_pids]:
+        for pid in [s.pid, *api_pids, *s.rank_pids()]:  # a terminal signals them all
             os.kill(pid, signal.SIGHUP)
         assert s.proc.wait(30) == 0, s.log()
         requests.join()
         requests.assert_retryable()
         assert "received SIGHUP" in s.log()
+        assert " ERROR " not in s.log(), s.log()  # no rank lost: the API stopped them
         assert_stopped_cleanly(s)
 
 
