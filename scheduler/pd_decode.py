@@ -47,6 +47,8 @@ from typing import NamedTuple
 
 from scheduler.messages import CLIENT_ERROR, SERVER_ERROR
 from scheduler.pd import prompt_hash
+from scheduler.pd_late import POLL_NS as LATE_POLL_NS
+from scheduler.pd_late import LateReleases
 from scheduler.pd_peers import PDPeers
 from scheduler.pd_role import PDRole
 from scheduler.request import Req
@@ -61,11 +63,6 @@ MAX_SLEEP_S = 500e-6
 # route is gone with no hand-off (a prefill rank steps well within it).
 ROUTE_GONE_GRACE_NS = 1_000_000_000
 MAX_STATS = 100_000
-# Rooms of dropped parked requests whose hand-off had not come yet (``discard``): looked
-# for this often, at most this many at once (the oldest dropped first: their KV then
-# waits for prefill's own expiry, as before).
-LATE_POLL_NS = 20_000_000
-MAX_LATE = 4096
 
 
 @dataclass(slots=True, eq=False)
@@ -78,15 +75,6 @@ class Parked:
     saw_route: bool = False  # the route entry was there once: its prefill was dispatched
     saw_handoff: bool = False  # its own hand-off entry (prompt hash matched) was there once
     route_gone_ns: int = 0  # when the route was first missing with no hand-off seen
-
-
-class LateRelease(NamedTuple):
-    """A dropped request's room, watched until its hand-off appears (``discard``)."""
-
-    room: int
-    prefill_rank: int | None
-    prompt_hash: int
-    until_ns: int
 
 
 class Failure(NamedTuple):
@@ -116,8 +104,7 @@ class DecodeReceiver(PDRole):
         self.waiting_ns = int(cfg.pd.waiting_timeout_s * 1e9)
         self.parked: dict[str, Parked] = {}  # by rid, in arrival order
         self._orphaned: list[Failure] = []  # failed by a table switch in park()
-        self._late: dict[int, LateRelease] = {}  # by room, oldest first (``discard``)
-        self._next_late_ns = 0
+        self.late = LateReleases(self.peers, self.bootstrap_ns)  # rooms of dropped requests
         self._sleep_s = FIRST_SLEEP_S
         # Arrival -> prefill rank known, for requests resolved through the tables (ns).
         self.resolve_ns: deque[int] = deque(maxlen=MAX_STATS)
@@ -154,7 +141,7 @@ class DecodeReceiver(PDRole):
 
     def poll_timeout(self, idle_wait_s: float) -> float:
         if not self.parked:
-            return min(idle_wait_s, LATE_POLL_NS / 1e9) if self._late else idle_wait_s
+            return min(idle_wait_s, LATE_POLL_NS / 1e9) if self.late else idle_wait_s
         sleep_s = self._sleep_s
         self._sleep_s = min(sleep_s * 2, MAX_SLEEP_S)
         return min(sleep_s, idle_wait_s)
@@ -173,6 +160,7 @@ class DecodeReceiver(PDRole):
         gateway's usual one) decode knows it on arrival; else ``poll`` keeps looking."""
         now = time.monotonic_ns()
         self._orphaned += self._refresh(now)  # before parking: req is not of the old tables
+        self.late.forget(req.bootstrap_room)  # whatever comes for the room is req's now
         parked = self.parked[req.rid] = Parked(req, now, req.disagg_prefill_dp_rank,
                                                prompt_hash(req.input_ids))
         if parked.prefill_rank is None:
@@ -191,41 +179,14 @@ class DecodeReceiver(PDRole):
     def discard(self, req: Req) -> bool:
         """Drop a parked request (aborted: its client left, ``/abort_request``, its API
         process exited). Its KV, if already waiting in a hand-off entry, is released so
-        prefill frees it now, not at the deadline; if the entry is not there yet, the
-        room is watched (``_release_late``) and the entry released when it appears, up
-        to the bootstrap timeout. (The decode server's API does the same for the rooms
-        of its requests, ``server.pd_orphans``, but not for those of an API process that
-        died: this rank ends them, ``scheduler.rank_io.retire_dispatcher``, and only it
-        is left to release their KV.)"""
+        prefill frees it now, not at the deadline; if not there yet, it is released when
+        it comes (``scheduler.pd_late``)."""
         parked = self.parked.pop(req.rid, None)
         if parked is None:
             return False
-        late = LateRelease(req.bootstrap_room, parked.prefill_rank, parked.prompt_hash,
-                           time.monotonic_ns() + self.bootstrap_ns)
-        if not self._release(late):
-            if len(self._late) >= MAX_LATE:
-                del self._late[next(iter(self._late))]
-            self._late[late.room] = late
+        self.late.drop(req.bootstrap_room, parked.prefill_rank, parked.prompt_hash,
+                       time.monotonic_ns())
         return True
-
-    def _release(self, late: LateRelease) -> bool:
-        """Release the hand-off of ``late``'s room if it is there, its prompt's and not
-        claimed; True once there is nothing more to wait for (the entry was there)."""
-        handoff, p = self.peers.handoff, late.prefill_rank
-        entry = handoff.lookup(late.room) if p is None else handoff.lookup_in(p, late.room)
-        if entry is None:
-            return False
-        if entry.prompt_hash == late.prompt_hash and not self.peers.claimer.was_claimed(entry):
-            self.peers.claimer.release(entry)
-        return True
-
-    def _release_late(self, now: int) -> None:
-        if not self._late or now < self._next_late_ns:
-            return
-        self._next_late_ns = now + LATE_POLL_NS
-        for room, late in list(self._late.items()):
-            if self._release(late) or now > late.until_ns:
-                del self._late[room]
 
     def on_abort(self, req: Req, message: str) -> None:
         pass  # nothing of a decode request lives in shared memory
@@ -243,7 +204,7 @@ class DecodeReceiver(PDRole):
         ready: list[Ready] = []
         failed, self._orphaned = self._orphaned, []
         now = time.monotonic_ns()
-        self._release_late(now)
+        self.late.poll(now)
         if not self.parked:
             return ready, failed
         failed += self._refresh(now)
@@ -364,7 +325,7 @@ class DecodeReceiver(PDRole):
         waiting: their room may yet come through the new server.)"""
         if not self.peers.refresh(now):
             return []
-        self._late.clear()  # rooms of the old server: its KV went with it
+        self.late.clear()
         failed = []
         for rid, parked in list(self.parked.items()):
             if parked.prefill_rank is not None:

@@ -268,6 +268,23 @@ def test_a_hand_off_written_after_its_decode_half_was_dropped_is_released():
             time.sleep(0.005)
 
 
+@pytest.mark.parametrize("num_decode", [1, 2])
+def test_a_retry_with_the_room_of_a_dropped_request_keeps_its_kv(num_decode):
+    """A decode half dropped before any prefill came (its prefill half was refused), then
+    a retry with the same room and prompt, both halves, on the same decode rank or the
+    other: the retry gets its KV, not a 400 (the dropped request's watch released it)."""
+    with LocalPD(1, num_decode, sim_executor_factory("instant", 4096)) as pd:
+        pd.submit("r1", [1, 2, 3, 4], greedy(4), room=21, prefill=False)
+        pd.step()
+        pd.abort("r1", prefill=False)
+        pd.step()
+        time.sleep(0.03)
+        pd.submit("r2", [1, 2, 3, 4], greedy(4), room=21)
+        assert run_until_finished(pd, "r2")["type"] == "length", pd.finish_reason("r2")
+        pd.run()
+        assert not any(pd.leftovers().values()), pd.leftovers()
+
+
 # ---- what a prefill rank's board row counts ------------------------------------------------
 @pytest.mark.parametrize("lockstep", [False, True])
 def test_prefill_rank_counts_prompt_work_left(lockstep):

@@ -1,0 +1,122 @@
+"""A decode rank's late releases: the KV of requests it dropped before their KV came.
+
+A parked decode request that ends without its KV (its client left, ``/abort_request``,
+its API process exited) may have a prefill half still running: the hand-off it will
+write would be held by its prefill rank until the bootstrap timeout (300 s), refusing
+``/flush_cache`` and taking pool space. ``DecodeReceiver.discard`` releases an entry
+already there; ``LateReleases`` watches the room for one still to come and releases it
+when it appears (its prompt's, unclaimed). The decode server's API does the same for
+its own requests (``server.pd_orphans``), but when that API process is the one that
+died, the rank that ended its requests (``scheduler.rank_io.retire_dispatcher``) is
+the only one left to do it.
+
+A room is reused once its request is done with it (a gateway's retry may send the same
+room and prompt again), so a watch must not take the KV of the room's next request:
+- the room's route entry seen (its prefill was dispatched): watched while that route
+  lives; a prefill rank writes its hand-off *before* its route entry goes
+  (``scheduler.pd``), so once the route is gone the hand-off is there or never will be,
+  and a second request with the room is refused while the route lives;
+- no route seen yet: watched for ``UNROUTED_NS`` only, about the time a gateway's
+  prefill half takes to arrive beside its decode half, then given up (its prefill half
+  was refused, or never sent);
+- a new request with the room parked on this rank ends the watch at once (``forget``);
+- a hand-off that appears is released only once it has stayed unclaimed for a poll
+  (``POLL_NS``): a live decode request waiting for it (a retry parked on another rank)
+  claims it within its own next poll, a fraction of a millisecond.
+A retry parked on another rank that cannot take its KV for that long (its pool full)
+may still lose it to the watch: its decode then fails with a 400 and can be sent again.
+At most ``MAX_WATCHED`` rooms are watched (the oldest given up first: their KV waits for
+the timeout, as before), each looked at every ``POLL_NS``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from shm.bootstrap_layout import FAILED
+
+logger = logging.getLogger(__name__)
+
+POLL_NS = 100_000_000
+UNROUTED_NS = 1_000_000_000
+MAX_WATCHED = 4096
+
+
+@dataclass(slots=True)
+class Watch:
+    room: int
+    prefill_rank: int | None
+    prompt_hash: int
+    unrouted_until_ns: int  # given up then unless its route was seen
+    until_ns: int  # the bootstrap timeout: prefill's own expiry frees the KV after it
+    saw_route: bool = False
+    ready_since_ns: int = 0  # when its hand-off was first seen, unclaimed
+
+
+class LateReleases:
+    def __init__(self, peers, bootstrap_ns: int):
+        """``peers``: the rank's ``PDPeers`` (its tables and claimer, which change when
+        the prefill server restarts)."""
+        self.peers = peers
+        self.bootstrap_ns = bootstrap_ns
+        self._watched: dict[int, Watch] = {}  # by room, oldest first
+        self._next_poll_ns = 0
+
+    def __bool__(self) -> bool:
+        return bool(self._watched)
+
+    def drop(self, room: int, prefill_rank: int | None, prompt_hash: int, now: int) -> None:
+        """A parked request of ``room`` was dropped: release its hand-off now if it is
+        there, else watch for it."""
+        watch = Watch(room, prefill_rank, prompt_hash, now + UNROUTED_NS,
+                      now + self.bootstrap_ns)
+        if self._done(watch, now, patience_ns=0):  # one there already is the dropped one's
+            return
+        if len(self._watched) >= MAX_WATCHED:
+            del self._watched[next(iter(self._watched))]
+        self._watched[room] = watch
+
+    def forget(self, room: int) -> None:
+        """A new request with ``room`` arrived: whatever comes for the room is its."""
+        self._watched.pop(room, None)
+
+    def clear(self) -> None:
+        """The prefill server restarted: the rooms of the old one died with it."""
+        self._watched.clear()
+
+    def poll(self, now: int) -> None:
+        if not self._watched or now < self._next_poll_ns:
+            return
+        self._next_poll_ns = now + POLL_NS
+        for room, watch in list(self._watched.items()):
+            if self._done(watch, now):
+                del self._watched[room]
+
+    def _done(self, watch: Watch, now: int, patience_ns: int = POLL_NS) -> bool:
+        """Release the room's hand-off once it has been there, its prompt's and unclaimed,
+        for ``patience_ns``; True when there is nothing more to wait for."""
+        route, handoff = self.peers.route, self.peers.handoff
+        placed = route.lookup(watch.room) if route is not None else None  # first: see above
+        p = watch.prefill_rank
+        entry = handoff.lookup(watch.room) if p is None else handoff.lookup_in(p, watch.room)
+        if entry is not None:
+            claimer = self.peers.claimer
+            if entry.prompt_hash != watch.prompt_hash or claimer.was_claimed(entry):
+                return True  # another request's, or taken by one
+            if not watch.ready_since_ns:
+                watch.ready_since_ns = now
+            if now - watch.ready_since_ns < patience_ns:
+                return False
+            claimer.release(entry)
+            logger.info("bootstrap_room %d: its decode request ended without the KV; "
+                        "released what prefill rank %d held for it", watch.room, entry.region)
+            return True
+        if placed is not None:
+            watch.saw_route = True
+            return placed.state == FAILED or now > watch.until_ns
+        if watch.saw_route:
+            return True  # its route is gone with no hand-off: none will come
+        if route is None:
+            return now > watch.until_ns
+        return now > watch.unrouted_until_ns
