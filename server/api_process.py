@@ -31,9 +31,9 @@ from server.args import ServerArgs
 from server.connections import event_loop_factory
 from server.engine_client import EngineClient
 from server.pd import pd_engine_client
-from server.ranks import RankHandle
+from server.ranks import RankHandle, retire_dead_rank
 from server.serving import StopSignal, ignore_stop_signals, make_server, stop_on_signals
-from shm.board import LoadBoard, RankStatus
+from shm.board import LoadBoard
 from shm.bootstrap import BootstrapTable
 from shm.prefix_summary import PrefixSummary
 
@@ -132,12 +132,11 @@ class SiblingRanks:
                                  r.out_conn, ready=r.ready) for r in group.ranks]
 
     def mark_dead(self, rank: RankHandle) -> None:
-        """As ``EngineProcesses.mark_dead``: DEAD only once the process has exited (every
-        API process that notices writes the same value)."""
+        """As ``EngineProcesses.mark_dead``: ``retire_dead_rank`` once the process has
+        exited (every API process that notices writes the same)."""
         if rank.is_marked_dead or rank.process.is_alive() or self.board is None:
             return
-        self.board.rank_writer(rank.dp_rank).set_status(RankStatus.DEAD)
-        rank.is_marked_dead = True
+        retire_dead_rank(self.board, self.summary, rank)
 
     def close(self) -> None:
         for rank in self.ranks:

@@ -50,7 +50,8 @@ from server.placement import LaunchPlan, plan_launch
 from server.internal_state import RankStatsLog
 from shm.board import LoadBoard, RankStatus
 from shm.prefix_summary import PrefixSummary, buckets_for
-from shm.segment import list_segments, new_launch_id, owner_pid, reclaim_stale_segments
+from shm.segment import (ShmError, list_segments, new_launch_id, owner_pid,
+                         reclaim_stale_segments)
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +159,34 @@ def reclaim_stale() -> None:
         logger.info("reclaimed %d stale shared-memory segment(s): %s", len(removed), removed)
 
 
+def retire_dead_rank(board: LoadBoard, summary: PrefixSummary | None, rank: RankHandle) -> None:
+    """What a dead rank leaves to the API, once its process has exited (so none of its
+    own writers can race these stores; each API process that notices writes the same):
+    DEAD in its board row; its prefix summary withdrawn (its cache died with it), so
+    peers neither copy from its pool nor count its hits; its segments (a PD or
+    cross-rank KV pool) unlinked now, not at shutdown, and peers that mapped them unmap
+    them when they next look (``shm.kv_segment.PeerSegments``)."""
+    board.rank_writer(rank.dp_rank).set_status(RankStatus.DEAD)
+    if summary is not None:
+        try:
+            summary.writer(rank.dp_rank).close()
+        except ShmError:
+            pass  # another API process is withdrawing it this moment
+    unlink_segments_of({rank.process.pid})
+    rank.is_marked_dead = True
+
+
+def unlink_segments_of(pids: set[int]) -> None:
+    """Unlink the segments created by ``pids`` (processes that exited)."""
+    for name in list_segments():
+        if owner_pid(name) in pids:
+            try:
+                posix_ipc.unlink_shared_memory(name)
+                logger.info("unlinked %s, left by a stopped rank", name)
+            except posix_ipc.ExistentialError:
+                pass
+
+
 class EngineProcesses:
     """The board plus the rank processes of one launch; ``close`` releases everything."""
 
@@ -262,19 +291,10 @@ class EngineProcesses:
                                                  "during start-up (see its log above)")
 
     def mark_dead(self, rank: RankHandle) -> None:
-        """Write DEAD into the rank's board row; only once its process has exited, so
-        the rank's own writer can never race this store."""
+        """``retire_dead_rank``, once the rank's process has exited."""
         if rank.is_marked_dead or rank.process.is_alive() or self.board is None:
             return
-        self.board.rank_writer(rank.dp_rank).set_status(RankStatus.DEAD)
-        if self.summary is not None:
-            # Its cache died with it: withdraw its summary (this process is the region's
-            # only writer now), so peers neither copy from its pool nor count its hits.
-            self.summary.writer(rank.dp_rank).close()
-        # Its KV segment (a PD or cross-rank pool) goes now, not at shutdown: peers that
-        # mapped it unmap it when they next look (shm.kv_segment.PeerSegments).
-        self._unlink_segments_of({rank.process.pid})
-        rank.is_marked_dead = True
+        retire_dead_rank(self.board, self.summary, rank)
 
     def close(self) -> None:
         """Stop every rank (ShutdownReq, then kill) and unlink the board."""
@@ -294,17 +314,7 @@ class EngineProcesses:
 
     def _reclaim_rank_segments(self) -> None:
         """Unlink segments our ranks created and left (killed before their cleanup)."""
-        self._unlink_segments_of({r.process.pid for r in self.ranks if not r.process.is_alive()})
-
-    @staticmethod
-    def _unlink_segments_of(pids: set[int]) -> None:
-        for name in list_segments():
-            if owner_pid(name) in pids:
-                try:
-                    posix_ipc.unlink_shared_memory(name)
-                    logger.info("unlinked %s, left by a stopped rank", name)
-                except posix_ipc.ExistentialError:
-                    pass
+        unlink_segments_of({r.process.pid for r in self.ranks if not r.process.is_alive()})
 
     def _stop_ranks(self, timeout_s: float) -> None:
         for rank in self.ranks:

@@ -237,11 +237,13 @@ def test_a_served_prompt_reuses_another_ranks_cache_and_leaves_no_segment(tmp_pa
     assert segments and not set(segments) & set(list_segments())
 
 
-def test_a_dead_ranks_cache_is_not_copied(tmp_path):
+@pytest.mark.parametrize("api_servers", ["1", "2"])
+def test_a_dead_ranks_cache_is_not_copied(tmp_path, api_servers):
     """Rank 0 caches a prompt and is killed: the same prompt then runs on rank 1 as a
     miss (rank 0's summary is withdrawn when it is marked dead). Its KV segment is
     unlinked then, and rank 1, which had mapped it to copy another prompt, unmaps it
-    (both stayed until shutdown: a whole KV pool held by a dead rank)."""
+    (both stayed until shutdown: a whole KV pool held by a dead rank). With several API
+    processes too (they mark it dead; the summary was not withdrawn there either)."""
     import os
     import signal
 
@@ -253,6 +255,7 @@ def test_a_dead_ranks_cache_is_not_copied(tmp_path):
     body = {"input_ids": prompt, "sampling_params": {"max_new_tokens": 2, "temperature": 0}}
     copied = {"input_ids": _prompt(8, 300), "sampling_params": {"max_new_tokens": 1}}
     with ServerProcess("--device", "cpu", "--dp-size", "2", "--enable-cross-rank-prefix-cache",
+                       "--api-server-count", api_servers,
                        log_path=tmp_path / "server.log") as server:
         first = httpx.post(server.url + "/generate", json={**body, "routed_dp_rank": 0},
                            timeout=60).json()
