@@ -171,11 +171,17 @@ class Dispatcher:
             raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
         alive = self._liveness.check(self.stale_ns)
         if has_room is not None:
-            alive = [a and r for a, r in zip(alive, has_room)]
-        if routed_dp_rank is None:
-            rank = self._choose(self, alive, input_ids, bootstrap_room)
-        else:
-            rank = routed_rank(routed_dp_rank, alive)
+            alive = [a and r for a, r in zip(alive, has_room, strict=True)]
+        try:
+            if routed_dp_rank is None:
+                rank = self._choose(self, alive, input_ids, bootstrap_room)
+            else:
+                rank = routed_rank(routed_dp_rank, alive)
+        except RankUnavailableError as exc:
+            if has_room is None or all(has_room):
+                raise
+            raise type(exc)(f"{exc} (a rank at its queue limit, --max-queued-requests, "
+                            "counts as unavailable)") from None
         self._writer.bump(rank, num_tokens)
         return rank
 
