@@ -82,8 +82,12 @@ def test_the_same_run_or_seed_is_not_pooled_twice(tmp_path, capsys):
     assert main([run0, str(tmp_path / "run0" / "summary.json")]) == 2  # a folder and its file
     assert "are the same run" in capsys.readouterr().err
     assert main([run0, str(tmp_path / "run1")]) == 2
-    assert "both ran --seed 1" in capsys.readouterr().err
+    assert "with --seed 1" in capsys.readouterr().err
     assert main([run0, str(tmp_path / "run2")]) == 0
+    other = {**summary(1000, 2000), "seed": 1}  # seed 1 too, but another rank count
+    other["scenarios"][0]["ranks"] = 8
+    (tmp_path / "run3.json").write_text(json.dumps(other))
+    assert main([run0, str(tmp_path / "run3.json")]) == 0  # never pooled together
 
 
 def test_pooled_ratios_come_with_an_interval():

@@ -49,23 +49,27 @@ def summary_file(path: str) -> str:
 
 
 def check_independent(sources: list[str], summaries: list[dict]) -> None:
-    """PoolError when two inputs are one run (the same file) or runs of one seed (the
-    same prompts and arrivals: pooled, one sample would count twice)."""
+    """PoolError when two inputs are one run (the same file) or hold runs of one seed
+    that would be pooled together (the same scenario and ranks: the same prompts and
+    arrivals, one sample counted twice)."""
     seen: dict[str, str] = {}
     for source in sources:
         real = os.path.realpath(summary_file(source))
         if real in seen:
             raise PoolError(f"{source} and {seen[real]} are the same run; pool each run once")
         seen[real] = source
-    seeds: dict[int, str] = {}
+    seen_seeds: dict[tuple, str] = {}  # (scenario, ranks, seed): runs pooled together
     for source, summary in zip(sources, summaries):
         seed = summary.get("seed")
         if seed is None:
             continue
-        if seed in seeds:
-            raise PoolError(f"{source} and {seeds[seed]} both ran --seed {seed} (the same "
-                            "prompts and arrivals): pool runs of different seeds")
-        seeds[seed] = source
+        for r in summary["scenarios"]:
+            key = (r["scenario"], r["ranks"], seed)
+            if key in seen_seeds and seen_seeds[key] != source:
+                raise PoolError(f"{source} and {seen_seeds[key]} both ran {r['scenario']} at "
+                                f"{r['ranks']} ranks with --seed {seed} (the same prompts and "
+                                "arrivals): pool runs of different seeds")
+            seen_seeds[key] = source
 
 
 def load_summary(path: str) -> dict:
