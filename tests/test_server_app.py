@@ -603,7 +603,9 @@ def test_queue_limit_holds_on_the_rank_chosen(tmp_path):
             while (not any(r["num_reqs"] for r in client.get("/get_load").json())
                    and time.monotonic() < deadline):
                 time.sleep(0.01)
-            busy = next(r["dp_rank"] for r in client.get("/get_load").json() if r["num_reqs"])
+            busy = next((r["dp_rank"] for r in client.get("/get_load").json() if r["num_reqs"]),
+                        None)
+            assert busy is not None, "the long request never showed on the board"
             for _ in range(3):  # round robin alone would send one of these to the busy rank
                 r = client.post("/generate", json={"text": "y", "sampling_params": {
                     "max_new_tokens": 1}})
