@@ -31,7 +31,8 @@ from server.args import ServerArgs
 from server.connections import event_loop_factory
 from server.engine_client import EngineClient
 from server.pd import pd_engine_client
-from server.ranks import RankHandle, retire_dead_rank
+from server.rank_segments import retire_dead_rank
+from server.ranks import RankHandle
 from server.serving import StopSignal, ignore_stop_signals, make_server, stop_on_signals
 from shm.board import LoadBoard
 from shm.bootstrap import BootstrapTable

@@ -43,7 +43,8 @@ from server.errors import ApiError
 from server.inflight import RequestHandle
 from server.placement import LaunchPlan, plan_launch
 from server.prepared import PreparedRequest
-from server.ranks import EngineProcesses, RankMain, reclaim_stale
+from server.rank_segments import reclaim_stale
+from server.ranks import EngineProcesses, RankMain
 from shm.bootstrap import BootstrapTable
 from shm.segment import ShmNotReadyError, ShmOwnerError, find_segment, new_launch_id
 

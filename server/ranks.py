@@ -40,7 +40,6 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Callable
 
-import posix_ipc
 
 from scheduler.config import SchedulerConfig
 from scheduler.messages import RankError, RankReady, ShutdownReq, decode_to_server, encode
@@ -48,10 +47,10 @@ from scheduler.roles import DisaggregationMode, Role, rank_name
 from server.args import InvalidServerArgs, ServerArgs
 from server.placement import LaunchPlan, plan_launch
 from server.internal_state import RankStatsLog
-from shm.board import LoadBoard, RankStatus
+from server.rank_segments import reclaim_stale, retire_dead_rank, unlink_segments_of
+from shm.board import LoadBoard
 from shm.prefix_summary import PrefixSummary, buckets_for
-from shm.segment import (ShmError, list_segments, new_launch_id, owner_pid,
-                         reclaim_stale_segments)
+from shm.segment import new_launch_id
 
 logger = logging.getLogger(__name__)
 
@@ -149,42 +148,6 @@ def scheduler_configs(args: ServerArgs, board_name: str, role: Role | None = Non
     return [dataclasses.replace(base, dp_rank=r, random_seed=seed + r, device=rank.device,
                                 max_total_tokens=rank.max_total_tokens)
             for r, rank in enumerate(ranks)]
-
-
-def reclaim_stale() -> None:
-    """Unlink the segments crashed runs left (``shm.segment.reclaim_stale_segments``),
-    saying which: run before a launch creates its own."""
-    removed = reclaim_stale_segments()
-    if removed:
-        logger.info("reclaimed %d stale shared-memory segment(s): %s", len(removed), removed)
-
-
-def retire_dead_rank(board: LoadBoard, summary: PrefixSummary | None, rank: RankHandle) -> None:
-    """What a dead rank leaves to the API, once its process has exited (so none of its
-    own writers can race these stores; each API process that notices writes the same):
-    DEAD in its board row; its prefix summary withdrawn (its cache died with it), so
-    peers neither copy from its pool nor count its hits; its segments (a PD or
-    cross-rank KV pool) unlinked now, not at shutdown, and peers that mapped them unmap
-    them when they next look (``shm.kv_segment.PeerSegments``)."""
-    board.rank_writer(rank.dp_rank).set_status(RankStatus.DEAD)
-    if summary is not None:
-        try:
-            summary.writer(rank.dp_rank).close()
-        except ShmError:
-            pass  # another API process is withdrawing it this moment
-    unlink_segments_of({rank.process.pid})
-    rank.is_marked_dead = True
-
-
-def unlink_segments_of(pids: set[int]) -> None:
-    """Unlink the segments created by ``pids`` (processes that exited)."""
-    for name in list_segments():
-        if owner_pid(name) in pids:
-            try:
-                posix_ipc.unlink_shared_memory(name)
-                logger.info("unlinked %s, left by a stopped rank", name)
-            except posix_ipc.ExistentialError:
-                pass
 
 
 class EngineProcesses:
