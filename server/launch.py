@@ -37,7 +37,7 @@ from server.pd import PDLaunchError, PDProcesses
 from server.placement import LaunchError, LaunchPlan, plan_launch
 from server.ranks import EngineProcesses, RankMain, RankStartupError
 from server.serving import (StopSignal, ignore_stop_signals, make_server, num_ranks, pd_summary,
-                            stop_on_signals)
+                            start_resource_tracker, stop_on_signals)
 
 logger = logging.getLogger("dpserve")
 
@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None, rank_main: RankMain | None = None) -> in
     process (tests use it to run the API over stand-in ranks)."""
     args = parse_args(argv)
     configure_logging(args.log_level, "api")
+    start_resource_tracker()
     stop_on_signals()
     raise_open_file_limit()  # before resolve_args: --limit-concurrency derives from it
     try:

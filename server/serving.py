@@ -9,6 +9,7 @@ import contextlib
 import logging
 import signal
 import threading
+from multiprocessing import resource_tracker
 
 import uvicorn
 
@@ -25,8 +26,28 @@ GRACEFUL_SHUTDOWN_S = 5
 # Retry-After, or a stream's error event and [DONE]) before uvicorn's bound cancels them.
 DRAIN_S = GRACEFUL_SHUTDOWN_S - 1
 # What stops a server gracefully: Ctrl-C, a service manager's stop, and SIGHUP, which a
-# server started from a terminal gets when the terminal closes or the ssh session drops.
+# server started from a terminal gets when the terminal closes or the ssh session drops
+# (unless it was started with SIGHUP ignored, as nohup does: see ``hangup_stops``).
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def hangup_stops() -> bool:
+    """Whether SIGHUP stops this process: not when it started with SIGHUP ignored
+    (``nohup``, meant to outlive its terminal). Asked before any handler is installed;
+    a spawned child inherits the ignored disposition (exec keeps it), not a handler."""
+    return signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN
+
+
+def start_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker now, with SIGHUP ignored: started later
+    by the first spawn, it would get SIGHUP's default action and die when the terminal
+    closes (a relaunch warning and tracebacks in the log). The launcher calls this
+    before installing its stop handlers."""
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 class Server(uvicorn.Server):
@@ -36,8 +57,8 @@ class Server(uvicorn.Server):
     or a stream cut off without ``[DONE]``. Here, ``DRAIN_S`` into the stop, the engine
     fails those requests first, so their routes answer as for a lost rank.
 
-    Signals: SIGHUP stops as SIGINT and SIGTERM do. A second SIGINT (Ctrl-C pressed
-    again) ends the drain at once: the running requests are failed the same way, where
+    Signals: SIGHUP stops as SIGINT and SIGTERM do (unless ignored from the start,
+    ``hangup_stops``). A second SIGINT (Ctrl-C pressed again) ends the drain at once: the running requests are failed the same way, where
     uvicorn would cancel them."""
 
     def __init__(self, config: uvicorn.Config, engine: EngineClient):
@@ -48,7 +69,8 @@ class Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self):
         with super().capture_signals():
-            if threading.current_thread() is not threading.main_thread():
+            if threading.current_thread() is not threading.main_thread() or \
+                    not hangup_stops():
                 yield  # signals reach the main thread only, as in uvicorn
                 return
             previous = signal.signal(signal.SIGHUP, self.handle_exit)
@@ -129,12 +151,18 @@ def stop_on_signals() -> None:
     def handler(signum, frame):
         raise StopSignal(signum)
     for signum in STOP_SIGNALS:
-        signal.signal(signum, handler)
+        if signum != signal.SIGHUP or hangup_stops():
+            signal.signal(signum, handler)
 
 
 def ignore_stop_signals() -> None:
     """For the cleanup after a stop: it is bounded (a bounded wait, then terminate, then
     kill), and a second signal must not cut it short and leave processes or segments
-    behind."""
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
+    behind. The signals are blocked while their handlers change, so none arrives
+    between two of the changes and raises ``StopSignal`` out of a ``finally``."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
