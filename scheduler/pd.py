@@ -64,6 +64,10 @@ DEFAULT_HANDOFF_SLOTS = 1 << 12  # per prefill rank: KV held for decode at once
 DEFAULT_BOOTSTRAP_TIMEOUT_S = 300.0  # SGLang's SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT
 DEFAULT_WAITING_TIMEOUT_S = 300.0  # SGLang's SGLANG_DISAGGREGATION_WAITING_TIMEOUT
 DEFAULT_STALE_AFTER_S = 10.0  # the server's --stale-after-s default
+# How long decode waits for a prefill rank to publish a failure once the room's route
+# is gone with no hand-off (an API that aborts a prefill removes its route first; the
+# rank writes FAILED at its next step, well within this).
+ROUTE_GONE_GRACE_NS = 1_000_000_000
 
 
 class PDError(RuntimeError):

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from scheduler.messages import CLIENT_ERROR, SERVER_ERROR
-from scheduler.pd import prompt_hash
+from scheduler.pd import ROUTE_GONE_GRACE_NS, prompt_hash
 from scheduler.pd_late import POLL_NS as LATE_POLL_NS
 from scheduler.pd_late import LateReleases
 from scheduler.pd_peers import PDPeers
@@ -59,9 +59,6 @@ logger = logging.getLogger(__name__)
 
 FIRST_SLEEP_S = 20e-6
 MAX_SLEEP_S = 500e-6
-# How long a parked request waits for its prefill rank to publish a failure once the
-# route is gone with no hand-off (a prefill rank steps well within it).
-ROUTE_GONE_GRACE_NS = 1_000_000_000
 MAX_STATS = 100_000
 
 

@@ -13,16 +13,18 @@ the only one left to do it.
 A room is reused once its request is done with it (a gateway's retry may send the same
 room and prompt again), so a watch must not take the KV of the room's next request:
 - the room's route entry seen (its prefill was dispatched): watched while that route
-  lives; a prefill rank writes its hand-off *before* its route entry goes
-  (``scheduler.pd``), so once the route is gone the hand-off is there or never will be,
-  and a second request with the room is refused while the route lives;
+  lives, and ``ROUTE_GONE_GRACE_NS`` after: a prefill rank writes its hand-off before
+  its route entry goes (``scheduler.pd``), but a prefill its API aborted loses its route
+  first and its rank writes the FAILED entry a step later; a second request with the
+  room is refused while the route lives;
 - no route seen yet: watched for ``UNROUTED_NS`` only, about the time a gateway's
   prefill half takes to arrive beside its decode half, then given up (its prefill half
   was refused, or never sent);
 - a new request with the room parked on this rank ends the watch at once (``forget``);
-- a hand-off that appears is released only once it has stayed unclaimed for a poll
-  (``POLL_NS``): a live decode request waiting for it (a retry parked on another rank)
-  claims it within its own next poll, a fraction of a millisecond.
+- a hand-off that appears is released only once the same entry (its slot and
+  occupancy) has stayed unclaimed for a poll (``POLL_NS``): a live decode request
+  waiting for it (a retry parked on another rank) claims it within its own next poll,
+  a fraction of a millisecond.
 A retry parked on another rank that cannot take its KV for that long (its pool full)
 may still lose it to the watch: its decode then fails with a 400 and can be sent again.
 At most ``MAX_WATCHED`` rooms are watched (the oldest given up first: their KV waits for
@@ -34,6 +36,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from scheduler.pd import ROUTE_GONE_GRACE_NS
 from shm.bootstrap_layout import FAILED
 
 logger = logging.getLogger(__name__)
@@ -51,7 +54,9 @@ class Watch:
     unrouted_until_ns: int  # given up then unless its route was seen
     until_ns: int  # the bootstrap timeout: prefill's own expiry frees the KV after it
     saw_route: bool = False
-    ready_since_ns: int = 0  # when its hand-off was first seen, unclaimed
+    route_gone_ns: int = 0  # when the route it saw was first missing
+    ready: tuple[int, int, int] | None = None  # (region, slot, gen) of the entry seen
+    ready_since_ns: int = 0  # when that entry was first seen, unclaimed
 
 
 class LateReleases:
@@ -104,8 +109,9 @@ class LateReleases:
             claimer = self.peers.claimer
             if entry.prompt_hash != watch.prompt_hash or claimer.was_claimed(entry):
                 return True  # another request's, or taken by one
-            if not watch.ready_since_ns:
-                watch.ready_since_ns = now
+            seen = (entry.region, entry.slot, entry.gen)
+            if watch.ready != seen:  # patience restarts for another occupancy
+                watch.ready, watch.ready_since_ns = seen, now
             if now - watch.ready_since_ns < patience_ns:
                 return False
             claimer.release(entry)
@@ -113,10 +119,11 @@ class LateReleases:
                         "released what prefill rank %d held for it", watch.room, entry.region)
             return True
         if placed is not None:
-            watch.saw_route = True
+            watch.saw_route, watch.route_gone_ns = True, 0
             return placed.state == FAILED or now > watch.until_ns
-        if watch.saw_route:
-            return True  # its route is gone with no hand-off: none will come
+        if watch.saw_route:  # gone with no hand-off: none will come, after the grace
+            watch.route_gone_ns = watch.route_gone_ns or now
+            return now - watch.route_gone_ns > ROUTE_GONE_GRACE_NS
         if route is None:
             return now > watch.until_ns
         return now > watch.unrouted_until_ns

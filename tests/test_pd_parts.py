@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from engine.sampling import SamplingParams
 from scheduler.pd_decode import MAX_SLEEP_S
+from scheduler.pd_late import POLL_NS as LATE_POLL_NS
 from scheduler.range_alloc import RangeAllocator
 from shm.bootstrap_layout import R_WRITER_PID, BootstrapTableFullError, DuplicateRoomError
 from shm.kv_segment import KVSegment
@@ -266,6 +267,59 @@ def test_a_hand_off_written_after_its_decode_half_was_dropped_is_released():
             assert time.monotonic() < deadline, pd.leftovers()  # held until 300 s before
             pd.step()
             time.sleep(0.005)
+
+
+def test_a_dropped_request_whose_prefill_its_api_aborted_leaves_no_failed_entry():
+    """The API that aborts a prefill removes its route first; the rank writes the FAILED
+    hand-off entry at its next step. The dropped decode request's watch waits for it
+    (it stopped at the missing route, and the entry held a slot until the timeout)."""
+    with LocalPD(1, 1, sim_executor_factory("instant", 4096)) as pd:  # 300 s timeouts
+        pd.submit("r", [1, 2, 3, 4], greedy(4), room=23)
+        pd.step(("decode",))  # parked; the route is there
+        pd.abort("r", prefill=False)
+        pd.step(("decode",))  # dropped: its room watched
+        pd.router.prefill_finished(23)  # the API ends the prefill half: its route goes
+        time.sleep(LATE_POLL_NS / 1e9 * 1.5)
+        pd.step(("decode",))  # the watch looks: no route, no hand-off yet
+        pd.abort("r", decode=False)  # then its rank hears of it
+        deadline = time.monotonic() + 5
+        while any(pd.leftovers().values()):
+            assert time.monotonic() < deadline, pd.leftovers()  # until 300 s before
+            pd.step()
+            time.sleep(0.005)
+
+
+def test_a_late_release_waits_a_poll_for_each_occupancy_of_the_slot():
+    """The patience before a release belongs to one hand-off entry: when the dropped
+    request's entry is freed by another releaser and a retry's is written in its place
+    before the next poll, the retry's is not released at first sight."""
+    from types import SimpleNamespace as NS
+
+    from scheduler.pd_late import LateReleases
+
+    class Claimer:
+        def __init__(self):
+            self.released = []
+
+        def was_claimed(self, entry):
+            return entry.gen in self.released or entry.gen == getattr(self, "taken", None)
+
+        def release(self, entry):
+            self.released.append(entry.gen)
+
+    handoff, claimer = NS(entry=None), Claimer()
+    handoff.lookup = handoff.lookup_in = lambda *room: handoff.entry
+    late = LateReleases(NS(route=None, handoff=handoff, claimer=claimer), 300 * 10**9)
+    t = 10**12
+    late.drop(7, None, 42, t)  # nothing there yet: watched
+    handoff.entry = NS(gen=1, prompt_hash=42, region=0, slot=5)
+    late.poll(t + LATE_POLL_NS)  # the dropped request's entry, seen
+    claimer.taken = 1  # another releaser frees it; a retry's takes the slot
+    handoff.entry = NS(gen=2, prompt_hash=42, region=0, slot=5)
+    late.poll(t + 2 * LATE_POLL_NS)
+    assert claimer.released == []  # gen 2 was seen once: not yet
+    late.poll(t + 3 * LATE_POLL_NS)
+    assert claimer.released == [2]  # unclaimed for a whole poll: nobody waits for it
 
 
 @pytest.mark.parametrize("num_decode", [1, 2])
