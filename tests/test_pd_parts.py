@@ -170,6 +170,28 @@ def test_router_refuses_a_live_room_and_a_full_table_without_counting(pd):
     assert pd.route_table.num_live() == 0
 
 
+def test_a_room_live_in_another_api_process_is_refused():
+    """Two API processes, a route region each: a room one of them placed is refused by
+    the other (each checked its own region only)."""
+    from types import SimpleNamespace as NS
+
+    from scheduler.pd import create_tables
+    from scheduler.pd_router import PDRouter
+
+    route, handoff = create_tables(new_launch_id(), 1, 1, num_prefill_dispatchers=2)
+    picks = NS(pick=lambda *a: 0, cancel=lambda *a: None)
+    try:
+        first, second = (PDRouter(picks, None, route.region_writer(d)) for d in (0, 1))
+        first.dispatch_prefill(9, 3)
+        with pytest.raises(DuplicateRoomError):
+            second.dispatch_prefill(9, 3)
+        first.prefill_finished(9)
+        second.dispatch_prefill(9, 3)  # free again once its request is done with it
+    finally:
+        handoff.close()
+        route.close()
+
+
 # ---- a parked decode request that never gets its KV ----------------------------------------
 def test_prefill_lost_in_the_api_fails_decode_at_once(pd):
     pd.router.dispatch_prefill(11, 3)  # placed, but its prefill is never delivered
