@@ -169,17 +169,17 @@ class Dispatcher:
         """
         if num_tokens < 0:
             raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
-        alive = self._liveness.check(self.stale_ns)
+        live = alive = self._liveness.check(self.stale_ns)
         if has_room is not None:
-            alive = [a and r for a, r in zip(alive, has_room, strict=True)]
+            alive = [a and r for a, r in zip(live, has_room, strict=True)]
         try:
             if routed_dp_rank is None:
                 rank = self._choose(self, alive, input_ids, bootstrap_room)
             else:
                 rank = routed_rank(routed_dp_rank, alive)
         except RankUnavailableError as exc:
-            if has_room is None or all(has_room):
-                raise
+            if alive is live or all(r or not a for a, r in zip(live, has_room)):
+                raise  # no live rank was left out for being full
             raise type(exc)(f"{exc} (a rank at its queue limit, --max-queued-requests, "
                             "counts as unavailable)") from None
         self._writer.bump(rank, num_tokens)
