@@ -103,7 +103,11 @@ def test_new_connections_during_the_drain_are_refused(tmp_path):
     with sim_server(tmp_path, "newconn", "--api-server-count", "2") as s:
         requests = RunningRequests(s).start()
         s.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
+        deadline = time.monotonic() + 10  # until both API processes stopped accepting
+        while s.log().count("Shutting down") < 2:
+            assert time.monotonic() < deadline, s.log()
+            time.sleep(0.05)
+        time.sleep(0.2)  # each closes its listening socket right after saying so
         try:
             late = httpx.post(s.url + "/generate", json=LONG, timeout=2).status_code
         except httpx.ConnectError:
