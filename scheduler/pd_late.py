@@ -6,9 +6,9 @@ write would be held by its prefill rank until the bootstrap timeout (300 s), ref
 ``/flush_cache`` and taking pool space. ``DecodeReceiver.discard`` releases an entry
 already there; ``LateReleases`` watches the room for one still to come and releases it
 when it appears (its prompt's, unclaimed). The decode server's API does the same for
-its own requests (``server.pd_orphans``), but when that API process is the one that
-died, the rank that ended its requests (``scheduler.rank_io.retire_dispatcher``) is
-the only one left to do it.
+its own requests (``server.pd_orphans``, by the same rules: ``next_step``), but when
+that API process is the one that died, the rank that ended its requests
+(``scheduler.rank_io.retire_dispatcher``) is the only one left to do it.
 
 A room is reused once its request is done with it (a gateway's retry may send the same
 room and prompt again), so a watch must not take the KV of the room's next request:
@@ -58,6 +58,39 @@ class Watch:
     ready: tuple[int, int, int] | None = None  # (region, slot, gen) of the entry seen
     ready_since_ns: int = 0  # when that entry was first seen, unclaimed
 
+    @classmethod
+    def of(cls, room: int, prefill_rank: int | None, prompt_hash: int, now: int,
+           timeout_ns: int, has_route: bool = True) -> "Watch":
+        """A watch from ``now``; without a route table (``has_route``) only the timeout
+        bounds it."""
+        unrouted = UNROUTED_NS if has_route else timeout_ns
+        return cls(room, prefill_rank, prompt_hash, now + unrouted, now + timeout_ns)
+
+
+WAIT, DONE, RELEASE = range(3)
+
+
+def next_step(watch: Watch, placed, entry, claimed: bool, now: int,
+              patience_ns: int = POLL_NS) -> int:
+    """What to do about a watched room, given its route entry ``placed`` and hand-off
+    ``entry`` as just read (either may be None; the route read first: ``scheduler.pd``)
+    and whether ``entry`` is claimed: ``RELEASE`` it, ``WAIT``, or ``DONE`` (nothing more
+    to wait for). The rules are the module docstring's."""
+    if entry is not None:
+        if entry.prompt_hash != watch.prompt_hash or claimed:
+            return DONE  # another request's, or taken by one
+        seen = (entry.region, entry.slot, entry.gen)
+        if watch.ready != seen:  # patience restarts for another occupancy
+            watch.ready, watch.ready_since_ns = seen, now
+        return RELEASE if now - watch.ready_since_ns >= patience_ns else WAIT
+    if placed is not None:
+        watch.saw_route, watch.route_gone_ns = True, 0
+        return DONE if placed.state == FAILED or now > watch.until_ns else WAIT
+    if watch.saw_route:  # gone with no hand-off: none will come, after the grace
+        watch.route_gone_ns = watch.route_gone_ns or now
+        return DONE if now - watch.route_gone_ns > ROUTE_GONE_GRACE_NS else WAIT
+    return DONE if now > watch.unrouted_until_ns else WAIT
+
 
 class LateReleases:
     def __init__(self, peers, bootstrap_ns: int):
@@ -74,8 +107,8 @@ class LateReleases:
     def drop(self, room: int, prefill_rank: int | None, prompt_hash: int, now: int) -> None:
         """A parked request of ``room`` was dropped: release its hand-off now if it is
         there, else watch for it."""
-        watch = Watch(room, prefill_rank, prompt_hash, now + UNROUTED_NS,
-                      now + self.bootstrap_ns)
+        watch = Watch.of(room, prefill_rank, prompt_hash, now, self.bootstrap_ns,
+                         self.peers.route is not None)
         if self._done(watch, now, patience_ns=0):  # one there already is the dropped one's
             return
         if len(self._watched) >= MAX_WATCHED:
@@ -99,31 +132,16 @@ class LateReleases:
                 del self._watched[room]
 
     def _done(self, watch: Watch, now: int, patience_ns: int = POLL_NS) -> bool:
-        """Release the room's hand-off once it has been there, its prompt's and unclaimed,
-        for ``patience_ns``; True when there is nothing more to wait for."""
-        route, handoff = self.peers.route, self.peers.handoff
-        placed = route.lookup(watch.room) if route is not None else None  # first: see above
+        """Release the room's hand-off when ``next_step`` says so; True when there is
+        nothing more to wait for."""
+        route, handoff, claimer = self.peers.route, self.peers.handoff, self.peers.claimer
+        placed = route.lookup(watch.room) if route is not None else None  # first
         p = watch.prefill_rank
         entry = handoff.lookup(watch.room) if p is None else handoff.lookup_in(p, watch.room)
-        if entry is not None:
-            claimer = self.peers.claimer
-            if entry.prompt_hash != watch.prompt_hash or claimer.was_claimed(entry):
-                return True  # another request's, or taken by one
-            seen = (entry.region, entry.slot, entry.gen)
-            if watch.ready != seen:  # patience restarts for another occupancy
-                watch.ready, watch.ready_since_ns = seen, now
-            if now - watch.ready_since_ns < patience_ns:
-                return False
+        step = next_step(watch, placed, entry,
+                         entry is not None and claimer.was_claimed(entry), now, patience_ns)
+        if step == RELEASE:
             claimer.release(entry)
             logger.info("bootstrap_room %d: its decode request ended without the KV; "
                         "released what prefill rank %d held for it", watch.room, entry.region)
-            return True
-        if placed is not None:
-            watch.saw_route, watch.route_gone_ns = True, 0
-            return placed.state == FAILED or now > watch.until_ns
-        if watch.saw_route:  # gone with no hand-off: none will come, after the grace
-            watch.route_gone_ns = watch.route_gone_ns or now
-            return now - watch.route_gone_ns > ROUTE_GONE_GRACE_NS
-        if route is None:
-            return now > watch.until_ns
-        return now > watch.unrouted_until_ns
+        return step != WAIT

@@ -219,6 +219,8 @@ class EngineClient:
         if p.rid in self.inflight:
             raise BadRequest(f"rid {p.rid!r} is already in use by a running request")
         self._check_pd(p.bootstrap_room)
+        if self.orphans is not None and p.bootstrap_room is not None:
+            self.orphans.forget(p.bootstrap_room)  # whatever comes for the room is p's now
         has_room = self._check_capacity(p.routed_dp_rank)
         num_tokens = len(p.input_ids)
         try:

@@ -15,8 +15,10 @@ are orphans.
 The decode server's API process knows each request's room and prompt. ``OrphanedRooms``
 writes the release a decode rank would have written, for the entry with the request's
 room and prompt (never another request's), once the entry is there: looked for every
-``POLL_S`` until it appears, the room's route shows its prefill ended without one, or
-the bootstrap timeout passes (then the prefill rank's own expiry frees it). It writes
+``POLL_S``, by the rules a decode rank's late releases follow (``scheduler.pd_late``:
+given up when the room's route shows its prefill ended without one, when no route came
+within a second, or at the bootstrap timeout; a new request with the room arriving here
+ends the watch, ``forget``; an entry released only after a poll unclaimed). It writes
 in its own claim column, the hand-off table's last (a prefill server keeps one for the
 decode server's API processes, ``server.pd``: one writer per cell, as decode ranks
 have theirs), unless the request's decode rank died holding a claim: that claim would
@@ -39,8 +41,8 @@ import time
 from dataclasses import dataclass
 
 from scheduler.pd import HANDOFF_KIND, ROUTE_KIND, attach_tables, prompt_hash
+from scheduler.pd_late import RELEASE, WAIT, Watch, next_step
 from shm.bootstrap import BootstrapTable
-from shm.bootstrap_layout import FAILED, KV_READY
 from shm.segment import ShmError, find_segment, launch_id_of, owner_pid, pid_alive
 
 logger = logging.getLogger(__name__)
@@ -51,11 +53,9 @@ MAX_ROOMS = 4096  # about 2 us a poll each: a few ms per poll at most
 
 @dataclass(slots=True)
 class Orphan:
-    prompt_hash: int
-    give_up_ns: int  # the bootstrap timeout: past it, prefill's own expiry frees the KV
+    watch: Watch  # when to release, wait or give up: scheduler.pd_late's rules
     lost_rank: int  # the decode rank that died with it, -1 if none did
     lost_pid: int  # that rank's process: nothing is written while it lives
-    saw_route: bool = False
 
 
 class OrphanedRooms:
@@ -104,51 +104,51 @@ class OrphanedRooms:
         now = time.monotonic_ns() if now_ns is None else now_ns
         self.refresh()
         self._rooms.pop(room, None)
-        self._rooms[room] = Orphan(prompt_hash(input_ids), now + self.timeout_ns,
-                                   lost_rank, lost_pid)
+        watch = Watch.of(room, None, prompt_hash(input_ids), now, self.timeout_ns,
+                         self.route is not None)
+        self._rooms[room] = Orphan(watch, lost_rank, lost_pid)
         while len(self._rooms) > MAX_ROOMS:
             del self._rooms[next(iter(self._rooms))]
 
+    def forget(self, room: int) -> None:
+        """A new request with ``room`` arrived here: whatever comes for the room is its."""
+        self._rooms.pop(room, None)
+
     def poll(self, now_ns: int | None = None) -> int:
-        """Release every watched room whose hand-off is there; forget those released,
-        someone else's, ended without one, or past the timeout. Returns how many were
-        released."""
+        """Release every watched room whose hand-off is due (``next_step``); forget those
+        released, someone else's, ended without one, or past their bound. Returns how
+        many were released."""
         now = time.monotonic_ns() if now_ns is None else now_ns
         released = 0
         for room, orphan in list(self._rooms.items()):
             if orphan.lost_pid and pid_alive(orphan.lost_pid):
                 continue  # still exiting: its cells may still be written by it
+            placed = self.route.lookup(room) if self.route is not None else None  # first
             entry = self.handoff.lookup(room)
-            if entry is None:
-                placed = self.route.lookup(room) if self.route is not None else None
-                if placed is not None:
-                    orphan.saw_route = True
-                elif orphan.saw_route or now > orphan.give_up_ns:
-                    del self._rooms[room]  # its prefill ended without a hand-off, or never came
+            claimer = self._claimer_for(entry, orphan) if entry is not None else None
+            step = next_step(orphan.watch, placed, entry, claimer is None, now)
+            if step == WAIT:
                 continue
             del self._rooms[room]
-            if entry.prompt_hash != orphan.prompt_hash or entry.state not in (KV_READY, FAILED):
-                continue  # another request's room (a decode rank would have refused it)
-            if self._release(entry, orphan):
+            if step == RELEASE:
+                claimer.release(entry)
                 released += 1
                 logger.info("bootstrap_room %d: its decode request ended without the KV; "
                             "released what prefill rank %d held for it", room, entry.region)
         self.num_released += released
         return released
 
-    def _release(self, entry, orphan: Orphan) -> bool:
-        """Write the release, unless a live decode request claimed the entry."""
+    def _claimer_for(self, entry, orphan: Orphan):
+        """The claim cell to write the release in, or None when a live decode request
+        claimed the entry (or it was released already): the dead decode rank's own cell
+        if it died holding a claim, else the decode API's column."""
         lost = orphan.lost_rank
         if 0 <= lost < self.handoff.num_decode_ranks:
             claimer = self.handoff.decode_claimer(lost)
             if not claimer.claimed_by_other(entry):
-                claimer.release(entry)  # the dead rank's cell: no other writer now
-                return True
+                return claimer  # the dead rank's cell: no other writer now
         claimer = self.handoff.decode_claimer(self.column)
-        if claimer.was_claimed(entry):
-            return False  # a decode rank took it (or it was released already)
-        claimer.release(entry)
-        return True
+        return None if claimer.was_claimed(entry) else claimer
 
     def close(self) -> None:
         self._rooms.clear()

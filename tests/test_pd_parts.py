@@ -471,7 +471,7 @@ def test_orphaned_rooms_release_only_their_own_unclaimed_hand_offs():
     released in the API's own claim column once its hand-off is there; never another
     prompt's entry, never one a live decode rank claimed; a dead rank's own claim is
     released in its cell once its process is gone; a room whose prefill ended without
-    a hand-off, or that never came, is forgotten."""
+    a hand-off (after a grace), or that never came, is forgotten."""
     from scheduler.pd import create_tables, prompt_hash
     from server.pd_orphans import OrphanedRooms
     from shm.bootstrap import BootstrapTable
@@ -496,11 +496,17 @@ def test_orphaned_rooms_release_only_their_own_unclaimed_hand_offs():
         handoff.decode_claimer(1).claim(writer.entry(slots[13]))  # a live rank took it
         handoff.decode_claimer(0).claim(writer.entry(slots[17]))  # the dead rank's claim
         placer.remove(placer.slot_of(16))  # 16's prefill ended without a hand-off
-        assert orphans.poll(now_ns=2) == 2
+        assert orphans.poll(now_ns=2) == 0  # seen: released once unclaimed for a poll
+        assert orphans.poll(now_ns=2 + LATE_POLL_NS) == 2
         assert sorted(e.room for e in writer.reap_released()) == [11, 17]
         assert writer.claim_of(slots[13]) == (1, False) and writer.claim_of(slots[12]) is None
-        assert len(orphans) == 2  # 14 (no hand-off yet) and 15 (its rank still runs)
-        assert orphans.poll(now_ns=2 * 10**9) == 0 and len(orphans) == 1  # 14 timed out
+        # 14 (no hand-off yet), 15 (its rank still runs), 16 (its route just went: a
+        # failure its rank publishes would come within the grace)
+        assert len(orphans) == 3
+        assert orphans.poll(now_ns=3 * 10**9) == 0 and len(orphans) == 1  # 14, 16 given up
+        orphans.adopt(18, [18], now_ns=3 * 10**9)
+        orphans.forget(18)  # a new request with the room came: what comes is its
+        assert len(orphans) == 1
         orphans.close()
     finally:
         handoff.close()
