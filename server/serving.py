@@ -83,7 +83,9 @@ class Server(uvicorn.Server):
     def handle_exit(self, sig: int, frame) -> None:
         if self.should_exit and sig == signal.SIGINT:
             # Not uvicorn's force_exit: that cancels the running requests unanswered.
-            # A signal handler only sets a flag; the drain polls it.
+            # A signal handler only sets a flag; the drain polls it. The stop stays
+            # bounded without it: uvicorn's graceful timeout, then the engine's own stop,
+            # whose waits are bounded too (EngineClient.stop).
             self.is_hurried = True
             return
         super().handle_exit(sig, frame)
