@@ -91,22 +91,21 @@ def open_unit_fraction(text: str) -> float:
     return value
 
 
+def _int_in(text: str, low: int, high: int, why: str = "") -> int:
+    value = _int(text, f"an integer in [{low}, {high}]")
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"must be in [{low}, {high}]{why}, got {value}")
+    return value
+
+
 def rank_count(text: str) -> int:
     """A number of ranks a load board holds: 1 to ``MAX_BOARD_RANKS``."""
-    value = _int(text, f"an integer in [1, {MAX_BOARD_RANKS}]")
-    if not 1 <= value <= MAX_BOARD_RANKS:
-        raise argparse.ArgumentTypeError(f"must be in [1, {MAX_BOARD_RANKS}] (the load "
-                                         f"board's limit), got {value}")
-    return value
+    return _int_in(text, 1, MAX_BOARD_RANKS, " (the load board's limit)")
 
 
 def dispatcher_count(text: str) -> int:
     """A number of dispatchers (API processes) a board holds: 1 to ``MAX_BOARD_DISPATCHERS``."""
-    value = _int(text, f"an integer in [1, {MAX_BOARD_DISPATCHERS}]")
-    if not 1 <= value <= MAX_BOARD_DISPATCHERS:
-        raise argparse.ArgumentTypeError(f"must be in [1, {MAX_BOARD_DISPATCHERS}] (the load "
-                                         f"board's limit), got {value}")
-    return value
+    return _int_in(text, 1, MAX_BOARD_DISPATCHERS, " (the load board's limit)")
 
 
 def tcp_port(text: str) -> int:
