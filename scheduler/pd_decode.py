@@ -242,6 +242,11 @@ class DecodeReceiver(PDRole):
                 return None, (f"bootstrap_room {room} belongs to another request (prefill rank "
                               f"{p} computed a different prompt); every request needs its own "
                               "room", CLIENT_ERROR)
+            if entry.state == FAILED and placed is not None and placed.state != FAILED:
+                # A prefill for the room runs now: this FAILED entry is an earlier
+                # request's (a retry reusing the room; the prefill rank replaces it at
+                # the hand-off), or this one's written a moment before its route goes.
+                return None, None
             parked.saw_handoff = True
             if entry.state == FAILED:
                 self.peers.claimer.release(entry)  # lets prefill free the entry now

@@ -24,7 +24,7 @@ room and prompt again), so a watch must not take the KV of the room's next reque
 - a hand-off that appears is released only once the same entry (its slot and
   occupancy) has stayed unclaimed for a poll (``POLL_NS``): a live decode request
   waiting for it (a retry parked on another rank) claims it within its own next poll,
-  a fraction of a millisecond.
+  a fraction of a millisecond. A FAILED entry holds no KV and is released at once.
 A retry parked on another rank that cannot take its KV for that long (its pool full)
 may still lose it to the watch: its decode then fails with a 400 and can be sent again.
 At most ``MAX_WATCHED`` rooms are watched (the oldest given up first: their KV waits for
@@ -79,6 +79,8 @@ def next_step(watch: Watch, placed, entry, claimed: bool, now: int,
     if entry is not None:
         if entry.prompt_hash != watch.prompt_hash or claimed:
             return DONE  # another request's, or taken by one
+        if entry.state == FAILED:
+            return RELEASE  # no KV to take from anyone: the slot goes back at once
         seen = (entry.region, entry.slot, entry.gen)
         if watch.ready != seen:  # patience restarts for another occupancy
             watch.ready, watch.ready_since_ns = seen, now

@@ -125,6 +125,7 @@ class PrefillSender(PDRole):
             return (f"prefill rank {self.dp_rank}: hand-off arena full ({self.arena.num_used} "
                     "cells held for decode); decode ranks are not taking requests")
         self.segment.write_record(off, logprob, req.slots[:n], top)
+        self._supersede_failed(req.bootstrap_room)
         try:  # the record is written before the entry that points to it (x86 store order)
             slot = self.writer.insert(
                 req.bootstrap_room, self.dp_rank, time.monotonic_ns() + self.timeout_ns,
@@ -137,6 +138,17 @@ class PrefillSender(PDRole):
         req.kv_held = True
         self.num_handed_off += 1
         return None
+
+    def _supersede_failed(self, room: int) -> None:
+        """A FAILED entry of an earlier request with ``room`` (aborted, no KV held) is
+        kept so that its late decode half fails at once; a new request reaching its
+        hand-off with the room (a gateway's retry) owns the room now, and the old entry
+        goes (the retry was refused as a room already live here)."""
+        slot = self.writer.slot_of(room)
+        held = self.held.get(slot) if slot is not None else None
+        if held is not None and held.req is None:
+            self.writer.remove(slot)
+            self._free(slot)
 
     def on_abort(self, req: Req, message: str) -> None:
         """The request ends before its hand-off: tell decode (FAILED, no KV)."""

@@ -14,7 +14,8 @@ from engine.sampling import SamplingParams
 from scheduler.pd_decode import MAX_SLEEP_S
 from scheduler.pd_late import POLL_NS as LATE_POLL_NS
 from scheduler.range_alloc import RangeAllocator
-from shm.bootstrap_layout import R_WRITER_PID, BootstrapTableFullError, DuplicateRoomError
+from shm.bootstrap_layout import (KV_READY, R_WRITER_PID, BootstrapTableFullError,
+                                  DuplicateRoomError)
 from shm.kv_segment import KVSegment
 from shm.segment import SharedSegment, ShmLayoutError, list_segments, new_launch_id, segment_name
 from tests.pd_local import FOREVER_NS, LocalPD, sim_executor_factory
@@ -334,14 +335,42 @@ def test_a_late_release_waits_a_poll_for_each_occupancy_of_the_slot():
     late = LateReleases(NS(route=None, handoff=handoff, claimer=claimer), 300 * 10**9)
     t = 10**12
     late.drop(7, None, 42, t)  # nothing there yet: watched
-    handoff.entry = NS(gen=1, prompt_hash=42, region=0, slot=5)
+    handoff.entry = NS(gen=1, prompt_hash=42, region=0, slot=5, state=KV_READY)
     late.poll(t + LATE_POLL_NS)  # the dropped request's entry, seen
     claimer.taken = 1  # another releaser frees it; a retry's takes the slot
-    handoff.entry = NS(gen=2, prompt_hash=42, region=0, slot=5)
+    handoff.entry = NS(gen=2, prompt_hash=42, region=0, slot=5, state=KV_READY)
     late.poll(t + 2 * LATE_POLL_NS)
     assert claimer.released == []  # gen 2 was seen once: not yet
     late.poll(t + 3 * LATE_POLL_NS)
     assert claimer.released == [2]  # unclaimed for a whole poll: nobody waits for it
+
+
+def test_a_retry_right_after_an_abort_supersedes_its_failed_entry():
+    """Both halves aborted, then at once the same room and prompt again: the prefill
+    rank's FAILED entry for the first (kept so a late decode half fails at once) gives
+    way to the retry's hand-off (the retry's prefill was refused: "already live"), and
+    the retry's decode half, seeing that entry while the retry's prefill runs, waits
+    for its own (it failed: "prefill failed the request")."""
+    with LocalPD(1, 1, sim_executor_factory("instant", 4096)) as pd:
+        pd.submit("r1", [1, 2, 3, 4], greedy(4), room=25)
+        pd.step(("decode",))  # parked
+        pd.abort("r1", prefill=False)
+        pd.step(("decode",))  # dropped before any KV: its room watched
+        pd.router.prefill_finished(25)  # its API aborts the prefill: the route goes first
+        pd.abort("r1", decode=False)
+        for _ in range(2):  # then the rank: its FAILED entry stays for a late decode half
+            pd.step(("prefill",))
+        assert pd.finish_reason("r1")["type"] == "abort"
+        assert pd.leftovers()["route_entries"] == 0 and pd.leftovers()["handoff_entries"] == 1
+        pd.submit("r2", [1, 2, 3, 4], greedy(4), room=25)
+        pd.step(("decode",))  # r2's decode first: the old FAILED entry, r2's route live
+        assert pd.finish_reason("r2") is None, pd.finish_reason("r2")
+        assert run_until_finished(pd, "r2")["type"] == "length", pd.finish_reason("r2")
+        deadline = time.monotonic() + 5
+        while any(pd.leftovers().values()):
+            assert time.monotonic() < deadline, pd.leftovers()
+            pd.step()
+            time.sleep(0.005)
 
 
 @pytest.mark.parametrize("num_decode", [1, 2])
@@ -475,7 +504,6 @@ def test_orphaned_rooms_release_only_their_own_unclaimed_hand_offs():
     from scheduler.pd import create_tables, prompt_hash
     from server.pd_orphans import OrphanedRooms
     from shm.bootstrap import BootstrapTable
-    from shm.bootstrap_layout import KV_READY
 
     route, handoff = create_tables(new_launch_id(), 2, 3)  # 2 decode ranks + the API's
     try:
