@@ -235,6 +235,12 @@ class DecodeReceiver(PDRole):
             if p is None and placed.state != FAILED:
                 p = self._known(parked, placed.prefill_rank, now)
         entry = handoff.lookup(room) if p is None else handoff.lookup_in(p, room)
+        if entry is not None and entry.state == FAILED and placed is not None \
+                and placed.state != FAILED:
+            # A prefill for the room runs now: this FAILED entry is an earlier request's
+            # (this one reuses its room; the prefill rank replaces it at the hand-off), or
+            # this one's, written a moment before its route goes: as if not there yet.
+            entry = None
         if entry is not None and p is None:
             p = self._known(parked, entry.region, now)
         if entry is not None:
@@ -242,11 +248,6 @@ class DecodeReceiver(PDRole):
                 return None, (f"bootstrap_room {room} belongs to another request (prefill rank "
                               f"{p} computed a different prompt); every request needs its own "
                               "room", CLIENT_ERROR)
-            if entry.state == FAILED and placed is not None and placed.state != FAILED:
-                # A prefill for the room runs now: this FAILED entry is an earlier
-                # request's (a retry reusing the room; the prefill rank replaces it at
-                # the hand-off), or this one's written a moment before its route goes.
-                return None, None
             parked.saw_handoff = True
             if entry.state == FAILED:
                 self.peers.claimer.release(entry)  # lets prefill free the entry now
