@@ -597,8 +597,9 @@ class Scheduler:
         params = req.params
         if params.stop_strs and self.tokenizer is not None:
             dec = self._decoders.get(req.rid)
-            if dec is None:
-                dec = self._decoders[req.rid] = self.tokenizer.incremental_decoder()
+            if dec is None:  # special tokens' text included, as SGLang matches stop strings
+                dec = self._decoders[req.rid] = self.tokenizer.incremental_decoder(
+                    skip_special_tokens=False)
             piece = dec.step(req.output_ids[-1:])
             req.output_text += piece
             text, new_chars = req.output_text, len(piece)

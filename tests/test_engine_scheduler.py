@@ -154,6 +154,22 @@ def test_stop_strings_and_eos_finish_requests(board, executor):
     assert stop in executor.tokenizer.decode(cut)
 
 
+def test_a_stop_string_may_spell_a_special_token(board, executor):
+    """A stop string is matched against the text with the special tokens in it, as
+    SGLang's is (``<|im_end|>`` as a stop string for a model whose EOS is another
+    token), whatever ``skip_special_tokens`` does to the text the client gets."""
+    from engine.tiny import PAD_ID, PAD_TOKEN
+    prompt = list(b"Once upon a time")
+    forced = {str(PAD_ID): 100.0}  # every token the special <|pad|>
+    outputs = run_all(board, executor, [[
+        make_req("special", prompt, 8, stop=[PAD_TOKEN], logit_bias=forced),
+        make_req("inside", prompt, 8, stop=["d|><|p"], logit_bias=forced),
+        make_req("free", prompt, 8, logit_bias=forced)]])
+    assert outputs["special"] == [PAD_ID]
+    assert outputs["inside"] == [PAD_ID, PAD_ID]
+    assert outputs["free"] == [PAD_ID] * 8
+
+
 # ---- the rank process ----------------------------------------------------------------
 
 def test_rank_process_reports_ready_serves_and_shuts_down(board):
