@@ -50,7 +50,7 @@ async def completions(request: Request) -> Response:
     prompts, texts = await _completion_prompts(engine, body)
     rid = body.rid or new_rid()
     want = body.logprobs is not None
-    prepared = _prepare(engine, body, prompts, rid, lambda ids: body.max_tokens,
+    prepared = _prepare(engine, body, prompts, rid, lambda ids: body.requested_max_tokens,
                         return_logprob=want, top_logprobs_num=body.logprobs or 0,
                         logprob_start_len=0 if body.echo and want else -1)
     shape = _Shape("text_completion", f"cmpl-{rid}")
@@ -71,7 +71,7 @@ async def chat_completions(request: Request) -> Response:
     check_int(body.top_logprobs, 0, engine.model_config.vocab_size, "top_logprobs")
     check_fan_out(1, [body.n])
     ids = await encode_chat(engine, [msgspec.structs.asdict(m) for m in body.messages],
-                            body.chat_template_kwargs)
+                            body.chat_template_kwargs, body.add_generation_prompt)
     rid = body.rid or new_rid()
     requested = body.requested_max_tokens
     room = min(engine.context_len, engine.max_total_num_tokens)

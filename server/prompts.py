@@ -48,18 +48,19 @@ async def encode_texts(engine, texts: list[str], name: str) -> list[list[int]]:
 
 
 async def encode_chat(engine, messages: list[dict[str, Any]],
-                      template_kwargs: dict[str, Any] | None = None) -> list[int]:
+                      template_kwargs: dict[str, Any] | None = None,
+                      add_generation_prompt: bool = True) -> list[int]:
     """Token ids of a chat rendered with the model's template (``template_kwargs``: the
-    request's ``chat_template_kwargs``); the template's own errors are a 400 naming what
-    is wrong in the messages."""
+    request's ``chat_template_kwargs``; ``add_generation_prompt``: open the assistant's
+    turn); the template's own errors are a 400 naming what is wrong in the messages."""
     tokenizer = engine.tokenizer
     is_large = sum(len(str(m.get("content"))) for m in messages) >= THREAD_MIN_CHARS
     try:
         if is_large:
-            text = await asyncio.to_thread(tokenizer.apply_chat_template, messages, True,
-                                           template_kwargs)
+            text = await asyncio.to_thread(tokenizer.apply_chat_template, messages,
+                                           add_generation_prompt, template_kwargs)
         else:
-            text = tokenizer.apply_chat_template(messages, True, template_kwargs)
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt, template_kwargs)
     except Exception as exc:
         # The template's own errors (jinja2's, or raise_exception in the template) name
         # what is wrong in the messages; anything else is ours (500).

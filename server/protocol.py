@@ -57,6 +57,7 @@ class GenerateRequest(msgspec.Struct, kw_only=True):
     custom_logit_processor: Any = None
     return_hidden_states: Any = None
     token_ids_logprob: Any = None
+    priority: Any = None
 
     def unsupported_field(self) -> str | None:
         return first_asked(self, GENERATE_UNSUPPORTED, batch=True)
@@ -66,7 +67,13 @@ GENERATE_UNSUPPORTED: dict[str, tuple] = {
     "image_data": ("", []), "video_data": ("", []), "audio_data": ("", []),
     "input_embeds": ([],), "lora_path": ("",), "lora_id": ("",), "session_params": ({},),
     "custom_logit_processor": ("",), "return_hidden_states": (False,),
-    "token_ids_logprob": ([],),
+    "token_ids_logprob": ([],), "priority": (0,),
+}
+
+# SGLang sampling_params keys not implemented, with the values that ask for nothing.
+SAMPLING_UNSUPPORTED: dict[str, tuple] = {
+    # What a fast tokenizer's decode does anyway (SGLang's default).
+    "spaces_between_special_tokens": (True,),
 }
 
 
@@ -99,7 +106,13 @@ UNSUPPORTED: dict[str, tuple] = {
     "reasoning_effort": (), "store": (False,),
     # SGLang's extras on the OpenAI routes
     "regex": (), "json_schema": (), "ebnf": (), "stop_regex": (), "lora_path": (),
-    "return_hidden_states": (False,),
+    "return_hidden_states": (False,), "custom_logit_processor": (), "custom_params": (),
+    "session_params": (), "return_token_ids": (False,),
+    "return_cached_tokens_details": (False,), "priority": (0,), "cache_salt": (),
+    # vLLM's extras (the openai SDK's extra_body)
+    "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (),
+    "structured_outputs": (), "allowed_token_ids": (), "bad_words": ([],),
+    "prompt_logprobs": (), "truncate_prompt_tokens": (),
 }
 
 
@@ -157,6 +170,24 @@ class OpenAISampling(msgspec.Struct, kw_only=True):
     stop_regex: Any = None
     lora_path: Any = None
     return_hidden_states: Any = None
+    custom_logit_processor: Any = None
+    custom_params: Any = None
+    session_params: Any = None
+    return_token_ids: Any = None
+    return_cached_tokens_details: Any = None
+    priority: Any = None
+    cache_salt: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structured_outputs: Any = None
+    allowed_token_ids: Any = None
+    bad_words: Any = None
+    prompt_logprobs: Any = None
+    truncate_prompt_tokens: Any = None
+    # vLLM's name for SGLang's no_stop_trim
+    include_stop_str_in_output: bool = False
 
     def unsupported_field(self) -> str | None:
         """The first unimplemented field given a value that changes the answer."""
@@ -177,13 +208,20 @@ class OpenAISampling(msgspec.Struct, kw_only=True):
             min_new_tokens=self.min_tokens, frequency_penalty=self.frequency_penalty,
             presence_penalty=self.presence_penalty,
             repetition_penalty=self.repetition_penalty,
-            skip_special_tokens=self.skip_special_tokens, no_stop_trim=self.no_stop_trim,
+            skip_special_tokens=self.skip_special_tokens,
+            no_stop_trim=self.no_stop_trim or self.include_stop_str_in_output,
             sampling_seed=self.seed, logit_bias=self.logit_bias or None))
 
     def param_names(self) -> dict[str, str]:
         """This request's names of the ``SamplingParams`` fields OpenAI calls otherwise,
         for error messages (``server.bounds.check_request``)."""
-        return {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
+        given = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+        return {"max_new_tokens": given, "min_new_tokens": "min_tokens"}
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        """``max_completion_tokens`` (OpenAI's newer name) wins over ``max_tokens``."""
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     @property
     def include_usage(self) -> bool:
@@ -195,6 +233,7 @@ class CompletionRequest(OpenAISampling, kw_only=True):
 
     prompt: str | list[Any]
     max_tokens: int = 16  # OpenAI's default for completions
+    max_completion_tokens: int | None = None  # chat's newer name, taken here too
     logprobs: int | None = None
     echo: bool = False
     suffix: Any = None
@@ -257,19 +296,16 @@ class ChatCompletionRequest(OpenAISampling, kw_only=True):
     top_logprobs: int | None = None
     # Extra variables for the chat template (SGLang's and vLLM's; e.g. enable_thinking).
     chat_template_kwargs: dict[str, Any] | None = None
+    # vLLM's: false renders the messages without the assistant turn's opening.
+    add_generation_prompt: bool = True
     continue_final_message: Any = None
     echo: Any = None
+    chat_template: Any = None
+    documents: Any = None
 
     def _unsupported(self) -> dict[str, tuple]:
-        return {**UNSUPPORTED, "continue_final_message": (False,), "echo": (False,)}
-
-    def param_names(self) -> dict[str, str]:
-        given = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
-        return {**super().param_names(), "max_new_tokens": given}
-
-    @property
-    def requested_max_tokens(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        return {**UNSUPPORTED, "continue_final_message": (False,), "echo": (False,),
+                "chat_template": (), "documents": ([],)}
 
 
 def routed_rank_of(body: GenerateRequest | OpenAISampling):
@@ -307,6 +343,12 @@ def to_struct(kind: type[T], data: dict) -> T:
 def to_sampling_params(data: dict[str, Any] | None) -> SamplingParams:
     """SGLang ``sampling_params`` -> ``SamplingParams``; unknown keys are a 400."""
     data = {k: v for k, v in (data or {}).items() if v is not None}  # null: not given
+    for name, harmless in SAMPLING_UNSUPPORTED.items():
+        if name in data:
+            value = data.pop(name)
+            if not any(type(value) is type(h) and value == h for h in harmless):
+                raise BadRequest(f"sampling_params.{name}: {value!r} is not supported by "
+                                 "this server")
     unknown = sorted(set(data) - SAMPLING_KEYS)
     if unknown:
         raise BadRequest(f"unknown sampling_params key(s) {unknown}; valid keys: "

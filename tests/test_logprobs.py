@@ -301,6 +301,21 @@ UNSUPPORTED = [
     ("/generate", "custom_logit_processor", "x"),
     ("/generate", "return_hidden_states", True),
     ("/generate", "token_ids_logprob", [1, 2]),
+    ("/generate", "priority", 5),
+    # SGLang's and vLLM's extras that would change the answer (silently ignored before)
+    ("/v1/chat/completions", "custom_logit_processor", "x"),
+    ("/v1/completions", "session_params", {"id": "s"}),
+    ("/v1/completions", "return_token_ids", True),
+    ("/v1/chat/completions", "cache_salt", "tenant-a"),
+    ("/v1/chat/completions", "guided_json", {"type": "object"}),
+    ("/v1/completions", "guided_choice", ["yes", "no"]),
+    ("/v1/chat/completions", "structured_outputs", {"regex": "a+"}),
+    ("/v1/completions", "allowed_token_ids", [1, 2]),
+    ("/v1/completions", "bad_words", ["x"]),
+    ("/v1/completions", "prompt_logprobs", 1),
+    ("/v1/completions", "truncate_prompt_tokens", 4),
+    ("/v1/chat/completions", "chat_template", "{{ messages }}"),
+    ("/v1/chat/completions", "documents", [{"text": "d"}]),
 ]
 
 
@@ -352,8 +367,37 @@ def test_values_that_ask_for_nothing_are_accepted(server):
     assert r.status_code == 200, r.text
     r = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                                               "max_tokens": 1, "response_format": {"type": "text"},
-                                              "tool_choice": "none", "parallel_tool_calls": False})
+                                              "tool_choice": "none", "parallel_tool_calls": False,
+                                              "priority": 0, "return_token_ids": False,
+                                              "bad_words": []})
     assert r.status_code == 200, r.text
+    r = post(server, "/generate", {"text": "x", "sampling_params": {
+        "max_new_tokens": 1, "spaces_between_special_tokens": True}})
+    assert r.status_code == 200, r.text
+    r = post(server, "/generate", {"text": "x", "sampling_params": {
+        "max_new_tokens": 1, "spaces_between_special_tokens": False}})
+    assert r.status_code == 400 and "spaces_between_special_tokens" in r.text, r.text
+
+
+def test_other_servers_names_for_fields_are_honoured(server):
+    """vLLM's ``include_stop_str_in_output`` (SGLang's ``no_stop_trim``), chat's
+    ``max_completion_tokens`` on completions, and ``add_generation_prompt``."""
+    free = post(server, "/v1/completions", {"prompt": [PROMPT], "max_tokens": 12,
+                                            "temperature": 0}).json()["choices"][0]["text"]
+    stop = free[4:6]
+    for extra, kept in [({}, False), ({"include_stop_str_in_output": True}, True)]:
+        text = post(server, "/v1/completions", {"prompt": [PROMPT], "max_tokens": 12,
+                                                "temperature": 0, "stop": stop,
+                                                **extra}).json()["choices"][0]["text"]
+        assert text.endswith(stop) is kept and free.startswith(text), (extra, text)
+    usage = post(server, "/v1/completions", {"prompt": "x", "max_completion_tokens": 3,
+                                             "ignore_eos": True}).json()["usage"]
+    assert usage["completion_tokens"] == 3
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    opened = post(server, "/v1/chat/completions", chat).json()["usage"]["prompt_tokens"]
+    closed = post(server, "/v1/chat/completions",
+                  {**chat, "add_generation_prompt": False}).json()["usage"]["prompt_tokens"]
+    assert closed < opened
 
 
 # ---- PD ----------------------------------------------------------------------------------
