@@ -8,7 +8,9 @@ likely first; None where unknown), and the prompt's logprobs from
 - SGLang ``/generate``: entries ``[logprob, token_id, text or None]`` (text with
   ``return_text_in_logprobs``); a top list per position (None for position 0).
 - OpenAI completions: ``{tokens, token_logprobs, top_logprobs, text_offset}``, the top
-  lists as ``{token text: logprob}``; ``echo`` puts the prompt's positions first. A
+  lists as ``{token text: logprob}`` with the position's own token added where the top
+  ``logprobs`` leave it out (OpenAI's "up to logprobs + 1"); ``echo`` puts the prompt's
+  positions first. A
   token that is part of a multi-byte character is named ``bytes:\\xHH...``, as OpenAI
   does (its text alone would be U+FFFD, the same for every such token).
 - OpenAI chat: ``{"content": [{token, logprob, bytes, top_logprobs: [...]}]}``; ``bytes``
@@ -112,9 +114,11 @@ class CompletionLogprobs:
             tokens.append(self.texts.label(tid))
             offsets.append(self.offset + self._cut_short(raw))
             self.offset += len(self._chars.decode(raw))
+        lps = _padded(logprobs, len(ids))
         return {"tokens": tokens,
-                "token_logprobs": [finite(lp) for lp in _padded(logprobs, len(ids))],
-                "top_logprobs": [self._top(top) for top in _padded(tops, len(ids))],
+                "token_logprobs": [finite(lp) for lp in lps],
+                "top_logprobs": [self._top(top, tid, lp)
+                                 for top, tid, lp in zip(_padded(tops, len(ids)), ids, lps)],
                 "text_offset": offsets}
 
     def _cut_short(self, raw: bytes) -> int:
@@ -128,12 +132,16 @@ class CompletionLogprobs:
             return 0  # continued (or not yet decided): this token is inside that character
         return len(pending.decode("utf-8", "replace"))
 
-    def _top(self, top) -> dict | None:
+    def _top(self, top, token: int, logprob: float | None) -> dict | None:
+        """The most likely tokens, and the token itself where they leave it out (OpenAI
+        always lists the sampled token: up to ``logprobs`` + 1 entries)."""
         if top is None:
             return None
         out: dict[str, float] = {}
         for lp, tid in top:  # most likely first: two ids with one name keep the larger
             out.setdefault(self.texts.label(tid), finite(lp))
+        if logprob is not None:
+            out.setdefault(self.texts.label(token), finite(logprob))
         return out
 
 

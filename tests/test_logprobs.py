@@ -136,12 +136,29 @@ def test_lm_eval_loglikelihood_request(server, reference, max_tokens):
     for p in range(1, len(PROMPT)):
         assert lp["token_logprobs"][p] == pytest.approx(
             float(reference[p - 1, PROMPT[p]]), abs=TOL)
-        (value,) = lp["top_logprobs"][p].values()  # logprobs: 1
-        assert value == pytest.approx(float(reference[p - 1].max()), abs=TOL)
+        # logprobs: 1, and the prompt's own token where it is not the most likely
+        # (OpenAI: up to logprobs + 1 entries); lm-eval's greedy check takes the max.
+        top = lp["top_logprobs"][p]
+        assert max(top.values()) == pytest.approx(float(reference[p - 1].max()), abs=TOL)
+        assert top[lp["tokens"][p]] == lp["token_logprobs"][p]
+        assert len(top) == 1 + (reference[p - 1].argmax().item() != PROMPT[p])
     assert lp["text_offset"] == sorted(lp["text_offset"]) and lp["text_offset"][0] == 0
     _assert_tokens_at_their_offsets(choice["text"], lp)
     usage = r.json()["usage"]
     assert (usage["prompt_tokens"], usage["completion_tokens"]) == (len(PROMPT), max_tokens)
+
+
+def test_completion_top_logprobs_list_the_sampled_token(server):
+    """OpenAI: "the API will always return the logprob of the sampled token", so a
+    top list has up to logprobs + 1 entries; with logprobs: 0 only the token's own."""
+    for k in (0, 1):
+        body = {"prompt": [PROMPT], "max_tokens": 12, "temperature": 1.5, "seed": 3,
+                "logprobs": k, "ignore_eos": True}
+        lp = post(server, "/v1/completions", body).json()["choices"][0]["logprobs"]
+        for token, value, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+            assert top[token] == value and len(top) <= k + 1, (k, token, top)
+        if k == 0:
+            assert all(len(top) == 1 for top in lp["top_logprobs"])
 
 
 def test_echo_of_a_text_prompt(server):
@@ -241,7 +258,10 @@ def test_completion_logprobs_of_a_character_split_over_tokens(server):
     assert "".join(t for t in lp["tokens"] if not t.startswith("bytes:")) == text[1:]
     assert all(o == 0 for t, o in zip(lp["tokens"], lp["text_offset"]) if t.startswith("bytes:"))
     _assert_tokens_at_their_offsets(text, lp)
-    assert all(len(top) == 5 for top in lp["top_logprobs"][1:]), lp["top_logprobs"]
+    tops = lp["top_logprobs"][1:]
+    assert all(len(top) in (5, 6) for top in tops), tops  # 6: the token itself added
+    assert all(top[t] == v for top, t, v in zip(tops, lp["tokens"][1:],
+                                                lp["token_logprobs"][1:])), tops
 
 
 # ---- logit_bias and unimplemented fields ----------------------------------------------
