@@ -41,13 +41,17 @@ Who writes what (one writer per cell):
   records: rank r's scheduler, through its ``SummaryWriter`` (the prefix cache's
   observer), as it inserts, evicts and flushes. It writes a record before the key
   that points to it, and bumps its line's ``evictions`` whenever its cache lets slots
-  go (before they can be allocated again and written by a forward pass).
+  go: after withdrawing their keys, before the slots can be allocated again and
+  written by a forward pass.
 
 How a peer copies a block's KV without its owner (``scheduler.prefix_share``): read
 ``evictions``, find the key and read its record, copy those slots of the owner's pool,
 read ``evictions`` again; equal, and the copy is the block's KV (the owner frees a
 cached slot only by evicting, and writes one only after allocating it again, after
-the bump: x86-64 store order); changed, and the copy is thrown away.
+the bump: x86-64 store order); changed, and the copy is thrown away. The owner
+withdraws the keys before the bump: a copier whose first read saw the bump would
+otherwise still find a key whose slots are free, and no later bump would warn it
+that the next forward pass rewrote them.
 
 Why bucket-major: a probe reads, for each block of the prompt, the same bucket of every
 rank, so one bucket is one contiguous row and the dispatcher gathers the rows of all
@@ -384,18 +388,20 @@ class SummaryWriter:
 
     def on_evicted(self, tokens: Sequence[int], start: int) -> None:
         """``tokens[start:]`` were just evicted (``tokens[:start]`` stay): withdraw the
-        blocks that are no longer full."""
-        self._bump_evictions()
+        blocks that are no longer full. The keys go before the count moves: a copier
+        that reads the new count must find none of them (module docstring)."""
         for key in block_keys(tokens, start // BLOCK_LEN):
             self._remove(key)
+        self._bump_evictions()
         self._publish_counts()
 
     def on_flush(self) -> None:
-        """The cache is empty: clear every line of this rank."""
-        self._bump_evictions()
+        """The cache is empty: clear every line of this rank, then count it (as
+        ``on_evicted``)."""
         s = self.summary
         s._table.reshape(s.num_buckets, s.num_ranks, WAYS)[:, self.rank, :] = 0
         s._stash[self.rank] = 0
+        self._bump_evictions()
         self._where.clear()
         self._publish_counts()
 

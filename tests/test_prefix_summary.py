@@ -230,3 +230,34 @@ def test_a_summary_with_slot_records_closes_while_its_writer_lives():
         assert owner.cached_tokens(prompt) == [3 * BLOCK_LEN, 0]
         ranks_view.close()  # raised BufferError while the writer held a records view
         del writer
+
+
+@pytest.mark.parametrize("how", ["evict", "flush"])
+def test_a_copier_that_sees_the_eviction_count_move_finds_no_freed_slots(how):
+    """The owner withdraws an evicted block's key before it bumps ``evictions``: a
+    copier whose first read of the count sees the bump must not find the block (its
+    slots are free, and the next forward pass rewrites them with no further bump to
+    warn the copier: ``scheduler.prefix_share``)."""
+    from scheduler.prefix_hash import prefix_digests
+    with PrefixSummary.create(2, 64, new_launch_id(), slot_records=True) as summary:
+        writer = summary.writer(0)
+        prompt = list(range(3 * BLOCK_LEN))
+        writer.on_cached(prompt, 0, slots=list(range(len(prompt))))
+        hashes = chain_hashes(tuple(prompt), 3, [])
+        digests = prefix_digests(prompt, 3)
+        assert len(summary.block_slots(0, hashes, digests, 0, 3)) == 3
+        seen = []
+        bump = writer._bump_evictions
+
+        def copier_reads_at_the_bump():  # what a copier finds just after the count moves
+            bump()
+            seen.append(len(summary.block_slots(0, hashes, digests, 0, 3)))
+
+        writer._bump_evictions = copier_reads_at_the_bump
+        if how == "evict":
+            writer.on_evicted(prompt, BLOCK_LEN)  # blocks 1 and 2 go
+            assert seen == [1]
+        else:
+            writer.on_flush()
+            assert seen == [0]
+        del writer
