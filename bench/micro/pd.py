@@ -13,8 +13,9 @@ Two figures, each with its target:
   bootstrap-table way minus mean TTFT of the same prompts sent with
   ``disagg_prefill_dp_rank`` (decode skips the route table), measured side by side
   in one run against a real ``python -m engine.serve --disaggregation-mode pd``
-  (real tiny model on CPU by default): the two kinds alternate, one request at a
-  time, over the same prompts; TTFT is the first streamed chunk with tokens.
+  (real tiny model on CPU by default, prefix caches off: a pair's second request
+  would reuse the first's prompt): the two kinds alternate, one request at a time,
+  over the same prompts; TTFT is the first streamed chunk with tokens.
 
 SGLang's equivalent of the first figure is an HTTP round trip to the bootstrap server
 (0.2-1 ms; about 200 ms of extra TTFT in the proof of concept of SGLang issue #13052).
@@ -100,7 +101,11 @@ def measure_penalty(num_pairs: int, executor: str, seed: int = 0) -> dict:
     port = free_port()
     flags = ["--port", str(port), "--disaggregation-mode", "pd", "--prefill-dp-size", "2",
              "--decode-dp-size", "2", "--device", "cpu", "--max-total-tokens", "16384",
-             "--log-level", "warning", "--executor", executor, "--model-path", "tiny"]
+             "--log-level", "warning", "--executor", executor, "--model-path", "tiny",
+             # Each pair sends one prompt twice: with prefix caches the second of a pair
+             # would hit (cache_aware steers the table's request to the rank holding it,
+             # a named rank holds it half the time), and the figure would measure that.
+             "--disable-radix-cache"]
     if executor == "sim":
         flags += ["--sim-profile", "tiny-cpu"]
     log = tempfile.NamedTemporaryFile(prefix="bench_pd_server_", suffix=".log", delete=False)
