@@ -185,6 +185,13 @@ class Dispatcher:
         self._writer.bump(rank, num_tokens)
         return rank
 
+    def forget_prefixes(self) -> None:
+        """The ranks' prefix caches were flushed: forget the prompts sent to be cached
+        (``pending``) and which prefixes were hot (``traffic``), so that ``cache_aware``
+        starts over as it did at start-up."""
+        self.pending.clear()
+        self.traffic.clear()
+
     def cancel(self, rank: int, num_tokens: int) -> None:
         """Undo a ``pick`` whose request could not be sent to ``rank``; without this the
         rank would stay over-counted by one request for good."""

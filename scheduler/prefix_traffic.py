@@ -48,6 +48,11 @@ class PrefixTraffic:
     def __len__(self) -> int:
         return len(self._keys)
 
+    def clear(self) -> None:
+        """Forget the window (the caches were flushed: no prefix is cached any more)."""
+        self._keys.clear()
+        self._counts.clear()
+
     def note(self, key: int | None) -> int:
         """Count one request reusing prefix ``key`` (None: it reused nothing), dropping
         the oldest past the window; return the window's requests reusing ``key``, this

@@ -353,8 +353,16 @@ class EngineClient:
 
     async def flush_cache(self, timeout_s: float) -> list[FlushCacheResult]:
         """Ask every usable rank to empty its prefix cache; every rank's answer
-        (``wait_flushes``: 503 unless all of them answer within ``timeout_s``)."""
-        return await wait_flushes(self.ask_flush(), timeout_s)
+        (``wait_flushes``: 503 unless all of them answer within ``timeout_s``). Once
+        all of them did, this API process's dispatcher forgets what it remembered of
+        the caches (``Dispatcher.forget_prefixes``)."""
+        results = await wait_flushes(self.ask_flush(), timeout_s)
+        self.forget_prefixes_if_flushed(results)
+        return results
+
+    def forget_prefixes_if_flushed(self, results: list[FlushCacheResult]) -> None:
+        if all(r.success for r in results):
+            self.dispatcher.forget_prefixes()
 
     def ask_flush(self) -> list[asyncio.Future]:
         """Send ``FlushCacheReq`` to every usable rank; one future per rank asked, for

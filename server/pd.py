@@ -348,7 +348,10 @@ class PDEngineClient:
             for waiter in waiters:
                 waiter.cancel()
             raise
-        return await wait_flushes(waiters, timeout_s)
+        results = await wait_flushes(waiters, timeout_s)
+        for group in (self.prefill, self.decode):
+            group.forget_prefixes_if_flushed(results)
+        return results
 
     def live_ranks(self) -> list[int]:
         return self.decode.live_ranks() if self.prefill.live_ranks() else []

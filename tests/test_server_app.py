@@ -388,6 +388,20 @@ def test_flush_cache(client):
         assert (r.status_code, r.text) == (200, FLUSHED)
 
 
+def test_a_flush_makes_the_dispatcher_forget_the_caches(client):
+    """After a flush no rank caches anything: ``cache_aware``'s memory of prompts sent
+    to be cached, and of which prefixes were hot, goes with the caches."""
+    dispatcher = client.app_state["engine"].dispatcher
+    prompt = list(range(3, 3 + 3 * 64))
+    assert client.post("/generate", json={"input_ids": prompt, "sampling_params": {
+        "max_new_tokens": 1}}).status_code == 200
+    assert len(dispatcher.traffic) > 0
+    dispatcher.pending.note(prompt, 0, time.monotonic_ns())
+    assert len(dispatcher.pending) == 1
+    assert client.post("/flush_cache").status_code == 200
+    assert len(dispatcher.pending) == len(dispatcher.traffic) == 0
+
+
 def test_flush_cache_is_refused_while_a_request_runs(client):
     """SGLang's 400, same text, while any rank holds a request; 200 once idle. Waits on
     the ranks answering FlushCacheReq (scheduler side of issue 22)."""

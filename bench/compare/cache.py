@@ -23,10 +23,12 @@ sent at once with at most ``SATURATION_CONCURRENCY`` per rank in flight (SGLang'
 ``--max-concurrency``), whose completed requests per second are its saturation
 throughput. (An open-loop overload instead fills every KV pool with queued prompts,
 which evicts every cached prefix whatever the method: it measures thrashing.) Every run starts
-from empty caches (``/flush_cache``) and each rate has its own prompts (the same for
-every method): nothing a run leaves cached helps the next. ``smg`` is smg 1.13
-(``python -m smg launch --policy cache_aware --dp-aware``) in front of the same
-engine (whose ``routed_dp_rank``s it then sets; the engine's own method is unused).
+from empty caches (``/flush_cache``, which also empties the dispatcher's memory of prompts
+and hot prefixes) and each rate has its own prompts (the same for every method): nothing a
+run leaves cached helps the next. ``smg`` is smg 1.13 (``python -m smg launch --policy
+cache_aware --dp-aware``, a fresh gateway per run, so its routing tree starts empty as
+the caches do) in front of the same engine (whose ``routed_dp_rank``s it then sets; the
+engine's own method is unused).
 Every method sends text prompts (``--text-prompts``), since smg's tree routes by text.
 
 The KV pool per rank is the profile's (``seed-qwen3-235b-dp4``: 52,600 tokens, from the
@@ -244,19 +246,16 @@ def run_scenario(s: CacheScenario, ranks: int, args, bar: tqdm) -> dict:
                 args.saturated_repeats if s.saturated else 0)
             seeds = [args.seed + 100 * i for i in range(len(fractions))]
             cap = result["capacity_req_s"]
-            def runs_through(url: str, engine_url: str | None = None) -> list[dict]:
-                runs = []
-                for f, seed in zip(fractions, seeds):
-                    bar.set_postfix_str(f"{s.name} x{ranks}: {method} @ {f}")
-                    runs.append(one_run(s, ranks, url, f, cap, seed, engine_url))
-                    bar.update(1)
-                return runs
-
-            if method == SMG:
-                with SmgGateway(server.url, ranks, log.replace(".log", "_gateway.log")) as gw:
-                    runs = runs_through(gw.url, server.url)
-            else:
-                runs = runs_through(server.url)
+            runs = []
+            for k, (f, seed) in enumerate(zip(fractions, seeds)):
+                bar.set_postfix_str(f"{s.name} x{ranks}: {method} @ {f}")
+                if method == SMG:  # a gateway per run: its routing tree starts empty too
+                    with SmgGateway(server.url, ranks,
+                                    log.replace(".log", f"_gateway_{k}.log")) as gw:
+                        runs.append(one_run(s, ranks, gw.url, f, cap, seed, server.url))
+                else:
+                    runs.append(one_run(s, ranks, server.url, f, cap, seed))
+                bar.update(1)
         result["runs"][method] = runs
         bar.write(f"{s.name} x{ranks}{' pd' if args.pd else ''} {method}: "
                   + ", ".join(describe(r) for r in runs))
