@@ -24,7 +24,11 @@ microseconds, all measured in this one run:
 - ``bootstrap_lookup_us`` / ``bootstrap_insert_us``: a hit in a half-full table; an
   insert (followed, untimed, by its removal so the table stays half full).
 - ``zmq_pickle_report_us`` / ``http_bootstrap_get_us``: SGLang's load report and
-  bootstrap look-up, see ``bench.micro.baselines``.
+  bootstrap look-up, see ``bench.micro.baselines``. ``board_speedup_vs_zmq`` is the
+  report's one-way delivery (how late a dispatcher learns a rank's load that way, most
+  of it waking the receiver) over ``pick_bump_us_n8`` (reading every rank's load from
+  the board and counting the request: all the board path does); not the same work, the
+  same question answered. ``table_speedup_vs_http``: the GET over ``bootstrap_lookup_us``.
 
 ``--json PATH`` writes the figures plus the two ratios the targets are about.
 """
