@@ -17,12 +17,15 @@ prefix cache, ``--executor sim`` pays only the uncached prefill):
 - ``multi-turn``: conversations that resend their history (``bench.client.dataset``).
 - ``no-reuse``: random prompts of the shared-prefix lengths: nothing to reuse.
 
-Each scenario's capacity is a saturating run of ``round_robin`` (rate ``inf``); each
-method then runs at ``LOAD`` x that rate and (shared-prefix) saturated: every request
+Each scenario's capacity is ``round_robin``'s saturation throughput; each method then
+runs at ``LOAD`` x that rate and (shared-prefix) saturated. Saturated: every request
 sent at once with at most ``SATURATION_CONCURRENCY`` per rank in flight (SGLang's
-``--max-concurrency``), whose completed requests per second are its saturation
+``--max-concurrency``), whose completed requests per second are the saturation
 throughput. (An open-loop overload instead fills every KV pool with queued prompts,
-which evicts every cached prefix whatever the method: it measures thrashing.) Every run starts
+which evicts every cached prefix whatever the method: it measures thrashing. Until
+2026-12-08 the capacity run was such an overload, which completed fewer requests per
+second than the ranks can serve: ``LOAD`` of it was 0.93-0.99x of round robin's
+saturation throughput on shared-prefix at 4 ranks.) Every run starts
 from empty caches (``/flush_cache``, which also empties the dispatcher's memory of prompts
 and hot prefixes) and each rate has its own prompts (the same for every method): nothing a
 run leaves cached helps the next. ``smg`` is smg 1.13 (``python -m smg launch --policy
@@ -236,7 +239,10 @@ def run_scenario(s: CacheScenario, ranks: int, args, bar: tqdm) -> dict:
                     result["capacity_req_s"] = None
                 else:
                     bar.set_postfix_str(f"{s.name} x{ranks}: capacity")
-                    cap = one_run(s, ranks, server.url, 1.0, math.inf, args.seed + 7)
+                    # Saturated as the saturated runs are (at most SATURATION_CONCURRENCY
+                    # per rank): a burst of every request at once thrashes the caches and
+                    # completes fewer per second than the ranks can serve.
+                    cap = one_run(s, ranks, server.url, SATURATED, math.inf, args.seed + 7)
                     bar.update(1)
                     result["capacity_req_s"] = cap["request_throughput"]
                     result["capacity_run"] = cap
