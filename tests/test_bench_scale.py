@@ -24,3 +24,12 @@ def test_scale_reports_front_door_cost_per_rank_count(tmp_path, capsys):
     ratio = summary["dispatch_ratio_3_vs_1_total_requests"]
     assert ratio == rows[1]["dispatch_cpu_us"] / rows[0]["dispatch_cpu_us"]
     assert "dispatch_ratio_3_vs_1_total_requests" in capsys.readouterr().out
+
+
+def test_a_run_without_figures_prints_dashes_and_its_failures(capsys):
+    from bench.compare.scale import print_table
+    row = {"method": "total_tokens", "ranks": 4, "dispatch_cpu_us": 3.0, "dispatch_us": 5.0,
+           "mean_ttft_ms": None, "mean_e2e_ms": None, "request_throughput": 0.0, "failed": 12}
+    print_table({"rows": [row]})
+    line = capsys.readouterr().out.splitlines()[2].split()
+    assert line == ["total_tokens", "4", "3.0", "5.0", "-", "-", "0.0", "12"]

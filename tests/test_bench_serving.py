@@ -21,7 +21,7 @@ from aiohttp import web
 from bench.client.backends import RequestResult, send_openai, send_sglang
 from bench.client.dataset import (BenchRequest, arrival_offsets, length_range, random_requests,
                                   shared_prefix_requests)
-from bench.client.metrics import format_summary, summarize
+from bench.client.metrics import STATS, format_summary, summarize
 from bench.client.serving import BenchConfig, parse_config, run_benchmark, time_scale, to_model_time
 from tests.server_helpers import REPO, ServerProcess
 
@@ -220,6 +220,25 @@ def test_figures_follow_sglangs_definitions():
     assert f["peak_concurrent_requests"] == 3
     assert f["requests_per_dp_rank"] == {"0": 1, "1": 2}
     assert f["output_tokens_per_dp_rank"] == {"0": 5, "1": 10}
+
+
+def test_a_run_whose_requests_all_failed_has_no_figures_not_zeros():
+    """0.0 ms would read as the best TTFT of all (a ratio of 0 against another method):
+    an empty distribution is None, printed "-", null in the JSON line."""
+    failed = [RequestResult(prompt_len=10, error="HTTP 503", start_time=100.0 + i / 10,
+                            latency=0.05) for i in range(3)]
+    f = summarize(failed, duration_s=0.25, bench_start=100.0)
+    assert (f["completed"], f["failed"]) == (0, 3)
+    for name in ("e2e_latency", "ttft", "tpot", "itl"):
+        assert all(f[f"{stat}_{name}_ms"] is None for stat in STATS), name
+    f.update(backend="sglang", request_rate=1.0, max_concurrency=None)
+    rows = {l[:40].rstrip(): l[41:].rstrip() for l in format_summary(f).splitlines() if ":" in l}
+    assert rows["Mean TTFT (ms):"] == rows["P99 TPOT (ms):"] == "-"
+    assert rows["Successful requests:"] == "0"
+    # One-token outputs only: no TPOT and no ITL, whatever the TTFT.
+    one = summarize([_result(0.0, 0.1, 0.1, 1, [])], 1.0, 0.0)
+    assert one["mean_ttft_ms"] == pytest.approx(100.0)
+    assert one["mean_tpot_ms"] is None and one["max_itl_ms"] is None
 
 
 def _streamed(start, times, tokens_each=1) -> RequestResult:

@@ -16,7 +16,10 @@ Definitions (SGLang's):
   the mean TTFT of the requests that reused at least half of their prompt
   (``mean_ttft_hit_ms``, ``hit_requests``) and of the others (``mean_ttft_miss_ms``):
   where a method's TTFT goes, hits waiting in a queue or prompts computed again.
-Latency figures are in milliseconds, as SGLang prints them.
+Latency figures are in milliseconds, as SGLang prints them. Every latency statistic is
+over the successful requests (``completed``; ``failed`` counts the others) and is None,
+printed "-", where there is none: no successful request, or (TPOT) none with more than
+one output token.
 
 The block keeps SGLang's line order and ``{:<40} {:<10}`` columns. It leaves out
 "Total generated tokens (retokenized)", which needs the model's tokenizer on the
@@ -35,10 +38,12 @@ from bench.client.backends import RequestResult
 STATS = ("mean", "median", "std", "p90", "p95", "p99", "max")
 
 
-def distribution(values_s: list[float]) -> dict[str, float]:
-    """STATS of values given in seconds, returned in milliseconds (0 if empty)."""
+def distribution(values_s: list[float]) -> dict[str, float | None]:
+    """STATS of values given in seconds, returned in milliseconds; None each when there
+    are none (a run whose requests all failed has no TTFT, not a TTFT of 0, which a
+    ratio against another method would read as a perfect score)."""
     if not values_s:
-        return dict.fromkeys(STATS, 0.0)
+        return dict.fromkeys(STATS, None)
     ms = np.asarray(values_s, dtype=float) * 1000.0
     return {"mean": float(ms.mean()), "median": float(np.median(ms)), "std": float(ms.std()),
             "p90": float(np.percentile(ms, 90)), "p95": float(np.percentile(ms, 95)),
@@ -141,6 +146,8 @@ def peak_concurrency(results: list[RequestResult]) -> int:
 
 # ---- the printed block --------------------------------------------------------------------
 def _row(label: str, value) -> str:
+    if value is None:  # no figure: no request it could come from
+        return "{:<40} {:<10}".format(label, "-")
     if isinstance(value, float):
         return "{:<40} {:<10.2f}".format(label, value)
     return "{:<40} {:<10}".format(label, value)

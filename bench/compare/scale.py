@@ -73,15 +73,20 @@ def summarize(rows: list[dict], ranks: list[int]) -> dict:
     return out
 
 
+def _cell(value: float | None, width: int, fmt: str) -> str:
+    """A figure right-aligned in ``width``; "-" where there is none (no request succeeded)."""
+    return f"{'-' if value is None else format(value, fmt):>{width}}"
+
+
 def print_table(summary: dict) -> None:
     print("simulated (sim executor, instant profile): front door cost per request")
     print(f"{'method':<16}{'ranks':>6}{'cpu us':>8}{'wall us':>9}{'TTFT ms':>10}{'E2E ms':>9}"
           f"{'done/s':>8}{'failed':>8}")
     for r in summary["rows"]:
-        print(f"{r['method']:<16}{r['ranks']:>6}{r['dispatch_cpu_us'] or float('nan'):>8.1f}"
-              f"{r['dispatch_us'] or float('nan'):>9.1f}"
-              f"{r['mean_ttft_ms'] or float('nan'):>10.2f}{r['mean_e2e_ms'] or float('nan'):>9.2f}"
-              f"{r['request_throughput'] or float('nan'):>8.1f}{r['failed'] or 0:>8}")
+        print(f"{r['method']:<16}{r['ranks']:>6}{_cell(r['dispatch_cpu_us'], 8, '.1f')}"
+              f"{_cell(r['dispatch_us'], 9, '.1f')}{_cell(r['mean_ttft_ms'], 10, '.2f')}"
+              f"{_cell(r['mean_e2e_ms'], 9, '.2f')}{_cell(r['request_throughput'], 8, '.1f')}"
+              f"{r['failed'] or 0:>8}")
     ratios = {k: v for k, v in summary.items() if "dispatch_ratio" in k}
     for key, value in ratios.items():
         print(f"{key}: {value:.2f} (target <= 2)")
