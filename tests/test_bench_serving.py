@@ -416,6 +416,7 @@ def test_openai_stream_and_errors_in_stream():
     assert (r.output_len, r.itl) == (1, []) and r.ttft == pytest.approx(0.03, abs=0.02)
     r = asyncio.run(run(broken, send_sglang))
     assert not r.success and "boom" in r.error
+    assert 0 < r.latency < 5  # until the error was seen
 
 
 def test_conversations_send_each_turn_after_the_last_with_its_answer():
@@ -471,6 +472,47 @@ def test_conversations_send_each_turn_after_the_last_with_its_answer():
     assert f["total_cached_tokens"] == 4 * (12 + 15 + 19)
     assert f["cache_hit_rate"] == pytest.approx(f["total_cached_tokens"] / f["total_input_tokens"])
     assert f["dataset_name"] == "generated-shared-prefix" and f["gsp_num_turns"] == 3
+
+
+def test_a_failed_request_is_timed_until_its_failure_and_the_run_lasts_until_it():
+    """Duration is from the first request sent to the last one finished, failed or not
+    (SGLang's): a request that fails last ends the run, and its time in flight counts
+    toward peak concurrency."""
+    calls = []
+
+    async def generate(request):
+        calls.append(True)
+        if len(calls) == 2:  # the run's first request (after the warm-up): a late 503
+            await asyncio.sleep(0.4)
+            return web.Response(status=503, text="overloaded")
+        meta = {"completion_tokens": 2, "prompt_tokens": 8, "finish_reason": None}
+        return await _sse(request, [(0.0, {"text": "x", "output_ids": [1, 2],
+                                           "meta_info": meta}), (0.0, "[DONE]")])
+
+    async def run():
+        runner, url = await _stand_in(generate)
+        try:
+            cfg = BenchConfig(base_url=url, num_prompts=3, random_input_len=8,
+                              random_output_len=2, random_range_ratio=1.0, disable_tqdm=True,
+                              max_concurrency=1, return_requests=True)
+            return await asyncio.wait_for(run_benchmark(cfg), 30)
+        finally:
+            await runner.cleanup()
+
+    f = asyncio.run(run())
+    assert (f["completed"], f["failed"]) == (2, 1) and "HTTP 503" in f["first_errors"][0]
+    (failed,) = [r for r in f["requests"] if not r["success"]]
+    assert failed["latency_s"] >= 0.4
+    last_end = max(r["start_s"] + r["latency_s"] for r in f["requests"])
+    assert f["duration_s"] == pytest.approx(last_end) and f["duration_s"] >= 0.4
+
+
+def test_peak_concurrency_counts_a_failed_request_until_its_failure():
+    failed = RequestResult(prompt_len=10, error="TimeoutError", start_time=10.0, latency=1.0)
+    ok = [_result(10.2, 0.05, 0.1, 2, [0.05]), _result(10.5, 0.05, 0.1, 2, [0.05])]
+    assert summarize([failed, *ok], 1.0, 10.0)["peak_concurrent_requests"] == 2
+    failed.latency = 0.1  # failed before either was sent
+    assert summarize([failed, *ok], 1.0, 10.0)["peak_concurrent_requests"] == 1
 
 
 def test_openai_usage_reports_cached_tokens():

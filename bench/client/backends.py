@@ -12,6 +12,9 @@ Timing (``time.perf_counter``, from the moment the request is sent):
 - TTFT: the first chunk that carries output (new tokens or non-empty text);
 - ITL: for each later chunk bringing k tokens, k gaps of (chunk gap / k);
 - E2E: until ``data: [DONE]``; TPOT is derived from these in ``bench.client.metrics``.
+  A failed request's ``latency`` runs until its failure was seen (error status, error
+  event, broken stream, timeout): its time in flight, which no figure of successful
+  requests uses but the run's duration and peak concurrency count.
 
 Prefix cache: ``cached_tokens`` is what the server says the request reused, from
 ``meta_info.cached_tokens`` (sglang) or ``usage.prompt_tokens_details.cached_tokens``
@@ -43,7 +46,7 @@ class RequestResult:
     error: str = ""
     start_time: float = 0.0  # perf_counter when sent
     ttft: float = 0.0
-    latency: float = 0.0  # E2E
+    latency: float = 0.0  # E2E; for a failure, until the failure was seen
     itl: list[float] = field(default_factory=list)
     # (seconds since sent, tokens) per chunk that brought output; for peak throughput.
     chunks: list[tuple[float, int]] = field(default_factory=list)
@@ -176,6 +179,7 @@ async def _stream(session, url: str, payload: dict, result: RequestResult, on_ev
         if not result.success:
             result.error = "no output tokens received"
     except (StreamError, aiohttp.ClientError, msgspec.DecodeError, TimeoutError) as exc:
+        result.latency = time.perf_counter() - result.start_time
         result.error = f"{type(exc).__name__}: {exc}"
 
 

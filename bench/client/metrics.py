@@ -1,7 +1,7 @@
 """Figures of one benchmark run, and the summary block in SGLang's ``bench_serving`` layout.
 
 Definitions (SGLang's):
-- duration: from the first request sent to the last one finished;
+- duration: from the first request sent to the last one finished, failed or not;
 - totals and throughputs count successful requests only; input tokens as the server
   reported them (``meta_info.prompt_tokens`` / ``usage.prompt_tokens``);
 - concurrency: sum of E2E latencies / duration (mean requests in flight);
@@ -9,7 +9,8 @@ Definitions (SGLang's):
 - ITL: every inter-token gap of every request (see ``bench.client.backends``);
 - peak output token throughput: the most output tokens in one full 1-second window
   (aligned to the start), or the mean output throughput when that is higher
-  (``peak_output_throughput``); peak concurrent requests: the most requests in flight;
+  (``peak_output_throughput``); peak concurrent requests: the most requests in flight,
+  a failed one until its failure was seen;
 - prefix cache (ours): ``total_cached_tokens``, the prompt tokens the server said it
   reused (``cached_tokens``), and ``cache_hit_rate``, those over the input tokens of
   the requests that reported it; None (and not printed) when no request did. With it,
@@ -131,11 +132,12 @@ def peak_output_throughput(ok: list[RequestResult], bench_start: float,
 
 
 def peak_concurrency(results: list[RequestResult]) -> int:
+    """The most requests in flight at once, failed ones too: each from when it was sent
+    until it finished or its failure was seen (``RequestResult.latency``)."""
     events = []
     for r in results:
         if r.start_time:
-            end = r.start_time + (r.latency if r.success else max(r.latency, 0.0))
-            events += [(r.start_time, 1), (end, -1)]
+            events += [(r.start_time, 1), (r.start_time + r.latency, -1)]
     events.sort(key=lambda e: (e[0], e[1]))  # an end before a start at the same instant
     peak = now = 0
     for _, step in events:

@@ -259,7 +259,9 @@ async def run_benchmark(cfg: BenchConfig) -> dict:
 
         results = [r for turns in await asyncio.gather(
             *(conversation(r, o) for r, o in zip(requests, offsets))) for r in turns]
-        duration = max((r.start_time + r.latency for r in results if r.success),
+        # Until the last request finished, failed or not (SGLang's duration: it stops
+        # the clock when every request has returned).
+        duration = max((r.start_time + r.latency for r in results),
                        default=time.perf_counter()) - start
         bar.close()
     if scale != 1.0:
