@@ -118,6 +118,55 @@ def test_headline_gains_count_board_methods_only():
     out = headline([r], simulated=True)
     assert abs(out["variable_length_ttft_gain"] - 0.2) < 1e-9
     assert abs(out["variable_length_tpot_gain"] + 0.1) < 1e-9
+    assert out["failed"] == {}  # no run had a failed request
+
+
+def test_a_method_whose_requests_all_failed_scores_nothing_and_is_flagged():
+    """No successful request: no figure (None), so no ratio and no gain, never the 0.0
+    TTFT that read as a perfect ratio and a gain of 1; failures are counted per key."""
+    from bench.client.backends import RequestResult
+    from bench.client.metrics import summarize
+    from bench.compare.report import failed_lines, scenario_table
+    from bench.compare.run import KEEP
+
+    def run(frac, ttft, tpot, failed=0):
+        return {"fraction": frac, "request_rate": 2.0, "completed": 8, "failed": failed,
+                "mean_ttft_ms": ttft, "mean_tpot_ms": tpot, "output_throughput": 50.0,
+                "p99_ttft_ms": ttft}
+    # What bench.compare keeps of a run whose 8 requests all failed (a 503 each).
+    figures = summarize([RequestResult(prompt_len=8, error="HTTP 503", start_time=1.0 + i,
+                                       latency=0.01) for i in range(8)], 8.0, 1.0)
+    dead = {"fraction": 1.0, "request_rate": 2.0, **{k: figures.get(k) for k in KEEP}}
+    prefill = {"scenario": "prefill-heavy", "ranks": 4, "baseline": "follow_bootstrap_room",
+               "fractions": [0.8, 1.0], "methods": ["total_tokens", "follow_bootstrap_room"],
+               "runs": {"total_tokens": [run(0.8, 500.0, 9.0, failed=2), dead],
+                        "follow_bootstrap_room": [run(0.8, 1000.0, 9.0),
+                                                  run(1.0, 1200.0, 9.0)]}}
+    variable = {"scenario": "variable-length", "ranks": 4, "baseline": "round_robin",
+                "fractions": [1.0], "methods": ["total_tokens", "round_robin"],
+                "runs": {"total_tokens": [{**dead, "ttft_pass": dead}],
+                         "round_robin": [{**run(1.0, 100.0, 10.0),
+                                          "ttft_pass": run(1.0, 90.0, None)}]}}
+    out = headline([prefill, variable], simulated=True)
+    assert out["prefill_heavy_ttft_ratio_1_0"] is None
+    assert out["variable_length_ttft_gain"] is None and out["variable_length_tpot_gain"] is None
+    assert out["prefill_heavy_ttft_ratio_0_8"] == pytest.approx(0.5)  # kept, but flagged
+    assert out["failed"] == {
+        "prefill_heavy_ttft_ratio_0_8": {"total_tokens": 2, "follow_bootstrap_room": 0},
+        "prefill_heavy_ttft_ratio_1_0": {"total_tokens": 8, "follow_bootstrap_room": 0},
+        "variable_length_ttft_gain": {"total_tokens": 8, "round_robin": 0},  # the TTFT pass's
+        "variable_length_tpot_gain": {"total_tokens": 8, "round_robin": 0}}
+    lines = failed_lines(out)
+    assert lines[0].startswith("prefill_heavy_ttft_ratio_0_8 0.500 (2 failed: total_tokens 2")
+    assert lines[1].startswith("prefill_heavy_ttft_ratio_1_0 - (8 failed")
+    table = scenario_table(prefill).splitlines()
+    head = [c.strip() for c in table[0].strip("|").split("|")]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:]]
+    at = head.index("failed total_tokens")
+    assert [row[at] for row in rows] == ["2", "8"]
+    assert [row[head.index("TTFT total_tokens")] for row in rows] == ["500", "-"]
+    vl = scenario_table({**variable, "ttft_output_len": 1}).splitlines()
+    assert "failed total_tokens (full/TTFT pass)" in vl[0] and "| 8/8 | 0/0 |" in vl[2]
 
 
 def test_ttft_plot_shows_the_figures_the_table_uses():
@@ -228,6 +277,7 @@ def test_compare_writes_table_json_and_plots(tmp_path):
     assert set(summary["dispatch_probe_us"]) == {"2", "4"}
     run = summary["scenarios"][0]["runs"]["total_tokens"][0]
     assert run["completed"] == 6 and run["failed"] == 0
+    assert summary["failed"] == {} and "failed total_tokens" in report
     assert summary["scenarios"][1]["lockstep"] is True
     vl = summary["scenarios"][2]
     assert vl["ttft_capacity_req_s"] > 0 and vl["decode_ranks"] == 2

@@ -12,6 +12,12 @@ and ``_1_0`` (mean TTFT of ``total_tokens`` over ``follow_bootstrap_room`` at 0.
 (output throughput of ``total_requests`` over ``round_robin``, minus 1, highest rate),
 ``decode_heavy_p99_ttft_ratio``, ``mixed_gains`` (per method, TTFT and TPOT fraction
 lower than ``round_robin`` at the highest rate), ``dispatch_probe_us`` and ``simulated``.
+
+Every figure is over a run's successful requests; the tables give each run's failed
+requests, and a key is None where either side has no figure (no successful request),
+never 0 or a gain of 1. A key whose runs had failed requests keeps its figure and is
+named under ``failed`` with each side's count (``{"prefill_heavy_ttft_ratio_1_0":
+{"total_tokens": 3, "follow_bootstrap_room": 0}}``), and in a line under the headline.
 """
 
 from __future__ import annotations
@@ -53,6 +59,12 @@ def _fig(value, fmt="{:.0f}") -> str:
     return "-" if value is None else fmt.format(value)
 
 
+def _failed(run: dict, probe: bool) -> str:
+    """A run's failed requests; with a TTFT pass, "full/TTFT pass"."""
+    full = _fig(run.get("failed"))
+    return f"{full}/{_fig(ttft_figures(run).get('failed'))}" if probe else full
+
+
 def scenario_table(result: dict) -> str:
     methods, base = result["methods"], result["baseline"]
     others = [m for m in methods if m != base]
@@ -61,7 +73,8 @@ def scenario_table(result: dict) -> str:
             + [f"TTFT {m}" for m in methods]
             + [f"{m} vs {base}" for m in others] + [f"TPOT {m}" for m in methods]
             + [f"{m} vs {base}" for m in others]
-            + [f"out tok/s {m}" for m in methods] + [f"P99 TTFT {m}" for m in methods])
+            + [f"out tok/s {m}" for m in methods] + [f"P99 TTFT {m}" for m in methods]
+            + [f"failed {m}" + (" (full/TTFT pass)" if probe else "") for m in methods])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for frac in result["fractions"]:
         runs = {m: method_run(result, m, frac) or {} for m in methods}
@@ -79,30 +92,44 @@ def scenario_table(result: dict) -> str:
             row.append(_change(a, b))
         row += [_fig(runs[m].get("output_throughput"), "{:.0f}") for m in methods]
         row += [_fig(ttft_figures(runs[m]).get("p99_ttft_ms")) for m in methods]
+        row += [_failed(runs[m], probe) if runs[m] else "-" for m in methods]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
 def headline(results: list[dict], simulated: bool) -> dict:
+    """The top-level keys; a key with a side missing (not run, or no request succeeded)
+    is None. ``failed`` names each key whose figures left out failed requests, with the
+    failed count of each side's run (the run its figure came from)."""
     out: dict = {"simulated": simulated}
+    failed: dict[str, dict[str, int]] = {}
     by_name = {}
     for r in sorted(results, key=lambda r: r["ranks"]):
         by_name.setdefault(r["scenario"], r)  # the smallest rank count
 
-    def mean(r, m, frac, key):
+    def run_of(r, m, frac, key) -> dict:
         run = method_run(r, m, frac)
         if run and key.endswith("ttft_ms"):
             run = ttft_figures(run)
-        return run.get(key) if run else None
+        return run or {}
+
+    def mean(r, m, frac, key):
+        return run_of(r, m, frac, key).get(key)
+
+    def note(name, r, frac, key, *methods) -> None:
+        counts = {m: run_of(r, m, frac, key).get("failed") or 0 for m in methods}
+        if any(counts.values()):
+            failed[name] = counts
 
     def ratio(a, b):
         return a / b if a is not None and b else None
 
     if r := by_name.get("prefill-heavy"):
         for frac, key in ((0.8, "0_8"), (1.0, "1_0")):
-            out[f"prefill_heavy_ttft_ratio_{key}"] = ratio(
-                mean(r, "total_tokens", frac, "mean_ttft_ms"),
-                mean(r, "follow_bootstrap_room", frac, "mean_ttft_ms"))
+            name = f"prefill_heavy_ttft_ratio_{key}"
+            out[name] = ratio(mean(r, "total_tokens", frac, "mean_ttft_ms"),
+                              mean(r, "follow_bootstrap_room", frac, "mean_ttft_ms"))
+            note(name, r, frac, "mean_ttft_ms", "total_tokens", "follow_bootstrap_room")
 
     def gain(r, m, fig):  # fraction lower than the baseline's, highest rate
         top = max(r["fractions"])
@@ -112,8 +139,12 @@ def headline(results: list[dict], simulated: bool) -> dict:
     if r := by_name.get("variable-length"):
         boards = [m for m in r["methods"] if m in BOARD_METHODS]
         for key, fig in (("ttft", "mean_ttft_ms"), ("tpot", "mean_tpot_ms")):
-            gains = [g for m in boards if (g := gain(r, m, fig)) is not None]
-            out[f"variable_length_{key}_gain"] = max(gains) if gains else None
+            name = f"variable_length_{key}_gain"
+            gains = {m: g for m in boards if (g := gain(r, m, fig)) is not None}
+            best = max(gains, key=gains.get) if gains else None
+            out[name] = gains[best] if best else None
+            # The best method's failures, or with no gain every board method's.
+            note(name, r, max(r["fractions"]), fig, *([best] if best else boards), r["baseline"])
     if r := by_name.get("decode-heavy"):
         top = max(r["fractions"])
         tput = ratio(mean(r, "total_requests", top, "output_throughput"),
@@ -121,11 +152,32 @@ def headline(results: list[dict], simulated: bool) -> dict:
         out["decode_heavy_throughput_gain"] = tput - 1 if tput is not None else None
         out["decode_heavy_p99_ttft_ratio"] = ratio(mean(r, "total_requests", top, "p99_ttft_ms"),
                                                    mean(r, "round_robin", top, "p99_ttft_ms"))
+        for name, fig in (("decode_heavy_throughput_gain", "output_throughput"),
+                          ("decode_heavy_p99_ttft_ratio", "p99_ttft_ms")):
+            note(name, r, top, fig, "total_requests", "round_robin")
     if r := by_name.get("mixed"):
+        others = [m for m in r["methods"] if m != r["baseline"]]
         out["mixed_gains"] = {m: {"ttft": gain(r, m, "mean_ttft_ms"),
-                                  "tpot": gain(r, m, "mean_tpot_ms")}
-                              for m in r["methods"] if m != r["baseline"]}
+                                  "tpot": gain(r, m, "mean_tpot_ms")} for m in others}
+        for m in others:
+            for key, fig in (("ttft", "mean_ttft_ms"), ("tpot", "mean_tpot_ms")):
+                note(f"mixed_gains.{m}.{key}", r, max(r["fractions"]), fig, m, r["baseline"])
+    out["failed"] = failed
     return out
+
+
+def failed_lines(summary: dict) -> list[str]:
+    """One line per key of ``headline`` whose runs had failed requests: its figure, kept,
+    comes from the successful ones only, which can make a win of requests dropped."""
+    lines = []
+    for name, counts in summary.get("failed", {}).items():
+        value = summary
+        for part in name.split("."):
+            value = (value or {}).get(part)
+        sides = ", ".join(f"{m} {n}" for m, n in counts.items())
+        lines.append(f"{name} {_fig(value, '{:.3f}')} ({sum(counts.values())} failed: {sides}; "
+                     f"the figure is over the successful requests only)")
+    return lines
 
 
 def ttft_points(result: dict, method: str) -> tuple[list, list]:
@@ -177,6 +229,10 @@ def plot_load(result: dict, path: str, label: str) -> None:
     plt.close(fig)
 
 
+def _failed_note(run: dict) -> str:
+    return f", {run['failed']} failed" if run.get("failed") else ""
+
+
 def time_scales_used(results: list[dict]) -> float | dict | None:
     """The ``--sim-time-scale`` factor the runs used (``auto`` resolved): one number
     when every scenario and rank count used the same, else one per "scenario@ranks"."""
@@ -215,7 +271,8 @@ def write_reports(results: list[dict], probe: dict, args, elapsed_s: float) -> s
                   f"input {r['input_len']} (ratio {r['range_ratio']}), output {r['output_len']},"
                   f"{mode}{lock}{stretched}{conc} {r.get('prompts', '?')} prompts per run, capacity "
                   f"{r['capacity_req_s']:.2f} req/s (saturating run of "
-                  f"{cap.get('completed', '?')} prompts); TTFT/TPOT in ms", "",
+                  f"{cap.get('completed', '?')} prompts{_failed_note(cap)}); TTFT/TPOT in ms",
+                  "",
                   *([f"TTFT and P99 TTFT: a second pass of {r.get('ttft_prompts') or 'the same'} "
                      f"prompts (lengths drawn alike) with {r['ttft_output_len']} output "
                      f"token(s) (as SGLang PR #20435 measured TTFT) at the "
@@ -240,6 +297,9 @@ def write_reports(results: list[dict], probe: dict, args, elapsed_s: float) -> s
                   "| us | " + " | ".join(f"{v:.1f}" for v in probe.values()) + " |", ""]
     parts += ["## headline", "", "```", json.dumps(
         {k: v for k, v in summary.items() if k not in ("scenarios",)}, indent=1), "```"]
+    if flagged := failed_lines(summary):
+        parts += ["", "keys read on runs with failed requests:", "",
+                  *(f"- {line}" for line in flagged)]
     report = "\n".join(parts)
     with open(os.path.join(args.out, "report.md"), "w") as f:
         f.write(report + "\n")
