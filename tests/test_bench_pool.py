@@ -96,3 +96,29 @@ def test_pooled_ratios_come_with_an_interval():
     assert (lo, hi) == pytest.approx((0.5 - 0.6211, 0.5 + 0.6211), abs=1e-3)
     text, _ = report(pooled, ["a", "b", "c"])
     assert "95% interval" in text and "offered req/s" in text
+
+
+def test_a_run_with_no_successful_request_is_named_not_dropped_silently(tmp_path, capsys):
+    """Its figures are missing, so the pooled mean stands on the other runs: a warning
+    names it, the failures are summed, and the per-run ratios say one was left out."""
+    ok, dead = summary(1000, 4000), summary(9999, 4000)
+    tt = dead["scenarios"][0]["runs"]["total_tokens"][0]
+    tt.update(completed=0, failed=10, mean_ttft_ms=None, mean_tpot_ms=None)
+    ok["scenarios"][0]["runs"]["total_tokens"][0]["failed"] = 2
+    pooled = pool([ok, dead, summary(2000, 4000)], ["a", "b", "c"])
+    run = pooled[0]["runs"]["total_tokens"][0]
+    assert (run["completed"], run["failed"]) == (20, 12)
+    assert run["mean_ttft_ms"] == pytest.approx(1500)  # runs a and c only
+    assert pooled[0]["empty_runs"] == [{"source": "b", "method": "total_tokens",
+                                        "fraction": 1.0, "part": "run", "failed": 10}]
+    assert pooled[0]["spread_dropped"] == {"total_tokens@1": 1}
+    text, out = report(pooled, ["a", "b", "c"])
+    assert ("warning: b: total_tokens at 1x (run) had no successful request (10 failed)"
+            in text)
+    assert "total_tokens@1 0.25-0.50; " in text and "(1 run(s) without a mean TTFT left out)" in text
+    assert out["failed"] == {"prefill_heavy_ttft_ratio_1_0": {"total_tokens": 12,
+                                                              "follow_bootstrap_room": 0}}
+    assert "prefill_heavy_ttft_ratio_1_0 0.375 (12 failed" in text
+    # Runs with no failure: nothing flagged, nothing warned.
+    text, out = report(pool([summary(1000, 4000), summary(2000, 4000)]), ["a", "b"])
+    assert out["failed"] == {} and "warning" not in text and "left out" not in text

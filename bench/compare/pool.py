@@ -10,11 +10,15 @@ target on a mean is read on the pooled runs:
 
 Each input is a ``bench.compare`` output folder (its ``summary.json``) or a summary file.
 Runs of the same scenario, rank count and shape are pooled per method and rate: mean
-TTFT and TPOT weighted by completed requests (the mean over every request of every
-run), output throughput and offered request rate averaged; P99s are not pooled. The table
-has ``bench.compare``'s layout, plus each method's per-run ratio to the baseline (min-max,
-and with two runs or more the 95% interval of its mean, Student's t, under ``ci95``);
-the headline JSON keys are ``bench.compare``'s, computed on the pooled figures.
+TTFT and TPOT weighted by completed requests (the mean over every successful request of
+every run), output throughput and offered request rate averaged, failed requests summed;
+P99s are not pooled. The table has ``bench.compare``'s layout, plus each method's per-run
+ratio to the baseline (min-max, and with two runs or more the 95% interval of its mean,
+Student's t, under ``ci95``); a run without a mean TTFT on either side is left out of
+those, and counted under ``spread_dropped``. The headline JSON keys are
+``bench.compare``'s, computed on the pooled figures, with ``failed`` naming the keys
+read on runs with failed requests. An input run in which no request succeeded adds
+nothing to a pooled mean: each one is named in a warning line (and under ``empty_runs``).
 
 Pooled runs must be independent samples: the same input twice, or two runs of one
 ``--seed`` (the same prompts and arrivals), are refused.
@@ -28,7 +32,8 @@ import os
 import sys
 
 from bench.cli import DefaultsHelpFormatter, writable_file
-from bench.compare.report import headline, method_run, scenario_table, ttft_figures
+from bench.compare.report import (failed_section, headline, method_run, scenario_table,
+                                   ttft_figures)
 from bench.stats import mean_ci95
 
 # What must match for two runs to be pooled.
@@ -85,10 +90,13 @@ def load_summary(path: str) -> dict:
 
 
 def _pool_runs(runs: list[dict], fraction: float) -> dict:
-    """One pooled run from the same method and rate of several runs."""
+    """One pooled run from the same method and rate of several runs; ``failed`` sums
+    theirs (None where no input recorded it)."""
     done = [r for r in runs if r.get("completed")]
     total = sum(r["completed"] for r in done)
-    out: dict = {"fraction": fraction, "completed": total, "pooled_runs": len(runs)}
+    counted = [r["failed"] for r in runs if r.get("failed") is not None]
+    out: dict = {"fraction": fraction, "completed": total, "pooled_runs": len(runs),
+                 "failed": sum(counted) if counted else None}
     for key in WEIGHTED:
         have = [r for r in done if r.get(key) is not None]
         n = sum(r["completed"] for r in have)
@@ -99,12 +107,30 @@ def _pool_runs(runs: list[dict], fraction: float) -> dict:
     return out
 
 
-def pool(summaries: list[dict]) -> list[dict]:
-    """The pooled results, one per (scenario, ranks), in the order first seen."""
+def _empty_runs(runs: list[dict], sources: list[str], method: str, frac: float,
+                probe: bool) -> list[dict]:
+    """The runs (or TTFT passes) in which no request succeeded: they add nothing to a
+    pooled mean, which then stands on the other inputs alone."""
+    empty = []
+    for run, source in zip(runs, sources):
+        parts = [("run", run)] + ([("TTFT pass", ttft_figures(run))] if probe else [])
+        for part, figures in parts:
+            if not figures.get("completed"):
+                empty.append({"source": source, "method": method, "fraction": frac,
+                              "part": part, "failed": figures.get("failed")})
+    return empty
+
+
+def pool(summaries: list[dict], sources: list[str] | None = None) -> list[dict]:
+    """The pooled results, one per (scenario, ranks), in the order first seen.
+    ``sources`` names the inputs in ``empty_runs`` (default "input 1", ...)."""
+    sources = sources or [f"input {i + 1}" for i in range(len(summaries))]
     groups: dict[tuple, list[dict]] = {}
-    for summary in summaries:
+    origin: dict[tuple, list[str]] = {}
+    for summary, source in zip(summaries, sources):
         for r in summary["scenarios"]:
             groups.setdefault((r["scenario"], r["ranks"]), []).append(r)
+            origin.setdefault((r["scenario"], r["ranks"]), []).append(source)
     pooled = []
     for (name, ranks), results in groups.items():
         first = results[0]
@@ -116,7 +142,8 @@ def pool(summaries: list[dict]) -> list[dict]:
         merged = {k: first.get(k) for k in SHAPE}
         merged.update(prompts=sum(r.get("prompts") or 0 for r in results),
                       simulated=any(r.get("simulated") for r in results),
-                      pooled_runs=len(results), runs={}, spread={}, ci95={})
+                      pooled_runs=len(results), runs={}, spread={}, ci95={},
+                      spread_dropped={}, empty_runs=[])
         base = first["baseline"]
         for m in first["methods"]:
             for frac in first["fractions"]:
@@ -124,14 +151,18 @@ def pool(summaries: list[dict]) -> list[dict]:
                 if any(run is None for run in runs):
                     continue
                 run = _pool_runs(runs, frac)
-                if first.get("ttft_output_len"):
+                probe = bool(first.get("ttft_output_len"))
+                if probe:
                     run["ttft_pass"] = _pool_runs([ttft_figures(x) for x in runs], frac)
                 merged["runs"].setdefault(m, []).append(run)
+                merged["empty_runs"] += _empty_runs(runs, origin[(name, ranks)], m, frac, probe)
                 if m == base:
                     continue
                 ratios = [a / b for x, r in zip(runs, results)
                           if (a := ttft_figures(x).get("mean_ttft_ms"))
                           and (b := ttft_figures(method_run(r, base, frac)).get("mean_ttft_ms"))]
+                if len(ratios) < len(runs):  # a side without a figure: say so, not a smaller n
+                    merged["spread_dropped"][f"{m}@{frac:g}"] = len(runs) - len(ratios)
                 if ratios:
                     merged["spread"][f"{m}@{frac:g}"] = [min(ratios), max(ratios)]
                 if len(ratios) > 1:
@@ -147,16 +178,40 @@ def report(pooled: list[dict], sources: list[str]) -> tuple[str, dict]:
     for r in pooled:
         parts += [f"## {r['scenario']}, {r['ranks']} ranks: {r['pooled_runs']} runs, "
                   f"{r['prompts']} prompts per method and rate", "",
-                  "mean TTFT/TPOT: over every request of every run (ms); offered req/s and out "
-                  "tok/s: the runs' average; P99: not pooled", "", scenario_table(r), "",
+                  *empty_run_warnings(r),
+                  "mean TTFT/TPOT: over every successful request of every run (ms); offered "
+                  "req/s and out tok/s: the runs' average; failed: the runs' sum; P99: not "
+                  "pooled", "", scenario_table(r), "",
                   f"one run's mean TTFT over {r['baseline']} (min-max; mean's 95% interval): "
-                  + ", ".join(f"{k} {lo:.2f}-{hi:.2f}" + (
-                      "; {:.2f}-{:.2f}".format(*r["ci95"][k]) if k in r.get("ci95", {}) else "")
-                      for k, (lo, hi) in r["spread"].items()), ""]
+                  + ", ".join(_spread(r, k) for k in {**r["spread"], **r["spread_dropped"]}), ""]
     summary = {**headline(pooled, simulated), "sources": sources, "scenarios": pooled}
     parts += ["## headline (pooled)", "", "```", json.dumps(
         {k: v for k, v in summary.items() if k != "scenarios"}, indent=1), "```"]
+    parts += failed_section(summary)
     return "\n".join(parts), summary
+
+
+def empty_run_warnings(r: dict) -> list[str]:
+    """A warning line per input run of ``r`` in which no request succeeded."""
+    lines = [f"warning: {e['source']}: {e['method']} at {e['fraction']:g}x ({e['part']}) had "
+             f"no successful request ({_count(e['failed'])} failed); the pooled figures of "
+             f"{e['method']} at {e['fraction']:g}x stand on the other runs"
+             for e in r.get("empty_runs", [])]
+    return [*lines, ""] if lines else []
+
+
+def _count(n: int | None) -> str:
+    return "?" if n is None else str(n)
+
+
+def _spread(r: dict, key: str) -> str:
+    """``key``'s min-max of the per-run ratios, their interval, and the runs left out."""
+    text = f"{key} " + ("{:.2f}-{:.2f}".format(*r["spread"][key]) if key in r["spread"] else "-")
+    if key in r.get("ci95", {}):
+        text += "; {:.2f}-{:.2f}".format(*r["ci95"][key])
+    if dropped := r.get("spread_dropped", {}).get(key):
+        text += f" ({dropped} run(s) without a mean TTFT left out)"
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summaries = [load_summary(x) for x in args.inputs]
         check_independent(args.inputs, summaries)
-        text, summary = report(pool(summaries), args.inputs)
+        text, summary = report(pool(summaries, args.inputs), args.inputs)
     except PoolError as e:
         print(f"bench.compare.pool: {e}", file=sys.stderr)
         return 2

@@ -229,6 +229,15 @@ def plot_load(result: dict, path: str, label: str) -> None:
     plt.close(fig)
 
 
+def failed_section(summary: dict) -> list[str]:
+    """The report's lines for ``failed_lines``, under the headline; none when no key's runs
+    had a failed request."""
+    flagged = failed_lines(summary)
+    if not flagged:
+        return []
+    return ["", "keys read on runs with failed requests:", "", *(f"- {line}" for line in flagged)]
+
+
 def _failed_note(run: dict) -> str:
     return f", {run['failed']} failed" if run.get("failed") else ""
 
@@ -297,9 +306,7 @@ def write_reports(results: list[dict], probe: dict, args, elapsed_s: float) -> s
                   "| us | " + " | ".join(f"{v:.1f}" for v in probe.values()) + " |", ""]
     parts += ["## headline", "", "```", json.dumps(
         {k: v for k, v in summary.items() if k not in ("scenarios",)}, indent=1), "```"]
-    if flagged := failed_lines(summary):
-        parts += ["", "keys read on runs with failed requests:", "",
-                  *(f"- {line}" for line in flagged)]
+    parts += failed_section(summary)
     report = "\n".join(parts)
     with open(os.path.join(args.out, "report.md"), "w") as f:
         f.write(report + "\n")
