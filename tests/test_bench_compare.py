@@ -415,6 +415,40 @@ def test_cache_saturated_repeats_pair_by_order():
         main(["--repeats", "0", "--saturated-repeats", "0"])
 
 
+def test_cache_repeats_without_a_figure_are_counted_and_failures_flagged():
+    """A repeat whose run had no successful request has no figure: the pair is dropped and
+    said so (not a silently smaller n), and failed requests are named per key and side."""
+    from bench.compare.cache_summary import LOAD, describe, flag_lines, headline
+
+    def run(ttft, failed=0, mom=1.0):
+        return {"fraction": LOAD, "mean_ttft_ms": ttft, "p99_ttft_ms": ttft,
+                "request_throughput": 1.0 if ttft else 0.0, "failed": failed,
+                "max_over_mean_requests": mom if ttft else None}
+    shared = {"scenario": "shared-prefix", "runs": {
+        "round_robin": [run(1000), run(500), run(800, failed=1)],
+        "cache_aware": [run(300), run(None, failed=64), run(400)]}}
+    hot = {"scenario": "hot-prefix", "runs": {"cache_aware": [run(1, mom=1.2), run(None, 64)]}}
+    h = headline([shared, hot])
+    assert h["shared_prefix_ttft_ratio_rr"] == pytest.approx((0.3 + 0.5) / 2)
+    assert h["per_repeat"]["shared_prefix_ttft_ratio_rr"] == pytest.approx([0.3, 0.5])
+    assert h["hot_prefix_max_over_mean"] == 1.2
+    assert h["dropped_pairs"] == {"shared_prefix_ttft_ratio_rr": {"dropped": 1, "of": 3},
+                                  "hot_prefix_max_over_mean": {"dropped": 1, "of": 2}}
+    assert h["failed"] == {"shared_prefix_ttft_ratio_rr": {"cache_aware": 64, "round_robin": 1},
+                           "hot_prefix_max_over_mean": {"cache_aware": 64}}
+    lines = flag_lines(h)
+    assert lines[0] == ("shared_prefix_ttft_ratio_rr 0.400 (65 failed: cache_aware 64, "
+                        "round_robin 1; over the successful requests only)")
+    assert ("shared_prefix_ttft_ratio_rr 0.400: 1 of 3 repeat(s) dropped for a missing figure"
+            in lines[2])
+    assert describe(run(None, failed=64)).endswith("0.00 req/s completed, hit -, 64 failed")
+    assert describe(run(300)).endswith(", 0 failed")
+    # Every repeat with figures and no failure: nothing flagged.
+    clean = headline([{"scenario": "shared-prefix", "runs": {
+        "round_robin": [run(1000)], "cache_aware": [run(300)]}}])
+    assert (clean["failed"], clean["dropped_pairs"], flag_lines(clean)) == ({}, {}, [])
+
+
 def test_cache_scenarios_fit_the_pool_and_the_server_they_run_on():
     from bench.compare.cache import REAL_DIVISOR, SCENARIOS, server_flags
 

@@ -83,7 +83,8 @@ from bench.cli import (DefaultsHelpFormatter, interrupted, model_path, non_negat
                        out_folder, positive_float, positive_int, rank_count, sim_profile)
 from bench.client.server import ServerProcess, exit_on_sigterm
 from bench.client.serving import BenchConfig, run_benchmark
-from bench.compare.cache_summary import LOAD, SATURATED, SMG, describe, headline, write_summary
+from bench.compare.cache_summary import (LOAD, SATURATED, SMG, describe, flag_lines, headline,
+                                         write_summary)
 from bench.compare.scenarios import SIM_CHUNKED_PREFILL_SIZE
 from bench.compare.smg import SmgGateway
 
@@ -378,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
                            f"{summary_path}")
     summary = write_summary(summary_path, by_ranks, args, started)
     print(json.dumps({k: v for k, v in summary.items() if k != "by_ranks"}, indent=1))
+    for n, h in by_ranks.items():
+        for line in flag_lines(h):
+            print(f"{n} ranks: {line}")
     if args.repeats == 1:
         print("one repeat: the ratios above carry no interval (--repeats N, N >= 2, gives "
               "each a 95% interval under ci95)", file=sys.stderr)
