@@ -58,6 +58,14 @@ def test_runs_of_different_shapes_are_refused():
     other["scenarios"][0]["input_len"] = 4096
     with pytest.raises(PoolError, match="differ in input_len"):
         pool([summary(1000, 2000), other])
+    # Steps slowed down another way, or another accelerator: not one sample either.
+    other = summary(1000, 2000)
+    other["scenarios"][0]["sim_time_scale"] = 8.0
+    with pytest.raises(PoolError, match="differ in sim_time_scale"):
+        pool([summary(1000, 2000), other])
+    other = {**summary(1000, 2000), "executor": "sim", "sim_profile": "tiny-cpu"}
+    with pytest.raises(PoolError, match="differ in executor, sim_profile"):
+        pool([summary(1000, 2000), other])
 
 
 def test_cli_reads_folders_and_reports_bad_input(tmp_path, capsys):

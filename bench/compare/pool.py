@@ -20,8 +20,9 @@ those, and counted under ``spread_dropped``. The headline JSON keys are
 read on runs with failed requests. An input run in which no request succeeded adds
 nothing to a pooled mean: each one is named in a warning line (and under ``empty_runs``).
 
-Pooled runs must be independent samples: the same input twice, or two runs of one
-``--seed`` (the same prompts and arrivals), are refused.
+Pooled runs must be independent samples of one thing: the same input twice, two runs of
+one ``--seed`` (the same prompts and arrivals), and runs of another executor, simulation
+profile or ``--sim-time-scale`` are refused.
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ from bench.stats import mean_ci95
 # What must match for two runs to be pooled.
 SHAPE = ("scenario", "ranks", "baseline", "methods", "fractions", "input_len", "output_len",
          "range_ratio", "pd", "pd_balanced", "decode_ranks", "lockstep", "ttft_output_len",
-         "max_concurrency")
+         "max_concurrency", "sim_time_scale")
+# ...and for the runs' summaries to be pooled at all (the same hardware, real or simulated).
+SERVER = ("executor", "sim_profile")
 WEIGHTED = ("mean_ttft_ms", "mean_tpot_ms")
 AVERAGED = ("output_throughput", "request_rate")
 
@@ -125,6 +128,11 @@ def pool(summaries: list[dict], sources: list[str] | None = None) -> list[dict]:
     """The pooled results, one per (scenario, ranks), in the order first seen.
     ``sources`` names the inputs in ``empty_runs`` (default "input 1", ...)."""
     sources = sources or [f"input {i + 1}" for i in range(len(summaries))]
+    for summary, source in zip(summaries[1:], sources[1:]):
+        diff = [k for k in SERVER if summary.get(k) != summaries[0].get(k)]
+        if diff:
+            raise PoolError(f"{source} and {sources[0]} differ in {', '.join(diff)}; pool "
+                            "runs of one server (only --seed may differ)")
     groups: dict[tuple, list[dict]] = {}
     origin: dict[tuple, list[str]] = {}
     for summary, source in zip(summaries, sources):
