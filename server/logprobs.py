@@ -10,9 +10,9 @@ likely first; None where unknown), and the prompt's logprobs from
 - OpenAI completions: ``{tokens, token_logprobs, top_logprobs, text_offset}``, the top
   lists as ``{token text: logprob}`` with the position's own token added where the top
   ``logprobs`` leave it out (OpenAI's "up to logprobs + 1"); ``echo`` puts the prompt's
-  positions first. A
-  token that is part of a multi-byte character is named ``bytes:\\xHH...``, as OpenAI
-  does (its text alone would be U+FFFD, the same for every such token).
+  positions first. A token that is part of a multi-byte character is named
+  ``bytes:\\xHH...``, as OpenAI does (its text alone would be U+FFFD, the same for
+  every such token).
 - OpenAI chat: ``{"content": [{token, logprob, bytes, top_logprobs: [...]}]}``; ``bytes``
   are the token's own (a client joins them to rebuild a character split over tokens).
 
