@@ -56,8 +56,8 @@ def measure_resolve(num_requests: int, seed: int = 0) -> dict:
         resolve_ns, lookup_ns = _resolve_run(num_requests, prefill_later, seed)
         figures[f"{name}_us"] = statistics.median(resolve_ns) / 1e3
         figures[f"{name}_p99_us"] = resolve_ns[int(0.99 * (len(resolve_ns) - 1))] / 1e3
+        figures[f"{name}_samples"] = len(resolve_ns)
     figures["bootstrap_lookup_us"] = lookup_ns / 1e3
-    figures["resolve_samples"] = len(resolve_ns)
     return figures
 
 
