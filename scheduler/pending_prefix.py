@@ -15,7 +15,8 @@ it shares with that prompt (compared by their chained block keys, as the summari
 and ``cache_aware`` weighs that as it weighs a cached prefix. Once the prefix is cached the
 summaries answer and this memory is not consulted. It is per dispatcher (several API
 processes each remember their own) and bounded (``PENDING_MAX`` prompts,
-``PENDING_MAX_TOKENS`` tokens; the oldest go first). Wrong guesses cost one routing
+``PENDING_MAX_TOKENS`` tokens; the oldest go first), and a prompt is let go once its
+``PENDING_S`` are over (at the next one noted), whether or not another asked for it. Wrong guesses cost one routing
 decision: the rank's own cache compares tokens.
 """
 
@@ -58,7 +59,10 @@ class PendingPrefixes:
             self._num_tokens -= len(old[2])
         self._by_first[first] = (rank, now_ns + self.ttl_ns, tokens, [first])
         self._num_tokens += len(tokens)
-        while len(self._by_first) > PENDING_MAX or self._num_tokens > PENDING_MAX_TOKENS:
+        # Oldest first, one TTL: the expired ones are at the front. Dropped here, or a
+        # prompt nobody sends again would be held until the caps push it out.
+        while (len(self._by_first) > PENDING_MAX or self._num_tokens > PENDING_MAX_TOKENS
+               or self._oldest_expiry() < now_ns):
             _, (_, _, dropped, _) = self._pop_oldest()
             self._num_tokens -= len(dropped)
 
@@ -110,6 +114,9 @@ class PendingPrefixes:
         if len(hashes) < num_blocks:
             chain_hashes(tuple(sent), num_blocks, hashes)
         return hashes[num_blocks - 1]
+
+    def _oldest_expiry(self) -> int:
+        return next(iter(self._by_first.values()))[1]
 
     def _pop_oldest(self) -> tuple[int, tuple[int, int, Sequence[int], list[int]]]:
         key = next(iter(self._by_first))

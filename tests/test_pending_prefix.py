@@ -41,6 +41,18 @@ def test_entries_expire_and_the_memory_is_bounded(monkeypatch):
     assert len(off) == 0
 
 
+def test_a_prompt_nobody_asks_for_again_is_let_go_when_it_expires():
+    """Prompts that are never looked up (unique ones) go at their expiry, at the next
+    note, not only when the caps push them out (a soak test saw the API process hold
+    its last 4,096 prompts for good)."""
+    p = PendingPrefixes(ttl_s=1)
+    for i in range(3):
+        p.note([i] * BLOCK_LEN, 0, now_ns=i)
+    p.note([7] * BLOCK_LEN, 1, now_ns=S + 2)  # the first two have expired
+    assert len(p) == 2 and p._num_tokens == 2 * BLOCK_LEN
+    assert p.cached_tokens([2] * BLOCK_LEN, 2, now_ns=S + 2) == [BLOCK_LEN, 0]
+
+
 def test_the_shared_blocks_are_counted_wherever_the_prompts_part():
     p = PendingPrefixes()
     sent = list(range(5000, 5000 + 7 * BLOCK_LEN + 3))
