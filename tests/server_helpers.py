@@ -84,6 +84,10 @@ def child_pids(pid: int) -> list[int]:
     return [int(p) for p in text.split()]
 
 
+def _default_hangup() -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 class ServerProcess:
     def __init__(self, *flags: str, log_path: Path, port: int | None = None):
         self.port = port or free_port()
@@ -96,8 +100,11 @@ class ServerProcess:
 
     def start(self) -> "ServerProcess":
         self._log = open(self.log_path, "wb")
+        # SIGHUP as a terminal leaves it (the server keeps it ignored when it starts
+        # with it ignored): a test run under nohup still tests a terminal's server.
         self.proc = subprocess.Popen(self.args, cwd=REPO, stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+                                     stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=_default_hangup)
         return self
 
     @property
