@@ -144,6 +144,39 @@ def check_finish(
     return None
 
 
+class StopStringSearch:
+    """One request's ``check_finish`` with stop strings, fed one new token at a time.
+
+    It searches the text the client gets (the API trims there and holds back what may
+    begin a stop string, ``server.request_flow``, so the two agree on where a stop is),
+    and where ``skip_special_tokens`` leaves special tokens out of that text, the text
+    with them too: a stop string may spell one (``<|im_end|>`` for a model whose EOS is
+    another token), as SGLang matches it. ``tokenizer``: ``engine.tokenizer.Tokenizer``.
+    """
+
+    def __init__(self, tokenizer, skip_special_tokens: bool) -> None:
+        self._text = tokenizer.incremental_decoder(skip_special_tokens)
+        self._special = tokenizer.incremental_decoder(False) if skip_special_tokens else None
+
+    @property
+    def text(self) -> str:
+        """The output's text so far, as the client gets it."""
+        return self._text.text
+
+    def check(self, params: SamplingParams, output_ids: Sequence[int],
+              eos_token_ids: Collection[int]) -> FinishReason | None:
+        """``check_finish`` after the newest of ``output_ids`` (each id passed once)."""
+        last = output_ids[-1:]
+        new_chars = len(self._text.step(last))
+        reason = check_finish(params, output_ids, eos_token_ids, self._text.text, new_chars)
+        if self._special is not None:
+            new_special = len(self._special.step(last))
+            if reason is None and len(output_ids) >= params.min_new_tokens:
+                matched = find_stop_str(self._special.text, params.stop_strs, new_special)
+                reason = FinishStop(matched) if matched is not None else None
+        return reason
+
+
 def find_stop_str(
     text: str, stop_strs: Sequence[str], num_new_chars: int | None = None
 ) -> str | None:

@@ -44,7 +44,8 @@ import logging
 from collections import deque
 from collections.abc import Callable
 
-from engine.finish import ABORT_REQUESTED, FinishAbort, FinishLength, FinishReason, check_finish
+from engine.finish import (ABORT_REQUESTED, FinishAbort, FinishLength, FinishReason,
+                           StopStringSearch, check_finish)
 from engine.sampling import InvalidSamplingParams
 from scheduler.batching import ForwardItem, select_batch
 from scheduler.config import SchedulerConfig
@@ -92,7 +93,7 @@ class Scheduler:
         # (another API process's) must not replace the running request's output.
         self.outbox: dict[int, Req] = {}
         self.stopped = False
-        self._decoders: dict[str, object] = {}
+        self._stop_searches: dict[str, StopStringSearch] = {}
         self._handlers = {
             GenerateReq: self.on_generate,
             AbortReq: self.on_abort,
@@ -590,20 +591,19 @@ class Scheduler:
         if req in self.running:
             self.running.remove(req)
         self.reqs.pop(req.rid, None)
-        self._decoders.pop(req.rid, None)
+        self._stop_searches.pop(req.rid, None)
 
     def _check_finish(self, req: Req) -> FinishReason | None:
-        text, new_chars = "", None
         params = req.params
         if params.stop_strs and self.tokenizer is not None:
-            dec = self._decoders.get(req.rid)
-            if dec is None:  # special tokens' text included, as SGLang matches stop strings
-                dec = self._decoders[req.rid] = self.tokenizer.incremental_decoder(
-                    skip_special_tokens=False)
-            piece = dec.step(req.output_ids[-1:])
-            req.output_text += piece
-            text, new_chars = req.output_text, len(piece)
-        reason = check_finish(params, req.output_ids, self.executor.eos_token_ids, text, new_chars)
+            search = self._stop_searches.get(req.rid)
+            if search is None:
+                search = self._stop_searches[req.rid] = StopStringSearch(
+                    self.tokenizer, params.skip_special_tokens)
+            reason = search.check(params, req.output_ids, self.executor.eos_token_ids)
+            req.output_text = search.text
+        else:
+            reason = check_finish(params, req.output_ids, self.executor.eos_token_ids)
         if reason is None and req.seq_len >= self.executor.context_len:
             reason = FinishLength(len(req.output_ids))
         return reason

@@ -292,3 +292,32 @@ def test_held_back_stop_prefix_is_the_longest_by_definition(text, stops):
     expected = max((k for stop in stops for k in range(1, min(len(stop) - 1, len(text)) + 1)
                     if text.endswith(stop[:k])), default=0)
     assert stop_prefix_len(text, tuple(stops)) == expected
+
+
+def test_stop_strings_are_searched_where_the_client_text_has_them():
+    """``StopStringSearch``: a stop string is found in the text the client gets, where
+    the API trims it and holds back its beginning (a special token between its
+    characters, left out of that text, does not hide it), and one that spells a special
+    token is found in the text with it (as SGLang matches ``<|im_end|>``)."""
+    from engine.finish import FinishStop, StopStringSearch
+    from engine.tiny import PAD_ID, PAD_TOKEN
+    from engine.tokenizer import Tokenizer
+    tokenizer = Tokenizer.load("tiny")
+    a, b, x = (ord(c) for c in "abx")
+    ids = [a, PAD_ID, b, x, a, b]
+
+    def stops_after(stop: str, skip_special_tokens: bool = True) -> tuple[int, object]:
+        params = SamplingParams(max_new_tokens=10, stop=[stop],
+                                skip_special_tokens=skip_special_tokens)
+        search = StopStringSearch(tokenizer, skip_special_tokens)
+        for n in range(1, len(ids) + 1):
+            reason = search.check(params, ids[:n], ())
+            if reason is not None:
+                return n, reason
+        return 0, None
+
+    assert stops_after("ab") == (3, FinishStop("ab"))  # the client's text is "ab..."
+    assert stops_after(PAD_TOKEN) == (2, FinishStop(PAD_TOKEN))
+    # With special tokens in the client's text, that text is searched as it is.
+    assert stops_after("ab", skip_special_tokens=False) == (6, FinishStop("ab"))
+    assert stops_after(PAD_TOKEN, skip_special_tokens=False) == (2, FinishStop(PAD_TOKEN))
