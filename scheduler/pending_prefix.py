@@ -61,8 +61,9 @@ class PendingPrefixes:
         self._num_tokens += len(tokens)
         # Oldest first, one TTL: the expired ones are at the front. Dropped here, or a
         # prompt nobody sends again would be held until the caps push it out.
-        while (len(self._by_first) > PENDING_MAX or self._num_tokens > PENDING_MAX_TOKENS
-               or self._oldest_expiry() < now_ns):
+        while self._by_first and (len(self._by_first) > PENDING_MAX
+                                  or self._num_tokens > PENDING_MAX_TOKENS
+                                  or self._oldest_expiry() < now_ns):
             _, (_, _, dropped, _) = self._pop_oldest()
             self._num_tokens -= len(dropped)
 

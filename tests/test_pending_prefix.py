@@ -53,6 +53,13 @@ def test_a_prompt_nobody_asks_for_again_is_let_go_when_it_expires():
     assert p.cached_tokens([2] * BLOCK_LEN, 2, now_ns=S + 2) == [BLOCK_LEN, 0]
 
 
+def test_a_prompt_over_the_token_cap_is_not_kept(monkeypatch):
+    monkeypatch.setattr(pending_prefix, "PENDING_MAX_TOKENS", 4 * BLOCK_LEN)
+    p = PendingPrefixes(ttl_s=1)
+    p.note(list(range(5 * BLOCK_LEN)), 0, now_ns=1)  # raised StopIteration
+    assert len(p) == 0 and p._num_tokens == 0
+
+
 def test_the_shared_blocks_are_counted_wherever_the_prompts_part():
     p = PendingPrefixes()
     sent = list(range(5000, 5000 + 7 * BLOCK_LEN + 3))
