@@ -48,6 +48,11 @@ class PendingPrefixes:
         self._by_first.clear()
         self._num_tokens = 0
 
+    def forget_ranks(self, ranks: set[int]) -> None:
+        """Forget the prompts sent to ``ranks`` (their caches were emptied)."""
+        for first in [f for f, entry in self._by_first.items() if entry[0] in ranks]:
+            self._num_tokens -= len(self._by_first.pop(first)[2])
+
     def note(self, tokens: Sequence[int], rank: int, now_ns: int,
              first: int | None = None) -> None:
         """``tokens`` (a prompt no rank caches) was sent to ``rank`` at ``now_ns``."""

@@ -353,16 +353,21 @@ class EngineClient:
 
     async def flush_cache(self, timeout_s: float) -> list[FlushCacheResult]:
         """Ask every usable rank to empty its prefix cache; every rank's answer
-        (``wait_flushes``: 503 unless all of them answer within ``timeout_s``). Once
-        all of them did, this API process's dispatcher forgets what it remembered of
-        the caches (``Dispatcher.forget_prefixes``)."""
+        (``wait_flushes``: 503 unless all of them answer within ``timeout_s``). This
+        API process's dispatcher then forgets what it remembered of the emptied caches
+        (``forget_flushed``)."""
         results = await wait_flushes(self.ask_flush(), timeout_s)
-        self.forget_prefixes_if_flushed(results)
+        self.forget_flushed(results)
         return results
 
-    def forget_prefixes_if_flushed(self, results: list[FlushCacheResult]) -> None:
-        if all(r.success for r in results):
+    def forget_flushed(self, results: list[FlushCacheResult]) -> None:
+        """Every rank flushed: the dispatcher starts over (``Dispatcher.forget_prefixes``);
+        some did: it forgets the prompts it sent to those to be cached."""
+        flushed = {r.dp_rank for r in results if r.success}
+        if len(flushed) == len(results):
             self.dispatcher.forget_prefixes()
+        else:
+            self.dispatcher.pending.forget_ranks(flushed)
 
     def ask_flush(self) -> list[asyncio.Future]:
         """Send ``FlushCacheReq`` to every usable rank; one future per rank asked, for

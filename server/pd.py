@@ -342,6 +342,7 @@ class PDEngineClient:
     async def flush_cache(self, timeout_s: float) -> list[FlushCacheResult]:
         """Both groups' ranks, asked at once and awaited under one timeout."""
         waiters = self.prefill.ask_flush()
+        num_prefill = len(waiters)
         try:
             waiters += self.decode.ask_flush()
         except BaseException:
@@ -349,8 +350,8 @@ class PDEngineClient:
                 waiter.cancel()
             raise
         results = await wait_flushes(waiters, timeout_s)
-        for group in (self.prefill, self.decode):
-            group.forget_prefixes_if_flushed(results)
+        self.prefill.forget_flushed(results[:num_prefill])
+        self.decode.forget_flushed(results[num_prefill:])
         return results
 
     def live_ranks(self) -> list[int]:

@@ -101,3 +101,13 @@ def test_clear_forgets_prompts_and_their_tokens():
     assert pending.cached_tokens(prompt, 4, 1)[2] == len(prompt)
     pending.clear()
     assert len(pending) == 0 and pending.cached_tokens(prompt, 4, 1) is None
+
+
+def test_forget_ranks_drops_the_prompts_sent_there():
+    p = PendingPrefixes(ttl_s=10)
+    for i in range(4):
+        p.note([i] * BLOCK_LEN, i % 2, now_ns=i)
+    p.forget_ranks({1})
+    assert len(p) == 2 and p._num_tokens == 2 * BLOCK_LEN
+    assert p.cached_tokens([0] * BLOCK_LEN, 2, now_ns=5) == [BLOCK_LEN, 0]
+    assert p.cached_tokens([1] * BLOCK_LEN, 2, now_ns=5) is None

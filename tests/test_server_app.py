@@ -414,8 +414,14 @@ def test_flush_cache_is_refused_while_a_request_runs(client):
         deadline = time.monotonic() + 5
         while client.get("/get_load").json()[1]["num_reqs"] < 1 and time.monotonic() < deadline:
             time.sleep(0.01)
+        pending = client.app_state["engine"].dispatcher.pending
+        pending.clear()
+        for rank in (0, 1):  # prompts just sent to each rank, to be cached there
+            pending.note([rank + 3] * 64, rank, time.monotonic_ns())
         r = client.post("/flush_cache")
         assert (r.status_code, r.text) == (400, FLUSHED)
+        # Rank 0 flushed, rank 1 refused: only what was sent to rank 0 is forgotten.
+        assert [entry[0] for entry in pending._by_first.values()] == [1]
     finally:
         long.join(30)
     assert client.post("/flush_cache").status_code == 200
