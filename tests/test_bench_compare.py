@@ -418,7 +418,7 @@ def test_cache_saturated_repeats_pair_by_order():
 def test_cache_repeats_without_a_figure_are_counted_and_failures_flagged():
     """A repeat whose run had no successful request has no figure: the pair is dropped and
     said so (not a silently smaller n), and failed requests are named per key and side."""
-    from bench.compare.cache_summary import LOAD, describe, flag_lines, headline
+    from bench.compare.cache_summary import LOAD, SATURATED, describe, flag_lines, headline
 
     def run(ttft, failed=0, mom=1.0):
         return {"fraction": LOAD, "mean_ttft_ms": ttft, "p99_ttft_ms": ttft,
@@ -443,6 +443,15 @@ def test_cache_repeats_without_a_figure_are_counted_and_failures_flagged():
             in lines[2])
     assert describe(run(None, failed=64)).endswith("0.00 req/s completed, hit -, 64 failed")
     assert describe(run(300)).endswith(", 0 failed")
+    # A saturated run that completed nothing has a throughput, 0: a gain of -1 that
+    # counts, not a repeat dropped (which would flatter the method).
+    sat = [{"fraction": SATURATED, "request_throughput": t, "failed": 0 if t else 64}
+           for t in (8.0, 8.0, 0.0)]
+    base = [{"fraction": SATURATED, "request_throughput": 4.0, "failed": 0}] * 3
+    gain = headline([{"scenario": "shared-prefix", "runs": {"round_robin": base,
+                                                            "cache_aware": sat}}])
+    assert gain["shared_prefix_throughput_gain"] == pytest.approx((1 + 1 - 1) / 3)
+    assert "shared_prefix_throughput_gain" not in gain["dropped_pairs"]
     # Every repeat with figures and no failure: nothing flagged.
     clean = headline([{"scenario": "shared-prefix", "runs": {
         "round_robin": [run(1000)], "cache_aware": [run(300)]}}])

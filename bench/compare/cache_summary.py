@@ -87,7 +87,10 @@ def headline(results: list[dict]) -> dict:
                   for i, m in enumerate(sides)}
         if any(counts.values()):
             failed[name] = counts
-        kept = [rep for rep in repeats if all(x.get(key) for x in rep)]
+        # A method's figure may be 0 (a saturated run that completed nothing: a gain of
+        # -1, not a missing repeat); a baseline's must not be, it divides.
+        kept = [rep for rep in repeats
+                if rep[0].get(key) is not None and (baseline is None or rep[1].get(key))]
         if len(kept) < len(repeats):
             dropped[name] = {"dropped": len(repeats) - len(kept), "of": len(repeats)}
         return [rep[0][key] / rep[1][key] if baseline else rep[0][key] for rep in kept]
