@@ -482,7 +482,7 @@ def test_a_failed_request_is_timed_until_its_failure_and_the_run_lasts_until_it(
 
     async def generate(request):
         calls.append(True)
-        if len(calls) == 2:  # the run's first request (after the warm-up): a late 503
+        if len(calls) == 4:  # the run's last request (after the warm-up): a late 503
             await asyncio.sleep(0.4)
             return web.Response(status=503, text="overloaded")
         meta = {"completion_tokens": 2, "prompt_tokens": 8, "finish_reason": None}
