@@ -194,10 +194,13 @@ def find_stop_str(
     return None
 
 
-def trim_stop_str(text: str, matched: str, start: int = 0) -> str:
+def trim_stop_str(text: str, matched: str, start: int = 0, keep_stop: bool = False) -> str:
     """The output text without the matched stop string and anything after it
-    (SGLang's default unless `no_stop_trim`). The match is the first occurrence from
-    ``start``, where the search began: with `min_new_tokens`, occurrences in the text of
-    the tokens before the minimum were never checked (and may have been streamed)."""
+    (SGLang's default unless `no_stop_trim`; with ``keep_stop``, up to the end of the
+    stop string: vLLM's `include_stop_str_in_output`). The match is the first occurrence
+    from ``start``, where the search began: with `min_new_tokens`, occurrences in the text
+    of the tokens before the minimum were never checked (and may have been streamed)."""
     index = text.find(matched, start)
-    return text if index < 0 else text[:index]
+    if index < 0:
+        return text
+    return text[:index + len(matched)] if keep_stop else text[:index]

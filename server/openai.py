@@ -203,6 +203,7 @@ def _prepare(engine: EngineClient, body: OpenAISampling, prompts: list[list[int]
                 rid=rid if num * body.n == 1 else f"{rid}_{index}",
                 group_rid=None if num * body.n == 1 else rid, input_ids=ids,
                 params=params.for_copy(j), return_logprob=return_logprob,
+                include_stop_str=body.include_stop_str_in_output,
                 top_logprobs_num=top_logprobs_num, logprob_start_len=logprob_start_len,
                 routed_dp_rank=_of_prompt(routed, i, num, "routed_dp_rank"),
                 disagg_prefill_dp_rank=_of_prompt(body.disagg_prefill_dp_rank, i, num,

@@ -31,6 +31,9 @@ class PreparedRequest:
     # The body's rid when it became several requests (rid_0, rid_1, ...): what
     # /abort_request with that rid ends.
     group_rid: str | None = None
+    # vLLM's include_stop_str_in_output: the final text ends with the matched stop string
+    # (what followed it in its last token is cut, as without the flag).
+    include_stop_str: bool = False
 
 
 def request_rooms(room: int | list[int] | None, copies: list[int]) -> list[int | None]:

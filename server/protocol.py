@@ -186,7 +186,7 @@ class OpenAISampling(msgspec.Struct, kw_only=True):
     bad_words: Any = None
     prompt_logprobs: Any = None
     truncate_prompt_tokens: Any = None
-    # vLLM's name for SGLang's no_stop_trim
+    # vLLM's: the text ends with the matched stop string (server.request_flow)
     include_stop_str_in_output: bool = False
 
     def unsupported_field(self) -> str | None:
@@ -208,8 +208,7 @@ class OpenAISampling(msgspec.Struct, kw_only=True):
             min_new_tokens=self.min_tokens, frequency_penalty=self.frequency_penalty,
             presence_penalty=self.presence_penalty,
             repetition_penalty=self.repetition_penalty,
-            skip_special_tokens=self.skip_special_tokens,
-            no_stop_trim=self.no_stop_trim or self.include_stop_str_in_output,
+            skip_special_tokens=self.skip_special_tokens, no_stop_trim=self.no_stop_trim,
             sampling_seed=self.seed, logit_bias=self.logit_bias or None))
 
     def param_names(self) -> dict[str, str]:

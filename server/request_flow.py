@@ -183,7 +183,8 @@ class RunningRequest:
             ids = ids[:-1]
         text = self.engine.tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)
         if trim and isinstance(matched, str):
-            text = trim_stop_str(text, matched, self._stop_search_start(ids, text))
+            text = trim_stop_str(text, matched, self._stop_search_start(ids, text),
+                                 keep_stop=self.prepared.include_stop_str)
         return text
 
     def _stop_search_start(self, ids: list[int], text: str) -> int:

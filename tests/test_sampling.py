@@ -233,6 +233,8 @@ def test_finish_on_stop_strings_in_new_text_only():
     # A search that began past the first occurrence stopped at the next one.
     assert trim_stop_str("a END b END c", "END", 3) == "a END b "
     assert trim_stop_str("a END b END c", "END", 2) == "a "
+    # vLLM's include_stop_str_in_output: the stop string stays, what followed it goes.
+    assert trim_stop_str("hello END rest", "END", keep_stop=True) == "hello END"
 
 
 def test_min_new_tokens_defers_every_stop():
