@@ -125,6 +125,10 @@ class OpenAISampling(msgspec.Struct, kw_only=True):
     """Fields shared by completions and chat (OpenAI names, plus SGLang's extras)."""
 
     model: str | None = None
+    # Completions default max_tokens to 16 (OpenAI's), chat to None (the context left);
+    # max_completion_tokens is chat's newer name, which completions take too.
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -232,7 +236,6 @@ class CompletionRequest(OpenAISampling, kw_only=True):
 
     prompt: str | list[Any]
     max_tokens: int = 16  # OpenAI's default for completions
-    max_completion_tokens: int | None = None  # chat's newer name, taken here too
     logprobs: int | None = None
     echo: bool = False
     suffix: Any = None
@@ -289,8 +292,6 @@ class ChatCompletionRequest(OpenAISampling, kw_only=True):
     neither means "up to the context length"."""
 
     messages: list[ChatMessage]
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
     # Extra variables for the chat template (SGLang's and vLLM's; e.g. enable_thinking).
