@@ -16,8 +16,8 @@ and ``cache_aware`` weighs that as it weighs a cached prefix. Once the prefix is
 summaries answer and this memory is not consulted. It is per dispatcher (several API
 processes each remember their own) and bounded (``PENDING_MAX`` prompts,
 ``PENDING_MAX_TOKENS`` tokens; the oldest go first), and a prompt is let go once its
-``PENDING_S`` are over (at the next one noted), whether or not another asked for it. Wrong guesses cost one routing
-decision: the rank's own cache compares tokens.
+``PENDING_S`` are over (at the next one noted), whether or not another asked for it.
+Wrong guesses cost one routing decision: the rank's own cache compares tokens.
 """
 
 from __future__ import annotations

@@ -224,7 +224,8 @@ class OpenAISampling(msgspec.Struct, kw_only=True):
     @property
     def requested_max_tokens(self) -> int | None:
         """``max_completion_tokens`` (OpenAI's newer name) wins over ``max_tokens``."""
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        given = self.max_completion_tokens
+        return given if given is not None else self.max_tokens
 
     @property
     def include_usage(self) -> bool:

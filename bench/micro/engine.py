@@ -10,8 +10,8 @@ every request's token. Greedy sampling (the sampler costs an argmax).
 The machine is shared, so each figure is the best of --rounds rounds, and batch-1 and
 batch-32 rounds alternate so that background load hits both alike; medians are
 printed too, and beside the ratio of the bests the median of each round's own ratio
-(its two batches timed under the same load). Every decode round restarts from the same prefilled prompts, so all
-rounds see the same context lengths.
+(its two batches timed under the same load). Every decode round restarts from the same
+prefilled prompts, so all rounds see the same context lengths.
 """
 
 from __future__ import annotations
@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="prompt length in tokens of each decoding sequence")
     parser.add_argument("--decode-steps", type=positive_int, default=32,
                         help="decode steps timed per round")
-    parser.add_argument("--rounds", type=positive_int, default=5, help="timed rounds (each figure the best, the median beside it)")
+    parser.add_argument("--rounds", type=positive_int, default=5,
+                        help="timed rounds (each figure the best, the median beside it)")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     configure_worker_threads(device)
