@@ -3,7 +3,8 @@
     python -m bench.compare --quick --out out/compare --json out/compare/summary.json
     python -m bench.compare --executor sim --ranks 4 8 16 32 64 --out out/compare-full
 
-For each scenario (``bench.compare.scenarios``) and rank count:
+For each scenario (``bench.compare.scenarios``) and rank count (every method's server
+first gets the same untimed warm-up burst, ``WARM_UP_PROMPTS`` per rank):
 1. capacity, measured once: a saturating run (request rate ``inf``, with the
    scenario's concurrency cap) on the first method's server; capacity = its completed
    requests per second (decode-bound PD shapes: while it was full, ``steady_capacity``).
@@ -72,6 +73,7 @@ def capacity_prompts(s: Scenario, ranks: int) -> int:
 
 
 DECODE_BOUND_OUTPUT_LEN = 32
+WARM_UP_PROMPTS = 2  # per rank, before a server's first measured run
 
 
 def steady_capacity(records: list[dict], min_requests: int = 8) -> float | None:
@@ -177,11 +179,20 @@ def run_scenario(s: Scenario, ranks: int, args, bar: tqdm) -> dict:
         result["simulated"] = result.get("simulated") or cap.get("simulated", False)
         return rate, run
 
+    def warm_up(url: str) -> None:
+        """The same untimed burst on every method's server before anything is measured
+        (the first server's capacity run would otherwise warm it alone): random prompts
+        of the shape, none of which the measured runs share."""
+        asyncio.run(run_benchmark(bench_config(s, ranks, url, math.inf, WARM_UP_PROMPTS * ranks,
+                                               args.seed + 11)))
+
     timelines = {}
     for i, method in enumerate(s.methods):
         flags = server_flags(s, method, ranks, args.executor, args.sim_profile, scale)
         log = os.path.join(args.out, "logs", f"{s.key}_{ranks}_{method}.log")
         with ServerProcess(flags, log) as server:
+            bar.set_postfix_str(f"{s.name} x{ranks}: {method} warm-up")
+            warm_up(server.url)
             if i == 0:
                 bar.set_postfix_str(f"{s.name} x{ranks}: capacity")
                 result["capacity_req_s"], result["capacity_run"] = capacity(s, server.url)
