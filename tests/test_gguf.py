@@ -214,6 +214,10 @@ def test_pre_tokenizer_follows_llama_cpp_pre_name(pre, words):
             "tokenizer.ggml.tokens": _tokens(), "tokenizer.ggml.merges": MERGES}
     backend = HFTokenizer.from_str(gguf_tokenizer_files(meta)[0])
     assert [w for w, _ in backend.pre_tokenizer.pre_tokenize_str("abc 12345 it's\n\nok")] == words
+    # GGUF's names for the pad and unknown tokens (not pad_token_id / unk_token_id).
+    config = gguf_tokenizer_files({**meta, "tokenizer.ggml.padding_token_id": 2,
+                                   "tokenizer.ggml.unknown_token_id": 0})[1]
+    assert (config["pad_token"], config["unk_token"]) == (_tokens()[2], _tokens()[0])
     with pytest.raises(ModelLoadError, match="pre-tokenizer 'qwen2'"):
         gguf_tokenizer_files({**meta, "tokenizer.ggml.pre": "qwen2"})
     with pytest.raises(ModelLoadError, match="tokenizer model 'llama'"):
