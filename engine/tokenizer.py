@@ -157,7 +157,10 @@ class Tokenizer:
         """``template_kwargs``: more variables for the template (a request's
         ``chat_template_kwargs``, e.g. ``enable_thinking``); they cannot replace the
         messages, the generation prompt flag or the special tokens (``ValueError``)."""
-        messages = [{**m, "content": _content_text(m.get("content"))} for m in messages]
+        # As SGLang hands messages to a template: text parts joined by spaces, and keys
+        # whose value is None left out (a template testing ``m.name is defined``).
+        messages = [{**{k: v for k, v in m.items() if v is not None},
+                     "content": _content_text(m.get("content"))} for m in messages]
         if self.chat_template is None:
             return fallback_chat_prompt(messages, add_generation_prompt)
         taken = {"messages", "add_generation_prompt", *self.special_tokens}
@@ -232,12 +235,13 @@ def fallback_chat_prompt(messages: list[dict[str, Any]], add_generation_prompt: 
 
 
 def _content_text(content: Any) -> str:
-    # OpenAI content may be a list of parts; only text parts mean anything here.
+    # OpenAI content may be a list of parts; only text parts mean anything here, joined
+    # by a space as SGLang joins them for a template that renders content as a string.
     if content is None:
         return ""
     if isinstance(content, str):
         return content
-    return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
 
 
 # What may stand between input text and the model's tokens without deleting text (see

@@ -108,8 +108,22 @@ def test_chat_template_matches_transformers(ours, hf):
 
 
 def test_chat_accepts_openai_content_parts(ours):
+    """Text parts are joined by a space, as SGLang joins them for a template that renders
+    content as a string ("ab" before: another prompt than SGLang's model sees)."""
     messages = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
-    assert ours.apply_chat_template(messages, add_generation_prompt=False) == "<|user|>\nab\n"
+    assert ours.apply_chat_template(messages, add_generation_prompt=False) == "<|user|>\na b\n"
+
+
+def test_keys_given_as_none_do_not_reach_the_template(ours):
+    """The API passes every message field, None where absent; a template testing
+    ``is defined`` must see it absent, as SGLang leaves such keys out."""
+    from engine.tokenizer import Tokenizer
+    tok = Tokenizer(ours.backend, chat_template=(
+        "{% for m in messages %}{% if m.name is defined %}[{{ m.name }}]{% endif %}"
+        "{{ m.content }}{% endfor %}"), special_tokens=ours.special_tokens)
+    assert tok.apply_chat_template([{"role": "user", "content": "hi", "name": None}], False) == "hi"
+    assert tok.apply_chat_template([{"role": "user", "content": "hi", "name": "ann"}], False) \
+        == "[ann]hi"
 
 
 def test_folder_without_tokenizer_json_is_a_clear_error(tmp_path):
