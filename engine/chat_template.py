@@ -76,6 +76,33 @@ def render_chat_template(template: str, **context: Any) -> str:
 
 @functools.lru_cache(maxsize=8)
 def compile_template(template: str):
+    return _environment().from_string(template)
+
+
+@functools.lru_cache(maxsize=8)
+def iterates_content(template: str) -> bool:
+    """Whether the template loops over a message's ``content`` (``{% for part in
+    message['content'] %}``): it expects OpenAI's list of parts, not a string (SGLang
+    tells the two kinds apart the same way)."""
+    from jinja2 import nodes
+
+    def names_content(node) -> bool:
+        while isinstance(node, nodes.Filter):  # message['content'] | selectattr(...)
+            node = node.node
+        if isinstance(node, nodes.Getattr):
+            key = node.attr
+        elif isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const):
+            key = node.arg.value
+        else:
+            return False
+        return key == "content" and isinstance(node.node, nodes.Name)
+
+    return any(names_content(loop.iter)
+               for loop in _environment().parse(template).find_all(nodes.For))
+
+
+@functools.lru_cache(maxsize=1)
+def _environment():
     import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -84,7 +111,7 @@ def compile_template(template: str):
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
-    return env.from_string(template)
+    return env
 
 
 def _raise_exception(message: str) -> None:

@@ -20,7 +20,8 @@ from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
 
-from engine.chat_template import chat_template_from_folder, render_chat_template
+from engine.chat_template import (chat_template_from_folder, iterates_content,
+                                  render_chat_template)
 from engine.config import ModelLoadError
 from engine.tiny import bytes_to_unicode
 
@@ -157,10 +158,13 @@ class Tokenizer:
         """``template_kwargs``: more variables for the template (a request's
         ``chat_template_kwargs``, e.g. ``enable_thinking``); they cannot replace the
         messages, the generation prompt flag or the special tokens (``ValueError``)."""
-        # As SGLang hands messages to a template: text parts joined by spaces, and keys
-        # whose value is None left out (a template testing ``m.name is defined``).
+        # As SGLang hands messages to a template: keys whose value is None left out (a
+        # template testing ``m.name is defined``), and content as the template reads it:
+        # a list of text parts where it loops over them, else their text joined by spaces.
+        as_parts = self.chat_template is not None and iterates_content(self.chat_template)
         messages = [{**{k: v for k, v in m.items() if v is not None},
-                     "content": _content_text(m.get("content"))} for m in messages]
+                     "content": _content_parts(m.get("content")) if as_parts
+                     else _content_text(m.get("content"))} for m in messages]
         if self.chat_template is None:
             return fallback_chat_prompt(messages, add_generation_prompt)
         taken = {"messages", "add_generation_prompt", *self.special_tokens}
@@ -232,6 +236,14 @@ def fallback_chat_prompt(messages: list[dict[str, Any]], add_generation_prompt: 
     if add_generation_prompt:
         parts.append("<|assistant|>\n")
     return "".join(parts)
+
+
+def _content_parts(content: Any) -> Any:
+    """For a template that loops over content: a string stays one; a list keeps its
+    text parts (the only ones the API lets through)."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    return [p for p in content if isinstance(p, dict) and p.get("type") == "text"]
 
 
 def _content_text(content: Any) -> str:

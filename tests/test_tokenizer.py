@@ -114,6 +114,21 @@ def test_chat_accepts_openai_content_parts(ours):
     assert ours.apply_chat_template(messages, add_generation_prompt=False) == "<|user|>\na b\n"
 
 
+def test_a_template_that_loops_over_content_gets_the_parts(ours):
+    """A template that iterates ``message['content']`` gets OpenAI's list of parts (it
+    looped over the characters of a joined string and rendered no text at all)."""
+    from engine.tokenizer import Tokenizer
+    loops = ("{% for m in messages %}<{{ m.role }}>{% for c in m['content'] %}"
+             "{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+             "</{{ m.role }}>{% endfor %}")
+    tok = Tokenizer(ours.backend, chat_template=loops, special_tokens=ours.special_tokens)
+    parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "world"}]
+    assert tok.apply_chat_template([{"role": "user", "content": parts}], False) \
+        == "<user>Helloworld</user>"
+    assert ours.apply_chat_template([{"role": "user", "content": parts}], False) \
+        == "<|user|>\nHello world\n"  # a template that renders content as a string
+
+
 def test_keys_given_as_none_do_not_reach_the_template(ours):
     """The API passes every message field, None where absent; a template testing
     ``is defined`` must see it absent, as SGLang leaves such keys out."""
