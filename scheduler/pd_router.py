@@ -15,6 +15,14 @@ Per request, in this order (``scheduler.pd`` explains why the order matters):
    in the hand-off table by then): remove the route entry; if the prefill failed in
    the API (its rank was lost), mark the entry FAILED instead so a waiting decode
    fails at once, and let it expire ``failed_linger_s`` later.
+
+A prefill server that refuses a request (``refused``: a 400, or a 503 such as full
+queues) publishes its room FAILED for ``REFUSED_LINGER_S``: the decode half, which the
+gateway sent to the decode server at the same time, then fails at once instead of
+waiting ``--disaggregation-bootstrap-timeout`` for a prefill that will never come. A
+FAILED room is free for a new request: dispatching one removes this process's FAILED
+entry for it (another API process's stays until it expires; readers prefer a live
+entry of another region to a FAILED one, ``BootstrapTable.lookup``).
 """
 
 from __future__ import annotations
@@ -26,6 +34,9 @@ from typing import Sequence
 from shm.bootstrap_layout import FAILED, BootstrapTableFullError, DuplicateRoomError
 
 MAX_GENERATED_ROOM = 2**63  # what SGLang's gateways draw below
+# How long a refused room stays FAILED: its decode half arrives at about the same time
+# as the prefill half (a gateway sends both at once), well within this.
+REFUSED_LINGER_S = 10.0
 
 
 def new_room() -> int:
@@ -45,6 +56,7 @@ class PDRouter:
         self.decode = decode
         self.route = route_writer
         self.failed_linger_ns = int(failed_linger_s * 1e9)
+        self.refused_linger_ns = int(min(failed_linger_s, REFUSED_LINGER_S) * 1e9)
 
     def dispatch_prefill(self, room: int, num_tokens: int, routed_dp_rank: int | None = None,
                          input_ids: Sequence[int] = (),
@@ -57,9 +69,13 @@ class PDRouter:
         route = self.route
         route.expire()  # FAILED entries past their linger
         # Every region: with several API processes the room may be another's.
-        if route.table.lookup(room) is not None:
-            raise DuplicateRoomError(
-                f"bootstrap_room {room} is already in flight; every request needs its own room")
+        placed = route.table.lookup(room)
+        if placed is not None:
+            if placed.state != FAILED:
+                raise DuplicateRoomError(f"bootstrap_room {room} is already in flight; every "
+                                         "request needs its own room")
+            if (slot := route.slot_of(room)) is not None:  # an ended request's: a retry
+                route.remove(slot)
         if route.num_live >= route.num_slots:
             raise BootstrapTableFullError(
                 f"{route.num_live} rooms in flight fill the route table; retry later")
@@ -87,6 +103,18 @@ class PDRouter:
         else:
             route.update(slot, state=FAILED, deadline_ns=time.monotonic_ns() + self.failed_linger_ns)
         route.expire()
+
+    def refused(self, room: int) -> None:
+        """This server refused the request of ``room`` before placing it: publish the
+        room FAILED (module docstring). Not where the room is live (the refused request
+        was a second one with it: the first one's route stands), nor once half the
+        route table is live: a flood of refusals never fills the table that requests
+        being served need."""
+        route = self.route
+        route.expire()
+        if route.table.lookup(room) is not None or 2 * route.num_live >= route.num_slots:
+            return
+        route.insert(room, -1, time.monotonic_ns() + self.refused_linger_ns, state=FAILED)
 
     @property
     def num_rooms(self) -> int:

@@ -285,6 +285,19 @@ class EngineClient:
         else:
             self.release_room(room, input_ids, handle.dp_rank, rank.ready.pid)
 
+    def refused_room(self, room: int | None, input_ids: list[int]) -> None:
+        """The request for ``room`` was refused here, before its rank got it. Its other
+        half, which a gateway sent to the other server at the same time, must not wait
+        for this one: a decode server releases the room's hand-off once it is there
+        (``release_room``); a prefill server publishes the room FAILED, so the decode
+        half fails at once (``PDRouter.refused``)."""
+        if room is None:
+            return
+        if self.router is not None:
+            self.router.refused(room)
+        else:
+            self.release_room(room, input_ids)
+
     def release_room(self, room: int | None, input_ids: list[int], lost_rank: int = -1,
                      lost_pid: int = 0) -> None:
         """A decode server: the request for ``room`` will not take its KV (refused here,

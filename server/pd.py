@@ -330,9 +330,9 @@ class PDEngineClient:
         if p_handle is not None and (not p_handle.is_finished or not decode_finished):
             self.prefill.abort(p_handle, message)
 
-    def release_room(self, room: int | None, input_ids: list[int]) -> None:
-        """Nothing to release: a request this front door refuses was sent to neither
-        half (``EngineClient.release_room`` is a decode server's)."""
+    def refused_room(self, room: int | None, input_ids: list[int]) -> None:
+        """Nothing to give up: a request this front door refuses was sent to neither
+        half (``EngineClient.refused_room`` is for a server that holds one half)."""
 
     def abort_requests(self, rid: str | None, message: str) -> int:
         """Both halves (they share the rid): decode's abort finish is the client's answer."""

@@ -275,9 +275,10 @@ def _finished_at_once(prepared: PreparedRequest) -> RequestHandle:
 
 def start_all(engine: EngineClient, prepared: list[PreparedRequest]) -> list[RunningRequest]:
     """Check a body's requests (``bounds.check_prepared``), then dispatch them; if one
-    fails, the ones already dispatched are aborted, and on a PD decode server the rooms
-    of the others are released (``EngineClient.release_room``): their prefill halves,
-    sent to the prefill server too, would otherwise hold their KV until the timeout."""
+    fails, the ones already dispatched are aborted, and on a PD server the rooms of the
+    others are given up (``EngineClient.refused_room``): their other halves, sent to the
+    other server too, would otherwise wait for them (decode) or hold their KV (prefill)
+    until the timeout."""
     running: list[RunningRequest] = []
     try:
         check_prepared(engine, prepared)
@@ -286,7 +287,7 @@ def start_all(engine: EngineClient, prepared: list[PreparedRequest]) -> list[Run
     except BaseException:
         release(running, "another request of its batch was refused")
         for p in prepared[len(running):]:
-            engine.release_room(p.bootstrap_room, p.input_ids)
+            engine.refused_room(p.bootstrap_room, p.input_ids)
         raise
     return running
 

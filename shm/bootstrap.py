@@ -208,7 +208,9 @@ class BootstrapTable:
 
     # ---- readers --------------------------------------------------------------------
     def lookup(self, room: int) -> BootstrapEntry | None:
-        """The live entry for ``room`` (first region that has it), or None. Hot path.
+        """The live entry for ``room``, or None. Hot path. With several regions, the
+        first that has it, preferring one not FAILED: a FAILED entry is an ended
+        request's, and another region may hold a new request for the room.
 
         Replaced per instance by the closure ``_make_lookup`` builds; this stub only
         carries the signature and docstring.
@@ -230,6 +232,7 @@ class BootstrapTable:
         unpack, entry_cls, read_cells = ENTRY_STRUCT.unpack_from, BootstrapEntry, self._read_cells
         seq_at, state_at, room_at, empty = E_SEQ, E_STATE, E_ROOM, EMPTY
         first_live, past_live = min(LIVE_STATES), max(LIVE_STATES) + 1
+        failed_state = FAILED
 
         def probe(room: int, home: int, base: int) -> BootstrapEntry | None:
             # home == home_slot(room, num_slots), computed once for every region
@@ -263,11 +266,14 @@ class BootstrapTable:
 
         def lookup_regions(room: int) -> BootstrapEntry | None:
             home = room % modulus
+            failed = None
             for base in bases:
                 entry = probe(room, home, base)
                 if entry is not None:
-                    return entry
-            return None
+                    if entry.state != failed_state:
+                        return entry
+                    failed = failed or entry
+            return failed
         return lookup_regions
 
     def lookup_in(self, region: int, room: int) -> BootstrapEntry | None:

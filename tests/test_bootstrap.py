@@ -484,7 +484,10 @@ class BootstrapModel(RuleBasedStateMachine):
             return
         for room in POOL:
             entry = self.table.lookup(room)
-            region = 0 if room in self.model[0] else 1 if room in self.model[1] else None
+            # The first region that has it, preferring one whose entry is not FAILED.
+            holders = [r for r in (0, 1) if room in self.model[r]]
+            live = [r for r in holders if self.model[r][room].get("state") != FAILED]
+            region = (live or holders or [None])[0]
             if region is None:
                 assert entry is None
             else:

@@ -14,7 +14,7 @@ from engine.sampling import SamplingParams
 from scheduler.pd_decode import MAX_SLEEP_S
 from scheduler.pd_late import POLL_NS as LATE_POLL_NS
 from scheduler.range_alloc import RangeAllocator
-from shm.bootstrap_layout import (KV_READY, R_WRITER_PID, BootstrapTableFullError,
+from shm.bootstrap_layout import (FAILED, KV_READY, R_WRITER_PID, BootstrapTableFullError,
                                   DuplicateRoomError)
 from shm.kv_segment import KVSegment
 from shm.segment import SharedSegment, ShmLayoutError, list_segments, new_launch_id, segment_name
@@ -188,6 +188,42 @@ def test_a_room_live_in_another_api_process_is_refused():
             second.dispatch_prefill(9, 3)
         first.prefill_finished(9)
         second.dispatch_prefill(9, 3)  # free again once its request is done with it
+    finally:
+        handoff.close()
+        route.close()
+
+
+def test_a_refused_room_is_failed_for_its_decode_half_and_free_for_a_new_request():
+    """A prefill server's refusal publishes the room FAILED (its decode half must not wait
+    for a prefill that never comes); a live room is left alone; a new request for the room
+    replaces this process's FAILED entry, and one placed by another process is what
+    readers find, not the other's FAILED entry; refusals never take more than half the
+    table."""
+    from types import SimpleNamespace as NS
+
+    from scheduler.pd import create_tables
+    from scheduler.pd_router import PDRouter
+
+    route, handoff = create_tables(new_launch_id(), 1, 1, num_prefill_dispatchers=2)
+    picks = NS(pick=lambda *a: 0, cancel=lambda *a: None)
+    try:
+        first, second = (PDRouter(picks, None, route.region_writer(d)) for d in (0, 1))
+        first.refused(5)
+        assert route.lookup(5).state == FAILED
+        first.dispatch_prefill(5, 3)  # a retry with the room, through the same process
+        assert route.lookup(5).state != FAILED and first.route.num_live == 1
+        first.refused(5)  # a second request with a live room: the first one's route stands
+        assert route.lookup(5).state != FAILED
+        first.prefill_finished(5)
+        first.refused(6)
+        second.dispatch_prefill(6, 3)  # through another process: its entry is found
+        assert route.lookup(6).state != FAILED and route.lookup(6).region == 1
+        second.prefill_finished(6)
+        assert route.lookup(6).state == FAILED  # until it expires
+        full = first.route.num_slots
+        for room in range(100, 100 + full):
+            first.refused(room)
+        assert first.route.num_live == full // 2
     finally:
         handoff.close()
         route.close()

@@ -248,12 +248,29 @@ def test_prefill_and_decode_servers_pair_like_a_gateway(tmp_path, workload, refe
     assert not prefill.segments() and not decode.segments()
 
 
-def test_decode_fails_at_once_when_no_prefill_rank_is_running(tmp_path):
-    """Two servers, one prefill rank, killed: a decode request whose room nobody placed
-    fails with a 503 within the liveness check, not after the bootstrap timeout."""
+def test_decode_fails_at_once_when_its_prefill_is_refused_or_no_prefill_rank_runs(tmp_path):
+    """Two servers, one prefill rank. A decode request whose prefill half the prefill
+    server refused fails with a 503 at once (the room can be used again right away); when
+    the rank is killed, a decode request whose room nobody placed fails with a 503 within
+    the liveness check; neither waits for the bootstrap timeout (300 s)."""
     port = random.randint(20_000, 60_000)
     pair = ["--disaggregation-bootstrap-port", str(port), "--dp-size", "1", *COMMON]
     with _pair(tmp_path, pair) as (prefill, decode):
+        asked = body([5, 6, 7], 3, bootstrap_room=78)
+        with ThreadPoolExecutor(1) as pool:
+            start = time.monotonic()
+            waiting = pool.submit(httpx.post, decode.url + "/generate", json=asked, timeout=60)
+            # Refused by the prefill server only (here: a rank it does not have).
+            r = httpx.post(prefill.url + "/generate", json={**asked, "routed_dp_rank": 3},
+                           timeout=30)
+            assert r.status_code == 400 and "routed_dp_rank" in r.text, r.text
+            r = waiting.result()
+            assert r.status_code == 503 and "the prefill request failed" in r.text, r.text
+            assert time.monotonic() - start < 10
+        pre = httpx.post(prefill.url + "/generate", json=asked, timeout=30)  # the room again
+        dec = httpx.post(decode.url + "/generate", json=asked, timeout=30)
+        assert pre.status_code == 200 and dec.status_code == 200, (pre.text, dec.text)
+        assert_idle(decode.url)
         ranks = httpx.get(prefill.url + "/server_info", timeout=5).json()["ranks"]
         os.kill(ranks[0]["pid"], signal.SIGKILL)
         start = time.monotonic()
