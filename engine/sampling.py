@@ -124,9 +124,14 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True):
                 0 <= token_id < vocab_size,
                 f"stop_token_ids entry {token_id} is outside the vocabulary [0, {vocab_size})",
             )
+        spelled: dict[int, str] = {}
         for key, bias in (self.logit_bias or {}).items():
             _check(key.isascii() and key.isdigit() and len(key) <= 12 and int(key) < vocab_size,
                    f"logit_bias key {key!r} is not a token id in [0, {vocab_size})")
+            # "5" and "05" name one token: its biases would add up past the range.
+            _check(int(key) not in spelled, f"logit_bias names token {int(key)} twice: "
+                                            f"{spelled.get(int(key))!r} and {key!r}")
+            spelled[int(key)] = key
             _check(-100.0 <= bias <= 100.0,
                    f"logit_bias for token {key} must be in [-100, 100], got {bias}")
         if self.sampling_seed is not None:

@@ -71,7 +71,8 @@ async def chat_completions(request: Request) -> Response:
     check_int(body.top_logprobs, 0, engine.model_config.vocab_size, "top_logprobs")
     check_fan_out(1, [body.n])
     ids = await encode_chat(engine, [msgspec.structs.asdict(m) for m in body.messages],
-                            body.chat_template_kwargs, body.add_generation_prompt)
+                            body.chat_template_kwargs, body.add_generation_prompt,
+                            body.add_special_tokens)
     rid = body.rid or new_rid()
     requested = body.requested_max_tokens
     room = min(engine.context_len, engine.max_total_num_tokens)
@@ -286,7 +287,8 @@ async def _completion_prompts(engine: EngineClient,
         raise BadRequest(f"a batch of {len(prompt)} prompts is more than {MAX_BATCH_REQUESTS}")
     check_fan_out(len(prompt), [body.n] * len(prompt))
     if all(isinstance(p, str) for p in prompt):
-        return await encode_texts(engine, prompt, "prompt"), prompt
+        add_special = True if body.add_special_tokens is None else body.add_special_tokens
+        return await encode_texts(engine, prompt, "prompt", add_special), prompt
     if all(isinstance(p, list) for p in prompt):
         return [list(p) for p in prompt], [None] * len(prompt)
     raise BadRequest("prompt must be a string, a list of strings, a list of token ids "

@@ -37,22 +37,27 @@ def check_text_len(engine, text: str, name: str) -> None:
                          f"model's context length of {engine.context_len} tokens")
 
 
-async def encode_texts(engine, texts: list[str], name: str) -> list[list[int]]:
-    """Token ids of each text (``name``: the field, for errors)."""
+async def encode_texts(engine, texts: list[str], name: str,
+                       add_special_tokens: bool = True) -> list[list[int]]:
+    """Token ids of each text (``name``: the field, for errors; ``add_special_tokens``:
+    let the tokenizer's post-processor add its special tokens, BOS for many models)."""
     for text in texts:
         check_text_len(engine, text, name)
     encode = engine.tokenizer.encode
     if sum(len(t) for t in texts) < THREAD_MIN_CHARS:
-        return [encode(t) for t in texts]
-    return await asyncio.to_thread(engine.tokenizer.encode_batch, texts)
+        return [encode(t, add_special_tokens=add_special_tokens) for t in texts]
+    return await asyncio.to_thread(engine.tokenizer.encode_batch, texts, add_special_tokens)
 
 
 async def encode_chat(engine, messages: list[dict[str, Any]],
                       template_kwargs: dict[str, Any] | None = None,
-                      add_generation_prompt: bool = True) -> list[int]:
+                      add_generation_prompt: bool = True,
+                      add_special_tokens: bool | None = None) -> list[int]:
     """Token ids of a chat rendered with the model's template (``template_kwargs``: the
     request's ``chat_template_kwargs``; ``add_generation_prompt``: open the assistant's
-    turn); the template's own errors are a 400 naming what is wrong in the messages."""
+    turn; ``add_special_tokens``: vLLM's field, None for the tokenizer's choice,
+    ``chat_add_special_tokens``); the template's own errors are a 400 naming what is
+    wrong in the messages."""
     tokenizer = engine.tokenizer
     is_large = sum(len(str(m.get("content"))) for m in messages) >= THREAD_MIN_CHARS
     try:
@@ -69,7 +74,8 @@ async def encode_chat(engine, messages: list[dict[str, Any]],
             raise
         raise BadRequest(f"cannot apply the chat template: {exc}") from None
     check_text_len(engine, text, "messages")
-    add_special = tokenizer.chat_add_special_tokens
+    add_special = (tokenizer.chat_add_special_tokens if add_special_tokens is None
+                   else add_special_tokens)
     if len(text) < THREAD_MIN_CHARS:
         return tokenizer.encode(text, add_special_tokens=add_special)
     (ids,) = await asyncio.to_thread(tokenizer.encode_batch, [text], add_special)

@@ -112,7 +112,10 @@ UNSUPPORTED: dict[str, tuple] = {
     # vLLM's extras (the openai SDK's extra_body)
     "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (),
     "structured_outputs": (), "allowed_token_ids": (), "bad_words": ([],),
-    "prompt_logprobs": (), "truncate_prompt_tokens": (),
+    "prompt_logprobs": (), "truncate_prompt_tokens": (), "use_beam_search": (False,),
+    "return_tokens_as_token_ids": (False,), "logits_processors": ([],),
+    # What a fast tokenizer's decode does anyway (as on /generate)
+    "spaces_between_special_tokens": (True,),
 }
 
 
@@ -190,8 +193,15 @@ class OpenAISampling(msgspec.Struct, kw_only=True):
     bad_words: Any = None
     prompt_logprobs: Any = None
     truncate_prompt_tokens: Any = None
+    use_beam_search: Any = None
+    return_tokens_as_token_ids: Any = None
+    logits_processors: Any = None
+    spaces_between_special_tokens: Any = None
     # vLLM's: the text ends with the matched stop string (server.request_flow)
     include_stop_str_in_output: bool = False
+    # vLLM's: whether the tokenizer adds its special tokens (BOS) to the prompt; None:
+    # yes for a completion, and the model's choice for a chat (server.prompts)
+    add_special_tokens: bool | None = None
 
     def unsupported_field(self) -> str | None:
         """The first unimplemented field given a value that changes the answer."""

@@ -336,6 +336,10 @@ UNSUPPORTED = [
     ("/v1/completions", "truncate_prompt_tokens", 4),
     ("/v1/chat/completions", "chat_template", "{{ messages }}"),
     ("/v1/chat/completions", "documents", [{"text": "d"}]),
+    ("/v1/completions", "use_beam_search", True),
+    ("/v1/completions", "return_tokens_as_token_ids", True),
+    ("/v1/chat/completions", "logits_processors", ["pkg.module:Processor"]),
+    ("/v1/chat/completions", "spaces_between_special_tokens", False),
 ]
 
 
@@ -389,7 +393,10 @@ def test_values_that_ask_for_nothing_are_accepted(server):
                                               "max_tokens": 1, "response_format": {"type": "text"},
                                               "tool_choice": "none", "parallel_tool_calls": False,
                                               "priority": 0, "return_token_ids": False,
-                                              "bad_words": []})
+                                              "bad_words": [], "use_beam_search": False,
+                                              "logits_processors": [],
+                                              "spaces_between_special_tokens": True,
+                                              "return_tokens_as_token_ids": False})
     assert r.status_code == 200, r.text
     r = post(server, "/generate", {"text": "x", "sampling_params": {
         "max_new_tokens": 1, "spaces_between_special_tokens": True}})

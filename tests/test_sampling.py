@@ -261,7 +261,8 @@ def test_logit_bias_moves_only_its_rows_tokens():
                                         ({"\u00b9": 1.0}, "token id"),  # isdigit, not int()
                                         ({"\u0663": 1.0}, "token id"),  # int() reads 3
                                         ({"3": -100.01}, "[-100, 100]"),
-                                        ({"3": math.nan}, "[-100, 100]")])
+                                        ({"3": math.nan}, "[-100, 100]"),
+                                        ({"5": 100.0, "05": 100.0}, "token 5 twice")])
 def test_logit_bias_is_validated(bias, word):
     with pytest.raises(InvalidSamplingParams, match="logit_bias") as exc:
         SamplingParams(logit_bias=bias).validate(vocab_size=10, context_len=100)

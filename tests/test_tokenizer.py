@@ -173,3 +173,33 @@ def test_no_bound_where_text_can_vanish_or_fuse():
                    {"model": bpe, "pre_tokenizer": {"type": "BertPreTokenizer"}},
                    {"model": bpe, "pre_tokenizer": {"type": "Split", "behavior": "Removed"}}):
         assert not _can_bound(config), config
+
+
+def test_add_special_tokens_reaches_the_tokenizer():
+    """vLLM's ``add_special_tokens``: a completion's prompt gets the tokenizer's special
+    tokens (here a BOS) unless it is false; a chat's follows it when given, else the
+    model's choice (``chat_add_special_tokens``)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from tokenizers.processors import TemplateProcessing
+
+    from engine.tiny import BOS_TOKEN
+    from server.prompts import encode_chat, encode_texts
+
+    tok = Tokenizer.load("tiny")
+    tok.backend.post_processor = TemplateProcessing(single=f"{BOS_TOKEN} $A",
+                                                    special_tokens=[(BOS_TOKEN, BOS_ID)])
+    engine = SimpleNamespace(tokenizer=tok, context_len=1000)
+    plain = tok.encode("hi", add_special_tokens=False)
+    for texts in (["hi"], ["hi" * 9000]):  # on the loop, and in a worker thread
+        assert asyncio.run(encode_texts(engine, texts, "prompt"))[0][0] == BOS_ID
+        without = asyncio.run(encode_texts(engine, texts, "prompt", add_special_tokens=False))
+        assert without[0][0] != BOS_ID
+    assert asyncio.run(encode_texts(engine, ["hi"], "prompt", False)) == [plain]
+    chat = [{"role": "user", "content": "hi"}]
+    default = asyncio.run(encode_chat(engine, chat))
+    assert (default[0] == BOS_ID) == tok.chat_add_special_tokens
+    for add in (True, False):
+        ids = asyncio.run(encode_chat(engine, chat, add_special_tokens=add))
+        assert (ids[0] == BOS_ID) == add
