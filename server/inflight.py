@@ -42,6 +42,9 @@ class RequestHandle:
     # refusal, a hand-off it could not publish).
     # PD prefill uses it to retire the room's route entry (scheduler.pd_router).
     on_exit: Callable[[bool], None] | None = None
+    # Tokens the rank generates that the client never gets (a prompt-only request's
+    # one, ``server.request_flow``): not counted as generated in the metrics.
+    hidden_tokens: int = 0
 
 
 class MetricsObserver:
@@ -113,7 +116,7 @@ class InFlight:
                 self.observer.on_abort()
             self.remove(handle, ok=not aborted)
             self.observer.on_finish(now - handle.arrival_time, out.prompt_tokens,
-                                    out.completion_tokens)
+                                    max(out.completion_tokens - handle.hidden_tokens, 0))
         handle.queue.put_nowait(out)
 
     def fail(self, handle: RequestHandle, message: str) -> None:

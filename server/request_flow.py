@@ -254,13 +254,16 @@ NOT_DISPATCHED = -1  # the dp_rank of a handle no rank holds
 
 def start(engine: EngineClient, prepared: PreparedRequest) -> RunningRequest:
     """Dispatch a checked request; raises ``BadRequest``/``ServiceUnavailable``."""
-    sent = prepared
     if wants_prompt_only(prepared):
-        sent = dataclasses.replace(prepared, params=msgspec.structs.replace(
-            prepared.params, max_new_tokens=1, min_new_tokens=0))
-    elif prepared.params.max_new_tokens == 0:
+        handle = engine.submit(dataclasses.replace(prepared, params=msgspec.structs.replace(
+            prepared.params, max_new_tokens=1, min_new_tokens=0)))
+        handle.hidden_tokens = 1
+        return RunningRequest(engine, prepared, handle)
+    if prepared.params.max_new_tokens == 0:
+        # Served here: counted as the ranks' requests are, with no token generated.
+        engine.observer.on_finish(0.0, len(prepared.input_ids), 0)
         return RunningRequest(engine, prepared, _finished_at_once(prepared))
-    return RunningRequest(engine, prepared, engine.submit(sent))
+    return RunningRequest(engine, prepared, engine.submit(prepared))
 
 
 def _finished_at_once(prepared: PreparedRequest) -> RequestHandle:
