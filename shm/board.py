@@ -35,6 +35,15 @@ Seqlock: the writer stores ``-(seq+1)`` (negative: "writing"), the fields, then
 ``seq+2``; a reader reads every seq, copies the rows, reads every seq again, and
 retries while some row's seq was negative or changed. Negative
 rather than the textbook odd value so that "is any row mid-write" is one ``argmin``.
+A writer killed mid-publish leaves its row negative for good, and one stopped there
+(SIGSTOP, a debugger) for as long as it stays stopped: a reader that waited on such a
+row would hang its process (an API process's event loop, so every route and even its
+SIGTERM). So a row whose writer's process is gone (the row's ``pid``), or that has
+stayed mid-write at one seq for ``STUCK_NS``, is *abandoned*: readers take it as it
+stands, torn or not (its rank is dead or frozen, which liveness tells the dispatchers;
+a frozen writer that resumes rewrites it whole), and keep the seqlock for every other
+row. Each reader remembers the rows it found abandoned, so it waits once per stuck
+row, not once per read.
 Pure Python gives no fences, so this is correct only where the hardware keeps stores
 in order and loads in order (x86-64's TSO). ``LoadBoard`` refuses to open elsewhere
 unless ``DPSERVE_ALLOW_WEAK_MEMORY=1``, in which case reads may rarely be torn (and
@@ -45,6 +54,7 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 from dataclasses import dataclass
 from os import sched_yield
 from typing import NamedTuple
@@ -58,11 +68,14 @@ from shm.board_layout import (ACKED, BASE_PREFILL, BASE_REQS, BASE_TOKENS, H_DIS
                               NUM_REQS, NUM_TOKENS, NUM_WAITING, PID, SEQ, STATUS_COL,
                               BoardLayout, RankStatus)
 from shm.board_liveness import Liveness
-from shm.segment import SharedSegment, ShmLayoutError, segment_name
+from shm.segment import SharedSegment, ShmLayoutError, pid_alive, segment_name
 
 __all__ = ["LoadBoard", "BoardSnapshot", "Loads", "RankStatus", "check_memory_order"]
 
 STRONG_ORDER_MACHINES = {"x86_64", "amd64", "i386", "i686"}
+# A live writer's publish takes microseconds; preempted, a scheduler time slice or a few.
+# A row mid-write this long at one seq has a stopped writer (module docstring).
+STUCK_NS = 50_000_000
 
 
 def check_memory_order() -> None:
@@ -151,6 +164,9 @@ class LoadBoard:
         self._disp = arr[layout.disp_off:].reshape(d, layout.disp_len)[:, : 2 * n].reshape(d, 2, n)
         self._base_reqs = self._rows[:, BASE_REQS]
         self._disp_reqs = [self._disp[i, 0] for i in range(d)]
+        # Rows this reader found mid-write: rank -> (the negative seq, first seen at ns,
+        # abandoned). See read_rows.
+        self._stuck: dict[int, tuple[int, int, bool]] = {}
         # Each reader's (process's) cached liveness answer; see shm.board_liveness.
         self.liveness = Liveness(segment.buf, n, layout.heartbeat_cell(0), layout.status_cell(0),
                                  int(RankStatus.READY))
@@ -230,11 +246,41 @@ class LoadBoard:
             copy = rows[:, :num_cols].copy()
             if before[before.argmin()] >= 0 and before.tobytes() == seqs.tobytes():
                 return copy
+            if self._stuck and self._only_abandoned(before, seqs):
+                return copy  # every row mid-write is abandoned (module docstring)
             tries += 1
             if tries & 7 == 0:
                 # A writer preempted mid-publish holds its row negative until it runs
                 # again: give up the core rather than spin through its time slice.
                 sched_yield()
+                self._note_stuck(before)
+
+    def _note_stuck(self, seqs: np.ndarray) -> None:
+        """Note when each row mid-write in ``seqs`` was first seen at its seq, and mark
+        it abandoned once its writer is gone or ``STUCK_NS`` has passed."""
+        now = time.monotonic_ns()
+        stuck = {}
+        for rank in np.flatnonzero(seqs < 0).tolist():
+            seq = int(seqs[rank])
+            was = self._stuck.get(rank)
+            seen = was[1] if was is not None and was[0] == seq else now
+            abandoned = now - seen >= STUCK_NS
+            if not abandoned:
+                pid = int(self._rows[rank, PID])
+                abandoned = pid > 0 and not pid_alive(pid)
+            stuck[rank] = (seq, seen, abandoned)
+        self._stuck = stuck
+
+    def _only_abandoned(self, before: np.ndarray, seqs: np.ndarray) -> bool:
+        """Whether the read that gave ``before`` is good but for abandoned rows: every
+        row mid-write is one still at the seq it was abandoned at, and every other row's
+        seq was unchanged across the copy."""
+        after = seqs.copy()
+        for rank in np.flatnonzero(before < 0).tolist():
+            was = self._stuck.get(rank)
+            if was is None or not was[2] or was[0] != before[rank] or after[rank] != before[rank]:
+                return False
+        return before.tobytes() == after.tobytes()
 
     def read_loads(self) -> Loads:
         """Every rank's effective requests, tokens and prefill tokens: the base columns

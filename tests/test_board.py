@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import time
 from collections import deque
 
@@ -13,9 +14,9 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 import numpy as np
 
-from shm.board import LoadBoard, RankStatus
+from shm.board import STUCK_NS, LoadBoard, RankStatus
 from shm.board_layout import (ACKED, BASE_REQS, BASE_TOKENS, LOAD_COLS, NUM_KV, NUM_PREFILL,
-                              NUM_REQS, NUM_TOKENS, NUM_WAITING)
+                              NUM_REQS, NUM_TOKENS, NUM_WAITING, PID, SEQ)
 from shm.segment import new_launch_id
 from tests.board_helpers import read_effective
 
@@ -150,6 +151,59 @@ class BoardMachine(RuleBasedStateMachine):
 
 TestBoardMachine = BoardMachine.TestCase
 TestBoardMachine.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+
+
+def _leave_row_mid_write(board: LoadBoard, rank: int, pid: int) -> None:
+    """What a writer killed or stopped inside ``publish`` leaves: its row's pid, then its
+    seq negative ("writing") with no publish to end it."""
+    writer = board.rank_writer(rank)
+    writer.set_capacity(100, 10)
+    board.cells[board.layout.row(rank) + PID] = pid
+    board.cells[board.layout.row(rank) + SEQ] = -(writer._seq + 1)
+
+
+def _within(seconds: float, fn):
+    """``fn()``'s result, failing (not hanging) if it takes longer than ``seconds``."""
+    import threading
+    out = []
+    thread = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert out, f"still reading after {seconds} s"
+    return out[0]
+
+
+def test_a_row_whose_writer_died_mid_publish_does_not_hang_readers():
+    """A rank killed mid-publish leaves its row mid-write for good: reads return at once
+    (its writer's process is gone), with every other row still read under the seqlock;
+    the rank's next writer (a restart) makes the row whole again."""
+    dead = mp.get_context("spawn").Process(target=time.sleep, args=(0,))
+    dead.start()
+    dead.join()
+    with LoadBoard.create(3, 1, launch_id=new_launch_id()) as board:
+        board.rank_writer(0).publish(2, 0, 20, [0], [0], num_prefill_tokens=0, num_kv_tokens=0)
+        _leave_row_mid_write(board, 1, dead.pid)
+        for _ in range(100):  # was: the first read never returned
+            assert _within(5, board.read_loads).reqs[0] == 2
+            assert _within(5, board.snapshot).num_reqs[0] == 2
+        writer = board.rank_writer(1)  # a restarted rank continues the sequence
+        writer.publish(3, 0, 30, [0], [0], num_prefill_tokens=0, num_kv_tokens=0)
+        assert board.read_loads().reqs == [2, 3, 0] and board.snapshot().seq.min() >= 0
+
+
+def test_a_row_whose_writer_stopped_mid_publish_is_waited_for_once():
+    """A live writer stopped mid-publish (SIGSTOP): the first read waits ``STUCK_NS`` for
+    it, later reads not at all, and once it publishes again its row is read as before."""
+    with LoadBoard.create(2, 1, launch_id=new_launch_id()) as board:
+        _leave_row_mid_write(board, 1, os.getpid())  # alive: this process
+        started = time.monotonic()
+        _within(5, board.read_loads)
+        assert time.monotonic() - started >= STUCK_NS / 1e9
+        started = time.monotonic()
+        _within(5, lambda: [board.read_loads() for _ in range(20)])
+        assert time.monotonic() - started < 20 * STUCK_NS / 1e9 / 2  # not 20 more waits
+        board.rank_writer(1).publish(4, 0, 40, [0], [0], num_prefill_tokens=0, num_kv_tokens=0)
+        assert board.read_loads().reqs == [0, 4]
 
 
 def test_dead_or_stale_ranks_are_not_alive():

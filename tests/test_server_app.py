@@ -26,7 +26,7 @@ from server.args import ServerArgs, resolve_args
 from server.engine_client import EngineClient
 from server.pd import PDProcesses
 from server.ranks import EngineProcesses, RankStartupError
-from shm.board import RankStatus
+from shm.board import LoadBoard, RankStatus
 from shm.segment import list_segments
 from tests.server_helpers import write_sim_profile
 
@@ -709,6 +709,39 @@ def test_rank_killed_mid_request_fails_fast_and_others_serve(tmp_path):
             time.sleep(0.02)
         assert client.get("/health").status_code == 503
         assert client.post("/generate", json={"text": "x"}).status_code == 503
+
+
+def test_a_rank_killed_mid_publish_never_freezes_the_api(tmp_path):
+    """A rank killed while it writes its board row leaves the row mid-write for good;
+    the API's reads of the board (the rank monitor, /get_load, token-based picks) go on,
+    the other rank serves, and SIGTERM stops the server (it hung: every route, and
+    SIGTERM, until SIGKILL). A real server, so that a hang is a client timeout."""
+    import httpx
+
+    from shm.board_layout import SEQ
+    from tests.server_helpers import ServerProcess
+    flags = ["--dp-size", "2", "--executor", "sim", "--load-balance-method", "total_tokens",
+             "--sim-profile", write_sim_profile(tmp_path / "sim.json", step_s=0.001)]
+    with ServerProcess(*flags, log_path=tmp_path / "server.log") as server:
+        pid = httpx.get(server.url + "/server_info", timeout=5).json()["ranks"][1]["pid"]
+        (name,) = [n for n in server.segments() if n.endswith(".board")]
+        os.kill(pid, signal.SIGSTOP)  # not mid-write itself: the test leaves it so
+        with LoadBoard.attach(name) as board:
+            cells, row = board.cells, board.layout.row(1)
+            cells[row + SEQ] = -(cells[row + SEQ] + 1)
+            del cells
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while httpx.get(server.url + "/health", timeout=5).json().get("dead_ranks") != [1]:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        loads = httpx.get(server.url + "/get_load", timeout=5).json()
+        assert [row["status"] for row in loads] == ["ready", "dead"]
+        for _ in range(3):
+            r = httpx.post(server.url + "/generate", timeout=10, json={
+                "text": "x", "sampling_params": {"max_new_tokens": 2}})
+            assert r.status_code == 200 and r.json()["meta_info"]["dp_rank"] == 0, r.text
+        assert server.terminate(10) == 0
 
 
 def test_rank_startup_error_stops_the_launch(tmp_path):
