@@ -20,7 +20,7 @@ import traceback
 from scheduler.config import SchedulerConfig
 from scheduler.executor import Executor
 from scheduler.log_format import configure_logging
-from scheduler.messages import RankError, RankReady, encode
+from scheduler.messages import RankError, RankReady
 from scheduler.pd import kv_segment_factory
 from scheduler.rank_io import RankPipes, owned_by, retire_dispatcher
 from scheduler.roles import rank_name
@@ -46,7 +46,11 @@ def run_scheduler(cfg: SchedulerConfig, req_conn, out_conn) -> None:
         scheduler = _start(cfg, row, pipes, summary)
     except BaseException as exc:  # report any start-up failure, then exit non-zero
         row.set_status(RankStatus.DEAD)
-        _try_send(pipes.out_conns[0], RankError(dp_rank=cfg.dp_rank, message=_describe(exc)))
+        try:  # to dispatcher 0's pipe: the launcher reads it at start-up
+            pipes.send_to(0, RankError(dp_rank=cfg.dp_rank, message=_describe(exc)))
+            pipes.drain()
+        except (OSError, ValueError):
+            pass
         if summary is not None:
             summary.close()
         board.close()
@@ -59,8 +63,7 @@ def run_scheduler(cfg: SchedulerConfig, req_conn, out_conn) -> None:
             # rank's outputs and nothing more can come; stop as on its request pipe's EOF.
             logger.info("the API process is gone (its output pipe is closed): stopping")
             return
-        for conn in pipes.out_conns:
-            _try_send(conn, RankError(dp_rank=cfg.dp_rank, message=_describe(exc)))
+        pipes.send_final(RankError(dp_rank=cfg.dp_rank, message=_describe(exc)))
         raise
     finally:
         row.set_status(RankStatus.DEAD)
@@ -149,13 +152,7 @@ def _loop(scheduler, pipes: RankPipes, board, idle_wait_s: float) -> None:
                 scheduler.stopped = True
         scheduler.step(messages)
     scheduler.abort_all("the rank is shutting down")
-
-
-def _try_send(conn, msg) -> None:
-    try:
-        conn.send_bytes(encode(msg))
-    except (OSError, ValueError):
-        pass
+    pipes.drain()  # the last outputs, to API processes that read slowly
 
 
 def _describe(exc: BaseException) -> str:

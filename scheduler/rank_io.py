@@ -12,11 +12,25 @@ An API process that goes away closes its request pipe: the rank reads EOF there
 as gone. The rank then ends that dispatcher's requests and retires its in-flight
 count on the board (``retire_dispatcher``); it stops only once every dispatcher is
 gone.
+
+With several API processes, one that stops reading (stopped, or its event loop stuck)
+must not stop the rank: a blocking write to its full pipe (64 KiB) would hold the
+rank's loop, its heartbeat with it, and every other API process would then find the
+rank dead. So each output pipe is written without blocking (``Outbox``): what the pipe
+does not take waits in the rank, in order, and goes out as that API process reads
+again (every loop iteration tries). Past ``MAX_WAITING_BYTES`` that API process is
+taken as gone: its output pipe is closed (it then reads the whole frames before the cut
+and EOF, and fails its requests on this rank as a lost rank's). One API process (the
+default) keeps the blocking write: nobody else would serve meanwhile.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import select
+import struct
+import time
 from collections import deque
 from multiprocessing.connection import Connection, wait
 from typing import Sequence
@@ -25,6 +39,51 @@ from scheduler.messages import (AbortReq, FlushCacheReq, FlushCacheResult, decod
                                 encode)
 
 logger = logging.getLogger(__name__)
+
+MAX_WAITING_BYTES = 256 << 20
+WAITING_POLL_S = 0.005  # the loop's longest sleep while some output waits for its reader
+
+
+class Outbox:
+    """One output pipe, written without blocking: ``multiprocessing.connection``'s
+    frames (a 4-byte big-endian length, then the payload), so the API reads them with
+    ``server.rank_pipe.FrameReader`` as before."""
+
+    def __init__(self, conn: Connection):
+        self.conn = conn
+        self.fd = conn.fileno()
+        self.waiting = bytearray()
+        os.set_blocking(self.fd, False)
+
+    def send(self, payload: bytes) -> None:
+        """Write one frame, or what the pipe takes of it; the rest waits. Raises
+        ``BrokenPipeError`` if the reader is gone, ``BufferError`` past
+        ``MAX_WAITING_BYTES``."""
+        frame = struct.pack("!i", len(payload)) + payload
+        if self.waiting:
+            self.waiting += frame
+            self.flush()
+        else:
+            self.waiting += frame[self._write(frame):]
+        if len(self.waiting) > MAX_WAITING_BYTES:
+            raise BufferError(f"{len(self.waiting)} bytes wait for a reader that stopped")
+
+    def flush(self) -> None:
+        if self.waiting:
+            del self.waiting[:self._write(self.waiting)]
+
+    def drain(self, timeout_s: float) -> None:
+        """Write what waits, blocking up to ``timeout_s`` (the rank is stopping)."""
+        deadline = time.monotonic() + timeout_s
+        while self.waiting and (left := deadline - time.monotonic()) > 0:
+            if select.select([], [self.fd], [], left)[1]:
+                self.flush()
+
+    def _write(self, data) -> int:
+        try:
+            return os.write(self.fd, data)
+        except BlockingIOError:
+            return 0
 
 
 class RankPipes:
@@ -37,6 +96,9 @@ class RankPipes:
         self.is_open = [True] * self.num_dispatchers  # its request pipe has not closed
         self._can_send = [True] * self.num_dispatchers  # its output pipe still takes frames
         self._dispatcher_of = {conn: d for d, conn in enumerate(self.req_conns)}
+        # Several API processes: each output pipe written without blocking (docstring).
+        self._outboxes = ([Outbox(c) for c in self.out_conns] if self.num_dispatchers > 1
+                          else None)
         # Who asked each FlushCacheReq not answered yet: the scheduler answers each with
         # one FlushCacheResult, in the order it handles them (the order received here).
         self._flush_askers: deque[int] = deque()
@@ -51,6 +113,8 @@ class RankPipes:
         live = [c for d, c in enumerate(self.req_conns) if self.is_open[d]]
         if not live:
             return [], []
+        if self._outboxes is not None and self._flush_waiting():
+            timeout_s = min(timeout_s, WAITING_POLL_S)
         if len(live) == 1:
             ready = live if live[0].poll(timeout_s) else []
         else:
@@ -74,16 +138,58 @@ class RankPipes:
 
     def send_to(self, dispatcher: int, msg) -> None:
         """Send ``msg`` to one API process; dropped if that process is gone."""
-        if not self._can_send[dispatcher]:
+        if self._can_send[dispatcher]:
+            self._send_payload(dispatcher, encode(msg))
+
+    def _send_payload(self, dispatcher: int, payload: bytes) -> None:
+        if self._outboxes is None:  # the only API process: as before, the caller decides
+            self.out_conns[dispatcher].send_bytes(payload)
             return
         try:
-            self.out_conns[dispatcher].send_bytes(encode(msg))
+            self._outboxes[dispatcher].send(payload)
         except (OSError, ValueError):
-            if self.num_dispatchers == 1:
-                raise  # the only API process is gone: as before, the caller decides
             self._can_send[dispatcher] = False
             logger.info("dispatcher %d's output pipe closed; its outputs are dropped",
                         dispatcher)
+        except BufferError as exc:
+            self._can_send[dispatcher] = False
+            self.out_conns[dispatcher].close()  # it reads the whole frames, then EOF
+            logger.error("the API process of dispatcher %d has stopped reading this rank's "
+                         "outputs (%s): its output pipe is closed", dispatcher, exc)
+
+    def _flush_waiting(self) -> bool:
+        """Write what waits for each API process; whether some output still waits."""
+        waiting = False
+        for d, box in enumerate(self._outboxes):
+            if box.waiting and self._can_send[d]:
+                try:
+                    box.flush()
+                except OSError:
+                    self._can_send[d] = False
+                    continue
+                waiting = waiting or bool(box.waiting)
+        return waiting
+
+    def send_final(self, msg, timeout_s: float = 1.0) -> None:
+        """The rank is stopping: send ``msg`` to every API process still there and
+        write whatever waits, within ``timeout_s`` in all; never raises."""
+        try:
+            self.broadcast(msg)
+        except (OSError, ValueError):
+            pass  # the only API process is gone
+        self.drain(timeout_s)
+
+    def drain(self, timeout_s: float = 1.0) -> None:
+        """Write what waits for the API processes, within ``timeout_s`` (never raises)."""
+        if self._outboxes is None:
+            return
+        deadline = time.monotonic() + timeout_s
+        for d, box in enumerate(self._outboxes):
+            if self._can_send[d]:
+                try:
+                    box.drain(max(deadline - time.monotonic(), 0.0))
+                except (OSError, ValueError):
+                    self._can_send[d] = False
 
     def send(self, msg) -> None:
         """The scheduler's ``send``: a ``FlushCacheResult`` to the API process that
@@ -96,15 +202,9 @@ class RankPipes:
     def broadcast(self, msg) -> None:
         """Send ``msg`` to every API process still there."""
         payload = encode(msg)
-        for d, conn in enumerate(self.out_conns):
-            if not self._can_send[d]:
-                continue
-            try:
-                conn.send_bytes(payload)
-            except (OSError, ValueError):
-                if self.num_dispatchers == 1:
-                    raise
-                self._can_send[d] = False
+        for d in range(self.num_dispatchers):
+            if self._can_send[d]:
+                self._send_payload(d, payload)
 
 
 def retire_dispatcher(scheduler, board, dispatcher: int, message: str) -> int:

@@ -160,6 +160,54 @@ def test_rank_pipes_route_replies_and_report_a_closed_dispatcher():
     assert pipes.receive(1.0) == ([], [1]) and not pipes.any_open
 
 
+def test_an_api_process_that_stops_reading_never_blocks_the_rank(monkeypatch):
+    """With several API processes, one that stops reading (stopped, its loop stuck) does
+    not block the rank's sends (they blocked once its 64 KiB pipe was full, and with them
+    the rank's loop and heartbeat): its outputs wait, in order, and reach it whole when it
+    reads again; the others get theirs meanwhile. Past the limit its pipe is closed: it
+    reads the whole frames sent before, then EOF."""
+    import multiprocessing
+    import threading
+
+    from scheduler import rank_io
+    from scheduler.messages import FlushCacheResult, decode_to_server
+    from scheduler.rank_io import RankPipes
+    from server.rank_pipe import FrameReader
+
+    req = [multiprocessing.Pipe(duplex=False) for _ in range(2)]  # (rank end, API end)
+    out = [multiprocessing.Pipe(duplex=False) for _ in range(2)]  # (API end, rank end)
+    pipes = RankPipes([r for r, _ in req], [w for _, w in out])
+    big = [FlushCacheResult(dp_rank=0, success=True, message=f"{i}:" + "x" * 1000)
+           for i in range(300)]  # 300 KB: far more than the pipe holds
+    sender = threading.Thread(target=lambda: [pipes.send_to(1, m) for m in big], daemon=True)
+    sender.start()
+    sender.join(5)
+    assert not sender.is_alive()  # was: blocked on the full pipe for as long as nobody read
+    pipes.send_to(0, big[0])
+    assert out[0][0].poll(1) and decode_to_server(out[0][0].recv_bytes()) == big[0]
+    reader, got = FrameReader(out[1][0]), []
+    deadline = time.monotonic() + 10
+    while len(got) < len(big):
+        assert time.monotonic() < deadline, len(got)
+        pipes.receive(0.01)  # the rank's loop writes what waits, as the reader drains
+        got += [decode_to_server(f) for f in reader.read()[0]]
+    assert got == big
+    # A reader that never comes back: past the limit, its pipe is closed.
+    monkeypatch.setattr(rank_io, "MAX_WAITING_BYTES", 200_000)
+    for message in big:
+        pipes.send_to(1, message)
+    frames, eof = [], False
+    while not eof:
+        more, eof = reader.read()
+        frames += more
+        time.sleep(0.01)
+    assert 0 < len(frames) < len(big)
+    assert [decode_to_server(f) for f in frames] == big[:len(frames)]
+    pipes.send_to(1, big[0])  # dropped, no error
+    pipes.send_to(0, big[1])
+    assert out[0][0].poll(1) and decode_to_server(out[0][0].recv_bytes()) == big[1]
+
+
 # ---- the server ----------------------------------------------------------------------------
 def _serve_flags(tmp_path: Path, step_s: float, dp_size: int, api_servers: int,
                  *extra: str) -> list[str]:
