@@ -54,6 +54,7 @@ from server.pd import PDLaunchError, PDProcesses
 from server.placement import LaunchPlan
 from server.ranks import EngineProcesses, RankMain, RankStartupError
 from server.serving import ignore_stop_signals, num_ranks, pd_summary
+from shm.segment import METRICS_DIR_PREFIX
 
 logger = logging.getLogger("dpserve")
 
@@ -80,7 +81,9 @@ def serve_api_servers(args: ServerArgs, sock: socket.socket, rank_main: RankMain
     apis: list[ApiProcess] = []
     # Every API process's counters in one folder, summed by a scrape of any of them
     # (server.metrics.shared_registry); inherited by the processes spawned below.
-    metrics_dir = tempfile.mkdtemp(prefix="dpserve-metrics.")
+    # Named by this launcher's pid: a crashed launcher's is removed by the next start
+    # and by ``python -m shm.cleanup`` (``shm.segment.reclaim_stale_metrics_dirs``).
+    metrics_dir = tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}.")
     os.environ[MULTIPROC_ENV] = metrics_dir
     try:
         processes.start()

@@ -16,7 +16,8 @@ import posix_ipc
 
 from shm.board import LoadBoard, RankStatus
 from shm.prefix_summary import PrefixSummary
-from shm.segment import ShmError, list_segments, owner_pid, reclaim_stale_segments
+from shm.segment import (ShmError, list_segments, owner_pid, reclaim_stale_metrics_dirs,
+                         reclaim_stale_segments)
 
 if TYPE_CHECKING:
     from server.ranks import RankHandle
@@ -30,6 +31,9 @@ def reclaim_stale() -> None:
     removed = reclaim_stale_segments()
     if removed:
         logger.info("reclaimed %d stale shared-memory segment(s): %s", len(removed), removed)
+    removed = reclaim_stale_metrics_dirs()
+    if removed:
+        logger.info("removed %d crashed launcher's metrics folder(s): %s", len(removed), removed)
 
 
 def retire_dead_rank(board: LoadBoard, summary: PrefixSummary | None, rank: RankHandle) -> None:

@@ -1,7 +1,9 @@
 """`python -m shm.cleanup`: reclaim segments left in /dev/shm by crashed runs.
 
 A segment is ours when its name starts with ``dpserve.`` (or ``$DPSERVE_SHM_PREFIX.``); it is stale when the pid
-encoded in its name (its creator) no longer exists. Live runs are never touched.
+encoded in its name (its creator) no longer exists. Live runs are never touched. The
+metrics folders of crashed launchers (``dpserve-metrics.<pid>.*`` in the temporary
+directory, ``--api-server-count``) go too.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import argparse
 import sys
 
 from shm.segment import (NAME_PREFIX, list_segments, name_prefix, owner_pid, pid_alive,
-                         reclaim_stale_segments)
+                         reclaim_stale_metrics_dirs, reclaim_stale_segments)
 
 
 def _prefix(text: str) -> str:
@@ -39,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in removed:
         print(f"removed {name}")
     print(f"{len(removed)} stale segment(s) removed")
+    for path in reclaim_stale_metrics_dirs():
+        print(f"removed {path} (a crashed launcher's metrics folder)")
     return 0
 
 

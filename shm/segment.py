@@ -273,6 +273,32 @@ def _is_zombie(pid: int) -> bool:
     return stat[state_at:state_at + 1] in (b"Z", b"X")
 
 
+METRICS_DIR_PREFIX = "dpserve-metrics."
+
+
+def reclaim_stale_metrics_dirs(root: str | None = None) -> list[str]:
+    """Remove the metrics folders (``dpserve-metrics.<pid>.*`` in the temporary
+    directory, where several API processes keep their counters) whose launcher pid is
+    dead. Returns the paths removed."""
+    import shutil
+    import tempfile
+    root = root or tempfile.gettempdir()
+    removed = []
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return removed
+    for name in names:
+        pid = name[len(METRICS_DIR_PREFIX):].split(".", 1)[0]
+        if not name.startswith(METRICS_DIR_PREFIX) or not pid.isdigit() or pid_alive(int(pid)):
+            continue
+        path = os.path.join(root, name)
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.exists(path):
+            removed.append(path)
+    return removed
+
+
 def reclaim_stale_segments(prefix: str = NAME_PREFIX) -> list[str]:
     """Unlink our segments whose creator pid is dead. Returns the names removed."""
     removed = []

@@ -91,6 +91,24 @@ def test_segments_of_a_sigkilled_creator_are_reclaimed_by_cleanup():
         reclaim_stale_segments()
 
 
+def test_a_crashed_launchers_metrics_folder_is_reclaimed(tmp_path):
+    """Several API processes keep their counters in ``dpserve-metrics.<launcher pid>.*``;
+    a SIGKILLed launcher leaves it: removed once that pid is gone, never a live one's."""
+    from shm.segment import METRICS_DIR_PREFIX, reclaim_stale_metrics_dirs
+
+    dead = mp.get_context("spawn").Process(target=os.getpid)
+    dead.start()
+    dead.join()
+    stale = tmp_path / f"{METRICS_DIR_PREFIX}{dead.pid}.abc"
+    live = tmp_path / f"{METRICS_DIR_PREFIX}{os.getpid()}.def"
+    other = tmp_path / f"{METRICS_DIR_PREFIX}notapid"
+    for folder in (stale, live, other):
+        folder.mkdir()
+        (folder / "counter_1.db").write_bytes(b"x")
+    assert reclaim_stale_metrics_dirs(str(tmp_path)) == [str(stale)]
+    assert not stale.exists() and live.exists() and other.exists()
+
+
 def test_name_prefix_namespace_is_checked():
     from shm.segment import name_prefix
     assert name_prefix("dpserve") == "dpserve."
