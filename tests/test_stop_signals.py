@@ -156,3 +156,22 @@ def test_a_server_started_under_nohup_outlives_its_terminal(tmp_path, api_server
         assert s.proc.wait(30) == 0, s.log()
         assert "received SIGTERM" in s.log()
         assert_stopped_cleanly(s)
+
+
+def test_sigusr1_prints_every_threads_stack_and_changes_nothing(tmp_path):
+    """``kill -USR1 PID`` (the launcher's or a rank's) prints that process's threads'
+    Python stacks to the log, so a hung process can be looked into; it keeps serving."""
+    with sim_server(tmp_path, "usr1") as s:
+        rank_pid = s.rank_pids()[1]
+        for pid in (s.pid, rank_pid):
+            os.kill(pid, signal.SIGUSR1)
+        deadline = time.monotonic() + 10
+        while s.log().lower().count("thread 0x") < 2 or "scheduler/process.py" not in s.log():
+            assert time.monotonic() < deadline, s.log()
+            time.sleep(0.05)
+        r = httpx.post(s.url + "/generate", timeout=30, json={
+            "text": "x", "routed_dp_rank": 1, "sampling_params": {"max_new_tokens": 2}})
+        assert r.status_code == 200, r.text
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(30) == 0, s.log()
+        assert wait_group_gone(s.pid) == [] and s.segments() == []
