@@ -18,10 +18,11 @@ must not stop the rank: a blocking write to its full pipe (64 KiB) would hold th
 rank's loop, its heartbeat with it, and every other API process would then find the
 rank dead. So each output pipe is written without blocking (``Outbox``): what the pipe
 does not take waits in the rank, in order, and goes out as that API process reads
-again (every loop iteration tries). Past ``MAX_WAITING_BYTES`` that API process is
-taken as gone: its output pipe is closed (it then reads the whole frames before the cut
-and EOF, and fails its requests on this rank as a lost rank's). One API process (the
-default) keeps the blocking write: nobody else would serve meanwhile.
+again (every loop iteration tries). What waits is bounded by that process's requests
+(each ends at its ``max_new_tokens``) plus a ``RankStats`` every
+``--decode-log-interval`` batches, so nothing caps it: cutting the pipe would read as a
+lost rank to that process, which would then kill a rank the others are using. One API
+process (the default) keeps the blocking write: nobody else would serve meanwhile.
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ from scheduler.messages import (AbortReq, FlushCacheReq, FlushCacheResult, decod
 
 logger = logging.getLogger(__name__)
 
-MAX_WAITING_BYTES = 256 << 20
 WAITING_POLL_S = 0.005  # the loop's longest sleep while some output waits for its reader
 
 
@@ -57,16 +57,13 @@ class Outbox:
 
     def send(self, payload: bytes) -> None:
         """Write one frame, or what the pipe takes of it; the rest waits. Raises
-        ``BrokenPipeError`` if the reader is gone, ``BufferError`` past
-        ``MAX_WAITING_BYTES``."""
+        ``BrokenPipeError`` if the reader is gone."""
         frame = struct.pack("!i", len(payload)) + payload
         if self.waiting:
             self.waiting += frame
             self.flush()
         else:
             self.waiting += frame[self._write(frame):]
-        if len(self.waiting) > MAX_WAITING_BYTES:
-            raise BufferError(f"{len(self.waiting)} bytes wait for a reader that stopped")
 
     def flush(self) -> None:
         if self.waiting:
@@ -132,7 +129,7 @@ class RankPipes:
                         break
             except (EOFError, OSError):
                 self.is_open[d] = False
-                self._can_send[d] = False  # nobody reads its outputs any more
+                self._stop_sending(d)  # nobody reads its outputs any more
                 gone.append(d)
         return messages, gone
 
@@ -148,14 +145,14 @@ class RankPipes:
         try:
             self._outboxes[dispatcher].send(payload)
         except (OSError, ValueError):
-            self._can_send[dispatcher] = False
+            self._stop_sending(dispatcher)
             logger.info("dispatcher %d's output pipe closed; its outputs are dropped",
                         dispatcher)
-        except BufferError as exc:
-            self._can_send[dispatcher] = False
-            self.out_conns[dispatcher].close()  # it reads the whole frames, then EOF
-            logger.error("the API process of dispatcher %d has stopped reading this rank's "
-                         "outputs (%s): its output pipe is closed", dispatcher, exc)
+
+    def _stop_sending(self, dispatcher: int) -> None:
+        self._can_send[dispatcher] = False
+        if self._outboxes is not None:
+            self._outboxes[dispatcher].waiting.clear()  # nobody will read it
 
     def _flush_waiting(self) -> bool:
         """Write what waits for each API process; whether some output still waits."""
@@ -165,7 +162,7 @@ class RankPipes:
                 try:
                     box.flush()
                 except OSError:
-                    self._can_send[d] = False
+                    self._stop_sending(d)
                     continue
                 waiting = waiting or bool(box.waiting)
         return waiting
@@ -189,7 +186,7 @@ class RankPipes:
                 try:
                     box.drain(max(deadline - time.monotonic(), 0.0))
                 except (OSError, ValueError):
-                    self._can_send[d] = False
+                    self._stop_sending(d)
 
     def send(self, msg) -> None:
         """The scheduler's ``send``: a ``FlushCacheResult`` to the API process that

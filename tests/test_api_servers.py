@@ -160,16 +160,15 @@ def test_rank_pipes_route_replies_and_report_a_closed_dispatcher():
     assert pipes.receive(1.0) == ([], [1]) and not pipes.any_open
 
 
-def test_an_api_process_that_stops_reading_never_blocks_the_rank(monkeypatch):
+def test_an_api_process_that_stops_reading_never_blocks_the_rank():
     """With several API processes, one that stops reading (stopped, its loop stuck) does
     not block the rank's sends (they blocked once its 64 KiB pipe was full, and with them
     the rank's loop and heartbeat): its outputs wait, in order, and reach it whole when it
-    reads again; the others get theirs meanwhile. Past the limit its pipe is closed: it
-    reads the whole frames sent before, then EOF."""
+    reads again; the others get theirs meanwhile. Once it is gone, what waited for it is
+    let go."""
     import multiprocessing
     import threading
 
-    from scheduler import rank_io
     from scheduler.messages import FlushCacheResult, decode_to_server
     from scheduler.rank_io import RankPipes
     from server.rank_pipe import FrameReader
@@ -192,17 +191,14 @@ def test_an_api_process_that_stops_reading_never_blocks_the_rank(monkeypatch):
         pipes.receive(0.01)  # the rank's loop writes what waits, as the reader drains
         got += [decode_to_server(f) for f in reader.read()[0]]
     assert got == big
-    # A reader that never comes back: past the limit, its pipe is closed.
-    monkeypatch.setattr(rank_io, "MAX_WAITING_BYTES", 200_000)
+    # It stops reading again, then goes away: what waited for it is dropped, no error.
     for message in big:
         pipes.send_to(1, message)
-    frames, eof = [], False
-    while not eof:
-        more, eof = reader.read()
-        frames += more
-        time.sleep(0.01)
-    assert 0 < len(frames) < len(big)
-    assert [decode_to_server(f) for f in frames] == big[:len(frames)]
+    assert pipes._outboxes[1].waiting
+    req[1][1].close()
+    out[1][0].close()
+    assert pipes.receive(1.0) == ([], [1])
+    assert not pipes._outboxes[1].waiting
     pipes.send_to(1, big[0])  # dropped, no error
     pipes.send_to(0, big[1])
     assert out[0][0].poll(1) and decode_to_server(out[0][0].recv_bytes()) == big[1]
