@@ -161,8 +161,8 @@ class DecodeReceiver(PDRole):
         parked = self.parked[req.rid] = Parked(req, now, req.disagg_prefill_dp_rank,
                                                prompt_hash(req.input_ids))
         if parked.prefill_rank is None:
-            room, route = req.bootstrap_room, self.peers.route
-            placed = route.lookup(room) if route is not None else None
+            room = req.bootstrap_room
+            placed = self._route_of(room, parked.prompt_hash, now)
             parked.saw_route = placed is not None
             if placed is None:  # prefill may be done already: its route entry is gone
                 placed = self.peers.handoff.lookup(room)
@@ -228,8 +228,8 @@ class DecodeReceiver(PDRole):
         """(hand-off entry or None, (message, status) or None) for one parked request."""
         room = parked.req.bootstrap_room
         p = parked.prefill_rank
-        route, handoff = self.peers.route, self.peers.handoff
-        placed = route.lookup(room) if route is not None else None  # first: see scheduler.pd
+        handoff = self.peers.handoff
+        placed = self._route_of(room, parked.prompt_hash, now)  # first: see scheduler.pd
         if placed is not None:
             parked.saw_route = True
             if p is None and placed.state != FAILED:
@@ -285,6 +285,19 @@ class DecodeReceiver(PDRole):
         elif (down := self.peers.down_reason(p, now)) is not None:
             return None, (f"bootstrap_room {room}: prefill rank {p} {down}", SERVER_ERROR)
         return None, None
+
+    def _route_of(self, room: int, prompt_hash: int, now: int):
+        """The room's route entry, as this request reads it: a FAILED entry past its
+        deadline (not expired yet only because no dispatch came since), or one whose
+        prompt is another's (a refused request, ``PDRouter.refused``, that an earlier
+        client sent with this room), is none."""
+        route = self.peers.route
+        placed = route.lookup(room) if route is not None else None
+        if placed is not None and placed.state == FAILED and (
+                placed.deadline_ns <= now
+                or placed.prompt_hash not in (0, prompt_hash)):
+            return None
+        return placed
 
     def _known(self, parked: Parked, prefill_rank: int, now: int) -> int:
         parked.prefill_rank = prefill_rank

@@ -17,12 +17,15 @@ Per request, in this order (``scheduler.pd`` explains why the order matters):
    fails at once, and let it expire ``failed_linger_s`` later.
 
 A prefill server that refuses a request (``refused``: a 400, or a 503 such as full
-queues) publishes its room FAILED for ``REFUSED_LINGER_S``: the decode half, which the
-gateway sent to the decode server at the same time, then fails at once instead of
-waiting ``--disaggregation-bootstrap-timeout`` for a prefill that will never come. A
-FAILED room is free for a new request: dispatching one removes this process's FAILED
-entry for it (another API process's stays until it expires; readers prefer a live
-entry of another region to a FAILED one, ``BootstrapTable.lookup``).
+queues) publishes its room FAILED for ``REFUSED_LINGER_S``, with its prompt's hash: the
+decode half, which the gateway sent to the decode server at the same time, then fails
+at once instead of waiting ``--disaggregation-bootstrap-timeout`` for a prefill that
+will never come. A FAILED room is free for a new request: dispatching one removes this
+process's FAILED entry for it (another API process's stays until it expires; readers
+prefer a live entry of another region to a FAILED one, ``BootstrapTable.lookup``).
+Decode reads a FAILED entry past its deadline, or with another prompt's hash, as no
+entry; so only a new request with the refused one's prompt and room whose decode half
+comes before its prefill half is placed, within the linger, fails with it.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import secrets
 import time
 from typing import Sequence
 
+from scheduler.pd import prompt_hash
 from shm.bootstrap_layout import FAILED, BootstrapTableFullError, DuplicateRoomError
 
 MAX_GENERATED_ROOM = 2**63  # what SGLang's gateways draw below
@@ -104,7 +108,7 @@ class PDRouter:
             route.update(slot, state=FAILED, deadline_ns=time.monotonic_ns() + self.failed_linger_ns)
         route.expire()
 
-    def refused(self, room: int) -> None:
+    def refused(self, room: int, input_ids: Sequence[int] = ()) -> None:
         """This server refused the request of ``room`` before placing it: publish the
         room FAILED (module docstring). Not where the room is live (the refused request
         was a second one with it: the first one's route stands), nor once half the
@@ -114,7 +118,10 @@ class PDRouter:
         route.expire()
         if route.table.lookup(room) is not None or 2 * route.num_live >= route.num_slots:
             return
-        route.insert(room, -1, time.monotonic_ns() + self.refused_linger_ns, state=FAILED)
+        # With the prompt's hash: a decode half with another prompt (a later request that
+        # reuses the room) is not failed by this one's refusal (scheduler.pd_decode).
+        route.insert(room, -1, time.monotonic_ns() + self.refused_linger_ns, state=FAILED,
+                     prompt_hash=prompt_hash(list(input_ids)) if input_ids else 0)
 
     @property
     def num_rooms(self) -> int:

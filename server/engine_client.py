@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import logging
 import os
 import statistics
 import time
@@ -53,6 +54,8 @@ from shm.board import RankStatus
 from shm.bootstrap_layout import BootstrapTableFullError, DuplicateRoomError
 
 __all__ = ["EngineClient", "MetricsObserver", "RequestHandle", "failure_error", "wait_flushes"]
+
+logger = logging.getLogger(__name__)
 
 
 def failure_error(finish_reason: FinishAbort) -> ApiError:
@@ -293,10 +296,13 @@ class EngineClient:
         half fails at once (``PDRouter.refused``)."""
         if room is None:
             return
-        if self.router is not None:
-            self.router.refused(room)
-        else:
-            self.release_room(room, input_ids)
+        try:
+            if self.router is not None:
+                self.router.refused(room, input_ids)
+            else:
+                self.release_room(room, input_ids)
+        except Exception:  # never in place of the refusal the client is owed
+            logger.exception("bootstrap_room %d: could not give the refused room up", room)
 
     def release_room(self, room: int | None, input_ids: list[int], lost_rank: int = -1,
                      lost_pid: int = 0) -> None:

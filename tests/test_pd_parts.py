@@ -237,6 +237,32 @@ def test_prefill_lost_in_the_api_fails_decode_at_once(pd):
     assert "prefill request failed" in run_until_finished(pd, "d", 0.2)["message"]
 
 
+def test_a_refusal_fails_only_its_own_decode_half_and_only_while_it_lingers(pd):
+    """A refused room (``PDRouter.refused``) fails a decode half with the refused prompt
+    at once; a later request that reuses the room with another prompt, or with the same
+    prompt once the refusal is past its linger, parks and is served as usual."""
+    pd.router.refused(31, [1, 2, 3])
+    pd.submit("same", [1, 2, 3], greedy(4), room=31, prefill=False)
+    assert "prefill request failed" in run_until_finished(pd, "same", 0.2)["message"]
+    pd.submit("other", [1, 2, 4], greedy(4), room=31, prefill=False)  # decode half first
+    for _ in range(20):
+        pd.step()
+    assert pd.finish_reason("other") is None  # parked, not failed by the refusal
+    pd.submit("other", [1, 2, 4], greedy(4), room=31, decode=False)
+    assert run_until_finished(pd, "other")["type"] == "length"
+    pd.router.refused_linger_ns = 1_000_000  # 1 ms
+    pd.router.refused(32, [5, 6, 7])
+    time.sleep(0.01)
+    pd.submit("late", [5, 6, 7], greedy(4), room=32, prefill=False)
+    for _ in range(20):
+        pd.step()
+    assert pd.finish_reason("late") is None
+    pd.submit("late", [5, 6, 7], greedy(4), room=32, decode=False)
+    assert run_until_finished(pd, "late")["type"] == "length"
+    pd.run()
+    assert not any(pd.leftovers().values()), pd.leftovers()
+
+
 def test_prefill_refused_fails_decode_at_once():
     def small_prefill_pool(cfg):
         pool = 64 if cfg.role == "prefill" else 4096
