@@ -18,8 +18,9 @@ never sees an ack without its dispatch: every request is counted exactly once.
 Two read paths, nothing else reads the cells:
 
 - ``read_rows``, the seqlocked row read: a copy of every row's leading cells, taken
-  while no row was mid-write and no seq changed. ``read_loads`` (the token methods'
-  picks) and ``snapshot`` (/get_load, metrics) are built on it.
+  while no row was mid-write and no seq changed (but for abandoned rows, below, read as
+  they stand). ``read_loads`` (the token methods' picks) and ``snapshot`` (/get_load,
+  metrics) are built on it.
 - ``read_requests``, the single-cell read: one ``base_reqs`` cell per row plus the
   dispatched requests, no seqlock (``total_requests``'s picks, the queue check).
 
@@ -231,7 +232,9 @@ class LoadBoard:
     # ---- the seqlocked row read ---------------------------------------------------------
     def read_rows(self, num_cols: int) -> np.ndarray:
         """A copy of every row's first ``num_cols`` cells ([rank, column], seq first),
-        taken while no row was mid-write and no row's seq changed across the copy.
+        taken while no row was mid-write and no row's seq changed across the copy; an
+        abandoned row (its writer gone, or stopped mid-write for ``STUCK_NS``: module
+        docstring) is copied as it stands, possibly torn.
 
         The seqs are read on their own before the copy and again after it. The copy's
         own seq cells cannot serve as the first read: numpy copies a block with
