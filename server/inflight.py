@@ -43,7 +43,8 @@ class RequestHandle:
     # PD prefill uses it to retire the room's route entry (scheduler.pd_router).
     on_exit: Callable[[bool], None] | None = None
     # Tokens the rank generates that the client never gets (a prompt-only request's
-    # one, ``server.request_flow``): not counted as generated in the metrics.
+    # one, ``server.request_flow``): neither counted as generated in the metrics nor
+    # timed as a first token.
     hidden_tokens: int = 0
 
 
@@ -91,7 +92,7 @@ class InFlight:
         handle = self._reqs.get(out.rid)
         if handle is None or handle.dp_rank != dp_rank:
             return  # aborted or failed already
-        if out.new_token_ids:
+        if out.new_token_ids and not handle.hidden_tokens:  # no latency for a hidden token
             if handle.first_token_time is None:
                 handle.first_token_time = now
                 self.observer.on_first_token(now - handle.arrival_time)

@@ -155,6 +155,10 @@ class RunningRequest:
                     self.engine.observer.on_prompt_cache(
                         out.prompt_tokens, cached,
                         handle.cache_rank if handle.cache_rank >= 0 else handle.dp_rank)
+                elif out.finish_reason is not None:
+                    # Served here, with no token: counted as the ranks' requests are
+                    # (server.inflight), once its answer is on its way.
+                    self.engine.observer.on_finish(0.0, out.prompt_tokens, 0)
                 yield Progress(
                     rid=self.prepared.rid, dp_rank=self.dp_rank, text=text, delta=delta,
                     # Copies: a consumer may hold this step while the next one arrives.
@@ -260,8 +264,6 @@ def start(engine: EngineClient, prepared: PreparedRequest) -> RunningRequest:
         handle.hidden_tokens = 1
         return RunningRequest(engine, prepared, handle)
     if prepared.params.max_new_tokens == 0:
-        # Served here: counted as the ranks' requests are, with no token generated.
-        engine.observer.on_finish(0.0, len(prepared.input_ids), 0)
         return RunningRequest(engine, prepared, _finished_at_once(prepared))
     return RunningRequest(engine, prepared, engine.submit(prepared))
 

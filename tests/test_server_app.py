@@ -568,14 +568,17 @@ def test_metrics(client):
 
 def test_metrics_count_requests_served_without_a_rank_and_hide_no_token(client):
     """A request for no token (served by the API alone) counts as a finished request
-    with its prompt; a prompt-only one (echo with max_tokens 0: the rank generates a
-    token the client never gets) adds no generated token."""
-    def totals() -> tuple[float, float, float]:
+    with its prompt; a prompt-only one (echo with max_tokens
+    0: the rank generates a token the client never gets) adds no generated token and no
+    time to first token."""
+    def totals() -> tuple[float, ...]:
         text = client.get("/metrics").text
         families = {f.name: f for f in text_string_to_metric_families(text)}
-        return tuple(sum(s.value for s in families[name].samples if s.name.endswith("_total"))
-                     for name in ("sglang:num_requests", "sglang:prompt_tokens",
-                                  "sglang:generation_tokens"))
+        return (*(sum(s.value for s in families[name].samples if s.name.endswith("_total"))
+                  for name in ("sglang:num_requests", "sglang:prompt_tokens",
+                               "sglang:generation_tokens")),
+                sum(s.value for s in families["sglang:time_to_first_token_seconds"].samples
+                    if s.name.endswith("_count")))
 
     before = totals()
     r = client.post("/generate", json={"input_ids": [5, 6, 7], "sampling_params": {
@@ -585,7 +588,7 @@ def test_metrics_count_requests_served_without_a_rank_and_hide_no_token(client):
                                              "echo": True, "logprobs": 1})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 0, r.text
     after = totals()
-    assert [a - b for a, b in zip(after, before)] == [2, 7, 0]
+    assert [a - b for a, b in zip(after, before)] == [2, 7, 0, 0]
 
 
 def test_metrics_registries_are_per_app(served, tmp_path):
