@@ -3,7 +3,7 @@
 A segment is ours when its name starts with ``dpserve.`` (or ``$DPSERVE_SHM_PREFIX.``); it is stale when the pid
 encoded in its name (its creator) no longer exists. Live runs are never touched. The
 metrics folders of crashed launchers (``dpserve-metrics.<pid>.*`` in the temporary
-directory, ``--api-server-count``) go too.
+directory, ``--api-server-count``; not namespaced by ``--prefix``) go too.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in stale:
             print(f"would remove {name}")
         print(f"{len(stale)} stale segment(s)")
+        for path in reclaim_stale_metrics_dirs(dry_run=True):
+            print(f"would remove {path} (a crashed launcher's metrics folder)")
         return 0
     removed = reclaim_stale_segments(args.prefix)
     for name in removed:

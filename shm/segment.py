@@ -276,10 +276,10 @@ def _is_zombie(pid: int) -> bool:
 METRICS_DIR_PREFIX = "dpserve-metrics."
 
 
-def reclaim_stale_metrics_dirs(root: str | None = None) -> list[str]:
+def reclaim_stale_metrics_dirs(root: str | None = None, dry_run: bool = False) -> list[str]:
     """Remove the metrics folders (``dpserve-metrics.<pid>.*`` in the temporary
     directory, where several API processes keep their counters) whose launcher pid is
-    dead. Returns the paths removed."""
+    dead. Returns the paths removed (with ``dry_run``, those it would remove)."""
     import shutil
     import tempfile
     root = root or tempfile.gettempdir()
@@ -293,8 +293,9 @@ def reclaim_stale_metrics_dirs(root: str | None = None) -> list[str]:
         if not name.startswith(METRICS_DIR_PREFIX) or not pid.isdigit() or pid_alive(int(pid)):
             continue
         path = os.path.join(root, name)
-        shutil.rmtree(path, ignore_errors=True)
-        if not os.path.exists(path):
+        if not dry_run:
+            shutil.rmtree(path, ignore_errors=True)
+        if dry_run or not os.path.exists(path):
             removed.append(path)
     return removed
 

@@ -105,6 +105,8 @@ def test_a_crashed_launchers_metrics_folder_is_reclaimed(tmp_path):
     for folder in (stale, live, other):
         folder.mkdir()
         (folder / "counter_1.db").write_bytes(b"x")
+    assert reclaim_stale_metrics_dirs(str(tmp_path), dry_run=True) == [str(stale)]
+    assert stale.exists()
     assert reclaim_stale_metrics_dirs(str(tmp_path)) == [str(stale)]
     assert not stale.exists() and live.exists() and other.exists()
 
