@@ -255,6 +255,11 @@ class DecodeReceiver(PDRole):
                               "(aborted or refused) before its KV was ready", SERVER_ERROR)
             return entry, None
         if placed is not None and placed.state == FAILED:
+            if placed.prefill_rank < 0:
+                # A refusal's mark: this request (with the refused one's prompt) may
+                # be a retry whose prefill half hands off after all; release that KV
+                # when it comes rather than hold it to the timeout.
+                self.late.drop(room, None, parked.prompt_hash, now)
             return None, (f"bootstrap_room {room}: the prefill request failed", SERVER_ERROR)
         if placed is None and parked.saw_route:  # its prefill ended: a hand-off, or none
             if parked.saw_handoff:

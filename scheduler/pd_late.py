@@ -85,6 +85,9 @@ def next_step(watch: Watch, placed, entry, claimed: bool, now: int,
         if watch.ready != seen:  # patience restarts for another occupancy
             watch.ready, watch.ready_since_ns = seen, now
         return RELEASE if now - watch.ready_since_ns >= patience_ns else WAIT
+    if placed is not None and placed.state == FAILED and placed.prefill_rank < 0:
+        placed = None  # a refusal's mark (PDRouter.refused): no prefill ran for it, but a
+        # new request with the room may hand off; watched as a room with no route
     if placed is not None:
         watch.saw_route, watch.route_gone_ns = True, 0
         return DONE if placed.state == FAILED or now > watch.until_ns else WAIT

@@ -299,7 +299,7 @@ class EngineClient:
         try:
             if self.router is not None:
                 self.router.refused(room, input_ids)
-            else:
+            elif input_ids:  # a hand-off is released only for its own prompt
                 self.release_room(room, input_ids)
         except Exception:  # never in place of the refusal the client is owed
             logger.exception("bootstrap_room %d: could not give the refused room up", room)

@@ -23,15 +23,19 @@ from server.logprobs import TokenTexts, sglang_logprobs
 from server.protocol import (AbortRequest, GenerateRequest, decode_body, routed_rank_of,
                              to_sampling_params)
 from server.prepared import PreparedRequest, request_rooms
-from server.request_flow import (Progress, RunningRequest, new_rid, release, run_all,
-                                 start_all)
+from server.request_flow import (Progress, RunningRequest, new_rid, refuse_body_rooms, release,
+                                 run_all, start_all)
 from server.sse import DONE, SSEResponse, error_event, event, merged, unless_disconnected
 
 
 async def generate(request: Request) -> Response:
     engine: EngineClient = request.state.engine
     body = decode_body(await request.body(), GenerateRequest)
-    prepared, is_batch = await prepare_generate(engine, body)
+    try:
+        prepared, is_batch = await prepare_generate(engine, body)
+    except ApiError:
+        refuse_body_rooms(engine, body.bootstrap_room, body.input_ids)
+        raise
     running = start_all(engine, prepared)
     if body.stream:
         return SSEResponse(stream_generate(running, is_batch, body.return_text_in_logprobs))

@@ -33,8 +33,8 @@ from server.logprobs import CompletionLogprobs, TokenTexts, chat_logprobs, join_
 from server.protocol import (ChatCompletionRequest, CompletionRequest, OpenAISampling,
                              check_messages, decode_body, routed_rank_of)
 from server.prepared import PreparedRequest, request_rooms
-from server.request_flow import (Progress, RunningRequest, new_rid, release, run_all,
-                                 start_all)
+from server.request_flow import (Progress, RunningRequest, new_rid, refuse_body_rooms, release,
+                                 run_all, start_all)
 from server.sse import DONE, SSEResponse, error_event, event, merged, unless_disconnected
 
 # OpenAI's finish_reason for each kind (an abort gets here only when /abort_request asked
@@ -45,14 +45,20 @@ FINISH_REASONS = {FinishLength: "length", FinishStop: "stop", FinishAbort: "abor
 async def completions(request: Request) -> Response:
     engine: EngineClient = request.state.engine
     body = decode_body(await request.body(), CompletionRequest)
-    _check_supported(body)
-    check_int(body.logprobs, 0, engine.model_config.vocab_size, "logprobs")
-    prompts, texts = await _completion_prompts(engine, body)
-    rid = body.rid or new_rid()
-    want = body.logprobs is not None
-    prepared = _prepare(engine, body, prompts, rid, lambda ids: body.requested_max_tokens,
-                        return_logprob=want, top_logprobs_num=body.logprobs or 0,
-                        logprob_start_len=0 if body.echo and want else -1)
+    prompts = None
+    try:
+        _check_supported(body)
+        check_int(body.logprobs, 0, engine.model_config.vocab_size, "logprobs")
+        prompts, texts = await _completion_prompts(engine, body)
+        rid = body.rid or new_rid()
+        want = body.logprobs is not None
+        prepared = _prepare(engine, body, prompts, rid, lambda ids: body.requested_max_tokens,
+                            return_logprob=want, top_logprobs_num=body.logprobs or 0,
+                            logprob_start_len=0 if body.echo and want else -1)
+    except ApiError:
+        one = prompts[0] if prompts is not None and len(prompts) == 1 else body.prompt
+        refuse_body_rooms(engine, body.bootstrap_room, one)
+        raise
     shape = _Shape("text_completion", f"cmpl-{rid}")
     if body.echo:
         shape.echo = [text if text is not None else
@@ -64,21 +70,27 @@ async def completions(request: Request) -> Response:
 async def chat_completions(request: Request) -> Response:
     engine: EngineClient = request.state.engine
     body = decode_body(await request.body(), ChatCompletionRequest)
-    _check_supported(body)
-    check_messages(body.messages)
-    if body.top_logprobs is not None and not body.logprobs:
-        raise BadRequest("top_logprobs needs logprobs: true")
-    check_int(body.top_logprobs, 0, engine.model_config.vocab_size, "top_logprobs")
-    check_fan_out(1, [body.n])
-    ids = await encode_chat(engine, [msgspec.structs.asdict(m) for m in body.messages],
-                            body.chat_template_kwargs, body.add_generation_prompt,
-                            body.add_special_tokens)
-    rid = body.rid or new_rid()
-    requested = body.requested_max_tokens
-    room = min(engine.context_len, engine.max_total_num_tokens)
-    prepared = _prepare(engine, body, [ids], rid,
-                        lambda ids: requested if requested is not None else max(room - len(ids), 0),
-                        return_logprob=body.logprobs, top_logprobs_num=body.top_logprobs or 0)
+    ids = None
+    try:
+        _check_supported(body)
+        check_messages(body.messages)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise BadRequest("top_logprobs needs logprobs: true")
+        check_int(body.top_logprobs, 0, engine.model_config.vocab_size, "top_logprobs")
+        check_fan_out(1, [body.n])
+        ids = await encode_chat(engine, [msgspec.structs.asdict(m) for m in body.messages],
+                                body.chat_template_kwargs, body.add_generation_prompt,
+                                body.add_special_tokens)
+        rid = body.rid or new_rid()
+        requested = body.requested_max_tokens
+        room = min(engine.context_len, engine.max_total_num_tokens)
+        prepared = _prepare(
+            engine, body, [ids], rid,
+            lambda ids: requested if requested is not None else max(room - len(ids), 0),
+            return_logprob=body.logprobs, top_logprobs_num=body.top_logprobs or 0)
+    except ApiError:
+        refuse_body_rooms(engine, body.bootstrap_room, ids)
+        raise
     return await _respond(request, engine, body, prepared,
                           _Shape("chat.completion", f"chatcmpl-{rid}"))
 

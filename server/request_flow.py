@@ -38,6 +38,7 @@ from server.bounds import check_prepared
 from server.engine_client import EngineClient, RequestHandle
 from server.errors import ApiError
 from server.prepared import PreparedRequest
+from shm.bootstrap_layout import MAX_ROOM
 
 logger = logging.getLogger(__name__)
 
@@ -295,6 +296,18 @@ def start_all(engine: EngineClient, prepared: list[PreparedRequest]) -> list[Run
             engine.refused_room(p.bootstrap_room, p.input_ids)
         raise
     return running
+
+
+def refuse_body_rooms(engine: EngineClient, rooms: object, prompt: object = None) -> None:
+    """A body refused before its requests were prepared (a field, a number out of range,
+    the prompt): give up each room it names, as ``start_all`` does for the requests it
+    refuses (``EngineClient.refused_room``), so the other server's half of each does not
+    wait for this one. ``prompt``: the body's token ids where it gave one list of them
+    (a decode server releases a hand-off only for its own prompt); otherwise unknown."""
+    ids = prompt if isinstance(prompt, list) and all(type(t) is int for t in prompt) else []
+    for room in rooms if isinstance(rooms, list) else [rooms]:
+        if type(room) is int and 0 <= room <= MAX_ROOM:
+            engine.refused_room(room, ids)
 
 
 async def run_to_end(running: RunningRequest) -> Progress:

@@ -263,6 +263,24 @@ def test_a_refusal_fails_only_its_own_decode_half_and_only_while_it_lingers(pd):
     assert not any(pd.leftovers().values()), pd.leftovers()
 
 
+def test_a_retry_failed_by_a_refusal_has_its_kv_released_at_once():
+    """A retry with the refused request's room and prompt whose decode half comes first
+    fails with the refusal (documented); its prefill half, still sent, hands its KV off
+    a moment later: the decode rank's watch of the room releases it then, not at the
+    bootstrap timeout (a refusal's mark ended the watch at once, and the KV stayed)."""
+    with LocalPD(1, 1, sim_executor_factory("instant", 4096), bootstrap_timeout_s=60,
+                 waiting_timeout_s=60) as pd:
+        pd.router.refused(41, [1, 2, 3])
+        pd.submit("retry", [1, 2, 3], greedy(4), room=41, prefill=False)
+        assert "prefill request failed" in run_until_finished(pd, "retry", 0.5)["message"]
+        pd.submit("retry", [1, 2, 3], greedy(4), room=41, decode=False)
+        deadline = time.monotonic() + 5
+        while any(pd.leftovers().values()):
+            assert time.monotonic() < deadline, pd.leftovers()  # was: held for 60 s
+            pd.step()
+            time.sleep(0.001)
+
+
 def test_prefill_refused_fails_decode_at_once():
     def small_prefill_pool(cfg):
         pool = 64 if cfg.role == "prefill" else 4096

@@ -257,16 +257,21 @@ def test_decode_fails_at_once_when_its_prefill_is_refused_or_no_prefill_rank_run
     pair = ["--disaggregation-bootstrap-port", str(port), "--dp-size", "1", *COMMON]
     with _pair(tmp_path, pair) as (prefill, decode):
         asked = body([5, 6, 7], 3, bootstrap_room=78)
-        with ThreadPoolExecutor(1) as pool:
-            start = time.monotonic()
-            waiting = pool.submit(httpx.post, decode.url + "/generate", json=asked, timeout=60)
-            # Refused by the prefill server only (here: a rank it does not have).
-            r = httpx.post(prefill.url + "/generate", json={**asked, "routed_dp_rank": 3},
-                           timeout=30)
-            assert r.status_code == 400 and "routed_dp_rank" in r.text, r.text
-            r = waiting.result()
-            assert r.status_code == 503 and "the prefill request failed" in r.text, r.text
-            assert time.monotonic() - start < 10
+        # Refused by the prefill server only: a rank it does not have (when dispatched),
+        # or a field it refuses (before anything is prepared), as in a body that differs.
+        refused = [(78, {"routed_dp_rank": 3}, "routed_dp_rank"),
+                   (79, {"sampling_params": {"temperature": -1}}, "temperature")]
+        for room, change, field in refused:
+            bad = {**asked, "bootstrap_room": room, **change}
+            with ThreadPoolExecutor(1) as pool:
+                start = time.monotonic()
+                waiting = pool.submit(httpx.post, decode.url + "/generate", timeout=60,
+                                      json={**asked, "bootstrap_room": room})
+                r = httpx.post(prefill.url + "/generate", json=bad, timeout=30)
+                assert r.status_code == 400 and field in r.text, r.text
+                r = waiting.result()
+                assert r.status_code == 503 and "the prefill request failed" in r.text, r.text
+                assert time.monotonic() - start < 10
         pre = httpx.post(prefill.url + "/generate", json=asked, timeout=30)  # the room again
         dec = httpx.post(decode.url + "/generate", json=asked, timeout=30)
         assert pre.status_code == 200 and dec.status_code == 200, (pre.text, dec.text)
