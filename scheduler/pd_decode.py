@@ -252,7 +252,8 @@ class DecodeReceiver(PDRole):
             if entry.state == FAILED:
                 self.peers.claimer.release(entry)  # lets prefill free the entry now
                 return None, (f"bootstrap_room {room}: prefill rank {p} failed the request "
-                              "(aborted or refused) before its KV was ready", SERVER_ERROR)
+                              "(aborted or refused) before this decode request took its KV",
+                              SERVER_ERROR)
             return entry, None
         if placed is not None and placed.state == FAILED:
             if placed.prefill_rank < 0:
