@@ -15,8 +15,11 @@ in one process (tests) do not share or collide.
 - Histograms are observed by the engine client as outputs arrive:
   ``sglang:time_to_first_token_seconds``, ``sglang:inter_token_latency_seconds``
   (a batch output carrying k tokens after an interval t counts k intervals of t/k),
-  ``sglang:e2e_request_latency_seconds``; plus token and request counters, and
-  ``sglang:num_aborted_requests_total`` (requests that ended without their finish).
+  ``sglang:e2e_request_latency_seconds``; plus token and request counters
+  (``sglang:num_requests_total``: requests that got their finish, an ``/abort_request``
+  one included, and those served without a rank, ``max_new_tokens`` 0), and
+  ``sglang:num_aborted_requests_total`` (requests that ended without their finish: a
+  client that left counts here only).
 - ``sglang:gen_throughput`` per ``dp_rank``: the rank's latest "Decode batch." figure
   (``scheduler.stats``), 0 until its first.
 - Prefix cache, per ``dp_rank``, from the finished requests' ``cached_tokens`` as the
