@@ -204,6 +204,38 @@ def test_an_api_process_that_stops_reading_never_blocks_the_rank():
     assert out[0][0].poll(1) and decode_to_server(out[0][0].recv_bytes()) == big[1]
 
 
+def test_outputs_that_waited_reach_a_reader_whole_and_in_order_however_it_reads():
+    """Frames sent while earlier ones wait go behind them, never into the pipe ahead of
+    them, however the reader's partial reads make room; and while outputs wait the rank's
+    loop polls often enough to hand them over soon after the reader drains."""
+    import multiprocessing
+
+    from scheduler.messages import FlushCacheResult, decode_to_server
+    from scheduler.rank_io import RankPipes
+    from server.rank_pipe import FrameReader
+
+    req = [multiprocessing.Pipe(duplex=False) for _ in range(2)]
+    out = [multiprocessing.Pipe(duplex=False) for _ in range(2)]
+    pipes = RankPipes([r for r, _ in req], [w for _, w in out])
+    sent = [FlushCacheResult(dp_rank=0, success=True, message=f"{i}:" + "y" * 10_000)
+            for i in range(60)]
+    reader, got = FrameReader(out[1][0]), []
+    fd = out[1][0].fileno()
+    for i, message in enumerate(sent):
+        pipes.send_to(1, message)
+        if i % 3 == 2:  # the reader takes a little: room for part of a frame
+            reader._buf += os.read(fd, 3000)
+    assert pipes._outboxes[1].waiting
+    deadline = time.monotonic() + 10
+    while len(got) < len(sent):
+        assert time.monotonic() < deadline, len(got)
+        started = time.monotonic()
+        pipes.receive(1.0)  # nothing to receive: returns at the short poll while bytes wait
+        assert time.monotonic() - started < 0.5 or not pipes._outboxes[1].waiting
+        got += [decode_to_server(f) for f in reader.read()[0]]
+    assert got == sent
+
+
 # ---- the server ----------------------------------------------------------------------------
 def _serve_flags(tmp_path: Path, step_s: float, dp_size: int, api_servers: int,
                  *extra: str) -> list[str]:

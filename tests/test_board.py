@@ -153,6 +153,63 @@ TestBoardMachine = BoardMachine.TestCase
 TestBoardMachine.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
 
 
+def test_rows_are_read_before_the_dispatched_counters():
+    """A request dispatched and acknowledged while a reader works never reads as
+    acknowledged but not dispatched (a negative in-flight count): every read takes the
+    rows (acks) first, the dispatchers' counters after."""
+    with LoadBoard.create(2, 1, launch_id=new_launch_id()) as board:
+        rank, dispatcher = board.rank_writer(1), board.dispatcher_writer(0)
+        read_rows = board.read_rows
+
+        def a_request_lands_meanwhile(num_cols):  # dispatched, then acked by its rank
+            dispatcher.bump(1, 7)
+            rank.publish(1, 0, 7, [len(seen) + 1], [7 * (len(seen) + 1)],
+                         num_prefill_tokens=0, num_kv_tokens=0)
+            seen.append(num_cols)
+            return read_rows(num_cols)
+
+        seen = []
+        board.read_rows = a_request_lands_meanwhile
+        snap = board.snapshot()
+        assert snap.in_flight_reqs.tolist() == [0, 0] and snap.in_flight_tokens.min() == 0
+        loads = board.read_loads()
+        assert loads.reqs == [0, 1] and loads.tokens == [0, 7]
+
+
+def test_a_copy_torn_by_a_publish_is_retried_by_the_seqs_read_apart():
+    """numpy's copy of the rows may load a row's seq after its fields (memcpy loads out of
+    address order), so a publish landing inside the copy gives old fields under the new
+    seq. The seqs read apart, before and after the copy, catch it; the copy's own seq
+    cells would not."""
+    with LoadBoard.create(2, 1, launch_id=new_launch_id()) as board:
+        writer = board.rank_writer(1)
+        writer.publish(1, 0, 10, [0], [0], num_prefill_tokens=0, num_kv_tokens=0)
+        real = board._rows
+
+        class TornOnce:  # the first copy: the old fields, the seq of a publish meanwhile
+            torn = False
+
+            def __getitem__(self, key):
+                part = real[key]
+
+                class Copy:
+                    def copy(_):
+                        if TornOnce.torn:
+                            return part.copy()
+                        old = part.copy()
+                        writer.publish(2, 0, 20, [0], [0], num_prefill_tokens=0,
+                                       num_kv_tokens=0)
+                        old[:, SEQ] = real[:, SEQ]
+                        TornOnce.torn = True
+                        return old
+                return Copy()
+
+        board._rows = TornOnce()
+        rows = board.read_rows(LOAD_COLS)
+        assert rows[1, BASE_REQS] == 2 and rows[1, BASE_TOKENS] == 20  # the whole new row
+        board._rows = real
+
+
 def _leave_row_mid_write(board: LoadBoard, rank: int, pid: int) -> None:
     """What a writer killed or stopped inside ``publish`` leaves: its row's pid, then its
     seq negative ("writing") with no publish to end it."""

@@ -56,6 +56,18 @@ def test_keys_chain_the_whole_prefix():
     assert all(0 < k < 1 << 64 for k in ka)
 
 
+def test_digests_chain_the_whole_prefix():
+    """A block's digest stands for the whole prefix up to it (a copier compares them to
+    prove it copies its own prompt's KV): two prompts that share block 1 but not block 0
+    have different digests for block 1."""
+    from scheduler.prefix_hash import prefix_digests
+    a = list(range(2 * BLOCK_LEN))
+    b = [a[0] + 1] + a[1:]
+    da, db = prefix_digests(a, 2), prefix_digests(b, 2)
+    assert da[0] != db[0] and da[1] != db[1]
+    assert prefix_digests(a, 2, start=1) == da[1:]
+
+
 def test_probe_reports_each_ranks_longest_block_prefix(summary):
     prompt = SEGMENTS[6] + SEGMENTS[3] + SEGMENTS[0]  # 292 tokens: 4 full blocks
     w0, w2 = summary.writer(0), summary.writer(2)
@@ -260,4 +272,26 @@ def test_a_copier_that_sees_the_eviction_count_move_finds_no_freed_slots(how):
         else:
             writer.on_flush()
             assert seen == [0]
+        del writer
+
+
+def test_a_flush_withdraws_the_stashed_keys_too():
+    """Keys whose table bucket was full live in the rank's stash, beside their slot
+    records: a flush withdraws them with the table's, or a copier would still find a
+    flushed block's slots (and copy whatever reuses them)."""
+    from scheduler.prefix_hash import prefix_digests
+    with PrefixSummary.create(2, 64, new_launch_id(), slot_records=True) as summary:
+        writer = summary.writer(0)
+        prompt = list(range(200 * BLOCK_LEN))  # 200 keys for 128 table cells
+        writer.on_cached(prompt, 0, slots=list(range(len(prompt))))
+        hashes = chain_hashes(tuple(prompt), 200, [])
+        digests = prefix_digests(prompt, 200)
+        stashed = summary._stash[0].copy()
+        assert stashed.any()
+        found = summary.block_slots(0, hashes, digests, 0, 200)
+        assert found and all(list(s) == list(range(j * BLOCK_LEN, (j + 1) * BLOCK_LEN))
+                             for j, s in enumerate(found))
+        writer.on_flush()
+        assert not summary._stash[0].any() and not summary._table.any()
+        assert summary.block_slots(0, hashes, digests, 0, 200) == []
         del writer
