@@ -137,29 +137,43 @@ def test_prefill_tokens_picks_min_prefill_then_total_tokens(data, prefill, start
 
 
 @FAST
-@given(data=st.data(), toks=loads, start=st.integers(0, 9), zeros=st.booleans())
-def test_cache_aware_with_no_cache_anywhere_is_prefill_tokens(data, toks, start, zeros):
+@given(data=st.data(), toks=loads, start=st.integers(0, 9), zeros=st.booleans(),
+       hot=st.booleans())
+def test_cache_aware_with_no_cache_anywhere_is_prefill_tokens(data, toks, start, zeros, hot):
     """No rank caches any of the prompt (the summaries say None, or all zeros): the pick
     and the rotation after it are prefill_tokens' exactly (the prediction is the prefill
-    queued alone), and so total_tokens' wherever the prefill queues are equal."""
+    queued alone), and so total_tokens' wherever the prefill queues are equal. The
+    requests range wide enough for the guard to exclude a rank, which it must not."""
     n = len(toks)
-    reqs = data.draw(st.lists(st.integers(0, 3), min_size=n, max_size=n))
+    reqs = data.draw(st.lists(st.integers(0, 30), min_size=n, max_size=n))
     prefill = data.draw(st.lists(st.integers(0, 6), min_size=n, max_size=n))
     alive = data.draw(alive_for(n))
     cached = [0] * n if zeros else None
     state, expected_state = RotationState(start), RotationState(start)
     if not any(alive):
         with pytest.raises(NoLiveRankError):
-            cache_aware(cached, prefill, toks, reqs, alive, state)
+            cache_aware(cached, prefill, toks, reqs, alive, state, hot)
         return
-    assert cache_aware(cached, prefill, toks, reqs, alive, state) == \
+    assert cache_aware(cached, prefill, toks, reqs, alive, state, hot) == \
         prefill_tokens(prefill, toks, reqs, alive, expected_state)
     assert state == expected_state
     level = [prefill[0]] * n
     state, expected_state = RotationState(start), RotationState(start)
-    assert cache_aware(cached, level, toks, reqs, alive, state) == \
+    assert cache_aware(cached, level, toks, reqs, alive, state, hot) == \
         total_tokens(toks, reqs, alive, expected_state)
     assert state == expected_state
+
+
+@pytest.mark.parametrize("cached", [None, [0, 0, 0]])
+def test_cache_aware_with_no_cache_anywhere_ignores_the_guard(cached):
+    """Rank 0 carries 30 requests against a mean of 10 (over the guard, 20) and 2 against
+    a mean of 2/3 (over the hot guard), but with nothing cached the pick is
+    prefill_tokens': the least prefill queued, rank 0."""
+    toks, alive = [0, 0, 0], [True] * 3
+    for reqs, hot in (([30, 0, 0], False), ([2, 0, 0], True)):
+        expected = prefill_tokens([0, 5, 5], toks, reqs, alive, RotationState())
+        assert expected == 0
+        assert cache_aware(cached, [0, 5, 5], toks, reqs, alive, RotationState(), hot) == expected
 
 
 @FAST
