@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from scheduler.dispatcher import (Dispatcher, InvalidDpRankError, MissingBootstrapRoomError,
@@ -34,6 +34,7 @@ from scheduler.prefix_traffic import HOT_MIN_REQUESTS, PrefixTraffic
 from shm.prefix_summary import PrefixSummary
 from shm.board import LoadBoard, RankStatus
 from shm.segment import SHM_DIR, new_launch_id
+from tests.example_helpers import Draws
 
 # The factory fixture is shared by a test's examples on purpose: each example makes
 # (and closes) its own board through it.
@@ -222,6 +223,10 @@ def test_total_requests_always_picks_min_effective(new_board, n, num_d, data, eq
 @PROPS
 @given(n=st.integers(1, 12), num_d=st.integers(1, 3), data=st.data(),
        method=st.sampled_from(["total_requests", "total_tokens", "prefill_tokens"]))
+# Rank 0's two requests are prefilled (10 tokens, no prefill); the first pick puts a
+# 3-token prompt on rank 1, so the second sees rank 0 ahead in tokens, behind in prefill.
+@example(n=2, num_d=1, method="prefill_tokens",
+         data=Draws([2, 0], set(), [("disp", 0, 3), ("disp", 0, 3)]))
 def test_pick_picks_what_the_policy_picks(new_board, n, num_d, method, data):
     """Dispatcher.pick reads the board through the single-cell read (total_requests) or
     the seqlocked row read (the token methods); on the same boards and the same picks it

@@ -9,7 +9,7 @@ from __future__ import annotations
 import warnings
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from scheduler.policy import (InvalidDpRankError, InvalidLoadBalanceMethod, InvalidRoleError,
@@ -19,6 +19,7 @@ from scheduler.policy import (InvalidDpRankError, InvalidLoadBalanceMethod, Inva
                               total_requests, total_tokens)
 from scheduler.policy import (GUARD_RATIO, GUARD_SLACK, HOT_GUARD_RATIO, HOT_GUARD_SLACK, MISS_WEIGHT,
                              SHARED_DISCOUNT, cache_aware)
+from tests.example_helpers import Draws
 
 FAST = settings(max_examples=150, deadline=None)
 
@@ -99,6 +100,8 @@ def test_total_requests_picks_a_live_minimum(data, reqs, start):
 
 @FAST
 @given(data=st.data(), toks=loads, start=st.integers(0, 9))
+# Ranks 0 and 1 tie on tokens; rank 2, with more tokens, has the fewest requests.
+@example(data=Draws([1, 1, 0], (True, True, True)), toks=[0, 0, 1], start=0)
 def test_total_tokens_picks_min_tokens_then_min_requests(data, toks, start):
     """total_tokens returns a live rank with the fewest tokens, then the fewest requests."""
     n = len(toks)
