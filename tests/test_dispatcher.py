@@ -29,7 +29,7 @@ from scheduler.dispatcher import (Dispatcher, InvalidDpRankError, MissingBootstr
                                   NoLiveRankError, RankUnavailableError)
 from scheduler.policy import (InvalidLoadBalanceMethod, LoadBalanceMethod, RotationState,
                               cache_aware, prefill_tokens, total_requests, total_tokens)
-from scheduler.prefix_hash import BLOCK_LEN, block_keys
+from scheduler.prefix_hash import BLOCK_LEN, block_keys, chain_hashes, first_hash
 from scheduler.prefix_traffic import HOT_MIN_REQUESTS, PrefixTraffic
 from shm.prefix_summary import PrefixSummary
 from shm.board import LoadBoard, RankStatus
@@ -617,3 +617,98 @@ def test_cache_aware_sends_a_prompt_to_where_its_prefix_is_being_prefilled(new_b
         assert dispatch(disp, ranks, 200, input_ids=system + [5] * 9) != first
         other = dispatch(disp, ranks, 200, input_ids=list(range(5, 300)))
         assert other != first
+
+
+def test_cache_aware_counts_traffic_by_the_deepest_cached_block(new_board):
+    """Two prompt families share their first block and part after it; rank 0 caches both,
+    three blocks deep. Requests of family A count for A's three-block prefix, not for
+    the block both families share."""
+    shared = list(range(1000, 1000 + BLOCK_LEN))
+    family_a = shared + list(range(2000, 2000 + 2 * BLOCK_LEN))
+    family_b = shared + list(range(3000, 3000 + 2 * BLOCK_LEN))
+    with new_board(2) as board, PrefixSummary.create(2, 64, new_launch_id()) as summary:
+        ranks = [SimRank(board, r) for r in range(2)]
+        writer = summary.writer(0)
+        writer.on_cached(family_a, 0)
+        writer.on_cached(family_b, BLOCK_LEN)
+        disp = Dispatcher(board, 0, "cache_aware", summary=summary)
+        for q in range(5):
+            dispatch(disp, ranks, 200, input_ids=family_a + [q] * 9)
+        a_hashes = chain_hashes(tuple(family_a), 3, [])
+        assert disp.traffic.count(a_hashes[2]) == 5
+        assert disp.traffic.count(a_hashes[0]) == 0
+        del writer
+
+
+def test_cache_aware_shares_a_hot_prefix_among_the_live_ranks_only(new_board):
+    """Rank 3 is dead. Of the last 50 requests, 8 reused rank 0's prefix: not more than
+    half of one of 3 live ranks' share (8 * 3 <= 25), so the loose guard applies and rank
+    0, one request above the mean, keeps the request. Counted over all 4 ranks the
+    prefix would be hot (8 * 4 > 25) and the request would go elsewhere."""
+    system = list(range(1000, 1000 + 3 * BLOCK_LEN))
+    with new_board(4) as board, PrefixSummary.create(4, 64, new_launch_id()) as summary:
+        ranks = [SimRank(board, r, base_reqs=reqs, base_tokens=100 * reqs)
+                 for r, reqs in enumerate([11, 10, 10, 0])]
+        ranks[3].writer.set_status(RankStatus.DEAD)
+        writer = summary.writer(0)
+        writer.on_cached(system, 0)
+        disp = Dispatcher(board, 0, "cache_aware", summary=summary)
+        key = chain_hashes(tuple(system), 3, [])[2]
+        for _ in range(42):
+            disp.traffic.note(None)
+        for _ in range(HOT_MIN_REQUESTS - 1):
+            disp.traffic.note(key)
+        assert dispatch(disp, ranks, 200, input_ids=system + [1] * 9) == 0
+        assert disp.traffic.count(key) == HOT_MIN_REQUESTS and len(disp.traffic) == 50
+        del writer
+
+
+def test_cache_aware_counts_traffic_for_a_pending_prefix(new_board):
+    """No rank caches anything: a burst of prompts sharing three blocks goes where the
+    first went, and each one after the first counts as reusing the three-block prefix
+    under the key the summaries will give it."""
+    system = list(range(1000, 1000 + 3 * BLOCK_LEN))
+    with new_board(4) as board, PrefixSummary.create(4, 64, new_launch_id()) as summary:
+        ranks = [SimRank(board, r) for r in range(4)]
+        disp = Dispatcher(board, 0, "cache_aware", summary=summary)
+        for q in range(4):
+            dispatch(disp, ranks, 200, input_ids=system + [q] * 9)
+        key = disp.pending.prefix_key(first_hash(system), 3)
+        assert key == chain_hashes(tuple(system), 3, [])[2]
+        assert disp.traffic.count(key) == 3
+
+
+def test_cache_aware_weighs_shared_caches_where_the_summary_keeps_slot_records(new_board):
+    """Ranks whose summary keeps slot records copy each other's prefixes: rank 0 holds
+    the prompt's three blocks but has 400 prompt tokens queued, so the request goes to
+    an idle peer (cache_aware with shared caches), where without sharing rank 0 wins."""
+    system = list(range(1000, 1000 + 3 * BLOCK_LEN))
+    prompt = system + [1] * 9
+    with new_board(4) as board, PrefixSummary.create(4, 64, new_launch_id(),
+                                                     slot_records=True) as summary:
+        ranks = [SimRank(board, r) for r in range(4)]
+        writer = summary.writer(0)
+        writer.on_cached(system, 0)
+        disp = Dispatcher(board, 0, "cache_aware", summary=summary)
+        assert disp.shared_prefixes
+        dispatch(disp, ranks, 400, routed_dp_rank=0)
+        reqs, toks, prefill = effective(board)
+        cached, alive = [3 * BLOCK_LEN, 0, 0, 0], (True,) * 4
+        start = disp.rotation.next_start
+        plain = cache_aware(cached, prefill, toks, reqs, alive, RotationState(start))
+        expected = cache_aware(cached, prefill, toks, reqs, alive, RotationState(start),
+                               shared=True)
+        assert plain == 0 and expected != 0
+        assert dispatch(disp, ranks, len(prompt), input_ids=prompt) == expected
+        del writer
+
+
+def test_forget_prefixes_empties_the_traffic_window(new_board):
+    """After the caches are flushed no prefix is hot: the traffic window starts over."""
+    with new_board(2) as board, PrefixSummary.create(2, 64, new_launch_id()) as summary:
+        disp = Dispatcher(board, 0, "cache_aware", summary=summary)
+        for _ in range(3 * HOT_MIN_REQUESTS):
+            disp.traffic.note(12345)
+        disp.forget_prefixes()
+        assert len(disp.traffic) == 0
+        assert disp.traffic.count(12345) == 0
