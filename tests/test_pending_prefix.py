@@ -103,6 +103,17 @@ def test_clear_forgets_prompts_and_their_tokens():
     assert len(pending) == 0 and pending.cached_tokens(prompt, 4, 1) is None
 
 
+def test_a_prompt_noted_again_replaces_its_entry_and_its_tokens():
+    """The same prompt sent three times is one entry, counted once against the token
+    bound: each note takes the replaced entry's tokens off before adding its own."""
+    prompt = list(range(10, 10 + 3 * BLOCK_LEN))
+    p = PendingPrefixes(ttl_s=10)
+    for rank in range(3):
+        p.note(prompt, rank, now_ns=rank)
+    assert len(p) == 1 and p._num_tokens == len(prompt)
+    assert p.cached_tokens(prompt, 4, now_ns=3) == [0, 0, len(prompt), 0]
+
+
 def test_forget_ranks_drops_the_prompts_sent_there():
     p = PendingPrefixes(ttl_s=10)
     for i in range(4):

@@ -38,6 +38,17 @@ def test_hot_is_more_than_half_a_rank_share_and_enough_requests():
     assert traffic.is_hot(int(HOT_SHARE * 100 / 4) + 1, 4)
 
 
+def test_clear_forgets_the_window_and_its_counts():
+    """After clear no prefix has any request: one noted then counts 1, not 1 plus the
+    requests of before."""
+    traffic = PrefixTraffic(100)
+    for i in range(20):
+        traffic.note(7 if i % 2 else None)
+    traffic.clear()
+    assert len(traffic) == 0 and traffic.count(7) == 0
+    assert traffic.note(7) == 1
+
+
 def test_window_must_hold_something():
     with pytest.raises(ValueError, match="window"):
         PrefixTraffic(0)
