@@ -171,6 +171,42 @@ def test_router_refuses_a_live_room_and_a_full_table_without_counting(pd):
     assert pd.route_table.num_live() == 0
 
 
+def test_a_pick_whose_route_insert_fails_is_taken_back(pd, monkeypatch):
+    """The prefill rank is picked (and counted) before the route is published: when the
+    insert fails, its error reaches the caller and the pick leaves no load behind."""
+    router = pd.router
+    before = read_effective(pd.boards["prefill"], FOREVER_NS)[:2]
+
+    def insert(*args, **kwargs):
+        raise OSError("route table unwritable")
+
+    monkeypatch.setattr(router.route, "insert", insert)
+    with pytest.raises(OSError, match="route table unwritable"):
+        router.dispatch_prefill(7, 10)
+    assert read_effective(pd.boards["prefill"], FOREVER_NS)[:2] == before == ([0, 0], [0, 0])
+
+
+def test_a_refusal_leaves_a_room_live_in_another_api_process_alone():
+    """A room placed by one API process and refused by another (a second request with
+    it): the refusing process publishes nothing, whichever region holds the live route."""
+    from types import SimpleNamespace as NS
+
+    from scheduler.pd import create_tables
+    from scheduler.pd_router import PDRouter
+
+    route, handoff = create_tables(new_launch_id(), 1, 1, num_prefill_dispatchers=2)
+    picks = NS(pick=lambda *a: 0, cancel=lambda *a: None)
+    try:
+        first, second = (PDRouter(picks, None, route.region_writer(d)) for d in (0, 1))
+        second.dispatch_prefill(9, 3)
+        first.refused(9)
+        assert first.route.num_live == 0 and first.route.slot_of(9) is None
+        assert route.lookup(9).state != FAILED and route.lookup(9).region == 1
+    finally:
+        handoff.close()
+        route.close()
+
+
 def test_a_room_live_in_another_api_process_is_refused():
     """Two API processes, a route region each: a room one of them placed is refused by
     the other (each checked its own region only)."""
