@@ -260,7 +260,7 @@ class DecodeReceiver(PDRole):
                 # A refusal's mark: this request (with the refused one's prompt) may
                 # be a retry whose prefill half hands off after all; release that KV
                 # when it comes rather than hold it to the timeout.
-                self.late.drop(room, None, parked.prompt_hash, now)
+                self.late.drop(room, parked.prefill_rank, parked.prompt_hash, now)
             return None, (f"bootstrap_room {room}: the prefill request failed", SERVER_ERROR)
         if placed is None and parked.saw_route:  # its prefill ended: a hand-off, or none
             if parked.saw_handoff:
@@ -299,11 +299,22 @@ class DecodeReceiver(PDRole):
         client sent with this room), is none."""
         route = self.peers.route
         placed = route.lookup(room) if route is not None else None
-        if placed is not None and placed.state == FAILED and (
-                placed.deadline_ns <= now
-                or placed.prompt_hash not in (0, prompt_hash)):
-            return None
-        return placed
+        if placed is None or placed.state != FAILED or self._fails(placed, prompt_hash, now):
+            return placed
+        # Another API process may hold a mark that is this request's (lookup prefers
+        # none of several FAILED entries).
+        for region in range(route.num_regions):
+            other = route.lookup_in(region, room) if region != placed.region else None
+            if other is not None and (other.state != FAILED
+                                      or self._fails(other, prompt_hash, now)):
+                return other
+        return None
+
+    @staticmethod
+    def _fails(placed, prompt_hash: int, now: int) -> bool:
+        """Whether a FAILED route entry fails a request with ``prompt_hash``: not past
+        its deadline, and for any prompt (0) or this one."""
+        return placed.deadline_ns > now and placed.prompt_hash in (0, prompt_hash)
 
     def _known(self, parked: Parked, prefill_rank: int, now: int) -> int:
         parked.prefill_rank = prefill_rank

@@ -113,15 +113,26 @@ class PDRouter:
         room FAILED (module docstring). Not where the room is live (the refused request
         was a second one with it: the first one's route stands), nor once half the
         route table is live: a flood of refusals never fills the table that requests
-        being served need."""
+        being served need. A mark this process has for the room already is renewed, for
+        any prompt if the two refusals' prompts differ."""
         route = self.route
         route.expire()
-        if route.table.lookup(room) is not None or 2 * route.num_live >= route.num_slots:
+        placed = route.table.lookup(room)
+        if placed is not None and placed.state != FAILED:
             return
         # With the prompt's hash: a decode half with another prompt (a later request that
         # reuses the room) is not failed by this one's refusal (scheduler.pd_decode).
+        hashed = prompt_hash(list(input_ids)) if input_ids else 0
+        slot = route.slot_of(room)
+        if slot is not None:  # this process's mark of an earlier refusal (or loss): one
+            # mark for both, for any prompt where theirs differ, from now
+            if route.entry(slot).prompt_hash != hashed:
+                hashed = 0
+            route.remove(slot)
+        elif 2 * route.num_live >= route.num_slots:
+            return
         route.insert(room, -1, time.monotonic_ns() + self.refused_linger_ns, state=FAILED,
-                     prompt_hash=prompt_hash(list(input_ids)) if input_ids else 0)
+                     prompt_hash=hashed)
 
     @property
     def num_rooms(self) -> int:

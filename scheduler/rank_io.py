@@ -18,10 +18,11 @@ must not stop the rank: a blocking write to its full pipe (64 KiB) would hold th
 rank's loop, its heartbeat with it, and every other API process would then find the
 rank dead. So each output pipe is written without blocking (``Outbox``): what the pipe
 does not take waits in the rank, in order, and goes out as that API process reads
-again (every loop iteration tries). What waits is bounded by that process's requests
-(each ends at its ``max_new_tokens``) plus a ``RankStats`` every
-``--decode-log-interval`` batches, so nothing caps it: cutting the pipe would read as a
-lost rank to that process, which would then kill a rank the others are using. One API
+again (every loop iteration tries). What waits is that process's requests' outputs
+(each ends at its ``max_new_tokens``) and a ``RankStats`` every
+``--decode-log-interval`` batches while it stays stalled; nothing caps it: cutting the
+pipe would read as a lost rank to that process, which would then kill a rank the others
+are using. One API
 process (the default) keeps the blocking write: nobody else would serve meanwhile.
 """
 

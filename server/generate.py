@@ -33,8 +33,10 @@ async def generate(request: Request) -> Response:
     body = decode_body(await request.body(), GenerateRequest)
     try:
         prepared, is_batch = await prepare_generate(engine, body)
-    except ApiError:
-        refuse_body_rooms(engine, body.bootstrap_room, body.input_ids)
+    except ApiError as exc:
+        # The prompt's ids where tokenizing got that far (prepare_generate notes them).
+        refuse_body_rooms(engine, body.bootstrap_room,
+                          getattr(exc, "prompt_ids", None) or body.input_ids)
         raise
     running = start_all(engine, prepared)
     if body.stream:
@@ -114,7 +116,12 @@ async def prepare_generate(engine: EngineClient,
     prepared = []
     for i, ids in enumerate(prompts):
         params = params_list[i]
-        check_request(engine, ids, params)
+        try:
+            check_request(engine, ids, params)
+        except ApiError as exc:
+            if len(prompts) == 1:
+                exc.prompt_ids = ids  # for giving its room up (generate)
+            raise
         copies = params.n
         rid = rids[i] or new_rid()
         for j in range(copies):

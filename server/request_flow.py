@@ -34,7 +34,7 @@ import msgspec
 
 from engine.finish import FinishAbort, FinishLength, FinishReason, FinishStop, trim_stop_str
 from scheduler.messages import ReqOutput
-from server.bounds import check_prepared
+from server.bounds import MAX_BATCH_REQUESTS, check_prepared
 from server.engine_client import EngineClient, RequestHandle
 from server.errors import ApiError
 from server.prepared import PreparedRequest
@@ -302,12 +302,20 @@ def refuse_body_rooms(engine: EngineClient, rooms: object, prompt: object = None
     """A body refused before its requests were prepared (a field, a number out of range,
     the prompt): give up each room it names, as ``start_all`` does for the requests it
     refuses (``EngineClient.refused_room``), so the other server's half of each does not
-    wait for this one. ``prompt``: the body's token ids where it gave one list of them
-    (a decode server releases a hand-off only for its own prompt); otherwise unknown."""
-    ids = prompt if isinstance(prompt, list) and all(type(t) is int for t in prompt) else []
-    for room in rooms if isinstance(rooms, list) else [rooms]:
-        if type(room) is int and 0 <= room <= MAX_ROOM:
-            engine.refused_room(room, ids)
+    wait for this one. ``prompt``: the token ids of the body's one request, where known
+    (a decode server releases a hand-off only for its own prompt); otherwise unknown.
+
+    At most ``MAX_BATCH_REQUESTS`` distinct rooms, else none: a body naming more is
+    refused for its shape by both servers alike, and each room given up costs a table
+    insert (a client must not buy that many with one small body)."""
+    named = rooms if isinstance(rooms, list) else [rooms]
+    distinct = {r for r in named if type(r) is int and 0 <= r <= MAX_ROOM}
+    if len(distinct) > MAX_BATCH_REQUESTS:
+        return
+    ids = (prompt if len(distinct) == 1 and isinstance(prompt, list)
+           and all(type(t) is int and 0 <= t < 1 << 62 for t in prompt) else [])
+    for room in distinct:
+        engine.refused_room(room, ids)
 
 
 async def run_to_end(running: RunningRequest) -> Progress:

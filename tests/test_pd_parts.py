@@ -286,6 +286,11 @@ def test_a_refusal_fails_only_its_own_decode_half_and_only_while_it_lingers(pd):
     assert pd.finish_reason("other") is None  # parked, not failed by the refusal
     pd.submit("other", [1, 2, 4], greedy(4), room=31, decode=False)
     assert run_until_finished(pd, "other")["type"] == "length"
+    pd.router.refused(33, [1, 2, 3])  # two refusals with one room, two prompts:
+    pd.router.refused(33, [1, 2, 5])  # the mark fails either's decode half
+    for rid, ids in (("first", [1, 2, 3]), ("second", [1, 2, 5])):
+        pd.submit(rid, ids, greedy(4), room=33, prefill=False)
+        assert "prefill request failed" in run_until_finished(pd, rid, 0.2)["message"]
     pd.router.refused_linger_ns = 1_000_000  # 1 ms
     pd.router.refused(32, [5, 6, 7])
     time.sleep(0.01)

@@ -591,6 +591,23 @@ def test_metrics_count_requests_served_without_a_rank_and_hide_no_token(client):
     assert [a - b for a, b in zip(after, before)] == [2, 7, 0, 0]
 
 
+def test_a_refused_body_gives_up_the_rooms_it_names_within_bounds():
+    """A body refused before its requests were prepared gives up each distinct room it
+    names (with its prompt where it had one request), and none past the batch bound: one
+    small body must not buy thousands of table inserts."""
+    from types import SimpleNamespace
+
+    from server.bounds import MAX_BATCH_REQUESTS
+    from server.request_flow import refuse_body_rooms
+    calls = []
+    engine = SimpleNamespace(refused_room=lambda room, ids: calls.append((room, ids)))
+    refuse_body_rooms(engine, 7, [1, 2, 3])
+    refuse_body_rooms(engine, [8, 8, 9, "x", -1], [1, 2])
+    refuse_body_rooms(engine, 10, [1, 1 << 70])  # ids no hash takes: unknown
+    refuse_body_rooms(engine, list(range(MAX_BATCH_REQUESTS + 1)), None)
+    assert sorted(calls) == [(7, [1, 2, 3]), (8, []), (9, []), (10, [])]
+
+
 def test_metrics_registries_are_per_app(served, tmp_path):
     procs, _ = served
     a = create_app(EngineClient.from_processes(procs.args, procs))
