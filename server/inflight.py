@@ -92,10 +92,11 @@ class InFlight:
         handle = self._reqs.get(out.rid)
         if handle is None or handle.dp_rank != dp_rank:
             return  # aborted or failed already
-        if out.new_token_ids and not handle.hidden_tokens:  # no latency for a hidden token
+        if out.new_token_ids:
             if handle.first_token_time is None:
-                handle.first_token_time = now
-                self.observer.on_first_token(now - handle.arrival_time)
+                handle.first_token_time = now  # also: a PD decode rank took its KV
+                if not handle.hidden_tokens:  # no latency for a token nobody gets
+                    self.observer.on_first_token(now - handle.arrival_time)
             else:
                 self.observer.on_tokens(len(out.new_token_ids), now - handle.last_token_time)
             handle.last_token_time = now
