@@ -320,8 +320,11 @@ def _hammer(name: str, stop, started) -> None:
         for _ in range(1000):
             k += 1
             # Every field is a function of k, so a torn row is detectable.
-            writers[k % len(writers)].publish(k, k % 7, 3 * k, [k // 2], [k],
-                                              num_prefill_tokens=5 * k, num_kv_tokens=2 * k)
+            writer = writers[k % len(writers)]
+            writer.publish(k, k % 7, 3 * k, [k // 2], [k],
+                           num_prefill_tokens=5 * k, num_kv_tokens=2 * k)
+            if k % 5 == 0:  # the capacity cells, under the same seqlock
+                writer.set_capacity(k, k)
     del writers
     board.close()
 
@@ -365,6 +368,7 @@ def test_no_torn_reads_while_another_process_writes_flat_out():
                     rows_checked += 16
                 for _ in range(100):
                     snap = board.snapshot()
+                    torn += int((snap.max_total_num_tokens != snap.max_running_requests).sum())
                     for r in range(8):
                         k = int(snap.num_reqs[r])
                         torn += not _row_is_whole(k, int(snap.num_waiting_reqs[r]), int(snap.num_tokens[r]),
