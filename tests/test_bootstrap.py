@@ -525,7 +525,7 @@ def _churn(name: str, rooms: list[int], stop, started, counter) -> None:
     while not stop.is_set():
         for room in rooms:
             k += 1
-            if k % 64 == 0:  # free and re-place: a probe may meet it mid-insert
+            if k % 2 == 0:  # free and re-place: a probe may meet it mid-insert
                 writer.remove(slots[room])
                 slots[room] = writer.insert(room, k, FAR, kv_location=k, kv_len=2 * k,
                                             first_token=3 * k, decode_rank=k % 5)
