@@ -498,6 +498,10 @@ def test_cancel_takes_back_a_pick_that_was_never_sent(new_board):
         assert effective(board) == ([0, 0, 0], [0, 0, 0], [0, 0, 0])
         with pytest.raises(ValueError):
             disp.cancel(rank, 40)  # nothing left to take back
+        rank = disp.pick(40)
+        with pytest.raises(ValueError):
+            disp.cancel(rank, 41)  # more tokens than were counted: refused, nothing moved
+        assert effective(board)[1] == [40 if r == rank else 0 for r in range(3)]
 
 
 # ---- invariant 6 -----------------------------------------------------------------------

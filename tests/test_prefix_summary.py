@@ -86,6 +86,19 @@ def test_probe_reports_each_ranks_longest_block_prefix(summary):
     assert summary.num_keys(0) == 2 and summary.num_keys(2) == 0
 
 
+def test_a_key_spread_over_two_cells_is_no_match(summary):
+    """``held_by_other`` searches a bucket's row as bytes: a key whose 8 bytes are the
+    tail of one cell and the head of the next is not a key any rank holds."""
+    key = summary_key(first_hash(list(SEGMENTS[0])))
+    raw = key.to_bytes(8, "little")
+    row = summary._table[summary.bucket_of(key)]
+    row[0] = int.from_bytes(b"\x01" * 4 + raw[:4], "little")  # rank 0, way 0
+    row[1] = int.from_bytes(raw[4:] + b"\x01" * 4, "little")  # rank 0, way 1
+    assert not summary.any_holds(key) and summary.cached_tokens(list(SEGMENTS[0])) is None
+    row[2] = key  # rank 1, way 0: a real match
+    assert summary.any_holds(key) and not summary.held_by_other(1, key)
+
+
 def test_held_by_other_looks_past_a_ranks_own_cells(summary):
     prompt = SEGMENTS[6] + SEGMENTS[3]  # 228 tokens: 3 full blocks
     key = block_keys(prompt)[2]
