@@ -317,6 +317,11 @@ def test_claim_holds_expiry_off_and_release_lets_prefill_free_the_kv(make_table)
     # The stale release of the old occupancy does not release the slot's next entry.
     writer.insert(12, prefill_rank=1, deadline_ns=now + 10**9, state=KV_READY)
     assert writer.reap_released() == [] and table.num_live() == 1
+    # Released but not reaped yet when its deadline comes: no grace (no copy runs).
+    slot = writer.insert(13, prefill_rank=0, deadline_ns=now + 10**9, state=KV_READY)
+    entry = table.lookup(13)
+    assert claimer.claim(entry) and claimer.release(entry)
+    assert 13 in [e.room for e in writer.expire(now_ns=entry.deadline_ns)]
 
 
 def test_one_writer_per_region_and_takeover_repairs_a_half_written_entry(make_table):
