@@ -46,9 +46,11 @@ WAITING_POLL_S = 0.005  # the loop's longest sleep while some output waits for i
 
 
 class Outbox:
-    """One output pipe, written without blocking: ``multiprocessing.connection``'s
-    frames (a 4-byte big-endian length, then the payload), so the API reads them with
-    ``server.rank_pipe.FrameReader`` as before."""
+    """One pipe, written without blocking: ``multiprocessing.connection``'s frames (a
+    4-byte big-endian length, then the payload), so ``Connection.recv_bytes`` or
+    ``server.rank_pipe.FrameReader`` reads them. A rank's output pipes behind several
+    API processes (``RankPipes``), and the API's request pipes to the ranks
+    (``server.rank_pipe.RequestPipe``, which writes what waits from its event loop)."""
 
     def __init__(self, conn: Connection):
         self.conn = conn

@@ -13,7 +13,9 @@ blocking: what the pipe does not take now is buffered and written by a
 watched fd non-blocking (uvloop's libuv does), and then a message larger than the pipe
 (a long rid, prompt logprobs) comes in pieces, and ``recv_bytes`` fails mid-frame as if
 the rank were gone. ``FrameReader`` reads what is there and keeps partial frames for
-the next wake-up. The rank keeps writing with ``Connection.send_bytes``.
+the next wake-up. The rank writes with ``Connection.send_bytes``, or, behind several
+API processes, with ``scheduler.rank_io.Outbox``, the same non-blocking writer
+``RequestPipe`` is built on.
 
 Frame format (``multiprocessing.connection.Connection``'s, CPython 3.8+): a 4-byte
 big-endian signed length, then the payload (payloads of 2 GiB or more use -1 and an
@@ -24,10 +26,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-import select
 import struct
-import time
 from multiprocessing.connection import Connection
+
+from scheduler.rank_io import Outbox
 
 MAX_FRAME = 0x7FFFFFFF
 DEFAULT_MAX_BUFFERED = 64 << 20
@@ -42,63 +44,50 @@ class RequestPipe:
     def __init__(self, conn: Connection, loop: asyncio.AbstractEventLoop,
                  max_buffered: int = DEFAULT_MAX_BUFFERED):
         self.conn = conn
-        self.fd = conn.fileno()
         self.loop = loop
         self.max_buffered = max_buffered
-        self._pending = bytearray()
-        os.set_blocking(self.fd, False)
+        # The frames and the non-blocking writes are a rank's own (scheduler.rank_io);
+        # here the loop writes what waits, as the rank reads.
+        self._box = Outbox(conn)
+        self.fd = self._box.fd
 
     @property
     def num_buffered(self) -> int:
-        return len(self._pending)
+        return len(self._box.waiting)
 
     def send(self, payload: bytes) -> None:
         """Queue one message; raises ``BrokenPipeError`` if the rank is gone and
         ``PipeBackedUp`` if it has stopped reading for long."""
         if len(payload) > MAX_FRAME:
             raise ValueError(f"message of {len(payload)} bytes is too large for a pipe frame")
-        if len(self._pending) + len(payload) > self.max_buffered:
-            raise PipeBackedUp(f"{len(self._pending)} bytes already wait for this rank")
-        frame = struct.pack("!i", len(payload)) + payload
-        if self._pending:
-            self._pending += frame
-            return
-        written = self._write(frame)
-        if written < len(frame):
-            self._pending += frame[written:]
+        waiting = self._box.waiting
+        if len(waiting) + len(payload) > self.max_buffered:
+            raise PipeBackedUp(f"{len(waiting)} bytes already wait for this rank")
+        had_waiting = bool(waiting)
+        self._box.send(payload)
+        if waiting and not had_waiting:
             self.loop.add_writer(self.fd, self._flush)
-
-    def _write(self, data) -> int:
-        try:
-            return os.write(self.fd, data)
-        except BlockingIOError:
-            return 0
 
     def _flush(self) -> None:
         try:
-            written = self._write(self._pending)
+            self._box.flush()
         except OSError:  # the rank is gone; its exit is handled through its sentinel
-            written = len(self._pending)
-        del self._pending[:written]
-        if not self._pending:
+            self._box.waiting.clear()
+        if not self._box.waiting:
             self.loop.remove_writer(self.fd)
 
     def detach(self, timeout_s: float = 1.0) -> bool:
         """Stop using the loop; write what is still buffered within ``timeout_s`` and
         make the pipe blocking again for the launcher's ``ShutdownReq``. Returns False
         if a frame is left half-written (the pipe must then not be used again)."""
-        if self._pending:
+        if self._box.waiting:
             self.loop.remove_writer(self.fd)
-        deadline = time.monotonic() + timeout_s
-        while self._pending and (left := deadline - time.monotonic()) > 0:
-            try:
-                _, writable, _ = select.select([], [self.fd], [], left)
-                if writable:
-                    del self._pending[:self._write(self._pending)]
-            except OSError:
-                break
+        try:
+            self._box.drain(timeout_s)
+        except OSError:
+            pass
         os.set_blocking(self.fd, True)
-        return not self._pending
+        return not self._box.waiting
 
 
 class FrameReader:
